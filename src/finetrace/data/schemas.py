@@ -1,0 +1,69 @@
+"""Dataset schemas and how a row becomes a conversation: the contract between data, train and evaluate.
+
+A ``dataset`` artifact is a folder::
+
+    dataset.json        {"schema", "columns", "labels" (classification), "counts": {split: n}, ...}
+    train.parquet       one Parquet file per split (train, validation, test; absent splits omitted)
+    validation.parquet
+    test.parquet
+    datasheet.json      the datasheet (given facts + measured facts + gaps)
+
+Columns per schema (``id`` and ``group`` are optional everywhere and carried through):
+
+    completion      prompt: str, completion: str
+    chat            messages: list of {role: str, content: str}  (roles system/user/assistant)
+    classification  text: str, label: str
+    preference      prompt: str, chosen: str, rejected: str
+
+``to_example`` renders a row as (prompt messages, target text): training puts the loss on the target
+only (followed by the end-of-turn token), and evaluation generates from the prompt messages and compares
+with the target. One function for both, so the two stages never disagree about the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+OPTIONAL_COLUMNS = ("id", "group")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: list[dict]  # the prompt, as chat messages, ending with a user turn
+    target: str           # the assistant's answer to learn / to compare with
+    rejected: str | None = None  # preference data only
+    group: str | None = None
+    id: str | None = None
+
+
+def classification_prompt(text: str, labels: list[str]) -> str:
+    return f"{text}\n\nAnswer with one of: {', '.join(labels)}."
+
+
+def to_example(row: dict, schema: str, labels: list[str] | None = None) -> Example:
+    """Render one dataset row as prompt messages and a target answer."""
+    group, rid = row.get("group"), row.get("id")
+    rid = None if rid is None else str(rid)
+    if schema == "completion":
+        return Example([{"role": "user", "content": row["prompt"]}], row["completion"], None, group, rid)
+    if schema == "classification":
+        if not labels:
+            raise ValueError("classification rows need the dataset's label set")
+        return Example([{"role": "user", "content": classification_prompt(row["text"], labels)}],
+                       str(row["label"]), None, group, rid)
+    if schema == "preference":
+        return Example([{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"], group, rid)
+    if schema == "chat":
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError("a chat row needs at least one assistant message")
+        return Example(msgs[:last], msgs[last]["content"], None, group, rid)
+    raise ValueError(f"unknown schema {schema!r}")

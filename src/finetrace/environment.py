@@ -1,0 +1,63 @@
+"""What a run ran on: package versions, interpreter, hardware, threads, git commit.
+
+Recorded with every run so that a result can be reproduced (and an auditor can see what produced it).
+Package versions are read from installed metadata, without importing the packages.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+PACKAGES = ("finetrace", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
+            "tokenizers", "pyarrow", "numpy", "gguf")
+
+
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(path: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def capture(seed: int | None = None, extra: dict | None = None) -> dict:
+    """The environment record stored with a run."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }
+    if seed is not None:
+        env["seed"] = seed
+    if extra:
+        env.update(extra)
+    return env

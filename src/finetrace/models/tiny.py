@@ -1,0 +1,76 @@
+"""A tiny, randomly initialised Llama-architecture model with a real BPE tokenizer and a ChatML template.
+
+Built in about a second with no download, so that every test of training, evaluation and serving runs
+on CPU in seconds. It has the same shape of interfaces as SmolLM2 (LlamaForCausalLM, ChatML, pad = eos
+= ``<|im_end|>``), so the code paths exercised are the real ones.
+
+    python -m finetrace.models.tiny OUT_DIR     # writes config, safetensors weights and tokenizer
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A contract is an agreement between parties.
+The supplier shall deliver the goods within thirty days. The customer shall pay the invoice.
+Personal data must be processed lawfully, fairly and in a transparent manner. Article 10 data governance.
+Question: What is the capital of France? Answer: Paris. Label: yes no positive negative neutral.
+Routing: billing, technical, account, shipping. Clause: termination, liability, confidentiality.
+user assistant system hello world finetrace adapter model dataset train evaluate serve audit
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - = . , ; : ? ! ' " ( ) [ ] { }
+abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ
+"""
+
+
+def build_tokenizer(vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained on a built-in corpus (deterministic), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token=None,
+                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                     vocab_size: int = 1000) -> Path:
+    """Write a tiny Llama model + tokenizer folder to ``out_dir`` and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"))

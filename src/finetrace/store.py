@@ -1,0 +1,215 @@
+"""Content-addressed object store: ``objects/sha256/ab/cdef…``.
+
+A file is stored under the SHA-256 of its bytes. A folder (an adapter, a model) is stored as its files
+plus a *manifest*, canonical JSON listing every relative path with its size and digest; the folder's
+digest is the digest of that manifest. Storing the same content twice is a no-op (dedup).
+
+Every write is atomic (temp file in ``objects/tmp``, fsync, rename, fsync folder), so a process killed
+midway leaves nothing under a digest name. Every object is re-hashed when it enters the store and again
+when it is read for use (``verify``, ``file``, ``materialize``); a mismatch is an ``IntegrityError``
+naming the object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from .atomic import fsync_dir
+from .canonical import CHUNK, canonical_json, check_digest, sha256_bytes, sha256_file
+from .errors import InputError, IntegrityError, NotFoundError
+
+TREE_FORMAT = "finetrace-tree/1"
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    path: str
+    size: int
+    digest: str
+
+
+class ObjectStore:
+    """Objects under ``root`` (``<workspace>/objects``); ``cache`` holds materialised folders."""
+
+    def __init__(self, root: str | Path, cache: str | Path | None = None):
+        self.root = Path(root)
+        self.cache = Path(cache) if cache else self.root.parent / "cache" / "trees"
+        self.tmp = self.root / "tmp"
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, digest: str) -> Path:
+        hexd = check_digest(digest).split(":", 1)[1]
+        return self.root / "sha256" / hexd[:2] / hexd[2:]
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def __iter__(self) -> Iterator[str]:
+        base = self.root / "sha256"
+        if not base.is_dir():
+            return
+        for sub in sorted(base.iterdir()):
+            for f in sorted(sub.iterdir()):
+                if not f.name.startswith("."):
+                    yield f"sha256:{sub.name}{f.name}"
+
+    # -- writing -----------------------------------------------------------------------------
+    def put_bytes(self, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        if not self.has(digest):
+            self._commit(digest, lambda fh: fh.write(data))
+        return digest
+
+    def put_file(self, src: str | Path) -> str:
+        """Copy ``src`` into the store (hashing while copying) and return its digest."""
+        src = Path(src)
+        if not src.is_file():
+            raise NotFoundError(f"no such file: {src}")
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                while chunk := inp.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = "sha256:" + h.hexdigest()
+            self._place(tmp, digest)
+            return digest
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def put_dir(self, src: str | Path) -> str:
+        """Store every regular file under ``src`` and a manifest; return the manifest's digest."""
+        src = Path(src)
+        if not src.is_dir():
+            raise NotFoundError(f"no such folder: {src}")
+        entries = []
+        for f in sorted(p for p in src.rglob("*") if p.is_file() or p.is_symlink()):
+            if f.is_symlink():
+                raise InputError(f"symbolic links are not stored: {f}", hint="copy the file it points to")
+            rel = f.relative_to(src).as_posix()
+            digest = self.put_file(f)
+            entries.append({"path": rel, "size": f.stat().st_size, "digest": digest})
+        return self.put_bytes(self.manifest_bytes(entries))
+
+    @staticmethod
+    def manifest_bytes(entries: list[dict]) -> bytes:
+        files = sorted(entries, key=lambda e: e["path"])
+        return canonical_json({"format": TREE_FORMAT, "files": files})
+
+    def _commit(self, digest: str, write) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            self._place(tmp, digest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _place(self, tmp: str, digest: str) -> None:
+        dest = self.path(digest)
+        if dest.exists():
+            return  # dedup: same name, same bytes
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+
+    # -- reading -----------------------------------------------------------------------------
+    def verify(self, digest: str) -> None:
+        """Re-hash the object; raise IntegrityError naming it if its bytes changed."""
+        p = self.path(digest)
+        if not p.is_file():
+            raise IntegrityError(f"object {digest} is missing from {self.root}")
+        actual = sha256_file(p)
+        if actual != digest:
+            raise IntegrityError(f"object {digest} is corrupt: its content hashes to {actual}",
+                                 hint=f"file {p}")
+
+    def read_bytes(self, digest: str) -> bytes:
+        p = self.path(digest)
+        if not p.is_file():
+            raise NotFoundError(f"object {digest} is not in the store")
+        data = p.read_bytes()
+        if sha256_bytes(data) != digest:
+            raise IntegrityError(f"object {digest} is corrupt", hint=f"file {p}")
+        return data
+
+    def file(self, digest: str) -> Path:
+        """Path of a verified file object (re-hashed now)."""
+        self.verify(digest)
+        return self.path(digest)
+
+    def is_tree(self, digest: str) -> bool:
+        """True if the object is a folder manifest (checked by content, never by name)."""
+        p = self.path(digest)
+        if not p.is_file() or p.stat().st_size > 64 << 20:
+            return False
+        data = p.read_bytes()
+        return data.startswith(b'{"files":[') and data.endswith(b'"format":"' + TREE_FORMAT.encode() + b'"}')
+
+    def tree(self, digest: str) -> list[TreeEntry]:
+        """The verified manifest of a folder object."""
+        import json
+
+        doc = json.loads(self.read_bytes(digest))
+        if doc.get("format") != TREE_FORMAT:
+            raise IntegrityError(f"object {digest} is not a folder manifest")
+        out = []
+        for e in doc["files"]:
+            rel = PurePosixPath(e["path"])
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                raise IntegrityError(f"folder {digest} holds an unsafe path {e['path']!r}")
+            out.append(TreeEntry(e["path"], int(e["size"]), e["digest"]))
+        return out
+
+    def materialize(self, digest: str, dest: str | Path | None = None) -> Path:
+        """A folder with the tree's files, every file re-hashed now. Cached under ``cache/``.
+
+        Files are hard links to the read-only objects where the filesystem allows, else copies.
+        The folder appears atomically (built beside, renamed into place).
+        """
+        entries = self.tree(digest)
+        for e in entries:
+            self.verify(e.digest)
+        final = Path(dest) if dest else self.cache / digest.split(":", 1)[1]
+        if final.is_dir() and (final / ".finetrace-complete").is_file():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
+        try:
+            for e in entries:
+                target = build / e.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.path(e.digest), target)
+                except OSError:
+                    shutil.copyfile(self.path(e.digest), target)
+            (build / ".finetrace-complete").write_text(digest + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(build, final)
+            fsync_dir(final.parent)
+        finally:
+            if build.exists():
+                shutil.rmtree(build, ignore_errors=True)
+        return final
+
+    def size(self, digest: str) -> int:
+        if self.is_tree(digest):
+            return sum(e.size for e in self.tree(digest))
+        return self.path(digest).stat().st_size

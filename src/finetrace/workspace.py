@@ -1,0 +1,106 @@
+"""A workspace: one folder holding the ledger, the object store and the signing key.
+
+    <workspace>/
+      ledger.db        SQLite (WAL): the Merkle log + its index
+      witness.json     the latest signed checkpoint (export it somewhere you do not control alone)
+      objects/         content-addressed store (objects/sha256/ab/cdef…)
+      keys/            workspace.key (Ed25519, 0600) and workspace.pub
+      cache/           derived, deletable: materialised folders, converted models
+      workspace.json   format version and creation time
+
+Which workspace: an explicit path, else ``$FINETRACE_WORKSPACE``, else ``./.finetrace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from .atomic import write_text
+from .errors import WorkspaceError
+from .ledger.log import Ledger, now
+from .ledger.signing import KeyPair, public_to_b64
+from .store import ObjectStore
+
+FORMAT = "finetrace-workspace/1"
+DEFAULT = ".finetrace"
+
+
+def resolve_path(path: str | Path | None = None) -> Path:
+    if path:
+        return Path(path).expanduser().resolve()
+    env = os.environ.get("FINETRACE_WORKSPACE")
+    return Path(env).expanduser().resolve() if env else (Path.cwd() / DEFAULT).resolve()
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root
+        self.store = ObjectStore(root / "objects", root / "cache" / "trees")
+        self._keys: KeyPair | None = None
+        self.ledger = Ledger(root / "ledger.db", None)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: str | Path | None = None) -> "Workspace":
+        """Create a workspace (idempotent: an existing one is opened, never overwritten)."""
+        root = resolve_path(path)
+        if (root / "workspace.json").exists():
+            return cls.open(root)
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in ("objects", "cache", "keys"):
+            (root / sub).mkdir(exist_ok=True)
+        keys = KeyPair.create(root / "keys")
+        ws = cls(root)
+        ws._keys = keys
+        ws.ledger = Ledger.create(root / "ledger.db", keys)
+        ws.ledger.append("workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public),
+                                               "key_id": keys.key_id})
+        ws.ledger.checkpoint()
+        write_text(root / "workspace.json", json.dumps({"format": FORMAT, "created": now()}, indent=2) + "\n")
+        return ws
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Workspace":
+        root = resolve_path(path)
+        if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
+            raise WorkspaceError(f"no finetrace workspace at {root}",
+                                 hint="run `finetrace init` there, or pass --workspace / set FINETRACE_WORKSPACE")
+        fmt = json.loads((root / "workspace.json").read_text()).get("format")
+        if fmt != FORMAT:
+            raise WorkspaceError(f"{root} holds a workspace of format {fmt!r}; this finetrace reads {FORMAT}")
+        ws = cls(root)
+        ws.ledger.open()
+        return ws
+
+    @property
+    def keys(self) -> KeyPair:
+        if self._keys is None:
+            self._keys = KeyPair.load(self.root / "keys")
+            self.ledger.keys = self._keys
+        return self._keys
+
+    @property
+    def public_key(self):
+        pem = (self.root / "keys" / "workspace.pub").read_bytes()
+        return serialization.load_pem_public_key(pem)
+
+    def checkpoint(self):
+        _ = self.keys
+        return self.ledger.checkpoint()
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"

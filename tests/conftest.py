@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny random Llama model (built once per session), a fresh workspace per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder with a tiny LlamaForCausalLM (safetensors), a BPE tokenizer and a ChatML template."""
+    from finetrace.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A freshly initialised workspace in a temporary folder."""
+    from finetrace.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    yield ws
+    ws.close()
