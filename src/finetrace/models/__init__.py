@@ -1,0 +1,45 @@
+"""Base models: acquire (catalog name, GGUF file, HF folder, hub id), store once, load verified.
+
+Public entry points (the CLI, train, evaluate and serve call only these):
+
+    add_model(ws, source, name=None) -> Artifact      # `finetrace models add`
+    model_path(ws, ref) -> (Path, Artifact)           # materialised folder, every file re-hashed
+    load_model(ws, ref) -> (model, tokenizer, Artifact)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..ledger import Artifact
+from ..workspace import Workspace
+
+
+def add_folder(ws: Workspace, folder: str | Path, name: str, metadata: dict | None = None,
+               inputs: list[str] = (), config: dict | None = None) -> Artifact:
+    """Store a Hugging Face model folder (safetensors + tokenizer) as a ``base_model`` artifact."""
+    folder = Path(folder)
+    with ws.ledger.run("convert", config=config or {"source": "folder", "name": name}, inputs=list(inputs)) as run:
+        digest = ws.store.put_dir(folder)
+        art = run.output("base_model", digest, name=name, metadata=metadata or {})
+    ws.checkpoint()
+    return art
+
+
+def model_path(ws: Workspace, ref: str) -> tuple[Path, Artifact]:
+    """The verified, materialised folder of base model ``ref`` (name, name@N or digest)."""
+    art = ws.ledger.resolve(ref, kind="base_model")
+    return ws.store.materialize(art.digest), art
+
+
+def load_model(ws: Workspace, ref: str, dtype=None):
+    """Load a recorded base model (safetensors only, no remote code) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, art = model_path(ws, ref)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
+    model.eval()
+    return model, tok, art
