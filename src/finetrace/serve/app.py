@@ -1,0 +1,275 @@
+"""``create_app(engine, settings)``: the OpenAI-compatible HTTP face of the engine (FastAPI).
+
+    GET  /health                         open: liveness + queue depth
+    GET  /metrics                        Prometheus text (API key when keys are set)
+    GET  /v1/models                      the base and every loaded adapter
+    POST /v1/chat/completions            OpenAI chat, streaming (SSE) or not
+    POST /v1/completions                 OpenAI text completion, streaming or not
+    GET  /v1/provenance/{id}             what stands behind an answer (see provenance.py)
+    POST /admin/adapters                 {"adapter": "NAME@V"}: verify + hot-load (admin key)
+    DELETE /admin/adapters/{model}       unload after its in-flight requests (admin key)
+
+Routes only translate: HTTP <-> ``GenRequest`` and ``FinetraceError`` -> OpenAI error bodies. The app
+starts the engine (recording the deploy run) on startup and stops it, finishing in-flight requests, on
+shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+
+from ..errors import FinetraceError, InputError, NotFoundError
+from . import provenance
+from .engine import Engine, GenRequest, QueueFull, Result, ShuttingDown
+from .protocol import ChatRequest, CompletionRequest, error_body
+from .registry import DeploymentRefused
+from .settings import ServeSettings
+
+log = logging.getLogger("finetrace.serve")
+
+HEADER = "X-Finetrace-Provenance"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, code, param)
+
+
+def _translate(exc: FinetraceError) -> ApiError:
+    msg = str(exc)
+    if isinstance(exc, QueueFull):
+        return ApiError(429, msg, "rate_limit_error", "queue_full")
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, msg, "server_error", "shutting_down")
+    if isinstance(exc, DeploymentRefused):
+        return ApiError(403, msg, "permission_error", "adapter_refused")
+    if isinstance(exc, NotFoundError):
+        code = "model_not_found" if "model" in exc.message.lower() else "not_found"
+        return ApiError(404, msg, "invalid_request_error", code)
+    if isinstance(exc, InputError):
+        return ApiError(400, msg, "invalid_request_error", "invalid_value", exc.field)
+    return ApiError(500, msg, "server_error")
+
+
+class LoadAdapter(BaseModel):
+    adapter: str
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or engine.settings
+    if not settings.api_keys:
+        log.warning("no API key configured: the /v1 endpoints are open to anyone who can reach %s:%s",
+                    settings.host, settings.port)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(engine.start)
+        try:
+            yield
+        finally:  # uvicorn has already waited for in-flight HTTP requests; drain what the engine holds
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="finetrace serve", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(FinetraceError)
+    async def _ft_error(request: Request, exc: FinetraceError):
+        err = _translate(exc)
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"invalid request: {first.get('msg', exc)}", "invalid_request_error",
+                                       "invalid_value", param), status_code=400)
+
+    def _bearer(request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+    def require_key(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        key = _bearer(request)
+        if not key or not any(hmac.compare_digest(key, k) for k in settings.api_keys):
+            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           "invalid_request_error", "invalid_api_key")
+
+    def require_admin(request: Request) -> None:
+        if not settings.admin_key:
+            raise ApiError(403, "admin endpoints are disabled: start the server with --admin-key",
+                           "permission_error", "admin_disabled")
+        key = _bearer(request)
+        if not key or not hmac.compare_digest(key, settings.admin_key):
+            raise ApiError(401, "Incorrect or missing admin key", "invalid_request_error", "invalid_api_key")
+
+    # -- open / operational ---------------------------------------------------------------------
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "base": engine.base_id, "deployment": engine.deployment, **engine.stats()}
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    def metrics():
+        s = engine.stats()
+        text = engine.metrics.render({
+            "finetrace_queue_depth": ("Requests waiting for a batch slot.", s["queued"]),
+            "finetrace_active_rows": ("Rows in the running batch.", s["active"]),
+            "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"])})
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # -- OpenAI ---------------------------------------------------------------------------------
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    def models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": created,
+                                            "owned_by": "finetrace", **{k: v for k, v in m.items() if k != "id"}}
+                                           for m in engine.models()]}
+
+    async def _run(req: GenRequest, stream: bool, make_chunk, make_final):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req.on_event = lambda kind, value: loop.call_soon_threadsafe(q.put_nowait, (kind, value))
+        engine.submit(req)  # raises QueueFull / NotFoundError / InputError before anything is sent
+        headers = {HEADER: req.provenance_id}
+        if not stream:
+            try:
+                while True:
+                    kind, value = await q.get()
+                    if kind == "done":
+                        return JSONResponse(make_final(value), headers=headers)
+                    if kind == "error":
+                        raise ApiError(500, f"generation failed: {value}", "server_error")
+            except asyncio.CancelledError:
+                req.cancelled = True
+                raise
+
+        async def events():
+            try:
+                first = make_chunk(None, None)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    kind, value = await q.get()
+                    if kind == "delta":
+                        yield f"data: {json.dumps(make_chunk(value, None))}\n\n"
+                    elif kind == "done":
+                        yield f"data: {json.dumps(make_chunk('', value))}\n\n"
+                        usage = make_final(value).get("usage")
+                        if req_include_usage[0]:
+                            chunk = make_chunk('', None)
+                            chunk["choices"], chunk["usage"] = [], usage
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                        break
+                    else:
+                        yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away, or we finished: either way the row must not linger
+                req.cancelled = True
+
+        req_include_usage = [False]
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers), req_include_usage
+
+    def _usage(res: Result) -> dict:
+        return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat(body: ChatRequest):
+        params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
+        messages = body.plain_messages()
+        ids = engine.encode_chat(messages)
+        req = GenRequest(ids, body.model, endpoint="chat.completions", input_payload={"messages": messages},
+                         **params)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def final(res: Result) -> dict:
+            return {"id": cid, "object": "chat.completion", "created": created, "model": res.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                                 "finish_reason": _finish(res), "logprobs": None}],
+                    "usage": _usage(res), "provenance_id": res.provenance_id,
+                    "system_fingerprint": engine.deployment}
+
+        def chunk(delta: str | None, res: Result | None) -> dict:
+            d = {"role": "assistant", "content": ""} if delta is None and res is None else \
+                ({} if res is not None else {"content": delta})
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "delta": d, "finish_reason": _finish(res) if res else None,
+                                 "logprobs": None}],
+                    "provenance_id": req.provenance_id, "system_fingerprint": engine.deployment}
+
+        return await _respond(req, body, chunk, final)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest):
+        params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
+        prompt = body.text()
+        if not prompt:
+            raise InputError("prompt must not be empty", field="prompt")
+        req = GenRequest(engine.encode_text(prompt), body.model, endpoint="completions",
+                         input_payload={"prompt": prompt}, **params)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def final(res: Result) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": res.model,
+                    "choices": [{"index": 0, "text": res.text, "finish_reason": _finish(res), "logprobs": None}],
+                    "usage": _usage(res), "provenance_id": res.provenance_id,
+                    "system_fingerprint": engine.deployment}
+
+        def chunk(delta: str | None, res: Result | None):
+            if delta is None and res is None:
+                return None
+            return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "text": delta or "", "finish_reason": _finish(res) if res else None,
+                                 "logprobs": None}],
+                    "provenance_id": req.provenance_id, "system_fingerprint": engine.deployment}
+
+        return await _respond(req, body, chunk, final)
+
+    async def _respond(req, body, chunk, final):
+        out = await _run(req, body.stream, chunk, final)
+        if body.stream:
+            response, flag = out
+            flag[0] = body.include_usage
+            return response
+        return out
+
+    @app.get("/v1/provenance/{provenance_id}", dependencies=[Depends(require_key)])
+    def get_provenance(provenance_id: str):
+        if engine.request_log is not None:
+            engine.request_log.flush()
+        with engine._lock:  # the workspace's ledger connection is shared with the engine
+            return provenance.resolve(engine.ws, provenance_id)
+
+    # -- admin ----------------------------------------------------------------------------------
+    @app.post("/admin/adapters", dependencies=[Depends(require_admin)], status_code=201)
+    def load_adapter(body: LoadAdapter):
+        info = engine.load_adapter(body.adapter)
+        return {"id": info.ref, "digest": info.digest, "clearance": info.clearance.status,
+                "detail": info.clearance.detail}
+
+    @app.delete("/admin/adapters/{model:path}", dependencies=[Depends(require_admin)])
+    def unload_adapter(model: str):
+        return {"id": engine.unload_adapter(model), "unloaded": True}
+
+    return app
+
+
+def _finish(res: Result) -> str:
+    return "stop" if res.finish_reason == "cancelled" else res.finish_reason

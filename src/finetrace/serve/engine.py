@@ -1,0 +1,539 @@
+"""The serving engine: one base model, many LoRA adapters, one scheduler thread batching every request.
+
+No HTTP here: the app (``app.py``), the benchmark and the tests all call this.
+
+    engine = Engine(ws, "smollm2", adapters=["legal@1", "support@2"], settings=ServeSettings())
+    engine.start()                                  # records the `deploy` run
+    res = engine.generate("legal@1", messages=[{"role": "user", "content": "Hi"}], max_tokens=20)
+    engine.stop()                                   # finishes in-flight work, flushes the request log
+
+How requests for different adapters share one forward pass: every adapter is loaded into ONE
+``PeftModel`` under its own adapter name, and each row of the batch carries the name of its adapter
+(``"__base__"`` for the bare base). PEFT's mixed-adapter batches (``adapter_names=[...]``) then apply
+``W0 x + (alpha/r) B_a A_a x`` per row group inside each LoRA layer, so the base matmuls are shared.
+
+The scheduler is iteration-level ("continuous") batching over a KV cache:
+
+- requests wait in a bounded queue (``QueueFull`` when it is full: the HTTP layer answers 429);
+- each iteration admits waiting requests into free rows: they are prefilled together (left-padded)
+  and their KV cache is merged into the running batch's cache (left-padded in time), so new work joins
+  without waiting for the running rows to finish;
+- one decode step then runs all rows, each picks its token (greedy or seeded sampling), streams the
+  new text to its request, and finished rows leave the batch (their cache rows are dropped).
+
+With left padding each row keeps its own position ids and attention mask, so a row's answer does not
+depend on what it was batched with (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..canonical import canonical_json
+from ..errors import FinetraceError, InputError, NotFoundError
+from ..models import load_model
+from ..models.identity import text_identity
+from ..workspace import Workspace
+from .metrics import Metrics
+from .registry import AdapterInfo, check_adapter
+from .requestlog import RequestLog
+from .sampling import make_generator, pick_tokens
+from .settings import ServeSettings
+
+log = logging.getLogger("finetrace.serve")
+
+BASE = "__base__"
+
+
+class QueueFull(FinetraceError):
+    """The request queue is full; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(FinetraceError):
+    """The engine is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str          # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    provenance_id: str
+    model: str
+
+
+@dataclass
+class GenRequest:
+    """One generation. ``on_event(kind, value)`` is called from the scheduler thread with
+    ``("delta", str)`` for each new piece of text, then ``("done", Result)`` or ``("error", Exception)``."""
+
+    prompt_ids: list[int]
+    model: str                          # public model id (base name or adapter NAME@V)
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    on_event: Callable[[str, object], None] | None = None
+    input_payload: object = None        # what the client sent (messages or prompt): hashed into the log
+    endpoint: str = "engine"
+    provenance_id: str = field(default_factory=lambda: "ftp-" + secrets.token_hex(12))
+    cancelled: bool = False
+    # set by the engine
+    adapter_name: str = BASE
+    adapter_digest: str | None = None
+    submitted: float = 0.0
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    gen: object
+    pos: int                            # real tokens in the cache for this row
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0                       # characters already streamed
+    next_token: int | None = None
+    done: bool = False
+
+
+@dataclass
+class _Slot:
+    info: AdapterInfo
+    peft_name: str
+    unloading: bool = False
+
+
+def sha256_text(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Engine:
+    """A base model with adapters, a request queue and the scheduler thread that serves it."""
+
+    def __init__(self, ws: Workspace, base: str, adapters: list[str] = (), settings: ServeSettings | None = None):
+        import torch
+
+        self.ws = ws
+        self.settings = settings or ServeSettings()
+        self.model, self.tokenizer, self.base = load_model(ws, base)
+        self.base_identity = text_identity(self.tokenizer)
+        self.base_id = self.base.name or self.base.digest
+        self.metrics = Metrics()
+        self._torch = torch
+        self._slots: dict[str, _Slot] = {}          # public id NAME@V -> slot
+        self._counter = 0
+        self._lock = threading.RLock()              # guards _slots and the shared ledger connection
+        self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.settings.max_queue)
+        self._controls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask = None                           # (B, T) attention mask over the cache + pending token
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._exit = ExitStack()
+        self.deploy_run = None
+        self.request_log: RequestLog | None = None
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        import inspect  # transformers >= 5.24 calls the KV cache `cache`, earlier 5.x `past_key_values`
+        self._cache_kw = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters \
+            else "past_key_values"
+        self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        for ref in adapters:
+            self._load(ref)
+
+    # -- models and adapters ------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        """The base and every loaded adapter, as ``{"id", "digest", "kind", ...}``."""
+        with self._lock:
+            out = [{"id": self.base_id, "digest": self.base.digest, "kind": "base_model", "ref": self.base.ref}]
+            for mid, s in self._slots.items():
+                if not s.unloading:
+                    out.append({"id": mid, "digest": s.info.digest, "kind": "adapter",
+                                "base": self.base.digest, "clearance": s.info.clearance.status})
+        return out
+
+    def resolve_model(self, model: str) -> tuple[str, str, str | None]:
+        """``model`` (base name, ``NAME@V``, ``NAME`` or a digest) -> (public id, peft name, adapter digest)."""
+        m = (model or "").strip()
+        if m in (self.base_id, self.base.ref, self.base.digest) or m in self.base.aliases:
+            return self.base_id, BASE, None
+        with self._lock:
+            live = {k: s for k, s in self._slots.items() if not s.unloading}
+        if m in live:
+            return m, live[m].peft_name, live[m].info.digest
+        hexpart = m.split(":", 1)[-1].lower()
+        if len(hexpart) >= 6 and all(c in "0123456789abcdef" for c in hexpart):
+            hits = [(k, s) for k, s in live.items() if s.info.digest.split(":", 1)[1].startswith(hexpart)]
+            if len(hits) == 1:
+                return hits[0][0], hits[0][1].peft_name, hits[0][1].info.digest
+        named = sorted(((s.info.artifact.version or 0, k, s) for k, s in live.items()
+                        if s.info.artifact.name == m), key=lambda t: t[0])
+        if named:
+            _, k, s = named[-1]
+            return k, s.peft_name, s.info.digest
+        raise NotFoundError(f"The model `{model}` does not exist",
+                            hint=f"served here: {', '.join(x['id'] for x in self.models())}")
+
+    def _load(self, ref: str) -> AdapterInfo:
+        """Verify and load an adapter (call from the scheduler thread, or before ``start``)."""
+        from peft import PeftModel
+
+        with self._lock:
+            info = check_adapter(self.ws, ref, self.base, self.base_identity, self.settings.require_eval)
+            mid = info.ref
+            if mid in self._slots and not self._slots[mid].unloading:
+                return self._slots[mid].info
+            self._counter += 1
+            name = f"a{self._counter}"
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=name, is_trainable=False)
+        self.model.eval()
+        with self._lock:
+            self._slots[mid] = _Slot(info, name)
+        if self.deploy_run is not None:
+            with self._lock:
+                self.deploy_run.input(info.digest)
+                self.deploy_run.event("deploy.adapter_loaded", {"adapter": info.digest, "ref": mid})
+        log.info("loaded adapter %s (%s) as %s", mid, info.digest, name)
+        return info
+
+    def _try_unload(self, mid: str) -> bool:
+        slot = self._slots.get(mid)
+        if slot is None:
+            return True
+        if any(r.req.adapter_name == slot.peft_name for r in self._rows):
+            return False  # rows still decoding with it; retried after the next step
+        self.model.delete_adapter(slot.peft_name)
+        with self._lock:
+            del self._slots[mid]
+            if self.deploy_run is not None:
+                self.deploy_run.event("deploy.adapter_unloaded", {"adapter": slot.info.digest, "ref": mid})
+        log.info("unloaded adapter %s", mid)
+        return True
+
+    def load_adapter(self, ref: str, timeout: float = 300) -> AdapterInfo:
+        """Hot-load an adapter (verified like at start); safe while serving."""
+        return self._control(lambda: self._load(ref), timeout)
+
+    def unload_adapter(self, model: str, timeout: float = 300) -> str:
+        """Stop serving an adapter: new requests for it get 404 at once; in-flight ones finish first."""
+        mid, peft_name, _ = self.resolve_model(model)
+        if peft_name == BASE:
+            raise InputError("the base model cannot be unloaded", field="model")
+        with self._lock:
+            self._slots[mid].unloading = True
+
+        def op():
+            while not self._try_unload(mid):
+                self._step()
+            return mid
+        return self._control(op, timeout)
+
+    def _control(self, fn: Callable[[], object], timeout: float):
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        fut: Future = Future()
+        self._controls.put((fn, fut))
+        return fut.result(timeout)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Record the ``deploy`` run (inputs: base + adapters), start the request log and the scheduler."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            inputs = [self.base.digest] + [s.info.digest for s in self._slots.values()]
+            self.deploy_run = self._exit.enter_context(self.ws.ledger.run(
+                "deploy", config={"base": self.base.ref, "adapters": list(self._slots),
+                                  "settings": self.settings.public()}, inputs=inputs))
+        self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="finetrace-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 600) -> None:
+        """Finish every queued and in-flight request, flush the request log, close the deploy run."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.request_log is not None:
+            self.request_log.close()
+        if self.deploy_run is not None:
+            with self._lock:
+                self.deploy_run.metrics.update({
+                    "requests": int(sum(self.metrics.requests.values())),
+                    "rejected": self.metrics.rejected,
+                    "completion_tokens": int(sum(v for (m, k), v in self.metrics.tokens.items()
+                                                 if k == "completion"))})
+                self._exit.close()
+                self.ws.checkpoint()
+            self.deploy_run = None
+
+    @property
+    def deployment(self) -> str | None:
+        return self.deploy_run.id if self.deploy_run is not None else None
+
+    def stats(self) -> dict:
+        return {"queued": self._queue.qsize(), "active": len(self._rows), "adapters": len(self._slots)}
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Queue a request; raises NotFoundError (model), InputError (params), QueueFull, ShuttingDown."""
+        if self._stopping or self._thread is None:
+            raise ShuttingDown("the server is shutting down", hint="retry on another replica")
+        mid, peft_name, digest = self.resolve_model(req.model)
+        req.model, req.adapter_name, req.adapter_digest = mid, peft_name, digest
+        if not req.prompt_ids:
+            raise InputError("the prompt is empty", field="prompt")
+        if len(req.prompt_ids) + req.max_tokens > self.context_len:
+            raise InputError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                             f"context length {self.context_len}", field="max_tokens")
+        req.submitted = time.perf_counter()
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            self.metrics.reject()
+            raise QueueFull(f"the request queue is full ({self.settings.max_queue} waiting)",
+                            hint="retry after a short wait") from None
+        return req
+
+    def generate(self, model: str, *, messages: list[dict] | None = None, prompt: str | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] = (), timeout: float = 600) -> Result:
+        """Blocking convenience: submit one request and wait for its result."""
+        ids = self.encode_chat(messages) if messages is not None else self.encode_text(prompt or "")
+        fut: Future = Future()
+
+        def on_event(kind, value):
+            if kind == "done":
+                fut.set_result(value)
+            elif kind == "error":
+                fut.set_exception(value)
+        self.submit(GenRequest(ids, model, max_tokens, temperature, top_p, seed, list(stop), on_event,
+                               messages if messages is not None else prompt))
+        return fut.result(timeout)
+
+    # -- the scheduler ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._run_controls()
+            if self._stopping and not self._rows and self._queue.empty() and self._controls.empty():
+                return
+            try:
+                self._step(block=True)
+            except Exception as exc:  # a failed batch fails its rows, not the server
+                log.exception("decoding failed")
+                for r in self._rows:
+                    self._emit(r.req, "error", exc)
+                self._rows, self._cache, self._mask = [], None, None
+
+    def _run_controls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def _step(self, block: bool = False) -> None:
+        with self._torch.inference_mode():
+            self._step_locked(block)
+
+    def _step_locked(self, block: bool) -> None:
+        new: list[GenRequest] = []
+        free = self.settings.max_batch - len(self._rows)
+        while len(new) < free:
+            try:
+                if not new and not self._rows and block:
+                    new.append(self._queue.get(timeout=0.05))
+                else:
+                    new.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        new = [r for r in new if not self._drop_cancelled(r)]
+        if new:
+            self._admit(new)
+        if self._rows:
+            self._decode()
+
+    def _drop_cancelled(self, req: GenRequest) -> bool:
+        if req.cancelled:
+            self._finish_request(req, "", "cancelled", 0)
+        return req.cancelled
+
+    def _forward(self, input_ids, mask, positions, cache, names):
+        from peft import PeftModel
+
+        kwargs = {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
+        kwargs[self._cache_kw] = cache
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        new_cache = out.get("cache") if "cache" in out else out.past_key_values
+        return out.logits[:, -1, :], new_cache  # (B, V)
+
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        torch = self._torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        L = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), L), dtype=torch.long)
+        for i, r in enumerate(reqs):  # left padding: every row's last prompt token is at column L-1
+            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, L - len(r.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None, [r.adapter_name for r in reqs])
+        rows = [_Row(r, make_generator(r.seed) if r.temperature > 1e-5 else None, len(r.prompt_ids))
+                for r in reqs]
+        self._merge(rows, cache, mask)
+        self._accept(rows, logits)
+        self._prune()
+
+    def _merge(self, rows: list[_Row], cache, mask) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever cache is shorter in time."""
+        torch = self._torch
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
+            return
+        ta, tn = self._mask.shape[1], mask.shape[1]
+        T = max(ta, tn)
+
+        def lpad(x, t):  # (B, H, t0, D) -> (B, H, T, D), zeros on the left
+            return x if x.shape[-2] == t else torch.nn.functional.pad(x, (0, 0, t - x.shape[-2], 0))
+        for la, ln in zip(self._cache.layers, cache.layers):
+            la.keys = torch.cat([lpad(la.keys, T), lpad(ln.keys, T)], dim=0)
+            la.values = torch.cat([lpad(la.values, T), lpad(ln.values, T)], dim=0)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (T - ta, 0)),
+                                torch.nn.functional.pad(mask, (T - tn, 0))], dim=0)
+        self._rows = self._rows + rows
+
+    def _decode(self) -> None:
+        torch = self._torch
+        rows = self._rows
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)          # (B, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long)           # (B, 1)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        logits, self._cache = self._forward(ids, self._mask, positions, self._cache,
+                                            [r.req.adapter_name for r in rows])
+        for r in rows:
+            r.pos += 1
+        self._accept(rows, logits)
+        self._prune()
+
+    def _accept(self, rows: list[_Row], logits) -> None:
+        """Pick each row's next token, stream its new text, and mark finished rows."""
+        toks = pick_tokens(logits, [r.req.temperature for r in rows], [r.req.top_p for r in rows],
+                           [r.gen for r in rows])
+        for r, t in zip(rows, toks):
+            req = r.req
+            if req.cancelled:
+                r.done = True
+                self._finish_request(req, "", "cancelled", len(r.ids))
+                continue
+            finish = None
+            if t in self.eos_ids:
+                finish = "stop"
+            else:
+                r.ids.append(t)
+                r.next_token = t
+            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            elif finish is None and len(r.ids) >= req.max_tokens:
+                finish = "length"
+            safe = text if finish else text[:len(text) - _holdback(text, req.stop)]
+            if len(safe) > r.sent:
+                self._emit(req, "delta", safe[r.sent:])
+                r.sent = len(safe)
+            if finish:
+                r.done = True
+                self._finish_request(req, text, finish, len(r.ids))
+
+    def _prune(self) -> None:
+        """Drop finished rows from the batch and trim cache columns that no remaining row uses."""
+        torch = self._torch
+        if all(not r.done for r in self._rows):
+            return
+        keep = [i for i, r in enumerate(self._rows) if not r.done]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask[idx]
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+
+    def _emit(self, req: GenRequest, kind: str, value) -> None:
+        if req.on_event is None:
+            return
+        try:
+            req.on_event(kind, value)
+        except Exception:
+            log.exception("a request callback failed")
+
+    def _finish_request(self, req: GenRequest, text: str, finish: str, n_out: int) -> None:
+        latency = time.perf_counter() - req.submitted
+        res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model)
+        self.metrics.observe(req.model, finish, len(req.prompt_ids), n_out, latency)
+        if self.request_log is not None:
+            event = {"provenance_id": req.provenance_id, "deployment": self.deployment,
+                     "model": req.model, "base_model": self.base.digest, "adapter": req.adapter_digest,
+                     "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
+                     "input_sha256": "sha256:" + hashlib.sha256(canonical_json(req.input_payload)).hexdigest(),
+                     "output_sha256": sha256_text(text), "prompt_tokens": len(req.prompt_ids),
+                     "completion_tokens": n_out, "latency_ms": round(latency * 1000, 3),
+                     "finish_reason": finish,
+                     "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,
+                                "top_p": req.top_p, "seed": req.seed, "stop": req.stop}}
+            if self.settings.log_content:
+                event["content"] = {"input": req.input_payload, "output": text}
+            self.request_log.add(event)
+        self._emit(req, "done", res)
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not to stream yet: a possible start of a stop string, or an
+    incomplete UTF-8 character (decoded as U+FFFD)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    if text.endswith("\ufffd"):
+        n = max(n, 1)
+    return n

@@ -1,0 +1,96 @@
+"""The OpenAI wire format: request models (unknown fields are accepted and ignored) and error bodies.
+
+Errors always have the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` so that the
+official client raises its matching exception (400 BadRequestError, 401 AuthenticationError, 404
+NotFoundError, 429 RateLimitError, 503 InternalServerError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InputError
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int | None = None
+
+    def checked(self, default_max: int, limit: int) -> dict:
+        """Sampling parameters, validated; raises InputError naming the field."""
+        max_tokens = self.max_tokens if self.max_tokens is not None else getattr(self, "max_completion_tokens",
+                                                                                 None)
+        if max_tokens is None:
+            max_tokens = default_max
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
+            raise InputError(f"max_tokens must be between 1 and {limit}, got {max_tokens}", field="max_tokens")
+        t = 1.0 if self.temperature is None else self.temperature
+        if not 0 <= t <= 2:
+            raise InputError(f"temperature must be between 0 and 2, got {t}", field="temperature")
+        p = 1.0 if self.top_p is None else self.top_p
+        if not 0 < p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {p}", field="top_p")
+        if self.n not in (None, 1):
+            raise InputError("only n=1 is supported", field="n")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
+            raise InputError("stop must be up to 4 non-empty strings", field="stop")
+        return {"max_tokens": max_tokens, "temperature": t, "top_p": p, "seed": self.seed, "stop": stop}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Params):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    max_completion_tokens: int | None = None
+
+    def plain_messages(self) -> list[dict]:
+        if not self.messages:
+            raise InputError("messages must not be empty", field="messages")
+        roles = {"system", "user", "assistant", "developer"}
+        out = []
+        for i, m in enumerate(self.messages):
+            if m.role not in roles:
+                raise InputError(f"unknown role {m.role!r}", field=f"messages[{i}].role")
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+        return out
+
+
+class CompletionRequest(_Params):
+    prompt: str | list[str] = ""
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1 or not isinstance(self.prompt[0], str):
+                raise InputError("give one prompt string (batches of prompts are not supported)", field="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,48 @@
+"""Serving settings: one typed object that the CLI flags fill and the app, engine and tests read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    """Interface to listen on; keep loopback unless a proxy with TLS sits in front."""
+    port: int = 8000
+    """TCP port (0 picks a free one)."""
+    api_keys: list[str] = field(default_factory=list)
+    """Bearer keys accepted on /v1 and /metrics; empty means an open server (a warning is logged)."""
+    admin_key: str | None = None
+    """Bearer key for /admin (hot load/unload); without it the admin endpoints answer 403."""
+    log_content: bool = False
+    """Store full prompt and answer text in the ledger events (default: SHA-256 digests only)."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot; one more is answered 429 (back-pressure, bounded memory)."""
+    max_batch: int = 16
+    """Rows decoded together in one forward pass (requests for any mix of adapters)."""
+    require_eval: bool = False
+    """Refuse adapters with no recorded eval verdict (default: serve them and log a warning)."""
+    default_max_tokens: int = 256
+    """``max_tokens`` when a request gives none."""
+    max_tokens_limit: int = 4096
+    """Largest ``max_tokens`` a request may ask for."""
+    log_flush_s: float = 0.2
+    """How often the background writer appends the batched ``serve.request`` events."""
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError("must be at least 1", field="--max-queue")
+        if self.max_batch < 1:
+            raise ConfigError("must be at least 1", field="--max-batch")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range", field="--port")
+
+    def public(self) -> dict:
+        """The settings as recorded in the deploy run: everything except the secrets."""
+        return {"host": self.host, "port": self.port, "auth": bool(self.api_keys), "admin": bool(self.admin_key),
+                "log_content": self.log_content, "max_queue": self.max_queue, "max_batch": self.max_batch,
+                "require_eval": self.require_eval, "default_max_tokens": self.default_max_tokens,
+                "max_tokens_limit": self.max_tokens_limit}
