@@ -1,0 +1,42 @@
+"""``finetrace train CONFIG.yaml [--set key=value ...] [--resume] [--print-config]``."""
+
+from __future__ import annotations
+
+import typer
+
+from .common import JSON_OPTION, emit_json, open_workspace
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        config: str = typer.Argument(None, help="YAML training config (see --print-config)."),
+        set_: list[str] = typer.Option([], "--set", help="Override a key: --set lr=1e-4 --set lora.r=8."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
+        print_config: bool = typer.Option(False, "--print-config",
+                                          help="Print the resolved config (or, without CONFIG, every key "
+                                               "with its default and description) and exit."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
+        from ..train import describe, load_config, train
+        from ..train.config import config_yaml
+
+        if print_config:
+            typer.echo(config_yaml(load_config(config, set_)) if config or set_ else describe(), nl=False)
+            return
+        if config is None and not set_:
+            raise typer.BadParameter("give a CONFIG.yaml (or --print-config to see every key)")
+        cfg = load_config(config, set_)
+        ws = open_workspace()
+        art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+        run = ws.ledger.get_run(art.run_id)
+        if json_out:
+            emit_json({"artifact": art.to_dict(), "run": run.id, "metrics": run.metrics})
+            return
+        m = run.metrics or {}
+        typer.echo(f"{art.kind} {art.ref} {art.digest}")
+        typer.echo(f"run {run.id}: {m.get('steps')} steps, final loss {m.get('final_loss'):.4f}"
+                   + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
+                   + f", {m.get('tokens_per_s')} tokens/s, {m.get('wall_time_s')} s")

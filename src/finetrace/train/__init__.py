@@ -1,0 +1,15 @@
+"""The ``train`` stage: LoRA-family (and full) fine-tuning from a typed config, fast and resumable.
+
+    from finetrace.train import TrainConfig, load_config, train
+    adapter = train(ws, load_config("configs/lora-sft.yaml", ["lr=1e-4"]), resume=False)
+
+Files: ``config`` (the typed config, YAML + overrides), ``data`` (tokenising, data order, packing),
+``attention`` (per-example attention for packed rows), ``loss`` (output layer at target positions only,
+chunked cross-entropy), ``adapters`` (base model + method), ``checkpoint`` (atomic, verified, resumable),
+``report`` (metrics, loss curve, FLOPs), ``loop`` (the loop and ``train``).
+"""
+
+from .config import TrainConfig, describe, load_config
+from .loop import train
+
+__all__ = ["TrainConfig", "describe", "load_config", "train"]

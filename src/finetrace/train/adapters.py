@@ -1,0 +1,111 @@
+"""Model setup for training: the base model, the method (LoRA, rsLoRA, DoRA, full) and a parent adapter.
+
+Target modules are found per architecture: every ``nn.Linear`` inside the decoder, the output layer
+excluded, named by their last attribute (``q_proj``, ``gate_proj``...). The LoRA initialisation is seeded,
+so the same config and seed give the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError, DependencyError
+from .attention import register
+from .config import TrainConfig
+
+ADAPTER_META = "finetrace_adapter.json"
+
+
+def load_base(path: Path, dtype: str = "float32"):
+    """The base model (safetensors only, no remote code) with packed attention, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                 trust_remote_code=False, attn_implementation=register())
+    return model, tok
+
+
+def linear_targets(model) -> list[str]:
+    """Names of the decoder's linear layers (the LoRA targets for 'all-linear')."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.base_model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and mod is not head}
+    return sorted(names)
+
+
+def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
+    """Wrap ``model`` for training; returns (model, method facts recorded with the adapter)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "qlora":
+        raise DependencyError("QLoRA needs a 4-bit backend that finetrace does not drive on CPU",
+                              hint="use method: lora (fp32 on CPU), or qlora on a CUDA machine later")
+    if cfg.method == "full":
+        if parent_path is not None:
+            raise ConfigError("init_from continues an adapter; it cannot be combined with method: full",
+                              field="init_from")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, {"method": "full"}
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if parent_path is not None:
+        model = PeftModel.from_pretrained(model, str(parent_path), is_trainable=True)
+        pc = model.peft_config["default"]
+        method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else "lora"
+        return model, {"method": method, "r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
+                       "target_modules": sorted(pc.target_modules)}
+    targets = linear_targets(model) if cfg.lora.target_modules == "all-linear" else list(cfg.lora.target_modules)
+    pc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                    target_modules=targets, use_rslora=cfg.method == "rslora", use_dora=cfg.method == "dora",
+                    bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, pc)
+    except ValueError as exc:
+        raise ConfigError(f"cannot apply LoRA: {exc}", field="lora.target_modules",
+                          hint=f"linear layers of this model: {', '.join(linear_targets(model))}") from None
+    return model, {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                   "dropout": cfg.lora.dropout, "target_modules": targets}
+
+
+def trainable(model) -> dict[str, "torch.nn.Parameter"]:
+    """Trainable parameters by name, in a fixed order (tied weights once)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def read_adapter_meta(path: Path) -> dict:
+    f = path / ADAPTER_META
+    if not f.is_file():
+        raise ConfigError(f"{path} is not a finetrace adapter ({ADAPTER_META} missing)", field="init_from")
+    return json.loads(f.read_text())
+
+
+def load_adapter_weights(model, adapter_dir: Path):
+    """finetrace's own loading of an adapter folder onto a base model (no PeftModel.from_pretrained):
+    the LoRA config from ``finetrace_adapter.json``, the weights from ``adapter_model.safetensors``."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    meta = read_adapter_meta(adapter_dir)
+    pc = LoraConfig(r=meta["r"], lora_alpha=meta["alpha"], lora_dropout=meta["dropout"],
+                    target_modules=meta["target_modules"], use_rslora=meta["method"] == "rslora",
+                    use_dora=meta["method"] == "dora", bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, pc)
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ConfigError(f"adapter {adapter_dir} holds weights this model has no place for: "
+                          f"{result.unexpected_keys[:3]}")
+    model.eval()
+    return model

@@ -1,0 +1,78 @@
+"""Padding-free attention for packed rows: causal attention inside each example, never across.
+
+A packed row holds several examples back to back. transformers can build a block-diagonal mask from the
+restarting position ids, but that still computes (and masks) the full T x T score matrix. This module
+registers an attention implementation, ``finetrace_varlen``, that runs PyTorch's causal SDPA kernel once
+per example on its own slice: the work is sum(l_i^2) instead of (sum l_i)^2, and no mask is built.
+
+The example boundaries reach every layer through a context variable set around the forward pass
+(``segments(cu_seqlens)``); without it (generation, padded batches) the implementation is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+NAME = "finetrace_varlen"
+# A plain module global, not a ContextVar: activation recomputation (gradient checkpointing) runs inside
+# backward(), which must see the same boundaries as the forward pass it repeats.
+_STACK: list[list[int] | None] = [None]
+_registered = False
+
+
+def _current() -> list[int] | None:
+    return _STACK[-1]
+
+
+@contextlib.contextmanager
+def segments(cu_seqlens: list[int] | None) -> Iterator[None]:
+    """Within this block, a row of length ``cu_seqlens[-1]`` is attended to example by example."""
+    _STACK.append(cu_seqlens)
+    try:
+        yield
+    finally:
+        _STACK.pop()
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     **kwargs):
+    """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D); per-example causal SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu = _current()
+    if cu is None or attention_mask is not None or query.shape[2] != cu[-1] or key.shape[2] != cu[-1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    p = dropout if module.training else 0.0
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, scale=scaling, is_causal=True)
+        for s, e in zip(cu[:-1], cu[1:])]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(*args, **kwargs):
+    """No mask while packed segments are active (the attention slices instead); else SDPA's mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _current() is not None and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> str:
+    """Register ``finetrace_varlen`` with transformers (idempotent) and return its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, varlen_attention)
+        AttentionMaskInterface.register(NAME, _mask)
+        _registered = True
+    return NAME

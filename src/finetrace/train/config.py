@@ -1,0 +1,285 @@
+"""The training configuration: one typed model, filled from YAML and ``--set key=value`` overrides.
+
+Every field has a description (``finetrace train --print-config`` shows them). An unknown or mistyped
+key is a ``ConfigError`` naming the key, the file and line where it was written, and the closest valid key:
+
+    >>> load_config("train.yaml", ["lr=1e-4", "lora.r=8"])     # dotted keys reach nested fields
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+METHODS = ("lora", "rslora", "dora", "full", "qlora")
+
+
+class LoraParams(BaseModel):
+    """Parameters of the LoRA family (``x -> W0 x + (alpha/r) B A x``; rsLoRA scales by alpha/sqrt(r))."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="Rank of the low-rank update B A.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r "
+                                                 "(alpha/sqrt(r) for rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 is fastest and exactly "
+                                                        "reproducible).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer of the "
+                                  "decoder (the output layer excluded), chosen per architecture.")
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run depends on; stored resolved with the run in the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    base_model: str = Field(..., description="Base model artifact: name, name@N or digest.")
+    dataset: str = Field(..., description="Dataset artifact: name, name@N or digest.")
+    split: str = Field("train", description="Split of the dataset to train on.")
+    validation_split: str | None = Field("validation", description="Split used for validation loss "
+                                         "(skipped when the dataset has no such split; null to disable).")
+    objective: Literal["sft"] = Field("sft", description="Training objective: 'sft' puts the loss on the "
+                                      "target (assistant) tokens and the end-of-turn token only.")
+    method: Literal["lora", "rslora", "dora", "full", "qlora"] = Field(
+        "lora", description="lora, rslora, dora (all through peft), full (every weight, a reference), or "
+                            "qlora (needs a 4-bit backend; not available on CPU).")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA-family parameters.")
+    init_from: str | None = Field(None, description="Continue training an existing adapter (adapter@N); "
+                                  "its LoRA configuration is kept.")
+    output_name: str = Field(..., description="Name of the adapter artifact written (versions are numbered).")
+
+    # optimisation
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: off).")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay "
+                                                              "after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps "
+                                  "(overrides epochs).")
+
+    # batching and speed
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step; the loss is normalised "
+                            "by the real number of target tokens of the whole step.")
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens (prompt + target); longer "
+                            "examples are skipped and counted.")
+    packing: bool = Field(True, description="Concatenate a micro-batch's examples into one row without "
+                          "padding (attention never crosses examples).")
+    group_by_length: bool = Field(True, description="Order examples so a step holds examples of similar "
+                                  "length (shuffled in windows of 64 steps).")
+    micro_batch_tokens: int | None = Field(None, ge=16, description="Token budget per forward pass: a "
+                                           "micro-batch larger than this is split (same result, less memory).")
+    loss_chunk: int = Field(1024, ge=16, description="Target positions per output-layer chunk, so the full "
+                            "logits tensor never exists.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
+                                         "(less memory, ~30% slower).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (bfloat16 is much "
+                                                  "slower on CPUs without native support).")
+    threads: int | None = Field(None, ge=1, description="Torch threads (default: physical cores available).")
+    seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
+
+    # evaluation, checkpoints, logging
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
+    eval_max_examples: int | None = Field(256, ge=1, description="Validation examples used (null: all).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations "
+                                                "without improvement; the best weights are kept.")
+    checkpoint_every: int | None = Field(50, ge=1, description="Save a resumable checkpoint every N steps "
+                                         "(and on SIGTERM/SIGINT).")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints go (default: the workspace's "
+                                       "checkpoints/train/<output_name>).")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    assumed_watts: float = Field(35.0, gt=0, description="Power assumed for the energy estimate (W).")
+
+    @field_validator("output_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from ..ledger.log import check_name
+
+        check_name(v)
+        return v
+
+
+# -- loading -------------------------------------------------------------------------------------
+def field_names(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """Every valid dotted key."""
+    out = []
+    for name, info in model.model_fields.items():
+        out.append(prefix + name)
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += field_names(ann, prefix + name + ".")
+    return out
+
+
+# Names users bring from other trainers (HF TrainingArguments, Axolotl, PEFT) -> ours.
+ALIASES = {
+    "learning_rate": "lr", "rank": "lora.r", "r": "lora.r", "lora_r": "lora.r", "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha", "alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "dropout": "lora.dropout", "target_modules": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules", "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "lr_scheduler_type": "schedule",
+    "lr_scheduler": "schedule", "scheduler": "schedule", "warmup": "warmup_steps",
+    "max_seq_length": "max_length", "sequence_len": "max_length", "max_seq_len": "max_length",
+    "model": "base_model", "base_model_name_or_path": "base_model", "output_dir": "output_name",
+    "save_steps": "checkpoint_every", "eval_steps": "eval_every", "logging_steps": "log_every",
+    "sample_packing": "packing", "use_rslora": "method", "use_dora": "method",
+}
+
+
+def suggest(key: str) -> str:
+    """A hint naming the closest valid key."""
+    names = field_names()
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in ALIASES:
+        return f"did you mean '{ALIASES[leaf]}'?"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:  # compare the last part only ("lora.rank" -> "lora.r")
+        close = difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1] for n in names], n=1, cutoff=0.5)
+        close = [n for n in names if n.rsplit(".", 1)[-1] == close[0]][:1] if close else []
+    return f"did you mean '{close[0]}'?" if close else "run `finetrace train --print-config` for valid keys"
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Line number of each dotted key in a YAML mapping (best effort, for error messages)."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + str(k.value)
+                lines.setdefault(key, k.start_mark.line + 1)
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (key.sub, YAML-parsed value)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}", hint="write --set key=value, e.g. --set lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(doc: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = doc
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def build_config(doc: dict, *, file: str | None = None, lines: dict[str, int] | None = None) -> TrainConfig:
+    """Validate a mapping; errors name the key (with file and line when known) and suggest a fix."""
+    lines = lines or {}
+    if not isinstance(doc, dict):
+        raise ConfigError("a training config must be a mapping of key: value", file=file)
+    try:
+        return TrainConfig.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(root)"
+        where = {"file": file, "line": lines.get(key), "field": key}
+        if err["type"] == "extra_forbidden":
+            raise ConfigError("unknown key", hint=suggest(key), **where) from None
+        if err["type"] == "missing":
+            raise ConfigError("required key is missing", hint=f"add '{key}: ...' "
+                              f"({_description(key)})", **where) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", hint=_description(key), **where) from None
+
+
+def _description(key: str) -> str:
+    model: type[BaseModel] = TrainConfig
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        info = model.model_fields.get(p)
+        if info is None:
+            return ""
+        if i < len(parts) - 1:
+            model = info.annotation  # type: ignore[assignment]
+    return info.description or ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (or start empty) and apply ``key=value`` overrides (dotted keys)."""
+    import yaml
+
+    doc: dict = {}
+    lines: dict[str, int] = {}
+    file = None
+    if path is not None:
+        p = Path(path)
+        file = str(p)
+        if not p.is_file():
+            raise ConfigError(f"no such config file: {p}", hint="give the path of a YAML file")
+        text = p.read_text(encoding="utf-8")
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file,
+                              line=mark.line + 1 if mark else None) from None
+        lines = _yaml_lines(text)
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in field_names():
+            raise ConfigError("unknown key in --set", field=key, hint=suggest(key))
+        _set_dotted(doc, key, value)
+        lines.pop(key, None)
+    return build_config(doc, file=file, lines=lines)
+
+
+def describe() -> str:
+    """A commented YAML template of every key with its default (for ``--print-config``)."""
+    out = []
+
+    def emit(model: type[BaseModel], indent: str):
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            out.append(f"{indent}# {info.description}")
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.append(f"{indent}{name}:")
+                emit(ann, indent + "  ")
+                continue
+            default = "<required>" if info.is_required() else json.dumps(
+                list(info.default) if isinstance(info.default, tuple) else info.default)
+            out.append(f"{indent}{name}: {default}")
+
+    emit(TrainConfig, "")
+    return "\n".join(out) + "\n"
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
