@@ -1,0 +1,80 @@
+"""``finetrace serve``, ``finetrace provenance ID`` and ``finetrace export-model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import InputError
+from .common import JSON_OPTION, emit_json, open_workspace
+
+
+def _read_keys(path: str | None) -> list[str]:
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such file: {p}", field="--api-keys-file")
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        base: str = typer.Option(..., "--base", help="Base model (name, name@N or digest)."),
+        adapter: list[str] = typer.Option([], "--adapter", help="Adapter NAME@V to serve (repeatable)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+        port: int = typer.Option(8000, "--port", help="TCP port."),
+        api_key: list[str] = typer.Option([], "--api-key", help="Accepted bearer key (repeatable)."),
+        api_keys_file: str = typer.Option(None, "--api-keys-file", help="File with one key per line."),
+        admin_key: str = typer.Option(None, "--admin-key", envvar="FINETRACE_ADMIN_KEY",
+                                      help="Key for /admin (hot load/unload); without it admin is off."),
+        log_content: bool = typer.Option(False, "--log-content", help="Log full prompt/answer text too."),
+        max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before answering 429."),
+        max_batch: int = typer.Option(16, "--max-batch", help="Rows decoded together."),
+        require_eval: bool = typer.Option(False, "--require-eval",
+                                          help="Refuse adapters that have no eval verdict."),
+    ):
+        """Serve the base and adapters over an OpenAI-compatible API, with provenance on every answer."""
+        import logging
+
+        from ..serve.server import build_engine, serve
+        from ..serve.settings import ServeSettings
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = ServeSettings(host=host, port=port, api_keys=list(api_key) + _read_keys(api_keys_file),
+                                 admin_key=admin_key, log_content=log_content, max_queue=max_queue,
+                                 max_batch=max_batch, require_eval=require_eval)
+        ws = open_workspace()
+        engine = build_engine(ws, base, adapter, settings)
+        serve(engine, settings)
+
+    @app.command("provenance")
+    def provenance_cmd(provenance_id: str = typer.Argument(..., help="The provenance id of an answer."),
+                       json_out: bool = JSON_OPTION):
+        """What stands behind a served answer: deployment, adapter, training run, data, eval, approvals."""
+        from ..serve.provenance import render, resolve
+
+        doc = resolve(open_workspace(), provenance_id)
+        if json_out:
+            emit_json(doc)
+        else:
+            typer.echo("\n".join(render(doc)))
+
+    @app.command("export-model")
+    def export_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest)."),
+                   merged: bool = typer.Option(False, "--merged", help="Merge the adapter into the base weights."),
+                   out: str = typer.Option(..., "-o", "--out", help="Folder to write (new or empty)."),
+                   json_out: bool = JSON_OPTION):
+        """Export an adapter as a merged safetensors model that transformers (and converters) load."""
+        from ..serve.export import export_merged
+
+        if not merged:
+            raise InputError("only --merged export is available", hint="add --merged", field="--merged")
+        ws = open_workspace()
+        res = export_merged(ws, adapter, out)
+        if json_out:
+            emit_json(res)
+        else:
+            typer.echo(f"wrote {res['path']} ({res['ref']}, {res['digest']})")

@@ -1,0 +1,161 @@
+"""The engine in-process: mixed-adapter batches equal independent single-model generation; adapter checks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from finetrace.ledger.clearance import record_override, record_verdict
+from finetrace.serve.engine import Engine, QueueFull, _holdback
+from finetrace.serve.registry import DeploymentRefused
+from finetrace.serve.settings import ServeSettings
+
+PROMPTS = ["The supplier shall deliver the goods", "Question: What is the capital of France?",
+           "hello", "Personal data must be processed lawfully, fairly and in a transparent manner."]
+
+
+@pytest.fixture(scope="module")
+def engine(served_ws):
+    eng = Engine(served_ws, "tiny", ["alpha@1", "beta@1"], ServeSettings(max_batch=8))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def reference(ws, adapter: str | None, prompt: str, n: int) -> str:
+    """Greedy text from an independent transformers(+PEFT) model with only this adapter, via generate()."""
+    import torch
+    from peft import PeftModel
+
+    from finetrace.models import load_model
+
+    model, tok, _ = load_model(ws, "tiny")
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(ws.store.materialize(ws.ledger.resolve(adapter).digest)))
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_mixed_burst_equals_each_model_alone(served_ws, engine):
+    jobs = [(m, p) for m in ("tiny", "alpha@1", "beta@1") for p in PROMPTS]
+    results: dict = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(m, p):
+        barrier.wait()
+        results[(m, p)] = engine.generate(m, prompt=p, max_tokens=10).text
+    threads = [threading.Thread(target=run, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for m, adapter in (("tiny", None), ("alpha@1", "alpha@1"), ("beta@1", "beta@1")):
+        for p in PROMPTS[:2]:
+            assert results[(m, p)] == reference(served_ws, adapter, p, 10), (m, p)
+    # adapters really change the answers, and served alone equals served in the burst
+    assert len({results[(m, PROMPTS[0])] for m in ("tiny", "alpha@1", "beta@1")}) == 3
+    for m, p in jobs[::3]:
+        assert engine.generate(m, prompt=p, max_tokens=10).text == results[(m, p)]
+
+
+def test_resolve_names_and_digests(served_ws, engine):
+    alpha = served_ws.ledger.resolve("alpha@1")
+    assert engine.resolve_model("alpha")[0] == "alpha@1"
+    assert engine.resolve_model(alpha.digest)[0] == "alpha@1"
+    assert engine.resolve_model(alpha.digest.split(":")[1][:12])[0] == "alpha@1"
+    assert engine.resolve_model("tiny")[1] == "__base__"
+    assert [m["id"] for m in engine.models()] == ["tiny", "alpha@1", "beta@1"]
+
+
+def test_seeded_sampling_and_stop(engine):
+    a = engine.generate("alpha@1", prompt="hello", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    b = engine.generate("alpha@1", prompt="hello", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    c = engine.generate("alpha@1", prompt="hello", max_tokens=12, temperature=1.5, seed=8)
+    assert a.text == b.text and a.completion_tokens == 12
+    assert c.text != a.text
+    full = engine.generate("tiny", prompt=PROMPTS[1], max_tokens=12).text
+    stop = full[3:6]
+    cut = engine.generate("tiny", prompt=PROMPTS[1], max_tokens=12, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+
+
+def test_holdback():
+    assert _holdback("abc</", ["</s>"]) == 2
+    assert _holdback("abc", ["</s>"]) == 0
+    assert _holdback("ab\ufffd", []) == 1
+
+
+def test_request_log_records_every_request(served_ws, engine):
+    engine.request_log.flush()
+    before = sum(1 for _ in served_ws.ledger.entries(type="serve.request"))
+    res = [engine.generate("beta@1", prompt=p, max_tokens=3) for p in PROMPTS]
+    engine.request_log.flush()
+    events = [e.data for e in served_ws.ledger.entries(type="serve.request")]
+    assert len(events) == before + len(PROMPTS)
+    ev = next(e for e in events if e["provenance_id"] == res[0].provenance_id)
+    assert ev["adapter"] == served_ws.ledger.resolve("beta@1").digest
+    assert ev["deployment"] == engine.deployment and ev["completion_tokens"] == 3
+    assert "content" not in ev  # only with --log-content
+    import hashlib
+    assert ev["output_sha256"] == "sha256:" + hashlib.sha256(res[0].text.encode()).hexdigest()
+
+
+def test_hot_load_and_unload(served_ws, engine):
+    from conftest import make_adapter
+
+    c = served_ws.ctx
+    make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "gamma", 3, c["tmp"])
+    info = engine.load_adapter("gamma@1")
+    assert engine.generate("gamma@1", prompt="hello", max_tokens=4).completion_tokens == 4
+    loaded = [e.data for e in served_ws.ledger.entries(type="deploy.adapter_loaded")]
+    assert {"run_id": engine.deployment, "adapter": info.digest, "ref": "gamma@1"} in loaded
+    assert engine.unload_adapter("gamma") == "gamma@1"
+    with pytest.raises(Exception, match="does not exist"):
+        engine.generate("gamma@1", prompt="hello", max_tokens=4)
+
+
+def test_refusals(served_ws, tmp_path):
+    from conftest import make_adapter
+
+    from finetrace.models import add_folder
+    from finetrace.models.tiny import build_tiny_model
+
+    c = served_ws.ctx
+    eng = Engine(served_ws, "tiny", [], ServeSettings())
+    # wrong base: an adapter trained on another base
+    other_dir = build_tiny_model(tmp_path / "other", seed=5)
+    other = add_folder(served_ws, other_dir, "other")
+    make_adapter(served_ws, other, c["tokenizer"], other_dir, "foreign", 4, tmp_path)
+    with pytest.raises(DeploymentRefused, match="trained on base"):
+        eng.load_adapter("foreign@1")
+    # same base digest but a different chat template recorded
+    make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "oddtemplate", 5, tmp_path,
+                 metadata={"chat_template_sha256": "sha256:" + "0" * 64})
+    with pytest.raises(DeploymentRefused, match="chat_template_sha256"):
+        eng.load_adapter("oddtemplate@1")
+    # failed gates: refused until an override is recorded
+    art = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "gated", 6, tmp_path)
+    record_verdict(served_ws.ledger, art.digest, None, False,
+                   [{"name": "accuracy", "value": 0.2, "threshold": 0.5, "op": ">=", "passed": False}])
+    with pytest.raises(DeploymentRefused, match="accuracy"):
+        eng.load_adapter("gated@1")
+    record_override(served_ws.ledger, art.digest, by="Ada Lovelace", reason="accepted for pilot")
+    assert eng.load_adapter("gated@1").clearance.status == "overridden"
+    # unevaluated: served by default, refused with require_eval
+    strict = Engine(served_ws, "tiny", [], ServeSettings(require_eval=True))
+    with pytest.raises(DeploymentRefused, match="require-eval"):
+        strict.load_adapter("alpha@1")
+
+
+def test_queue_full_raises(served_ws):
+    eng = Engine(served_ws, "tiny", [], ServeSettings(max_queue=1, max_batch=1))
+    eng._thread = threading.Thread()  # pretend started, but never consume: the queue must bound memory
+    from finetrace.serve.engine import GenRequest
+    eng.submit(GenRequest([1, 2], "tiny", 4))
+    with pytest.raises(QueueFull):
+        eng.submit(GenRequest([1, 2], "tiny", 4))
+    assert eng.metrics.rejected == 1
