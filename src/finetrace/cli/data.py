@@ -1,0 +1,163 @@
+"""``finetrace data import|list|show|head|stats|diff``: a thin face over ``finetrace.data``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+
+from .common import JSON_OPTION, console, emit_json, open_workspace
+
+
+def _progress_callback(show: bool):
+    """A rows/s line on stderr (rich), refreshed as the import reads."""
+    if not show:
+        return None, lambda: None
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    status = err.status("reading…")
+    status.start()
+    t0 = time.monotonic()
+
+    def update(rows: int) -> None:
+        dt = max(time.monotonic() - t0, 1e-9)
+        status.update(f"validated {rows:,} rows ({rows / dt:,.0f} rows/s)")
+
+    return update, status.stop
+
+
+def register(app: typer.Typer) -> None:
+    data = typer.Typer(help="Import, inspect and compare datasets.", no_args_is_help=True)
+    app.add_typer(data, name="data")
+
+    @data.command("import")
+    def import_(
+        files: list[str] = typer.Argument(..., help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
+        name: str = typer.Option(..., "--name", help="Dataset name; the new version is NAME@N."),
+        schema: str = typer.Option(None, "--schema", help="completion | chat | classification | preference (default: detect)."),
+        map_: list[str] = typer.Option(None, "--map", help="FIELD=COLUMN, e.g. --map prompt=question (repeatable)."),
+        datasheet: str = typer.Option(None, "--datasheet", help="YAML with source, owner, license, … (missing ones are gaps)."),
+        on_error: str = typer.Option("fail", "--on-error", help="fail: refuse on invalid rows; skip: drop and count them."),
+        pii: str = typer.Option("redact", "--pii", help="redact | flag | fail."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the split assignment."),
+        splits: str = typer.Option("0.8,0.1,0.1", "--splits", help="train,validation,test fractions."),
+        test_file: str = typer.Option(None, "--test-file", help="A held-out file used as the test split."),
+        tokenizer: str = typer.Option(None, "--tokenizer", help="Base model ref or tokenizer folder for token lengths."),
+        near_dup_threshold: float = typer.Option(0.8, "--near-dup-threshold", help="Jaccard similarity for near-duplicates."),
+        near_dup: str = typer.Option("group", "--near-dup", help="group (same split) | drop (keep the first)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Validate, clean, split and store files as a new dataset version."""
+        from ..data import import_dataset
+        from ..errors import ConfigError
+
+        try:
+            fractions = tuple(float(x) for x in splits.split(","))
+        except ValueError:
+            raise ConfigError(f"bad --splits {splits!r}", hint="e.g. --splits 0.8,0.1,0.1") from None
+        ws = open_workspace()
+        update, stop = _progress_callback(not quiet and not json_out)
+        t0 = time.monotonic()
+        try:
+            art = import_dataset(ws, files, name, schema=schema, mapping=map_ or None, datasheet=datasheet,
+                                 on_error=on_error, pii=pii, seed=seed, splits=fractions, test_file=test_file,
+                                 tokenizer=tokenizer, near_dup_threshold=near_dup_threshold, near_dup=near_dup,
+                                 progress=update)
+        finally:
+            stop()
+        elapsed = time.monotonic() - t0
+        md = art.metadata
+        if json_out:
+            emit_json({**art.to_dict(), "ref": art.ref, "seconds": round(elapsed, 3)})
+            return
+        rows_in = md.get("rows_in") or 0
+        typer.echo(f"{art.ref}  {art.digest}")
+        typer.echo(f"schema {md['schema']}; rows in {rows_in}, out {md['rows_out']}; "
+                   + ", ".join(f"{k} {v}" for k, v in md["counts"].items())
+                   + f"; {rows_in / max(elapsed, 1e-9):,.0f} rows/s")
+        if md.get("gaps"):
+            typer.echo(f"datasheet gaps: {', '.join(md['gaps'])} (see `finetrace data show {art.ref}`)")
+
+    @data.command("list")
+    def list_(json_out: bool = JSON_OPTION):
+        """Dataset versions in this workspace."""
+        from ..data import list_datasets
+
+        rows = list_datasets(open_workspace())
+        if json_out:
+            emit_json(rows)
+            return
+        from rich.table import Table
+
+        t = Table("dataset", "schema", "train", "validation", "test", "gaps", "digest")
+        for r in rows:
+            c = r["counts"] or {}
+            t.add_row(r["ref"], str(r["schema"]), *(str(c.get(s, 0)) for s in ("train", "validation", "test")),
+                      str(r["gaps"]), r["digest"][7:19])
+        console().print(t)
+
+    @data.command("show")
+    def show(ref: str = typer.Argument(..., help="NAME, NAME@N or digest."), json_out: bool = JSON_OPTION):
+        """Render the datasheet: provided facts, gaps, measured facts."""
+        from ..data import datasheet as get_sheet
+        from ..data.datasheet import render
+
+        sheet, art = get_sheet(open_workspace(), ref)
+        if json_out:
+            emit_json({"ref": art.ref, "digest": art.digest, **sheet})
+        else:
+            typer.echo(render(sheet, f"{art.ref} ({art.digest})"))
+
+    @data.command("head")
+    def head_(ref: str = typer.Argument(...), split: str = typer.Option("train", "--split"),
+              n: int = typer.Option(5, "-n", "--rows"), json_out: bool = JSON_OPTION):
+        """The first rows of a split."""
+        from ..data import head
+
+        rows = head(open_workspace(), ref, split, n)
+        if json_out:
+            emit_json(rows)
+        else:
+            for r in rows:
+                typer.echo(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False))
+
+    @data.command("stats")
+    def stats_(ref: str = typer.Argument(...), json_out: bool = JSON_OPTION):
+        """Counts, labels, skipped rows, duplicates, PII, token lengths."""
+        from ..data import stats
+
+        s = stats(open_workspace(), ref)
+        if json_out:
+            emit_json(s)
+            return
+        for k in ("ref", "digest", "schema", "counts", "label_counts", "rows_in", "rows_out", "skipped",
+                  "dropped", "normalized_rows", "dropped_columns", "token_lengths", "gaps"):
+            if s.get(k) not in (None, {}, []):
+                typer.echo(f"{k}: {s[k]}")
+        d = s.get("duplicates") or {}
+        typer.echo(f"duplicates: exact {d.get('exact', 0)}, near pairs {d.get('near', 0)} "
+                   f"(threshold {d.get('threshold')})")
+        p = s.get("pii") or {}
+        typer.echo(f"pii ({p.get('mode')}): {p.get('counts') or 'none'} in {p.get('rows', 0)} rows")
+
+    @data.command("diff")
+    def diff_(a: str = typer.Argument(...), b: str = typer.Argument(...), json_out: bool = JSON_OPTION):
+        """What changed between two dataset versions."""
+        from ..data import diff
+
+        d = diff(open_workspace(), a, b)
+        if json_out:
+            emit_json(d)
+            return
+        typer.echo(f"{d['from']} → {d['to']}" + ("  (identical)" if d["same"] else ""))
+        for split, c in d["splits"].items():
+            typer.echo(f"  {split}: {c['from']} → {c['to']} (+{c['added']} −{c['removed']})")
+        r = d["rows"]
+        typer.echo(f"  all rows: +{r['added']} −{r['removed']}, {r['common']} in common")
+        if d.get("labels"):
+            typer.echo(f"  labels: {d['labels']}")
+        if d["sources"]["added"] or d["sources"]["removed"]:
+            typer.echo(f"  sources: {d['sources']}")

@@ -1,0 +1,202 @@
+"""Cleaning: text normalisation, exact duplicate keys and MinHash/LSH near-duplicate detection.
+
+- ``normalize_row``: Unicode NFC, CRLF/CR → LF, surrounding whitespace trimmed, on every text field.
+- ``exact_key``: a 64-bit key (BLAKE2b) of the row's schema fields; equal rows have equal keys.
+- ``MinHasher``: signatures over character 5-gram shingles of the row's text (lower-cased, whitespace
+  collapsed); LSH with ``bands × rows`` chosen so that the S-curve threshold (1/b)^(1/r) is near the
+  requested Jaccard threshold. Candidate pairs (same key in some band) are then confirmed by the
+  signature estimate of Jaccard similarity ≥ threshold. Only 64-bit keys per row stay in memory; the
+  signatures live in a memory-mapped scratch file.
+
+The maths: for a random permutation π, P[min π(A) = min π(B)] = |A∩B| / |A∪B| (Jaccard), so the
+fraction of equal signature slots estimates it; a pair lands in the same bucket of at least one band
+with probability 1 - (1 - s^r)^b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from ..canonical import canonical_json
+
+NUM_PERM = 64
+SHINGLE = 5
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def normalize_text(s: str) -> str:
+    if not s.isascii() and not unicodedata.is_normalized("NFC", s):
+        s = unicodedata.normalize("NFC", s)
+    if "\r" in s:
+        s = s.replace("\r\n", "\n").replace("\r", "\n")
+    return s.strip()
+
+
+def text_fields(row: dict, schema: str) -> list[tuple[str, str]]:
+    """(field path, text) of every free-text field of a row (what PII and near-dup look at)."""
+    if schema == "chat":
+        return [(f"messages[{i}].content", m["content"]) for i, m in enumerate(row["messages"])]
+    return [(f, row[f]) for f in ("prompt", "completion", "text", "chosen", "rejected") if f in row]
+
+
+def normalize_row(row: dict, schema: str) -> bool:
+    """Normalise text fields in place; True if anything changed."""
+    changed = False
+    if schema == "chat":
+        for m in row["messages"]:
+            new = normalize_text(m["content"])
+            changed |= new != m["content"]
+            m["content"] = new
+    else:
+        for f in ("prompt", "completion", "text", "chosen", "rejected", "label"):
+            if f in row:
+                new = normalize_text(row[f])
+                changed |= new != row[f]
+                row[f] = new
+    return changed
+
+
+def exact_key(row: dict, schema: str, fields: tuple[str, ...]) -> int:
+    content = canonical_json([row[f] for f in fields])
+    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
+
+
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm whose S-curve threshold is closest to ``threshold``."""
+    best = None
+    for r in range(1, num_perm + 1):
+        b = num_perm // r
+        t = (1 / b) ** (1 / r)
+        if best is None or abs(t - threshold) < best[0]:
+            best = (abs(t - threshold), b, r)
+    return best[1], best[2]
+
+
+class MinHasher:
+    """Signatures and LSH band keys for batches of texts, written to memory-mapped scratch files."""
+
+    def __init__(self, threshold: float, scratch: Path, num_perm: int = NUM_PERM):
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        rng = np.random.default_rng(20260101)  # fixed: signatures must not depend on anything else
+        self.a = (rng.integers(1, 1 << 62, num_perm, dtype=np.uint64) | np.uint64(1))
+        self.b = rng.integers(0, 1 << 62, num_perm, dtype=np.uint64)
+        self.a32 = (self.a & np.uint64(0xFFFFFFFF)).astype(np.uint32) | np.uint32(1)
+        self.b32 = (self.b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        self.band_mix = rng.integers(1, 1 << 62, self.rows, dtype=np.uint64) | np.uint64(1)
+        self.scratch = Path(scratch)
+        self._sig_fh = open(self.scratch / "signatures.u32", "wb")
+        self._band_fh = open(self.scratch / "bands.u64", "wb")
+        self.n = 0
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(N, num_perm) uint32 MinHash signatures, computed for the whole batch in a few numpy ops."""
+        enc = [(" ".join(t.lower().split()).encode("utf-8") or b" ").ljust(SHINGLE) for t in texts]
+        lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
+        a = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.uint64)
+        n = len(a) - SHINGLE + 1
+        h = np.zeros(n, np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(SHINGLE):  # polynomial hash of every 5-byte window
+                h = h * np.uint64(1099511628211) + a[j:j + n] + np.uint64(j + 1)
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+        ends = np.cumsum(lens)
+        owner = np.repeat(np.arange(len(enc)), lens)[:n]
+        pos = np.arange(n)
+        keep = pos + SHINGLE <= ends[owner]  # windows inside one text
+        # texts over 512 bytes: keep a consistent eighth of the shingles (same shingle, same decision)
+        keep &= (lens[owner] <= 512) | ((h & np.uint64(7)) == 0)
+        h, owner = h[keep], owner[keep]
+        counts = np.bincount(owner, minlength=len(enc))
+        sigs = np.full((self.num_perm, len(enc)), np.iinfo(np.uint32).max, np.uint32)
+        if len(h):
+            h32 = (h ^ (h >> np.uint64(32))).astype(np.uint32)
+            with np.errstate(over="ignore"):  # (P, S): one multiply-add permutation of 2^32 per row
+                v = h32[None, :] * self.a32[:, None] + self.b32[:, None]
+            seg = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            nz = counts > 0
+            sigs[:, nz] = np.minimum.reduceat(v, seg[nz], axis=1)
+        sigs = np.ascontiguousarray(sigs.T)
+        return sigs
+
+    def add(self, texts: list[str]) -> None:
+        """Append signatures and band keys for ``texts`` (in row order)."""
+        if not texts:
+            return
+        sigs = self.signatures(texts)
+        with np.errstate(over="ignore"):
+            used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(texts), self.bands, self.rows)
+            keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
+            keys ^= np.arange(self.bands, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
+        self._sig_fh.write(sigs.tobytes())
+        self._band_fh.write(np.ascontiguousarray(keys).tobytes())
+        self.n += len(texts)
+
+    def close(self) -> None:
+        self._sig_fh.close()
+        self._band_fh.close()
+
+    def pairs(self, active: np.ndarray) -> list[tuple[int, int, float]]:
+        """Confirmed near-duplicate pairs (first, other, estimated Jaccard) among rows with ``active``."""
+        self.close()
+        if self.n == 0:
+            return []
+        sigs = np.memmap(self.scratch / "signatures.u32", np.uint32, "r", shape=(self.n, self.num_perm))
+        bands = np.memmap(self.scratch / "bands.u64", np.uint64, "r", shape=(self.n, self.bands))
+        idx_active = np.flatnonzero(active)
+        seen: set[tuple[int, int]] = set()
+        out = []
+        for band in range(self.bands):
+            col = np.asarray(bands[idx_active, band])
+            order = np.argsort(col, kind="stable")
+            sorted_keys = col[order]
+            same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1  # positions equal to previous
+            if not len(same):
+                continue
+            is_start = np.ones(len(sorted_keys), bool)
+            is_start[same] = False
+            run_start = np.maximum.accumulate(np.where(is_start, np.arange(len(sorted_keys)), 0))
+            for pos in same:  # compare each run member with the run's first member
+                i = int(idx_active[order[run_start[pos]]])
+                j = int(idx_active[order[pos]])
+                a, b = min(i, j), max(i, j)
+                if (a, b) in seen:
+                    continue
+                seen.add((a, b))
+                est = float(np.mean(sigs[a] == sigs[b]))
+                if est >= self.threshold:
+                    out.append((a, b, est))
+        return out
+
+
+def union_find_roots(n: int, base: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Root row index per row, where rows start in unit ``base[i]`` and ``pairs`` join units."""
+    parent = base.astype(np.int64).copy()
+    extra: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while True:
+            p = extra.get(x, int(parent[x]))
+            if p == x:
+                return x
+            x = p
+
+    for a, b in pairs:
+        ra, rb = find(int(base[a])), find(int(base[b]))
+        if ra != rb:
+            lo, hi = min(ra, rb), max(ra, rb)
+            extra[hi] = lo
+    for k, v in extra.items():
+        parent[k] = v
+    while True:  # pointer jumping until every row points at its root
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            return parent
+        parent = nxt

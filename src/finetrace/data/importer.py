@@ -1,0 +1,487 @@
+"""``import_dataset``: the one entry point of the data stage (``finetrace data import`` calls it).
+
+Two streaming passes, so that a file of any size is never held in memory:
+
+1. *Validate*: every row of every file is read, mapped, checked, normalised (NFC), scanned for PII and
+   hashed (a 64-bit exact key, MinHash band keys to a scratch file); good rows go to a scratch Parquet.
+   Errors are collected; with ``on_error="fail"`` the import stops here with the first errors and the
+   count, *before anything is written to the workspace* (a refused import changes nothing).
+2. *Decide and write*: exact duplicates and near-duplicate clusters are resolved on the 8-byte arrays,
+   splits are assigned (``split.assign``), the scratch Parquet is streamed into train/validation/test
+   Parquet files, the datasheet is measured, and the folder is stored as a ``dataset`` artifact
+   ``name@N`` by an ``import`` run whose inputs are the ``source`` artifacts (one per input file) and
+   whose config holds the exact transform list.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__ as FINETRACE_VERSION
+from ..atomic import write_text
+from ..errors import ConfigError, InputError
+from ..ledger import Artifact
+from ..ledger.log import check_name
+from ..workspace import Workspace
+from . import datasheet as sheets
+from . import pii as piimod
+from .clean import MinHasher, exact_key, lsh_params, normalize_row, text_fields, union_find_roots
+from .readers import MAX_ROW_BYTES, ReadOptions, RowError, detect_format, read_rows
+from .schemas import OPTIONAL_COLUMNS, SCHEMAS, SPLITS, to_example
+from .split import DROP, SPLIT_NAMES, TEST, assign, check_fractions
+from .validate import RowValidator, detect_schema, parse_mapping
+
+DATASET_FORMAT = "finetrace-dataset/1"
+CHUNK_ROWS = 4096
+MAX_REPORTED = 5  # errors shown when an import is refused
+MAX_EXAMPLES = 20  # locations kept per skip reason / duplicate kind
+
+
+def arrow_schema(schema: str):
+    import pyarrow as pa
+
+    s = pa.string()
+    cols = {"completion": [("prompt", s), ("completion", s)],
+            "classification": [("text", s), ("label", s)],
+            "preference": [("prompt", s), ("chosen", s), ("rejected", s)],
+            "chat": [("messages", pa.list_(pa.struct([("role", s), ("content", s)])))]}[schema]
+    return pa.schema(cols + [(c, s) for c in OPTIONAL_COLUMNS])
+
+
+@dataclass
+class _Source:
+    path: Path
+    display: str
+    fmt: str
+    test: bool
+    rows_read: int = 0
+    rows_valid: int = 0
+    digest: str = ""
+
+
+@dataclass
+class _Pass1:
+    """What pass 1 keeps per valid row: 8-byte arrays only (no rows)."""
+
+    keys: array = field(default_factory=lambda: array("Q"))
+    source: array = field(default_factory=lambda: array("H"))
+    line: array = field(default_factory=lambda: array("q"))
+    label: array = field(default_factory=lambda: array("l"))
+    group: array = field(default_factory=lambda: array("q"))
+    labels: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    skipped_examples: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+    n_errors: int = 0
+    pii_counts: dict = field(default_factory=dict)
+    pii_rows: int = 0
+    pii_examples: list = field(default_factory=list)
+    normalized: int = 0
+    has_id: bool = False
+    has_group: bool = False
+
+
+def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: str | None = None,
+                   mapping: dict[str, str] | list[str] | None = None, datasheet: str | Path | None = None,
+                   on_error: str = "fail", pii: str = "redact", seed: int = 0,
+                   splits: tuple[float, float, float] = (0.8, 0.1, 0.1), test_file: str | Path | None = None,
+                   tokenizer: str | None = None, near_dup_threshold: float = 0.8, near_dup: str = "group",
+                   max_row_bytes: int = MAX_ROW_BYTES,
+                   progress: Callable[[int], None] | None = None) -> Artifact:
+    """Import ``files`` as a new version of dataset ``name``; return the ``dataset`` artifact.
+
+    schema         completion | chat | classification | preference; None = detect from the columns
+    mapping        {field: column} (or CLI items "field=column") renaming input columns to schema fields
+    datasheet      YAML with the facts a person must supply (missing required ones become gaps)
+    on_error       "fail": refuse the import on any invalid row (nothing is written);
+                   "skip": drop invalid rows, counted by reason in the dataset record and run metrics
+    pii            "redact" (replace with [TYPE]), "flag" (count only) or "fail" (an invalid row)
+    splits         train/validation/test fractions; test_file: a held-out file used as the test split
+    tokenizer      a base model ref or tokenizer folder: token-length histogram in the datasheet
+    near_dup       "group" (near-duplicates share a split) or "drop" (keep the first of each cluster)
+    Raises InputError/ConfigError naming the file, line, field and what is wrong.
+    """
+    if not files:
+        raise InputError("no input files given", hint="finetrace data import FILE... --name NAME")
+    check_name(name)
+    if on_error not in ("fail", "skip"):
+        raise ConfigError(f"bad --on-error {on_error!r}", hint="fail or skip")
+    if pii not in piimod.PII_MODES:
+        raise ConfigError(f"bad --pii {pii!r}", hint=", ".join(piimod.PII_MODES))
+    if near_dup not in ("group", "drop"):
+        raise ConfigError(f"bad near_dup {near_dup!r}", hint="group or drop")
+    if not 0 < near_dup_threshold <= 1:
+        raise ConfigError(f"bad near-duplicate threshold {near_dup_threshold}", hint="a Jaccard similarity in (0, 1]")
+    if schema is not None and schema not in SCHEMAS:
+        raise ConfigError(f"unknown schema {schema!r}", field="--schema", hint=f"one of {', '.join(SCHEMAS)}")
+    fractions = check_fractions(splits)
+    fmap = parse_mapping(mapping)
+    given = sheets.load_given(datasheet)
+    detectors = piimod.detectors()
+
+    sources = []
+    if test_file is not None:
+        sources.append(_Source(Path(test_file), str(test_file), detect_format(Path(test_file), str(test_file)), True))
+    for f in files:
+        sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
+
+    ws.cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="import-", dir=ws.cache))
+    try:
+        p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch,
+                                         near_dup_threshold, max_row_bytes, progress)
+        schema = validator.schema
+        minhasher: MinHasher = p1.minhasher  # type: ignore[attr-defined]
+        decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema)
+
+        transforms = _transforms(sources, fmap, schema, on_error, pii, detectors, near_dup_threshold,
+                                 near_dup, seed, fractions, test_file is not None)
+        config = {"name": name, "schema": schema, "mapping": fmap, "on_error": on_error, "pii": pii,
+                  "seed": seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
+                  "tokenizer": tokenizer, "near_dup_threshold": near_dup_threshold, "near_dup": near_dup,
+                  "max_row_bytes": max_row_bytes, "transforms": transforms,
+                  "finetrace_version": FINETRACE_VERSION}
+        src_digests = []
+        for s in sources:  # only now, after every row was accepted, does anything enter the workspace
+            digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
+            ws.ledger.add_artifact("source", digest, metadata={"filename": s.path.name, "format": s.fmt,
+                                                               "bytes": ws.store.size(digest)})
+            s.digest = digest
+            src_digests.append(digest)
+        with ws.ledger.run("import", config=config, inputs=src_digests, seed=seed) as run:
+            out = scratch / "dataset"
+            info = _write(out, scratch / "rows.parquet", p1, decisions, sources, schema, validator, given,
+                          transforms, fractions, seed, pii, near_dup_threshold, ws, tokenizer)
+            run.metrics.update({"rows_in": info["rows_in"], "rows_out": info["rows_out"],
+                                "skipped": info["skipped"], "dropped": info["dropped"],
+                                "counts": info["counts"], "pii": info["pii"]["counts"],
+                                "exact_duplicates": info["duplicates"]["exact"],
+                                "near_duplicates": info["duplicates"]["near"]})
+            digest = ws.store.put_dir(out)
+            art = run.output("dataset", digest, name=name, metadata={
+                "schema": schema, "counts": info["counts"], "rows_in": info["rows_in"],
+                "rows_out": info["rows_out"], "labels": info.get("labels"), "gaps": info["gaps"]})
+        ws.checkpoint()
+        return art
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- pass 1 -------------------------------------------------------------------------------------
+def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, threshold, max_row_bytes, progress):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p1 = _Pass1()
+    p1.minhasher = MinHasher(threshold, scratch)  # type: ignore[attr-defined]
+    validator: RowValidator | None = RowValidator(schema, fmap) if schema else None
+    writer = None
+    buf: list[dict] = []
+    texts: list[str] = []
+    n = 0
+    total_read = 0
+
+    def flush():
+        nonlocal writer
+        if not buf:
+            return
+        if writer is None:
+            writer = pq.ParquetWriter(scratch / "rows.parquet", arrow_schema(validator.schema), compression="none")
+        writer.write_table(pa.Table.from_pylist(buf, schema=arrow_schema(validator.schema)))
+        p1.minhasher.add(texts)  # type: ignore[attr-defined]
+        buf.clear()
+        texts.clear()
+
+    def bad(src: _Source, line: int, err: RowError):
+        where = f"{src.display}:{line}"
+        if on_error == "skip":
+            p1.skipped[err.reason] = p1.skipped.get(err.reason, 0) + 1
+            ex = p1.skipped_examples.setdefault(err.reason, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(f"{where}" + (f" field '{err.field}'" if err.field else "") + f": {err.message}")
+        else:
+            p1.n_errors += 1
+            if len(p1.errors) < MAX_REPORTED:
+                p1.errors.append((src.display, line, err))
+
+    for si, src in enumerate(sources):
+        opts = ReadOptions(max_row_bytes=max_row_bytes, display=src.display)
+        for line, rec, err in read_rows(src.path, src.fmt, opts):
+            src.rows_read += 1
+            total_read += 1
+            if progress and total_read % 10000 == 0:
+                progress(total_read)
+            if err is not None:
+                bad(src, line, err)
+                continue
+            if validator is None:
+                try:
+                    validator = RowValidator(detect_schema(parse_keys(rec, fmap)), fmap)
+                except InputError as exc:
+                    raise InputError(exc.message, file=src.display, line=line, hint=exc.hint) from None
+            row, err = validator.check(rec)
+            if err is not None:
+                bad(src, line, err)
+                continue
+            if p1.n_errors:  # refusing anyway: keep counting errors, skip the work
+                continue
+            p1.normalized += normalize_row(row, validator.schema)
+            err = _pii(row, validator.schema, pii, detectors, p1, f"{src.display}:{line}")
+            if err is not None:
+                bad(src, line, err)
+                continue
+            src.rows_valid += 1
+            p1.keys.append(exact_key(row, validator.schema, validator.required))
+            p1.source.append(si)
+            p1.line.append(line)
+            if validator.schema == "classification":
+                p1.label.append(p1.labels.setdefault(row["label"], len(p1.labels)))
+            g = row.get("group")
+            p1.group.append(-1 if g is None else p1.groups.setdefault(g, n))
+            p1.has_id |= row.get("id") is not None
+            p1.has_group |= g is not None
+            texts.append("\n".join(t for _, t in text_fields(row, validator.schema)))
+            buf.append(row)
+            n += 1
+            if len(buf) >= CHUNK_ROWS:
+                flush()
+        if src.rows_read == 0:
+            raise InputError("the file holds no rows", file=src.display, hint="nothing to import from it")
+    if p1.n_errors:
+        if writer is not None:
+            writer.close()
+        file, line, err = p1.errors[0]
+        more = p1.n_errors - 1
+        others = "; ".join(f"{f}:{ln}" + (f" '{e.field}'" if e.field else "") + f" {e.message}"
+                           for f, ln, e in p1.errors[1:])
+        msg = err.message + (f" — and {more} more invalid row{'s' if more > 1 else ''}" if more else "")
+        if others:
+            msg += f" ({others}{', …' if more > len(p1.errors) - 1 else ''})"
+        raise InputError(msg, file=file, line=line, field=err.field,
+                         hint="fix the file, or pass --on-error skip to import without invalid rows "
+                              "(each is counted by reason)")
+    flush()
+    if writer is not None:
+        writer.close()
+    if progress:
+        progress(total_read)
+    if n == 0:
+        raise InputError("no valid rows to import" + (f" (skipped: {p1.skipped})" if p1.skipped else ""),
+                         file=sources[0].display)
+    return p1, validator, n
+
+
+def parse_keys(rec: dict, fmap: dict) -> list[str]:
+    keys = set(rec)
+    for f, c in fmap.items():
+        if c in keys:
+            keys.add(f)
+            keys.discard(c)
+    return sorted(str(k) for k in keys)
+
+
+def _pii(row: dict, schema: str, mode: str, detectors, p1: _Pass1, where: str) -> RowError | None:
+    found = False
+    if schema == "chat":
+        fields = [(f"messages[{i}].content", m, "content") for i, m in enumerate(row["messages"])]
+    else:
+        fields = [(f, row, f) for f in ("prompt", "completion", "text", "chosen", "rejected") if f in row]
+    for label, holder, key in fields:
+        spans = piimod.scan(holder[key], detectors)
+        if not spans:
+            continue
+        if mode == "fail":
+            kinds = sorted({s.type for s in spans})
+            return RowError("pii", f"contains personal data ({', '.join(kinds)})", label)
+        found = True
+        for s in spans:
+            p1.pii_counts[s.type] = p1.pii_counts.get(s.type, 0) + 1
+        if mode == "redact":
+            holder[key] = piimod.redact(holder[key], spans)
+        if len(p1.pii_examples) < MAX_EXAMPLES:
+            p1.pii_examples.append(f"{where} field '{label}': {', '.join(sorted({s.type for s in spans}))}")
+    p1.pii_rows += found
+    return None
+
+
+# -- decisions ----------------------------------------------------------------------------------
+@dataclass
+class _Decisions:
+    split: np.ndarray           # per row: TRAIN/VALIDATION/TEST or DROP
+    dropped: dict               # reason -> count
+    dup_examples: list
+    near_pairs: int
+    near_clusters: int
+    near_examples: list
+
+
+def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, near_dup, schema) -> _Decisions:
+    keys = np.frombuffer(p1.keys, np.uint64) if n else np.zeros(0, np.uint64)
+    src = np.frombuffer(p1.source, np.uint16)
+    lines = np.frombuffer(p1.line, np.int64)
+    is_test = np.array([sources[s].test for s in range(len(sources))], bool)[src]
+
+    def loc(i: int) -> str:
+        return f"{sources[int(src[i])].display}:{int(lines[i])}"
+
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first_of = first[inverse]
+    dup = first_of != np.arange(n)
+    reason = np.zeros(n, np.int8)  # 0 keep, 1 exact dup, 2 exact dup of test, 3 near dup, 4 overlaps test
+    reason[dup] = 1
+    reason[dup & is_test[first_of] & ~is_test] = 2
+    dup_examples = [f"{loc(i)} repeats {loc(int(first_of[i]))}" for i in np.flatnonzero(dup)[:MAX_EXAMPLES]]
+
+    active = ~dup
+    pairs = minhasher.pairs(active)
+    base = np.arange(n, dtype=np.int64)
+    grp = np.frombuffer(p1.group, np.int64)
+    base[grp >= 0] = grp[grp >= 0]
+    roots = union_find_roots(n, base, [(a, b) for a, b, _ in pairs])
+    near_rows = np.zeros(n, bool)
+    for a, b, _ in pairs:
+        near_rows[a] = near_rows[b] = True
+    near_roots = np.unique(roots[near_rows])
+    near_examples = [f"{loc(a)} ~ {loc(b)} (Jaccard ≈ {j:.2f})" for a, b, j in pairs[:MAX_EXAMPLES]]
+    if near_dup == "drop":
+        # keep one row per near-duplicate cluster: its root (the first row of the cluster)
+        member = near_rows & active & (roots != np.arange(n))
+        reason[member & (reason == 0)] = 3
+    if is_test.any():
+        test_unit = np.zeros(n, bool)
+        test_unit[roots[is_test & active]] = True
+        reason[active & ~is_test & test_unit[roots] & (reason == 0)] = 4
+    strata = np.frombuffer(p1.label, np.int64) if schema == "classification" else np.zeros(n, np.int64)
+    split = assign(roots, keys, strata, fractions, seed, forced_test=is_test)
+    split[reason != 0] = DROP
+    names = {1: "exact_duplicate", 2: "duplicate_of_test", 3: "near_duplicate", 4: "overlaps_test"}
+    dropped = {names[k]: int((reason == k).sum()) for k in names if (reason == k).any()}
+    return _Decisions(split, dropped, dup_examples, len(pairs), len(near_roots), near_examples)
+
+
+# -- pass 2 -------------------------------------------------------------------------------------
+def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schema, validator, given,
+           transforms, fractions, seed, pii, threshold, ws, tokenizer) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    keep_cols = list(SCHEMAS[schema]) + [c for c, has in (("id", p1.has_id), ("group", p1.has_group)) if has]
+    writers: dict[int, pq.ParquetWriter] = {}
+    counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
+    offset = 0
+    pf = pq.ParquetFile(rows_path)
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS):
+        codes = d.split[offset: offset + batch.num_rows]
+        offset += batch.num_rows
+        table = pa.Table.from_batches([batch]).select(keep_cols)
+        for code, name in SPLIT_NAMES.items():
+            mask = codes == code
+            if not mask.any():
+                continue
+            if code not in writers:
+                writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
+            writers[code].write_table(table.filter(pa.array(mask)))
+    for w in writers.values():
+        w.close()
+
+    labels = sorted(p1.labels) if schema == "classification" else None
+    label_counts = None
+    if labels is not None:
+        lab = np.frombuffer(p1.label, np.int64)
+        names_by_idx = {v: k for k, v in p1.labels.items()}
+        label_counts = {}
+        for code, name in SPLIT_NAMES.items():
+            bc = np.bincount(lab[d.split == code], minlength=len(p1.labels))
+            label_counts[name] = {names_by_idx[i]: int(c) for i, c in enumerate(bc) if c}
+    rows_in = sum(s.rows_read for s in sources)
+    rows_out = sum(counts.values())
+    dup = {"exact": int(d.dropped.get("exact_duplicate", 0) + d.dropped.get("duplicate_of_test", 0)),
+           "near": d.near_pairs, "near_clusters": d.near_clusters, "threshold": threshold,
+           "exact_examples": d.dup_examples, "near_examples": d.near_examples}
+    pii_info = {"mode": pii, "counts": dict(sorted(p1.pii_counts.items())), "rows": p1.pii_rows,
+                "examples": p1.pii_examples}
+    token_lengths = _token_lengths(ws, tokenizer, out, schema, labels) if tokenizer else None
+    measured = {"schema": schema, "rows_in": rows_in, "rows_out": rows_out, "splits": counts,
+                "labels": label_counts, "skipped": p1.skipped, "dropped": d.dropped, "duplicates": dup,
+                "pii": pii_info, "normalized_rows": p1.normalized,
+                "dropped_columns": sorted(map(str, validator.dropped)), "token_lengths": token_lengths}
+    sheet = sheets.build(given, measured)
+    info = {
+        "format": DATASET_FORMAT, "schema": schema, "columns": keep_cols, "labels": labels,
+        "counts": counts, "label_counts": label_counts, "rows_in": rows_in, "rows_out": rows_out,
+        "rows_valid": sum(s.rows_valid for s in sources),
+        "skipped": p1.skipped, "skipped_examples": p1.skipped_examples, "dropped": d.dropped,
+        "duplicates": dup, "pii": pii_info, "normalized_rows": p1.normalized,
+        "dropped_columns": measured["dropped_columns"], "seed": seed, "fractions": list(fractions),
+        "sources": [{"file": s.path.name, "digest": s.digest, "format": s.fmt, "role": "test" if s.test else "data",
+                     "rows_read": s.rows_read, "rows_valid": s.rows_valid} for s in sources],
+        "transforms": transforms, "gaps": sheet["gaps"],
+    }
+    write_text(out / "dataset.json", json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text(out / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    return info
+
+
+TOKEN_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dict:
+    """Histogram of prompt+target token counts (text only; chat-template tokens excluded)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer)
+    if not path.is_dir():
+        from ..models import model_path
+
+        path, _ = model_path(ws, tokenizer)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    lengths = []
+    for name in SPLITS:
+        f = folder / f"{name}.parquet"
+        if not f.exists():
+            continue
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            texts = []
+            for row in batch.to_pylist():
+                ex = to_example(row, schema, labels)
+                texts.append("\n".join(m["content"] for m in ex.messages) + "\n" + ex.target)
+            lengths.extend(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    arr = np.asarray(lengths)
+    edges = TOKEN_BINS + [np.inf]
+    hist, _ = np.histogram(arr, bins=edges)
+    return {"tokenizer": tokenizer, "count": int(len(arr)), "min": int(arr.min()), "max": int(arr.max()),
+            "mean": round(float(arr.mean()), 2), "p50": int(np.percentile(arr, 50)),
+            "p95": int(np.percentile(arr, 95)),
+            "histogram": {f"{lo}-{hi - 1 if hi != np.inf else 'inf'}": int(c)
+                          for lo, hi, c in zip(edges[:-1], edges[1:], hist)}}
+
+
+def _transforms(sources, fmap, schema, on_error, pii, detectors, threshold, near_dup, seed, fractions,
+                has_test) -> list[dict]:
+    """The exact, ordered list of transforms applied (recorded in the run config and dataset.json)."""
+    bands, rows = lsh_params(threshold)
+    return [
+        {"op": "read", "files": [{"file": s.path.name, "format": s.fmt, "role": "test" if s.test else "data"}
+                                 for s in sources], "encoding": "utf-8 (BOM skipped)"},
+        {"op": "map", "mapping": fmap},
+        {"op": "validate", "schema": schema, "on_error": on_error, "keep": list(SCHEMAS[schema]) + list(OPTIONAL_COLUMNS)},
+        {"op": "normalize", "unicode": "NFC", "newlines": "LF", "strip": True},
+        {"op": "pii", "mode": pii, "detectors": sorted({d.name for d in detectors})},
+        {"op": "dedup_exact", "key": "blake2b-64 of the schema fields", "keep": "first"},
+        {"op": "near_duplicates", "method": "minhash-lsh", "shingle": "char-5", "num_perm": 64,
+         "bands": bands, "rows": rows, "threshold": threshold, "action": near_dup},
+        {"op": "split", "seed": seed, "fractions": list(fractions),
+         "stratify": "label" if schema == "classification" else None,
+         "unit": "group, else near-duplicate cluster, else row", "test": "test_file" if has_test else "sampled"},
+    ]

@@ -1,0 +1,181 @@
+"""Personal data detection and redaction, with a registry of detectors a user can extend.
+
+Built-in detectors (regular expressions, each confirmed by a checksum or parser where one exists):
+
+    email        local@domain.tld
+    phone        +CC … (8-15 digits) or North-American (555) 123-4567 / 555-123-4567
+    credit_card  13-19 digits, spaces/dashes allowed, Luhn checksum must hold
+    iban         CC00 + 11-30 alphanumerics, ISO 13616 mod-97 must equal 1
+    us_ssn       AAA-GG-SSSS without the never-issued 000/666/9xx areas, 00 groups, 0000 serials
+    ip_address   IPv4 dotted quads and IPv6 (validated by ``ipaddress``)
+
+A detector is anything with a ``name`` and ``find(text) -> list[Span]`` (a one-method Protocol);
+``register_detector`` adds one (``PresidioDetector`` wraps Microsoft Presidio when it is installed).
+``scan(text, detectors)`` returns non-overlapping spans (earlier detectors win), ``redact`` replaces each
+with ``[TYPE]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import DependencyError, InputError
+
+PII_MODES = ("redact", "flag", "fail")
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    type: str
+
+
+class Detector(Protocol):
+    name: str
+
+    def find(self, text: str) -> list[Span]: ...
+
+
+class RegexDetector:
+    """A regular expression whose matches are kept when ``check(match_text)`` is true."""
+
+    def __init__(self, name: str, pattern: str, check=None, flags: int = 0, precheck=None):
+        self.name = name
+        self.regex = re.compile(pattern, flags)
+        self.check = check
+        self.precheck = precheck  # cheap test on the whole text before running the regex
+
+    def find(self, text: str) -> list[Span]:
+        if self.precheck and not self.precheck(text):
+            return []
+        out = []
+        for m in self.regex.finditer(text):
+            if self.check is None or self.check(m.group(0)):
+                out.append(Span(m.start(), m.end(), self.name))
+        return out
+
+
+def luhn_ok(number: str) -> bool:
+    digits = [int(c) for c in number if c.isdigit()]
+    if not 13 <= len(digits) <= 19 or len(set(digits)) == 1:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(text: str) -> bool:
+    s = text.replace(" ", "").upper()
+    if not 15 <= len(s) <= 34:
+        return False
+    moved = s[4:] + s[:4]
+    try:
+        return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def ipv6_ok(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def phone_ok(text: str) -> bool:
+    return 8 <= sum(c.isdigit() for c in text) <= 15
+
+
+def _has_digit(text: str) -> bool:
+    return any(c.isdigit() for c in text) if len(text) < 64 else re.search(r"\d", text) is not None
+
+
+BUILTIN = [
+    RegexDetector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+                  precheck=lambda t: "@" in t),
+    RegexDetector("credit_card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", luhn_ok, precheck=_has_digit),
+    RegexDetector("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban_ok,
+                  precheck=lambda t: re.search(r"[A-Z]{2}\d\d", t) is not None),
+    RegexDetector("us_ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
+                  precheck=lambda t: "-" in t),
+    RegexDetector("ip_address", r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])", precheck=lambda t: "." in t),
+    RegexDetector("ip_address", r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])",
+                  ipv6_ok, precheck=lambda t: "::" in t or t.count(":") >= 3),
+    RegexDetector("phone", r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
+                  r"|(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?![\w])", phone_ok, precheck=_has_digit),
+]
+
+DETECTORS: dict[str, Detector] = {}
+
+
+def register_detector(detector: Detector, key: str | None = None) -> None:
+    """Add (or replace) a detector under ``key`` (default its name); built-ins are registered alike."""
+    DETECTORS[key or detector.name] = detector
+
+
+for _key, _d in zip(("email", "credit_card", "iban", "us_ssn", "ipv4", "ipv6", "phone"), BUILTIN):
+    register_detector(_d, _key)
+
+
+def detectors(names: list[str] | None = None) -> list[Detector]:
+    if names is None:
+        return list(DETECTORS.values())
+    unknown = [n for n in names if n not in {d.name for d in DETECTORS.values()}]
+    if unknown:
+        raise InputError(f"unknown PII detector(s) {', '.join(unknown)}",
+                         hint=f"known: {', '.join(sorted({d.name for d in DETECTORS.values()}))}")
+    return [d for d in DETECTORS.values() if d.name in names]
+
+
+def scan(text: str, dets: list[Detector]) -> list[Span]:
+    """Non-overlapping spans, in text order; a span overlapping an earlier detector's span is dropped."""
+    spans: list[Span] = []
+    for det in dets:
+        for s in det.find(text):
+            if all(s.end <= o.start or s.start >= o.end for o in spans):
+                spans.append(s)
+    return sorted(spans, key=lambda s: s.start)
+
+
+def redact(text: str, spans: list[Span]) -> str:
+    out, last = [], 0
+    for s in spans:
+        out.append(text[last:s.start])
+        out.append(f"[{s.type.upper()}]")
+        last = s.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+class PresidioDetector:
+    """Microsoft Presidio's analyzer as a detector (``pip install presidio-analyzer`` and a spaCy model).
+
+        from finetrace.data.pii import PresidioDetector, register_detector
+        register_detector(PresidioDetector(entities=["PERSON", "LOCATION"]))
+    """
+
+    name = "presidio"
+
+    def __init__(self, entities: list[str] | None = None, language: str = "en", score: float = 0.5):
+        try:
+            from presidio_analyzer import AnalyzerEngine
+        except ImportError:
+            raise DependencyError("the Presidio detector needs presidio-analyzer",
+                                  hint="pip install presidio-analyzer && python -m spacy download en_core_web_lg") from None
+        self.engine = AnalyzerEngine()
+        self.entities, self.language, self.score = entities, language, score
+
+    def find(self, text: str) -> list[Span]:
+        results = self.engine.analyze(text=text, entities=self.entities, language=self.language)
+        return [Span(r.start, r.end, r.entity_type.lower()) for r in results if r.score >= self.score]

@@ -1,0 +1,438 @@
+"""Readers: one per input format, registered in ``READERS``, each streaming rows out of one file.
+
+A reader yields ``(position, record, error)`` tuples, one per row: ``position`` is the 1-based line
+(text formats) or row (Parquet, Arrow) where the row starts, ``record`` a dict (or None) and ``error`` a
+``RowError`` (or None). Rows are never all in memory: text is read line by line (a line longer than
+``max_row_bytes`` is reported, not loaded), Parquet and Arrow batch by batch.
+
+Compression is recognised by content (gzip ``1f 8b``, zstd ``28 b5 2f fd``), Parquet by its ``PAR1``
+magic, a ``datasets`` ``save_to_disk`` folder by its ``state.json``/``dataset_dict.json``; the rest by
+file extension, then by the first byte. Text must be UTF-8 (a UTF-8 byte order mark is skipped); any
+other encoding is an error naming the file, line and byte offset.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import gzip
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import InputError
+
+MAX_ROW_BYTES = 16 << 20  # a row (line) longer than this is refused, never loaded whole
+BATCH_ROWS = 2048
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+UTF8_BOM = codecs.BOM_UTF8
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row is not usable: ``reason`` is a short code used for counts (``invalid_json``…)."""
+
+    reason: str
+    message: str
+    field: str | None = None
+
+
+Row = tuple[int, "dict | None", "RowError | None"]
+Reader = Callable[[Path, "ReadOptions"], Iterator[Row]]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    max_row_bytes: int = MAX_ROW_BYTES
+    display: str = ""  # the name used in messages (the path the user typed)
+
+
+# -- opening ------------------------------------------------------------------------------------
+def compression_of(path: Path) -> str | None:
+    if path.is_dir():
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+@contextlib.contextmanager
+def open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
+    """The decompressed bytes of ``path`` as a buffered stream (gzip/zstd recognised by magic)."""
+    comp = compression_of(path)
+    with open(path, "rb") as raw:
+        if comp == "gzip":
+            with gzip.GzipFile(fileobj=raw) as fh:
+                yield io.BufferedReader(fh, 1 << 20)
+        elif comp == "zstd":
+            import zstandard
+
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as fh:
+                yield io.BufferedReader(fh, 1 << 20)
+        else:
+            yield io.BufferedReader(raw, 1 << 20) if not isinstance(raw, io.BufferedReader) else raw
+
+
+def _check_start(fh, display: str) -> int:
+    """Skip a UTF-8 BOM (return its length); refuse UTF-16/32 byte order marks, naming the encoding."""
+    head = fh.peek(4)[:4]
+    if head.startswith(UTF8_BOM):
+        fh.read(3)
+        return 3
+    if head[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+        raise InputError("the file is UTF-32 encoded (it starts with a UTF-32 byte order mark)",
+                         file=display, line=1, hint="re-save it as UTF-8")
+    elif head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        raise InputError("the file is UTF-16 encoded (it starts with a UTF-16 byte order mark)",
+                         file=display, line=1, hint="re-save it as UTF-8")
+    return 0
+
+
+def _decode_error(exc: UnicodeDecodeError, line_offset: int, chunk: bytes) -> RowError:
+    bad = chunk[exc.start]
+    return RowError("encoding", f"byte offset {line_offset + exc.start} (0x{bad:02x}) is not valid UTF-8; "
+                    "the file looks Latin-1/Windows-1252 encoded: re-save it as UTF-8")
+
+
+def _lines(fh, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
+    """(line number, byte offset, line bytes or None when longer than ``max_bytes``, length)."""
+    lineno = offset = 0
+    while True:
+        b = fh.readline(max_bytes + 1)
+        if not b:
+            return
+        lineno += 1
+        if len(b) > max_bytes and not b.endswith(b"\n"):
+            n = len(b)
+            while True:  # consume the rest of the over-long line without keeping it
+                c = fh.readline(1 << 20)
+                n += len(c)
+                if not c or c.endswith(b"\n"):
+                    break
+            yield lineno, offset, None, n
+            offset += n
+            continue
+        yield lineno, offset, b, len(b)
+        offset += len(b)
+
+
+def _too_long(n: int, limit: int) -> RowError:
+    return RowError("row_too_long", f"the line is {n / 1e6:.1f} MB, longer than the limit of "
+                    f"{limit / 1e6:.1f} MB per row; split it or raise max_row_bytes")
+
+
+# -- readers ------------------------------------------------------------------------------------
+def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    with open_binary(path) as fh:
+        bom = _check_start(fh, opts.display)
+        for lineno, offset, b, n in _lines(fh, opts.max_row_bytes):
+            if b is None:
+                yield lineno, None, _too_long(n, opts.max_row_bytes)
+                continue
+            try:
+                text = b.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, _decode_error(exc, offset + bom, b)
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "invalid JSON"
+                yield lineno, None, RowError("invalid_json", f"{what}: {exc.msg} at column {exc.colno}")
+                continue
+            if not isinstance(value, dict):
+                yield lineno, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
+                continue
+            yield lineno, value, None
+
+
+def _jtype(v) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    """A top-level JSON array of objects, parsed element by element (never the whole array at once)."""
+    dec = json.JSONDecoder()
+    chunk = 1 << 20
+    with open_binary(path) as fh:
+        _check_start(fh, opts.display)
+        udec = codecs.getincrementaldecoder("utf-8")("strict")
+        consumed = 0
+        buf, pos, line, eof = "", 0, 1, False
+
+        def more() -> bool:
+            nonlocal buf, eof, consumed
+            if eof:
+                return False
+            raw = fh.read(chunk)
+            try:
+                buf += udec.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise InputError(f"byte offset {consumed + exc.start} is not valid UTF-8; the file looks "
+                                 "Latin-1/Windows-1252 encoded", file=opts.display,
+                                 line=line + buf[pos:].count("\n"), hint="re-save it as UTF-8") from None
+            consumed += len(raw)
+            eof = not raw
+            return True
+
+        def skip_ws() -> str | None:
+            nonlocal pos, line
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    if buf[pos] == "\n":
+                        line += 1
+                    pos += 1
+                if pos < len(buf):
+                    return buf[pos]
+                if not more():
+                    return None
+
+        first = skip_ws()
+        if first != "[":
+            raise InputError("expected a JSON array ('[' …)" + (" but the file is empty" if first is None else
+                             f", found {first!r}"), file=opts.display, line=line)
+        pos += 1
+        expect_value = True
+        while True:
+            c = skip_ws()
+            if c is None:
+                yield line, None, RowError("invalid_json", "truncated JSON: the array is not closed with ']'")
+                return
+            if c == "]" and (expect_value is not None):
+                return
+            if c == "," and not expect_value:
+                pos += 1
+                expect_value = True
+                continue
+            if not expect_value:
+                yield line, None, RowError("invalid_json", f"invalid JSON: expected ',' or ']', found {c!r}")
+                return
+            start_line = line
+            while True:
+                try:
+                    value, end = dec.raw_decode(buf, pos)
+                    if end >= len(buf) and not eof:
+                        raise json.JSONDecodeError("incomplete", buf, end)
+                    break
+                except json.JSONDecodeError as exc:
+                    if len(buf) - pos > opts.max_row_bytes:
+                        yield start_line, None, _too_long(len(buf) - pos, opts.max_row_bytes)
+                        return
+                    if more():
+                        continue
+                    what = "truncated JSON" if exc.pos >= len(buf.rstrip()) else "invalid JSON"
+                    yield start_line, None, RowError("invalid_json", f"{what}: {exc.msg}")
+                    return
+            line += buf.count("\n", pos, end)
+            pos = end
+            if pos > chunk:
+                buf, pos = buf[pos:], 0
+            expect_value = False
+            if not isinstance(value, dict):
+                yield start_line, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
+            else:
+                yield start_line, value, None
+
+
+class _DecodedLines:
+    """Iterator of decoded text lines for ``csv.reader``; decode errors are kept for the caller."""
+
+    def __init__(self, fh, opts: ReadOptions):
+        self.it = _lines(fh, opts.max_row_bytes)
+        self.opts = opts
+        self.lineno = 0
+        self.errors: list[tuple[int, RowError]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            lineno, offset, b, n = next(self.it)
+            self.lineno = lineno
+            if b is None:
+                self.errors.append((lineno, _too_long(n, self.opts.max_row_bytes)))
+                continue
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.errors.append((lineno, _decode_error(exc, offset, b)))
+
+
+def _read_delimited(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[Row]:
+    csv.field_size_limit(max(opts.max_row_bytes, 1 << 20))
+    with open_binary(path) as fh:
+        _check_start(fh, opts.display)
+        lines = _DecodedLines(fh, opts)
+        reader = csv.reader(lines, delimiter=delimiter)
+        header: list[str] | None = None
+        while True:
+            start = lines.lineno + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                yield start, None, RowError("invalid_csv", f"malformed CSV: {exc}")
+                continue
+            for ln, err in lines.errors:
+                yield ln, None, err
+            lines.errors.clear()
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                dupes = sorted({h for h in header if header.count(h) > 1})
+                if dupes or any(not h for h in header):
+                    raise InputError(f"the header row has {'duplicate' if dupes else 'empty'} column names "
+                                     f"({', '.join(dupes) or 'an empty name'})", file=opts.display, line=start,
+                                     hint="give every column a unique name")
+                continue
+            if len(row) != len(header):
+                yield start, None, RowError("ragged_row", f"the row has {len(row)} fields but the header has "
+                                            f"{len(header)} ({', '.join(header)})")
+                continue
+            yield start, dict(zip(header, row)), None
+        for ln, err in lines.errors:
+            yield ln, None, err
+
+
+def read_csv(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    return _read_delimited(path, opts, ",")
+
+
+def read_tsv(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    return _read_delimited(path, opts, "\t")
+
+
+@contextlib.contextmanager
+def _plain_file(path: Path) -> Iterator[Path]:
+    """A binary format that was compressed as a whole: decompress it to a temporary file."""
+    if compression_of(path) is None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="finetrace-") as tmp:
+        out = Path(tmp) / "plain"
+        with open_binary(path) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield out
+
+
+def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    with _plain_file(path) as plain:
+        try:
+            pf = pq.ParquetFile(plain)
+        except Exception as exc:  # pyarrow raises ArrowInvalid for a damaged footer
+            raise InputError(f"not a readable Parquet file: {exc}", file=opts.display) from None
+        n = 0
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec, None
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    state = json.loads((folder / "state.json").read_text())
+    return [folder / f["filename"] for f in state.get("_data_files", [])]
+
+
+def read_hf_disk(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    """A ``datasets`` ``save_to_disk`` folder (one Dataset, or a DatasetDict: every split, in order)."""
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        folders = [path / s for s in splits]
+    else:
+        folders = [path]
+    n = 0
+    for folder in folders:
+        if not (folder / "state.json").is_file():
+            raise InputError("not a `datasets` save_to_disk folder (no state.json)", file=str(folder))
+        for f in _arrow_files(folder):
+            with pa.memory_map(str(f)) as src:
+                try:
+                    reader = pa.ipc.open_stream(src)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(src)
+                batches = reader if hasattr(reader, "read_next_batch") and not hasattr(reader, "num_record_batches") \
+                    else (reader.get_batch(i) for i in range(reader.num_record_batches))
+                for batch in batches:
+                    for rec in batch.to_pylist():
+                        n += 1
+                        yield n, rec, None
+
+
+READERS: dict[str, Reader] = {
+    "jsonl": read_jsonl,
+    "json": read_json_array,
+    "csv": read_csv,
+    "tsv": read_tsv,
+    "parquet": read_parquet,
+    "hf_disk": read_hf_disk,
+}
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+              ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
+
+
+def register_reader(fmt: str, reader: Reader, extensions: tuple[str, ...] = ()) -> None:
+    """Add a format (a plug-in does this exactly like the built-ins above)."""
+    READERS[fmt] = reader
+    for ext in extensions:
+        EXTENSIONS[ext] = fmt
+
+
+def detect_format(path: Path, display: str | None = None) -> str:
+    """The format of ``path``: by content where it can tell (folders, Parquet), else by name, else sniffed."""
+    display = display or str(path)
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf_disk"
+        raise InputError("a folder that is not a `datasets` save_to_disk folder", file=display,
+                         hint="give the data files themselves, or a folder written by Dataset.save_to_disk")
+    if not path.is_file():
+        raise InputError("no such file", file=display)
+    if path.stat().st_size == 0:
+        raise InputError("the file is empty (0 bytes)", file=display, hint="nothing to import")
+    with open_binary(path) as fh:
+        head = fh.peek(4096)[:4096]
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    name = path.name.lower()
+    for suf in COMPRESSED_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    ext = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+    first = head.lstrip(UTF8_BOM).lstrip()[:1]
+    if ext == ".json" and first == b"{":
+        return "jsonl"  # a .json file holding one object per line
+    if ext in EXTENSIONS:
+        return EXTENSIONS[ext]
+    if first == b"[":
+        return "json"
+    if first == b"{":
+        return "jsonl"
+    raise InputError("cannot tell the file's format", file=display,
+                     hint="name it .jsonl, .json, .csv, .tsv or .parquet (optionally .gz/.zst)")
+
+
+def read_rows(path: Path, fmt: str, opts: ReadOptions) -> Iterator[Row]:
+    if fmt not in READERS:
+        raise InputError(f"unknown format {fmt!r}", hint=f"one of {', '.join(READERS)}")
+    return READERS[fmt](path, opts)
