@@ -8,7 +8,7 @@ import pytest
 
 
 def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_path, dataset: str | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, r: int = 4):
     """Train-like: a LoRA adapter with random non-zero B, stored and recorded by a `train` run."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -18,7 +18,7 @@ def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_pa
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
                      lora_dropout=0.0, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
@@ -35,8 +35,8 @@ def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_pa
         (ds_dir / "dataset.json").write_text(json.dumps({"schema": "completion", "counts": {"train": 1}}))
         (ds_dir / "datasheet.json").write_text(json.dumps({"title": f"{name} data", "license": "CC-BY-4.0"}))
         dataset = ws.ledger.add_artifact("dataset", ws.store.put_dir(ds_dir), name=f"{name}-data").digest
-    meta = {"base_model": base_art.digest, "method": "lora", "r": 4, **ident, **(metadata or {})}
-    with ws.ledger.run("train", config={"method": "lora", "r": 4, "seed": seed},
+    meta = {"base_model": base_art.digest, "method": "lora", "r": r, **ident, **(metadata or {})}
+    with ws.ledger.run("train", config={"method": "lora", "r": r, "seed": seed},
                        inputs=[base_art.digest, dataset], seed=seed) as run:
         art = run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
     ws.checkpoint()

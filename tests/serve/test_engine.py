@@ -159,3 +159,28 @@ def test_queue_full_raises(served_ws):
     with pytest.raises(QueueFull):
         eng.submit(GenRequest([1, 2], "tiny", 4))
     assert eng.metrics.rejected == 1
+
+
+def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
+    """Own gathered LoRA (stacked, zero-padded ranks) == PEFT's per-adapter mixed batches, greedy."""
+    from conftest import make_adapter
+
+    c = served_ws.ctx
+    make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "wide", 9, c["tmp"], r=8)
+    models = ["tiny", "alpha@1", "beta@1", "wide@1"]
+    texts = {}
+    for kernel in ("gathered", "peft"):
+        eng = Engine(served_ws, "tiny", models[1:], ServeSettings(lora_kernel=kernel, max_batch=16))
+        assert (eng._gather is not None) == (kernel == "gathered")
+        eng.start()
+        try:
+            out: dict = {}
+            threads = [threading.Thread(target=lambda m=m, p=p: out.__setitem__((m, p), eng.generate(
+                m, prompt=p, max_tokens=8).text)) for m in models for p in PROMPTS]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            texts[kernel] = out
+        finally:
+            eng.stop()
+    assert texts["gathered"] == texts["peft"]
+    assert len({texts["gathered"][(m, PROMPTS[0])] for m in models}) == 4

@@ -142,6 +142,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit = ExitStack()
+        self._gather = None                         # GatheredLoRA when in use
         self.deploy_run = None
         self.request_log: RequestLog | None = None
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -204,6 +205,7 @@ class Engine:
         else:
             self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=name, is_trainable=False)
         self.model.eval()
+        self._refresh_kernel([s.peft_name for s in self._slots.values()] + [name])
         with self._lock:
             self._slots[mid] = _Slot(info, name)
         if self.deploy_run is not None:
@@ -222,10 +224,22 @@ class Engine:
         self.model.delete_adapter(slot.peft_name)
         with self._lock:
             del self._slots[mid]
+        self._refresh_kernel([s.peft_name for s in self._slots.values()])
+        with self._lock:
             if self.deploy_run is not None:
                 self.deploy_run.event("deploy.adapter_unloaded", {"adapter": slot.info.digest, "ref": mid})
         log.info("unloaded adapter %s", mid)
         return True
+
+    def _refresh_kernel(self, names: list[str]) -> None:
+        """Use gathered LoRA (lora_batch.py) when every layer allows it, else PEFT's mixed batches."""
+        from .lora_batch import GatheredLoRA
+
+        if self.settings.lora_kernel == "gathered" and GatheredLoRA.supported(self.model):
+            self._gather = GatheredLoRA(self.model)
+            self._gather.rebuild(names)
+        else:
+            self._gather = None
 
     def load_adapter(self, ref: str, timeout: float = 300) -> AdapterInfo:
         """Hot-load an adapter (verified like at start); safe while serving."""
@@ -391,7 +405,11 @@ class Engine:
     def _forward(self, input_ids, mask, positions, cache, names):
         from peft import PeftModel
 
-        kwargs = {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
+        if self._gather is not None:
+            self._gather.select(names)
+            kwargs = {}
+        else:
+            kwargs = {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
         kwargs[self._cache_kw] = cache
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **kwargs)

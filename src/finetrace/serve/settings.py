@@ -29,6 +29,9 @@ class ServeSettings:
     """``max_tokens`` when a request gives none."""
     max_tokens_limit: int = 4096
     """Largest ``max_tokens`` a request may ask for."""
+    lora_kernel: str = "gathered"
+    """How mixed-adapter batches apply LoRA: ``gathered`` (batched matmuls over stacked adapters, cost
+    independent of the number of adapters) or ``peft`` (PEFT's per-adapter loop over row groups)."""
     log_flush_s: float = 0.2
     """How often the background writer appends the batched ``serve.request`` events."""
 
@@ -37,6 +40,9 @@ class ServeSettings:
             raise ConfigError("must be at least 1", field="--max-queue")
         if self.max_batch < 1:
             raise ConfigError("must be at least 1", field="--max-batch")
+        if self.lora_kernel not in ("gathered", "peft"):
+            raise ConfigError(f"unknown LoRA kernel {self.lora_kernel!r}; use 'gathered' or 'peft'",
+                              field="--lora-kernel")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range", field="--port")
 
@@ -45,4 +51,4 @@ class ServeSettings:
         return {"host": self.host, "port": self.port, "auth": bool(self.api_keys), "admin": bool(self.admin_key),
                 "log_content": self.log_content, "max_queue": self.max_queue, "max_batch": self.max_batch,
                 "require_eval": self.require_eval, "default_max_tokens": self.default_max_tokens,
-                "max_tokens_limit": self.max_tokens_limit}
+                "max_tokens_limit": self.max_tokens_limit, "lora_kernel": self.lora_kernel}
