@@ -1,0 +1,215 @@
+"""The evaluate stage's entry points: ``evaluate`` (base + at most one adapter) and ``compare``.
+
+    evaluate(ws, "smollm2", "support@1:test", adapter_ref="support-lora@1", suite="suite.yaml") -> Artifact
+    compare(ws, "smollm2", ["lora-a@1", "lora-b@1"], "support@1:test") -> Artifact
+
+One ``evaluate`` run in the ledger reads the base model, the adapters, the dataset and the suite (stored
+as canonical JSON, so its digest is an input too) and writes one ``eval_report`` folder
+(``report.json`` + ``report.html``). The base is evaluated once, with the adapters disabled; each adapter
+is evaluated, compared with the base (paired tests), run through the bias suite and the forgetting check,
+and its gates are recorded as a ``gate.verdict`` ledger event that serving and publishing obey.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError
+from ..ledger import Artifact
+from ..ledger.clearance import record_verdict
+from ..workspace import Workspace
+from . import bias as bias_mod
+from .evalset import EvalSet, load_eval_set
+from .forgetting import forgetting, general_text, text_perplexity
+from .gates import apply_gates, verdict
+from .generation import generate, score_labels
+from .metrics import METRICS, Scored, exact_match, normalize, rouge_l, token_f1
+from .report import write_report
+from .stats import (bootstrap_ci, by_group, demographic_parity_difference, equalized_odds_difference,
+                    mcnemar_exact, paired_bootstrap)
+from .suite import Suite, load_suite
+
+REPORT_FORMAT = "finetrace-eval-report/1"
+
+
+def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
+    if suite.metrics:
+        bad = [m for m in suite.metrics if METRICS[m] == "label" and es.task != "classification"]
+        if bad:
+            raise InputError(f"metrics {bad} need a classification dataset; {es.artifact.ref} is {es.schema}",
+                             field="metrics", hint="use exact_match, token_f1 or rouge_l")
+        return list(suite.metrics)
+    return ["accuracy", "macro_f1"] if es.task == "classification" else ["exact_match", "token_f1", "rouge_l"]
+
+
+class _Answerer:
+    """How one model answers a list of prompts for this task (labels, or free text)."""
+
+    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: bool):
+        self.model, self.tok, self.suite, self.es, self.progress = model, tok, suite, es, progress
+
+    def __call__(self, prompts: list, description: str) -> tuple[list[str], list[str] | None]:
+        s, es = self.suite, self.es
+        if es.task == "classification" and s.scoring == "constrained":
+            preds, _ = score_labels(self.model, self.tok, prompts, es.labels, batch_size=s.batch_size,
+                                    progress=self.progress, description=description)
+            return preds, preds
+        texts = generate(self.model, self.tok, prompts, max_new_tokens=s.max_new_tokens, stop=s.stop,
+                         batch_size=s.batch_size, progress=self.progress, description=description)
+        return texts, None
+
+
+def _bias_score(primary: str) -> Callable[[str, str], float]:
+    return {"accuracy": lambda a, g: float(a == g), "macro_f1": lambda a, g: float(a == g),
+            "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}[primary]
+
+
+def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, metrics: list[str],
+                      base: Scored | None, categories) -> tuple[dict, Scored]:
+    bs = suite.bootstrap
+    texts, preds = answer([e.messages for e in es.examples], f"{name}: {len(es.examples)} examples")
+    scored = Scored(texts, [e.target for e in es.examples], es.labels, preds)
+    n = len(es.examples)
+    res: dict = {"name": name, "metrics": {}, "answers": texts}
+    for m in metrics:
+        res["metrics"][m] = {"value": scored.metric(m), "ci": list(bootstrap_ci(
+            lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed, bs.confidence)), "n": n}
+    if es.has_groups:
+        res["groups"] = {m: by_group(lambda idx, m=m: scored.metric(m, idx), es.groups) for m in metrics}
+        if es.task == "classification":
+            res["fairness"] = {
+                "demographic_parity_difference": demographic_parity_difference(scored.preds, scored.golds, es.groups),
+                "equalized_odds_difference": equalized_odds_difference(scored.preds, scored.golds, es.groups)}
+    if base is not None:
+        res["vs_base"] = {m: paired_bootstrap(lambda idx, m=m: base.metric(m, idx),
+                                              lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed,
+                                              bs.confidence) for m in metrics}
+        if es.task == "classification":
+            res["vs_base"]["mcnemar"] = mcnemar_exact([p == g for p, g in zip(base.preds, base.golds)],
+                                                      [p == g for p, g in zip(scored.preds, scored.golds)])
+    if categories is not None:
+        is_label = es.task == "classification"
+
+        def predict(prompts):
+            out, _ = answer(prompts, f"{name}: bias")
+            return out if is_label else [normalize(t) for t in out]
+
+        res["bias"] = bias_mod.counterfactual_suite(
+            es.examples, predict, _bias_score(metrics[0]), categories, templates=suite.bias.templates,
+            max_examples=suite.bias.max_examples)
+    return res, scored
+
+
+def _load_adapters(model, ws: Workspace, adapters: list[Artifact]):
+    from peft import PeftModel
+
+    peft = None
+    for i, art in enumerate(adapters):
+        path = ws.store.materialize(art.digest)
+        if peft is None:
+            peft = PeftModel.from_pretrained(model, path, adapter_name=f"a{i}", is_trainable=False)
+        else:
+            peft.load_adapter(path, adapter_name=f"a{i}", is_trainable=False)
+    if peft is not None:
+        peft.eval()
+    return peft
+
+
+def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
+            suite: Suite | str | Path | None = None, name: str | None = None,
+            progress: bool = False) -> Artifact:
+    """Evaluate the base and each adapter on the same examples; one report, one verdict per adapter."""
+    from ..models import load_model
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    base_art = ws.ledger.resolve(model_ref, kind="base_model")
+    ad_arts = [ws.ledger.resolve(a, kind="adapter") for a in adapters]
+    for a in ad_arts:
+        want = (a.metadata or {}).get("base_model")
+        if want and want != base_art.digest:
+            raise InputError(f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
+                             hint="pass --model with the adapter's base model")
+    es = load_eval_set(ws, data_ref, suite.split, suite.limit)
+    metrics = _metrics_for(suite, es)
+    categories = None
+    if suite.bias.enabled:
+        allc = bias_mod.load_wordlists(suite.bias.wordlists)
+        wanted = suite.bias.categories or list(allc)
+        unknown = [c for c in wanted if c not in allc]
+        if unknown:
+            raise InputError(f"unknown word-list categories {unknown}", field="bias.categories",
+                             hint=f"one of {', '.join(allc)}")
+        categories = {c: allc[c] for c in wanted}
+    suite_digest = ws.store.put_bytes(suite.canonical())
+    config = {"suite": suite.to_dict(), "suite_digest": suite_digest, "model": base_art.digest,
+              "adapters": [a.digest for a in ad_arts], "dataset": es.artifact.digest, "split": es.split,
+              "metrics": metrics}
+    inputs = [base_art.digest, *[a.digest for a in ad_arts], es.artifact.digest, suite_digest]
+    with ws.ledger.run("evaluate", config, inputs=inputs, seed=suite.bootstrap.seed) as run:
+        model, tok, _ = load_model(ws, base_art.digest)
+        peft = _load_adapters(model, ws, ad_arts)
+        fg_texts = general_text(suite.forgetting.text_file) if suite.forgetting.enabled and ad_arts else None
+        with (peft.disable_adapter() if peft is not None else contextlib.nullcontext()):
+            answer = _Answerer(model, tok, suite, es, progress)
+            subjects = []
+            base_res, base_scored = _evaluate_subject(
+                "base", answer, es, suite, metrics, None, categories if not ad_arts else None)
+            base_ppl = text_perplexity(model, tok, fg_texts, suite.batch_size) if fg_texts else None
+        base_res.update(model=base_art.digest, adapter=None, ref=base_art.ref)
+        subjects.append(base_res)
+        for i, art in enumerate(ad_arts):
+            peft.set_adapter(f"a{i}")
+            res, _ = _evaluate_subject(art.ref, _Answerer(peft, tok, suite, es, progress), es, suite, metrics,
+                                       base_scored, categories)
+            if fg_texts:
+                res["forgetting"] = forgetting(base_ppl, text_perplexity(peft, tok, fg_texts, suite.batch_size))
+            res.update(model=base_art.digest, adapter=art.digest, ref=art.ref)
+            subjects.append(res)
+        for res in subjects[1:] if ad_arts else subjects:
+            rows = apply_gates(suite.gates, res, metrics[0]) if not suite.gates.empty() else []
+            res["gates"] = rows
+            res["passed"] = verdict(rows)
+        report = {
+            "format": REPORT_FORMAT, "run_id": run.id, "suite": suite.to_dict(), "suite_digest": suite_digest,
+            "dataset": {"digest": es.artifact.digest, "ref": es.artifact.ref, "split": es.split,
+                        "schema": es.schema, "labels": es.labels, "n": len(es.examples)},
+            "base_model": {"digest": base_art.digest, "ref": base_art.ref},
+            "metrics": metrics, "primary_metric": metrics[0], "task": es.task,
+            "models": subjects,
+            "examples": [{"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"],
+                          "gold": e.target} for i, e in enumerate(es.examples)],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report(report, Path(tmp))
+            digest = ws.store.put_dir(tmp)
+        gated = [s for s in subjects if s.get("adapter")]
+        art = run.output("eval_report", digest, name=name or f"eval-{(es.artifact.name or 'dataset')}",
+                         metadata={"format": REPORT_FORMAT, "dataset": es.artifact.digest, "split": es.split,
+                                   "base_model": base_art.digest, "adapters": [a.digest for a in ad_arts],
+                                   "suite": suite_digest, "passed": {s["ref"]: s.get("passed") for s in gated},
+                                   "metrics": {s["ref"]: {m: s["metrics"][m]["value"] for m in metrics}
+                                               for s in subjects}})
+        for s in subjects:
+            for m in metrics:
+                run.metrics[f"{s['ref']}/{m}"] = s["metrics"][m]["value"]
+        for s in gated:
+            record_verdict(ws.ledger, s["adapter"], digest, s["passed"], s["gates"], run_id=run.id)
+    ws.checkpoint()
+    return art
+
+
+def evaluate(ws: Workspace, model_ref: str, data_ref: str, adapter_ref: str | None = None,
+             suite: Suite | str | Path | None = None, name: str | None = None, progress: bool = False) -> Artifact:
+    """Evaluate ``model_ref`` (and ``adapter_ref`` against it) on ``data_ref``; returns the eval_report."""
+    return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress)
+
+
+def load_report(ws: Workspace, ref: str) -> dict:
+    """The ``report.json`` of a recorded eval_report (name, name@N or digest)."""
+    import json
+
+    art = ws.ledger.resolve(ref, kind="eval_report")
+    return json.loads((ws.store.materialize(art.digest) / "report.json").read_text("utf-8"))

@@ -1,0 +1,151 @@
+"""The evaluation suite: what to measure and the gates a model must pass (a typed YAML file).
+
+    name: support-routing
+    split: test                 # dataset split to evaluate (DATASET@V:split on the CLI wins)
+    metrics: [accuracy, macro_f1]
+    scoring: constrained        # classification: score each label | generate and parse the label
+    max_new_tokens: 64
+    bias: {enabled: true, categories: [gender_names, origin_names], max_examples: 100}
+    forgetting: {enabled: true}
+    gates:
+      min_metric: {accuracy: 0.80}
+      min_gain: {accuracy: 0.05}      # tuned - base, absolute
+      max_flip_rate: 0.05
+      max_group_gap: 0.10             # on the primary (first) metric, over the dataset's group column
+      max_perplexity_increase: 0.20   # relative: tuned / base - 1 on the general-text sample
+
+``load_suite(path)`` reads and validates it; an unknown key is a ``ConfigError`` that names the key and
+suggests the closest valid one. With no file, ``Suite()`` is the default (metrics chosen by schema, bias
+and forgetting on, no gates).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..canonical import canonical_json
+from ..errors import ConfigError
+from .metrics import METRICS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BootstrapConfig(_Strict):
+    samples: int = Field(1000, ge=10, description="Bootstrap resamples for every interval and paired test.")
+    seed: int = Field(0, description="Seed of the resampling RNG (same seed, same intervals).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
+
+
+class BiasConfig(_Strict):
+    enabled: bool = Field(True, description="Run the counterfactual suite on each evaluated model.")
+    categories: list[str] | None = Field(None, description="Word-list categories to use (default: all).")
+    wordlists: list[str] = Field(default_factory=list, description="Extra word-list JSON files to merge in.")
+    templates: bool = Field(True, description="Wrap inputs that mention no term in the category's template.")
+    max_examples: int | None = Field(20, ge=1, description="Examples to perturb (the first N of the split).")
+
+
+class ForgettingConfig(_Strict):
+    enabled: bool = Field(True, description="Perplexity on the shipped general-text sample, base vs tuned.")
+    text_file: str | None = Field(None, description="Use this file's passages (one per line) instead.")
+
+
+class Gates(_Strict):
+    min_metric: dict[str, float] = Field(default_factory=dict, description="metric -> minimum value.")
+    min_gain: dict[str, float] = Field(default_factory=dict, description="metric -> minimum tuned - base.")
+    max_flip_rate: float | None = Field(None, description="Maximum counterfactual answer flip rate.")
+    max_group_gap: float | None = Field(None, description="Maximum max-min of the primary metric across "
+                                        "the dataset's groups and across counterfactual groups.")
+    max_perplexity_increase: float | None = Field(None, description="Maximum relative perplexity rise.")
+
+    @field_validator("min_metric", "min_gain")
+    @classmethod
+    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if k not in METRICS:
+                raise ValueError(f"unknown metric {k!r}; one of {', '.join(METRICS)}")
+        return v
+
+    def empty(self) -> bool:
+        return not (self.min_metric or self.min_gain or self.max_flip_rate is not None
+                    or self.max_group_gap is not None or self.max_perplexity_increase is not None)
+
+
+class Suite(_Strict):
+    name: str = Field("default", description="A name for reports.")
+    split: str = Field("test", description="Dataset split to evaluate.")
+    metrics: list[str] | None = Field(None, description="Metrics; default by schema (classification: "
+                                      "accuracy, macro_f1; others: exact_match, token_f1, rouge_l).")
+    scoring: Literal["constrained", "generate"] = Field("constrained", description="Classification scoring.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
+    stop: list[str] = Field(default_factory=lambda: ["\n\n"], description="Stop strings (cut from answers).")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N examples.")
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    bias: BiasConfig = Field(default_factory=BiasConfig)
+    forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
+    gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None) -> list[str] | None:
+        for k in v or []:
+            if k not in METRICS:
+                raise ValueError(f"unknown metric {k!r}; one of {', '.join(METRICS)}")
+        return v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = Suite
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        ann = getattr(field, "annotation", None)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def parse_suite(doc: dict, source: str = "<suite>") -> Suite:
+    try:
+        return Suite.model_validate(doc or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        hint = None
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], _fields_at(loc), n=1)
+            hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else \
+                f"valid keys here: {', '.join(_fields_at(loc))}"
+            raise ConfigError(f"unknown key '{key}'", file=source, hint=hint) from None
+        raise ConfigError(f"'{key}': {err['msg']}", file=source, field=None) from None
+
+
+def load_suite(path: str | Path | None) -> Suite:
+    """Read a suite YAML file; None gives the default suite."""
+    if path is None:
+        return Suite()
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read suite file: {exc.strerror}", file=str(p)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=str(p),
+                          line=mark.line + 1 if mark else None) from None
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(p))
+    return parse_suite(doc or {}, str(p))
