@@ -428,7 +428,7 @@ class Ledger:
                                 (run_id, f"%{run_id}")).fetchone()
         if not row:
             raise NotFoundError(f"no run {run_id!r}", hint="`finetrace log` lists runs")
-        ins = [r[0] for r in self.conn.execute("SELECT digest FROM edges WHERE run_id=? AND role='input'", (row[0],))]
+        ins = [r[0] for r in self.conn.execute("SELECT digest FROM edges WHERE run_id=? AND role='input' ORDER BY rowid", (row[0],))]
         outs = [r[0] for r in self.conn.execute(
             "SELECT e.digest FROM edges e JOIN artifacts a ON a.digest=e.digest "
             "WHERE e.run_id=? AND e.role='output' ORDER BY a.seq", (row[0],))]
@@ -458,10 +458,13 @@ class Ledger:
         mem = sqlite3.connect(":memory:", isolation_level=None)
         migrate(mem)
         for seq, body in self.conn.execute("SELECT seq, body FROM entries ORDER BY seq"):
-            doc = json.loads(body)
-            handler = INDEXERS.get(doc["type"])
-            if handler:
-                handler(mem, doc)
+            try:
+                doc = json.loads(body)
+                handler = INDEXERS.get(doc["type"])
+                if handler:
+                    handler(mem, doc)
+            except (ValueError, KeyError, sqlite3.Error):
+                continue  # a damaged entry: verify_log reports it by sequence number
         snap = self.index_snapshot(mem)
         mem.close()
         return snap
