@@ -232,12 +232,12 @@ def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, thre
             if err is not None:
                 bad(src, line, err)
                 continue
-            if p1.n_errors:  # refusing anyway: keep counting errors, skip the work
-                continue
             p1.normalized += normalize_row(row, validator.schema)
             err = _pii(row, validator.schema, pii, detectors, p1, f"{src.display}:{line}")
             if err is not None:
                 bad(src, line, err)
+                continue
+            if p1.n_errors:  # refusing anyway: keep counting errors, skip the rest of the work
                 continue
             src.rows_valid += 1
             p1.keys.append(exact_key(row, validator.schema, validator.required))

@@ -146,16 +146,23 @@ def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Row]:
                 continue
             if not text.strip():
                 continue
+            text = text.rstrip("\r\n")
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "invalid JSON"
-                yield lineno, None, RowError("invalid_json", f"{what}: {exc.msg} at column {exc.colno}")
+                what = _json_problem(exc, text)
+                yield lineno, None, RowError("invalid_json", f"{what}: {exc.msg.removesuffix(' at')} at column {exc.colno}")
                 continue
             if not isinstance(value, dict):
                 yield lineno, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
                 continue
             yield lineno, value, None
+
+
+def _json_problem(exc: json.JSONDecodeError, text: str) -> str:
+    """'truncated JSON' when the text ends inside a value, else 'invalid JSON'."""
+    cut = exc.msg.startswith("Unterminated") or exc.pos >= len(text.rstrip())
+    return "truncated JSON" if cut else "invalid JSON"
 
 
 def _jtype(v) -> str:
@@ -233,8 +240,8 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
                         return
                     if more():
                         continue
-                    what = "truncated JSON" if exc.pos >= len(buf.rstrip()) else "invalid JSON"
-                    yield start_line, None, RowError("invalid_json", f"{what}: {exc.msg}")
+                    yield start_line, None, RowError("invalid_json", f"{_json_problem(exc, buf)}: {exc.msg} "
+                                                     f"(element starting at line {start_line})")
                     return
             line += buf.count("\n", pos, end)
             pos = end
