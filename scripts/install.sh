@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install finetrace and its dependencies into ./.venv (idempotent; safe to run again).
+# torch is installed first, pinned to the CPU build, so pip never resolves a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  "${PIP[@]}" install "torch==2.13.0"
+fi
+stamp=.venv/.finetrace-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+  touch "$stamp"
+fi
+# A headless browser for the report/page screenshot tests (Debian's chromium); best effort.
+if [ "${FINETRACE_NO_APT:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; browser tests will be skipped" >&2
+fi
