@@ -205,12 +205,19 @@ def test_bad_fractions(workspace, tmp_path):
 
 
 # -- datasheet and ledger record ------------------------------------------------------------------
-def test_datasheet_gaps_and_measured(workspace, tmp_path, tiny_model_dir):
+def test_datasheet_gaps_and_measured(workspace, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "question": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
     ds = tmp_path / "sheet.yaml"
     ds.write_text("source: support tickets export\nowner: ACME support\nlicence: internal\n"
                   "personal_data: true, redacted\n", encoding="utf-8")
     art = import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", completion_rows(20))], "sheet",
-                         datasheet=ds, tokenizer=str(tiny_model_dir))
+                         datasheet=ds, tokenizer=str(tok_dir))
     folder, info, _ = open_dataset(workspace, art.ref)
     sheet = json.loads((folder / "datasheet.json").read_text())
     assert sheet["given"] == {"source": "support tickets export", "owner": "ACME support", "license": "internal",
@@ -221,7 +228,8 @@ def test_datasheet_gaps_and_measured(workspace, tmp_path, tiny_model_dir):
     m = sheet["measured"]
     assert m["rows_out"] == 20 and m["splits"] == info["counts"]
     tl = m["token_lengths"]
-    assert tl["count"] == 20 and sum(tl["histogram"].values()) == 20 and 0 < tl["min"] <= tl["max"]
+    # "Question number 7: what is 7 times three?\nThe answer is 21." -> 10 + 5 word/punctuation tokens
+    assert tl["count"] == 20 and tl["min"] == tl["max"] == 15 and tl["histogram"]["0-31"] == 20
     from finetrace.data.datasheet import render
 
     text = render(sheet, art.ref)

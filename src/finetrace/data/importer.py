@@ -438,14 +438,26 @@ TOKEN_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dict:
     """Histogram of prompt+target token counts (text only; chat-template tokens excluded)."""
     import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
 
     path = Path(tokenizer)
     if not path.is_dir():
         from ..models import model_path
 
         path, _ = model_path(ws, tokenizer)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if (path / "tokenizer.json").is_file():  # the fast path: the tokenizers library alone
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+
+        def encode(texts):
+            return [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+        def encode(texts):
+            return tok(texts, add_special_tokens=False)["input_ids"]
     lengths = []
     for name in SPLITS:
         f = folder / f"{name}.parquet"
@@ -456,7 +468,7 @@ def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dic
             for row in batch.to_pylist():
                 ex = to_example(row, schema, labels)
                 texts.append("\n".join(m["content"] for m in ex.messages) + "\n" + ex.target)
-            lengths.extend(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+            lengths.extend(len(ids) for ids in encode(texts))
     arr = np.asarray(lengths)
     edges = TOKEN_BINS + [np.inf]
     hist, _ = np.histogram(arr, bins=edges)
