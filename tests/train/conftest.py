@@ -35,14 +35,54 @@ def toy_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+ROUTES = {"billing": "invoice", "technical": "model", "account": "user", "shipping": "goods"}
+
+
+def routing_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable classification task: the label follows from one keyword in the text."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(ROUTES))
+        filler = " ".join(rng.choice(["the", "a", "data", "fox", "dog"]) for _ in range(rng.randint(1, 5)))
+        rows.append({"text": f"{filler} {ROUTES[label]} {filler}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def learnable_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with embeddings scaled up (std 0.02 -> 0.1).
+
+    With tied embeddings of std 0.02 and a frozen final norm, the largest logit a LoRA-only update can
+    reach is about |h| |e| = 8 x 0.16, so the loss of any task is stuck near ln(V) - 1.3; a real model's
+    embeddings are far larger. Scaling them makes the toy task learnable by LoRA as by a real model.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("learnable-model")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    weights = load_file(out / "model.safetensors")
+    key = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    weights[key] = (weights[key] * 5).contiguous()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture
-def tiny_setup(workspace, tiny_model_dir, tmp_path):
-    """(workspace, base ref, dataset ref) with a tiny model and a 48-row toy dataset."""
+def tiny_setup(workspace, learnable_model_dir, tmp_path):
+    """(workspace, base ref, dataset ref): a tiny model, a toy completion set and a routing (classification) set."""
     from finetrace.models import add_folder
 
-    add_folder(workspace, tiny_model_dir, name="tiny")
+    add_folder(workspace, learnable_model_dir, name="tiny")
     folder = write_dataset(tmp_path / "ds", {"train": toy_rows(48), "validation": toy_rows(8, seed=1)})
     workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="toy")
+    folder = write_dataset(tmp_path / "cls", {"train": routing_rows(56), "validation": routing_rows(8, seed=1)},
+                           schema="classification", labels=sorted(ROUTES))
+    workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="routing")
     return workspace, "tiny", "toy"
 
 
