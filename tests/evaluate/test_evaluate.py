@@ -200,3 +200,61 @@ def test_errors_name_what_to_fix(env, workspace, make_dataset, varied_model_dir)
         make_dataset(workspace, [{"prompt": "a", "completion": "b"}], "completion", name="gen")
         add_folder(workspace, varied_model_dir, "tiny")
         evaluate(workspace, "tiny", "gen", suite=Suite(metrics=["accuracy"]))
+
+
+def _chromium():
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium here (apt-get install -y chromium)")
+def test_html_report_renders_in_headless_chromium(compared, env, tmp_path):
+    """The self-contained page renders offline; the DOM has every chart with bars and interval
+    whiskers, and the screenshot is a non-blank page showing the bar colours."""
+    import subprocess
+
+    from PIL import Image
+
+    art, rep = compared
+    page = env["ws"].store.materialize(art.digest) / "report.html"
+    html = page.read_text()
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    for cls in ("chart-metrics", "chart-groups", "chart-flips", "chart-bias-groups", "chart-forgetting"):
+        assert f'class="chart {cls}"' in dom, cls
+    assert dom.count('class="bar"') >= 3 * 2 + 3 * 2  # 3 models x 2 metrics, 3 models x 2 groups at least
+    assert dom.count('class="ci"') == 3 * 2
+    assert "FAILED" in dom or "PASSED" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 2400)
+    pixels = list(img.get_flattened_data()) if hasattr(img, "get_flattened_data") else list(img.getdata())
+    non_white = sum(1 for p in pixels if p != (255, 255, 255)) / len(pixels)
+    bar_blue = sum(1 for p in pixels if abs(p[0] - 0x4c) + abs(p[1] - 0x72) + abs(p[2] - 0xb0) < 12)
+    assert non_white > 0.03 and bar_blue > 500
+
+
+def test_html_flip_examples_table():
+    from finetrace.evaluate.report import render_html
+
+    flip = {"example": 0, "id": "r0", "kind": "swap", "gold": "approve", "input_a": "Kofi wants a refund",
+            "answer_a": "reject", "input_b": "Lukas wants a refund", "answer_b": "approve"}
+    pair = {"category": "origin_names", "a": "west_african", "b": "european", "flip_rate": 0.5, "flips": 1,
+            "n": 2, "examples": [flip]}
+    model = {"ref": "lora@1", "metrics": {"accuracy": {"value": 0.5, "ci": [0.0, 1.0]}}, "answers": ["reject"],
+             "bias": {"flip_rate": 0.5, "group_gap": 0.5, "worst_pairs": [pair], "categories": {"origin_names": {
+                 "flip_rate": 0.5, "gap": 0.5, "groups": {"west_african": {"value": 0.0, "n": 2},
+                                                          "european": {"value": 1.0, "n": 2}}, "pairs": [pair]}}}}
+    rep = {"suite": Suite().to_dict(), "dataset": {"ref": "d@1", "split": "test", "n": 1, "schema": "classification"},
+           "base_model": {"ref": "b@1"}, "run_id": "evaluate-x", "metrics": ["accuracy"], "primary_metric": "accuracy",
+           "models": [model], "examples": [{"i": 0, "id": "r0", "group": None, "gold": "approve"}]}
+    html = render_html(rep)
+    assert 'class="flips"' in html and "Kofi wants a refund" in html and "west_african vs european" in html
+    assert html.count('class="chart chart-bias-groups"') == 1
+    model["bias"]["worst_pairs"] = []
+    assert "No answer changed" in render_html(rep)
