@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..canonical import canonical_json
 
 NUM_PERM = 64
 SHINGLE = 5
@@ -61,8 +60,12 @@ def normalize_row(row: dict, schema: str) -> bool:
 
 
 def exact_key(row: dict, schema: str, fields: tuple[str, ...]) -> int:
-    content = canonical_json([row[f] for f in fields])
-    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
+    """64-bit BLAKE2b of the schema fields (unit separators between fields, roles and contents)."""
+    if schema == "chat":
+        content = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in row["messages"])
+    else:
+        content = "\x1e".join(row[f] for f in fields)
+    return int.from_bytes(hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -98,28 +101,30 @@ class MinHasher:
         """(N, num_perm) uint32 MinHash signatures, computed for the whole batch in a few numpy ops."""
         enc = [(" ".join(t.lower().split()).encode("utf-8") or b" ").ljust(SHINGLE) for t in texts]
         lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
-        a = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.uint64)
+        a = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.uint32)
         n = len(a) - SHINGLE + 1
-        h = np.zeros(n, np.uint64)
+        h = np.zeros(n, np.uint32)
         with np.errstate(over="ignore"):
-            for j in range(SHINGLE):  # polynomial hash of every 5-byte window
-                h = h * np.uint64(1099511628211) + a[j:j + n] + np.uint64(j + 1)
-            h ^= h >> np.uint64(29)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(32)
+            for j in range(SHINGLE):  # polynomial hash of every 5-byte window (mod 2^32), then a mixer
+                h *= np.uint32(16777619)
+                h += a[j:j + n]
+            h ^= h >> np.uint32(15)
+            h *= np.uint32(0x2C1B3C6D)
+            h ^= h >> np.uint32(12)
         ends = np.cumsum(lens)
-        owner = np.repeat(np.arange(len(enc)), lens)[:n]
-        pos = np.arange(n)
-        keep = pos + SHINGLE <= ends[owner]  # windows inside one text
+        keep = np.ones(n, bool)
+        cross = (ends[:-1, None] - np.arange(1, SHINGLE, dtype=np.int64)[None, :]).ravel()
+        keep[cross[(cross >= 0) & (cross < n)]] = False  # windows spanning two texts
         # texts over 512 bytes: keep a consistent eighth of the shingles (same shingle, same decision)
-        keep &= (lens[owner] <= 512) | ((h & np.uint64(7)) == 0)
-        h, owner = h[keep], owner[keep]
+        keep &= np.repeat(lens <= 512, lens)[:n] | ((h & np.uint32(7)) == 0)
+        pos = np.flatnonzero(keep)
+        h = h[pos]
+        owner = np.searchsorted(ends, pos, side="right")
         counts = np.bincount(owner, minlength=len(enc))
         sigs = np.full((self.num_perm, len(enc)), np.iinfo(np.uint32).max, np.uint32)
         if len(h):
-            h32 = (h ^ (h >> np.uint64(32))).astype(np.uint32)
             with np.errstate(over="ignore"):  # (P, S): one multiply-add permutation of 2^32 per row
-                v = h32[None, :] * self.a32[:, None] + self.b32[:, None]
+                v = h[None, :] * self.a32[:, None] + self.b32[:, None]
             seg = np.concatenate([[0], np.cumsum(counts)[:-1]])
             nz = counts > 0
             sigs[:, nz] = np.minimum.reduceat(v, seg[nz], axis=1)
@@ -130,7 +135,7 @@ class MinHasher:
         """Append signatures and band keys for ``texts`` (in row order)."""
         if not texts:
             return
-        sigs = self.signatures(texts)
+        sigs = np.concatenate([self.signatures(texts[i:i + 512]) for i in range(0, len(texts), 512)])
         with np.errstate(over="ignore"):
             used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(texts), self.bands, self.rows)
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
@@ -152,7 +157,8 @@ class MinHasher:
         bands = np.memmap(self.scratch / "bands.u64", np.uint64, "r", shape=(self.n, self.bands))
         idx_active = np.flatnonzero(active)
         seen: set[tuple[int, int]] = set()
-        out = []
+        candidates: list[tuple[int, int]] = []
+        out: list[tuple[int, int, float]] = []
         for band in range(self.bands):
             col = np.asarray(bands[idx_active, band])
             order = np.argsort(col, kind="stable")
@@ -163,16 +169,22 @@ class MinHasher:
             is_start = np.ones(len(sorted_keys), bool)
             is_start[same] = False
             run_start = np.maximum.accumulate(np.where(is_start, np.arange(len(sorted_keys)), 0))
-            for pos in same:  # compare each run member with the run's first member
-                i = int(idx_active[order[run_start[pos]]])
-                j = int(idx_active[order[pos]])
-                a, b = min(i, j), max(i, j)
-                if (a, b) in seen:
-                    continue
-                seen.add((a, b))
-                est = float(np.mean(sigs[a] == sigs[b]))
-                if est >= self.threshold:
-                    out.append((a, b, est))
+            # each run member is compared with the run's first member
+            i = idx_active[order[run_start[same]]]
+            j = idx_active[order[same]]
+            lo, hi = np.minimum(i, j), np.maximum(i, j)
+            for a_, b_ in zip(lo.tolist(), hi.tolist()):
+                if (a_, b_) not in seen:
+                    seen.add((a_, b_))
+                    candidates.append((a_, b_))
+        cand = np.asarray(candidates, np.int64).reshape(-1, 2)
+        for k in range(0, len(cand), 65536):  # estimated Jaccard = fraction of equal signature slots
+            c = cand[k:k + 65536]
+            est = (np.asarray(sigs[c[:, 0]]) == np.asarray(sigs[c[:, 1]])).mean(axis=1)
+            for (a_, b_), e in zip(c.tolist(), est.tolist()):
+                if e >= self.threshold:
+                    out.append((a_, b_, e))
+        out.sort()
         return out
 
 

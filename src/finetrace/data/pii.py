@@ -17,6 +17,7 @@ with ``[TYPE]``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -96,24 +97,34 @@ def phone_ok(text: str) -> bool:
     return 8 <= sum(c.isdigit() for c in text) <= 15
 
 
-def _has_digit(text: str) -> bool:
-    return any(c.isdigit() for c in text) if len(text) < 64 else re.search(r"\d", text) is not None
+@functools.lru_cache(maxsize=16)  # several detectors ask about the same text in a row
+def digit_count(text: str) -> int:
+    """Number of ASCII digits (ten C-speed substring counts; far cheaper than a regex scan)."""
+    return sum(map(text.count, "0123456789"))
+
+
+def _min_digits(n: int, dots: int = 0):
+    """Cheap gate: a number-shaped detector needs at least ``n`` digits (and ``dots`` dots)."""
+    return lambda t: digit_count(t) >= n and (not dots or t.count(".") >= dots)
+
+
+_IBAN_START = re.compile(r"[A-Z]{2}\d\d")
 
 
 BUILTIN = [
     RegexDetector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
                   precheck=lambda t: "@" in t),
-    RegexDetector("credit_card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", luhn_ok, precheck=_has_digit),
+    RegexDetector("credit_card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", luhn_ok, precheck=_min_digits(13)),
     RegexDetector("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban_ok,
-                  precheck=lambda t: re.search(r"[A-Z]{2}\d\d", t) is not None),
+                  precheck=lambda t: digit_count(t) >= 6 and _IBAN_START.search(t) is not None),
     RegexDetector("us_ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
-                  precheck=lambda t: "-" in t),
+                  precheck=_min_digits(9)),
     RegexDetector("ip_address", r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])", precheck=lambda t: "." in t),
+                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])", precheck=_min_digits(4, dots=3)),
     RegexDetector("ip_address", r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])",
                   ipv6_ok, precheck=lambda t: "::" in t or t.count(":") >= 3),
     RegexDetector("phone", r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
-                  r"|(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?![\w])", phone_ok, precheck=_has_digit),
+                  r"|(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?![\w])", phone_ok, precheck=_min_digits(8)),
 ]
 
 DETECTORS: dict[str, Detector] = {}
