@@ -139,3 +139,24 @@ def test_cli_errors_are_one_line(workspace, tmp_path, capsys):
     rc = main(["-w", str(workspace.root), "generate", "--model", "nothing-here", "hi"])
     err = capsys.readouterr().err
     assert rc != 0 and "no base_model named 'nothing-here'" in err
+
+
+def test_hub_id_fetches_only_safe_files_and_pins_the_commit(workspace, tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    seen = {}
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, cache_dir=None, **kw):
+        seen.update(repo_id=repo_id, allow=allow_patterns)
+        snap = tmp_path / "hub" / "snapshots" / commit
+        shutil.copytree(tiny_model_dir, snap)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    art = add_model(workspace, "someorg/tiny-llama")
+    assert art.ref == "someorg/tiny-llama@1" and seen["repo_id"] == "someorg/tiny-llama"
+    assert "*.safetensors" in seen["allow"] and not any(p.endswith((".bin", ".py")) for p in seen["allow"])
+    src = art.metadata["source"]
+    assert (src["type"], src["repo_id"], src["revision"]) == ("hub", "someorg/tiny-llama", commit)
+    assert workspace.ledger.get_run(art.run_id).config["revision"] == commit

@@ -6,6 +6,7 @@ weights or code. The snapshot's commit hash is returned so the ledger pins exact
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def fetch(repo_id: str, cache: Path, revision: str | None = None) -> tuple[Path,
                             hint=f"check the id, or log in for gated models ({type(exc).__name__})") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
         # OSError covers connection errors (requests/httpx raise subclasses of it)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise DependencyError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: it is not reachable "
                               f"from here and not in the cache {cache} ({type(exc).__name__})",
-                              hint="on a machine without network access add a local folder or GGUF file "
-                                   "instead, or unset HF_HUB_OFFLINE") from None
+                              hint="HF_HUB_OFFLINE is set; unset it where the network allows" if offline else
+                              "on a machine without network access add a local folder or GGUF file "
+                              "instead") from None
+    except Exception as exc:  # any other transport failure of the download, named for the user
+        raise DependencyError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: "
+                              f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     return path, path.name
