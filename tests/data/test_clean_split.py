@@ -184,8 +184,9 @@ def test_groups_stay_together(workspace, tmp_path):
 
 
 def test_held_out_test_file(workspace, tmp_path):
-    rows = completion_rows(40)
-    test_rows = completion_rows(50)[40:] + [rows[0]]  # rows[0] also in the main file: must not leak
+    rng = random.Random(5)
+    rows = [{"prompt": _essay(rng, 30), "completion": f"answer {i}"} for i in range(50)]
+    rows, test_rows = rows[:40], rows[40:] + [rows[0]]  # rows[0] also in the held-out file: must not leak
     art = import_dataset(workspace, [write_jsonl(tmp_path / "main.jsonl", rows)], "ho",
                          test_file=write_jsonl(tmp_path / "held.jsonl", test_rows))
     _, info, _ = open_dataset(workspace, art.ref)
