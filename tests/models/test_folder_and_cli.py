@@ -160,3 +160,38 @@ def test_hub_id_fetches_only_safe_files_and_pins_the_commit(workspace, tiny_mode
     src = art.metadata["source"]
     assert (src["type"], src["repo_id"], src["revision"]) == ("hub", "someorg/tiny-llama", commit)
     assert workspace.ledger.get_run(art.run_id).config["revision"] == commit
+
+
+def test_generate_with_a_peft_adapter(workspace, tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    add_model(workspace, tiny_model_dir, name="tiny")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg).eval()
+    folder = tmp_path / "adapter"
+    peft_model.save_pretrained(folder)
+    assert (folder / "adapter_model.safetensors").is_file()
+
+    text = tok.apply_chat_template(chat_messages("hello"), tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        tuned_logits = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            base_logits = peft_model(ids).logits
+        want = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=2,
+                                   pad_token_id=2)[0, ids.shape[1]:].tolist()
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)  # the adapter does something
+
+    stats = ChatStats()
+    "".join(generate(workspace, "tiny", "hello", max_new_tokens=6, adapter=folder, stats=stats))
+    assert stats.token_ids == want
+
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(InputError, match="safetensors only"):
+        list(generate(workspace, "tiny", "hello", max_new_tokens=2, adapter=folder))
+    rc = main(["-w", str(workspace.root), "generate", "--model", "tiny", "--adapter", "no-such-adapter", "hi"])
+    assert rc != 0 and "no adapter named 'no-such-adapter'" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", "-m", help="Base model: name, name@N or digest."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Stop after this many tokens."),
         system: str = typer.Option(None, "--system", help="A system message (default: the template's own)."),
+        adapter: str = typer.Option(None, "--adapter", help="A PEFT adapter: a folder, or a recorded adapter "
+                                                            "(name, name@N, digest)."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default)."),
         seed: int = typer.Option(None, "--seed", help="Seed for sampling (with --temperature > 0)."),
         stats_out: bool = typer.Option(False, "--stats", help="Print token counts and speed to stderr."),
@@ -97,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
         ws = open_workspace()
         t0 = time.perf_counter()
-        mdl, tok, art = load_for_chat(ws, model)
+        mdl, tok, art = load_for_chat(ws, model, adapter)
         t1 = time.perf_counter()
         stats = ChatStats()
         for piece in stream_chat(mdl, tok, chat_messages(prompt, system), max_new_tokens=max_new_tokens,

@@ -45,13 +45,23 @@ def apply_adapter(model, adapter: str | Path):
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
 
 
+def adapter_folder(ws: Workspace, adapter: str | Path) -> Path:
+    """A PEFT adapter folder: ``adapter`` itself if it is a folder, else a recorded ``adapter`` artifact
+    (name, name@N or digest) materialised from the store (every file re-hashed)."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        return path
+    art = ws.ledger.resolve(str(adapter), kind="adapter")
+    return ws.store.materialize(art.digest)
+
+
 def load_for_chat(ws: Workspace, model_ref: str, adapter: str | Path | None = None):
     """``(model, tokenizer, artifact)`` for base model ``model_ref``, with ``adapter`` applied if given."""
     from . import load_model
 
     model, tok, art = load_model(ws, model_ref)
     if adapter is not None:
-        model = apply_adapter(model, adapter)
+        model = apply_adapter(model, adapter_folder(ws, adapter))
     return model, tok, art
 
 
