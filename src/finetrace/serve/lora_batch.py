@@ -5,13 +5,16 @@ every LoRA layer (select the rows, two small matmuls, scatter back), so a batch 
 pays 16x the Python and kernel-launch overhead of a batch on one adapter. This module instead keeps, for
 every LoRA ``Linear``, the adapters' weights stacked (slot 0 is all zeros, for base-model rows)::
 
-    A_stack: (S, in, r_max)      A_stack[s] = A_s^T (zero-padded to r_max: padding adds exactly 0)
+    A_stack: (S, r_max, in)      A_stack[s] = A_s   (zero-padded to r_max: padding adds exactly 0)
     B_stack: (S, r_max, out)     B_stack[s] = (alpha_s / r_s) * B_s^T
 
 and computes every row's update with two batched matmuls over weights gathered by the row's slot
 (the "BGMV" idea of Punica / S-LoRA)::
 
-    y_b = W0 x_b + x_b A_stack[s_b] B_stack[s_b]        # x: (B, T, in) -> (B, T, out)
+    y_b = W0 x_b + (A_stack[s_b] x_b^T)^T B_stack[s_b]   # x: (B, T, in) -> (B, T, out)
+
+(the A product is taken as ``A x^T``: on CPU a batched GEMV over contiguous rows of A is ~3x faster
+than ``x A^T`` for decode shapes).
 
 When all rows use the same adapter, it is one plain matmul pair (as a single-adapter server would do).
 Used only for plain LoRA ``Linear`` layers; DoRA or other variants fall back to PEFT's mixed batches.
@@ -61,11 +64,11 @@ class GatheredLoRA:
                 present = [n for n in names if n in m.lora_A]
                 r_max = max([m.lora_A[n].weight.shape[0] for n in present], default=1)
                 w = m.base_layer.weight
-                a = torch.zeros((len(names) + 1, m.in_features, r_max), dtype=w.dtype, device=w.device)
+                a = torch.zeros((len(names) + 1, r_max, m.in_features), dtype=w.dtype, device=w.device)
                 b = torch.zeros((len(names) + 1, r_max, m.out_features), dtype=w.dtype, device=w.device)
                 for n in present:
                     s, r = self.slots[n], m.lora_A[n].weight.shape[0]
-                    a[s, :, :r] = m.lora_A[n].weight.T.to(w.dtype)
+                    a[s, :r, :] = m.lora_A[n].weight.to(w.dtype)
                     b[s, :r, :] = (m.lora_B[n].weight.T * m.scaling[n]).to(w.dtype)
                 m._ft_A, m._ft_B = a, b
 
@@ -85,10 +88,10 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if g.single is not None:
         if g.single == 0:
             return out
-        delta = (xa @ self._ft_A[g.single]) @ self._ft_B[g.single]
+        delta = torch.nn.functional.linear(xa, self._ft_A[g.single]) @ self._ft_B[g.single]
     else:
         x3 = xa.reshape(x.shape[0], -1, x.shape[-1])                                  # (B, T, in)
-        delta = torch.bmm(torch.bmm(x3, self._ft_A.index_select(0, g.rows)),         # (B, T, r)
-                          self._ft_B.index_select(0, g.rows))                         # (B, T, out)
+        h = torch.bmm(self._ft_A.index_select(0, g.rows), x3.transpose(1, 2))        # (B, r, T)
+        delta = torch.bmm(h.transpose(1, 2), self._ft_B.index_select(0, g.rows))     # (B, T, out)
         delta = delta.reshape(out.shape)
     return out + delta.to(out.dtype)

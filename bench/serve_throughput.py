@@ -1,0 +1,241 @@
+"""Serving throughput: N concurrent clients spread over 1, 4 and 16 adapters on one base, vs a naive server.
+
+    .venv/bin/python bench/serve_throughput.py                 # SmolLM2-135M-Instruct, 16 clients
+    .venv/bin/python bench/serve_throughput.py --tiny          # the tiny test model (smoke run)
+
+What is compared (all in one process, greedy decoding, the same prompts and ``max_tokens``):
+
+- ``batched``: finetrace's engine (serve/engine.py): one base with 16 LoRA adapters loaded, requests for
+  any mix of adapters decoded together (continuous batching, gathered LoRA). Clients are spread over the
+  first 1, 4 or 16 adapters; ``ratio_16_vs_1`` = tokens/s with 16 adapters / tokens/s with 1.
+- ``peft_mixed_16``: the same engine with PEFT's own mixed-adapter batches (``--lora-kernel peft``).
+- ``swapping``: a naive server that serves one request at a time and switches the PEFT model's active
+  adapter per request (``set_adapter``), decoding batch-1 with a KV cache. ``speedup_vs_swapping`` =
+  batched tokens/s with 16 adapters / swapping tokens/s with 16 adapters.
+
+Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
+the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
+layer of the attention and MLP, non-zero B), recorded in a scratch workspace like trained ones.
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TOPICS = ["contracts", "data protection", "shipping delays", "invoices", "account security", "rivers",
+          "volcanoes", "bread baking", "chess openings", "solar panels", "bees", "tides", "jazz",
+          "glaciers", "train timetables", "compost"]
+
+
+def prompt_for(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
+    """``n`` random LoRA adapters on ``base``, stored and recorded by `train` runs; returns NAME@V refs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetrace.models import load_model
+    from finetrace.models.identity import text_identity
+
+    model, tok, _ = load_model(ws, base.digest)
+    ident = text_identity(tok)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    ds = tmp / "bench-data"
+    ds.mkdir(exist_ok=True)
+    (ds / "datasheet.json").write_text(json.dumps({"title": "benchmark placeholder"}))
+    dataset = ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name="bench-data").digest
+    refs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name:
+                    torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                elif "lora_B" in name:
+                    p.normal_(0, 0.02)
+        out = tmp / f"adapter-{i}"
+        peft_model.save_pretrained(out, safe_serialization=True)
+        (out / "finetrace_adapter.json").write_text(json.dumps({"base_model": base.digest, **ident}))
+        with ws.ledger.run("train", config={"bench": True, "r": r, "i": i}, inputs=[base.digest, dataset]) as run:
+            art = run.output("adapter", ws.store.put_dir(out), name=f"bench-{i}",
+                             metadata={"base_model": base.digest, "method": "lora", "r": r, **ident})
+        refs.append(art.ref)
+    ws.checkpoint()
+    return refs
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def drive(call, clients: int, per_client: int, models: list[str]) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests in a row; client i uses models[i % len]."""
+    lat: list[float] = []
+    toks = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        for j in range(per_client):
+            t0 = time.perf_counter()
+            n = call(models[i % len(models)], prompt_for(i + j))
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                toks[0] += n
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    [t.start() for t in threads]
+    barrier.wait()
+    t0 = time.perf_counter()
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    return {"requests": len(lat), "completion_tokens": toks[0], "wall_s": round(wall, 2),
+            "tokens_per_s": round(toks[0] / wall, 2), "p50_latency_s": round(statistics.median(lat), 3),
+            "p95_latency_s": round(percentile(lat, 0.95), 3)}
+
+
+class SwappingServer:
+    """The naive baseline: one request at a time; ``set_adapter`` per request; batch-1 greedy decoding."""
+
+    def __init__(self, ws, base: str, adapters: list[str]):
+        from peft import PeftModel
+
+        from finetrace.models import load_model
+
+        self.model, self.tok, _ = load_model(ws, base)
+        self.names = {}
+        for i, ref in enumerate(adapters):
+            path = str(ws.store.materialize(ws.ledger.resolve(ref).digest))
+            name = f"s{i}"
+            if i == 0:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+            self.names[ref] = name
+        self.model.eval()
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def _worker(self) -> None:
+        import torch
+
+        while True:
+            ref, messages, max_tokens, done = self.q.get()
+            self.model.set_adapter(self.names[ref])  # the swap
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
+            n, cache = 0, None
+            with torch.inference_mode():
+                for _ in range(max_tokens):
+                    out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.cache if "cache" in out else out.past_key_values
+                    nxt = int(out.logits[0, -1].argmax())
+                    if nxt == self.tok.eos_token_id:
+                        break
+                    n += 1
+                    ids = torch.tensor([[nxt]])
+            done.put(n)
+
+    def call(self, model: str, messages: list[dict], max_tokens: int) -> int:
+        done: queue.Queue = queue.Queue()
+        self.q.put((model, messages, max_tokens, done))
+        return done.get()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="use the tiny random test model instead of SmolLM2")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=2, help="requests per client (batched runs)")
+    ap.add_argument("--naive-per-client", type=int, default=1, help="requests per client (swapping run)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = ap.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    from finetrace.models import add_folder
+    from finetrace.serve.engine import Engine
+    from finetrace.serve.settings import ServeSettings
+    from finetrace.workspace import Workspace
+
+    logging.getLogger("finetrace.serve").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    ws = Workspace.init(tmp / "ws")
+    note = ""
+    base = None
+    if not args.tiny:
+        try:
+            from finetrace.models import add_model
+            base = add_model(ws, "smollm2-135m-instruct")
+        except Exception as exc:  # no network / wheel: fall back, and say so in the result
+            note = f"SmolLM2 unavailable ({exc}); used the tiny random model"
+    if base is None:
+        from finetrace.models.tiny import build_tiny_model
+        base = add_folder(ws, build_tiny_model(tmp / "tiny"), "tiny")
+        note = note or "tiny random model (--tiny)"
+    print(f"base {base.ref}; building 16 adapters (r={args.rank}) ...", file=sys.stderr)
+    refs = make_adapters(ws, base, 16, args.rank, tmp)
+    adapter_bytes = ws.store.size(ws.ledger.resolve(refs[0]).digest)
+
+    results: dict = {}
+
+    def run_engine(kernel: str, spreads: tuple[int, ...]) -> None:
+        eng = Engine(ws, base.digest, refs, ServeSettings(max_batch=args.clients, max_queue=4 * args.clients,
+                                                          lora_kernel=kernel, log_flush_s=0.5))
+        eng.start()
+        try:
+            def call(m, msgs):
+                return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
+            call(refs[0], prompt_for(0))  # warm-up
+            for k in spreads:
+                key = f"batched_{k}" if kernel == "gathered" else f"peft_mixed_{k}"
+                results[key] = drive(call, args.clients, args.per_client, refs[:k])
+                print(key, results[key], file=sys.stderr)
+        finally:
+            eng.stop()
+
+    run_engine("gathered", (1, 4, 16))
+    run_engine("peft", (16,))
+    naive = SwappingServer(ws, base.digest, refs)
+    naive.call(refs[0], prompt_for(0), 4)  # warm-up
+    results["swapping_16"] = drive(lambda m, msgs: naive.call(m, msgs, args.max_tokens), args.clients,
+                                   args.naive_per_client, refs)
+    print("swapping_16", results["swapping_16"], file=sys.stderr)
+
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    summary = {
+        "bench": "serve_throughput", "model": base.ref, "note": note, "clients": args.clients,
+        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results,
+        "ratio_16_vs_1": round(tps["batched_16"] / tps["batched_1"], 3),
+        "ratio_4_vs_1": round(tps["batched_4"] / tps["batched_1"], 3),
+        "speedup_vs_swapping": round(tps["batched_16"] / tps["swapping_16"], 2),
+        "gathered_vs_peft_mixed_16": round(tps["batched_16"] / tps["peft_mixed_16"], 2),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
