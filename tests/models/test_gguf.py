@@ -11,6 +11,7 @@ import torch
 
 from finetrace.canonical import sha256_file
 from finetrace.errors import InputError
+from finetrace.ledger import verify_workspace
 from finetrace.models import add_model, load_model, model_path
 from finetrace.models.gguf_file import check_gguf
 
@@ -84,6 +85,8 @@ def test_gguf_lineage_and_idempotent_readd(workspace, tiny_gguf):
     again = add_model(workspace, tiny_gguf, name="tiny-gguf")
     assert again.digest == art.digest and again.aliases == ["tiny-gguf@1"]
     assert led.size() == size  # nothing new recorded
+    report = verify_workspace(workspace)
+    assert report.ok, report.problems
 
 
 def _ledger_unchanged_after_refusal(workspace, path: Path, expect: str) -> str:

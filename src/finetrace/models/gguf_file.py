@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import fsync_dir
 from ..errors import InputError
 
 MAGIC = b"GGUF"
@@ -246,9 +247,13 @@ def convert_gguf(path: str | Path, out_dir: str | Path) -> Path:
         check = AutoTokenizer.from_pretrained(build)
         if (check.chat_template or "") != (tok.chat_template or "") or check.eos_token != tok.eos_token:
             raise InputError("the converted tokenizer lost its chat template or eos token", file=file)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        build.rename(out_dir)
+        try:
+            build.rename(out_dir)
+            fsync_dir(out_dir.parent)
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
+            # another process converted the same file meanwhile: keep its result, drop ours
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
