@@ -156,9 +156,7 @@ class MinHasher:
         sigs = np.memmap(self.scratch / "signatures.u32", np.uint32, "r", shape=(self.n, self.num_perm))
         bands = np.memmap(self.scratch / "bands.u64", np.uint64, "r", shape=(self.n, self.bands))
         idx_active = np.flatnonzero(active)
-        seen: set[tuple[int, int]] = set()
-        candidates: list[tuple[int, int]] = []
-        out: list[tuple[int, int, float]] = []
+        found = []
         for band in range(self.bands):
             col = np.asarray(bands[idx_active, band])
             order = np.argsort(col, kind="stable")
@@ -172,18 +170,16 @@ class MinHasher:
             # each run member is compared with the run's first member
             i = idx_active[order[run_start[same]]]
             j = idx_active[order[same]]
-            lo, hi = np.minimum(i, j), np.maximum(i, j)
-            for a_, b_ in zip(lo.tolist(), hi.tolist()):
-                if (a_, b_) not in seen:
-                    seen.add((a_, b_))
-                    candidates.append((a_, b_))
-        cand = np.asarray(candidates, np.int64).reshape(-1, 2)
+            found.append(np.minimum(i, j) * np.int64(self.n) + np.maximum(i, j))
+        if not found:
+            return []
+        cand = np.unique(np.concatenate(found))  # (first, other) pairs as first * n + other, deduplicated
+        out: list[tuple[int, int, float]] = []
         for k in range(0, len(cand), 65536):  # estimated Jaccard = fraction of equal signature slots
-            c = cand[k:k + 65536]
-            est = (np.asarray(sigs[c[:, 0]]) == np.asarray(sigs[c[:, 1]])).mean(axis=1)
-            for (a_, b_), e in zip(c.tolist(), est.tolist()):
-                if e >= self.threshold:
-                    out.append((a_, b_, e))
+            lo, hi = np.divmod(cand[k:k + 65536], np.int64(self.n))
+            est = (np.asarray(sigs[lo]) == np.asarray(sigs[hi])).mean(axis=1)
+            ok = est >= self.threshold
+            out.extend(zip(lo[ok].tolist(), hi[ok].tolist(), est[ok].tolist()))
         out.sort()
         return out
 

@@ -379,8 +379,8 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
     writers: dict[int, pq.ParquetWriter] = {}
     counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
     offset = 0
-    pf = pq.ParquetFile(rows_path)
-    for batch in pf.iter_batches(batch_size=CHUNK_ROWS):
+    pf = pq.ParquetFile(rows_path, pre_buffer=False, buffer_size=1 << 20)  # stream, do not pre-read
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, use_threads=False):
         codes = d.split[offset: offset + batch.num_rows]
         offset += batch.num_rows
         table = pa.Table.from_batches([batch]).select(keep_cols)

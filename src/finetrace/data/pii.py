@@ -99,8 +99,9 @@ def phone_ok(text: str) -> bool:
 
 @functools.lru_cache(maxsize=16)  # several detectors ask about the same text in a row
 def digit_count(text: str) -> int:
-    """Number of ASCII digits (ten C-speed substring counts; far cheaper than a regex scan)."""
-    return sum(map(text.count, "0123456789"))
+    """Number of ASCII digits (bytes.translate deletes them at C speed; far cheaper than a regex scan)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return len(data) - len(data.translate(None, b"0123456789"))
 
 
 def _min_digits(n: int, dots: int = 0):

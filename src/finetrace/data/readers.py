@@ -343,7 +343,7 @@ def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Row]:
 
     with _plain_file(path) as plain:
         try:
-            pf = pq.ParquetFile(plain)
+            pf = pq.ParquetFile(plain, pre_buffer=False, buffer_size=1 << 20)
         except Exception as exc:  # pyarrow raises ArrowInvalid for a damaged footer
             raise InputError(f"not a readable Parquet file: {exc}", file=opts.display) from None
         n = 0
