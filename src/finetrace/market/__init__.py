@@ -1,0 +1,15 @@
+"""The marketplace: a registry server for domain adapters with their evidence, and its client.
+
+    server side:  Registry(Settings) (registry.py), create_app(settings) (server.py), pages (web.py)
+    checks:       checks.py (files by content, strict safetensors, tensors vs base shapes, caps)
+    package:      package.py (the signed manifest, DSSE attestation, verification shared by both sides)
+    storage:      db.py (SQLAlchemy models, named migrations, full-text index)
+    client:       client.py (build_package, publish, search, pull)
+
+Entry points: ``finetrace market serve|add-user|add-base|publish|search|pull``.
+"""
+
+from .checks import REQUIRED_DOCUMENTS, Limits, Refused
+from .registry import Registry, Settings
+
+__all__ = ["REQUIRED_DOCUMENTS", "Limits", "Refused", "Registry", "Settings"]

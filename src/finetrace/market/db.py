@@ -1,0 +1,179 @@
+"""The registry's database: SQLAlchemy 2 models, named migrations, and full-text search.
+
+SQLite by default, PostgreSQL through a SQLAlchemy URL (``postgresql+psycopg://...``). Schema changes
+are *named migrations* applied in order and recorded in ``market_migrations`` (no Alembic: the first
+migration is ``create_all`` of the models below; later ones are plain functions). Full-text search uses
+an FTS5 table on SQLite and a GIN index over ``to_tsvector('english', search_text)`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Callable
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, text)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(80), unique=True)  # sha256 hex of the API token
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Namespace(Base):
+    __tablename__ = "namespaces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+
+
+class NamespaceKey(Base):
+    """Publisher keys pinned to a namespace (the first key that publishes is pinned: trust on first use)."""
+    __tablename__ = "namespace_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    key_id: Mapped[str] = mapped_column(String(80))
+    public_key: Mapped[str] = mapped_column(String(100))
+    __table_args__ = (UniqueConstraint("namespace_id", "key_id"),)
+
+
+class Package(Base):
+    __tablename__ = "packages"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    downloads: Mapped[int] = mapped_column(BigInteger, default=0)
+    latest_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __table_args__ = (UniqueConstraint("namespace_id", "name"), Index("ix_packages_downloads", "downloads"))
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    package_id: Mapped[int] = mapped_column(ForeignKey("packages.id"))
+    version: Mapped[str] = mapped_column(String(32))
+    ref: Mapped[str] = mapped_column(String(200))  # ns/name@version
+    manifest_digest: Mapped[str] = mapped_column(String(80))
+    manifest: Mapped[dict] = mapped_column(JSON)
+    signature: Mapped[dict] = mapped_column(JSON)
+    key_id: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str] = mapped_column(Text, default="")
+    license_id: Mapped[str] = mapped_column(String(64))
+    base_name: Mapped[str] = mapped_column(String(200), default="")
+    base_digest: Mapped[str] = mapped_column(String(80))
+    domains: Mapped[str] = mapped_column(String(400), default="")  # ",legal,finance," for LIKE filters
+    tasks: Mapped[str] = mapped_column(String(400), default="")
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # primary metric value
+    search_text: Mapped[str] = mapped_column(Text, default="")
+    publisher: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
+                      Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
+                      Index("ix_versions_score", "score"))
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_metrics_name_value", "name", "value"),)
+
+
+class Upload(Base):
+    """A publish in progress: visible to nobody until its commit succeeds."""
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    ref: Mapped[str] = mapped_column(String(200))
+    manifest_digest: Mapped[str] = mapped_column(String(80))
+    manifest: Mapped[dict] = mapped_column(JSON)
+    signature: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (UniqueConstraint("ref", "manifest_digest"),)
+
+
+class BaseModelShapes(Base):
+    """Base models the registry knows: their tensor shape maps, which take precedence over a publisher's."""
+    __tablename__ = "base_models"
+    digest: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    shapes: Mapped[dict] = mapped_column(JSON)
+
+
+class Migration(Base):
+    __tablename__ = "market_migrations"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    applied: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# -- migrations ----------------------------------------------------------------------------------
+def _m001_schema(conn, dialect: str) -> None:
+    Base.metadata.create_all(conn)
+
+
+def _m002_fulltext(conn, dialect: str) -> None:
+    if dialect == "sqlite":
+        conn.execute(text("CREATE VIRTUAL TABLE IF NOT EXISTS versions_fts USING fts5(search_text, "
+                          "tokenize='porter unicode61')"))
+    elif dialect == "postgresql":
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_fts ON versions "
+                          "USING GIN (to_tsvector('english', search_text))"))
+
+
+MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext)]
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply the named migrations not yet recorded; returns the names applied now."""
+    applied = []
+    with engine.begin() as conn:
+        Migration.__table__.create(conn, checkfirst=True)
+        done = {r[0] for r in conn.execute(text("SELECT name FROM market_migrations"))}
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        with engine.begin() as conn:
+            fn(conn, engine.dialect.name)
+            conn.execute(Migration.__table__.insert().values(name=name, applied=utcnow()))
+        applied.append(name)
+    return applied
+
+
+def connect(url: str) -> tuple[Engine, sessionmaker]:
+    """An engine (migrated) and a session factory for ``url``."""
+    kwargs: dict = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _rec):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    migrate(engine)
+    return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def index_text(session, version: Version) -> None:
+    """Put a version's search text into the full-text index (same transaction as the version row)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"),
+                        {"id": version.id, "t": version.search_text})

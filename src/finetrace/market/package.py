@@ -1,0 +1,182 @@
+"""The package manifest: what is signed, and how the registry and a buyer verify it.
+
+A package ``namespace/name@version`` is a set of files (``checks.ALLOWED_FILES`` plus
+``documents/<kind>.<ext>``) and one *manifest*, canonical JSON of every file's path, size and digest plus
+the metadata (base model identity and shape map, licence, tags, metrics, gate verdict, lineage, the
+publisher's signed ledger checkpoint with an inclusion proof of the adapter's ledger entry). The
+publisher's workspace Ed25519 key signs ``canonical_json(manifest)``; the package's digest is the
+SHA-256 of those bytes, so "same digest twice" means byte-identical manifests.
+
+``verify(manifest, signature)`` is the one verification both sides run: the registry on publish and
+for its badge, the client on pull (plus its own trust policy on the key id).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+from ..canonical import canonical_json, sha256_bytes
+from ..errors import IntegrityError
+from ..ledger import merkle
+from ..ledger.log import Checkpoint
+from ..ledger.signing import KeyPair, key_id, public_from_b64, verify_signature
+from .checks import REQUIRED_DOCUMENTS, REQUIRED_FILES, Refused, check_path, refuse
+
+FORMAT = "finetrace-package/1"
+DSSE_TYPE = "application/vnd.in-toto+json"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
+# Licences a buyer may use without an explicit acceptance step (SPDX ids of common open licences).
+OPEN_LICENSES = {"Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC-BY-4.0", "CC0-1.0", "MPL-2.0",
+                 "ISC", "Unlicense", "CC-BY-SA-4.0", "OpenRAIL-M"}
+
+
+def parse_ref(ref: str) -> tuple[str, str, str | None]:
+    """``ns/name@version`` (version optional) → parts, or Refused naming what is wrong."""
+    body, _, version = ref.partition("@")
+    ns, sep, name = body.partition("/")
+    if not sep or not NAME_RE.match(ns) or not NAME_RE.match(name):
+        raise refuse(f"bad package reference {ref!r}", hint="use namespace/name@version, lower-case letters, "
+                     "digits, '.', '_', '-'")
+    if version and not VERSION_RE.match(version):
+        raise refuse(f"bad version {version!r} in {ref!r}", hint="e.g. 1.0.0")
+    return ns, name, version or None
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return canonical_json(manifest)
+
+
+def manifest_digest(manifest: dict) -> str:
+    return sha256_bytes(manifest_bytes(manifest))
+
+
+def sign(manifest: dict, keys: KeyPair) -> dict:
+    return {"key_id": keys.key_id, "signature": keys.sign(manifest_bytes(manifest))}
+
+
+def license_needs_acceptance(lic: dict) -> bool:
+    return lic.get("id") not in OPEN_LICENSES
+
+
+# -- DSSE attestations ---------------------------------------------------------------------------
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding (DSSE v1 protocol)."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def make_attestation(keys: KeyPair, subject_digest: str, predicate: dict,
+                     predicate_type: str = "https://finetrace.dev/attestation/training/v1") -> dict:
+    """A DSSE envelope around an in-toto v1 statement about ``subject_digest`` (used when audit has none)."""
+    statement = {"_type": "https://in-toto.io/Statement/v1",
+                 "subject": [{"name": "adapter", "digest": {"sha256": subject_digest.split(":", 1)[1]}}],
+                 "predicateType": predicate_type, "predicate": predicate}
+    payload = canonical_json(statement)
+    return {"payloadType": DSSE_TYPE, "payload": base64.b64encode(payload).decode(),
+            "signatures": [{"keyid": keys.key_id, "sig": keys.sign(pae(DSSE_TYPE, payload))}]}
+
+
+def verify_attestation(envelope: dict, public_key_b64: str, subject_digest: str) -> None:
+    """The envelope is signed by the publisher's key and its statement names ``subject_digest``."""
+    try:
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        ptype = envelope["payloadType"]
+        sigs = envelope["signatures"]
+        statement = json.loads(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"attestation/attestation.dsse.json is not a DSSE envelope: {exc}") from None
+    pub = public_from_b64(public_key_b64)
+    ok = False
+    for s in sigs if isinstance(sigs, list) else []:
+        try:
+            verify_signature(pub, pae(ptype, payload), s["sig"], "attestation")
+            ok = True
+            break
+        except (IntegrityError, KeyError, TypeError):
+            continue
+    if not ok:
+        raise IntegrityError("attestation/attestation.dsse.json: no signature by the publisher's key verifies")
+    want = subject_digest.split(":", 1)[1]
+    subjects = statement.get("subject") or []
+    if not any((s.get("digest") or {}).get("sha256") == want for s in subjects if isinstance(s, dict)):
+        raise IntegrityError(f"attestation/attestation.dsse.json does not name the adapter {subject_digest}")
+
+
+# -- the manifest --------------------------------------------------------------------------------
+def check_shape(manifest: dict) -> None:
+    """Structural checks of a manifest (before any object is received)."""
+    if manifest.get("format") != FORMAT:
+        raise refuse(f"manifest format {manifest.get('format')!r} is not {FORMAT}")
+    for key in ("package", "files", "adapter", "base_model", "license", "publisher"):
+        if not isinstance(manifest.get(key), dict if key != "files" else list):
+            raise Refused("missing or malformed", field=f"manifest.{key}")
+    pkg = manifest["package"]
+    parse_ref(f"{pkg.get('namespace')}/{pkg.get('name')}@{pkg.get('version')}")
+    seen = set()
+    for f in manifest["files"]:
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+            raise Refused("each file needs path, size, digest", field="manifest.files")
+        check_path(f["path"])
+        if f["path"] in seen:
+            raise refuse(f"file {f['path']!r} listed twice")
+        seen.add(f["path"])
+        if type(f.get("size")) is not int or f["size"] < 0 or not re.fullmatch(r"sha256:[0-9a-f]{64}",
+                                                                                 str(f.get("digest"))):
+            raise refuse(f"file {f['path']!r}: size must be an integer and digest sha256:<64 hex>")
+    missing = [p for p in REQUIRED_FILES if p not in seen]
+    if missing:
+        raise refuse(f"the package lacks {', '.join(missing)}", hint="an adapter needs its PEFT files and "
+                     "finetrace_adapter.json")
+    lic = manifest["license"]
+    if not isinstance(lic.get("id"), str) or (lic["id"] == "custom" and not str(lic.get("terms", "")).strip()):
+        raise Refused("needs an SPDX id, or id 'custom' with the terms a buyer must accept",
+                      field="manifest.license")
+    base = manifest["base_model"]
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", str(base.get("digest"))):
+        raise Refused("must be the sha256 digest of the base model", field="manifest.base_model.digest")
+
+
+def documents_present(manifest: dict) -> list[str]:
+    """Required document kinds that the package lacks."""
+    kinds = {f["path"].split("/", 1)[1].rsplit(".", 1)[0] for f in manifest["files"]
+             if f["path"].startswith("documents/")}
+    return [k for k in REQUIRED_DOCUMENTS if k not in kinds]
+
+
+def verify(manifest: dict, signature: dict) -> dict:
+    """Verify the signature, the publisher checkpoint and the adapter's inclusion in it.
+
+    Raises IntegrityError on a bad signature (naming which). Returns the facts the badge uses:
+    ``{"key_id", "signature", "checkpoint", "inclusion"}`` (booleans besides key_id).
+    """
+    pubd = manifest["publisher"]
+    try:
+        pub = public_from_b64(pubd["public_key"])
+    except (KeyError, ValueError, TypeError):
+        raise IntegrityError("manifest.publisher.public_key is not an Ed25519 public key") from None
+    kid = key_id(pub)
+    if signature.get("key_id") != kid:
+        raise IntegrityError(f"signature key id {signature.get('key_id')} is not the publisher key {kid}")
+    verify_signature(pub, manifest_bytes(manifest), str(signature.get("signature", "")), "the package manifest")
+    facts = {"key_id": kid, "signature": True, "checkpoint": False, "inclusion": False}
+    cp = pubd.get("checkpoint")
+    if isinstance(cp, dict):
+        try:
+            c = Checkpoint(int(cp["size"]), str(cp["root"]), str(cp["time"]), str(cp["key_id"]), str(cp["signature"]))
+            if c.key_id == kid:
+                verify_signature(pub, c.message(), c.signature, "the publisher checkpoint")
+                facts["checkpoint"] = True
+                entry = pubd.get("entry") or {}
+                body = base64.b64decode(entry.get("body", ""))
+                proof = [bytes.fromhex(h) for h in entry.get("proof", [])]
+                doc = json.loads(body) if body else {}
+                if (doc.get("type") == "artifact.added" and doc.get("data", {}).get("digest") == manifest["adapter"].get("digest")
+                        and merkle.verify_inclusion(int(entry.get("seq", -1)), c.size, merkle.leaf_hash(body),
+                                                    proof, bytes.fromhex(c.root))):
+                    facts["inclusion"] = True
+        except (KeyError, ValueError, TypeError, IntegrityError):
+            pass
+    return facts

@@ -1,0 +1,161 @@
+"""The registry over HTTP: ``create_app(settings)`` (FastAPI) and a background server for tests.
+
+API (JSON; errors are ``{"error", "hint"}`` with 401/403/404/409/422):
+
+    POST /api/v1/uploads                              {manifest, signature} -> {status, upload, missing}
+    PUT  /api/v1/uploads/{upload}/objects/{digest}    raw bytes (re-hashed, content-checked)
+    POST /api/v1/uploads/{upload}/commit              -> {status: published|exists, ref, digest}
+    GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge (?pull=1 counts a download)
+    GET  /api/v1/objects/{digest}                     bytes of a committed object
+    GET  /api/v1/search?q=&domain=&task=&base=&license=&min_metric=&sort=&limit=
+
+Web pages (server-rendered, no JavaScript): ``/`` search with filters, ``/p/{ns}/{name}[/{version}]``.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from typing import Annotated
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
+from .checks import Refused
+from .registry import Registry, Settings
+
+
+Auth = Annotated[str | None, Header()]  # module level: annotations are resolved from the module's globals
+
+
+def _status(exc: FinetraceError) -> int:
+    if hasattr(exc, "http_status"):
+        return exc.http_status
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, (InputError, IntegrityError)):
+        return 422
+    return 500
+
+
+def _token(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    reg = registry or Registry(settings)
+    app = FastAPI(title=settings.title, docs_url=None, redoc_url=None)
+    app.state.registry = reg
+
+    @app.exception_handler(FinetraceError)
+    async def _err(request: Request, exc: FinetraceError):
+        return JSONResponse({"error": exc.message, "hint": exc.hint, "type": type(exc).__name__},
+                            status_code=_status(exc))
+
+    @app.get("/api/v1/health")
+    def health():
+        return {"ok": True, "db": reg.dialect}
+
+    @app.post("/api/v1/uploads")
+    async def start_upload(request: Request, authorization: Auth = None):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InputError("the body must be JSON {manifest, signature}") from None
+        if not isinstance(body, dict):
+            raise InputError("the body must be JSON {manifest, signature}")
+        return reg.start_upload(_token(authorization), body.get("manifest"), body.get("signature"))
+
+    @app.put("/api/v1/uploads/{upload_id}/objects/{digest}")
+    async def put_object(upload_id: str, digest: str, request: Request, authorization: Auth = None):
+        # spool the body (never more than the per-file cap) and hand it to the registry in a thread
+        cap = settings.limits.max_file_bytes
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise Refused(f"object {digest} is larger than the per-file cap of {cap} bytes")
+                spool.write(chunk)
+            spool.seek(0)
+            return await run_in_threadpool(reg.put_object, _token(authorization), upload_id, digest, spool)
+
+    @app.post("/api/v1/uploads/{upload_id}/commit")
+    def commit(upload_id: str, authorization: Auth = None):
+        return reg.commit(_token(authorization), upload_id)
+
+    @app.get("/api/v1/packages/{ns}/{name}")
+    def latest(ns: str, name: str, pull: int = 0):
+        info = reg.version(ns, name, None, count_download=bool(pull))
+        info["badge"] = reg.badge(info)
+        return info
+
+    @app.get("/api/v1/packages/{ns}/{name}/{version}")
+    def version(ns: str, name: str, version: str, pull: int = 0):
+        info = reg.version(ns, name, version, count_download=bool(pull))
+        info["badge"] = reg.badge(info)
+        return info
+
+    @app.get("/api/v1/objects/{digest}")
+    def get_object(digest: str):
+        return FileResponse(reg.object_path(digest), media_type="application/octet-stream",
+                            headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/v1/search")
+    def search(q: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
+               license: str | None = None, min_metric: Annotated[list[str], Query()] = [],
+               sort: str | None = None, limit: int = 20, offset: int = 0):
+        return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset)
+
+    from .web import register_pages
+
+    register_pages(app, reg, settings)
+    return app
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8700) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+class BackgroundServer:
+    """``with BackgroundServer(settings) as srv: srv.url`` — a real uvicorn on a free 127.0.0.1 port."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.app = create_app(settings, registry)
+        self.registry: Registry = self.app.state.registry
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="finetrace-market", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the registry server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()

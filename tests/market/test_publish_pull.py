@@ -1,0 +1,150 @@
+"""Publish → search → pull over loopback against a real registry server, and the pulled adapter in use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetrace.errors import InputError, IntegrityError, NotFoundError
+from finetrace.market import client
+from finetrace.market.client import RegistryError
+
+
+def _publish(market, server, target, **kw):
+    kw.setdefault("domain", ["legal"])
+    kw.setdefault("task", ["classification"])
+    kw.setdefault("description", "Contract clause classifier for termination and liability clauses")
+    return client.publish(market.pub, "legal-lora", target, server.url, server.tokens["acme"], **kw)
+
+
+def test_publish_search_pull_roundtrip(market, server):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = _publish(market, server, "acme/legal-clauses@1.0.0")
+    assert res["status"] == "published" and res["uploaded"] >= 9
+    again = _publish(market, server, "acme/legal-clauses@1.0.0")
+    assert again["status"] == "exists" and again["digest"] == res["digest"] and again["uploaded"] == 0
+
+    # discovery: text, filters, metric thresholds
+    hits = client.search(server.url, "contract", domain="legal", min_metric=["accuracy>=0.9"])["results"]
+    assert [h["ref"] for h in hits] == ["acme/legal-clauses@1.0.0"]
+    assert hits[0]["score"] == pytest.approx(0.93) and hits[0]["license"] == "Apache-2.0"
+    assert client.search(server.url, "clause", min_metric=["accuracy>=0.99"])["results"] == []
+    assert client.search(server.url, "contract", domain="medical")["results"] == []
+    assert client.search(server.url, "", base=market.base.digest)["results"][0]["name"] == "legal-clauses"
+    assert client.search(server.url, "termination liability")["results"][0]["name"] == "legal-clauses"
+    with pytest.raises(RegistryError, match="bad metric filter"):
+        client.search(server.url, "x", min_metric=["accuracy>>1"])
+
+    # the registry's badge
+    info = client._check(client._http(server.url).get("/api/v1/packages/acme/legal-clauses/1.0.0"))
+    assert info["badge"]["level"] == "verified", info["badge"]
+    assert info["badge"]["inclusion"] and info["badge"]["attestation"] and info["badge"]["documents"]
+
+    # pull: trust policy first
+    with pytest.raises(IntegrityError, match="not a trusted key") as exc:
+        client.pull(market.buyer, "acme/legal-clauses@1.0.0", server.url)
+    assert market.pub.keys.key_id in exc.value.hint
+    art = client.pull(market.buyer, "acme/legal-clauses@1.0.0", server.url, trust_keys=[market.pub.keys.key_id])
+    assert art.digest == market.adapter.digest  # the same bytes the publisher signed
+    assert art.kind == "adapter" and art.ref == "acme/legal-clauses@1"
+    assert art.metadata["base_model"] == market.base.digest and art.metadata["r"] == 4
+    assert art.metadata["market"]["package"] == "acme/legal-clauses@1.0.0"
+    run = market.buyer.ledger.get_run(art.run_id)
+    assert run.kind == "pull" and run.status == "succeeded" and run.inputs == [market.base.digest]
+    docs = [a for a in market.buyer.ledger.artifacts("document") if a.metadata.get("adapter") == art.digest]
+    assert sorted(a.metadata["document"] for a in docs) == ["ab2013", "annex_iv", "attestation", "model_card"]
+    assert client.search(server.url, "contract")["results"][0]["downloads"] >= 1
+
+    # the pulled adapter loads with PEFT on the buyer's base and computes what the publisher's does
+    folder = market.buyer.store.materialize(art.digest)
+    pub_folder = market.pub.store.materialize(market.adapter.digest)
+    ids = torch.tensor([[5, 17, 42, 7]])
+    outs = []
+    for f in (folder, pub_folder):
+        base = AutoModelForCausalLM.from_pretrained(market.model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(f)).eval()
+        with torch.no_grad():
+            outs.append(model(ids).logits)
+    plain = AutoModelForCausalLM.from_pretrained(market.model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], base_logits)  # the adapter does something
+
+
+def test_pull_needs_the_base_and_the_license(market, server, tmp_path):
+    from finetrace.workspace import Workspace
+
+    terms = "Evaluation use only. No redistribution."
+    _publish(market, server, "acme/legal-clauses-eval@0.1", license_id="custom", license_terms=terms)
+    key = market.pub.keys.key_id
+    with pytest.raises(InputError, match="must be accepted") as exc:
+        client.pull(market.buyer, "acme/legal-clauses-eval@0.1", server.url, trust_keys=[key])
+    assert terms in str(exc.value)
+    bare = Workspace.init(tmp_path / "bare")
+    with pytest.raises(NotFoundError, match="needs base model"):
+        client.pull(bare, "acme/legal-clauses-eval@0.1", server.url, trust_keys=[key], accept_license=True)
+    assert bare.ledger.artifacts("adapter") == []
+    art = client.pull(market.buyer, "acme/legal-clauses-eval@0.1", server.url, trust_keys=[key], accept_license=True)
+    last = market.buyer.ledger.runs("pull")[-1]  # same adapter bytes as the 1.0.0 pull: a new run, same artifact
+    assert last.config["accepted_license"] is True and last.config["package"] == "acme/legal-clauses-eval@0.1"
+    assert art.digest in last.outputs and "acme/legal-clauses-eval@1" in art.aliases
+    with pytest.raises(RegistryError, match="no package") as exc:
+        client.pull(market.buyer, "acme/nothing@1", server.url, trust_keys=[key])
+    assert exc.value.status == 404
+
+
+def test_a_publish_killed_midway_leaves_nothing_visible_and_resumes(market, server, tmp_path):
+    from .conftest import add_evidence, make_adapter
+
+    art = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="resumed-lora", seed=7)
+    add_evidence(market.pub, art, tmp_path, accuracy=0.88)
+    pkg = client.build_package(market.pub, "resumed-lora", "acme/resumed@2.0", domain=["legal"],
+                               description="resumable upload")
+    http = client._http(server.url, server.tokens["acme"])
+    start = client._check(http.post("/api/v1/uploads", json={"manifest": pkg.manifest, "signature": pkg.signature}))
+    by_digest = {f["digest"]: pkg.files[f["path"]] for f in pkg.manifest["files"]}
+    first = start["missing"][0]
+    assert len(start["missing"]) >= 5  # new adapter, report and documents (the base shapes are in the manifest)
+    client._check(http.put(f"/api/v1/uploads/{start['upload']}/objects/{first}", content=by_digest[first].read_bytes()))
+    assert client.search(server.url, "resumable")["results"] == []
+    assert http.get("/api/v1/packages/acme/resumed/2.0").status_code == 404
+    r = http.post(f"/api/v1/uploads/{start['upload']}/commit")
+    assert r.status_code == 422 and "not received yet" in r.json()["error"]
+    assert not server.registry.store.has(first)  # staged, not stored, not served
+    assert http.get(f"/api/v1/objects/{first}").status_code == 404
+    # resume: the same manifest finds the same upload and only what is still missing
+    res = client.upload(pkg, server.url, server.tokens["acme"])
+    assert res["status"] == "published" and res["uploaded"] == len(start["missing"]) - 1
+    assert client.search(server.url, "resumable")["results"][0]["ref"] == "acme/resumed@2.0"
+    assert not any(server.registry.staging.rglob("*")) or all(p.is_dir() for p in server.registry.staging.rglob("*"))
+
+
+def test_gates_and_documents_are_required(market, server, tmp_path):
+    from finetrace.market.checks import REQUIRED_DOCUMENTS
+
+    from .conftest import add_evidence, make_adapter
+
+    bad = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="weak-lora", seed=3)
+    with pytest.raises(InputError, match="may not be published.*unevaluated|no evaluation"):
+        client.build_package(market.pub, "weak-lora", "acme/weak@1")
+    add_evidence(market.pub, bad, tmp_path, accuracy=0.5, passed=False)
+    with pytest.raises(InputError, match="eval gates failed"):
+        client.build_package(market.pub, "weak-lora", "acme/weak@1")
+    nodocs = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="nodoc-lora", seed=4)
+    add_evidence(market.pub, nodocs, tmp_path, docs=("model_card",))
+    with pytest.raises(InputError, match="required documents missing: annex_iv, ab2013"):
+        client.build_package(market.pub, "nodoc-lora", "acme/nodoc@1")
+    assert REQUIRED_DOCUMENTS == ("model_card", "annex_iv", "ab2013")
+    # documents given explicitly complete it
+    extra = {}
+    for k in ("annex_iv", "ab2013"):
+        extra[k] = tmp_path / f"{k}.md"
+        extra[k].write_text(f"# {k}\n")
+    pkg = client.build_package(market.pub, "nodoc-lora", "acme/nodoc@1", documents=extra)
+    assert {"documents/annex_iv.md", "documents/ab2013.md", "documents/model_card.md"} <= set(pkg.files)
+    json.dumps(pkg.manifest)  # serialisable as is
