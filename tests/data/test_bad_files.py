@@ -41,6 +41,12 @@ def _latin1(tmp_path):
     return p
 
 
+def _latin1_csv(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("prompt,completion\nhello,world\ngar\u00e7on,waiter\n".encode("latin-1"))
+    return p
+
+
 def _empty(tmp_path):
     p = tmp_path / "empty.jsonl"
     p.write_bytes(b"")
@@ -75,6 +81,7 @@ CORPUS = {
                      r"map it with --map completion=completon"),
     "UTF-16 BOM": (_utf16_bom, "utf16.jsonl:1", None, r"UTF-16 encoded .*re-save it as UTF-8"),
     "Latin-1 file": (_latin1, "latin1.jsonl:5", None, r"byte offset \d+ \(0xe9\) is not valid UTF-8.*Latin-1"),
+    "Latin-1 CSV": (_latin1_csv, "latin1.csv:3", None, r"byte offset 33 \(0xe7\) is not valid UTF-8"),
     "empty file": (_empty, "empty.jsonl", None, r"the file is empty \(0 bytes\)"),
     "ragged CSV": (_ragged, "ragged.csv:3", None, r"the row has 3 fields but the header has 2 \(prompt, completion\)"),
     "non-string label": (_label_not_string, "label.jsonl:5", "label", r"'label' must be a string, got int 3"),

@@ -84,6 +84,19 @@ def test_custom_detector_plugs_in(workspace, tmp_path):
         DETECTORS.pop("codename")
 
 
+def test_presidio_is_optional_with_an_install_hint():
+    from finetrace.data.pii import PresidioDetector
+    from finetrace.errors import DependencyError
+
+    try:
+        import presidio_analyzer  # noqa: F401
+    except ImportError:
+        with pytest.raises(DependencyError, match="presidio-analyzer"):
+            PresidioDetector()
+    else:  # installed here: it must behave as a detector
+        assert PresidioDetector().name == "presidio"
+
+
 # -- normalisation and near-duplicates ------------------------------------------------------------
 def test_nfc_and_whitespace_normalisation(workspace, tmp_path):
     decomposed = unicodedata.normalize("NFD", "Crème brûlée")

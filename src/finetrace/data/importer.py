@@ -137,10 +137,10 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="import-", dir=ws.cache))
     try:
-        p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch,
-                                         near_dup_threshold, max_row_bytes, progress)
+        minhasher = MinHasher(near_dup_threshold, scratch)
+        p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher,
+                                         max_row_bytes, progress)
         schema = validator.schema
-        minhasher: MinHasher = p1.minhasher  # type: ignore[attr-defined]
         decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema)
 
         transforms = _transforms(sources, fmap, schema, on_error, pii, detectors, near_dup_threshold,
@@ -177,12 +177,11 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
 
 
 # -- pass 1 -------------------------------------------------------------------------------------
-def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, threshold, max_row_bytes, progress):
+def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher, max_row_bytes, progress):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     p1 = _Pass1()
-    p1.minhasher = MinHasher(threshold, scratch)  # type: ignore[attr-defined]
     validator: RowValidator | None = RowValidator(schema, fmap) if schema else None
     writer = None
     buf: list[dict] = []
@@ -197,7 +196,7 @@ def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, thre
         if writer is None:
             writer = pq.ParquetWriter(scratch / "rows.parquet", arrow_schema(validator.schema), compression="none")
         writer.write_table(pa.Table.from_pylist(buf, schema=arrow_schema(validator.schema)))
-        p1.minhasher.add(texts)  # type: ignore[attr-defined]
+        minhasher.add(texts)
         buf.clear()
         texts.clear()
 
