@@ -1,0 +1,335 @@
+"""``finetrace verify BUNDLE.zip``: check an audit bundle with nothing but the bundle (no workspace).
+
+What is checked, each problem naming the part of the bundle:
+
+1. ``bundle.json`` is signed by ``public_key.pem``; every file in the zip is listed there with its
+   SHA-256 and matches it; nothing is missing or extra.
+2. ``checkpoint.json`` is signed by the same key (and is the checkpoint bundle.json names).
+3. Every ledger entry: its leaf hash ``SHA-256(0x00 || entry)`` equals the leaf its proof was made
+   for, and its RFC 6962 inclusion proof leads to the checkpoint's root (RFC 9162 §2.1.3.2).
+4. Entry 0 (``workspace.created``) records the same public key that signed the checkpoint.
+5. The adapter folder's digest (the SHA-256 of its finetrace tree manifest) is an ``adapter``
+   artifact recorded in a proven entry; each document folder is a recorded ``document`` of it.
+6. The attestation: DSSE signature (PAE) by the key; its subjects are exactly the adapter's files
+   and digests; its invocation is the run that produced the adapter.
+7. Every ``approval`` entry's Ed25519 signature, and that its report is a recorded ``eval_report``.
+8. The lineage is complete: the producing run of the adapter and each of that run's inputs
+   (base model, datasets, parent adapter) are in proven entries.
+
+Imports only the standard library, ``cryptography`` and finetrace's Merkle/signing code, so it runs on
+a fresh install.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..canonical import canonical_json
+from ..ledger import merkle
+from ..ledger.log import Checkpoint
+from ..ledger.signing import key_id, public_to_b64
+from ..ledger.verify import VerifyReport
+
+TREE_FORMAT = "finetrace-tree/1"
+SIGNED_SELF = ("bundle.json", "bundle.json.sig")
+
+
+@dataclass
+class BundleReport(VerifyReport):
+    """A VerifyReport with the facts that were verified, for people (``verified``)."""
+
+    verified: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "verified": self.verified}
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _tree_digest(files: dict[str, bytes]) -> str:
+    """The finetrace folder digest of ``{relative path: bytes}`` (same as ObjectStore.put_dir)."""
+    entries = sorted(({"path": p, "size": len(b), "digest": _sha(b)} for p, b in files.items()),
+                     key=lambda e: e["path"])
+    return _sha(canonical_json({"format": TREE_FORMAT, "files": entries}))
+
+
+def part_of(path: str) -> str:
+    """A human name for the part of the bundle a file belongs to."""
+    parts = path.split("/")
+    if parts[0] == "adapter":
+        return f"adapter file {path}"
+    if parts[0] == "documents" and len(parts) > 2:
+        return f"document {parts[1]} file {path}"
+    if parts[0] == "ledger" and len(parts) == 3:
+        seq = parts[2].removesuffix(".json")
+        return f"ledger entry {seq} ({path})" if parts[1] == "entries" else f"inclusion proof of ledger entry {seq} ({path})"
+    if path == "checkpoint.json":
+        return "checkpoint signature (checkpoint.json)"
+    if path == "public_key.pem":
+        return "public key (public_key.pem)"
+    return path
+
+
+def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        report.problems.append(f"{path} is not a readable zip file: {exc}")
+        return None
+    files = {}
+    with z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            p = PurePosixPath(info.filename)
+            if p.is_absolute() or ".." in p.parts:
+                report.problems.append(f"the bundle holds an unsafe path {info.filename!r}")
+                continue
+            try:
+                files[info.filename] = z.read(info)
+            except (zipfile.BadZipFile, OSError) as exc:  # CRC error: a byte changed inside the zip
+                report.problems.append(f"{part_of(info.filename)} is damaged in the zip: {exc}")
+    return files
+
+
+def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> BundleReport:
+    """Verify the bundle at ``path``; the report lists what was checked and every problem found."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    report = BundleReport()
+    path = Path(path)
+    if not path.is_file():
+        report.problems.append(f"no bundle at {path}")
+        return report
+    files = _read(path, report)
+    if files is None:
+        return report
+    P = report.problems
+    for need in ("bundle.json", "bundle.json.sig", "public_key.pem", "checkpoint.json"):
+        if need not in files:
+            P.append(f"the bundle has no {need}")
+    if P:
+        return report
+
+    # -- key, bundle.json signature, file list --------------------------------------------------------
+    try:
+        pub = serialization.load_pem_public_key(files["public_key.pem"])
+        assert isinstance(pub, Ed25519PublicKey)
+    except (ValueError, AssertionError):
+        P.append("public key (public_key.pem) is not an Ed25519 PEM key")
+        return report
+    kid = key_id(pub)
+    report.verified.append(f"public key {kid}")
+    if expected_key_id and expected_key_id != kid:
+        P.append(f"the bundle is signed by key {kid}, not by the expected key {expected_key_id}")
+
+    def sig_ok(message: bytes, sig_b64: str) -> bool:
+        try:
+            pub.verify(base64.b64decode(sig_b64), message)
+            return True
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+
+    n_sigs = 0
+    if not sig_ok(files["bundle.json"], files["bundle.json.sig"].decode("ascii", "replace").strip()):
+        P.append("bundle manifest signature (bundle.json.sig) does not verify: bundle.json or its signature was changed")
+    n_sigs += 1
+    try:
+        manifest = json.loads(files["bundle.json"])
+        listed: dict[str, str] = manifest["files"]
+        adapter_digest = manifest["adapter"]["digest"]
+    except (ValueError, KeyError, TypeError) as exc:
+        P.append(f"bundle.json is malformed: {exc}")
+        return report
+    for p, b in sorted(files.items()):
+        if p in SIGNED_SELF:
+            continue
+        if p not in listed:
+            P.append(f"{part_of(p)} is not listed in bundle.json (a file was added)")
+        elif listed[p] != _sha(b):
+            P.append(f"{part_of(p)} was modified: its SHA-256 does not match bundle.json")
+    for p in listed:
+        if p not in files:
+            P.append(f"{part_of(p)} is listed in bundle.json but missing from the bundle")
+    report.checks["files"] = len(files)
+
+    # -- checkpoint ---------------------------------------------------------------------------------
+    try:
+        cp = Checkpoint(**json.loads(files["checkpoint.json"]))
+    except (ValueError, TypeError) as exc:
+        P.append(f"checkpoint.json is malformed: {exc}")
+        return report
+    if cp.key_id != kid:
+        P.append(f"checkpoint signature (checkpoint.json) names key {cp.key_id}, not the bundle's key {kid}")
+    if not sig_ok(cp.message(), cp.signature):
+        P.append("checkpoint signature (checkpoint.json) does not verify: the checkpoint or its signature was changed")
+    n_sigs += 1
+    if manifest.get("checkpoint") != cp.to_dict():
+        P.append("checkpoint.json is not the checkpoint bundle.json names")
+    root = bytes.fromhex(cp.root) if len(cp.root) == 64 else b""
+    report.verified.append(f"signed checkpoint: {cp.size} ledger entries, root {cp.root}, {cp.time}")
+
+    # -- ledger entries and inclusion proofs ----------------------------------------------------------
+    entries: dict[int, dict] = {}
+    n_proofs = 0
+    for p in sorted(files):
+        if not (p.startswith("ledger/entries/") and p.endswith(".json")):
+            continue
+        name = p.rsplit("/", 1)[1].removesuffix(".json")
+        if not name.isdigit():
+            P.append(f"unexpected file {p}")
+            continue
+        seq, raw = int(name), files[p]
+        ppath = f"ledger/proofs/{seq}.json"
+        if ppath not in files:
+            P.append(f"ledger entry {seq} has no inclusion proof ({ppath})")
+            continue
+        try:
+            pr = json.loads(files[ppath])
+            proof = [bytes.fromhex(h) for h in pr["proof"]]
+            recorded_leaf = bytes.fromhex(pr["leaf"])
+            psize = int(pr["size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            P.append(f"inclusion proof of ledger entry {seq} ({ppath}) is malformed: {exc}")
+            continue
+        leaf = merkle.leaf_hash(raw)
+        if leaf != recorded_leaf:
+            P.append(f"ledger entry {seq} ({p}) was modified: its leaf hash differs from the one it was proven with")
+            continue
+        if psize != cp.size or not merkle.verify_inclusion(seq, cp.size, leaf, proof, root):
+            P.append(f"inclusion proof of ledger entry {seq} ({ppath}) does not lead to the signed checkpoint root")
+            continue
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            P.append(f"ledger entry {seq} is not JSON")
+            continue
+        if doc.get("seq") != seq:
+            P.append(f"ledger entry {p} says it is entry {doc.get('seq')}")
+            continue
+        entries[seq] = doc
+        n_proofs += 1
+    report.checks["ledger_entries"] = len(entries)
+    report.checks["inclusion_proofs"] = n_proofs
+    report.verified.append(f"{n_proofs} ledger entries proven included in the checkpoint")
+
+    created = [e for e in entries.values() if e["type"] == "workspace.created"]
+    if not created:
+        P.append("ledger entry 0 (workspace.created, which records the public key) is missing or unproven")
+    elif created[0]["data"].get("public_key") != public_to_b64(pub):
+        P.append("public key (public_key.pem) is not the key recorded in ledger entry 0")
+
+    arts = {e["data"]["digest"]: e["data"] for e in entries.values() if e["type"] == "artifact.added"}
+    runs = {e["data"]["id"]: e["data"] for e in entries.values() if e["type"] == "run.started"}
+    finished = {e["data"]["id"]: e["data"] for e in entries.values() if e["type"] == "run.finished"}
+
+    # -- the adapter -----------------------------------------------------------------------------------
+    ad_files = {p[len("adapter/"):]: b for p, b in files.items() if p.startswith("adapter/")}
+    computed = _tree_digest(ad_files)
+    ad_art = arts.get(adapter_digest)
+    if ad_art is None or ad_art.get("kind") not in ("adapter", "model"):
+        P.append(f"the adapter {adapter_digest} is not recorded in any proven ledger entry")
+    if computed != adapter_digest:
+        P.append(f"adapter files (adapter/) do not match the adapter digest {adapter_digest} recorded in the ledger "
+                 f"(they hash to {computed})")
+    else:
+        report.verified.append(f"adapter {adapter_digest}: {len(ad_files)} files match the ledger")
+    report.checks["adapter_files"] = len(ad_files)
+
+    # -- documents ----------------------------------------------------------------------------------------
+    docs: dict[str, dict[str, bytes]] = {}
+    for p, b in files.items():
+        parts = p.split("/", 2)
+        if parts[0] == "documents" and len(parts) == 3:
+            docs.setdefault(parts[1], {})[parts[2]] = b
+    for slug, dfiles in sorted(docs.items()):
+        d = _tree_digest(dfiles)
+        rec = arts.get(d)
+        if rec is None or rec.get("kind") != "document":
+            P.append(f"document {slug} (documents/{slug}/) does not match any document recorded in the ledger: "
+                     "a file of it was changed, added or removed")
+        elif (rec.get("metadata") or {}).get("adapter") != adapter_digest:
+            P.append(f"document {slug} was generated for another adapter")
+        else:
+            report.verified.append(f"document {slug} {d} matches ledger entry of {rec.get('name')}@{rec.get('version')}")
+    report.checks["documents"] = len(docs)
+
+    # -- attestation ---------------------------------------------------------------------------------------
+    att = files.get("documents/attestation/attestation.dsse.json")
+    if att is None:
+        P.append("the bundle has no attestation (documents/attestation/attestation.dsse.json)")
+    else:
+        from .attest import verify_envelope
+
+        try:
+            stmt = verify_envelope(json.loads(att), pub)
+            n_sigs += 1
+            subj = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in stmt.get("subject", [])}
+            actual = {p: _sha(b) for p, b in ad_files.items()}
+            if subj != actual:
+                bad = sorted(set(subj.items()) ^ set(actual.items()))
+                P.append(f"attestation subjects do not match the adapter files (first difference: "
+                         f"adapter/{bad[0][0]})")
+            ext = stmt["predicate"]["buildDefinition"].get("externalParameters", {})
+            if ext.get("adapter") != adapter_digest:
+                P.append("the attestation is about another adapter")
+            inv = stmt["predicate"]["runDetails"]["metadata"].get("invocationId")
+            if ad_art and ad_art.get("run_id") and inv != ad_art["run_id"]:
+                P.append(f"the attestation names run {inv}, the ledger says {ad_art['run_id']} produced the adapter")
+            report.checks["attestation_subjects"] = len(subj)
+            report.verified.append(f"attestation (in-toto v1, SLSA provenance v1, DSSE): {len(subj)} subjects, "
+                                   f"{len(stmt['predicate']['buildDefinition'].get('resolvedDependencies', []))} "
+                                   "resolved dependencies")
+        except Exception as exc:  # IntegrityError or a malformed statement
+            P.append(f"attestation signature or content (documents/attestation/attestation.dsse.json): {exc}")
+
+    # -- approvals --------------------------------------------------------------------------------------------
+    from .approvals import approval_message
+
+    n_appr = 0
+    for seq, e in sorted(entries.items()):
+        if e["type"] != "approval":
+            continue
+        d = e["data"]
+        try:
+            good = d.get("key_id") == kid and sig_ok(approval_message(d), d.get("signature", ""))
+        except KeyError:
+            good = False
+        if not good:
+            P.append(f"approval signature in ledger entry {seq} (by {d.get('by')}) does not verify")
+            continue
+        if (arts.get(d.get("report")) or {}).get("kind") != "eval_report":
+            P.append(f"approval in ledger entry {seq} approves a report that is not in the bundle's lineage")
+        n_sigs += 1
+        n_appr += 1
+        report.verified.append(f"approval by {d['by']} on {d['date']}: {d['note']}")
+    report.checks["approvals"] = n_appr
+    report.checks["signatures"] = n_sigs
+
+    # -- lineage completeness --------------------------------------------------------------------------------
+    if ad_art and ad_art.get("run_id"):
+        rid = ad_art["run_id"]
+        run = runs.get(rid)
+        if run is None:
+            P.append(f"the run {rid} that produced the adapter is not in the bundle's ledger entries")
+        else:
+            missing = [i for i in run.get("inputs", []) if i not in arts]
+            if missing:
+                P.append(f"inputs of run {rid} are not in the bundle's ledger entries: {', '.join(missing)}")
+            status = (finished.get(rid) or {}).get("status")
+            report.verified.append(f"lineage: run {rid} ({run.get('kind')}, {status}) with "
+                                   f"{len(run.get('inputs', []))} recorded inputs")
+    verdicts = [e["data"] for e in entries.values() if e["type"] == "gate.verdict"]
+    for v in verdicts:
+        report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} (report {v.get('report')})")
+    report.checks["gate_verdicts"] = len(verdicts)
+    return report

@@ -1,0 +1,263 @@
+"""Everything the ledger knows about one adapter, gathered once for the documents, BOM and attestation.
+
+``gather(ws, adapter_ref, intended)`` walks the ledger from the adapter: the training run (config,
+environment, metrics), the base model (its files and ``config.json``), the parent adapter chain, the
+datasets (``dataset.json`` + ``datasheet.json``), the evaluations of the adapter (``report.json``), gate
+verdicts, overrides and approvals. It reads recorded facts only: a key that is absent stays absent, and
+the templates render it as "not provided" with what would provide it. Nothing here is guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import IntegrityError
+from ..ledger import Artifact
+from ..ledger.log import now
+from ..workspace import Workspace
+
+# Keys of the intended-use YAML (``--intended-use FILE.yaml``): what a person must state because no
+# machine can know it. ``REQUIRED`` missing => the documents say so and ``intended_use_missing`` is set.
+REQUIRED_INTENDED = {
+    "intended_use": "the purpose the adapter is meant for",
+    "limitations": "known limitations and conditions under which it should not be relied on",
+}
+OPTIONAL_INTENDED = {
+    "intended_users": "who is meant to use it",
+    "out_of_scope_use": "uses that are out of scope or foreseeable misuse",
+    "provider": "the provider's name and contact",
+    "license": "the licence of the adapter (SPDX id, e.g. apache-2.0)",
+    "human_oversight": "human-oversight measures (Art. 14)",
+    "instructions_for_use": "instructions for use for deployers (Art. 13)",
+    "deployment_forms": "how it is placed on the market (download, API, package)",
+    "hardware": "hardware it is intended to run on",
+    "design_choices": "key design choices, their rationale and assumptions",
+    "predetermined_changes": "pre-determined changes to the system and its performance",
+    "cybersecurity": "cybersecurity measures beyond those finetrace applies",
+    "risks": "foreseeable unintended outcomes and sources of risk",
+    "metrics_rationale": "why the evaluation metrics are appropriate",
+    "risk_management": "the risk management system (Art. 9)",
+    "changes": "relevant changes made through the lifecycle",
+    "harmonised_standards": "harmonised standards or other specifications applied",
+    "declaration_of_conformity": "the EU declaration of conformity (Art. 47), or where it is kept",
+    "post_market_monitoring": "the post-market monitoring system and plan (Art. 72)",
+    "ethical_considerations": "ethical considerations",
+    "caveats": "caveats and recommendations",
+    "factors": "relevant factors (groups, environments, instrumentation)",
+    "tags": "extra model-card tags (a list)",
+}
+
+
+@dataclass
+class Facts:
+    """The gathered facts (plain data, rendered by the templates)."""
+
+    adapter: dict
+    base: dict | None
+    train_run: dict | None
+    parents: list[dict]
+    datasets: list[dict]
+    evaluations: list[dict]
+    verdicts: list[dict]
+    overrides: list[dict]
+    approvals: list[dict]
+    previous_versions: list[dict]
+    intended: dict
+    intended_source: str | None
+    checkpoint: dict | None
+    finetrace_version: str
+    generated: str = field(default_factory=now)
+
+    @property
+    def intended_use_missing(self) -> list[str]:
+        return [k for k in REQUIRED_INTENDED if not _given(self.intended.get(k))]
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["intended_use_missing"] = self.intended_use_missing
+        return d
+
+
+def _given(v: Any) -> bool:
+    return v not in (None, "", [], {})
+
+
+def _run_dict(ws: Workspace, run_id: str | None) -> dict | None:
+    if not run_id:
+        return None
+    return ws.ledger.get_run(run_id).to_dict()
+
+
+def _json_file(ws: Workspace, digest: str, path: str) -> dict | None:
+    """A JSON file of a recorded folder, read and re-hashed from the store (None if absent)."""
+    if not ws.store.has(digest) or not ws.store.is_tree(digest):
+        return None
+    for e in ws.store.tree(digest):
+        if e.path == path:
+            try:
+                return json.loads(ws.store.read_bytes(e.digest))
+            except ValueError as exc:
+                raise IntegrityError(f"{path} of {digest} is not valid JSON: {exc}") from None
+    return None
+
+
+def files_of(ws: Workspace, digest: str) -> list[dict]:
+    """``[{"path", "size", "digest"}]`` of a folder artifact (empty for a file object)."""
+    if not ws.store.has(digest) or not ws.store.is_tree(digest):
+        return []
+    return [{"path": e.path, "size": e.size, "digest": e.digest} for e in ws.store.tree(digest)]
+
+
+def _art(a: Artifact) -> dict:
+    return {"ref": a.ref, "name": a.name, "version": a.version, "digest": a.digest, "kind": a.kind,
+            "metadata": a.metadata, "run_id": a.run_id, "created": a.created, "aliases": a.aliases}
+
+
+def events_for(ws: Workspace, type: str, adapter: str) -> list[dict]:
+    return [{"seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
+            for e in ws.ledger.entries(type=type) if e.data.get("adapter") == adapter]
+
+
+def _dataset(ws: Workspace, digest: str) -> dict:
+    try:
+        a = ws.ledger.artifact(digest)
+        d = _art(a)
+    except Exception:
+        d = {"ref": digest, "digest": digest, "kind": "unrecorded", "metadata": {}}
+    d["info"] = _json_file(ws, digest, "dataset.json") or {}
+    d["datasheet"] = _json_file(ws, digest, "datasheet.json")
+    d["files"] = files_of(ws, digest)
+    d["import_run"] = _run_dict(ws, d.get("run_id"))
+    used = [ws.ledger.get_run(r) for r in ws.ledger.consumers(digest)]
+    d["first_used"] = min((r.started for r in used if r.kind == "train"), default=None)
+    sheet = d["datasheet"] or {}
+    d["given"] = sheet.get("given") or {}
+    d["measured"] = sheet.get("measured") or {}
+    d["gaps"] = sheet.get("gaps") if d["datasheet"] else ["datasheet.json (the whole datasheet)"]
+    return d
+
+
+def _evaluation(ws: Workspace, art: Artifact, adapter: str) -> dict:
+    report = _json_file(ws, art.digest, "report.json") or {}
+    report.pop("examples", None)
+    models = report.get("models") or []
+    subject = next((m for m in models if m.get("adapter") == adapter), None)
+    base = next((m for m in models if not m.get("adapter")), None)
+    return {**_art(art), "run": _run_dict(ws, art.run_id), "report": report, "subject": subject,
+            "base_subject": base, "files": files_of(ws, art.digest)}
+
+
+def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
+           intended_source: str | None = None) -> Facts:
+    """Collect the facts about ``adapter_ref`` (name, name@N or digest) from the ledger and store."""
+    from importlib import metadata as md
+
+    led = ws.ledger
+    adapter = led.resolve(adapter_ref)
+    if adapter.kind not in ("adapter", "model"):
+        from ..errors import InputError
+
+        raise InputError(f"{adapter_ref} is a {adapter.kind}, not an adapter",
+                         hint="give the adapter produced by `finetrace train` (NAME@N)")
+    ad = _art(adapter)
+    ad["files"] = files_of(ws, adapter.digest)
+    ad["peft_config"] = _json_file(ws, adapter.digest, "adapter_config.json")
+    ad["finetrace"] = _json_file(ws, adapter.digest, "finetrace_adapter.json") or {}
+    train_run = _run_dict(ws, adapter.run_id)
+
+    meta = adapter.metadata or {}
+    base_digest = meta.get("base_model") or ad["finetrace"].get("base_model")
+    base = None
+    if base_digest:
+        try:
+            b = led.artifact(base_digest)
+            base = _art(b)
+        except Exception:
+            base = {"ref": base_digest, "digest": base_digest, "kind": "unrecorded", "metadata": {}}
+        base["files"] = files_of(ws, base_digest)
+        base["config"] = _json_file(ws, base_digest, "config.json")
+        base["run"] = _run_dict(ws, base.get("run_id"))
+
+    parents = []
+    seen = {adapter.digest}
+    p = meta.get("parent")
+    while p and p not in seen:
+        seen.add(p)
+        try:
+            pa = led.artifact(p)
+        except Exception:
+            parents.append({"ref": p, "digest": p, "kind": "unrecorded"})
+            break
+        parents.append(_art(pa))
+        p = (pa.metadata or {}).get("parent")
+
+    ds_digests: list[str] = []
+    if train_run:
+        for d in train_run["inputs"]:
+            try:
+                if led.artifact(d).kind == "dataset":
+                    ds_digests.append(d)
+            except Exception:
+                continue
+    datasets = [_dataset(ws, d) for d in ds_digests]
+
+    evaluations = []
+    for rid in led.consumers(adapter.digest):
+        run = led.get_run(rid)
+        if run.kind != "evaluate":
+            continue
+        for o in run.outputs:
+            a = led.artifact(o)
+            if a.kind == "eval_report":
+                evaluations.append(_evaluation(ws, a, adapter.digest))
+
+    previous = []
+    if adapter.name:
+        for a in led.artifacts(adapter.kind):
+            if a.digest != adapter.digest and any(al.rsplit("@", 1)[0] == adapter.name for al in a.aliases):
+                if a.created < adapter.created:
+                    previous.append(_art(a))
+
+    cps = led.checkpoints()
+    try:
+        version = md.version("finetrace")
+    except md.PackageNotFoundError:
+        version = "unknown"
+    return Facts(adapter=ad, base=base, train_run=train_run, parents=parents, datasets=datasets,
+                 evaluations=evaluations, verdicts=events_for(ws, "gate.verdict", adapter.digest),
+                 overrides=events_for(ws, "gate.override", adapter.digest),
+                 approvals=events_for(ws, "approval", adapter.digest), previous_versions=previous,
+                 intended=dict(intended or {}), intended_source=intended_source,
+                 checkpoint=cps[-1].to_dict() if cps else None, finetrace_version=version)
+
+
+def load_intended(path) -> dict:
+    """The intended-use YAML: a mapping of the keys above; an unknown key names the closest one."""
+    import difflib
+    from pathlib import Path
+
+    import yaml
+
+    from ..errors import ConfigError, InputError
+
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("no such intended-use file", file=str(p),
+                         hint="write a YAML file with intended_use: and limitations: (see `finetrace docs --help`)")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid YAML: {exc}", file=str(p)) from None
+    if not isinstance(doc, dict):
+        raise InputError("an intended-use file is a mapping of key: value", file=str(p))
+    known = list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED)
+    for key in doc:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, 1)
+            raise ConfigError(f"unknown intended-use key {key!r}", file=str(p), field=str(key),
+                              hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
+    return doc
