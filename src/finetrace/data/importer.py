@@ -136,8 +136,8 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
 
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="import-", dir=ws.cache))
+    minhasher = MinHasher(near_dup_threshold, scratch)
     try:
-        minhasher = MinHasher(near_dup_threshold, scratch)
         p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher,
                                          max_row_bytes, progress)
         schema = validator.schema
@@ -173,6 +173,7 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
         ws.checkpoint()
         return art
     finally:
+        minhasher.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
