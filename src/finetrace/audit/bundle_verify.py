@@ -26,6 +26,7 @@ import base64
 import hashlib
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -94,7 +95,7 @@ def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
                 continue
             try:
                 files[info.filename] = z.read(info)
-            except (zipfile.BadZipFile, OSError) as exc:  # CRC error: a byte changed inside the zip
+            except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:  # a byte changed inside the zip
                 report.problems.append(f"{part_of(info.filename)} is damaged in the zip: {exc}")
     return files
 
