@@ -17,7 +17,7 @@ File structure::
     attest.py         in-toto Statement v1 + SLSA provenance v1 in a DSSE envelope (Ed25519)
     documents.py      generate_documents: render, store as `document` artifacts, one `document` run
     approvals.py      signed, dated approvals (`approval` ledger events)
-    reproduce.py      re-execute a train/evaluate run by digest, compare outputs bit for bit
+    reproduction.py   re-execute a train/evaluate run by digest, compare outputs bit for bit
     bundle.py         export_bundle: adapter + documents + lineage entries + proofs + checkpoint + key
     bundle_verify.py  verify_bundle: every signature, digest and proof, with no workspace
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 _ENTRY_POINTS = {
     "generate_documents": "documents", "latest_documents": "documents", "approve": "approvals",
-    "reproduce": "reproduce", "ReproduceResult": "reproduce", "export_bundle": "bundle",
+    "reproduce": "reproduction", "ReproduceResult": "reproduction", "export_bundle": "bundle",
     "verify_bundle": "bundle_verify", "BundleReport": "bundle_verify",
 }
 
