@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import FinetraceError
 from .common import JSON_OPTION, emit_json, open_workspace
+
+
+class Interrupted(FinetraceError):
+    """Training stopped by SIGTERM/SIGINT after writing a checkpoint (exit 130, like a shell)."""
+
+    exit_code = 130
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +37,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give a CONFIG.yaml (or --print-config to see every key)")
         cfg = load_config(config, set_)
         ws = open_workspace()
-        art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+        try:
+            art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+        except KeyboardInterrupt as exc:  # typer would turn it into a silent exit
+            raise Interrupted(str(exc) or "training interrupted", hint="continue with --resume") from None
         run = ws.ledger.get_run(art.run_id)
         if json_out:
             emit_json({"artifact": art.to_dict(), "run": run.id, "metrics": run.metrics})
