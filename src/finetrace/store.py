@@ -69,7 +69,7 @@ class ObjectStore:
     def put_file(self, src: str | Path) -> str:
         """Copy ``src`` into the store (hashing while copying) and return its digest."""
         src = Path(src)
-        if not src.is_file():
+        if not src.exists() or src.is_dir():  # a pipe or device streams in fine
             raise NotFoundError(f"no such file: {src}")
         self.tmp.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")

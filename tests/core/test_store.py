@@ -73,12 +73,22 @@ def test_write_killed_midway_leaves_no_object(tmp_path):
     fifo = tmp_path / "slow"
     os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "objects"), str(fifo)])
-    with open(fifo, "wb") as fh:
-        fh.write(os.urandom(1 << 20))
-        fh.flush()
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    deadline = time.monotonic() + 60
+    while True:  # wait for the writer to open the pipe, without blocking forever if it died
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None, "the writer exited before reading"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    os.write(fd, os.urandom(1 << 20))  # blocks until the writer has consumed most of it
+    time.sleep(0.3)
+    assert proc.poll() is None  # still waiting for the rest of the file
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    os.close(fd)
     st = ObjectStore(tmp_path / "objects")
     assert list(st) == []  # nothing visible under a digest name
     leftovers = list((tmp_path / "objects" / "tmp").glob("*.part"))
