@@ -31,6 +31,7 @@ OPTIONAL_INTENDED = {
     "license": "the licence of the adapter (SPDX id, e.g. apache-2.0)",
     "human_oversight": "human-oversight measures (Art. 14)",
     "instructions_for_use": "instructions for use for deployers (Art. 13)",
+    "user_interface": "the user interface provided to the deployer",
     "deployment_forms": "how it is placed on the market (download, API, package)",
     "hardware": "hardware it is intended to run on",
     "design_choices": "key design choices, their rationale and assumptions",
