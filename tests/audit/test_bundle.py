@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetrace.audit import export_bundle, verify_bundle
+from finetrace.audit.oms import available as oms_available
 
 
 @pytest.fixture
@@ -212,3 +213,33 @@ def test_verify_in_a_fresh_process_with_no_workspace(bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-I", "-c", code.replace("bundle.zip", "bad.zip")], cwd=empty, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3 and "FAIL: document annex-iv" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(not oms_available(), reason="model-signing (and pyopenssl) not installed")
+def test_openssf_model_signature_in_key_mode(audit_env, tmp_path):
+    """The adapter is signed with model-signing (key mode); its own verifier accepts the adapter files and
+    rejects a changed byte; the bundle verifier runs it too."""
+    from finetrace.audit import generate_documents
+    from finetrace.audit.oms import verify_folder
+    from finetrace.errors import IntegrityError
+
+    ws, g = audit_env
+    arts = generate_documents(ws, g["refs"]["adapter"], intended_use=g["intended_use"], formats=("md",), oms=True)
+    sig = next(a for a in arts if a.metadata["document"] == "oms_signature")
+    assert sig.metadata["files"] == ["model.sig", "oms_public_key.pem"]
+    sig_dir = ws.store.materialize(sig.digest)
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for e in ws.store.tree(g["digests"]["adapter"]):
+        (adapter_dir / e.path).write_bytes(ws.store.read_bytes(e.digest))
+    verify_folder(adapter_dir, sig_dir / "model.sig", sig_dir / "oms_public_key.pem")
+    w = adapter_dir / "adapter_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-2] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not verify"):
+        verify_folder(adapter_dir, sig_dir / "model.sig", sig_dir / "oms_public_key.pem")
+    path = export_bundle(ws, g["refs"]["adapter"], tmp_path / "b.zip")
+    report = verify_bundle(path)
+    assert report.ok, report.problems
+    assert report.checks["oms_signature"] == 1 and report.checks["documents"] == 7

@@ -293,6 +293,10 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> Bundl
         except Exception as exc:  # IntegrityError or a malformed statement
             P.append(f"attestation signature or content (documents/attestation/attestation.dsse.json): {exc}")
 
+    # -- OpenSSF model signature (optional) -------------------------------------------------------------
+    if "documents/oms-signature/model.sig" in files:
+        _verify_oms(files, ad_files, report)
+
     # -- approvals --------------------------------------------------------------------------------------------
     from .approvals import approval_message
 
@@ -334,3 +338,29 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> Bundl
         report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} (report {v.get('report')})")
     report.checks["gate_verdicts"] = len(verdicts)
     return report
+
+
+def _verify_oms(files: dict[str, bytes], ad_files: dict[str, bytes], report: BundleReport) -> None:
+    """Check the OMS signature with model-signing's own verifier when it is installed."""
+    import tempfile
+
+    from . import oms
+
+    if not oms.available():
+        report.verified.append("OpenSSF model signature present but not checked: model-signing is not installed "
+                               "(pip install model-signing pyopenssl)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for rel, data in ad_files.items():
+            (root / "adapter" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / "adapter" / rel).write_bytes(data)
+        (root / "model.sig").write_bytes(files["documents/oms-signature/model.sig"])
+        (root / "key.pem").write_bytes(files.get("documents/oms-signature/oms_public_key.pem", b""))
+        try:
+            oms.verify_folder(root / "adapter", root / "model.sig", root / "key.pem")
+        except Exception as exc:
+            report.problems.append(f"OpenSSF model signature (documents/oms-signature/model.sig): {exc}")
+            return
+    report.checks["oms_signature"] = 1
+    report.verified.append("OpenSSF model signature (model-signing, key mode) matches the adapter files")

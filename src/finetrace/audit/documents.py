@@ -11,6 +11,7 @@ intended-use file, stored by digest) and writes one ``document`` artifact (a fol
     <adapter>-eu-training-summary  eu_training_summary.md/.html (+ .pdf)        EU Art. 53(1)(d)
     <adapter>-mlbom            mlbom.cdx.json                                  CycloneDX 1.6 ML-BOM
     <adapter>-attestation      attestation.dsse.json                           in-toto + SLSA, DSSE
+    <adapter>-oms-signature    model.sig, oms_public_key.pem (optional)        OpenSSF model signing
 
 Every artifact's metadata names the adapter, the document type and ``intended_use_missing`` (the
 required intended-use keys not given): publishing refuses an adapter whose latest documents have it.
@@ -134,11 +135,13 @@ def render_all(facts: Facts, out: Path, formats=("md", "html")) -> dict[str, Pat
 
 
 def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path | dict | None = None,
-                       formats=("md", "html"), out: str | Path | None = None) -> list[Artifact]:
+                       formats=("md", "html"), out: str | Path | None = None, oms: bool = False) -> list[Artifact]:
     """Generate and record every document of ``adapter_ref``; return the ``document`` artifacts.
 
     ``intended_use``: a YAML file (or a dict) with at least ``intended_use`` and ``limitations``; without
     them the documents say so and carry ``intended_use_missing``. ``out``: also copy the files there.
+    ``oms``: also sign the adapter folder in the OpenSSF model-signing format (``oms.py``; needs the
+    ``model-signing`` package), recorded as the ``oms-signature`` document.
     Raises NotFoundError for an unknown adapter, InputError/ConfigError for a bad intended-use file,
     DependencyError for ``pdf`` without Chromium.
     """
@@ -157,7 +160,7 @@ def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path
     intended_digest = ws.store.put_bytes(canonical_json(intended)) if intended else None
     if intended_digest:
         inputs.append(intended_digest)
-    config = {"adapter": ad["digest"], "formats": list(formats), "intended_use": intended_digest,
+    config = {"adapter": ad["digest"], "formats": list(formats), "intended_use": intended_digest, "oms": oms,
               "intended_use_file": source, "required_intended": list(REQUIRED_INTENDED)}
     arts: list[Artifact] = []
     ws.cache.mkdir(parents=True, exist_ok=True)
@@ -169,6 +172,11 @@ def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path
         envelope = attest_mod.attest(facts, ws.keys)
         write_bytes(env_folder / "attestation.dsse.json", (json.dumps(envelope, indent=2) + "\n").encode())
         folders["attestation"] = env_folder
+        if oms:
+            from . import oms as oms_mod
+
+            oms_mod.sign_adapter(ws, ad["digest"], Path(tmp) / "oms-signature")
+            folders["oms_signature"] = Path(tmp) / "oms-signature"
         for doc, folder in folders.items():
             digest = ws.store.put_dir(folder)
             slug = folder.name

@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
                                           help="YAML with intended_use, limitations (required) and optional "
                                                "provider, license, human_oversight, risks, ... keys."),
         out: Path = typer.Option(None, "-o", "--out", help="Also write the files to this folder."),
+        oms: bool = typer.Option(False, "--oms", help="Also sign the adapter in the OpenSSF model-signing "
+                                                      "format (key mode; needs the model-signing package)."),
         json_out: bool = JSON_OPTION,
     ):
         """Generate the model card, Annex IV documentation, AB 2013 and EU training-data summaries, the
@@ -31,7 +33,8 @@ def register(app: typer.Typer) -> None:
 
         ws = open_workspace()
         formats = tuple(dict.fromkeys(x.strip() for f in fmt for x in f.split(",") if x.strip()))
-        arts = generate_documents(ws, adapter, intended_use=intended_use, formats=formats, out=out)
+        arts = generate_documents(ws, adapter, intended_use=intended_use, formats=formats, out=out,
+                                  oms=oms)
         if json_out:
             emit_json([a.to_dict() for a in arts])
             return
