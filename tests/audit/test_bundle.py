@@ -243,3 +243,22 @@ def test_openssf_model_signature_in_key_mode(audit_env, tmp_path):
     report = verify_bundle(path)
     assert report.ok, report.problems
     assert report.checks["oms_signature"] == 1 and report.checks["documents"] == 7
+
+
+def test_export_regenerates_documents_older_than_the_latest_approval(audit_env, tmp_path):
+    from finetrace.audit import approve
+
+    ws, g = audit_env
+    before = len(ws.ledger.runs("document"))
+    path = export_bundle(ws, g["refs"]["adapter"], tmp_path / "a.zip")
+    assert len(ws.ledger.runs("document")) == before  # documents are current: reused
+    approve(ws, g["refs"]["adapter"], "Grace Hopper", "re-checked the group results")
+    path = export_bundle(ws, g["refs"]["adapter"], tmp_path / "b.zip")
+    runs = ws.ledger.runs("document")
+    assert len(runs) == before + 1
+    assert runs[-1].config["intended_use"] == runs[-2].config["intended_use"]  # same intended-use facts
+    annex = _members(path)["documents/annex-iv/annex_iv.md"].decode()
+    assert "Grace Hopper approved report" in annex and "Ada Lovelace approved report" in annex
+    assert "Intended use and limitations were not provided" not in annex
+    report = verify_bundle(path)
+    assert report.ok and report.checks["approvals"] == 2

@@ -253,3 +253,29 @@ def test_cli_docs_approve_export_verify(audit_env, tmp_path, capsys):
     assert main(["verify", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "verify: OK" in out and "checked 2 approvals" in out
+
+
+def test_an_unevaluated_adapter_says_what_is_missing(audit_env):
+    """Nothing is invented: with no evaluation, no approval and no gate, each place says what would provide it."""
+    from finetrace.train import TrainConfig, train
+
+    ws, g = audit_env
+    old = ws.ledger.get_run(ws.ledger.artifact(g["digests"]["adapter"]).run_id)
+    cfg = {k: v for k, v in old.config.items() if k != "resolved"}
+    fresh = train(ws, TrainConfig.model_validate({**cfg, "output_name": "unevaluated", "init_from": g["refs"]["adapter"]}),
+                  progress=False)
+    generate_documents(ws, fresh.ref, intended_use=g["intended_use"], formats=("md",))
+    docs = _docs(ws, fresh.digest)
+    annex = docs["annex_iv"]["annex_iv.md"].decode()
+    assert f"*not provided* (would be provided by: an evaluation of this adapter (`finetrace eval --adapter {fresh.ref}`))" in annex
+    assert "*not provided* (would be provided by: a `gate.verdict` recorded by `finetrace eval`)" in annex
+    assert f"*not provided* (would be provided by: `finetrace approve {fresh.ref} --as NAME --note TEXT`)" in annex
+    assert f"continues training of {g['refs']['adapter']}" in annex  # lineage: the parent adapter
+    card = docs["model_card"]["README.md"].decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert "model-index" not in meta  # no results are claimed
+    assert f"Parent adapter: {g['refs']['adapter']}" in card
+    stmt = json.loads(base64.b64decode(json.loads(docs["attestation"]["attestation.dsse.json"])["payload"]))
+    deps = stmt["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert {"name": "parent_adapter", "uri": f"finetrace:{g['refs']['adapter']}",
+            "digest": {"sha256": g["digests"]["adapter"].split(":")[1]}} in deps

@@ -85,7 +85,9 @@ def lineage_entries(ws: Workspace, adapter_digest: str) -> list[int]:
 def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use=None) -> Path:
     """Write the audit bundle of ``adapter_ref`` to ``out`` (.zip) and record an ``export`` run.
 
-    Documents are generated first if the adapter has none (``intended_use`` is passed on).
+    Documents are (re)generated first when the adapter has none, when ``intended_use`` is given, or when
+    an approval, gate verdict or evaluation is newer than them (with the previous run's intended use,
+    formats and OMS choice), so the bundle's documents always state the latest recorded facts.
     """
     from .documents import generate_documents, latest_documents
 
@@ -97,8 +99,10 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
     if adapter.kind not in ("adapter", "model"):
         raise InputError(f"{adapter_ref} is a {adapter.kind}, not an adapter")
     docs = latest_documents(ws, adapter.digest)
-    if "attestation" not in docs:
-        generate_documents(ws, adapter.digest, intended_use=intended_use)
+    if "attestation" not in docs or intended_use is not None or _stale(ws, adapter.digest, docs):
+        formats, previous, oms = _previous_settings(ws, docs)
+        generate_documents(ws, adapter.digest, intended_use=intended_use if intended_use is not None else previous,
+                           formats=formats, oms=oms)
         docs = latest_documents(ws, adapter.digest)
 
     cp = ws.checkpoint()
@@ -151,6 +155,30 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
         run.metrics.update({"files": len(files), "bytes": out.stat().st_size, "entries": len(seqs)})
     ws.checkpoint()
     return out
+
+
+def _stale(ws: Workspace, adapter_digest: str, docs: dict) -> bool:
+    """True if an approval, gate verdict/override or evaluation of the adapter is newer than its documents."""
+    newest_doc = max(a.created for a in docs.values())
+    for e in ws.ledger.entries(start=0):
+        if e.time <= newest_doc:
+            continue
+        if e.type in EVENT_TYPES and e.data.get("adapter") == adapter_digest:
+            return True
+        if (e.type == "artifact.added" and e.data.get("kind") == "eval_report"
+                and adapter_digest in ((e.data.get("metadata") or {}).get("adapters") or [])):
+            return True
+    return False
+
+
+def _previous_settings(ws: Workspace, docs: dict) -> tuple[tuple, dict | None, bool]:
+    """Formats, intended-use facts and OMS choice of the latest document run (to regenerate them)."""
+    if not docs:
+        return ("md", "html"), None, False
+    run = ws.ledger.get_run(max(docs.values(), key=lambda a: a.created).run_id)
+    digest = run.config.get("intended_use")
+    intended = json.loads(ws.store.read_bytes(digest)) if digest and ws.store.has(digest) else None
+    return tuple(run.config.get("formats") or ("md", "html")), intended, bool(run.config.get("oms"))
 
 
 def _slug(art) -> str:
