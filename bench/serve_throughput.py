@@ -103,9 +103,15 @@ def drive(call, clients: int, per_client: int, models: list[str]) -> dict:
     barrier.wait()
     t0 = time.perf_counter()
     [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    return {"requests": len(lat), "completion_tokens": toks[0], "wall_s": round(wall, 2),
-            "tokens_per_s": round(toks[0] / wall, 2), "p50_latency_s": round(statistics.median(lat), 3),
+    return {"latencies": lat, "completion_tokens": toks[0], "wall_s": time.perf_counter() - t0}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """Pool several rounds of ``drive``: tokens/s = all tokens / all wall time; latency percentiles."""
+    lat = [x for p in parts for x in p["latencies"]]
+    toks, wall = sum(p["completion_tokens"] for p in parts), sum(p["wall_s"] for p in parts)
+    return {"requests": len(lat), "completion_tokens": toks, "wall_s": round(wall, 2),
+            "tokens_per_s": round(toks / wall, 2), "p50_latency_s": round(statistics.median(lat), 3),
             "p95_latency_s": round(percentile(lat, 0.95), 3)}
 
 
@@ -161,10 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="use the tiny random test model instead of SmolLM2")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--per-client", type=int, default=2, help="requests per client (batched runs)")
+    ap.add_argument("--per-client", type=int, default=1, help="requests per client per round (batched runs)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over 1, 4, 16 adapters")
     ap.add_argument("--naive-per-client", type=int, default=1, help="requests per client (swapping run)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--skip-peft", action="store_true", help="skip PEFT's own mixed batches (slow on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = ap.parse_args(argv)
 
@@ -203,35 +211,48 @@ def main(argv: list[str] | None = None) -> dict:
     def run_engine(kernel: str, spreads: tuple[int, ...]) -> None:
         eng = Engine(ws, base.digest, refs, ServeSettings(max_batch=args.clients, max_queue=4 * args.clients,
                                                           lora_kernel=kernel, log_flush_s=0.5))
+        if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
+            lora = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "lora_" in n)
+            stacks = sum(m._ft_A.numel() * m._ft_A.element_size() + m._ft_B.numel() * m._ft_B.element_size()
+                         for m in eng._gather.modules)
+            results["memory_per_adapter_bytes"] = {"peft_weights": lora // len(refs),
+                                                   "gathered_stacks": stacks // (len(refs) + 1)}
         eng.start()
         try:
             def call(m, msgs):
                 return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
             call(refs[0], prompt_for(0))  # warm-up
+            parts: dict[int, list] = {k: [] for k in spreads}
+            for _ in range(args.rounds):  # interleaved, so that load from other processes hits all alike
+                for k in spreads:
+                    parts[k].append(drive(call, args.clients, args.per_client, refs[:k]))
             for k in spreads:
                 key = f"batched_{k}" if kernel == "gathered" else f"peft_mixed_{k}"
-                results[key] = drive(call, args.clients, args.per_client, refs[:k])
+                results[key] = summarise(parts[k])
                 print(key, results[key], file=sys.stderr)
         finally:
             eng.stop()
 
     run_engine("gathered", (1, 4, 16))
-    run_engine("peft", (16,))
+    if not args.skip_peft:
+        run_engine("peft", (16,))
     naive = SwappingServer(ws, base.digest, refs)
     naive.call(refs[0], prompt_for(0), 4)  # warm-up
-    results["swapping_16"] = drive(lambda m, msgs: naive.call(m, msgs, args.max_tokens), args.clients,
-                                   args.naive_per_client, refs)
+    results["swapping_16"] = summarise([drive(lambda m, msgs: naive.call(m, msgs, args.max_tokens),
+                                              args.clients, args.naive_per_client, refs)])
     print("swapping_16", results["swapping_16"], file=sys.stderr)
 
+    memory = results.pop("memory_per_adapter_bytes")
     tps = {k: v["tokens_per_s"] for k, v in results.items()}
     summary = {
         "bench": "serve_throughput", "model": base.ref, "note": note, "clients": args.clients,
-        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes,
+        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes, "memory_per_adapter_bytes": memory,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results,
         "ratio_16_vs_1": round(tps["batched_16"] / tps["batched_1"], 3),
         "ratio_4_vs_1": round(tps["batched_4"] / tps["batched_1"], 3),
         "speedup_vs_swapping": round(tps["batched_16"] / tps["swapping_16"], 2),
-        "gathered_vs_peft_mixed_16": round(tps["batched_16"] / tps["peft_mixed_16"], 2),
+        "gathered_vs_peft_mixed_16": (round(tps["batched_16"] / tps["peft_mixed_16"], 2)
+                                      if "peft_mixed_16" in tps else None),
     }
     print(json.dumps(summary))
     return summary

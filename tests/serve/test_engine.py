@@ -184,3 +184,19 @@ def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
             eng.stop()
     assert texts["gathered"] == texts["peft"]
     assert len({texts["gathered"][(m, PROMPTS[0])] for m in models}) == 4
+
+
+def test_unloaded_while_queued_is_not_served_by_the_base(served_ws):
+    """A request that waited while its adapter was unloaded fails; it is never answered by the base."""
+    from finetrace.errors import NotFoundError
+    from finetrace.serve.engine import GenRequest
+
+    eng = Engine(served_ws, "tiny", ["alpha@1"], ServeSettings())
+    events = []
+    req = GenRequest(eng.encode_text("hello"), "alpha@1", 4, 0.0, on_event=lambda k, v: events.append((k, v)))
+    eng._thread = threading.Thread()  # accept without consuming, like a busy scheduler
+    eng.submit(req)
+    eng._thread = None
+    eng.unload_adapter("alpha@1")
+    eng._step()
+    assert events and events[-1][0] == "error" and isinstance(events[-1][1], NotFoundError)

@@ -62,3 +62,20 @@ def test_export_cli(served_ws, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["adapter"] == served_ws.ledger.resolve("beta@1").digest
     assert served_ws.ledger.resolve(doc["ref"]).kind == "model"
+
+
+def test_gguf_export_reloads_with_identical_logits(served_ws, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "gg"
+    export_merged(served_ws, "beta@1", out, gguf="f32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The supplier shall deliver the goods", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = merged(ids).logits, from_gguf(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    assert gguf_tok("hello world")["input_ids"] == tok("hello world")["input_ids"]

@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
     def export_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest)."),
                    merged: bool = typer.Option(False, "--merged", help="Merge the adapter into the base weights."),
                    out: str = typer.Option(..., "-o", "--out", help="Folder to write (new or empty)."),
+                   gguf: str = typer.Option(None, "--gguf", help="Also write model.gguf: f32 or q8_0."),
                    json_out: bool = JSON_OPTION):
         """Export an adapter as a merged safetensors model that transformers (and converters) load."""
         from ..serve.export import export_merged
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         if not merged:
             raise InputError("only --merged export is available", hint="add --merged", field="--merged")
         ws = open_workspace()
-        res = export_merged(ws, adapter, out)
+        res = export_merged(ws, adapter, out, gguf=gguf)
         if json_out:
             emit_json(res)
         else:

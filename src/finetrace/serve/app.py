@@ -154,6 +154,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     if kind == "done":
                         return JSONResponse(make_final(value), headers=headers)
                     if kind == "error":
+                        if isinstance(value, FinetraceError):
+                            raise value
                         raise ApiError(500, f"generation failed: {value}", "server_error")
             except asyncio.CancelledError:
                 req.cancelled = True
@@ -254,7 +256,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     def get_provenance(provenance_id: str):
         if engine.request_log is not None:
             engine.request_log.flush()
-        with engine._lock:  # the workspace's ledger connection is shared with the engine
+        with engine.ledger_lock:  # the workspace's ledger connection is shared with the engine
             return provenance.resolve(engine.ws, provenance_id)
 
     # -- admin ----------------------------------------------------------------------------------

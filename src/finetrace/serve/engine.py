@@ -40,6 +40,7 @@ from typing import Callable
 
 from ..canonical import canonical_json
 from ..errors import FinetraceError, InputError, NotFoundError
+from ..ledger.log import now
 from ..models import load_model
 from ..models.identity import text_identity
 from ..workspace import Workspace
@@ -133,7 +134,8 @@ class Engine:
         self._torch = torch
         self._slots: dict[str, _Slot] = {}          # public id NAME@V -> slot
         self._counter = 0
-        self._lock = threading.RLock()              # guards _slots and the shared ledger connection
+        self._lock = threading.RLock()              # guards _slots
+        self.ledger_lock = threading.RLock()        # guards the workspace's (shared) ledger connection
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.settings.max_queue)
         self._controls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
         self._rows: list[_Row] = []
@@ -193,8 +195,9 @@ class Engine:
         """Verify and load an adapter (call from the scheduler thread, or before ``start``)."""
         from peft import PeftModel
 
-        with self._lock:
+        with self.ledger_lock:
             info = check_adapter(self.ws, ref, self.base, self.base_identity, self.settings.require_eval)
+        with self._lock:
             mid = info.ref
             if mid in self._slots and not self._slots[mid].unloading:
                 return self._slots[mid].info
@@ -209,23 +212,22 @@ class Engine:
         with self._lock:
             self._slots[mid] = _Slot(info, name)
         if self.deploy_run is not None:
-            with self._lock:
+            with self.ledger_lock:
                 self.deploy_run.input(info.digest)
                 self.deploy_run.event("deploy.adapter_loaded", {"adapter": info.digest, "ref": mid})
         log.info("loaded adapter %s (%s) as %s", mid, info.digest, name)
         return info
 
-    def _try_unload(self, mid: str) -> bool:
-        slot = self._slots.get(mid)
-        if slot is None:
-            return True
+    def _try_unload(self, mid: str, slot: _Slot) -> bool:
+        if self._slots.get(mid) is not slot:
+            return True  # already gone (or replaced by a fresh load)
         if any(r.req.adapter_name == slot.peft_name for r in self._rows):
             return False  # rows still decoding with it; retried after the next step
         self.model.delete_adapter(slot.peft_name)
         with self._lock:
             del self._slots[mid]
         self._refresh_kernel([s.peft_name for s in self._slots.values()])
-        with self._lock:
+        with self.ledger_lock:
             if self.deploy_run is not None:
                 self.deploy_run.event("deploy.adapter_unloaded", {"adapter": slot.info.digest, "ref": mid})
         log.info("unloaded adapter %s", mid)
@@ -251,10 +253,11 @@ class Engine:
         if peft_name == BASE:
             raise InputError("the base model cannot be unloaded", field="model")
         with self._lock:
-            self._slots[mid].unloading = True
+            slot = self._slots[mid]
+            slot.unloading = True
 
         def op():
-            while not self._try_unload(mid):
+            while not self._try_unload(mid, slot):
                 self._step()
             return mid
         return self._control(op, timeout)
@@ -271,7 +274,7 @@ class Engine:
         """Record the ``deploy`` run (inputs: base + adapters), start the request log and the scheduler."""
         if self._thread is not None:
             return
-        with self._lock:
+        with self.ledger_lock:
             inputs = [self.base.digest] + [s.info.digest for s in self._slots.values()]
             self.deploy_run = self._exit.enter_context(self.ws.ledger.run(
                 "deploy", config={"base": self.base.ref, "adapters": list(self._slots),
@@ -290,7 +293,7 @@ class Engine:
         if self.request_log is not None:
             self.request_log.close()
         if self.deploy_run is not None:
-            with self._lock:
+            with self.ledger_lock:
                 self.deploy_run.metrics.update({
                     "requests": int(sum(self.metrics.requests.values())),
                     "rejected": self.metrics.rejected,
@@ -317,7 +320,9 @@ class Engine:
 
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises NotFoundError (model), InputError (params), QueueFull, ShuttingDown."""
-        if self._stopping or self._thread is None:
+        if self._thread is None:
+            raise ShuttingDown("the engine is not running", hint="call Engine.start() first")
+        if self._stopping:
             raise ShuttingDown("the server is shutting down", hint="retry on another replica")
         mid, peft_name, digest = self.resolve_model(req.model)
         req.model, req.adapter_name, req.adapter_digest = mid, peft_name, digest
@@ -391,11 +396,18 @@ class Engine:
                     new.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        new = [r for r in new if not self._drop_cancelled(r)]
+        new = [r for r in new if not self._drop_cancelled(r) and self._adapter_live(r)]
         if new:
             self._admit(new)
         if self._rows:
             self._decode()
+
+    def _adapter_live(self, req: GenRequest) -> bool:
+        """False (and the request fails with 'not found') if its adapter was unloaded while it waited."""
+        if req.adapter_name == BASE or any(s.peft_name == req.adapter_name for s in self._slots.values()):
+            return True
+        self._emit(req, "error", NotFoundError(f"The model `{req.model}` was unloaded before this request ran"))
+        return False
 
     def _drop_cancelled(self, req: GenRequest) -> bool:
         if req.cancelled:
@@ -528,7 +540,7 @@ class Engine:
         res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model)
         self.metrics.observe(req.model, finish, len(req.prompt_ids), n_out, latency)
         if self.request_log is not None:
-            event = {"provenance_id": req.provenance_id, "deployment": self.deployment,
+            event = {"provenance_id": req.provenance_id, "deployment": self.deployment, "time": now(),
                      "model": req.model, "base_model": self.base.digest, "adapter": req.adapter_digest,
                      "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
                      "input_sha256": "sha256:" + hashlib.sha256(canonical_json(req.input_payload)).hexdigest(),

@@ -1,6 +1,6 @@
 """Exporting an adapter for other runtimes: a merged safetensors model that ``transformers`` loads.
 
-    finetrace export-model legal@1 --merged -o legal-merged/
+    finetrace export-model legal@1 --merged -o legal-merged/ [--gguf f32|q8_0]
 
 The merged weights are ``W = W0 + (alpha/r) B A`` for every LoRA layer (PEFT ``merge_and_unload``),
 saved as safetensors with the base's tokenizer and chat template, and a ``finetrace_export.json`` naming
@@ -34,8 +34,12 @@ from ..workspace import Workspace
 from .registry import check_adapter
 
 
-def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval: bool = False) -> dict:
-    """Write the merged model of ``adapter`` (NAME@V, NAME or digest) to ``out_dir``; return a summary."""
+def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval: bool = False,
+                  gguf: str | None = None) -> dict:
+    """Write the merged model of ``adapter`` (NAME@V, NAME or digest) to ``out_dir``; return a summary.
+
+    ``gguf`` ("f32" or "q8_0") also writes ``model.gguf`` for llama.cpp / Ollama (see gguf_export.py).
+    """
     import torch
     from peft import PeftModel
 
@@ -58,6 +62,9 @@ def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval
     try:
         merged.save_pretrained(build, safe_serialization=True)
         tok.save_pretrained(build)
+        if gguf:
+            from .gguf_export import write_gguf
+            write_gguf(build, build / "model.gguf", name=f"{art.ref} merged on {base.ref}", qtype=gguf)
         (build / "finetrace_export.json").write_text(json.dumps(
             {"format": "finetrace-export/1", "kind": "merged", "base_model": base.digest, "base_ref": base.ref,
              "adapter": art.digest, "adapter_ref": art.ref}, indent=2, sort_keys=True) + "\n")
@@ -68,7 +75,7 @@ def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
-    with ws.ledger.run("export", config={"kind": "merged", "adapter": art.ref},
+    with ws.ledger.run("export", config={"kind": "merged", "adapter": art.ref, "gguf": gguf},
                        inputs=[base.digest, art.digest]) as run:
         model_art = run.output("model", ws.store.put_dir(out), name=f"{art.name or 'adapter'}-merged",
                                metadata={"base_model": base.digest, "adapter": art.digest, "merged": True,
