@@ -54,3 +54,21 @@ def test_runs_that_cannot_be_replayed_are_refused(audit_env):
     convert = ws.ledger.artifact(g["digests"]["base"]).run_id
     with pytest.raises(InputError, match="reproduce replays train and evaluate runs"):
         reproduce(ws, convert)
+
+
+def test_cli_reproduce_reports_and_records(audit_env, capsys):
+    import json
+
+    from finetrace.cli import main
+
+    ws, g = audit_env
+    run_id = ws.ledger.artifact(g["digests"]["adapter"]).run_id
+    assert main(["--workspace", str(ws.root), "reproduce", run_id[-6:]]) == 0  # a unique suffix is enough
+    out = capsys.readouterr().out
+    assert f"reproduced train run {run_id}" in out and "result: BIT-IDENTICAL" in out
+    assert "adapter_model.safetensors" in out
+    assert main(["--workspace", str(ws.root), "reproduce", run_id, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bit_identical"] is True and res["max_abs_diff"] == 0.0
+    assert len(ws.ledger.runs("reproduce")) == 2
+    assert main(["--workspace", str(ws.root), "reproduce", "no-such-run"]) == 2

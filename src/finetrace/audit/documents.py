@@ -66,8 +66,11 @@ ANNEX_IV_HEADINGS = [
 def front_matter(facts: Facts) -> str:
     """Hugging Face model-card metadata (YAML between ``---`` lines)."""
     ad, base = facts.adapter, facts.base
+    source = ((base or {}).get("metadata") or {}).get("source") or {}
+    hub_id = source.get("repo_id") if isinstance(source, dict) else None
     meta: dict = {
-        "base_model": (base or {}).get("name") or (base or {}).get("ref") or "not provided",
+        # the Hub id when the base came from the Hub, else the workspace name (its digest is under finetrace:)
+        "base_model": hub_id or (base or {}).get("name") or (base or {}).get("ref") or "not provided",
         "base_model_relation": "adapter",
         "library_name": "peft",
         "license": str(facts.intended.get("license") or "other"),
