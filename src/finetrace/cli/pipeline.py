@@ -1,0 +1,40 @@
+"""``finetrace run PIPELINE.yaml``: every stage from raw data to a served model, cached by digest."""
+
+from __future__ import annotations
+
+import typer
+
+from ..errors import FinetraceError
+from .common import JSON_OPTION, emit_json, open_workspace
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        pipeline: str = typer.Argument(..., help="Pipeline YAML file (see examples/*/pipeline.yaml)."),
+        force: list[str] = typer.Option([], "--force", help="Run this stage even if cached (repeatable; "
+                                        "'all' for every stage)."),
+        until: str = typer.Option(None, "--until", help="Stop after this stage (model, data, train, "
+                                  "evaluate, docs, approve, deploy)."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Run a pipeline: model, data, train, evaluate (gates), docs, approve, deploy; print a summary."""
+        from ..pipeline import run_pipeline
+        from ..pipeline.summary import render
+
+        ws = open_workspace()
+        echo = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
+        try:
+            result = run_pipeline(ws, pipeline, force=force, until=until, progress=not json_out, echo=echo)
+        except (FinetraceError, KeyboardInterrupt) as exc:
+            partial = getattr(exc, "pipeline_result", None)
+            if partial is not None:
+                if json_out:
+                    emit_json(partial.to_dict())
+                else:
+                    typer.echo("\n".join(render(partial)[:-2]))  # the error itself is printed at the edge
+            raise
+        if json_out:
+            emit_json(result.to_dict())
+        else:
+            typer.echo("\n".join(render(result)))

@@ -1,0 +1,264 @@
+"""The pipeline configuration: one typed model for ``finetrace run PIPELINE.yaml``.
+
+A pipeline names a base model, the data files, a training config, an eval suite with gates, the
+documents' intended-use file, an optional named approver and a deployment. Relative paths are relative
+to the pipeline file. Errors name the file, line and key, and suggest the closest valid key::
+
+    >>> cfg = load_pipeline("examples/clauses/pipeline.yaml")
+    >>> cfg.train_doc()        # the training keys, merged from train.config (a file) and inline keys
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelStage(_Strict):
+    """The base model: a catalog name, a Hugging Face folder, a ``.gguf`` file or an alias already recorded."""
+
+    source: str = Field(..., description="Catalog name (smollm2-135m-instruct), path of an HF folder or a "
+                                         ".gguf file (relative to the pipeline file), or a hub id org/name.")
+    name: str | None = Field(None, description="Alias to record the base model under (default: derived from "
+                                               "the source).")
+
+
+class DataStage(_Strict):
+    """The data import (``finetrace data import``)."""
+
+    name: str = Field(..., description="Dataset name; each distinct import is a new version name@N.")
+    files: list[str] = Field(..., min_length=1, description="Input files (CSV, TSV, JSONL, JSON, Parquet), "
+                                                           "relative to the pipeline file.")
+    test_file: str | None = Field(None, description="A held-out file used as the test split (then "
+                                                    "'splits' divides the other files into train/validation).")
+    schema_: Literal["classification", "completion", "chat", "preference"] | None = Field(
+        None, alias="schema", description="Row schema; null detects it from the columns.")
+    mapping: dict[str, str] | None = Field(None, description="{field: column} renaming input columns to "
+                                                             "schema fields, e.g. {text: body, label: queue}.")
+    datasheet: str | None = Field(None, description="YAML with the facts a person must supply (source, "
+                                                    "licence, collection...); missing ones become gaps.")
+    splits: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test "
+                                               "fractions (with test_file, test should be 0).")
+    seed: int = Field(0, description="Seed of the split assignment.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="'fail' refuses the import on any invalid "
+                                              "row; 'skip' drops and counts invalid rows.")
+    pii: Literal["redact", "flag", "fail"] = Field("redact", description="What to do with personal data "
+                                                   "found in rows.")
+    near_dup: Literal["group", "drop"] = Field("group", description="Near-duplicates share a split (group) "
+                                               "or only the first is kept (drop).")
+    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard similarity above which "
+                                      "two rows are near-duplicates (1.0: exact duplicates only).")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TrainStage(BaseModel):
+    """Training: ``config`` (a train YAML file) and/or inline keys of the train config (they win).
+
+    ``base_model`` and ``dataset`` are filled in by the pipeline; ``output_name`` defaults to
+    ``<pipeline name>-lora``. Every other key is a key of the train config (see its reference).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    config: str | None = Field(None, description="A train YAML file (finetrace train --print-config shows "
+                                                 "every key), relative to the pipeline file.")
+
+
+class EvaluateStage(_Strict):
+    """Evaluation of the base model and the tuned adapter on the same examples, with gates."""
+
+    suite: str | dict[str, Any] | None = Field(None, description="An eval suite YAML file (relative to the "
+                                               "pipeline file) or the suite inline; null: the defaults.")
+    name: str | None = Field(None, description="Name of the eval report artifact (default <pipeline>-eval).")
+
+
+class DocsStage(_Strict):
+    """The audit documents: model card, Annex IV, AB 2013, EU summary, ML-BOM, attestation."""
+
+    intended_use: str | None = Field(None, description="YAML with intended_use, limitations, provider... "
+                                                       "(relative to the pipeline file).")
+    formats: list[Literal["md", "html", "pdf"]] = Field(["md", "html"], description="Document formats "
+                                                         "(pdf needs Chromium).")
+
+
+class ApproveStage(_Strict):
+    """A signed approval by a named person (only when this section is present)."""
+
+    by: str = Field(..., min_length=1, description="Full name of the person approving.")
+    note: str = Field(..., min_length=1, description="What was checked.")
+
+
+class DeployStage(_Strict):
+    """Deployment: 'serve' starts the server, asks one question through the openai client, resolves the
+    answer's provenance and stops; 'record' only records a deploy run; 'none' skips the stage."""
+
+    mode: Literal["serve", "record", "none"] = Field("serve", description="serve | record | none.")
+    ask: str | None = Field(None, description="The input to send (for classification data: a text to "
+                                              "classify, wrapped in the dataset's prompt). Default: the "
+                                              "first test example.")
+    max_tokens: int = Field(16, ge=1, description="Answer length budget.")
+
+
+class PipelineConfig(_Strict):
+    """One pipeline: model -> data -> train -> evaluate (gates) -> docs -> approve -> deploy."""
+
+    name: str = Field(..., description="Pipeline name; prefixes the artifacts it records (<name>-lora...).")
+    model: ModelStage = Field(..., description="The base model.")
+    data: DataStage = Field(..., description="The data import.")
+    train: TrainStage = Field(default_factory=TrainStage, description="The training run.")
+    evaluate: EvaluateStage = Field(default_factory=EvaluateStage, description="Base vs tuned evaluation "
+                                                                               "with gates.")
+    docs: DocsStage | None = Field(default_factory=DocsStage, description="Audit documents (null: skip).")
+    approve: ApproveStage | None = Field(None, description="Optional named approval.")
+    deploy: DeployStage = Field(default_factory=DeployStage, description="Deployment.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from ..ledger.log import check_name
+
+        check_name(v)
+        return v
+
+    # set by load_pipeline: the folder that relative paths are resolved against
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def path(self, rel: str | None) -> Path | None:
+        """A path from the config, resolved against the pipeline file's folder."""
+        if rel is None:
+            return None
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    def train_doc(self) -> dict:
+        """The train keys: the ``config`` file's keys, then inline keys over them (no base_model/dataset)."""
+        import yaml
+
+        doc: dict = {}
+        if self.train.config:
+            p = self.path(self.train.config)
+            if not p.is_file():
+                raise ConfigError(f"no such train config file: {p}", field="train.config",
+                                  hint="give a path relative to the pipeline file")
+            doc = yaml.safe_load(p.read_text("utf-8")) or {}
+            if not isinstance(doc, dict):
+                raise ConfigError("a train config must be a mapping of key: value", file=str(p))
+        doc.update({k: v for k, v in (self.train.model_extra or {}).items()})
+        for k in ("base_model", "dataset"):
+            if k in doc:
+                raise ConfigError("set by the pipeline (from the model and data stages); remove it",
+                                  field=f"train.{k}")
+        doc.setdefault("output_name", f"{self.name}-lora")
+        return doc
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Line number of each dotted key of a YAML mapping (for error messages)."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + str(k.value)
+                lines.setdefault(key, k.start_mark.line + 1)
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        out.append(prefix + key)
+        ann = info.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                out += _keys(cand, prefix + key + ".")
+    return out
+
+
+def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str, int] | None = None):
+    """Check the train keys now (with placeholder model/data), so a typo fails before anything runs."""
+    from ..train import TrainConfig
+
+    doc = {**cfg.train_doc(), "base_model": "sha256:" + "0" * 64, "dataset": "placeholder"}
+    try:
+        return TrainConfig.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        hint = "see docs/config-reference.md (train config)"
+        if err["type"] == "extra_forbidden":
+            from ..train.config import field_names
+
+            close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.5)
+            hint = f"did you mean 'train.{close[0]}'?" if close else hint
+        raise ConfigError(f"{err['msg']}" + ("" if err["type"] == "extra_forbidden" else
+                                             f" (got {err.get('input')!r})"),
+                          file=file, line=(lines or {}).get(f"train.{key}"), field=f"train.{key}",
+                          hint=hint) from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file; errors name the file, line and key."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"no such pipeline file: {p}", hint="give the path of a pipeline YAML, e.g. "
+                          "examples/clauses/pipeline.yaml")
+    text = p.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=str(p),
+                          line=mark.line + 1 if mark else None) from None
+    cfg = parse_pipeline(doc, file=str(p), lines=_yaml_lines(text))
+    cfg._base_dir = p.resolve().parent
+    validate_train(cfg, str(p), _yaml_lines(text))
+    return cfg
+
+
+def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | None = None) -> PipelineConfig:
+    """Validate a mapping as a pipeline config (errors name the key, with file and line when known)."""
+    lines = lines or {}
+    if not isinstance(doc, dict):
+        raise ConfigError("a pipeline must be a mapping of key: value", file=file)
+    try:
+        return PipelineConfig.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(root)"
+        where = {"file": file, "line": lines.get(key), "field": key}
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, _keys(PipelineConfig), n=1, cutoff=0.5)
+            raise ConfigError("unknown key", hint=f"did you mean '{close[0]}'?" if close else
+                              "see docs/config-reference.md (pipeline)", **where) from None
+        if err["type"] == "missing":
+            raise ConfigError("required key is missing", hint="see docs/config-reference.md (pipeline)",
+                              **where) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", **where) from None
