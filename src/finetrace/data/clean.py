@@ -94,7 +94,8 @@ class MinHasher:
         self.band_mix = rng.integers(1, 1 << 62, self.rows, dtype=np.uint64) | np.uint64(1)
         self.scratch = Path(scratch)
         self._sig_fh = open(self.scratch / "signatures.u32", "wb")
-        self._band_fh = open(self.scratch / "bands.u64", "wb")
+        # one file per band (column-major), so that reading a band touches only that band's keys
+        self._band_fhs = [open(self.scratch / f"band{b}.u64", "wb") for b in range(self.bands)]
         self.n = 0
 
     def signatures(self, texts: list[str]) -> np.ndarray:
@@ -141,12 +142,14 @@ class MinHasher:
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
             keys ^= np.arange(self.bands, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
         self._sig_fh.write(sigs.tobytes())
-        self._band_fh.write(np.ascontiguousarray(keys).tobytes())
+        for b, fh in enumerate(self._band_fhs):
+            fh.write(np.ascontiguousarray(keys[:, b]).tobytes())
         self.n += len(texts)
 
     def close(self) -> None:
         self._sig_fh.close()
-        self._band_fh.close()
+        for fh in self._band_fhs:
+            fh.close()
 
     def pairs(self, active: np.ndarray) -> list[tuple[int, int, float]]:
         """Confirmed near-duplicate pairs (first, other, estimated Jaccard) among rows with ``active``."""
@@ -154,34 +157,47 @@ class MinHasher:
         if self.n == 0:
             return []
         sigs = np.memmap(self.scratch / "signatures.u32", np.uint32, "r", shape=(self.n, self.num_perm))
-        bands = np.memmap(self.scratch / "bands.u64", np.uint64, "r", shape=(self.n, self.bands))
         idx_active = np.flatnonzero(active)
-        found = []
+        confirmed: dict[tuple[int, int], float] = {}
+        checked = 0
         for band in range(self.bands):
-            col = np.asarray(bands[idx_active, band])
+            col = np.fromfile(self.scratch / f"band{band}.u64", np.uint64, count=self.n)[idx_active]
             order = np.argsort(col, kind="stable")
             sorted_keys = col[order]
+            del col
             same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1  # positions equal to previous
             if not len(same):
                 continue
-            is_start = np.ones(len(sorted_keys), bool)
-            is_start[same] = False
-            run_start = np.maximum.accumulate(np.where(is_start, np.arange(len(sorted_keys)), 0))
-            # each run member is compared with the run's first member
-            i = idx_active[order[run_start[same]]]
+            starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+            del sorted_keys
+            run_start = starts[np.searchsorted(starts, same, side="right") - 1]
+            # each run member is compared with the run's first member (candidates are verified right
+            # away, so only confirmed pairs are kept: memory stays O(rows), not O(candidates))
+            i = idx_active[order[run_start]]
             j = idx_active[order[same]]
-            found.append(np.minimum(i, j) * np.int64(self.n) + np.maximum(i, j))
-        if not found:
-            return []
-        cand = np.unique(np.concatenate(found))  # (first, other) pairs as first * n + other, deduplicated
-        out: list[tuple[int, int, float]] = []
-        for k in range(0, len(cand), 65536):  # estimated Jaccard = fraction of equal signature slots
-            lo, hi = np.divmod(cand[k:k + 65536], np.int64(self.n))
-            est = (np.asarray(sigs[lo]) == np.asarray(sigs[hi])).mean(axis=1)
-            ok = est >= self.threshold
-            out.extend(zip(lo[ok].tolist(), hi[ok].tolist(), est[ok].tolist()))
+            del order, same, run_start
+            lo, hi = np.minimum(i, j), np.maximum(i, j)
+            for k in range(0, len(lo), 16384):  # estimated Jaccard = fraction of equal signature slots
+                a, b = lo[k:k + 16384], hi[k:k + 16384]
+                est = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1)
+                ok = est >= self.threshold
+                for a_, b_, e in zip(a[ok].tolist(), b[ok].tolist(), est[ok].tolist()):
+                    confirmed[(a_, b_)] = e
+                checked += len(a)
+            _drop_pages(sigs)
+        self.candidates_checked = checked
+        out = [(a, b, e) for (a, b), e in confirmed.items()]
         out.sort()
         return out
+
+
+def _drop_pages(arr: np.memmap) -> None:
+    """Let the kernel take back the pages of a read-only memory map (they count as our RSS otherwise)."""
+    import mmap
+
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def union_find_roots(n: int, base: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
