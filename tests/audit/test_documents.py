@@ -85,6 +85,12 @@ def test_model_card_has_hub_metadata_and_mitchell_sections(audit_env):
     for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
                     "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
         assert f"\n## {section}\n" in card, section
+    from huggingface_hub import ModelCard  # the Hub's own parser reads the metadata and the eval results
+
+    data = ModelCard(card).data
+    assert data.base_model == "tiny" and data.license == "apache-2.0"
+    (res,) = data.eval_results
+    assert (res.metric_type, res.metric_value, res.dataset_split) == ("accuracy", acc, "test")
     sub = next(m for m in rep["models"] if m.get("adapter"))
     for group, v in sub["groups"]["accuracy"]["groups"].items():  # disaggregated by group
         assert f"| accuracy | {group} | {v['n']} | {v['value']:.4g} |" in card
@@ -196,6 +202,7 @@ def test_attestation_verifies_with_securesystemslib(audit_env):
     assert "finetrace" in names and any(n.endswith("train.parquet") for n in names)
     assert stmt["predicate"]["runDetails"]["metadata"]["invocationId"] == ws.ledger.artifact(g["digests"]["adapter"]).run_id
     assert verify_envelope(env, ws.public_key) == stmt
+    _check_with_in_toto_attestation(stmt)
     # one changed byte of the payload: both implementations refuse it
     stmt["subject"][0]["digest"]["sha256"] = "0" * 64
     env["payload"] = base64.b64encode(json.dumps(stmt).encode()).decode()
@@ -279,3 +286,21 @@ def test_an_unevaluated_adapter_says_what_is_missing(audit_env):
     deps = stmt["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert {"name": "parent_adapter", "uri": f"finetrace:{g['refs']['adapter']}",
             "digest": {"sha256": g["digests"]["adapter"].split(":")[1]}} in deps
+
+
+def _check_with_in_toto_attestation(stmt: dict) -> None:
+    """The in-toto attestation framework's own protos: the Statement validates and the predicate parses
+    strictly (unknown fields refused) as a SLSA Provenance v1 message. Skipped where not installed."""
+    try:
+        from google.protobuf import json_format
+        from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+        from in_toto_attestation.v1 import resource_descriptor_pb2, statement_pb2
+        from in_toto_attestation.v1.resource_descriptor import ResourceDescriptor
+        from in_toto_attestation.v1.statement import Statement
+    except ImportError:
+        return
+    Statement.copy_from_pb(json_format.ParseDict(stmt, statement_pb2.Statement())).validate()
+    prov = json_format.ParseDict(stmt["predicate"], provenance_pb2.Provenance())
+    assert prov.build_definition.build_type == "https://finetrace.dev/train/v1"
+    for dep in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]:
+        ResourceDescriptor.copy_from_pb(json_format.ParseDict(dep, resource_descriptor_pb2.ResourceDescriptor())).validate()
