@@ -262,3 +262,14 @@ def test_export_regenerates_documents_older_than_the_latest_approval(audit_env, 
     assert "Intended use and limitations were not provided" not in annex
     report = verify_bundle(path)
     assert report.ok and report.checks["approvals"] == 2
+
+
+def test_not_a_bundle_is_reported_not_raised(tmp_path):
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    report = verify_bundle(junk)
+    assert not report.ok and "is not a readable zip file" in report.problems[0]
+    assert "no bundle at" in verify_bundle(tmp_path / "missing.zip").problems[0]
+    empty = _rewrite(junk, {"README.txt": b"hello"}, tmp_path / "empty.zip")
+    assert set(verify_bundle(empty).problems) == {f"the bundle has no {n}" for n in
+                                                 ("bundle.json", "bundle.json.sig", "public_key.pem", "checkpoint.json")}
