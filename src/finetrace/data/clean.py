@@ -157,11 +157,14 @@ class MinHasher:
         if self.n == 0:
             return []
         sigs = np.memmap(self.scratch / "signatures.u32", np.uint32, "r", shape=(self.n, self.num_perm))
-        idx_active = np.flatnonzero(active)
+        all_active = bool(active.all())
+        idx_active = np.arange(self.n) if all_active else np.flatnonzero(active)
         confirmed: dict[tuple[int, int], float] = {}
         checked = 0
         for band in range(self.bands):
-            col = np.fromfile(self.scratch / f"band{band}.u64", np.uint64, count=self.n)[idx_active]
+            col = np.fromfile(self.scratch / f"band{band}.u64", np.uint64, count=self.n)
+            if not all_active:
+                col = col[idx_active]
             order = np.argsort(col, kind="stable")
             sorted_keys = col[order]
             del col
