@@ -16,8 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   "${PIP[@]}" install -c constraints.txt -e ".[dev]"
   touch "$stamp"
 fi
-# A headless browser for the report/page screenshot tests (Debian's chromium); best effort.
-if [ "${FINETRACE_NO_APT:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "warning: could not install chromium; browser tests will be skipped" >&2
+# A headless browser and PDF tools for the report/page screenshot tests (Debian's packages); best effort.
+if [ "${FINETRACE_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] \
+   && { ! command -v chromium >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; }; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null) \
+    || echo "warning: could not install chromium/poppler-utils; browser tests will be skipped" >&2
 fi
