@@ -2,6 +2,10 @@
 
     python examples/make_datasets.py            # writes examples/<task>/{train.csv,test.csv}
 
+Each task folder also holds (hand-written, not generated) ``datasheet.yaml``, ``intended_use.yaml``,
+``suite.yaml`` (eval suite with gates), ``train.yaml`` and ``pipeline.yaml``:
+``finetrace run examples/<task>/pipeline.yaml`` runs everything.
+
 1. ``clauses``: regulatory/contract clause identification for a compliance team. Each row is one contract
    clause written from templates with varied parties, amounts, periods and jurisdictions; the label is the
    clause type. ``group`` is the jurisdiction (for disaggregated metrics).
@@ -138,10 +142,11 @@ def ticket_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], group: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["id", "text", "label"] + (["group"] if group else [])
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["id", "text", "label", "group"], lineterminator="\n")
+        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -150,7 +155,10 @@ def main(out: Path = HERE) -> None:
     for task, make, n_train, n_test in (("clauses", clause_rows, 480, 120), ("tickets", ticket_rows, 400, 120)):
         rng = random.Random(f"finetrace-{task}")
         rows = make(n_train + n_test, rng)
-        write_csv(out / task / "train.csv", rows[:n_train])
+        # The data stage treats `group` as a unit that must not straddle splits (and drops training rows
+        # that share a group with a held-out test file), while evaluation uses it to disaggregate
+        # metrics. So only the held-out test file carries the group (region), for the group-gap gate.
+        write_csv(out / task / "train.csv", rows[:n_train], group=False)
         write_csv(out / task / "test.csv", rows[n_train:])
 
 

@@ -18,7 +18,10 @@ def register(app: typer.Typer) -> None:
                                   "evaluate, docs, approve, deploy)."),
         json_out: bool = JSON_OPTION,
     ):
-        """Run a pipeline: model, data, train, evaluate (gates), docs, approve, deploy; print a summary."""
+        """Run a pipeline: model, data, train, evaluate (gates), docs, approve, deploy; print a summary.
+
+        With --json, the result is JSON on stdout; progress and the summary table go to stderr.
+        """
         from ..pipeline import run_pipeline
         from ..pipeline.summary import render
 
@@ -31,10 +34,8 @@ def register(app: typer.Typer) -> None:
             if partial is not None:
                 if json_out:
                     emit_json(partial.to_dict())
-                else:
-                    typer.echo("\n".join(render(partial)[:-2]))  # the error itself is printed at the edge
+                typer.echo("\n".join(render(partial)[:-2]), err=json_out)  # the edge prints the error
             raise
+        typer.echo("\n".join(render(result)), err=json_out)
         if json_out:
             emit_json(result.to_dict())
-        else:
-            typer.echo("\n".join(render(result)))
