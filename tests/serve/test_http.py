@@ -30,9 +30,14 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
 
 
-def test_models_list(client):
+def test_models_list(served_ws, client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["tiny", "alpha@1", "beta@1"]
+    beta = served_ws.ledger.resolve("beta@1")
+    assert client.models.retrieve("beta").id == "beta@1"
+    assert client.models.retrieve("beta@1").model_extra["digest"] == beta.digest
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gamma@9")
 
 
 def test_chat_completion_stream_and_provenance_header(server, client):
@@ -76,6 +81,8 @@ def test_errors_have_openai_shape(server, client):
     r = httpx.post(server.base_url + "/chat/completions", json={"messages": MSG},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.get(server.base_url + "/no-such-route", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_auth(server):

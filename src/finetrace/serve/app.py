@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FinetraceError, InputError, NotFoundError
 from . import provenance
@@ -92,6 +93,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         err = _translate(exc)
         return JSONResponse(err.body, status_code=err.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), type_, "not_found" if exc.status_code == 404 else None),
+                            status_code=exc.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -140,6 +147,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": created,
                                             "owned_by": "finetrace", **{k: v for k, v in m.items() if k != "id"}}
                                            for m in engine.models()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
+    def model_info(model: str):
+        mid = engine.resolve_model(model)[0]
+        m = next(x for x in engine.models() if x["id"] == mid)
+        return {"id": mid, "object": "model", "created": int(time.time()), "owned_by": "finetrace",
+                **{k: v for k, v in m.items() if k != "id"}}
 
     async def _run(req: GenRequest, stream: bool, make_chunk, make_final):
         loop = asyncio.get_running_loop()
