@@ -373,12 +373,12 @@ def read_hf_disk(path: Path, opts: ReadOptions) -> Iterator[Row]:
             raise InputError("not a `datasets` save_to_disk folder (no state.json)", file=str(folder))
         for f in _arrow_files(folder):
             with pa.memory_map(str(f)) as src:
-                try:
-                    reader = pa.ipc.open_stream(src)
+                try:  # save_to_disk writes the Arrow stream format; accept the file format too
+                    batches = iter(pa.ipc.open_stream(src))
                 except pa.ArrowInvalid:
+                    src.seek(0)
                     reader = pa.ipc.open_file(src)
-                batches = reader if hasattr(reader, "read_next_batch") and not hasattr(reader, "num_record_batches") \
-                    else (reader.get_batch(i) for i in range(reader.num_record_batches))
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
                 for batch in batches:
                     for rec in batch.to_pylist():
                         n += 1
