@@ -212,11 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
         eng = Engine(ws, base.digest, refs, ServeSettings(max_batch=args.clients, max_queue=4 * args.clients,
                                                           lora_kernel=kernel, log_flush_s=0.5))
         if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
-            lora = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "lora_" in n)
-            stacks = sum(m._ft_A.numel() * m._ft_A.element_size() + m._ft_B.numel() * m._ft_B.element_size()
-                         for m in eng._gather.modules)
-            results["memory_per_adapter_bytes"] = {"peft_weights": lora // len(refs),
-                                                   "gathered_stacks": stacks // (len(refs) + 1)}
+            storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
+            for t in [p for n, p in eng.model.named_parameters() if "lora_" in n] + \
+                    [x for m in eng._gather.modules for x in (m._ft_A, m._ft_B, m._ft_S)]:
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+            results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
         eng.start()
         try:
             def call(m, msgs):

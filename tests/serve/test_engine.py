@@ -200,3 +200,19 @@ def test_unloaded_while_queued_is_not_served_by_the_base(served_ws):
     eng.unload_adapter("alpha@1")
     eng._step()
     assert events and events[-1][0] == "error" and isinstance(events[-1][1], NotFoundError)
+
+
+def test_extra_adapter_costs_about_its_size(served_ws):
+    """PEFT's LoRA weights share storage with the gathered stacks: one copy per adapter, not two."""
+    eng = Engine(served_ws, "tiny", ["alpha@1", "beta@1"], ServeSettings())
+    storages = {}
+    for n, p in eng.model.named_parameters():
+        if "lora_" in n:
+            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    for m in eng._gather.modules:
+        for t in (m._ft_A, m._ft_B):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "lora_" in n)
+    stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng._gather.modules)
+    assert sum(storages.values()) == stack_bytes  # the PEFT weights add nothing
+    assert stack_bytes == lora_bytes * 3 // 2   # 2 adapters of equal rank + the zero slot for the base

@@ -6,19 +6,20 @@ pays 16x the Python and kernel-launch overhead of a batch on one adapter. This m
 every LoRA ``Linear``, the adapters' weights stacked (slot 0 is all zeros, for base-model rows)::
 
     A_stack: (S, r_max, in)      A_stack[s] = A_s   (zero-padded to r_max: padding adds exactly 0)
-    B_stack: (S, r_max, out)     B_stack[s] = (alpha_s / r_s) * B_s^T
+    B_stack: (S, r_max, out)     B_stack[s] = B_s^T,  scale[s] = alpha_s / r_s
 
 and computes every row's update with two batched matmuls over weights gathered by the row's slot
 (the "BGMV" idea of Punica / S-LoRA)::
 
-    y_b = W0 x_b + (A_stack[s_b] x_b^T)^T B_stack[s_b]   # x: (B, T, in) -> (B, T, out)
+    y_b = W0 x_b + scale[s_b] (A_stack[s_b] x_b^T)^T B_stack[s_b]   # x: (B, T, in) -> (B, T, out)
 
 (the A product is taken as ``A x^T``: on CPU a batched GEMV over contiguous rows of A is ~3x faster
 than ``x A^T`` for decode shapes).
 
 When all rows use the same adapter, it is one plain matmul pair (as a single-adapter server would do).
 Used only for plain LoRA ``Linear`` layers; DoRA or other variants fall back to PEFT's mixed batches.
-The stacked copies cost about the adapters' size again (r_max padding aside).
+PEFT's own LoRA weights are re-pointed to views of the stacks, so an extra adapter costs about its own
+size in memory (plus zero padding where ranks differ), not twice.
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ class GatheredLoRA:
                 w = m.base_layer.weight
                 a = torch.zeros((len(names) + 1, r_max, m.in_features), dtype=w.dtype, device=w.device)
                 b = torch.zeros((len(names) + 1, r_max, m.out_features), dtype=w.dtype, device=w.device)
+                scale = torch.zeros(len(names) + 1, dtype=w.dtype, device=w.device)
                 for n in present:
                     s, r = self.slots[n], m.lora_A[n].weight.shape[0]
-                    a[s, :r, :] = m.lora_A[n].weight.to(w.dtype)
-                    b[s, :r, :] = (m.lora_B[n].weight.T * m.scaling[n]).to(w.dtype)
-                m._ft_A, m._ft_B = a, b
+                    wa, wb = m.lora_A[n].weight, m.lora_B[n].weight
+                    a[s, :r, :] = wa
+                    b[s, :r, :] = wb.T
+                    scale[s] = m.scaling[n]
+                    if wa.dtype == wb.dtype == w.dtype:  # PEFT's copies become views of the stacks: no 2nd copy
+                        wa.data, wb.data = a[s, :r, :], b[s, :r, :].T
+                m._ft_A, m._ft_B, m._ft_S = a, b, scale
 
     def select(self, names: list[str]) -> None:
         """Set the slot of each row (``"__base__"`` or unknown -> 0) for the next forward."""
@@ -88,10 +94,12 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if g.single is not None:
         if g.single == 0:
             return out
-        delta = torch.nn.functional.linear(xa, self._ft_A[g.single]) @ self._ft_B[g.single]
+        h = torch.nn.functional.linear(xa, self._ft_A[g.single]) * self._ft_S[g.single]
+        delta = h @ self._ft_B[g.single]
     else:
         x3 = xa.reshape(x.shape[0], -1, x.shape[-1])                                  # (B, T, in)
         h = torch.bmm(self._ft_A.index_select(0, g.rows), x3.transpose(1, 2))        # (B, r, T)
+        h = h * self._ft_S.index_select(0, g.rows).view(-1, 1, 1)
         delta = torch.bmm(h.transpose(1, 2), self._ft_B.index_select(0, g.rows))     # (B, T, out)
         delta = delta.reshape(out.shape)
     return out + delta.to(out.dtype)
