@@ -133,3 +133,30 @@ def test_init_from_continues_an_adapter(tiny_setup):
     assert first(child)["loss"] < first(parent)["loss"] - 0.5  # it starts where the parent left off
     with pytest.raises(ConfigError, match="init_from"):
         train(ws, make_config(method="full", init_from="toy-lora@1", output_name="x"), progress=False)
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_setup):
+    ws, _, _ = tiny_setup
+    # lr far too high: validation loss stops improving quickly
+    art = train(ws, make_config(max_steps=40, lr=0.5, eval_every=1, early_stopping_patience=2,
+                                max_grad_norm=None, schedule="constant"), progress=False)
+    m = ws.ledger.get_run(art.run_id).metrics
+    assert m["stopped_early"] and m["steps"] < 40
+    assert m["best_step"] <= m["steps"] - 2
+    assert abs(m["val_loss"] - m["best_val_loss"]) < 1e-6  # the adapter holds the best weights
+
+
+def test_cli_trains_and_reports(tiny_setup, tmp_path, capsys):
+    from finetrace.cli import main
+
+    ws, _, _ = tiny_setup
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("base_model: tiny\ndataset: toy\noutput_name: cli-lora\nmax_steps: 3\nbatch_size: 4\n")
+    assert main(["-w", str(ws.root), "train", str(cfg), "--set", "lora.r=4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["artifact"]["aliases"] == ["cli-lora@1"] and out["metrics"]["steps"] == 3
+    assert ws.ledger.get_run(out["run"]).config["lora"]["r"] == 4
+    assert main(["-w", str(ws.root), "train", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert "adapter cli-lora@" in captured.out and "tokens/s" in captured.out
+    assert "tok/s" in captured.err  # the progress bar

@@ -1,0 +1,249 @@
+"""Training throughput: finetrace vs Hugging Face Trainer + PEFT, on SmolLM2-135M, side by side.
+
+    .venv/bin/python bench/train_throughput.py [--steps 5] [--batch 8]
+
+Both train LoRA r=16 (alpha 32) on every linear layer of the decoder, fp32, AdamW (lr 2e-4, constant,
+clip 1.0), the same batch size and number of steps, on a generated instruction set whose examples are
+20-400 tokens long (prompt + answer + end-of-turn). The baseline is what users run otherwise (Axolotl
+and LLaMA-Factory wrap it): a padded batch with an attention mask, labels -100 on prompt and padding
+(masked by segment, so the eos stop token keeps its loss), full logits, standard cross-entropy.
+
+Each side runs in its own subprocess so that peak RSS (ru_maxrss) is its own. Tokens/s counts real
+(non-pad) tokens over the summed optimiser-step times (model loading excluded on both sides). MFU is
+the estimated useful FLOPs (``finetrace.train.report.step_flops``: real tokens only) over a measured
+fp32 matmul ceiling. The last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the contract supplier customer shall deliver goods within thirty days invoice payment data "
+         "personal processed lawfully fairly transparent article governance question answer capital "
+         "routing billing technical account shipping clause termination liability confidentiality model "
+         "adapter dataset train evaluate serve audit report risk system user request policy service level "
+         "agreement notice period party obligation warranty refund order delivery address support ticket "
+         "password reset login error network latency server update version release schedule meeting").split()
+LORA_R, LORA_ALPHA, LR = 16, 32, 2e-4
+
+
+def make_rows(tok, n: int, seed: int) -> list[dict]:
+    """Instruction rows whose chat-formatted length (prompt + answer + eos) is 20-400 tokens."""
+    from finetrace.train.data import encode
+
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        target_len = rng.randint(20, 400)
+        total_words = max(4, int(target_len / 1.3) - 8)
+        split = max(1, int(total_words * rng.uniform(0.3, 0.7)))
+        prompt = " ".join(rng.choice(WORDS) for _ in range(split))
+        answer = " ".join(rng.choice(WORDS) for _ in range(max(1, total_words - split)))
+        enc = encode(tok, [{"role": "user", "content": prompt}], answer)
+        if 20 <= len(enc.ids) <= 400:
+            rows.append({"prompt": prompt, "completion": answer})
+    return rows
+
+
+def matmul_ceiling(threads: int) -> float:
+    """fp32 FLOP/s of a large square matmul on ``threads`` threads (best of a few)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
+    return best
+
+
+# -- children ------------------------------------------------------------------------------------
+def child_finetrace_gc(ws_dir: str, steps: int, batch: int) -> dict:
+    return child_finetrace(ws_dir, steps, batch, gradient_checkpointing=True)
+
+
+def child_finetrace(ws_dir: str, steps: int, batch: int, gradient_checkpointing: bool = False) -> dict:
+    from finetrace.train import TrainConfig, train
+    from finetrace.workspace import Workspace
+
+    ws = Workspace.open(ws_dir)
+    cfg = TrainConfig(base_model="smollm2-135m-instruct", dataset="bench-instructions",
+                      method="lora", lora={"r": LORA_R, "alpha": LORA_ALPHA}, lr=LR, schedule="constant",
+                      batch_size=batch, max_steps=steps, max_length=512, checkpoint_every=None,
+                      validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
+                      gradient_checkpointing=gradient_checkpointing,
+                      output_name="bench-lora-gc" if gradient_checkpointing else "bench-lora")
+    art = train(ws, cfg, progress=False)
+    m = ws.ledger.get_run(art.run_id).metrics
+    hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in hist if "loss" in r]
+    return {"tokens": m["tokens"], "step_time_s": m["wall_time_s"], "losses": losses,
+            "flops": m["flops_estimate"]}
+
+
+def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from finetrace.models import model_path
+    from finetrace.train.data import encode, read_dataset
+    from finetrace.train.adapters import linear_targets
+    from finetrace.train.report import model_counts, step_flops
+    from finetrace.workspace import Workspace
+
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    ws = Workspace.open(ws_dir)
+    path, _ = model_path(ws, "smollm2-135m-instruct")
+    ds_dir = ws.store.materialize(ws.ledger.resolve("bench-instructions").digest)
+    _, rows = read_dataset(ds_dir, "train")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    targets = linear_targets(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    data = []
+    for r in rows:
+        enc = encode(tok, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        data.append({"input_ids": enc.ids, "labels": [-100] * enc.n_prompt + enc.ids[enc.n_prompt:]})
+
+    seen: list[tuple[int, int]] = []  # (real tokens, lengths) per batch, in order
+
+    def collate(batch_rows):
+        width = max(len(b["input_ids"]) for b in batch_rows)
+        ids = torch.full((len(batch_rows), width), tok.pad_token_id)
+        labels = torch.full((len(batch_rows), width), -100)
+        mask = torch.zeros((len(batch_rows), width), dtype=torch.long)
+        for i, b in enumerate(batch_rows):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+        seen.append(([len(b["input_ids"]) for b in batch_rows],
+                     sum(sum(1 for x in b["labels"] if x != -100) for b in batch_rows)))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+                                 learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                                 weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
+                                 save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+                                 dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                callbacks=[Timer()]).train()
+    counts = model_counts(model)
+    steps_seen = seen[:len(times)]
+    return {"tokens": sum(sum(lens) for lens, _ in steps_seen), "step_time_s": sum(times), "losses": losses,
+            "flops": sum(step_flops(counts, lens, nt) for lens, nt in steps_seen)}
+
+
+def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int) -> dict:
+    """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        result = fh.name
+    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_throughput as b; "
+            "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+            "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(Path(result).read_text())
+    os.unlink(result)
+    out["process_s"] = time.perf_counter() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: "
+                    "physical cores; use 1 on a machine shared with other jobs, where 2 threads thrash)")
+    ap.add_argument("--gc", action="store_true", help="also run finetrace with gradient checkpointing")
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetrace.models import add_model, model_path
+    from finetrace.train.report import physical_cores
+    from finetrace.workspace import Workspace
+
+    threads = args.threads or physical_cores()
+    tmp = Path(tempfile.mkdtemp(prefix="ft-bench-train-"))
+    ws = Workspace.init(tmp / "ws")
+    add_model(ws, "smollm2-135m-instruct")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path(ws, "smollm2-135m-instruct")[0])
+    rows = make_rows(tok, args.examples, seed=0)
+    ds = tmp / "dataset"
+    ds.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), ds / "train.parquet")
+    (ds / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["prompt", "completion"],
+                                                 "counts": {"train": len(rows)}}))
+    ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name="bench-instructions")
+    ws.close()
+
+    ceiling = matmul_ceiling(threads)
+    print(f"machine: {threads} threads, fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"data: {len(rows)} examples of 20-400 tokens; {args.steps} steps of batch {args.batch}; LoRA r={LORA_R} "
+          f"all linear layers, AdamW lr {LR}")
+    base = run_child("baseline", str(ws.root), args.steps, args.batch, threads)
+    ours = run_child("finetrace", str(ws.root), args.steps, args.batch, threads)
+    sides = [("baseline", base), ("finetrace", ours)]
+    if args.gc:
+        sides.append(("finetrace+gc", run_child("finetrace_gc", str(ws.root), args.steps, args.batch, threads)))
+    res = {}
+    for name, r in sides:
+        tps = r["tokens"] / r["step_time_s"]
+        mfu = r["flops"] / r["step_time_s"] / ceiling
+        print(f"{name:>12}: {tps:8.1f} real tokens/s  {r['step_time_s']:.1f} s in steps  peak RSS "
+              f"{r['peak_rss_mb']:7.0f} MB  MFU {mfu:.1%}  losses {[round(x, 3) for x in r['losses']]}")
+        res[name] = (tps, mfu)
+    speedup = res["finetrace"][0] / res["baseline"][0]
+    mem = ours["peak_rss_mb"] / base["peak_rss_mb"]
+    print(f"speedup {speedup:.2f}x tokens/s (target >= 2x); memory {mem:.2f}x (target <= 0.7x)")
+    print(json.dumps({
+        "baseline_tokens_per_s": round(res["baseline"][0], 2), "tokens_per_s": round(res["finetrace"][0], 2),
+        "speedup": round(speedup, 3), "baseline_peak_rss_mb": round(base["peak_rss_mb"], 1),
+        "peak_rss_mb": round(ours["peak_rss_mb"], 1), "memory_ratio": round(mem, 3),
+        "mfu": round(res["finetrace"][1], 4), "baseline_mfu": round(res["baseline"][1], 4),
+        "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
+        "baseline_final_loss": round(base["losses"][-1], 4), "final_loss": round(ours["losses"][-1], 4),
+        "steps": args.steps, "batch": args.batch, "threads": threads,
+        **({"gc_tokens_per_s": round(res["finetrace+gc"][0], 2),
+            "gc_peak_rss_mb": round(sides[2][1]["peak_rss_mb"], 1)} if args.gc else {})}))
+
+
+if __name__ == "__main__":
+    main()
