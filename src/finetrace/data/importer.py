@@ -141,7 +141,9 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
         p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher,
                                          max_row_bytes, progress)
         schema = validator.schema
+        _release_memory()
         decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema)
+        _release_memory()
 
         transforms = _transforms(sources, fmap, schema, on_error, pii, detectors, near_dup_threshold,
                                  near_dup, seed, fractions, test_file is not None)
@@ -313,6 +315,18 @@ def _pii(row: dict, schema: str, mode: str, detectors, p1: _Pass1, where: str) -
     return None
 
 
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS between phases (glibc keeps it otherwise), so phases'
+    peaks do not stack up in the process's RSS. A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # -- decisions ----------------------------------------------------------------------------------
 @dataclass
 class _Decisions:
@@ -333,8 +347,15 @@ def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, 
     def loc(i: int) -> str:
         return f"{sources[int(src[i])].display}:{int(lines[i])}"
 
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    first_of = first[inverse]
+    # first occurrence of each exact key: a stable sort keeps equal keys in row order
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    del sk
+    first_of = np.empty(n, np.int64)
+    first_of[order] = order[np.repeat(starts, np.diff(np.r_[starts, n]))]
+    del order, starts
+    _release_memory()
     dup = first_of != np.arange(n)
     reason = np.zeros(n, np.int8)  # 0 keep, 1 exact dup, 2 exact dup of test, 3 near dup, 4 overlaps test
     reason[dup] = 1
@@ -343,6 +364,7 @@ def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, 
 
     active = ~dup
     pairs = minhasher.pairs(active)
+    _release_memory()
     base = np.arange(n, dtype=np.int64)
     grp = np.frombuffer(p1.group, np.int64)
     base[grp >= 0] = grp[grp >= 0]
