@@ -180,14 +180,16 @@ class MinHasher:
             j = idx_active[order[same]]
             del order, same, run_start
             lo, hi = np.minimum(i, j), np.maximum(i, j)
-            for k in range(0, len(lo), 16384):  # estimated Jaccard = fraction of equal signature slots
-                a, b = lo[k:k + 16384], hi[k:k + 16384]
+            for k in range(0, len(lo), 4096):  # estimated Jaccard = fraction of equal signature slots
+                a, b = lo[k:k + 4096], hi[k:k + 4096]
                 est = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1)
                 ok = est >= self.threshold
                 for a_, b_, e in zip(a[ok].tolist(), b[ok].tolist(), est[ok].tolist()):
                     confirmed[(a_, b_)] = e
                 checked += len(a)
-            _drop_pages(sigs)
+                # random rows touch whole 4 KiB pages of the map: give them back after every chunk,
+                # else up to the whole signature file (256 bytes/row) would count as our memory
+                _drop_pages(sigs)
         self.candidates_checked = checked
         out = [(a, b, e) for (a, b), e in confirmed.items()]
         out.sort()
