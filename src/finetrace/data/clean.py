@@ -5,8 +5,9 @@
 - ``MinHasher``: signatures over character 5-gram shingles of the row's text (lower-cased, whitespace
   collapsed); LSH with ``bands × rows`` chosen so that the S-curve threshold (1/b)^(1/r) is near the
   requested Jaccard threshold. Candidate pairs (same key in some band) are then confirmed by the
-  signature estimate of Jaccard similarity ≥ threshold. Only 64-bit keys per row stay in memory; the
-  signatures live in a memory-mapped scratch file.
+  signature estimate of Jaccard similarity ≥ threshold. During the import only 8-byte keys per row stay
+  in memory; band keys and a 64-byte signature sketch per row go to scratch files, read back one band
+  (8 bytes/row) and the sketch (64 bytes/row) at a time to find and confirm pairs.
 
 The maths: for a random permutation π, P[min π(A) = min π(B)] = |A∩B| / |A∪B| (Jaccard), so the
 fraction of equal signature slots estimates it; a pair lands in the same bucket of at least one band
@@ -93,7 +94,9 @@ class MinHasher:
         self.b32 = (self.b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         self.band_mix = rng.integers(1, 1 << 62, self.rows, dtype=np.uint64) | np.uint64(1)
         self.scratch = Path(scratch)
-        self._sig_fh = open(self.scratch / "signatures.u32", "wb")
+        # the low byte of each signature slot, for confirming candidates (64 bytes per row): two
+        # unequal slots agree by chance with p = 1/256, so the estimate is J + (1 - J)/256
+        self._sig_fh = open(self.scratch / "sketch.u8", "wb")
         # one file per band (column-major), so that reading a band touches only that band's keys
         self._band_fhs = [open(self.scratch / f"band{b}.u64", "wb") for b in range(self.bands)]
         self.n = 0
@@ -141,7 +144,7 @@ class MinHasher:
             used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(texts), self.bands, self.rows)
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
             keys ^= np.arange(self.bands, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
-        self._sig_fh.write(sigs.tobytes())
+        self._sig_fh.write((sigs & np.uint32(0xFF)).astype(np.uint8).tobytes())
         for b, fh in enumerate(self._band_fhs):
             fh.write(np.ascontiguousarray(keys[:, b]).tobytes())
         self.n += len(texts)
@@ -156,7 +159,9 @@ class MinHasher:
         self.close()
         if self.n == 0:
             return []
-        sigs = np.memmap(self.scratch / "signatures.u32", np.uint32, "r", shape=(self.n, self.num_perm))
+        # read into memory (64 bytes/row): a memory map read at random rows maps whole neighbourhoods
+        sigs = np.fromfile(self.scratch / "sketch.u8", np.uint8, count=self.n * self.num_perm)
+        sigs = sigs.reshape(self.n, self.num_perm)
         all_active = bool(active.all())
         idx_active = np.arange(self.n) if all_active else np.flatnonzero(active)
         confirmed: dict[tuple[int, int], float] = {}
@@ -182,27 +187,15 @@ class MinHasher:
             lo, hi = np.minimum(i, j), np.maximum(i, j)
             for k in range(0, len(lo), 4096):  # estimated Jaccard = fraction of equal signature slots
                 a, b = lo[k:k + 4096], hi[k:k + 4096]
-                est = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1)
+                est = (sigs[a] == sigs[b]).mean(axis=1)
                 ok = est >= self.threshold
                 for a_, b_, e in zip(a[ok].tolist(), b[ok].tolist(), est[ok].tolist()):
                     confirmed[(a_, b_)] = e
                 checked += len(a)
-                # random rows touch whole 4 KiB pages of the map: give them back after every chunk,
-                # else up to the whole signature file (256 bytes/row) would count as our memory
-                _drop_pages(sigs)
         self.candidates_checked = checked
         out = [(a, b, e) for (a, b), e in confirmed.items()]
         out.sort()
         return out
-
-
-def _drop_pages(arr: np.memmap) -> None:
-    """Let the kernel take back the pages of a read-only memory map (they count as our RSS otherwise)."""
-    import mmap
-
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def union_find_roots(n: int, base: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
