@@ -9,8 +9,11 @@ No HTTP here: the app (``app.py``), the benchmark and the tests all call this.
 
 How requests for different adapters share one forward pass: every adapter is loaded into ONE
 ``PeftModel`` under its own adapter name, and each row of the batch carries the name of its adapter
-(``"__base__"`` for the bare base). PEFT's mixed-adapter batches (``adapter_names=[...]``) then apply
-``W0 x + (alpha/r) B_a A_a x`` per row group inside each LoRA layer, so the base matmuls are shared.
+(``"__base__"`` for the bare base). Each LoRA layer then computes ``W0 x + (alpha/r) B_a A_a x`` with the
+row's own adapter: by default with gathered batched matmuls over stacked adapter weights
+(``lora_batch.py``, cost independent of how many adapters the batch mixes), or with PEFT's mixed-adapter
+batches (``adapter_names=[...]``, ``lora_kernel="peft"``, also the fallback for DoRA and other variants).
+The base matmuls are shared by all rows either way.
 
 The scheduler is iteration-level ("continuous") batching over a KV cache:
 
