@@ -185,3 +185,20 @@ def test_config_errors_name_file_line_and_key(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
     assert "train.max_step" in str(err.value) and "train.max_steps" in str(err.value)
+
+
+def test_cli_run_json_and_errors(workspace, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from finetrace.cli import main
+
+    path = make_pipeline(tmp_path, tiny_model_dir)
+    assert main(["--workspace", str(workspace.root), "run", str(path), "--until", "data", "--json"]) == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert [s["status"] for s in doc["stages"]][:3] == ["ran", "ran", "not reached"]
+    assert "data" in out.err and "stage" in out.err  # the summary table goes to stderr with --json
+    assert main(["--workspace", str(workspace.root), "run", str(path), "--until", "nope"]) == 2
+    assert "unknown stage 'nope'" in capsys.readouterr().err
+    assert main(["--workspace", str(workspace.root), "run", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such pipeline file" in capsys.readouterr().err
