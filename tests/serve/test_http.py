@@ -171,35 +171,45 @@ def test_failed_gates_refused_until_override(served_ws, server, client):
 
 
 def test_overload_429_and_nothing_lost(served_ws):
-    settings = ServeSettings(max_queue=2, max_batch=2)
+    """The scheduler is held while 16 requests arrive: exactly max_queue are accepted, the rest get 429;
+    once released, every accepted request completes in full and is in the ledger."""
+    import time
+    from concurrent.futures import Future
+
+    settings = ServeSettings(max_queue=4, max_batch=2)
     eng = Engine(served_ws, "tiny", ["alpha@1"], settings)
     n = 16
     outcomes: list = [None] * n
-    barrier = threading.Barrier(n)
+    hold = threading.Event()
     with BackgroundServer(eng, settings) as srv:
+        eng._controls.put((lambda: hold.wait(60), Future()))  # the scheduler runs it next, and waits
         cl = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
 
         def run(i):
-            barrier.wait()
             try:
-                r = cl.completions.create(model=["tiny", "alpha@1"][i % 2], prompt="hello", max_tokens=100,
-                                          temperature=0)
-                outcomes[i] = r
+                outcomes[i] = cl.completions.create(model=["tiny", "alpha@1"][i % 2], prompt="hello",
+                                                    max_tokens=20, temperature=0)
             except openai.RateLimitError as exc:
                 outcomes[i] = exc
         threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
         [t.start() for t in threads]
+        deadline = time.monotonic() + 60
+        while sum(isinstance(o, Exception) for o in outcomes) < n - 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.stats()["queued"] == 4
+        hold.set()
         [t.join() for t in threads]
         deployment = eng.deployment
-    ok = [o for o in outcomes if not isinstance(o, Exception)]
+    ok = [o for o in outcomes if o is not None and not isinstance(o, Exception)]
     limited = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
-    assert len(ok) + len(limited) == n and limited and ok
-    assert limited[0].body["code"] == "queue_full"
-    assert all(o.usage.completion_tokens == 100 and o.choices[0].finish_reason == "length" for o in ok)
+    assert len(ok) == 4 and len(limited) == n - 4
+    assert limited[0].body["code"] == "queue_full" and limited[0].body["type"] == "rate_limit_error"
+    assert all(o.usage.completion_tokens == 20 and o.choices[0].finish_reason == "length" for o in ok)
     logged = {e.data["provenance_id"] for e in served_ws.ledger.entries(type="serve.request")
               if e.data["deployment"] == deployment}
     assert logged == {o.model_extra["provenance_id"] for o in ok}
     assert served_ws.ledger.get_run(deployment).status == "succeeded"
+    assert served_ws.ledger.get_run(deployment).metrics["rejected"] == n - 4
 
 
 def test_graceful_shutdown_finishes_in_flight(served_ws):
