@@ -216,3 +216,15 @@ def test_extra_adapter_costs_about_its_size(served_ws):
     stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng._gather.modules)
     assert sum(storages.values()) == stack_bytes  # the PEFT weights add nothing
     assert stack_bytes == lora_bytes * 3 // 2   # 2 adapters of equal rank + the zero slot for the base
+
+
+def test_log_content_keeps_full_text_only_when_asked(served_ws):
+    eng = Engine(served_ws, "tiny", [], ServeSettings(log_content=True))
+    eng.start()
+    try:
+        res = eng.generate("tiny", messages=[{"role": "user", "content": "secret question"}], max_tokens=3)
+    finally:
+        eng.stop()
+    ev = next(e.data for e in served_ws.ledger.entries(type="serve.request")
+              if e.data["provenance_id"] == res.provenance_id)
+    assert ev["content"] == {"input": [{"role": "user", "content": "secret question"}], "output": res.text}
