@@ -50,7 +50,7 @@ def test_publish_search_pull_roundtrip(market, server):
     assert market.pub.keys.key_id in exc.value.hint
     art = client.pull(market.buyer, "acme/legal-clauses@1.0.0", server.url, trust_keys=[market.pub.keys.key_id])
     assert art.digest == market.adapter.digest  # the same bytes the publisher signed
-    assert art.kind == "adapter" and art.ref == "acme/legal-clauses@1"
+    assert art.kind == "adapter" and "acme/legal-clauses@1" in art.aliases
     assert art.metadata["base_model"] == market.base.digest and art.metadata["r"] == 4
     assert art.metadata["market"]["package"] == "acme/legal-clauses@1.0.0"
     run = market.buyer.ledger.get_run(art.run_id)
@@ -129,22 +129,55 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
 
     from .conftest import add_evidence, make_adapter
 
-    bad = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="weak-lora", seed=3)
+    sfx = 0 if server.kind == "sqlite" else 10  # the publisher workspace is shared by both databases' runs
+    bad = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"weak-lora-{sfx}", seed=3 + sfx)
     with pytest.raises(InputError, match="may not be published.*unevaluated|no evaluation"):
-        client.build_package(market.pub, "weak-lora", "acme/weak@1")
+        client.build_package(market.pub, f"weak-lora-{sfx}", "acme/weak@1")
     add_evidence(market.pub, bad, tmp_path, accuracy=0.5, passed=False)
     with pytest.raises(InputError, match="eval gates failed"):
-        client.build_package(market.pub, "weak-lora", "acme/weak@1")
-    nodocs = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="nodoc-lora", seed=4)
+        client.build_package(market.pub, f"weak-lora-{sfx}", "acme/weak@1")
+    nodocs = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"nodoc-lora-{sfx}",
+                          seed=4 + sfx)
     add_evidence(market.pub, nodocs, tmp_path, docs=("model_card",))
     with pytest.raises(InputError, match="required documents missing: annex_iv, ab2013"):
-        client.build_package(market.pub, "nodoc-lora", "acme/nodoc@1")
+        client.build_package(market.pub, f"nodoc-lora-{sfx}", "acme/nodoc@1")
     assert REQUIRED_DOCUMENTS == ("model_card", "annex_iv", "ab2013")
     # documents given explicitly complete it
     extra = {}
     for k in ("annex_iv", "ab2013"):
         extra[k] = tmp_path / f"{k}.md"
         extra[k].write_text(f"# {k}\n")
-    pkg = client.build_package(market.pub, "nodoc-lora", "acme/nodoc@1", documents=extra)
+    pkg = client.build_package(market.pub, f"nodoc-lora-{sfx}", "acme/nodoc@1", documents=extra)
     assert {"documents/annex_iv.md", "documents/ab2013.md", "documents/model_card.md"} <= set(pkg.files)
     json.dumps(pkg.manifest)  # serialisable as is
+
+
+def test_a_pulled_adapter_trains_further(market, server, tmp_path):
+    """The buyer adds the last 20%: `init_from` the pulled adapter, on their own data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetrace.train import TrainConfig, train
+
+    if server.kind != "sqlite":
+        pytest.skip("training is the same whichever database the registry uses")
+    _publish(market, server, "acme/legal-base@1.0")
+    pulled = client.pull(market.buyer, "acme/legal-base@1.0", server.url, trust_keys=[market.pub.keys.key_id],
+                         name="legal-market")
+    ds = tmp_path / "own-data"
+    ds.mkdir()
+    rows = [{"prompt": f"Clause {i}: the supplier shall deliver", "completion": "termination" if i % 2 else "liability"}
+            for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), ds / "train.parquet")
+    (ds / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["prompt", "completion"],
+                                                 "labels": None, "counts": {"train": 8}}))
+    data = market.buyer.ledger.add_artifact("dataset", market.buyer.store.put_dir(ds), name="own-legal")
+    cfg = TrainConfig(base_model="tiny", dataset=data.ref, init_from=pulled.ref, output_name="legal-further",
+                      max_steps=2, batch_size=4, validation_split=None, threads=1)
+    child = train(market.buyer, cfg)
+    assert child.metadata["parent"] == pulled.digest and child.metadata["r"] == 4
+    run = market.buyer.ledger.get_run(child.run_id)
+    assert pulled.digest in run.inputs and run.status == "succeeded"
+    # lineage runs back through the pull to the registry package
+    pull_run = market.buyer.ledger.get_run(market.buyer.ledger.producer(pulled.digest))
+    assert pull_run.kind == "pull"

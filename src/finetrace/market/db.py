@@ -135,7 +135,16 @@ def _m002_fulltext(conn, dialect: str) -> None:
                           "USING GIN (to_tsvector('english', search_text))"))
 
 
-MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext)]
+def _m003_search_indexes(conn, dialect: str) -> None:
+    # search joins packages on their latest version: without this index the join is quadratic
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_packages_latest ON packages (latest_version_id)"))
+    # each sort order walks an index and stops after one page (ties broken by id, in the index too)
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_packages_downloads_id ON packages (downloads, id)"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_id ON versions (score, id)"))
+
+
+MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
+                                          ("003_search_indexes", _m003_search_indexes)]
 
 
 def migrate(engine: Engine) -> list[str]:
@@ -169,7 +178,16 @@ def connect(url: str) -> tuple[Engine, sessionmaker]:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     migrate(engine)
+    analyze(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def analyze(engine: Engine) -> None:
+    """Refresh the SQLite planner's statistics (without them it sorts whole tables instead of walking an
+    index for a page of search results). PostgreSQL's autovacuum keeps its own statistics."""
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
 
 
 def index_text(session, version: Version) -> None:

@@ -1,0 +1,140 @@
+"""Search latency of the registry at 10,000 packages.
+
+Generates N packages straight into a registry database (the same tables, metrics and full-text index a
+publish writes, without the upload), then times ``Registry.search`` (the function behind
+``GET /api/v1/search``, the CLI and the web page) over a fixed mix of text queries, filters and sorts.
+Prints a table and ends with one JSON line holding ``p50_ms`` and ``p95_ms``.
+
+    .venv/bin/python bench/market_search.py                       # SQLite in a temp folder, 10,000 packages
+    .venv/bin/python bench/market_search.py --db postgresql+psycopg://postgres@127.0.0.1:PORT/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DOMAINS = ["legal", "medical", "finance", "logistics", "retail", "insurance", "energy", "hr"]
+TASKS = ["classification", "extraction", "summarization", "qa", "routing"]
+LICENSES = ["Apache-2.0", "MIT", "CC-BY-4.0", "custom"]
+WORDS = ("contract clause termination liability indemnity invoice payment shipment customs freight patient "
+         "diagnosis radiology discharge claim policy premium underwriting ledger audit compliance fraud "
+         "portfolio risk tariff warehouse inventory routing ticket billing technical account refund "
+         "grid turbine outage meter employee payroll leave onboarding summary extraction entity negation "
+         "medication dosage allergy lease tenant landlord merger acquisition dividend bond equity").split()
+
+
+def generate(reg, n: int, seed: int = 0) -> None:
+    """Bulk-insert ``n`` packages (one version each) with metrics and full-text rows, in one transaction."""
+    from sqlalchemy import insert, text
+
+    from finetrace.market import db
+
+    rng = random.Random(seed)
+    # model-card text: a Zipf-distributed vocabulary of 20,000 terms with the domain words among the
+    # frequent ones (ranks 30-300), so a domain word appears in roughly 5-20% of packages, as in real text
+    vocab = [f"t{i}" for i in range(20_000)]
+    for j, w in enumerate(WORDS):
+        vocab[30 + j * 4] = w
+    cum, acc = [], 0.0
+    for k in range(1, len(vocab) + 1):
+        acc += k ** -1.1
+        cum.append(acc)
+    bases = [("smollm2-135m@1", "sha256:" + f"{i:064x}") for i in range(1, 6)]
+    created = db.utcnow()
+    pkgs, vers, mets, fts = [], [], [], []
+    for i in range(n):
+        ns_id = i % 50 + 1
+        dom = rng.sample(DOMAINS, rng.choice([1, 1, 2]))
+        task = rng.sample(TASKS, 1)
+        words = rng.sample(WORDS, 12)
+        name = f"{dom[0]}-{words[0]}-{i}"
+        desc = f"{dom[0].title()} {task[0]} adapter for {' '.join(words[:6])}"
+        card = " ".join(rng.choices(vocab, cum_weights=cum, k=120))
+        base_name, base_digest = rng.choice(bases)
+        acc = round(rng.uniform(0.5, 0.99), 3)
+        pid = vid = i + 1
+        pkgs.append({"id": pid, "namespace_id": ns_id, "name": name, "downloads": rng.randint(0, 5000),
+                     "latest_version_id": vid})
+        search_text = " ".join([f"org{ns_id - 1}", name, desc, " ".join(dom), " ".join(task), base_name, card])
+        vers.append({"id": vid, "package_id": pid, "version": "1.0.0", "ref": f"org{ns_id - 1}/{name}@1.0.0",
+                     "manifest_digest": "sha256:" + f"{i:064x}", "manifest": {"bench": True}, "signature": {},
+                     "key_id": "sha256:" + "1" * 64, "description": desc, "license_id": rng.choice(LICENSES),
+                     "base_name": base_name, "base_digest": base_digest, "domains": "," + ",".join(dom) + ",",
+                     "tasks": "," + ",".join(task) + ",", "score": acc, "publisher": "bench",
+                     "search_text": search_text, "created": created})
+        mets += [{"version_id": vid, "name": "accuracy", "value": acc},
+                 {"version_id": vid, "name": "macro_f1", "value": round(acc - 0.05, 3)}]
+        fts.append({"id": vid, "t": search_text})
+    with reg.engine.begin() as c:
+        c.execute(insert(db.Account), [{"id": 1, "name": "bench", "token_hash": "0" * 64, "is_admin": False,
+                                        "created": created}])
+        c.execute(insert(db.Namespace), [{"id": i + 1, "name": f"org{i}", "owner_id": 1} for i in range(50)])
+        c.execute(insert(db.Package), pkgs)
+        c.execute(insert(db.Version), vers)
+        c.execute(insert(db.Metric), mets)
+        if reg.dialect == "sqlite":
+            c.execute(text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"), fts)
+        c.execute(text("ANALYZE"))  # what a registry does on start (finetrace.market.db.analyze)
+
+
+def queries(rng: random.Random) -> list[dict]:
+    mix = []
+    for _ in range(60):
+        w1, w2 = rng.sample(WORDS, 2)
+        d, t = rng.choice(DOMAINS), rng.choice(TASKS)
+        mix += [
+            {"query": w1},
+            {"query": f"{w1} {w2}"},
+            {"query": w1[:4]},                                           # prefix
+            {"query": w1, "domain": d},
+            {"query": w1, "domain": d, "min_metric": ["accuracy>=0.9"], "sort": "score"},
+            {"query": "", "domain": d, "task": t, "sort": "downloads"},
+            {"query": "", "license": "Apache-2.0", "min_metric": ["accuracy>=0.95"], "sort": "score"},
+            {"query": f"{w1} {w2}", "base": "smollm2-135m@1", "sort": "recent"},
+            {"query": "", "sort": "recent"},
+            {"query": w2, "task": t, "sort": "downloads"},
+        ]
+    return mix
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", help="SQLAlchemy URL (default: SQLite in a temp folder)")
+    ap.add_argument("-n", type=int, default=10_000, help="packages to generate")
+    args = ap.parse_args()
+
+    from finetrace.market.registry import Registry, Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        reg = Registry(Settings(db_url=url, store=str(Path(tmp) / "store")))
+        t0 = time.perf_counter()
+        generate(reg, args.n)
+        gen_s = time.perf_counter() - t0
+        mix = queries(random.Random(1))
+        for q in mix[:20]:
+            reg.search(**q)  # warm caches
+        times, hits = [], []
+        for q in mix:
+            t = time.perf_counter()
+            res = reg.search(**q)
+            times.append((time.perf_counter() - t) * 1000)
+            hits.append(len(res["results"]))
+        reg.close()
+    times.sort()
+    p50 = statistics.median(times)
+    p95 = times[int(0.95 * (len(times) - 1))]
+    print(f"db={reg.dialect} packages={args.n} generated in {gen_s:.1f}s queries={len(times)}")
+    print(f"latency ms: p50 {p50:.2f}  p95 {p95:.2f}  max {times[-1]:.2f}  mean hits/query {statistics.mean(hits):.1f}")
+    print(json.dumps({"bench": "market_search", "db": reg.dialect, "packages": args.n, "queries": len(times),
+                      "p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "max_ms": round(times[-1], 3)}))
+
+
+if __name__ == "__main__":
+    main()
