@@ -60,3 +60,12 @@ def test_gates_each_checked_and_unmeasured_fails():
     rows = apply_gates(g, bare, "accuracy")
     assert [r["passed"] for r in rows] == [True, False, False, False, False]
     assert rows[1]["value"] is None and rows[1]["note"] == "no base comparison"
+
+
+@pytest.mark.parametrize("cmd", ["eval", "compare", "override"])
+def test_cli_commands_are_registered_and_documented(cmd, capsys):
+    from finetrace.cli import main
+
+    assert main([cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--json" in out and ("--as" in out if cmd == "override" else "--model" in out)
