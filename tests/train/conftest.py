@@ -86,10 +86,4 @@ def tiny_setup(workspace, learnable_model_dir, tmp_path):
     return workspace, "tiny", "toy"
 
 
-def make_config(**kw):
-    from finetrace.train import TrainConfig
-
-    base = dict(base_model="tiny", dataset="toy", output_name="toy-lora", batch_size=4, max_steps=6,
-                lr=5e-3, checkpoint_every=None, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+from train_support import make_config  # noqa: E402,F401

@@ -131,7 +131,7 @@ def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_setup):
-    from conftest import make_config
+    from train_support import make_config
 
     ws, _, _ = tiny_setup
     with pytest.raises(NotFoundError, match="no complete checkpoint"):

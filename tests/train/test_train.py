@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from train_support import make_config
 from safetensors.torch import load_file
 
 from finetrace.errors import ConfigError, DependencyError

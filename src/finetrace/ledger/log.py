@@ -230,6 +230,11 @@ class Ledger:
         with self._tx() as conn:
             return self._append_locked(conn, type, data, who)
 
+    def append_many(self, type: str, datas: list[dict], who: str | None = None) -> list[Entry]:
+        """Append several events of one type in one transaction (all or none)."""
+        with self._tx() as conn:
+            return [self._append_locked(conn, type, d, who) for d in datas]
+
     def _append_locked(self, conn, type, data, who) -> Entry:
         payload = data(conn) if callable(data) else data
         (size,) = conn.execute("SELECT COUNT(*) FROM entries").fetchone()

@@ -74,10 +74,7 @@ class RequestLog:
         delay = 0.05
         while True:
             try:
-                # One transaction for the whole batch (same append path as Ledger.append).
-                with self._ledger._tx() as conn:
-                    for data in batch:
-                        self._ledger._append_locked(conn, EVENT, data, None)
+                self._ledger.append_many(EVENT, batch)  # one transaction for the whole batch
                 break
             except Exception:  # keep the events and retry: never drop a request record
                 log.exception("could not write %d serve.request events; retrying", len(batch))

@@ -1,0 +1,41 @@
+"""Helpers shared by the serve tests (a module of its own: conftest modules of sibling folders clash)."""
+
+from __future__ import annotations
+
+import json
+
+
+def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_path, dataset: str | None = None,
+                 metadata: dict | None = None, r: int = 4):
+    """Train-like: a LoRA adapter with random non-zero B, stored and recorded by a `train` run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetrace.models.identity import text_identity
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                     lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    out = tmp_path / f"adapter-{name}-{seed}"
+    peft_model.save_pretrained(out, safe_serialization=True)
+    ident = text_identity(tokenizer)
+    (out / "finetrace_adapter.json").write_text(json.dumps({"base_model": base_art.digest, **ident}))
+    if dataset is None:
+        ds_dir = tmp_path / f"dataset-{name}-{seed}"
+        ds_dir.mkdir()
+        (ds_dir / "dataset.json").write_text(json.dumps({"schema": "completion", "counts": {"train": 1}}))
+        (ds_dir / "datasheet.json").write_text(json.dumps({"title": f"{name} data", "license": "CC-BY-4.0"}))
+        dataset = ws.ledger.add_artifact("dataset", ws.store.put_dir(ds_dir), name=f"{name}-data").digest
+    meta = {"base_model": base_art.digest, "method": "lora", "r": r, **ident, **(metadata or {})}
+    with ws.ledger.run("train", config={"method": "lora", "r": r, "seed": seed},
+                       inputs=[base_art.digest, dataset], seed=seed) as run:
+        art = run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
+    ws.checkpoint()
+    return art
