@@ -447,13 +447,19 @@ class Registry:
         if terms:
             if self.dialect == "sqlite":
                 match = " ".join(f'"{t}"*' for t in terms)
-                fts = (text("SELECT rowid AS id, bm25(versions_fts) AS rank FROM versions_fts "
-                            "WHERE versions_fts MATCH :q").bindparams(q=match)
-                       .columns(id=Integer, rank=Float).cte("fts").prefix_with("MATERIALIZED"))
-                # MATERIALIZED: run the MATCH once and join its rows, instead of letting the planner
-                # re-run the full-text query for every candidate version (seconds at 10,000 packages)
-                q = q.join(fts, fts.c.id == V.id)
-                rank = fts.c.rank.asc()
+                if sort == "relevance":
+                    fts = (text("SELECT rowid AS id, bm25(versions_fts) AS rank FROM versions_fts "
+                                "WHERE versions_fts MATCH :q").bindparams(q=match)
+                           .columns(id=Integer, rank=Float).cte("fts").prefix_with("MATERIALIZED"))
+                    # MATERIALIZED: run the MATCH once and join its rows, instead of letting the planner
+                    # re-run the full-text query for every candidate version (seconds at 10,000 packages)
+                    q = q.join(fts, fts.c.id == V.id)
+                    rank = fts.c.rank.asc()
+                else:
+                    # no ranking needed: the matching ids become a lookup set, and the sort order's index
+                    # is walked until a page of matches is found
+                    ids = text("SELECT rowid FROM versions_fts WHERE versions_fts MATCH :q").bindparams(q=match)
+                    q = q.where(V.id.in_(ids.columns(rowid=Integer)))
             elif self.dialect == "postgresql":
                 tsq = func.to_tsquery("english", " & ".join(f"{t}:*" for t in terms))
                 vec = func.to_tsvector("english", V.search_text)
