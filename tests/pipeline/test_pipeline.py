@@ -165,8 +165,10 @@ def test_interrupted_training_resumes(workspace, tiny_model_dir, tmp_path, monke
         return real(ws_, cfg, resume=resume, progress=progress)
 
     monkeypatch.setattr(train_mod, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as err:
         run_pipeline(ws, path, until="train", progress=False, echo=lambda s: None)
+    assert err.value.pipeline_result.stage("train").status == "interrupted"
+    assert ws.ledger.get_run(err.value.pipeline_result.run_id).status == "interrupted"
     res = run_pipeline(ws, path, until="train", progress=False, echo=lambda s: None)
     assert calls[:2] == [False, True]  # resumed; no checkpoint was written before the interrupt: afresh
     assert res.stage("train").status == "ran" and res.stage("evaluate").status == "not reached"

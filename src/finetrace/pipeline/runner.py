@@ -27,7 +27,7 @@ from .stages import STAGE_TABLE, Context, check_gates, enabled, export_files
 @dataclass
 class StageResult:
     stage: str
-    status: str                 # ran | cached | skipped | failed | not reached
+    status: str                 # ran | cached | skipped | failed | interrupted | not reached
     seconds: float = 0.0
     cache_key: str | None = None
     metrics: dict = field(default_factory=dict)
@@ -111,7 +111,8 @@ def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: li
         result.error = str(exc) or type(exc).__name__
         done = {s.stage for s in result.stages}
         if current and current not in done:
-            result.stages.append(StageResult(current, "failed", error=result.error))
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            result.stages.append(StageResult(current, status, error=result.error))
         result.stages += [StageResult(n, "not reached") for n in STAGES if n not in done and n != current]
         result.state, result.seconds = dict(ctx.state), time.monotonic() - t_start
         try:
