@@ -3,7 +3,7 @@
 SQLite by default, PostgreSQL through a SQLAlchemy URL (``postgresql+psycopg://...``). Schema changes
 are *named migrations* applied in order and recorded in ``market_migrations`` (no Alembic: the first
 migration is ``create_all`` of the models below; later ones are plain functions). Full-text search uses
-an FTS5 table on SQLite and a GIN index over ``to_tsvector('english', search_text)`` on PostgreSQL.
+an FTS5 table on SQLite and, on PostgreSQL, a stored generated ``tsvector`` column with a GIN index.
 """
 
 from __future__ import annotations
@@ -143,8 +143,18 @@ def _m003_search_indexes(conn, dialect: str) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_id ON versions (score, id)"))
 
 
+def _m004_pg_stored_tsvector(conn, dialect: str) -> None:
+    # ranking needs each match's tsvector: store it (generated column) instead of re-parsing the text
+    if dialect == "postgresql":
+        conn.execute(text("ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
+                          "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"))
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"))
+        conn.execute(text("DROP INDEX IF EXISTS ix_versions_fts"))
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
-                                          ("003_search_indexes", _m003_search_indexes)]
+                                          ("003_search_indexes", _m003_search_indexes),
+                                          ("004_pg_stored_tsvector", _m004_pg_stored_tsvector)]
 
 
 def migrate(engine: Engine) -> list[str]:

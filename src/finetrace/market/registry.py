@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import Float, Integer, and_, exists, func, or_, select, text
+from sqlalchemy import Float, Integer, and_, exists, func, literal_column, or_, select, text
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from ..canonical import CHUNK, check_digest
@@ -462,7 +462,7 @@ class Registry:
                     q = q.where(V.id.in_(ids.columns(rowid=Integer)))
             elif self.dialect == "postgresql":
                 tsq = func.to_tsquery("english", " & ".join(f"{t}:*" for t in terms))
-                vec = func.to_tsvector("english", V.search_text)
+                vec = literal_column("versions.search_tsv")  # stored tsvector (migration 004)
                 q = q.where(vec.op("@@")(tsq))
                 rank = func.ts_rank(vec, tsq).desc()
             else:
