@@ -6,7 +6,8 @@
 Files: ``config`` (the typed config, YAML + overrides), ``data`` (tokenising, data order, packing),
 ``attention`` (per-example attention for packed rows), ``loss`` (output layer at target positions only,
 chunked cross-entropy), ``adapters`` (base model + method), ``checkpoint`` (atomic, verified, resumable),
-``report`` (metrics, loss curve, FLOPs), ``loop`` (the loop and ``train``).
+``report`` (metrics, loss curve, FLOPs), ``distributed`` (torchrun data parallelism), ``loop`` (the loop
+and ``train``).
 """
 
 from .config import TrainConfig, describe, load_config

@@ -77,10 +77,12 @@ class TrainConfig(BaseModel):
                             "examples are skipped and counted.")
     packing: bool = Field(True, description="Concatenate a micro-batch's examples into one row without "
                           "padding (attention never crosses examples).")
-    group_by_length: bool = Field(True, description="Order examples so a step holds examples of similar "
-                                  "length (shuffled in windows of 64 steps).")
-    micro_batch_tokens: int | None = Field(None, ge=16, description="Token budget per forward pass: a "
-                                           "micro-batch larger than this is split (same result, less memory).")
+    group_by_length: bool = Field(False, description="Order examples so a step holds examples of similar "
+                                  "length (shuffled in windows of 64 steps); saves padding only when packing "
+                                  "is off, and makes step sizes uneven.")
+    micro_batch_tokens: int | None = Field(2048, ge=16, description="Token budget per forward pass: a "
+                                           "micro-batch larger than this is split (same update, bounded "
+                                           "memory; null: no limit).")
     loss_chunk: int = Field(1024, ge=16, description="Target positions per output-layer chunk, so the full "
                             "logits tensor never exists.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "

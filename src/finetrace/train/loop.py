@@ -13,6 +13,7 @@ Every ``checkpoint_every`` steps, and when SIGTERM/SIGINT arrives, a complete ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import tempfile
@@ -29,6 +30,7 @@ from . import data as D
 from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
 from .attention import segments
 from .checkpoint import Checkpointer, restore
+from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
 from .loss import loss_sum
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
@@ -138,9 +140,12 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     from ..models.identity import text_identity
 
     cfg = config
-    torch.set_num_threads(cfg.threads or physical_cores())
+    world = setup()
+    torch.set_num_threads(cfg.threads or max(1, physical_cores() // world.size))
 
-    # -- inputs ---------------------------------------------------------------------------------
+    # -- inputs (rank 0 materialises them first, so no two processes build the same cache folder) --
+    if not world.main:
+        barrier(world)
     base_dir, base_art = model_path(ws, cfg.base_model)
     ds_art = ws.ledger.resolve(cfg.dataset, kind="dataset")
     ds_dir = ws.store.materialize(ds_art.digest)
@@ -153,6 +158,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
             raise ConfigError(f"adapter {cfg.init_from} was trained on base {pmeta.get('base_model')}, "
                               f"not on {cfg.base_model} ({base_art.digest})", field="init_from",
                               hint="set base_model to the adapter's base")
+    if world.main:
+        barrier(world)
     resolved = cfg.model_dump(mode="json")
     resolved["resolved"] = {"base_model": base_art.digest, "dataset": ds_art.digest,
                             "init_from": parent_art.digest if parent_art else None}
@@ -190,21 +197,26 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     st = State()
     best: dict | None = None
     if resume:
-        loaded = ckpt.load()
+        loaded = ckpt.load()  # every rank reads it (read-only)
         saved = restore(loaded, weights, opt)
         st = State(**{k: v for k, v in saved.items() if k in State.__dataclass_fields__})
         best = loaded["best"]
-    else:
+    elif world.main:
         ckpt.clear()
+    barrier(world)
     resumed_from = st.step if resume else None
     counts = model_counts(model)
 
     def save_checkpoint():
-        ckpt.save(st.step, weights, opt, st.to_json(), best)
+        if world.main:
+            ckpt.save(st.step, weights, opt, st.to_json(), best)
 
-    with ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
-                       environment_extra={"torch_threads": torch.get_num_threads()}) as run, _Signals() as sigs:
-        bar = _progress(progress, total, st.step)
+    recording = ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
+                              environment_extra={"torch_threads": torch.get_num_threads(),
+                                                 "world_size": world.size}) \
+        if world.main else contextlib.nullcontext(None)
+    with recording as run, _Signals() as sigs:
+        bar = _progress(progress and world.main, total, st.step)
         session_t0, session_tokens = time.perf_counter(), 0
         try:
             while st.step < total and not st.stopped_early:
@@ -216,13 +228,16 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for mb in D.micro_batches(idx, cfg.batch_size, lengths, cfg.micro_batch_tokens):
+                mbs = D.micro_batches(idx, cfg.batch_size, lengths, cfg.micro_batch_tokens)
+                for mb in mbs[world.rank::world.size]:  # this process's share of the step
                     batch = D.collate([train_ex[i] for i in mb], cfg.packing, pad_id)
                     with segments(batch.cu_seqlens):  # also active while backward recomputes activations
                         ls = loss_sum(model, batch, cfg.loss_chunk)
                         (ls / n_tgt).backward()
                     step_loss += float(ls.detach())
                 params = list(weights.values())
+                all_reduce_grads(params, world)
+                step_loss = all_sum(step_loss, world)
                 if cfg.max_grad_norm is not None:
                     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 else:
@@ -258,9 +273,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                 if bar is not None:
                     tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
                     bar.update(0, completed=st.step, description=f"loss {loss:.4f}  {tps:,.0f} tok/s")
-                if sigs.received is not None:
+                if any_flag(sigs.received is not None, world):
                     save_checkpoint()
-                    raise KeyboardInterrupt(f"stopped by signal {sigs.received} after step {st.step}; "
+                    raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; "
                                             f"resume with --resume")
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
                     save_checkpoint()
@@ -268,6 +283,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
             if bar is not None:
                 bar.stop()
 
+        if not world.main:  # rank 0 writes the adapter and the run
+            barrier(world)
+            return ws.ledger.resolve(cfg.output_name)
         if best is not None:
             with torch.no_grad():
                 for k, p in weights.items():
@@ -302,6 +320,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
         })
     ckpt.clear()
     ws.checkpoint()
+    barrier(world)
     return art
 
 

@@ -1,0 +1,74 @@
+"""Data parallelism under ``torchrun``: the same command, N processes, one recorded run.
+
+    torchrun --nproc_per_node=2 -m finetrace.cli train CONFIG.yaml      (gloo on CPU, nccl on GPU)
+
+Every process builds the same plan (it is a pure function of the seed), takes every N-th micro-batch of
+each step, and the gradients are summed across processes before the optimiser step. Because each
+micro-batch's loss is divided by the target tokens of the *whole* step, the summed gradient is exactly
+the single-process gradient of the same global batch. Rank 0 alone writes checkpoints, the adapter and
+the ledger run; the other ranks wait for it and return the same artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> World:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); else a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def all_reduce_grads(params, world: World) -> None:
+    """Sum gradients over processes (missing gradients count as zeros)."""
+    if world.size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def all_sum(value: float, world: World) -> float:
+    if world.size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def any_flag(flag: bool, world: World) -> bool:
+    """True on every rank if it is true on any (a signal received by one rank stops all)."""
+    return all_sum(1.0 if flag else 0.0, world) > 0 if world.size > 1 else flag
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
