@@ -181,3 +181,18 @@ def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     # lineage runs back through the pull to the registry package
     pull_run = market.buyer.ledger.get_run(market.buyer.ledger.producer(pulled.digest))
     assert pull_run.kind == "pull"
+    # ... and the pulled and the further-trained adapters serve, the pulled one exactly as the publisher's
+    from finetrace.serve.engine import Engine
+    from finetrace.serve.settings import ServeSettings
+
+    texts = {}
+    for ws, refs in ((market.buyer, [pulled.ref, child.ref]), (market.pub, ["legal-lora@1"])):
+        eng = Engine(ws, "tiny", refs, ServeSettings(max_batch=4))
+        eng.start()
+        try:
+            for r in refs:
+                texts[r] = eng.generate(r, prompt="The supplier shall", max_tokens=8).text
+        finally:
+            eng.stop()
+    assert texts[pulled.ref] == texts["legal-lora@1"]
+    assert isinstance(texts[child.ref], str)
