@@ -16,7 +16,8 @@ Label scoring: for prompt x and label y with tokens y_1..y_m followed by the end
     score(y | x) = sum_t log p(y_t | x, y_<t) + log p(e | x, y)
 
 (summed, not length-normalised; the end token makes "bill" and "billing" distinguishable). The
-prediction is the argmax label; ties go to the first label in the dataset's order.
+prediction is the argmax label; ties go to the first label in the dataset's order. Each prompt is run
+once and its KV cache is shared by all its labels.
 """
 
 from __future__ import annotations
@@ -144,17 +145,51 @@ def generate(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, st
     return out  # type: ignore[return-value]
 
 
-def _continuation_logprobs(model, rows: list[list[int]], cont_lens: list[int], pad_id: int) -> list[float]:
-    """Sum of log p over the last ``cont_lens[i]`` tokens of each row (rows left-padded together)."""
+def _cache_kwarg(model) -> str:
+    """``cache`` in newer transformers, ``past_key_values`` before (deprecated since 5.x)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _label_logprobs(model, prompt_rows: list[list[int]], conts: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Summed log p of every continuation after every prompt, sharing each prompt's KV cache.
+
+    Pass 1 runs the B left-padded prompts once (cache kept); the cache is repeated K times and pass 2
+    runs the K right-padded continuations for every prompt on top of it: about B*P + B*K*L tokens
+    instead of B*K*(P+L).
+    """
     import torch
 
-    ids, mask, pos = _left_pad(rows, pad_id)
-    keep = max(cont_lens) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)  # (B, keep-1, V): predicts the last keep-1
-    targets = ids[:, -(keep - 1):]                                  # (B, keep-1)
-    tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)     # (B, keep-1)
-    return [float(tok_lp[i, tok_lp.shape[1] - n:].sum()) for i, n in enumerate(cont_lens)]
+    B, K = len(prompt_rows), len(conts)
+    ids, mask, pos = _left_pad(prompt_rows, pad_id)                     # (B, P)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)        # (B, V): predicts each cont's 1st token
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(K)                                    # rows b0k0, b0k1, ..., b1k0, ...
+    L = max(len(c) for c in conts)
+    cids = torch.full((K, L), pad_id, dtype=torch.long)
+    cmask = torch.zeros((K, L), dtype=torch.long)
+    for k, c in enumerate(conts):
+        cids[k, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[k, :len(c)] = 1
+    full_mask = torch.cat([mask.repeat_interleave(K, 0), cmask.repeat(B, 1)], dim=1)   # (B*K, P+L)
+    cpos = mask.sum(1).repeat_interleave(K)[:, None] + torch.arange(L)[None, :]        # (B*K, L)
+    logits = model(input_ids=cids.repeat(B, 1), attention_mask=full_mask, position_ids=cpos,
+                   use_cache=True, **{_cache_kwarg(model): cache}).logits             # (B*K, L, V)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    scores = []
+    for b in range(B):
+        row = []
+        for k, c in enumerate(conts):
+            r = b * K + k
+            total = float(first[b, c[0]])
+            for j in range(1, len(c)):
+                total += float(lp[r, j - 1, c[j]])
+            row.append(total)
+        scores.append(row)
+    return scores
 
 
 def score_labels(model, tok, prompts: Sequence[Prompt], labels: Sequence[str], batch_size: int = 8,
@@ -170,18 +205,11 @@ def score_labels(model, tok, prompts: Sequence[Prompt], labels: Sequence[str], b
     conts = [tok(lab, add_special_tokens=False)["input_ids"] + [end] for lab in labels]
     prompt_rows = _encode(tok, [render(tok, p) for p in prompts])
     order = sorted(range(len(prompt_rows)), key=lambda i: (-len(prompt_rows[i]), i))
-    per_batch = max(1, batch_size // len(labels)) if batch_size >= len(labels) else 1
     scores: list[list[float] | None] = [None] * len(prompt_rows)
     with ExampleProgress(len(prompt_rows), description, progress) as bar, torch.inference_mode():
-        for chunk in _batches(order, per_batch):
-            rows, lens = [], []
-            for i in chunk:
-                for c in conts:
-                    rows.append(prompt_rows[i] + c)
-                    lens.append(len(c))
-            lp = _continuation_logprobs(model, rows, lens, _pad_id(tok))
-            for k, i in enumerate(chunk):
-                scores[i] = lp[k * len(labels):(k + 1) * len(labels)]
+        for chunk in _batches(order, batch_size):
+            for i, row in zip(chunk, _label_logprobs(model, [prompt_rows[i] for i in chunk], conts, _pad_id(tok))):
+                scores[i] = row
             bar.advance(len(chunk))
     preds = [labels[max(range(len(labels)), key=lambda j: (s[j], -j))] for s in scores]  # type: ignore[index]
     return preds, scores  # type: ignore[return-value]
