@@ -208,18 +208,22 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
     try:
         return TrainConfig.model_validate(doc)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errs = exc.errors()
+        err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
         hint = "see docs/config-reference.md (train config)"
         if err["type"] == "extra_forbidden":
-            from ..train.config import field_names
+            from ..train.config import suggest
 
-            close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.5)
-            hint = f"did you mean 'train.{close[0]}'?" if close else hint
-        raise ConfigError(f"{err['msg']}" + ("" if err["type"] == "extra_forbidden" else
-                                             f" (got {err.get('input')!r})"),
-                          file=file, line=(lines or {}).get(f"train.{key}"), field=f"train.{key}",
-                          hint=hint) from None
+            hint = suggest(key).replace("did you mean '", "did you mean 'train.")
+        inline = key.split(".")[0] in (cfg.train.model_extra or {})
+        if not inline and cfg.train.config:  # the key came from the train config file: name that file
+            tfile = cfg.path(cfg.train.config)
+            where = {"file": str(tfile), "line": _yaml_lines(tfile.read_text("utf-8")).get(key), "field": key}
+        else:
+            where = {"file": file, "line": (lines or {}).get(f"train.{key}"), "field": f"train.{key}"}
+        raise ConfigError(("unknown key" if err["type"] == "extra_forbidden" else
+                           f"{err['msg']} (got {err.get('input')!r})"), hint=hint, **where) from None
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -251,7 +255,8 @@ def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | No
     try:
         return PipelineConfig.model_validate(doc)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errs = exc.errors()
+        err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(root)"
         where = {"file": file, "line": lines.get(key), "field": key}
         if err["type"] == "extra_forbidden":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import FinetraceError, NotFoundError
+from ..errors import FinetraceError, InputError, NotFoundError
 from ..workspace import Workspace
 from .config import PipelineConfig
 
@@ -100,6 +100,10 @@ def _data_paths(ctx: Context) -> dict[str, Path]:
     return paths
 
 
+PIPELINE_DATA_HINT = ("in the pipeline file: data.mapping: {label: YOUR_COLUMN} renames a column, "
+                      "data.on_error: skip drops invalid rows, data.schema sets the schema")
+
+
 def plan_data(ctx: Context):
     from .cache import file_digest
 
@@ -111,10 +115,14 @@ def execute_data(ctx: Context, resume: bool) -> StageOutput:
     from ..data import import_dataset
 
     d = ctx.cfg.data
-    art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, schema=d.schema_, mapping=d.mapping,
-                         datasheet=ctx.cfg.path(d.datasheet), on_error=d.on_error, pii=d.pii, seed=d.seed,
-                         splits=tuple(d.splits), test_file=ctx.cfg.path(d.test_file),
-                         near_dup_threshold=d.near_dup_threshold, near_dup=d.near_dup)
+    try:
+        art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, schema=d.schema_,
+                             mapping=d.mapping, datasheet=ctx.cfg.path(d.datasheet), on_error=d.on_error, pii=d.pii,
+                             seed=d.seed, splits=tuple(d.splits), test_file=ctx.cfg.path(d.test_file),
+                             near_dup_threshold=d.near_dup_threshold, near_dup=d.near_dup)
+    except InputError as exc:  # the importer speaks in CLI flags; say it in pipeline keys too
+        exc.hint = "; ".join(filter(None, [exc.hint, PIPELINE_DATA_HINT]))
+        raise
     counts = (art.metadata or {}).get("counts") or {}
     metrics = {"rows": (art.metadata or {}).get("rows_out"),
                **{f"n_{k}": v for k, v in counts.items() if isinstance(v, int)}}
