@@ -151,6 +151,25 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     assert {"documents/annex_iv.md", "documents/ab2013.md", "documents/model_card.md"} <= set(pkg.files)
     json.dumps(pkg.manifest)  # serialisable as is
 
+    # documents generated without the intended use (the audit stage flags them) are refused...
+    vague = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"vague-lora-{sfx}",
+                         seed=5 + sfx)
+    add_evidence(market.pub, vague, tmp_path)
+    for kind in ("model_card", "annex_iv"):
+        f = tmp_path / f"{kind}-vague.md"
+        f.write_text(f"# {kind}\nIntended use: not provided\n")
+        market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
+            "adapter": vague.digest, "document": kind, "intended_use_missing": ["intended_use", "limitations"]})
+    with pytest.raises(InputError, match="lack the intended use and limitations"):
+        client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1")
+    # ...until they are generated again with it
+    for kind in ("model_card", "annex_iv"):
+        f = tmp_path / f"{kind}-clear.md"
+        f.write_text(f"# {kind}\nIntended use: clause triage by trained reviewers\n")
+        market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
+            "adapter": vague.digest, "document": kind, "intended_use_missing": []})
+    assert client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1").manifest
+
 
 def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     """The buyer adds the last 20%: `init_from` the pulled adapter, on their own data."""

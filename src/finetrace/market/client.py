@@ -99,6 +99,16 @@ def _find_documents(ws: Workspace, adapter: str) -> dict[str, Path]:
     return out
 
 
+def _intended_use_missing(ws: Workspace, adapter: str) -> list[str]:
+    """What the newest document run for this adapter says is missing of its intended use (audit stage)."""
+    latest: dict[str, list] = {}
+    for art in ws.ledger.artifacts("document"):  # oldest first: the newest of each kind wins
+        md = art.metadata
+        if md.get("adapter") == adapter and "intended_use_missing" in md:
+            latest[str(md.get("document"))] = list(md.get("intended_use_missing") or [])
+    return sorted({m for v in latest.values() for m in v})
+
+
 def _eval_facts(ws: Workspace, report_digest: str | None, adapter: str) -> tuple[dict, dict, dict]:
     """(files, facts, lineage extras) from the eval report behind the gate verdict."""
     if not report_digest or not ws.store.has(report_digest) or not ws.store.is_tree(report_digest):
@@ -150,6 +160,10 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     eval_files, facts, eval_lineage = _eval_facts(ws, clr.report, art.digest)
     files.update(eval_files)
     docs = _find_documents(ws, art.digest)
+    missing = _intended_use_missing(ws, art.digest)
+    if missing and not documents:
+        raise InputError(f"{art.ref}: its documents lack the intended use and limitations ({', '.join(missing)})",
+                         hint="run `finetrace docs ADAPTER@V --intended-use FILE.yaml`, then publish again")
     for kind, p in (documents or {}).items():
         docs[kind] = Path(p)
     if attestation:
