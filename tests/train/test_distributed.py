@@ -38,5 +38,8 @@ def test_two_process_gloo_matches_single_process(tiny_setup, tmp_path):
     b = load_file(ws.store.materialize(single.digest) / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # written by another process (another PYTHONHASHSEED): the PEFT config is still byte-identical
+    config = lambda art: (ws.store.materialize(art.digest) / "adapter_config.json").read_bytes()
+    assert config(ddp) == config(single)
     ma, mb = runs[0].metrics, ws.ledger.get_run(single.run_id).metrics
     assert ma["tokens"] == mb["tokens"] and abs(ma["final_loss"] - mb["final_loss"]) < 1e-5

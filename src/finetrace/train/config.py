@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
     group_by_length: bool = Field(False, description="Order examples so a step holds examples of similar "
                                   "length (shuffled in windows of 64 steps); saves padding only when packing "
                                   "is off, and makes step sizes uneven.")
-    micro_batch_tokens: int | None = Field(2048, ge=16, description="Token budget per forward pass: a "
+    micro_batch_tokens: int | None = Field(1024, ge=16, description="Token budget per forward pass: a "
                                            "micro-batch larger than this is split (same update, bounded "
                                            "memory; null: no limit).")
     loss_chunk: int = Field(1024, ge=16, description="Target positions per output-layer chunk, so the full "

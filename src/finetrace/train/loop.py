@@ -341,6 +341,12 @@ def write_output(model, tok, out: Path, facts: dict, base_digest: str) -> None:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft looks for a config at the (digest) base path
             model.save_pretrained(tmp)
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                write_bytes(out / name, (Path(tmp) / name).read_bytes())
+            # peft writes target_modules from a set (order varies with PYTHONHASHSEED): sort, so the
+            # same training gives the same bytes in any process
+            pcfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+            for key, value in pcfg.items():
+                if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    pcfg[key] = sorted(value)
+            write_bytes(out / "adapter_config.json", (json.dumps(pcfg, indent=2, sort_keys=True) + "\n").encode())
+            write_bytes(out / "adapter_model.safetensors", (Path(tmp) / "adapter_model.safetensors").read_bytes())
     write_bytes(out / ADAPTER_META, (json.dumps(facts, indent=2, sort_keys=True) + "\n").encode())
