@@ -48,7 +48,9 @@ _load()
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, prog_name="finetrace", standalone_mode=False)
+        code = app(args=argv, prog_name="finetrace", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code  # e.g. 130: typer returns (not raises) the code of an interrupted command
     except FinetraceError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
