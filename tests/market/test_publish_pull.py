@@ -157,7 +157,7 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     add_evidence(market.pub, vague, tmp_path)
     for kind in ("model_card", "annex_iv"):
         f = tmp_path / f"{kind}-vague.md"
-        f.write_text(f"# {kind}\nIntended use: not provided\n")
+        f.write_text(f"# {kind}\nAdapter {vague.digest}\nIntended use: not provided\n")
         market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
             "adapter": vague.digest, "document": kind, "intended_use_missing": ["intended_use", "limitations"]})
     with pytest.raises(InputError, match="lack the intended use and limitations"):
@@ -165,7 +165,7 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     # ...until they are generated again with it
     for kind in ("model_card", "annex_iv"):
         f = tmp_path / f"{kind}-clear.md"
-        f.write_text(f"# {kind}\nIntended use: clause triage by trained reviewers\n")
+        f.write_text(f"# {kind}\nAdapter {vague.digest}\nIntended use: clause triage by trained reviewers\n")
         market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
             "adapter": vague.digest, "document": kind, "intended_use_missing": []})
     assert client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1").manifest

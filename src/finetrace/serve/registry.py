@@ -87,10 +87,10 @@ def check_adapter(ws: Workspace, ref: str, base: Artifact, base_identity: dict,
     if clear.status == "failed":
         raise DeploymentRefused(f"adapter {art.ref} is refused: {clear.detail}",
                                 hint="fix and re-evaluate it, or record an override: "
-                                     "`finetrace gate override ADAPTER --as NAME --reason ...`")
+                                     "`finetrace override ADAPTER@V --as NAME --reason ...`")
     if clear.status == "unevaluated":
         if require_eval:
             raise DeploymentRefused(f"adapter {art.ref} has no eval verdict and --require-eval is set",
-                                    hint="run `finetrace evaluate` on it first")
+                                    hint="run `finetrace eval` on it first")
         log.warning("serving unevaluated adapter %s (%s): %s", art.ref, art.digest, clear.detail)
     return AdapterInfo(art, folder, clear)
