@@ -200,6 +200,14 @@ def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     # lineage runs back through the pull to the registry package
     pull_run = market.buyer.ledger.get_run(market.buyer.ledger.producer(pulled.digest))
     assert pull_run.kind == "pull"
+    # the pulled and the further-trained adapters evaluate side by side against the base...
+    from finetrace.evaluate import compare, load_report
+
+    rep = compare(market.buyer, "tiny", [pulled.ref, child.ref], f"{data.ref}:train")
+    doc = load_report(market.buyer, rep.digest)
+    assert [m["adapter"] for m in doc["models"]] == [None, pulled.digest, child.digest]
+    erun = market.buyer.ledger.get_run(rep.run_id)
+    assert erun.kind == "evaluate" and {pulled.digest, child.digest, data.digest} <= set(erun.inputs)
     # ... and the pulled and the further-trained adapters serve, the pulled one exactly as the publisher's
     from finetrace.serve.engine import Engine
     from finetrace.serve.settings import ServeSettings
