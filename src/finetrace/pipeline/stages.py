@@ -293,9 +293,8 @@ def export_files(ctx: Context) -> dict[str, Path]:
         folder = dest / "documents" / str(doc)
         shutil.copytree(ws.store.materialize(digest), folder, dirs_exist_ok=True)
         paths.setdefault("documents", dest / "documents")
-        for html in sorted(folder.glob("*.html")):
-            if "model_card" in html.name or "model-card" in html.name:
-                paths["model_card"] = html
+        if str(doc) == "model_card":
+            paths["model_card"] = next(iter(sorted(folder.glob("*.html"))), folder)
     return paths
 
 
