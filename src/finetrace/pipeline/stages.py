@@ -235,7 +235,7 @@ def check_gates(ctx: Context) -> str:
     rows = [g for g in tuned.get("gates", []) if not g.get("passed")]
     lines = "; ".join(f"{g['name']}: {_fmt(g.get('value'))} (needs {g.get('op', '')} {_fmt(g.get('threshold'))})"
                       for g in rows)
-    html = ctx.ws.store.materialize(ctx.state["report"]) / "report.html"
+    html = ctx.out_dir / "eval-report.html"  # export_files copies it there before the error is shown
     raise GateFailedError(
         f"the tuned adapter {tuned.get('ref')} failed {len(rows)} eval gate(s): {lines}. Report: {html}",
         hint="improve the data or training and run again, relax the gate in the suite, or record a named "
