@@ -361,7 +361,13 @@ def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
 
 
 def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput:
-    import openai
+    try:
+        import openai
+    except ImportError:
+        from ..errors import DependencyError
+
+        raise DependencyError("deploy.mode: serve asks its question through the openai client, which is not "
+                              "installed", hint="pip install 'openai>=1.40', or set deploy.mode: record") from None
 
     from ..serve.provenance import render, resolve
     from ..serve.server import BackgroundServer, build_engine
