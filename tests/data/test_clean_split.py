@@ -186,7 +186,7 @@ def test_import_split_deterministic_and_stratified(workspace, tmp_path):
 def test_groups_stay_together(workspace, tmp_path):
     rows = [{"prompt": f"turn {i} of conversation {i // 5}", "completion": f"reply {i}", "group": f"c{i // 5}"}
             for i in range(100)]
-    art = import_dataset(workspace, [write_jsonl(tmp_path / "g.jsonl", rows)], "grp")
+    art = import_dataset(workspace, [write_jsonl(tmp_path / "g.jsonl", rows)], "grp", split_unit="group")
     from finetrace.data import read_split
 
     where = {}
@@ -194,6 +194,22 @@ def test_groups_stay_together(workspace, tmp_path):
         for r in read_split(workspace, art.ref, split).to_pylist():
             where.setdefault(r["group"], set()).add(split)
     assert len(where) == 20 and all(len(s) == 1 for s in where.values())
+
+
+def test_group_is_only_a_label_by_default(workspace, tmp_path):
+    """A demographic ``group`` (for disaggregated metrics) must not decide splits or drop rows."""
+    from finetrace.data import read_split
+
+    rows = [{"prompt": f"question number {i} about topic {i * 7919 % 1000}", "completion": f"answer {i}",
+             "group": "EU" if i % 2 else "US"} for i in range(200)]
+    held = [{"prompt": f"held-out question {i} on subject {i * 104729 % 1000}", "completion": f"reply {i}",
+             "group": "EU" if i % 2 else "US"} for i in range(20)]
+    art = import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", rows)], "demo",
+                         test_file=write_jsonl(tmp_path / "t.jsonl", held))
+    train = read_split(workspace, art.ref, "train").to_pylist()
+    test = read_split(workspace, art.ref, "test").to_pylist()
+    assert {r["group"] for r in train} == {r["group"] for r in test} == {"EU", "US"}
+    assert len(test) == 20 and len(train) + len(read_split(workspace, art.ref, "validation")) == 200
 
 
 def test_held_out_test_file(workspace, tmp_path):

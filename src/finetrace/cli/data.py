@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         tokenizer: str = typer.Option(None, "--tokenizer", help="Base model ref or tokenizer folder for token lengths."),
         near_dup_threshold: float = typer.Option(0.8, "--near-dup-threshold", help="Jaccard similarity for near-duplicates."),
         near_dup: str = typer.Option("group", "--near-dup", help="group (same split) | drop (keep the first)."),
+        split_unit: str = typer.Option("row", "--split-unit", help="row | group (rows sharing a group value share a split)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
         json_out: bool = JSON_OPTION,
     ):
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
             art = import_dataset(ws, files, name, schema=schema, mapping=map_ or None, datasheet=datasheet,
                                  on_error=on_error, pii=pii, seed=seed, splits=fractions, test_file=test_file,
                                  tokenizer=tokenizer, near_dup_threshold=near_dup_threshold, near_dup=near_dup,
-                                 progress=update)
+                                 split_unit=split_unit, progress=update)
         finally:
             stop()
         elapsed = time.monotonic() - t0

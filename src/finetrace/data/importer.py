@@ -95,7 +95,7 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
                    on_error: str = "fail", pii: str = "redact", seed: int = 0,
                    splits: tuple[float, float, float] = (0.8, 0.1, 0.1), test_file: str | Path | None = None,
                    tokenizer: str | None = None, near_dup_threshold: float = 0.8, near_dup: str = "group",
-                   max_row_bytes: int = MAX_ROW_BYTES,
+                   split_unit: str = "row", max_row_bytes: int = MAX_ROW_BYTES,
                    progress: Callable[[int], None] | None = None) -> Artifact:
     """Import ``files`` as a new version of dataset ``name``; return the ``dataset`` artifact.
 
@@ -108,6 +108,8 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
     splits         train/validation/test fractions; test_file: a held-out file used as the test split
     tokenizer      a base model ref or tokenizer folder: token-length histogram in the datasheet
     near_dup       "group" (near-duplicates share a split) or "drop" (keep the first of each cluster)
+    split_unit     "row" (default: ``group`` is only carried for disaggregated evaluation) or "group"
+                   (rows sharing a ``group`` value, e.g. one patient or one conversation, share a split)
     Raises InputError/ConfigError naming the file, line, field and what is wrong.
     """
     if not files:
@@ -117,6 +119,8 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
         raise ConfigError(f"bad --on-error {on_error!r}", hint="fail or skip")
     if pii not in piimod.PII_MODES:
         raise ConfigError(f"bad --pii {pii!r}", hint=", ".join(piimod.PII_MODES))
+    if split_unit not in ("row", "group"):
+        raise ConfigError(f"bad split unit {split_unit!r}", field="--split-unit", hint="row or group")
     if near_dup not in ("group", "drop"):
         raise ConfigError(f"bad near_dup {near_dup!r}", hint="group or drop")
     if not 0 < near_dup_threshold <= 1:
@@ -142,14 +146,15 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
                                          max_row_bytes, progress)
         schema = validator.schema
         _release_memory()
-        decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema)
+        decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema, split_unit)
         _release_memory()
 
         transforms = _transforms(sources, fmap, schema, on_error, pii, detectors, near_dup_threshold,
-                                 near_dup, seed, fractions, test_file is not None)
+                                 near_dup, seed, fractions, test_file is not None, split_unit)
         config = {"name": name, "schema": schema, "mapping": fmap, "on_error": on_error, "pii": pii,
                   "seed": seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
                   "tokenizer": tokenizer, "near_dup_threshold": near_dup_threshold, "near_dup": near_dup,
+                  "split_unit": split_unit,
                   "max_row_bytes": max_row_bytes, "transforms": transforms,
                   "finetrace_version": FINETRACE_VERSION}
         src_digests = []
@@ -338,7 +343,8 @@ class _Decisions:
     near_examples: list
 
 
-def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, near_dup, schema) -> _Decisions:
+def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, near_dup, schema,
+            split_unit: str = "row") -> _Decisions:
     keys = np.frombuffer(p1.keys, np.uint64) if n else np.zeros(0, np.uint64)
     src = np.frombuffer(p1.source, np.uint16)
     lines = np.frombuffer(p1.line, np.int64)
@@ -366,8 +372,9 @@ def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, 
     pairs = minhasher.pairs(active)
     _release_memory()
     base = np.arange(n, dtype=np.int64)
-    grp = np.frombuffer(p1.group, np.int64)
-    base[grp >= 0] = grp[grp >= 0]
+    if split_unit == "group":
+        grp = np.frombuffer(p1.group, np.int64)
+        base[grp >= 0] = grp[grp >= 0]
     roots = union_find_roots(n, base, [(a, b) for a, b, _ in pairs])
     near_rows = np.zeros(n, bool)
     for a, b, _ in pairs:
@@ -502,7 +509,7 @@ def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dic
 
 
 def _transforms(sources, fmap, schema, on_error, pii, detectors, threshold, near_dup, seed, fractions,
-                has_test) -> list[dict]:
+                has_test, split_unit: str = "row") -> list[dict]:
     """The exact, ordered list of transforms applied (recorded in the run config and dataset.json)."""
     bands, rows = lsh_params(threshold)
     return [
@@ -517,5 +524,6 @@ def _transforms(sources, fmap, schema, on_error, pii, detectors, threshold, near
          "bands": bands, "rows": rows, "threshold": threshold, "action": near_dup},
         {"op": "split", "seed": seed, "fractions": list(fractions),
          "stratify": "label" if schema == "classification" else None,
-         "unit": "group, else near-duplicate cluster, else row", "test": "test_file" if has_test else "sampled"},
+         "unit": ("group, else near-duplicate cluster, else row" if split_unit == "group"
+                  else "near-duplicate cluster, else row"), "test": "test_file" if has_test else "sampled"},
     ]
