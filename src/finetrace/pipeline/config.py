@@ -55,6 +55,9 @@ class DataStage(_Strict):
                                               "row; 'skip' drops and counts invalid rows.")
     pii: Literal["redact", "flag", "fail"] = Field("redact", description="What to do with personal data "
                                                    "found in rows.")
+    split_unit: Literal["row", "group"] = Field("row", description="row: `group` only labels rows for "
+                                                "per-group metrics; group: rows sharing a group share a split "
+                                                "(a customer, a patient) and test groups leave training")
     near_dup: Literal["group", "drop"] = Field("group", description="Near-duplicates share a split (group) "
                                                "or only the first is kept (drop).")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard similarity above which "

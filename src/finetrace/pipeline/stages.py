@@ -119,7 +119,8 @@ def execute_data(ctx: Context, resume: bool) -> StageOutput:
         art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, schema=d.schema_,
                              mapping=d.mapping, datasheet=ctx.cfg.path(d.datasheet), on_error=d.on_error, pii=d.pii,
                              seed=d.seed, splits=tuple(d.splits), test_file=ctx.cfg.path(d.test_file),
-                             near_dup_threshold=d.near_dup_threshold, near_dup=d.near_dup)
+                             near_dup_threshold=d.near_dup_threshold, near_dup=d.near_dup,
+                             split_unit=d.split_unit)
     except InputError as exc:  # the importer speaks in CLI flags; say it in pipeline keys too
         exc.hint = "; ".join(filter(None, [exc.hint, PIPELINE_DATA_HINT]))
         raise
