@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..yaml_lines import key_lines
 
 STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
 
@@ -171,26 +172,6 @@ class PipelineConfig(_Strict):
         return doc
 
 
-def _yaml_lines(text: str) -> dict[str, int]:
-    """Line number of each dotted key of a YAML mapping (for error messages)."""
-    import yaml
-
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = prefix + str(k.value)
-                lines.setdefault(key, k.start_mark.line + 1)
-                walk(v, key + ".")
-
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
 def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, info in model.model_fields.items():
@@ -222,7 +203,7 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
         inline = key.split(".")[0] in (cfg.train.model_extra or {})
         if not inline and cfg.train.config:  # the key came from the train config file: name that file
             tfile = cfg.path(cfg.train.config)
-            where = {"file": str(tfile), "line": _yaml_lines(tfile.read_text("utf-8")).get(key), "field": key}
+            where = {"file": str(tfile), "line": key_lines(tfile.read_text("utf-8")).get(key), "field": key}
         else:
             where = {"file": file, "line": (lines or {}).get(f"train.{key}"), "field": f"train.{key}"}
         raise ConfigError(("unknown key" if err["type"] == "extra_forbidden" else
@@ -244,9 +225,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=str(p),
                           line=mark.line + 1 if mark else None) from None
-    cfg = parse_pipeline(doc, file=str(p), lines=_yaml_lines(text))
+    cfg = parse_pipeline(doc, file=str(p), lines=key_lines(text))
     cfg._base_dir = p.resolve().parent
-    validate_train(cfg, str(p), _yaml_lines(text))
+    validate_train(cfg, str(p), key_lines(text))
     return cfg
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..yaml_lines import key_lines
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
 
@@ -155,26 +156,6 @@ def suggest(key: str) -> str:
     return f"did you mean '{close[0]}'?" if close else "run `finetrace train --print-config` for valid keys"
 
 
-def _yaml_lines(text: str) -> dict[str, int]:
-    """Line number of each dotted key in a YAML mapping (best effort, for error messages)."""
-    import yaml
-
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = prefix + str(k.value)
-                lines.setdefault(key, k.start_mark.line + 1)
-                walk(v, key + ".")
-
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.sub=value`` -> (key.sub, YAML-parsed value)."""
     import yaml
@@ -251,7 +232,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             mark = getattr(exc, "problem_mark", None)
             raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file,
                               line=mark.line + 1 if mark else None) from None
-        lines = _yaml_lines(text)
+        lines = key_lines(text)
     for item in overrides:
         key, value = parse_override(item)
         if key not in field_names():
