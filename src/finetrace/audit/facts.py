@@ -17,6 +17,7 @@ from ..errors import IntegrityError
 from ..ledger import Artifact
 from ..ledger.log import now
 from ..workspace import Workspace
+from ..yamlfile import read_mapping
 
 # Keys of the intended-use YAML (``--intended-use FILE.yaml``): what a person must state because no
 # machine can know it. ``REQUIRED`` missing => the documents say so and ``intended_use_missing`` is set.
@@ -237,28 +238,17 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
 def load_intended(path) -> dict:
     """The intended-use YAML: a mapping of the keys above; an unknown key names the closest one."""
     import difflib
-    from pathlib import Path
 
-    import yaml
-
-    from ..errors import ConfigError, InputError
+    from ..errors import ConfigError
 
     if path is None:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("no such intended-use file", file=str(p),
-                         hint="write a YAML file with intended_use: and limitations: (see `finetrace docs --help`)")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid YAML: {exc}", file=str(p)) from None
-    if not isinstance(doc, dict):
-        raise InputError("an intended-use file is a mapping of key: value", file=str(p))
+    doc = read_mapping(path, "intended-use file", missing_hint="write a YAML file with intended_use: and "
+                       "limitations: (see `finetrace docs --help`)")
     known = list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED)
     for key in doc:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, 1)
-            raise ConfigError(f"unknown intended-use key {key!r}", file=str(p), field=str(key),
+            raise ConfigError(f"unknown intended-use key {key!r}", file=str(path), field=str(key),
                               hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
     return doc

@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
+from ..yamlfile import read_mapping
 
 FORMAT = "finetrace-datasheet/1"
 
@@ -41,23 +42,13 @@ def load_given(path: str | Path | None) -> dict:
     """The given facts from a YAML file, keys checked (an unknown key names the closest valid one)."""
     if path is None:
         return {}
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("no such datasheet file", file=str(p))
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid YAML: {exc}", file=str(p)) from None
-    if not isinstance(doc, dict):
-        raise InputError("a datasheet is a mapping of field: value", file=str(p))
+    doc = read_mapping(path, "datasheet file")
     out = {}
     for key, value in doc.items():
         k = ALIASES.get(str(key), str(key))
         if k not in REQUIRED and k not in OPTIONAL:
             close = difflib.get_close_matches(k, list(REQUIRED) + list(OPTIONAL), 1)
-            raise ConfigError(f"unknown datasheet field {key!r}", file=str(p), field=str(key),
+            raise ConfigError(f"unknown datasheet field {key!r}", file=str(path), field=str(key),
                               hint=f"did you mean {close[0]!r}?" if close else
                               f"fields: {', '.join(list(REQUIRED) + list(OPTIONAL))}")
         out[k] = value

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..errors import ConfigError
-from ..yaml_lines import key_lines
+from ..yamlfile import key_lines
 
 STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
-from ..yaml_lines import key_lines
+from ..yamlfile import key_lines
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
 
