@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError, DependencyError
 from .attention import register
 from .config import TrainConfig
+from .fused import fuse_lora
 
 ADAPTER_META = "finetrace_adapter.json"
 
@@ -57,6 +58,7 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
 
     if parent_path is not None:
         model = PeftModel.from_pretrained(model, str(parent_path), is_trainable=True)
+        fuse_lora(model)
         pc = model.peft_config["default"]
         method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else "lora"
         return model, {"method": method, "r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
@@ -70,6 +72,7 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
     except ValueError as exc:
         raise ConfigError(f"cannot apply LoRA: {exc}", field="lora.target_modules",
                           hint=f"linear layers of this model: {', '.join(linear_targets(model))}") from None
+    fuse_lora(model)
     return model, {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
                    "dropout": cfg.lora.dropout, "target_modules": targets}
 

@@ -39,19 +39,20 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                      **kwargs):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D); per-example causal SDPA."""
     import torch
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = _current()
     if cu is None or attention_mask is not None or query.shape[2] != cu[-1] or key.shape[2] != cu[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # One split per tensor (its backward is one concatenation; slicing would allocate a zero-filled
+    # full-size gradient per example), and grouped-query heads shared by SDPA, not copied (enable_gqa).
+    lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
-    outs = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, scale=scaling, is_causal=True)
-        for s, e in zip(cu[:-1], cu[1:])]
+    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scaling, is_causal=True,
+                                                             enable_gqa=gqa)
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,89 @@
+"""A fused LoRA linear layer for training: the adapter's update folded into the base layer's GEMMs.
+
+peft computes ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``: besides the GEMMs that costs a
+multiplication and an addition over the whole (tokens x out_features) output, and in the backward pass
+another multiplication, an addition of the two input gradients (tokens x in_features) and the autograd
+bookkeeping of five nodes. On a CPU those element-wise passes over memory were ~15% of a LoRA step on
+SmolLM2. Here one autograd node does the same arithmetic with every addition inside a GEMM (``addmm``'s
+accumulate) and the scaling applied to the rank-r tensor only:
+
+    forward:   h = x A^T            (n x r)        y = x W^T + b;   y += (s h) B^T
+    backward:  dB = g^T (s h)       dh = s (g B)   dA = dh^T x      dx = g W;  dx += dh A
+
+The weights stay peft's own parameters (``lora_A.default.weight``...), so saving, loading and the PEFT
+format are unchanged; only ``forward`` of each eligible ``peft`` LoRA ``Linear`` is replaced, and it
+falls back to peft's own forward whenever anything else is asked of it (adapter disabled or merged,
+several adapters, DoRA, dropout, mixed batches), so a reference pass with ``disable_adapter()`` still works.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+class LoraLinearFn(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with W and b frozen, A and B trained."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        hs = torch.mm(x2, lora_a.t()).mul_(scale)  # (n, r), already scaled
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        y.addmm_(hs, lora_b.t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, hs)
+        ctx.scale = scale
+        ctx.shape = shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, hs = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_b = torch.mm(g.t(), hs) if ctx.needs_input_grad[4] else None
+        gh = torch.mm(g, lora_b).mul_(ctx.scale)  # (n, r)
+        grad_a = torch.mm(gh.t(), x2) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(gh, lora_a).view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _eligible(module) -> bool:
+    base = getattr(module, "base_layer", None)
+    if not isinstance(base, torch.nn.Linear) or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    return not getattr(module, "lora_variant", None)  # DoRA and other variants keep peft's forward
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """peft's LoRA Linear forward, fused when only one plain LoRA adapter is active."""
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})):
+        return self._peft_forward(x, *args, **kwargs)
+    name = active[0]
+    drop = self.lora_dropout[name]
+    if not isinstance(drop, torch.nn.Identity) and (drop.p > 0 and self.training):
+        return self._peft_forward(x, *args, **kwargs)
+    base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+    if x.dtype != a.dtype or base.weight.dtype != a.dtype:
+        return self._peft_forward(x, *args, **kwargs)
+    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]))
+
+
+def fuse_lora(model) -> int:
+    """Route every eligible peft LoRA ``Linear`` of ``model`` through ``LoraLinearFn``; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and _eligible(module) and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
