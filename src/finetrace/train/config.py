@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..yamlfile import key_lines
@@ -36,6 +36,38 @@ class LoraParams(BaseModel):
                                   "decoder (the output layer excluded), chosen per architecture.")
 
 
+class DpoParams(BaseModel):
+    """Parameters of the DPO objective (Rafailov et al. 2023; names as in TRL).
+
+    For a pair (prompt x, chosen y_w, rejected y_l), with log-probabilities log pi (the adapter being
+    trained) and log pi_ref (the policy at the start of training):
+
+        z = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+        sigmoid:  -(1 - s) log sigmoid(beta z) - s log sigmoid(-beta z)      (s = label_smoothing)
+        ipo:      (z - 1 / (2 beta))^2            (log-probabilities averaged per token, as TRL does)
+        hinge:    max(0, 1 - beta z)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (the KL "
+                                               "penalty): larger keeps the adapter closer to where it started.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid (the DPO paper), ipo (squared loss on per-token averages, less prone "
+                               "to overfitting) or hinge (SLiC/RSO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference "
+                                   "label is flipped (conservative DPO; sigmoid only).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an extra NLL term on the chosen answers "
+                              "(per chosen target token, RPO-style); 0 is plain DPO.")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self) -> "DpoParams":
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}; "
+                             f"set dpo.label_smoothing: 0 or dpo.loss_type: sigmoid")
+        return self
+
+
 class TrainConfig(BaseModel):
     """Everything a training run depends on; stored resolved with the run in the ledger."""
 
@@ -47,12 +79,16 @@ class TrainConfig(BaseModel):
     split: str = Field("train", description="Split of the dataset to train on.")
     validation_split: str | None = Field("validation", description="Split used for validation loss "
                                          "(skipped when the dataset has no such split; null to disable).")
-    objective: Literal["sft"] = Field("sft", description="Training objective: 'sft' puts the loss on the "
-                                      "target (assistant) tokens and the end-of-turn token only.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="Training objective: 'sft' puts the loss on the target (assistant) tokens and the "
+                           "end-of-turn token only (completion, chat, classification datasets); 'dpo' learns "
+                           "from preference pairs (prompt, chosen, rejected) with the 'dpo' parameters.")
     method: Literal["lora", "rslora", "dora", "full", "qlora"] = Field(
         "lora", description="lora, rslora, dora (all through peft), full (every weight, a reference), or "
                             "qlora (needs a 4-bit backend; not available on CPU).")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA-family parameters.")
+    dpo: DpoParams = Field(default_factory=DpoParams, description="DPO parameters (used when objective is "
+                                                                  "dpo).")
     init_from: str | None = Field(None, description="Continue training an existing adapter (adapter@N); "
                                   "its LoRA configuration is kept.")
     output_name: str = Field(..., description="Name of the adapter artifact written (versions are numbered).")
@@ -71,9 +107,10 @@ class TrainConfig(BaseModel):
                                   "(overrides epochs).")
 
     # batching and speed
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (for dpo: preference pairs, two "
+                                                 "sequences each).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step; the loss is normalised "
-                            "by the real number of target tokens of the whole step.")
+                            "by the real number of target tokens (dpo: of pairs) of the whole step.")
     max_length: int = Field(1024, ge=8, description="Longest example in tokens (prompt + target); longer "
                             "examples are skipped and counted.")
     packing: bool = Field(True, description="Concatenate a micro-batch's examples into one row without "

@@ -7,6 +7,9 @@ One optimiser step::
                            -> summed CE / target tokens of the whole step -> backward
     clip, AdamW step, learning rate for the next step
 
+``objective: dpo`` swaps the micro-batch body and the metrics for those of ``preference`` (pairs of
+sequences, a reference pass before the first step); the rest of the loop is shared.
+
 Every ``checkpoint_every`` steps, and when SIGTERM/SIGINT arrives, a complete checkpoint is written;
 ``resume=True`` restores the newest one exactly (weights, optimiser, RNGs, step, history).
 """
@@ -27,6 +30,7 @@ from ..errors import ConfigError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
+from . import preference as P
 from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
 from .attention import segments
 from .checkpoint import Checkpointer, restore
@@ -176,18 +180,30 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
 
     meta, rows = D.read_dataset(ds_dir, cfg.split)
     schema, labels = meta.get("schema"), meta.get("labels")
-    if schema == "preference":
-        raise ConfigError("preference datasets need objective: dpo, which is not implemented yet",
-                          field="objective", hint="train SFT on the 'chosen' answers with a completion dataset")
-    train_ex, skipped = D.encode_rows(tok, rows, schema, labels, cfg.max_length)
-    val_ex: list[D.Encoded] = []
+    P.check_objective(cfg.objective, schema)
+    dpo = cfg.objective == "dpo"
+    encode = (lambda rs: P.encode_pairs(tok, rs, cfg.max_length)) if dpo else \
+        (lambda rs: D.encode_rows(tok, rs, schema, labels, cfg.max_length))
+    train_ex, skipped = encode(rows)
+    val_ex: list = []
     if cfg.validation_split and (ds_dir / f"{cfg.validation_split}.parquet").is_file():
         _, vrows = D.read_dataset(ds_dir, cfg.validation_split)
-        val_ex, _ = D.encode_rows(tok, vrows[:cfg.eval_max_examples], schema, labels, cfg.max_length)
-    lengths = [len(e.ids) for e in train_ex]
+        val_ex, _ = encode(vrows[:cfg.eval_max_examples])
+    lengths = [p.length for p in train_ex] if dpo else [len(e.ids) for e in train_ex]
     steps = D.plan(lengths, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
                    cfg.group_by_length)
     total = len(steps)
+    ref_s = None
+    if dpo:  # reference log-probabilities of the initial policy, before any checkpoint is restored
+        t_ref = time.perf_counter()
+        train_ref = P.reference_logps(model, train_ex, [i for s in steps for i in s], cfg, pad_id, world)
+        val_ref = P.reference_logps(model, val_ex, range(len(val_ex)), cfg, pad_id, world)
+        ref_s = round(time.perf_counter() - t_ref, 3)
+
+    def evaluate() -> dict:
+        if dpo:
+            return P.evaluate(model, val_ex, val_ref, cfg, pad_id)
+        return {"val_loss": evaluate_loss(model, val_ex, cfg, pad_id)}
 
     weights = trainable(model)
     opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
@@ -228,8 +244,14 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
+                stats = P.new_stats() if dpo else {}
+                n_chosen = sum(train_ex[i].chosen.n_target for i in idx) if dpo else 0
                 mbs = D.micro_batches(idx, cfg.batch_size, lengths, cfg.micro_batch_tokens)
                 for mb in mbs[world.rank::world.size]:  # this process's share of the step
+                    if dpo:  # the loss is already divided by the pairs of the whole step
+                        step_loss += P.micro_batch(model, [train_ex[i] for i in mb], train_ref[mb], cfg.dpo,
+                                                   len(idx), n_chosen, cfg.packing, pad_id, cfg.loss_chunk, stats)
+                        continue
                     batch = D.collate([train_ex[i] for i in mb], cfg.packing, pad_id)
                     with segments(batch.cu_seqlens):  # also active while backward recomputes activations
                         ls = loss_sum(model, batch, cfg.loss_chunk)
@@ -238,6 +260,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                 params = list(weights.values())
                 all_reduce_grads(params, world)
                 step_loss = all_sum(step_loss, world)
+                stats = {k: all_sum(v, world) for k, v in stats.items()}
                 if cfg.max_grad_norm is not None:
                     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 else:
@@ -251,17 +274,20 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                 st.step += 1
                 st.tokens += n_tok
                 st.target_tokens += n_tgt
-                st.flops += step_flops(counts, [lengths[i] for i in idx], n_tgt)
+                st.flops += step_flops(counts, [n for i in idx for n in train_ex[i].seq_lengths] if dpo
+                                       else [lengths[i] for i in idx], n_tgt)
                 dt = time.perf_counter() - t0
                 st.elapsed += dt
                 session_tokens += n_tok
-                loss = step_loss / n_tgt
+                loss = step_loss if dpo else step_loss / n_tgt
+                extra = P.step_metrics(stats, len(idx), n_chosen, cfg.dpo) if dpo else {}
                 if st.step % cfg.log_every == 0 or st.step == total:
                     st.history.append({"step": st.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                                       "tokens": st.tokens, "target_tokens": st.target_tokens})
+                                       "tokens": st.tokens, "target_tokens": st.target_tokens, **extra})
                 if val_ex and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-                    val = evaluate_loss(model, val_ex, cfg, pad_id)
-                    st.history.append({"step": st.step, "val_loss": val})
+                    ev = evaluate()
+                    val = ev["val_loss"]
+                    st.history.append({"step": st.step, **ev})
                     if st.best_val is None or val < st.best_val:
                         st.best_val, st.best_step, st.bad_evals = val, st.step, 0
                         if cfg.early_stopping_patience:
@@ -272,7 +298,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                             st.stopped_early = True
                 if bar is not None:
                     tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
-                    bar.update(0, completed=st.step, description=f"loss {loss:.4f}  {tps:,.0f} tok/s")
+                    acc = f"  acc {extra['reward_accuracy']:.2f}" if dpo else ""
+                    bar.update(0, completed=st.step, description=f"loss {loss:.4f}{acc}  {tps:,.0f} tok/s")
                 if any_flag(sigs.received is not None, world):
                     save_checkpoint()
                     raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; "
@@ -291,7 +318,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                 for k, p in weights.items():
                     p.copy_(best[k])
         train_losses = [r["loss"] for r in st.history if "loss" in r]
-        val_loss = evaluate_loss(model, val_ex, cfg, pad_id) if val_ex else None
+        final_eval = evaluate() if val_ex else {}
+        val_loss = final_eval.get("val_loss")
         facts = {"format": "finetrace-adapter/1", "base_model": base_art.digest, "base_model_ref": base_art.ref,
                  "dataset": ds_art.digest, "dataset_ref": ds_art.ref, "split": cfg.split,
                  "parent": parent_art.digest if parent_art else None, **method, **ident,
@@ -318,6 +346,13 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
             "flops_estimate": st.flops, "achieved_flops_per_s": round(st.flops / wall, 1) if wall else None,
             "energy_wh_estimate": round(wall * cfg.assumed_watts / 3600, 6), "assumed_watts": cfg.assumed_watts,
         })
+        if dpo:
+            last = next((r for r in reversed(st.history) if "reward_accuracy" in r), {})
+            run.metrics.update({
+                "pairs": len(train_ex), "final_reward_accuracy": last.get("reward_accuracy"),
+                "final_reward_margin": last.get("reward_margin"),
+                "val_reward_accuracy": final_eval.get("val_reward_accuracy"),
+                "val_reward_margin": final_eval.get("val_reward_margin"), "reference_pass_s": ref_s})
     ckpt.clear()
     ws.checkpoint()
     barrier(world)
