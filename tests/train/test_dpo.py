@@ -15,6 +15,7 @@ from finetrace.errors import ConfigError
 from finetrace.train import load_config, train
 from finetrace.train import preference as P
 from finetrace.train.adapters import load_base
+from finetrace.train.attention import segments
 from finetrace.train.config import DpoParams
 
 WORDS = ["fox", "dog", "contract", "invoice", "data", "model", "train", "serve", "goods", "party", "audit",
@@ -64,17 +65,33 @@ def tensors(ws, art):
 
 
 # -- 1. policy == reference at step 0 -----------------------------------------------------------------
-def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs):
+def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs, learnable_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from finetrace.data import import_dataset, read_split
+
     ws = prefs
     art = train(ws, dpo_config(max_steps=1), progress=False)
     first = history(ws, art)[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
     assert abs(first["reward_margin"]) < 1e-5 and abs(first["reward_chosen"]) < 1e-5
-    # continuing an adapter: the reference is the parent adapter, not the base
-    train(ws, make_config(max_steps=10, lr=1e-2, output_name="sft-parent", threads=1), progress=False)
+    # continuing an adapter (here one taught the *rejected* answers by SFT): the reference is the parent
+    sft = import_dataset(ws, [write_jsonl(tmp_path / "no.jsonl", preference_rows(48))], "say-no",
+                         schema="completion", mapping=["completion=rejected"], splits=(1, 0, 0))
+    train(ws, make_config(dataset=sft.ref, max_steps=10, lr=1e-2, output_name="sft-parent", threads=1), progress=False)
     child = train(ws, dpo_config(max_steps=1, init_from="sft-parent@1", output_name="dpo-child"), progress=False)
     assert abs(history(ws, child)[0]["loss"] - math.log(2)) < 1e-6
-    # ... which differs from the base: scoring the parent's policy against the base would not give log 2
+    # ... not the base: scored against the base, the parent's policy is far from log 2
+    base_model, tok = load_base(learnable_model_dir)
+    parent = PeftModel.from_pretrained(base_model, str(ws.store.materialize(ws.ledger.resolve("sft-parent@1").digest)))
+    pairs, _ = P.encode_pairs(tok, read_split(ws, "prefs", "train").to_pylist()[:8], 256)
+    batch, seq = P.collate_pairs(pairs, True, 0)
+    with torch.no_grad(), segments(batch.cu_seqlens):
+        tuned = P.sequence_logps(parent.eval(), batch, seq, 16).view(-1, 2)
+        with parent.disable_adapter():
+            base = P.sequence_logps(parent, batch, seq, 16).view(-1, 2)
+    against_base, _, _ = P.pair_losses(tuned, base, torch.ones(8, 2), DpoParams())
+    assert float(against_base.mean()) > math.log(2) + 0.1
     facts = json.loads((ws.store.materialize(child.digest) / "finetrace_adapter.json").read_text())
     assert facts["objective"] == "dpo" and facts["parent"] == ws.ledger.resolve("sft-parent@1").digest
     assert facts["config"]["dpo"] == {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "sft_weight": 0.0}
