@@ -172,6 +172,19 @@ def test_chunked_packed_loss_and_gradients_equal_textbook(model_tok, params):
                                    P.sequence_logps(model, batch, seq, 6).view(-1, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_token_logprobs_function_passes_gradcheck_with_a_bias():
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 6, 3, 1])
+    # chunk 2 over 5 rows: a partial last chunk; float32 inside, as for real models, hence the tolerances
+    assert torch.autograd.gradcheck(lambda h, w, b: P.TokenLogProbs.apply(h, w, b, y, 2), (h, w, b),
+                                    eps=1e-3, atol=1e-3, rtol=1e-3)
+    want = torch.log_softmax(h @ w.t() + b, dim=-1).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(P.TokenLogProbs.apply(h, w, b, y, 2).double(), want, rtol=1e-5, atol=1e-5)
+
+
 # -- 3. accumulation ----------------------------------------------------------------------------------
 def test_batch_8_equals_batch_4_with_accumulation_2(prefs):
     ws = prefs
