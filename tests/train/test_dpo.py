@@ -145,7 +145,8 @@ def test_chunked_packed_loss_and_gradients_equal_textbook(model_tok, params):
             {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "The quick brown dog"},
             {"prompt": "Label: positive negative neutral. The contract", "chosen": "neutral", "rejected": "yes no"}]
     pairs, skipped = P.encode_pairs(tok, rows, max_length=256)
-    assert skipped == 0 and pairs[0].chosen.ids[:pairs[0].chosen.n_prompt] == pairs[0].rejected.ids[:pairs[0].rejected.n_prompt]
+    c, r = pairs[0].chosen, pairs[0].rejected
+    assert skipped == 0 and c.n_prompt == r.n_prompt and c.ids[:c.n_prompt] == r.ids[:r.n_prompt]  # shared prompt
     with torch.no_grad():  # a reference away from the policy, so the loss is not at its symmetric point
         batch, seq = P.collate_pairs(pairs, True, tok.pad_token_id)
         ref = P.sequence_logps(model, batch, seq, 6).view(-1, 2) + torch.tensor([[0.7, -0.4], [-1.1, 0.3], [0.2, 1.5]])

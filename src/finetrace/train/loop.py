@@ -193,8 +193,15 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     steps = D.plan(lengths, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
                    cfg.group_by_length)
     total = len(steps)
+
+    weights = trainable(model)
+    opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
+                            eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+    ck_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ws.root / "checkpoints" / "train" / cfg.output_name
+    ckpt = Checkpointer(ck_dir, config_digest(resolved), cfg.keep_checkpoints)
+    loaded = ckpt.load() if resume else None  # every rank reads it (read-only); verified before any work
     ref_s = None
-    if dpo:  # reference log-probabilities of the initial policy, before any checkpoint is restored
+    if dpo:  # reference log-probabilities of the initial policy, before a checkpoint's weights are restored
         t_ref = time.perf_counter()
         train_ref = P.reference_logps(model, train_ex, [i for s in steps for i in s], cfg, pad_id, world)
         val_ref = P.reference_logps(model, val_ex, range(len(val_ex)), cfg, pad_id, world)
@@ -205,15 +212,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
             return P.evaluate(model, val_ex, val_ref, cfg, pad_id)
         return {"val_loss": evaluate_loss(model, val_ex, cfg, pad_id)}
 
-    weights = trainable(model)
-    opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
-                            eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
-    ck_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ws.root / "checkpoints" / "train" / cfg.output_name
-    ckpt = Checkpointer(ck_dir, config_digest(resolved), cfg.keep_checkpoints)
     st = State()
     best: dict | None = None
     if resume:
-        loaded = ckpt.load()  # every rank reads it (read-only)
         saved = restore(loaded, weights, opt)
         st = State(**{k: v for k, v in saved.items() if k in State.__dataclass_fields__})
         best = loaded["best"]
