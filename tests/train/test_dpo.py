@@ -75,6 +75,9 @@ def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs, learnabl
     first = history(ws, art)[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
     assert abs(first["reward_margin"]) < 1e-5 and abs(first["reward_chosen"]) < 1e-5
+    for method in ("dora", "full"):  # the reference is the policy at the start whatever the method
+        other = train(ws, dpo_config(max_steps=1, method=method, output_name=f"dpo-{method}"), progress=False)
+        assert abs(history(ws, other)[0]["loss"] - math.log(2)) < 1e-6, method
     # continuing an adapter (here one taught the *rejected* answers by SFT): the reference is the parent
     sft = import_dataset(ws, [write_jsonl(tmp_path / "no.jsonl", preference_rows(48))], "say-no",
                          schema="completion", mapping=["completion=rejected"], splits=(1, 0, 0))
