@@ -157,7 +157,20 @@ def test_chunked_packed_loss_and_gradients_equal_textbook(model_tok, params):
     model.zero_grad()
     stats = P.new_stats()
     n_chosen = sum(p.chosen.n_target for p in pairs)
-    got = P.micro_batch(model, pairs, ref, params, len(pairs), n_chosen, True, tok.pad_token_id, 7, stats)
+    vocab, head_rows, linear = model.config.vocab_size, [], torch.nn.functional.linear
+
+    def watched(x, w, b=None):  # records the rows of every output-layer product, forward and backward
+        if w.shape[0] == vocab:
+            head_rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return linear(x, w, b)
+
+    torch.nn.functional.linear = watched
+    try:
+        got = P.micro_batch(model, pairs, ref, params, len(pairs), n_chosen, True, tok.pad_token_id, 7, stats)
+    finally:
+        torch.nn.functional.linear = linear
+    n_targets = sum(p.n_target for p in pairs)
+    assert max(head_rows) == 7 and sum(head_rows) == 2 * n_targets  # chunks of 7, once forward, once backward
     g1 = [p.grad.clone() for p in params_list]
     model.zero_grad()
     want = textbook(model, tok, pairs, ref, params)
@@ -297,6 +310,20 @@ def test_resume_after_a_crash_equals_uninterrupted(prefs, monkeypatch):
     a, b = tensors(ws, resumed), tensors(ws, fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert history(ws, resumed) == history(ws, fresh)  # losses, rewards, validation at every step
+
+
+def test_cli_shows_reward_accuracy(prefs, tmp_path, capsys):
+    from finetrace.cli import main
+
+    ws = prefs
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text("base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: cli-dpo\nmax_steps: 2\n"
+                   "batch_size: 4\nthreads: 1\n")
+    assert main(["-w", str(ws.root), "train", str(cfg), "--set", "dpo.beta=0.2"]) == 0
+    captured = capsys.readouterr()
+    assert "adapter cli-dpo@1" in captured.out and "acc " in captured.err  # the progress bar
+    run = ws.ledger.runs("train")[-1]
+    assert run.config["dpo"]["beta"] == 0.2 and 0 <= run.metrics["final_reward_accuracy"] <= 1
 
 
 # -- torchrun --------------------------------------------------------------------------------------
