@@ -125,6 +125,9 @@ class TrainConfig(BaseModel):
                             "logits tensor never exists.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                          "(less memory, ~30% slower).")
+    compile: bool = Field(True, description="Fuse RMSNorm, the SiLU gate and rotary embeddings into compiled "
+                          "kernels (torch.compile; needs a C++ compiler on CPU, else eager with a warning; the "
+                          "first run compiles for some seconds, later runs reuse the on-disk cache).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (bfloat16 is much "
                                                   "slower on CPUs without native support).")
     threads: int | None = Field(None, ge=1, description="Torch threads (default: physical cores available).")

@@ -36,6 +36,7 @@ from .attention import segments
 from .checkpoint import Checkpointer, restore
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
+from .kernels import fuse_elementwise
 from .loss import loss_sum
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
 
@@ -172,6 +173,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     model, tok = load_base(base_dir, cfg.dtype)
     ident = text_identity(tok)
     model, method = apply_method(model, cfg, parent_dir)
+    kernel_counts = fuse_elementwise(model) if cfg.compile else {}
     if cfg.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -230,6 +232,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
 
     recording = ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
                               environment_extra={"torch_threads": torch.get_num_threads(),
+                                                 "compiled_kernels": kernel_counts,
                                                  "world_size": world.size}) \
         if world.main else contextlib.nullcontext(None)
     with recording as run, _Signals() as sigs:
