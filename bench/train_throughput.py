@@ -8,8 +8,11 @@ clip 1.0), the same batch size and number of steps, on a generated instruction s
 and LLaMA-Factory wrap it): a padded batch with an attention mask, labels -100 on prompt and padding
 (masked by segment, so the eos stop token keeps its loss), full logits, standard cross-entropy.
 
-Each side runs in its own subprocess so that peak RSS (ru_maxrss) is its own. Tokens/s counts real
-(non-pad) tokens over the summed optimiser-step times (model loading excluded on both sides). MFU is
+Both sides see the same examples in the same optimiser steps (finetrace's seeded order), so their loss
+curves match step by step up to float rounding. Each side runs in its own subprocess so that peak RSS
+(ru_maxrss) is its own. Tokens/s counts real (non-pad) tokens over the summed optimiser-step times
+(model loading excluded on both sides; finetrace's kernel compilation, which happens in its first
+step, included; Inductor caches it on disk, so only a machine's first run pays it in full). MFU is
 the estimated useful FLOPs (``finetrace.train.report.step_flops``: real tokens only) over a measured
 fp32 matmul ceiling. The last line is one JSON object with the figures.
 """
@@ -99,7 +102,7 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from finetrace.models import model_path
-    from finetrace.train.data import encode, read_dataset
+    from finetrace.train.data import encode, plan, read_dataset
     from finetrace.train.adapters import linear_targets
     from finetrace.train.report import model_counts, step_flops
     from finetrace.workspace import Workspace
@@ -115,10 +118,14 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
-    data = []
+    encoded = []
     for r in rows:
         enc = encode(tok, [{"role": "user", "content": r["prompt"]}], r["completion"])
-        data.append({"input_ids": enc.ids, "labels": [-100] * enc.n_prompt + enc.ids[enc.n_prompt:]})
+        encoded.append({"input_ids": enc.ids, "labels": [-100] * enc.n_prompt + enc.ids[enc.n_prompt:]})
+    # The same examples in the same steps as finetrace (its seeded data order), read in order, so the
+    # two loss curves are comparable step by step.
+    order = plan([len(e["input_ids"]) for e in encoded], batch, 1, 1.0, steps, 0, False)
+    data = [encoded[i] for step in order for i in step]
 
     seen: list[tuple[int, int]] = []  # (real tokens, lengths) per batch, in order
 
@@ -154,8 +161,11 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
                                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
                                  save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
                                  dataloader_num_workers=0, remove_unused_columns=False, seed=0)
-        Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                callbacks=[Timer()]).train()
+        class InOrder(Trainer):
+            def _get_train_sampler(self, train_dataset=None):
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+        InOrder(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()]).train()
     counts = model_counts(model)
     steps_seen = seen[:len(times)]
     return {"tokens": sum(sum(lens) for lens, _ in steps_seen), "step_time_s": sum(times), "losses": losses,
@@ -181,6 +191,25 @@ def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int) -> d
     return out
 
 
+def plot_curves(path: Path, baseline: list[float], ours: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(baseline) + 1), baseline, "o-", label="HF Trainer + PEFT", linewidth=1, markersize=4)
+    ax.plot(range(1, len(ours) + 1), ours, "x--", label="finetrace", linewidth=1, markersize=6)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title("SmolLM2-135M, LoRA r=16 all linear, same data order", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=5)
@@ -189,6 +218,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: "
                     "physical cores; use 1 on a machine shared with other jobs, where 2 threads thrash)")
     ap.add_argument("--gc", action="store_true", help="also run finetrace with gradient checkpointing")
+    ap.add_argument("--plot", type=Path, default=None, help="write the two loss curves to this PNG")
     args = ap.parse_args()
 
     import pyarrow as pa
@@ -230,6 +260,11 @@ def main() -> None:
         print(f"{name:>12}: {tps:8.1f} real tokens/s  {r['step_time_s']:.1f} s in steps  peak RSS "
               f"{r['peak_rss_mb']:7.0f} MB  MFU {mfu:.1%}  losses {[round(x, 3) for x in r['losses']]}")
         res[name] = (tps, mfu)
+    loss_gap = max(abs(a - b) for a, b in zip(base["losses"], ours["losses"]))
+    print(f"loss curves: the same examples in the same steps; largest step-loss difference {loss_gap:.2e}")
+    if args.plot:
+        plot_curves(args.plot, base["losses"], ours["losses"])
+        print(f"loss curves written to {args.plot}")
     speedup = res["finetrace"][0] / res["baseline"][0]
     mem = ours["peak_rss_mb"] / base["peak_rss_mb"]
     print(f"speedup {speedup:.2f}x tokens/s (target >= 2x); memory {mem:.2f}x (target <= 0.7x)")
@@ -240,6 +275,7 @@ def main() -> None:
         "mfu": round(res["finetrace"][1], 4), "baseline_mfu": round(res["baseline"][1], 4),
         "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
         "baseline_final_loss": round(base["losses"][-1], 4), "final_loss": round(ours["losses"][-1], 4),
+        "max_step_loss_difference": round(loss_gap, 6),
         "steps": args.steps, "batch": args.batch, "threads": threads,
         **({"gc_tokens_per_s": round(res["finetrace+gc"][0], 2),
             "gc_peak_rss_mb": round(sides[2][1]["peak_rss_mb"], 1)} if args.gc else {})}))

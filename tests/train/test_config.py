@@ -71,3 +71,19 @@ def test_cli_print_config(tmp_path, capsys):
     assert "  r: 4" in out and "output_name: toy-lora" in out
     assert main(["train", str(f), "--set", "seeds=1", "--print-config"]) == 2
     assert "did you mean 'seed'" in capsys.readouterr().err
+
+
+def test_device_is_validated_and_a_missing_gpu_is_a_clear_error():
+    import torch
+
+    from finetrace.errors import ConfigError, DependencyError
+    from finetrace.train.loop import resolve_device
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["base_model=b", "dataset=d", "output_name=o", "device=gpu0"])
+    assert err.value.field == "device"
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DependencyError, match="no CUDA GPU"):
+            resolve_device("cuda:0")

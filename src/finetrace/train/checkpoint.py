@@ -89,15 +89,15 @@ class Checkpointer:
         build = Path(tempfile.mkdtemp(dir=self.folder, prefix=".build-"))
         try:
             files = {
-                "weights.safetensors": save({k: v.detach().contiguous() for k, v in weights.items()}),
+                "weights.safetensors": save({k: v.detach().cpu().contiguous() for k, v in weights.items()}),
                 "optimizer.safetensors": save(optimizer_tensors(weights, optimizer)),
-                "rng.safetensors": save({"torch_cpu": torch.get_rng_state()}),
+                "rng.safetensors": save({"torch_cpu": torch.get_rng_state(), **cuda_rng_state(weights)}),
                 "state.json": canonical_json({**state, "step": step, "config_digest": self.config_digest,
                                               "python_rng": python_rng_state(),
                                               "numpy_rng": numpy_rng_state()}),
             }
             if best is not None:
-                files["best.safetensors"] = save({k: v.contiguous() for k, v in best.items()})
+                files["best.safetensors"] = save({k: v.cpu().contiguous() for k, v in best.items()})
             for name, data in files.items():
                 write_bytes(build / name, data)
             marker = {"format": FORMAT, "step": step,
@@ -156,8 +156,16 @@ def optimizer_tensors(weights: dict, optimizer) -> dict:
     out = {}
     for name, p in weights.items():
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}::{key}"] = value.detach().clone() if hasattr(value, "detach") else _scalar(value)
+            out[f"{name}::{key}"] = value.detach().cpu().clone() if hasattr(value, "detach") else _scalar(value)
     return out
+
+
+def cuda_rng_state(weights: dict) -> dict:
+    """The CUDA generator of the device the weights live on (dropout there draws from it)."""
+    import torch
+
+    device = next(iter(weights.values())).device if weights else torch.device("cpu")
+    return {"torch_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
 
 
 def _scalar(value):
@@ -177,10 +185,14 @@ def restore(loaded: dict, weights: dict, optimizer) -> dict:
             p.copy_(loaded["weights"][name])
     opt = loaded["optimizer"]
     for name, p in weights.items():
-        st = {k.split("::", 1)[1]: v.clone() for k, v in opt.items() if k.split("::", 1)[0] == name}
+        # AdamW keeps its step counter on the CPU, the moments beside the parameter
+        st = {k.split("::", 1)[1]: v.clone() if k.endswith("::step") else v.to(p.device)
+              for k, v in opt.items() if k.split("::", 1)[0] == name}
         if st:
             optimizer.state[p] = st
     torch.set_rng_state(loaded["rng"]["torch_cpu"])
+    if "torch_cuda" in loaded["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(loaded["rng"]["torch_cuda"], device=next(iter(weights.values())).device)
     state = loaded["state"]
     set_python_rng_state(state["python_rng"])
     set_numpy_rng_state(state["numpy_rng"])

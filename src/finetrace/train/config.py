@@ -130,6 +130,9 @@ class TrainConfig(BaseModel):
                           "first run compiles for some seconds, later runs reuse the on-disk cache).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (bfloat16 is much "
                                                   "slower on CPUs without native support).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where to train: auto (the "
+                        "GPU when CUDA sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each process "
+                        "takes the GPU of its LOCAL_RANK.")
     threads: int | None = Field(None, ge=1, description="Torch threads (default: physical cores available).")
     seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
 

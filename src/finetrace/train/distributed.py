@@ -34,8 +34,20 @@ def setup() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def collective_device() -> str:
+    """Where tensors handed to collectives must live: the GPU for nccl, the CPU for gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def all_reduce_grads(params, world: World) -> None:
@@ -57,7 +69,7 @@ def all_sum(value: float, world: World) -> float:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
 

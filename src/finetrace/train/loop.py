@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
@@ -42,6 +42,27 @@ from .report import model_counts, physical_cores, plot_loss, step_flops, write_m
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
 CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every")
+
+
+def resolve_device(name: str):
+    """The torch device of ``device: auto|cpu|cuda|cuda:N`` (torchrun has set this process's GPU)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DependencyError(f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
+                                  hint="set device: cpu (or auto), or install a CUDA build of torch")
+        if name == "cuda":
+            name = f"cuda:{torch.cuda.current_device()}"
+    return torch.device(name)
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -171,6 +192,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     inputs = [base_art.digest, ds_art.digest] + ([parent_art.digest] if parent_art else [])
 
     model, tok = load_base(base_dir, cfg.dtype)
+    model.to(resolve_device(cfg.device))
     ident = text_identity(tok)
     model, method = apply_method(model, cfg, parent_dir)
     kernel_counts = fuse_elementwise(model) if cfg.compile else {}
@@ -233,6 +255,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     recording = ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
                               environment_extra={"torch_threads": torch.get_num_threads(),
                                                  "compiled_kernels": kernel_counts,
+                                                 "device": str(next(model.parameters()).device),
+                                                 "device_name": device_name(next(model.parameters()).device),
                                                  "world_size": world.size}) \
         if world.main else contextlib.nullcontext(None)
     with recording as run, _Signals() as sigs:

@@ -33,11 +33,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], targets[s:s + chunk]
             z = torch.nn.functional.linear(hc, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            rows = torch.arange(len(yc), device=z.device)
+            # logsumexp by hand, in place: 4 passes over the (c, V) block and no second block allocated
+            z_y = z[rows, yc]
+            m = z.amax(dim=-1)
+            z.sub_(m[:, None]).exp_()             # exp(z - max)
+            se = z.sum(dim=-1)
+            total += (m + se.log() - z_y).sum()   # lse - z_y
             if need_h or need_w or need_b:
-                dz = torch.exp(z.sub_(lse[:, None]))  # softmax, in place of the logits
-                dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
+                dz = z.div_(se[:, None])          # softmax, in place
+                dz[rows, yc] -= 1.0
                 dz = dz.to(h.dtype)
                 if need_h:
                     grad_h[s:s + chunk] = dz @ weight
@@ -71,6 +76,7 @@ def parts(model):
 def loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
     """Sum of the per-target-token cross-entropy of one micro-batch (divide by the step's token count)."""
     backbone, head = parts(model)
+    batch = batch.to(head.weight.device)
     with segments(batch.cu_seqlens):
         hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
                           attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)

@@ -148,6 +148,8 @@ class TokenLogProbs(torch.autograd.Function):
 def sequence_logps(model, batch: D.Batch, seq: torch.Tensor, n_seqs: int, chunk: int = 1024) -> torch.Tensor:
     """Sum of target-token log-probabilities per sequence (n_seqs,); call inside ``segments(batch.cu_seqlens)``."""
     backbone, head = parts(model)
+    batch = batch.to(head.weight.device)
+    seq = seq.to(head.weight.device) if hasattr(seq, "to") else seq
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
                       attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)  # (n, H)
@@ -161,6 +163,7 @@ def pair_losses(policy: torch.Tensor, ref: torch.Tensor, n_tokens: torch.Tensor,
 
     Returns (losses (P,), chosen rewards (P,), rejected rewards (P,)); ``params`` is a ``DpoParams``.
     """
+    ref, n_tokens = ref.to(policy.device), n_tokens.to(policy.device)
     if params.loss_type == "ipo":  # IPO compares per-token averages (TRL does the same)
         policy, ref = policy / n_tokens, ref / n_tokens
     rewards = params.beta * (policy - ref.to(policy.dtype))  # (P, 2)
@@ -241,14 +244,18 @@ def reference_logps(model, pairs: list[Pair], indices, cfg, pad_id: int, world) 
         for g in groups[world.rank::world.size]:
             batch, seq = collate_pairs([pairs[i] for i in g], cfg.packing, pad_id)
             with segments(batch.cu_seqlens):
-                vals[g] = sequence_logps(model, batch, seq, 2 * len(g), cfg.loss_chunk).view(-1, 2).float()
+                vals[g] = sequence_logps(model, batch, seq, 2 * len(g), cfg.loss_chunk).view(-1, 2).float().cpu()
             have[g] = 1.0
     model.train(was)
     if world.size > 1:
         import torch.distributed as dist
 
+        from .distributed import collective_device
+
+        vals, have = vals.to(collective_device()), have.to(collective_device())
         dist.all_reduce(vals, op=dist.ReduceOp.SUM)
         dist.all_reduce(have, op=dist.ReduceOp.SUM)
+        vals, have = vals.cpu(), have.cpu()
     vals[have == 0] = math.nan
     return vals
 
