@@ -57,18 +57,24 @@ def make_rows(tok, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def matmul_ceiling(threads: int) -> float:
-    """fp32 FLOP/s of a large square matmul on ``threads`` threads (best of a few)."""
+def matmul_ceiling(threads: int, device: str = "cpu", dtype: str = "float32") -> float:
+    """FLOP/s of a large square matmul (fp32 on ``threads`` CPU threads, or on the GPU), best of a few."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     a @ b
     best = 0.0
     for _ in range(5):
+        if device != "cpu":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
     return best
 
 
@@ -86,14 +92,24 @@ def child_finetrace(ws_dir: str, steps: int, batch: int, gradient_checkpointing:
                       method="lora", lora={"r": LORA_R, "alpha": LORA_ALPHA}, lr=LR, schedule="constant",
                       batch_size=batch, max_steps=steps, max_length=512, checkpoint_every=None,
                       validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
-                      gradient_checkpointing=gradient_checkpointing,
+                      gradient_checkpointing=gradient_checkpointing, device=os.environ["BENCH_DEVICE"],
+                      dtype=os.environ["BENCH_DTYPE"],
+                      micro_batch_tokens=None if os.environ["BENCH_DEVICE"] == "cuda" else 1024,
                       output_name="bench-lora-gc" if gradient_checkpointing else "bench-lora")
     art = train(ws, cfg, progress=False)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in hist if "loss" in r]
     return {"tokens": m["tokens"], "step_time_s": m["wall_time_s"], "losses": losses,
-            "flops": m["flops_estimate"]}
+            "flops": m["flops_estimate"], **gpu_memory()}
+
+
+def gpu_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
@@ -113,7 +129,9 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
     ds_dir = ws.store.materialize(ws.ledger.resolve("bench-instructions").digest)
     _, rows = read_dataset(ds_dir, "train")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    device, bf16 = os.environ["BENCH_DEVICE"], os.environ["BENCH_DTYPE"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 use_safetensors=True).to(device)
     targets = linear_targets(model)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
@@ -159,7 +177,8 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
                                  learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
-                                 save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+                                 save_strategy="no", report_to="none", use_cpu=device == "cpu", bf16=bf16,
+                                 fp16=False,
                                  dataloader_num_workers=0, remove_unused_columns=False, seed=0)
         class InOrder(Trainer):
             def _get_train_sampler(self, train_dataset=None):
@@ -169,17 +188,19 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
     counts = model_counts(model)
     steps_seen = seen[:len(times)]
     return {"tokens": sum(sum(lens) for lens, _ in steps_seen), "step_time_s": sum(times), "losses": losses,
-            "flops": sum(step_flops(counts, lens, nt) for lens, nt in steps_seen)}
+            "flops": sum(step_flops(counts, lens, nt) for lens, nt in steps_seen), **gpu_memory()}
 
 
-def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int) -> dict:
+def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, device: str = "cpu",
+              dtype: str = "float32") -> dict:
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
     code = ("import json, resource, sys; sys.path.insert(0, %r); import train_throughput as b; "
             "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "BENCH_DEVICE": device,
+           "BENCH_DTYPE": dtype, "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -188,6 +209,22 @@ def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int) -> d
     out = json.loads(Path(result).read_text())
     os.unlink(result)
     out["process_s"] = time.perf_counter() - t
+    return out
+
+
+def random_model(template: Path, out: Path) -> Path:
+    """A model folder with ``template``'s config and tokenizer and seeded random weights (safetensors)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(template), dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in template.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja" or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
     return out
 
 
@@ -219,19 +256,28 @@ def main() -> None:
                     "physical cores; use 1 on a machine shared with other jobs, where 2 threads thrash)")
     ap.add_argument("--gc", action="store_true", help="also run finetrace with gradient checkpointing")
     ap.add_argument("--plot", type=Path, default=None, help="write the two loss curves to this PNG")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (both sides on the GPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="base model dtype on both sides (bfloat16: HF Trainer runs with bf16=True)")
+    ap.add_argument("--random-init", type=Path, default=None, metavar="HF_FOLDER",
+                    help="no download: a randomly initialised model with the config and tokenizer of this "
+                         "folder (throughput does not depend on the weights' values)")
     args = ap.parse_args()
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from finetrace.models import add_model, model_path
+    from finetrace.models import add_folder, add_model, model_path
     from finetrace.train.report import physical_cores
     from finetrace.workspace import Workspace
 
     threads = args.threads or physical_cores()
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-train-"))
     ws = Workspace.init(tmp / "ws")
-    add_model(ws, "smollm2-135m-instruct")
+    if args.random_init:
+        add_folder(ws, random_model(args.random_init, tmp / "random-model"), "smollm2-135m-instruct")
+    else:
+        add_model(ws, "smollm2-135m-instruct")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path(ws, "smollm2-135m-instruct")[0])
@@ -244,12 +290,13 @@ def main() -> None:
     ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name="bench-instructions")
     ws.close()
 
-    ceiling = matmul_ceiling(threads)
-    print(f"machine: {threads} threads, fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    ceiling = matmul_ceiling(threads, args.device, args.dtype)
+    where = f"{threads} threads" if args.device == "cpu" else args.device
+    print(f"machine: {where}, {args.dtype} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
     print(f"data: {len(rows)} examples of 20-400 tokens; {args.steps} steps of batch {args.batch}; LoRA r={LORA_R} "
           f"all linear layers, AdamW lr {LR}")
-    base = run_child("baseline", str(ws.root), args.steps, args.batch, threads)
-    ours = run_child("finetrace", str(ws.root), args.steps, args.batch, threads)
+    base = run_child("baseline", str(ws.root), args.steps, args.batch, threads, args.device, args.dtype)
+    ours = run_child("finetrace", str(ws.root), args.steps, args.batch, threads, args.device, args.dtype)
     sides = [("baseline", base), ("finetrace", ours)]
     if args.gc:
         sides.append(("finetrace+gc", run_child("finetrace_gc", str(ws.root), args.steps, args.batch, threads)))
@@ -257,8 +304,9 @@ def main() -> None:
     for name, r in sides:
         tps = r["tokens"] / r["step_time_s"]
         mfu = r["flops"] / r["step_time_s"] / ceiling
+        gpu = f"  peak GPU {r['peak_gpu_mb']:7.0f} MB" if "peak_gpu_mb" in r else ""
         print(f"{name:>12}: {tps:8.1f} real tokens/s  {r['step_time_s']:.1f} s in steps  peak RSS "
-              f"{r['peak_rss_mb']:7.0f} MB  MFU {mfu:.1%}  losses {[round(x, 3) for x in r['losses']]}")
+              f"{r['peak_rss_mb']:7.0f} MB{gpu}  MFU {mfu:.1%}  losses {[round(x, 3) for x in r['losses']]}")
         res[name] = (tps, mfu)
     loss_gap = max(abs(a - b) for a, b in zip(base["losses"], ours["losses"]))
     print(f"loss curves: the same examples in the same steps; largest step-loss difference {loss_gap:.2e}")
@@ -276,7 +324,9 @@ def main() -> None:
         "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
         "baseline_final_loss": round(base["losses"][-1], 4), "final_loss": round(ours["losses"][-1], 4),
         "max_step_loss_difference": round(loss_gap, 6),
-        "steps": args.steps, "batch": args.batch, "threads": threads,
+        "steps": args.steps, "batch": args.batch, "threads": threads, "device": args.device, "dtype": args.dtype,
+        **({"baseline_peak_gpu_mb": round(base["peak_gpu_mb"], 1), "peak_gpu_mb": round(ours["peak_gpu_mb"], 1),
+            "gpu_memory_ratio": round(ours["peak_gpu_mb"] / base["peak_gpu_mb"], 3)} if "peak_gpu_mb" in ours else {}),
         **({"gc_tokens_per_s": round(res["finetrace+gc"][0], 2),
             "gc_peak_rss_mb": round(sides[2][1]["peak_rss_mb"], 1)} if args.gc else {})}))
 

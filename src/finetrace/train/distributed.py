@@ -34,10 +34,17 @@ def setup() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if gpu_per_process():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if gpu_per_process() else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def gpu_per_process() -> bool:
+    """Does every process on this node get a GPU of its own? (else: CPU processes over gloo)"""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def collective_device() -> str:

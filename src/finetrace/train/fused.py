@@ -71,8 +71,10 @@ def _fused_forward(self, x, *args, **kwargs):
     if not isinstance(drop, torch.nn.Identity) and (drop.p > 0 and self.training):
         return self._peft_forward(x, *args, **kwargs)
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-    if x.dtype != a.dtype or base.weight.dtype != a.dtype:
+    if base.weight.dtype != x.dtype:
         return self._peft_forward(x, *args, **kwargs)
+    if a.dtype != x.dtype:  # fp32 adapter on a bf16 base: compute in bf16, gradients reach the fp32 weights
+        a, b = a.to(x.dtype), b.to(x.dtype)
     return LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]))
 
 

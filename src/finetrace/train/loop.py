@@ -48,8 +48,10 @@ def resolve_device(name: str):
     """The torch device of ``device: auto|cpu|cuda|cuda:N`` (torchrun has set this process's GPU)."""
     import torch
 
+    from .distributed import gpu_per_process
+
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if gpu_per_process() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DependencyError(f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
