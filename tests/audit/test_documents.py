@@ -304,3 +304,24 @@ def _check_with_in_toto_attestation(stmt: dict) -> None:
     assert prov.build_definition.build_type == "https://finetrace.dev/train/v1"
     for dep in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]:
         ResourceDescriptor.copy_from_pb(json_format.ParseDict(dep, resource_descriptor_pb2.ResourceDescriptor())).validate()
+
+
+def test_annex_iv_describes_a_dpo_run_as_preference_optimisation(audit_env, tmp_path):
+    import json
+
+    from finetrace.audit import generate_documents
+    from finetrace.data import import_dataset
+    from finetrace.train import TrainConfig, train
+
+    ws, g = audit_env
+    rows = [{"prompt": f"Is clause {i} enforceable?", "chosen": "yes, as written", "rejected": "no"} for i in range(24)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    import_dataset(ws, [data], "prefs")
+    art = train(ws, TrainConfig(base_model=g["refs"]["base"], dataset="prefs", objective="dpo", output_name="dpo-a",
+                                max_steps=2, batch_size=4, checkpoint_every=None, threads=1), progress=False)
+    generate_documents(ws, art.ref, intended_use=g["intended_use"], formats=("md",))
+    md = _docs(ws, art.digest)["annex_iv"]["annex_iv.md"].decode()
+    assert "direct preference optimisation" in md and "loss sigmoid, beta 0.1" in md
+    assert "DPO preference loss on the dataset's (prompt, chosen, rejected) pairs" in md
+    assert "supervised fine-tuning cross-entropy" not in md and "loss on the answer tokens only" not in md

@@ -169,9 +169,8 @@ def _patch_rotary(model) -> int:
         if original is None or getattr(original, "_finetrace_original", None) is not None:
             patched += original is not None
             continue
-        rng = _probe_rng()
-        q, k = torch.randn(1, 2, 5, 8, generator=rng), torch.randn(1, 1, 5, 8, generator=rng)
-        cos, sin = torch.randn(1, 5, 8, generator=rng), torch.randn(1, 5, 8, generator=rng)
+        like = next(model.parameters())  # probe on the model's device: no CPU kernel built for a GPU run
+        q, k, cos, sin = (_noise(shape, like) for shape in ((1, 2, 5, 8), (1, 1, 5, 8), (1, 5, 8), (1, 5, 8)))
         try:
             want, got = original(q, k, cos, sin), compiled("rotary", rotary, "probe")(q, k, cos, sin)
         except Exception as exc:  # noqa: BLE001
