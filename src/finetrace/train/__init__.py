@@ -5,9 +5,11 @@
 
 Files: ``config`` (the typed config, YAML + overrides), ``data`` (tokenising, data order, packing),
 ``attention`` (per-example attention for packed rows), ``loss`` (output layer at target positions only,
-chunked cross-entropy), ``adapters`` (base model + method), ``checkpoint`` (atomic, verified, resumable),
-``report`` (metrics, loss curve, FLOPs), ``distributed`` (torchrun data parallelism), ``loop`` (the loop
-and ``train``).
+chunked cross-entropy), ``preference`` (the DPO objective: chunked sequence log-probabilities, reference
+pass, pair losses), ``adapters`` (base model + method), ``fused`` (the LoRA update folded into the base
+GEMMs), ``kernels`` (compiled RMSNorm, SiLU gate and rotary), ``checkpoint`` (atomic, verified,
+resumable), ``report`` (metrics, loss curve, FLOPs), ``distributed`` (torchrun data parallelism),
+``loop`` (the loop, the device and ``train``).
 """
 
 from .config import TrainConfig, describe, load_config
