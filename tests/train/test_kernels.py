@@ -87,3 +87,17 @@ def test_compile_failure_falls_back_to_eager(tiny_model_dir, monkeypatch):
     assert counts == {"rms_norm": 0, "mlp": 0, "rotary": 0}
     loss, _ = _loss_grads(model, _batch(tok))  # still trains, eagerly
     assert loss > 0
+
+
+def test_a_kernel_failing_at_first_use_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: C++ compile error")
+
+    monkeypatch.setattr(kernels.torch, "compile", lambda fn, **kw: broken)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_BROKEN", [])
+    x, w = torch.randn(3, 8), torch.ones(8)
+    with pytest.warns(RuntimeWarning, match="C.. compile error"):
+        y = kernels.run("rms_norm", kernels.rms_norm, (True, x.dtype, 8, False), x, w, 1e-6)
+    assert torch.allclose(y, kernels.rms_norm(x, w, 1e-6))
+    assert kernels.compiled("rms_norm", kernels.rms_norm, "any") is None  # off for the rest of the process
