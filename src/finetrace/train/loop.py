@@ -360,7 +360,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
             out = Path(tmp) / "adapter"
             write_output(model, tok, out, facts, base_art.digest)
             write_metrics(out / "metrics.jsonl", st.history)
-            plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}")
+            plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
+                      f"DPO loss ({cfg.dpo.loss_type}, per pair)" if cfg.objective == "dpo" else
+                      "loss (nats / target token)")
             digest = ws.store.put_dir(out)
         kind = "model" if method["method"] == "full" else "adapter"
         art = run.output(kind, digest, name=cfg.output_name, metadata={

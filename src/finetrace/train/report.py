@@ -61,7 +61,8 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode())
 
 
-def plot_loss(path: Path, history: list[dict], title: str) -> None:
+def plot_loss(path: Path, history: list[dict], title: str,
+              ylabel: str = "loss (nats / target token)") -> None:
     """Training loss per step (and validation loss where measured) as a PNG."""
     import io
 
@@ -79,7 +80,7 @@ def plot_loss(path: Path, history: list[dict], title: str) -> None:
     if va:
         ax.plot(*zip(*va), "o-", label="validation", linewidth=1, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
