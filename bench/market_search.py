@@ -103,32 +103,19 @@ def queries(rng: random.Random) -> list[dict]:
     return mix
 
 
-def fresh_pg_database(admin_url: str) -> str:
-    """A new, empty database on that PostgreSQL server (the bench never writes into an existing one)."""
-    import secrets
-
-    import sqlalchemy as sa
-
-    name = "ft_bench_" + secrets.token_hex(4)
-    eng = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    eng.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", help="SQLAlchemy URL (default: SQLite in a temp folder)")
     ap.add_argument("-n", type=int, default=10_000, help="packages to generate")
     args = ap.parse_args()
 
+    from finetrace.market.db import create_database
     from finetrace.market.registry import Registry, Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
         if url.startswith("postgresql"):
-            url = fresh_pg_database(url)
+            url = create_database(url, "ft_bench_")
         reg = Registry(Settings(db_url=url, store=str(Path(tmp) / "store")))
         t0 = time.perf_counter()
         generate(reg, args.n)

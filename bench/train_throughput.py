@@ -205,12 +205,11 @@ def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, devi
     t = time.perf_counter()
     if os.environ.get("BENCH_VERBOSE"):  # stream the child's output; dump its stacks every 40 s
         code = "import faulthandler; faulthandler.dump_traceback_later(40, repeat=True); " + code
-        proc = subprocess.run([sys.executable, "-c", code], env=env, text=True, stderr=None, stdout=None)
-        proc.stderr = ""
+        proc = subprocess.run([sys.executable, "-c", code], env=env, text=True)
     else:
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"{kind} failed:\n{(proc.stderr or '(output above)')[-4000:]}")
     out = json.loads(Path(result).read_text())
     os.unlink(result)
     out["process_s"] = time.perf_counter() - t

@@ -48,22 +48,10 @@ def add_adapter(ws, model_dir, base_digest: str, name: str, noop: bool = False, 
     """A LoRA adapter on the tiny model, recorded as an ``adapter`` artifact. ``noop``: B = 0."""
     import tempfile
 
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from finetrace.models.tiny import random_lora
 
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                     init_lora_weights=True if noop else False)
-    peft = get_peft_model(base, cfg)
-    if not noop:
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-    folder = Path(tempfile.mkdtemp())
-    peft.save_pretrained(folder)
+    folder = random_lora(model_dir, tempfile.mkdtemp(), seed, target_modules=("q_proj", "v_proj", "o_proj"),
+                         b_std=0.0 if noop else 0.5, init_lora_weights=noop)
     return ws.ledger.add_artifact("adapter", ws.store.put_dir(folder), name=name,
                                   metadata={"base_model": base_digest})
 

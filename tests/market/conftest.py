@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 
 import pytest
 
@@ -15,23 +14,10 @@ PG_URL = os.environ.get("FINETRACE_TEST_PG_URL")
 
 def make_adapter(ws, base_art, tokenizer, base_dir, tmp_path, name="legal-lora", seed=1, r=4, **lora_kw):
     """Train-like: a PEFT LoRA adapter with random non-zero B, recorded by a `train` run."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from finetrace.models.identity import text_identity
+    from finetrace.models.tiny import random_lora
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                     task_type="CAUSAL_LM", **lora_kw)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    out = tmp_path / f"adapter-{name}-{seed}"
-    peft_model.save_pretrained(out, safe_serialization=True)
+    out = random_lora(base_dir, tmp_path / f"adapter-{name}-{seed}", seed, r=r, **lora_kw)
     ident = text_identity(tokenizer)
     (out / "finetrace_adapter.json").write_text(json.dumps({"format": "finetrace-adapter/1", "base_model": base_art.digest,
                                                            "method": "lora", "r": r, **ident}))
@@ -102,18 +88,6 @@ def market(tmp_path_factory, tiny_model_dir):
     buyer.close()
 
 
-def _fresh_pg_url(admin_url: str) -> str:
-    """A new empty database on the PostgreSQL server of ``admin_url``."""
-    import sqlalchemy as sa
-
-    name = "ft_market_" + secrets.token_hex(4)
-    eng = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    eng.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory):
     """A real registry under uvicorn on a free 127.0.0.1 port, with accounts `acme` and `mallory`."""
@@ -124,7 +98,9 @@ def server(request, tmp_path_factory):
     if request.param == "postgresql":
         if not PG_URL:
             pytest.skip("FINETRACE_TEST_PG_URL is not set (scripts/start_postgres.sh prints one)")
-        url = _fresh_pg_url(PG_URL)
+        from finetrace.market.db import create_database
+
+        url = create_database(PG_URL, "ft_market_")
     else:
         url = f"sqlite:///{tmp / 'registry.db'}"
     settings = Settings(db_url=url, store=str(tmp / "store"))

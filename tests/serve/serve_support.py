@@ -8,23 +8,11 @@ import json
 def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_path, dataset: str | None = None,
                  metadata: dict | None = None, r: int = 4):
     """Train-like: a LoRA adapter with random non-zero B, stored and recorded by a `train` run."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from finetrace.models.identity import text_identity
+    from finetrace.models.tiny import random_lora
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
-                     lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    out = tmp_path / f"adapter-{name}-{seed}"
-    peft_model.save_pretrained(out, safe_serialization=True)
+    out = random_lora(base_dir, tmp_path / f"adapter-{name}-{seed}", seed, r=r,
+                      target_modules=("q_proj", "v_proj", "o_proj", "up_proj"))
     ident = text_identity(tokenizer)
     (out / "finetrace_adapter.json").write_text(json.dumps({"base_model": base_art.digest, **ident}))
     if dataset is None:

@@ -192,6 +192,19 @@ def connect(url: str) -> tuple[Engine, sessionmaker]:
     return engine, sessionmaker(engine, expire_on_commit=False)
 
 
+def create_database(admin_url: str, prefix: str = "finetrace_") -> str:
+    """Create a new, empty PostgreSQL database (``prefix`` + random suffix) on the server of ``admin_url``
+    and return its URL: tests and benchmarks never write into a database that already exists."""
+    import secrets
+
+    name = prefix + secrets.token_hex(4)
+    eng = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    eng.dispose()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
 def analyze(engine: Engine) -> None:
     """Refresh the SQLite planner's statistics (without them it sorts whole tables instead of walking an
     index for a page of search results). PostgreSQL's autovacuum keeps its own statistics."""

@@ -72,5 +72,27 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     return out
 
 
+def random_lora(base_dir: str | Path, out_dir: str | Path, seed: int, r: int = 4,
+                target_modules: tuple[str, ...] = ("q_proj", "v_proj"), b_std: float = 0.5, **lora_kw) -> Path:
+    """A PEFT LoRA adapter folder for the model in ``base_dir``, with B drawn from N(0, b_std) (0: peft's
+    zero B, a no-op adapter), seeded: adapters that change outputs without training one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kw))
+    if b_std:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, b_std)
+    out = Path(out_dir)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 if __name__ == "__main__":
     print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"))

@@ -51,17 +51,13 @@ class Batch:
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on ``device`` (itself when they are there already)."""
-        if self.input_ids.device == torch_device(device):
+        import torch
+
+        if self.input_ids.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.loss_index), move(self.targets),
                      self.cu_seqlens, move(self.attention_mask), self.n_tokens)
-
-
-def torch_device(device):
-    import torch
-
-    return torch.device(device)
 
 
 def read_dataset(folder: Path, split: str) -> tuple[dict, list[dict]]:

@@ -194,7 +194,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     inputs = [base_art.digest, ds_art.digest] + ([parent_art.digest] if parent_art else [])
 
     model, tok = load_base(base_dir, cfg.dtype)
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model.to(device)
     ident = text_identity(tok)
     model, method = apply_method(model, cfg, parent_dir)
     kernel_counts = fuse_elementwise(model) if cfg.compile else {}
@@ -257,8 +258,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     recording = ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
                               environment_extra={"torch_threads": torch.get_num_threads(),
                                                  "compiled_kernels": kernel_counts,
-                                                 "device": str(next(model.parameters()).device),
-                                                 "device_name": device_name(next(model.parameters()).device),
+                                                 "device": str(device),
+                                                 "device_name": device_name(device),
                                                  "world_size": world.size}) \
         if world.main else contextlib.nullcontext(None)
     with recording as run, _Signals() as sigs:

@@ -149,7 +149,7 @@ def sequence_logps(model, batch: D.Batch, seq: torch.Tensor, n_seqs: int, chunk:
     """Sum of target-token log-probabilities per sequence (n_seqs,); call inside ``segments(batch.cu_seqlens)``."""
     backbone, head = parts(model)
     batch = batch.to(head.weight.device)
-    seq = seq.to(head.weight.device) if hasattr(seq, "to") else seq
+    seq = seq.to(head.weight.device)
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
                       attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)  # (n, H)
