@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 
 def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_path, dataset: str | None = None,
@@ -27,3 +28,30 @@ def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_pa
         art = run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
     ws.checkpoint()
     return art
+
+
+class hold_scheduler:
+    """``with hold_scheduler(engine):`` the scheduler runs a control that waits, so nothing is admitted
+    or decoded until the block ends (requests submitted meanwhile stay queued)."""
+
+    def __init__(self, engine, timeout: float = 30):
+        self.engine, self.timeout = engine, timeout
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __enter__(self):
+        from concurrent.futures import Future
+
+        def hold():
+            self.started.set()
+            self.release.wait(self.timeout)
+        self.engine._controls.put((hold, Future()))
+        assert self.started.wait(self.timeout), "the scheduler did not take the control"
+        return self.release
+
+    def __exit__(self, *exc):
+        self.release.set()
+
+
+def logged_events(ws, deployment: str) -> list[dict]:
+    """The ``serve.request`` event payloads of one deployment, in ledger order."""
+    return [e.data for e in ws.ledger.entries(type="serve.request") if e.data["deployment"] == deployment]

@@ -35,6 +35,12 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(16, "--max-batch", help="Rows decoded together."),
         require_eval: bool = typer.Option(False, "--require-eval",
                                           help="Refuse adapters that have no eval verdict."),
+        drain_s: float = typer.Option(30.0, "--drain-s",
+                                      help="On SIGTERM: seconds for in-flight requests, then 503 shutting_down."),
+        ledger_timeout_s: float = typer.Option(5.0, "--ledger-timeout-s",
+                                               help="Longest wait on the ledger before events are spilled."),
+        max_request_bytes: int = typer.Option(8 * 1024 * 1024, "--max-request-bytes",
+                                              help="Largest request body; a larger one gets 413."),
     ):
         """Serve the base and adapters over an OpenAI-compatible API, with provenance on every answer."""
         import logging
@@ -45,7 +51,8 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         settings = ServeSettings(host=host, port=port, api_keys=list(api_key) + _read_keys(api_keys_file),
                                  admin_key=admin_key, log_content=log_content, max_queue=max_queue,
-                                 max_batch=max_batch, require_eval=require_eval)
+                                 max_batch=max_batch, require_eval=require_eval, drain_s=drain_s,
+                                 ledger_timeout_s=ledger_timeout_s, max_request_bytes=max_request_bytes)
         ws = open_workspace()
         engine = build_engine(ws, base, adapter, settings)
         serve(engine, settings)

@@ -49,7 +49,7 @@ from ..models.identity import text_identity
 from ..workspace import Workspace
 from .metrics import Metrics
 from .registry import AdapterInfo, check_adapter
-from .requestlog import RequestLog
+from .requestlog import RequestLog, spill
 from .sampling import make_generator, pick_tokens
 from .settings import ServeSettings
 
@@ -282,29 +282,61 @@ class Engine:
             self.deploy_run = self._exit.enter_context(self.ws.ledger.run(
                 "deploy", config={"base": self.base.ref, "adapters": list(self._slots),
                                   "settings": self.settings.public()}, inputs=inputs))
-        self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s)
-        self._stopping = False
+        self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s,
+                                      self.settings.ledger_timeout_s)
+        self._stopping, self._drain_deadline = False, None
         self._thread = threading.Thread(target=self._loop, name="finetrace-scheduler", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 600) -> None:
-        """Finish every queued and in-flight request, flush the request log, close the deploy run."""
+    def begin_stop(self, drain_s: float | None = None) -> None:
+        """Take no new requests (503 ``shutting_down``); after ``drain_s`` seconds (default: the
+        settings') answer whatever is still queued or decoding with ``ShuttingDown`` too."""
+        drain_s = self.settings.drain_s if drain_s is None else drain_s
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + drain_s
         self._stopping = True
+
+    def stop(self, timeout: float | None = None, *, interrupted: bool = False,
+             error: BaseException | None = None) -> None:
+        """Drain (see ``begin_stop``), flush the request log, close the deploy run: succeeded, or
+        ``interrupted`` (a second signal), or failed with ``error``. Every wait here has a bound:
+        ``timeout`` (default ``drain_s``) for the requests, ``ledger_timeout_s`` for each ledger write."""
+        s = self.settings
+        self.begin_stop(s.drain_s if timeout is None else timeout)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, self._drain_deadline - time.monotonic()) + 5)
+            if self._thread.is_alive():
+                log.warning("the scheduler did not stop in time; leaving it behind")
             self._thread = None
         if self.request_log is not None:
-            self.request_log.close()
+            self.request_log.close(s.ledger_timeout_s + 1)
         if self.deploy_run is not None:
-            with self.ledger_lock:
-                self.deploy_run.metrics.update({
-                    "requests": int(sum(self.metrics.requests.values())),
-                    "rejected": self.metrics.rejected,
-                    "completion_tokens": int(sum(v for (m, k), v in self.metrics.tokens.items()
-                                                 if k == "completion"))})
-                self._exit.close()
+            self._close_deploy(interrupted, error)
+
+    def _close_deploy(self, interrupted: bool, error: BaseException | None) -> None:
+        run, logged = self.deploy_run, self.request_log
+        run.metrics.update({
+            "requests": int(sum(self.metrics.requests.values())), "rejected": self.metrics.rejected,
+            "completion_tokens": int(sum(v for (m, k), v in self.metrics.tokens.items() if k == "completion")),
+            "unlogged": logged.spilled if logged is not None else 0})
+        if interrupted:
+            error = KeyboardInterrupt("a second signal: stopped without draining")
+        exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
+        with self.ledger_lock:
+            conn = self.ws.ledger.conn  # bound the final writes: a locked ledger must not hold the exit
+            conn.execute(f"PRAGMA busy_timeout={int(self.settings.ledger_timeout_s * 1000)}")
+            try:
+                self._exit.__exit__(*exc_info)
                 self.ws.checkpoint()
-            self.deploy_run = None
+            except Exception as exc:
+                status = "interrupted" if interrupted else ("failed" if error is not None else "succeeded")
+                spill(self.ws.ledger.path.parent, "run.finished", [{
+                    "id": run.id, "status": status, "metrics": run.metrics,
+                    "error": str(error) if error is not None else None}], f"ledger write failed: {exc}")
+            finally:
+                conn.execute("PRAGMA busy_timeout=60000")
+                self._exit = ExitStack()
+        self.deploy_run = None
 
     @property
     def deployment(self) -> str | None:
@@ -363,6 +395,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             self._run_controls()
+            if self._stopping and self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                self._answer_all(ShuttingDown("the server is shutting down and could not finish this request",
+                                              hint="retry on another replica"))
             if self._stopping and not self._rows and self._queue.empty() and self._controls.empty():
                 return
             try:
@@ -370,8 +405,19 @@ class Engine:
             except Exception as exc:  # a failed batch fails its rows, not the server
                 log.exception("decoding failed")
                 for r in self._rows:
-                    self._emit(r.req, "error", exc)
+                    self._fail_request(r.req, exc, len(r.ids))
                 self._rows, self._cache, self._mask = [], None, None
+
+    def _answer_all(self, exc: Exception) -> None:
+        """Fail every decoding and queued request with ``exc`` (the drain bound has passed)."""
+        for r in self._rows:
+            self._fail_request(r.req, exc, len(r.ids))
+        self._rows, self._cache, self._mask = [], None, None
+        while True:
+            try:
+                self._fail_request(self._queue.get_nowait(), exc, 0)
+            except queue.Empty:
+                return
 
     def _run_controls(self) -> None:
         while True:
@@ -392,18 +438,31 @@ class Engine:
         new: list[GenRequest] = []
         free = self.settings.max_batch - len(self._rows)
         while len(new) < free:
-            try:
-                if not new and not self._rows and block:
-                    new.append(self._queue.get(timeout=0.05))
-                else:
-                    new.append(self._queue.get_nowait())
-            except queue.Empty:
+            req = self._take(0.05 if not new and not self._rows and block else 0)
+            if req is None:
                 break
+            new.append(req)
         new = [r for r in new if not self._drop_cancelled(r) and self._adapter_live(r)]
         if new:
             self._admit(new)
         if self._rows:
             self._decode()
+
+    def _take(self, wait: float) -> GenRequest | None:
+        """The next waiting request (waiting up to ``wait`` s for one), or None while a control is pending.
+
+        Checking the controls and taking the request happen under the queue's own lock, the one ``submit``
+        puts under: a control queued before a request therefore always runs before that request is
+        admitted, and a request leaves the bounded queue only to enter the batch."""
+        q = self._queue
+        with q.not_empty:
+            if wait and not q._qsize() and self._controls.empty():
+                q.not_empty.wait(wait)
+            if not q._qsize() or not self._controls.empty():
+                return None
+            req = q._get()
+            q.not_full.notify()
+            return req
 
     def _adapter_live(self, req: GenRequest) -> bool:
         """False (and the request fails with 'not found') if its adapter was unloaded while it waited."""
@@ -433,6 +492,16 @@ class Engine:
 
     def _admit(self, reqs: list[GenRequest]) -> None:
         torch = self._torch
+        rows = []
+        for r in reqs:  # a request that cannot start (a seed the generator refuses, ...) fails alone
+            try:
+                rows.append(_Row(r, make_generator(r.seed) if r.temperature > 1e-5 else None, len(r.prompt_ids)))
+            except Exception as exc:
+                log.warning("request %s refused at admission: %s", r.provenance_id, exc)
+                self._fail_request(r, exc, 0)
+        if not rows:
+            return
+        reqs = [row.req for row in rows]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         L = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((len(reqs), L), pad, dtype=torch.long)
@@ -441,9 +510,13 @@ class Engine:
             ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, L - len(r.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None, [r.adapter_name for r in reqs])
-        rows = [_Row(r, make_generator(r.seed) if r.temperature > 1e-5 else None, len(r.prompt_ids))
-                for r in reqs]
+        try:
+            logits, cache = self._forward(ids, mask, positions, None, [r.adapter_name for r in reqs])
+        except Exception as exc:  # the newcomers' prefill failed: they fail, the running batch goes on
+            log.exception("prefill failed")
+            for r in reqs:
+                self._fail_request(r, exc, 0)
+            return
         self._merge(rows, cache, mask)
         self._accept(rows, logits)
         self._prune()
@@ -538,10 +611,22 @@ class Engine:
         except Exception:
             log.exception("a request callback failed")
 
+    def _fail_request(self, req: GenRequest, exc: Exception, n_out: int) -> None:
+        """Answer ``req`` with ``exc`` and record it (finish_reason ``error``): a failure is never silent."""
+        latency = time.perf_counter() - req.submitted
+        self.metrics.observe(req.model, "error", len(req.prompt_ids), n_out, latency)
+        self._log_request(req, "", "error", n_out, latency, error=str(exc)[:500] or type(exc).__name__)
+        self._emit(req, "error", exc)
+
     def _finish_request(self, req: GenRequest, text: str, finish: str, n_out: int) -> None:
         latency = time.perf_counter() - req.submitted
         res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model)
         self.metrics.observe(req.model, finish, len(req.prompt_ids), n_out, latency)
+        self._log_request(req, text, finish, n_out, latency)
+        self._emit(req, "done", res)
+
+    def _log_request(self, req: GenRequest, text: str, finish: str, n_out: int, latency: float,
+                     error: str | None = None) -> None:
         if self.request_log is not None:
             event = {"provenance_id": req.provenance_id, "deployment": self.deployment, "time": now(),
                      "model": req.model, "base_model": self.base.digest, "adapter": req.adapter_digest,
@@ -552,10 +637,13 @@ class Engine:
                      "finish_reason": finish,
                      "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,
                                 "top_p": req.top_p, "seed": req.seed, "stop": req.stop}}
+            if finish in ("cancelled", "error"):  # the answer never reached the client in full
+                event["delivered"] = False
+            if error is not None:
+                event["error"] = error
             if self.settings.log_content:
                 event["content"] = {"input": req.input_payload, "output": text}
             self.request_log.add(event)
-        self._emit(req, "done", res)
 
 
 def _holdback(text: str, stops: list[str]) -> int:

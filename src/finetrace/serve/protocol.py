@@ -9,23 +9,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InputError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes at most 64 bits
+
+
+def _strict(default=None, **kw):
+    """A field that takes only its own JSON type: ``true`` is not the integer 1, ``"5"`` is not 5."""
+    return Field(default, strict=True, **kw)
+
+
+def _check_text(value: Any, path: str) -> None:
+    """Refuse strings that are not valid Unicode (lone surrogates such as ``"\\ud800"``), naming the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"{path or 'the request'} is not valid Unicode (a lone surrogate at character "
+                             f"{exc.start})", hint="send UTF-8 text; escape pairs like \\ud83d\\ude00 must "
+                             "come in pairs", field=path or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, path)
+            _check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{path}[{i}]")
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: int | None = _strict()
+    temperature: float | None = _strict()
+    top_p: float | None = _strict()
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = _strict(ge=0, le=SEED_MAX)
+    stream: bool = _strict(False)
     stream_options: dict | None = None
-    n: int | None = None
+    n: int | None = _strict()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_text(data, "")
+        return data
 
     def checked(self, default_max: int, limit: int) -> dict:
         """Sampling parameters, validated; raises InputError naming the field."""
@@ -59,15 +90,19 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict] | None = None
 
-    def text(self) -> str:
+    def text(self, field: str = "content") -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
+            for j, t in enumerate(parts):
+                if not isinstance(t, str):
+                    raise InputError("a text part's `text` must be a string", field=f"{field}[{j}].text")
+            return "".join(parts)
         return self.content or ""
 
 
 class ChatRequest(_Params):
     messages: list[ChatMessage] = Field(default_factory=list)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = _strict()
 
     def plain_messages(self) -> list[dict]:
         if not self.messages:
@@ -77,7 +112,8 @@ class ChatRequest(_Params):
         for i, m in enumerate(self.messages):
             if m.role not in roles:
                 raise InputError(f"unknown role {m.role!r}", field=f"messages[{i}].role")
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+            out.append({"role": "system" if m.role == "developer" else m.role,
+                        "content": m.text(f"messages[{i}].content")})
         return out
 
 

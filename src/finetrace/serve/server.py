@@ -1,18 +1,27 @@
 """Running the app under uvicorn: in the foreground (``finetrace serve``) or in a thread (tests, benchmarks).
 
 ``BackgroundServer`` binds 127.0.0.1 on a free port chosen by the OS (never a fixed one) before
-starting, so parallel test runs cannot collide. Shutdown is graceful in both cases: uvicorn stops
-accepting connections and waits for in-flight requests, then the app's lifespan stops the engine, which
-finishes what it still holds and flushes the request log.
+starting, so parallel test runs cannot collide. ``serve`` binds its host and port before the model
+serves anything: an address that is not on this machine is a clean error and a *failed* deploy run.
+
+Shutdown is bounded. On the first SIGTERM/SIGINT the port closes, new requests get 503
+``shutting_down``, in-flight and queued ones have ``drain_s`` seconds to finish and are then answered
+503 too; the request log and the deploy run are written within ``ledger_timeout_s`` (or spilled, see
+requestlog.py). A second signal stops at once and records the deploy run as ``interrupted``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import socket
 import threading
 import time
 
+import uvicorn
+
+from ..errors import InputError
 from ..workspace import Workspace
 from .app import create_app
 from .engine import Engine
@@ -26,28 +35,76 @@ def build_engine(ws: Workspace, base: str, adapters: list[str], settings: ServeS
     return Engine(ws, base, list(adapters), settings)
 
 
-def serve(engine: Engine, settings: ServeSettings, graceful_s: float = 60) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM."""
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn with a bounded drain: the engine starts refusing and timing out work when the port
+    closes (not after uvicorn's own wait), and a second signal of either kind forces the exit."""
 
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=graceful_s)
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_s: float):
+        super().__init__(config)
+        self.engine, self.drain_s = engine, drain_s
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit and sig in (signal.SIGINT, signal.SIGTERM):
+            self.force_exit = True
+            log.warning("second signal: stopping without draining")
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine.begin_stop(self.drain_s)
+        await super().shutdown(sockets)
+        if self.force_exit:  # uvicorn skips the app's lifespan shutdown: record the interruption here
+            await asyncio.to_thread(self.engine.stop, 0, interrupted=True)
+
+
+def _config(engine: Engine, settings: ServeSettings, log_level: str) -> uvicorn.Config:
+    # uvicorn's own wait is only a backstop: the engine answers everything by drain_s
+    return uvicorn.Config(create_app(engine, settings), log_level=log_level, limit_concurrency=None,
+                          timeout_graceful_shutdown=settings.drain_s + 5)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6); OSError when the address is not usable."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(engine: Engine, settings: ServeSettings) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (see the module docstring for the shutdown)."""
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        err = InputError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+                         hint="give --host an address of this machine (127.0.0.1, 0.0.0.0) and a free --port",
+                         field="--host")
+        engine.start()  # record the attempt: a deploy run that failed, with the reason
+        engine.stop(0, error=err)
+        raise err from None
+    port = sock.getsockname()[1]
+    log.info("finetrace serve listening on http://%s:%d", settings.host, port)
+    server = _Server(_config(engine, settings, "info"), engine, settings.drain_s)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
     """``with BackgroundServer(engine, settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
-    def __init__(self, engine: Engine, settings: ServeSettings | None = None, graceful_s: float = 60):
-        import uvicorn
-
+    def __init__(self, engine: Engine, settings: ServeSettings | None = None):
         self.settings = settings or engine.settings
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(engine, self.settings), log_level="warning",
-                                timeout_graceful_shutdown=graceful_s, limit_concurrency=None)
-        self.server = uvicorn.Server(config)
+        self.server = _Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="finetrace-uvicorn", daemon=True)
 

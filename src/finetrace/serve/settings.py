@@ -34,6 +34,14 @@ class ServeSettings:
     independent of the number of adapters) or ``peft`` (PEFT's per-adapter loop over row groups)."""
     log_flush_s: float = 0.2
     """How often the background writer appends the batched ``serve.request`` events."""
+    drain_s: float = 30.0
+    """On shutdown (SIGTERM/SIGINT): seconds to let in-flight and queued requests finish; what is still
+    running then is answered 503 ``shutting_down``. A second signal stops at once (deploy: interrupted)."""
+    ledger_timeout_s: float = 5.0
+    """How long one ledger write may wait for a lock (or be retried) before the events it carries are
+    written to ``spill/`` in the workspace instead, with a warning: shutdown never waits on a ledger."""
+    max_request_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted; a larger one is answered 413 before it is parsed or tokenised."""
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -43,6 +51,13 @@ class ServeSettings:
         if self.lora_kernel not in ("gathered", "peft"):
             raise ConfigError(f"unknown LoRA kernel {self.lora_kernel!r}; use 'gathered' or 'peft'",
                               field="--lora-kernel")
+        for name, flag in (("drain_s", "--drain-s"), ("ledger_timeout_s", "--ledger-timeout-s")):
+            v = getattr(self, name)
+            if not 0 <= v <= 3600:
+                raise ConfigError(f"must be between 0 and 3600 seconds, got {v}", field=flag)
+        if not 1024 <= self.max_request_bytes <= 2**31:
+            raise ConfigError(f"must be between 1024 and 2**31 bytes, got {self.max_request_bytes}",
+                              field="--max-request-bytes")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range", field="--port")
 
@@ -51,4 +66,6 @@ class ServeSettings:
         return {"host": self.host, "port": self.port, "auth": bool(self.api_keys), "admin": bool(self.admin_key),
                 "log_content": self.log_content, "max_queue": self.max_queue, "max_batch": self.max_batch,
                 "require_eval": self.require_eval, "default_max_tokens": self.default_max_tokens,
-                "max_tokens_limit": self.max_tokens_limit, "lora_kernel": self.lora_kernel}
+                "max_tokens_limit": self.max_tokens_limit, "lora_kernel": self.lora_kernel,
+                "drain_s": self.drain_s, "ledger_timeout_s": self.ledger_timeout_s,
+                "max_request_bytes": self.max_request_bytes}
