@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
                        + ("" if key or report.key_id is None else " (pin it with --key or --checkpoint)"))
             for k, v in report.checks.items():
                 typer.echo(f"checked {v} {k.replace('_', ' ')}")
+            for v in getattr(report, "verified", []):
+                typer.echo(f"ok: {v}")
             for g in report.guarantees:
                 typer.echo(f"{g['status']:>11}: {g['guarantee']}: {g['detail']}")
             for p in report.problems:
