@@ -321,7 +321,7 @@ class Ledger:
         """
         if self.keys is None:
             raise WorkspaceError("this ledger was opened without its signing key")
-        with self._tx() as conn:
+        with self._witness_lock(), self._tx() as conn:
             leaves = [bytes(r[0]) for r in conn.execute("SELECT leaf FROM entries ORDER BY seq")]
             size = len(leaves)
             for path in self._witness_files():
@@ -340,11 +340,25 @@ class Ledger:
                                 self.keys.sign(unsigned.message()))
                 conn.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?)",
                              (cp.size, cp.root, cp.time, cp.key_id, cp.signature))
-            # written under the write lock, so concurrent checkpoints reach the witnesses in order
+            conn.execute("COMMIT")  # stored first: a witness never names a checkpoint that is not stored
+            conn.execute("BEGIN")  # (the context manager's COMMIT closes this empty transaction)
+            # still under the witness lock, so concurrent checkpoints reach the witnesses in order
             write_bytes(self.witness, canonical_json(cp.to_dict()) + b"\n")
             if self.external_witness is not None:
                 witness.record(self.external_witness, cp, leaves, self.path.parent)
         return cp
+
+    @contextlib.contextmanager
+    def _witness_lock(self) -> Iterator[None]:
+        """An exclusive lock (``witness.lock``) around signing a checkpoint and writing the witnesses."""
+        import fcntl
+
+        with open(self.path.parent / "witness.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _witness_files(self) -> list[Path]:
         return [self.witness] + ([self.external_witness] if self.external_witness is not None else [])
