@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+if "FINETRACE_WITNESS_DIR" not in os.environ:  # external ledger witnesses of test workspaces: not in ~
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FINETRACE_WITNESS_DIR"] = tempfile.mkdtemp(prefix="finetrace-witness-")
+    atexit.register(shutil.rmtree, os.environ["FINETRACE_WITNESS_DIR"], True)
 
 
 @pytest.fixture(scope="session")

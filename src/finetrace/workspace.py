@@ -2,11 +2,13 @@
 
     <workspace>/
       ledger.db        SQLite (WAL): the Merkle log + its index
-      witness.json     the latest signed checkpoint (export it somewhere you do not control alone)
+      witness.json     the latest signed checkpoint (a copy; the external witness is outside, see
+                       ledger/witness.py, and `finetrace checkpoint --export` writes one for an auditor)
       objects/         content-addressed store (objects/sha256/ab/cdef…)
       keys/            workspace.key (Ed25519, 0600) and workspace.pub
       cache/           derived, deletable: materialised folders, converted models
-      workspace.json   format version and creation time
+      workspace.json   format version, creation time, optional "witness" path
+      reports/         copies of reports and documents for people; `finetrace verify` checks them
 
 Which workspace: an explicit path, else ``$FINETRACE_WORKSPACE``, else ``./.finetrace``.
 """
@@ -23,6 +25,7 @@ from .atomic import write_text
 from .errors import WorkspaceError
 from .ledger.log import Ledger, now
 from .ledger.signing import KeyPair, public_to_b64
+from .ledger.witness import witness_path
 from .store import ObjectStore
 
 FORMAT = "finetrace-workspace/1"
@@ -42,11 +45,16 @@ class Workspace:
         self.store = ObjectStore(root / "objects", root / "cache" / "trees")
         self._keys: KeyPair | None = None
         self.ledger = Ledger(root / "ledger.db", None)
+        self.settings: dict = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path | None = None) -> "Workspace":
-        """Create a workspace (idempotent: an existing one is opened, never overwritten)."""
+    def init(cls, path: str | Path | None = None, witness: str | Path | None = None) -> "Workspace":
+        """Create a workspace (idempotent: an existing one is opened, never overwritten).
+
+        ``witness``: the file that keeps the latest checkpoint outside the workspace (``ledger/witness.py``
+        says where it goes by default).
+        """
         root = resolve_path(path)
         if (root / "workspace.json").exists():
             return cls.open(root)
@@ -54,13 +62,18 @@ class Workspace:
         for sub in ("objects", "cache", "keys"):
             (root / sub).mkdir(exist_ok=True)
         keys = KeyPair.create(root / "keys")
+        settings = {"format": FORMAT, "created": now()}
+        if witness:
+            settings["witness"] = str(Path(witness).expanduser().resolve())
         ws = cls(root)
         ws._keys = keys
+        ws.settings = settings
         ws.ledger = Ledger.create(root / "ledger.db", keys)
+        ws.ledger.external_witness = witness_path(root, keys.key_id, settings.get("witness"))
         ws.ledger.append("workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public),
                                                "key_id": keys.key_id})
         ws.ledger.checkpoint()
-        write_text(root / "workspace.json", json.dumps({"format": FORMAT, "created": now()}, indent=2) + "\n")
+        write_text(root / "workspace.json", json.dumps(settings, indent=2) + "\n")
         return ws
 
     @classmethod
@@ -69,12 +82,26 @@ class Workspace:
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
             raise WorkspaceError(f"no finetrace workspace at {root}",
                                  hint="run `finetrace init` there, or pass --workspace / set FINETRACE_WORKSPACE")
-        fmt = json.loads((root / "workspace.json").read_text()).get("format")
+        try:
+            settings = json.loads((root / "workspace.json").read_text())
+            fmt = settings.get("format")
+        except (ValueError, AttributeError):
+            raise WorkspaceError(f"{root / 'workspace.json'} is not a JSON object",
+                                 hint=f'it holds {{"format": "{FORMAT}", "created": ...}}') from None
         if fmt != FORMAT:
             raise WorkspaceError(f"{root} holds a workspace of format {fmt!r}; this finetrace reads {FORMAT}")
         ws = cls(root)
+        ws.settings = settings
         ws.ledger.open()
+        ws.ledger.external_witness = ws.witness_path
         return ws
+
+    @property
+    def witness_path(self) -> Path:
+        """The external witness file of this workspace (``ledger/witness.py``)."""
+        from .ledger.signing import key_id
+
+        return witness_path(self.root, key_id(self.public_key), self.settings.get("witness"))
 
     @property
     def keys(self) -> KeyPair:

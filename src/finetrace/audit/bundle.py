@@ -7,6 +7,8 @@ Layout::
     bundle.json.sig          Ed25519 signature (base64) of bundle.json by the workspace key
     public_key.pem           the workspace public key (its key id is printed by verify; pin it)
     checkpoint.json          the signed ledger checkpoint every proof is against
+    ledger/consistency.json  RFC 6962 consistency proofs from every older stored checkpoint to it, so
+                             ``verify BUNDLE --checkpoint OLD.json`` checks the log extends an auditor's copy
     adapter/...              the adapter folder (PEFT files + finetrace_adapter.json + metrics)
     documents/<slug>/...     the latest documents (model card, Annex IV, AB 2013, EU summary, ML-BOM,
                              attestation.dsse.json)
@@ -45,7 +47,8 @@ Verify it anywhere finetrace is installed, with no workspace:
     finetrace verify {name}
 
 It checks the signature of bundle.json and of the ledger checkpoint (public_key.pem, key id {key_id}:
-compare it with the key id you were given), the inclusion proof of every ledger entry against the
+compare it with the key id you were given, or pin it: --key {key_id}, or --checkpoint FILE with a checkpoint
+you kept), the inclusion proof of every ledger entry against the
 checkpoint's Merkle root, the digest of every adapter and document file against the signed ledger
 entries, the DSSE attestation and every approval signature.
 """
@@ -126,6 +129,10 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
         proof = merkle.inclusion_proof(s, leaves)
         files[f"ledger/proofs/{s}.json"] = canonical_json(
             {"seq": s, "size": cp.size, "leaf": leaves[s].hex(), "proof": [p.hex() for p in proof]})
+    older = sorted({c.size for c in led.checkpoints() if 0 < c.size < cp.size})
+    files["ledger/consistency.json"] = canonical_json(
+        {"format": "finetrace-consistency/1", "size": cp.size,
+         "proofs": {str(m): [h.hex() for h in p] for m, p in merkle.consistency_proofs(older, leaves).items()}})
     files["checkpoint.json"] = canonical_json(cp.to_dict())
     pem = (ws.root / "keys" / "workspace.pub").read_bytes()
     files["public_key.pem"] = pem

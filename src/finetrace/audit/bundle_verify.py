@@ -34,7 +34,7 @@ from ..canonical import canonical_json
 from ..ledger import merkle
 from ..ledger.log import Checkpoint
 from ..ledger.signing import key_id, public_to_b64
-from ..ledger.verify import VerifyReport
+from ..ledger.verify import FAILED, HELD, NOT_CHECKED, VerifyReport
 
 TREE_FORMAT = "finetrace-tree/1"
 SIGNED_SELF = ("bundle.json", "bundle.json.sig")
@@ -84,14 +84,23 @@ def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
     except (OSError, zipfile.BadZipFile) as exc:
         report.problems.append(f"{path} is not a readable zip file: {exc}")
         return None
-    files = {}
+    files: dict[str, bytes] = {}
+    duplicates: set[str] = set()
     with z:
         for info in z.infolist():
             if info.is_dir():
                 continue
             p = PurePosixPath(info.filename)
-            if p.is_absolute() or ".." in p.parts:
+            if p.is_absolute() or ".." in p.parts or p.as_posix() != info.filename or "\\" in info.filename:
                 report.problems.append(f"the bundle holds an unsafe path {info.filename!r}")
+                continue
+            if info.filename in files or info.filename in duplicates:
+                # a zip may hold one name twice; readers disagree on which copy counts, so none does
+                if info.filename not in duplicates:
+                    report.problems.append(f"the bundle holds more than one member named {info.filename!r} "
+                                           f"({part_of(info.filename)}): refused, a second copy can hide forged "
+                                           "content")
+                duplicates.add(info.filename)
                 continue
             try:
                 files[info.filename] = z.read(info)
@@ -100,8 +109,14 @@ def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
     return files
 
 
-def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> BundleReport:
-    """Verify the bundle at ``path``; the report lists what was checked and every problem found."""
+def verify_bundle(path: str | Path, expected_key_id: str | None = None,
+                  checkpoints: list[str | Path] = ()) -> BundleReport:
+    """Verify the bundle at ``path``; the report lists what was checked and every problem found.
+
+    ``expected_key_id`` pins the signing key. Each of ``checkpoints`` (files written by ``finetrace
+    checkpoint --export``, or a witness file) pins the key too, and the bundle's checkpoint must extend
+    it (equal root at the same size, or the consistency proof the bundle carries from that size).
+    """
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -129,9 +144,13 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> Bundl
         P.append("public key (public_key.pem) is not an Ed25519 PEM key")
         return report
     kid = key_id(pub)
+    report.key_id = kid
     report.verified.append(f"public key {kid}")
     if expected_key_id and expected_key_id != kid:
         P.append(f"the bundle is signed by key {kid}, not by the expected key {expected_key_id}")
+    if expected_key_id:
+        report.guarantee("signing key", HELD if expected_key_id == kid else FAILED,
+                         f"the bundle is signed by the pinned key {expected_key_id}")
 
     def sig_ok(message: bytes, sig_b64: str) -> bool:
         try:
@@ -178,6 +197,10 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> Bundl
         P.append("checkpoint.json is not the checkpoint bundle.json names")
     root = bytes.fromhex(cp.root) if len(cp.root) == 64 else b""
     report.verified.append(f"signed checkpoint: {cp.size} ledger entries, root {cp.root}, {cp.time}")
+    check_external(files, cp, pub, list(checkpoints), report)
+    if not expected_key_id and not checkpoints:
+        report.guarantee("signing key", NOT_CHECKED, f"the bundle is self-consistent under key {kid}; whether that "
+                         "is the publisher's key needs --key or --checkpoint")
 
     # -- ledger entries and inclusion proofs ----------------------------------------------------------
     entries: dict[int, dict] = {}
@@ -338,6 +361,57 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None) -> Bundl
         report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} (report {v.get('report')})")
     report.checks["gate_verdicts"] = len(verdicts)
     return report
+
+
+def check_external(files: dict[str, bytes], cp: Checkpoint, pub, paths: list, report: BundleReport) -> None:
+    """The bundle's checkpoint extends each external checkpoint in ``paths``, signed by the same key."""
+    from ..errors import IntegrityError
+    from ..ledger.signing import verify_signature
+    from ..ledger.verify import load_external
+
+    if not paths:
+        return
+    before = len(report.problems)
+    kid = key_id(pub)
+    try:
+        external = load_external(paths)
+        proofs = json.loads(files.get("ledger/consistency.json", b"{}")).get("proofs") or {}
+    except (IntegrityError, ValueError, AttributeError) as exc:
+        report.problems.append(f"{exc}")
+        return
+    for ext, where in external:
+        what = f"external checkpoint at size {ext.size} ({where})"
+        if ext.key_id != kid:
+            report.problems.append(f"{what} is signed by key {ext.key_id}; the bundle by {kid}: another key")
+            continue
+        try:
+            verify_signature(pub, ext.message(), ext.signature, what)
+        except IntegrityError as exc:
+            report.problems.append(str(exc))
+            continue
+        if ext.size > cp.size:
+            report.problems.append(f"{what} is newer than the bundle's checkpoint (size {cp.size}): export the "
+                                   "bundle again to check it against that checkpoint")
+        elif ext.size == cp.size:
+            if ext.root != cp.root:
+                report.problems.append(f"the bundle's checkpoint contradicts the {what}: same size, another root")
+        else:
+            try:
+                proof = [bytes.fromhex(h) for h in proofs.get(str(ext.size), [])]
+                ok = str(ext.size) in proofs and merkle.verify_consistency(
+                    ext.size, cp.size, bytes.fromhex(ext.root), bytes.fromhex(cp.root), proof)
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                report.problems.append(f"the bundle's ledger does not extend the {what}: no valid consistency "
+                                       "proof from that size (ledger/consistency.json): the log was rewritten")
+        report.checks["external_checkpoints"] = report.checks.get("external_checkpoints", 0) + 1
+    held = len(report.problems) == before
+    report.guarantee("external checkpoint", HELD if held else FAILED,
+                     f"the bundle's signed ledger extends {len(external)} checkpoint(s) kept outside "
+                     f"({', '.join(w for _, w in external)}), signed by the pinned key {kid}")
+    if held:
+        report.verified.append(f"extends {len(external)} external checkpoint(s) signed by {kid}")
 
 
 def _verify_oms(files: dict[str, bytes], ad_files: dict[str, bytes], report: BundleReport) -> None:

@@ -19,25 +19,38 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify(
         target: str = typer.Argument(None, help="A bundle .zip to verify offline (default: the workspace)."),
-        checkpoint: list[Path] = typer.Option([], "--checkpoint", help="An exported checkpoint the log must extend."),
+        checkpoint: list[Path] = typer.Option([], "--checkpoint", help="An exported checkpoint the log (or the "
+                                              "bundle) must extend; it also pins the signing key."),
+        key: str = typer.Option(None, "--key", help="The key id (sha256:...) the bundle must be signed by."),
         rebuild_index: bool = typer.Option(False, "--rebuild-index", help="Rebuild the index from the log first."),
         json_out: bool = JSON_OPTION,
     ):
-        """Recompute every ledger entry, root, checkpoint and object digest; exit non-zero on the first mismatch."""
+        """Recompute every ledger entry, root, checkpoint and object digest; exit non-zero on the first mismatch.
+
+        Prints the signing key id and which guarantees held, failed or could not be checked (those that
+        need a checkpoint kept outside the workspace)."""
         if target:
             from ..audit import verify_bundle  # provided by the audit stage
 
-            report = verify_bundle(Path(target))
+            report = verify_bundle(Path(target), expected_key_id=key, checkpoints=checkpoint)
         else:
             ws = open_workspace()
             if rebuild_index:
                 ws.ledger.rebuild_index()
             report = verify_workspace(ws, checkpoint)
+            if key and report.key_id != key:
+                report.problems.insert(0, f"the ledger is signed by key {report.key_id}, not by {key}")
         if json_out:
             emit_json(report.to_dict())
         else:
+            typer.echo(f"signed by key {report.key_id or 'unknown'}"
+                       + ("" if key or report.key_id is None else " (pin it with --key or --checkpoint)"))
             for k, v in report.checks.items():
                 typer.echo(f"checked {v} {k.replace('_', ' ')}")
+            for v in getattr(report, "verified", []):
+                typer.echo(f"ok: {v}")
+            for g in report.guarantees:
+                typer.echo(f"{g['status']:>11}: {g['guarantee']}: {g['detail']}")
             for p in report.problems:
                 typer.echo(f"FAIL: {p}", err=True)
             if report.ok:

@@ -8,8 +8,9 @@ SQLite file, so any number of processes can append concurrently and the log stay
 
 Signed checkpoints (size, root, time, Ed25519 signature) pin the log: an edit, deletion or truncation of
 an entry changes the root of every checkpoint that covers it. Each checkpoint is also written to
-``witness.json`` beside the database; exporting it somewhere the operator does not control alone makes
-truncating both detectable too.
+``witness.json`` beside the database and to the external witness outside the workspace folder
+(``witness.py``): removing entries together with their checkpoints, or re-signing a rewritten log with
+the workspace key, is detectable only against a checkpoint kept outside (see ``docs/ledger.md``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Any, Callable, Iterator
 from .. import environment
 from ..atomic import write_bytes
 from ..canonical import DIGEST_RE, canonical_json
-from ..errors import FinetraceError, InputError, NotFoundError, WorkspaceError
-from . import merkle
+from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError, WorkspaceError
+from . import merkle, witness
 from .schema import INDEX_TABLES, migrate
 from .signing import KeyPair
 
@@ -177,6 +178,7 @@ class Ledger:
         self.path = Path(path)
         self.keys = keys
         self.witness = self.path.parent / "witness.json"
+        self.external_witness: Path | None = None  # set by the workspace (see witness.py)
         self._conn: sqlite3.Connection | None = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -185,8 +187,21 @@ class Ledger:
         if self._conn is None:
             if not self.path.exists():
                 raise WorkspaceError(f"no ledger at {self.path}")
-            self._conn = self._connect()
+            try:
+                self._conn = self._connect()
+            except sqlite3.DatabaseError as exc:
+                raise self.damaged(exc) from None
         return self._conn
+
+    def damaged(self, exc: Exception) -> IntegrityError:
+        """The error for a ledger.db that SQLite cannot read (truncated, overwritten, not a database)."""
+        try:
+            size = f"{self.path.stat().st_size} bytes"
+        except OSError:
+            size = "unreadable"
+        return IntegrityError(f"the ledger database {self.path} is damaged ({size}; SQLite: {exc})",
+                              hint="restore ledger.db from a backup, then check it with `finetrace verify "
+                                   "--checkpoint` against a checkpoint kept outside the workspace")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
@@ -204,7 +219,12 @@ class Ledger:
         return led
 
     def open(self) -> "Ledger":
-        migrate(self.conn)
+        try:
+            migrate(self.conn)
+            self.conn.execute("SELECT COUNT(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise self.damaged(exc) from None
         return self
 
     def close(self) -> None:
@@ -294,12 +314,22 @@ class Ledger:
 
     # -- checkpoints --------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
-        """Sign the current tree head, store it, and write it to ``witness.json``."""
+        """Sign the current tree head, store it, and write it to ``witness.json`` and the external witness.
+
+        Refuses (IntegrityError) when the log no longer extends either witness: a truncated or rewritten
+        log cannot refresh the evidence against itself.
+        """
         if self.keys is None:
             raise WorkspaceError("this ledger was opened without its signing key")
-        with self._tx() as conn:
+        with self._witness_lock(), self._tx() as conn:
             leaves = [bytes(r[0]) for r in conn.execute("SELECT leaf FROM entries ORDER BY seq")]
             size = len(leaves)
+            for path in self._witness_files():
+                old = witness.load(path)
+                if old is not None and old.key_id == self.keys.key_id and not witness.extends(old, leaves):
+                    raise IntegrityError(f"the ledger no longer extends the checkpoint (size {old.size}) in "
+                                         f"{path}: entries were removed or rewritten; no new checkpoint signed",
+                                         hint="run `finetrace verify` to see what changed")
             last = conn.execute("SELECT size, root, time, key_id, signature FROM checkpoints "
                                 "ORDER BY size DESC LIMIT 1").fetchone()
             if last and last[0] == size:
@@ -310,8 +340,28 @@ class Ledger:
                                 self.keys.sign(unsigned.message()))
                 conn.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?)",
                              (cp.size, cp.root, cp.time, cp.key_id, cp.signature))
-        write_bytes(self.witness, canonical_json(cp.to_dict()) + b"\n")
+            conn.execute("COMMIT")  # stored first: a witness never names a checkpoint that is not stored
+            conn.execute("BEGIN")  # (the context manager's COMMIT closes this empty transaction)
+            # still under the witness lock, so concurrent checkpoints reach the witnesses in order
+            write_bytes(self.witness, canonical_json(cp.to_dict()) + b"\n")
+            if self.external_witness is not None:
+                witness.record(self.external_witness, cp, leaves, self.path.parent)
         return cp
+
+    @contextlib.contextmanager
+    def _witness_lock(self) -> Iterator[None]:
+        """An exclusive lock (``witness.lock``) around signing a checkpoint and writing the witnesses."""
+        import fcntl
+
+        with open(self.path.parent / "witness.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _witness_files(self) -> list[Path]:
+        return [self.witness] + ([self.external_witness] if self.external_witness is not None else [])
 
     def checkpoints(self) -> list[Checkpoint]:
         return [Checkpoint(*r) for r in self.conn.execute(

@@ -133,3 +133,37 @@ def verify_consistency(first: int, second: int, first_root: bytes, second_root: 
         fn >>= 1
         sn >>= 1
     return sn == 0 and fr == first_root and sr == second_root
+
+
+def consistency_proofs(sizes: list[int], leaves: list[bytes]) -> dict[int, list[bytes]]:
+    """``{m: PROOF(m, D[n])}`` for many old sizes at once, sharing subtree roots (O(n + k log n) hashes).
+
+    Same result as ``consistency_proof(m, leaves)`` for each ``m``; used to ship proofs from every stored
+    checkpoint in an audit bundle.
+    """
+    memo: dict[tuple[int, int], bytes] = {}
+
+    def mth(a: int, b: int) -> bytes:
+        if (a, b) not in memo:
+            if b - a == 1:
+                memo[(a, b)] = leaves[a]
+            else:
+                k = _split(b - a)
+                memo[(a, b)] = node_hash(mth(a, a + k), mth(a + k, b))
+        return memo[(a, b)]
+
+    def subproof(m: int, a: int, b: int, complete: bool) -> list[bytes]:
+        if m == b - a:
+            return [] if complete else [mth(a, b)]
+        k = _split(b - a)
+        if m <= k:
+            return subproof(m, a, a + k, complete) + [mth(a + k, b)]
+        return subproof(m - k, a + k, b, False) + [mth(a, a + k)]
+
+    n = len(leaves)
+    out = {}
+    for m in sizes:
+        if not 0 < m <= n:
+            raise ValueError(f"no consistency proof from size {m} to size {n}")
+        out[m] = subproof(m, 0, n, True)
+    return out
