@@ -7,8 +7,8 @@ One optimiser step::
                            -> summed CE / target tokens of the whole step -> backward
     clip, AdamW step, learning rate for the next step
 
-``objective: dpo`` swaps the micro-batch body and the metrics for those of ``preference`` (pairs of
-sequences, a reference pass before the first step); the rest of the loop is shared.
+What differs between objectives (SFT, DPO) lives behind the small interface of ``objective``: encoding,
+the micro-batch body, the step's logged loss, validation and extra metrics; the loop has no branch on it.
 
 Every ``checkpoint_every`` steps, and when SIGTERM/SIGINT arrives, a complete checkpoint is written;
 ``resume=True`` restores the newest one exactly (weights, optimiser, RNGs, step, history).
@@ -30,14 +30,12 @@ from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
-from . import preference as P
 from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
-from .attention import segments
 from .checkpoint import Checkpointer, restore
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
 from .kernels import fuse_elementwise
-from .loss import loss_sum
+from .objective import make_objective
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
@@ -140,38 +138,24 @@ def _progress(enabled: bool, total: int, start: int):
     return prog
 
 
-def evaluate_loss(model, examples: list[D.Encoded], cfg: TrainConfig, pad_id: int) -> float:
-    """Mean CE per target token over ``examples`` (no gradients)."""
-    import torch
+@dataclass
+class Inputs:
+    """The resolved inputs of a run: folders, artifacts, the resolved config and the input digests."""
 
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(examples), cfg.batch_size):
-            batch = D.collate(examples[s:s + cfg.batch_size], cfg.packing, pad_id)
-            total += float(loss_sum(model, batch, cfg.loss_chunk))
-            n += batch.n_targets
-    model.train(was)
-    return total / max(1, n)
+    base_dir: Path
+    base_art: Artifact
+    ds_dir: Path
+    ds_art: Artifact
+    parent_dir: Path | None
+    parent_art: Artifact | None
+    resolved: dict
+    digests: list[str]
 
 
-def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
-    """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
-
-    Raises ConfigError/InputError for bad configs or data, NotFoundError when ``resume`` finds no
-    checkpoint, IntegrityError for a corrupt one, KeyboardInterrupt after a signal (checkpoint saved).
-    """
-    import torch
-
+def resolve_inputs(ws: Workspace, cfg: TrainConfig, world) -> Inputs:
+    """Materialise base, dataset and parent adapter (rank 0 first, so no two processes build one cache folder)."""
     from ..models import model_path
-    from ..models.identity import text_identity
 
-    cfg = config
-    world = setup()
-    torch.set_num_threads(cfg.threads or max(1, physical_cores() // world.size))
-
-    # -- inputs (rank 0 materialises them first, so no two processes build the same cache folder) --
     if not world.main:
         barrier(world)
     base_dir, base_art = model_path(ws, cfg.base_model)
@@ -191,53 +175,133 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     resolved = cfg.model_dump(mode="json")
     resolved["resolved"] = {"base_model": base_art.digest, "dataset": ds_art.digest,
                             "init_from": parent_art.digest if parent_art else None}
-    inputs = [base_art.digest, ds_art.digest] + ([parent_art.digest] if parent_art else [])
+    digests = [base_art.digest, ds_art.digest] + ([parent_art.digest] if parent_art else [])
+    return Inputs(base_dir, base_art, ds_dir, ds_art, parent_dir, parent_art, resolved, digests)
 
-    model, tok = load_base(base_dir, cfg.dtype)
+
+def build_model(cfg: TrainConfig, inp: Inputs):
+    """(model in train mode on its device, tokenizer, device, method facts, compiled-kernel counts)."""
+    model, tok = load_base(inp.base_dir, cfg.dtype)
     device = resolve_device(cfg.device)
     model.to(device)
-    ident = text_identity(tok)
-    model, method = apply_method(model, cfg, parent_dir)
+    model, method = apply_method(model, cfg, inp.parent_dir)
     kernel_counts = fuse_elementwise(model) if cfg.compile else {}
     if cfg.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, tok, device, method, kernel_counts
 
+
+def build_data(cfg: TrainConfig, tok, ds_dir: Path, pad_id: int):
+    """(objective, train examples, validation examples, skipped, lengths, the plan of steps)."""
     meta, rows = D.read_dataset(ds_dir, cfg.split)
-    schema, labels = meta.get("schema"), meta.get("labels")
-    P.check_objective(cfg.objective, schema)
-    dpo = cfg.objective == "dpo"
-    encode = (lambda rs: P.encode_pairs(tok, rs, cfg.max_length)) if dpo else \
-        (lambda rs: D.encode_rows(tok, rs, schema, labels, cfg.max_length))
-    train_ex, skipped = encode(rows)
+    obj = make_objective(cfg, tok, meta.get("schema"), meta.get("labels"), pad_id)
+    train_ex, skipped = obj.encode(rows)
     val_ex: list = []
     if cfg.validation_split and (ds_dir / f"{cfg.validation_split}.parquet").is_file():
         _, vrows = D.read_dataset(ds_dir, cfg.validation_split)
-        val_ex, _ = encode(vrows[:cfg.eval_max_examples])
-    lengths = [p.length for p in train_ex] if dpo else [len(e.ids) for e in train_ex]
+        val_ex, _ = obj.encode(vrows[:cfg.eval_max_examples])
+    lengths = [obj.length(e) for e in train_ex]
     steps = D.plan(lengths, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
                    cfg.group_by_length)
+    return obj, train_ex, val_ex, skipped, lengths, steps
+
+
+@dataclass
+class Loop:
+    """What one optimiser step needs, built once by ``train``."""
+
+    cfg: TrainConfig
+    model: object
+    obj: object
+    weights: dict
+    opt: object
+    lengths: list[int]
+    steps: list[list[int]]
+    counts: dict
+    world: object
+
+    def step(self, st: State) -> tuple[float, float, float, dict]:
+        """One optimiser step on ``steps[st.step]``; returns (loss, lr, grad norm, extra metrics)."""
+        import torch
+
+        cfg, world, total = self.cfg, self.world, len(self.steps)
+        idx = self.steps[st.step]
+        lr = lr_at(cfg, st.step, total)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        step = self.obj.start_step(idx)
+        step_loss = 0.0
+        mbs = D.micro_batches(idx, cfg.batch_size, self.lengths, cfg.micro_batch_tokens)
+        for mb in mbs[world.rank::world.size]:  # this process's share of the step
+            step_loss += self.obj.micro_batch(self.model, step, mb)
+        params = list(self.weights.values())
+        all_reduce_grads(params, world)
+        loss, extra = self.obj.summary(step, all_sum(step_loss, world),
+                                       {k: all_sum(v, world) for k, v in step.stats.items()})
+        if cfg.max_grad_norm is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            gnorm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(loss):
+            raise InputError(f"the loss became {loss} at step {st.step + 1}",
+                             hint="lower lr, or check the data for empty targets")
+        self.opt.step()
+        n_tok = sum(self.lengths[i] for i in idx)
+        st.step += 1
+        st.tokens += n_tok
+        st.target_tokens += step.n_target
+        st.flops += step_flops(self.counts, [n for i in idx for n in self.obj.seq_lengths(self.obj.train_ex[i])],
+                               step.n_target)
+        return loss, lr, gnorm, extra
+
+
+def _validate(lp: Loop, st: State, best: dict | None) -> dict | None:
+    """Validation after a step: history, best weights, early stopping; returns the (new) best weights."""
+    ev = lp.obj.evaluate(lp.model)
+    val = ev["val_loss"]
+    st.history.append({"step": st.step, **ev})
+    patience = lp.cfg.early_stopping_patience
+    if st.best_val is None or val < st.best_val:
+        st.best_val, st.best_step, st.bad_evals = val, st.step, 0
+        if patience:
+            best = {k: v.detach().clone() for k, v in lp.weights.items()}
+    else:
+        st.bad_evals += 1
+        if patience and st.bad_evals >= patience:
+            st.stopped_early = True
+    return best
+
+
+def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
+    """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
+
+    Raises ConfigError/InputError for bad configs or data, NotFoundError when ``resume`` finds no
+    checkpoint, IntegrityError for a corrupt one, KeyboardInterrupt after a signal (checkpoint saved).
+    """
+    import torch
+
+    from ..models.identity import text_identity
+
+    cfg = config
+    world = setup()
+    torch.set_num_threads(cfg.threads or max(1, physical_cores() // world.size))
+    inp = resolve_inputs(ws, cfg, world)
+    model, tok, device, method, kernel_counts = build_model(cfg, inp)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    obj, train_ex, val_ex, skipped, lengths, steps = build_data(cfg, tok, inp.ds_dir, pad_id)
     total = len(steps)
 
     weights = trainable(model)
     opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
     ck_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ws.root / "checkpoints" / "train" / cfg.output_name
-    ckpt = Checkpointer(ck_dir, config_digest(resolved), cfg.keep_checkpoints)
+    ckpt = Checkpointer(ck_dir, config_digest(inp.resolved), cfg.keep_checkpoints)
     loaded = ckpt.load() if resume else None  # every rank reads it (read-only); verified before any work
-    ref_s = None
-    if dpo:  # reference log-probabilities of the initial policy, before a checkpoint's weights are restored
-        t_ref = time.perf_counter()
-        train_ref = P.reference_logps(model, train_ex, [i for s in steps for i in s], cfg, pad_id, world)
-        val_ref = P.reference_logps(model, val_ex, range(len(val_ex)), cfg, pad_id, world)
-        ref_s = round(time.perf_counter() - t_ref, 3)
-
-    def evaluate() -> dict:
-        if dpo:
-            return P.evaluate(model, val_ex, val_ref, cfg, pad_id)
-        return {"val_loss": evaluate_loss(model, val_ex, cfg, pad_id)}
+    obj.prepare(model, train_ex, val_ex, [i for s in steps for i in s], world)  # before weights are restored
 
     st = State()
     best: dict | None = None
@@ -249,13 +313,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
         ckpt.clear()
     barrier(world)
     resumed_from = st.step if resume else None
-    counts = model_counts(model)
+    lp = Loop(cfg, model, obj, weights, opt, lengths, steps, model_counts(model), world)
 
-    def save_checkpoint():
-        if world.main:
-            ckpt.save(st.step, weights, opt, st.to_json(), best)
-
-    recording = ws.ledger.run("train", config=resolved, inputs=inputs, seed=cfg.seed,
+    recording = ws.ledger.run("train", config=inp.resolved, inputs=inp.digests, seed=cfg.seed,
                               environment_extra={"torch_threads": torch.get_num_threads(),
                                                  "compiled_kernels": kernel_counts,
                                                  "device": str(device),
@@ -267,76 +327,25 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
         session_t0, session_tokens = time.perf_counter(), 0
         try:
             while st.step < total and not st.stopped_early:
-                t0 = time.perf_counter()
-                idx = steps[st.step]
-                n_tgt = sum(train_ex[i].n_target for i in idx)
-                lr = lr_at(cfg, st.step, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                stats = P.new_stats() if dpo else {}
-                n_chosen = sum(train_ex[i].chosen.n_target for i in idx) if dpo else 0
-                mbs = D.micro_batches(idx, cfg.batch_size, lengths, cfg.micro_batch_tokens)
-                for mb in mbs[world.rank::world.size]:  # this process's share of the step
-                    if dpo:  # the loss is already divided by the pairs of the whole step
-                        step_loss += P.micro_batch(model, [train_ex[i] for i in mb], train_ref[mb], cfg.dpo,
-                                                   len(idx), n_chosen, cfg.packing, pad_id, cfg.loss_chunk, stats)
-                        continue
-                    batch = D.collate([train_ex[i] for i in mb], cfg.packing, pad_id)
-                    with segments(batch.cu_seqlens):  # also active while backward recomputes activations
-                        ls = loss_sum(model, batch, cfg.loss_chunk)
-                        (ls / n_tgt).backward()
-                    step_loss += float(ls.detach())
-                params = list(weights.values())
-                all_reduce_grads(params, world)
-                step_loss = all_sum(step_loss, world)
-                stats = {k: all_sum(v, world) for k, v in stats.items()}
-                if cfg.max_grad_norm is not None:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                else:
-                    gnorm = float(torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                if not math.isfinite(step_loss):
-                    raise InputError(f"the loss became {step_loss} at step {st.step + 1}",
-                                     hint="lower lr, or check the data for empty targets")
-                opt.step()
-                n_tok = sum(lengths[i] for i in idx)
-                st.step += 1
-                st.tokens += n_tok
-                st.target_tokens += n_tgt
-                st.flops += step_flops(counts, [n for i in idx for n in train_ex[i].seq_lengths] if dpo
-                                       else [lengths[i] for i in idx], n_tgt)
-                dt = time.perf_counter() - t0
-                st.elapsed += dt
-                session_tokens += n_tok
-                loss = step_loss if dpo else step_loss / n_tgt
-                extra = P.step_metrics(stats, len(idx), n_chosen, cfg.dpo) if dpo else {}
+                t0, tokens0 = time.perf_counter(), st.tokens
+                loss, lr, gnorm, extra = lp.step(st)
+                st.elapsed += time.perf_counter() - t0
+                session_tokens += st.tokens - tokens0
                 if st.step % cfg.log_every == 0 or st.step == total:
                     st.history.append({"step": st.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                                        "tokens": st.tokens, "target_tokens": st.target_tokens, **extra})
                 if val_ex and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-                    ev = evaluate()
-                    val = ev["val_loss"]
-                    st.history.append({"step": st.step, **ev})
-                    if st.best_val is None or val < st.best_val:
-                        st.best_val, st.best_step, st.bad_evals = val, st.step, 0
-                        if cfg.early_stopping_patience:
-                            best = {k: v.detach().clone() for k, v in weights.items()}
-                    else:
-                        st.bad_evals += 1
-                        if cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience:
-                            st.stopped_early = True
+                    best = _validate(lp, st, best)
                 if bar is not None:
                     tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
-                    acc = f"  acc {extra['reward_accuracy']:.2f}" if dpo else ""
-                    bar.update(0, completed=st.step, description=f"loss {loss:.4f}{acc}  {tps:,.0f} tok/s")
+                    bar.update(0, completed=st.step,
+                               description=f"loss {loss:.4f}{obj.progress(extra)}  {tps:,.0f} tok/s")
                 if any_flag(sigs.received is not None, world):
-                    save_checkpoint()
-                    raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; "
-                                            f"resume with --resume")
-                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
-                    save_checkpoint()
+                    if world.main:
+                        ckpt.save(st.step, weights, opt, st.to_json(), best)
+                    raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; resume with --resume")
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total and world.main:
+                    ckpt.save(st.step, weights, opt, st.to_json(), best)
         finally:
             if bar is not None:
                 bar.stop()
@@ -344,51 +353,54 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
         if not world.main:  # rank 0 writes the adapter and the run
             barrier(world)
             return ws.ledger.resolve(cfg.output_name)
-        if best is not None:
-            with torch.no_grad():
-                for k, p in weights.items():
-                    p.copy_(best[k])
-        train_losses = [r["loss"] for r in st.history if "loss" in r]
-        final_eval = evaluate() if val_ex else {}
-        val_loss = final_eval.get("val_loss")
-        facts = {"format": "finetrace-adapter/1", "base_model": base_art.digest, "base_model_ref": base_art.ref,
-                 "dataset": ds_art.digest, "dataset_ref": ds_art.ref, "split": cfg.split,
-                 "parent": parent_art.digest if parent_art else None, **method, **ident,
-                 "objective": cfg.objective, "seed": cfg.seed, "steps": st.step,
-                 "final_loss": train_losses[-1] if train_losses else None, "val_loss": val_loss,
-                 "config": resolved}
-        with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=".train-") as tmp:
-            out = Path(tmp) / "adapter"
-            write_output(model, tok, out, facts, base_art.digest)
-            write_metrics(out / "metrics.jsonl", st.history)
-            plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
-                      f"DPO loss ({cfg.dpo.loss_type}, per pair)" if cfg.objective == "dpo" else
-                      "loss (nats / target token)")
-            digest = ws.store.put_dir(out)
-        kind = "model" if method["method"] == "full" else "adapter"
-        art = run.output(kind, digest, name=cfg.output_name, metadata={
-            "base_model": base_art.digest, "method": method["method"], "r": method.get("r"),
-            "target_modules": method.get("target_modules"), "parent": facts["parent"], **ident})
-        wall = st.elapsed
-        run.metrics.update({
-            "steps": st.step, "tokens": st.tokens, "target_tokens": st.target_tokens,
-            "examples": len(train_ex), "skipped_too_long": skipped, "wall_time_s": round(wall, 3),
-            "tokens_per_s": round(st.tokens / wall, 2) if wall else None,
-            "final_loss": facts["final_loss"], "val_loss": val_loss, "best_val_loss": st.best_val,
-            "best_step": st.best_step, "stopped_early": st.stopped_early, "resumed_from_step": resumed_from,
-            "flops_estimate": st.flops, "achieved_flops_per_s": round(st.flops / wall, 1) if wall else None,
-            "energy_wh_estimate": round(wall * cfg.assumed_watts / 3600, 6), "assumed_watts": cfg.assumed_watts,
-        })
-        if dpo:
-            last = next((r for r in reversed(st.history) if "reward_accuracy" in r), {})
-            run.metrics.update({
-                "pairs": len(train_ex), "final_reward_accuracy": last.get("reward_accuracy"),
-                "final_reward_margin": last.get("reward_margin"),
-                "val_reward_accuracy": final_eval.get("val_reward_accuracy"),
-                "val_reward_margin": final_eval.get("val_reward_margin"), "reference_pass_s": ref_s})
+        art = _record(ws, run, lp, st, best, inp, tok, method, text_identity(tok),
+                      {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from})
     ckpt.clear()
     ws.checkpoint()
     barrier(world)
+    return art
+
+
+def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, method: dict, ident: dict,
+            counts: dict) -> Artifact:
+    """Write the adapter (best weights when early stopping kept them) and the run's metrics; rank 0 only."""
+    import torch
+
+    cfg = lp.cfg
+    if best is not None:
+        with torch.no_grad():
+            for k, p in lp.weights.items():
+                p.copy_(best[k])
+    train_losses = [r["loss"] for r in st.history if "loss" in r]
+    final_eval = lp.obj.evaluate(lp.model) if lp.obj.val_ex else {}
+    val_loss = final_eval.get("val_loss")
+    base_art, ds_art, parent_art = inp.base_art, inp.ds_art, inp.parent_art
+    facts = {"format": "finetrace-adapter/1", "base_model": base_art.digest, "base_model_ref": base_art.ref,
+             "dataset": ds_art.digest, "dataset_ref": ds_art.ref, "split": cfg.split,
+             "parent": parent_art.digest if parent_art else None, **method, **ident,
+             "objective": cfg.objective, "seed": cfg.seed, "steps": st.step,
+             "final_loss": train_losses[-1] if train_losses else None, "val_loss": val_loss,
+             "config": inp.resolved}
+    with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=".train-") as tmp:
+        out = Path(tmp) / "adapter"
+        write_output(lp.model, tok, out, facts, base_art.digest)
+        write_metrics(out / "metrics.jsonl", st.history)
+        plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
+                  lp.obj.loss_label)
+        digest = ws.store.put_dir(out)
+    kind = "model" if method["method"] == "full" else "adapter"
+    art = run.output(kind, digest, name=cfg.output_name, metadata={
+        "base_model": base_art.digest, "method": method["method"], "r": method.get("r"),
+        "target_modules": method.get("target_modules"), "parent": facts["parent"], **ident})
+    wall = st.elapsed
+    run.metrics.update({
+        "steps": st.step, "tokens": st.tokens, "target_tokens": st.target_tokens, **counts,
+        "wall_time_s": round(wall, 3), "tokens_per_s": round(st.tokens / wall, 2) if wall else None,
+        "final_loss": facts["final_loss"], "val_loss": val_loss, "best_val_loss": st.best_val,
+        "best_step": st.best_step, "stopped_early": st.stopped_early,
+        "flops_estimate": st.flops, "achieved_flops_per_s": round(st.flops / wall, 1) if wall else None,
+        "energy_wh_estimate": round(wall * cfg.assumed_watts / 3600, 6), "assumed_watts": cfg.assumed_watts,
+        **lp.obj.run_metrics(st.history, final_eval)})
     return art
 
 

@@ -185,11 +185,12 @@ def new_stats() -> dict[str, float]:
 
 
 def micro_batch(model, pairs: list[Pair], ref: torch.Tensor, params, n_pairs: int, n_chosen_tokens: int,
-                packing: bool, pad_id: int, chunk: int, stats: dict[str, float]) -> float:
+                packing: bool, pad_id: int, chunk: int, stats: dict[str, float], weight: float = 1.0) -> float:
     """Forward and backward of one micro-batch of pairs; adds to ``stats``, returns its share of the step loss.
 
     ``ref`` (k, 2) holds the reference log-probabilities of ``pairs``; ``n_pairs`` and ``n_chosen_tokens``
-    count the whole optimiser step (all micro-batches, all processes).
+    count the whole optimiser step (all micro-batches, all processes); ``weight`` scales the loss (0: a pass
+    that only keeps collectives in step, as FSDP needs).
     """
     batch, seq = collate_pairs(pairs, packing, pad_id)
     n_tok = torch.tensor([[p.chosen.n_target, p.rejected.n_target] for p in pairs], dtype=torch.float32)
@@ -200,9 +201,9 @@ def micro_batch(model, pairs: list[Pair], ref: torch.Tensor, params, n_pairs: in
         nll = -logps[:, 0].sum()
         if params.sft_weight:
             objective = objective + params.sft_weight * nll / n_chosen_tokens
-        objective.backward()
+        (objective * weight).backward()
     _add_stats(stats, losses, nll, r_w, r_l)
-    return float(objective.detach())
+    return float(objective.detach()) * weight
 
 
 def _add_stats(stats: dict, losses, nll, r_w, r_l) -> None:
