@@ -115,7 +115,9 @@ def test_report_artifact_lineage_and_files(compared, env):
     assert set(run.inputs) == {env["base"].digest, env["rand"].digest, env["noop"].digest, env["data"].digest,
                                suite_digest}
     assert ws.store.read_bytes(suite_digest) == canonical_json(rep["suite"])
-    assert sorted(e.path for e in ws.store.tree(art.digest)) == ["report.html", "report.json"]
+    names = [f"{rep['suite']['name']}-{m['ref'].split('@')[0]}.yaml" for m in rep["models"] if m["adapter"]]
+    assert sorted(e.path for e in ws.store.tree(art.digest)) == sorted(
+        ["report.html", "report.json"] + [f".eval_results/{n}" for n in names])
     assert run.metrics["tiny@1/accuracy"] == pytest.approx(5 / 8)
     verdicts = [e.data for e in ws.ledger.entries(type="gate.verdict")]
     assert {v["adapter"] for v in verdicts} == {env["rand"].digest, env["noop"].digest}

@@ -5,6 +5,7 @@
     parse_label(generation, labels)   -> label | None   (robust: exact, prefix, earliest whole-word match)
     accuracy(preds, golds)            -> mean of pred == gold
     macro_f1(preds, golds, labels)    -> mean over classes of 2PR/(P+R)
+    label_report(preds, golds, labels) -> confusion matrix, per-class precision/recall/F1/support
     token_f1(pred, gold)              -> SQuAD token-overlap F1
     rouge_l(pred, gold)               -> LCS F-measure on normalised tokens (beta = 1)
     perplexity(nll_sum, n_tokens)     -> exp(nll_sum / n_tokens)
@@ -91,11 +92,41 @@ def macro_f1(preds: Sequence[str | None], golds: Sequence[str], labels: Sequence
         return 0.0
     scores = []
     for c in classes:
-        tp = sum(p == c and g == c for p, g in zip(preds, golds))
-        fp = sum(p == c and g != c for p, g in zip(preds, golds))
-        fn = sum(p != c and g == c for p, g in zip(preds, golds))
+        tp, fp, fn = _class_counts(preds, golds, c)
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
+
+
+def _class_counts(preds: Sequence[str | None], golds: Sequence[str], c: str) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of class ``c``."""
+    tp = sum(p == c and g == c for p, g in zip(preds, golds))
+    fp = sum(p == c and g != c for p, g in zip(preds, golds))
+    fn = sum(p != c and g == c for p, g in zip(preds, golds))
+    return tp, fp, fn
+
+
+def label_report(preds: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]) -> dict:
+    """Confusion matrix and per-class precision, recall, F1 and support of a label task.
+
+    ``{"classes": [...], "confusion": [[n]], "per_class": {c: {"precision", "recall", "f1", "support"}}}``:
+    ``confusion[i][j]`` counts examples of gold class ``classes[i]`` predicted as ``classes[j]``; the
+    last column, ``(none)``, counts answers that named no label. Precision of a class never predicted
+    is None (undefined), not 0.
+    """
+    classes = list(labels) + sorted({g for g in golds if g not in labels})
+    cols = classes + ["(none)"]
+    col = {c: j for j, c in enumerate(cols)}
+    confusion = [[0] * len(cols) for _ in classes]
+    for p, g in zip(preds, golds):
+        confusion[classes.index(g)][col.get(p, len(cols) - 1) if p is not None else len(cols) - 1] += 1
+    per = {}
+    for c in classes:
+        tp, fp, fn = _class_counts(preds, golds, c)
+        prec = tp / (tp + fp) if tp + fp else None
+        rec = tp / (tp + fn) if tp + fn else None
+        per[c] = {"precision": prec, "recall": rec, "support": tp + fn,
+                  "f1": 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)}
+    return {"classes": classes, "columns": cols, "confusion": confusion, "per_class": per}
 
 
 def token_f1(pred: str, gold: str) -> float:

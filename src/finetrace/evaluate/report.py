@@ -1,11 +1,16 @@
-"""The eval report as files: ``report.json`` (the data) and ``report.html`` (one self-contained page).
+"""The eval report as files: ``report.json`` (the data), ``report.html`` (one self-contained page) and
+``.eval_results/<suite>.yaml`` (the Hugging Face Hub's eval-results format, ready to upload beside the
+model card).
 
-The HTML has no external resources: charts are inline SVG (``<svg class="chart ...">``), so the page
-renders offline, in an audit bundle, years later. Charts: base vs tuned per metric with bootstrap
-interval whiskers (``chart-metrics``), the primary metric per dataset group (``chart-groups``), the
-counterfactual flip rate per category (``chart-flips``) and the metric per counterfactual group
-(``chart-bias-groups``), perplexity base vs tuned (``chart-forgetting``); then the gates, the worst
-counterfactual pairs with the examples that flipped, and the first answers.
+The page (``templates/report.html.jinja``, autoescaped) opens with the gate verdicts (pass or fail, each
+gate with its value and threshold), then the metrics, and for label tasks the confusion matrix and
+per-class precision and recall; then the examples the tuned model gets wrong (and those only the base
+gets right) with their inputs. It has no external resources: charts are inline SVG
+(``<svg class="chart ...">``), so it renders offline, in an audit bundle, years later. Charts: base vs
+tuned per metric with bootstrap interval whiskers (``chart-metrics``), the primary metric per dataset
+group (``chart-groups``), the counterfactual flip rate per category (``chart-flips``) and the metric per
+counterfactual group (``chart-bias-groups``), perplexity base vs tuned (``chart-forgetting``); then the
+worst counterfactual pairs with the examples that flipped, and the first answers.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import html
 import json
 from pathlib import Path
 
+import yaml
+
 from ..atomic import write_text
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+MAX_MISTAKES = 50
 
 
 def _e(x) -> str:
@@ -78,105 +86,122 @@ def bar_chart(title: str, categories: list[str], series: list[dict], cls: str, y
     return "".join(out)
 
 
-def _table(head: list[str], rows: list[list], cls: str = "") -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{_e(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+def _environment():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from markupsafe import Markup
+
+    env = Environment(loader=PackageLoader("finetrace.evaluate", "templates"),
+                      autoescape=select_autoescape(["html", "jinja"]))
+    env.filters["fmt"] = _fmt
+    env.filters["svg"] = Markup  # the charts are built here from escaped values (bar_chart)
+    return env
 
 
-def render_html(report: dict) -> str:
+def mistakes(report: dict, limit: int = MAX_MISTAKES) -> list[dict]:
+    """Per adapter, the examples it gets wrong, with their inputs; ``only_base_right`` marks regressions.
+
+    ``[{"ref", "wrong": n, "only_base_right": n, "rows": [{"i", "input", "gold", "base", "tuned",
+    "only_base_right"}]}]``: regressions first, then the other mistakes, at most ``limit`` rows each.
+    Reports written before per-example correctness was recorded give an empty list.
+    """
     models = report["models"]
-    metrics = report["metrics"]
-    primary = report["primary_metric"]
-    parts = [f"<h1>Evaluation report: {_e(report['suite']['name'])}</h1>",
-             f"<p>Dataset <code>{_e(report['dataset']['ref'])}</code> split <b>{_e(report['dataset']['split'])}</b> "
-             f"({report['dataset']['n']} examples, {_e(report['dataset']['schema'])}); base model "
-             f"<code>{_e(report['base_model']['ref'])}</code>; run <code>{_e(report['run_id'])}</code>.</p>"]
-    # metrics with intervals
+    base = next((m for m in models if not m.get("adapter")), None)
+    out = []
+    for m in models:
+        if not m.get("adapter") or "correct" not in m:
+            continue
+        base_ok = base.get("correct") if base else None
+        rows = []
+        for ex in report["examples"]:
+            i = ex["i"]
+            if m["correct"][i]:
+                continue
+            only_base = bool(base_ok and base_ok[i])
+            rows.append({"i": i, "id": ex.get("id"), "input": ex.get("prompt", ""), "gold": ex["gold"],
+                         "base": base["answers"][i] if base else None, "tuned": m["answers"][i],
+                         "only_base_right": only_base})
+        rows.sort(key=lambda r: (not r["only_base_right"], r["i"]))
+        out.append({"ref": m["ref"], "wrong": len(rows), "n": len(m["correct"]),
+                    "only_base_right": sum(r["only_base_right"] for r in rows), "rows": rows[:limit]})
+    return out
+
+
+def eval_results(report: dict) -> dict[str, list[dict]]:
+    """The Hugging Face ``.eval_results/`` files of a report: ``{file name: [entries]}``.
+
+    One file per evaluated adapter (``<suite>.yaml``, or ``<suite>-<adapter name>.yaml`` when a report
+    compares several), one entry per metric: ``dataset: {id, task_id}``, ``value``, ``date``,
+    ``source: {name, url}`` and ``notes`` naming the split, the metric and the ledger run.
+    """
+    suite = report["suite"]["name"]
+    ds = report["dataset"]
+    tuned = [m for m in report["models"] if m.get("adapter")] or report["models"][:1]
+    files: dict[str, list[dict]] = {}
+    for m in tuned:
+        name = suite if len(tuned) == 1 else f"{suite}-{m['ref'].split('@')[0].replace('/', '-')}"
+        files[f"{name}.yaml"] = [{
+            "dataset": {"id": ds["ref"], "task_id": f"{ds['split']}/{metric}"},
+            "value": round(float(m["metrics"][metric]["value"]) * 100, 2),
+            "date": report.get("date") or "",
+            "source": {"name": "finetrace eval report", "url": f"finetrace://{report['run_id']}"},
+            "notes": (f"{metric} (percent) on {ds['n']} examples of split {ds['split']}, "
+                      f"{report['suite']['bootstrap']['confidence']:.0%} CI "
+                      f"[{m['metrics'][metric]['ci'][0] * 100:.1f}, {m['metrics'][metric]['ci'][1] * 100:.1f}]; "
+                      f"{m['ref']} on {report['base_model']['ref']}; ledger run {report['run_id']}"),
+        } for metric in report["metrics"]]
+    return files
+
+
+def _charts(report: dict) -> dict:
+    """Every chart of the page, as SVG strings keyed by section."""
+    models, metrics, primary = report["models"], report["metrics"], report["primary_metric"]
+    conf = int(round(report["suite"]["bootstrap"]["confidence"] * 100))
+    out: dict = {"conf": conf, "bias_groups": {}}
     series = [{"name": m["ref"], "values": [m["metrics"][k]["value"] for k in metrics],
                "ci": [m["metrics"][k]["ci"] for k in metrics]} for m in models]
-    conf = int(round(report["suite"]["bootstrap"]["confidence"] * 100))
-    parts.append("<h2>Metrics</h2>" + bar_chart(f"Metrics with {conf}% bootstrap intervals", metrics, series,
-                                                "chart-metrics", ymax=1.0))
-    rows = []
-    for m in models:
-        for k in metrics:
-            vb = (m.get("vs_base") or {}).get(k) or {}
-            rows.append([m["ref"], k, m["metrics"][k]["value"],
-                         f"[{m['metrics'][k]['ci'][0]:.3f}, {m['metrics'][k]['ci'][1]:.3f}]",
-                         vb.get("delta"), vb.get("p_value")])
-    parts.append(_table(["model", "metric", "value", f"{conf}% CI", "delta vs base", "p (paired bootstrap)"],
-                        rows, "metrics"))
-    mc = [(m["ref"], m["vs_base"]["mcnemar"]) for m in models if (m.get("vs_base") or {}).get("mcnemar")]
-    if mc:
-        parts.append(_table(["model", "only base right", "only tuned right", "McNemar exact p"],
-                            [[r, x["b"], x["c"], x["p_value"]] for r, x in mc], "mcnemar"))
-    # per dataset group
+    out["metrics"] = bar_chart(f"Metrics with {conf}% bootstrap intervals", metrics, series, "chart-metrics",
+                               ymax=1.0)
     if any(m.get("groups") for m in models):
         groups = sorted({g for m in models for g in (m.get("groups") or {}).get(primary, {}).get("groups", {})})
         gs = [{"name": m["ref"], "values": [(m.get("groups") or {}).get(primary, {}).get("groups", {})
                                             .get(g, {}).get("value") for g in groups]} for m in models]
-        parts.append(f"<h2>By group ({_e(primary)})</h2>" + bar_chart(f"{primary} per group", groups, gs,
-                                                                       "chart-groups", ymax=1.0))
-        frows = [[m["ref"], m["groups"][primary]["gap"], (m.get("fairness") or {}).get("demographic_parity_difference"),
-                  (m.get("fairness") or {}).get("equalized_odds_difference")] for m in models if m.get("groups")]
-        parts.append(_table(["model", "group gap", "demographic parity diff", "equalized odds diff"], frows,
-                            "fairness"))
-    # bias
+        out["groups"] = bar_chart(f"{primary} per group", groups, gs, "chart-groups", ymax=1.0)
     biased = [m for m in models if m.get("bias")]
     if biased:
         cats = sorted({c for m in biased for c in m["bias"]["categories"]})
         fs = [{"name": m["ref"], "values": [m["bias"]["categories"].get(c, {}).get("flip_rate") for c in cats]}
               for m in biased]
-        parts.append("<h2>Counterfactual bias</h2>" + bar_chart("Answer flip rate per category", cats, fs,
-                                                                "chart-flips", ymax=1.0))
+        out["flips"] = bar_chart("Answer flip rate per category", cats, fs, "chart-flips", ymax=1.0)
         for m in biased:
-            for c, cr in m["bias"]["categories"].items():
-                if not cr.get("groups"):
-                    continue
-                g = list(cr["groups"])
-                parts.append(bar_chart(f"{m['ref']}: {primary} per {c} group (gap {cr['gap']:.3f})", g,
-                                       [{"name": m["ref"], "values": [cr["groups"][x]["value"] for x in g]}],
-                                       "chart-bias-groups", ymax=1.0))
-            flips = []
-            for p in m["bias"]["worst_pairs"]:
-                for ex in p["examples"]:
-                    flips.append([p["category"], f"{p['a']} vs {p['b']}", p["flip_rate"], ex["input_a"],
-                                  ex["answer_a"], ex["input_b"], ex["answer_b"]])
-            parts.append(f"<h3>{_e(m['ref'])}: worst pairs and flipped examples</h3>" + (
-                _table(["category", "pair", "flip rate", "input A", "answer A", "input B", "answer B"], flips, "flips")
-                if flips else "<p class='noflips'>No answer changed under any counterfactual swap.</p>"))
-    # forgetting
+            out["bias_groups"][m["ref"]] = [
+                bar_chart(f"{m['ref']}: {primary} per {c} group (gap {cr['gap']:.3f})", list(cr["groups"]),
+                          [{"name": m["ref"], "values": [cr["groups"][x]["value"] for x in cr["groups"]]}],
+                          "chart-bias-groups", ymax=1.0)
+                for c, cr in m["bias"]["categories"].items() if cr.get("groups")]
     fg = [m for m in models if m.get("forgetting")]
     if fg:
-        base_ppl = fg[0]["forgetting"]["base_perplexity"]
-        parts.append("<h2>Forgetting (general-text perplexity)</h2>" + bar_chart(
+        out["forgetting"] = bar_chart(
             "Perplexity on the general-text sample", ["perplexity"],
-            [{"name": "base", "values": [base_ppl]}] + [{"name": m["ref"], "values": [m["forgetting"]["tuned_perplexity"]]}
-                                                         for m in fg], "chart-forgetting"))
-    # gates
+            [{"name": "base", "values": [fg[0]["forgetting"]["base_perplexity"]]}]
+            + [{"name": m["ref"], "values": [m["forgetting"]["tuned_perplexity"]]} for m in fg], "chart-forgetting")
+    return out
+
+
+def render_html(report: dict) -> str:
+    """The self-contained HTML page of a report (see the module docstring for its sections)."""
+    models = report["models"]
     gated = [m for m in models if m.get("gates")]
-    if gated:
-        parts.append("<h2>Gates</h2>")
-        for m in gated:
-            status = "PASSED" if m["passed"] else "FAILED"
-            parts.append(f"<p class='verdict {status.lower()}'>{_e(m['ref'])}: <b>{status}</b></p>" + _table(
-                ["gate", "value", "op", "threshold", "passed", "note"],
-                [[g["name"], g["value"], g["op"], g["threshold"], g["passed"], g.get("note", "")] for g in m["gates"]],
-                "gates"))
-    # answers
-    head = ["#", "group", "gold"] + [m["ref"] for m in models]
-    rows = [[ex["i"], ex.get("group") or "", ex["gold"]] + [m["answers"][ex["i"]] for m in models]
-            for ex in report["examples"][:25]]
-    parts.append("<h2>First answers</h2>" + _table(head, rows, "answers"))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px;vertical-align:top}"
-             ".failed b{color:#c44e52}.passed b{color:#55a868}svg.chart{display:block;margin:1em 0}")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>finetrace eval report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return _environment().get_template("report.html.jinja").render(
+        r=report, models=models, metrics=report["metrics"], primary=report["primary_metric"],
+        gated=gated, all_passed=all(m["passed"] for m in gated), charts=_charts(report),
+        labelled=[m for m in models if m.get("labels")], mistakes=mistakes(report),
+        biased=[m for m in models if m.get("bias")], examples=report["examples"][:25])
 
 
 def write_report(report: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     write_text(folder / "report.html", render_html(report))
+    for name, entries in eval_results(report).items():
+        (folder / ".eval_results").mkdir(exist_ok=True)
+        write_text(folder / ".eval_results" / name, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True))

@@ -26,13 +26,19 @@ from .evalset import EvalSet, load_eval_set
 from .forgetting import forgetting, general_text, text_perplexity
 from .gates import apply_gates, verdict
 from .generation import generate, score_labels
-from .metrics import METRICS, Scored, exact_match, normalize, rouge_l, token_f1
+from .metrics import METRICS, Scored, exact_match, label_report, normalize, rouge_l, token_f1
 from .report import write_report
 from .stats import (bootstrap_ci, by_group, demographic_parity_difference, equalized_odds_difference,
                     mcnemar_exact, paired_bootstrap)
 from .suite import Suite, load_suite
 
 REPORT_FORMAT = "finetrace-eval-report/1"
+
+
+def run_date(run_id: str) -> str:
+    """``evaluate-20261201T090000-ab12cd`` -> ``2026-12-01`` (the UTC date the run started)."""
+    stamp = run_id.split("-")[1]
+    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}"
 
 
 def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
@@ -74,6 +80,11 @@ def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, m
     scored = Scored(texts, [e.target for e in es.examples], es.labels, preds)
     n = len(es.examples)
     res: dict = {"name": name, "metrics": {}, "answers": texts}
+    # per example: right (score 1) or not, by accuracy for labels, else by the primary text metric
+    res["correct"] = [x >= 1.0 for x in scored.per_example(
+        "accuracy" if es.task == "classification" else metrics[0])]
+    if es.task == "classification":
+        res["labels"] = label_report(scored.preds, scored.golds, es.labels)
     for m in metrics:
         res["metrics"][m] = {"value": scored.metric(m), "ci": list(bootstrap_ci(
             lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed, bs.confidence)), "n": n}
@@ -173,7 +184,8 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             res["gates"] = rows
             res["passed"] = verdict(rows)
         report = {
-            "format": REPORT_FORMAT, "run_id": run.id, "suite": suite.to_dict(), "suite_digest": suite_digest,
+            "format": REPORT_FORMAT, "run_id": run.id, "date": run_date(run.id), "suite": suite.to_dict(),
+            "suite_digest": suite_digest,
             "dataset": {"digest": es.artifact.digest, "ref": es.artifact.ref, "split": es.split,
                         "schema": es.schema, "labels": es.labels, "n": len(es.examples)},
             "base_model": {"digest": base_art.digest, "ref": base_art.ref},
