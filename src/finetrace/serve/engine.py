@@ -291,9 +291,8 @@ class Engine:
     def begin_stop(self, drain_s: float | None = None) -> None:
         """Take no new requests (503 ``shutting_down``); after ``drain_s`` seconds (default: the
         settings') answer whatever is still queued or decoding with ``ShuttingDown`` too."""
-        drain_s = self.settings.drain_s if drain_s is None else drain_s
-        if self._drain_deadline is None:
-            self._drain_deadline = time.monotonic() + drain_s
+        deadline = time.monotonic() + (self.settings.drain_s if drain_s is None else drain_s)
+        self._drain_deadline = min(deadline, self._drain_deadline or deadline)  # a later call only shortens it
         self._stopping = True
 
     def stop(self, timeout: float | None = None, *, interrupted: bool = False,
@@ -304,7 +303,7 @@ class Engine:
         s = self.settings
         self.begin_stop(s.drain_s if timeout is None else timeout)
         if self._thread is not None:
-            self._thread.join(max(0.0, self._drain_deadline - time.monotonic()) + 5)
+            self._thread.join(max(0.0, self._drain_deadline - time.monotonic()) + (1 if interrupted else 5))
             if self._thread.is_alive():
                 log.warning("the scheduler did not stop in time; leaving it behind")
             self._thread = None

@@ -63,10 +63,12 @@ class RequestLog:
 
     def add(self, data: dict) -> None:
         with self._cond:
-            if self._abandoned or (self._closing and not self._thread.is_alive()):
-                raise RuntimeError("request log is closed")
-            self._pending.append(data)
-            self._added += 1
+            closed = self._abandoned or (self._closing and not self._thread.is_alive())
+            if not closed:
+                self._pending.append(data)
+                self._added += 1
+        if closed:  # a request answered after close (e.g. by a scheduler left behind on a forced exit)
+            self._spill([data], "answered after the request log was closed")
 
     @property
     def written(self) -> int:
