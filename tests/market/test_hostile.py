@@ -14,7 +14,8 @@ from finetrace.canonical import sha256_bytes
 from finetrace.market import client
 from finetrace.market.client import RegistryError
 from finetrace.ledger.signing import public_to_b64
-from finetrace.market.package import sign
+from finetrace.market.package import adapter_files, sign
+from finetrace.store import ObjectStore
 
 WEIGHTS = "adapter/adapter_model.safetensors"
 
@@ -51,6 +52,8 @@ def _altered(market, good, tmp_path, path: str | None = None, content: bytes | N
         for e in manifest["files"]:
             if e["path"] == path:
                 e["path"] = rename
+    if content is not None or rename is not None:  # a careful forger re-derives the signed adapter digest
+        manifest["adapter"]["digest"] = sha256_bytes(ObjectStore.manifest_bytes(adapter_files(manifest)))
     if manifest_edit:
         manifest_edit(manifest)
     sig = sign(manifest, market.pub.keys) if resign else good.signature

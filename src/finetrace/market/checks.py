@@ -43,6 +43,7 @@ class Limits:
     max_header_bytes: int = 1 << 20          # safetensors JSON header
     max_tensors: int = 10_000
     max_rank: int = 256                      # LoRA r
+    max_alpha: float = 4096.0                # lora_alpha and every alpha_pattern value
     allow_modules_to_save: bool = False      # full layers inside an adapter
     max_text_bytes: int = 4 << 20            # documents, JSON, markdown
 
@@ -175,7 +176,7 @@ def parse_safetensors(data: bytes, where: str, max_header: int = 1 << 20, max_te
             raise refuse(f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} "
                          f"(needs {need})", where)
         spans.append((offs[0], offs[1], name))
-        out[name] = {"dtype": dtype, "shape": shape}
+        out[name] = {"dtype": dtype, "shape": shape, "start": 8 + n + offs[0], "end": 8 + n + offs[1]}
     pos = 0
     for b, e, name in sorted(spans):
         if b < pos:
@@ -190,6 +191,32 @@ def parse_safetensors(data: bytes, where: str, max_header: int = 1 << 20, max_te
     return out
 
 
+# (unsigned view, exponent mask, mantissa mask): a value is NaN or infinite when all exponent bits are set
+_FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("<u4", 0x7F800000, 0x007FFFFF),
+               "F16": ("<u2", 0x7C00, 0x03FF), "BF16": ("<u2", 0x7F80, 0x007F), "F8_E5M2": ("u1", 0x7C, 0x03)}
+
+
+def check_finite(data: bytes, tensors: dict, where: str) -> None:
+    """Refuse a float tensor holding NaN or infinity (an all-NaN adapter serves empty answers)."""
+    import numpy as np
+
+    for name, info in tensors.items():
+        dtype = info["dtype"]
+        if dtype == "F8_E4M3":  # no infinities; NaN is S.1111.111
+            bits = np.frombuffer(data, "u1", offset=info["start"], count=info["end"] - info["start"])
+            bad = int(np.count_nonzero((bits & 0x7F) == 0x7F))
+        elif dtype in _FLOAT_BITS:
+            view, exp, _ = _FLOAT_BITS[dtype]
+            width = np.dtype(view).itemsize
+            bits = np.frombuffer(data, view, offset=info["start"], count=(info["end"] - info["start"]) // width)
+            bad = int(np.count_nonzero((bits & exp) == exp))
+        else:
+            continue
+        if bad:
+            raise refuse(f"tensor {name!r} holds {bad} NaN or infinite value(s) of {math.prod(info['shape'])}",
+                         where, hint="the training diverged; publish a finite adapter")
+
+
 # -- per file ------------------------------------------------------------------------------------
 def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
     """Check one file's bytes against the kind its path requires; returns facts (tensors for safetensors)."""
@@ -201,7 +228,9 @@ def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
         raise refuse(f"content is a {bad}, not {kind}", path, hint="only safetensors weights, JSON, "
                      "markdown/text and PNG are accepted; pickles, archives and code never are")
     if kind == "safetensors":
-        return {"tensors": parse_safetensors(data, path, limits.max_header_bytes, limits.max_tensors)}
+        tensors = parse_safetensors(data, path, limits.max_header_bytes, limits.max_tensors)
+        check_finite(data, tensors, path)
+        return {"tensors": tensors}
     if kind == "png":
         if not data.startswith(b"\x89PNG\r\n\x1a\n"):
             raise refuse("content is not a PNG image", path)
@@ -217,6 +246,8 @@ def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
     if kind == "json":
         try:
             doc = json.loads(text, object_pairs_hook=_no_dupes)
+        except RecursionError:
+            raise refuse("JSON nested too deeply", path) from None
         except ValueError as exc:
             raise refuse(f"not valid JSON: {exc}", path) from None
         return {"json": doc}
@@ -225,6 +256,8 @@ def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
             if line.strip():
                 try:
                     json.loads(line)
+                except RecursionError:
+                    raise Refused("JSON nested too deeply", file=path, line=i) from None
                 except ValueError as exc:
                     raise Refused(f"not valid JSON: {exc}", file=path, line=i) from None
         return {}
@@ -258,9 +291,7 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
     if adapter_config.get("modules_to_save") and not limits.allow_modules_to_save:
         raise refuse(f"modules_to_save {adapter_config['modules_to_save']} would ship full layers",
                      "adapter/adapter_config.json", hint="this registry accepts adapter weights only")
-    rank_pattern = adapter_config.get("rank_pattern") or {}
-    if any(type(v) is not int or v > limits.max_rank for v in rank_pattern.values()):
-        raise refuse(f"rank_pattern {rank_pattern} exceeds the cap of {limits.max_rank}", "adapter/adapter_config.json")
+    rank_pattern = check_config_values(adapter_config, limits)
     modules, params = set(), 0
     for name, info in tensors.items():
         shape = info["shape"]
@@ -302,7 +333,58 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
         modules.add(module)
     if not modules:
         raise refuse("the adapter holds no LoRA tensors", where)
+    dora = any(_LORA_RE.match(n).group("part") == "lora_magnitude_vector" for n in tensors if _LORA_RE.match(n))
+    if dora != bool(adapter_config.get("use_dora")):
+        raise refuse(f"adapter_config.json says use_dora={adapter_config.get('use_dora')!r} but the tensors "
+                     f"{'are' if dora else 'are not'} DoRA (lora_magnitude_vector)", "adapter/adapter_config.json",
+                     hint="the config must describe the weights it ships with")
     return {"r": r, "modules": sorted(modules), "parameters": params}
+
+
+_CFG = "adapter/adapter_config.json"
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config_values(cfg: dict, limits: Limits = Limits()) -> dict:
+    """The values of adapter_config.json a loader trusts: type, finite, within caps. Returns rank_pattern.
+
+    ``peft_type`` must be ``LORA`` (the only tensors this registry recognises); ``lora_alpha`` and every
+    ``alpha_pattern`` value a finite number in (0, max_alpha]; ``rank_pattern`` a mapping to ranks in
+    [1, max_rank]; ``base_model_name_or_path`` a name, digest or local path, never a URL or a ``..`` path.
+    """
+    if cfg.get("peft_type") != "LORA":
+        raise Refused(f"is {cfg.get('peft_type')!r}; the tensors are LoRA weights, so it must be 'LORA'",
+                      file=_CFG, field="peft_type", hint="publish the adapter_config.json PEFT saved with it")
+    alpha = cfg.get("lora_alpha", 8)
+    if not _number(alpha) or not 0 < alpha <= limits.max_alpha:
+        raise Refused(f"is {alpha!r}; it must be a finite number in (0, {limits.max_alpha:g}]",
+                      file=_CFG, field="lora_alpha")
+    for key, cap, ok in (("alpha_pattern", limits.max_alpha, lambda v: _number(v) and 0 < v <= limits.max_alpha),
+                         ("rank_pattern", limits.max_rank, lambda v: type(v) is int and 0 < v <= limits.max_rank)):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+            raise Refused(f"must be a mapping of module name patterns to values, not {type(pattern).__name__}",
+                          file=_CFG, field=key, hint=f'e.g. {{"q_proj": 8}}')
+        bad = next(((k, v) for k, v in pattern.items() if not ok(v)), None)
+        if bad:
+            raise Refused(f"{bad[0]!r}: {bad[1]!r} is not a {'finite number' if key == 'alpha_pattern' else 'rank'}"
+                          f" in (0, {cap:g}]", file=_CFG, field=key)
+    path = cfg.get("base_model_name_or_path")
+    if path is not None:
+        text = path if isinstance(path, str) else ""
+        parts = re.split(r"[/\\]", text)
+        if (not isinstance(path, str) or len(text) > 512 or ".." in parts or "\\" in text or text.startswith("~")
+                or any(ord(c) < 32 for c in text) or (_SCHEME_RE.match(text) and not text.startswith("sha256:"))):
+            raise Refused(f"{path!r} is not a model name, digest or local path (no URL, '~' or '..')",
+                          file=_CFG, field="base_model_name_or_path",
+                          hint="a loader would fetch or read from there; name the base model instead")
+    return cfg.get("rank_pattern") or {}
 
 
 def base_shapes_from_folder(folder) -> dict:

@@ -189,7 +189,8 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
         # Fallback until the audit stage's attestation exists: the publisher attests the lineage itself.
         tmp_att = ws.root / "cache" / "market" / f"attestation-{art.digest.split(':')[1][:16]}.json"
         tmp_att.parent.mkdir(parents=True, exist_ok=True)
-        tmp_att.write_text(json.dumps(make_attestation(keys, art.digest, {"lineage": lineage})))
+        listed = [{"path": p, "size": f.stat().st_size, "digest": sha256_file(f)} for p, f in files.items()]
+        tmp_att.write_text(json.dumps(make_attestation(keys, listed, {"adapter": art.digest, "lineage": lineage})))
         files[ATTESTATION] = tmp_att
     seq = next((e.seq for e in ws.ledger.entries(type="artifact.added") if e.data.get("digest") == art.digest), None)
     # the earliest signed checkpoint covering the adapter's entry: rebuilding the package later gives the
@@ -316,8 +317,7 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
                           parsed["adapter/adapter_model.safetensors"]["tensors"],
                           base_shapes_from_folder(ws.store.materialize(base_digest)))
             if ATTESTATION in parsed:
-                verify_attestation(parsed[ATTESTATION]["json"], manifest["publisher"]["public_key"],
-                                   manifest["adapter"]["digest"])
+                verify_attestation(parsed[ATTESTATION]["json"], manifest["publisher"]["public_key"], manifest)
             adapter_digest = ws.store.put_dir(tmp / "adapter")
             if adapter_digest != manifest["adapter"]["digest"]:
                 raise IntegrityError(f"the pulled adapter folder hashes to {adapter_digest}, the publisher "

@@ -26,8 +26,8 @@ from .checks import REQUIRED_DOCUMENTS, REQUIRED_FILES, Refused, check_path, ref
 
 FORMAT = "finetrace-package/1"
 DSSE_TYPE = "application/vnd.in-toto+json"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")     # fullmatch: ASCII only, so no Unicode look-alikes
+VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}")
 # Licences a buyer may use without an explicit acceptance step (SPDX ids of common open licences).
 OPEN_LICENSES = {"Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC-BY-4.0", "CC0-1.0", "MPL-2.0",
                  "ISC", "Unlicense", "CC-BY-SA-4.0", "OpenRAIL-M"}
@@ -37,10 +37,10 @@ def parse_ref(ref: str) -> tuple[str, str, str | None]:
     """``ns/name@version`` (version optional) → parts, or Refused naming what is wrong."""
     body, _, version = ref.partition("@")
     ns, sep, name = body.partition("/")
-    if not sep or not NAME_RE.match(ns) or not NAME_RE.match(name):
+    if not sep or not NAME_RE.fullmatch(ns) or not NAME_RE.fullmatch(name):
         raise refuse(f"bad package reference {ref!r}", hint="use namespace/name@version, lower-case letters, "
                      "digits, '.', '_', '-'")
-    if version and not VERSION_RE.match(version):
+    if version and not VERSION_RE.fullmatch(version):
         raise refuse(f"bad version {version!r} in {ref!r}", hint="e.g. 1.0.0")
     return ns, name, version or None
 
@@ -68,26 +68,57 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-def make_attestation(keys: KeyPair, subject_digest: str, predicate: dict,
+def adapter_files(manifest: dict) -> list[dict]:
+    """The adapter folder as the manifest lists it: ``[{"path" (inside adapter/), "size", "digest"}]``."""
+    return [{"path": f["path"][len("adapter/"):], "size": f["size"], "digest": f["digest"]}
+            for f in manifest["files"] if f["path"].startswith("adapter/")]
+
+
+def check_adapter_digest(manifest: dict) -> None:
+    """The listed adapter files must be exactly the folder whose digest the publisher signed.
+
+    The folder digest is the finetrace tree digest (``ObjectStore.manifest_bytes``) of path, size and
+    digest of every file, so with each object re-hashed on receipt, the stored files *are* that adapter.
+    """
+    from ..store import ObjectStore
+
+    got = sha256_bytes(ObjectStore.manifest_bytes(adapter_files(manifest)))
+    if got != manifest["adapter"].get("digest"):
+        raise Refused(f"the adapter/ files listed hash to folder digest {got}, not to the signed adapter digest "
+                      f"{manifest['adapter'].get('digest')}", field="manifest.adapter.digest",
+                      hint="list every file of the adapter folder, unchanged, with its size and digest")
+
+
+def attestation_subjects(manifest: dict) -> dict[str, str]:
+    """The one rule for what an attestation is about: every adapter file, by name inside the folder and
+    sha256 (what ``finetrace docs`` writes; the folder digest is derived from exactly these)."""
+    return {f["path"]: f["digest"].split(":", 1)[1] for f in adapter_files(manifest)}
+
+
+def make_attestation(keys: KeyPair, manifest_files: list[dict], predicate: dict,
                      predicate_type: str = "https://finetrace.dev/attestation/training/v1") -> dict:
-    """A DSSE envelope around an in-toto v1 statement about ``subject_digest`` (used when audit has none)."""
+    """A DSSE envelope around an in-toto v1 statement about the adapter files (used when audit has none)."""
+    subjects = attestation_subjects({"files": manifest_files})
     statement = {"_type": "https://in-toto.io/Statement/v1",
-                 "subject": [{"name": "adapter", "digest": {"sha256": subject_digest.split(":", 1)[1]}}],
+                 "subject": [{"name": n, "digest": {"sha256": d}} for n, d in sorted(subjects.items())],
                  "predicateType": predicate_type, "predicate": predicate}
     payload = canonical_json(statement)
     return {"payloadType": DSSE_TYPE, "payload": base64.b64encode(payload).decode(),
             "signatures": [{"keyid": keys.key_id, "sig": keys.sign(pae(DSSE_TYPE, payload))}]}
 
 
-def verify_attestation(envelope: dict, public_key_b64: str, subject_digest: str) -> None:
-    """The envelope is signed by the publisher's key and its statement names ``subject_digest``."""
+def verify_attestation(envelope: dict, public_key_b64: str, manifest: dict) -> None:
+    """The envelope is signed by the publisher's key, its subjects are exactly the adapter files of the
+    manifest (``attestation_subjects``), and an adapter digest it names is the manifest's."""
     try:
         payload = base64.b64decode(envelope["payload"], validate=True)
         ptype = envelope["payloadType"]
         sigs = envelope["signatures"]
         statement = json.loads(payload)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"attestation/attestation.dsse.json is not a DSSE envelope: {exc}") from None
+        subjects = {s["name"]: s["digest"]["sha256"] for s in statement.get("subject") or []}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"attestation/attestation.dsse.json is not a DSSE envelope of an in-toto "
+                             f"statement: {exc}") from None
     pub = public_from_b64(public_key_b64)
     ok = False
     for s in sigs if isinstance(sigs, list) else []:
@@ -99,10 +130,16 @@ def verify_attestation(envelope: dict, public_key_b64: str, subject_digest: str)
             continue
     if not ok:
         raise IntegrityError("attestation/attestation.dsse.json: no signature by the publisher's key verifies")
-    want = subject_digest.split(":", 1)[1]
-    subjects = statement.get("subject") or []
-    if not any((s.get("digest") or {}).get("sha256") == want for s in subjects if isinstance(s, dict)):
-        raise IntegrityError(f"attestation/attestation.dsse.json does not name the adapter {subject_digest}")
+    want = attestation_subjects(manifest)
+    if subjects != want:
+        diff = sorted(set(subjects.items()) ^ set(want.items()))
+        raise IntegrityError(f"attestation/attestation.dsse.json does not attest the adapter files "
+                             f"(first difference: adapter/{diff[0][0]})")
+    pred = statement.get("predicate") if isinstance(statement.get("predicate"), dict) else {}
+    named = ((pred.get("buildDefinition") or {}).get("externalParameters") or {}).get("adapter") or pred.get("adapter")
+    if named is not None and named != manifest["adapter"].get("digest"):
+        raise IntegrityError(f"attestation/attestation.dsse.json is about adapter {named}, the manifest about "
+                             f"{manifest['adapter'].get('digest')}")
 
 
 # -- the manifest --------------------------------------------------------------------------------
@@ -137,6 +174,33 @@ def check_shape(manifest: dict) -> None:
     base = manifest["base_model"]
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", str(base.get("digest"))):
         raise Refused("must be the sha256 digest of the base model", field="manifest.base_model.digest")
+    _check_types(manifest)
+    check_adapter_digest(manifest)
+
+
+_OPTIONAL = {"description": str, "domain": list, "task": list, "metrics": dict, "base_metrics": dict, "bias": dict,
+             "gate": dict, "lineage": dict, "primary_metric": (str, type(None))}
+
+
+def _check_types(manifest: dict) -> None:
+    """Every optional field has its type, so nothing later trips over a list where a dict belongs."""
+    for key, typ in _OPTIONAL.items():
+        if key in manifest and not isinstance(manifest[key], typ):
+            raise Refused(f"must be a {getattr(typ, '__name__', 'string or null')}, not "
+                          f"{type(manifest[key]).__name__}", field=f"manifest.{key}")
+    for key in ("domain", "task"):
+        if not all(isinstance(v, str) and len(v) <= 64 for v in manifest.get(key) or []):
+            raise Refused("must be a list of short strings", field=f"manifest.{key}")
+    for key in ("metrics", "base_metrics"):
+        if not all(isinstance(k, str) for k in manifest.get(key) or {}):
+            raise Refused("must map metric names to numbers", field=f"manifest.{key}")
+    if not isinstance(manifest["adapter"].get("digest"), str):
+        raise Refused("must be the adapter folder's sha256 digest", field="manifest.adapter.digest")
+    for key in ("name",):
+        if not isinstance(manifest["base_model"].get(key, ""), str):
+            raise Refused("must be a string", field=f"manifest.base_model.{key}")
+    if not isinstance(manifest["base_model"].get("shapes", {}), dict):
+        raise Refused("must map tensor names to shapes", field="manifest.base_model.shapes")
 
 
 def documents_present(manifest: dict) -> list[str]:

@@ -33,6 +33,7 @@ from ..errors import FinetraceError, IntegrityError, NotFoundError
 from ..store import ObjectStore
 from . import db
 from .checks import Limits, Refused, check_adapter, check_file, refuse
+from .names import confusable_with
 from .package import documents_present, check_shape, manifest_digest, parse_ref, verify, verify_attestation
 
 
@@ -96,9 +97,15 @@ class Registry:
             acct = db.Account(name=name, token_hash=hash_token(token), is_admin=admin)
             s.add(acct)
             s.flush()
+            taken = list(s.scalars(select(db.Namespace.name)))
             for ns in dict.fromkeys([name, *namespaces]):
-                if s.scalar(select(db.Namespace).where(db.Namespace.name == ns)):
+                parse_ref(f"{ns}/x")
+                if ns in taken:
                     raise Conflict(f"namespace {ns!r} is already owned")
+                twin = confusable_with(ns, taken)
+                if twin:
+                    raise Conflict(f"namespace {ns!r} looks like the existing namespace {twin!r}",
+                                   hint="choose a name a reader cannot mistake for another publisher's")
                 s.add(db.Namespace(name=ns, owner_id=acct.id))
         return token
 
@@ -147,6 +154,7 @@ class Registry:
                 raise Conflict(f"{ref} is already published with a different digest ({existing.manifest_digest})",
                                hint="versions are immutable: publish under a new version number")
             pinned = {k.key_id for k in s.scalars(select(db.NamespaceKey).where(db.NamespaceKey.namespace_id == ns.id))}
+            self._check_lookalike(s, ns, pkg["name"])
         self._check_manifest(manifest, signature, pinned)
         with self.Session.begin() as s:
             up = s.scalar(select(db.Upload).where(db.Upload.ref == ref, db.Upload.manifest_digest == mdigest))
@@ -157,6 +165,18 @@ class Registry:
             upload_id = up.id
         return {"status": "pending", "upload": upload_id, "ref": ref, "digest": mdigest,
                 "missing": self.missing(upload_id, manifest)}
+
+    def _check_lookalike(self, s, ns: db.Namespace, name: str) -> None:
+        """Refuse a new package whose ``ns/name`` looks like another account's package (``names.py``)."""
+        if s.scalar(select(db.Package.id).where(db.Package.namespace_id == ns.id, db.Package.name == name)):
+            return  # a new version of an existing package
+        others = [f"{a}/{b}" for a, b in s.execute(
+            select(db.Namespace.name, db.Package.name).join(db.Package, db.Package.namespace_id == db.Namespace.id)
+            .where(db.Namespace.owner_id != ns.owner_id))]
+        twin = confusable_with(f"{ns.name}/{name}", others)
+        if twin:
+            raise Conflict(f"{ns.name}/{name} looks like {twin}, published by another account",
+                           hint="publish under a name a buyer cannot mistake for another publisher's adapter")
 
     def _check_manifest(self, manifest: dict, signature: dict, pinned: set[str]) -> None:
         lim = self.settings.limits
@@ -252,20 +272,19 @@ class Registry:
         if missing:
             raise refuse(f"{len(missing)} object(s) not received yet: {', '.join(missing[:3])}",
                          hint="PUT them, then commit again")
-        try:
+        try:  # any failure, not only a refusal, drops the upload and its staged objects
             parsed = self._verify_objects(upload_id, manifest)
             self._check_contents(manifest, parsed)
-        except FinetraceError:
+            for d in dict.fromkeys(f["digest"] for f in manifest["files"]):
+                staged = self._staged(upload_id, d)
+                if staged.is_file():
+                    got = self.store.put_file(staged)
+                    if got != d:  # the staged file changed under us
+                        raise IntegrityError(f"staged object {d} changed on disk (now {got})")
+            result = self._make_visible(up, acct)
+        except BaseException:
             self.abort(upload_id)
             raise
-        for d in dict.fromkeys(f["digest"] for f in manifest["files"]):
-            staged = self._staged(upload_id, d)
-            if staged.is_file():
-                got = self.store.put_file(staged)
-                if got != d:  # the staged file changed under us
-                    self.abort(upload_id)
-                    raise IntegrityError(f"staged object {d} changed on disk (now {got})")
-        result = self._make_visible(up, acct)
         self.abort(upload_id)  # drop staging and the upload row
         self._commits += 1
         if self.dialect == "sqlite" and self._commits & (self._commits - 1) == 0:
@@ -281,6 +300,9 @@ class Registry:
             data = p.read_bytes()
             if hashlib.sha256(data).hexdigest() != f["digest"].split(":", 1)[1]:
                 raise IntegrityError(f"object {f['digest']} ({f['path']}) no longer matches its digest")
+            if len(data) != f["size"]:  # also for objects already stored, which were never PUT again
+                raise refuse(f"the manifest declares {f['size']} bytes, the object {f['digest']} has {len(data)}",
+                             f["path"], hint="declare each file's real size")
             parsed[f["path"]] = (check_file(f["path"], data, self.settings.limits), data)
         return parsed
 
@@ -310,7 +332,7 @@ class Registry:
         if "attestation/attestation.dsse.json" in parsed:
             try:
                 verify_attestation(parsed["attestation/attestation.dsse.json"][0]["json"],
-                                   manifest["publisher"]["public_key"], manifest["adapter"]["digest"])
+                                   manifest["publisher"]["public_key"], manifest)
             except IntegrityError as exc:
                 raise Refused(f"attestation check failed: {exc.message}") from None
 
@@ -414,7 +436,7 @@ class Registry:
         if att and out["signature"]:
             try:
                 env = json.loads(self.object_path(att["digest"]).read_bytes())
-                verify_attestation(env, m["publisher"]["public_key"], m["adapter"]["digest"])
+                verify_attestation(env, m["publisher"]["public_key"], m)
                 out["attestation"] = True
             except (FinetraceError, ValueError):
                 pass

@@ -58,6 +58,17 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return JSONResponse({"error": exc.message, "hint": exc.hint, "type": type(exc).__name__},
                             status_code=_status(exc))
 
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        # a bug, not bad input: one JSON line for the client (the upload was already aborted), the
+        # traceback in the server log
+        import logging
+
+        logging.getLogger("finetrace.market").error("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); nothing was stored",
+                             "hint": "report this to the registry operator", "type": "InternalError"},
+                            status_code=500)
+
     @app.get("/api/v1/health")
     def health():
         return {"ok": True, "db": reg.dialect}
