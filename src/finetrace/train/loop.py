@@ -388,6 +388,10 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                 "val_reward_margin": final_eval.get("val_reward_margin"), "reference_pass_s": ref_s})
     ckpt.clear()
     ws.checkpoint()
+    if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
+        from ..tracking import track_run
+
+        track_run(ws, run.id, cfg.tracking)
     barrier(world)
     return art
 
