@@ -98,11 +98,15 @@ def loss_svg(history: list[dict], width: int = 560, height: int = 220, small: bo
 
 
 def layers(nodes: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
-    """Column of each node: the length of the longest path reaching it from a source."""
+    """Column of each node: its longest path from a source, then pulled right to just before its
+    nearest successor (so a base model sits next to the training run that reads it, not at the far left)."""
     preds: dict[str, list[str]] = {n: [] for n in nodes}
+    succs: dict[str, list[str]] = {n: [] for n in nodes}
     for a, b in edges:
         preds.setdefault(b, []).append(a)
         preds.setdefault(a, [])
+        succs.setdefault(a, []).append(b)
+        succs.setdefault(b, [])
     col: dict[str, int] = {}
 
     def depth(n: str, stack: frozenset) -> int:
@@ -115,7 +119,29 @@ def layers(nodes: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
 
     for n in preds:
         depth(n, frozenset())
+    for n in sorted(col, key=lambda n: -col[n]):
+        if succs[n]:
+            col[n] = max(col[n], min(col[s] for s in succs[n]) - 1)
     return col
+
+
+def order_columns(col: dict[str, int], edges: list[tuple[str, str]], key) -> dict[int, list[str]]:
+    """Nodes per column, each column ordered by the mean row of its predecessors (fewer crossings)."""
+    preds: dict[str, list[str]] = {}
+    for a, b in edges:
+        preds.setdefault(b, []).append(a)
+    columns: dict[int, list[str]] = {}
+    for n in sorted(col, key=key):
+        columns.setdefault(col[n], []).append(n)
+    row: dict[str, float] = {}
+    for c in sorted(columns):
+        def bary(n: str) -> float:
+            rows = [row[p] for p in preds.get(n, []) if p in row]
+            return sum(rows) / len(rows) if rows else float("inf")
+
+        columns[c].sort(key=lambda n: (bary(n), key(n)))
+        row.update({n: i for i, n in enumerate(columns[c])})
+    return columns
 
 
 def lineage_svg(graph: dict, root: str, hrefs: dict[str, str]) -> Markup:
@@ -132,11 +158,9 @@ def lineage_svg(graph: dict, root: str, hrefs: dict[str, str]) -> Markup:
     for pid, a in graph.get("answers", {}).items():
         labels[pid] = ("answer", "answer", pid[:22])
     edges = [tuple(e) for e in graph["edges"]]
-    col = layers(list(labels), edges)
-    columns: dict[int, list[str]] = {}
-    for n in sorted(labels, key=lambda n: (labels[n][0], labels[n][2])):
-        columns.setdefault(col.get(n, 0), []).append(n)
-    nw, nh, gx, gy, pad = 200, 42, 70, 18, 12
+    col = {n: c for n, c in layers(list(labels), edges).items() if n in labels}
+    columns = order_columns(col, edges, key=lambda n: (labels[n][0], labels[n][2]))
+    nw, nh, gx, gy, pad = 180, 42, 46, 18, 12
     pos = {n: (pad + c * (nw + gx), pad + i * (nh + gy)) for c, ns in columns.items() for i, n in enumerate(ns)}
     width = pad * 2 + (max(columns) + 1) * (nw + gx) - gx if columns else 100
     height = pad * 2 + max(len(ns) for ns in columns.values()) * (nh + gy) - gy if columns else 60
