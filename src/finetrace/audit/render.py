@@ -84,19 +84,29 @@ def render_markdown(template: str, context: dict) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def markdown_to_html(markdown: str, title: str, context: dict) -> str:
-    """A self-contained HTML page (no external resources) of a Markdown document."""
+def split_front_matter(markdown: str) -> tuple[str | None, str]:
+    """(YAML front matter or None, the Markdown after it)."""
+    if markdown.startswith("---\n"):
+        end = markdown.find("\n---\n", 4)
+        if end > 0:
+            return markdown[4:end], markdown[end + 5:]
+    return None, markdown
+
+
+def markdown_body(markdown: str) -> str:
+    """Markdown -> HTML with raw HTML disabled: a ``<script>`` in user-supplied text (a datasheet field)
+    comes out as escaped text, and markdown-it refuses ``javascript:`` links."""
     from markdown_it import MarkdownIt
 
-    body_md = markdown
-    if body_md.startswith("---\n"):  # YAML front matter (model card): shown as a code block
-        end = body_md.find("\n---\n", 4)
-        if end > 0:
-            front = body_md[4:end]
-            body_md = body_md[end + 5:]
-            context = {**context, "front": front}
-    md = MarkdownIt("commonmark", {"html": False}).enable("table")
-    body = md.render(body_md)
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+
+
+def markdown_to_html(markdown: str, title: str, context: dict) -> str:
+    """A self-contained HTML page (no external resources) of a Markdown document."""
+    front, body_md = split_front_matter(markdown)  # YAML front matter (model card): shown as a code block
+    if front is not None:
+        context = {**context, "front": front}
+    body = markdown_body(body_md)
     if context.get("front"):
         body = (f"<details><summary>Hugging Face metadata (YAML front matter)</summary><pre>"
                 f"{htmllib.escape(context['front'])}</pre></details>\n") + body

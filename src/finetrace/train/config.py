@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..tracking import TrackingParams
 from ..yamlfile import key_lines
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
@@ -148,6 +149,9 @@ class TrainConfig(BaseModel):
                                        "checkpoints/train/<output_name>).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     assumed_watts: float = Field(35.0, gt=0, description="Power assumed for the energy estimate (W).")
+    tracking: TrackingParams | None = Field(None, exclude=True, description="Also report the run to MLflow "
+                                            "and/or TensorBoard when it ends ({mlflow: URI, tensorboard: DIR}; "
+                                            "needs finetrace[tracking]). Not part of the run's recorded config.")
 
     @field_validator("output_name")
     @classmethod

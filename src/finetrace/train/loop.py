@@ -357,6 +357,10 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                       {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from})
     ckpt.clear()
     ws.checkpoint()
+    if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
+        from ..tracking import track_run
+
+        track_run(ws, run.id, cfg.tracking)
     barrier(world)
     return art
 
