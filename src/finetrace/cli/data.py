@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     @data.command("show")
     def show(ref: str = typer.Argument(..., help="NAME, NAME@N or digest."), json_out: bool = JSON_OPTION):
         """Render the datasheet: provided facts, gaps, measured facts."""
-        from ..data import datasheet as get_sheet
+        from ..data.versions import datasheet as get_sheet
         from ..data.datasheet import render
 
         sheet, art = get_sheet(open_workspace(), ref)
