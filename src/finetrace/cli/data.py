@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         files: list[str] = typer.Argument(..., help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
         name: str = typer.Option(..., "--name", help="Dataset name; the new version is NAME@N."),
         schema: str = typer.Option(None, "--schema", help="completion | chat | classification | preference (default: detect)."),
+        input_format: str = typer.Option("auto", "--format", help="auto | openai | sharegpt | alpaca | native (default: detect by content)."),
         map_: list[str] = typer.Option(None, "--map", help="FIELD=COLUMN, e.g. --map prompt=question (repeatable)."),
         datasheet: str = typer.Option(None, "--datasheet", help="YAML with source, owner, license, … (missing ones are gaps)."),
         on_error: str = typer.Option("fail", "--on-error", help="fail: refuse on invalid rows; skip: drop and count them."),
@@ -48,25 +49,28 @@ def register(app: typer.Typer) -> None:
         near_dup_threshold: float = typer.Option(0.8, "--near-dup-threshold", help="Jaccard similarity for near-duplicates."),
         near_dup: str = typer.Option("group", "--near-dup", help="group (same split) | drop (keep the first)."),
         split_unit: str = typer.Option("row", "--split-unit", help="row | group (rows sharing a group value share a split)."),
+        workers: int = typer.Option(0, "--workers", help="Worker processes (0: automatic from the file size and CPUs)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
         json_out: bool = JSON_OPTION,
     ):
         """Validate, clean, split and store files as a new dataset version."""
         from ..data import import_dataset
+        from ..data.options import build_options
         from ..errors import ConfigError
 
         try:
             fractions = tuple(float(x) for x in splits.split(","))
         except ValueError:
             raise ConfigError(f"bad --splits {splits!r}", hint="e.g. --splits 0.8,0.1,0.1") from None
+        opts = build_options(None, schema=schema, input_format=input_format, mapping=map_ or None,
+                             datasheet=datasheet, on_error=on_error, pii=pii, seed=seed, splits=fractions,
+                             test_file=test_file, tokenizer=tokenizer, near_dup_threshold=near_dup_threshold,
+                             near_dup=near_dup, split_unit=split_unit, workers=workers)
         ws = open_workspace()
         update, stop = _progress_callback(not quiet and not json_out)
         t0 = time.monotonic()
         try:
-            art = import_dataset(ws, files, name, schema=schema, mapping=map_ or None, datasheet=datasheet,
-                                 on_error=on_error, pii=pii, seed=seed, splits=fractions, test_file=test_file,
-                                 tokenizer=tokenizer, near_dup_threshold=near_dup_threshold, near_dup=near_dup,
-                                 split_unit=split_unit, progress=update)
+            art = import_dataset(ws, files, name, opts, progress=update)
         finally:
             stop()
         elapsed = time.monotonic() - t0
@@ -103,7 +107,7 @@ def register(app: typer.Typer) -> None:
     @data.command("show")
     def show(ref: str = typer.Argument(..., help="NAME, NAME@N or digest."), json_out: bool = JSON_OPTION):
         """Render the datasheet: provided facts, gaps, measured facts."""
-        from ..data import datasheet as get_sheet
+        from ..data.versions import datasheet as get_sheet
         from ..data.datasheet import render
 
         sheet, art = get_sheet(open_workspace(), ref)

@@ -17,12 +17,28 @@ File structure::
     pii.py         PII detectors (registry), redaction
     split.py       deterministic, stratified, leak-free split assignment
     datasheet.py   given facts, measured facts, gaps; rendering
+    options.py     ImportOptions: the one typed model of an import (CLI, pipeline, function)
+    arrowtext.py   whole-batch text work on Arrow arrays (normalise, keys, MinHash), same results as clean.py
+    batches.py     pass 1 per record batch: validate, normalise, PII, hash (in this process or a worker)
+    workers.py     chunking files, worker processes that clean chunks in order
     importer.py    import_dataset: the two streaming passes and the ledger records
     versions.py    reading recorded versions
 """
 
-from .importer import import_dataset
-from .versions import datasheet, diff, head, iter_examples, list_datasets, open_dataset, read_split, stats
+import importlib
 
-__all__ = ["datasheet", "diff", "head", "import_dataset", "iter_examples", "list_datasets", "open_dataset",
+_LAZY = {"import_dataset": "importer", "ImportOptions": "options", "datasheet": "versions", "diff": "versions",
+         "head": "versions", "iter_examples": "versions", "list_datasets": "versions",
+         "open_dataset": "versions", "read_split": "versions", "stats": "versions"}
+
+
+def __getattr__(name: str):  # lazy, so a worker process imports only what it runs (batches.py)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ImportOptions", "datasheet", "diff", "head", "import_dataset", "iter_examples", "list_datasets", "open_dataset",
            "read_split", "stats"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrowtext import pa_strings, prepare_texts, signatures
 
 NUM_PERM = 64
 SHINGLE = 5
@@ -83,7 +84,7 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 class MinHasher:
     """Signatures and LSH band keys for batches of texts, written to memory-mapped scratch files."""
 
-    def __init__(self, threshold: float, scratch: Path, num_perm: int = NUM_PERM):
+    def __init__(self, threshold: float, scratch: Path | None, num_perm: int = NUM_PERM):
         self.threshold = threshold
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
@@ -93,6 +94,10 @@ class MinHasher:
         self.a32 = (self.a & np.uint64(0xFFFFFFFF)).astype(np.uint32) | np.uint32(1)
         self.b32 = (self.b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         self.band_mix = rng.integers(1, 1 << 62, self.rows, dtype=np.uint64) | np.uint64(1)
+        self.n = 0
+        self._sig_fh, self._band_fhs = None, []
+        if scratch is None:  # signatures only (a worker process): no scratch files
+            return
         self.scratch = Path(scratch)
         # the low byte of each signature slot, for confirming candidates (64 bytes per row): two
         # unequal slots agree by chance with p = 1/256, so the estimate is J + (1 - J)/256
@@ -102,54 +107,34 @@ class MinHasher:
         self.n = 0
 
     def signatures(self, texts: list[str]) -> np.ndarray:
-        """(N, num_perm) uint32 MinHash signatures, computed for the whole batch in a few numpy ops."""
-        enc = [(" ".join(t.lower().split()).encode("utf-8") or b" ").ljust(SHINGLE) for t in texts]
-        lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
-        a = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.uint32)
-        n = len(a) - SHINGLE + 1
-        h = np.zeros(n, np.uint32)
-        with np.errstate(over="ignore"):
-            for j in range(SHINGLE):  # polynomial hash of every 5-byte window (mod 2^32), then a mixer
-                h *= np.uint32(16777619)
-                h += a[j:j + n]
-            h ^= h >> np.uint32(15)
-            h *= np.uint32(0x2C1B3C6D)
-            h ^= h >> np.uint32(12)
-        ends = np.cumsum(lens)
-        keep = np.ones(n, bool)
-        cross = (ends[:-1, None] - np.arange(1, SHINGLE, dtype=np.int64)[None, :]).ravel()
-        keep[cross[(cross >= 0) & (cross < n)]] = False  # windows spanning two texts
-        # texts over 512 bytes: keep a consistent eighth of the shingles (same shingle, same decision)
-        keep &= np.repeat(lens <= 512, lens)[:n] | ((h & np.uint32(7)) == 0)
-        pos = np.flatnonzero(keep)
-        h = h[pos]
-        owner = np.searchsorted(ends, pos, side="right")
-        counts = np.bincount(owner, minlength=len(enc))
-        sigs = np.full((self.num_perm, len(enc)), np.iinfo(np.uint32).max, np.uint32)
-        if len(h):
-            with np.errstate(over="ignore"):  # (P, S): one multiply-add permutation of 2^32 per row
-                v = h[None, :] * self.a32[:, None] + self.b32[:, None]
-            seg = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            nz = counts > 0
-            sigs[:, nz] = np.minimum.reduceat(v, seg[nz], axis=1)
-        sigs = np.ascontiguousarray(sigs.T)
-        return sigs
+        """(N, num_perm) uint32 MinHash signatures of ``texts``."""
+        return signatures(prepare_texts(pa_strings(texts)), self.a32, self.b32)
 
-    def add(self, texts: list[str]) -> None:
-        """Append signatures and band keys for ``texts`` (in row order)."""
-        if not texts:
-            return
-        sigs = np.concatenate([self.signatures(texts[i:i + 512]) for i in range(0, len(texts), 512)])
+    def sketch_and_bands(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """(N, num_perm) uint8 sketch and (N, bands) uint64 band keys; ``texts`` a list or Arrow array."""
+        arr = texts if not isinstance(texts, list) else pa_strings(texts)
+        sigs = signatures(prepare_texts(arr), self.a32, self.b32)
         with np.errstate(over="ignore"):
-            used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(texts), self.bands, self.rows)
+            used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sigs), self.bands, self.rows)
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
             keys ^= np.arange(self.bands, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
-        self._sig_fh.write((sigs & np.uint32(0xFF)).astype(np.uint8).tobytes())
+        return (sigs & np.uint32(0xFF)).astype(np.uint8), keys
+
+    def add(self, texts) -> None:
+        """Append signatures and band keys for ``texts`` (in row order)."""
+        if len(texts):
+            self.write(*self.sketch_and_bands(texts))
+
+    def write(self, sketch: np.ndarray, keys: np.ndarray) -> None:
+        """Append precomputed sketches and band keys (from ``sketch_and_bands``, maybe in a worker)."""
+        self._sig_fh.write(np.ascontiguousarray(sketch).tobytes())
         for b, fh in enumerate(self._band_fhs):
             fh.write(np.ascontiguousarray(keys[:, b]).tobytes())
-        self.n += len(texts)
+        self.n += len(sketch)
 
     def close(self) -> None:
+        if self._sig_fh is None:
+            return
         self._sig_fh.close()
         for fh in self._band_fhs:
             fh.close()

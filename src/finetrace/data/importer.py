@@ -27,33 +27,25 @@ import numpy as np
 
 from .. import __version__ as FINETRACE_VERSION
 from ..atomic import write_text
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.log import check_name
 from ..workspace import Workspace
-from . import datasheet as sheets
+from .datasheet import build as build_sheet, load_given
 from . import pii as piimod
-from .clean import MinHasher, exact_key, lsh_params, normalize_row, text_fields, union_find_roots
-from .readers import MAX_ROW_BYTES, ReadOptions, RowError, detect_format, read_rows
+from . import workers
+from .batches import Ctx
+from .clean import MinHasher, lsh_params, union_find_roots
+from .options import ImportOptions, build_options
+from .readers import ReadOptions, RowError, detect_format, read_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS, SPLITS, to_example
-from .split import DROP, SPLIT_NAMES, TEST, assign, check_fractions
-from .validate import RowValidator, detect_schema, parse_mapping
+from .split import DROP, SPLIT_NAMES, assign, check_fractions
+from .validate import detect_schema
 
 DATASET_FORMAT = "finetrace-dataset/1"
 CHUNK_ROWS = 4096
 MAX_REPORTED = 5  # errors shown when an import is refused
 MAX_EXAMPLES = 20  # locations kept per skip reason / duplicate kind
-
-
-def arrow_schema(schema: str):
-    import pyarrow as pa
-
-    s = pa.string()
-    cols = {"completion": [("prompt", s), ("completion", s)],
-            "classification": [("text", s), ("label", s)],
-            "preference": [("prompt", s), ("chosen", s), ("rejected", s)],
-            "chat": [("messages", pa.list_(pa.struct([("role", s), ("content", s)])))]}[schema]
-    return pa.schema(cols + [(c, s) for c in OPTIONAL_COLUMNS])
 
 
 @dataclass
@@ -90,47 +82,24 @@ class _Pass1:
     has_group: bool = False
 
 
-def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: str | None = None,
-                   mapping: dict[str, str] | list[str] | None = None, datasheet: str | Path | None = None,
-                   on_error: str = "fail", pii: str = "redact", seed: int = 0,
-                   splits: tuple[float, float, float] = (0.8, 0.1, 0.1), test_file: str | Path | None = None,
-                   tokenizer: str | None = None, near_dup_threshold: float = 0.8, near_dup: str = "group",
-                   split_unit: str = "row", max_row_bytes: int = MAX_ROW_BYTES,
-                   progress: Callable[[int], None] | None = None) -> Artifact:
+def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: ImportOptions | dict | None = None,
+                   *, progress: Callable[[int], None] | None = None, **overrides) -> Artifact:
     """Import ``files`` as a new version of dataset ``name``; return the ``dataset`` artifact.
 
-    schema         completion | chat | classification | preference; None = detect from the columns
-    mapping        {field: column} (or CLI items "field=column") renaming input columns to schema fields
-    datasheet      YAML with the facts a person must supply (missing required ones become gaps)
-    on_error       "fail": refuse the import on any invalid row (nothing is written);
-                   "skip": drop invalid rows, counted by reason in the dataset record and run metrics
-    pii            "redact" (replace with [TYPE]), "flag" (count only) or "fail" (an invalid row)
-    splits         train/validation/test fractions; test_file: a held-out file used as the test split
-    tokenizer      a base model ref or tokenizer folder: token-length histogram in the datasheet
-    near_dup       "group" (near-duplicates share a split) or "drop" (keep the first of each cluster)
-    split_unit     "row" (default: ``group`` is only carried for disaggregated evaluation) or "group"
-                   (rows sharing a ``group`` value, e.g. one patient or one conversation, share a split)
-    Raises InputError/ConfigError naming the file, line, field and what is wrong.
+    ``options`` (an ``ImportOptions``; its fields say what each does) with ``overrides`` applied, e.g.
+    ``import_dataset(ws, files, "tickets", on_error="skip", splits=(0.9, 0.1, 0))``. ``progress`` is
+    called with the number of rows read so far. Raises InputError/ConfigError naming the file, line,
+    field and what is wrong; a refused import writes nothing to the workspace.
     """
+    opts = build_options(options, **overrides)
     if not files:
         raise InputError("no input files given", hint="finetrace data import FILE... --name NAME")
     check_name(name)
-    if on_error not in ("fail", "skip"):
-        raise ConfigError(f"bad --on-error {on_error!r}", hint="fail or skip")
-    if pii not in piimod.PII_MODES:
-        raise ConfigError(f"bad --pii {pii!r}", hint=", ".join(piimod.PII_MODES))
-    if split_unit not in ("row", "group"):
-        raise ConfigError(f"bad split unit {split_unit!r}", field="--split-unit", hint="row or group")
-    if near_dup not in ("group", "drop"):
-        raise ConfigError(f"bad near_dup {near_dup!r}", hint="group or drop")
-    if not 0 < near_dup_threshold <= 1:
-        raise ConfigError(f"bad near-duplicate threshold {near_dup_threshold}", hint="a Jaccard similarity in (0, 1]")
-    if schema is not None and schema not in SCHEMAS:
-        raise ConfigError(f"unknown schema {schema!r}", field="--schema", hint=f"one of {', '.join(SCHEMAS)}")
-    fractions = check_fractions(splits)
-    fmap = parse_mapping(mapping)
-    given = sheets.load_given(datasheet)
+    fractions = check_fractions(opts.splits)
+    fmap = dict(opts.mapping or {})
+    given = load_given(opts.datasheet)
     detectors = piimod.detectors()
+    test_file = opts.test_file
 
     sources = []
     if test_file is not None:
@@ -140,23 +109,20 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
 
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="import-", dir=ws.cache))
-    minhasher = MinHasher(near_dup_threshold, scratch)
+    minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
-        p1, validator, n = _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher,
-                                         max_row_bytes, progress)
-        schema = validator.schema
+        p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress)
         _release_memory()
-        decisions = _decide(p1, n, minhasher, sources, fractions, seed, near_dup, schema, split_unit)
+        decisions = _decide(p1, n, minhasher, sources, fractions, opts.seed, opts.near_dup, schema, opts.split_unit)
         _release_memory()
 
-        transforms = _transforms(sources, fmap, schema, on_error, pii, detectors, near_dup_threshold,
-                                 near_dup, seed, fractions, test_file is not None, split_unit)
-        config = {"name": name, "schema": schema, "mapping": fmap, "on_error": on_error, "pii": pii,
-                  "seed": seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
-                  "tokenizer": tokenizer, "near_dup_threshold": near_dup_threshold, "near_dup": near_dup,
-                  "split_unit": split_unit,
-                  "max_row_bytes": max_row_bytes, "transforms": transforms,
-                  "finetrace_version": FINETRACE_VERSION}
+        transforms = _transforms(sources, fmap, schema, opts.on_error, opts.pii, detectors, opts.near_dup_threshold,
+                                 opts.near_dup, opts.seed, fractions, test_file is not None, opts.split_unit)
+        config = {"name": name, "schema": schema, "mapping": fmap, "on_error": opts.on_error, "pii": opts.pii,
+                  "seed": opts.seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
+                  "tokenizer": opts.tokenizer, "near_dup_threshold": opts.near_dup_threshold,
+                  "near_dup": opts.near_dup, "split_unit": opts.split_unit, "max_row_bytes": opts.max_row_bytes,
+                  "transforms": transforms, "finetrace_version": FINETRACE_VERSION}
         src_digests = []
         for s in sources:  # only now, after every row was accepted, does anything enter the workspace
             digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
@@ -164,10 +130,10 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
                                                                "bytes": ws.store.size(digest)})
             s.digest = digest
             src_digests.append(digest)
-        with ws.ledger.run("import", config=config, inputs=src_digests, seed=seed) as run:
+        with ws.ledger.run("import", config=config, inputs=src_digests, seed=opts.seed) as run:
             out = scratch / "dataset"
-            info = _write(out, scratch / "rows.parquet", p1, decisions, sources, schema, validator, given,
-                          transforms, fractions, seed, pii, near_dup_threshold, ws, tokenizer)
+            info = _write(out, scratch / "rows.parquet", p1, decisions, sources, schema, dropped, given,
+                          transforms, fractions, opts.seed, opts.pii, opts.near_dup_threshold, ws, opts.tokenizer)
             run.metrics.update({"rows_in": info["rows_in"], "rows_out": info["rows_out"],
                                 "skipped": info["skipped"], "dropped": info["dropped"],
                                 "counts": info["counts"], "pii": info["pii"]["counts"],
@@ -185,32 +151,20 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, schema: st
 
 
 # -- pass 1 -------------------------------------------------------------------------------------
-def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minhasher, max_row_bytes, progress):
-    import pyarrow as pa
+def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhasher, progress):
+    """Read, check and clean every row (in record batches, maybe in worker processes); keep only
+    8-byte arrays per row and stream the good rows to a scratch Parquet file."""
     import pyarrow.parquet as pq
 
     p1 = _Pass1()
-    validator: RowValidator | None = RowValidator(schema, fmap) if schema else None
+    schema = opts.schema
+    dropped: set = set()
     writer = None
-    buf: list[dict] = []
-    texts: list[str] = []
-    n = 0
-    total_read = 0
-
-    def flush():
-        nonlocal writer
-        if not buf:
-            return
-        if writer is None:
-            writer = pq.ParquetWriter(scratch / "rows.parquet", arrow_schema(validator.schema), compression="none")
-        writer.write_table(pa.Table.from_pylist(buf, schema=arrow_schema(validator.schema)))
-        minhasher.add(texts)
-        buf.clear()
-        texts.clear()
+    n = total_read = 0
 
     def bad(src: _Source, line: int, err: RowError):
         where = f"{src.display}:{line}"
-        if on_error == "skip":
+        if opts.on_error == "skip":
             p1.skipped[err.reason] = p1.skipped.get(err.reason, 0) + 1
             ex = p1.skipped_examples.setdefault(err.reason, [])
             if len(ex) < MAX_EXAMPLES:
@@ -220,52 +174,40 @@ def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minh
             if len(p1.errors) < MAX_REPORTED:
                 p1.errors.append((src.display, line, err))
 
-    for si, src in enumerate(sources):
-        opts = ReadOptions(max_row_bytes=max_row_bytes, display=src.display)
-        for line, rec, err in read_rows(src.path, src.fmt, opts):
-            src.rows_read += 1
-            total_read += 1
-            if progress and total_read % 10000 == 0:
-                progress(total_read)
-            if err is not None:
-                bad(src, line, err)
-                continue
-            if validator is None:
-                try:
-                    validator = RowValidator(detect_schema(parse_keys(rec, fmap)), fmap)
-                except InputError as exc:
-                    raise InputError(exc.message, file=src.display, line=line, hint=exc.hint) from None
-            row, err = validator.check(rec)
-            if err is not None:
-                bad(src, line, err)
-                continue
-            p1.normalized += normalize_row(row, validator.schema)
-            err = _pii(row, validator.schema, pii, detectors, p1, f"{src.display}:{line}")
-            if err is not None:
-                bad(src, line, err)
-                continue
-            if p1.n_errors:  # refusing anyway: keep counting errors, skip the rest of the work
-                continue
-            src.rows_valid += 1
-            p1.keys.append(exact_key(row, validator.schema, validator.required))
-            p1.source.append(si)
-            p1.line.append(line)
-            if validator.schema == "classification":
-                p1.label.append(p1.labels.setdefault(row["label"], len(p1.labels)))
-            g = row.get("group")
-            p1.group.append(-1 if g is None else p1.groups.setdefault(g, n))
-            p1.has_id |= row.get("id") is not None
-            p1.has_group |= g is not None
-            texts.append("\n".join(t for _, t in text_fields(row, validator.schema)))
-            buf.append(row)
-            n += 1
-            if len(buf) >= CHUNK_ROWS:
-                flush()
-        if src.rows_read == 0:
-            raise InputError("the file holds no rows", file=src.display, hint="nothing to import from it")
+    with workers.Pool(opts.workers, sum(_size(s.path) for s in sources), detectors) as pool:
+        for si, src in enumerate(sources):
+            if schema is None:
+                schema = _detect(src, fmap, opts)
+            if schema is None:  # no row of this file parses: each is an error, reported as it is
+                for line, _rec, err in read_rows(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)):
+                    src.rows_read += 1
+                    bad(src, line, err)
+            else:
+                ctx = Ctx(schema, fmap, opts.pii, opts.near_dup_threshold, opts.max_row_bytes,
+                          [k for k, d in piimod.DETECTORS.items() if d in detectors])
+                for res in pool.map(workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx):
+                    src.rows_read += res.rows_read
+                    total_read += res.rows_read
+                    for line, err in res.errors:
+                        bad(src, line, err)
+                    _merge_pii(p1, res, src.display)
+                    dropped |= res.extra
+                    table = res.arrow()
+                    if p1.n_errors or table is None or not table.num_rows:
+                        continue  # refusing anyway: keep counting errors, skip the rest of the work
+                    if writer is None:
+                        writer = pq.ParquetWriter(scratch / "rows.parquet", table.schema, compression="none")
+                    writer.write_table(table)
+                    minhasher.write(res.sketch, res.bands)
+                    n = _keep(p1, res, table, si, schema, n)
+                    src.rows_valid += table.num_rows
+                    if progress:
+                        progress(total_read)
+            if src.rows_read == 0:
+                raise InputError("the file holds no rows", file=src.display, hint="nothing to import from it")
+    if writer is not None:
+        writer.close()
     if p1.n_errors:
-        if writer is not None:
-            writer.close()
         file, line, err = p1.errors[0]
         more = p1.n_errors - 1
         others = "; ".join(f"{f}:{ln}" + (f" '{e.field}'" if e.field else "") + f" {e.message}"
@@ -276,15 +218,56 @@ def _validate_all(sources, schema, fmap, pii, on_error, detectors, scratch, minh
         raise InputError(msg, file=file, line=line, field=err.field,
                          hint="fix the file, or pass --on-error skip to import without invalid rows "
                               "(each is counted by reason)")
-    flush()
-    if writer is not None:
-        writer.close()
     if progress:
         progress(total_read)
     if n == 0:
         raise InputError("no valid rows to import" + (f" (skipped: {p1.skipped})" if p1.skipped else ""),
                          file=sources[0].display)
-    return p1, validator, n
+    return p1, schema, dropped, n
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _detect(src: _Source, fmap: dict, opts: ImportOptions) -> str | None:
+    """The schema from the first row that parses (None when no row does)."""
+    for line, rec, err in read_rows(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)):
+        if err is None:
+            try:
+                return detect_schema(parse_keys(rec, fmap))
+            except InputError as exc:
+                raise InputError(exc.message, file=src.display, line=line, hint=exc.hint) from None
+    return None
+
+
+def _merge_pii(p1: _Pass1, res, display: str) -> None:
+    p1.normalized += res.normalized
+    p1.pii_rows += res.pii_rows
+    for k, v in res.pii_counts.items():
+        p1.pii_counts[k] = p1.pii_counts.get(k, 0) + v
+    for line, label, kinds in res.pii_examples:
+        if len(p1.pii_examples) < MAX_EXAMPLES:
+            p1.pii_examples.append(f"{display}:{line} field '{label}': {kinds}")
+
+
+def _keep(p1: _Pass1, res, table, si: int, schema: str, n: int) -> int:
+    """Append the 8-byte per-row arrays of a batch of kept rows; return the new row count."""
+    k = table.num_rows
+    p1.keys.frombytes(np.ascontiguousarray(res.keys, np.uint64).tobytes())
+    p1.source.frombytes(np.full(k, si, np.uint16).tobytes())
+    p1.line.frombytes(np.ascontiguousarray(res.lines, np.int64).tobytes())
+    if schema == "classification":
+        labels = p1.labels
+        p1.label.extend(labels.setdefault(v, len(labels)) for v in table.column("label").to_pylist())
+    groups = table.column("group")
+    if groups.null_count == k:
+        p1.group.frombytes(np.full(k, -1, np.int64).tobytes())
+    else:
+        p1.has_group = True
+        p1.group.extend(-1 if g is None else p1.groups.setdefault(g, n + j) for j, g in enumerate(groups.to_pylist()))
+    p1.has_id |= table.column("id").null_count < k
+    return n + k
 
 
 def parse_keys(rec: dict, fmap: dict) -> list[str]:
@@ -294,30 +277,6 @@ def parse_keys(rec: dict, fmap: dict) -> list[str]:
             keys.add(f)
             keys.discard(c)
     return sorted(str(k) for k in keys)
-
-
-def _pii(row: dict, schema: str, mode: str, detectors, p1: _Pass1, where: str) -> RowError | None:
-    found = False
-    if schema == "chat":
-        fields = [(f"messages[{i}].content", m, "content") for i, m in enumerate(row["messages"])]
-    else:
-        fields = [(f, row, f) for f in ("prompt", "completion", "text", "chosen", "rejected") if f in row]
-    for label, holder, key in fields:
-        spans = piimod.scan(holder[key], detectors)
-        if not spans:
-            continue
-        if mode == "fail":
-            kinds = sorted({s.type for s in spans})
-            return RowError("pii", f"contains personal data ({', '.join(kinds)})", label)
-        found = True
-        for s in spans:
-            p1.pii_counts[s.type] = p1.pii_counts.get(s.type, 0) + 1
-        if mode == "redact":
-            holder[key] = piimod.redact(holder[key], spans)
-        if len(p1.pii_examples) < MAX_EXAMPLES:
-            p1.pii_examples.append(f"{where} field '{label}': {', '.join(sorted({s.type for s in spans}))}")
-    p1.pii_rows += found
-    return None
 
 
 def _release_memory() -> None:
@@ -398,7 +357,7 @@ def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, 
 
 
 # -- pass 2 -------------------------------------------------------------------------------------
-def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schema, validator, given,
+def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
            transforms, fractions, seed, pii, threshold, ws, tokenizer) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -443,8 +402,8 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
     measured = {"schema": schema, "rows_in": rows_in, "rows_out": rows_out, "splits": counts,
                 "labels": label_counts, "skipped": p1.skipped, "dropped": d.dropped, "duplicates": dup,
                 "pii": pii_info, "normalized_rows": p1.normalized,
-                "dropped_columns": sorted(map(str, validator.dropped)), "token_lengths": token_lengths}
-    sheet = sheets.build(given, measured)
+                "dropped_columns": sorted(map(str, dropped)), "token_lengths": token_lengths}
+    sheet = build_sheet(given, measured)
     info = {
         "format": DATASET_FORMAT, "schema": schema, "columns": keep_cols, "labels": labels,
         "counts": counts, "label_counts": label_counts, "rows_in": rows_in, "rows_out": rows_out,

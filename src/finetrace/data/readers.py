@@ -135,28 +135,100 @@ def _too_long(n: int, limit: int) -> RowError:
 def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Row]:
     with open_binary(path) as fh:
         bom = _check_start(fh, opts.display)
-        for lineno, offset, b, n in _lines(fh, opts.max_row_bytes):
-            if b is None:
-                yield lineno, None, _too_long(n, opts.max_row_bytes)
-                continue
-            try:
-                text = b.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield lineno, None, _decode_error(exc, offset + bom, b)
-                continue
-            if not text.strip():
-                continue
-            text = text.rstrip("\r\n")
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                what = _json_problem(exc, text)
-                yield lineno, None, RowError("invalid_json", f"{what}: {exc.msg.removesuffix(' at')} at column {exc.colno}")
-                continue
-            if not isinstance(value, dict):
-                yield lineno, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
-                continue
-            yield lineno, value, None
+        yield from jsonl_rows(fh, opts, 1, bom)
+
+
+def _no_duplicates(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(dup)
+    return obj
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def duplicate_key_error(exc: DuplicateKey) -> RowError:
+    return RowError("duplicate_key", f"the key {exc.key!r} appears twice in one object (JSON keeps only the "
+                    "last one, silently); keep one of them", str(exc.key))
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def jsonl_rows(fh, opts: ReadOptions, first_line: int = 1, base_offset: int = 0) -> Iterator[Row]:
+    """Rows of JSONL text from ``fh`` (after any BOM); lines and byte offsets count from the given ones."""
+    for lineno, offset, b, n in _lines(fh, opts.max_row_bytes):
+        lineno += first_line - 1
+        if b is None:
+            yield lineno, None, _too_long(n, opts.max_row_bytes)
+            continue
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, None, _decode_error(exc, offset + base_offset, b)
+            continue
+        if not text.strip():
+            continue
+        text = text.rstrip("\r\n")
+        try:
+            value = _DECODER.decode(text)
+        except json.JSONDecodeError as exc:
+            what = _json_problem(exc, text)
+            yield lineno, None, RowError("invalid_json", f"{what}: {exc.msg.removesuffix(' at')} at column {exc.colno}")
+            continue
+        except DuplicateKey as exc:
+            yield lineno, None, duplicate_key_error(exc)
+            continue
+        except RecursionError:
+            yield lineno, None, RowError("invalid_json", "the JSON is nested too deeply; flatten it")
+            continue
+        if not isinstance(value, dict):
+            yield lineno, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
+            continue
+        yield lineno, value, None
+
+
+def jsonl_chunks(path: Path, opts: ReadOptions, size: int = 4 << 20) -> Iterator[tuple[int, int, bytes | None, Row | None]]:
+    """``(first line, byte offset, block of whole lines, None)`` of a JSONL file (decompressed); a line
+    longer than ``opts.max_row_bytes`` that would straddle two blocks comes as ``(line, offset, None,
+    row error)`` and is never held whole."""
+    with open_binary(path) as fh:
+        line, offset = 1, _check_start(fh, opts.display)
+        limit = opts.max_row_bytes
+        while True:
+            block = fh.read(size)
+            if not block:
+                return
+            long_line = None
+            if not block.endswith(b"\n"):
+                cut = block.rfind(b"\n") + 1
+                part = block[cut:]
+                part += fh.readline(limit + 1 - len(part)) if len(part) <= limit else b""
+                if len(part) > limit and not part.endswith(b"\n"):
+                    n = len(part)
+                    while True:  # consume the rest of the over-long line without keeping it
+                        c = fh.readline(1 << 20)
+                        n += len(c)
+                        if not c or c.endswith(b"\n"):
+                            break
+                    block = block[:cut]
+                    long_line = (n, _too_long(n, limit))
+                else:
+                    block = block[:cut] + part
+            if block:
+                yield line, offset, block, None
+                line += block.count(b"\n")
+                offset += len(block)
+            if long_line is not None:
+                yield line, offset, None, (line, None, long_line[1])
+                line += 1
+                offset += long_line[0]
 
 
 def _json_problem(exc: json.JSONDecodeError, text: str) -> str:
@@ -172,7 +244,7 @@ def _jtype(v) -> str:
 
 def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
     """A top-level JSON array of objects, parsed element by element (never the whole array at once)."""
-    dec = json.JSONDecoder()
+    dec = _DECODER
     chunk = 1 << 20
     with open_binary(path) as fh:
         _check_start(fh, opts.display)
@@ -230,10 +302,18 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
             start_line = line
             while True:
                 try:
-                    value, end = dec.raw_decode(buf, pos)
+                    try:
+                        value, end = dec.raw_decode(buf, pos)
+                        dup = None
+                    except DuplicateKey as exc:  # find the element's end, then refuse it
+                        dup = exc
+                        value, end = json.JSONDecoder().raw_decode(buf, pos)
                     if end >= len(buf) and not eof:
                         raise json.JSONDecodeError("incomplete", buf, end)
                     break
+                except RecursionError:
+                    yield start_line, None, RowError("invalid_json", "the JSON is nested too deeply; flatten it")
+                    return
                 except json.JSONDecodeError as exc:
                     if len(buf) - pos > opts.max_row_bytes:
                         yield start_line, None, _too_long(len(buf) - pos, opts.max_row_bytes)
@@ -248,7 +328,9 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
             if pos > chunk:
                 buf, pos = buf[pos:], 0
             expect_value = False
-            if not isinstance(value, dict):
+            if dup is not None:
+                yield start_line, None, duplicate_key_error(dup)
+            elif not isinstance(value, dict):
                 yield start_line, None, RowError("not_an_object", f"expected a JSON object, got {_jtype(value)}")
             else:
                 yield start_line, value, None
@@ -338,19 +420,31 @@ def _plain_file(path: Path) -> Iterator[Path]:
         yield out
 
 
-def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Row]:
+def parquet_tables(path: Path, opts: ReadOptions, batch_rows: int = BATCH_ROWS):
+    """Arrow tables of ``batch_rows`` rows each, streamed from a Parquet file (compressed as a whole too)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with _plain_file(path) as plain:
         try:
             pf = pq.ParquetFile(plain, pre_buffer=False, buffer_size=1 << 20)
         except Exception as exc:  # pyarrow raises ArrowInvalid for a damaged footer
-            raise InputError(f"not a readable Parquet file: {exc}", file=opts.display) from None
-        n = 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            for rec in batch.to_pylist():
-                n += 1
-                yield n, rec, None
+            raise InputError(f"not a readable Parquet file: {exc}", file=opts.display,
+                             hint="re-export it, or convert it to JSONL") from None
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                yield pa.Table.from_batches([batch])
+        except (OSError, pa.ArrowException) as exc:  # a damaged page or column chunk
+            raise InputError(f"the Parquet file is damaged: {exc}", file=opts.display,
+                             hint="re-export it, or convert it to JSONL") from None
+
+
+def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Row]:
+    n = 0
+    for table in parquet_tables(path, opts):
+        for rec in table.to_pylist():
+            n += 1
+            yield n, rec, None
 
 
 def _arrow_files(folder: Path) -> list[Path]:

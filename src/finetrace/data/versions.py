@@ -50,7 +50,7 @@ def read_split(ws: Workspace, ref: str, split: str = "train"):
     _check_split(info, split)
     f = folder / f"{split}.parquet"
     if not f.exists():
-        from .importer import arrow_schema
+        from .batches import arrow_schema
 
         return arrow_schema(info["schema"]).empty_table().select(info["columns"])
     return pq.read_table(f)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from ..data.options import ImportOptions
 from ..errors import ConfigError
 from ..yamlfile import key_lines
 
@@ -35,36 +36,15 @@ class ModelStage(_Strict):
                                                "the source).")
 
 
-class DataStage(_Strict):
-    """The data import (``finetrace data import``)."""
+class DataStage(ImportOptions):
+    """The data import (``finetrace data import``): ``name``, ``files`` and every ``ImportOptions`` key."""
 
     name: str = Field(..., description="Dataset name; each distinct import is a new version name@N.")
     files: list[str] = Field(..., min_length=1, description="Input files (CSV, TSV, JSONL, JSON, Parquet), "
                                                            "relative to the pipeline file.")
-    test_file: str | None = Field(None, description="A held-out file used as the test split (then "
-                                                    "'splits' divides the other files into train/validation).")
-    schema_: Literal["classification", "completion", "chat", "preference"] | None = Field(
-        None, alias="schema", description="Row schema; null detects it from the columns.")
-    mapping: dict[str, str] | None = Field(None, description="{field: column} renaming input columns to "
-                                                             "schema fields, e.g. {text: body, label: queue}.")
-    datasheet: str | None = Field(None, description="YAML with the facts a person must supply (source, "
-                                                    "licence, collection...); missing ones become gaps.")
-    splits: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test "
-                                               "fractions (with test_file, test should be 0).")
-    seed: int = Field(0, description="Seed of the split assignment.")
-    on_error: Literal["fail", "skip"] = Field("fail", description="'fail' refuses the import on any invalid "
-                                              "row; 'skip' drops and counts invalid rows.")
-    pii: Literal["redact", "flag", "fail"] = Field("redact", description="What to do with personal data "
-                                                   "found in rows.")
-    split_unit: Literal["row", "group"] = Field("row", description="row: `group` only labels rows for "
-                                                "per-group metrics; group: rows sharing a group share a split "
-                                                "(a customer, a patient) and test groups leave training")
-    near_dup: Literal["group", "drop"] = Field("group", description="Near-duplicates share a split (group) "
-                                               "or only the first is kept (drop).")
-    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard similarity above which "
-                                      "two rows are near-duplicates (1.0: exact duplicates only).")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    def options(self) -> ImportOptions:
+        return ImportOptions.model_validate(self.model_dump(exclude={"name", "files"}, by_alias=True))
 
 
 class TrainStage(BaseModel):

@@ -108,7 +108,7 @@ def plan_data(ctx: Context):
     from .cache import file_digest
 
     inputs = {k: file_digest(p) for k, p in _data_paths(ctx).items()}
-    return ctx.cfg.data.model_dump(mode="json", by_alias=True), inputs
+    return ctx.cfg.data.model_dump(mode="json", by_alias=True, exclude={"workers"}), inputs
 
 
 def execute_data(ctx: Context, resume: bool) -> StageOutput:
@@ -116,11 +116,8 @@ def execute_data(ctx: Context, resume: bool) -> StageOutput:
 
     d = ctx.cfg.data
     try:
-        art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, schema=d.schema_,
-                             mapping=d.mapping, datasheet=ctx.cfg.path(d.datasheet), on_error=d.on_error, pii=d.pii,
-                             seed=d.seed, splits=tuple(d.splits), test_file=ctx.cfg.path(d.test_file),
-                             near_dup_threshold=d.near_dup_threshold, near_dup=d.near_dup,
-                             split_unit=d.split_unit)
+        art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, d.options(),
+                             datasheet=ctx.cfg.path(d.datasheet), test_file=ctx.cfg.path(d.test_file))
     except InputError as exc:  # the importer speaks in CLI flags; say it in pipeline keys too
         exc.hint = "; ".join(filter(None, [exc.hint, PIPELINE_DATA_HINT]))
         raise

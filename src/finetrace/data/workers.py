@@ -1,0 +1,182 @@
+"""Chunks of an input file, and the worker processes that clean them in order.
+
+``chunks(path, fmt, opts)`` cuts a file into ``batches.Chunk`` work items without holding more than a
+block: JSONL as ~4 MiB blocks of whole lines (with their first line number and byte offset), Parquet
+as Arrow tables, every other format as groups of rows from its reader. ``Pool(...).map(chunks, ctx)``
+yields ``batches.Cleaned`` results in input order, at most ``2 × workers`` chunks in flight, so memory
+stays flat in the file size; with no workers it runs each chunk in this process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .batches import Chunk, Cleaned, Ctx, process
+from .readers import ReadOptions, jsonl_chunks, parquet_tables, read_rows
+
+AUTO_MIN_BYTES = 64 << 20  # smaller inputs: start-up of workers costs more than they save
+AUTO_MAX_WORKERS = 4
+RECORDS_PER_CHUNK = 4096
+TABLE_ROWS = 8192
+
+
+def chunks(path: Path, fmt: str, opts: ReadOptions) -> Iterator[Chunk]:
+    if fmt == "jsonl":
+        for line, offset, block, row in jsonl_chunks(path, opts):
+            yield Chunk("jsonl", line, offset, block) if block is not None else Chunk("records", line, offset, [row])
+    elif fmt == "parquet":
+        row = 1
+        for table in parquet_tables(path, opts, TABLE_ROWS):
+            yield Chunk("table", row, 0, table)
+            row += table.num_rows
+    else:
+        items: list = []
+        for item in read_rows(path, fmt, opts):
+            items.append(item)
+            if len(items) >= RECORDS_PER_CHUNK:
+                yield Chunk("records", items[0][0], 0, items)
+                items = []
+        if items:
+            yield Chunk("records", items[0][0], 0, items)
+
+
+def _ipc(chunk: Chunk) -> Chunk:
+    if chunk.kind == "table" and not isinstance(chunk.payload, bytes):
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, chunk.payload.schema) as w:
+            w.write_table(chunk.payload)
+        chunk.payload = sink.getvalue().to_pybytes()
+    return chunk
+
+
+class Pool:
+    """Worker processes for ``process`` (``workers`` 0: automatic, from the input size and CPUs).
+
+    Each worker is ``python -m finetrace.data.workers``, fed pickled chunks on stdin and answering on
+    stdout (a fresh interpreter: nothing of the caller's state, threads or model is inherited, and a
+    caller's script is never re-imported). Chunks go round-robin, so results come back in input order.
+    Workers are used only when every PII detector in use is a built-in one: a detector registered at
+    run time lives in this process alone.
+    """
+
+    def __init__(self, workers: int, input_bytes: int, detectors: list):
+        from . import pii
+
+        if workers == 0:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            workers = min(AUTO_MAX_WORKERS, cpus) if input_bytes >= AUTO_MIN_BYTES and cpus > 1 else 1
+        builtin = {id(d) for d in pii.BUILTIN}
+        self.workers = workers if all(id(d) in builtin for d in detectors) else 1
+        self.procs: list = []
+
+    def __enter__(self) -> "Pool":
+        if self.workers > 1:
+            import subprocess
+            import sys
+
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_src_root(), os.environ.get("PYTHONPATH")]))}
+            self.procs = [subprocess.Popen([sys.executable, "-c", "from finetrace.data.workers import _serve; _serve()"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, env=env) for _ in range(self.workers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except Exception:
+                p.kill()
+                p.wait()
+
+    def map(self, items: Iterator[Chunk], ctx: Ctx) -> Iterator[Cleaned]:
+        if not self.procs:
+            for chunk in items:
+                yield process(chunk, ctx)
+            return
+        w = len(self.procs)
+        sent = 0
+        received = 0
+        for chunk in items:
+            if sent - received >= 2 * w:  # the oldest chunk in flight belongs to this worker
+                yield self._receive(received % w)
+                received += 1
+            _send(self.procs[sent % w].stdin, (_ipc(chunk), ctx))
+            sent += 1
+        while received < sent:
+            yield self._receive(received % w)
+            received += 1
+
+    def _receive(self, i: int) -> Cleaned:
+        ok, value = _recv(self.procs[i].stdout)
+        if not ok:
+            from ..errors import FinetraceError
+
+            raise FinetraceError(f"a data worker process failed: {value}",
+                                 hint="run the import again with --workers 1 to see the error in this process")
+        return value
+
+
+def _src_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def _send(fh, obj) -> None:
+    import pickle
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(len(data).to_bytes(8, "little") + data)
+    fh.flush()
+
+
+def _recv(fh):
+    import pickle
+
+    head = fh.read(8)
+    if len(head) < 8:
+        return False, "it exited"
+    n = int.from_bytes(head, "little")
+    return pickle.loads(fh.read(n))
+
+
+def _serve() -> None:
+    """A worker: read (chunk, ctx) frames from stdin until it closes, answer (ok, result) frames.
+
+    A thread drains stdin into a queue, so the parent never blocks writing a chunk while this
+    process is writing a result."""
+    import queue
+    import sys
+    import threading
+    import traceback
+
+    inbox: queue.Queue = queue.Queue()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def reader() -> None:
+        import pickle
+
+        while True:
+            head = stdin.read(8)
+            if len(head) < 8:
+                inbox.put(None)
+                return
+            inbox.put(pickle.loads(stdin.read(int.from_bytes(head, "little"))))
+
+    threading.Thread(target=reader, daemon=True).start()
+    while (item := inbox.get()) is not None:
+        chunk, ctx = item
+        try:
+            _send(stdout, (True, process(chunk, ctx, for_worker=True)))
+        except Exception as exc:  # reported to the parent, which raises it there
+            _send(stdout, (False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+
+
+if __name__ == "__main__":
+    _serve()
