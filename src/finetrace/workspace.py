@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from . import debris
 from .atomic import write_text
 from .errors import WorkspaceError
 from .ledger.log import Ledger, now
@@ -64,7 +66,8 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "Workspace":
+    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> "Workspace":
+        """Open a workspace; ``reclaim``: first clean what killed processes left (see ``debris.py``)."""
         root = resolve_path(path)
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
             raise WorkspaceError(f"no finetrace workspace at {root}",
@@ -74,6 +77,11 @@ class Workspace:
             raise WorkspaceError(f"{root} holds a workspace of format {fmt!r}; this finetrace reads {FORMAT}")
         ws = cls(root)
         ws.ledger.open()
+        if reclaim:
+            try:  # what SIGKILLed commands left: their runs marked interrupted, their scratch deleted
+                debris.reclaim(ws)
+            except (OSError, sqlite3.Error):
+                pass  # best effort here; `finetrace gc` reports what it cannot do
         return ws
 
     @property

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes
+from ..debris import scratch_prefix
 from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
@@ -33,12 +34,13 @@ from . import data as D
 from . import preference as P
 from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
 from .attention import segments
-from .checkpoint import Checkpointer, restore
+from .checkpoint import Checkpointer, checkpoint_folder, restore
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
 from .kernels import fuse_elementwise
 from .loss import loss_sum
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
+from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
 CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every")
@@ -159,8 +161,8 @@ def evaluate_loss(model, examples: list[D.Encoded], cfg: TrainConfig, pad_id: in
 def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
     """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
 
-    Raises ConfigError/InputError for bad configs or data, NotFoundError when ``resume`` finds no
-    checkpoint, IntegrityError for a corrupt one, KeyboardInterrupt after a signal (checkpoint saved).
+    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint
+    (``resume`` with none starts fresh, with a ``ResumeWarning``; see ``resume.py``), KeyboardInterrupt after a signal (checkpoint saved).
     """
     import torch
 
@@ -224,9 +226,14 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     weights = trainable(model)
     opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
-    ck_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ws.root / "checkpoints" / "train" / cfg.output_name
-    ckpt = Checkpointer(ck_dir, config_digest(resolved), cfg.keep_checkpoints)
-    loaded = ckpt.load() if resume else None  # every rank reads it (read-only); verified before any work
+    ckpt = Checkpointer(checkpoint_folder(ws.root, cfg.checkpoint_dir, cfg.output_name), config_digest(resolved),
+                        cfg.keep_checkpoints)
+    # every rank decides alike (read-only); a checkpoint is verified before any work
+    recorded, loaded = resume_point(ws, ckpt) if resume else (None, None)
+    if recorded is not None:
+        if world.main:
+            ckpt.clear()
+        return recorded
     ref_s = None
     if dpo:  # reference log-probabilities of the initial policy, before a checkpoint's weights are restored
         t_ref = time.perf_counter()
@@ -241,14 +248,14 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
 
     st = State()
     best: dict | None = None
-    if resume:
+    if loaded is not None:
         saved = restore(loaded, weights, opt)
         st = State(**{k: v for k, v in saved.items() if k in State.__dataclass_fields__})
         best = loaded["best"]
     elif world.main:
         ckpt.clear()
     barrier(world)
-    resumed_from = st.step if resume else None
+    resumed_from = st.step if loaded is not None else None
     counts = model_counts(model)
 
     def save_checkpoint():
@@ -357,7 +364,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                  "objective": cfg.objective, "seed": cfg.seed, "steps": st.step,
                  "final_loss": train_losses[-1] if train_losses else None, "val_loss": val_loss,
                  "config": resolved}
-        with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=".train-") as tmp:
+        with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=scratch_prefix(ws.root, ".train-")) as tmp:
             out = Path(tmp) / "adapter"
             write_output(model, tok, out, facts, base_art.digest)
             write_metrics(out / "metrics.jsonl", st.history)
