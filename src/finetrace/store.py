@@ -22,6 +22,7 @@ from typing import Iterator
 
 from .atomic import fsync_dir
 from .canonical import CHUNK, canonical_json, check_digest, sha256_bytes, sha256_file
+from .debris import scratch_prefix
 from .errors import InputError, IntegrityError, NotFoundError
 
 TREE_FORMAT = "finetrace-tree/1"
@@ -72,7 +73,7 @@ class ObjectStore:
         if not src.exists() or src.is_dir():  # a pipe or device streams in fine
             raise NotFoundError(f"no such file: {src}")
         self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=scratch_prefix(self.root.parent), suffix=".part")
         try:
             h = hashlib.sha256()
             with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
@@ -109,7 +110,7 @@ class ObjectStore:
 
     def _commit(self, digest: str, write) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=scratch_prefix(self.root.parent), suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out:
                 write(out)
@@ -190,7 +191,7 @@ class ObjectStore:
         if final.is_dir() and (final / ".finetrace-complete").is_file():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
+        build = Path(tempfile.mkdtemp(dir=final.parent, prefix=scratch_prefix(self.root.parent, ".build-")))
         try:
             for e in entries:
                 target = build / e.path

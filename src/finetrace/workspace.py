@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from . import debris
 from .atomic import write_text
 from .errors import WorkspaceError
 from .ledger.log import Ledger, now
@@ -77,7 +79,8 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "Workspace":
+    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> "Workspace":
+        """Open a workspace; ``reclaim``: first clean what killed processes left (see ``debris.py``)."""
         root = resolve_path(path)
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
             raise WorkspaceError(f"no finetrace workspace at {root}",
@@ -94,6 +97,11 @@ class Workspace:
         ws.settings = settings
         ws.ledger.open()
         ws.ledger.external_witness = ws.witness_path
+        if reclaim:
+            try:  # what SIGKILLed commands left: their runs marked interrupted, their scratch deleted
+                debris.reclaim(ws)
+            except (OSError, sqlite3.Error):
+                pass  # best effort here; `finetrace gc` reports what it cannot do
         return ws
 
     @property

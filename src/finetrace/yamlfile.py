@@ -1,50 +1,230 @@
 """Reading the YAML files users write, with errors that name the file (and line) and what to do.
 
-Shared by every YAML-driven input (train and pipeline configs, datasheets, intended-use files): one
-implementation, one behaviour.
+Shared by every YAML-driven input (train and pipeline configs, eval suites, datasheets, intended-use
+files): one implementation, one behaviour. Beyond YAML syntax it refuses, each in one line:
+
+- a binary or non-UTF-8 file (the line of the first bad byte), and files over ``MAX_BYTES``;
+- a key written twice in one mapping (PyYAML keeps the last silently; both lines are named);
+- nesting deeper than ``MAX_DEPTH`` and alias expansions ("billion laughs") over ``MAX_NODES``.
+
+    >>> doc, lines = load_yaml("train.yaml", "train config")   # lines: {"lora.r": 7, ...}
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError
+
+MAX_BYTES = 4 << 20     # a config is a few kB; anything this large is not one
+MAX_DEPTH = 50          # nesting levels of mappings/lists
+MAX_NODES = 200_000     # values after expanding aliases
+
+
+def _loader_class():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader (no Python tags) that refuses duplicate keys, naming both lines."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise _Duplicate(key_node.value, seen[key], key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+        def compose_node(self, parent, index):  # refuse deep nesting early (the composer recurses)
+            self.depth = getattr(self, "depth", 0) + 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise _Refused(f"nested more than {MAX_DEPTH} levels deep",
+                                   self.peek_event().start_mark.line + 1,
+                                   "a config is a few levels of key: value; flatten it")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, line: int, hint: str):
+        super().__init__(message)
+        self.message, self.line, self.hint = message, line, hint
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _walk(node, lines: dict[str, int]) -> None:
+    """Check depth and expanded size of a composed document; fill ``lines`` with dotted key lines."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(n, depth: int, prefix: str | None) -> int:
+        if depth > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", n.start_mark.line + 1,
+                           "a config is a few levels of key: value; flatten it")
+        if id(n) in sizes:  # an alias: counted again, walked once
+            return sizes[id(n)]
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = None
+                if prefix is not None and isinstance(k, yaml.ScalarNode):
+                    key = prefix + str(k.value)
+                    lines.setdefault(key, k.start_mark.line + 1)
+                total += size(k, depth + 1, None) + size(v, depth + 1, None if key is None else key + ".")
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(v, depth + 1, None) for v in n.value)
+        sizes[id(n)] = total
+        if total > MAX_NODES:
+            raise _Refused(f"expands to more than {MAX_NODES:,} values (aliases repeated inside aliases)",
+                           n.start_mark.line + 1, "write the values out; do not nest aliases")
+        return total
+
+    size(node, 0, "")
+
+
+def parse_text(text: str, file: str | None = None, error: type[InputError] = InputError
+               ) -> tuple[Any, dict[str, int]]:
+    """(document, {dotted key: line}) of YAML ``text``; ``error`` (naming file and line) if it is bad."""
+    import yaml
+
+    loader = None
+    try:
+        _check_brackets(text)
+        loader = _loader_class()(text)  # the reader refuses control characters here
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if node is None:
+            return None, lines
+        _walk(node, lines)
+        return loader.construct_document(node), lines
+    except _Duplicate as d:
+        raise error(f"key '{d.key}' is written twice (first at line {d.first})", file=file, line=d.second,
+                    hint="keep one of them: YAML would silently use the last") from None
+    except _Refused as exc:  # depth / size
+        raise error(exc.message, file=file, line=exc.line, hint=exc.hint) from None
+    except RecursionError:
+        raise error(f"nested too deeply to read (more than {MAX_DEPTH} levels)", file=file,
+                    hint="a config is a few levels of key: value; flatten it") from None
+    except yaml.YAMLError as exc:
+        control = isinstance(exc, yaml.reader.ReaderError)
+        raise error(f"not valid YAML: {_problem(exc)}", file=file, line=_line(exc, text),
+                    hint="remove it (inside double quotes an escape such as \\x07 is allowed)" if control
+                    else "check the indentation and quoting on that line") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_brackets(text: str) -> None:
+    """Refuse deep [ { nesting before PyYAML's scanner sees it (its cost grows with the square of it)."""
+    import itertools
+    import re
+
+    steps = [1 if c in "[{" else -1 for c in re.sub(r"[^\[\]{}]", "", text)]
+    for i, depth in enumerate(itertools.accumulate(steps)):
+        if depth > 4 * MAX_DEPTH:  # generous: brackets inside quoted text count here too
+            pos = next(m.start() for k, m in enumerate(re.finditer(r"[\[\]{}]", text)) if k == i)
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", text[:pos].count("\n") + 1,
+                           "a config is a few levels of key: value; flatten it")
+
+
+def _problem(exc) -> str:
+    import yaml
+
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"control character #x{exc.character:04x} is not allowed" if isinstance(exc.character, int) \
+            else "unreadable character"
+    parts = [p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p]
+    return ", ".join(parts) or str(exc).splitlines()[0]
+
+
+def _line(exc, text: str) -> int | None:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    pos = getattr(exc, "position", None)  # ReaderError: a character index
+    return text[:pos].count("\n") + 1 if isinstance(pos, int) else None
+
+
+def decode(raw: bytes, file: str, what: str, error: type[InputError] = InputError) -> str:
+    """The text of a YAML file's bytes (UTF-8, or UTF-16 with a byte-order mark); refuses binary files."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise error(f"the {what} is not valid UTF-16 text", file=file, hint="save it as UTF-8") from None
+    if b"\x00" in raw:
+        raise error(f"the {what} is a binary file, not YAML text", file=file,
+                    line=raw[:raw.index(b"\x00")].count(b"\n") + 1, hint=f"give the path of the YAML {what}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x})", file=file,
+                    line=raw[:exc.start].count(b"\n") + 1, hint="save it as UTF-8") from None
+
+
+def load_yaml(path: str | Path, what: str, missing_hint: str | None = None,
+              error: type[InputError] = InputError) -> tuple[Any, dict[str, int]]:
+    """(document, {dotted key: line}) of YAML file ``path``; ``error`` naming the file otherwise.
+
+    ``what`` names the file's role in messages ("train config", "datasheet"); ``error`` is the
+    InputError subclass raised (ConfigError for configs).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"no such {what}" + (" (it is a folder)" if p.is_dir() else ""), file=str(p),
+                    hint=missing_hint or f"give the path of a YAML {what}")
+    try:
+        if p.stat().st_size > MAX_BYTES:
+            raise error(f"the {what} is {p.stat().st_size:,} bytes; a YAML {what} is at most {MAX_BYTES:,}",
+                        file=str(p), hint=f"give the path of the YAML {what}, not of a data file")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read the {what}: {exc.strerror}", file=str(p)) from None
+    return parse_text(decode(raw, str(p), what, error), str(p), error)
 
 
 def key_lines(text: str) -> dict[str, int]:
     """1-based line number of each dotted key (``lora.r``) of a YAML mapping; {} if it does not parse."""
-    import yaml
-
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = prefix + str(k.value)
-                lines.setdefault(key, k.start_mark.line + 1)
-                walk(v, key + ".")
-
     try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return lines
+        return parse_text(text)[1]
+    except InputError:
+        return {}
 
 
-def read_mapping(path: str | Path, what: str, missing_hint: str | None = None) -> dict:
-    """The mapping in YAML file ``path`` (empty file: {}); InputError naming the file otherwise.
+def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
+                 error: type[InputError] = InputError) -> dict:
+    """The mapping in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
 
     ``what`` names the file's role in messages ("datasheet", "intended-use file").
     """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"no such {what}", file=str(p), hint=missing_hint)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid YAML: {exc}", file=str(p)) from None
+    doc, _ = load_yaml(path, what, missing_hint, error)
+    if doc is None:
+        return {}
     if not isinstance(doc, dict):
-        raise InputError(f"the {what} must be a mapping of key: value", file=str(p))
+        raise error(f"the {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path))
+    for key in doc:
+        if not isinstance(key, str):
+            raise error(f"key {key!r} is a {_kind(key)}, not a name", file=str(path),
+                        hint="write keys as plain names (quote them if needed)")
     return doc
+
+
+def _kind(value) -> str:
+    return {list: "list", str: "text", int: "number", float: "number", bool: "true/false"}.get(
+        type(value), type(value).__name__)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetrace.errors import IntegrityError, NotFoundError
+from finetrace.errors import IntegrityError
 from finetrace.train import load_config, train
 from finetrace.train.checkpoint import MARKER, Checkpointer
 
@@ -128,15 +128,6 @@ def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_
     w.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(IntegrityError, match="different training config"):
         train(ws, load_config(cfg_file, ["lr=0.5"]), resume=True, progress=False)
-
-
-def test_resume_without_checkpoint_is_an_error(tiny_setup):
-    from train_support import make_config
-
-    ws, _, _ = tiny_setup
-    with pytest.raises(NotFoundError, match="no complete checkpoint"):
-        train(ws, make_config(), resume=True, progress=False)
-    assert ws.ledger.runs("train") == []
 
 
 def test_checkpoint_round_trip_restores_rng_and_optimizer(tmp_path):

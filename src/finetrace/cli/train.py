@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from ..errors import FinetraceError
@@ -29,6 +31,7 @@ def register(app: typer.Typer) -> None:
         """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
         from ..train import describe, load_config, train
         from ..train.config import config_yaml
+        from ..train.resume import ResumeWarning, made_by
 
         if print_config:
             typer.echo(config_yaml(load_config(config, set_)) if config or set_ else describe(), nl=False)
@@ -38,15 +41,26 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, set_)
         ws = open_workspace()
         try:
-            art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always", ResumeWarning)
+                art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
         except KeyboardInterrupt as exc:  # typer would turn it into a silent exit
             raise Interrupted(str(exc) or "training interrupted", hint="continue with --resume") from None
-        run = ws.ledger.get_run(art.run_id)
+        finally:
+            for note in notes:
+                if issubclass(note.category, ResumeWarning):
+                    typer.echo(f"note: {note.message}", err=True)
+                else:
+                    warnings.showwarning(note.message, note.category, note.filename, note.lineno)
+        run = ws.ledger.get_run(made_by(ws, art))  # this run, not the first that made these bytes
         if json_out:
             emit_json({"artifact": art.to_dict(), "run": run.id, "metrics": run.metrics})
             return
         m = run.metrics or {}
         typer.echo(f"{art.kind} {art.ref} {art.digest}")
+        if m.get("final_loss") is None:  # a run killed after it recorded the adapter has no metrics
+            typer.echo(f"run {run.id} ({run.status})")
+            return
         typer.echo(f"run {run.id}: {m.get('steps')} steps, final loss {m.get('final_loss'):.4f}"
                    + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
                    + f", {m.get('tokens_per_s')} tokens/s, {m.get('wall_time_s')} s")

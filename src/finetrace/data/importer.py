@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import __version__ as FINETRACE_VERSION
 from ..atomic import write_text
+from ..debris import scratch_prefix
 from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.log import check_name
@@ -108,7 +109,7 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
         sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
 
     ws.cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="import-", dir=ws.cache))
+    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(ws.root, "import-"), dir=ws.cache))  # see debris.py
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
         p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress)

@@ -25,7 +25,7 @@ FORMAT_NAMES = ("auto", "openai", "sharegpt", "alpaca", "native")
 class ImportOptions(BaseModel):
     """How files are read, checked, cleaned and split (every key of ``data:`` but ``name``/``files``)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     test_file: str | None = Field(None, description="A held-out file used as the test split (then "
                                                     "'splits' divides the other files into train/validation).")

@@ -33,12 +33,12 @@ from .metrics import METRICS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class BootstrapConfig(_Strict):
-    samples: int = Field(1000, ge=10, description="Bootstrap resamples for every interval and paired test.")
-    seed: int = Field(0, description="Seed of the resampling RNG (same seed, same intervals).")
+    samples: int = Field(1000, ge=10, le=1_000_000, description="Bootstrap resamples for every interval and paired test.")
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="Seed of the resampling RNG (same seed, same intervals).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
 
 
@@ -47,7 +47,7 @@ class BiasConfig(_Strict):
     categories: list[str] | None = Field(None, description="Word-list categories to use (default: all).")
     wordlists: list[str] = Field(default_factory=list, description="Extra word-list JSON files to merge in.")
     templates: bool = Field(True, description="Wrap inputs that mention no term in the category's template.")
-    max_examples: int | None = Field(20, ge=1, description="Examples to perturb (the first N of the split).")
+    max_examples: int | None = Field(20, ge=1, le=10_000_000, description="Examples to perturb (the first N of the split).")
 
 
 class ForgettingConfig(_Strict):
@@ -82,10 +82,10 @@ class Suite(_Strict):
     metrics: list[str] | None = Field(None, description="Metrics; default by schema (classification: "
                                       "accuracy, macro_f1; others: exact_match, token_f1, rouge_l).")
     scoring: Literal["constrained", "generate"] = Field("constrained", description="Classification scoring.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
+    max_new_tokens: int = Field(64, ge=1, le=100_000, description="Generation budget per answer.")
     stop: list[str] = Field(default_factory=lambda: ["\n\n"], description="Stop strings (cut from answers).")
-    batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N examples.")
+    batch_size: int = Field(8, ge=1, le=100_000, description="Prompts per forward batch.")
+    limit: int | None = Field(None, ge=1, le=100_000_000, description="Evaluate only the first N examples.")
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     bias: BiasConfig = Field(default_factory=BiasConfig)
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
@@ -115,37 +115,32 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def parse_suite(doc: dict, source: str = "<suite>") -> Suite:
+def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None) -> Suite:
+    """Validate a mapping as a suite; errors name the key (with file and line when known)."""
     try:
         return Suite.model_validate(doc or {})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc)
+        key = ".".join(p for p in loc if not p.isdigit())
+        line = (lines or {}).get(key)
         hint = None
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(loc), n=1)
             hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else \
                 f"valid keys here: {', '.join(_fields_at(loc))}"
-            raise ConfigError(f"unknown key '{key}'", file=source, hint=hint) from None
-        raise ConfigError(f"'{key}': {err['msg']}", file=source, field=None) from None
+            raise ConfigError(f"unknown key '{key}'", file=source, line=line, hint=hint) from None
+        raise ConfigError(f"'{key}': {err['msg']} (got {err.get('input')!r:.80})", file=source, line=line,
+                          hint="see the suite keys in docs/config-reference.md") from None
 
 
 def load_suite(path: str | Path | None) -> Suite:
     """Read a suite YAML file; None gives the default suite."""
     if path is None:
         return Suite()
-    import yaml
+    from ..yamlfile import load_yaml
 
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read suite file: {exc.strerror}", file=str(p)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=str(p),
-                          line=mark.line + 1 if mark else None) from None
+    doc, lines = load_yaml(path, "suite file", error=ConfigError)
     if doc is not None and not isinstance(doc, dict):
-        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(p))
-    return parse_suite(doc or {}, str(p))
+        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(path))
+    return parse_suite(doc or {}, str(path), lines)

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import environment
+from .. import debris, environment
 from ..atomic import write_bytes
 from ..canonical import DIGEST_RE, canonical_json
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError, WorkspaceError
@@ -463,6 +463,13 @@ class Ledger:
             raise InputError(f"unknown run kind {kind!r}", hint=f"one of {', '.join(RUN_KINDS)}")
         rec = RunRecorder(self, f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
                           list(inputs))
+        debris.run_started(self.path.parent, rec.id)  # so a SIGKILLed run is found and marked interrupted
+        try:
+            yield from self._recorded(rec, kind, config, seed, environment_extra)
+        finally:
+            debris.run_ended(self.path.parent, rec.id)
+
+    def _recorded(self, rec: "RunRecorder", kind: str, config: dict, seed, environment_extra):
         self.append("run.started", {"id": rec.id, "kind": kind, "config": config, "inputs": rec.inputs,
                                     "environment": environment.capture(seed, environment_extra)})
         try:

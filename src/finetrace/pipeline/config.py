@@ -18,13 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ..data.options import ImportOptions
 from ..errors import ConfigError
-from ..yamlfile import key_lines
+from ..yamlfile import load_yaml
 
 STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelStage(_Strict):
@@ -92,7 +92,7 @@ class DeployStage(_Strict):
     ask: str | None = Field(None, description="The input to send (for classification data: a text to "
                                               "classify, wrapped in the dataset's prompt). Default: the "
                                               "first test example.")
-    max_tokens: int = Field(16, ge=1, description="Answer length budget.")
+    max_tokens: int = Field(16, ge=1, le=100_000, description="Answer length budget.")
 
 
 class PipelineConfig(_Strict):
@@ -132,15 +132,11 @@ class PipelineConfig(_Strict):
 
     def train_doc(self) -> dict:
         """The train keys: the ``config`` file's keys, then inline keys over them (no base_model/dataset)."""
-        import yaml
-
         doc: dict = {}
         if self.train.config:
             p = self.path(self.train.config)
-            if not p.is_file():
-                raise ConfigError(f"no such train config file: {p}", field="train.config",
-                                  hint="give a path relative to the pipeline file")
-            doc = yaml.safe_load(p.read_text("utf-8")) or {}
+            doc = load_yaml(p, "train config (train.config)", error=ConfigError,
+                            missing_hint="give a path relative to the pipeline file")[0] or {}
             if not isinstance(doc, dict):
                 raise ConfigError("a train config must be a mapping of key: value", file=str(p))
         doc.update({k: v for k, v in (self.train.model_extra or {}).items()})
@@ -174,7 +170,9 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
     except ValidationError as exc:
         errs = exc.errors()
         err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        from ..train.config import loc_key
+
+        key = loc_key(err["loc"])
         hint = "see docs/config-reference.md (train config)"
         if err["type"] == "extra_forbidden":
             from ..train.config import suggest
@@ -183,7 +181,7 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
         inline = key.split(".")[0] in (cfg.train.model_extra or {})
         if not inline and cfg.train.config:  # the key came from the train config file: name that file
             tfile = cfg.path(cfg.train.config)
-            where = {"file": str(tfile), "line": key_lines(tfile.read_text("utf-8")).get(key), "field": key}
+            where = {"file": str(tfile), "line": load_yaml(tfile, "train config")[1].get(key), "field": key}
         else:
             where = {"file": file, "line": (lines or {}).get(f"train.{key}"), "field": f"train.{key}"}
         raise ConfigError(("unknown key" if err["type"] == "extra_forbidden" else
@@ -192,22 +190,12 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML file; errors name the file, line and key."""
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"no such pipeline file: {p}", hint="give the path of a pipeline YAML, e.g. "
-                          "examples/clauses/pipeline.yaml")
-    text = p.read_text(encoding="utf-8")
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=str(p),
-                          line=mark.line + 1 if mark else None) from None
-    cfg = parse_pipeline(doc, file=str(p), lines=key_lines(text))
+    doc, lines = load_yaml(p, "pipeline file", error=ConfigError,
+                           missing_hint="give the path of a pipeline YAML, e.g. examples/clauses/pipeline.yaml")
+    cfg = parse_pipeline(doc, file=str(p), lines=lines)
     cfg._base_dir = p.resolve().parent
-    validate_train(cfg, str(p), key_lines(text))
+    validate_train(cfg, str(p), lines)
     return cfg
 
 
@@ -221,7 +209,9 @@ def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | No
     except ValidationError as exc:
         errs = exc.errors()
         err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(root)"
+        from ..train.config import loc_key
+
+        key = loc_key(err["loc"], PipelineConfig)
         where = {"file": file, "line": lines.get(key), "field": key}
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, _keys(PipelineConfig), n=1, cutoff=0.5)
@@ -231,3 +221,37 @@ def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | No
             raise ConfigError("required key is missing", hint="see docs/config-reference.md (pipeline)",
                               **where) from None
         raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", **where) from None
+
+
+def check_files(cfg: PipelineConfig) -> None:
+    """Read every file the pipeline names, so a missing or bad one fails before the first stage runs.
+
+    Data files must exist; the datasheet, train config, suite and intended-use files are parsed and
+    validated as their stages will. Raises ConfigError/InputError naming the key and the file.
+    """
+    from ..audit.facts import load_intended
+    from ..data.datasheet import load_given
+    from ..evaluate.suite import load_suite
+
+    src = cfg.model.source
+    if src.endswith(".gguf") or src.startswith((".", "/", "~")):
+        _must_exist(cfg, src, "model.source")
+    for f in cfg.data.files:
+        _must_exist(cfg, f, "data.files")
+    if cfg.data.test_file:
+        _must_exist(cfg, cfg.data.test_file, "data.test_file")
+    if cfg.data.datasheet:
+        load_given(_must_exist(cfg, cfg.data.datasheet, "data.datasheet", folder=False))
+    cfg.train_doc()
+    if isinstance(cfg.evaluate.suite, str):
+        load_suite(_must_exist(cfg, cfg.evaluate.suite, "evaluate.suite", folder=False))
+    if cfg.docs is not None and cfg.docs.intended_use:
+        load_intended(_must_exist(cfg, cfg.docs.intended_use, "docs.intended_use", folder=False))
+
+
+def _must_exist(cfg: PipelineConfig, rel: str, key: str, folder: bool = True) -> Path:
+    p = cfg.path(rel)
+    if not (p.is_file() or (folder and p.is_dir())):
+        raise ConfigError(f"no such file: {p}", field=key, hint="paths are relative to the pipeline file "
+                          f"({cfg.base_dir}); nothing has run yet")
+    return p

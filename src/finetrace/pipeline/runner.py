@@ -20,7 +20,7 @@ from typing import Callable
 from ..errors import ConfigError, FinetraceError
 from ..workspace import Workspace
 from . import cache
-from .config import STAGES, PipelineConfig, load_pipeline
+from .config import STAGES, PipelineConfig, check_files, load_pipeline
 from .stages import STAGE_TABLE, Context, check_gates, enabled, export_files
 
 
@@ -77,6 +77,7 @@ def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: li
     raises (its message names the file/field); the partial result is on ``exc.pipeline_result``.
     """
     cfg = pipeline if isinstance(pipeline, PipelineConfig) else load_pipeline(pipeline)
+    check_files(cfg)  # every named file, before the first stage runs
     forced = set(_check_stages(force, "--force"))
     last = _check_stages([until], "--until")[0] if until else STAGES[-1]
     ctx = Context(ws, cfg, progress=progress, echo=echo)

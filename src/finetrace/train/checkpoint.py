@@ -8,6 +8,10 @@
         state.json              step, data position, Python and NumPy RNG states (as JSON), history...
         COMPLETE                written last: format, step, SHA-256 of every file above
 
+The folder is finetrace's own: it carries an ``OWNER`` marker, and finetrace deletes only what it wrote
+there (``step-*`` and ``.build-*`` entries). A ``checkpoint_dir`` the user names gets a marked subfolder
+``finetrace-train/``; a non-empty folder that holds anything else is refused, never emptied.
+
 A checkpoint is built in a hidden temporary folder and renamed into place, so a folder named ``step-*``
 appears whole or not at all. ``latest()`` returns the newest folder with a ``COMPLETE`` marker; ``load``
 re-hashes every file against the marker, and a mismatch is an ``IntegrityError``, never a fresh start.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,10 +32,21 @@ import numpy as np
 
 from ..atomic import fsync_dir, write_bytes
 from ..canonical import canonical_json
-from ..errors import IntegrityError, NotFoundError
+from ..errors import ConfigError, IntegrityError, NotFoundError
 
 FORMAT = "finetrace-train-checkpoint/1"
 MARKER = "COMPLETE"
+OWNER = ".finetrace-checkpoints"    # marks a folder finetrace created and may prune
+SUBFOLDER = "finetrace-train"       # what finetrace owns inside a user-given checkpoint_dir
+_OURS = re.compile(r"^(step-\d{8}|\.build-.*)$")
+
+
+def checkpoint_folder(ws_root: Path, checkpoint_dir: str | None, output_name: str) -> Path:
+    """Where a run's checkpoints go: the workspace's checkpoints/train/<name>, or a marked subfolder of
+    the user's ``checkpoint_dir`` (finetrace never writes or deletes beside it)."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir).expanduser() / SUBFOLDER
+    return Path(ws_root) / "checkpoints" / "train" / output_name
 
 
 # -- RNG states as JSON ------------------------------------------------------------------------------
@@ -76,16 +92,46 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def foreign(self) -> list[str]:
+        """Entries of the folder that finetrace did not write (empty: the folder is ours or absent)."""
+        if not self.folder.exists():
+            return []
+        if not self.folder.is_dir():
+            return [self.folder.name]
+        return sorted(e.name for e in self.folder.iterdir() if e.name != OWNER and not _OURS.match(e.name))
+
+    def claim(self) -> None:
+        """Create (or adopt) the folder and mark it; ConfigError if it holds anything finetrace did not write."""
+        alien = self.foreign()
+        if alien:
+            raise ConfigError(f"checkpoint folder {self.folder} already holds files finetrace did not write "
+                              f"({', '.join(alien[:3])}{', ...' if len(alien) > 3 else ''})",
+                              field="checkpoint_dir", hint="give an empty or new folder; finetrace never "
+                              "deletes what it did not create")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / OWNER).is_file():
+            write_bytes(self.folder / OWNER, canonical_json({"format": FORMAT}))
+
     def clear(self) -> None:
-        if self.folder.is_dir():
-            shutil.rmtree(self.folder)
+        """Delete this folder's checkpoints (only what finetrace wrote; the folder too once empty)."""
+        if not self.folder.is_dir():
+            return
+        self.claim()  # refuses a folder holding foreign files, before deleting anything
+        for e in self.folder.iterdir():
+            if _OURS.match(e.name):
+                shutil.rmtree(e, ignore_errors=True)
+        (self.folder / OWNER).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # something appeared meanwhile: leave it
 
     def save(self, step: int, weights: dict, optimizer, state: dict, best: dict | None = None) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones; returns its folder."""
         import torch
         from safetensors.torch import save
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.claim()
         build = Path(tempfile.mkdtemp(dir=self.folder, prefix=".build-"))
         try:
             files = {

@@ -11,30 +11,45 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..tracking import TrackingParams
-from ..yamlfile import key_lines
+from ..yamlfile import load_yaml
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
+# Upper bounds: far beyond any sensible value, low enough that a typo (1e23) is refused, not run.
+BIG = 100_000_000
+SEED_MAX = 2**64 - 1
+SPLIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # torch.manual_seed's range
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*\-]+$")]
+# inf and nan are refused in every float (``lr: 1e400`` is inf); true/false is not a number
+STRICT_NUMBERS = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_bool(v):
+    if isinstance(v, bool):
+        raise ValueError("a number is expected, not true/false")
+    return v
 
 
 class LoraParams(BaseModel):
     """Parameters of the LoRA family (``x -> W0 x + (alpha/r) B A x``; rsLoRA scales by alpha/sqrt(r))."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_NUMBERS
 
-    r: int = Field(16, ge=1, description="Rank of the low-rank update B A.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r "
+    r: int = Field(16, ge=1, le=65536, description="Rank of the low-rank update B A.")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="Scale numerator: the update is multiplied by alpha/r "
                                                  "(alpha/sqrt(r) for rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 is fastest and exactly "
                                                         "reproducible).")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=1000)] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer of the "
                                   "decoder (the output layer excluded), chosen per architecture.")
+
+    _number = field_validator("r", "alpha", "dropout", mode="before")(lambda v: _no_bool(v))
 
 
 class DpoParams(BaseModel):
@@ -49,17 +64,19 @@ class DpoParams(BaseModel):
         hinge:    max(0, 1 - beta z)
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_NUMBERS
 
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (the KL "
+    beta: float = Field(0.1, gt=0, le=1e4, description="Strength of the pull towards the reference model (the KL "
                                                "penalty): larger keeps the adapter closer to where it started.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid", description="sigmoid (the DPO paper), ipo (squared loss on per-token averages, less prone "
                                "to overfitting) or hinge (SLiC/RSO).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference "
                                    "label is flipped (conservative DPO; sigmoid only).")
-    sft_weight: float = Field(0.0, ge=0, description="Weight of an extra NLL term on the chosen answers "
+    sft_weight: float = Field(0.0, ge=0, le=1e4, description="Weight of an extra NLL term on the chosen answers "
                               "(per chosen target token, RPO-style); 0 is plain DPO.")
+
+    _number = field_validator("beta", "label_smoothing", "sft_weight", mode="before")(lambda v: _no_bool(v))
 
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self) -> "DpoParams":
@@ -72,13 +89,13 @@ class DpoParams(BaseModel):
 class TrainConfig(BaseModel):
     """Everything a training run depends on; stored resolved with the run in the ledger."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_NUMBERS
 
     # what to train
-    base_model: str = Field(..., description="Base model artifact: name, name@N or digest.")
-    dataset: str = Field(..., description="Dataset artifact: name, name@N or digest.")
-    split: str = Field("train", description="Split of the dataset to train on.")
-    validation_split: str | None = Field("validation", description="Split used for validation loss "
+    base_model: str = Field(..., min_length=1, max_length=1000, description="Base model artifact: name, name@N or digest.")
+    dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset artifact: name, name@N or digest.")
+    split: str = Field("train", pattern=SPLIT_NAME, description="Split of the dataset to train on.")
+    validation_split: str | None = Field("validation", pattern=SPLIT_NAME, description="Split used for validation loss "
                                          "(skipped when the dataset has no such split; null to disable).")
     objective: Literal["sft", "dpo"] = Field(
         "sft", description="Training objective: 'sft' puts the loss on the target (assistant) tokens and the "
@@ -95,34 +112,34 @@ class TrainConfig(BaseModel):
     output_name: str = Field(..., description="Name of the adapter artifact written (versions are numbered).")
 
     # optimisation
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, le=100, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: off).")
+    eps: float = Field(1e-8, gt=0, le=1.0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip the global gradient norm to this, > 0 (null: off).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay "
                                                               "after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps "
+    warmup_steps: int = Field(0, ge=0, le=BIG, description="Linear warmup steps.")
+    epochs: float = Field(1.0, gt=0, le=100_000, description="Passes over the training split (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, le=BIG, description="Stop after this many optimiser steps "
                                   "(overrides epochs).")
 
     # batching and speed
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (for dpo: preference pairs, two "
+    batch_size: int = Field(8, ge=1, le=1_000_000, description="Examples per micro-batch (for dpo: preference pairs, two "
                                                  "sequences each).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step; the loss is normalised "
+    grad_accum: int = Field(1, ge=1, le=1_000_000, description="Micro-batches per optimiser step; the loss is normalised "
                             "by the real number of target tokens (dpo: of pairs) of the whole step.")
-    max_length: int = Field(1024, ge=8, description="Longest example in tokens (prompt + target); longer "
+    max_length: int = Field(1024, ge=8, le=BIG, description="Longest example in tokens (prompt + target); longer "
                             "examples are skipped and counted.")
     packing: bool = Field(True, description="Concatenate a micro-batch's examples into one row without "
                           "padding (attention never crosses examples).")
     group_by_length: bool = Field(False, description="Order examples so a step holds examples of similar "
                                   "length (shuffled in windows of 64 steps); saves padding only when packing "
                                   "is off, and makes step sizes uneven.")
-    micro_batch_tokens: int | None = Field(1024, ge=16, description="Token budget per forward pass: a "
+    micro_batch_tokens: int | None = Field(1024, ge=16, le=BIG, description="Token budget per forward pass: a "
                                            "micro-batch larger than this is split (same update, bounded "
                                            "memory; null: no limit).")
-    loss_chunk: int = Field(1024, ge=16, description="Target positions per output-layer chunk, so the full "
+    loss_chunk: int = Field(1024, ge=16, le=BIG, description="Target positions per output-layer chunk, so the full "
                             "logits tensor never exists.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                          "(less memory, ~30% slower).")
@@ -134,24 +151,40 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where to train: auto (the "
                         "GPU when CUDA sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each process "
                         "takes the GPU of its LOCAL_RANK.")
-    threads: int | None = Field(None, ge=1, description="Torch threads (default: physical cores available).")
-    seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
+    threads: int | None = Field(None, ge=1, le=4096, description="Torch threads (default: physical cores available).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of data order, initialisation and dropout (0 to 2^64-1).")
 
     # evaluation, checkpoints, logging
-    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
-    eval_max_examples: int | None = Field(256, ge=1, description="Validation examples used (null: all).")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations "
+    eval_every: int | None = Field(None, ge=1, le=BIG, description="Validation loss every N steps (and at the end).")
+    eval_max_examples: int | None = Field(256, ge=1, le=BIG, description="Validation examples used (null: all).")
+    early_stopping_patience: int | None = Field(None, ge=1, le=BIG, description="Stop after this many evaluations "
                                                 "without improvement; the best weights are kept.")
-    checkpoint_every: int | None = Field(50, ge=1, description="Save a resumable checkpoint every N steps "
+    checkpoint_every: int | None = Field(50, ge=1, le=BIG, description="Save a resumable checkpoint every N steps "
                                          "(and on SIGTERM/SIGINT).")
-    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints go (default: the workspace's "
-                                       "checkpoints/train/<output_name>).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    assumed_watts: float = Field(35.0, gt=0, description="Power assumed for the energy estimate (W).")
+    keep_checkpoints: int = Field(2, ge=1, le=10_000, description="Complete checkpoints kept on disk.")
+    checkpoint_dir: str | None = Field(None, min_length=1, description="Where checkpoints go (default: the "
+                                       "workspace's checkpoints/train/<output_name>); finetrace writes "
+                                       "only inside its own marked subfolder there.")
+    log_every: int = Field(1, ge=1, le=BIG, description="Write a metrics line every N steps.")
+    assumed_watts: float = Field(35.0, gt=0, le=1e7, description="Power assumed for the energy estimate (W).")
     tracking: TrackingParams | None = Field(None, exclude=True, description="Also report the run to MLflow "
                                             "and/or TensorBoard when it ends ({mlflow: URI, tensorboard: DIR}; "
                                             "needs finetrace[tracking]). Not part of the run's recorded config.")
+
+    @field_validator("lr", "weight_decay", "eps", "max_grad_norm", "warmup_steps", "epochs", "max_steps",
+                     "batch_size", "grad_accum", "max_length", "micro_batch_tokens", "loss_chunk", "threads",
+                     "seed", "eval_every", "eval_max_examples", "early_stopping_patience", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "assumed_watts", mode="before")
+    @classmethod
+    def _number(cls, v):
+        return _no_bool(v)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each AdamW beta is in [0, 1), e.g. [0.9, 0.999]")
+        return v
 
     @field_validator("output_name")
     @classmethod
@@ -205,14 +238,15 @@ def suggest(key: str) -> str:
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.sub=value`` -> (key.sub, YAML-parsed value)."""
-    import yaml
+    from ..errors import InputError
+    from ..yamlfile import parse_text
 
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"bad override {item!r}", hint="write --set key=value, e.g. --set lr=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = parse_text(raw)[0] if raw.strip() else None
+    except InputError:
         value = raw
     return key.strip(), value
 
@@ -238,7 +272,7 @@ def build_config(doc: dict, *, file: str | None = None, lines: dict[str, int] | 
         return TrainConfig.model_validate(doc)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(root)"
+        key = loc_key(err["loc"])
         where = {"file": file, "line": lines.get(key), "field": key}
         if err["type"] == "extra_forbidden":
             raise ConfigError("unknown key", hint=suggest(key), **where) from None
@@ -248,38 +282,52 @@ def build_config(doc: dict, *, file: str | None = None, lines: dict[str, int] | 
         raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", hint=_description(key), **where) from None
 
 
+def loc_key(loc: tuple, model: type[BaseModel] | None = TrainConfig) -> str:
+    """The dotted key a pydantic error location points at (list indices and union branches dropped)."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        if model is None:  # inside a plain field (a union branch, a list item): the field is the key
+            break
+        parts.append(str(p))
+        info = model.model_fields.get(str(p))
+        if info is None:  # an unknown key
+            break
+        model = _model_of(info.annotation)
+    return ".".join(parts) or "(root)"
+
+
+def _model_of(ann) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``Section`` or ``Section | None``), else None."""
+    for cand in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
+
+
 def _description(key: str) -> str:
-    model: type[BaseModel] = TrainConfig
-    parts = key.split(".")
-    for i, p in enumerate(parts):
-        info = model.model_fields.get(p)
+    model: type[BaseModel] | None = TrainConfig
+    info = None
+    for p in key.split("."):
+        info = model.model_fields.get(p) if model is not None else None
         if info is None:
             return ""
-        if i < len(parts) - 1:
-            model = info.annotation  # type: ignore[assignment]
+        model = _model_of(info.annotation)
     return info.description or ""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config (or start empty) and apply ``key=value`` overrides (dotted keys)."""
-    import yaml
-
     doc: dict = {}
     lines: dict[str, int] = {}
     file = None
     if path is not None:
-        p = Path(path)
-        file = str(p)
-        if not p.is_file():
-            raise ConfigError(f"no such config file: {p}", hint="give the path of a YAML file")
-        text = p.read_text(encoding="utf-8")
-        try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file,
-                              line=mark.line + 1 if mark else None) from None
-        lines = key_lines(text)
+        file = str(path)
+        doc, lines = load_yaml(path, "train config", error=ConfigError)
+        doc = {} if doc is None else doc
+        if not isinstance(doc, dict):
+            raise ConfigError("a training config must be a mapping of key: value", file=file)
     for item in overrides:
         key, value = parse_override(item)
         if key not in field_names():

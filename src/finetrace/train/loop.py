@@ -26,17 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes
+from ..debris import scratch_prefix
 from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
 from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
-from .checkpoint import Checkpointer, restore
+from .checkpoint import Checkpointer, checkpoint_folder, restore
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
 from .kernels import fuse_elementwise
 from .objective import make_objective
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
+from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
 CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every")
@@ -279,8 +281,9 @@ def _validate(lp: Loop, st: State, best: dict | None) -> dict | None:
 def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
     """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
 
-    Raises ConfigError/InputError for bad configs or data, NotFoundError when ``resume`` finds no
-    checkpoint, IntegrityError for a corrupt one, KeyboardInterrupt after a signal (checkpoint saved).
+    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint
+    (``resume`` with none starts fresh, with a ``ResumeWarning``; see ``resume.py``), KeyboardInterrupt
+    after a signal (checkpoint saved).
     """
     import torch
 
@@ -298,21 +301,26 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     weights = trainable(model)
     opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
-    ck_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else ws.root / "checkpoints" / "train" / cfg.output_name
-    ckpt = Checkpointer(ck_dir, config_digest(inp.resolved), cfg.keep_checkpoints)
-    loaded = ckpt.load() if resume else None  # every rank reads it (read-only); verified before any work
+    ckpt = Checkpointer(checkpoint_folder(ws.root, cfg.checkpoint_dir, cfg.output_name),
+                        config_digest(inp.resolved), cfg.keep_checkpoints)
+    # every rank decides alike (read-only); a checkpoint is verified before any work
+    recorded, loaded = resume_point(ws, ckpt) if resume else (None, None)
+    if recorded is not None:
+        if world.main:
+            ckpt.clear()
+        return recorded
     obj.prepare(model, train_ex, val_ex, [i for s in steps for i in s], world)  # before weights are restored
 
     st = State()
     best: dict | None = None
-    if resume:
+    if loaded is not None:
         saved = restore(loaded, weights, opt)
         st = State(**{k: v for k, v in saved.items() if k in State.__dataclass_fields__})
         best = loaded["best"]
     elif world.main:
         ckpt.clear()
     barrier(world)
-    resumed_from = st.step if resume else None
+    resumed_from = st.step if loaded is not None else None
     lp = Loop(cfg, model, obj, weights, opt, lengths, steps, model_counts(model), world)
 
     recording = ws.ledger.run("train", config=inp.resolved, inputs=inp.digests, seed=cfg.seed,
@@ -385,7 +393,7 @@ def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, met
              "objective": cfg.objective, "seed": cfg.seed, "steps": st.step,
              "final_loss": train_losses[-1] if train_losses else None, "val_loss": val_loss,
              "config": inp.resolved}
-    with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=".train-") as tmp:
+    with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=scratch_prefix(ws.root, ".train-")) as tmp:
         out = Path(tmp) / "adapter"
         write_output(lp.model, tok, out, facts, base_art.digest)
         write_metrics(out / "metrics.jsonl", st.history)
