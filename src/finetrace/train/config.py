@@ -163,14 +163,22 @@ class TrainConfig(BaseModel):
 
 
 # -- loading -------------------------------------------------------------------------------------
+def _model_of(ann) -> type[BaseModel] | None:
+    """The config model behind an annotation (``X`` or ``X | None``), else None."""
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def field_names(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
     """Every valid dotted key."""
     out = []
     for name, info in model.model_fields.items():
         out.append(prefix + name)
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += field_names(ann, prefix + name + ".")
+        sub = _model_of(info.annotation)
+        if sub is not None:
+            out += field_names(sub, prefix + name + ".")
     return out
 
 
@@ -256,7 +264,9 @@ def _description(key: str) -> str:
         if info is None:
             return ""
         if i < len(parts) - 1:
-            model = info.annotation  # type: ignore[assignment]
+            model = _model_of(info.annotation)  # type: ignore[assignment]
+            if model is None:
+                return ""
     return info.description or ""
 
 
