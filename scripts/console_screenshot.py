@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             shots = [screenshot(url + "/", out, args.width, args.height)]
             if adapters:
                 shots.append(screenshot(f"{url}/lineage?ref={adapters[-1].digest}",
-                                        out.with_name(out.stem + "_lineage.png"), 1600, 480))
+                                        out.with_name(out.stem + "_lineage.png"), 2100, 420))
     for png in shots:
         size = png.stat().st_size
         print(f"{png} {size / 1000:.0f} KB")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install finetrace and its dependencies into ./.venv (idempotent; safe to run again).
+# Install finetrace, its dev and tracking extras into ./.venv (idempotent; safe to run again).
 # torch is installed first, pinned to the CPU build, so pip never resolves a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
 fi
 stamp=.venv/.finetrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracking]"   # tracking: MLflow/TensorBoard tests
   touch "$stamp"
 fi
 # A headless browser and PDF tools for the report/page screenshot tests (Debian's packages); best effort.

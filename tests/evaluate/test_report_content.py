@@ -65,7 +65,9 @@ def test_page_opens_with_the_failed_gate_then_confusion_and_mistakes():
     rep = _report(passed_gate=False)
     html = render_html(rep)
     assert html.index('id="verdict"') < html.index("<h2>Metrics</h2>") < html.index('class="confusion"')
-    assert "A gate FAILED" in html and 'class="gate-failed"' in html
+    tuned_acc = rep["models"][1]["metrics"]["accuracy"]["value"]
+    assert f"A gate FAILED:\nclauses-lora@1 min_metric:accuracy {tuned_acc:.3f} (needs &gt;= 0.990)" in html
+    assert 'class="gate-failed"' in html
     assert html.count('class="confusion"') == 2 and html.count('class="per-class"') == 2  # base and tuned
     # inputs are shown escaped, never as markup
     assert "<b>text</b>" not in html and "&lt;b&gt;text&lt;/b&gt;" in html

@@ -130,8 +130,9 @@ def eval_results(report: dict) -> dict[str, list[dict]]:
     """The Hugging Face ``.eval_results/`` files of a report: ``{file name: [entries]}``.
 
     One file per evaluated adapter (``<suite>.yaml``, or ``<suite>-<adapter name>.yaml`` when a report
-    compares several), one entry per metric: ``dataset: {id, task_id}``, ``value``, ``date``,
-    ``source: {name, url}`` and ``notes`` naming the split, the metric and the ledger run.
+    compares several), one entry per metric: ``dataset: {id, task_id}`` (the finetrace dataset ref and
+    ``split/metric``), ``value`` (percent), ``date``, ``source: {name}`` and ``notes`` naming the split, the
+    interval and the ledger run. Add a ``source.url`` (where the report is published) before uploading.
     """
     suite = report["suite"]["name"]
     ds = report["dataset"]
@@ -143,7 +144,7 @@ def eval_results(report: dict) -> dict[str, list[dict]]:
             "dataset": {"id": ds["ref"], "task_id": f"{ds['split']}/{metric}"},
             "value": round(float(m["metrics"][metric]["value"]) * 100, 2),
             "date": report.get("date") or "",
-            "source": {"name": "finetrace eval report", "url": f"finetrace://{report['run_id']}"},
+            "source": {"name": f"finetrace eval report (ledger run {report['run_id']})"},
             "notes": (f"{metric} (percent) on {ds['n']} examples of split {ds['split']}, "
                       f"{report['suite']['bootstrap']['confidence']:.0%} CI "
                       f"[{m['metrics'][metric]['ci'][0] * 100:.1f}, {m['metrics'][metric]['ci'][1] * 100:.1f}]; "

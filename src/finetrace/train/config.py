@@ -196,14 +196,22 @@ class TrainConfig(BaseModel):
 
 
 # -- loading -------------------------------------------------------------------------------------
+def _model_of(ann) -> type[BaseModel] | None:
+    """The config model behind an annotation (``X`` or ``X | None``), else None."""
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def field_names(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
     """Every valid dotted key."""
     out = []
     for name, info in model.model_fields.items():
         out.append(prefix + name)
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += field_names(ann, prefix + name + ".")
+        sub = _model_of(info.annotation)
+        if sub is not None:
+            out += field_names(sub, prefix + name + ".")
     return out
 
 
@@ -296,14 +304,6 @@ def loc_key(loc: tuple, model: type[BaseModel] | None = TrainConfig) -> str:
             break
         model = _model_of(info.annotation)
     return ".".join(parts) or "(root)"
-
-
-def _model_of(ann) -> type[BaseModel] | None:
-    """The pydantic model a field holds (``Section`` or ``Section | None``), else None."""
-    for cand in (ann, *getattr(ann, "__args__", ())):
-        if isinstance(cand, type) and issubclass(cand, BaseModel):
-            return cand
-    return None
 
 
 def _description(key: str) -> str:

@@ -134,6 +134,9 @@ def register_pages(app: FastAPI, page, workspace) -> None:
     def view_file(ref: str, path: str, ws: Workspace = ws_dep):
         art = ws.ledger.resolve(ref)
         name, data = views.read_file(ws, art.digest, path)
+        if not name.endswith(views.TEXT_SUFFIXES):
+            return page("document.html", title=f"{art.ref}: {name}", art=art, path=name, front=None, rendered=None,
+                        text=f"({len(data)} bytes, not text: open the raw file)")
         text = data.decode("utf-8", errors="replace")
         front, body = (split_front_matter(text) if name.endswith(".md") else (None, text))
         rendered = Markup(markdown_body(body)) if name.endswith(".md") else None

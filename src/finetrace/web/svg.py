@@ -154,7 +154,7 @@ def lineage_svg(graph: dict, root: str, hrefs: dict[str, str]) -> Markup:
         ref = a["ref"] if a["ref"] != d else d[:19] + "…"
         labels[d] = (a["kind"], a["kind"].replace("_", " "), ref)
     for rid, r in graph["runs"].items():
-        labels[rid] = ("run", f"run: {r['kind']} [{r['status']}]", rid[-22:])
+        labels[rid] = ("run", f"{r['kind']} run · {r['status']}", rid[-22:])
     for pid, a in graph.get("answers", {}).items():
         labels[pid] = ("answer", "answer", pid[:22])
     edges = [tuple(e) for e in graph["edges"]]
