@@ -27,8 +27,7 @@ def _check_text(value: Any, path: str) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InputError(f"{path or 'the request'} is not valid Unicode (a lone surrogate at character "
-                             f"{exc.start})", hint="send UTF-8 text; escape pairs like \\ud83d\\ude00 must "
+            raise InputError(f"text is not valid Unicode (a lone surrogate at character {exc.start})", hint="send UTF-8 text; escape pairs like \\ud83d\\ude00 must "
                              "come in pairs", field=path or None) from None
     elif isinstance(value, dict):
         for k, v in value.items():
