@@ -140,17 +140,12 @@ def scenario(zygote, base, tmp_path, kind: str, check):
     assert len(set(points)) == POINTS and points[-1] <= count["events"]
     seen = []
     for n in points:
-        import time
-        t0 = time.time()
         root = fresh_copy(base, tmp_path / f"kill-{n}")
         rc, got = zygote.run(kind, root, n)
-        print("child", n, time.time() - t0, file=sys.stderr)
         assert rc == -9 and got["killed"] and got["events"] == n, (n, got)
         seen.append(got["last"])
         ws = check_after_kill(root, kind)
-        print("check0", n, time.time() - t0, file=sys.stderr)
         assert check(ws, want) == want, f"killed at event {n} ({got['last']})"
-        print("check", n, time.time() - t0, file=sys.stderr)
         ws.close()
     return seen
 
@@ -170,7 +165,6 @@ def test_sigkill_during_import_at_10_points(zygote, base, tmp_path):
         return again.digest
 
     seen = scenario(zygote, base, tmp_path, "import", check)
-    print("\n".join(seen))
     assert any("ledger.append run.started" in s for s in seen) or any("import-" in s for s in seen), seen
 
 
@@ -192,5 +186,4 @@ def test_sigkill_during_train_at_10_points(zygote, base, tmp_path):
         return train(ws, cfg, resume=True, progress=False).digest  # resumes, starts fresh, or recognises
 
     seen = scenario(zygote, base, tmp_path, "train", check)
-    print("\n".join(seen))
     assert any("step-" in s or "checkpoints" in s for s in seen), seen
