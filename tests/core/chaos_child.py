@@ -82,6 +82,7 @@ def scenario(kind: str, root: str) -> None:
 
 
 def child(kind: str, root: str, kill_at: int, count_file: str) -> None:
+    signal.alarm(180)  # bounded: a hung child dies by SIGALRM (the test then fails with rc -14)
     counter = Counter(os.path.realpath(root), kill_at, count_file)
     wrap_ledger(counter)
     sys.addaudithook(counter.audit)
