@@ -9,6 +9,7 @@ names what it leaves behind after that lock::
                                    until after run.finished)
     <ws>/cache/import-<token>-*    import scratch        <ws>/cache/.train-<token>-*   adapter being written
     <ws>/objects/tmp/<token>-*.part  object being stored <ws>/cache/trees/.build-<token>-*  materialising
+    <ws>/checkpoints/train/*/.build-<token>-*   a checkpoint being written or deleted
 
 ``reclaim(ws)`` (run by ``Workspace.open``, so on the next start of any command, and by ``finetrace gc``)
 appends ``run.finished`` with status ``interrupted`` for each run whose process is dead, and deletes the
@@ -31,7 +32,8 @@ from pathlib import Path
 _HELD: dict[tuple[int, str], tuple[str, int]] = {}   # (pid, workspace root) -> (token, lock fd)
 _TOKEN = re.compile(r"^(?:import-|\.train-|\.build-)?([0-9a-f]{12})-")
 # (folder under the workspace, name prefix) of every kind of scratch entry
-SCRATCH = (("cache", "import-"), ("cache", ".train-"), ("objects/tmp", ""), ("cache/trees", ".build-"))
+SCRATCH = (("cache", "import-"), ("cache", ".train-"), ("objects/tmp", ""), ("cache/trees", ".build-"),
+           ("checkpoints/train/*", ".build-"))
 
 
 def _locks(root: Path) -> Path:
@@ -157,8 +159,7 @@ def reclaim(ws, *, unowned: bool = False, dry_run: bool = False) -> Reclaimed:
         out.unowned = [r for (r,) in ws.ledger.conn.execute("SELECT id FROM runs WHERE status='running' "
                                                             "ORDER BY seq") if r not in owned_runs]
     for sub, prefix in SCRATCH:
-        folder = root / sub
-        for e in sorted(folder.iterdir()) if folder.is_dir() else []:
+        for e in sorted(e for folder in root.glob(sub) if folder.is_dir() for e in folder.iterdir()):
             if not e.name.startswith(prefix) or (sub == "objects/tmp" and not e.name.endswith(".part")):
                 continue
             m = _TOKEN.match(e.name)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 
 from ..atomic import fsync_dir, write_bytes
 from ..canonical import canonical_json
+from ..debris import scratch_prefix
 from ..errors import ConfigError, IntegrityError, NotFoundError
 
 FORMAT = "finetrace-train-checkpoint/1"
@@ -75,10 +77,14 @@ def _sha(path: Path) -> str:
 class Checkpointer:
     """Checkpoints of one training configuration in ``folder``."""
 
-    def __init__(self, folder: Path, config_digest: str, keep: int = 2):
+    def __init__(self, folder: Path, config_digest: str, keep: int = 2, workspace: Path | None = None):
         self.folder = Path(folder)
         self.config_digest = config_digest
         self.keep = keep
+        self.workspace = workspace  # whose lock names this process's scratch (see debris.py)
+
+    def _build_prefix(self) -> str:
+        return scratch_prefix(self.workspace, ".build-") if self.workspace else ".build-"
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -117,8 +123,10 @@ class Checkpointer:
         if not self.folder.is_dir():
             return
         self.claim()  # refuses a folder holding foreign files, before deleting anything
-        for e in self.folder.iterdir():
-            if _OURS.match(e.name):
+        for e in sorted(self.folder.iterdir()):
+            if e.name.startswith("step-") and _OURS.match(e.name):
+                self._discard(e)
+            elif _OURS.match(e.name):
                 shutil.rmtree(e, ignore_errors=True)
         (self.folder / OWNER).unlink(missing_ok=True)
         try:
@@ -132,7 +140,7 @@ class Checkpointer:
         from safetensors.torch import save
 
         self.claim()
-        build = Path(tempfile.mkdtemp(dir=self.folder, prefix=".build-"))
+        build = Path(tempfile.mkdtemp(dir=self.folder, prefix=self._build_prefix()))
         try:
             files = {
                 "weights.safetensors": save({k: v.detach().cpu().contiguous() for k, v in weights.items()}),
@@ -151,15 +159,22 @@ class Checkpointer:
             write_bytes(build / MARKER, canonical_json(marker))  # last: the folder is now complete
             final = self.folder / f"step-{step:08d}"
             if final.exists():
-                shutil.rmtree(final)
+                self._discard(final)
             build.rename(final)
             fsync_dir(self.folder)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
         for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
         return final
+
+    def _discard(self, step: Path) -> None:
+        """Delete a checkpoint: renamed out of the step-* namespace first, so a kill midway never leaves a
+        step-* folder without its marker (the renamed remains are scratch, removed by ``clear``)."""
+        doomed = Path(tempfile.mkdtemp(dir=self.folder, prefix=self._build_prefix()))
+        os.replace(step, doomed / step.name)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, path: Path | None = None) -> dict:
         """Verify and read a checkpoint (default: the newest complete one)."""

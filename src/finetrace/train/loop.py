@@ -302,7 +302,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
     ckpt = Checkpointer(checkpoint_folder(ws.root, cfg.checkpoint_dir, cfg.output_name),
-                        config_digest(inp.resolved), cfg.keep_checkpoints)
+                        config_digest(inp.resolved), cfg.keep_checkpoints, ws.root)
     # every rank decides alike (read-only); a checkpoint is verified before any work
     recorded, loaded = resume_point(ws, ckpt) if resume else (None, None)
     if recorded is not None:
