@@ -142,6 +142,11 @@ def test_witness_defaults_outside_the_workspace_and_can_be_configured(tmp_path, 
     b.checkpoint()
     assert json.loads((tmp_path / "env.json").read_text())["checkpoint"]["size"] == 2
     b.close()
+    monkeypatch.delenv("FINETRACE_WITNESS")
+    from finetrace.cli import main
+
+    assert main(["init", str(tmp_path / "c"), "--witness", str(tmp_path / "auditor" / "c.json")]) == 0
+    assert json.loads((tmp_path / "auditor" / "c.json").read_text())["workspace"] == str(tmp_path / "c")
 
 
 def _cli(capsys, *args):

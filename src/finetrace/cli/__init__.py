@@ -8,6 +8,7 @@ error's exit code here, at the edge, and nowhere else.
 from __future__ import annotations
 
 import importlib
+import sqlite3
 import sys
 
 import typer
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except FinetraceError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
+    except sqlite3.DatabaseError as exc:  # damage found after the ledger opened (a corrupt page)
+        typer.echo(f"error: a database is damaged (SQLite: {exc}); restore it from a backup and run "
+                   "`finetrace verify`", err=True)
+        return 3
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130

@@ -22,6 +22,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..canonical import DIGEST_RE
 from ..errors import IntegrityError
 from . import merkle, witness
 from .log import Checkpoint, Ledger
@@ -219,9 +220,10 @@ def verify_reports(ws, report: VerifyReport) -> None:
         if not p.is_file():
             continue
         n += 1
-        if p.name == ".finetrace-complete":  # a materialised folder's marker (store.py): it names the folder
-            if not ws.store.has(p.read_text().strip()):
-                report.problems.append(f"{p.relative_to(ws.root)} names no stored folder")
+        if p.name == ".finetrace-complete":  # a materialised folder's marker: it names a stored tree
+            named = p.read_text("utf-8", "replace").strip()
+            if not (DIGEST_RE.match(named) and ws.store.has(named)):
+                report.problems.append(f"{p.relative_to(ws.root)} names no folder in the store: it was edited")
             continue
         h = hashlib.sha256()
         with open(p, "rb") as fh:

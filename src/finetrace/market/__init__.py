@@ -10,6 +10,15 @@ Entry points: ``finetrace market serve|add-user|add-base|publish|search|pull``.
 """
 
 from .checks import REQUIRED_DOCUMENTS, Limits, Refused
-from .registry import Registry, Settings
+
+
+def __getattr__(name: str):
+    # the registry (SQLAlchemy) loads only when asked for: a client publish or pull does not need it
+    if name in ("Registry", "Settings"):
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["REQUIRED_DOCUMENTS", "Limits", "Refused", "Registry", "Settings"]

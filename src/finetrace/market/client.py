@@ -263,6 +263,31 @@ def search(registry: str, query: str = "", **filters) -> dict:
 
 
 # -- pulling -------------------------------------------------------------------------------------
+def _pull_scratch(ws: Workspace) -> Path:
+    """A fresh ``cache/.pull-<pid>-*`` folder; those of pulls whose process is gone (killed) are removed."""
+    import os
+
+    cache = ws.root / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for old in cache.glob(".pull-*"):
+        pid = old.name.split("-")[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=cache, prefix=f".pull-{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), accept_license: bool = False,
          name: str | None = None) -> Artifact:
     """Download, verify and record package ``ref`` as an ``adapter`` artifact (see the module docstring)."""
@@ -291,7 +316,7 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
                                 hint="add that exact base model first (`finetrace models add`)") from None
         if base_art.kind != "base_model":
             raise InputError(f"{base_digest} is a {base_art.kind} here, not a base model")
-        tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".pull-"))
+        tmp = _pull_scratch(ws)
         try:
             for f in manifest["files"]:
                 check_path(f["path"])
