@@ -68,6 +68,25 @@ class DpoParams(BaseModel):
         return self
 
 
+class QuantParams(BaseModel):
+    """A quantised frozen base through bitsandbytes (extra ``finetrace[quant]``); LoRA trains in full precision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] | None = Field(None, description="Quantise the frozen base to 4 bits (QLoRA, what "
+                                       "method: qlora sets) or 8 bits (LLM.int8); null keeps it at 'dtype'.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, the QLoRA "
+                                              "paper's) or fp4.")
+    double_quant: bool = Field(True, description="Quantise the 4-bit blocks' scales too (~0.4 bit per weight "
+                                                 "saved).")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Dtype the quantised layers compute in (and the unquantised weights are kept in): "
+                            "auto is float32 on a CPU, bfloat16 on CUDA; recorded with the run.")
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
 class TrainConfig(BaseModel):
     """Everything a training run depends on; stored resolved with the run in the ledger."""
 
@@ -85,7 +104,10 @@ class TrainConfig(BaseModel):
                            "from preference pairs (prompt, chosen, rejected) with the 'dpo' parameters.")
     method: Literal["lora", "rslora", "dora", "full", "qlora"] = Field(
         "lora", description="lora, rslora, dora (all through peft), full (every weight, a reference), or "
-                            "qlora (needs a 4-bit backend; not available on CPU).")
+                            "qlora (LoRA on a 4-bit NF4 base with double quantisation, through bitsandbytes: "
+                            "extra finetrace[quant]).")
+    quantization: QuantParams = Field(default_factory=QuantParams, validate_default=True, description="Quantised base (bitsandbytes): "
+                                      "bits 4 or 8 for lora, rslora, dora; qlora sets bits 4.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA-family parameters.")
     dpo: DpoParams = Field(default_factory=DpoParams, description="DPO parameters (used when objective is "
                                                                   "dpo).")
@@ -134,6 +156,10 @@ class TrainConfig(BaseModel):
                         "GPU when CUDA sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each process "
                         "takes the GPU of its LOCAL_RANK.")
     threads: int | None = Field(None, ge=1, description="Torch threads (default: physical cores available).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (every process holds the whole model; gradients summed) or fsdp "
+                           "(PyTorch FSDP2 fully_shard: base, adapter and optimiser state sharded across "
+                           "processes). One process: ignored.")
     seed: int = Field(0, description="Seed of data order, initialisation and dropout.")
 
     # evaluation, checkpoints, logging
@@ -148,6 +174,19 @@ class TrainConfig(BaseModel):
                                        "checkpoints/train/<output_name>).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     assumed_watts: float = Field(35.0, gt=0, description="Power assumed for the energy estimate (W).")
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_fits_method(cls, q: QuantParams, info) -> QuantParams:
+        method = info.data.get("method")
+        if method == "qlora":
+            if q.bits == 8:
+                raise ValueError("method: qlora is a 4-bit base; for an 8-bit base write method: lora with "
+                                 "quantization.bits: 8")
+            q.bits = 4
+        elif q.bits is not None and method == "full":
+            raise ValueError("a quantised base cannot be fine-tuned in full; use method: lora (or qlora)")
+        return q
 
     @field_validator("output_name")
     @classmethod
