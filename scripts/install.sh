@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
 fi
 stamp=.venv/.finetrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracking]"   # tracking: MLflow/TensorBoard tests
+  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracking,quant]"   # tracking: MLflow/TensorBoard tests; quant: bitsandbytes, for method: qlora
   touch "$stamp"
 fi
 # A headless browser and PDF tools for the report/page screenshot tests (Debian's packages); best effort.

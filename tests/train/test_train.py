@@ -9,7 +9,7 @@ import torch
 from train_support import make_config
 from safetensors.torch import load_file
 
-from finetrace.errors import ConfigError, DependencyError
+from finetrace.errors import ConfigError
 from finetrace.train import train
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "finetrace_adapter.json", "metrics.jsonl",
@@ -113,12 +113,6 @@ def test_other_methods_train(tiny_setup, method):
     else:
         cfg = json.loads((folder / "adapter_config.json").read_text())
         assert cfg["use_rslora"] == (method == "rslora") and cfg["use_dora"] == (method == "dora")
-
-
-def test_qlora_says_unavailable(tiny_setup):
-    ws, _, _ = tiny_setup
-    with pytest.raises(DependencyError, match="4-bit"):
-        train(ws, make_config(method="qlora"), progress=False)
 
 
 def test_init_from_continues_an_adapter(tiny_setup):

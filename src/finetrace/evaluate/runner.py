@@ -131,9 +131,14 @@ def _load_adapters(model, ws: Workspace, adapters: list[Artifact]):
 
 def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             suite: Suite | str | Path | None = None, name: str | None = None,
-            progress: bool = False) -> Artifact:
-    """Evaluate the base and each adapter on the same examples; one report, one verdict per adapter."""
+            progress: bool = False, quantized_base: bool = True) -> Artifact:
+    """Evaluate the base and each adapter on the same examples; one report, one verdict per adapter.
+
+    Adapters trained on a quantised base (QLoRA, 8-bit) are evaluated on that base unless
+    ``quantized_base`` is False; the report's ``base_model.quantization`` says which.
+    """
     from ..models import load_model
+    from ..models.quant import adapters_quantization
 
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     base_art = ws.ledger.resolve(model_ref, kind="base_model")
@@ -143,6 +148,7 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
         if want and want != base_art.digest:
             raise InputError(f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
                              hint="pass --model with the adapter's base model")
+    quant = adapters_quantization(ad_arts) if quantized_base else None  # the base they were trained on
     es = load_eval_set(ws, data_ref, suite.split, suite.limit)
     metrics = _metrics_for(suite, es)
     categories = None
@@ -157,10 +163,10 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
     suite_digest = ws.store.put_bytes(suite.canonical())
     config = {"suite": suite.to_dict(), "suite_digest": suite_digest, "model": base_art.digest,
               "adapters": [a.digest for a in ad_arts], "dataset": es.artifact.digest, "split": es.split,
-              "metrics": metrics}
+              "metrics": metrics, **({"base_quantization": quant} if quant else {})}
     inputs = [base_art.digest, *[a.digest for a in ad_arts], es.artifact.digest, suite_digest]
     with ws.ledger.run("evaluate", config, inputs=inputs, seed=suite.bootstrap.seed) as run:
-        model, tok, _ = load_model(ws, base_art.digest)
+        model, tok, _ = load_model(ws, base_art.digest, quantization=quant)
         peft = _load_adapters(model, ws, ad_arts)
         fg_texts = general_text(suite.forgetting.text_file) if suite.forgetting.enabled and ad_arts else None
         with (peft.disable_adapter() if peft is not None else contextlib.nullcontext()):
@@ -188,7 +194,7 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             "suite_digest": suite_digest,
             "dataset": {"digest": es.artifact.digest, "ref": es.artifact.ref, "split": es.split,
                         "schema": es.schema, "labels": es.labels, "n": len(es.examples)},
-            "base_model": {"digest": base_art.digest, "ref": base_art.ref},
+            "base_model": {"digest": base_art.digest, "ref": base_art.ref, "quantization": quant},
             "metrics": metrics, "primary_metric": metrics[0], "task": es.task,
             "models": subjects,
             "examples": [{"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"],
@@ -214,9 +220,11 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
 
 
 def evaluate(ws: Workspace, model_ref: str, data_ref: str, adapter_ref: str | None = None,
-             suite: Suite | str | Path | None = None, name: str | None = None, progress: bool = False) -> Artifact:
+             suite: Suite | str | Path | None = None, name: str | None = None, progress: bool = False,
+             quantized_base: bool = True) -> Artifact:
     """Evaluate ``model_ref`` (and ``adapter_ref`` against it) on ``data_ref``; returns the eval_report."""
-    return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress)
+    return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress,
+                   quantized_base)
 
 
 def load_report(ws: Workspace, ref: str) -> dict:

@@ -9,7 +9,7 @@ Public entry points (the CLI, train, evaluate and serve call only these):
     generate(ws, ref, prompt, ...) -> Iterator[str]   # `finetrace generate` (finetrace.models.generate)
 
 Modules: ``catalog`` (names fetchable from PyPI wheels, pinned hashes, cache), ``gguf_file`` (check and
-convert GGUF), ``folder`` (accept and describe HF folders), ``hub`` (hub ids), ``acquire`` (add_model),
+convert GGUF), ``folder`` (accept and describe HF folders), ``quant`` (bitsandbytes quantised bases), ``hub`` (hub ids), ``acquire`` (add_model),
 ``generate`` (streamed chat), ``identity`` (tokenizer/template fingerprint), ``tiny`` (test model).
 """
 
@@ -47,15 +47,21 @@ def model_path(ws: Workspace, ref: str) -> tuple[Path, Artifact]:
     return ws.store.materialize(art.digest), art
 
 
-def load_model(ws: Workspace, ref: str, dtype=None):
-    """Load a recorded base model (safetensors only, no remote code) and its tokenizer."""
+def load_model(ws: Workspace, ref: str, dtype=None, quantization: dict | None = None):
+    """Load a recorded base model (safetensors only, no remote code) and its tokenizer.
+
+    ``quantization`` (a spec from ``models.quant``) quantises it with bitsandbytes as it loads, e.g. the
+    base a QLoRA adapter was trained on (``quant.adapters_quantization``).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .quant import load_causal_lm
 
     path, art = model_path(ws, ref)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
-                                                 trust_remote_code=False)
+    dtype = str(dtype or torch.float32).removeprefix("torch.")
+    model = load_causal_lm(path, dtype, quantization)
     model.eval()
     return model, tok, art
 

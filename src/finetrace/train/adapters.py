@@ -1,4 +1,5 @@
-"""Model setup for training: the base model, the method (LoRA, rsLoRA, DoRA, full) and a parent adapter.
+"""Model setup for training: the base model (quantised or not), the method (LoRA, rsLoRA, DoRA, QLoRA, full)
+and a parent adapter.
 
 Target modules are found per architecture: every ``nn.Linear`` inside the decoder, the output layer
 excluded, named by their last attribute (``q_proj``, ``gate_proj``...). The LoRA initialisation is seeded,
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError, DependencyError
+from ..errors import ConfigError
 from .attention import register
 from .config import TrainConfig
 from .fused import fuse_lora
@@ -18,15 +19,29 @@ from .fused import fuse_lora
 ADAPTER_META = "finetrace_adapter.json"
 
 
-def load_base(path: Path, dtype: str = "float32"):
-    """The base model (safetensors only, no remote code) with packed attention, and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base(path: Path, dtype: str = "float32", quantization: dict | None = None, device=None):
+    """The base model (safetensors only, no remote code) with packed attention, and its tokenizer.
+
+    With a quantisation spec (``models.quant``) the base is quantised by bitsandbytes as it loads, onto
+    ``device``; without one it loads on the CPU at ``dtype``.
+    """
+    from transformers import AutoTokenizer
+
+    from ..models.quant import load_causal_lm
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                 trust_remote_code=False, attn_implementation=register())
+    model = load_causal_lm(path, dtype, quantization, device, attn_implementation=register())
     return model, tok
+
+
+def quantization_spec(cfg: TrainConfig, device) -> dict | None:
+    """The recorded quantisation of the base (None: unquantised); DependencyError without bitsandbytes."""
+    q = cfg.quantization
+    if q.bits is None:
+        return None
+    from ..models.quant import make_spec
+
+    return make_spec(q.bits, q.quant_type, q.double_quant, q.compute_dtype, device.type)
 
 
 def linear_targets(model) -> list[str]:
@@ -44,9 +59,6 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
     import torch
 
     torch.manual_seed(cfg.seed)
-    if cfg.method == "qlora":
-        raise DependencyError("QLoRA needs a 4-bit backend that finetrace does not drive on CPU",
-                              hint="use method: lora (fp32 on CPU), or qlora on a CUDA machine later")
     if cfg.method == "full":
         if parent_path is not None:
             raise ConfigError("init_from continues an adapter; it cannot be combined with method: full",
@@ -60,7 +72,8 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
         model = PeftModel.from_pretrained(model, str(parent_path), is_trainable=True)
         fuse_lora(model)
         pc = model.peft_config["default"]
-        method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else "lora"
+        method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else \
+            "qlora" if cfg.method == "qlora" else "lora"
         return model, {"method": method, "r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
                        "target_modules": sorted(pc.target_modules)}
     targets = linear_targets(model) if cfg.lora.target_modules == "all-linear" else list(cfg.lora.target_modules)

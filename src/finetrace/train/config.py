@@ -86,6 +86,25 @@ class DpoParams(BaseModel):
         return self
 
 
+class QuantParams(BaseModel):
+    """A quantised frozen base through bitsandbytes (extra ``finetrace[quant]``); LoRA trains in full precision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] | None = Field(None, description="Quantise the frozen base to 4 bits (QLoRA, what "
+                                       "method: qlora sets) or 8 bits (LLM.int8); null keeps it at 'dtype'.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, the QLoRA "
+                                              "paper's) or fp4.")
+    double_quant: bool = Field(True, description="Quantise the 4-bit blocks' scales too (~0.4 bit per weight "
+                                                 "saved).")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Dtype the quantised layers compute in (and the unquantised weights are kept in): "
+                            "auto is float32 on a CPU, bfloat16 on CUDA; recorded with the run.")
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
 class TrainConfig(BaseModel):
     """Everything a training run depends on; stored resolved with the run in the ledger."""
 
@@ -103,7 +122,10 @@ class TrainConfig(BaseModel):
                            "from preference pairs (prompt, chosen, rejected) with the 'dpo' parameters.")
     method: Literal["lora", "rslora", "dora", "full", "qlora"] = Field(
         "lora", description="lora, rslora, dora (all through peft), full (every weight, a reference), or "
-                            "qlora (needs a 4-bit backend; not available on CPU).")
+                            "qlora (LoRA on a 4-bit NF4 base with double quantisation, through bitsandbytes: "
+                            "extra finetrace[quant]).")
+    quantization: QuantParams = Field(default_factory=QuantParams, validate_default=True, description="Quantised base (bitsandbytes): "
+                                      "bits 4 or 8 for lora, rslora, dora; qlora sets bits 4.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA-family parameters.")
     dpo: DpoParams = Field(default_factory=DpoParams, description="DPO parameters (used when objective is "
                                                                   "dpo).")
@@ -152,6 +174,10 @@ class TrainConfig(BaseModel):
                         "GPU when CUDA sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each process "
                         "takes the GPU of its LOCAL_RANK.")
     threads: int | None = Field(None, ge=1, le=4096, description="Torch threads (default: physical cores available).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (every process holds the whole model; gradients summed) or fsdp "
+                           "(PyTorch FSDP2 fully_shard: base, adapter and optimiser state sharded across "
+                           "processes). One process: ignored.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of data order, initialisation and dropout (0 to 2^64-1).")
 
     # evaluation, checkpoints, logging
@@ -185,6 +211,19 @@ class TrainConfig(BaseModel):
         if not all(0 <= b < 1 for b in v):
             raise ValueError("each AdamW beta is in [0, 1), e.g. [0.9, 0.999]")
         return v
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_fits_method(cls, q: QuantParams, info) -> QuantParams:
+        method = info.data.get("method")
+        if method == "qlora":
+            if q.bits == 8:
+                raise ValueError("method: qlora is a 4-bit base; for an 8-bit base write method: lora with "
+                                 "quantization.bits: 8")
+            q.bits = 4
+        elif q.bits is not None and method == "full":
+            raise ValueError("a quantised base cannot be fine-tuned in full; use method: lora (or qlora)")
+        return q
 
     @field_validator("output_name")
     @classmethod

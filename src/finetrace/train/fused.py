@@ -10,6 +10,12 @@ accumulate) and the scaling applied to the rank-r tensor only:
     forward:   h = x A^T            (n x r)        y = x W^T + b;   y += (s h) B^T
     backward:  dB = g^T (s h)       dh = s (g B)   dA = dh^T x      dx = g W;  dx += dh A
 
+On a 4-bit bitsandbytes base (QLoRA) the same node takes the packed NF4/FP4 weight and dequantises it
+to the compute dtype where it is used (``W = dequant(Wq)``, once in forward, once in backward, one layer
+at a time), which is what bitsandbytes' own matmul does for a batch of tokens; only the packed weight is
+kept for backward. 8-bit bases keep peft's forward (bitsandbytes' int8 matmul quantises activations too,
+so a dequantised GEMM would compute something else).
+
 The weights stay peft's own parameters (``lora_A.default.weight``...), so saving, loading and the PEFT
 format are unchanged; only ``forward`` of each eligible ``peft`` LoRA ``Linear`` is replaced, and it
 falls back to peft's own forward whenever anything else is asked of it (adapter disabled or merged,
@@ -24,23 +30,29 @@ import torch
 
 
 class LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W and b frozen, A and B trained."""
+    """y = x W^T + b + s (x A^T) B^T with W and b frozen, A and B trained; ``dequant(weight)`` gives W when
+    the stored weight is quantised (None: it is W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dequant=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         hs = torch.mm(x2, lora_a.t()).mul_(scale)  # (n, r), already scaled
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        w = dequant(weight) if dequant is not None else weight  # (out, in)
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         y.addmm_(hs, lora_b.t())
+        del w
         ctx.save_for_backward(x2, weight, lora_a, lora_b, hs)
         ctx.scale = scale
         ctx.shape = shape
+        ctx.dequant = dequant
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, weight, lora_a, lora_b, hs = ctx.saved_tensors
+        if ctx.dequant is not None:
+            weight = ctx.dequant(weight)
         g = grad.reshape(-1, grad.shape[-1])
         grad_b = torch.mm(g.t(), hs) if ctx.needs_input_grad[4] else None
         gh = torch.mm(g, lora_b).mul_(ctx.scale)  # (n, r)
@@ -48,13 +60,29 @@ class LoraLinearFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, weight).addmm_(gh, lora_a).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _dequantizer(base, dtype):
+    """For a bitsandbytes 4-bit layer: a function from its packed weight to W in ``dtype``; else None."""
+    state = getattr(base.weight, "quant_state", None)
+    if state is None:
+        return None
+    from bitsandbytes.functional import dequantize_4bit
+
+    return lambda packed: dequantize_4bit(packed, state).to(dtype)
+
+
+def _is_4bit(base) -> bool:
+    return getattr(base.weight, "quant_state", None) is not None
 
 
 def _eligible(module) -> bool:
     base = getattr(module, "base_layer", None)
     if not isinstance(base, torch.nn.Linear) or base.weight.requires_grad:
         return False
+    if base.weight.dtype in (torch.int8, torch.uint8) and not _is_4bit(base):
+        return False  # 8-bit: bitsandbytes' own matmul
     if base.bias is not None and base.bias.requires_grad:
         return False
     return not getattr(module, "lora_variant", None)  # DoRA and other variants keep peft's forward
@@ -71,20 +99,36 @@ def _fused_forward(self, x, *args, **kwargs):
     if not isinstance(drop, torch.nn.Identity) and (drop.p > 0 and self.training):
         return self._peft_forward(x, *args, **kwargs)
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-    if base.weight.dtype != x.dtype:
+    dequant = None
+    if _is_4bit(base):
+        if base.weight.quant_state.dtype != x.dtype or getattr(base.weight.quant_state, "packing_format_for_cpu",
+                                                               False):
+            return self._peft_forward(x, *args, **kwargs)
+        dequant = _dequantizer(base, x.dtype)
+    elif base.weight.dtype != x.dtype:
         return self._peft_forward(x, *args, **kwargs)
     if a.dtype != x.dtype:  # fp32 adapter on a bf16 base: compute in bf16, gradients reach the fp32 weights
         a, b = a.to(x.dtype), b.to(x.dtype)
-    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]))
+    weight = base.weight.data if dequant is not None else base.weight
+    return LoraLinearFn.apply(x, weight, base.bias, a, b, float(self.scaling[name]), dequant)
+
+
+def _lora_types() -> tuple:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # no bitsandbytes
+        return (LoraLinear,)
+    return (LoraLinear, Linear4bit)
 
 
 def fuse_lora(model) -> int:
     """Route every eligible peft LoRA ``Linear`` of ``model`` through ``LoraLinearFn``; returns how many."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
+    types_ = _lora_types()
     n = 0
     for module in model.modules():
-        if type(module) is LoraLinear and _eligible(module) and not hasattr(module, "_peft_forward"):
+        if type(module) in types_ and _eligible(module) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             n += 1

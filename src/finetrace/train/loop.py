@@ -31,7 +31,7 @@ from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
-from .adapters import ADAPTER_META, apply_method, load_base, read_adapter_meta, trainable
+from .adapters import ADAPTER_META, apply_method, load_base, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
@@ -183,10 +183,13 @@ def resolve_inputs(ws: Workspace, cfg: TrainConfig, world) -> Inputs:
 
 def build_model(cfg: TrainConfig, inp: Inputs):
     """(model in train mode on its device, tokenizer, device, method facts, compiled-kernel counts)."""
-    model, tok = load_base(inp.base_dir, cfg.dtype)
     device = resolve_device(cfg.device)
-    model.to(device)
+    quant = quantization_spec(cfg, device)  # before any weight loads: a missing extra costs nothing
+    model, tok = load_base(inp.base_dir, cfg.dtype, quant, device)
+    if quant is None:
+        model.to(device)
     model, method = apply_method(model, cfg, inp.parent_dir)
+    method["quantization"] = quant
     kernel_counts = fuse_elementwise(model) if cfg.compile else {}
     if cfg.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -328,7 +331,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                                                  "compiled_kernels": kernel_counts,
                                                  "device": str(device),
                                                  "device_name": device_name(device),
-                                                 "world_size": world.size}) \
+                                                 "world_size": world.size,
+                                                 "quantization": method["quantization"]}) \
         if world.main else contextlib.nullcontext(None)
     with recording as run, _Signals() as sigs:
         bar = _progress(progress and world.main, total, st.step)
@@ -403,6 +407,7 @@ def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, met
     kind = "model" if method["method"] == "full" else "adapter"
     art = run.output(kind, digest, name=cfg.output_name, metadata={
         "base_model": base_art.digest, "method": method["method"], "r": method.get("r"),
+        "quantization": method.get("quantization"),
         "target_modules": method.get("target_modules"), "parent": facts["parent"], **ident})
     wall = st.elapsed
     run.metrics.update({
