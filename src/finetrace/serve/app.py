@@ -212,7 +212,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         messages = body.plain_messages()
         ids = engine.encode_chat(messages)
         req = GenRequest(ids, body.model, endpoint="chat.completions", input_payload={"messages": messages},
-                         **params)
+                         chat=True, **params)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def final(res: Result) -> dict:
