@@ -47,6 +47,7 @@ class Seq:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None            # "stop" | "length" | "cancelled"
+    end_token: int | None = None         # the end-of-turn id that ended it, if one did (not in ids)
     token_logprobs: list = field(default_factory=list)
     cancelled: bool = False
     pos: int = 0
@@ -117,13 +118,16 @@ class Decoder:
                 finished += self._decode()
         return finished
 
-    def run(self, seqs: list[Seq]) -> list[Seq]:
-        """Decode ``seqs`` to the end (continuous batching, ``max_batch`` rows at a time); returns them."""
+    def run(self, seqs: list[Seq], on_done: Callable[[int], None] | None = None) -> list[Seq]:
+        """Decode ``seqs`` to the end (continuous batching, ``max_batch`` rows at a time); returns them.
+        ``on_done(n)`` is called after each step that finished ``n`` of them."""
         todo = list(seqs)[::-1]
         while todo or self.busy:
             while todo and self.free() > 0:
                 self.add(todo.pop())
-            self.step()
+            n = len(self.step())
+            if n and on_done is not None:
+                on_done(n)
         return list(seqs)
 
     def reset(self) -> None:
@@ -187,7 +191,7 @@ class Decoder:
                 r.finish = "cancelled"
                 continue
             if t in self.end:
-                r.finish = "stop"
+                r.finish, r.end_token = "stop", t
             else:
                 r.ids.append(t)
                 r.next_token = t
