@@ -47,7 +47,7 @@ from ..ledger.log import now
 from ..models import load_model
 from ..models.identity import text_identity
 from ..workspace import Workspace
-from ..decoding import BASE, Decoder, Seq, encode_chat, encode_text
+from ..decoding import BASE, Decoder, Seq, best_label, encode_chat, encode_text, score_prompts
 from ..decoding.lora import adapter_selector
 from ..decoding.text import holdback as _holdback  # noqa: F401  (kept for callers of the old name)
 from .metrics import Metrics
@@ -380,14 +380,46 @@ class Engine:
             except queue.Empty:
                 break
         new = [r for r in new if not self._drop_cancelled(r) and self._adapter_live(r)]
+        self._classify_requests([r for r in new if r.labels])
         for req in new:
-            self.decoder.add(self._seq(req))
+            if not req.labels:
+                self.decoder.add(self._seq(req))
         for s in self._all_seqs():
             s.cancelled = s.owner.cancelled
         if self.decoder.busy:
             for s in self.decoder.step():
                 text = "" if s.finish == "cancelled" else (s.answer if s.owner.chat else s.text)
                 self._finish_request(s.owner, text, s.finish, len(s.ids), s)
+
+    def classify(self, prompt_rows: list[list[int]], labels: list[str], adapter_name: str = BASE) -> list[str]:
+        """The best-scoring label for each prompt (``decoding.labels``, as evaluation scores); call from the
+        scheduler thread or before ``start``."""
+        return [best_label(labels, s) for s in self.label_scores(prompt_rows, labels, [adapter_name] * len(prompt_rows))]
+
+    def label_scores(self, prompt_rows: list[list[int]], labels: list[str], names: list[str]) -> list[list[float]]:
+        return score_prompts(self.model, self.tokenizer, prompt_rows, labels, self.decoder.adapters, names,
+                             self.settings.max_batch)
+
+    def _classify_requests(self, reqs: list[GenRequest]) -> None:
+        """Label-constrained requests: scored together per label set; the answer is always one label."""
+        groups: dict[tuple, list[GenRequest]] = {}
+        for r in reqs:
+            groups.setdefault(tuple(r.labels), []).append(r)
+        for labels, rs in groups.items():
+            try:
+                scores = self.label_scores([r.prompt_ids for r in rs], list(labels), [r.adapter_name for r in rs])
+            except Exception as exc:
+                for r in rs:
+                    self._emit(r, "error", exc)
+                continue
+            for r, row in zip(rs, scores):
+                best = best_label(list(labels), row)
+                ids = self.tokenizer(best, add_special_tokens=False)["input_ids"]
+                seq = Seq(r.prompt_ids, r.adapter_name, ids=ids, text=best, finish="stop")
+                if r.logprobs is not None:  # the label's scored log p (label tokens + end of turn), and the others
+                    seq.token_logprobs = [(best, row[labels.index(best)],
+                                           sorted(zip(labels, row), key=lambda t: -t[1])[:max(r.logprobs, 1)])]
+                self._finish_request(r, best, "stop", len(ids), seq)
 
     def _seq(self, req: GenRequest) -> Seq:
         return Seq(req.prompt_ids, req.adapter_name, req.max_tokens, req.temperature, req.top_p, req.seed,
