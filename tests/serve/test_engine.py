@@ -171,7 +171,7 @@ def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
     texts = {}
     for kernel in ("gathered", "peft"):
         eng = Engine(served_ws, "tiny", models[1:], ServeSettings(lora_kernel=kernel, max_batch=16))
-        assert (eng._gather is not None) == (kernel == "gathered")
+        assert (type(eng.decoder.adapters).__name__ == "GatheredLoRA") == (kernel == "gathered")
         eng.start()
         try:
             out: dict = {}
@@ -209,11 +209,11 @@ def test_extra_adapter_costs_about_its_size(served_ws):
     for n, p in eng.model.named_parameters():
         if "lora_" in n:
             storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    for m in eng._gather.modules:
+    for m in eng.decoder.adapters.modules:
         for t in (m._ft_A, m._ft_B):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     lora_bytes = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "lora_" in n)
-    stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng._gather.modules)
+    stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng.decoder.adapters.modules)
     assert sum(storages.values()) == stack_bytes  # the PEFT weights add nothing
     assert stack_bytes == lora_bytes * 3 // 2   # 2 adapters of equal rank + the zero slot for the base
 

@@ -25,7 +25,9 @@ from . import bias as bias_mod
 from .evalset import EvalSet, load_eval_set
 from .forgetting import forgetting, general_text, text_perplexity
 from .gates import apply_gates, verdict
-from .generation import generate, score_labels
+from ..decoding import BASE
+from ..decoding.lora import adapter_selector
+from .generation import generate_seqs, score_labels
 from .metrics import METRICS, Scored, exact_match, label_report, normalize, rouge_l, token_f1
 from .report import write_report
 from .stats import (bootstrap_ci, by_group, demographic_parity_difference, equalized_odds_difference,
@@ -52,20 +54,27 @@ def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
 
 
 class _Answerer:
-    """How one model answers a list of prompts for this task (labels, or free text)."""
+    """How one model answers a list of prompts for this task (labels, or free text), through the serving
+    decoder with every row on LoRA slot ``adapter`` (``decoding.BASE`` for the base)."""
 
-    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: bool):
+    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: bool, adapters=None, adapter: str = BASE):
         self.model, self.tok, self.suite, self.es, self.progress = model, tok, suite, es, progress
+        self.adapters, self.adapter = adapters, adapter
+        self.last_tokens: list[list[int]] | None = None
 
     def __call__(self, prompts: list, description: str) -> tuple[list[str], list[str] | None]:
         s, es = self.suite, self.es
         if es.task == "classification" and s.scoring == "constrained":
             preds, _ = score_labels(self.model, self.tok, prompts, es.labels, batch_size=s.batch_size,
-                                    progress=self.progress, description=description)
+                                    progress=self.progress, description=description, adapters=self.adapters,
+                                    adapter=self.adapter)
+            self.last_tokens = None
             return preds, preds
-        texts = generate(self.model, self.tok, prompts, max_new_tokens=s.max_new_tokens, stop=s.stop,
-                         batch_size=s.batch_size, progress=self.progress, description=description)
-        return texts, None
+        seqs = generate_seqs(self.model, self.tok, prompts, max_new_tokens=s.max_new_tokens, stop=s.stop,
+                             batch_size=s.batch_size, progress=self.progress, description=description,
+                             adapters=self.adapters, adapter=self.adapter)
+        self.last_tokens = [list(q.ids) for q in seqs]
+        return [q.answer for q in seqs], None
 
 
 def _bias_score(primary: str) -> Callable[[str, str], float]:
@@ -85,6 +94,8 @@ def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, m
         "accuracy" if es.task == "classification" else metrics[0])]
     if es.task == "classification":
         res["labels"] = label_report(scored.preds, scored.golds, es.labels)
+    if answer.last_tokens is not None:
+        res["answer_tokens"] = answer.last_tokens  # what parity replays token for token
     for m in metrics:
         res["metrics"][m] = {"value": scored.metric(m), "ci": list(bootstrap_ci(
             lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed, bs.confidence)), "n": n}
@@ -129,6 +140,12 @@ def _load_adapters(model, ws: Workspace, adapters: list[Artifact]):
     return peft
 
 
+def _select(sel, name: str) -> None:
+    """Point plain forwards (perplexity) at one adapter slot, as the decoder does per row."""
+    if sel is not None:
+        sel.select([name])
+
+
 def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             suite: Suite | str | Path | None = None, name: str | None = None,
             progress: bool = False, quantized_base: bool = True) -> Artifact:
@@ -168,19 +185,23 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
     with ws.ledger.run("evaluate", config, inputs=inputs, seed=suite.bootstrap.seed) as run:
         model, tok, _ = load_model(ws, base_art.digest, quantization=quant)
         peft = _load_adapters(model, ws, ad_arts)
+        lm = peft if peft is not None else model
+        sel = adapter_selector(lm, "gathered", [f"a{i}" for i in range(len(ad_arts))])
         fg_texts = general_text(suite.forgetting.text_file) if suite.forgetting.enabled and ad_arts else None
+        answer = _Answerer(lm, tok, suite, es, progress, sel, BASE)
+        subjects = []
+        base_res, base_scored = _evaluate_subject(
+            "base", answer, es, suite, metrics, None, categories if not ad_arts else None)
         with (peft.disable_adapter() if peft is not None else contextlib.nullcontext()):
-            answer = _Answerer(model, tok, suite, es, progress)
-            subjects = []
-            base_res, base_scored = _evaluate_subject(
-                "base", answer, es, suite, metrics, None, categories if not ad_arts else None)
+            _select(sel, BASE)
             base_ppl = text_perplexity(model, tok, fg_texts, suite.batch_size) if fg_texts else None
         base_res.update(model=base_art.digest, adapter=None, ref=base_art.ref)
         subjects.append(base_res)
         for i, art in enumerate(ad_arts):
             peft.set_adapter(f"a{i}")
-            res, _ = _evaluate_subject(art.ref, _Answerer(peft, tok, suite, es, progress), es, suite, metrics,
-                                       base_scored, categories)
+            res, _ = _evaluate_subject(art.ref, _Answerer(peft, tok, suite, es, progress, sel, f"a{i}"), es, suite,
+                                       metrics, base_scored, categories)
+            _select(sel, f"a{i}")
             if fg_texts:
                 res["forgetting"] = forgetting(base_ppl, text_perplexity(peft, tok, fg_texts, suite.batch_size))
             res.update(model=base_art.digest, adapter=art.digest, ref=art.ref)

@@ -3,9 +3,9 @@
     for piece in generate(ws, "smollm2-135m-instruct", "What is the capital of France?"):
         print(piece, end="", flush=True)
 
-The prompt is wrapped in the tokenizer's chat template (system message optional), decoding is greedy
-by default and stops at the end-of-turn token. ``model.generate`` runs in a worker thread feeding a
-``TextIteratorStreamer``; closing the iterator early stops the worker at the next token.
+The prompt is wrapped in the tokenizer's chat template (system message optional); decoding is the one
+decoder (``finetrace.decoding``) that evaluation and serving use, greedy by default, ending at the
+model's own end-of-turn ids; pieces are yielded as they are decoded (closing the iterator stops it).
 
 The pieces are split in two so later stages can reuse them without going through the ledger:
 ``load_for_chat`` (model + tokenizer, adapter applied) and ``stream_chat`` (the generation loop).
@@ -13,7 +13,6 @@ The pieces are split in two so later stages can reuse them without going through
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -73,64 +72,33 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
 def stream_chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                 stats: ChatStats | None = None) -> Iterator[str]:
-    """Yield the model's reply to ``messages`` as text pieces, as they are generated.
+    """Yield the model's reply to ``messages`` as text pieces, as they are decoded.
 
     Greedy when ``temperature`` is 0; otherwise sampling with ``temperature``/``top_p`` (seeded by ``seed``).
+    Decoding is ``finetrace.decoding.Decoder`` (the serving engine's): the reply ends at the model's own
+    end-of-turn ids; the pieces add up to the served text, whose normalised form is the served answer.
     """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from ..decoding import Decoder, Seq, encode_chat
 
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", field="max_new_tokens")
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("the model's tokenizer has no chat template", hint="add a model with one")
     stats = stats if stats is not None else ChatStats()
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    stats.prompt_tokens = int(enc["input_ids"].shape[1])
-
-    stop = threading.Event()
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return stop.is_set()
-
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    eos = tokenizer.eos_token_id
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=eos,
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-                  stopping_criteria=StoppingCriteriaList([_Stop()]))
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    result: dict = {}
-
-    def work() -> None:
-        try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.inference_mode():
-                result["ids"] = model.generate(**kwargs)
-        except BaseException as exc:  # handed to the consumer below
-            result["error"] = exc
-            streamer.end()
-
-    worker = threading.Thread(target=work, name="finetrace-generate", daemon=True)
-    worker.start()
+    pieces: list[str] = []
+    seq = Seq(encode_chat(tokenizer, messages), max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+              seed=seed, on_delta=pieces.append)
+    stats.prompt_tokens = len(seq.prompt_ids)
+    dec = Decoder(model, tokenizer, max_batch=1)
+    dec.add(seq)
     try:
-        for piece in streamer:
-            if piece:
-                yield piece
+        while seq.finish is None:
+            dec.step()
+            while pieces:
+                yield pieces.pop(0)
     finally:
-        stop.set()
-        worker.join()
-    if "error" in result:
-        raise result["error"]
-    new = result["ids"][0, stats.prompt_tokens:].tolist()
-    stats.token_ids = new
-    stats.new_tokens = len(new)
-    stats.finish_reason = "stop" if (eos is not None and new and new[-1] == eos) else "length"
+        seq.cancelled = True
+    stats.token_ids = list(seq.ids) + ([seq.end_token] if seq.end_token is not None else [])
+    stats.new_tokens = len(stats.token_ids)
+    stats.finish_reason = seq.finish
 
 
 def generate(ws: Workspace, model_ref: str, prompt: str, *, max_new_tokens: int = 256,

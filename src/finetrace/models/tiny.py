@@ -32,33 +32,36 @@ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ
 """
 
 
-def build_tokenizer(vocab_size: int = 1000):
-    """A byte-level BPE tokenizer trained on a built-in corpus (deterministic), wrapped for transformers."""
+def build_tokenizer(vocab_size: int = 1000, special: list[str] | None = None, eos: str = "<|im_end|>",
+                    template: str = CHATML):
+    """A byte-level BPE tokenizer trained on a built-in corpus (deterministic), wrapped for transformers.
+    ``special``/``eos``/``template`` give a model another chat format (special tokens get ids 0, 1, ...)."""
+    special = special or SPECIAL
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token=None,
-                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token=eos, pad_token=eos,
+                                   unk_token=None, additional_special_tokens=[t for t in special if t != eos])
+    fast.chat_template = template
     return fast
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                     vocab_size: int = 1000) -> Path:
-    """Write a tiny Llama model + tokenizer folder to ``out_dir`` and return it."""
+                     vocab_size: int = 1000, tokenizer=None) -> Path:
+    """Write a tiny Llama model + tokenizer folder to ``out_dir`` and return it (``tokenizer``: another
+    ``build_tokenizer(...)`` than the ChatML default)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok = tokenizer or build_tokenizer(vocab_size)
     cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
                       max_position_embeddings=512, tie_word_embeddings=True,

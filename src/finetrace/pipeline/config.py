@@ -93,6 +93,10 @@ class DeployStage(_Strict):
                                               "classify, wrapped in the dataset's prompt). Default: the "
                                               "first test example.")
     max_tokens: int = Field(16, ge=1, le=100_000, description="Answer length budget.")
+    parity: bool = Field(True, description="Replay the eval set's prompts through the serving path first "
+                                           "(`finetrace parity`) and refuse to deploy below min_serve_agreement.")
+    min_serve_agreement: float | None = Field(None, ge=0, le=1, description="Share of eval answers the served "
+                                              "answers must equal (default 1.0: token-exact on the native engine).")
 
 
 class PipelineConfig(_Strict):

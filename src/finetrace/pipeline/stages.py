@@ -344,10 +344,22 @@ def question_messages(ctx: Context) -> list[dict]:
     return [{"role": "user", "content": ask}]
 
 
+def parity_gate(ws: Workspace, adapter_ref: str, report: str | None, min_agreement: float | None, echo):
+    """Replay the eval set through the serving path (``serve.parity``); refuse below ``min_agreement``."""
+    from ..serve.parity import require_parity
+
+    res = require_parity(ws, adapter_ref, min_agreement, report_ref=report)
+    echo(f"deploy: parity {res.agreeing}/{res.n} served answers equal the evaluated ones "
+         f"({'token-exact' if res.exact else f'{res.agreement:.1%}'}; run {res.run_id})")
+    return res
+
+
 def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
     ws, d = ctx.ws, ctx.cfg.deploy
     adapter_ref = ws.ledger.artifact(ctx.state["adapter"]).ref
     base_ref = ws.ledger.artifact(ctx.state["base_model"]).ref
+    if d.parity:
+        parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo)
     if d.mode == "record":
         with ws.ledger.run("deploy", config={"base": base_ref, "adapters": [adapter_ref], "mode": "record",
                                              "pipeline": ctx.cfg.name},

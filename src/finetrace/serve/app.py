@@ -17,9 +17,11 @@ shutdown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -265,9 +267,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
         messages = body.plain_messages()
         ids = await asyncio.to_thread(engine.encode_chat, messages)  # a huge prompt must not stall the loop
+        ext = body.extras()
         req = GenRequest(ids, body.model, endpoint="chat.completions", input_payload={"messages": messages},
-                         **params)
+                         chat=True, logprobs=ext["logprobs"], labels=ext["labels"], **params)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if _needs_choices(ext, body.stream):
+            return await _many(req, ext, "chat.completion", cid, created)
 
         def final(res: Result) -> dict:
             return {"id": cid, "object": "chat.completion", "created": created, "model": res.model,
@@ -292,10 +297,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         prompt = body.text()
         if not prompt:
             raise InputError("prompt must not be empty", field="prompt")
-        ids = await asyncio.to_thread(engine.encode_text, prompt)
+        ids = await asyncio.to_thread(engine.encode_text, prompt)  # a huge prompt must not stall the loop
+        ext = body.extras()
         req = GenRequest(ids, body.model, endpoint="completions",
-                         input_payload={"prompt": prompt}, **params)
+                         input_payload={"prompt": prompt}, logprobs=ext["logprobs"], labels=ext["labels"], **params)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if _needs_choices(ext, body.stream):
+            return await _many(req, ext, "text_completion", cid, created)
 
         def final(res: Result) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": res.model,
@@ -312,6 +320,72 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                     "provenance_id": req.provenance_id, "system_fingerprint": engine.deployment}
 
         return await _respond(req, body, chunk, final, request)
+
+    async def _many(req: GenRequest, ext: dict, obj: str, cid: str, created: int):
+        """n choices (each its own request, seeds seed, seed+1, ...), logprobs, labels, token ids."""
+        reqs = [req] + [dataclasses.replace(req, provenance_id="ftp-" + secrets.token_hex(12),
+                                            seed=None if req.seed is None else req.seed + i)
+                        for i in range(1, ext["n"])]
+        results = await _gather(reqs)
+        choices = [_choice(obj, i, res, ext) for i, res in enumerate(results)]
+        usage = {"prompt_tokens": results[0].prompt_tokens,
+                 "completion_tokens": sum(r.completion_tokens for r in results)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        body = {"id": cid, "object": obj, "created": created, "model": results[0].model, "choices": choices,
+                "usage": usage, "provenance_id": results[0].provenance_id,
+                "provenance_ids": [r.provenance_id for r in results], "system_fingerprint": engine.deployment}
+        return JSONResponse(body, headers={HEADER: results[0].provenance_id})
+
+    async def _gather(reqs: list[GenRequest]) -> list[Result]:
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in reqs]
+
+        def settle(f, kind, value):
+            if f.done():
+                return
+            if kind == "done":
+                f.set_result(value)
+            else:
+                f.set_exception(value if isinstance(value, FinetraceError)
+                                else ApiError(500, f"generation failed: {value}", "server_error"))
+        for r, f in zip(reqs, futs):
+            r.on_event = (lambda kind, value, f=f: loop.call_soon_threadsafe(settle, f, kind, value)
+                          if kind in ("done", "error") else None)
+        try:
+            for r in reqs:
+                engine.submit(r)
+            return list(await asyncio.gather(*futs))
+        except BaseException:
+            for r in reqs:
+                r.cancelled = True
+            raise
+
+    def _choice(obj: str, i: int, res: Result, ext: dict) -> dict:
+        lp = _logprobs(res, obj) if ext["logprobs"] is not None else None
+        c = ({"index": i, "message": {"role": "assistant", "content": res.text}} if obj == "chat.completion"
+             else {"index": i, "text": res.text})
+        c.update(finish_reason=_finish(res), logprobs=lp)
+        if ext["return_token_ids"]:
+            c["token_ids"] = res.token_ids
+        return c
+
+    def _piece(t) -> str:
+        return t if isinstance(t, str) else engine.tokenizer.decode([t])
+
+    def _logprobs(res: Result, obj: str) -> dict:
+        rows = res.logprobs or []
+        if obj == "chat.completion":
+            def one(t, v):
+                text = _piece(t)
+                return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**one(t, v), "top_logprobs": [one(a, b) for a, b in top]} for t, v, top in rows]}
+        tokens = [_piece(t) for t, _, _ in rows]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [v for _, v, _ in rows],
+                "top_logprobs": [{_piece(a): b for a, b in top} for _, _, top in rows], "text_offset": offsets}
 
     async def _respond(req, body, chunk, final, request):
         out = await _run(req, body.stream, chunk, final, request)
@@ -348,6 +422,14 @@ async def _client_gone(request: Request, req: GenRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     req.cancelled = True
+
+
+def _needs_choices(ext: dict, stream: bool) -> bool:
+    """True when the answer needs the multi-choice path (n, logprobs, labels, token ids)."""
+    special = ext["logprobs"] is not None or ext["labels"] or ext["return_token_ids"]
+    if stream and special:
+        raise InputError("logprobs, labels and return_token_ids need stream: false", field="stream")
+    return ext["n"] > 1 or bool(special)
 
 
 def _finish(res: Result) -> str:

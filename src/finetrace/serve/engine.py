@@ -47,15 +47,15 @@ from ..ledger.log import now
 from ..models import load_model
 from ..models.identity import text_identity
 from ..workspace import Workspace
+from ..decoding import BASE, Decoder, Seq, best_label, encode_chat, encode_text, score_prompts
+from ..decoding.lora import adapter_selector
+from ..decoding.text import holdback as _holdback  # noqa: F401  (kept for callers of the old name)
 from .metrics import Metrics
 from .registry import AdapterInfo, check_adapter
 from .requestlog import RequestLog, spill
-from .sampling import make_generator, pick_tokens
 from .settings import ServeSettings
 
 log = logging.getLogger("finetrace.serve")
-
-BASE = "__base__"
 
 
 class QueueFull(FinetraceError):
@@ -75,6 +75,8 @@ class Result:
     latency_s: float
     provenance_id: str
     model: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None      # [(token id, log p, [(id, log p) top-k])] when asked for
 
 
 @dataclass
@@ -93,22 +95,14 @@ class GenRequest:
     input_payload: object = None        # what the client sent (messages or prompt): hashed into the log
     endpoint: str = "engine"
     provenance_id: str = field(default_factory=lambda: "ftp-" + secrets.token_hex(12))
+    logprobs: int | None = None         # None: none; k: the chosen token's log p and the top k
+    labels: list[str] | None = None     # classification: the answer is the best-scoring label
+    chat: bool = False                  # a chat turn: the answer is normalised (decoding.text) like in evaluation
     cancelled: bool = False
     # set by the engine
     adapter_name: str = BASE
     adapter_digest: str | None = None
     submitted: float = 0.0
-
-
-@dataclass
-class _Row:
-    req: GenRequest
-    gen: object
-    pos: int                            # real tokens in the cache for this row
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0                       # characters already streamed
-    next_token: int | None = None
-    done: bool = False
 
 
 @dataclass
@@ -141,22 +135,14 @@ class Engine:
         self.ledger_lock = threading.RLock()        # guards the workspace's (shared) ledger connection
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.settings.max_queue)
         self._controls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
-        self._rows: list[_Row] = []
-        self._cache = None
-        self._mask = None                           # (B, T) attention mask over the cache + pending token
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit = ExitStack()
-        self._gather = None                         # GatheredLoRA when in use
         self.deploy_run = None
         self.request_log: RequestLog | None = None
-        gen_cfg = getattr(self.model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
-        import inspect  # transformers >= 5.24 calls the KV cache `cache`, earlier 5.x `past_key_values`
-        self._cache_kw = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters \
-            else "past_key_values"
+        self.decoder = Decoder(self.model, self.tokenizer, None, self.settings.max_batch,
+                               getattr(self.settings, "prefill_chunk", 256))
+        self.eos_ids = set(self.decoder.end)
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         for ref in adapters:
             self._load(ref)
@@ -224,7 +210,7 @@ class Engine:
     def _try_unload(self, mid: str, slot: _Slot) -> bool:
         if self._slots.get(mid) is not slot:
             return True  # already gone (or replaced by a fresh load)
-        if any(r.req.adapter_name == slot.peft_name for r in self._rows):
+        if any(r.adapter == slot.peft_name for r in self._all_seqs()):
             return False  # rows still decoding with it; retried after the next step
         self.model.delete_adapter(slot.peft_name)
         with self._lock:
@@ -237,14 +223,9 @@ class Engine:
         return True
 
     def _refresh_kernel(self, names: list[str]) -> None:
-        """Use gathered LoRA (lora_batch.py) when every layer allows it, else PEFT's mixed batches."""
-        from .lora_batch import GatheredLoRA
-
-        if self.settings.lora_kernel == "gathered" and GatheredLoRA.supported(self.model):
-            self._gather = GatheredLoRA(self.model)
-            self._gather.rebuild(names)
-        else:
-            self._gather = None
+        """Use gathered LoRA (decoding/lora.py) when every layer allows it, else PEFT's mixed batches."""
+        self.decoder.model = self.model
+        self.decoder.adapters = adapter_selector(self.model, self.settings.lora_kernel, names)
 
     def load_adapter(self, ref: str, timeout: float = 300) -> AdapterInfo:
         """Hot-load an adapter (verified like at start); safe while serving."""
@@ -342,15 +323,14 @@ class Engine:
         return self.deploy_run.id if self.deploy_run is not None else None
 
     def stats(self) -> dict:
-        return {"queued": self._queue.qsize(), "active": len(self._rows), "adapters": len(self._slots)}
+        return {"queued": self._queue.qsize(), "active": len(self.decoder.rows), "adapters": len(self._slots)}
 
     # -- requests -----------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, messages, tools)
 
     def encode_text(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        return encode_text(self.tokenizer, prompt)
 
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises NotFoundError (model), InputError (params), QueueFull, ShuttingDown."""
@@ -387,7 +367,7 @@ class Engine:
             elif kind == "error":
                 fut.set_exception(value)
         self.submit(GenRequest(ids, model, max_tokens, temperature, top_p, seed, list(stop), on_event,
-                               messages if messages is not None else prompt))
+                               messages if messages is not None else prompt, chat=messages is not None))
         return fut.result(timeout)
 
     # -- the scheduler ------------------------------------------------------------------------
@@ -397,21 +377,21 @@ class Engine:
             if self._stopping and self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 self._answer_all(ShuttingDown("the server is shutting down and could not finish this request",
                                               hint="retry on another replica"))
-            if self._stopping and not self._rows and self._queue.empty() and self._controls.empty():
+            if self._stopping and not self.decoder.busy and self._queue.empty() and self._controls.empty():
                 return
             try:
                 self._step(block=True)
             except Exception as exc:  # a failed batch fails its rows, not the server
                 log.exception("decoding failed")
-                for r in self._rows:
-                    self._fail_request(r.req, exc, len(r.ids))
-                self._rows, self._cache, self._mask = [], None, None
+                for s in self._all_seqs():
+                    self._fail_request(s.owner, exc, len(s.ids))
+                self.decoder.reset()
 
     def _answer_all(self, exc: Exception) -> None:
         """Fail every decoding and queued request with ``exc`` (the drain bound has passed)."""
-        for r in self._rows:
-            self._fail_request(r.req, exc, len(r.ids))
-        self._rows, self._cache, self._mask = [], None, None
+        for s in self._all_seqs():
+            self._fail_request(s.owner, exc, len(s.ids))
+        self.decoder.reset()
         while True:
             try:
                 self._fail_request(self._queue.get_nowait(), exc, 0)
@@ -429,23 +409,68 @@ class Engine:
             except BaseException as exc:
                 fut.set_exception(exc)
 
-    def _step(self, block: bool = False) -> None:
-        with self._torch.inference_mode():
-            self._step_locked(block)
+    def _all_seqs(self) -> list[Seq]:
+        d = self.decoder
+        return d.rows + d.waiting + [s for g in d.groups for s in g.seqs]
 
-    def _step_locked(self, block: bool) -> None:
+    def _step(self, block: bool = False) -> None:
         new: list[GenRequest] = []
-        free = self.settings.max_batch - len(self._rows)
+        free = self.decoder.free()
         while len(new) < free:
-            req = self._take(0.05 if not new and not self._rows and block else 0)
+            req = self._take(0.05 if not new and not self.decoder.busy and block else 0)
             if req is None:
                 break
             new.append(req)
         new = [r for r in new if not self._drop_cancelled(r) and self._adapter_live(r)]
-        if new:
-            self._admit(new)
-        if self._rows:
-            self._decode()
+        self._classify_requests([r for r in new if r.labels])
+        for req in new:
+            if not req.labels:
+                try:  # a request that cannot start (a seed the generator refuses, ...) fails alone
+                    self.decoder.add(self._seq(req))
+                except Exception as exc:
+                    log.warning("request %s refused at admission: %s", req.provenance_id, exc)
+                    self._fail_request(req, exc, 0)
+        for s in self._all_seqs():
+            s.cancelled = s.owner.cancelled
+        if self.decoder.busy:
+            for s in self.decoder.step():
+                text = "" if s.finish == "cancelled" else (s.answer if s.owner.chat else s.text)
+                self._finish_request(s.owner, text, s.finish, len(s.ids), s)
+
+    def classify(self, prompt_rows: list[list[int]], labels: list[str], adapter_name: str = BASE) -> list[str]:
+        """The best-scoring label for each prompt (``decoding.labels``, as evaluation scores); call from the
+        scheduler thread or before ``start``."""
+        return [best_label(labels, s) for s in self.label_scores(prompt_rows, labels, [adapter_name] * len(prompt_rows))]
+
+    def label_scores(self, prompt_rows: list[list[int]], labels: list[str], names: list[str]) -> list[list[float]]:
+        return score_prompts(self.model, self.tokenizer, prompt_rows, labels, self.decoder.adapters, names,
+                             self.settings.max_batch)
+
+    def _classify_requests(self, reqs: list[GenRequest]) -> None:
+        """Label-constrained requests: scored together per label set; the answer is always one label."""
+        groups: dict[tuple, list[GenRequest]] = {}
+        for r in reqs:
+            groups.setdefault(tuple(r.labels), []).append(r)
+        for labels, rs in groups.items():
+            try:
+                scores = self.label_scores([r.prompt_ids for r in rs], list(labels), [r.adapter_name for r in rs])
+            except Exception as exc:
+                for r in rs:
+                    self._fail_request(r, exc, 0)
+                continue
+            for r, row in zip(rs, scores):
+                best = best_label(list(labels), row)
+                ids = self.tokenizer(best, add_special_tokens=False)["input_ids"]
+                seq = Seq(r.prompt_ids, r.adapter_name, ids=ids, text=best, finish="stop")
+                if r.logprobs is not None:  # the label's scored log p (label tokens + end of turn), and the others
+                    seq.token_logprobs = [(best, row[labels.index(best)],
+                                           sorted(zip(labels, row), key=lambda t: -t[1])[:max(r.logprobs, 1)])]
+                self._finish_request(r, best, "stop", len(ids), seq)
+
+    def _seq(self, req: GenRequest) -> Seq:
+        return Seq(req.prompt_ids, req.adapter_name, req.max_tokens, req.temperature, req.top_p, req.seed,
+                   list(req.stop), req.logprobs, on_delta=lambda text, req=req: self._emit(req, "delta", text),
+                   owner=req)
 
     def _take(self, wait: float) -> GenRequest | None:
         """The next waiting request (waiting up to ``wait`` s for one), or None while a control is pending.
@@ -475,133 +500,6 @@ class Engine:
             self._finish_request(req, "", "cancelled", 0)
         return req.cancelled
 
-    def _forward(self, input_ids, mask, positions, cache, names):
-        from peft import PeftModel
-
-        if self._gather is not None:
-            self._gather.select(names)
-            kwargs = {}
-        else:
-            kwargs = {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
-        kwargs[self._cache_kw] = cache
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **kwargs)
-        new_cache = out.get("cache") if "cache" in out else out.past_key_values
-        return out.logits[:, -1, :], new_cache  # (B, V)
-
-    def _admit(self, reqs: list[GenRequest]) -> None:
-        torch = self._torch
-        rows = []
-        for r in reqs:  # a request that cannot start (a seed the generator refuses, ...) fails alone
-            try:
-                rows.append(_Row(r, make_generator(r.seed) if r.temperature > 1e-5 else None, len(r.prompt_ids)))
-            except Exception as exc:
-                log.warning("request %s refused at admission: %s", r.provenance_id, exc)
-                self._fail_request(r, exc, 0)
-        if not rows:
-            return
-        reqs = [row.req for row in rows]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        L = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), L), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding: every row's last prompt token is at column L-1
-            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, L - len(r.prompt_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        try:
-            logits, cache = self._forward(ids, mask, positions, None, [r.adapter_name for r in reqs])
-        except Exception as exc:  # the newcomers' prefill failed: they fail, the running batch goes on
-            log.exception("prefill failed")
-            for r in reqs:
-                self._fail_request(r, exc, 0)
-            return
-        self._merge(rows, cache, mask)
-        self._accept(rows, logits)
-        self._prune()
-
-    def _merge(self, rows: list[_Row], cache, mask) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever cache is shorter in time."""
-        torch = self._torch
-        if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
-            return
-        ta, tn = self._mask.shape[1], mask.shape[1]
-        T = max(ta, tn)
-
-        def lpad(x, t):  # (B, H, t0, D) -> (B, H, T, D), zeros on the left
-            return x if x.shape[-2] == t else torch.nn.functional.pad(x, (0, 0, t - x.shape[-2], 0))
-        for la, ln in zip(self._cache.layers, cache.layers):
-            la.keys = torch.cat([lpad(la.keys, T), lpad(ln.keys, T)], dim=0)
-            la.values = torch.cat([lpad(la.values, T), lpad(ln.values, T)], dim=0)
-        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (T - ta, 0)),
-                                torch.nn.functional.pad(mask, (T - tn, 0))], dim=0)
-        self._rows = self._rows + rows
-
-    def _decode(self) -> None:
-        torch = self._torch
-        rows = self._rows
-        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)          # (B, 1)
-        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long)           # (B, 1)
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        logits, self._cache = self._forward(ids, self._mask, positions, self._cache,
-                                            [r.req.adapter_name for r in rows])
-        for r in rows:
-            r.pos += 1
-        self._accept(rows, logits)
-        self._prune()
-
-    def _accept(self, rows: list[_Row], logits) -> None:
-        """Pick each row's next token, stream its new text, and mark finished rows."""
-        toks = pick_tokens(logits, [r.req.temperature for r in rows], [r.req.top_p for r in rows],
-                           [r.gen for r in rows])
-        for r, t in zip(rows, toks):
-            req = r.req
-            if req.cancelled:
-                r.done = True
-                self._finish_request(req, "", "cancelled", len(r.ids))
-                continue
-            finish = None
-            if t in self.eos_ids:
-                finish = "stop"
-            else:
-                r.ids.append(t)
-                r.next_token = t
-            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            elif finish is None and len(r.ids) >= req.max_tokens:
-                finish = "length"
-            safe = text if finish else text[:len(text) - _holdback(text, req.stop)]
-            if len(safe) > r.sent:
-                self._emit(req, "delta", safe[r.sent:])
-                r.sent = len(safe)
-            if finish:
-                r.done = True
-                self._finish_request(req, text, finish, len(r.ids))
-
-    def _prune(self) -> None:
-        """Drop finished rows from the batch and trim cache columns that no remaining row uses."""
-        torch = self._torch
-        if all(not r.done for r in self._rows):
-            return
-        keep = [i for i, r in enumerate(self._rows) if not r.done]
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        idx = torch.tensor(keep, dtype=torch.long)
-        self._cache.batch_select_indices(idx)
-        self._mask = self._mask[idx]
-        used = self._mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
-
     def _emit(self, req: GenRequest, kind: str, value) -> None:
         if req.on_event is None:
             return
@@ -617,9 +515,10 @@ class Engine:
         self._log_request(req, "", "error", n_out, latency, error=str(exc)[:500] or type(exc).__name__)
         self._emit(req, "error", exc)
 
-    def _finish_request(self, req: GenRequest, text: str, finish: str, n_out: int) -> None:
+    def _finish_request(self, req: GenRequest, text: str, finish: str, n_out: int, seq: Seq | None = None) -> None:
         latency = time.perf_counter() - req.submitted
-        res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model)
+        res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model,
+                     list(seq.ids) if seq is not None else [], seq.token_logprobs if seq is not None else None)
         self.metrics.observe(req.model, finish, len(req.prompt_ids), n_out, latency)
         self._log_request(req, text, finish, n_out, latency)
         self._emit(req, "done", res)
@@ -644,16 +543,3 @@ class Engine:
                 event["content"] = {"input": req.input_payload, "output": text}
             self.request_log.add(event)
 
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` not to stream yet: a possible start of a stop string, or an
-    incomplete UTF-8 character (decoded as U+FFFD)."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    if text.endswith("\ufffd"):
-        n = max(n, 1)
-    return n

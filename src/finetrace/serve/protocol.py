@@ -71,12 +71,33 @@ class _Params(BaseModel):
         p = 1.0 if self.top_p is None else self.top_p
         if not 0 < p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {p}", field="top_p")
-        if self.n not in (None, 1):
-            raise InputError("only n=1 is supported", field="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
             raise InputError("stop must be up to 4 non-empty strings", field="stop")
         return {"max_tokens": max_tokens, "temperature": t, "top_p": p, "seed": self.seed, "stop": stop}
+
+    def extras(self) -> dict:
+        """The choice count, logprobs and finetrace's extensions (``labels``, ``return_token_ids``), validated."""
+        n = 1 if self.n is None else self.n
+        if not isinstance(n, int) or not 1 <= n <= 16:
+            raise InputError(f"n must be between 1 and 16, got {n}", field="n")
+        if n > 1 and self.stream:
+            raise InputError("n > 1 is not supported with stream: true", field="n")
+        extra = self.model_extra or {}
+        lp, top = extra.get("logprobs"), extra.get("top_logprobs")
+        if isinstance(lp, bool) or lp is None:      # chat: logprobs: bool, top_logprobs: int
+            k = (int(top or 0) if lp else None)
+        elif isinstance(lp, int):                  # completions: logprobs: int
+            k = lp
+        else:
+            raise InputError("logprobs must be a boolean (chat) or an integer (completions)", field="logprobs")
+        if k is not None and not 0 <= k <= 20:
+            raise InputError(f"top_logprobs must be between 0 and 20, got {k}", field="top_logprobs")
+        labels = extra.get("labels")
+        if labels is not None and (not isinstance(labels, list) or not labels
+                                   or not all(isinstance(x, str) and x for x in labels)):
+            raise InputError("labels must be a non-empty list of non-empty strings", field="labels")
+        return {"n": n, "logprobs": k, "labels": labels, "return_token_ids": bool(extra.get("return_token_ids"))}
 
     @property
     def include_usage(self) -> bool:

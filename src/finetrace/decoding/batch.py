@@ -1,0 +1,232 @@
+"""The batched forward every caller shares: continuous batching of generations over a preallocated cache.
+
+    dec = Decoder(model, tok)                            # adapters=GatheredLoRA(...) for mixed batches
+    seqs = dec.run([Seq(encode_chat(tok, m), max_tokens=64) for m in prompts])   # evaluate, generate
+    dec.add(seq); finished = dec.step()                  # the serving engine's scheduler, one step a call
+
+A step (1) runs one chunk (``prefill_chunk`` tokens) of the prompts waiting to join, left-padded
+together; a group whose prompts are all read picks its first tokens and joins the running rows;
+(2) runs one decode step for every running row (one token each), picks every row's next token in one
+batched call (``sampling.pick_tokens``), appends the new text and finishes rows at an end id
+(``chat.end_ids``), a stop string, or ``max_tokens``. Long prompts are read a chunk per step, so they do
+not stall the running rows. Rows carry their adapter name; ``adapters.select(names)`` sets the LoRA
+slot of each row before a forward (``lora.GatheredLoRA``: one matmul pair when all rows share one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .chat import end_ids, pad_id
+from .kvcache import slab_cache
+from .sampling import make_generator, pick_tokens, token_logprobs
+from .text import find_stop, holdback, normalise_answer
+
+BASE = "__base__"
+
+
+@dataclass
+class Seq:
+    """One generation: what to do (the fields) and how far it got (``ids``, ``text``, ``finish``)."""
+
+    prompt_ids: list[int]
+    adapter: str = BASE
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None          # None: no logprobs; k >= 0: chosen token + top k
+    on_delta: Callable[[str], None] | None = None
+    owner: object = None                 # the caller's request object
+    # progress
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None            # "stop" | "length" | "cancelled"
+    end_token: int | None = None         # the end-of-turn id that ended it, if one did (not in ids)
+    token_logprobs: list = field(default_factory=list)
+    cancelled: bool = False
+    pos: int = 0
+    sent: int = 0
+    gen: torch.Generator | None = None
+    next_token: int | None = None
+
+    @property
+    def answer(self) -> str:
+        return normalise_answer(self.text)
+
+
+class _Group:
+    """Prompts being read together (left-padded to one width), a chunk per step."""
+
+    def __init__(self, seqs: list[Seq], pad: int):
+        self.seqs = seqs
+        width = max(len(s.prompt_ids) for s in seqs)
+        self.ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        self.mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            self.mask[i, width - len(s.prompt_ids):] = 1
+        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.done = 0
+        self.cache = slab_cache()
+
+
+class Decoder:
+    """A model + tokenizer and the rows decoding on it; not thread-safe (one scheduler calls it)."""
+
+    def __init__(self, model, tok, adapters=None, max_batch: int = 16, prefill_chunk: int = 256):
+        self.model, self.tok, self.adapters = model, tok, adapters
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.end = end_ids(tok, model)
+        self.pad = pad_id(tok)
+        self.rows: list[Seq] = []
+        self.waiting: list[Seq] = []
+        self.groups: list[_Group] = []
+        self.cache = None
+        self.mask = None                            # (b, t) over the cache
+        fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else type(model).forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+
+    # -- what callers use ----------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        return len(self.rows) + len(self.waiting) + sum(len(g.seqs) for g in self.groups)
+
+    def free(self) -> int:
+        return self.max_batch - self.busy
+
+    def add(self, seq: Seq) -> None:
+        seq.pos = len(seq.prompt_ids)
+        seq.gen = make_generator(seq.seed) if seq.temperature > 1e-5 else None
+        self.waiting.append(seq)
+
+    def step(self) -> list[Seq]:
+        """One chunk of prefill and one decode step; returns the sequences that finished in it."""
+        finished: list[Seq] = []
+        with torch.inference_mode():
+            if self.waiting:
+                self.groups.append(_Group(self.waiting, self.pad))
+                self.waiting = []
+            if self.groups:
+                finished += self._prefill(self.groups[0])
+            if self.rows:
+                finished += self._decode()
+        return finished
+
+    def run(self, seqs: list[Seq], on_done: Callable[[int], None] | None = None) -> list[Seq]:
+        """Decode ``seqs`` to the end (continuous batching, ``max_batch`` rows at a time); returns them.
+        ``on_done(n)`` is called after each step that finished ``n`` of them."""
+        todo = list(seqs)[::-1]
+        while todo or self.busy:
+            while todo and self.free() > 0:
+                self.add(todo.pop())
+            n = len(self.step())
+            if n and on_done is not None:
+                on_done(n)
+        return list(seqs)
+
+    def reset(self) -> None:
+        """Drop every row (after a failed forward)."""
+        self.rows, self.waiting, self.groups, self.cache, self.mask = [], [], [], None, None
+
+    # -- internals -----------------------------------------------------------------------------
+    def forward(self, ids, mask, positions, cache, names: list[str]):
+        """Logits of the last position (B, V) and the cache, with each row on its own adapter."""
+        kwargs = self.adapters.select(names) if self.adapters is not None else {}
+        kwargs[self._cache_kw] = cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :]
+
+    def _prefill(self, g: _Group) -> list[Seq]:
+        if any(s.cancelled for s in g.seqs) and all(s.cancelled for s in g.seqs):
+            self.groups.pop(0)
+            for s in g.seqs:
+                s.finish = "cancelled"
+            return list(g.seqs)
+        end = min(g.done + self.prefill_chunk, g.ids.shape[1])
+        logits = self.forward(g.ids[:, g.done:end], g.mask[:, :end], g.pos[:, g.done:end], g.cache,
+                              [s.adapter for s in g.seqs])
+        g.done = end
+        if end < g.ids.shape[1]:
+            return []
+        self.groups.pop(0)
+        self._join(g)
+        return self._accept(g.seqs, logits)
+
+    def _join(self, g: _Group) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.rows = g.cache, g.mask, list(g.seqs)
+            return
+        ta, tn = self.mask.shape[1], g.mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, g.cache.layers):
+            mine.append(theirs)
+        t = max(ta, tn)
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (t - ta, 0)),
+                               torch.nn.functional.pad(g.mask, (t - tn, 0))], dim=0)
+        self.rows = self.rows + list(g.seqs)
+
+    def _decode(self) -> list[Seq]:
+        rows = self.rows
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)          # (b, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long)           # (b, 1)
+        self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        logits = self.forward(ids, self.mask, positions, self.cache, [r.adapter for r in rows])
+        for r in rows:
+            r.pos += 1
+        return self._accept(rows, logits)
+
+    def _accept(self, rows: list[Seq], logits) -> list[Seq]:
+        """Pick each row's next token, extend its text, finish rows; drop finished rows from the batch."""
+        toks = pick_tokens(logits, [r.temperature for r in rows], [r.top_p for r in rows], [r.gen for r in rows])
+        want = [r.logprobs for r in rows if r.logprobs is not None]
+        lps = token_logprobs(logits, toks, max(want)) if want else None
+        for i, (r, t) in enumerate(zip(rows, toks)):
+            if r.cancelled:
+                r.finish = "cancelled"
+                continue
+            if t in self.end:
+                r.finish, r.end_token = "stop", t
+            else:
+                r.ids.append(t)
+                r.next_token = t
+                if lps is not None and r.logprobs is not None:
+                    r.token_logprobs.append((t, lps[i][0], lps[i][1][:r.logprobs]))
+            text = self.tok.decode(r.ids, skip_special_tokens=True)
+            cut = find_stop(text, r.stop)
+            if cut >= 0:
+                text, r.finish = text[:cut], "stop"
+            elif r.finish is None and len(r.ids) >= r.max_tokens:
+                r.finish = "length"
+            r.text = text
+            safe = text if r.finish else text[:len(text) - holdback(text, r.stop)]
+            if r.on_delta is not None and len(safe) > r.sent:
+                r.on_delta(safe[r.sent:])
+            r.sent = max(r.sent, len(safe))
+        done = [r for r in rows if r.finish]
+        if done:
+            self._prune()
+        return done
+
+    def _prune(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if not r.finish]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        for layer in self.cache.layers:
+            layer.keep_rows(keep)
+        self.mask = self.mask[torch.tensor(keep, dtype=torch.long)]
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first >= 32 or (first > 0 and first * 4 >= self.mask.shape[1]):
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.drop_columns(first)

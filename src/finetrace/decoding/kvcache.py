@@ -1,0 +1,116 @@
+"""A preallocated KV cache for continuous batching: rows are written in place, never concatenated per step.
+
+Each layer owns two buffers ``(rows_cap, kv_heads, t_cap, head_dim)``. All running rows share one time
+pointer ``t``: a decode step writes column ``t`` of every row and attention reads the views
+``buf[:b, :, :t]``. Rows are left-aligned in time (a short prompt starts later, its earlier columns are
+masked), so a row's answer does not depend on what it is batched with. Copies happen only when the
+batch changes shape: a finished row is compacted away, a prompt longer than ``t`` shifts the running
+rows right once, unused leading columns are trimmed when they pile up, and a full buffer doubles.
+transformers' ``DynamicCache`` instead copies the whole cache on every step (``torch.cat``).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's preallocated keys and values; ``keys``/``values`` are views of the live region."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kbuf: torch.Tensor | None = None
+        self.vbuf: torch.Tensor | None = None
+        self.b = 0   # live rows
+        self.t = 0   # live columns
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, q, d = key_states.shape
+        self.device = key_states.device
+        self._alloc(max(b, 1), h, max(2 * q, 64), d, key_states.dtype)
+        self.b = b
+        self.is_initialized = True
+
+    def _alloc(self, rows: int, h: int, t: int, d: int, dtype) -> None:
+        k = torch.zeros((rows, h, t, d), dtype=dtype, device=self.device)
+        v = torch.zeros_like(k)
+        if self.kbuf is not None:
+            k[:self.b, :, :self.t] = self.kbuf[:self.b, :, :self.t]
+            v[:self.b, :, :self.t] = self.vbuf[:self.b, :, :self.t]
+        self.kbuf, self.vbuf = k, v
+
+    def reserve(self, rows: int, t: int) -> None:
+        """Make room for ``rows`` rows and ``t`` columns (doubling: amortised O(1) per token)."""
+        if self.kbuf is None:
+            return
+        R, H, T, D = self.kbuf.shape
+        if rows > R or t > T:
+            self._alloc(max(R, rows), H, max(T, t) if t <= T else max(2 * T, t), D, self.kbuf.dtype)
+
+    def _views(self) -> None:
+        self.keys = self.kbuf[:self.b, :, :self.t]
+        self.values = self.vbuf[:self.b, :, :self.t]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        self.reserve(self.b, self.t + q)
+        self.kbuf[:self.b, :, self.t:self.t + q] = key_states
+        self.vbuf[:self.b, :, self.t:self.t + q] = value_states
+        self.t += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.t
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.t + query_length, 0
+
+    # -- batch reshaping (only when rows join or leave) ------------------------------------------
+    def keep_rows(self, idx: list[int]) -> None:
+        if self.kbuf is None:
+            return
+        if idx != list(range(len(idx))):
+            sel = torch.tensor(idx, dtype=torch.long, device=self.device)
+            self.kbuf[:len(idx), :, :self.t] = self.kbuf.index_select(0, sel)[:, :, :self.t]
+            self.vbuf[:len(idx), :, :self.t] = self.vbuf.index_select(0, sel)[:, :, :self.t]
+        self.b = len(idx)
+        self._views()
+
+    def drop_columns(self, n: int) -> None:
+        """Forget the first ``n`` columns (unused by every live row)."""
+        if self.kbuf is None or n <= 0:
+            return
+        live = self.t - n
+        self.kbuf[:self.b, :, :live] = self.kbuf[:self.b, :, n:self.t].clone()
+        self.vbuf[:self.b, :, :live] = self.vbuf[:self.b, :, n:self.t].clone()
+        self.t = live
+        self._views()
+
+    def append(self, other: "SlabLayer") -> None:
+        """Add ``other``'s rows below ours, right-aligned in time (shifting ours right if theirs is longer)."""
+        if self.kbuf is None:
+            self.kbuf, self.vbuf, self.device = other.kbuf, other.vbuf, other.device
+            self.b, self.t, self.is_initialized = other.b, other.t, True
+            self._views()
+            return
+        if other.t > self.t:
+            d = other.t - self.t
+            self.reserve(self.b, other.t + 1)
+            self.kbuf[:self.b, :, d:other.t] = self.kbuf[:self.b, :, :self.t].clone()
+            self.vbuf[:self.b, :, d:other.t] = self.vbuf[:self.b, :, :self.t].clone()
+            self.t = other.t
+        self.reserve(self.b + other.b, self.t + 1)
+        s = self.t - other.t
+        self.kbuf[self.b:self.b + other.b, :, s:self.t] = other.kbuf[:other.b, :, :other.t]
+        self.vbuf[self.b:self.b + other.b, :, s:self.t] = other.vbuf[:other.b, :, :other.t]
+        self.b += other.b
+        self._views()
+
+
+def slab_cache() -> Cache:
+    """An empty cache whose layers are ``SlabLayer`` (created on first use, one per model layer)."""
+    return Cache(layer_class_to_replicate=SlabLayer)

@@ -1,0 +1,111 @@
+"""One decoder: evaluation, the served API (official client, mixed-adapter batches) and `generate` give the
+same tokens; a non-ChatML model stops at its own end of turn; parity catches a swapped adapter."""
+
+from __future__ import annotations
+
+import threading
+
+import openai
+import pytest
+
+from finetrace.serve.engine import Engine
+from finetrace.serve.server import BackgroundServer
+from finetrace.serve.settings import ServeSettings
+
+WORDS = ["contract", "supplier", "invoice", "data", "France", "billing", "audit", "river", "model", "train"]
+PROMPTS = [f"{WORDS[i % 10]} {WORDS[(i * 3) % 10]} question {i}: what is {WORDS[(i * 7) % 10]}?" for i in range(50)]
+MAX_NEW = 8
+
+
+def _dataset(ws, tmp, name="parity-set"):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp / f"ds-{name}"
+    folder.mkdir()
+    rows = [{"prompt": p, "completion": "x"} for p in PROMPTS]
+    (folder / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["completion", "prompt"],
+                                                     "counts": {"test": len(rows)}}))
+    pq.write_table(pa.Table.from_pylist(rows), folder / "test.parquet")
+    return ws.ledger.add_artifact("dataset", ws.store.put_dir(folder), name=name)
+
+
+def _suite(tmp):
+    p = tmp / "parity-suite.yaml"
+    p.write_text(f"bias: {{enabled: false}}\nforgetting: {{enabled: false}}\nbootstrap: {{samples: 10}}\n"
+                 f"max_new_tokens: {MAX_NEW}\nbatch_size: 8\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def evaluated(served_ws):
+    """alpha@1 evaluated on 50 prompts: the report with its recorded answer tokens."""
+    from finetrace.evaluate.runner import evaluate, load_report
+
+    tmp = served_ws.ctx["tmp"]
+    ds = _dataset(served_ws, tmp)
+    art = evaluate(served_ws, "tiny", ds.ref, adapter_ref="alpha@1", suite=_suite(tmp), name="parity-eval")
+    rep = load_report(served_ws, art.digest)
+    return rep, next(s for s in rep["models"] if s.get("ref") == "alpha@1")
+
+
+@pytest.mark.slow
+def test_eval_served_and_generate_are_token_identical(served_ws, evaluated):
+    from finetrace.models.generate import ChatStats, chat_messages, load_for_chat, stream_chat
+
+    _, subject = evaluated
+    want = subject["answer_tokens"]
+    assert len(want) == 50 and len({tuple(t) for t in want}) >= 5  # answers vary
+    settings = ServeSettings(max_batch=16)
+    got: dict = {}
+    with BackgroundServer(Engine(served_ws, "tiny", ["alpha@1", "beta@1"], settings), settings) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        barrier = threading.Barrier(20)
+
+        def ask(model, i):
+            if i < 10:
+                barrier.wait()
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[i]}],
+                                               max_tokens=MAX_NEW, temperature=0,
+                                               extra_body={"return_token_ids": True})
+            got[(model, i)] = (r.choices[0].model_extra["token_ids"], r.choices[0].message.content)
+        jobs = [(m, i) for i in range(50) for m in ("alpha@1", "beta@1")]
+        threads = [threading.Thread(target=ask, args=j) for j in jobs]
+        for k in range(0, len(threads), 20):  # 20 concurrent: alpha and beta rows share every batch
+            [t.start() for t in threads[k:k + 20]]
+            [t.join() for t in threads[k:k + 20]]
+    served = [got[("alpha@1", i)][0] for i in range(50)]
+    assert served == want
+    assert [got[("alpha@1", i)][1] for i in range(50)] == subject["answers"]
+    assert sum(got[("beta@1", i)][0] != want[i] for i in range(50)) >= 10  # the other adapter really differs
+    model, tok, _ = load_for_chat(served_ws, "tiny", "alpha@1")
+    for i in range(50):
+        stats = ChatStats()
+        text = "".join(stream_chat(model, tok, chat_messages(PROMPTS[i]), max_new_tokens=MAX_NEW, stats=stats))
+        ids = stats.token_ids[:-1] if stats.finish_reason == "stop" else stats.token_ids
+        assert ids == want[i], i
+        assert text.strip() == subject["answers"][i]
+
+
+@pytest.mark.slow
+def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated):
+    from serve_support import make_adapter
+
+    from finetrace.pipeline.stages import parity_gate
+    from finetrace.serve.parity import ParityRefused, latest_parity, parity
+
+    res = parity(served_ws, "alpha@1")
+    assert (res.n, res.agreeing, res.exact, res.differing) == (50, 50, True, [])
+    run = served_ws.ledger.get_run(res.run_id)
+    assert run.kind == "parity" and run.status == "succeeded" and run.metrics["agreement"] == 1.0
+    assert latest_parity(served_ws, res.adapter)["agreement"] == 1.0
+    c = served_ws.ctx
+    swapped = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "alpha", 77, c["tmp"])
+    assert swapped.ref == "alpha@2"  # another adapter under the same name
+    bad = parity(served_ws, "alpha@2")
+    assert bad.evaluated_adapter != bad.adapter and bad.agreement < 0.8 and len(bad.differing) == 50 - bad.agreeing
+    with pytest.raises(ParityRefused, match="min_serve_agreement"):
+        parity_gate(served_ws, "alpha@2", None, 1.0, print)
+    assert parity_gate(served_ws, "alpha@1", None, 1.0, print).exact
