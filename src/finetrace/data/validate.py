@@ -97,13 +97,14 @@ def suggest_mapping(cols: set[str]) -> tuple[str, dict[str, str]] | None:
 class RowValidator:
     """Checks and reshapes records for one schema."""
 
-    def __init__(self, schema: str, mapping: dict[str, str] | None = None):
+    def __init__(self, schema: str, mapping: dict[str, str] | None = None, tools: bool = False):
         if schema not in SCHEMAS:
             raise InputError(f"unknown schema {schema!r}", hint=f"one of {', '.join(SCHEMAS)}")
         self.schema = schema
         self.mapping = mapping or {}
         self.required = SCHEMAS[schema]
         self.dropped: set[str] = set()  # extra columns seen (recorded, not kept)
+        self.tools = tools  # chat with tool calls, a tool role and per-turn weights (formats.py)
 
     def check(self, record: dict) -> tuple[dict | None, RowError | None]:
         rec = apply_mapping(record, self.mapping)
@@ -114,7 +115,7 @@ class RowValidator:
                 return None, RowError("missing_field", f"the required field '{field}' is missing{hint}", field)
             value = rec[field]
             if field == "messages":
-                value, err = self._messages(value)
+                value, err = self._tool_messages(value) if self.tools else self._messages(value)
                 if err:
                     return None, err
             elif not isinstance(value, str):
@@ -128,6 +129,8 @@ class RowValidator:
             if isinstance(value, (dict, list)):
                 return None, RowError("wrong_type", f"'{field}' must be a string or number", field)
             row[field] = None if value is None or value == "" else str(value)
+        if self.tools:
+            row["tools"] = rec.get("tools")
         extra = rec.keys() - row.keys()
         if extra and not extra <= self.dropped:
             self.dropped |= extra
@@ -164,4 +167,28 @@ class RowValidator:
         if not any(m["role"] == "assistant" for m in out):
             return None, RowError("bad_role", "the conversation has no assistant message to learn from",
                                   "messages")
+        return out, None
+
+    def _tool_messages(self, value) -> tuple[list | None, RowError | None]:
+        """Messages mapped by ``formats.map_openai``: roles include ``tool``; an assistant turn may hold
+        only tool calls; ``weight`` 0 marks an assistant turn that carries no loss."""
+        out = []
+        for i, m in enumerate(value):
+            role = m["role"]
+            if role not in ROLES + ("tool",):
+                return None, RowError("bad_role", f"messages[{i}] has role {role!r}; roles are "
+                                      f"{', '.join(ROLES + ('tool',))}", "messages")
+            if role == "system" and i != 0:
+                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
+                                      "messages")
+            if m.get("tool_calls") and role != "assistant":
+                return None, RowError("bad_role", f"messages[{i}]: only assistant messages make tool calls",
+                                      "messages")
+            if not m["content"].strip() and not m.get("tool_calls") and role != "tool":
+                return None, RowError("empty_field", f"messages[{i}] has neither content nor tool calls",
+                                      "messages")
+            out.append(dict(m))
+        if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in out):
+            return None, RowError("bad_role", "the conversation has no assistant message to learn from (none, "
+                                  "or all with weight 0)", "messages")
         return out, None

@@ -210,7 +210,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     P.check_objective(cfg.objective, schema)
     dpo = cfg.objective == "dpo"
     encode = (lambda rs: P.encode_pairs(tok, rs, cfg.max_length)) if dpo else \
-        (lambda rs: D.encode_rows(tok, rs, schema, labels, cfg.max_length))
+        (lambda rs: D.encode_rows(tok, rs, schema, labels, cfg.max_length, cfg.loss_turns))
     train_ex, skipped = encode(rows)
     val_ex: list = []
     if cfg.validation_split and (ds_dir / f"{cfg.validation_split}.parquet").is_file():
