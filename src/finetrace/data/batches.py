@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import pii as piimod
-from .arrowtext import WS_OR_HIGH, blake64, edge_bytes, normalize_array, str_buffers
+from .arrowtext import WS_OR_HIGH, blake64, edge_bytes, normalize_array, rows_with, str_buffers
 from .clean import MinHasher, exact_key, normalize_row, normalize_text, text_fields
 from .readers import ReadOptions, RowError, jsonl_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS
@@ -250,6 +250,7 @@ def _fast_ok(cols: dict, n: int, schema: str) -> np.ndarray | None:
             ok &= ~c.is_null().to_numpy(zero_copy_only=False)
             c = c.fill_null("")
         data, offs = str_buffers(c)
+        ok &= ~rows_with(data == 0, offs)  # a NUL: the reference path refuses the row, naming it
         maybe = np.flatnonzero(edge_bytes(data, offs, WS_OR_HIGH))  # empty or blank-looking: ask Python
         if len(maybe):
             vals = c.take(pa.array(maybe)).to_pylist()

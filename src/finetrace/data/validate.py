@@ -94,6 +94,25 @@ def suggest_mapping(cols: set[str]) -> tuple[str, dict[str, str]] | None:
     return None
 
 
+def _is_text(value: str) -> bool:
+    """False for a string holding a NUL character (binary or UTF-16 data read as text) or a lone UTF-16
+    surrogate (JSON "\\ud800"): neither is text."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(what: str, field: str) -> RowError:
+    return RowError("encoding", f"{what} holds a NUL character or a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                    "escape without its pair), which is not text (binary or UTF-16 data?); fix or remove it", field)
+
+
 class RowValidator:
     """Checks and reshapes records for one schema."""
 
@@ -123,12 +142,16 @@ class RowValidator:
                                       f"{type(value).__name__} {json.dumps(value, default=str)[:60]}", field)
             elif not value.strip():
                 return None, RowError("empty_field", f"'{field}' is empty", field)
+            elif not _is_text(value):
+                return None, _surrogate(field, field)
             row[field] = value
         for field in OPTIONAL_COLUMNS:
             value = rec.get(field)
             if isinstance(value, (dict, list)):
                 return None, RowError("wrong_type", f"'{field}' must be a string or number", field)
             row[field] = None if value is None or value == "" else str(value)
+            if row[field] is not None and not _is_text(row[field]):
+                return None, _surrogate(field, field)
         if self.tools:
             row["tools"] = rec.get("tools")
         extra = rec.keys() - row.keys()
@@ -163,6 +186,8 @@ class RowValidator:
             if m["role"] == "system" and i != 0:
                 return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
                                       "messages")
+            if not _is_text(m["content"]):
+                return None, _surrogate(f"messages[{i}].content", "messages")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             return None, RowError("bad_role", "the conversation has no assistant message to learn from",
@@ -184,6 +209,8 @@ class RowValidator:
             if m.get("tool_calls") and role != "assistant":
                 return None, RowError("bad_role", f"messages[{i}]: only assistant messages make tool calls",
                                       "messages")
+            if not all(_is_text(m.get(k) or "") for k in ("content", "tool_calls", "tool_call_id", "name")):
+                return None, _surrogate(f"messages[{i}]", "messages")
             if not m["content"].strip() and not m.get("tool_calls") and role != "tool":
                 return None, RowError("empty_field", f"messages[{i}] has neither content nor tool calls",
                                       "messages")
