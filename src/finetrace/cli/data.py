@@ -100,6 +100,44 @@ def register(app: typer.Typer) -> None:
         if md.get("gaps"):
             typer.echo(f"datasheet gaps: {', '.join(md['gaps'])} (see `finetrace data show {art.ref}`)")
 
+    @data.command("forget")
+    def forget_(
+        ref: str = typer.Argument(..., help="DATASET@V to erase rows from."),
+        where: str = typer.Option(None, "--where", help="FIELD == VALUE | FIELD != VALUE | FIELD contains TEXT."),
+        ids: str = typer.Option(None, "--ids", help="A file of row ids, one per line."),
+        match: str = typer.Option(None, "--match", help="Rows whose text contains TEXT (case-insensitive)."),
+        by: str = typer.Option(..., "--by", help="Who asked for the erasure (recorded)."),
+        purge: bool = typer.Option(False, "--purge", help="Also delete the objects holding the erased rows."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Erasure: a new version without the rows and their near-duplicates; lists what was built on the old one."""
+        from pathlib import Path
+
+        from ..data.erasure import forget
+
+        id_set = None
+        if ids is not None:
+            from ..errors import InputError
+
+            try:
+                id_set = {ln.strip() for ln in Path(ids).read_text(encoding="utf-8").splitlines() if ln.strip()}
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read the ids file: {exc}", file=ids, hint="one id per line, UTF-8") from None
+        res = forget(open_workspace(), ref, where=where, ids=id_set, match=match, by=by, purge=purge)
+        if json_out:
+            emit_json(res)
+            return
+        typer.echo(f"{res['dataset']}  {res['digest']}: {res['removed']} rows erased from {res['from']}, and "
+                   f"{res['near_duplicates']} near-duplicates of them")
+        if res["downstream"]:
+            typer.echo(f"built on {res['from']} (retrain or withdraw these):")
+            for a in res["downstream"]:
+                typer.echo(f"  {a['kind']:12s} {a.get('ref') or a.get('run')}")
+        else:
+            typer.echo(f"nothing was built on {res['from']}")
+        if res["purged"]:
+            typer.echo(f"purged {len(res['purged'])} objects (the ledger keeps their digests; verify knows)")
+
     @data.command("list")
     def list_(json_out: bool = JSON_OPTION):
         """Dataset versions in this workspace."""

@@ -37,7 +37,7 @@ from .signing import KeyPair
 ARTIFACT_KINDS = ("source", "dataset", "base_model", "adapter", "eval_report", "document", "bundle",
                   "checkpoint", "model")
 RUN_KINDS = ("import", "convert", "train", "evaluate", "document", "approve", "publish", "pull",
-             "deploy", "reproduce", "export", "pipeline")
+             "deploy", "reproduce", "export", "pipeline", "erasure")
 
 
 def now() -> str:
