@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
     @data.command("import")
     def import_(
-        files: list[str] = typer.Argument(..., help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
+        files: list[str] = typer.Argument(None, help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
+        from_hub: str = typer.Option(None, "--from-hub", help="A Hub dataset ID[@revision] instead of files (offline: the local hub cache)."),
         name: str = typer.Option(..., "--name", help="Dataset name; the new version is NAME@N."),
         schema: str = typer.Option(None, "--schema", help="completion | chat | classification | preference (default: detect)."),
         input_format: str = typer.Option("auto", "--format", help="auto | openai | sharegpt | alpaca | native (default: detect by content)."),
@@ -62,7 +63,17 @@ def register(app: typer.Typer) -> None:
             fractions = tuple(float(x) for x in splits.split(","))
         except ValueError:
             raise ConfigError(f"bad --splits {splits!r}", hint="e.g. --splits 0.8,0.1,0.1") from None
-        opts = build_options(None, schema=schema, input_format=input_format, mapping=map_ or None,
+        if from_hub:
+            from ..data.hub import resolve
+
+            if files:
+                raise ConfigError("give input files or --from-hub, not both", hint="drop one of them")
+            hub_files, hub_test, hub_info = resolve(from_hub)
+            files = [str(f) for f in hub_files]
+            test_file = test_file or (str(hub_test) if hub_test else None)
+        elif not files:
+            raise ConfigError("no input files given", hint="finetrace data import FILE... --name NAME, or --from-hub ID")
+        opts = build_options(None, schema=schema, from_hub=hub_info if from_hub else None, input_format=input_format, mapping=map_ or None,
                              datasheet=datasheet, on_error=on_error, pii=pii, seed=seed, splits=fractions,
                              test_file=test_file, tokenizer=tokenizer, near_dup_threshold=near_dup_threshold,
                              near_dup=near_dup, split_unit=split_unit, workers=workers)
@@ -80,11 +91,52 @@ def register(app: typer.Typer) -> None:
             return
         rows_in = md.get("rows_in") or 0
         typer.echo(f"{art.ref}  {art.digest}")
+        fmt = md.get("input_format", "native")
+        typer.echo(f"format {fmt}" + (" (detected by content)" if input_format == "auto" else "")
+                   + (f"; from the Hub {from_hub} at commit {hub_info['commit']}" if from_hub else ""))
         typer.echo(f"schema {md['schema']}; rows in {rows_in}, out {md['rows_out']}; "
                    + ", ".join(f"{k} {v}" for k, v in md["counts"].items())
                    + f"; {rows_in / max(elapsed, 1e-9):,.0f} rows/s")
         if md.get("gaps"):
             typer.echo(f"datasheet gaps: {', '.join(md['gaps'])} (see `finetrace data show {art.ref}`)")
+
+    @data.command("forget")
+    def forget_(
+        ref: str = typer.Argument(..., help="DATASET@V to erase rows from."),
+        where: str = typer.Option(None, "--where", help="FIELD == VALUE | FIELD != VALUE | FIELD contains TEXT."),
+        ids: str = typer.Option(None, "--ids", help="A file of row ids, one per line."),
+        match: str = typer.Option(None, "--match", help="Rows whose text contains TEXT (case-insensitive)."),
+        by: str = typer.Option(..., "--by", help="Who asked for the erasure (recorded)."),
+        purge: bool = typer.Option(False, "--purge", help="Also delete the objects holding the erased rows."),
+        json_out: bool = JSON_OPTION,
+    ):
+        """Erasure: a new version without the rows and their near-duplicates; lists what was built on the old one."""
+        from pathlib import Path
+
+        from ..data.erasure import forget
+
+        id_set = None
+        if ids is not None:
+            from ..errors import InputError
+
+            try:
+                id_set = {ln.strip() for ln in Path(ids).read_text(encoding="utf-8").splitlines() if ln.strip()}
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read the ids file: {exc}", file=ids, hint="one id per line, UTF-8") from None
+        res = forget(open_workspace(), ref, where=where, ids=id_set, match=match, by=by, purge=purge)
+        if json_out:
+            emit_json(res)
+            return
+        typer.echo(f"{res['dataset']}  {res['digest']}: {res['removed']} rows erased from {res['from']}, and "
+                   f"{res['near_duplicates']} near-duplicates of them")
+        if res["downstream"]:
+            typer.echo(f"built on {res['from']} (retrain or withdraw these):")
+            for a in res["downstream"]:
+                typer.echo(f"  {a['kind']:12s} {a.get('ref') or a.get('run')}")
+        else:
+            typer.echo(f"nothing was built on {res['from']}")
+        if res["purged"]:
+            typer.echo(f"purged {len(res['purged'])} objects (the ledger keeps their digests; verify knows)")
 
     @data.command("list")
     def list_(json_out: bool = JSON_OPTION):

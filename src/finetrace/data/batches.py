@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import pii as piimod
-from .arrowtext import WS_OR_HIGH, blake64, edge_bytes, normalize_array, str_buffers
+from .arrowtext import WS_OR_HIGH, blake64, edge_bytes, normalize_array, rows_with, str_buffers
 from .clean import MinHasher, exact_key, normalize_row, normalize_text, text_fields
 from .readers import ReadOptions, RowError, jsonl_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS
@@ -39,6 +39,7 @@ class Ctx:
     max_row_bytes: int
     detector_keys: list | None = None  # None: every registered detector (workers: the built-ins)
     row_hook: object = None  # a picklable callable(record) -> record | RowError (a format's mapping)
+    tools: bool = False      # chat rows with tool calls, tool role and weights (formats.py)
 
 
 @dataclass
@@ -88,8 +89,13 @@ def _minhasher(ctx: Ctx) -> MinHasher:
     return _STATE[key]
 
 
-def arrow_schema(schema: str) -> pa.Schema:
+def arrow_schema(schema: str, tools: bool = False) -> pa.Schema:
+    """Columns of a dataset's Parquet files; ``tools``: chat messages with tool calls, ids and weights."""
     s = pa.string()
+    if schema == "chat" and tools:
+        msg = pa.struct([("role", s), ("content", s), ("tool_calls", s), ("tool_call_id", s), ("name", s),
+                         ("weight", pa.int8())])
+        return pa.schema([("messages", pa.list_(msg)), ("tools", s)] + [(c, s) for c in OPTIONAL_COLUMNS])
     cols = {"completion": [("prompt", s), ("completion", s)],
             "classification": [("text", s), ("label", s)],
             "preference": [("prompt", s), ("chosen", s), ("rejected", s)],
@@ -100,7 +106,7 @@ def arrow_schema(schema: str) -> pa.Schema:
 # -- validation ---------------------------------------------------------------------------------
 def process(chunk: Chunk, ctx: Ctx, for_worker: bool = False) -> Cleaned:
     """Validate and clean one chunk; see the module docstring."""
-    validator = RowValidator(ctx.schema, ctx.fmap)
+    validator = RowValidator(ctx.schema, ctx.fmap, ctx.tools)
     if chunk.kind == "jsonl":
         rows, lines, errors, extra, n = _jsonl(chunk, ctx, validator)
     elif chunk.kind == "table":
@@ -134,7 +140,7 @@ def _records(items, validator: RowValidator, ctx: Ctx):
         else:
             good.append(rec)
             lines.append(line)
-    table = pa.Table.from_pylist(good, schema=arrow_schema(ctx.schema))
+    table = pa.Table.from_pylist(good, schema=arrow_schema(ctx.schema, ctx.tools))
     return table, np.asarray(lines, np.int64), errors, set()
 
 
@@ -185,7 +191,7 @@ def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
 def _table(table: pa.Table, lines: np.ndarray, ctx: Ctx, validator: RowValidator, record, whole=False):
     """Vectorised checks of a parsed table; rows they reject are re-checked one by one (``record(i)``
     gives the row as the per-row path sees it: a dict, or a (line, record, error) tuple)."""
-    cols = _mapped(table, ctx.fmap)
+    cols = _mapped(table, ctx.fmap) if ctx.row_hook is None else None
     ok = _fast_ok(cols, table.num_rows, ctx.schema) if cols is not None else None
     if ok is None:  # types the fast path does not take: every row through the reference path
         items = [record(i) for i in range(table.num_rows)]
@@ -201,7 +207,7 @@ def _table(table: pa.Table, lines: np.ndarray, ctx: Ctx, validator: RowValidator
         else:
             c = c.cast(pa.string())
             out[f] = pa.compute.if_else(pa.compute.equal(c, ""), pa.scalar(None, pa.string()), c)
-    fast = pa.table(out, schema=arrow_schema(ctx.schema))
+    fast = pa.table(out, schema=arrow_schema(ctx.schema, ctx.tools))
     if ok.all():
         return fast, lines, [], extra
     bad = np.flatnonzero(~ok)
@@ -244,6 +250,7 @@ def _fast_ok(cols: dict, n: int, schema: str) -> np.ndarray | None:
             ok &= ~c.is_null().to_numpy(zero_copy_only=False)
             c = c.fill_null("")
         data, offs = str_buffers(c)
+        ok &= ~rows_with(data == 0, offs)  # a NUL: the reference path refuses the row, naming it
         maybe = np.flatnonzero(edge_bytes(data, offs, WS_OR_HIGH))  # empty or blank-looking: ask Python
         if len(maybe):
             vals = c.take(pa.array(maybe)).to_pylist()
@@ -362,7 +369,7 @@ def _pii_row(row: dict, ctx: Ctx, dets, out: Cleaned, line: int) -> RowError | N
             out.pii_counts[s.type] = out.pii_counts.get(s.type, 0) + 1
         if ctx.pii == "redact":
             i = int(label.split("[", 1)[1].split("]", 1)[0])
-            row["messages"][i]["content"] = piimod.redact(text, spans)
+            row["messages"][i][label.rsplit(".", 1)[1]] = piimod.redact(text, spans)
         if len(out.pii_examples) < MAX_EXAMPLES:
             out.pii_examples.append((line, label, kinds))
     out.pii_rows += found

@@ -40,7 +40,12 @@ def normalize_text(s: str) -> str:
 def text_fields(row: dict, schema: str) -> list[tuple[str, str]]:
     """(field path, text) of every free-text field of a row (what PII and near-dup look at)."""
     if schema == "chat":
-        return [(f"messages[{i}].content", m["content"]) for i, m in enumerate(row["messages"])]
+        out = []
+        for i, m in enumerate(row["messages"]):
+            out.append((f"messages[{i}].content", m["content"]))
+            if m.get("tool_calls"):  # tool-call arguments are free text too (PII, near-duplicates)
+                out.append((f"messages[{i}].tool_calls", m["tool_calls"]))
+        return out
     return [(f, row[f]) for f in ("prompt", "completion", "text", "chosen", "rejected") if f in row]
 
 
@@ -64,7 +69,10 @@ def normalize_row(row: dict, schema: str) -> bool:
 def exact_key(row: dict, schema: str, fields: tuple[str, ...]) -> int:
     """64-bit BLAKE2b of the schema fields (unit separators between fields, roles and contents)."""
     if schema == "chat":
-        content = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in row["messages"])
+        content = "\x1e".join(f"{m['role']}\x1f{m['content']}" + (f"\x1f{m['tool_calls']}" if m.get("tool_calls") else "")
+                               for m in row["messages"])
+        if row.get("tools"):
+            content += "\x1d" + row["tools"]
     else:
         content = "\x1e".join(row[f] for f in fields)
     return int.from_bytes(hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest(), "little")

@@ -34,7 +34,7 @@ from ..ledger.log import check_name
 from ..workspace import Workspace
 from .datasheet import build as build_sheet, load_given
 from . import pii as piimod
-from . import workers
+from . import formats, workers
 from .batches import Ctx
 from .clean import MinHasher, lsh_params, union_find_roots
 from .options import ImportOptions, build_options
@@ -81,6 +81,7 @@ class _Pass1:
     normalized: int = 0
     has_id: bool = False
     has_group: bool = False
+    layout: object = None
 
 
 def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: ImportOptions | dict | None = None,
@@ -108,22 +109,28 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
     for f in files:
         sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
 
+    layout = _layout(next(s for s in sources if not s.test), opts, fmap)
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(ws.root, "import-"), dir=ws.cache))  # see debris.py
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
-        p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress)
+        p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress, layout)
+        p1.layout = layout
         _release_memory()
         decisions = _decide(p1, n, minhasher, sources, fractions, opts.seed, opts.near_dup, schema, opts.split_unit)
         _release_memory()
 
         transforms = _transforms(sources, fmap, schema, opts.on_error, opts.pii, detectors, opts.near_dup_threshold,
                                  opts.near_dup, opts.seed, fractions, test_file is not None, opts.split_unit)
+        if layout.fmt != "native":  # the mapping from the file's layout onto the schema, recorded
+            transforms.insert(1, {"op": "format", "format": layout.fmt, "detected": layout.detected,
+                                  "mapping": formats.MAPPINGS[layout.fmt]})
         config = {"name": name, "schema": schema, "mapping": fmap, "on_error": opts.on_error, "pii": opts.pii,
                   "seed": opts.seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
                   "tokenizer": opts.tokenizer, "near_dup_threshold": opts.near_dup_threshold,
                   "near_dup": opts.near_dup, "split_unit": opts.split_unit, "max_row_bytes": opts.max_row_bytes,
-                  "transforms": transforms, "finetrace_version": FINETRACE_VERSION}
+                  "transforms": transforms, "finetrace_version": FINETRACE_VERSION,
+                  "input_format": layout.fmt, **({"from_hub": opts.from_hub} if opts.from_hub else {})}
         src_digests = []
         for s in sources:  # only now, after every row was accepted, does anything enter the workspace
             digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
@@ -142,7 +149,7 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
                                 "near_duplicates": info["duplicates"]["near"]})
             digest = ws.store.put_dir(out)
             art = run.output("dataset", digest, name=name, metadata={
-                "schema": schema, "counts": info["counts"], "rows_in": info["rows_in"],
+                "schema": schema, "input_format": layout.fmt, "counts": info["counts"], "rows_in": info["rows_in"],
                 "rows_out": info["rows_out"], "labels": info.get("labels"), "gaps": info["gaps"]})
         ws.checkpoint()
         return art
@@ -152,13 +159,44 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
 
 
 # -- pass 1 -------------------------------------------------------------------------------------
-def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhasher, progress):
+@dataclass(frozen=True)
+class _Layout:
+    fmt: str             # openai | sharegpt | alpaca | native
+    detected: bool       # found by content (not named by --format)
+    schema: str | None   # the schema the format maps to (None: native, detect from the columns)
+    tools: bool          # chat rows carry tool calls / tool role / weights
+
+
+def _layout(src: _Source, opts: ImportOptions, fmap: dict) -> _Layout:
+    """The input layout: named by ``input_format``, or detected from the first rows of the data file."""
+    fmt, detected = opts.input_format, False
+    if fmt == "auto":
+        recs = []
+        for _line, rec, err in read_rows(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)):
+            if err is None:
+                recs.append(rec)
+            if len(recs) >= formats.DETECT_ROWS:
+                break
+        fmt, detected = formats.detect(recs), True
+    if fmt == "native":
+        return _Layout("native", detected, opts.schema, False)
+    schema = formats.MAPPINGS[fmt]["schema"]
+    if opts.schema not in (None, schema):
+        raise InputError(f"the {fmt} format maps to the {schema} schema, not {opts.schema}",
+                         file=src.display, field="--schema", hint=f"drop --schema, or pass --format native")
+    if fmap:
+        raise InputError(f"--map does not apply to the {fmt} format (its fields are fixed)", file=src.display,
+                         hint="drop --map, or pass --format native and map the columns yourself")
+    return _Layout(fmt, detected, schema, schema == "chat")
+
+
+def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhasher, progress, layout: _Layout):
     """Read, check and clean every row (in record batches, maybe in worker processes); keep only
     8-byte arrays per row and stream the good rows to a scratch Parquet file."""
     import pyarrow.parquet as pq
 
     p1 = _Pass1()
-    schema = opts.schema
+    schema = layout.schema
     dropped: set = set()
     writer = None
     n = total_read = 0
@@ -185,7 +223,8 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
                     bad(src, line, err)
             else:
                 ctx = Ctx(schema, fmap, opts.pii, opts.near_dup_threshold, opts.max_row_bytes,
-                          [k for k, d in piimod.DETECTORS.items() if d in detectors])
+                          [k for k, d in piimod.DETECTORS.items() if d in detectors], formats.mapper(layout.fmt),
+                          layout.tools)
                 for res in pool.map(workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx):
                     src.rows_read += res.rows_read
                     total_read += res.rows_read
@@ -365,6 +404,9 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
 
     out.mkdir(parents=True)
     keep_cols = list(SCHEMAS[schema]) + [c for c, has in (("id", p1.has_id), ("group", p1.has_group)) if has]
+    layout = p1.layout
+    if layout.tools:
+        keep_cols.insert(1, "tools")
     writers: dict[int, pq.ParquetWriter] = {}
     counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
     offset = 0
@@ -416,6 +458,9 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
                      "rows_read": s.rows_read, "rows_valid": s.rows_valid} for s in sources],
         "transforms": transforms, "gaps": sheet["gaps"],
     }
+    if layout.fmt != "native":  # native imports keep exactly the fields (and digests) they always had
+        info["input_format"] = layout.fmt
+        info["tools"] = layout.tools
     write_text(out / "dataset.json", json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     write_text(out / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
     return info

@@ -56,6 +56,8 @@ class ImportOptions(BaseModel):
                                                     "holds a token-length histogram.")
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024, le=1 << 30, description="A row (line) longer than "
                                "this many bytes is refused without being loaded.")
+    from_hub: dict | None = Field(None, description="Set by --from-hub: the Hub dataset id, the revision "
+                                  "asked for and the commit it resolved to (recorded with the import).")
     workers: int = Field(0, ge=0, le=64, description="Worker processes for the per-row checks (0: one per "
                          "CPU up to 4 for inputs over 64 MiB, else none).")
 

@@ -66,19 +66,43 @@ def compression_of(path: Path) -> str | None:
     return None
 
 
+class _Guarded(io.RawIOBase):
+    """A decompressing stream whose truncation or corruption is an InputError naming the file and how
+    far it decompressed (gzip, zlib and zstd raise EOFError, OSError or their own errors)."""
+
+    def __init__(self, inner, comp: str, display: str):
+        self.inner, self.comp, self.display, self.done = inner, comp, display, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            n = self.inner.readinto(b)
+        except Exception as exc:  # noqa: BLE001 - every decoder error means the same to the user
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"the {self.comp} data is truncated or corrupt after {self.done:,} decompressed bytes "
+                             f"({type(exc).__name__}: {exc})", file=self.display,
+                             hint="re-create or re-download the file; `gzip -t FILE` / `zstd -t FILE` checks it") from None
+        self.done += n or 0
+        return n
+
+
 @contextlib.contextmanager
-def open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
+def open_binary(path: Path, display: str | None = None) -> Iterator[io.BufferedIOBase]:
     """The decompressed bytes of ``path`` as a buffered stream (gzip/zstd recognised by magic)."""
     comp = compression_of(path)
+    display = display or str(path)
     with open(path, "rb") as raw:
         if comp == "gzip":
             with gzip.GzipFile(fileobj=raw) as fh:
-                yield io.BufferedReader(fh, 1 << 20)
+                yield io.BufferedReader(_Guarded(fh, comp, display), 1 << 20)
         elif comp == "zstd":
             import zstandard
 
             with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as fh:
-                yield io.BufferedReader(fh, 1 << 20)
+                yield io.BufferedReader(_Guarded(fh, comp, display), 1 << 20)
         else:
             yield io.BufferedReader(raw, 1 << 20) if not isinstance(raw, io.BufferedReader) else raw
 
@@ -133,7 +157,7 @@ def _too_long(n: int, limit: int) -> RowError:
 
 # -- readers ------------------------------------------------------------------------------------
 def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Row]:
-    with open_binary(path) as fh:
+    with open_binary(path, opts.display) as fh:
         bom = _check_start(fh, opts.display)
         yield from jsonl_rows(fh, opts, 1, bom)
 
@@ -198,7 +222,7 @@ def jsonl_chunks(path: Path, opts: ReadOptions, size: int = 4 << 20) -> Iterator
     """``(first line, byte offset, block of whole lines, None)`` of a JSONL file (decompressed); a line
     longer than ``opts.max_row_bytes`` that would straddle two blocks comes as ``(line, offset, None,
     row error)`` and is never held whole."""
-    with open_binary(path) as fh:
+    with open_binary(path, opts.display) as fh:
         line, offset = 1, _check_start(fh, opts.display)
         limit = opts.max_row_bytes
         while True:
@@ -246,7 +270,7 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
     """A top-level JSON array of objects, parsed element by element (never the whole array at once)."""
     dec = _DECODER
     chunk = 1 << 20
-    with open_binary(path) as fh:
+    with open_binary(path, opts.display) as fh:
         _check_start(fh, opts.display)
         udec = codecs.getincrementaldecoder("utf-8")("strict")
         consumed = 0
@@ -363,7 +387,7 @@ class _DecodedLines:
 
 def _read_delimited(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[Row]:
     csv.field_size_limit(max(opts.max_row_bytes, 1 << 20))
-    with open_binary(path) as fh:
+    with open_binary(path, opts.display) as fh:
         _check_start(fh, opts.display)
         lines = _DecodedLines(fh, opts)
         reader = csv.reader(lines, delimiter=delimiter)
@@ -511,7 +535,7 @@ def detect_format(path: Path, display: str | None = None) -> str:
         raise InputError("no such file", file=display)
     if path.stat().st_size == 0:
         raise InputError("the file is empty (0 bytes)", file=display, hint="nothing to import")
-    with open_binary(path) as fh:
+    with open_binary(path, display) as fh:
         head = fh.peek(4096)[:4096]
     if head.startswith(b"PAR1"):
         return "parquet"

@@ -67,3 +67,24 @@ def to_example(row: dict, schema: str, labels: list[str] | None = None) -> Examp
             raise ValueError("a chat row needs at least one assistant message")
         return Example(msgs[:last], msgs[last]["content"], None, group, rid)
     raise ValueError(f"unknown schema {schema!r}")
+
+
+def conversation(row: dict) -> tuple[list[dict], list | None, list[bool]]:
+    """A chat row as the chat template takes it: (messages, tools, trainable) where ``trainable[i]`` is
+    True for an assistant turn that carries loss (``weight`` absent or 1). Tool calls come back as
+    ``{"id", "type": "function", "function": {"name", "arguments": {...}}}`` (the Hugging Face
+    chat-template shape); a ``tool`` message keeps its ``tool_call_id`` and ``name``."""
+    import json
+
+    msgs, trainable = [], []
+    for m in row["messages"]:
+        d = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            d["tool_calls"] = json.loads(m["tool_calls"])
+        for k in ("tool_call_id", "name"):
+            if m.get(k):
+                d[k] = m[k]
+        msgs.append(d)
+        trainable.append(m["role"] == "assistant" and m.get("weight") != 0)
+    tools = json.loads(row["tools"]) if row.get("tools") else None
+    return msgs, tools, trainable

@@ -94,16 +94,36 @@ def suggest_mapping(cols: set[str]) -> tuple[str, dict[str, str]] | None:
     return None
 
 
+def _is_text(value: str) -> bool:
+    """False for a string holding a NUL character (binary or UTF-16 data read as text) or a lone UTF-16
+    surrogate (JSON "\\ud800"): neither is text."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(what: str, field: str) -> RowError:
+    return RowError("encoding", f"{what} holds a NUL character or a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                    "escape without its pair), which is not text (binary or UTF-16 data?); fix or remove it", field)
+
+
 class RowValidator:
     """Checks and reshapes records for one schema."""
 
-    def __init__(self, schema: str, mapping: dict[str, str] | None = None):
+    def __init__(self, schema: str, mapping: dict[str, str] | None = None, tools: bool = False):
         if schema not in SCHEMAS:
             raise InputError(f"unknown schema {schema!r}", hint=f"one of {', '.join(SCHEMAS)}")
         self.schema = schema
         self.mapping = mapping or {}
         self.required = SCHEMAS[schema]
         self.dropped: set[str] = set()  # extra columns seen (recorded, not kept)
+        self.tools = tools  # chat with tool calls, a tool role and per-turn weights (formats.py)
 
     def check(self, record: dict) -> tuple[dict | None, RowError | None]:
         rec = apply_mapping(record, self.mapping)
@@ -114,7 +134,7 @@ class RowValidator:
                 return None, RowError("missing_field", f"the required field '{field}' is missing{hint}", field)
             value = rec[field]
             if field == "messages":
-                value, err = self._messages(value)
+                value, err = self._tool_messages(value) if self.tools else self._messages(value)
                 if err:
                     return None, err
             elif not isinstance(value, str):
@@ -122,12 +142,18 @@ class RowValidator:
                                       f"{type(value).__name__} {json.dumps(value, default=str)[:60]}", field)
             elif not value.strip():
                 return None, RowError("empty_field", f"'{field}' is empty", field)
+            elif not _is_text(value):
+                return None, _surrogate(field, field)
             row[field] = value
         for field in OPTIONAL_COLUMNS:
             value = rec.get(field)
             if isinstance(value, (dict, list)):
                 return None, RowError("wrong_type", f"'{field}' must be a string or number", field)
             row[field] = None if value is None or value == "" else str(value)
+            if row[field] is not None and not _is_text(row[field]):
+                return None, _surrogate(field, field)
+        if self.tools:
+            row["tools"] = rec.get("tools")
         extra = rec.keys() - row.keys()
         if extra and not extra <= self.dropped:
             self.dropped |= extra
@@ -160,8 +186,36 @@ class RowValidator:
             if m["role"] == "system" and i != 0:
                 return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
                                       "messages")
+            if not _is_text(m["content"]):
+                return None, _surrogate(f"messages[{i}].content", "messages")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             return None, RowError("bad_role", "the conversation has no assistant message to learn from",
                                   "messages")
+        return out, None
+
+    def _tool_messages(self, value) -> tuple[list | None, RowError | None]:
+        """Messages mapped by ``formats.map_openai``: roles include ``tool``; an assistant turn may hold
+        only tool calls; ``weight`` 0 marks an assistant turn that carries no loss."""
+        out = []
+        for i, m in enumerate(value):
+            role = m["role"]
+            if role not in ROLES + ("tool",):
+                return None, RowError("bad_role", f"messages[{i}] has role {role!r}; roles are "
+                                      f"{', '.join(ROLES + ('tool',))}", "messages")
+            if role == "system" and i != 0:
+                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
+                                      "messages")
+            if m.get("tool_calls") and role != "assistant":
+                return None, RowError("bad_role", f"messages[{i}]: only assistant messages make tool calls",
+                                      "messages")
+            if not all(_is_text(m.get(k) or "") for k in ("content", "tool_calls", "tool_call_id", "name")):
+                return None, _surrogate(f"messages[{i}]", "messages")
+            if not m["content"].strip() and not m.get("tool_calls") and role != "tool":
+                return None, RowError("empty_field", f"messages[{i}] has neither content nor tool calls",
+                                      "messages")
+            out.append(dict(m))
+        if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in out):
+            return None, RowError("bad_role", "the conversation has no assistant message to learn from (none, "
+                                  "or all with weight 0)", "messages")
         return out, None

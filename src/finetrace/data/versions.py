@@ -52,7 +52,7 @@ def read_split(ws: Workspace, ref: str, split: str = "train"):
     if not f.exists():
         from .batches import arrow_schema
 
-        return arrow_schema(info["schema"]).empty_table().select(info["columns"])
+        return arrow_schema(info["schema"], bool(info.get("tools"))).empty_table().select(info["columns"])
     return pq.read_table(f)
 
 

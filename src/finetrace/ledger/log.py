@@ -38,7 +38,7 @@ from .signing import KeyPair
 ARTIFACT_KINDS = ("source", "dataset", "base_model", "adapter", "eval_report", "document", "bundle",
                   "checkpoint", "model")
 RUN_KINDS = ("import", "convert", "train", "evaluate", "document", "approve", "publish", "pull",
-             "deploy", "reproduce", "export", "pipeline", "parity")
+             "deploy", "reproduce", "export", "pipeline", "parity", "erasure")
 
 
 def now() -> str:

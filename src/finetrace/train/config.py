@@ -153,6 +153,10 @@ class TrainConfig(BaseModel):
                             "by the real number of target tokens (dpo: of pairs) of the whole step.")
     max_length: int = Field(1024, ge=8, le=BIG, description="Longest example in tokens (prompt + target); longer "
                             "examples are skipped and counted.")
+    loss_turns: Literal["auto", "all", "last"] = Field(
+        "auto", description="Chat data: 'last' puts the loss on the final assistant turn only; 'all' on every "
+        "assistant turn without weight 0, the whole conversation rendered by the model's chat template; "
+        "'auto': all for rows with tool calls or weights (OpenAI/ShareGPT imports), else last.")
     packing: bool = Field(True, description="Concatenate a micro-batch's examples into one row without "
                           "padding (attention never crosses examples).")
     group_by_length: bool = Field(False, description="Order examples so a step holds examples of similar "

@@ -19,18 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.schemas import to_example
+from ..data.schemas import conversation, to_example
 from ..errors import InputError
 
 
 @dataclass(frozen=True)
 class Encoded:
-    ids: list[int]   # prompt + target + eos
-    n_prompt: int    # tokens that carry no loss
+    ids: list[int]   # prompt + target + eos (or a whole rendered conversation)
+    n_prompt: int    # tokens before the first one that carries loss
+    loss_at: tuple[int, ...] | None = None  # positions that carry loss (multi-turn); None: all from n_prompt
 
     @property
     def n_target(self) -> int:
-        return len(self.ids) - self.n_prompt
+        return len(self.ids) - self.n_prompt if self.loss_at is None else len(self.loss_at)
+
+    def targets(self) -> list[int]:
+        """Positions whose token carries loss (each predicted from the position before it)."""
+        return list(range(self.n_prompt, len(self.ids))) if self.loss_at is None else list(self.loss_at)
 
 
 @dataclass
@@ -88,15 +93,37 @@ def encode(tokenizer, messages: list[dict], target: str) -> Encoded:
 
 
 def encode_rows(tokenizer, rows: list[dict], schema: str, labels: list[str] | None,
-                max_length: int) -> tuple[list[Encoded], int]:
-    """Encode rows; returns (examples, number skipped for being longer than ``max_length``)."""
+                max_length: int, turns: str = "auto") -> tuple[list[Encoded], int]:
+    """Encode rows; returns (examples, number skipped for being longer than ``max_length``).
+
+    ``turns`` (chat rows): "last" puts the loss on the last assistant turn only (its prompt is every
+    turn before it), "all" on every assistant turn without ``weight: 0``, rendered as one sequence by
+    the model's chat template; "auto" is "all" for rows with tool calls or weights (OpenAI, ShareGPT
+    imports) and "last" otherwise.
+    """
+    from .chat import check_renders_tools, encode_conversation
+
     out, skipped = [], 0
+    checked = False
     for i, row in enumerate(rows):
+        multi = schema == "chat" and (turns == "all" or "tools" in row)
         try:
-            ex = to_example(row, schema, labels)
+            if multi:
+                msgs, tools, trainable = conversation(row)
+                if not checked and (tools or any("tool_calls" in m or m["role"] == "tool" for m in msgs)):
+                    check_renders_tools(tokenizer)
+                    checked = True
+                if turns == "last":  # only the last turn that carries loss
+                    last = max((k for k, t in enumerate(trainable) if t), default=None)
+                    trainable = [k == last for k in range(len(trainable))]
+                if not any(trainable):
+                    raise ValueError("no assistant turn carries loss")
+                enc = encode_conversation(tokenizer, msgs, tools, trainable)
+            else:
+                ex = to_example(row, schema, labels)
+                enc = encode(tokenizer, ex.messages, ex.target)
         except (KeyError, ValueError) as exc:
             raise InputError(f"row {i} cannot be rendered as a {schema} example: {exc}") from None
-        enc = encode(tokenizer, ex.messages, ex.target)
         if len(enc.ids) > max_length:
             skipped += 1
             continue
@@ -173,9 +200,10 @@ def collate_packed(examples: list[Encoded]) -> Batch:
         off = len(ids)
         ids += ex.ids
         pos += range(len(ex.ids))
-        # position t predicts token t+1: targets are ids[n_prompt:], predicted from n_prompt-1 .. L-2
-        loss_index += range(off + ex.n_prompt - 1, off + len(ex.ids) - 1)
-        targets += ex.ids[ex.n_prompt:]
+        # position t-1 predicts token t, for every t that carries loss
+        at = ex.targets()
+        loss_index += [off + t - 1 for t in at]
+        targets += [ex.ids[t] for t in at]
         cu.append(len(ids))
     return Batch(torch.tensor([ids]), torch.tensor([pos]), torch.tensor(loss_index), torch.tensor(targets),
                  cu, None, len(ids))
@@ -192,8 +220,9 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> Batch:
     for b, ex in enumerate(examples):
         ids[b, :len(ex.ids)] = torch.tensor(ex.ids)
         mask[b, :len(ex.ids)] = 1
-        loss_index += range(b * width + ex.n_prompt - 1, b * width + len(ex.ids) - 1)
-        targets += ex.ids[ex.n_prompt:]
+        at = ex.targets()
+        loss_index += [b * width + t - 1 for t in at]
+        targets += [ex.ids[t] for t in at]
     pos = torch.arange(width).unsqueeze(0).expand(len(examples), -1)
     return Batch(ids, pos, torch.tensor(loss_index), torch.tensor(targets), None, mask,
                  int(mask.sum()))

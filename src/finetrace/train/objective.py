@@ -65,7 +65,7 @@ class SFT:
         self.val_ex: list = []
 
     def encode(self, rows: list[dict]):
-        return D.encode_rows(self.tok, rows, self.schema, self.labels, self.cfg.max_length)
+        return D.encode_rows(self.tok, rows, self.schema, self.labels, self.cfg.max_length, self.cfg.loss_turns)
 
     @staticmethod
     def length(ex) -> int:
