@@ -174,3 +174,22 @@ def test_client_disconnect_is_recorded_as_not_delivered(served_ws, server):
     assert len(mine) == 1
     assert mine[0]["finish_reason"] == "cancelled" and mine[0]["delivered"] is False
     assert mine[0]["completion_tokens"] < 499
+
+
+def test_a_control_queued_before_a_request_runs_before_it(served_ws):
+    """The race behind the flaky overload test: an idle scheduler waiting for a request took one that
+    arrived just after a control (a hold, a hot load) and admitted it first, so max_queue + 1 got in."""
+    eng = Engine(served_ws, "tiny", [], ServeSettings())
+    ids = eng.encode_text("hello")
+    eng.start()
+    try:
+        for _ in range(5):
+            order: list[str] = []
+            done: Future = Future()
+            eng._controls.put((lambda: order.append("control"), Future()))
+            eng.submit(GenRequest(ids, "tiny", max_tokens=1, temperature=0, on_event=lambda kind, value: (
+                order.append(kind), kind in ("done", "error") and done.set_result(kind))))
+            assert done.result(30) == "done"
+            assert order[0] == "control", order
+    finally:
+        eng.stop()

@@ -145,3 +145,17 @@ def test_failed_bind_is_a_failed_deploy(served_ws, capsys):
     assert "cannot listen on 192.0.2.1:8" in capsys.readouterr().err
     new = [r for r in served_ws.ledger.runs("deploy") if r.id not in before]
     assert len(new) == 1 and new[0].status == "failed" and "cannot listen" in new[0].error
+
+
+def test_a_failing_block_records_a_failed_deploy(served_ws):
+    """What the pipeline's deploy stage relies on: a BackgroundServer block that raises is a failed deploy."""
+    eng = Engine(served_ws, "tiny", [], ServeSettings())
+    try:
+        with BackgroundServer(eng) as srv:
+            deployment = eng.deployment
+            assert httpx.get(srv.url + "/health").status_code == 200
+            raise RuntimeError("the question could not be asked")
+    except RuntimeError:
+        pass
+    run = served_ws.ledger.get_run(deployment)
+    assert run.status == "failed" and "could not be asked" in run.error

@@ -389,6 +389,7 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     engine = build_engine(ws, base_ref, [adapter_ref], settings)
     ctx.echo(f"deploy: serving {adapter_ref} on {base_ref} (OpenAI-compatible API on 127.0.0.1)")
     with BackgroundServer(engine, settings) as srv:
+        deploy_run = engine.deployment  # stop() below closes the run (failed if this block raises)
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=600)
         reply = client.chat.completions.create(model=adapter_ref, messages=messages, max_tokens=d.max_tokens,
                                                temperature=0)
@@ -396,7 +397,6 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
         pid = (reply.model_extra or {}).get("provenance_id")
         ctx.echo(f"deploy: asked  {messages[-1]['content']!r}")
         ctx.echo(f"deploy: answer {answer!r}  (provenance id {pid})")
-    deploy_run = engine.deploy_run.id if engine.deploy_run is not None else None
     doc = resolve(ws, pid)  # after stop: the request log has been flushed
     for line in render(doc):
         ctx.echo(f"  {line}")

@@ -30,7 +30,6 @@ depend on what it was batched with (up to float rounding).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import secrets
@@ -41,9 +40,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..canonical import canonical_json
 from ..errors import FinetraceError, InputError, NotFoundError
-from ..ledger.log import now
 from ..models import load_model
 from ..models.identity import text_identity
 from ..workspace import Workspace
@@ -52,7 +49,8 @@ from ..decoding.lora import adapter_selector
 from ..decoding.text import holdback as _holdback  # noqa: F401  (kept for callers of the old name)
 from .metrics import Metrics
 from .registry import AdapterInfo, check_adapter
-from .requestlog import RequestLog, spill
+from .deploy import stop_engine
+from .requestlog import RequestLog, request_event
 from .settings import ServeSettings
 
 log = logging.getLogger("finetrace.serve")
@@ -110,10 +108,6 @@ class _Slot:
     info: AdapterInfo
     peft_name: str
     unloading: bool = False
-
-
-def sha256_text(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class Engine:
@@ -278,45 +272,9 @@ class Engine:
 
     def stop(self, timeout: float | None = None, *, interrupted: bool = False,
              error: BaseException | None = None) -> None:
-        """Drain (see ``begin_stop``), flush the request log, close the deploy run: succeeded, or
-        ``interrupted`` (a second signal), or failed with ``error``. Every wait here has a bound:
-        ``timeout`` (default ``drain_s``) for the requests, ``ledger_timeout_s`` for each ledger write."""
-        s = self.settings
-        self.begin_stop(s.drain_s if timeout is None else timeout)
-        if self._thread is not None:
-            self._thread.join(max(0.0, self._drain_deadline - time.monotonic()) + (1 if interrupted else 5))
-            if self._thread.is_alive():
-                log.warning("the scheduler did not stop in time; leaving it behind")
-            self._thread = None
-        if self.request_log is not None:
-            self.request_log.close(s.ledger_timeout_s + 1)
-        if self.deploy_run is not None:
-            self._close_deploy(interrupted, error)
-
-    def _close_deploy(self, interrupted: bool, error: BaseException | None) -> None:
-        run, logged = self.deploy_run, self.request_log
-        run.metrics.update({
-            "requests": int(sum(self.metrics.requests.values())), "rejected": self.metrics.rejected,
-            "completion_tokens": int(sum(v for (m, k), v in self.metrics.tokens.items() if k == "completion")),
-            "unlogged": logged.spilled if logged is not None else 0})
-        if interrupted:
-            error = KeyboardInterrupt("a second signal: stopped without draining")
-        exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
-        with self.ledger_lock:
-            conn = self.ws.ledger.conn  # bound the final writes: a locked ledger must not hold the exit
-            conn.execute(f"PRAGMA busy_timeout={int(self.settings.ledger_timeout_s * 1000)}")
-            try:
-                self._exit.__exit__(*exc_info)
-                self.ws.checkpoint()
-            except Exception as exc:
-                status = "interrupted" if interrupted else ("failed" if error is not None else "succeeded")
-                spill(self.ws.ledger.path.parent, "run.finished", [{
-                    "id": run.id, "status": status, "metrics": run.metrics,
-                    "error": str(error) if error is not None else None}], f"ledger write failed: {exc}")
-            finally:
-                conn.execute("PRAGMA busy_timeout=60000")
-                self._exit = ExitStack()
-        self.deploy_run = None
+        """Drain within ``timeout`` (default ``drain_s``), flush the request log, close the deploy run
+        (succeeded, ``interrupted`` or failed with ``error``); see deploy.py."""
+        stop_engine(self, timeout, interrupted, error)
 
     @property
     def deployment(self) -> str | None:
@@ -526,20 +484,6 @@ class Engine:
     def _log_request(self, req: GenRequest, text: str, finish: str, n_out: int, latency: float,
                      error: str | None = None) -> None:
         if self.request_log is not None:
-            event = {"provenance_id": req.provenance_id, "deployment": self.deployment, "time": now(),
-                     "model": req.model, "base_model": self.base.digest, "adapter": req.adapter_digest,
-                     "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
-                     "input_sha256": "sha256:" + hashlib.sha256(canonical_json(req.input_payload)).hexdigest(),
-                     "output_sha256": sha256_text(text), "prompt_tokens": len(req.prompt_ids),
-                     "completion_tokens": n_out, "latency_ms": round(latency * 1000, 3),
-                     "finish_reason": finish,
-                     "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,
-                                "top_p": req.top_p, "seed": req.seed, "stop": req.stop}}
-            if finish in ("cancelled", "error"):  # the answer never reached the client in full
-                event["delivered"] = False
-            if error is not None:
-                event["error"] = error
-            if self.settings.log_content:
-                event["content"] = {"input": req.input_payload, "output": text}
-            self.request_log.add(event)
+            self.request_log.add(request_event(req, self.deployment, self.base.digest, text, finish, n_out,
+                                               latency, error, self.settings.log_content))
 

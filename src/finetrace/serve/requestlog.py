@@ -13,6 +13,7 @@ it: a request record is never dropped silently, and a sick ledger never keeps th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -22,11 +23,33 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..atomic import write_text
-from ..ledger.log import Ledger
+from ..canonical import canonical_json
+from ..ledger.log import Ledger, now
 
 log = logging.getLogger("finetrace.serve")
 
 EVENT = "serve.request"
+
+
+def request_event(req, deployment: str | None, base_digest: str, text: str, finish: str, n_out: int,
+                  latency: float, error: str | None = None, log_content: bool = False) -> dict:
+    """The ``serve.request`` payload for one answered (or failed, or abandoned) ``GenRequest``."""
+    event = {"provenance_id": req.provenance_id, "deployment": deployment, "time": now(),
+             "model": req.model, "base_model": base_digest, "adapter": req.adapter_digest,
+             "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
+             "input_sha256": "sha256:" + hashlib.sha256(canonical_json(req.input_payload)).hexdigest(),
+             "output_sha256": "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest(),
+             "prompt_tokens": len(req.prompt_ids), "completion_tokens": n_out,
+             "latency_ms": round(latency * 1000, 3), "finish_reason": finish,
+             "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,
+                        "top_p": req.top_p, "seed": req.seed, "stop": req.stop}}
+    if finish in ("cancelled", "error"):  # the answer never reached the client in full
+        event["delivered"] = False
+    if error is not None:
+        event["error"] = error
+    if log_content:
+        event["content"] = {"input": req.input_payload, "output": text}
+    return event
 
 
 def spill(root: str | Path, type_: str, records: list[dict], reason: str) -> Path:

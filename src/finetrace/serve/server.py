@@ -101,7 +101,7 @@ class BackgroundServer:
     """``with BackgroundServer(engine, settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
     def __init__(self, engine: Engine, settings: ServeSettings | None = None):
-        self.settings = settings or engine.settings
+        self.settings, self.engine = settings or engine.settings, engine
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.server = _Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s)
@@ -133,5 +133,8 @@ class BackgroundServer:
     def __enter__(self) -> "BackgroundServer":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:  # the block failed: so did the deployment (a Ctrl-C interrupted it)
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            self.engine.stop(0, interrupted=interrupted, error=None if interrupted else exc)
         self.stop()
