@@ -223,10 +223,12 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
-                 error: type[InputError] = InputError) -> dict:
-    """The mapping in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
+                 error: type[InputError] = InputError, known: list[str] | None = None,
+                 aliases: dict[str, str] | None = None, noun: str = "key") -> dict:
+    """The mapping of facts in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
 
-    ``what`` names the file's role in messages ("datasheet", "intended-use file").
+    ``what`` names the file's role in messages ("datasheet", "intended-use file"). With ``known``, any
+    other key (after ``aliases``) is refused ("unknown <noun> 'x'"), naming its line and the closest one.
     """
     doc, lines = load_yaml(path, what, missing_hint, error)
     if doc is None:
@@ -234,11 +236,20 @@ def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
     if not isinstance(doc, dict):
         raise error(f"the {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path), line=1,
                     hint="write one 'key: value' per line")
-    for key in doc:
-        if not isinstance(key, str):
-            raise error(f"key {key!r} is a {_kind(key)}, not a name", file=str(path), field=str(key),
-                        hint="write keys as plain names (quote them if needed)")
-    return {k: _fact(v, k, str(path), lines, error) for k, v in doc.items()}
+    out = {}
+    for key, value in doc.items():
+        if not isinstance(key, str) or not key.strip():
+            raise error(f"key {key!r} is not a name", file=str(path), line=lines.get(str(key), 1),
+                        field=str(key) or None, hint="write keys as plain names (quote them if needed)")
+        name = (aliases or {}).get(key, key)
+        if known is not None and name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, 1)
+            raise error(f"unknown {noun} {key!r}", file=str(path), line=lines.get(key), field=key,
+                        hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
+        out[name] = _fact(value, key, str(path), lines, error)
+    return out
 
 
 MAX_TEXT = 100_000  # characters of one fact
