@@ -131,9 +131,13 @@ class PipelineConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        from ..errors import InputError
         from ..ledger.log import check_name
 
-        check_name(v)
+        try:  # a ValueError, so the error names this file, line and key
+            check_name(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     # set by load_pipeline: the folder that relative paths are resolved against

@@ -185,9 +185,13 @@ class TrainConfig(BaseModel):
     @field_validator("output_name")
     @classmethod
     def _name(cls, v: str) -> str:
+        from ..errors import InputError
         from ..ledger.log import check_name
 
-        check_name(v)
+        try:  # a ValueError, so the error names this file, line and key
+            check_name(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
 
