@@ -40,6 +40,11 @@ def _loader_class():
                     seen[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep=deep)
 
+        def refuse_tag(self, node):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.tag.replace('tag:yaml.org,2002:', '!!')} values are not allowed here "
+                "(write text, numbers, true/false, lists and mappings)", node.start_mark)
+
         def compose_node(self, parent, index):  # refuse deep nesting early (the composer recurses)
             self.depth = getattr(self, "depth", 0) + 1
             try:
@@ -51,6 +56,8 @@ def _loader_class():
             finally:
                 self.depth -= 1
 
+    for tag in ("binary", "set", "omap", "pairs"):  # not JSON: nothing a config or a ledger can hold
+        Loader.add_constructor(f"tag:yaml.org,2002:{tag}", Loader.refuse_tag)
     return Loader
 
 
@@ -121,10 +128,13 @@ def parse_text(text: str, file: str | None = None, error: type[InputError] = Inp
         raise error(f"nested too deeply to read (more than {MAX_DEPTH} levels)", file=file,
                     hint="a config is a few levels of key: value; flatten it") from None
     except yaml.YAMLError as exc:
-        control = isinstance(exc, yaml.reader.ReaderError)
-        raise error(f"not valid YAML: {_problem(exc)}", file=file, line=_line(exc, text),
-                    hint="remove it (inside double quotes an escape such as \\x07 is allowed)" if control
-                    else "check the indentation and quoting on that line") from None
+        if isinstance(exc, yaml.reader.ReaderError):
+            hint = "remove it (inside double quotes an escape such as \\x07 is allowed)"
+        elif isinstance(exc, yaml.constructor.ConstructorError):
+            hint = "finetrace reads plain YAML: remove the !!tag, write the value as text"
+        else:
+            hint = "check the indentation and quoting on that line"
+        raise error(f"not valid YAML: {_problem(exc)}", file=file, line=_line(exc, text), hint=hint) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -166,11 +176,14 @@ def decode(raw: bytes, file: str, what: str, error: type[InputError] = InputErro
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             return raw.decode("utf-16")
-        except UnicodeDecodeError:
-            raise error(f"the {what} is not valid UTF-16 text", file=file, hint="save it as UTF-8") from None
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].decode("utf-16", errors="ignore").count("\n") + 1
+            raise error(f"the {what} is not valid UTF-16 text", file=file, line=line,
+                        hint="save it as UTF-8") from None
     if b"\x00" in raw:
-        raise error(f"the {what} is a binary file, not YAML text", file=file,
-                    line=raw[:raw.index(b"\x00")].count(b"\n") + 1, hint=f"give the path of the YAML {what}")
+        raise error(f"the {what} is a binary file (or UTF-16 without a byte-order mark), not YAML text",
+                    file=file, line=raw[:raw.index(b"\x00")].count(b"\n") + 1,
+                    hint=f"give the path of the YAML {what}, saved as UTF-8 text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -190,12 +203,14 @@ def load_yaml(path: str | Path, what: str, missing_hint: str | None = None,
         raise error(f"no such {what}" + (" (it is a folder)" if p.is_dir() else ""), file=str(p),
                     hint=missing_hint or f"give the path of a YAML {what}")
     try:
-        if p.stat().st_size > MAX_BYTES:
-            raise error(f"the {what} is {p.stat().st_size:,} bytes; a YAML {what} is at most {MAX_BYTES:,}",
-                        file=str(p), hint=f"give the path of the YAML {what}, not of a data file")
-        raw = p.read_bytes()
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise error(f"cannot read the {what}: {exc.strerror}", file=str(p)) from None
+        raise error(f"cannot read the {what}: {exc.strerror}", file=str(p), line=1) from None
+    if len(raw) > MAX_BYTES:
+        raise error(f"the {what} is {p.stat().st_size:,} bytes; a YAML {what} is at most {MAX_BYTES:,}",
+                    file=str(p), line=raw[:MAX_BYTES].count(b"\n") + 1,
+                    hint=f"give the path of the YAML {what}, not of a data file")
     return parse_text(decode(raw, str(p), what, error), str(p), error)
 
 
@@ -208,21 +223,66 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
-                 error: type[InputError] = InputError) -> dict:
-    """The mapping in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
+                 error: type[InputError] = InputError, known: list[str] | None = None,
+                 aliases: dict[str, str] | None = None, noun: str = "key") -> dict:
+    """The mapping of facts in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
 
-    ``what`` names the file's role in messages ("datasheet", "intended-use file").
+    ``what`` names the file's role in messages ("datasheet", "intended-use file"). With ``known``, any
+    other key (after ``aliases``) is refused ("unknown <noun> 'x'"), naming its line and the closest one.
     """
-    doc, _ = load_yaml(path, what, missing_hint, error)
+    doc, lines = load_yaml(path, what, missing_hint, error)
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise error(f"the {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path))
-    for key in doc:
-        if not isinstance(key, str):
-            raise error(f"key {key!r} is a {_kind(key)}, not a name", file=str(path),
-                        hint="write keys as plain names (quote them if needed)")
-    return doc
+        raise error(f"the {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path), line=1,
+                    hint="write one 'key: value' per line")
+    out = {}
+    for key, value in doc.items():
+        if not isinstance(key, str) or not key.strip():
+            raise error(f"key {key!r} is not a name", file=str(path), line=lines.get(str(key), 1),
+                        field=str(key) or None, hint="write keys as plain names (quote them if needed)")
+        name = (aliases or {}).get(key, key)
+        if known is not None and name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, 1)
+            raise error(f"unknown {noun} {key!r}", file=str(path), line=lines.get(key), field=key,
+                        hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
+        out[name] = _fact(value, key, str(path), lines, error)
+    return out
+
+
+MAX_TEXT = 100_000  # characters of one fact
+
+
+def _fact(value, key: str, file: str, lines: dict[str, int], error, depth: int = 0):
+    """A fact a person wrote: text, a number, true/false, a date (kept as ISO text), or a list or mapping of
+    those (two levels at most). Anything else names the key and says what to write."""
+    import datetime
+    import math
+
+    def bad(msg: str):
+        top = key.split(".")[0]
+        return error(msg, file=file, line=lines.get(key, lines.get(top)), field=key,
+                     hint="write text, a number, true/false, or a list of those")
+
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad(f"{value} is not a usable number")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise bad(f"{len(value):,} characters; a fact is at most {MAX_TEXT:,}")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, dict)) and depth >= 2:
+        raise bad("nested more than two levels")
+    if isinstance(value, list):
+        return [_fact(v, key, file, lines, error, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise bad("its keys must be names")
+        return {k: _fact(v, f"{key}.{k}", file, lines, error, depth + 1) for k, v in value.items()}
+    raise bad(f"a {_kind(value)} value ({type(value).__name__}) is not a fact finetrace can record")
 
 
 def _kind(value) -> str:

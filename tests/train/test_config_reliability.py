@@ -151,3 +151,16 @@ def test_cli_train_prints_the_run_it_just_made(tiny_setup, tmp_path, capsys):
     assert main(["-w", str(ws.root), "train", str(f), "--resume"]) == 0
     out = capsys.readouterr()
     assert f"note: nothing to resume: run {runs[1]}" in out.err and f"run {runs[1]}" in out.out
+
+
+@pytest.mark.parametrize("body,key", [("output_name: -lora\n", "output_name"), ("output_name: a/../b\n", "output_name")])
+def test_a_bad_name_names_the_file_line_and_key(tmp_path, body, key):
+    from finetrace.pipeline.config import parse_pipeline
+
+    f = tmp_path / "c.yaml"
+    f.write_text("base_model: tiny\ndataset: toy\n" + body)
+    with pytest.raises(ConfigError, match=rf"c.yaml:3 field '{key}': .*bad name"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"p.yaml:1 field 'name': .*bad name"):
+        parse_pipeline({"name": "-x", "model": {"source": "m"}, "data": {"name": "d", "files": ["f"]}},
+                       file="p.yaml", lines={"name": 1})

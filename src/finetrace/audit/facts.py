@@ -237,18 +237,10 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
 
 def load_intended(path) -> dict:
     """The intended-use YAML: a mapping of the keys above; an unknown key names the closest one."""
-    import difflib
-
     from ..errors import ConfigError
 
     if path is None:
         return {}
-    doc = read_mapping(path, "intended-use file", missing_hint="write a YAML file with intended_use: and "
-                       "limitations: (see `finetrace docs --help`)")
-    known = list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED)
-    for key in doc:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, 1)
-            raise ConfigError(f"unknown intended-use key {key!r}", file=str(path), field=str(key),
-                              hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
-    return doc
+    return read_mapping(path, "intended-use file", missing_hint="write a YAML file with intended_use: and "
+                        "limitations: (see `finetrace docs --help`)", error=ConfigError,
+                        known=list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED), noun="intended-use key")

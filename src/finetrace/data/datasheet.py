@@ -8,7 +8,6 @@ follows Datasheets for Datasets (Gebru et al.) and what EU AI Act Art. 10 and Ca
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -42,17 +41,8 @@ def load_given(path: str | Path | None) -> dict:
     """The given facts from a YAML file, keys checked (an unknown key names the closest valid one)."""
     if path is None:
         return {}
-    doc = read_mapping(path, "datasheet file")
-    out = {}
-    for key, value in doc.items():
-        k = ALIASES.get(str(key), str(key))
-        if k not in REQUIRED and k not in OPTIONAL:
-            close = difflib.get_close_matches(k, list(REQUIRED) + list(OPTIONAL), 1)
-            raise ConfigError(f"unknown datasheet field {key!r}", file=str(path), field=str(key),
-                              hint=f"did you mean {close[0]!r}?" if close else
-                              f"fields: {', '.join(list(REQUIRED) + list(OPTIONAL))}")
-        out[k] = value
-    return out
+    return read_mapping(path, "datasheet file", error=ConfigError, known=list(REQUIRED) + list(OPTIONAL),
+                        aliases=ALIASES, noun="datasheet field")
 
 
 def build(given: dict, measured: dict) -> dict:

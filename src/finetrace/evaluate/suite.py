@@ -58,17 +58,20 @@ class ForgettingConfig(_Strict):
 class Gates(_Strict):
     min_metric: dict[str, float] = Field(default_factory=dict, description="metric -> minimum value.")
     min_gain: dict[str, float] = Field(default_factory=dict, description="metric -> minimum tuned - base.")
-    max_flip_rate: float | None = Field(None, description="Maximum counterfactual answer flip rate.")
-    max_group_gap: float | None = Field(None, description="Maximum max-min of the primary metric across "
+    max_flip_rate: float | None = Field(None, ge=0, le=1, description="Maximum counterfactual answer flip rate.")
+    max_group_gap: float | None = Field(None, ge=0, le=1, description="Maximum max-min of the primary metric across "
                                         "the dataset's groups and across counterfactual groups.")
-    max_perplexity_increase: float | None = Field(None, description="Maximum relative perplexity rise.")
+    max_perplexity_increase: float | None = Field(None, ge=0, le=1e6, description="Maximum relative perplexity "
+                                                  "rise.")
 
     @field_validator("min_metric", "min_gain")
     @classmethod
     def _known(cls, v: dict[str, float]) -> dict[str, float]:
-        for k in v:
+        for k, x in v.items():
             if k not in METRICS:
                 raise ValueError(f"unknown metric {k!r}; one of {', '.join(METRICS)}")
+            if not -1 <= x <= 1:  # every metric is in [0, 1], so a gain in [-1, 1]
+                raise ValueError(f"{k}: {x} can never be met or never fail; metrics are in [0, 1]")
         return v
 
     def empty(self) -> bool:
@@ -115,22 +118,26 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None) -> Suite:
-    """Validate a mapping as a suite; errors name the key (with file and line when known)."""
+def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None,
+                prefix: str = "") -> Suite:
+    """Validate a mapping as a suite; errors name the key (``prefix`` + key, with file and line when known)."""
     try:
         return Suite.model_validate(doc or {})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(p for p in loc if not p.isdigit())
+        if "[key]" in loc:  # a key that is not a name
+            loc = loc[:loc.index("[key]")]
+        key = ".".join(p for p in loc if not p.isdigit()) or "(root)"
         line = (lines or {}).get(key)
+        field = prefix + key
         hint = None
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(loc), n=1)
             hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else \
                 f"valid keys here: {', '.join(_fields_at(loc))}"
-            raise ConfigError(f"unknown key '{key}'", file=source, line=line, hint=hint) from None
-        raise ConfigError(f"'{key}': {err['msg']} (got {err.get('input')!r:.80})", file=source, line=line,
+            raise ConfigError(f"unknown key '{field}'", file=source, line=line, field=field, hint=hint) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.80})", file=source, line=line, field=field,
                           hint="see the suite keys in docs/config-reference.md") from None
 
 
@@ -142,5 +149,6 @@ def load_suite(path: str | Path | None) -> Suite:
 
     doc, lines = load_yaml(path, "suite file", error=ConfigError)
     if doc is not None and not isinstance(doc, dict):
-        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(path))
+        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(path), line=1,
+                          hint="write one 'key: value' per line")
     return parse_suite(doc or {}, str(path), lines)

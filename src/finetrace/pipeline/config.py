@@ -115,9 +115,13 @@ class PipelineConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        from ..errors import InputError
         from ..ledger.log import check_name
 
-        check_name(v)
+        try:  # a ValueError, so the error names this file, line and key
+            check_name(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     # set by load_pipeline: the folder that relative paths are resolved against
@@ -200,6 +204,11 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     cfg = parse_pipeline(doc, file=str(p), lines=lines)
     cfg._base_dir = p.resolve().parent
     validate_train(cfg, str(p), lines)
+    if isinstance(cfg.evaluate.suite, dict):  # an inline suite is checked now, not after training
+        from ..evaluate.suite import parse_suite
+
+        parse_suite(cfg.evaluate.suite, str(p), {k[len("evaluate.suite."):]: v for k, v in lines.items()
+                                                 if k.startswith("evaluate.suite.")}, prefix="evaluate.suite.")
     return cfg
 
 
@@ -207,7 +216,8 @@ def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | No
     """Validate a mapping as a pipeline config (errors name the key, with file and line when known)."""
     lines = lines or {}
     if not isinstance(doc, dict):
-        raise ConfigError("a pipeline must be a mapping of key: value", file=file)
+        raise ConfigError("a pipeline must be a mapping of key: value", file=file, line=1 if file else None,
+                          hint="see docs/config-reference.md (pipeline)")
     try:
         return PipelineConfig.model_validate(doc)
     except ValidationError as exc:
@@ -224,7 +234,8 @@ def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | No
         if err["type"] == "missing":
             raise ConfigError("required key is missing", hint="see docs/config-reference.md (pipeline)",
                               **where) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", **where) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})",
+                          hint="see docs/config-reference.md (pipeline)", **where) from None
 
 
 def check_files(cfg: PipelineConfig) -> None:

@@ -232,9 +232,13 @@ class TrainConfig(BaseModel):
     @field_validator("output_name")
     @classmethod
     def _name(cls, v: str) -> str:
+        from ..errors import InputError
         from ..ledger.log import check_name
 
-        check_name(v)
+        try:  # a ValueError, so the error names this file, line and key
+            check_name(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
 
@@ -330,12 +334,15 @@ def build_config(doc: dict, *, file: str | None = None, lines: dict[str, int] | 
         if err["type"] == "missing":
             raise ConfigError("required key is missing", hint=f"add '{key}: ...' "
                               f"({_description(key)})", **where) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", hint=_description(key), **where) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})", hint=_description(key) or
+                          "run `finetrace train --print-config` for every key and its type", **where) from None
 
 
 def loc_key(loc: tuple, model: type[BaseModel] | None = TrainConfig) -> str:
     """The dotted key a pydantic error location points at (list indices and union branches dropped)."""
     parts: list[str] = []
+    if "[key]" in loc:  # a key that is not a name (a number, a list)
+        return ".".join(str(p) for p in loc[:loc.index("[key]")])
     for p in loc:
         if isinstance(p, int):
             continue
@@ -370,7 +377,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         doc, lines = load_yaml(path, "train config", error=ConfigError)
         doc = {} if doc is None else doc
         if not isinstance(doc, dict):
-            raise ConfigError("a training config must be a mapping of key: value", file=file)
+            raise ConfigError("a training config must be a mapping of key: value", file=file, line=1,
+                              hint="write one 'key: value' per line (finetrace train --print-config shows them)")
     for item in overrides:
         key, value = parse_override(item)
         if key not in field_names():
