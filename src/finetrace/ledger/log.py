@@ -324,9 +324,10 @@ class Ledger:
         with self._witness_lock(), self._tx() as conn:
             leaves = [bytes(r[0]) for r in conn.execute("SELECT leaf FROM entries ORDER BY seq")]
             size = len(leaves)
+            roots = {size: merkle.root(leaves).hex()}  # prefix roots, computed once for every check below
             for path in self._witness_files():
                 old = witness.load(path)
-                if old is not None and old.key_id == self.keys.key_id and not witness.extends(old, leaves):
+                if old is not None and old.key_id == self.keys.key_id and not witness.extends(old, leaves, roots):
                     raise IntegrityError(f"the ledger no longer extends the checkpoint (size {old.size}) in "
                                          f"{path}: entries were removed or rewritten; no new checkpoint signed",
                                          hint="run `finetrace verify` to see what changed")
@@ -335,7 +336,7 @@ class Ledger:
             if last and last[0] == size:
                 cp = Checkpoint(*last)
             else:
-                unsigned = Checkpoint(size, merkle.root(leaves).hex(), now(), self.keys.key_id, "")
+                unsigned = Checkpoint(size, roots[size], now(), self.keys.key_id, "")
                 cp = Checkpoint(size, unsigned.root, unsigned.time, unsigned.key_id,
                                 self.keys.sign(unsigned.message()))
                 conn.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?)",
@@ -345,7 +346,7 @@ class Ledger:
             # still under the witness lock, so concurrent checkpoints reach the witnesses in order
             write_bytes(self.witness, canonical_json(cp.to_dict()) + b"\n")
             if self.external_witness is not None:
-                witness.record(self.external_witness, cp, leaves, self.path.parent)
+                witness.record(self.external_witness, cp, leaves, self.path.parent, roots)
         return cp
 
     @contextlib.contextmanager

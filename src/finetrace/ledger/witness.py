@@ -76,12 +76,17 @@ def load(path: Path):
     return parse_checkpoint(doc, f"the external witness {path}")
 
 
-def extends(cp, leaves: list[bytes]) -> bool:
-    """True if the log with these leaf hashes has ``cp``'s tree as a prefix."""
-    return cp.size <= len(leaves) and merkle.root(leaves[:cp.size]).hex() == cp.root
+def extends(cp, leaves: list[bytes], roots: dict[int, str] | None = None) -> bool:
+    """True if the log with these leaf hashes has ``cp``'s tree as a prefix (``roots`` caches prefix roots)."""
+    if cp.size > len(leaves):
+        return False
+    roots = {} if roots is None else roots
+    if cp.size not in roots:
+        roots[cp.size] = merkle.root(leaves[:cp.size]).hex()
+    return roots[cp.size] == cp.root
 
 
-def record(path: Path, cp, leaves: list[bytes], workspace: Path) -> None:
+def record(path: Path, cp, leaves: list[bytes], workspace: Path, roots: dict[int, str] | None = None) -> None:
     """Write ``cp`` to the witness at ``path`` unless the log (``leaves``) does not extend what is there.
 
     Raises IntegrityError when the old witness is signed by another key or is no longer a prefix of the
@@ -94,7 +99,7 @@ def record(path: Path, cp, leaves: list[bytes], workspace: Path) -> None:
             raise WorkspaceError(f"the external witness {path} belongs to another workspace key ({old.key_id})",
                                  hint="set FINETRACE_WITNESS or workspace.json 'witness' to a file of this "
                                       "workspace's own")
-        if old.size > cp.size or not extends(old, leaves):
+        if old.size > cp.size or not extends(old, leaves, roots):
             raise IntegrityError(f"the ledger no longer extends the checkpoint (size {old.size}) in the external "
                                  f"witness {path}: entries were removed or rewritten; refusing to overwrite it",
                                  hint="run `finetrace verify` to see what changed")

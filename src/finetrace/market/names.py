@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 _CONFUSABLE = str.maketrans({
     # Cyrillic
@@ -28,6 +29,7 @@ _CONFUSABLE = str.maketrans({
 _DIGRAPHS = (("rn", "m"), ("vv", "w"), ("cl", "d"))
 
 
+@lru_cache(maxsize=1 << 16)
 def skeleton(name: str) -> str:
     """The look-alike class of ``name`` (see the module docstring)."""
     text = unicodedata.normalize("NFKC", name).casefold()
