@@ -44,7 +44,8 @@ def test_new_task_pipeline_runs_unedited_on_the_tiny_model(workspace, tiny_model
     from finetrace.pipeline import run_pipeline
 
     code = main(["new", str(tmp_path / task), "--data", str(EXAMPLES / task / "train.csv"),
-                 "--test", str(EXAMPLES / task / "test.csv"), "--model", str(tiny_model_dir)])
+                 "--test", str(EXAMPLES / task / "test.csv"), "--model", str(tiny_model_dir), "--max-steps", "4",
+                 "--eval-limit", "12"])
     out = capsys.readouterr().out
     assert code == 0 and "native layout, classification schema, " in out
     suite = yaml.safe_load((tmp_path / task / "suite.yaml").read_text())

@@ -66,8 +66,11 @@ def _survey(path: Path) -> dict:
 
 
 def new_task(folder: str | Path, data: str | Path, test: str | Path | None = None, model: str = "smollm2-135m-instruct",
-             name: str | None = None) -> dict:
-    """Write the task folder (refusing to overwrite one that exists); return what was detected and planned."""
+             name: str | None = None, max_steps: int | None = None, eval_limit: int | None = None) -> dict:
+    """Write the task folder (refusing to overwrite one that exists); return what was detected and planned.
+
+    ``max_steps`` caps the planned steps and ``eval_limit`` the evaluated test examples (a quick trial
+    run); the plan says so."""
     folder = Path(folder)
     name = name or folder.name
     check_name(name)
@@ -78,6 +81,10 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
     n_train = survey["rows"] if test else int(survey["rows"] * 0.8)
     tokens = survey["chars"] / 4 + TEMPLATE_TOKENS
     steps = max(10, min(2000, math.ceil(EPOCHS * n_train / BATCH)))
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ConfigError(f"bad --max-steps {max_steps}", hint="a positive number of optimiser steps")
+        steps = min(steps, max_steps)
     seconds = steps * BATCH * tokens / CPU_TOKENS_PER_S
     max_length = int(min(2048, max(128, 2 ** math.ceil(math.log2(tokens * 2)))))
     has_group = bool((tsurvey or survey)["groups"] >= 2)
@@ -89,7 +96,7 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
             "test_rows": tsurvey["rows"] if tsurvey else None, "steps": steps, "batch_size": BATCH,
             "epochs": round(steps * BATCH / max(n_train, 1), 2), "tokens_per_example": round(tokens),
             "expected_train_minutes_cpu": round(seconds / 60, 1), "peak_memory_gb_cpu": CPU_PEAK_GB,
-            "max_length": max_length, "group_gap_gate": has_group, "files": files}
+            "max_length": max_length, "group_gap_gate": has_group, "files": files, "eval_limit": eval_limit}
     _write(folder, name, model, plan, survey, test is not None)
     return plan
 
@@ -133,6 +140,8 @@ def _write(folder: Path, name: str, model: str, plan: dict, survey: dict, has_te
         f"~{plan['expected_train_minutes_cpu']} min at ~{CPU_TOKENS_PER_S:.0f} tokens/s, peak memory "
         f"~{CPU_PEAK_GB} GB (a GPU is far faster).\n" + yaml.safe_dump(train, sort_keys=False), encoding="utf-8")
     suite = _suite(name, schema, plan["group_gap_gate"])
+    if plan["eval_limit"]:
+        suite["limit"] = plan["eval_limit"]
     (folder / "suite.yaml").write_text("# Base vs tuned on the test split, with gates (edit the thresholds to your "
                                        "needs).\n" + yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
     sheet = [f"# Facts a person must supply about {plan['files']['data']}; each line left commented out is "
