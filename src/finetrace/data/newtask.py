@@ -32,6 +32,7 @@ CPU_PEAK_GB = 2.8
 BATCH = 8
 EPOCHS = 1.5
 TEMPLATE_TOKENS = 24       # chat-template tokens around each example
+MIN_PER_GROUP = 20         # evaluated examples the smallest group needs before a group-gap gate means anything
 INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limitations", "provider", "license",
                      "human_oversight")
 
@@ -39,7 +40,7 @@ INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limi
 def _survey(path: Path) -> dict:
     """Format, layout, schema, row count, mean characters per row and columns of one file."""
     fmt = detect_format(path, str(path))
-    first, n, chars, cols, groups = [], 0, 0, set(), set()
+    first, n, chars, cols, groups = [], 0, 0, set(), {}
     for _line, rec, err in read_rows(path, fmt, ReadOptions(display=str(path))):
         if err is not None:
             continue
@@ -47,7 +48,7 @@ def _survey(path: Path) -> dict:
         chars += sum(len(str(v)) for v in rec.values())
         cols |= set(map(str, rec))
         if rec.get("group") not in (None, ""):
-            groups.add(str(rec["group"]))
+            groups[str(rec["group"])] = groups.get(str(rec["group"]), 0) + 1
         if len(first) < formats.DETECT_ROWS:
             first.append(rec)
     if not n:
@@ -62,7 +63,7 @@ def _survey(path: Path) -> dict:
             raise InputError(exc.message, file=str(path), line=1, hint=exc.hint) from None
     labels = sorted({str(r.get("label")) for r in first if r.get("label") is not None}) if schema == "classification" else []
     return {"format": fmt, "layout": layout, "schema": schema, "rows": n, "chars": chars / n, "columns": sorted(cols),
-            "groups": len(groups), "labels": labels, "first": first[0]}
+            "groups": groups, "labels": labels, "first": first[0]}
 
 
 def new_task(folder: str | Path, data: str | Path, test: str | Path | None = None, model: str = "smollm2-135m-instruct",
@@ -87,7 +88,11 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
         steps = min(steps, max_steps)
     seconds = steps * BATCH * tokens / CPU_TOKENS_PER_S
     max_length = int(min(2048, max(128, 2 ** math.ceil(math.log2(tokens * 2)))))
-    has_group = bool((tsurvey or survey)["groups"] >= 2)
+    # a group-gap gate only where there are groups, each with enough evaluated examples to mean something
+    groups = (tsurvey or survey)["groups"]
+    evaluated = min((tsurvey or survey)["rows"] if tsurvey else survey["rows"] // 10, eval_limit or 10**12)
+    per_group = evaluated * min(groups.values()) / max(sum(groups.values()), 1) if groups else 0
+    has_group = len(groups) >= 2 and per_group >= MIN_PER_GROUP
     folder.mkdir(parents=True, exist_ok=True)
     files = {"data": _copy(Path(data), folder)}
     if test:
