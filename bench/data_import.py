@@ -7,7 +7,8 @@ Generates a chat-free completion dataset (~1 KB rows with e-mails, phone numbers
 near duplicates, so every cleaning step does real work), then runs each contender in its own child
 process and reads that child's peak RSS from ``resource.getrusage(RUSAGE_CHILDREN)``:
 
-- finetrace  ``import_dataset`` (validate, NFC, PII redaction, exact + MinHash dedup, split, Parquet)
+- finetrace  ``import_dataset`` (validate, NFC, PII redaction, exact + MinHash dedup, split, Parquet), in
+             Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose)
 - datasets   ``load_dataset("json", ...)`` (parse to Arrow only; no validation/cleaning), own cache dir
 - pandas     ``read_json(lines=True)`` (parse into memory only)
 
@@ -73,7 +74,7 @@ from finetrace.workspace import Workspace
 from finetrace.data import import_dataset
 ws = Workspace.init(sys.argv[2])
 t = time.perf_counter()
-art = import_dataset(ws, [sys.argv[1]], "bench", on_error="skip")
+art = import_dataset(ws, [sys.argv[1]], "bench", on_error="skip", workers=int(sys.argv[3]))
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "rows": art.metadata["rows_in"], "rows_out": art.metadata["rows_out"],
                   "ref": art.ref}))
@@ -97,7 +98,7 @@ print(json.dumps({"seconds": dt, "rows": len(df)}))
 }
 
 
-def run_child(name: str, data: Path, scratch: Path) -> dict:
+def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
     """Run one contender in a fresh process; its peak RSS comes from RUSAGE_CHILDREN of a wrapper."""
     wrapper = (
         "import resource, subprocess, sys, json\n"
@@ -107,7 +108,7 @@ def run_child(name: str, data: Path, scratch: Path) -> dict:
     )
     out_dir = scratch / name
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", wrapper, CHILD[name], str(data), str(out_dir)],
+    p = subprocess.run([sys.executable, "-c", wrapper, CHILD[name], str(data), str(out_dir), str(workers)],
                        capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode != 0:
@@ -125,6 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=int, default=1024, help="size of the generated JSONL (MiB)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--workers", type=int, default=0, help="finetrace worker processes (0: automatic)")
     ap.add_argument("--skip-baselines", nargs="*", default=[], choices=["datasets", "pandas"],
                     help="baselines to leave out (pandas needs several times the file size in memory)")
     args = ap.parse_args()
@@ -135,10 +137,11 @@ def main() -> None:
     size_mb = data.stat().st_size / (1 << 20)
     print(f"generated {data} ({size_mb:.0f} MiB, {rows:,} rows) in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     results = {}
+    load_before = os.getloadavg()[0]
     for name in ("finetrace", "datasets", "pandas"):
         if name in args.skip_baselines:
             continue
-        results[name] = r = run_child(name, data, scratch)
+        results[name] = r = run_child(name, data, scratch, args.workers)
         print(f"{name:10s} {r.get('seconds', float('nan')):8.1f}s {r.get('rows_per_s', 0):>12,.0f} rows/s "
               f"peak RSS {r['peak_rss_mb']:8.0f} MiB" + (" FAILED" if r.get("failed") else ""), file=sys.stderr)
     if not args.keep:
@@ -146,12 +149,15 @@ def main() -> None:
 
         shutil.rmtree(scratch, ignore_errors=True)
     ft = results["finetrace"]
-    summary = {"bench": "data_import", "file_mb": round(size_mb, 1), "rows": rows,
+    summary = {"bench": "data_import", "file_mb": round(size_mb, 1), "rows": rows, "workers": args.workers,
                "rows_per_s": ft.get("rows_per_s"), "peak_rss_mb": ft["peak_rss_mb"],
                "seconds": ft.get("seconds"), "rows_out": ft.get("rows_out"),
                "baselines": {k: {kk: v.get(kk) for kk in ("seconds", "rows_per_s", "peak_rss_mb", "failed")}
                              for k, v in results.items() if k != "finetrace"},
-               "cpu_count": os.cpu_count()}
+               "cpu_count": os.cpu_count(),
+               # other processes share the CPUs: the 1-minute load average before and after, so a figure
+               # measured on a busy machine says so (the ratio to `datasets` is the steadier number)
+               "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     for k, v in summary["baselines"].items():
         if v.get("rows_per_s") and ft.get("rows_per_s"):
             v["finetrace_speed_ratio"] = round(ft["rows_per_s"] / v["rows_per_s"], 3)

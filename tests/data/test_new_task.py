@@ -38,18 +38,32 @@ def test_new_writes_a_sized_folder_and_says_what_it_found(tmp_path, capsys):
         new_task(folder, data)
 
 
+@pytest.mark.parametrize("task", ["clauses", "tickets"])
+def test_group_gap_gate_only_with_groups_big_enough(tmp_path, task):
+    from finetrace.data.newtask import new_task
+
+    plan = new_task(tmp_path / task, EXAMPLES / task / "train.csv", EXAMPLES / task / "test.csv")
+    assert plan["rows"] == {"clauses": 480, "tickets": 400}[task] and plan["schema"] == "classification"
+    suite = yaml.safe_load((tmp_path / task / "suite.yaml").read_text())
+    assert plan["group_gap_gate"] == ("max_group_gap" in suite["gates"])
+    plan = new_task(tmp_path / f"{task}-small", EXAMPLES / task / "train.csv", EXAMPLES / task / "test.csv",
+                    eval_limit=12)
+    assert plan["group_gap_gate"] is False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["clauses", "tickets"])
 def test_new_task_pipeline_runs_unedited_on_the_tiny_model(workspace, tiny_model_dir, tmp_path, task, capsys):
     from finetrace.pipeline import run_pipeline
 
     code = main(["new", str(tmp_path / task), "--data", str(EXAMPLES / task / "train.csv"),
-                 "--test", str(EXAMPLES / task / "test.csv"), "--model", str(tiny_model_dir)])
+                 "--test", str(EXAMPLES / task / "test.csv"), "--model", str(tiny_model_dir), "--max-steps", "4",
+                 "--eval-limit", "12"])
     out = capsys.readouterr().out
     assert code == 0 and "native layout, classification schema, " in out
     suite = yaml.safe_load((tmp_path / task / "suite.yaml").read_text())
-    assert ("max_group_gap" in suite["gates"]) == (task == "clauses")  # only clauses' test file has groups
+    assert "max_group_gap" not in suite["gates"] and suite["limit"] == 12  # 12 examples: groups of ~4
     result = run_pipeline(workspace, tmp_path / task / "pipeline.yaml", progress=False, echo=lambda s: None)
-    assert [s.status for s in result.stages] == ["ran"] * 6
+    assert [s.status for s in result.stages] == ["ran"] * 5 + ["skipped", "ran"]  # approve: needs a person
     adapter = workspace.ledger.artifact(result.state["adapter"])
     assert adapter.ref == f"{task}-lora@1"

@@ -31,7 +31,12 @@ def _progress_callback(show: bool):
 def register(app: typer.Typer) -> None:
     data = typer.Typer(help="Import, inspect and compare datasets.", no_args_is_help=True)
     app.add_typer(data, name="data")
+    _import_command(data)
+    _forget_command(data)
+    _inspect_commands(data)
 
+
+def _import_command(data: typer.Typer) -> None:
     @data.command("import")
     def import_(
         files: list[str] = typer.Argument(None, help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
@@ -100,6 +105,8 @@ def register(app: typer.Typer) -> None:
         if md.get("gaps"):
             typer.echo(f"datasheet gaps: {', '.join(md['gaps'])} (see `finetrace data show {art.ref}`)")
 
+
+def _forget_command(data: typer.Typer) -> None:
     @data.command("forget")
     def forget_(
         ref: str = typer.Argument(..., help="DATASET@V to erase rows from."),
@@ -138,6 +145,8 @@ def register(app: typer.Typer) -> None:
         if res["purged"]:
             typer.echo(f"purged {len(res['purged'])} objects (the ledger keeps their digests; verify knows)")
 
+
+def _inspect_commands(data: typer.Typer) -> None:
     @data.command("list")
     def list_(json_out: bool = JSON_OPTION):
         """Dataset versions in this workspace."""

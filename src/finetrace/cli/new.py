@@ -16,12 +16,14 @@ def register(app: typer.Typer) -> None:
         test: str = typer.Option(None, "--test", help="A held-out test file (else 10% of the data is held out)."),
         model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: catalog name, HF folder "
                                                                          "or .gguf file."),
+        max_steps: int = typer.Option(None, "--max-steps", help="Cap the planned steps (a quick trial run)."),
+        eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate only the first N test examples."),
         json_out: bool = JSON_OPTION,
     ):
         """Write a task folder (pipeline, train config, suite, datasheet and intended-use skeletons)."""
         from ..data.newtask import new_task
 
-        plan = new_task(task, data, test, model=model)
+        plan = new_task(task, data, test, model=model, max_steps=max_steps, eval_limit=eval_limit)
         if json_out:
             emit_json(plan)
             return

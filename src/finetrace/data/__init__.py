@@ -21,6 +21,11 @@ File structure::
     arrowtext.py   whole-batch text work on Arrow arrays (normalise, keys, MinHash), same results as clean.py
     batches.py     pass 1 per record batch: validate, normalise, PII, hash (in this process or a worker)
     workers.py     chunking files, worker processes that clean chunks in order
+    formats.py     OpenAI fine-tuning JSONL, ShareGPT, Alpaca: detected by content, mapped onto the schemas
+    chat.py        a conversation through the model's chat template; where its assistant turns are
+    hub.py         --from-hub ID[@revision] (huggingface_hub, offline from the local cache)
+    newtask.py     `finetrace new`: a task folder sized to the data
+    erasure.py     `finetrace data forget`: erasure runs, downstream lineage, purge
     importer.py    import_dataset: the two streaming passes and the ledger records
     versions.py    reading recorded versions
 """

@@ -3,7 +3,9 @@
 Two streaming passes, so that a file of any size is never held in memory:
 
 1. *Validate*: every row of every file is read, mapped, checked, normalised (NFC), scanned for PII and
-   hashed (a 64-bit exact key, MinHash band keys to a scratch file); good rows go to a scratch Parquet.
+   hashed (a 64-bit exact key, MinHash band keys to a scratch file), one Arrow record batch at a time
+   (``batches.process``, in worker processes for large inputs); good rows go to a scratch Parquet.
+   The file's layout (OpenAI, ShareGPT, Alpaca, native) is detected first (``formats``).
    Errors are collected; with ``on_error="fail"`` the import stops here with the first errors and the
    count, *before anything is written to the workspace* (a refused import changes nothing).
 2. *Decide and write*: exact duplicates and near-duplicate clusters are resolved on the 8-byte arrays,

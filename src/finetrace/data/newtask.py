@@ -32,6 +32,7 @@ CPU_PEAK_GB = 2.8
 BATCH = 8
 EPOCHS = 1.5
 TEMPLATE_TOKENS = 24       # chat-template tokens around each example
+MIN_PER_GROUP = 20         # evaluated examples the smallest group needs before a group-gap gate means anything
 INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limitations", "provider", "license",
                      "human_oversight")
 
@@ -39,7 +40,7 @@ INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limi
 def _survey(path: Path) -> dict:
     """Format, layout, schema, row count, mean characters per row and columns of one file."""
     fmt = detect_format(path, str(path))
-    first, n, chars, cols, groups = [], 0, 0, set(), set()
+    first, n, chars, cols, groups = [], 0, 0, set(), {}
     for _line, rec, err in read_rows(path, fmt, ReadOptions(display=str(path))):
         if err is not None:
             continue
@@ -47,7 +48,7 @@ def _survey(path: Path) -> dict:
         chars += sum(len(str(v)) for v in rec.values())
         cols |= set(map(str, rec))
         if rec.get("group") not in (None, ""):
-            groups.add(str(rec["group"]))
+            groups[str(rec["group"])] = groups.get(str(rec["group"]), 0) + 1
         if len(first) < formats.DETECT_ROWS:
             first.append(rec)
     if not n:
@@ -62,12 +63,15 @@ def _survey(path: Path) -> dict:
             raise InputError(exc.message, file=str(path), line=1, hint=exc.hint) from None
     labels = sorted({str(r.get("label")) for r in first if r.get("label") is not None}) if schema == "classification" else []
     return {"format": fmt, "layout": layout, "schema": schema, "rows": n, "chars": chars / n, "columns": sorted(cols),
-            "groups": len(groups), "labels": labels, "first": first[0]}
+            "groups": groups, "labels": labels, "first": first[0]}
 
 
 def new_task(folder: str | Path, data: str | Path, test: str | Path | None = None, model: str = "smollm2-135m-instruct",
-             name: str | None = None) -> dict:
-    """Write the task folder (refusing to overwrite one that exists); return what was detected and planned."""
+             name: str | None = None, max_steps: int | None = None, eval_limit: int | None = None) -> dict:
+    """Write the task folder (refusing to overwrite one that exists); return what was detected and planned.
+
+    ``max_steps`` caps the planned steps and ``eval_limit`` the evaluated test examples (a quick trial
+    run); the plan says so."""
     folder = Path(folder)
     name = name or folder.name
     check_name(name)
@@ -78,9 +82,17 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
     n_train = survey["rows"] if test else int(survey["rows"] * 0.8)
     tokens = survey["chars"] / 4 + TEMPLATE_TOKENS
     steps = max(10, min(2000, math.ceil(EPOCHS * n_train / BATCH)))
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ConfigError(f"bad --max-steps {max_steps}", hint="a positive number of optimiser steps")
+        steps = min(steps, max_steps)
     seconds = steps * BATCH * tokens / CPU_TOKENS_PER_S
     max_length = int(min(2048, max(128, 2 ** math.ceil(math.log2(tokens * 2)))))
-    has_group = bool((tsurvey or survey)["groups"] >= 2)
+    # a group-gap gate only where there are groups, each with enough evaluated examples to mean something
+    groups = (tsurvey or survey)["groups"]
+    evaluated = min((tsurvey or survey)["rows"] if tsurvey else survey["rows"] // 10, eval_limit or 10**12)
+    per_group = evaluated * min(groups.values()) / max(sum(groups.values()), 1) if groups else 0
+    has_group = len(groups) >= 2 and per_group >= MIN_PER_GROUP
     folder.mkdir(parents=True, exist_ok=True)
     files = {"data": _copy(Path(data), folder)}
     if test:
@@ -89,7 +101,7 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
             "test_rows": tsurvey["rows"] if tsurvey else None, "steps": steps, "batch_size": BATCH,
             "epochs": round(steps * BATCH / max(n_train, 1), 2), "tokens_per_example": round(tokens),
             "expected_train_minutes_cpu": round(seconds / 60, 1), "peak_memory_gb_cpu": CPU_PEAK_GB,
-            "max_length": max_length, "group_gap_gate": has_group, "files": files}
+            "max_length": max_length, "group_gap_gate": has_group, "files": files, "eval_limit": eval_limit}
     _write(folder, name, model, plan, survey, test is not None)
     return plan
 
@@ -133,6 +145,8 @@ def _write(folder: Path, name: str, model: str, plan: dict, survey: dict, has_te
         f"~{plan['expected_train_minutes_cpu']} min at ~{CPU_TOKENS_PER_S:.0f} tokens/s, peak memory "
         f"~{CPU_PEAK_GB} GB (a GPU is far faster).\n" + yaml.safe_dump(train, sort_keys=False), encoding="utf-8")
     suite = _suite(name, schema, plan["group_gap_gate"])
+    if plan["eval_limit"]:
+        suite["limit"] = plan["eval_limit"]
     (folder / "suite.yaml").write_text("# Base vs tuned on the test split, with gates (edit the thresholds to your "
                                        "needs).\n" + yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
     sheet = [f"# Facts a person must supply about {plan['files']['data']}; each line left commented out is "

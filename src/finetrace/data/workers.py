@@ -19,16 +19,17 @@ from .readers import ReadOptions, jsonl_chunks, parquet_tables, read_rows
 AUTO_MIN_BYTES = 64 << 20  # smaller inputs: start-up of workers costs more than they save
 AUTO_MAX_WORKERS = 4
 RECORDS_PER_CHUNK = 4096
+JSONL_CHUNK_BYTES = 4 << 20
 TABLE_ROWS = 8192
 
 
 def chunks(path: Path, fmt: str, opts: ReadOptions) -> Iterator[Chunk]:
     if fmt == "jsonl":
-        for line, offset, block, row in jsonl_chunks(path, opts):
+        for line, offset, block, row in jsonl_chunks(path, opts, JSONL_CHUNK_BYTES):
             yield Chunk("jsonl", line, offset, block) if block is not None else Chunk("records", line, offset, [row])
     elif fmt == "parquet":
         row = 1
-        for table in parquet_tables(path, opts, TABLE_ROWS):
+        for table in parquet_tables(path, opts, TABLE_ROWS):  # noqa: B007
             yield Chunk("table", row, 0, table)
             row += table.num_rows
     else:

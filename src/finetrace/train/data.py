@@ -101,7 +101,7 @@ def encode_rows(tokenizer, rows: list[dict], schema: str, labels: list[str] | No
     the model's chat template; "auto" is "all" for rows with tool calls or weights (OpenAI, ShareGPT
     imports) and "last" otherwise.
     """
-    from .chat import check_renders_tools, encode_conversation
+    from ..data.chat import check_renders_tools
 
     out, skipped = [], 0
     checked = False
@@ -129,6 +129,21 @@ def encode_rows(tokenizer, rows: list[dict], schema: str, labels: list[str] | No
             continue
         out.append(enc)
     return out, skipped
+
+
+def encode_conversation(tokenizer, messages: list[dict], tools, trainable: list[bool]) -> Encoded:
+    """The whole conversation as the template renders it; ``loss_at`` = the tokens whose characters lie
+    inside a trained assistant turn (``data.chat.turn_spans``: its content, tool calls, end-of-turn)."""
+    from ..data.chat import turn_spans
+
+    full, spans = turn_spans(tokenizer, messages, tools, trainable)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    loss_at = tuple(t for t, (s, e) in enumerate(offsets)
+                    if t > 0 and e > s and any(a <= s and e <= b for a, b in spans))
+    if not loss_at:
+        raise ValueError("no token of the assistant turns survived tokenisation")
+    return Encoded(ids, loss_at[0], loss_at)
 
 
 # -- data order ----------------------------------------------------------------------------------

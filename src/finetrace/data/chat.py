@@ -1,4 +1,4 @@
-"""Multi-turn training examples rendered by the model's own chat template, with a per-token loss mask.
+"""Rendering a conversation with the model's own chat template, and locating its assistant turns.
 
 A conversation is rendered once, as the template renders it for inference; an assistant turn ``i``
 that carries loss is located as the text between ``render(messages[:i], generation prompt)`` and
@@ -61,17 +61,3 @@ def turn_spans(tokenizer, messages: list[dict], tools, trainable: list[bool]) ->
         end = upto.find(eos, len(before)) if eos else -1
         spans.append((len(before), end + len(eos) if end >= 0 else len(upto.rstrip())))
     return full, spans
-
-
-def encode_conversation(tokenizer, messages: list[dict], tools, trainable: list[bool]):
-    """``Encoded`` ids of the whole conversation; ``loss_at`` = tokens inside the trained turns."""
-    from .data import Encoded
-
-    full, spans = turn_spans(tokenizer, messages, tools, trainable)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    loss_at = tuple(t for t, (s, e) in enumerate(offsets)
-                    if t > 0 and e > s and any(a <= s and e <= b for a, b in spans))
-    if not loss_at:
-        raise ValueError("no token of the assistant turns survived tokenisation")
-    return Encoded(ids, loss_at[0], loss_at)
