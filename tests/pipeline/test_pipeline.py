@@ -83,8 +83,9 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
                                               ("model", "data", "train", "evaluate", "docs", "approve", "deploy")}
     kinds = runs_by_kind(ws)
     # import: the model folder and the data
-    assert kinds == {"import": 2, "train": 1, "evaluate": 1, "document": 1, "deploy": 1,
+    assert kinds == {"import": 2, "train": 1, "evaluate": 1, "document": 1, "deploy": 1, "parity": 1,
                      "pipeline": 1}
+    assert first.stage("deploy").metrics["serve_agreement"] == 1.0  # served == evaluated, token for token
     assert ws.ledger.get_run(first.run_id).status == "succeeded"
     adapter = ws.ledger.artifact(first.state["adapter"])
     assert adapter.kind == "adapter" and adapter.ref == "routing-lora@1"
@@ -118,7 +119,7 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
     assert ws.ledger.artifact(third.state["dataset"]).ref == "tickets@2"
     assert ws.ledger.artifact(third.state["adapter"]).ref == "routing-lora@2"
     assert runs_by_kind(ws) == {**after, "import": after["import"] + 1, "train": 2, "evaluate": 2, "document": 2,
-                                "deploy": 2, "pipeline": 3}
+                                "deploy": 2, "parity": 2, "pipeline": 3}
     # the cache key of the new train stage is recorded with it, next to the train run it made
     ev = [e.data for e in ws.ledger.entries(type="pipeline.stage")
           if e.data["run_id"] == third.run_id and e.data["stage"] == "train" and e.data["status"] == "ran"][0]

@@ -101,6 +101,26 @@ def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated):
     run = served_ws.ledger.get_run(res.run_id)
     assert run.kind == "parity" and run.status == "succeeded" and run.metrics["agreement"] == 1.0
     assert latest_parity(served_ws, res.adapter)["agreement"] == 1.0
+    from finetrace.audit import documents
+    from finetrace.audit.facts import gather
+
+    facts = gather(served_ws, "alpha@1")
+    out = served_ws.ctx["tmp"] / "docs-parity"
+    folders = documents.render_all(facts, out, formats=("md",))
+    for doc in ("model_card", "annex_iv"):
+        text = "\n".join(p.read_text() for p in folders[doc].glob("*.md"))
+        assert "50/50 served answers equal the evaluated ones (token-exact, engine native" in text, doc
+    from finetrace.serve.provenance import render, resolve
+
+    eng = Engine(served_ws, "tiny", ["alpha@1"], ServeSettings())
+    eng.start()
+    try:
+        pid = eng.generate("alpha@1", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=2).provenance_id
+    finally:
+        eng.stop()
+    doc = resolve(served_ws, pid)
+    assert doc["parity"]["exact"] and doc["parity"]["run_id"] == res.run_id
+    assert any(line.startswith("parity      50/50") for line in render(doc))
     c = served_ws.ctx
     swapped = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "alpha", 77, c["tmp"])
     assert swapped.ref == "alpha@2"  # another adapter under the same name

@@ -71,6 +71,7 @@ class Facts:
     checkpoint: dict | None
     finetrace_version: str
     generated: str = field(default_factory=now)
+    parity: list[dict] = field(default_factory=list)   # parity.result events: served == evaluated?
 
     @property
     def intended_use_missing(self) -> list[str]:
@@ -232,7 +233,8 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
                  overrides=events_for(ws, "gate.override", adapter.digest),
                  approvals=events_for(ws, "approval", adapter.digest), previous_versions=previous,
                  intended=dict(intended or {}), intended_source=intended_source,
-                 checkpoint=cps[-1].to_dict() if cps else None, finetrace_version=version)
+                 checkpoint=cps[-1].to_dict() if cps else None, finetrace_version=version,
+                 parity=events_for(ws, "parity.result", adapter.digest))
 
 
 def load_intended(path) -> dict:

@@ -16,7 +16,7 @@ import typer
 from ..errors import FinetraceError
 
 COMMAND_MODULES = ("workspace", "ledger", "models", "data", "train", "evaluate", "audit", "serve",
-                   "market", "pipeline", "ui", "tracking", "new")
+                   "market", "pipeline", "ui", "tracking", "new", "parity")
 
 app = typer.Typer(name="finetrace", no_args_is_help=True, add_completion=False,
                   help="Fine-tune, evaluate, document and serve domain adapters with a verifiable audit trail.",

@@ -41,6 +41,7 @@ class Seq:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None          # None: no logprobs; k >= 0: chosen token + top k
+    normalise: bool = True               # a chat answer: streamed and returned as normalise_answer(text)
     on_delta: Callable[[str], None] | None = None
     owner: object = None                 # the caller's request object
     # progress
@@ -57,7 +58,7 @@ class Seq:
 
     @property
     def answer(self) -> str:
-        return normalise_answer(self.text)
+        return normalise_answer(self.text) if self.normalise else self.text
 
 
 class _Group:
@@ -204,7 +205,9 @@ class Decoder:
             elif r.finish is None and len(r.ids) >= r.max_tokens:
                 r.finish = "length"
             r.text = text
-            safe = text if r.finish else text[:len(text) - holdback(text, r.stop)]
+            # what may be streamed: a prefix of the final answer (chat: surrounding whitespace held back)
+            view = normalise_answer(text) if r.normalise else text
+            safe = view if r.finish else view[:len(view) - holdback(view, r.stop)]
             if r.on_delta is not None and len(safe) > r.sent:
                 r.on_delta(safe[r.sent:])
             r.sent = max(r.sent, len(safe))

@@ -358,16 +358,21 @@ def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
     ws, d = ctx.ws, ctx.cfg.deploy
     adapter_ref = ws.ledger.artifact(ctx.state["adapter"]).ref
     base_ref = ws.ledger.artifact(ctx.state["base_model"]).ref
-    if d.parity:
-        parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo)
+    par = parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo) \
+        if d.parity else None
     if d.mode == "record":
         with ws.ledger.run("deploy", config={"base": base_ref, "adapters": [adapter_ref], "mode": "record",
                                              "pipeline": ctx.cfg.name},
                            inputs=[ctx.state["base_model"], ctx.state["adapter"]]) as run:
             pass
         ws.checkpoint()
-        return StageOutput({"artifacts": [], "deploy_run": run.id}, {"mode": "record"}, [run.id])
-    return _serve_and_ask(ctx, base_ref, adapter_ref)
+        out = StageOutput({"artifacts": [], "deploy_run": run.id}, {"mode": "record"}, [run.id])
+    else:
+        out = _serve_and_ask(ctx, base_ref, adapter_ref)
+    if par is not None:
+        out.metrics["serve_agreement"] = par.agreement
+        out.stage_runs.insert(0, par.run_id)
+    return out
 
 
 def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput:

@@ -1,8 +1,8 @@
 """Serving: an OpenAI-compatible HTTP server with many LoRA adapters on one base, provenance on every answer.
 
-    engine.py      the model, adapters, request queue and batching scheduler (no HTTP)
-    lora_batch.py  gathered LoRA: mixed-adapter batches at a cost independent of the adapter count
-    sampling.py    greedy / temperature / top-p token choice, shared by every decode path
+    engine.py      the model, adapters, request queue and scheduler (no HTTP); decodes through finetrace.decoding
+    lora_batch.py  re-exports gathered LoRA (now finetrace.decoding.lora, shared with evaluation)
+    parity.py      served answers vs the eval report's recorded answers (`finetrace parity`, deploy gate)
     registry.py    which adapters may be served on which base (digest, identity, eval gates)
     requestlog.py  `serve.request` ledger events, batched by a background writer
     provenance.py  provenance id -> deployment, adapter, training run, datasets, eval, approvals

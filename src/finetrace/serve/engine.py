@@ -392,7 +392,7 @@ class Engine:
             s.cancelled = s.owner.cancelled
         if self.decoder.busy:
             for s in self.decoder.step():
-                text = "" if s.finish == "cancelled" else (s.answer if s.owner.chat else s.text)
+                text = "" if s.finish == "cancelled" else s.answer
                 self._finish_request(s.owner, text, s.finish, len(s.ids), s)
 
     def classify(self, prompt_rows: list[list[int]], labels: list[str], adapter_name: str = BASE) -> list[str]:
@@ -427,7 +427,7 @@ class Engine:
 
     def _seq(self, req: GenRequest) -> Seq:
         return Seq(req.prompt_ids, req.adapter_name, req.max_tokens, req.temperature, req.top_p, req.seed,
-                   list(req.stop), req.logprobs, on_delta=lambda text, req=req: self._emit(req, "delta", text),
+                   list(req.stop), req.logprobs, req.chat, on_delta=lambda text, req=req: self._emit(req, "delta", text),
                    owner=req)
 
     def _take(self, wait: float) -> GenRequest | None:

@@ -85,6 +85,10 @@ def resolve(ws: Workspace, provenance_id: str) -> dict:
             out["approvals"] += [{"type": kind, "seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
                                  for e in ws.ledger.entries(type=kind) if _mentions(e.data, adapter)]
         out["lineage"] = lineage(ws.ledger, adapter, "up")
+        from .parity import latest_parity
+        par = latest_parity(ws, adapter)
+        out["parity"] = {k: par[k] for k in ("agreement", "agreeing", "n", "exact", "engine", "report", "run_id")} \
+            if par else None
     return out
 
 
@@ -112,6 +116,12 @@ def render(doc: dict) -> list[str]:
     if doc.get("evaluation"):
         ev = doc["evaluation"]
         lines.append(f"evaluation  {ev['status']}: {ev['detail']}" + (f" report {ev['report']}" if ev["report"] else ""))
+    if doc.get("parity"):
+        p = doc["parity"]
+        lines.append(f"parity      {p['agreeing']}/{p['n']} served answers equal the evaluated ones "
+                     f"({'token-exact' if p['exact'] else format(p['agreement'], '.1%')}, {p['engine']}, run {p['run_id']})")
+    elif doc.get("adapter"):
+        lines.append("parity      not checked (`finetrace parity ADAPTER`)")
     for ap in doc.get("approvals", []):
         lines.append(f"approval    {ap['type']} by {ap.get('by') or ap['actor']} at {ap['time']}")
     return lines
