@@ -145,12 +145,15 @@ def _m003_search_indexes(conn, dialect: str) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_id ON versions (score, id)"))
 
 
+PG_TSV_INDEX = "CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"
+
+
 def _m004_pg_stored_tsvector(conn, dialect: str) -> None:
     # ranking needs each match's tsvector: store it (generated column) instead of re-parsing the text
     if dialect == "postgresql":
         conn.execute(text("ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
                           "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"))
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"))
+        conn.execute(text(PG_TSV_INDEX))
         conn.execute(text("DROP INDEX IF EXISTS ix_versions_fts"))
 
 

@@ -30,6 +30,7 @@ from . import db
 from .checks import Refused
 
 CANDIDATES = 200  # matches ranked per relevance query (bounded candidate set)
+DENSE = 2000  # SQLite: a text match with more rows than this walks the sort index instead of sorting them
 SORTS = ("relevance", "downloads", "recent", "score")
 KEYS = ("ref", "namespace", "name", "version", "description", "license", "domains", "tasks", "base_name",
         "base_digest", "score", "downloads", "created", "publisher", "verified")
@@ -100,8 +101,10 @@ def _text(dialect: str, query: str):
 
 
 def build(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
-          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None):
-    """(SQL statement, sort, limit) for a search; see ``search``."""
+          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
+          dense: bool = False):
+    """(SQL statement, sort, limit, cursor key of a row) for a search; see ``search``. ``dense``: on
+    SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a virtual table)."""
     sort = sort or ("relevance" if query.strip() else "recent")
     if sort not in SORTS:
         raise Refused(f"unknown sort {sort!r}", field="sort", hint="downloads, recent, score or relevance")
@@ -133,7 +136,9 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
         if match is not None:
             if dialect == "sqlite":
                 ids = select(literal_column("rowid", Integer)).select_from(table("versions_fts")).where(match)
-                q = q.where(V.id.in_(ids))
+                # many matches: walk the sort order's index and look each row up in the match set
+                # (``id + 0`` keeps the planner from driving the join from the set and sorting it all)
+                q = q.where((V.id + 0).in_(ids) if dense else V.id.in_(ids))
             else:
                 q = q.where(match)
         if sort == "downloads":
@@ -173,8 +178,9 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     """
     if verified is not None:
         fill_verified(reg)
+    dense = reg.dialect == "sqlite" and _dense(reg, query, sort)
     q, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort, limit,
-                                  offset, verified, cursor)
+                                  offset, verified, cursor, dense)
     with reg.Session() as s:
         rows = s.execute(q).all()
     results = []
@@ -190,8 +196,20 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     return {"results": results, "more": more, "sort": sort, "next": nxt}
 
 
+def _dense(reg, query: str, sort: str | None) -> bool:
+    """Whether a SQLite text match has more than ``DENSE`` rows (counting stops there: bounded)."""
+    match, _ = _text("sqlite", query)
+    if match is None or (sort or "relevance") == "relevance":
+        return False
+    inner = select(literal_column("1")).select_from(table("versions_fts")).where(match).limit(DENSE + 1).subquery()
+    with reg.Session() as s:
+        return s.scalar(select(func.count()).select_from(inner)) > DENSE
+
+
 def explain(reg, **query) -> str:
     """The database's query plan for ``search(reg, **query)``, as text (EXPLAIN QUERY PLAN / EXPLAIN)."""
+    if reg.dialect == "sqlite":
+        query.setdefault("dense", _dense(reg, query.get("query", ""), query.get("sort")))
     q, *_ = build(reg.dialect, **query)
     comp = q.compile(reg.engine)
     prefix = "EXPLAIN QUERY PLAN " if reg.dialect == "sqlite" else "EXPLAIN "
