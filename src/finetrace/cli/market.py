@@ -116,12 +116,15 @@ def register(app: typer.Typer) -> None:
                    license_id: str = typer.Option(None, "--license"),
                    min_metric: list[str] = typer.Option([], "--min-metric", help="e.g. accuracy>=0.9 (repeatable)."),
                    sort: str = typer.Option(None, "--sort", help="downloads | recent | score | relevance."),
+                   verified: bool = typer.Option(None, "--verified/--unverified",
+                                                 help="Only packages whose badge is (or is not) verified."),
+                   cursor: str = typer.Option(None, "--cursor", help="`next` of the previous page (keyset paging)."),
                    limit: int = typer.Option(20, "--limit"), json_out: bool = JSON_OPTION):
         """Find packages."""
         from ..market.client import search
 
         res = search(registry, query, domain=domain, task=task, base=base, license=license_id,
-                     min_metric=min_metric, sort=sort, limit=limit)
+                     min_metric=min_metric, sort=sort, limit=limit, verified=verified, cursor=cursor)
         if json_out:
             emit_json(res)
             return
@@ -130,6 +133,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{r['ref']:40} {r['license']:12} {r['downloads']:>6} dl{score}  {r['description'][:60]}")
         if not res["results"]:
             typer.echo("no packages match")
+        if res.get("next"):
+            typer.echo(f"more: --cursor {res['next']}")
 
     @market.command("pull")
     def pull_cmd(ref: str = typer.Argument(..., help="namespace/name@version"),

@@ -257,7 +257,8 @@ def publish(ws: Workspace, adapter_ref: str, target: str, registry: str, token: 
 
 
 def search(registry: str, query: str = "", **filters) -> dict:
-    params = {"q": query, **{k: v for k, v in filters.items() if v not in (None, "", [], ())}}
+    params = {"q": query, **{k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items()
+                             if v not in (None, "", [], ())}}
     with _http(registry) as http:
         return _check(http.get("/api/v1/search", params=params))
 
