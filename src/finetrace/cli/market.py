@@ -142,12 +142,62 @@ def register(app: typer.Typer) -> None:
                  trust_key: list[str] = typer.Option([], "--trust-key", help="Publisher key id you trust (repeatable)."),
                  accept_license: bool = typer.Option(False, "--accept-license", help="Accept non-open licence terms."),
                  name: str = typer.Option(None, "--name", help="Local adapter name (default namespace/name)."),
+                 allow_yanked: bool = typer.Option(False, "--allow-yanked", help="Pull a version its publisher yanked."),
                  json_out: bool = JSON_OPTION):
         """Download, verify and record an adapter; then use it with train (init_from), eval and serve."""
         from ..market.client import pull
 
-        art = pull(open_workspace(), ref, registry, trust_keys=trust_key, accept_license=accept_license, name=name)
+        art = pull(open_workspace(), ref, registry, trust_keys=trust_key, accept_license=accept_license, name=name,
+                   allow_yanked=allow_yanked)
         if json_out:
             emit_json(art.to_dict())
         else:
             typer.echo(f"pulled {ref} as {art.ref} ({art.digest})")
+
+    @market.command("versions")
+    def versions_cmd(ref: str = typer.Argument(..., help="namespace/name"), registry: str = REGISTRY_OPTION,
+                     json_out: bool = JSON_OPTION):
+        """List every version of a package: digest, downloads, yanked, latest."""
+        from ..market.client import versions
+
+        res = versions(registry, ref)
+        if json_out:
+            emit_json(res)
+            return
+        for v in res["versions"]:
+            flags = " latest" if v["latest"] else ""
+            flags += f" YANKED ({v['yanked_reason'] or 'no reason'})" if v["yanked"] else ""
+            typer.echo(f"{v['version']:12} {v['downloads']:>6} dl  {v['digest'][:23]}  {v['created'][:19]}{flags}")
+
+    @market.command("yank")
+    def yank_cmd(ref: str = typer.Argument(..., help="namespace/name@version"), registry: str = REGISTRY_OPTION,
+                 token: str = typer.Option(..., "--token", envvar="FINETRACE_MARKET_TOKEN", help="API token."),
+                 reason: str = typer.Option("", "--reason", help="Why (shown to buyers)."),
+                 undo: bool = typer.Option(False, "--undo", help="Restore a yanked version."),
+                 json_out: bool = JSON_OPTION):
+        """Yank a version: still served and verifiable by exact version, never pulled by default."""
+        from ..market.client import yank
+
+        res = yank(registry, token, ref, reason, undo)
+        if json_out:
+            emit_json(res)
+        else:
+            typer.echo(f"{'yanked' if res['yanked'] else 'restored'} {res['ref']} ({res['digest']})")
+
+    @market.command("gc-staging")
+    def gc_cmd(db: str = DB_OPTION, store: str = STORE_OPTION,
+               max_age: float = typer.Option(24.0, "--max-age-hours", help="Drop uploads older than this."),
+               json_out: bool = JSON_OPTION):
+        """Remove uploads never committed within the deadline (each removal is a registry ledger event)."""
+        from ..market.lifecycle import gc_staging
+        from ..market.registry import Registry
+
+        reg = Registry(_settings(db, store))
+        try:
+            removed = gc_staging(reg, max_age * 3600)
+        finally:
+            reg.close()
+        if json_out:
+            emit_json({"removed": removed})
+        else:
+            typer.echo(f"removed {len(removed)} stale upload(s), {sum(r['bytes'] for r in removed)} bytes")

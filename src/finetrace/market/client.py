@@ -265,13 +265,17 @@ def search(registry: str, query: str = "", **filters) -> dict:
 
 # -- pulling -------------------------------------------------------------------------------------
 def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), accept_license: bool = False,
-         name: str | None = None) -> Artifact:
+         name: str | None = None, allow_yanked: bool = False) -> Artifact:
     """Download, verify and record package ``ref`` as an ``adapter`` artifact (see the module docstring)."""
     ns, pname, version = parse_ref(ref)
     with _http(registry) as http:
         info = _check(http.get(f"/api/v1/packages/{ns}/{pname}" + (f"/{version}" if version else ""),
                                params={"pull": 1}))
         manifest, signature = info["manifest"], info["signature"]
+        if info.get("yanked") and not allow_yanked:
+            raise InputError(f"{info['ref']} was yanked by its publisher: {info.get('yanked_reason') or 'no reason given'}",
+                             hint="pull another version (without @VERSION: the latest not yanked), or pass "
+                                  "--allow-yanked if you need exactly this one")
         if manifest_digest(manifest) != info["digest"]:
             raise IntegrityError(f"{info['ref']}: the manifest does not hash to the digest the registry states")
         facts = verify(manifest, signature)
@@ -344,3 +348,20 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
         run.metrics["files"] = len(manifest["files"])
     ws.checkpoint()
     return art
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+def versions(registry: str, ref: str) -> dict:
+    """Every version of ``ns/name`` with yanked, downloads and which one is latest."""
+    ns, name, _ = parse_ref(ref)
+    with _http(registry) as http:
+        return _check(http.get(f"/api/v1/versions/{ns}/{name}"))
+
+
+def yank(registry: str, token: str, ref: str, reason: str = "", undo: bool = False) -> dict:
+    """Yank (or restore) ``ns/name@version`` on the registry (namespace owner only)."""
+    ns, name, version = parse_ref(ref)
+    if not version:
+        raise InputError(f"yank needs a version: {ref}@<version>", field="REF")
+    with _http(registry, token) as http:
+        return _check(http.post(f"/api/v1/packages/{ns}/{name}/{version}/yank", json={"reason": reason, "undo": undo}))

@@ -83,6 +83,10 @@ class Version(Base):
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # badge level "verified", computed once from the stored evidence (NULL: not computed yet; migration 005)
     verified: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
+    # yanked: still served and verifiable by exact version, never the default (migration 006)
+    yanked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    yanked_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    downloads: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # pulls of this version
     __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
                       Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
                       Index("ix_versions_score", "score"))
@@ -182,10 +186,19 @@ def _m005_search_at_scale(conn, dialect: str) -> None:
         conn.execute(text("ANALYZE versions"))
 
 
+def _m006_yank_and_version_downloads(conn, dialect: str) -> None:
+    add_column(conn, dialect, "versions", "yanked", "BOOLEAN NOT NULL DEFAULT false")
+    add_column(conn, dialect, "versions", "yanked_reason", "TEXT NOT NULL DEFAULT ''")
+    add_column(conn, dialect, "versions", "downloads", "BIGINT NOT NULL DEFAULT 0")
+    # versions of a package, newest first: the versions listing and re-pointing "latest" after a yank
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_package_id ON versions (package_id, id)"))
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
                                           ("003_search_indexes", _m003_search_indexes),
                                           ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
-                                          ("005_search_at_scale", _m005_search_at_scale)]
+                                          ("005_search_at_scale", _m005_search_at_scale),
+                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads)]
 
 
 def migrate(engine: Engine) -> list[str]:

@@ -83,6 +83,8 @@ class Registry:
         self._commits = 0
 
     def close(self) -> None:
+        if getattr(self, "_ledger", None) is not None:  # the registry's ledger (lifecycle.py)
+            self._ledger.close()
         self.engine.dispose()
 
     # -- accounts ------------------------------------------------------------------------------
@@ -408,11 +410,13 @@ class Registry:
             v, p = self._version_row(s, ns, name, version)
             if count_download:
                 p.downloads = (p.downloads or 0) + 1
+                v.downloads = (v.downloads or 0) + 1  # per version too (lifecycle.versions)
             versions = [r[0] for r in s.execute(select(db.Version.version).where(db.Version.package_id == p.id)
                                                  .order_by(db.Version.id))]
             return {"ref": v.ref, "namespace": ns, "name": name, "version": v.version, "digest": v.manifest_digest,
                     "manifest": v.manifest, "signature": v.signature, "downloads": p.downloads,
-                    "publisher": v.publisher, "created": v.created.isoformat(), "versions": versions}
+                    "publisher": v.publisher, "created": v.created.isoformat(), "versions": versions,
+                    "yanked": bool(v.yanked), "yanked_reason": v.yanked_reason or ""}
 
     def object_path(self, digest: str) -> Path:
         """A stored object (only committed objects are ever served), re-hashed now."""
