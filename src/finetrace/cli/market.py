@@ -201,3 +201,41 @@ def register(app: typer.Typer) -> None:
             emit_json({"removed": removed})
         else:
             typer.echo(f"removed {len(removed)} stale upload(s), {sum(r['bytes'] for r in removed)} bytes")
+
+    @market.command("export-hub")
+    def export_hub_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest) in this workspace."),
+                       folder: str = typer.Argument(..., help="New or empty folder to write."),
+                       target: str = typer.Option(None, "--as", help="Package namespace/name@version "
+                                                  "(default local/NAME@V)."),
+                       license_id: str = typer.Option("Apache-2.0", "--license", help="SPDX id."),
+                       domain: list[str] = typer.Option([], "--domain", help="Domain tag (repeatable)."),
+                       task: list[str] = typer.Option([], "--task", help="Task tag (repeatable)."),
+                       description: str = typer.Option("", "--description", help="One paragraph for buyers."),
+                       json_out: bool = JSON_OPTION):
+        """Write an adapter as a Hugging Face Hub model folder: card metadata, adapter, eval results, signed evidence."""
+        from ..market.hub import export_hub
+
+        if not target:
+            name, _, version = adapter.partition("@")
+            target = f"local/{name.split('/')[-1].lower()}@{version or '1'}"
+        res = export_hub(open_workspace(), adapter, folder, target, license_id=license_id, domain=domain,
+                         task=task, description=description)
+        if json_out:
+            emit_json(res)
+        else:
+            typer.echo(f"wrote {len(res['files'])} files to {res['folder']} (package {res['manifest_digest']})")
+
+    @market.command("import-hub")
+    def import_hub_cmd(folder: str = typer.Argument(..., help="A Hub model folder (local)."),
+                       trust_key: list[str] = typer.Option([], "--trust-key", help="Publisher key id you trust."),
+                       name: str = typer.Option(None, "--name", help="Local adapter name."),
+                       json_out: bool = JSON_OPTION):
+        """Record the adapter of a Hub folder, verifying its signed finetrace evidence where present."""
+        from ..market.hub import import_hub
+
+        art, facts = import_hub(open_workspace(), folder, trust_keys=trust_key, name=name)
+        if json_out:
+            emit_json({"adapter": art.to_dict(), "facts": facts})
+        else:
+            state = "verified" if facts["verified"] else f"UNVERIFIED ({', '.join(facts['unverified'])})"
+            typer.echo(f"imported {art.ref} ({art.digest}), {state}")
