@@ -143,12 +143,14 @@ def register(app: typer.Typer) -> None:
                  accept_license: bool = typer.Option(False, "--accept-license", help="Accept non-open licence terms."),
                  name: str = typer.Option(None, "--name", help="Local adapter name (default namespace/name)."),
                  allow_yanked: bool = typer.Option(False, "--allow-yanked", help="Pull a version its publisher yanked."),
+                 allow_template_change: bool = typer.Option(False, "--allow-template-change",
+                                                            help="Accept a chat template that differs from the base's."),
                  json_out: bool = JSON_OPTION):
         """Download, verify and record an adapter; then use it with train (init_from), eval and serve."""
         from ..market.client import pull
 
         art = pull(open_workspace(), ref, registry, trust_keys=trust_key, accept_license=accept_license, name=name,
-                   allow_yanked=allow_yanked)
+                   allow_yanked=allow_yanked, allow_template_change=allow_template_change)
         if json_out:
             emit_json(art.to_dict())
         else:
@@ -229,11 +231,14 @@ def register(app: typer.Typer) -> None:
     def import_hub_cmd(folder: str = typer.Argument(..., help="A Hub model folder (local)."),
                        trust_key: list[str] = typer.Option([], "--trust-key", help="Publisher key id you trust."),
                        name: str = typer.Option(None, "--name", help="Local adapter name."),
+                       allow_template_change: bool = typer.Option(False, "--allow-template-change",
+                                                                  help="Accept tokenizer/chat-template changes."),
                        json_out: bool = JSON_OPTION):
         """Record the adapter of a Hub folder, verifying its signed finetrace evidence where present."""
         from ..market.hub import import_hub
 
-        art, facts = import_hub(open_workspace(), folder, trust_keys=trust_key, name=name)
+        art, facts = import_hub(open_workspace(), folder, trust_keys=trust_key, name=name,
+                                allow_template_change=allow_template_change)
         if json_out:
             emit_json({"adapter": art.to_dict(), "facts": facts})
         else:

@@ -265,7 +265,7 @@ def search(registry: str, query: str = "", **filters) -> dict:
 
 # -- pulling -------------------------------------------------------------------------------------
 def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), accept_license: bool = False,
-         name: str | None = None, allow_yanked: bool = False) -> Artifact:
+         name: str | None = None, allow_yanked: bool = False, allow_template_change: bool = False) -> Artifact:
     """Download, verify and record package ``ref`` as an ``adapter`` artifact (see the module docstring)."""
     ns, pname, version = parse_ref(ref)
     with _http(registry) as http:
@@ -296,6 +296,10 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
                                 hint="add that exact base model first (`finetrace models add`)") from None
         if base_art.kind != "base_model":
             raise InputError(f"{base_digest} is a {base_art.kind} here, not a base model")
+        from . import template_check  # the adapter's chat template must be the local base's known-good one
+
+        template_check.check(template_check.compare_identity(manifest["adapter"], ws.store.materialize(base_digest)),
+                             info["ref"], allow_template_change)
         tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".pull-"))
         try:
             for f in manifest["files"]:

@@ -34,6 +34,7 @@ from ..canonical import sha256_file
 from ..errors import InputError, IntegrityError, NotFoundError
 from ..ledger import Artifact
 from ..workspace import Workspace
+from . import template_check
 from .checks import base_shapes_from_folder, check_adapter, check_file, check_path
 from .package import manifest_digest, verify, verify_attestation
 
@@ -131,9 +132,11 @@ def _check_files(folder: Path, manifest: dict) -> None:
                                  hint="the folder was changed after export; fetch it again")
 
 
-def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), name: str | None = None
-               ) -> tuple[Artifact, dict]:
-    """Record the adapter of a Hub folder (see the module docstring); returns it and the facts checked."""
+def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), name: str | None = None,
+               allow_template_change: bool = False) -> tuple[Artifact, dict]:
+    """Record the adapter of a Hub folder (see the module docstring); returns it and the facts checked.
+    Tokenizer files or a chat template that differ from the base's are refused (``template_check``)
+    unless ``allow_template_change``."""
     folder = Path(folder)
     meta = _read_card(folder)
     man_path, sig_path = folder / "finetrace" / "manifest.json", folder / "finetrace" / "signature.json"
@@ -159,6 +162,13 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
         want, adapter_meta, default_name = None, {}, folder.name
         facts.update(verified=False, unverified=["signature", "file digests", "attestation", "lineage"])
     base = _local_base(ws, base_digest, meta.get("base_model"))
+    base_dir = ws.store.materialize(base.digest)
+    declared = adapter_meta
+    if not declared and (folder / "finetrace_adapter.json").is_file():
+        declared = json.loads((folder / "finetrace_adapter.json").read_text("utf-8"))
+    facts["template_differences"] = template_check.check(
+        template_check.compare_files(folder, base_dir) + template_check.compare_identity(declared, base_dir),
+        str(folder), allow_template_change)
     tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".hub-"))
     try:
         parsed = {}
@@ -172,7 +182,7 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
         if "adapter_config.json" not in parsed or "adapter_model.safetensors" not in parsed:
             raise InputError(f"{folder} has no PEFT adapter (adapter_config.json, adapter_model.safetensors)")
         check_adapter(parsed["adapter_config.json"]["json"], parsed["adapter_model.safetensors"]["tensors"],
-                      base_shapes_from_folder(ws.store.materialize(base.digest)))
+                      base_shapes_from_folder(base_dir))
         digest = ws.store.put_dir(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
