@@ -257,7 +257,8 @@ def publish(ws: Workspace, adapter_ref: str, target: str, registry: str, token: 
 
 
 def search(registry: str, query: str = "", **filters) -> dict:
-    params = {"q": query, **{k: v for k, v in filters.items() if v not in (None, "", [], ())}}
+    params = {"q": query, **{k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items()
+                             if v not in (None, "", [], ())}}
     with _http(registry) as http:
         return _check(http.get("/api/v1/search", params=params))
 
@@ -289,13 +290,17 @@ def _alive(pid: int) -> bool:
 
 
 def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), accept_license: bool = False,
-         name: str | None = None) -> Artifact:
+         name: str | None = None, allow_yanked: bool = False, allow_template_change: bool = False) -> Artifact:
     """Download, verify and record package ``ref`` as an ``adapter`` artifact (see the module docstring)."""
     ns, pname, version = parse_ref(ref)
     with _http(registry) as http:
         info = _check(http.get(f"/api/v1/packages/{ns}/{pname}" + (f"/{version}" if version else ""),
                                params={"pull": 1}))
         manifest, signature = info["manifest"], info["signature"]
+        if info.get("yanked") and not allow_yanked:
+            raise InputError(f"{info['ref']} was yanked by its publisher: {info.get('yanked_reason') or 'no reason given'}",
+                             hint="pull another version (without @VERSION: the latest not yanked), or pass "
+                                  "--allow-yanked if you need exactly this one")
         if manifest_digest(manifest) != info["digest"]:
             raise IntegrityError(f"{info['ref']}: the manifest does not hash to the digest the registry states")
         facts = verify(manifest, signature)
@@ -316,6 +321,10 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
                                 hint="add that exact base model first (`finetrace models add`)") from None
         if base_art.kind != "base_model":
             raise InputError(f"{base_digest} is a {base_art.kind} here, not a base model")
+        from . import template_check  # the adapter's chat template must be the local base's known-good one
+
+        template_check.check(template_check.compare_identity(manifest["adapter"], ws.store.materialize(base_digest)),
+                             info["ref"], allow_template_change)
         tmp = _pull_scratch(ws)
         try:
             for f in manifest["files"]:
@@ -368,3 +377,20 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
         run.metrics["files"] = len(manifest["files"])
     ws.checkpoint()
     return art
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+def versions(registry: str, ref: str) -> dict:
+    """Every version of ``ns/name`` with yanked, downloads and which one is latest."""
+    ns, name, _ = parse_ref(ref)
+    with _http(registry) as http:
+        return _check(http.get(f"/api/v1/versions/{ns}/{name}"))
+
+
+def yank(registry: str, token: str, ref: str, reason: str = "", undo: bool = False) -> dict:
+    """Yank (or restore) ``ns/name@version`` on the registry (namespace owner only)."""
+    ns, name, version = parse_ref(ref)
+    if not version:
+        raise InputError(f"yank needs a version: {ref}@<version>", field="REF")
+    with _http(registry, token) as http:
+        return _check(http.post(f"/api/v1/packages/{ns}/{name}/{version}/yank", json={"reason": reason, "undo": undo}))

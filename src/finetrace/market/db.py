@@ -81,6 +81,12 @@ class Version(Base):
     search_text: Mapped[str] = mapped_column(Text, default="")
     publisher: Mapped[str] = mapped_column(String(64))
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # badge level "verified", computed once from the stored evidence (NULL: not computed yet; migration 005)
+    verified: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
+    # yanked: still served and verifiable by exact version, never the default (migration 006)
+    yanked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    yanked_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    downloads: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # pulls of this version
     __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
                       Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
                       Index("ix_versions_score", "score"))
@@ -143,18 +149,56 @@ def _m003_search_indexes(conn, dialect: str) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_id ON versions (score, id)"))
 
 
+PG_TSV_INDEX = "CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"
+
+
 def _m004_pg_stored_tsvector(conn, dialect: str) -> None:
     # ranking needs each match's tsvector: store it (generated column) instead of re-parsing the text
     if dialect == "postgresql":
         conn.execute(text("ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
                           "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"))
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"))
+        conn.execute(text(PG_TSV_INDEX))
         conn.execute(text("DROP INDEX IF EXISTS ix_versions_fts"))
+
+
+def add_column(conn, dialect: str, table: str, name: str, ddl: str) -> None:
+    """``ALTER TABLE table ADD COLUMN name ddl`` unless the column exists (a database created by
+    ``001_schema`` from today's models already has it; one created by an older release does not)."""
+    if dialect == "sqlite":
+        have = {r[1] for r in conn.execute(text(f"PRAGMA table_info({table})"))}
+    else:
+        have = {r[0] for r in conn.execute(text("SELECT column_name FROM information_schema.columns "
+                                                 "WHERE table_name = :t"), {"t": table})}
+    if name not in have:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+
+
+def _m005_search_at_scale(conn, dialect: str) -> None:
+    # the verified filter: a flag per version, filled from the badge (search.fill_verified) through a
+    # partial index of the rows still lacking it
+    add_column(conn, dialect, "versions", "verified", "BOOLEAN")
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_unverified ON versions (id) WHERE verified IS NULL"))
+    if dialect == "postgresql":
+        # "score DESC NULLS LAST" cannot walk an ascending (score, id) index backwards (NULLs would come
+        # first): without this index a score sort reads every match and sorts it
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_desc ON versions "
+                          "(score DESC NULLS LAST, id DESC)"))
+        conn.execute(text("ANALYZE versions"))
+
+
+def _m006_yank_and_version_downloads(conn, dialect: str) -> None:
+    add_column(conn, dialect, "versions", "yanked", "BOOLEAN NOT NULL DEFAULT false")
+    add_column(conn, dialect, "versions", "yanked_reason", "TEXT NOT NULL DEFAULT ''")
+    add_column(conn, dialect, "versions", "downloads", "BIGINT NOT NULL DEFAULT 0")
+    # versions of a package, newest first: the versions listing and re-pointing "latest" after a yank
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_package_id ON versions (package_id, id)"))
 
 
 MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
                                           ("003_search_indexes", _m003_search_indexes),
-                                          ("004_pg_stored_tsvector", _m004_pg_stored_tsvector)]
+                                          ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
+                                          ("005_search_at_scale", _m005_search_at_scale),
+                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads)]
 
 
 def migrate(engine: Engine) -> list[str]:

@@ -83,6 +83,8 @@ class Registry:
         self._commits = 0
 
     def close(self) -> None:
+        if getattr(self, "_ledger", None) is not None:  # the registry's ledger (lifecycle.py)
+            self._ledger.close()
         self.engine.dispose()
 
     # -- accounts ------------------------------------------------------------------------------
@@ -408,11 +410,13 @@ class Registry:
             v, p = self._version_row(s, ns, name, version)
             if count_download:
                 p.downloads = (p.downloads or 0) + 1
+                v.downloads = (v.downloads or 0) + 1  # per version too (lifecycle.versions)
             versions = [r[0] for r in s.execute(select(db.Version.version).where(db.Version.package_id == p.id)
                                                  .order_by(db.Version.id))]
             return {"ref": v.ref, "namespace": ns, "name": name, "version": v.version, "digest": v.manifest_digest,
                     "manifest": v.manifest, "signature": v.signature, "downloads": p.downloads,
-                    "publisher": v.publisher, "created": v.created.isoformat(), "versions": versions}
+                    "publisher": v.publisher, "created": v.created.isoformat(), "versions": versions,
+                    "yanked": bool(v.yanked), "yanked_reason": v.yanked_reason or ""}
 
     def object_path(self, digest: str) -> Path:
         """A stored object (only committed objects are ever served), re-hashed now."""
@@ -454,78 +458,11 @@ class Registry:
     # -- search ----------------------------------------------------------------------------------
     def search(self, query: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
                license: str | None = None, min_metric: list[str] = (), sort: str | None = None,
-               limit: int = 20, offset: int = 0) -> dict:
-        """Packages (their latest version) matching the text and filters; see ``finetrace market search``."""
-        sort = sort or ("relevance" if query.strip() else "recent")
-        if sort not in ("relevance", "downloads", "recent", "score"):
-            raise Refused(f"unknown sort {sort!r}", field="sort", hint="downloads, recent, score or relevance")
-        limit = max(1, min(int(limit), 100))
-        V, P, N = db.Version, db.Package, db.Namespace
-        q = (select(V.ref, N.name, P.name, V.version, V.description, V.license_id, V.domains, V.tasks, V.base_name,
-                    V.base_digest, V.score, P.downloads, V.created, V.publisher)
-             .join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id))
-        rank = None
-        terms = re.findall(r"\w+", query.lower())
-        if terms:
-            if self.dialect == "sqlite":
-                match = " ".join(f'"{t}"*' for t in terms)
-                if sort == "relevance":
-                    fts = (text("SELECT rowid AS id, bm25(versions_fts) AS rank FROM versions_fts "
-                                "WHERE versions_fts MATCH :q").bindparams(q=match)
-                           .columns(id=Integer, rank=Float).cte("fts").prefix_with("MATERIALIZED"))
-                    # MATERIALIZED: run the MATCH once and join its rows, instead of letting the planner
-                    # re-run the full-text query for every candidate version (seconds at 10,000 packages)
-                    q = q.join(fts, fts.c.id == V.id)
-                    rank = fts.c.rank.asc()
-                else:
-                    # no ranking needed: the matching ids become a lookup set, and the sort order's index
-                    # is walked until a page of matches is found
-                    ids = text("SELECT rowid FROM versions_fts WHERE versions_fts MATCH :q").bindparams(q=match)
-                    q = q.where(V.id.in_(ids.columns(rowid=Integer)))
-            elif self.dialect == "postgresql":
-                tsq = func.to_tsquery("english", " & ".join(f"{t}:*" for t in terms))
-                vec = literal_column("versions.search_tsv")  # stored tsvector (migration 004)
-                q = q.where(vec.op("@@")(tsq))
-                rank = func.ts_rank(vec, tsq).desc()
-            else:
-                q = q.where(and_(*[V.search_text.ilike(f"%{t}%") for t in terms]))
-        if domain:
-            q = q.where(V.domains.like(f"%,{domain.strip().lower()},%"))
-        if task:
-            q = q.where(V.tasks.like(f"%,{task.strip().lower()},%"))
-        if base:
-            q = q.where(or_(V.base_digest == base, V.base_digest.like(f"sha256:{base.split(':')[-1]}%")
-                            if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", base) else V.base_name == base,
-                            V.base_name == base))
-        if license:
-            q = q.where(V.license_id == license)
-        for cond in min_metric:
-            name, op, value = parse_metric_filter(cond)
-            col = db.Metric.value
-            cmp = {">=": col >= value, ">": col > value, "<=": col <= value, "<": col < value, "=": col == value}[op]
-            q = q.where(exists().where(db.Metric.version_id == V.id, db.Metric.name == name, cmp))
-        # "recent" is version id order: ids grow with commit time, and the primary key is an index
-        score_desc = V.score.desc() if self.dialect == "sqlite" else V.score.desc().nulls_last()  # sqlite: NULLs last
-        order = {"downloads": [P.downloads.desc(), P.id.desc()], "recent": [V.id.desc()],
-                 "score": [score_desc, V.id.desc()],
-                 "relevance": [rank, V.id.desc()] if rank is not None else [V.id.desc()]}[sort]
-        q = q.order_by(*order).limit(limit + 1).offset(offset)
-        with self.Session() as s:
-            rows = s.execute(q).all()
-        keys = ("ref", "namespace", "name", "version", "description", "license", "domains", "tasks", "base_name",
-                "base_digest", "score", "downloads", "created", "publisher")
-        results = []
-        for r in rows[:limit]:
-            d = dict(zip(keys, r))
-            d["domains"] = [x for x in d["domains"].split(",") if x]
-            d["tasks"] = [x for x in d["tasks"].split(",") if x]
-            d["created"] = d["created"].isoformat()
-            results.append(d)
-        return {"results": results, "more": len(rows) > limit, "sort": sort}
+               limit: int = 20, offset: int = 0, verified: bool | None = None, cursor: str | None = None) -> dict:
+        """Packages matching the text and filters: ``finetrace.market.search.search``."""
+        from .search import search
+
+        return search(self, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
 
 
-def parse_metric_filter(cond: str) -> tuple[str, str, float]:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(>=|<=|>|<|=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*", cond)
-    if not m:
-        raise Refused(f"bad metric filter {cond!r}", field="--min-metric", hint="e.g. accuracy>=0.9")
-    return m.group(1), m.group(2), float(m.group(3))
+from .search import parse_metric_filter  # noqa: E402,F401  (one copy, in search.py; re-exported)

@@ -7,7 +7,9 @@ API (JSON; errors are ``{"error", "hint"}`` with 401/403/404/409/422):
     POST /api/v1/uploads/{upload}/commit              -> {status: published|exists, ref, digest}
     GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge (?pull=1 counts a download)
     GET  /api/v1/objects/{digest}                     bytes of a committed object
-    GET  /api/v1/search?q=&domain=&task=&base=&license=&min_metric=&sort=&limit=
+    GET  /api/v1/versions/{ns}/{name}                 every version: yanked, downloads, latest
+    POST /api/v1/packages/{ns}/{name}/{version}/yank  {reason, undo} (namespace owner)
+    GET  /api/v1/search?q=&domain=&task=&base=&license=&min_metric=&verified=&sort=&limit=&cursor=
 
 Web pages (server-rendered, no JavaScript): ``/`` search with filters, ``/p/{ns}/{name}[/{version}]``.
 """
@@ -121,8 +123,23 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     @app.get("/api/v1/search")
     def search(q: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
                license: str | None = None, min_metric: Annotated[list[str], Query()] = [],
-               sort: str | None = None, limit: int = 20, offset: int = 0):
-        return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset)
+               sort: str | None = None, limit: int = 20, offset: int = 0, verified: bool | None = None,
+               cursor: str | None = None):
+        return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
+
+    from . import lifecycle
+
+    @app.get("/api/v1/versions/{ns}/{name}")
+    def versions(ns: str, name: str):
+        return {"package": f"{ns}/{name}", "versions": lifecycle.versions(reg, ns, name)}
+
+    @app.post("/api/v1/packages/{ns}/{name}/{version}/yank")
+    async def yank(ns: str, name: str, version: str, request: Request, authorization: Auth = None):
+        body = await request.json() if await request.body() else {}
+        return lifecycle.yank(reg, _token(authorization), f"{ns}/{name}@{version}", str(body.get("reason", "")),
+                              undo=bool(body.get("undo")))
+
+    lifecycle.gc_staging(reg)  # uploads abandoned while the registry was down
 
     from .web import register_pages
 

@@ -1,7 +1,9 @@
 """Server-rendered pages over the registry (Jinja2, no JavaScript): search with filters, package pages.
 
-Every value is autoescaped; uploaded documents are shown as text, never as HTML. The badge is computed by
-the registry on each view (``Registry.badge``), not stored.
+Every value is autoescaped. The model card is rendered from Markdown by markdown-it with raw HTML off
+(``render_card``: tags in the card come out as text, links with javascript:/data:/vbscript: URLs are not
+links); other uploaded documents are shown as text. The badge is computed by the registry on each view
+(``Registry.badge``), not stored.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
 from ..errors import FinetraceError
 from .package import license_needs_acceptance
 
 TEMPLATES = Path(__file__).parent / "templates"
+
+
+def render_card(markdown: str) -> Markup:
+    """Sanitised HTML of a model card: CommonMark and tables, raw HTML escaped, unsafe link schemes dropped."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
+    return Markup(md.render(markdown))
 
 
 def metric_chart(metrics: dict, base_metrics: dict) -> dict:
@@ -58,7 +69,7 @@ def register_pages(app: FastAPI, reg, settings) -> None:
         card = reg.read_text(m, next((f["path"] for f in m["files"] if f["path"].startswith("documents/model_card")),
                                      "documents/model_card.md"))
         docs = [f for f in m["files"] if f["path"].startswith("documents/")]
-        return page("package.html", info=info, m=m, badge=badge, card=card, docs=docs,
+        return page("package.html", info=info, m=m, badge=badge, card=render_card(card) if card else None, docs=docs,
                     chart=metric_chart(m.get("metrics") or {}, m.get("base_metrics") or {}),
                     needs_acceptance=license_needs_acceptance(m["license"]))
 

@@ -1,0 +1,240 @@
+"""Package search served from indexes, on SQLite and PostgreSQL alike.
+
+Every query is one of two shapes, so that its cost is bounded by a page (or a candidate set), not by the
+size of the catalogue:
+
+* **sorted by downloads, recency or score**: the planner walks the sort order's index
+  (``ix_packages_downloads_id``, the versions primary key, ``ix_versions_score_desc``/``_id``) and stops
+  after a page of rows that pass the filters; a text query is then a lookup in the full-text index
+  (FTS5 rowid set on SQLite, the GIN-indexed ``search_tsv`` on PostgreSQL).
+* **ranked by relevance**: the full-text index yields at most ``CANDIDATES`` matches that pass every
+  filter (bounded candidate set), which are ranked (``bm25`` on SQLite, ``ts_rank`` on PostgreSQL) and
+  paged. A term matching a million packages costs the same as one matching a thousand; the price is
+  that ranking covers the first ``CANDIDATES`` matches found, not all of them.
+
+Pagination is by keyset: each answer carries ``next`` (an opaque cursor holding the last row's sort key
+and id) while more rows exist; ``cursor=next`` continues strictly after it, so a page never repeats or
+skips a row when packages are published between calls. ``explain(reg, **query)`` returns the database's
+plan for a query (tests assert it uses the indexes).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+from sqlalchemy import Float, Integer, and_, column, exists, func, literal_column, or_, select, table, tuple_
+
+from . import db
+from .checks import Refused
+
+CANDIDATES = 200  # matches ranked per relevance query (bounded candidate set)
+DENSE = 2000  # SQLite: a text match with more rows than this walks the sort index instead of sorting them
+SORTS = ("relevance", "downloads", "recent", "score")
+KEYS = ("ref", "namespace", "name", "version", "description", "license", "domains", "tasks", "base_name",
+        "base_digest", "score", "downloads", "created", "publisher", "verified")
+
+
+def parse_metric_filter(cond: str) -> tuple[str, str, float]:
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(>=|<=|>|<|=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*", cond)
+    if not m:
+        raise Refused(f"bad metric filter {cond!r}", field="--min-metric", hint="e.g. accuracy>=0.9")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def encode_cursor(sort: str, values: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps([sort, *values]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str) -> list:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(raw, list) or raw[0] != sort or len(raw) != {"relevance": 3, "downloads": 3,
+                                                                         "recent": 2, "score": 3}[sort]:
+            raise ValueError
+        return raw[1:]
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise Refused(f"bad cursor {cursor[:40]!r} for sort {sort!r}", field="cursor",
+                      hint="pass the `next` value of the previous page, with the same query and sort") from None
+
+
+def _filters(dialect: str, domain, task, base, license, min_metric, verified) -> list:
+    V = db.Version
+    conds = []
+    if domain:
+        conds.append(V.domains.like(f"%,{domain.strip().lower()},%"))
+    if task:
+        conds.append(V.tasks.like(f"%,{task.strip().lower()},%"))
+    if base:
+        if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", base):
+            conds.append(or_(V.base_digest.like(f"sha256:{base.split(':')[-1]}%"), V.base_name == base))
+        else:
+            conds.append(V.base_name == base)
+    if license:
+        conds.append(V.license_id == license)
+    if verified is not None:
+        conds.append(V.verified.is_(True) if verified else or_(V.verified.is_(False), V.verified.is_(None)))
+    for cond in min_metric or ():
+        name, op, value = parse_metric_filter(cond)
+        col = db.Metric.value
+        cmp = {">=": col >= value, ">": col > value, "<=": col <= value, "<": col < value, "=": col == value}[op]
+        conds.append(exists().where(db.Metric.version_id == V.id, db.Metric.name == name, cmp))
+    return conds
+
+
+def _text(dialect: str, query: str):
+    """(match condition, rank expression or None) for the words of ``query``; every word is a prefix."""
+    terms = re.findall(r"\w+", query.lower())
+    if not terms:
+        return None, None
+    V = db.Version
+    if dialect == "sqlite":
+        fts = literal_column("versions_fts")
+        match = " ".join(f'"{t}"*' for t in terms)
+        return fts.op("MATCH")(match), func.bm25(fts)
+    if dialect == "postgresql":
+        tsq = func.to_tsquery("english", " & ".join(f"{t}:*" for t in terms))
+        vec = literal_column("versions.search_tsv")  # stored tsvector (migration 004), GIN-indexed
+        return vec.op("@@")(tsq), func.ts_rank(vec, tsq)
+    return and_(*[V.search_text.ilike(f"%{t}%") for t in terms]), None
+
+
+def build(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
+          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
+          dense: bool = False):
+    """(SQL statement, sort, limit, cursor key of a row) for a search; see ``search``. ``dense``: on
+    SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a virtual table)."""
+    sort = sort or ("relevance" if query.strip() else "recent")
+    if sort not in SORTS:
+        raise Refused(f"unknown sort {sort!r}", field="sort", hint="downloads, recent, score or relevance")
+    limit = max(1, min(int(limit), 100))
+    V, P, N = db.Version, db.Package, db.Namespace
+    cols = [V.ref, N.name, P.name, V.version, V.description, V.license_id, V.domains, V.tasks, V.base_name,
+            V.base_digest, V.score, P.downloads, V.created, V.publisher, V.verified]
+    conds = _filters(dialect, domain, task, base, license, min_metric, verified)
+    match, rank = _text(dialect, query)
+    if sort == "relevance" and rank is None:
+        sort = "recent"  # nothing to rank by
+    after = decode_cursor(cursor, sort) if cursor else None
+    if sort == "relevance":
+        cand = select(V.id.label("id"), rank.label("rank")).join(P, P.latest_version_id == V.id)
+        if dialect == "sqlite":
+            cand = cand.select_from(table("versions_fts")).where(literal_column("versions_fts.rowid") == V.id)
+        cand = cand.where(match, *conds).limit(CANDIDATES).subquery("cand")
+        # bm25 is lower-is-better, ts_rank higher-is-better: order so that the best comes first
+        key = cand.c.rank if dialect == "sqlite" else -cand.c.rank
+        q = (select(*cols, key.label("k"), V.id).select_from(cand).join(V, V.id == cand.c.id)
+             .join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id))
+        if after:
+            q = q.where(tuple_(key, V.id) > tuple_(*after))
+        q = q.order_by(key, V.id)
+        extra = lambda r: [r[-2], r[-1]]
+    else:
+        q = (select(*cols, P.id, V.id).join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id)
+             .where(*conds))
+        if match is not None:
+            if dialect == "sqlite":
+                ids = select(literal_column("rowid", Integer)).select_from(table("versions_fts")).where(match)
+                # many matches: walk the sort order's index and look each row up in the match set
+                # (``id + 0`` keeps the planner from driving the join from the set and sorting it all)
+                q = q.where((V.id + 0).in_(ids) if dense else V.id.in_(ids))
+            else:
+                q = q.where(match)
+        if sort == "downloads":
+            q = q.order_by(P.downloads.desc(), P.id.desc())
+            if after:
+                q = q.where(tuple_(P.downloads, P.id) < tuple_(*after))
+            extra = lambda r: [r[11], r[-2]]
+        elif sort == "recent":  # version ids grow with commit time; the primary key is the index
+            q = q.order_by(V.id.desc())
+            if after:
+                q = q.where(V.id < after[0])
+            extra = lambda r: [r[-1]]
+        else:
+            # NULL scores last on both databases (SQLite sorts NULLs lowest, so DESC puts them last)
+            q = q.order_by(V.score.desc() if dialect == "sqlite" else V.score.desc().nulls_last(), V.id.desc())
+            if after:
+                s, vid = after
+                q = q.where(or_(V.score.is_(None), V.score < s, and_(V.score == s, V.id < vid)) if s is not None
+                            else and_(V.score.is_(None), V.id < vid))
+            extra = lambda r: [r[10], r[-1]]
+    q = q.limit(limit + 1)
+    if offset and not cursor:
+        q = q.offset(int(offset))
+    return q, sort, limit, extra
+
+
+def search(reg, query: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
+           license: str | None = None, min_metric: list[str] = (), sort: str | None = None, limit: int = 20,
+           offset: int = 0, verified: bool | None = None, cursor: str | None = None) -> dict:
+    """Packages (their latest version that is not yanked) matching the text and filters.
+
+    ``query``: words, each matched as a prefix; ``domain``/``task``: one tag; ``base``: base model name or
+    digest (prefix); ``license``: SPDX id; ``min_metric``: ``["accuracy>=0.9", ...]``; ``verified``: only
+    packages whose badge is ``verified`` (True) or is not (False); ``sort``: relevance (default with a
+    query), recent (default without), downloads or score; ``cursor``: ``next`` of the previous page.
+    Returns ``{"results", "more", "sort", "next"}``. Raises ``Refused`` on a bad sort, filter or cursor.
+    """
+    if verified is not None:
+        fill_verified(reg)
+    dense = reg.dialect == "sqlite" and _dense(reg, query, sort)
+    q, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort, limit,
+                                  offset, verified, cursor, dense)
+    with reg.Session() as s:
+        rows = s.execute(q).all()
+    results = []
+    for r in rows[:limit]:
+        d = dict(zip(KEYS, r))
+        d["domains"] = [x for x in d["domains"].split(",") if x]
+        d["tasks"] = [x for x in d["tasks"].split(",") if x]
+        d["created"] = d["created"].isoformat()
+        d["verified"] = bool(d["verified"])
+        results.append(d)
+    more = len(rows) > limit
+    nxt = encode_cursor(sort, extra(rows[limit - 1])) if more else None
+    return {"results": results, "more": more, "sort": sort, "next": nxt}
+
+
+def _dense(reg, query: str, sort: str | None) -> bool:
+    """Whether a SQLite text match has more than ``DENSE`` rows (counting stops there: bounded)."""
+    match, _ = _text("sqlite", query)
+    if match is None or (sort or "relevance") == "relevance":
+        return False
+    inner = select(literal_column("1")).select_from(table("versions_fts")).where(match).limit(DENSE + 1).subquery()
+    with reg.Session() as s:
+        return s.scalar(select(func.count()).select_from(inner)) > DENSE
+
+
+def explain(reg, **query) -> str:
+    """The database's query plan for ``search(reg, **query)``, as text (EXPLAIN QUERY PLAN / EXPLAIN)."""
+    if reg.dialect == "sqlite":
+        query.setdefault("dense", _dense(reg, query.get("query", ""), query.get("sort")))
+    q, *_ = build(reg.dialect, **query)
+    comp = q.compile(reg.engine)
+    prefix = "EXPLAIN QUERY PLAN " if reg.dialect == "sqlite" else "EXPLAIN "
+    with reg.engine.connect() as conn:
+        params = comp.params if reg.dialect != "sqlite" else tuple(comp.params[k] for k in comp.positiontup)
+        rows = conn.exec_driver_sql(prefix + str(comp), params).all()
+    return "\n".join(str(r[-1]) for r in rows)
+
+
+def fill_verified(reg, batch: int = 200) -> int:
+    """Compute the ``verified`` flag of versions that lack one (new commits, and every version of a
+    database upgraded by migration 005) from their badge; found through a partial index. Returns how many."""
+    done = 0
+    while True:
+        with reg.Session() as s:
+            ids = list(s.scalars(select(db.Version.id).where(db.Version.verified.is_(None)).limit(batch)))
+        if not ids:
+            return done
+        for vid in ids:
+            with reg.Session.begin() as s:
+                v = s.get(db.Version, vid)
+                info = {"manifest": v.manifest, "signature": v.signature}
+                try:
+                    level = reg.badge(info)["level"]
+                except Exception:  # noqa: BLE001 - a badge that cannot be computed is not verified
+                    level = "unverified"
+                v.verified = level == "verified"
+        done += len(ids)
