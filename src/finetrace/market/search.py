@@ -24,7 +24,7 @@ import base64
 import json
 import re
 
-from sqlalchemy import Float, Integer, and_, column, exists, func, literal_column, or_, select, table, tuple_
+from sqlalchemy import Integer, and_, exists, func, literal_column, or_, select, table, tuple_
 
 from . import db
 from .checks import Refused
