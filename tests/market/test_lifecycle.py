@@ -31,6 +31,7 @@ def _two_versions(market, server):
     return out
 
 
+@pytest.mark.slow
 def test_yank_versions_and_downloads(market, server):
     v1, v2 = _two_versions(market, server)
     trust = [market.pub.keys.key_id]
