@@ -24,7 +24,7 @@ import base64
 import json
 import re
 
-from sqlalchemy import Float, Integer, and_, column, exists, func, literal_column, or_, select, table, tuple_
+from sqlalchemy import Integer, and_, exists, func, literal_column, or_, select, table, tuple_
 
 from . import db
 from .checks import Refused
@@ -121,7 +121,9 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
         cand = select(V.id.label("id"), rank.label("rank")).join(P, P.latest_version_id == V.id)
         if dialect == "sqlite":
             cand = cand.select_from(table("versions_fts")).where(literal_column("versions_fts.rowid") == V.id)
-        cand = cand.where(match, *conds).limit(CANDIDATES).subquery("cand")
+        # the column filters first: PostgreSQL evaluates equally cheap conditions in the order written, and
+        # a row's tsvector (often TOASTed) is then read only for rows that passed them
+        cand = cand.where(*conds, match).limit(CANDIDATES).subquery("cand")
         # bm25 is lower-is-better, ts_rank higher-is-better: order so that the best comes first
         key = cand.c.rank if dialect == "sqlite" else -cand.c.rank
         q = (select(*cols, key.label("k"), V.id).select_from(cand).join(V, V.id == cand.c.id)
