@@ -161,8 +161,9 @@ def evaluate_loss(model, examples: list[D.Encoded], cfg: TrainConfig, pad_id: in
 def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
     """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
 
-    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint
-    (``resume`` with none starts fresh, with a ``ResumeWarning``; see ``resume.py``), KeyboardInterrupt after a signal (checkpoint saved).
+    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint,
+    KeyboardInterrupt after a signal (checkpoint saved). ``resume`` with no checkpoint starts fresh and a
+    config whose adapter is already recorded returns it, each with a ``ResumeWarning`` (see ``resume.py``).
     """
     import torch
 
