@@ -133,7 +133,8 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
 
 def test_failed_gate_stops_the_pipeline(workspace, tiny_model_dir, tmp_path):
     ws = workspace
-    path = make_pipeline(tmp_path, tiny_model_dir, gates={"min_metric": {"accuracy": 1.01}}, deploy="record")
+    gates = {"min_metric": {"accuracy": 1.0}, "min_gain": {"accuracy": 1.0}}  # above 1 is refused: metrics are in [0, 1]
+    path = make_pipeline(tmp_path, tiny_model_dir, gates=gates, deploy="record")
     with pytest.raises(GateFailedError) as err:
         run_pipeline(ws, path, progress=False, echo=lambda s: None)
     msg = str(err.value)

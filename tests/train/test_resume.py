@@ -90,7 +90,10 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, t
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert history(ws, resumed) == history(ws, fresh)  # same losses, lrs, val losses at every step
     killed = [r for r in ws.ledger.runs("train") if r.status == "running"]
-    assert len(killed) == 1  # the SIGKILLed run stays visibly unfinished in the ledger
+    assert len(killed) == 1  # the SIGKILLed run stays visibly unfinished in the ledger...
+    from finetrace.workspace import Workspace
+
+    assert Workspace.open(ws.root).ledger.get_run(killed[0].id).status == "interrupted"  # ...until the next start
 
 
 def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_path):

@@ -111,7 +111,8 @@ class TrainConfig(BaseModel):
     model_config = STRICT_NUMBERS
 
     # what to train
-    base_model: str = Field(..., min_length=1, max_length=1000, description="Base model artifact: name, name@N or digest.")
+    base_model: str = Field(..., min_length=1, max_length=1000,
+                            description="Base model artifact: name, name@N or digest.")
     dataset: str = Field(..., min_length=1, max_length=1000, description="Dataset artifact: name, name@N or digest.")
     split: str = Field("train", pattern=SPLIT_NAME, description="Split of the dataset to train on.")
     validation_split: str | None = Field("validation", pattern=SPLIT_NAME, description="Split used for validation loss "
@@ -138,7 +139,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=100, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, le=1.0, description="AdamW epsilon.")
-    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip the global gradient norm to this, > 0 (null: off).")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip the global gradient norm to this, "
+                                        "> 0 (null: off).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay "
                                                               "after warmup.")
     warmup_steps: int = Field(0, ge=0, le=BIG, description="Linear warmup steps.")
@@ -147,10 +149,10 @@ class TrainConfig(BaseModel):
                                   "(overrides epochs).")
 
     # batching and speed
-    batch_size: int = Field(8, ge=1, le=1_000_000, description="Examples per micro-batch (for dpo: preference pairs, two "
-                                                 "sequences each).")
-    grad_accum: int = Field(1, ge=1, le=1_000_000, description="Micro-batches per optimiser step; the loss is normalised "
-                            "by the real number of target tokens (dpo: of pairs) of the whole step.")
+    batch_size: int = Field(8, ge=1, le=1_000_000, description="Examples per micro-batch (for dpo: preference "
+                                                               "pairs, two sequences each).")
+    grad_accum: int = Field(1, ge=1, le=1_000_000, description="Micro-batches per optimiser step; the loss is "
+                            "normalised by the real number of target tokens (dpo: of pairs) of the whole step.")
     max_length: int = Field(1024, ge=8, le=BIG, description="Longest example in tokens (prompt + target); longer "
                             "examples are skipped and counted.")
     loss_turns: Literal["auto", "all", "last"] = Field(
