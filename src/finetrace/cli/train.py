@@ -1,4 +1,4 @@
-"""``finetrace train CONFIG.yaml [--set key=value ...] [--resume] [--print-config]``."""
+"""``finetrace train CONFIG.yaml [--set key=value ...] [--resume] [--print-config] [--plan]``."""
 
 from __future__ import annotations
 
@@ -26,10 +26,13 @@ def register(app: typer.Typer) -> None:
                                           help="Print the resolved config (or, without CONFIG, every key "
                                                "with its default and description) and exit."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        plan: bool = typer.Option(False, "--plan", help="Print the memory plan (peak memory estimated from the "
+                                  "model's headers and the data, against what the device has) and exit; "
+                                  "nothing is loaded or recorded."),
         json_out: bool = JSON_OPTION,
     ):
         """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
-        from ..train import describe, load_config, train
+        from ..train import describe, load_config, memory_plan, train
         from ..train.config import config_yaml
         from ..train.resume import ResumeWarning, made_by
 
@@ -40,6 +43,13 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give a CONFIG.yaml (or --print-config to see every key)")
         cfg = load_config(config, set_)
         ws = open_workspace()
+        if plan:
+            p = memory_plan(ws, cfg)
+            if json_out:
+                emit_json(p.to_json())
+            else:
+                typer.echo(p.render(), nl=False)
+            return
         try:
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always", ResumeWarning)

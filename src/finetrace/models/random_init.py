@@ -27,6 +27,9 @@ SHAPES = {
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
                          rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True),
     # small shapes of the same family, for tests and quick benchmark runs
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+                       tie_word_embeddings=True),
     "llama-60m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
                       tie_word_embeddings=True),

@@ -9,10 +9,12 @@ chunked cross-entropy), ``preference`` (the DPO objective: chunked sequence log-
 pass, pair losses), ``adapters`` (base model + method), ``fused`` (the LoRA update folded into the base
 GEMMs), ``kernels`` (compiled RMSNorm, SiLU gate and rotary), ``checkpoint`` (atomic, verified,
 resumable), ``report`` (metrics, loss curve, FLOPs), ``distributed`` (torchrun data parallelism),
-``loop`` (the loop, the device and ``train``).
+``objective`` (SFT and DPO behind one interface), ``quant`` lives in ``models.quant`` (bitsandbytes bases),
+``plan`` (peak memory estimated before loading, refusal with the cheapest fix), ``fsdp`` (FSDP2 sharding),
+``loop`` (the loop, the device, ``train`` and ``memory_plan``).
 """
 
 from .config import TrainConfig, describe, load_config
-from .loop import train
+from .loop import memory_plan, train
 
-__all__ = ["TrainConfig", "describe", "load_config", "train"]
+__all__ = ["TrainConfig", "describe", "load_config", "memory_plan", "train"]

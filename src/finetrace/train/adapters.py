@@ -27,11 +27,14 @@ def load_base(path: Path, dtype: str = "float32", quantization: dict | None = No
     """
     from transformers import AutoTokenizer
 
+    return load_weights(path, dtype, quantization, device), AutoTokenizer.from_pretrained(path)
+
+
+def load_weights(path: Path, dtype: str = "float32", quantization: dict | None = None, device=None):
+    """The base model alone (see ``load_base``), with packed attention."""
     from ..models.quant import load_causal_lm
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = load_causal_lm(path, dtype, quantization, device, attn_implementation=register())
-    return model, tok
+    return load_causal_lm(path, dtype, quantization, device, attn_implementation=register())
 
 
 def quantization_spec(cfg: TrainConfig, device) -> dict | None:

@@ -31,17 +31,20 @@ from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
-from .adapters import ADAPTER_META, apply_method, load_base, quantization_spec, read_adapter_meta, trainable
+from .adapters import ADAPTER_META, apply_method, load_weights, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
+from . import fsdp
 from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
 from .kernels import fuse_elementwise
 from .objective import make_objective
+from .plan import check as check_plan
+from .plan import make_plan, measured_peak
 from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
 from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
-CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every")
+CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every", "parallel")
 
 
 def resolve_device(name: str):
@@ -181,11 +184,10 @@ def resolve_inputs(ws: Workspace, cfg: TrainConfig, world) -> Inputs:
     return Inputs(base_dir, base_art, ds_dir, ds_art, parent_dir, parent_art, resolved, digests)
 
 
-def build_model(cfg: TrainConfig, inp: Inputs):
-    """(model in train mode on its device, tokenizer, device, method facts, compiled-kernel counts)."""
-    device = resolve_device(cfg.device)
-    quant = quantization_spec(cfg, device)  # before any weight loads: a missing extra costs nothing
-    model, tok = load_base(inp.base_dir, cfg.dtype, quant, device)
+def build_model(cfg: TrainConfig, inp: Inputs, device):
+    """(model in train mode on ``device``, method facts, compiled-kernel counts)."""
+    quant = quantization_spec(cfg, device)  # DependencyError here, before any weight loads, without the extra
+    model = load_weights(inp.base_dir, cfg.dtype, quant, device)
     if quant is None:
         model.to(device)
     model, method = apply_method(model, cfg, inp.parent_dir)
@@ -195,7 +197,34 @@ def build_model(cfg: TrainConfig, inp: Inputs):
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return model, tok, device, method, kernel_counts
+    return model, method, kernel_counts
+
+
+def largest_micro_batch(cfg: TrainConfig, lengths: list[int], steps: list[list[int]]) -> int:
+    """Tokens (padding included when packing is off) of the largest forward pass the run will make."""
+    most = 0
+    for idx in steps:
+        for mb in D.micro_batches(idx, cfg.batch_size, lengths, cfg.micro_batch_tokens):
+            ls = [lengths[i] for i in mb]
+            most = max(most, sum(ls) if cfg.packing else len(ls) * max(ls))
+    return most
+
+
+def prepare(ws: Workspace, cfg: TrainConfig, world):
+    """Everything before the weights: inputs, device, tokenizer, data, and the memory plan (refused when it
+    does not fit, before anything loads)."""
+    from transformers import AutoTokenizer
+
+    inp = resolve_inputs(ws, cfg, world)
+    device = resolve_device(cfg.device)
+    quantization_spec(cfg, device)  # a missing bitsandbytes is reported before the data is tokenised
+    if cfg.parallel == "fsdp" and world.size > 1:
+        fsdp.check_supported(cfg)
+    tok = AutoTokenizer.from_pretrained(inp.base_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data = build_data(cfg, tok, inp.ds_dir, pad_id)
+    plan = make_plan(cfg, inp.base_dir, largest_micro_batch(cfg, data[4], data[5]), device, world.size)
+    return inp, device, tok, pad_id, data, plan
 
 
 def build_data(cfg: TrainConfig, tok, ds_dir: Path, pad_id: int):
@@ -226,6 +255,15 @@ class Loop:
     steps: list[list[int]]
     counts: dict
     world: object
+    sharded: bool = False  # parallel: fsdp under torchrun
+
+    def save(self, ckpt: Checkpointer, st: State, best: dict | None) -> None:
+        """A checkpoint of this step (FSDP: full tensors gathered on every process, written by rank 0)."""
+        weights, opt = fsdp.gathered(self.weights, self.opt) if self.sharded else (self.weights, self.opt)
+        if self.sharded and best is not None:
+            best = {k: fsdp.full(v) for k, v in best.items()}
+        if self.world.main:
+            ckpt.save(st.step, weights, opt, st.to_json(), best)
 
     def step(self, st: State) -> tuple[float, float, float, dict]:
         """One optimiser step on ``steps[st.step]``; returns (loss, lr, grad norm, extra metrics)."""
@@ -240,17 +278,20 @@ class Loop:
         step = self.obj.start_step(idx)
         step_loss = 0.0
         mbs = D.micro_batches(idx, cfg.batch_size, self.lengths, cfg.micro_batch_tokens)
-        for mb in mbs[world.rank::world.size]:  # this process's share of the step
+        mine = mbs[world.rank::world.size]  # this process's share of the step
+        for mb in mine:
             step_loss += self.obj.micro_batch(self.model, step, mb)
+        if self.sharded:  # FSDP: every process makes as many passes as the busiest one (weight 0: no effect)
+            for _ in range(len(mine), -(-len(mbs) // world.size)):
+                self.obj.micro_batch(self.model, step, mbs[0], weight=0.0)
         params = list(self.weights.values())
-        all_reduce_grads(params, world)
+        all_reduce_grads(fsdp.replicated(params) if self.sharded else params, world)
         loss, extra = self.obj.summary(step, all_sum(step_loss, world),
                                        {k: all_sum(v, world) for k, v in step.stats.items()})
         if cfg.max_grad_norm is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            gnorm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         else:
-            gnorm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            gnorm = float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
         if not math.isfinite(loss):
             raise InputError(f"the loss became {loss} at step {st.step + 1}",
                              hint="lower lr, or check the data for empty targets")
@@ -281,12 +322,20 @@ def _validate(lp: Loop, st: State, best: dict | None) -> dict | None:
     return best
 
 
+def memory_plan(ws: Workspace, config: TrainConfig):
+    """The memory plan of ``config`` (``finetrace train CONFIG --plan``): inputs resolved and data tokenised,
+    no weight loaded, nothing recorded."""
+    from .distributed import World
+
+    return prepare(ws, config, World(0, int(__import__("os").environ.get("WORLD_SIZE", "1"))))[-1]
+
+
 def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
     """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
 
-    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint
-    (``resume`` with none starts fresh, with a ``ResumeWarning``; see ``resume.py``), KeyboardInterrupt
-    after a signal (checkpoint saved).
+    Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint,
+    KeyboardInterrupt after a signal (checkpoint saved). ``resume`` with no checkpoint starts fresh and a
+    config whose adapter is already recorded returns it, each with a ``ResumeWarning`` (see ``resume.py``).
     """
     import torch
 
@@ -295,10 +344,13 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     cfg = config
     world = setup()
     torch.set_num_threads(cfg.threads or max(1, physical_cores() // world.size))
-    inp = resolve_inputs(ws, cfg, world)
-    model, tok, device, method, kernel_counts = build_model(cfg, inp)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    obj, train_ex, val_ex, skipped, lengths, steps = build_data(cfg, tok, inp.ds_dir, pad_id)
+    inp, device, tok, pad_id, data, plan = prepare(ws, cfg, world)
+    check_plan(plan)
+    obj, train_ex, val_ex, skipped, lengths, steps = data
+    model, method, kernel_counts = build_model(cfg, inp, device)
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    if sharded:
+        fsdp.shard(model)
     total = len(steps)
 
     weights = trainable(model)
@@ -317,6 +369,8 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     st = State()
     best: dict | None = None
     if loaded is not None:
+        if sharded:
+            loaded = fsdp.shard_loaded(loaded, weights)
         saved = restore(loaded, weights, opt)
         st = State(**{k: v for k, v in saved.items() if k in State.__dataclass_fields__})
         best = loaded["best"]
@@ -324,7 +378,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
         ckpt.clear()
     barrier(world)
     resumed_from = st.step if loaded is not None else None
-    lp = Loop(cfg, model, obj, weights, opt, lengths, steps, model_counts(model), world)
+    lp = Loop(cfg, model, obj, weights, opt, lengths, steps, model_counts(model), world, sharded)
 
     recording = ws.ledger.run("train", config=inp.resolved, inputs=inp.digests, seed=cfg.seed,
                               environment_extra={"torch_threads": torch.get_num_threads(),
@@ -353,20 +407,22 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                     bar.update(0, completed=st.step,
                                description=f"loss {loss:.4f}{obj.progress(extra)}  {tps:,.0f} tok/s")
                 if any_flag(sigs.received is not None, world):
-                    if world.main:
-                        ckpt.save(st.step, weights, opt, st.to_json(), best)
+                    lp.save(ckpt, st, best)
                     raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; resume with --resume")
-                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total and world.main:
-                    ckpt.save(st.step, weights, opt, st.to_json(), best)
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
+                    lp.save(ckpt, st, best)
         finally:
             if bar is not None:
                 bar.stop()
 
+        final_eval = _final(lp, best)  # on every process: FSDP's forward is a collective
+        state = {n: fsdp.full(p.detach()) for n, p in weights.items()} if sharded else None
         if not world.main:  # rank 0 writes the adapter and the run
             barrier(world)
             return ws.ledger.resolve(cfg.output_name)
-        art = _record(ws, run, lp, st, best, inp, tok, method, text_identity(tok),
-                      {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from})
+        art = _record(ws, run, lp, st, final_eval, state, inp, tok, method, text_identity(tok),
+                      {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from,
+                       "memory_plan": plan.to_json(), **measured_peak(device)})
     ckpt.clear()
     ws.checkpoint()
     if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
@@ -377,18 +433,22 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
     return art
 
 
-def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, method: dict, ident: dict,
-            counts: dict) -> Artifact:
-    """Write the adapter (best weights when early stopping kept them) and the run's metrics; rank 0 only."""
+def _final(lp: Loop, best: dict | None) -> dict:
+    """Put the best weights back (early stopping) and evaluate the final adapter."""
     import torch
 
-    cfg = lp.cfg
     if best is not None:
         with torch.no_grad():
             for k, p in lp.weights.items():
                 p.copy_(best[k])
+    return lp.obj.evaluate(lp.model) if lp.obj.val_ex else {}
+
+
+def _record(ws: Workspace, run, lp: Loop, st: State, final_eval: dict, state: dict | None, inp: Inputs, tok,
+            method: dict, ident: dict, counts: dict) -> Artifact:
+    """Write the adapter (from ``state`` when given: gathered FSDP tensors) and the run's metrics; rank 0."""
+    cfg = lp.cfg
     train_losses = [r["loss"] for r in st.history if "loss" in r]
-    final_eval = lp.obj.evaluate(lp.model) if lp.obj.val_ex else {}
     val_loss = final_eval.get("val_loss")
     base_art, ds_art, parent_art = inp.base_art, inp.ds_art, inp.parent_art
     facts = {"format": "finetrace-adapter/1", "base_model": base_art.digest, "base_model_ref": base_art.ref,
@@ -399,7 +459,7 @@ def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, met
              "config": inp.resolved}
     with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=scratch_prefix(ws.root, ".train-")) as tmp:
         out = Path(tmp) / "adapter"
-        write_output(lp.model, tok, out, facts, base_art.digest)
+        write_output(lp.model, tok, out, facts, base_art.digest, state)
         write_metrics(out / "metrics.jsonl", st.history)
         plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
                   lp.obj.loss_label)
@@ -421,7 +481,7 @@ def _record(ws: Workspace, run, lp: Loop, st: State, best, inp: Inputs, tok, met
     return art
 
 
-def write_output(model, tok, out: Path, facts: dict, base_digest: str) -> None:
+def write_output(model, tok, out: Path, facts: dict, base_digest: str, state: dict | None = None) -> None:
     """The adapter folder (PEFT files + facts), or a full model folder for method: full."""
     import json
 
@@ -437,7 +497,7 @@ def write_output(model, tok, out: Path, facts: dict, base_digest: str) -> None:
 
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft looks for a config at the (digest) base path
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
             # peft writes target_modules from a set (order varies with PYTHONHASHSEED): sort, so the
             # same training gives the same bytes in any process
             pcfg = json.loads((Path(tmp) / "adapter_config.json").read_text())

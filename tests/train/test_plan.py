@@ -1,0 +1,117 @@
+"""The memory plan: estimated before any weight loads, within 25% of the measured peak, refused with the
+cheapest change that fits, printed by ``finetrace train CONFIG --plan``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_support import make_config
+
+from finetrace.train import memory_plan, train
+from finetrace.train.plan import MemoryPlanError, ModelShape, Plan, cheapest_fix, estimate, settings_of
+
+SIZES = ("llama-8m", "llama-60m", "llama-100m")
+
+
+def long_rows(n: int) -> list[dict]:
+    from conftest import toy_rows
+
+    return [{"prompt": r["prompt"] * 6, "completion": r["completion"] * 6} for r in toy_rows(n)]
+
+
+@pytest.fixture
+def sized(workspace, tmp_path_factory):
+    """A workspace holding random models of three sizes (bf16 shards) and a dataset of ~100-token rows."""
+    from conftest import write_dataset
+
+    from finetrace.models import add_model
+    from finetrace.models.random_init import write_random_model
+
+    root = tmp_path_factory.mktemp("sized")
+    for shape in SIZES:
+        add_model(workspace, write_random_model(root / shape, shape, dtype="bfloat16", shard_bytes=64 << 20),
+                  name=shape)
+    folder = write_dataset(root / "ds", {"train": long_rows(48)})
+    workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="long")
+    return workspace
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_plan_is_within_25_percent_of_the_measured_peak(sized, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    child = Path(__file__).with_name("plan_child.py")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(child), str(sized.root), method, *SIZES], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["base"] for r in rows] == list(SIZES)
+    for r in rows:
+        assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, rows
+    assert rows[-1]["measured"] > rows[0]["measured"] + 150  # the sizes differ in memory, not just runtime
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_any_weight_loads(tiny_setup, monkeypatch):
+    import finetrace.train.loop as loop
+
+    ws, _, _ = tiny_setup
+    loaded = []
+    monkeypatch.setattr(loop, "load_weights", lambda *a, **k: loaded.append(a))
+    monkeypatch.setenv("FINETRACE_MEMORY_LIMIT_MB", "200")
+    with pytest.raises(MemoryPlanError) as err:
+        train(ws, make_config(), progress=False)
+    msg = str(err.value)
+    assert "needs an estimated" in msg and "200 MiB are available" in msg and "nothing was loaded" in msg
+    assert err.value.hint and "smaller model or a machine with more memory" in err.value.hint
+    assert loaded == [] and ws.ledger.runs("train") == []
+
+
+def llama_1b_shape() -> ModelShape:
+    from finetrace.models.random_init import SHAPES
+
+    c = SHAPES["llama-3.2-1b"]
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    per_layer = [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h), ("gate_proj", i, h),
+                 ("up_proj", i, h), ("down_proj", h, i)]
+    linear = [(f"model.layers.{n}.{name}", o, k) for n in range(c["num_hidden_layers"]) for name, o, k in per_layer]
+    return ModelShape(linear, c["vocab_size"] * h + (2 * c["num_hidden_layers"] + 1) * h, 1 << 30, 2, h, i,
+                      c["num_hidden_layers"], c["vocab_size"])
+
+
+@pytest.mark.parametrize("tokens,avail,want", [
+    (4096, 9000, "micro_batch_tokens"),          # activations dominate: a smaller budget suffices
+    (256, 6300, "gradient_checkpointing"),       # the budget is small already; checkpointing fits
+    (1024, 5600, "quantization.bits: 8"),        # an 8-bit base (with checkpointing) fits
+    (1024, 5200, "method: qlora"),               # only a 4-bit base fits
+    (1024, 3000, "parallel: fsdp"),              # only sharding across processes
+])
+def test_cheapest_change_that_fits(tiny_setup, tokens, avail, want):
+    shape = llama_1b_shape()
+    s = settings_of(make_config(), tokens, 1)
+    assert Plan(estimate(shape, s, "cpu"), "cpu", avail).fits is False
+    fix = cheapest_fix(shape, s, "cpu", avail)
+    assert fix.startswith(want), fix
+    est = float(fix.split("estimated")[1].split("MiB")[0].replace("peak", "").replace(",", ""))
+    assert est <= avail
+
+
+def test_cli_plan_prints_the_plan_and_records_nothing(tiny_setup, tmp_path, capsys):
+    from finetrace.cli import main
+
+    ws, _, _ = tiny_setup
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("base_model: tiny\ndataset: toy\noutput_name: planned\nmethod: qlora\n")
+    assert main(["-w", str(ws.root), "train", str(cfg), "--plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["bits"] == 4 and plan["peak_mb"] > plan["parts_mb"]["runtime"]
+    assert set(plan["parts_mb"]) == {"runtime", "weights", "adapter", "activations", "loss", "loading"}
+    assert ws.ledger.runs("train") == []
+    assert memory_plan(ws, make_config(method="qlora")).parts["weights"] < \
+        memory_plan(ws, make_config()).parts["weights"]
