@@ -84,7 +84,7 @@ def test_generate_streams_the_greedy_answer(workspace, tiny_model_dir):
     want_ids, want_text = _greedy_reference(tiny_model_dir, "hello world", 12)
     stats = ChatStats()
     pieces = list(generate(workspace, "tiny", "hello world", max_new_tokens=12, stats=stats))
-    assert "".join(pieces) == want_text
+    assert "".join(pieces) == want_text.strip()  # the served answer: surrounding whitespace removed
     assert stats.token_ids == want_ids and stats.new_tokens == len(want_ids)
     assert stats.finish_reason == ("stop" if want_ids[-1] == 2 else "length")
 
@@ -117,7 +117,7 @@ def test_cli_models_list_json_and_generate(workspace, tiny_model_dir, capsys):
     _, want_text = _greedy_reference(tiny_model_dir, "What is the capital of France?", 8)
     assert main(["-w", ws, "generate", "--model", "tiny", "What is the capital of France?",
                  "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out == want_text + "\n"
+    assert capsys.readouterr().out == want_text.strip() + "\n"
 
 
 def test_cli_errors_are_one_line(workspace, tmp_path, capsys):

@@ -50,7 +50,7 @@ def console_env(tiny_model_dir, tmp_path_factory):
     strict = Suite.model_validate({"name": "strict", "split": "test", "metrics": ["accuracy"],
                                    "scoring": "constrained", "bootstrap": {"samples": 20, "seed": 0},
                                    "forgetting": {"enabled": False}, "bias": {"enabled": False},
-                                   "gates": {"min_metric": {"accuracy": 1.01}}})
+                                   "gates": {"min_metric": {"accuracy": 1.0}, "min_gain": {"accuracy": 1.0}}})
     other = train(ws, TrainConfig(base_model="tiny", dataset=dataset.ref, output_name="strict-lora",
                                   batch_size=4, max_steps=1, lr=5e-3, checkpoint_every=None, seed=1, threads=1,
                                   compile=False, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}),
