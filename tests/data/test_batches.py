@@ -84,3 +84,20 @@ def test_chunking_and_workers_do_not_change_the_dataset(workspace, tmp_path, mon
     _, info, _ = open_dataset(workspace, got.ref)
     assert info["skipped"] == {"invalid_json": 18, "wrong_type": 14}
     assert info["skipped_examples"]["invalid_json"][0].startswith(f"{p}:3: truncated JSON")
+
+
+def test_worker_frames_rebuild_only_data_classes():
+    """A frame naming any other class (os.system, say) is refused, never imported or called."""
+    import os
+    import pickle
+
+    import numpy as np
+
+    ok = W._Frames.load(pickle.dumps((True, {"a": np.arange(3), "s": {1, 2}})))
+    assert ok[0] is True and ok[1]["a"].tolist() == [0, 1, 2] and ok[1]["s"] == {1, 2}
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        W._Frames.load(pickle.dumps(Evil()))

@@ -57,7 +57,7 @@ def _ipc(chunk: Chunk) -> Chunk:
 class Pool:
     """Worker processes for ``process`` (``workers`` 0: automatic, from the input size and CPUs).
 
-    Each worker is ``python -m finetrace.data.workers``, fed pickled chunks on stdin and answering on
+    Each worker is ``python -m finetrace.data.workers``, fed chunks on stdin (pickle frames, rebuilt by an allow-list: ``_Frames``) and answering on
     stdout (a fresh interpreter: nothing of the caller's state, threads or model is inherited, and a
     caller's script is never re-imported). Chunks go round-robin, so results come back in input order.
     Workers are used only when every PII detector in use is a built-in one: a detector registered at
@@ -137,14 +137,34 @@ def _send(fh, obj) -> None:
     fh.flush()
 
 
-def _recv(fh):
-    import pickle
+class _Frames:
+    """Reads one frame sent by ``_send``. The frames only ever cross the pipes between this process and
+    the workers it started, and even so only the classes a frame can hold are rebuilt: finetrace's
+    data classes, numpy arrays and a few builtins (anything else is refused, never imported)."""
 
+    ALLOWED_MODULES = ("finetrace.data.", "numpy")
+    ALLOWED_BUILTINS = {"set", "frozenset", "slice", "complex", "range"}
+
+    @classmethod
+    def load(cls, data: bytes):
+        import io
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str):
+                if (module == "builtins" and name in cls.ALLOWED_BUILTINS) or module == "collections" \
+                        or module.startswith(cls.ALLOWED_MODULES):
+                    return super().find_class(module, name)
+                raise pickle.UnpicklingError(f"a data worker frame may not hold {module}.{name}")
+        return Restricted(io.BytesIO(data)).load()
+
+
+def _recv(fh):
     head = fh.read(8)
     if len(head) < 8:
         return False, "it exited"
     n = int.from_bytes(head, "little")
-    return pickle.loads(fh.read(n))
+    return _Frames.load(fh.read(n))
 
 
 def _serve() -> None:
@@ -161,14 +181,12 @@ def _serve() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
     def reader() -> None:
-        import pickle
-
         while True:
             head = stdin.read(8)
             if len(head) < 8:
                 inbox.put(None)
                 return
-            inbox.put(pickle.loads(stdin.read(int.from_bytes(head, "little"))))
+            inbox.put(_Frames.load(stdin.read(int.from_bytes(head, "little"))))
 
     threading.Thread(target=reader, daemon=True).start()
     while (item := inbox.get()) is not None:
