@@ -109,6 +109,37 @@ def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
     return files
 
 
+@dataclass
+class _Bundle:
+    """What the checks share: the bundle's files, its key, the report, and what earlier checks found."""
+
+    files: dict[str, bytes]
+    report: BundleReport
+    pub: object = None
+    kid: str = ""
+    manifest: dict = field(default_factory=dict)
+    adapter_digest: str = ""
+    cp: Checkpoint | None = None
+    entries: dict[int, dict] = field(default_factory=dict)
+    arts: dict[str, dict] = field(default_factory=dict)
+    ad_files: dict[str, bytes] = field(default_factory=dict)
+    ad_art: dict | None = None
+    n_sigs: int = 0
+
+    @property
+    def problems(self) -> list[str]:
+        return self.report.problems
+
+    def sig_ok(self, message: bytes, sig_b64: str) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            self.pub.verify(base64.b64decode(sig_b64), message)
+            return True
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+
+
 def verify_bundle(path: str | Path, expected_key_id: str | None = None,
                   checkpoints: list[str | Path] = ()) -> BundleReport:
     """Verify the bundle at ``path``; the report lists what was checked and every problem found.
@@ -117,10 +148,6 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None,
     checkpoint --export``, or a witness file) pins the key too, and the bundle's checkpoint must extend
     it (equal root at the same size, or the consistency proof the bundle carries from that size).
     """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     report = BundleReport()
     path = Path(path)
     if not path.is_file():
@@ -129,81 +156,107 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None,
     files = _read(path, report)
     if files is None:
         return report
-    P = report.problems
     for need in ("bundle.json", "bundle.json.sig", "public_key.pem", "checkpoint.json"):
         if need not in files:
-            P.append(f"the bundle has no {need}")
-    if P:
+            report.problems.append(f"the bundle has no {need}")
+    if report.problems:
         return report
+    b = _Bundle(files, report)
+    if not _check_key(b, expected_key_id) or not _check_manifest(b) or not _check_checkpoint(b):
+        return report
+    check_external(files, b.cp, b.pub, list(checkpoints), report)
+    if not expected_key_id and not checkpoints:
+        report.guarantee("signing key", NOT_CHECKED, f"the bundle is self-consistent under key {b.kid}; whether "
+                         "that is the publisher's key needs --key or --checkpoint")
+    _check_entries(b)
+    _check_created(b)
+    b.arts = {e["data"]["digest"]: e["data"] for e in b.entries.values() if e["type"] == "artifact.added"}
+    _check_adapter(b)
+    _check_documents(b)
+    _check_attestation(b)
+    if "documents/oms-signature/model.sig" in files:  # OpenSSF model signature (optional)
+        _verify_oms(files, b.ad_files, report)
+    _check_approvals(b)
+    report.checks["signatures"] = b.n_sigs
+    _check_lineage(b)
+    return report
 
-    # -- key, bundle.json signature, file list --------------------------------------------------------
+
+def _check_key(b: _Bundle, expected_key_id: str | None) -> bool:
+    """Check 1 (key): public_key.pem is an Ed25519 key, and the pinned one when ``expected_key_id`` is given."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
-        pub = serialization.load_pem_public_key(files["public_key.pem"])
-        assert isinstance(pub, Ed25519PublicKey)
-    except (ValueError, AssertionError):
-        P.append("public key (public_key.pem) is not an Ed25519 PEM key")
-        return report
-    kid = key_id(pub)
-    report.key_id = kid
-    report.verified.append(f"public key {kid}")
-    if expected_key_id and expected_key_id != kid:
-        P.append(f"the bundle is signed by key {kid}, not by the expected key {expected_key_id}")
+        pub = serialization.load_pem_public_key(b.files["public_key.pem"])
+    except ValueError:
+        pub = None
+    if not isinstance(pub, Ed25519PublicKey):
+        b.problems.append("public key (public_key.pem) is not an Ed25519 PEM key")
+        return False
+    b.pub, b.kid = pub, key_id(pub)
+    b.report.key_id = b.kid
+    b.report.verified.append(f"public key {b.kid}")
+    if expected_key_id and expected_key_id != b.kid:
+        b.problems.append(f"the bundle is signed by key {b.kid}, not by the expected key {expected_key_id}")
     if expected_key_id:
-        report.guarantee("signing key", HELD if expected_key_id == kid else FAILED,
-                         f"the bundle is signed by the pinned key {expected_key_id}")
+        b.report.guarantee("signing key", HELD if expected_key_id == b.kid else FAILED,
+                           f"the bundle is signed by the pinned key {expected_key_id}")
+    return True
 
-    def sig_ok(message: bytes, sig_b64: str) -> bool:
-        try:
-            pub.verify(base64.b64decode(sig_b64), message)
-            return True
-        except (InvalidSignature, ValueError, TypeError):
-            return False
 
-    n_sigs = 0
-    if not sig_ok(files["bundle.json"], files["bundle.json.sig"].decode("ascii", "replace").strip()):
+def _check_manifest(b: _Bundle) -> bool:
+    """Check 1 (files): bundle.json is signed, and lists every file of the zip with its SHA-256."""
+    files, P = b.files, b.problems
+    if not b.sig_ok(files["bundle.json"], files["bundle.json.sig"].decode("ascii", "replace").strip()):
         P.append("bundle manifest signature (bundle.json.sig) does not verify: bundle.json or its signature was changed")
-    n_sigs += 1
+    b.n_sigs += 1
     try:
         manifest = json.loads(files["bundle.json"])
         listed: dict[str, str] = manifest["files"]
         adapter_digest = manifest["adapter"]["digest"]
     except (ValueError, KeyError, TypeError) as exc:
         P.append(f"bundle.json is malformed: {exc}")
-        return report
-    for p, b in sorted(files.items()):
+        return False
+    b.manifest, b.adapter_digest = manifest, adapter_digest
+    for p, data in sorted(files.items()):
         if p in SIGNED_SELF:
             continue
         if p not in listed:
             P.append(f"{part_of(p)} is not listed in bundle.json (a file was added)")
-        elif listed[p] != _sha(b):
+        elif listed[p] != _sha(data):
             P.append(f"{part_of(p)} was modified: its SHA-256 does not match bundle.json")
     for p in listed:
         if p not in files:
             P.append(f"{part_of(p)} is listed in bundle.json but missing from the bundle")
-    report.checks["files"] = len(files)
+    b.report.checks["files"] = len(files)
+    return True
 
-    # -- checkpoint ---------------------------------------------------------------------------------
+
+def _check_checkpoint(b: _Bundle) -> bool:
+    """Check 2: checkpoint.json is signed by the bundle's key and is the checkpoint bundle.json names."""
+    P = b.problems
     try:
-        cp = Checkpoint(**json.loads(files["checkpoint.json"]))
+        cp = Checkpoint(**json.loads(b.files["checkpoint.json"]))
     except (ValueError, TypeError) as exc:
         P.append(f"checkpoint.json is malformed: {exc}")
-        return report
-    if cp.key_id != kid:
-        P.append(f"checkpoint signature (checkpoint.json) names key {cp.key_id}, not the bundle's key {kid}")
-    if not sig_ok(cp.message(), cp.signature):
+        return False
+    b.cp = cp
+    if cp.key_id != b.kid:
+        P.append(f"checkpoint signature (checkpoint.json) names key {cp.key_id}, not the bundle's key {b.kid}")
+    if not b.sig_ok(cp.message(), cp.signature):
         P.append("checkpoint signature (checkpoint.json) does not verify: the checkpoint or its signature was changed")
-    n_sigs += 1
-    if manifest.get("checkpoint") != cp.to_dict():
+    b.n_sigs += 1
+    if b.manifest.get("checkpoint") != cp.to_dict():
         P.append("checkpoint.json is not the checkpoint bundle.json names")
-    root = bytes.fromhex(cp.root) if len(cp.root) == 64 else b""
-    report.verified.append(f"signed checkpoint: {cp.size} ledger entries, root {cp.root}, {cp.time}")
-    check_external(files, cp, pub, list(checkpoints), report)
-    if not expected_key_id and not checkpoints:
-        report.guarantee("signing key", NOT_CHECKED, f"the bundle is self-consistent under key {kid}; whether that "
-                         "is the publisher's key needs --key or --checkpoint")
+    b.report.verified.append(f"signed checkpoint: {cp.size} ledger entries, root {cp.root}, {cp.time}")
+    return True
 
-    # -- ledger entries and inclusion proofs ----------------------------------------------------------
-    entries: dict[int, dict] = {}
+
+def _check_entries(b: _Bundle) -> None:
+    """Check 3: each ledger entry's leaf hash and RFC 6962 inclusion proof lead to the checkpoint's root."""
+    files, P, cp = b.files, b.problems, b.cp
+    root = bytes.fromhex(cp.root) if len(cp.root) == 64 else b""
     n_proofs = 0
     for p in sorted(files):
         if not (p.startswith("ledger/entries/") and p.endswith(".json")):
@@ -240,127 +293,137 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None,
         if doc.get("seq") != seq:
             P.append(f"ledger entry {p} says it is entry {doc.get('seq')}")
             continue
-        entries[seq] = doc
+        b.entries[seq] = doc
         n_proofs += 1
-    report.checks["ledger_entries"] = len(entries)
-    report.checks["inclusion_proofs"] = n_proofs
-    report.verified.append(f"{n_proofs} ledger entries proven included in the checkpoint")
+    b.report.checks["ledger_entries"] = len(b.entries)
+    b.report.checks["inclusion_proofs"] = n_proofs
+    b.report.verified.append(f"{n_proofs} ledger entries proven included in the checkpoint")
 
-    created = [e for e in entries.values() if e["type"] == "workspace.created"]
+
+def _check_created(b: _Bundle) -> None:
+    """Check 4: entry 0 (``workspace.created``) records the key that signed the checkpoint."""
+    created = [e for e in b.entries.values() if e["type"] == "workspace.created"]
     if not created:
-        P.append("ledger entry 0 (workspace.created, which records the public key) is missing or unproven")
-    elif created[0]["data"].get("public_key") != public_to_b64(pub):
-        P.append("public key (public_key.pem) is not the key recorded in ledger entry 0")
+        b.problems.append("ledger entry 0 (workspace.created, which records the public key) is missing or unproven")
+    elif created[0]["data"].get("public_key") != public_to_b64(b.pub):
+        b.problems.append("public key (public_key.pem) is not the key recorded in ledger entry 0")
 
-    arts = {e["data"]["digest"]: e["data"] for e in entries.values() if e["type"] == "artifact.added"}
-    runs = {e["data"]["id"]: e["data"] for e in entries.values() if e["type"] == "run.started"}
-    finished = {e["data"]["id"]: e["data"] for e in entries.values() if e["type"] == "run.finished"}
 
-    # -- the adapter -----------------------------------------------------------------------------------
-    ad_files = {p[len("adapter/"):]: b for p, b in files.items() if p.startswith("adapter/")}
-    computed = _tree_digest(ad_files)
-    ad_art = arts.get(adapter_digest)
-    if ad_art is None or ad_art.get("kind") not in ("adapter", "model"):
-        P.append(f"the adapter {adapter_digest} is not recorded in any proven ledger entry")
-    if computed != adapter_digest:
-        P.append(f"adapter files (adapter/) do not match the adapter digest {adapter_digest} recorded in the ledger "
-                 f"(they hash to {computed})")
+def _check_adapter(b: _Bundle) -> None:
+    """Check 5 (adapter): the adapter folder's digest is an ``adapter`` artifact of a proven entry."""
+    b.ad_files = {p[len("adapter/"):]: data for p, data in b.files.items() if p.startswith("adapter/")}
+    computed = _tree_digest(b.ad_files)
+    b.ad_art = b.arts.get(b.adapter_digest)
+    if b.ad_art is None or b.ad_art.get("kind") not in ("adapter", "model"):
+        b.problems.append(f"the adapter {b.adapter_digest} is not recorded in any proven ledger entry")
+    if computed != b.adapter_digest:
+        b.problems.append(f"adapter files (adapter/) do not match the adapter digest {b.adapter_digest} recorded in "
+                          f"the ledger (they hash to {computed})")
     else:
-        report.verified.append(f"adapter {adapter_digest}: {len(ad_files)} files match the ledger")
-    report.checks["adapter_files"] = len(ad_files)
+        b.report.verified.append(f"adapter {b.adapter_digest}: {len(b.ad_files)} files match the ledger")
+    b.report.checks["adapter_files"] = len(b.ad_files)
 
-    # -- documents ----------------------------------------------------------------------------------------
+
+def _check_documents(b: _Bundle) -> None:
+    """Check 5 (documents): each document folder is a recorded ``document`` of the adapter."""
     docs: dict[str, dict[str, bytes]] = {}
-    for p, b in files.items():
+    for p, data in b.files.items():
         parts = p.split("/", 2)
         if parts[0] == "documents" and len(parts) == 3:
-            docs.setdefault(parts[1], {})[parts[2]] = b
+            docs.setdefault(parts[1], {})[parts[2]] = data
     for slug, dfiles in sorted(docs.items()):
         d = _tree_digest(dfiles)
-        rec = arts.get(d)
+        rec = b.arts.get(d)
         if rec is None or rec.get("kind") != "document":
-            P.append(f"document {slug} (documents/{slug}/) does not match any document recorded in the ledger: "
-                     "a file of it was changed, added or removed")
-        elif (rec.get("metadata") or {}).get("adapter") != adapter_digest:
-            P.append(f"document {slug} was generated for another adapter")
+            b.problems.append(f"document {slug} (documents/{slug}/) does not match any document recorded in the "
+                              "ledger: a file of it was changed, added or removed")
+        elif (rec.get("metadata") or {}).get("adapter") != b.adapter_digest:
+            b.problems.append(f"document {slug} was generated for another adapter")
         else:
-            report.verified.append(f"document {slug} {d} matches ledger entry of {rec.get('name')}@{rec.get('version')}")
-    report.checks["documents"] = len(docs)
+            b.report.verified.append(f"document {slug} {d} matches ledger entry of "
+                                     f"{rec.get('name')}@{rec.get('version')}")
+    b.report.checks["documents"] = len(docs)
 
-    # -- attestation ---------------------------------------------------------------------------------------
-    att = files.get("documents/attestation/attestation.dsse.json")
+
+def _check_attestation(b: _Bundle) -> None:
+    """Check 6: the DSSE attestation is signed by the key, about the adapter's files and producing run."""
+    P = b.problems
+    att = b.files.get("documents/attestation/attestation.dsse.json")
     if att is None:
         P.append("the bundle has no attestation (documents/attestation/attestation.dsse.json)")
-    else:
-        from .attest import verify_envelope
+        return
+    from .attest import verify_envelope
 
-        try:
-            stmt = verify_envelope(json.loads(att), pub)
-            n_sigs += 1
-            subj = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in stmt.get("subject", [])}
-            actual = {p: _sha(b) for p, b in ad_files.items()}
-            if subj != actual:
-                bad = sorted(set(subj.items()) ^ set(actual.items()))
-                P.append(f"attestation subjects do not match the adapter files (first difference: "
-                         f"adapter/{bad[0][0]})")
-            ext = stmt["predicate"]["buildDefinition"].get("externalParameters", {})
-            if ext.get("adapter") != adapter_digest:
-                P.append("the attestation is about another adapter")
-            inv = stmt["predicate"]["runDetails"]["metadata"].get("invocationId")
-            if ad_art and ad_art.get("run_id") and inv != ad_art["run_id"]:
-                P.append(f"the attestation names run {inv}, the ledger says {ad_art['run_id']} produced the adapter")
-            report.checks["attestation_subjects"] = len(subj)
-            report.verified.append(f"attestation (in-toto v1, SLSA provenance v1, DSSE): {len(subj)} subjects, "
-                                   f"{len(stmt['predicate']['buildDefinition'].get('resolvedDependencies', []))} "
-                                   "resolved dependencies")
-        except Exception as exc:  # IntegrityError or a malformed statement
-            P.append(f"attestation signature or content (documents/attestation/attestation.dsse.json): {exc}")
+    try:
+        stmt = verify_envelope(json.loads(att), b.pub)
+        b.n_sigs += 1
+        subj = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in stmt.get("subject", [])}
+        actual = {p: _sha(data) for p, data in b.ad_files.items()}
+        if subj != actual:
+            bad = sorted(set(subj.items()) ^ set(actual.items()))
+            P.append(f"attestation subjects do not match the adapter files (first difference: "
+                     f"adapter/{bad[0][0]})")
+        ext = stmt["predicate"]["buildDefinition"].get("externalParameters", {})
+        if ext.get("adapter") != b.adapter_digest:
+            P.append("the attestation is about another adapter")
+        inv = stmt["predicate"]["runDetails"]["metadata"].get("invocationId")
+        ad_art = b.ad_art
+        if ad_art and ad_art.get("run_id") and inv != ad_art["run_id"]:
+            P.append(f"the attestation names run {inv}, the ledger says {ad_art['run_id']} produced the adapter")
+        b.report.checks["attestation_subjects"] = len(subj)
+        b.report.verified.append(f"attestation (in-toto v1, SLSA provenance v1, DSSE): {len(subj)} subjects, "
+                                 f"{len(stmt['predicate']['buildDefinition'].get('resolvedDependencies', []))} "
+                                 "resolved dependencies")
+    except Exception as exc:  # IntegrityError or a malformed statement
+        P.append(f"attestation signature or content (documents/attestation/attestation.dsse.json): {exc}")
 
-    # -- OpenSSF model signature (optional) -------------------------------------------------------------
-    if "documents/oms-signature/model.sig" in files:
-        _verify_oms(files, ad_files, report)
 
-    # -- approvals --------------------------------------------------------------------------------------------
+def _check_approvals(b: _Bundle) -> None:
+    """Check 7: every ``approval`` entry is signed by the key and approves a recorded ``eval_report``."""
     from .approvals import approval_message
 
     n_appr = 0
-    for seq, e in sorted(entries.items()):
+    for seq, e in sorted(b.entries.items()):
         if e["type"] != "approval":
             continue
         d = e["data"]
         try:
-            good = d.get("key_id") == kid and sig_ok(approval_message(d), d.get("signature", ""))
+            good = d.get("key_id") == b.kid and b.sig_ok(approval_message(d), d.get("signature", ""))
         except KeyError:
             good = False
         if not good:
-            P.append(f"approval signature in ledger entry {seq} (by {d.get('by')}) does not verify")
+            b.problems.append(f"approval signature in ledger entry {seq} (by {d.get('by')}) does not verify")
             continue
-        if (arts.get(d.get("report")) or {}).get("kind") != "eval_report":
-            P.append(f"approval in ledger entry {seq} approves a report that is not in the bundle's lineage")
-        n_sigs += 1
+        if (b.arts.get(d.get("report")) or {}).get("kind") != "eval_report":
+            b.problems.append(f"approval in ledger entry {seq} approves a report that is not in the bundle's lineage")
+        b.n_sigs += 1
         n_appr += 1
-        report.verified.append(f"approval by {d['by']} on {d['date']}: {d['note']}")
-    report.checks["approvals"] = n_appr
-    report.checks["signatures"] = n_sigs
+        b.report.verified.append(f"approval by {d['by']} on {d['date']}: {d['note']}")
+    b.report.checks["approvals"] = n_appr
 
-    # -- lineage completeness --------------------------------------------------------------------------------
-    if ad_art and ad_art.get("run_id"):
-        rid = ad_art["run_id"]
+
+def _check_lineage(b: _Bundle) -> None:
+    """Check 8: the adapter's producing run and each of its inputs are in proven entries."""
+    entries = b.entries.values()
+    runs = {e["data"]["id"]: e["data"] for e in entries if e["type"] == "run.started"}
+    finished = {e["data"]["id"]: e["data"] for e in entries if e["type"] == "run.finished"}
+    if b.ad_art and b.ad_art.get("run_id"):
+        rid = b.ad_art["run_id"]
         run = runs.get(rid)
         if run is None:
-            P.append(f"the run {rid} that produced the adapter is not in the bundle's ledger entries")
+            b.problems.append(f"the run {rid} that produced the adapter is not in the bundle's ledger entries")
         else:
-            missing = [i for i in run.get("inputs", []) if i not in arts]
+            missing = [i for i in run.get("inputs", []) if i not in b.arts]
             if missing:
-                P.append(f"inputs of run {rid} are not in the bundle's ledger entries: {', '.join(missing)}")
+                b.problems.append(f"inputs of run {rid} are not in the bundle's ledger entries: {', '.join(missing)}")
             status = (finished.get(rid) or {}).get("status")
-            report.verified.append(f"lineage: run {rid} ({run.get('kind')}, {status}) with "
-                                   f"{len(run.get('inputs', []))} recorded inputs")
-    verdicts = [e["data"] for e in entries.values() if e["type"] == "gate.verdict"]
+            b.report.verified.append(f"lineage: run {rid} ({run.get('kind')}, {status}) with "
+                                     f"{len(run.get('inputs', []))} recorded inputs")
+    verdicts = [e["data"] for e in entries if e["type"] == "gate.verdict"]
     for v in verdicts:
-        report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} (report {v.get('report')})")
-    report.checks["gate_verdicts"] = len(verdicts)
-    return report
+        b.report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} "
+                                 f"(report {v.get('report')})")
+    b.report.checks["gate_verdicts"] = len(verdicts)
 
 
 def check_external(files: dict[str, bytes], cp: Checkpoint, pub, paths: list, report: BundleReport) -> None:
