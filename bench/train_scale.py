@@ -68,12 +68,18 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str) -> dict:
     cfg = TrainConfig(base_model=BASE, dataset=DATA, method=method, lora={"r": LORA_R, "alpha": LORA_ALPHA},
                       lr=LR, schedule="constant", batch_size=batch, max_steps=steps, max_length=512,
                       checkpoint_every=None, validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
-                      output_name=f"scale-{method}")
+                      device=os.environ.get("BENCH_DEVICE", "cpu"), output_name=f"scale-{method}")
     art = train(ws, cfg, progress=False)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
     return {"tokens": m["tokens"], "step_time_s": m["wall_time_s"], "losses": [r["loss"] for r in hist if "loss" in r],
-            "plan_peak_mb": (m.get("memory_plan") or {}).get("peak_mb")}
+            "plan_peak_mb": (m.get("memory_plan") or {}).get("peak_mb"), **gpu_peak()}
+
+
+def gpu_peak() -> dict:
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if torch.cuda.is_available() else {}
 
 
 def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
@@ -100,9 +106,12 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     path, _ = model_path(ws, BASE)
     _, rows = read_dataset(ws.store.materialize(ws.ledger.resolve(DATA).digest), "train")
     tok = AutoTokenizer.from_pretrained(path)
+    cuda = os.environ.get("BENCH_DEVICE", "cpu") == "cuda"
+    compute = torch.bfloat16 if cuda else torch.float32  # what finetrace's compute_dtype: auto picks
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
+                           bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0} if cuda else "cpu",
+                                                 dtype=compute)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
@@ -148,20 +157,21 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
                                  learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                                  max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
-                                 report_to="none", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
+                                 report_to="none", use_cpu=not cuda, bf16=cuda, fp16=False, dataloader_num_workers=0,
                                  remove_unused_columns=False, seed=0)
         InOrder(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()]).train()
-    return {"tokens": sum(seen[:len(times)]), "step_time_s": sum(times), "losses": losses}
+    return {"tokens": sum(seen[:len(times)]), "step_time_s": sum(times), "losses": losses, **gpu_peak()}
 
 
-def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int) -> dict:
+def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, device: str = "cpu") -> dict:
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
     code = ("import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "
             "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "TOKENIZERS_PARALLELISM":
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "BENCH_DEVICE": device,
+           "TOKENIZERS_PARALLELISM":
            "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -219,6 +229,7 @@ def main() -> None:
                     "model is written once")
     ap.add_argument("--workdir", default=None, help="where the workspace goes (default: the temp folder)")
     ap.add_argument("--sides", default="baseline_qlora,qlora,lora_fp32")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (every side on the GPU; QLoRA computes in bf16)")
     args = ap.parse_args()
 
     from finetrace.train.report import physical_cores
@@ -229,13 +240,15 @@ def main() -> None:
           f"({args.min_len}-{args.max_len} tokens); LoRA r={LORA_R} all linear; {threads} threads")
     res = {}
     for kind in args.sides.split(","):
-        res[kind] = r = run_child(kind, str(ws_dir), args.steps, args.batch, threads)
+        res[kind] = r = run_child(kind, str(ws_dir), args.steps, args.batch, threads, args.device)
         r["tps"] = r["tokens"] / r["step_time_s"]
         plan = f"  plan {r['plan_peak_mb']:7.0f} MB" if r.get("plan_peak_mb") else ""
         print(f"{kind:>15}: {r['tps']:7.1f} real tokens/s  {r['step_time_s']:.0f} s in steps  peak RSS "
               f"{r['peak_rss_mb']:7.0f} MB{plan}  losses {[round(x, 3) for x in r['losses']]}", flush=True)
     b, q, f = res.get("baseline_qlora"), res.get("qlora"), res.get("lora_fp32")
-    out = {"params": params, "shape": args.shape, "steps": args.steps, "batch": args.batch, "threads": threads}
+    out = {"params": params, "shape": args.shape, "steps": args.steps, "batch": args.batch, "threads": threads,
+           "device": args.device,
+           **{f"{k}_peak_gpu_mb": round(v["peak_gpu_mb"], 1) for k, v in res.items() if "peak_gpu_mb" in v}}
     if q:
         out.update(qlora_tokens_per_s=round(q["tps"], 2), qlora_peak_rss_mb=round(q["peak_rss_mb"], 1),
                    qlora_plan_peak_mb=q.get("plan_peak_mb"), qlora_final_loss=round(q["losses"][-1], 4))

@@ -19,3 +19,8 @@ for run in cold warm; do
     --steps "${STEPS:-40}" --batch 16 --examples 800 --plot "$OUT/gpu_loss_$run.png" 2>&1 \
     | grep -v -i warn | tee "$OUT/bench_$run.txt" | tail -7
 done
+# 3. QLoRA on CUDA against the usual stack (HF Trainer + PEFT + bitsandbytes), Llama-3.2-1B shape (random
+#    weights written by finetrace.models.random_init); SHAPE=... for a larger shape that fits the lease.
+echo "== bench/train_scale.py on CUDA"
+timeout "${SCALE_S:-240}" python3 bench/train_scale.py --device cuda --shape "${SHAPE:-llama-3.2-1b}" \
+  --steps "${SCALE_STEPS:-10}" --batch 8 --cache /tmp/scale-cache 2>&1 | grep -v -i warn | tee "$OUT/scale.txt" | tail -8

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetrace.errors import NotFoundError
 from finetrace.train import load_config, train
 
 # grad_accum 3 over 2 processes: one process makes a weight-0 pass in every step (FSDP needs equal passes)
@@ -34,6 +35,25 @@ def failure(proc) -> str:
     lines = proc.stderr.splitlines()
     said = [ln for ln in lines if "rror" in ln or "hint" in ln.lower()]
     return "\n".join(said[-20:]) + "\n" + "\n".join(lines[-30:])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def adapter(ws, art):
@@ -68,7 +88,13 @@ def test_two_process_fsdp_equals_one_process_and_resumes_after_sigkill(tiny_setu
     (tmp_path / "killed.yaml").write_text(CONFIG.format(name="killed-lora", steps=steps))
     proc = torchrun(ws, tmp_path, tmp_path / "killed.yaml", wait=False)
     wait_for_step(proc, ws.root / "checkpoints" / "train" / "killed-lora", 2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(NotFoundError):  # killed before it finished
+        ws.ledger.resolve("killed-lora")
+    for pid in [proc.pid, *descendants(proc.pid)]:  # every process, at once, with no chance to checkpoint
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.communicate()
     again = torchrun(ws, tmp_path, tmp_path / "killed.yaml", "--resume")
     assert again.returncode == 0, failure(again)
