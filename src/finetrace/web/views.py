@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from ..errors import FinetraceError, NotFoundError
+from ..errors import NotFoundError
 from ..ledger import lineage
 from ..ledger.clearance import clearance
 from ..tracking import step_history
@@ -60,19 +60,11 @@ def runs_timeline(ws: Workspace, kind: str | None = None) -> list[dict]:
 
 def run_view(ws: Workspace, run_id: str) -> dict:
     r = ws.ledger.get_run(run_id)
-    arts = {d: ws.ledger.artifact(d) for d in r.inputs + r.outputs if _known(ws, d)}
+    arts = {d: ws.ledger.artifact(d) for d in r.inputs + r.outputs if ws.ledger.has_artifact(d)}
     return {"run": r, "duration_text": human_duration(duration_s(r)), "artifacts": arts,
             "history": step_history(ws, r), "config": json.dumps(r.config, indent=2, sort_keys=True),
             "environment": json.dumps(r.environment, indent=2, sort_keys=True),
             "metrics": sorted((r.metrics or {}).items())}
-
-
-def _known(ws: Workspace, digest: str) -> bool:
-    try:
-        ws.ledger.artifact(digest)
-        return True
-    except NotFoundError:
-        return False
 
 
 def alias_history(ws: Workspace, names: list[str]) -> list[dict]:
@@ -153,7 +145,7 @@ def answer_lineage(ws: Workspace, provenance_id: str) -> dict:
     else:
         edges |= {(d, provenance_id) for d in sources}
     for d in sources:
-        if not _known(ws, d):
+        if not ws.ledger.has_artifact(d):
             continue
         up = lineage(ws.ledger, d, "up")
         graph["artifacts"].update(up["artifacts"])
