@@ -91,6 +91,7 @@ def test_bad_files_are_one_line_errors_not_tracebacks(tmp_path, capsys, content,
     assert expect in err and err.startswith(f"error: {f}") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # trains the tiny model (a few seconds; more on a loaded machine)
 def test_user_checkpoint_dir_is_never_emptied(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
     mine = tmp_path / "my-project"
@@ -113,6 +114,7 @@ def test_user_checkpoint_dir_is_never_emptied(tiny_setup, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep" and len(ws.ledger.runs("train")) == runs
 
 
+@pytest.mark.slow  # trains the tiny model (a few seconds; more on a loaded machine)
 def test_resume_without_any_checkpoint_starts_fresh_and_says_so(tiny_setup):
     ws, _, _ = tiny_setup
     cfg = make_config(compile=False, max_steps=3)
@@ -122,6 +124,7 @@ def test_resume_without_any_checkpoint_starts_fresh_and_says_so(tiny_setup):
     assert run.status == "succeeded" and run.metrics["steps"] == 3 and run.metrics["resumed_from_step"] is None
 
 
+@pytest.mark.slow  # trains the tiny model (a few seconds; more on a loaded machine)
 def test_resume_after_the_run_was_recorded_recognises_the_adapter(tiny_setup):
     ws, _, _ = tiny_setup
     cfg = make_config(compile=False, max_steps=3, checkpoint_every=1)
@@ -135,6 +138,7 @@ def test_resume_after_the_run_was_recorded_recognises_the_adapter(tiny_setup):
     assert other.digest != art.digest
 
 
+@pytest.mark.slow  # trains the tiny model (a few seconds; more on a loaded machine)
 def test_cli_train_prints_the_run_it_just_made(tiny_setup, tmp_path, capsys):
     from finetrace.cli import main
 
