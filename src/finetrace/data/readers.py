@@ -128,6 +128,15 @@ def _decode_error(exc: UnicodeDecodeError, line_offset: int, chunk: bytes) -> Ro
                     "the file looks Latin-1/Windows-1252 encoded: re-save it as UTF-8")
 
 
+def _skip_rest_of_line(fh, n: int) -> int:
+    """Consume the rest of an over-long line without keeping it; return its whole length (``n`` read so far)."""
+    while True:
+        c = fh.readline(1 << 20)
+        n += len(c)
+        if not c or c.endswith(b"\n"):
+            return n
+
+
 def _lines(fh, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
     """(line number, byte offset, line bytes or None when longer than ``max_bytes``, length)."""
     lineno = offset = 0
@@ -137,12 +146,7 @@ def _lines(fh, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
             return
         lineno += 1
         if len(b) > max_bytes and not b.endswith(b"\n"):
-            n = len(b)
-            while True:  # consume the rest of the over-long line without keeping it
-                c = fh.readline(1 << 20)
-                n += len(c)
-                if not c or c.endswith(b"\n"):
-                    break
+            n = _skip_rest_of_line(fh, len(b))
             yield lineno, offset, None, n
             offset += n
             continue
@@ -235,12 +239,7 @@ def jsonl_chunks(path: Path, opts: ReadOptions, size: int = 4 << 20) -> Iterator
                 part = block[cut:]
                 part += fh.readline(limit + 1 - len(part)) if len(part) <= limit else b""
                 if len(part) > limit and not part.endswith(b"\n"):
-                    n = len(part)
-                    while True:  # consume the rest of the over-long line without keeping it
-                        c = fh.readline(1 << 20)
-                        n += len(c)
-                        if not c or c.endswith(b"\n"):
-                            break
+                    n = _skip_rest_of_line(fh, len(part))
                     block = block[:cut]
                     long_line = (n, _too_long(n, limit))
                 else:
