@@ -162,6 +162,25 @@ def test_truncated_json_array(workspace, tmp_path):
     assert snapshot(workspace) == before
 
 
+def test_json_array_trailing_comma_is_refused_with_its_line(workspace, tmp_path):
+    from finetrace.data.readers import ReadOptions, read_json_array
+
+    p = tmp_path / "trail.json"
+    p.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": "d"},\n]', encoding="utf-8")
+    items = list(read_json_array(p, ReadOptions(1 << 20, str(p))))
+    assert [(line, rec) for line, rec, _ in items[:2]] == [(1, {"prompt": "a", "completion": "b"}),
+                                                           (2, {"prompt": "c", "completion": "d"})]
+    line, rec, err = items[2]
+    assert (line, rec, err.reason) == (3, None, "invalid_json") and "trailing comma" in err.message
+    with pytest.raises(InputError, match=r"trail.json:3: invalid JSON: a trailing comma"):
+        import_dataset(workspace, [p], "trail")
+    ok = tmp_path / "ok.json"  # an empty array and a normal one still read
+    ok.write_text("[]", encoding="utf-8")
+    assert list(read_json_array(ok, ReadOptions(1 << 20, str(ok)))) == []
+    ok.write_text('[{"a": 1} ]', encoding="utf-8")
+    assert [rec for _, rec, _ in read_json_array(ok, ReadOptions(1 << 20, str(ok)))] == [{"a": 1}]
+
+
 def test_no_rows_after_skip_is_an_error(workspace, tmp_path):
     p = _lines(tmp_path, "allbad.jsonl", ["{x", "{y"])
     with pytest.raises(InputError, match="no valid rows"):

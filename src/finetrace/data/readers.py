@@ -307,17 +307,20 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
             raise InputError("expected a JSON array ('[' …)" + (" but the file is empty" if first is None else
                              f", found {first!r}"), file=opts.display, line=line)
         pos += 1
-        expect_value = True
+        expect_value, after_comma = True, False
         while True:
             c = skip_ws()
             if c is None:
                 yield line, None, RowError("invalid_json", "truncated JSON: the array is not closed with ']'")
                 return
-            if c == "]" and (expect_value is not None):
+            if c == "]":  # closes the array, unless a comma promised one more element
+                if after_comma:
+                    yield line, None, RowError("invalid_json", "invalid JSON: a trailing comma before ']'; "
+                                               "remove the comma after the last element")
                 return
             if c == "," and not expect_value:
                 pos += 1
-                expect_value = True
+                expect_value, after_comma = True, True
                 continue
             if not expect_value:
                 yield line, None, RowError("invalid_json", f"invalid JSON: expected ',' or ']', found {c!r}")
@@ -350,7 +353,7 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
             pos = end
             if pos > chunk:
                 buf, pos = buf[pos:], 0
-            expect_value = False
+            expect_value, after_comma = False, False
             if dup is not None:
                 yield start_line, None, duplicate_key_error(dup)
             elif not isinstance(value, dict):
