@@ -38,6 +38,27 @@ def test_new_writes_a_sized_folder_and_says_what_it_found(tmp_path, capsys):
         new_task(folder, data)
 
 
+def test_steps_are_sized_on_the_rows_left_after_cleaning(workspace, tmp_path):
+    """Duplicates, near-duplicates and invalid rows do not count towards the training split's size."""
+    import math
+
+    from finetrace.data import import_dataset
+    from finetrace.data.newtask import new_task
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    rows = [{"prompt": f"case {i}: " + " ".join(words[(i * 7 + k) % len(words)] + str(i) for k in range(12)),
+             "completion": f"answer {i}"} for i in range(240)]
+    rows += rows[:120]                                   # exact duplicates
+    rows += [{"prompt": "", "completion": "x"}] * 40     # invalid (empty prompt)
+    data = write_jsonl(tmp_path / "raw.jsonl", rows)
+    plan = new_task(tmp_path / "t", data)
+    art = import_dataset(workspace, [data], "raw", on_error="skip", splits=(0.8, 0.1, 0.1))
+    train = art.metadata["counts"]["train"]
+    assert plan["rows"] == 400 and plan["train_rows"] == train and 180 <= train <= 205
+    assert plan["steps"] == math.ceil(1.5 * train / 8) < math.ceil(1.5 * 400 * 0.8 / 8)
+    assert yaml.safe_load((tmp_path / "t" / "train.yaml").read_text())["max_steps"] == plan["steps"]
+
+
 @pytest.mark.parametrize("task", ["clauses", "tickets"])
 def test_group_gap_gate_only_with_groups_big_enough(tmp_path, task):
     from finetrace.data.newtask import new_task

@@ -96,31 +96,16 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
     field and what is wrong; a refused import writes nothing to the workspace.
     """
     opts = build_options(options, **overrides)
-    if not files:
-        raise InputError("no input files given", hint="finetrace data import FILE... --name NAME")
     check_name(name)
-    fractions = check_fractions(opts.splits)
-    fmap = dict(opts.mapping or {})
     given = load_given(opts.datasheet)
     detectors = piimod.detectors()
     test_file = opts.test_file
-
-    sources = []
-    if test_file is not None:
-        sources.append(_Source(Path(test_file), str(test_file), detect_format(Path(test_file), str(test_file)), True))
-    for f in files:
-        sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
-
-    layout = _layout(next(s for s in sources if not s.test), opts, fmap)
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(ws.root, "import-"), dir=ws.cache))  # see debris.py
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
-        p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress, layout)
-        p1.layout = layout
-        _release_memory()
-        decisions = _decide(p1, n, minhasher, sources, fractions, opts.seed, opts.near_dup, schema, opts.split_unit)
-        _release_memory()
+        sources, layout, fmap, fractions, p1, schema, dropped, decisions = _read_and_decide(
+            files, opts, detectors, scratch, minhasher, progress)
 
         transforms = _transforms(sources, fmap, schema, opts.on_error, opts.pii, detectors, opts.near_dup_threshold,
                                  opts.near_dup, opts.seed, fractions, test_file is not None, opts.split_unit)
@@ -155,6 +140,43 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
                 "rows_out": info["rows_out"], "labels": info.get("labels"), "gaps": info["gaps"]})
         ws.checkpoint()
         return art
+    finally:
+        minhasher.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_and_decide(files, opts: ImportOptions, detectors, scratch: Path, minhasher: MinHasher, progress):
+    """Pass 1 over every file and the keep/split decisions (nothing enters a workspace)."""
+    if not files:
+        raise InputError("no input files given", hint="finetrace data import FILE... --name NAME")
+    fractions = check_fractions(opts.splits)
+    fmap = dict(opts.mapping or {})
+    sources = []
+    if opts.test_file is not None:
+        t = Path(opts.test_file)
+        sources.append(_Source(t, str(opts.test_file), detect_format(t, str(opts.test_file)), True))
+    for f in files:
+        sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
+    layout = _layout(next(s for s in sources if not s.test), opts, fmap)
+    p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress, layout)
+    p1.layout = layout
+    _release_memory()
+    decisions = _decide(p1, n, minhasher, sources, fractions, opts.seed, opts.near_dup, schema, opts.split_unit)
+    _release_memory()
+    return sources, layout, fmap, fractions, p1, schema, dropped, decisions
+
+
+def planned_counts(files: list[str | Path], options: ImportOptions | dict | None = None, **overrides) -> dict:
+    """What an import of ``files`` would keep, without a workspace: rows read, and rows per split after
+    validation, PII, exact and near-duplicate removal and splitting (``finetrace new`` sizes steps on
+    ``counts["train"]``). Runs pass 1 and the decisions of ``import_dataset`` in a scratch folder."""
+    opts = build_options(options, **overrides)
+    scratch = Path(tempfile.mkdtemp(prefix="finetrace-plan-"))
+    minhasher = MinHasher(opts.near_dup_threshold, scratch)
+    try:
+        sources, _, _, _, _, _, _, d = _read_and_decide(files, opts, piimod.detectors(), scratch, minhasher, None)
+        return {"rows_in": sum(s.rows_read for s in sources), "dropped": d.dropped,
+                "counts": {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}}
     finally:
         minhasher.close()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -4,7 +4,8 @@
 ShareGPT, Alpaca or native) and the schema, counts rows, estimates tokens per row, and writes::
 
     TASK/pipeline.yaml       model -> data -> train -> evaluate -> docs -> deploy (record)
-    TASK/train.yaml          steps sized to ~1.5 epochs of the training split, with the expected time
+    TASK/train.yaml          steps sized to ~1.5 epochs of the training split (rows after the import's
+                             cleaning, de-duplication and split), with the expected time
     TASK/suite.yaml          metrics and gates that fit the schema (a group gap only with a group column)
     TASK/datasheet.yaml      every datasheet fact, commented out until a person fills it (gaps until then)
     TASK/intended_use.yaml   the same for the documents' intended use
@@ -32,6 +33,8 @@ CPU_PEAK_GB = 2.8
 BATCH = 8
 EPOCHS = 1.5
 TEMPLATE_TOKENS = 24       # chat-template tokens around each example
+SPLITS = (0.8, 0.1, 0.1)          # the pipeline's data.splits without, and with, a test file
+SPLITS_WITH_TEST = (0.9, 0.1, 0.0)
 MIN_PER_GROUP = 20         # evaluated examples the smallest group needs before a group-gap gate means anything
 INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limitations", "provider", "license",
                      "human_oversight")
@@ -79,7 +82,7 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
         raise ConfigError(f"{folder} exists and is not empty", hint="choose a new folder name")
     survey = _survey(Path(data))
     tsurvey = _survey(Path(test)) if test else None
-    n_train = survey["rows"] if test else int(survey["rows"] * 0.8)
+    n_train = _train_rows(Path(data), Path(test) if test else None, survey)
     tokens = survey["chars"] / 4 + TEMPLATE_TOKENS
     steps = max(10, min(2000, math.ceil(EPOCHS * n_train / BATCH)))
     if max_steps is not None:
@@ -98,12 +101,22 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
     if test:
         files["test"] = _copy(Path(test), folder, avoid=files["data"])
     plan = {"task": name, "folder": str(folder), **{k: survey[k] for k in ("format", "layout", "schema", "rows")},
-            "test_rows": tsurvey["rows"] if tsurvey else None, "steps": steps, "batch_size": BATCH,
+            "test_rows": tsurvey["rows"] if tsurvey else None, "train_rows": n_train, "steps": steps, "batch_size": BATCH,
             "epochs": round(steps * BATCH / max(n_train, 1), 2), "tokens_per_example": round(tokens),
             "expected_train_minutes_cpu": round(seconds / 60, 1), "peak_memory_gb_cpu": CPU_PEAK_GB,
             "max_length": max_length, "group_gap_gate": has_group, "files": files, "eval_limit": eval_limit}
     _write(folder, name, model, plan, survey, test is not None)
     return plan
+
+
+def _train_rows(data: Path, test: Path | None, survey: dict) -> int:
+    """Rows the training split will hold: the import's own validation, PII, duplicate and near-duplicate
+    decisions and split, run without a workspace (so steps fit the data that is trained on)."""
+    from .importer import planned_counts
+
+    opts = {"splits": SPLITS_WITH_TEST if test else SPLITS, "test_file": str(test) if test else None,
+            "on_error": "skip", **({"schema": survey["schema"]} if survey["layout"] == "native" else {})}
+    return planned_counts([data], opts)["counts"]["train"]
 
 
 def _copy(src: Path, folder: Path, avoid: str | None = None) -> str:
@@ -122,9 +135,9 @@ def _write(folder: Path, name: str, model: str, plan: dict, survey: dict, has_te
     data = {"name": name, "files": [plan["files"]["data"]], "datasheet": "datasheet.yaml"}
     if has_test:
         data["test_file"] = plan["files"]["test"]
-        data["splits"] = [0.9, 0.1, 0.0]
+        data["splits"] = list(SPLITS_WITH_TEST)
     else:
-        data["splits"] = [0.8, 0.1, 0.1]
+        data["splits"] = list(SPLITS)
     if survey["layout"] == "native":
         data["schema"] = schema
     pipeline = {"name": name, "model": {"source": model}, "data": data, "train": {"config": "train.yaml"},
