@@ -39,6 +39,19 @@ def str_buffers(arr) -> tuple[np.ndarray, np.ndarray]:
     return data, offs.astype(np.int64)
 
 
+def np_bools(mask: np.ndarray) -> pa.Array:
+    """An Arrow boolean array of a numpy bool mask, built from its bits (``pa.array`` would first make
+    pyarrow import pandas, ~2 s and ~50 MiB per process, to ask whether the mask is a pandas object)."""
+    mask = np.asarray(mask, bool)
+    return pa.Array.from_buffers(pa.bool_(), len(mask), [None, pa.py_buffer(np.packbits(mask, bitorder="little"))])
+
+
+def np_ints(idx: np.ndarray) -> pa.Array:
+    """An Arrow int64 array of numpy integers (see ``np_bools``)."""
+    idx = np.ascontiguousarray(idx, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(idx), [None, pa.py_buffer(idx)])
+
+
 def pa_strings(texts: list[str]) -> pa.Array:
     return pa.array(texts, pa.string())
 

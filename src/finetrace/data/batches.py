@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import pii as piimod
-from .arrowtext import WS_OR_HIGH, blake64, edge_bytes, normalize_array, rows_with, str_buffers
+from .arrowtext import (WS_OR_HIGH, blake64, edge_bytes, normalize_array, np_bools, np_ints, rows_with,
+                        str_buffers)
 from .clean import MinHasher, exact_key, normalize_row, normalize_text, text_fields
 from .readers import ReadOptions, RowError, jsonl_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS
@@ -292,22 +293,24 @@ def _clean(table: pa.Table, lines: np.ndarray, ctx: Ctx) -> Cleaned:
 
 
 def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned) -> np.ndarray | None:
-    """Scan candidate rows of each text column (in row, then field order, as the per-row path does)."""
+    """Scan candidate rows of each text column (in row, then field order, as the per-row path does):
+    the vectorised gates pick the rows, ``pii.windows`` the places in them a match can be, and only
+    those places go through the detectors' regular expressions."""
     n = len(lines)
     gates = {f: piimod.gates(cols[f], dets) for f in fields}  # per field: per detector, rows it may match
     cand = {f: np.logical_or.reduce(gates[f]) for f in fields}
     rows = np.flatnonzero(np.logical_or.reduce([cand[f] for f in fields])) if fields else []
     if not len(rows):
         return None
-    vals = {f: cols[f].take(pa.array(rows)).to_pylist() for f in fields}
+    finders = {f: _finder(cols[f], cand[f], gates[f], dets) for f in fields}
     failed = np.zeros(n, bool)
     new = {f: {} for f in fields}
-    for k, r in enumerate(rows.tolist()):
+    for r in rows.tolist():
         found = False
         for f in fields:
             if not cand[f][r]:
                 continue
-            spans = piimod.scan(vals[f][k], [d for d, g in zip(dets, gates[f]) if g[r]])
+            text, spans = finders[f](r)
             if not spans:
                 continue
             kinds = ", ".join(sorted({s.type for s in spans}))
@@ -319,7 +322,7 @@ def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned)
             for s in spans:
                 out.pii_counts[s.type] = out.pii_counts.get(s.type, 0) + 1
             if mode == "redact":
-                new[f][r] = piimod.redact(vals[f][k], spans)
+                new[f][r] = piimod.redact(text, spans)
             if len(out.pii_examples) < MAX_EXAMPLES:
                 out.pii_examples.append((int(lines[r]), f, kinds))
         out.pii_rows += found
@@ -328,9 +331,38 @@ def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned)
             mask = np.zeros(n, bool)
             idx = sorted(new[f])
             mask[idx] = True
-            cols[f] = pa.compute.replace_with_mask(cols[f], pa.array(mask), pa.array([new[f][i] for i in idx],
-                                                                                       cols[f].type))
+            cols[f] = pa.compute.replace_with_mask(cols[f], np_bools(mask), pa.array([new[f][i] for i in idx],
+                                                                                      cols[f].type))
     return failed
+
+
+def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets):
+    """``finder(row) -> (text, spans)`` for the candidate rows of one column, equal to
+    ``pii.scan(text, detectors whose gate passed)``: ASCII rows are searched only in their windows."""
+    idx = np.flatnonzero(cand)
+    sub = col.take(np_ints(idx))
+    vals = sub.to_pylist()
+    win = piimod.windows(sub, dets)
+    pos = {r: k for k, r in enumerate(idx.tolist())}
+    cuts = None
+    if win is not None:
+        ascii_, per_det = win
+        cuts = [np.searchsorted(row, np.arange(len(idx) + 1)) for row, _, _ in per_det]
+        per_det = [(a.tolist(), b.tolist()) for _, a, b in per_det]
+
+    def finder(r: int):
+        k = pos[r]
+        text = vals[k]
+        use = [g[r] for g in gates]
+        if cuts is None or not ascii_[k]:
+            return text, piimod.scan(text, [d for d, u in zip(dets, use) if u])
+        found = []
+        for d, u, c, (a, b) in zip(dets, use, cuts, per_det):
+            lo, hi = int(c[k]), int(c[k + 1])
+            if u and lo < hi:
+                found.append(d.find_in(text, zip(a[lo:hi], b[lo:hi])))
+        return text, piimod.merge(found)
+    return finder
 
 
 def _clean_rows(table: pa.Table, lines: np.ndarray, ctx: Ctx, dets) -> Cleaned:

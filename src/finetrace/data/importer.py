@@ -38,6 +38,7 @@ from .datasheet import build as build_sheet, load_given
 from . import pii as piimod
 from . import formats, workers
 from .batches import Ctx
+from .arrowtext import np_bools
 from .clean import MinHasher, lsh_params, union_find_roots
 from .options import ImportOptions, build_options
 from .readers import ReadOptions, RowError, detect_format, read_rows
@@ -445,7 +446,7 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
                 continue
             if code not in writers:
                 writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
-            writers[code].write_table(table.filter(pa.array(mask)))
+            writers[code].write_table(table.filter(np_bools(mask)))
     for w in writers.values():
         w.close()
 

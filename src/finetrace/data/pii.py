@@ -59,6 +59,18 @@ class RegexDetector:
                 out.append(Span(m.start(), m.end(), self.name))
         return out
 
+    def find_in(self, text: str, windows) -> list[Span]:
+        """``find(text)``, searching only ``windows`` ([(start, endpos)], from ``windows``): the same
+        spans when every match lies in a window and each endpos leaves one character of context."""
+        if self.precheck and not self.precheck(text):
+            return []
+        out = []
+        for a, b in windows:
+            for m in self.regex.finditer(text, a, b):
+                if self.check is None or self.check(m.group(0)):
+                    out.append(Span(m.start(), m.end(), self.name))
+        return out
+
 
 def luhn_ok(number: str) -> bool:
     digits = [int(c) for c in number if c.isdigit()]
@@ -154,6 +166,71 @@ def _gates(data, offs) -> list:
             (digits >= 4) & (count_per_row(data == 46, offs) >= 3), ipv6, digits >= 8]
 
 
+def _table(chars: str) -> "np.ndarray":
+    import numpy as np
+
+    t = np.zeros(256, bool)
+    t[list(chars.encode())] = True
+    return t
+
+
+_DIGITS = "0123456789"
+_HEX = _DIGITS + "abcdefABCDEF"
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# per built-in detector (BUILTIN order), on ASCII text: the characters any of its matches consists of,
+# the ones it counts, and the fewest of those an accepted match holds. Every match lies inside one run
+# of such characters; its lookarounds see at most one character beyond the match.
+_RUNS = [(_UPPER + _UPPER.lower() + _DIGITS + "._%+-@", "@", 1),   # email
+         (_DIGITS + " -", _DIGITS, 13),                             # credit_card
+         (_UPPER + _DIGITS + " ", _DIGITS, 2),                      # iban
+         (_DIGITS + "-", _DIGITS, 9),                               # us_ssn
+         (_DIGITS + ".", _DIGITS, 4),                               # ipv4
+         (_HEX + ":", ":", 2),                                      # ipv6
+         (_DIGITS + " .()+-", _DIGITS, 8)]                          # phone
+_RUN_TABLES: list = []
+
+
+def windows(arr, dets: list[Detector]) -> tuple | None:
+    """Where each detector's matches can be, in the ASCII rows of an Arrow string array (no nulls):
+    ``(ascii, per detector [(row, start, endpos)] arrays)``, char offsets within each row; ``endpos``
+    keeps one character after the run, so a lookahead or ``\\b`` sees what it sees in the whole text,
+    and a lookbehind sees the real text before ``start`` (``Pattern.finditer(text, start, endpos)``).
+    Runs too short of the characters an accepted match needs are left out. None when a detector is not
+    a built-in one (it has to read whole texts)."""
+    import numpy as np
+
+    from .arrowtext import rows_with, str_buffers
+
+    ids = [id(d) for d in BUILTIN]
+    if any(id(d) not in ids for d in dets):
+        return None
+    if not _RUN_TABLES:
+        _RUN_TABLES.extend((_table(c), _table(k), n) for c, k, n in _RUNS)
+    data, offs = str_buffers(arr)
+    ascii_ = ~rows_with(data >= 0x80, offs)
+    row_start = np.zeros(len(data) + 1, bool)
+    row_start[offs] = True
+    out = []
+    for d in dets:
+        cls, counted, least = _RUN_TABLES[ids.index(id(d))]
+        f = cls[data]
+        prev = np.empty_like(f)
+        prev[:1] = False
+        prev[1:] = f[:-1]
+        starts = np.flatnonzero(f & (~prev | row_start[:-1]))
+        nxt = np.empty_like(f)
+        nxt[-1:] = False
+        nxt[:-1] = f[1:]
+        ends = np.flatnonzero(f & (~nxt | row_start[1:])) + 1
+        cs = np.concatenate([[0], np.cumsum(counted[data], dtype=np.int64)])
+        ok = cs[ends] - cs[starts] >= least
+        starts, ends = starts[ok], ends[ok]
+        row = np.searchsorted(offs, starts, side="right") - 1
+        base = offs[row]
+        out.append((row, starts - base, np.minimum(ends + 1, offs[row + 1]) - base))
+    return ascii_, out
+
+
 def gates(arr, dets: list[Detector]) -> list:
     """Per detector, bool (n,): rows of an Arrow string array its precheck might accept (a superset);
     only those rows need that detector's ``find``, and the others have no match by construction. A
@@ -182,9 +259,14 @@ def detectors(names: list[str] | None = None) -> list[Detector]:
 
 def scan(text: str, dets: list[Detector]) -> list[Span]:
     """Non-overlapping spans, in text order; a span overlapping an earlier detector's span is dropped."""
+    return merge(det.find(text) for det in dets)
+
+
+def merge(found) -> list[Span]:
+    """Spans found by each detector (in detector order) without overlaps: earlier detectors win."""
     spans: list[Span] = []
-    for det in dets:
-        for s in det.find(text):
+    for det_spans in found:
+        for s in det_spans:
             if all(s.end <= o.start or s.start >= o.end for o in spans):
                 spans.append(s)
     return sorted(spans, key=lambda s: s.start)

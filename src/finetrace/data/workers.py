@@ -167,6 +167,33 @@ def _recv(fh):
     return _Frames.load(fh.read(n))
 
 
+def _no_pandas_in_pyarrow() -> None:
+    """Tell pyarrow that pandas is absent in this worker (it never converts to pandas): pyarrow
+    otherwise imports pandas, ~2 s and ~50 MiB, on the first Python scalar or list it converts, to ask
+    whether it is a pandas object. pyarrow asks once and remembers; an API that needs pandas would
+    still import it then. Only for worker processes: a caller's own process is left as it is."""
+    import importlib.abc
+    import sys
+
+    if "pandas" in sys.modules:
+        return
+
+    class _Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "pandas" or name.startswith("pandas."):
+                raise ImportError("pandas is not used by data workers")
+            return None
+
+    finder = _Refuse()
+    sys.meta_path.insert(0, finder)
+    try:
+        import pyarrow as pa
+
+        pa.scalar(0)  # the first conversion: pyarrow tries pandas here, and remembers that it failed
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def _serve() -> None:
     """A worker: read (chunk, ctx) frames from stdin until it closes, answer (ok, result) frames.
 
@@ -176,6 +203,8 @@ def _serve() -> None:
     import sys
     import threading
     import traceback
+
+    _no_pandas_in_pyarrow()
 
     inbox: queue.Queue = queue.Queue()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
