@@ -184,8 +184,12 @@ def _block(seg: np.ndarray, offs: np.ndarray, a32, b32, out: np.ndarray) -> None
         h ^= h >> np.uint32(12)
     lens = np.diff(offs)
     ends = offs[1:]
-    keep = np.repeat(lens <= LONG_TEXT, lens)[:m]
-    keep |= (h & np.uint32(7)) == 0
+    keep = (h & np.uint32(7)) == 0
+    short = lens <= LONG_TEXT
+    if short.all():
+        keep[:] = True
+    elif short.any():
+        keep |= np.repeat(short, lens)[:m]
     cross = (ends[:-1, None] - np.arange(1, SHINGLE, dtype=np.int64)[None, :]).ravel()
     keep[cross[(cross >= 0) & (cross < m)]] = False  # windows spanning two texts
     pos = np.flatnonzero(keep)

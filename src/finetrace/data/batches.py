@@ -26,6 +26,7 @@ from .schemas import OPTIONAL_COLUMNS, SCHEMAS
 from .validate import RowValidator
 
 TEXT_FIELDS = ("prompt", "completion", "text", "chosen", "rejected")
+KEEP_COLUMNS = ("label", "group", "id")  # what the importer reads of kept rows before writing them out
 MAX_EXAMPLES = 20
 
 
@@ -41,6 +42,7 @@ class Ctx:
     detector_keys: list | None = None  # None: every registered detector (workers: the built-ins)
     row_hook: object = None  # a picklable callable(record) -> record | RowError (a format's mapping)
     tools: bool = False      # chat rows with tool calls, tool role and weights (formats.py)
+    spill: str | None = None  # a scratch folder: kept rows go to an Arrow file there, not back over a pipe
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Chunk:
     first_line: int
     offset: int
     payload: object
+    seq: int = 0       # position among all chunks of an import (names its spill file)
 
 
 @dataclass
@@ -65,6 +68,16 @@ class Cleaned:
     pii_rows: int = 0
     pii_examples: list = field(default_factory=list)  # [(line, field, "type, type")]
     extra: set = field(default_factory=set)
+    spilled: str | None = None  # the Arrow file holding the kept rows; ``table`` then keeps only KEEP_COLUMNS
+
+    def spill(self, path: str) -> "Cleaned":
+        """Write the kept rows to the Arrow IPC file ``path``; keep only the small columns in memory."""
+        if self.table is not None and self.table.num_rows:
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self.table.schema) as w:
+                w.write_table(self.table)
+            self.spilled = path
+            self.table = self.table.select([c for c in KEEP_COLUMNS if c in self.table.column_names])
+        return self
 
     def ipc(self) -> "Cleaned":  # tables travel between processes as Arrow IPC bytes
         if isinstance(self.table, pa.Table):
@@ -123,6 +136,8 @@ def process(chunk: Chunk, ctx: Ctx, for_worker: bool = False) -> Cleaned:
     out.errors = sorted(errors + out.errors, key=lambda e: e[0])
     out.rows_read = n
     out.extra = extra | validator.dropped
+    if ctx.spill is not None:
+        out.spill(f"{ctx.spill}/rows-{chunk.seq:09d}.arrow")
     return out.ipc() if for_worker else out
 
 

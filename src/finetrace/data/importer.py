@@ -85,6 +85,7 @@ class _Pass1:
     has_id: bool = False
     has_group: bool = False
     layout: object = None
+    spills: list = field(default_factory=list)  # Arrow files of the kept rows, in row order
 
 
 def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: ImportOptions | dict | None = None,
@@ -128,7 +129,7 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
             src_digests.append(digest)
         with ws.ledger.run("import", config=config, inputs=src_digests, seed=opts.seed) as run:
             out = scratch / "dataset"
-            info = _write(out, scratch / "rows.parquet", p1, decisions, sources, schema, dropped, given,
+            info = _write(out, p1, decisions, sources, schema, dropped, given,
                           transforms, fractions, opts.seed, opts.pii, opts.near_dup_threshold, ws, opts.tokenizer)
             run.metrics.update({"rows_in": info["rows_in"], "rows_out": info["rows_out"],
                                 "skipped": info["skipped"], "dropped": info["dropped"],
@@ -217,14 +218,13 @@ def _layout(src: _Source, opts: ImportOptions, fmap: dict) -> _Layout:
 
 def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhasher, progress, layout: _Layout):
     """Read, check and clean every row (in record batches, maybe in worker processes); keep only
-    8-byte arrays per row and stream the good rows to a scratch Parquet file."""
-    import pyarrow.parquet as pq
-
+    8-byte arrays per row; the good rows go to scratch Arrow files, one per chunk (``p1.spills``)."""
     p1 = _Pass1()
     schema = layout.schema
     dropped: set = set()
-    writer = None
     n = total_read = 0
+    spill = scratch / "rows"
+    spill.mkdir()
 
     def bad(src: _Source, line: int, err: RowError):
         where = f"{src.display}:{line}"
@@ -249,7 +249,7 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
             else:
                 ctx = Ctx(schema, fmap, opts.pii, opts.near_dup_threshold, opts.max_row_bytes,
                           [k for k, d in piimod.DETECTORS.items() if d in detectors], formats.mapper(layout.fmt),
-                          layout.tools)
+                          layout.tools, str(spill))
                 for res in pool.map(workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx):
                     src.rows_read += res.rows_read
                     total_read += res.rows_read
@@ -260,9 +260,7 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
                     table = res.arrow()
                     if p1.n_errors or table is None or not table.num_rows:
                         continue  # refusing anyway: keep counting errors, skip the rest of the work
-                    if writer is None:
-                        writer = pq.ParquetWriter(scratch / "rows.parquet", table.schema, compression="none")
-                    writer.write_table(table)
+                    p1.spills.append(res.spilled)
                     minhasher.write(res.sketch, res.bands)
                     n = _keep(p1, res, table, si, schema, n)
                     src.rows_valid += table.num_rows
@@ -270,8 +268,6 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
                         progress(total_read)
             if src.rows_read == 0:
                 raise InputError("the file holds no rows", file=src.display, hint="nothing to import from it")
-    if writer is not None:
-        writer.close()
     if p1.n_errors:
         file, line, err = p1.errors[0]
         more = p1.n_errors - 1
@@ -422,7 +418,27 @@ def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, 
 
 
 # -- pass 2 -------------------------------------------------------------------------------------
-def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
+def _kept_rows(spills: list, rows: int):
+    """The kept rows of pass 1 as tables of ``rows`` rows (the last one shorter), read back from the
+    spill files one at a time (memory-mapped), so the written row groups do not depend on chunking."""
+    import pyarrow as pa
+
+    carry = None
+    for path in spills:
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()  # the map lives as long as its buffers
+        if carry is not None:
+            table = pa.concat_tables([carry, table])
+        start = 0
+        while table.num_rows - start >= rows:
+            yield table.slice(start, rows)
+            start += rows
+        carry = table.slice(start) if start < table.num_rows else None
+        Path(path).unlink()  # read: its pages need not stay in the page cache's dirty set
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
+def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
            transforms, fractions, seed, pii, threshold, ws, tokenizer) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -435,11 +451,10 @@ def _write(out: Path, rows_path: Path, p1: _Pass1, d: _Decisions, sources, schem
     writers: dict[int, pq.ParquetWriter] = {}
     counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
     offset = 0
-    pf = pq.ParquetFile(rows_path, pre_buffer=False, buffer_size=1 << 20)  # stream, do not pre-read
-    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, use_threads=False):
-        codes = d.split[offset: offset + batch.num_rows]
-        offset += batch.num_rows
-        table = pa.Table.from_batches([batch]).select(keep_cols)
+    for table in _kept_rows(p1.spills, CHUNK_ROWS):
+        codes = d.split[offset: offset + table.num_rows]
+        offset += table.num_rows
+        table = table.select(keep_cols)
         for code, name in SPLIT_NAMES.items():
             mask = codes == code
             if not mask.any():

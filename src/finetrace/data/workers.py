@@ -73,6 +73,7 @@ class Pool:
         builtin = {id(d) for d in pii.BUILTIN}
         self.workers = workers if all(id(d) in builtin for d in detectors) else 1
         self.procs: list = []
+        self.seq = 0  # chunks handed out so far, over every file of the import
 
     def __enter__(self) -> "Pool":
         if self.workers > 1:
@@ -100,12 +101,14 @@ class Pool:
     def map(self, items: Iterator[Chunk], ctx: Ctx) -> Iterator[Cleaned]:
         if not self.procs:
             for chunk in items:
+                chunk.seq, self.seq = self.seq, self.seq + 1
                 yield process(chunk, ctx)
             return
         w = len(self.procs)
         sent = 0
         received = 0
         for chunk in items:
+            chunk.seq, self.seq = self.seq, self.seq + 1
             if sent - received >= 2 * w:  # the oldest chunk in flight belongs to this worker
                 yield self._receive(received % w)
                 received += 1
@@ -224,6 +227,8 @@ def _serve() -> None:
             _send(stdout, (True, process(chunk, ctx, for_worker=True)))
         except Exception as exc:  # reported to the parent, which raises it there
             _send(stdout, (False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+    stdout.flush()
+    os._exit(0)  # nothing is left to clean up: skip tearing down numpy and pyarrow (~0.5 s)
 
 
 if __name__ == "__main__":
