@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from finetrace.data import pii
 from finetrace.data.arrowtext import pa_strings
@@ -123,3 +124,25 @@ def test_batch_cleaning_equals_the_per_row_path():
         assert isinstance(table, pa.Table) and table.num_rows == len(kept) > (100 if mode == "fail" else 700)
     kept, _, counts, *_ = _reference(rows, "redact", m)
     assert len(counts) == 6 and "[EMAIL]" in "".join(r["prompt"] for _, r in kept)  # every kind was found
+
+
+@pytest.mark.slow  # two fresh interpreters and worker processes: ~5-9 s
+def test_an_import_does_not_make_pyarrow_load_pandas(tmp_path):
+    """pyarrow imports pandas (~2 s, ~50 MiB) on its first conversion of a Python scalar or list: the
+    import builds its Arrow arrays from buffers instead, in this process and in worker processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _corpus(200)), encoding="utf-8")
+    src = str(Path(__import__("finetrace").__file__).resolve().parents[1])
+    code = ("import sys, json\nfrom finetrace.workspace import Workspace\nfrom finetrace.data import import_dataset\n"
+            "ws = Workspace.init(sys.argv[2])\nfor w in (1, 2):\n"
+            "    a = import_dataset(ws, [sys.argv[1]], f'r{w}', on_error='skip', workers=w)\n"
+            "print(json.dumps({'pandas': 'pandas' in sys.modules, 'rows': a.metadata['rows_out']}))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "ws")], capture_output=True, text=True,
+                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["pandas"] is False and out["rows"] > 100

@@ -52,8 +52,29 @@ def np_ints(idx: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.int64(), len(idx), [None, pa.py_buffer(idx)])
 
 
-def pa_strings(texts: list[str]) -> pa.Array:
-    return pa.array(texts, pa.string())
+def pa_strings(texts: list, typ=None) -> pa.Array:
+    """An Arrow string (or ``typ``: large_binary…) array of Python ``str``/``bytes`` without nulls, from its
+    buffers (see ``np_bools``)."""
+    typ = typ or pa.string()
+    enc = [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else t for t in texts]
+    large = pa.types.is_large_string(typ) or pa.types.is_large_binary(typ)
+    offs = np.zeros(len(enc) + 1, np.int64 if large else np.int32)
+    np.cumsum([len(b) for b in enc], out=offs[1:])
+    return pa.Array.from_buffers(typ, len(enc), [None, pa.py_buffer(offs), pa.py_buffer(b"".join(enc))])
+
+
+def str_scalar(text: str | None) -> pa.Scalar:
+    """An Arrow string scalar (None: a null) for compute kernels, without ``pa.scalar`` (see ``np_bools``)."""
+    return pa.nulls(1, pa.string())[0] if text is None else pa_strings([text])[0]
+
+
+def null_mask(arr) -> np.ndarray:
+    """bool (n,): rows of an Arrow array that are null, from its validity bitmap."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if not arr.null_count:
+        return np.zeros(len(arr), bool)
+    bits = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
+    return ~bits[arr.offset: arr.offset + len(arr)].astype(bool)
 
 
 def rows_with(flags: np.ndarray, offs: np.ndarray) -> np.ndarray:
@@ -95,12 +116,12 @@ def normalize_array(arr, normalize_text) -> tuple[pa.Array, np.ndarray]:
     if not need.any():
         return arr, changed
     idx = np.flatnonzero(need)
-    old = arr.take(pa.array(idx)).to_pylist()
+    old = arr.take(np_ints(idx)).to_pylist()
     new = [normalize_text(v) for v in old]
     diff = np.fromiter((a != b for a, b in zip(old, new)), bool, len(old))
     if diff.any():
         changed[idx[diff]] = True
-        arr = pc.replace_with_mask(arr, pa.array(changed), pa.array([v for v, d in zip(new, diff) if d], arr.type))
+        arr = pc.replace_with_mask(arr, np_bools(changed), pa_strings([v for v, d in zip(new, diff) if d], arr.type))
     return arr, changed
 
 
@@ -140,8 +161,8 @@ def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
     if not fix.any():
         return out_data, new_offs
     out = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(new_offs), pa.py_buffer(out_data)])
-    vals = arr.filter(pa.array(fix)).to_pylist()
-    out = pc.replace_with_mask(out, pa.array(fix), pa.array([_prepare_one(v) for v in vals], pa.large_binary()))
+    vals = arr.filter(np_bools(fix)).to_pylist()
+    out = pc.replace_with_mask(out, np_bools(fix), pa_strings([_prepare_one(v) for v in vals], pa.large_binary()))
     return str_buffers(out)
 
 

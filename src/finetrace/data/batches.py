@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import pii as piimod
-from .arrowtext import (WS_OR_HIGH, blake64, edge_bytes, normalize_array, np_bools, np_ints, rows_with,
-                        str_buffers)
+from .arrowtext import (WS_OR_HIGH, blake64, edge_bytes, normalize_array, np_bools, np_ints, null_mask, pa_strings,
+                        rows_with, str_buffers, str_scalar)
 from .clean import MinHasher, exact_key, normalize_row, normalize_text, text_fields
 from .readers import ReadOptions, RowError, jsonl_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS
@@ -222,7 +222,7 @@ def _table(table: pa.Table, lines: np.ndarray, ctx: Ctx, validator: RowValidator
             out[f] = pa.nulls(n, pa.string())
         else:
             c = c.cast(pa.string())
-            out[f] = pa.compute.if_else(pa.compute.equal(c, ""), pa.scalar(None, pa.string()), c)
+            out[f] = pa.compute.if_else(pa.compute.equal(c, str_scalar("")), str_scalar(None), c)
     fast = pa.table(out, schema=arrow_schema(ctx.schema, ctx.tools))
     if ok.all():
         return fast, lines, [], extra
@@ -232,10 +232,10 @@ def _table(table: pa.Table, lines: np.ndarray, ctx: Ctx, validator: RowValidator
         it = record(int(i))
         items.append(it if isinstance(it, tuple) else (int(lines[i]), it, None))
     slow, slow_lines, errors, _ = _records(items, validator, ctx)
-    merged = pa.concat_tables([fast.filter(pa.array(ok)), slow])
+    merged = pa.concat_tables([fast.filter(np_bools(ok)), slow])
     all_lines = np.concatenate([lines[ok], slow_lines])
     order = np.argsort(all_lines, kind="stable")
-    return merged.take(pa.array(order)), all_lines[order], errors, extra
+    return merged.take(np_ints(order)), all_lines[order], errors, extra
 
 
 def _mapped(table: pa.Table, fmap: dict) -> dict | None:
@@ -263,13 +263,13 @@ def _fast_ok(cols: dict, n: int, schema: str) -> np.ndarray | None:
             return None
         c = c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
         if c.null_count:
-            ok &= ~c.is_null().to_numpy(zero_copy_only=False)
-            c = c.fill_null("")
+            ok &= ~null_mask(c)
+            c = c.fill_null(str_scalar(""))
         data, offs = str_buffers(c)
         ok &= ~rows_with(data == 0, offs)  # a NUL: the reference path refuses the row, naming it
         maybe = np.flatnonzero(edge_bytes(data, offs, WS_OR_HIGH))  # empty or blank-looking: ask Python
         if len(maybe):
-            vals = c.take(pa.array(maybe)).to_pylist()
+            vals = c.take(np_ints(maybe)).to_pylist()
             ok[maybe[[not v.strip() for v in vals]]] = False
     for f in OPTIONAL_COLUMNS:
         c = cols.get(f)
@@ -295,13 +295,13 @@ def _clean(table: pa.Table, lines: np.ndarray, ctx: Ctx) -> Cleaned:
     failed = _pii_columns(cols, fields, lines, ctx.pii, dets, out)
     tbl = pa.table(cols, schema=table.schema)
     if failed is not None and failed.any():
-        tbl, out.lines = tbl.filter(pa.array(~failed)), lines[~failed]
+        tbl, out.lines = tbl.filter(np_bools(~failed)), lines[~failed]
     req = SCHEMAS[ctx.schema]
     joined = tbl.column(req[0]) if len(req) == 1 else pa.compute.binary_join_element_wise(
-        *[tbl.column(f) for f in req], "\x1e")
+        *[tbl.column(f) for f in req], str_scalar("\x1e"))
     out.keys = blake64(joined)
     texts = tbl.column(fields[0]) if len(fields) == 1 else pa.compute.binary_join_element_wise(
-        *[tbl.column(f) for f in fields], "\n")
+        *[tbl.column(f) for f in fields], str_scalar("\n"))
     out.sketch, out.bands = _minhasher(ctx).sketch_and_bands(texts)
     out.table = tbl
     return out
@@ -346,7 +346,7 @@ def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned)
             mask = np.zeros(n, bool)
             idx = sorted(new[f])
             mask[idx] = True
-            cols[f] = pa.compute.replace_with_mask(cols[f], np_bools(mask), pa.array([new[f][i] for i in idx],
+            cols[f] = pa.compute.replace_with_mask(cols[f], np_bools(mask), pa_strings([new[f][i] for i in idx],
                                                                                       cols[f].type))
     return failed
 
