@@ -70,7 +70,7 @@ class Cleaned:
     extra: set = field(default_factory=set)
     spilled: str | None = None  # the Arrow file holding the kept rows; ``table`` then keeps only KEEP_COLUMNS
 
-    def spill(self, path: str) -> "Cleaned":
+    def spill(self, path: str) -> Cleaned:
         """Write the kept rows to the Arrow IPC file ``path``; keep only the small columns in memory."""
         if self.table is not None and self.table.num_rows:
             with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self.table.schema) as w:

@@ -440,7 +440,6 @@ def _kept_rows(spills: list, rows: int):
 
 def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
            transforms, fractions, seed, pii, threshold, ws, tokenizer) -> dict:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True)

@@ -166,7 +166,8 @@ def _gates(data, offs) -> list:
             (digits >= 4) & (count_per_row(data == 46, offs) >= 3), ipv6, digits >= 8]
 
 
-def _table(chars: str) -> "np.ndarray":
+def _table(chars: str):
+    """bool (256,): the bytes of ``chars``."""
     import numpy as np
 
     t = np.zeros(256, bool)

@@ -179,13 +179,13 @@ def _no_pandas_in_pyarrow() -> None:
     import sys
 
     if "pandas" in sys.modules:
-        return
+        return  # already loaded: nothing to save
 
     class _Refuse(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name == "pandas" or name.startswith("pandas."):
                 raise ImportError("pandas is not used by data workers")
-            return None
+            # any other module: None, the next finder's turn
 
     finder = _Refuse()
     sys.meta_path.insert(0, finder)
