@@ -146,3 +146,23 @@ def test_an_import_does_not_make_pyarrow_load_pandas(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["pandas"] is False and out["rows"] > 100
+
+
+def test_spill_files_do_not_change_the_written_bytes(workspace, tmp_path, monkeypatch):
+    """Pass 2 re-slices the per-chunk spill files into fixed row groups of contiguous columns: the
+    Parquet bytes (so the dataset digest) are the same whether a row group spans one spill file or many."""
+    from finetrace.data import import_dataset, importer
+    from finetrace.data import workers as W
+
+    rng = random.Random(5)
+    words = "contract invoice refund support order delivery".split()
+    rows = [{"prompt": f"case {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(500, 900))),
+             "completion": f"answer {i}"} for i in range(700)]  # ~5 KiB rows: row groups over a 1 MiB page
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setattr(importer, "CHUNK_ROWS", 300)
+    monkeypatch.setattr(W, "JSONL_CHUNK_BYTES", 1 << 24)  # one spill file
+    one = import_dataset(workspace, [p], "one", on_error="skip", workers=1)
+    monkeypatch.setattr(W, "JSONL_CHUNK_BYTES", 47_000)  # dozens, of uneven row counts
+    many = import_dataset(workspace, [p], "many", on_error="skip", workers=1)
+    assert many.digest == one.digest and one.metadata["rows_out"] == 700

@@ -430,12 +430,18 @@ def _kept_rows(spills: list, rows: int):
             table = pa.concat_tables([carry, table])
         start = 0
         while table.num_rows - start >= rows:
-            yield table.slice(start, rows)
+            yield _contiguous(table.slice(start, rows))
             start += rows
         carry = table.slice(start) if start < table.num_rows else None
         Path(path).unlink()  # read: its pages need not stay in the page cache's dirty set
     if carry is not None and carry.num_rows:
-        yield carry
+        yield _contiguous(carry)
+
+
+def _contiguous(table):
+    """One chunk per column, as a batch read from Parquet was: the pages written (so the bytes and the
+    dataset digest) depend on it."""
+    return table.combine_chunks() if any(c.num_chunks > 1 for c in table.columns) else table
 
 
 def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
