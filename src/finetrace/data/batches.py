@@ -79,7 +79,7 @@ class Cleaned:
             self.table = self.table.select([c for c in KEEP_COLUMNS if c in self.table.column_names])
         return self
 
-    def ipc(self) -> "Cleaned":  # tables travel between processes as Arrow IPC bytes
+    def ipc(self) -> Cleaned:  # tables travel between processes as Arrow IPC bytes
         if isinstance(self.table, pa.Table):
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, self.table.schema) as w:
