@@ -18,8 +18,19 @@ import numpy as np
 import pyarrow as pa
 
 from . import pii as piimod
-from .arrowtext import (WS_OR_HIGH, blake64, edge_bytes, normalize_array, np_bools, np_ints, null_mask, pa_strings,
-                        rows_with, str_buffers, str_scalar)
+from .arrowtext import (
+    WS_OR_HIGH,
+    blake64,
+    edge_bytes,
+    normalize_array,
+    np_bools,
+    np_ints,
+    null_mask,
+    pa_strings,
+    rows_with,
+    str_buffers,
+    str_scalar,
+)
 from .clean import MinHasher, exact_key, normalize_row, normalize_text, text_fields
 from .readers import ReadOptions, RowError, jsonl_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS

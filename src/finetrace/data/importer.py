@@ -36,8 +36,8 @@ from ..ledger.log import check_name
 from ..workspace import Workspace
 from . import formats, workers
 from . import pii as piimod
-from .batches import Ctx
 from .arrowtext import np_bools
+from .batches import Ctx
 from .clean import MinHasher, lsh_params, union_find_roots
 from .datasheet import build as build_sheet
 from .datasheet import load_given
