@@ -17,11 +17,36 @@ from finetrace.data.arrowtext import pa_strings
 from finetrace.data.batches import Chunk, Ctx, process
 from finetrace.data.clean import MinHasher, exact_key, normalize_row
 
-PII_BITS = ["jane.doe@example.com", "a@b.co", "x@y", "4111 1111 1111 1111", "4111-1111-1111-1111",
-            "41111111111111112", "GB82 WEST 1234 5698 7654 32", "GB82WEST12345698765432", "DE89370400440532013000",
-            "123-45-6789", "000-12-3456", "192.168.0.1", "256.1.1.1", "1.2.3.4.5", "2001:db8::1", "fe80::",
-            "::1", "+1 555-123-4567", "(555) 123-4567", "555.123.4567", "+44 (20) 7946 0958", "+49 30 1234",
-            "ticket 12345678", "2024-01-02", "v1.2.3", "a:b:c:d", "١٢٣-٤٥-٦٧٨٩", "café@exämple.com"]
+PII_BITS = [
+    "jane.doe@example.com",
+    "a@b.co",
+    "x@y",
+    "4111 1111 1111 1111",
+    "4111-1111-1111-1111",
+    "41111111111111112",
+    "GB82 WEST 1234 5698 7654 32",
+    "GB82WEST12345698765432",
+    "DE89370400440532013000",
+    "123-45-6789",
+    "000-12-3456",
+    "192.168.0.1",
+    "256.1.1.1",
+    "1.2.3.4.5",
+    "2001:db8::1",
+    "fe80::",
+    "::1",
+    "+1 555-123-4567",
+    "(555) 123-4567",
+    "555.123.4567",
+    "+44 (20) 7946 0958",
+    "+49 30 1234",
+    "ticket 12345678",
+    "2024-01-02",
+    "v1.2.3",
+    "a:b:c:d",
+    "١٢٣-٤٥-٦٧٨٩",
+    "café@exämple.com",
+]
 GLUE = ["", " ", "x", "-", ".", "_", "+", ":", "(", "é", "\n", "1", "A", "@"]
 
 
@@ -65,7 +90,9 @@ def _corpus(n: int) -> list[dict]:
             rows.append(dict(rows[rng.randrange(len(rows))]))  # exact duplicate
         if i % 7 == 0:  # near duplicate: one word changed
             base = rows[rng.randrange(len(rows))]
-            rows.append({"prompt": base["prompt"].replace("case", "Case", 1) + " extra", "completion": base["completion"]})
+            rows.append(
+                {"prompt": base["prompt"].replace("case", "Case", 1) + " extra", "completion": base["completion"]}
+            )
     return rows
 
 
@@ -116,7 +143,8 @@ def test_batch_cleaning_equals_the_per_row_path():
         assert table.column("prompt").to_pylist() == [r["prompt"] for _, r in kept]
         assert table.column("completion").to_pylist() == [r["completion"] for _, r in kept]
         assert [(line, e.field, e.message) for line, e in got.errors] == [
-            (line, f, f"contains personal data ({kinds})") for line, f, kinds in errors]
+            (line, f, f"contains personal data ({kinds})") for line, f, kinds in errors
+        ]
         assert (got.pii_counts, got.pii_rows, got.normalized) == (counts, npii, normalized)
         assert got.pii_examples == examples
         assert np.array_equal(got.keys, keys) and np.array_equal(got.sketch, sketch)
@@ -137,12 +165,20 @@ def test_an_import_does_not_make_pyarrow_load_pandas(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _corpus(200)), encoding="utf-8")
     src = str(Path(__import__("finetrace").__file__).resolve().parents[1])
-    code = ("import sys, json\nfrom finetrace.workspace import Workspace\nfrom finetrace.data import import_dataset\n"
-            "ws = Workspace.init(sys.argv[2])\nfor w in (1, 2):\n"
-            "    a = import_dataset(ws, [sys.argv[1]], f'r{w}', on_error='skip', workers=w)\n"
-            "print(json.dumps({'pandas': 'pandas' in sys.modules, 'rows': a.metadata['rows_out']}))\n")
-    p = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "ws")], capture_output=True, text=True, check=False,
-                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, timeout=120)
+    code = (
+        "import sys, json\nfrom finetrace.workspace import Workspace\nfrom finetrace.data import import_dataset\n"
+        "ws = Workspace.init(sys.argv[2])\nfor w in (1, 2):\n"
+        "    a = import_dataset(ws, [sys.argv[1]], f'r{w}', on_error='skip', workers=w)\n"
+        "print(json.dumps({'pandas': 'pandas' in sys.modules, 'rows': a.metadata['rows_out']}))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(data), str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["pandas"] is False and out["rows"] > 100
@@ -156,8 +192,13 @@ def test_spill_files_do_not_change_the_written_bytes(workspace, tmp_path, monkey
 
     rng = random.Random(5)
     words = "contract invoice refund support order delivery".split()
-    rows = [{"prompt": f"case {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(500, 900))),
-             "completion": f"answer {i}"} for i in range(700)]  # ~5 KiB rows: row groups over a 1 MiB page
+    rows = [
+        {
+            "prompt": f"case {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(500, 900))),
+            "completion": f"answer {i}",
+        }
+        for i in range(700)
+    ]  # ~5 KiB rows: row groups over a 1 MiB page
     p = tmp_path / "rows.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     monkeypatch.setattr(importer, "CHUNK_ROWS", 300)
