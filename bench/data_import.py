@@ -8,7 +8,8 @@ near duplicates, so every cleaning step does real work), then runs each contende
 process and reads that child's peak RSS from ``resource.getrusage(RUSAGE_CHILDREN)``:
 
 - finetrace  ``import_dataset`` (validate, NFC, PII redaction, exact + MinHash dedup, split, Parquet), in
-             Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose)
+             Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose);
+             the workers write the cleaned rows to scratch Arrow files, the main process writes the splits
 - datasets   ``load_dataset("json", ...)`` (parse to Arrow only; no validation/cleaning), own cache dir
 - pandas     ``read_json(lines=True)`` (parse into memory only)
 
