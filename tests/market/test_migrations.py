@@ -84,8 +84,9 @@ def test_migrated_schema_has_every_model_column_and_index(url):
         have = {c["name"]: c for c in insp.get_columns(table.name)}
         for col in table.columns:
             assert col.name in have, f"{table.name}.{col.name} is in the models but no migration adds it"
-            assert bool(have[col.name]["nullable"]) == bool(col.nullable) or col.primary_key, \
-                f"{table.name}.{col.name}: nullable {have[col.name]['nullable']} in the database, {col.nullable} in the model"
+            nullable = bool(have[col.name]["nullable"])
+            assert nullable == bool(col.nullable) or col.primary_key, \
+                f"{table.name}.{col.name}: nullable {nullable} in the database, {col.nullable} in the model"
         indexes = {ix["name"] for ix in insp.get_indexes(table.name)}
         for ix in table.indexes:
             assert ix.name in indexes, f"index {ix.name} is in the models but no migration creates it"
