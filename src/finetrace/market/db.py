@@ -86,9 +86,11 @@ class Version(Base):
     yanked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     yanked_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     downloads: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # pulls of this version
+    # digest of adapter/adapter_model.safetensors: serving it is what counts a download (migration 007)
+    weights_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
     __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
                       Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
-                      Index("ix_versions_score", "score"))
+                      Index("ix_versions_score", "score"), Index("ix_versions_weights", "weights_digest"))
 
 
 class Metric(Base):

@@ -134,11 +134,30 @@ def _m006_yank_and_version_downloads(conn, dialect: str) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_package_id ON versions (package_id, id)"))
 
 
+WEIGHTS = "adapter/adapter_model.safetensors"
+
+
+def _m007_download_on_weights(conn, dialect: str) -> None:
+    # a download is counted when the adapter's weights are served, which a client does only after its own
+    # checks (trusted key, licence, yank, base, chat template) passed: a refused pull counts nothing
+    import json
+
+    add_column(conn, dialect, "versions", "weights_digest", "VARCHAR(80)")
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_weights ON versions (weights_digest)"))
+    rows = conn.execute(text("SELECT id, manifest FROM versions WHERE weights_digest IS NULL")).all()
+    for vid, manifest in rows:
+        m = json.loads(manifest) if isinstance(manifest, str) else manifest
+        digest = next((f.get("digest") for f in (m or {}).get("files", []) if f.get("path") == WEIGHTS), None)
+        if digest:
+            conn.execute(text("UPDATE versions SET weights_digest = :d WHERE id = :id"), {"d": digest, "id": vid})
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
                                           ("003_search_indexes", _m003_search_indexes),
                                           ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
                                           ("005_search_at_scale", _m005_search_at_scale),
-                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads)]
+                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads),
+                                          ("007_download_on_weights", _m007_download_on_weights)]
 
 
 def _now() -> datetime:
