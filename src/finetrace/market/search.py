@@ -118,7 +118,7 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
         sort = "recent"  # nothing to rank by
     after = decode_cursor(cursor, sort) if cursor else None
     if sort == "relevance":
-        cand = select(V.id.label("id"), rank.label("rank")).join(P, P.latest_version_id == V.id)
+        cand = select(V.id.label("id"), P.id.label("pid"), rank.label("rank")).join(P, P.latest_version_id == V.id)
         if dialect == "sqlite":
             cand = cand.select_from(table("versions_fts")).where(literal_column("versions_fts.rowid") == V.id)
         # the column filters first: PostgreSQL evaluates equally cheap conditions in the order written, and
@@ -126,11 +126,16 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
         cand = cand.where(*conds, match).limit(CANDIDATES).subquery("cand")
         # bm25 is lower-is-better, ts_rank higher-is-better: order so that the best comes first
         key = cand.c.rank if dialect == "sqlite" else -cand.c.rank
-        q = (select(*cols, key.label("k"), V.id).select_from(cand).join(V, V.id == cand.c.id)
-             .join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id))
+        # the page is cut from the candidates before any other table is read, and the rows of the page are
+        # then fetched by primary key (joining the candidates back on latest_version_id made PostgreSQL
+        # hash-join them against every package)
+        page = select(cand.c.id, cand.c.pid, key.label("k")).select_from(cand)
         if after:
-            q = q.where(tuple_(key, V.id) > tuple_(*after))
-        q = q.order_by(key, V.id)
+            page = page.where(tuple_(key, cand.c.id) > tuple_(*after))
+        page = page.order_by(key, cand.c.id).limit(limit + 1 + (int(offset) if offset and not cursor else 0))
+        page = page.subquery("page")
+        q = (select(*cols, page.c.k, V.id).select_from(page).join(V, V.id == page.c.id)
+             .join(P, P.id == page.c.pid).join(N, N.id == P.namespace_id).order_by(page.c.k, V.id))
         extra = lambda r: [r[-2], r[-1]]
     else:
         q = (select(*cols, P.id, V.id).join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id)
@@ -183,8 +188,8 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     dense = reg.dialect == "sqlite" and _dense(reg, query, sort)
     q, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort, limit,
                                   offset, verified, cursor, dense)
-    with reg.Session() as s:
-        rows = s.execute(q).all()
+    with _reader(reg).connect() as conn:
+        rows = conn.execute(q).all()
     results = []
     for r in rows[:limit]:
         d = dict(zip(KEYS, r))
@@ -198,14 +203,23 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     return {"results": results, "more": more, "sort": sort, "next": nxt}
 
 
+def _reader(reg):
+    """The registry's engine for searches: Core (no ORM session) and autocommit, so that a search is one
+    round trip to the database (no BEGIN/ROLLBACK around its single read-only statement)."""
+    eng = getattr(reg, "_search_engine", None)
+    if eng is None:
+        eng = reg._search_engine = reg.engine.execution_options(isolation_level="AUTOCOMMIT")
+    return eng
+
+
 def _dense(reg, query: str, sort: str | None) -> bool:
     """Whether a SQLite text match has more than ``DENSE`` rows (counting stops there: bounded)."""
     match, _ = _text("sqlite", query)
     if match is None or (sort or "relevance") == "relevance":
         return False
     inner = select(literal_column("1")).select_from(table("versions_fts")).where(match).limit(DENSE + 1).subquery()
-    with reg.Session() as s:
-        return s.scalar(select(func.count()).select_from(inner)) > DENSE
+    with _reader(reg).connect() as conn:
+        return conn.scalar(select(func.count()).select_from(inner)) > DENSE
 
 
 def explain(reg, **query) -> str:
