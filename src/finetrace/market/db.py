@@ -136,6 +136,11 @@ def connect(url: str) -> tuple[Engine, sessionmaker]:
     kwargs: dict = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif url.startswith("postgresql"):
+        # psycopg prepares a statement run 5 times; PostgreSQL may then reuse one generic plan for every
+        # value, and a search plan depends on the values (a rare word wants the GIN index, a frequent one a
+        # walk of the sort order's index): plan each execution for its own values
+        kwargs["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
