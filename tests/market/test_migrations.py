@@ -29,22 +29,36 @@ def url(request, tmp_path):
 def _first_release_rows(conn) -> None:
     """Rows as the first release wrote them: an account, a namespace, one package with two versions."""
     created = datetime(2026, 11, 1, 12, 0, 0)
-    conn.execute(text("INSERT INTO accounts (id, name, token_hash, is_admin, created) "
-                      "VALUES (1, 'acme', :h, false, :c)"), {"h": "a" * 64, "c": created})
+    conn.execute(
+        text("INSERT INTO accounts (id, name, token_hash, is_admin, created) VALUES (1, 'acme', :h, false, :c)"),
+        {"h": "a" * 64, "c": created},
+    )
     conn.execute(text("INSERT INTO namespaces (id, name, owner_id) VALUES (1, 'acme', 1)"))
     conn.execute(text("INSERT INTO namespace_keys (id, namespace_id, key_id, public_key) VALUES (1, 1, 'k1', 'pk')"))
-    conn.execute(text("INSERT INTO packages (id, namespace_id, name, downloads, latest_version_id) "
-                      "VALUES (1, 1, 'clauses', 7, 2)"))
+    conn.execute(
+        text(
+            "INSERT INTO packages (id, namespace_id, name, downloads, latest_version_id) VALUES (1, 1, 'clauses', 7, 2)"
+        )
+    )
     for vid, ver in ((1, "1.0.0"), (2, "1.1.0")):
-        conn.execute(text(
-            "INSERT INTO versions (id, package_id, version, ref, manifest_digest, manifest, signature, key_id, "
-            "description, license_id, base_name, base_digest, domains, tasks, score, search_text, publisher, "
-            "created) VALUES (:id, 1, :v, :ref, :md, '{}', '{}', 'k1', 'contract clauses', 'MIT', 'tiny@1', "
-            ":bd, ',legal,', ',classification,', 0.9, :st, 'acme', :c)"),
-            {"id": vid, "v": ver, "ref": f"acme/clauses@{ver}", "md": f"sha256:{vid:064x}",
-             "bd": "sha256:" + "b" * 64, "st": f"acme clauses contract termination indemnity v{vid}", "c": created})
-        conn.execute(text("INSERT INTO metrics (version_id, name, value) VALUES (:id, 'accuracy', 0.9)"),
-                     {"id": vid})
+        conn.execute(
+            text(
+                "INSERT INTO versions (id, package_id, version, ref, manifest_digest, manifest, signature, key_id, "
+                "description, license_id, base_name, base_digest, domains, tasks, score, search_text, publisher, "
+                "created) VALUES (:id, 1, :v, :ref, :md, '{}', '{}', 'k1', 'contract clauses', 'MIT', 'tiny@1', "
+                ":bd, ',legal,', ',classification,', 0.9, :st, 'acme', :c)"
+            ),
+            {
+                "id": vid,
+                "v": ver,
+                "ref": f"acme/clauses@{ver}",
+                "md": f"sha256:{vid:064x}",
+                "bd": "sha256:" + "b" * 64,
+                "st": f"acme clauses contract termination indemnity v{vid}",
+                "c": created,
+            },
+        )
+        conn.execute(text("INSERT INTO metrics (version_id, name, value) VALUES (:id, 'accuracy', 0.9)"), {"id": vid})
 
 
 def test_first_schema_upgrades_with_its_data(url, tmp_path):
@@ -64,13 +78,13 @@ def test_first_schema_upgrades_with_its_data(url, tmp_path):
         assert (info["version"], info["downloads"], info["versions"]) == ("1.1.0", 7, ["1.0.0", "1.1.0"])
         assert info["yanked"] is False and info["yanked_reason"] == ""
         rows = lifecycle.versions(reg, "acme", "clauses")
-        assert [(r["version"], r["downloads"], r["yanked"]) for r in rows] == [("1.1.0", 0, False),
-                                                                               ("1.0.0", 0, False)]
+        assert [(r["version"], r["downloads"], r["yanked"]) for r in rows] == [("1.1.0", 0, False), ("1.0.0", 0, False)]
         # the rows stored before the full-text index existed are found by it, and by the filters
         hits = reg.search("indemnity")["results"]
         assert [h["ref"] for h in hits] == ["acme/clauses@1.1.0"]
-        assert [h["ref"] for h in reg.search(domain="legal", min_metric=["accuracy>=0.8"])["results"]] == \
-            ["acme/clauses@1.1.0"]
+        assert [h["ref"] for h in reg.search(domain="legal", min_metric=["accuracy>=0.8"])["results"]] == [
+            "acme/clauses@1.1.0"
+        ]
         assert reg.search(verified=True)["results"] == []  # no valid signature in these rows: computed, not assumed
     finally:
         reg.close()
@@ -85,8 +99,9 @@ def test_migrated_schema_has_every_model_column_and_index(url):
         for col in table.columns:
             assert col.name in have, f"{table.name}.{col.name} is in the models but no migration adds it"
             nullable = bool(have[col.name]["nullable"])
-            assert nullable == bool(col.nullable) or col.primary_key, \
+            assert nullable == bool(col.nullable) or col.primary_key, (
                 f"{table.name}.{col.name}: nullable {nullable} in the database, {col.nullable} in the model"
+            )
         indexes = {ix["name"] for ix in insp.get_indexes(table.name)}
         for ix in table.indexes:
             assert ix.name in indexes, f"index {ix.name} is in the models but no migration creates it"

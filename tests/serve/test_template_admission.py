@@ -25,8 +25,13 @@ def _adapter(ws, name: str, tmp_path, extra_files: dict | None = None, metadata:
     out = random_lora(c["model_dir"], tmp_path / f"adapter-{name}", seed, r=4, target_modules=("q_proj", "v_proj"))
     for fname, text in (extra_files or {}).items():
         (out / fname).write_text(text)
-    meta = {"base_model": c["base"].digest, "method": "lora", "r": 4, **text_identity(c["tokenizer"]),
-            **(metadata or {})}
+    meta = {
+        "base_model": c["base"].digest,
+        "method": "lora",
+        "r": 4,
+        **text_identity(c["tokenizer"]),
+        **(metadata or {}),
+    }
     with ws.ledger.run("train", config={"name": name}, inputs=[c["base"].digest]) as run:
         run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
     shutil.rmtree(out)
@@ -53,8 +58,13 @@ def test_a_shipped_chat_template_unlike_the_base_is_refused_with_the_diff(served
 def test_the_adapter_cannot_allow_itself(served_ws, tmp_path):
     c = served_ws.ctx
     # a publisher's claim (metadata copied from its manifest) allows nothing: only the caller's argument does
-    claimed = _adapter(served_ws, "claimed", tmp_path, {"chat_template.jinja": "{{ messages }}" + POISON},
-                       {"template_change_allowed": True, "market": {"template_change_allowed": True}})
+    claimed = _adapter(
+        served_ws,
+        "claimed",
+        tmp_path,
+        {"chat_template.jinja": "{{ messages }}" + POISON},
+        {"template_change_allowed": True, "market": {"template_change_allowed": True}},
+    )
     with pytest.raises(DeploymentRefused, match="chat_template.jinja"):
         check_adapter(served_ws, claimed, c["base"], text_identity(c["tokenizer"]))
 

@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from .migrations import MIGRATIONS, PG_TSV_INDEX, add_column, migrate  # noqa: F401  (re-exported)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
@@ -140,9 +142,6 @@ class Migration(Base):
     __tablename__ = "market_migrations"
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     applied: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-
-
-from .migrations import MIGRATIONS, PG_TSV_INDEX, add_column, migrate  # noqa: F401  (re-exported)
 
 
 def connect(url: str) -> tuple[Engine, sessionmaker]:

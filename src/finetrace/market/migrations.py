@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS market_migrations (name VARCHAR(100) NOT NULL PRIMARY KEY, "
-                    "applied {timestamp} NOT NULL)")
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS market_migrations (name VARCHAR(100) NOT NULL PRIMARY KEY, "
+    "applied {timestamp} NOT NULL)"
+)
 
 # the first release's tables (finetrace 644675d), for SQLite and PostgreSQL: {serial} and {timestamp} differ
 SCHEMA_001 = (
@@ -56,8 +58,10 @@ SCHEMA_001 = (
         PRIMARY KEY (version_id, name), FOREIGN KEY (version_id) REFERENCES versions (id))""",
     "CREATE INDEX ix_metrics_name_value ON metrics (name, value)",
 )
-TYPES = {"sqlite": {"serial": "INTEGER", "timestamp": "DATETIME"},
-         "postgresql": {"serial": "SERIAL", "timestamp": "TIMESTAMP WITHOUT TIME ZONE"}}
+TYPES = {
+    "sqlite": {"serial": "INTEGER", "timestamp": "DATETIME"},
+    "postgresql": {"serial": "SERIAL", "timestamp": "TIMESTAMP WITHOUT TIME ZONE"},
+}
 
 
 def _ddl(dialect: str, sql: str) -> str:
@@ -71,14 +75,22 @@ def _m001_schema(conn, dialect: str) -> None:
 
 def _m002_fulltext(conn, dialect: str) -> None:
     if dialect == "sqlite":
-        conn.execute(text("CREATE VIRTUAL TABLE IF NOT EXISTS versions_fts USING fts5(search_text, "
-                          "tokenize='porter unicode61')"))
+        conn.execute(
+            text("CREATE VIRTUAL TABLE IF NOT EXISTS versions_fts USING fts5(search_text, tokenize='porter unicode61')")
+        )
         # versions stored before the index existed (a database left at 001) become searchable too
-        conn.execute(text("INSERT INTO versions_fts(rowid, search_text) SELECT id, search_text FROM versions "
-                          "WHERE id NOT IN (SELECT rowid FROM versions_fts)"))
+        conn.execute(
+            text(
+                "INSERT INTO versions_fts(rowid, search_text) SELECT id, search_text FROM versions "
+                "WHERE id NOT IN (SELECT rowid FROM versions_fts)"
+            )
+        )
     elif dialect == "postgresql":
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_fts ON versions "
-                          "USING GIN (to_tsvector('english', search_text))"))
+        conn.execute(
+            text(
+                "CREATE INDEX IF NOT EXISTS ix_versions_fts ON versions USING GIN (to_tsvector('english', search_text))"
+            )
+        )
 
 
 def _m003_search_indexes(conn, dialect: str) -> None:
@@ -95,8 +107,12 @@ PG_TSV_INDEX = "CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN
 def _m004_pg_stored_tsvector(conn, dialect: str) -> None:
     # ranking needs each match's tsvector: store it (generated column) instead of re-parsing the text
     if dialect == "postgresql":
-        conn.execute(text("ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
-                          "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"))
+        conn.execute(
+            text(
+                "ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
+                "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"
+            )
+        )
         conn.execute(text(PG_TSV_INDEX))
         conn.execute(text("DROP INDEX IF EXISTS ix_versions_fts"))
 
@@ -107,8 +123,12 @@ def add_column(conn, dialect: str, table: str, name: str, ddl: str) -> None:
     if dialect == "sqlite":
         have = {r[1] for r in conn.execute(text(f"PRAGMA table_info({table})"))}
     else:
-        have = {r[0] for r in conn.execute(text("SELECT column_name FROM information_schema.columns "
-                                                 "WHERE table_name = :t"), {"t": table})}
+        have = {
+            r[0]
+            for r in conn.execute(
+                text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"), {"t": table}
+            )
+        }
     if name not in have:
         conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
@@ -121,8 +141,9 @@ def _m005_search_at_scale(conn, dialect: str) -> None:
     if dialect == "postgresql":
         # "score DESC NULLS LAST" cannot walk an ascending (score, id) index backwards (NULLs would come
         # first): without this index a score sort reads every match and sorts it
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_desc ON versions "
-                          "(score DESC NULLS LAST, id DESC)"))
+        conn.execute(
+            text("CREATE INDEX IF NOT EXISTS ix_versions_score_desc ON versions (score DESC NULLS LAST, id DESC)")
+        )
         conn.execute(text("ANALYZE versions"))
 
 
@@ -152,12 +173,15 @@ def _m007_download_on_weights(conn, dialect: str) -> None:
             conn.execute(text("UPDATE versions SET weights_digest = :d WHERE id = :id"), {"d": digest, "id": vid})
 
 
-MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
-                                          ("003_search_indexes", _m003_search_indexes),
-                                          ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
-                                          ("005_search_at_scale", _m005_search_at_scale),
-                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads),
-                                          ("007_download_on_weights", _m007_download_on_weights)]
+MIGRATIONS: list[tuple[str, Callable]] = [
+    ("001_schema", _m001_schema),
+    ("002_fulltext", _m002_fulltext),
+    ("003_search_indexes", _m003_search_indexes),
+    ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
+    ("005_search_at_scale", _m005_search_at_scale),
+    ("006_yank_and_version_downloads", _m006_yank_and_version_downloads),
+    ("007_download_on_weights", _m007_download_on_weights),
+]
 
 
 def _now() -> datetime:
@@ -179,8 +203,9 @@ def migrate(engine: Engine, upto: str | None = None) -> list[str]:
         if name not in done:
             with engine.begin() as conn:
                 fn(conn, dialect)
-                conn.execute(text("INSERT INTO market_migrations (name, applied) VALUES (:n, :t)"),
-                             {"n": name, "t": _now()})
+                conn.execute(
+                    text("INSERT INTO market_migrations (name, applied) VALUES (:n, :t)"), {"n": name, "t": _now()}
+                )
             applied.append(name)
         if name == upto:
             break

@@ -32,8 +32,8 @@ from ..canonical import CHUNK, check_digest
 from ..errors import FinetraceError, IntegrityError, NotFoundError
 from ..store import ObjectStore
 from . import db
-from .migrations import WEIGHTS
 from .checks import Limits, Refused, check_adapter, check_file, refuse
+from .migrations import WEIGHTS
 from .names import confusable_with
 from .package import check_shape, documents_present, manifest_digest, parse_ref, verify, verify_attestation
 

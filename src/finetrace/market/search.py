@@ -25,8 +25,20 @@ import functools
 import json
 import re
 
-from sqlalchemy import (BigInteger, Float, Integer, and_, bindparam, exists, func, literal_column, or_, select, table,
-                        tuple_)
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    table,
+    tuple_,
+)
 
 from . import db
 from .checks import Refused

@@ -25,13 +25,23 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import FinetraceError, InputError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 MAX_DIFF_LINES = 60
-HINT = ("a changed chat template can smuggle instructions into every prompt; if this change is intended, "
-        "pass --allow-template-change")
+HINT = (
+    "a changed chat template can smuggle instructions into every prompt; if this change is intended, "
+    "pass --allow-template-change"
+)
 
 Files = Mapping[str, bytes]  # tokenizer file name -> bytes
 
@@ -103,12 +113,30 @@ def compare_files(folder: Path | Files, base: Path | Files) -> list[dict]:
     for name in TOKENIZER_FILES:
         if name not in mine or mine[name] == theirs.get(name, b""):
             continue
-        out.append({"file": name, "diff": unified(f"base/{name}", _readable(name, theirs.get(name, b"")),
-                                                  f"adapter/{name}", _readable(name, mine[name]))})
+        out.append(
+            {
+                "file": name,
+                "diff": unified(
+                    f"base/{name}",
+                    _readable(name, theirs.get(name, b"")),
+                    f"adapter/{name}",
+                    _readable(name, mine[name]),
+                ),
+            }
+        )
     tpl, base_tpl = chat_template(mine), chat_template(theirs)
     if tpl is not None and tpl != (base_tpl or "") and not any(d["file"] == "chat_template.jinja" for d in out):
-        out.append({"file": "chat template", "diff": unified("base chat template", (base_tpl or "").splitlines(True),
-                                                             "adapter chat template", tpl.splitlines(True))})
+        out.append(
+            {
+                "file": "chat template",
+                "diff": unified(
+                    "base chat template",
+                    (base_tpl or "").splitlines(True),
+                    "adapter chat template",
+                    tpl.splitlines(True),
+                ),
+            }
+        )
     return out
 
 
@@ -123,34 +151,58 @@ def compare_identity(declared: dict, base: Path | Files, actual: dict | None = N
     want = declared.get("chat_template_sha256")
     if want and want != have["chat_template_sha256"]:
         tpl = chat_template(files) or ""
-        out.append({"file": "chat template (chat_template_sha256)",
-                    "diff": f"the adapter was trained with chat template {want}; the base's known-good template "
-                            f"is {have['chat_template_sha256']}:\n"
-                            + "".join(f"  {line}" for line in tpl.splitlines(True)[:20])})
+        out.append(
+            {
+                "file": "chat template (chat_template_sha256)",
+                "diff": f"the adapter was trained with chat template {want}; the base's known-good template "
+                f"is {have['chat_template_sha256']}:\n" + "".join(f"  {line}" for line in tpl.splitlines(True)[:20]),
+            }
+        )
     tok_want, tok_have = declared.get("tokenizer_sha256"), have.get("tokenizer_sha256")
     if tok_want and tok_have and tok_want != tok_have:
-        out.append({"file": "tokenizer vocabulary (tokenizer_sha256)",
-                    "diff": f"the adapter was trained with vocabulary {tok_want}; the base's is {tok_have}\n"})
+        out.append(
+            {
+                "file": "tokenizer vocabulary (tokenizer_sha256)",
+                "diff": f"the adapter was trained with vocabulary {tok_want}; the base's is {tok_have}\n",
+            }
+        )
     for key in ("eos_token", "eos_token_id"):
         if key in declared and key in have and declared[key] != have[key]:
-            out.append({"file": key, "diff": f"the adapter was trained with {key} {declared[key]!r}; "
-                                             f"the base's is {have[key]!r}\n"})
+            out.append(
+                {
+                    "file": key,
+                    "diff": f"the adapter was trained with {key} {declared[key]!r}; the base's is {have[key]!r}\n",
+                }
+            )
     return out
 
 
-def check(differences: list[dict], what: str, allow: bool = False, error: type[Exception] = TemplateChanged,
-          hint: str = HINT) -> list[dict]:
+def check(
+    differences: list[dict],
+    what: str,
+    allow: bool = False,
+    error: type[FinetraceError] = TemplateChanged,
+    hint: str = HINT,
+) -> list[dict]:
     """Refuse ``what`` with ``error`` when it has differences, showing each, unless ``allow``; returns them."""
     if differences and not allow:
         shown = "\n".join(f"{d['file']}:\n{d['diff']}" for d in differences)
-        raise error(f"{what}: tokenizer or chat template differs from the base model's known-good one\n{shown}",
-                    hint=hint)
+        raise error(
+            f"{what}: tokenizer or chat template differs from the base model's known-good one\n{shown}", hint=hint
+        )
     return differences
 
 
-def check_serving(adapter_dir: Path, base: Path | Files, declared: dict, actual: dict | None = None,
-                  allow: bool = False, what: str | None = None, error: type[Exception] = TemplateChanged,
-                  hint: str = HINT) -> list[dict]:
+def check_serving(
+    adapter_dir: Path,
+    base: Path | Files,
+    declared: dict,
+    actual: dict | None = None,
+    allow: bool = False,
+    what: str | None = None,
+    error: type[FinetraceError] = TemplateChanged,
+    hint: str = HINT,
+) -> list[dict]:
     """What serving runs before it loads an adapter onto a base: the adapter folder's tokenizer files and
     its declared identity against the base's known-good ones (``base``: a folder or ``base_files(...)``)."""
     diffs = compare_files(Path(adapter_dir), base) + compare_identity(declared or {}, base, actual)
