@@ -231,6 +231,24 @@ class ObjectStore:
                 shutil.rmtree(build, ignore_errors=True)
         return final
 
+    def member_json(self, digest: str, path: str):
+        """The JSON file ``path`` inside folder object ``digest``, re-hashed now.
+
+        None only when the folder is not stored (purged) or is not a folder, or holds no such file; a
+        changed or unreadable file is an IntegrityError, never None (absence and damage are different facts).
+        """
+        import json
+
+        if not self.has(digest) or not self.is_tree(digest):
+            return None
+        for e in self.tree(digest):
+            if e.path == path:
+                try:
+                    return json.loads(self.read_bytes(e.digest))
+                except ValueError as exc:
+                    raise IntegrityError(f"{path} of {digest} is not valid JSON: {exc}") from None
+        return None
+
     def size(self, digest: str) -> int:
         if self.is_tree(digest):
             return sum(e.size for e in self.tree(digest))

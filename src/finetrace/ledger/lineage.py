@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..errors import NotFoundError
 from .log import Ledger
 
 
@@ -25,7 +26,7 @@ def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 5
             try:
                 a = ledger.artifact(d)
                 artifacts[d] = {"kind": a.kind, "ref": a.ref, "aliases": a.aliases}
-            except Exception:
+            except NotFoundError:
                 artifacts[d] = {"kind": "unrecorded", "ref": d, "aliases": []}
 
     def add_run(rid: str) -> dict:
