@@ -155,7 +155,6 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
         run.output("bundle", digest, metadata={"adapter": adapter.digest, "file": out.name,
                                                "checkpoint_size": cp.size, "entries": len(seqs)})
         run.metrics.update({"files": len(files), "bytes": out.stat().st_size, "entries": len(seqs)})
-    ws.checkpoint()
     return out
 
 

@@ -212,5 +212,4 @@ def reproduce(ws: Workspace, run_id: str) -> ReproduceResult:
                             "reproduced_run": result.reproduced_run_id,
                             "differing_files": [c.path for c in comps if not c.identical]})
         result.record_run_id = rec.id
-    ws.checkpoint()
     return result

@@ -254,7 +254,6 @@ def publish(ws: Workspace, adapter_ref: str, target: str, registry: str, token: 
                        inputs=[pkg.manifest["adapter"]["digest"]]) as run:
         res = upload(pkg, registry, token)
         run.metrics.update({"uploaded_objects": res["uploaded"], "status": res["status"]})
-    ws.checkpoint()
     return res
 
 
@@ -377,7 +376,6 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
             except InputError:
                 pass  # the same bytes are already recorded as another kind of artifact here
         run.metrics["files"] = len(manifest["files"])
-    ws.checkpoint()
     return art
 
 
