@@ -356,6 +356,18 @@ def validate_model(model, doc: Any, what: str, *, file: str | None = None, lines
                           **where) from None
 
 
+def artifact_name(v: str) -> str:
+    """A pydantic field check: ``v`` is a valid artifact name (``ledger.log.check_name``), raised as a
+    ValueError so that the config error names the file, line and key."""
+    from .ledger.log import check_name
+
+    try:
+        check_name(v)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
 def _model_of(ann):
     """The pydantic model behind an annotation (``X``, ``X | None``, ``X | dict``), else None."""
     from pydantic import BaseModel

@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
         from ..train import describe, load_config, memory_plan, train
+        from .progress import Bars
         from ..train.config import config_yaml
         from ..train.resume import ResumeWarning, made_by
 
@@ -53,7 +54,8 @@ def register(app: typer.Typer) -> None:
         try:
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always", ResumeWarning)
-                art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+                with Bars(not no_progress and not json_out) as bars:
+                    art = train(ws, cfg, resume=resume, progress=bars)
         except KeyboardInterrupt as exc:  # typer would turn it into a silent exit
             raise Interrupted(str(exc) or "training interrupted", hint="continue with --resume") from None
         finally:

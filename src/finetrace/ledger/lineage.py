@@ -37,6 +37,8 @@ def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 5
         return runs[rid]
 
     add_artifact(digest)
+    # The upward walk (producer runs, their inputs) and the downward walk below (consumer runs, their
+    # outputs) are deliberate mirror images of each other; each is kept readable on its own.
     if direction in ("up", "both"):
         queue, seen = deque([(digest, 0)]), {digest}
         while queue:

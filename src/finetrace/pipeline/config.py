@@ -114,14 +114,7 @@ class PipelineConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from ..errors import InputError
-        from ..ledger.log import check_name
-
-        try:  # a ValueError, so the error names this file, line and key
-            check_name(v)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return yamlfile.artifact_name(v)
 
     # set by load_pipeline: the folder that relative paths are resolved against
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

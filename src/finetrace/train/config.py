@@ -233,14 +233,7 @@ class TrainConfig(BaseModel):
     @field_validator("output_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from ..errors import InputError
-        from ..ledger.log import check_name
-
-        try:  # a ValueError, so the error names this file, line and key
-            check_name(v)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return yamlfile.artifact_name(v)
 
 
 # -- loading -------------------------------------------------------------------------------------
