@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+
 import uvicorn
 
 from ..asgi import BackgroundServer as _BackgroundServer

@@ -32,11 +32,11 @@ from ..ledger import Artifact
 from ..progress import Progress, callback
 from ..workspace import Workspace
 from . import data as D
+from . import fsdp
 from .adapters import ADAPTER_META, apply_method, load_weights, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
-from . import fsdp
-from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
+from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .kernels import fuse_elementwise
 from .objective import make_objective
 from .plan import check as check_plan

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..asgi import BackgroundServer
 from ..audit.render import CHROMIUM_FLAGS, chromium
