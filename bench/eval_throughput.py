@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GenerationConfig
 
+    from finetrace.cli.progress import Bars
     from finetrace.decoding import end_ids, render
     from finetrace.decoding.chat import pad_id
     from finetrace.evaluate.generation import generate
-    from finetrace.cli.progress import Bars
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok, art = load(args.model, Path(tmp) / "ws")

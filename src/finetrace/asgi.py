@@ -25,8 +25,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv4 or IPv6); OSError when the address is not usable."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -47,13 +46,11 @@ class BackgroundServer:
 
     what = "the server"
 
-    def __init__(self, server, name: str = "finetrace-http", start_timeout: float = 60,
-                 stop_timeout: float = 120):
+    def __init__(self, server, name: str = "finetrace-http", start_timeout: float = 60, stop_timeout: float = 120):
         self.server, self.start_timeout, self.stop_timeout = server, start_timeout, stop_timeout
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name=name,
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name=name, daemon=True)
 
     @property
     def url(self) -> str:

@@ -9,9 +9,9 @@ A long-running stage function (``train``, ``evaluate``, ``import_dataset``, ``ru
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
-Progress = Callable[[str, int, Optional[int], str], None]
+Progress = Callable[[str, int, int | None, str], None]
 
 
 def callback(progress) -> Progress | None:
@@ -29,7 +29,7 @@ class Counter:
         self.progress, self.task, self.total, self.unit = callback(progress), task, total, unit
         self.done, self._t0 = 0, time.perf_counter()
 
-    def __enter__(self) -> "Counter":
+    def __enter__(self) -> Counter:
         self._t0 = time.perf_counter()
         if self.progress is not None:
             self.progress(self.task, 0, self.total, "")

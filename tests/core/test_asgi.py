@@ -10,9 +10,19 @@ from fastapi import FastAPI, Request
 from finetrace.asgi import BackgroundServer, bearer_token
 
 
-@pytest.mark.parametrize("header, token", [
-    ("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("BEARER x.y-z", "x.y-z"),
-    ("Bearer ", None), ("Basic abc", None), ("Bearerabc", None), ("", None), (None, None)])
+@pytest.mark.parametrize(
+    "header, token",
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("BEARER x.y-z", "x.y-z"),
+        ("Bearer ", None),
+        ("Basic abc", None),
+        ("Bearerabc", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_bearer_token(header, token):
     assert bearer_token(header) == token
 

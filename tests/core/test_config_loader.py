@@ -33,14 +33,34 @@ def _cases(tmp_path):
     return [
         (load_config, write("t.yaml", train), "t.yaml", "batchsize", "batch_size"),
         (load_pipeline, write("p1.yaml", {**PIPE, "evalute": {}}), "p1.yaml", "evalute", "evaluate"),
-        (load_pipeline, write("p2.yaml", {**PIPE, "train": {"learning_rate": 1}}), "p2.yaml",
-         "train.learning_rate", "train.lr"),
-        (load_pipeline, write("p3.yaml", {**PIPE, "train": {"config": str(tfile)}}), "train.yaml",
-         "lora.rnk", "train.lora.r"),
-        (load_suite, write("s.yaml", {"name": "s", "gates": {"max_flip_rte": 0.1}}), "s.yaml",
-         "gates.max_flip_rte", "gates.max_flip_rate"),
-        (load_pipeline, write("p4.yaml", {**PIPE, "evaluate": {"suite": {"metrics": ["accuracy"], "bais": {}}}}),
-         "p4.yaml", "evaluate.suite.bais", "evaluate.suite.bias"),
+        (
+            load_pipeline,
+            write("p2.yaml", {**PIPE, "train": {"learning_rate": 1}}),
+            "p2.yaml",
+            "train.learning_rate",
+            "train.lr",
+        ),
+        (
+            load_pipeline,
+            write("p3.yaml", {**PIPE, "train": {"config": str(tfile)}}),
+            "train.yaml",
+            "lora.rnk",
+            "train.lora.r",
+        ),
+        (
+            load_suite,
+            write("s.yaml", {"name": "s", "gates": {"max_flip_rte": 0.1}}),
+            "s.yaml",
+            "gates.max_flip_rte",
+            "gates.max_flip_rate",
+        ),
+        (
+            load_pipeline,
+            write("p4.yaml", {**PIPE, "evaluate": {"suite": {"metrics": ["accuracy"], "bais": {}}}}),
+            "p4.yaml",
+            "evaluate.suite.bais",
+            "evaluate.suite.bias",
+        ),
     ]
 
 
@@ -65,12 +85,15 @@ def test_bad_values_and_missing_keys_read_the_same(tmp_path):
     s = tmp_path / "s.yaml"
     s.write_text("name: s\nmax_new_tokens: 0\n")
     for load, p, line, key in ((load_config, t, 4, "lr"), (load_suite, s, 2, "max_new_tokens")):
-        assert re.search(rf"{p.name}:{line} field '{key}': Input should be greater than [^(]*\(got -?\d+\) \(.+\)$",
-                         _err(load, p))
+        assert re.search(
+            rf"{p.name}:{line} field '{key}': Input should be greater than [^(]*\(got -?\d+\) \(.+\)$", _err(load, p)
+        )
     t.write_text("base_model: b\ndataset: d\n")
-    assert _err(load_config, t).endswith("t.yaml field 'output_name': required key is missing (add "
-                                         "'output_name: ...' (Name of the adapter artifact written (versions "
-                                         "are numbered).))")
+    assert _err(load_config, t).endswith(
+        "t.yaml field 'output_name': required key is missing (add "
+        "'output_name: ...' (Name of the adapter artifact written (versions "
+        "are numbered).))"
+    )
     for load, p in ((load_config, t), (load_suite, s)):
         p.write_text("- a\n")
         assert f"{p.name}:1: a " in _err(load, p) and "must be a mapping of key: value, not a list" in _err(load, p)

@@ -14,8 +14,11 @@ def test_counter_reports_counts_totals_and_a_rate():
     with Counter(lambda *a: seen.append(a), "base: generate", 5) as bar:
         bar.advance(2)
         bar.advance(3)
-    assert [(t, d, n) for t, d, n, _ in seen] == [("base: generate", 0, 5), ("base: generate", 2, 5),
-                                                  ("base: generate", 5, 5)]
+    assert [(t, d, n) for t, d, n, _ in seen] == [
+        ("base: generate", 0, 5),
+        ("base: generate", 2, 5),
+        ("base: generate", 5, 5),
+    ]
     assert seen[0][3] == "" and re.fullmatch(r"[\d,]+\.\d\d examples/s", seen[-1][3])
     with Counter(False, "quiet", 3) as bar:  # no callback: nothing is called, counting still works
         bar.advance(3)

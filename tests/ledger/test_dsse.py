@@ -58,8 +58,10 @@ def test_both_paths_refuse_another_key_and_a_changed_payload(keys, tmp_path):
     with pytest.raises(IntegrityError, match="no DSSE signature verifies"):
         verify_attestation(env, public_to_b64(other.public), MANIFEST)
     changed = dict(env, payload=base64.b64encode(json.dumps({"x": 1}).encode()).decode())
-    for check in (lambda e: verify_envelope(e, keys.public),
-                  lambda e: verify_attestation(e, public_to_b64(keys.public), MANIFEST)):
+    for check in (
+        lambda e: verify_envelope(e, keys.public),
+        lambda e: verify_attestation(e, public_to_b64(keys.public), MANIFEST),
+    ):
         with pytest.raises(IntegrityError, match="no DSSE signature verifies"):
             check(changed)
         with pytest.raises(IntegrityError, match="not a DSSE envelope"):

@@ -44,6 +44,7 @@ def test_no_caller_signs_a_run_by_hand():
     import finetrace
 
     src = pathlib.Path(finetrace.__file__).parent
-    calls = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
-                   if re.search(r"\bws\.checkpoint\(\)", p.read_text("utf-8")))
+    calls = sorted(
+        str(p.relative_to(src)) for p in src.rglob("*.py") if re.search(r"\bws\.checkpoint\(\)", p.read_text("utf-8"))
+    )
     assert calls == ["audit/bundle.py", "cli/ledger.py", "market/client.py"]

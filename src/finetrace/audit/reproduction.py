@@ -148,7 +148,7 @@ def _reproduce_train(ws: Workspace, run) -> tuple[str, str, list[FileComparison]
     cfg["output_name"] = f"{cfg['output_name']}-reproduce"[:128]
     with tempfile.TemporaryDirectory(dir=ws.cache, prefix=".reproduce-") as tmp:
         cfg["checkpoint_dir"] = str(Path(tmp) / "checkpoints")
-        art = train(ws, TrainConfig.model_validate(cfg), progress=False)
+        art = train(ws, TrainConfig.model_validate(cfg), progress=None)
     return original, art.digest, compare_adapters(ws, original, art.digest), notes
 
 

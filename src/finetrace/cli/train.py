@@ -33,9 +33,9 @@ def register(app: typer.Typer) -> None:
     ):
         """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
         from ..train import describe, load_config, memory_plan, train
-        from .progress import Bars
         from ..train.config import config_yaml
         from ..train.resume import ResumeWarning, made_by
+        from .progress import Bars
 
         if print_config:
             typer.echo(config_yaml(load_config(config, set_)) if config or set_ else describe(), nl=False)

@@ -20,13 +20,13 @@ class AdapterRecord:
     """The recorded facts of one adapter (artifacts and runs as the ledger holds them)."""
 
     adapter: Artifact
-    meta: dict                      # finetrace_adapter.json of the adapter folder ({} when absent)
-    base_digest: str | None         # from the artifact's metadata, else from finetrace_adapter.json
-    base: Artifact | None           # None: no base named, or the ledger does not record it
-    run: Run | None                 # the producing run
-    datasets: list[Artifact] = field(default_factory=list)   # dataset artifacts among the run's inputs
+    meta: dict  # finetrace_adapter.json of the adapter folder ({} when absent)
+    base_digest: str | None  # from the artifact's metadata, else from finetrace_adapter.json
+    base: Artifact | None  # None: no base named, or the ledger does not record it
+    run: Run | None  # the producing run
+    datasets: list[Artifact] = field(default_factory=list)  # dataset artifacts among the run's inputs
     parents: list[Artifact | str] = field(default_factory=list)  # parent chain; a digest when unrecorded
-    eval_reports: list[Artifact] = field(default_factory=list)   # outputs of evaluate runs of the adapter
+    eval_reports: list[Artifact] = field(default_factory=list)  # outputs of evaluate runs of the adapter
 
 
 def recorded(ledger, digest: str | None) -> Artifact | None:

@@ -33,12 +33,16 @@ def pae(payload_type: str, body: bytes) -> bytes:
 
 def sign_envelope(payload: bytes, keys, payload_type: str = IN_TOTO) -> dict:
     """A DSSE envelope ``{"payloadType", "payload" (base64), "signatures": [{"keyid", "sig"}]}``."""
-    return {"payloadType": payload_type, "payload": base64.b64encode(payload).decode(),
-            "signatures": [{"keyid": keys.key_id, "sig": keys.sign(pae(payload_type, payload))}]}
+    return {
+        "payloadType": payload_type,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": keys.key_id, "sig": keys.sign(pae(payload_type, payload))}],
+    }
 
 
-def open_envelope(envelope: dict, public_key: Ed25519PublicKey, payload_type: str = IN_TOTO,
-                  what: str = "the DSSE envelope") -> bytes:
+def open_envelope(
+    envelope: dict, public_key: Ed25519PublicKey, payload_type: str = IN_TOTO, what: str = "the DSSE envelope"
+) -> bytes:
     """The payload of ``envelope`` once a signature by ``public_key`` verifies and its type is
     ``payload_type``; IntegrityError naming ``what`` otherwise.
 
@@ -66,6 +70,8 @@ def open_envelope(envelope: dict, public_key: Ed25519PublicKey, payload_type: st
     if not good:
         raise IntegrityError(f"{what}: no DSSE signature verifies with key {kid}")
     if ptype != payload_type:
-        raise IntegrityError(f"{what} has payload type {ptype!r}, expected {payload_type}",
-                             hint="the signature covers a different kind of document")
+        raise IntegrityError(
+            f"{what} has payload type {ptype!r}, expected {payload_type}",
+            hint="the signature covers a different kind of document",
+        )
     return payload

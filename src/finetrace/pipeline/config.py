@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from .. import yamlfile
 from ..data.options import ImportOptions
 from ..errors import ConfigError
-from .. import yamlfile
 
 STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
 

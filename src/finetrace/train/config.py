@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from .. import yamlfile
 from ..errors import ConfigError
 from ..tracking import TrackingParams
-from .. import yamlfile
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
 # Upper bounds: far beyond any sensible value, low enough that a typo (1e23) is refused, not run.
