@@ -20,11 +20,11 @@ it lives here, below both:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..canonical import sha256_bytes
 from ..errors import FinetraceError, InputError
 
 TOKENIZER_FILES = (
@@ -95,7 +95,7 @@ def chat_template(src: Path | Files) -> str | None:
 
 def template_sha256(src: Path | Files) -> str:
     """``sha256:...`` of the chat template (empty text when there is none), as ``models.identity`` records it."""
-    return "sha256:" + hashlib.sha256((chat_template(src) or "").encode("utf-8")).hexdigest()
+    return sha256_bytes((chat_template(src) or "").encode("utf-8"))
 
 
 def unified(a_name: str, a: list[str], b_name: str, b: list[str]) -> str:
