@@ -86,7 +86,7 @@ def test_lean_logits_match_for_prefill_and_decode(two_adapters):
 def test_what_lean_does_not_cover_falls_back_to_the_model_forward(two_adapters, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model, tok = two_adapters
+    model, _ = two_adapters
     assert lean_forward(model, PeftMixed()) is None            # PEFT's mixed batches: its own forward
     assert lean_forward(model, None) is None                   # LoRA layers no selector drives
     bare = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
