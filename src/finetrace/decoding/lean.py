@@ -28,8 +28,11 @@ else (another architecture, a quantised base, DoRA, PEFT's mixed batches) return
 ``generate`` all decode through ``batch.Decoder``, which makes that choice the same way for the same
 model, so what is evaluated is what is served.
 
-Fusing q/k/v and gate/up into one matmul each was measured and not kept (see the report in the
-benchmark's docstring): on this CPU it saved little and would have cost a second copy of the weights.
+Not done (measured, or not measurable here): fusing q/k/v and gate/up into one matmul each (a
+micro-benchmark under a load average of ~5 was inconclusive: 1.3x faster on one thread at batch 1,
+slower on two; it would also need a second copy of those weights); ``torch.compile`` of the step (a
+cold compile costs minutes on this 2-core machine, longer than most evaluation runs). The step is
+eager PyTorch; at batch 16 the matmuls are ~80% of its CPU time (torch.profiler).
 """
 
 from __future__ import annotations
