@@ -47,11 +47,12 @@ class Workspace:
         self.store = ObjectStore(root / "objects", root / "cache" / "trees")
         self._keys: KeyPair | None = None
         self.ledger = Ledger(root / "ledger.db", None)
+        self.ledger.key_loader = lambda: self.keys  # runs seal themselves: the key loads on first need
         self.settings: dict = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path | None = None, witness: str | Path | None = None) -> "Workspace":
+    def init(cls, path: str | Path | None = None, witness: str | Path | None = None) -> Workspace:
         """Create a workspace (idempotent: an existing one is opened, never overwritten).
 
         ``witness``: the file that keeps the latest checkpoint outside the workspace (``ledger/witness.py``
@@ -71,6 +72,7 @@ class Workspace:
         ws._keys = keys
         ws.settings = settings
         ws.ledger = Ledger.create(root / "ledger.db", keys)
+        ws.ledger.key_loader = lambda: ws.keys
         ws.ledger.external_witness = witness_path(root, keys.key_id, settings.get("witness"))
         ws.ledger.append("workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public),
                                                "key_id": keys.key_id})
@@ -79,7 +81,7 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> "Workspace":
+    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> Workspace:
         """Open a workspace; ``reclaim``: first clean what killed processes left (see ``debris.py``)."""
         root = resolve_path(path)
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
@@ -124,13 +126,14 @@ class Workspace:
         return serialization.load_pem_public_key(pem)
 
     def checkpoint(self):
+        """Sign a checkpoint now (``finetrace checkpoint``, a bundle's proof); runs sign their own at exit."""
         _ = self.keys
         return self.ledger.checkpoint()
 
     def close(self) -> None:
         self.ledger.close()
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,10 +22,11 @@ import os
 import secrets
 import sqlite3
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .. import debris, environment
 from ..atomic import write_bytes
@@ -42,7 +43,7 @@ RUN_KINDS = ("import", "convert", "train", "evaluate", "document", "approve", "p
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def actor() -> str:
@@ -59,7 +60,7 @@ class Entry:
     leaf: bytes
 
     @classmethod
-    def from_row(cls, seq: int, leaf: bytes, body: bytes) -> "Entry":
+    def from_row(cls, seq: int, leaf: bytes, body: bytes) -> Entry:
         doc = json.loads(body)
         return cls(seq, doc["type"], doc["time"], doc["actor"], doc["data"], leaf)
 
@@ -179,6 +180,7 @@ class Ledger:
         self.keys = keys
         self.witness = self.path.parent / "witness.json"
         self.external_witness: Path | None = None  # set by the workspace (see witness.py)
+        self.key_loader: Callable[[], Any] | None = None  # set by the workspace: loads ``keys`` on first use
         self._conn: sqlite3.Connection | None = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -212,13 +214,13 @@ class Ledger:
         return conn
 
     @classmethod
-    def create(cls, path: str | Path, keys: KeyPair) -> "Ledger":
+    def create(cls, path: str | Path, keys: KeyPair) -> Ledger:
         led = cls(path, keys)
         led._conn = led._connect()
         migrate(led._conn)
         return led
 
-    def open(self) -> "Ledger":
+    def open(self) -> Ledger:
         try:
             migrate(self.conn)
             self.conn.execute("SELECT COUNT(*) FROM entries").fetchone()
@@ -245,10 +247,20 @@ class Ledger:
 
     # -- the log ------------------------------------------------------------------------------
     def append(self, type: str, data: dict | Callable[[sqlite3.Connection], dict],
-               who: str | None = None) -> Entry:
-        """Append one event. ``data`` may be a function of the locked connection (to number versions)."""
+               who: str | None = None, seal: bool = False) -> Entry:
+        """Append one event. ``data`` may be a function of the locked connection (to number versions).
+        ``seal``: sign a checkpoint at once (an event outside any run; runs seal when they end)."""
         with self._tx() as conn:
-            return self._append_locked(conn, type, data, who)
+            entry = self._append_locked(conn, type, data, who)
+        if seal:
+            self.seal()
+        return entry
+
+    def seal(self) -> Checkpoint | None:
+        """Sign a checkpoint now (loading the key if need be; None without one). Every run ends with it."""
+        if self.keys is None and self.key_loader is not None:
+            self.key_loader()
+        return self.checkpoint() if self.keys is not None else None
 
     def append_many(self, type: str, datas: list[dict], who: str | None = None) -> list[Entry]:
         """Append several events of one type in one transaction (all or none)."""
@@ -457,8 +469,9 @@ class Ledger:
     # -- runs ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def run(self, kind: str, config: dict, inputs: list[str] = (), seed: int | None = None,
-            environment_extra: dict | None = None) -> Iterator["RunRecorder"]:
-        """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit.
+            environment_extra: dict | None = None) -> Iterator[RunRecorder]:
+        """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit,
+        then a signed checkpoint covering the whole run (:meth:`seal`).
 
             with ledger.run("train", config=cfg, inputs=[base, data], seed=0) as run:
                 adapter = run.output("adapter", digest, name="legal-lora")
@@ -466,7 +479,7 @@ class Ledger:
         """
         if kind not in RUN_KINDS:
             raise InputError(f"unknown run kind {kind!r}", hint=f"one of {', '.join(RUN_KINDS)}")
-        rec = RunRecorder(self, f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+        rec = RunRecorder(self, f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
                           list(inputs))
         debris.run_started(self.path.parent, rec.id)  # so a SIGKILLed run is found and marked interrupted
         try:
@@ -474,7 +487,7 @@ class Ledger:
         finally:
             debris.run_ended(self.path.parent, rec.id)
 
-    def _recorded(self, rec: "RunRecorder", kind: str, config: dict, seed, environment_extra):
+    def _recorded(self, rec: RunRecorder, kind: str, config: dict, seed, environment_extra):
         self.append("run.started", {"id": rec.id, "kind": kind, "config": config, "inputs": rec.inputs,
                                     "environment": environment.capture(seed, environment_extra)})
         try:
@@ -485,9 +498,14 @@ class Ledger:
                 traceback.format_exception_only(type(exc), exc)).strip()
             self.append("run.finished", {"id": rec.id, "status": status, "metrics": rec.metrics,
                                          "error": msg[:2000], "inputs": rec.late_inputs})
+            try:
+                self.seal()
+            except (FinetraceError, OSError, sqlite3.Error) as bad:  # the run's own error matters more
+                exc.add_note(f"finetrace: no checkpoint was signed after the failed run: {bad}")
             raise
         self.append("run.finished", {"id": rec.id, "status": "succeeded", "metrics": rec.metrics,
                                      "inputs": rec.late_inputs})
+        self.seal()
 
     def get_run(self, run_id: str) -> Run:
         row = self.conn.execute("SELECT id, kind, status, actor, config, environment, metrics, error, "
@@ -524,7 +542,7 @@ class Ledger:
         """Build the index from the log alone in a scratch in-memory database and return it."""
         mem = sqlite3.connect(":memory:", isolation_level=None)
         migrate(mem)
-        for seq, body in self.conn.execute("SELECT seq, body FROM entries ORDER BY seq"):
+        for _seq, body in self.conn.execute("SELECT seq, body FROM entries ORDER BY seq"):
             try:
                 doc = json.loads(body)
                 handler = INDEXERS.get(doc["type"])
@@ -541,7 +559,7 @@ class Ledger:
         with self._tx() as conn:
             for t in reversed(INDEX_TABLES):
                 conn.execute(f"DELETE FROM {t}")
-            for seq, body in conn.execute("SELECT seq, body FROM entries ORDER BY seq").fetchall():
+            for _seq, body in conn.execute("SELECT seq, body FROM entries ORDER BY seq").fetchall():
                 doc = json.loads(body)
                 handler = INDEXERS.get(doc["type"])
                 if handler:
