@@ -23,8 +23,9 @@ def two_adapters(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
-                          adapter_name="alpha")
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0), adapter_name="alpha"
+    )
     peft.add_adapter("beta", LoraConfig(r=2, lora_alpha=4, target_modules=targets[:4], lora_dropout=0.0))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -53,7 +54,7 @@ def test_lean_tokens_equal_the_model_forward_on_mixed_adapter_batches(two_adapte
     hf_ids, _ = _decode(model, tok, sel, names, lean=False)
     assert lean_ids == hf_ids
     assert len({tuple(x) for x in lean_ids}) >= 3
-    on_a, _ = _decode(model, tok, sel, ["alpha"] * len(PROMPTS), lean=True)   # the adapter changes the answers
+    on_a, _ = _decode(model, tok, sel, ["alpha"] * len(PROMPTS), lean=True)  # the adapter changes the answers
     assert on_a != lean_ids
 
 
@@ -78,8 +79,9 @@ def test_lean_logits_match_for_prefill_and_decode(two_adapters):
         nxt = got.argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         got = lean.forward(nxt, mask2, pos[:, -1:] + 1, c1.layers)
-        want = model(input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, cache=c2,
-                     use_cache=True).logits[:, -1]
+        want = model(
+            input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, cache=c2, use_cache=True
+        ).logits[:, -1]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -87,12 +89,12 @@ def test_what_lean_does_not_cover_falls_back_to_the_model_forward(two_adapters, 
     from transformers import AutoModelForCausalLM
 
     model, _ = two_adapters
-    assert lean_forward(model, PeftMixed()) is None            # PEFT's mixed batches: its own forward
-    assert lean_forward(model, None) is None                   # LoRA layers no selector drives
+    assert lean_forward(model, PeftMixed()) is None  # PEFT's mixed batches: its own forward
+    assert lean_forward(model, None) is None  # LoRA layers no selector drives
     bare = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert lean_forward(bare, None) is not None
     bare.model.layers[1].mlp.up_proj = torch.nn.Sequential(bare.model.layers[1].mlp.up_proj)
-    assert lean_forward(bare, None) is None                    # a projection that is not a plain Linear
+    assert lean_forward(bare, None) is None  # a projection that is not a plain Linear
 
 
 def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir):
@@ -100,8 +102,10 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
-                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in peft.named_parameters():
@@ -109,7 +113,7 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
                 p.normal_(0, 0.3)
     peft.eval()
     prompt = encode_chat(tok, PROMPTS[2])
-    with torch.inference_mode():   # PEFT's own greedy loop, no cache: the reference
+    with torch.inference_mode():  # PEFT's own greedy loop, no cache: the reference
         ids = list(prompt)
         for _ in range(8):
             ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
@@ -117,4 +121,4 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
     assert dec.lean() is not None
     seq = Seq(prompt, max_tokens=8, normalise=False)
     dec.run([seq])
-    assert seq.ids == ids[len(prompt):len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
+    assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1

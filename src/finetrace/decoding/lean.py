@@ -72,7 +72,9 @@ def covers(model, adapters) -> bool:
     for layer in base.model.layers:
         if {type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__} != {"LlamaRMSNorm"}:
             return False
-        for m in [getattr(layer.self_attn, p, None) for p in _PROJ[:4]] + [getattr(layer.mlp, p, None) for p in _PROJ[4:]]:
+        for m in [getattr(layer.self_attn, p, None) for p in _PROJ[:4]] + [
+            getattr(layer.mlp, p, None) for p in _PROJ[4:]
+        ]:
             if m is None or _plain_linear(m) is None:
                 return False
             if hasattr(m, "base_layer") and id(m) not in gathered:
@@ -94,18 +96,23 @@ class LeanLlama:
         self.head = base.lm_head
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.layers = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            self.layers.append((layer.input_layernorm, layer.post_attention_layernorm,
-                                [(_plain_linear(m), m if hasattr(m, "_ft_A") else None) for m in mods]))
+            self.layers.append(
+                (
+                    layer.input_layernorm,
+                    layer.post_attention_layernorm,
+                    [(_plain_linear(m), m if hasattr(m, "_ft_A") else None) for m in mods],
+                )
+            )
 
     def _lin(self, x, proj) -> torch.Tensor:
         lin, lora = proj
         out = F.linear(x, lin.weight, lin.bias)
-        if lora is not None:
+        if lora is not None and self.adapters is not None:
             d = lora_delta(lora, x, self.adapters)
             if d is not None:
                 out = out + d.to(out.dtype)
@@ -122,15 +129,15 @@ class LeanLlama:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
         cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
         B, q = ids.shape
-        x = self.embed(ids)                                                  # (B, q, d)
-        cos, sin = self.rotary(x, positions)                                 # (B, q, hd)
+        x = self.embed(ids)  # (B, q, d)
+        cos, sin = self.rotary(x, positions)  # (B, q, hd)
         cos, sin = cos[:, None], sin[:, None]
         t = mask.shape[1]
-        keep = mask.bool()[:, None, None, :]                                 # (B, 1, 1, t)
+        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
         if q > 1:
             cols = torch.arange(t, device=ids.device)
             rows = torch.arange(t - q, t, device=ids.device)
-            keep = keep & (cols[None, :] <= rows[:, None])[None, None]       # (B, 1, q, t)
+            keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
         g = self.kv_heads and self.heads // self.kv_heads
         for (n_in, n_post, p), cache in zip(self.layers, layers):
             h = self._rms(n_in, x)
@@ -139,10 +146,11 @@ class LeanLlama:
             vs = self._lin(h, p[2]).view(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
-            K, V = cache.update(ks, vs)                                      # (B, kv, t, hd) views
+            K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
             if q == 1:  # decode: the query heads of one KV head packed as its "positions"
-                o = F.scaled_dot_product_attention(qs.reshape(B, self.kv_heads, g, self.head_dim), K, V,
-                                                   attn_mask=keep, scale=self.scale)   # (B, kv, g, hd)
+                o = F.scaled_dot_product_attention(
+                    qs.reshape(B, self.kv_heads, g, self.head_dim), K, V, attn_mask=keep, scale=self.scale
+                )  # (B, kv, g, hd)
                 o = o.reshape(B, 1, -1)
             else:
                 K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
