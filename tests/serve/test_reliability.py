@@ -10,11 +10,12 @@ from concurrent.futures import Future
 
 import httpx
 import pytest
-from serve_support import hold_scheduler, logged_events
 
 from finetrace.serve.engine import Engine, GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
+
+from .serve_support import hold_scheduler, logged_events
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 LIMIT = 6 * 1024 * 1024

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import load_config, train
@@ -17,6 +16,8 @@ from finetrace.train import preference as P
 from finetrace.train.adapters import load_base
 from finetrace.train.attention import segments
 from finetrace.train.config import DpoParams
+
+from .train_support import make_config
 
 WORDS = ["fox", "dog", "contract", "invoice", "data", "model", "train", "serve", "goods", "party", "audit",
          "world", "customer", "supplier", "clause", "capital"]

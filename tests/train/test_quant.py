@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import DependencyError
 from finetrace.train import load_config, train
+
+from .train_support import make_config
 
 pytest.importorskip("bitsandbytes")
 
@@ -123,7 +124,7 @@ seed: 3
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["method: qlora", "quantization:\n  bits: 8"])
 def test_sigkill_and_resume_equals_uninterrupted(tiny_setup, tmp_path, quant):
-    from test_resume import start_child, wait_for_step
+    from .test_resume import start_child, wait_for_step
 
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import train
+
+from .train_support import make_config
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "finetrace_adapter.json", "metrics.jsonl",
                  "loss_curve.png"}
