@@ -210,6 +210,7 @@ def _chromium():
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium here (apt-get install -y chromium)")
 def test_html_report_renders_in_headless_chromium(compared, env, tmp_path):
     """The self-contained page renders offline; the DOM has every chart with bars and interval

@@ -66,6 +66,7 @@ def tensors(ws, art):
 
 
 # -- 1. policy == reference at step 0 -----------------------------------------------------------------
+@pytest.mark.slow
 def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs, learnable_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -332,6 +333,7 @@ DDP_CONFIG = ("base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: {n
               "max_steps: 3\nlr: 1.0e-2\neps: 1.0e-3\neval_every: 3\ncheckpoint_every: null\nseed: 2\nthreads: 1\n")
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(prefs, tmp_path):
     import os
     import subprocess

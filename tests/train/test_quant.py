@@ -25,6 +25,7 @@ def _losses(ws, art):
             if "loss" in json.loads(line)]
 
 
+@pytest.mark.slow
 def test_qlora_loss_falls_and_the_quantisation_is_recorded(tiny_setup):
     ws, _, _ = tiny_setup
     art = train(ws, make_config(method="qlora", dataset="routing", max_steps=30, lr=1e-2, schedule="constant",
