@@ -145,8 +145,8 @@ class SuiteInfo(_Part):
 
 class ExampleRow(_Part):
     i: int
-    id: str | None = None
-    group: str | None = None
+    id: str | int | None = None  # the dataset's own row id, as the data gave it
+    group: str | int | None = None
     prompt: str = ""
     gold: str
 
