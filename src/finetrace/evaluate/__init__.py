@@ -8,7 +8,7 @@ metrics), ``stats`` (bootstrap intervals, paired tests, group fairness), ``bias`
 over ``resources/wordlists.json``), ``forgetting`` (perplexity on ``resources/general_text.txt``),
 ``suite`` (the YAML config and gates), ``gates``, ``evalset`` (dataset split -> examples), ``report``
 (JSON + self-contained HTML), ``schema`` (the typed report every reader reads), ``runner`` (the entry
-points), ``progress`` (the examples/s bar).
+points; progress goes to a ``finetrace.progress`` callback).
 """
 
 from typing import TYPE_CHECKING

@@ -17,10 +17,10 @@ Used by ``market import-hub`` and ``market pull`` (``--allow-template-change``) 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from pathlib import Path
 
+from ..canonical import sha256_bytes
 from .checks import Refused
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -88,7 +88,7 @@ def compare_identity(declared: dict, base_dir: Path) -> list[dict]:
     if not want:
         return []
     tpl = chat_template(base_dir) or ""
-    have = "sha256:" + hashlib.sha256(tpl.encode("utf-8")).hexdigest()
+    have = sha256_bytes(tpl.encode("utf-8"))
     if want == have:
         return []
     return [{"file": "chat template", "diff": f"the adapter was trained with chat template {want}; the base's "
