@@ -5,8 +5,8 @@ API (JSON; errors are ``{"error", "hint"}`` with 401/403/404/409/422):
     POST /api/v1/uploads                              {manifest, signature} -> {status, upload, missing}
     PUT  /api/v1/uploads/{upload}/objects/{digest}    raw bytes (re-hashed, content-checked)
     POST /api/v1/uploads/{upload}/commit              -> {status: published|exists, ref, digest}
-    GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge (?pull=1 counts a download)
-    GET  /api/v1/objects/{digest}                     bytes of a committed object
+    GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge
+    GET  /api/v1/objects/{digest}                     bytes of a committed object (an adapter's weights: a download)
     GET  /api/v1/versions/{ns}/{name}                 every version: yanked, downloads, latest
     POST /api/v1/packages/{ns}/{name}/{version}/yank  {reason, undo} (namespace owner)
     GET  /api/v1/search?q=&domain=&task=&base=&license=&min_metric=&verified=&sort=&limit=&cursor=
@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ..asgi import BackgroundServer as _BackgroundServer
 from ..asgi import bearer_token
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
+from . import lifecycle
 from .checks import Refused
 from .registry import Registry, Settings
 
@@ -96,20 +97,22 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return reg.commit(bearer_token(authorization), upload_id)
 
     @app.get("/api/v1/packages/{ns}/{name}")
-    def latest(ns: str, name: str, pull: int = 0):
-        info = reg.version(ns, name, None, count_download=bool(pull))
+    def latest(ns: str, name: str, pull: int = 0):  # pull: sent by older clients, counts nothing now
+        info = reg.version(ns, name, None)
         info["badge"] = reg.badge(info)
         return info
 
     @app.get("/api/v1/packages/{ns}/{name}/{version}")
     def version(ns: str, name: str, version: str, pull: int = 0):
-        info = reg.version(ns, name, version, count_download=bool(pull))
+        info = reg.version(ns, name, version)
         info["badge"] = reg.badge(info)
         return info
 
     @app.get("/api/v1/objects/{digest}")
     def get_object(digest: str):
-        return FileResponse(reg.object_path(digest), media_type="application/octet-stream",
+        path = reg.object_path(digest)
+        lifecycle.count_download(reg, digest)  # a pull asks for the weights only once its own checks passed
+        return FileResponse(path, media_type="application/octet-stream",
                             headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/v1/search")
@@ -118,8 +121,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                sort: str | None = None, limit: int = 20, offset: int = 0, verified: bool | None = None,
                cursor: str | None = None):
         return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
-
-    from . import lifecycle
 
     @app.get("/api/v1/versions/{ns}/{name}")
     def versions(ns: str, name: str):
