@@ -4,4 +4,4 @@ Everything finetrace makes is an artifact named by its SHA-256 digest; everythin
 recorded in a tamper-evident ledger (see ``finetrace.ledger``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it); see CHANGELOG.md

@@ -11,6 +11,8 @@ import platform
 import subprocess
 from importlib import metadata
 
+from . import __version__
+
 PACKAGES = ("finetrace", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
             "tokenizers", "pyarrow", "numpy", "gguf")
 
@@ -19,7 +21,7 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
     out = {}
     for name in names:
         try:
-            out[name] = metadata.version(name)
+            out[name] = __version__ if name == "finetrace" else metadata.version(name)  # the code running
         except metadata.PackageNotFoundError:
             pass
     return out

@@ -151,6 +151,7 @@ def test_bad_inputs_are_named(audit_env, tmp_path):
         generate_documents(ws, g["refs"]["adapter"], formats=("docx",))
 
 
+@pytest.mark.slow
 def test_mlbom_validates_against_the_cyclonedx_schema(audit_env):
     """Schema: the CycloneDX 1.6 JSON schema shipped in cyclonedx-python-lib (strict validator)."""
     from finetrace.audit import mlbom

@@ -34,6 +34,7 @@ def _heading_ink(img) -> int:
     return int((np.abs(px - [0x1d, 0x35, 0x57]).sum(axis=1) < 40).sum())
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_annex_iv_html_and_pdf_render_with_every_heading(audit_env, tmp_path):
     from PIL import Image

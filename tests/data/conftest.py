@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from dataset_files import completion_rows
+
+from .dataset_files import completion_rows
 
 
 @pytest.fixture

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from dataset_files import all_rows, completion_rows, snapshot, write_jsonl
 
 from finetrace.data import import_dataset, open_dataset
 from finetrace.errors import InputError
 from finetrace.ledger import verify_workspace
+
+from .dataset_files import all_rows, completion_rows, snapshot, write_jsonl
 
 GOOD = [json.dumps(r) for r in completion_rows(6)]
 

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from dataset_files import completion_rows, snapshot
 
 from finetrace.data import import_dataset
 from finetrace.errors import InputError
 from finetrace.ledger import verify_workspace
+
+from .dataset_files import completion_rows, snapshot
 
 GOOD = [json.dumps(r) for r in completion_rows(6)]
 GOOD_BYTES = ("\n".join(GOOD) + "\n").encode()

@@ -7,10 +7,11 @@ import json
 import shutil
 
 import pytest
-from dataset_files import write_jsonl
 
 from finetrace.data import import_dataset, open_dataset, read_split
 from finetrace.errors import InputError
+
+from .dataset_files import write_jsonl
 
 # a ChatML template that writes tools, tool calls and tool results (as Qwen-style templates do)
 TOOLS_TEMPLATE = (

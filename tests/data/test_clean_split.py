@@ -8,13 +8,14 @@ import unicodedata
 
 import numpy as np
 import pytest
-from dataset_files import all_rows, completion_rows, snapshot, write_jsonl
 
 from finetrace.data import diff, import_dataset, list_datasets, open_dataset, stats
 from finetrace.data.clean import MinHasher, lsh_params
 from finetrace.data.pii import DETECTORS, Span, detectors, iban_ok, luhn_ok, register_detector, scan
 from finetrace.data.split import TEST, VALIDATION, assign
 from finetrace.errors import ConfigError, InputError
+
+from .dataset_files import all_rows, completion_rows, snapshot, write_jsonl
 
 
 # -- PII ------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from dataset_files import completion_rows, snapshot, write_jsonl
-
 from finetrace.cli import main
+
+from .dataset_files import completion_rows, snapshot, write_jsonl
 
 
 def _run(capsys, ws, *args):

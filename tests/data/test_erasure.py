@@ -7,12 +7,13 @@ import json
 import random
 
 import pytest
-from dataset_files import all_rows, write_jsonl
 
 from finetrace.cli import main
 from finetrace.data import import_dataset
 from finetrace.errors import InputError
 from finetrace.ledger import verify_workspace
+
+from .dataset_files import all_rows, write_jsonl
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 

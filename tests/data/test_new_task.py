@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dataset_files import write_jsonl
 
 from finetrace.cli import main
 from finetrace.errors import ConfigError
+
+from .dataset_files import write_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -89,6 +89,20 @@ def test_base_metrics_are_exact(compared, env):
     assert "bias" not in base and "gates" not in base  # base is the reference, adapters are judged
 
 
+def test_the_written_report_reads_back_typed_and_unchanged(compared, env):
+    import json
+
+    from finetrace.evaluate import read_report
+
+    art, rep = compared
+    ws = env["ws"]
+    assert rep == json.loads((ws.store.materialize(art.digest) / "report.json").read_text("utf-8"))
+    typed = read_report(ws, art.ref)
+    assert [m.ref for m in typed.tuned] == ["lora-rand@1", "lora-noop@1"] and typed.base.ref == "tiny@1"
+    assert typed.subject(env["noop"].digest).passed is True and typed.primary_metric == "accuracy"
+    assert typed.base.metrics["accuracy"].value == pytest.approx(5 / 8)
+
+
 def test_noop_adapter_equals_base_exactly(compared):
     _, rep = compared
     base, rand, noop = rep["models"]
@@ -210,6 +224,7 @@ def _chromium():
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium here (apt-get install -y chromium)")
 def test_html_report_renders_in_headless_chromium(compared, env, tmp_path):
     """The self-contained page renders offline; the DOM has every chart with bars and interval

@@ -35,9 +35,9 @@ def _report(passed_gate: bool = False) -> dict:
                          "op": ">=", "threshold": thr, "passed": passed_gate, "note": ""}]
     tuned_m["passed"] = passed_gate
     return {"suite": {**Suite().to_dict(), "name": "clauses"}, "run_id": "evaluate-20261201T090000-abcdef",
-            "date": "2026-12-01", "dataset": {"ref": "clauses@1", "split": "test", "n": 60,
+            "date": "2026-12-01", "dataset": {"ref": "clauses@1", "digest": "sha256:" + "d" * 64, "split": "test", "n": 60,
                                               "schema": "classification", "labels": LABELS},
-            "base_model": {"ref": "smollm2@1"}, "metrics": ["accuracy"], "primary_metric": "accuracy",
+            "base_model": {"ref": "smollm2@1", "digest": "sha256:" + "b" * 64}, "metrics": ["accuracy"], "primary_metric": "accuracy",
             "models": [model("smollm2@1", base, None), tuned_m], "examples": examples,
             "_preds": {"base": base, "tuned": tuned, "gold": golds}}
 

@@ -41,7 +41,9 @@ def add_evidence(ws, art, tmp_path, accuracy=0.93, passed=True, docs=("model_car
     rep.mkdir()
     (rep / "report.json").write_text(json.dumps({
         "format": "finetrace-eval-report/1", "primary_metric": "accuracy", "metrics": ["accuracy", "macro_f1"],
-        "dataset": {"ref": "legal-test@1"},
+        "run_id": "evaluate-20261201T090000-000000", "suite": {"name": "legal"},
+        "base_model": {"digest": (art.metadata or {}).get("base_model", "sha256:" + "0" * 64), "ref": "tiny@1"},
+        "dataset": {"ref": "legal-test@1", "digest": "sha256:" + "1" * 64, "split": "test", "n": 100},
         "models": [{"ref": "tiny@1", "adapter": None, "metrics": {"accuracy": {"value": 0.41}, "macro_f1": {"value": 0.3}}},
                    {"ref": art.ref, "adapter": art.digest,
                     "metrics": {"accuracy": {"value": accuracy}, "macro_f1": {"value": accuracy - 0.05}},

@@ -171,6 +171,7 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     assert client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1").manifest
 
 
+@pytest.mark.slow
 def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     """The buyer adds the last 20%: `init_from` the pulled adapter, on their own data."""
     import pyarrow as pa

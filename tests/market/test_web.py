@@ -27,6 +27,7 @@ def _chromium(*args: str) -> str:
     return res.stdout
 
 
+@pytest.mark.slow
 def test_search_filter_and_package_page_in_chromium(market, server, tmp_path):
     if server.kind != "sqlite":
         pytest.skip("the pages are the same for every database; they run against SQLite")

@@ -32,6 +32,7 @@ def commands() -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_config_reference_is_up_to_date():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_config_docs.py"), "--check"],
                          capture_output=True, text=True)

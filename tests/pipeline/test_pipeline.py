@@ -71,6 +71,7 @@ def stage_status(ws, run_id: str) -> dict[str, str]:
             if e.data["run_id"] == run_id and e.data["status"] != "started"}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_dir, tmp_path):
     ws = workspace
     path = make_pipeline(tmp_path, tiny_model_dir)

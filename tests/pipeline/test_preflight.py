@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from test_pipeline import make_pipeline
 
 from finetrace.errors import ConfigError, InputError
 from finetrace.pipeline import load_pipeline, run_pipeline
+
+from .test_pipeline import make_pipeline
 
 
 @pytest.mark.parametrize("target,edit,match", [

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from serve_support import make_adapter  # noqa: E402
+
+from .serve_support import make_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")

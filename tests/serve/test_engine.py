@@ -105,7 +105,7 @@ def test_request_log_records_every_request(served_ws, engine):
 
 
 def test_hot_load_and_unload(served_ws, engine):
-    from serve_support import make_adapter
+    from .serve_support import make_adapter
 
     c = served_ws.ctx
     make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "gamma", 3, c["tmp"])
@@ -119,10 +119,10 @@ def test_hot_load_and_unload(served_ws, engine):
 
 
 def test_refusals(served_ws, tmp_path):
-    from serve_support import make_adapter
-
     from finetrace.models import add_folder
     from finetrace.models.tiny import build_tiny_model
+
+    from .serve_support import make_adapter
 
     c = served_ws.ctx
     eng = Engine(served_ws, "tiny", [], ServeSettings())
@@ -163,7 +163,7 @@ def test_queue_full_raises(served_ws):
 
 def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
     """Own gathered LoRA (stacked, zero-padded ranks) == PEFT's per-adapter mixed batches, greedy."""
-    from serve_support import make_adapter
+    from .serve_support import make_adapter
 
     c = served_ws.ctx
     make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "wide", 9, c["tmp"], r=8)

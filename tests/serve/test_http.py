@@ -146,7 +146,7 @@ def test_provenance_resolves(served_ws, server, client, capsys):
 
 
 def test_failed_gates_refused_until_override(served_ws, server, client):
-    from serve_support import make_adapter
+    from .serve_support import make_adapter
 
     c = served_ws.ctx
     art = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "risky", 11, c["tmp"])

@@ -91,10 +91,10 @@ def test_eval_served_and_generate_are_token_identical(served_ws, evaluated):
 
 @pytest.mark.slow
 def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated, capsys):
-    from serve_support import make_adapter
-
     from finetrace.pipeline.stages import parity_gate
     from finetrace.serve.parity import ParityRefused, latest_parity, parity
+
+    from .serve_support import make_adapter
 
     res = parity(served_ws, "alpha@1")
     assert (res.n, res.agreeing, res.exact, res.differing) == (50, 50, True, [])

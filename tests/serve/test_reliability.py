@@ -1,5 +1,8 @@
 """Serving reliability: one bad request fails alone, bad input is a 400 (never a 500), a huge prompt does not
-stall the event loop, a client that left is recorded as not served, 429 says when to retry."""
+stall the event loop, a client that left is recorded as not served, 429 says when to retry.
+
+Bad-input tests run in process (``api``: FastAPI's TestClient); the event-loop, disconnect and overload
+tests cross a real socket (``server``, ``BackgroundServer`` on a free 127.0.0.1 port)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from concurrent.futures import Future
 
 import httpx
 import pytest
-from serve_support import hold_scheduler, logged_events
 
 from finetrace.serve.engine import Engine, GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
+
+from .serve_support import hold_scheduler, logged_events
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 LIMIT = 6 * 1024 * 1024
@@ -29,10 +33,25 @@ def server(served_ws):
         yield srv
 
 
+@pytest.fixture(scope="module")
+def api(served_ws):
+    """The same app in process (FastAPI's TestClient): for the tests that need no real socket."""
+    from fastapi.testclient import TestClient
+
+    from finetrace.serve.app import create_app
+
+    settings = ServeSettings(max_batch=4, max_queue=8, max_request_bytes=LIMIT)
+    with TestClient(create_app(Engine(served_ws, "tiny", ["alpha@1"], settings), settings)) as client:
+        yield client
+
+
 def _post(srv, path: str, body, timeout: float = 60) -> httpx.Response:
+    """POST a JSON body to a BackgroundServer (a real socket) or to the in-process TestClient."""
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(srv.base_url + path, content=data, headers={"content-type": "application/json"},
-                      timeout=timeout)
+    headers = {"content-type": "application/json"}
+    if hasattr(srv, "post"):
+        return srv.post("/v1" + path, content=data, headers=headers)
+    return httpx.post(srv.base_url + path, content=data, headers=headers, timeout=timeout)
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -43,11 +62,11 @@ def _error(r: httpx.Response, status: int) -> dict:
     return err
 
 
-def test_huge_seed_is_refused_at_the_edge(server):
+def test_huge_seed_is_refused_at_the_edge(api):
     body = {"model": "tiny", "messages": MSG, "max_tokens": 3, "temperature": 1, "seed": 2**70}
-    err = _error(_post(server, "/chat/completions", body), 400)
+    err = _error(_post(api, "/chat/completions", body), 400)
     assert err["param"] == "seed" and err["type"] == "invalid_request_error"
-    ok = _post(server, "/chat/completions", {**body, "seed": 2**64 - 1})
+    ok = _post(api, "/chat/completions", {**body, "seed": 2**64 - 1})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
@@ -117,21 +136,21 @@ def test_retry_after_on_429(served_ws):
     ("/completions", '{"model": "tiny", "prompt": "\\udfff x"}', "prompt"),
     ("/completions", '{"model": "tiny\\ud800", "prompt": "x"}', "model"),
 ])
-def test_lone_surrogate_is_a_400(server, path, body, param):
-    err = _error(_post(server, path, body), 400)
+def test_lone_surrogate_is_a_400(api, path, body, param):
+    err = _error(_post(api, path, body), 400)
     assert err["param"] == param and "Unicode" in err["message"]
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 2.0),
                                          ("seed", False), ("stream", 1), ("temperature", True)])
-def test_strict_types(server, field, value):
+def test_strict_types(api, field, value):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, field: value}
-    assert _error(_post(server, "/completions", body), 400)["param"] == field
+    assert _error(_post(api, "/completions", body), 400)["param"] == field
 
 
-def test_oversized_body_is_413(server):
+def test_oversized_body_is_413(api):
     body = {"model": "tiny", "prompt": "x" * (LIMIT + 10)}
-    err = _error(_post(server, "/completions", body), 413)
+    err = _error(_post(api, "/completions", body), 413)
     assert err["code"] == "request_too_large" and str(LIMIT) in err["message"]
 
 

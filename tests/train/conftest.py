@@ -85,4 +85,4 @@ def tiny_setup(workspace, learnable_model_dir, tmp_path):
     return workspace, "tiny", "toy"
 
 
-from train_support import make_config  # noqa: E402,F401
+from .train_support import make_config  # noqa: E402,F401

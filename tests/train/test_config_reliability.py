@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import load_config, train
 from finetrace.train.resume import ResumeWarning
+
+from .train_support import make_config
 
 MINIMAL = "base_model: tiny\ndataset: toy\noutput_name: toy-lora\n"
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +16,7 @@ CONFIG = "base_model: tiny\ndataset: toy\noutput_name: {name}\nbatch_size: 4\ngr
          "lr: 1.0e-2\neps: 1.0e-3\ncheckpoint_every: 2\nseed: 2\n"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
     script = tmp_path / "cli.py"

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import load_config, train
@@ -17,6 +16,8 @@ from finetrace.train import preference as P
 from finetrace.train.adapters import load_base
 from finetrace.train.attention import segments
 from finetrace.train.config import DpoParams
+
+from .train_support import make_config
 
 WORDS = ["fox", "dog", "contract", "invoice", "data", "model", "train", "serve", "goods", "party", "audit",
          "world", "customer", "supplier", "clause", "capital"]
@@ -65,6 +66,7 @@ def tensors(ws, art):
 
 
 # -- 1. policy == reference at step 0 -----------------------------------------------------------------
+@pytest.mark.slow
 def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs, learnable_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -331,6 +333,7 @@ DDP_CONFIG = ("base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: {n
               "max_steps: 3\nlr: 1.0e-2\neps: 1.0e-3\neval_every: 3\ncheckpoint_every: null\nseed: 2\nthreads: 1\n")
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(prefs, tmp_path):
     import os
     import subprocess

@@ -62,7 +62,7 @@ def adapter(ws, art):
 
 @pytest.mark.slow
 def test_two_process_fsdp_equals_one_process_and_resumes_after_sigkill(tiny_setup, tmp_path):
-    from test_resume import wait_for_step
+    from .test_resume import wait_for_step
 
     ws, _, _ = tiny_setup
     steps = 10

@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_support import make_config
 
 from finetrace.train import memory_plan, train
 from finetrace.train.plan import MemoryPlanError, ModelShape, Plan, cheapest_fix, estimate, settings_of
+
+from .train_support import make_config
 
 SIZES = ("llama-8m", "llama-60m", "llama-100m")
 
 
 def long_rows(n: int) -> list[dict]:
-    from conftest import toy_rows
+    from .conftest import toy_rows
 
     return [{"prompt": r["prompt"] * 6, "completion": r["completion"] * 6} for r in toy_rows(n)]
 
@@ -27,9 +28,10 @@ def long_rows(n: int) -> list[dict]:
 @pytest.fixture
 def sized(workspace, tmp_path_factory):
     """A workspace holding random models of three sizes (bf16 shards) and a dataset of ~100-token rows."""
-    from conftest import write_dataset
     from finetrace.models import add_model
     from finetrace.models.random_init import write_random_model
+
+    from .conftest import write_dataset
 
     root = tmp_path_factory.mktemp("sized")
     for shape in SIZES:

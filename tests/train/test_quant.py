@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import DependencyError
 from finetrace.train import load_config, train
+
+from .train_support import make_config
 
 pytest.importorskip("bitsandbytes")
 
@@ -24,6 +25,7 @@ def _losses(ws, art):
             if "loss" in json.loads(line)]
 
 
+@pytest.mark.slow
 def test_qlora_loss_falls_and_the_quantisation_is_recorded(tiny_setup):
     ws, _, _ = tiny_setup
     art = train(ws, make_config(method="qlora", dataset="routing", max_steps=30, lr=1e-2, schedule="constant",
@@ -123,7 +125,7 @@ seed: 3
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["method: qlora", "quantization:\n  bits: 8"])
 def test_sigkill_and_resume_equals_uninterrupted(tiny_setup, tmp_path, quant):
-    from test_resume import start_child, wait_for_step
+    from .test_resume import start_child, wait_for_step
 
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"

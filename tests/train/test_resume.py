@@ -67,6 +67,7 @@ def history(ws, art):
     return (ws.store.materialize(art.digest) / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
     steps = 36
@@ -96,6 +97,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, t
     assert Workspace.open(ws.root).ledger.get_run(killed[0].id).status == "interrupted"  # ...until the next start
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"

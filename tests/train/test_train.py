@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import train
+
+from .train_support import make_config
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "finetrace_adapter.json", "metrics.jsonl",
                  "loss_curve.png"}
@@ -20,6 +21,7 @@ def adapter_tensors(ws, art):
     return load_file(ws.store.materialize(art.digest) / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_loss_falls_and_adapter_is_recorded(tiny_setup):
     ws, base, ds = tiny_setup
     art = train(ws, make_config(dataset="routing", max_steps=40, lr=1e-2, eval_every=10, schedule="constant"),
@@ -71,6 +73,7 @@ def test_adapter_loads_with_peft_and_matches_own_loading(tiny_setup, tiny_model_
     assert (peft_logits - plain).abs().max() > 1e-4  # the adapter does something
 
 
+@pytest.mark.slow
 def test_batch_8_equals_batch_4_with_accumulation_2(tiny_setup):
     ws, _, _ = tiny_setup
     # eps large enough that AdamW's first steps are smooth in the gradient (not sign(g) for g ~ 0)
@@ -89,6 +92,7 @@ def test_batch_8_equals_batch_4_with_accumulation_2(tiny_setup):
         torch.testing.assert_close(v, ta[k], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_bit_identical_adapter(tiny_setup):
     ws, _, _ = tiny_setup
     cfg = make_config(max_steps=5, lr=1e-2, eval_every=2)
@@ -101,6 +105,7 @@ def test_same_config_and_seed_give_bit_identical_adapter(tiny_setup):
     assert c.digest != a.digest and c.ref == "toy-lora@2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rslora", "dora", "full"])
 def test_other_methods_train(tiny_setup, method):
     ws, _, _ = tiny_setup
@@ -115,6 +120,7 @@ def test_other_methods_train(tiny_setup, method):
         assert cfg["use_rslora"] == (method == "rslora") and cfg["use_dora"] == (method == "dora")
 
 
+@pytest.mark.slow
 def test_init_from_continues_an_adapter(tiny_setup):
     ws, _, _ = tiny_setup
     parent = train(ws, make_config(max_steps=15, lr=1e-2, lora={"r": 4}), progress=False)
@@ -129,6 +135,7 @@ def test_init_from_continues_an_adapter(tiny_setup):
         train(ws, make_config(method="full", init_from="toy-lora@1", output_name="x"), progress=False)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_weights(tiny_setup):
     ws, _, _ = tiny_setup
     # lr far too high: validation loss stops improving quickly
@@ -140,6 +147,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_setup):
     assert abs(m["val_loss"] - m["best_val_loss"]) < 1e-6  # the adapter holds the best weights
 
 
+@pytest.mark.slow
 def test_cli_trains_and_reports(tiny_setup, tmp_path, capsys):
     from finetrace.cli import main
 

@@ -130,13 +130,17 @@ def _dataset(ws: Workspace, digest: str) -> dict:
 
 
 def _evaluation(ws: Workspace, art: Artifact, adapter: str) -> dict:
-    report = ws.store.member_json(art.digest, "report.json") or {}
-    report.pop("examples", None)
-    models = report.get("models") or []
-    subject = next((m for m in models if m.get("adapter") == adapter), None)
-    base = next((m for m in models if not m.get("adapter")), None)
-    return {**_art(art), "run": _run_dict(ws, art.run_id), "report": report, "subject": subject,
-            "base_subject": base, "files": files_of(ws, art.digest)}
+    from ..evaluate.schema import EvalReport
+
+    data = ws.store.member_json(art.digest, "report.json")
+    if data is None:
+        return {**_art(art), "run": _run_dict(ws, art.run_id), "report": {}, "subject": None,
+                "base_subject": None, "files": files_of(ws, art.digest)}
+    rep = EvalReport.parse(data, source=f"{art.ref}/report.json")
+    subject, base = rep.subject(adapter), rep.base
+    return {**_art(art), "run": _run_dict(ws, art.run_id), "report": rep.to_dict(examples=False),
+            "subject": subject.to_dict() if subject else None, "base_subject": base.to_dict() if base else None,
+            "files": files_of(ws, art.digest)}
 
 
 def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,

@@ -10,7 +10,6 @@ A missing fact is rendered by the ``np`` filter as *not provided* with what woul
 
 from __future__ import annotations
 
-import html as htmllib
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,10 +64,13 @@ def yesno(value):
 
 
 def environment():
-    from jinja2 import ChainableUndefined, Environment, PackageLoader
+    from jinja2 import ChainableUndefined, Environment, PackageLoader, select_autoescape
 
+    # Markdown templates (*.md.jinja) are not escaped (Markdown is escaped when it becomes HTML, below);
+    # the HTML page (*.html.jinja) is.
     env = Environment(loader=PackageLoader("finetrace.audit", "templates"), undefined=ChainableUndefined,
-                      autoescape=False, keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False)
+                      autoescape=select_autoescape(["html.jinja"], default_for_string=False),
+                      keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False)
     env.filters.update(np=np_filter, num=num, interval=interval, yesno=yesno)
     return env
 
@@ -106,12 +108,11 @@ def markdown_to_html(markdown: str, title: str, context: dict) -> str:
     front, body_md = split_front_matter(markdown)  # YAML front matter (model card): shown as a code block
     if front is not None:
         context = {**context, "front": front}
-    body = markdown_body(body_md)
-    if context.get("front"):
-        body = (f"<details><summary>Hugging Face metadata (YAML front matter)</summary><pre>"
-                f"{htmllib.escape(context['front'])}</pre></details>\n") + body
+    from markupsafe import Markup
+
     return environment().get_template("page.html.jinja").render(
-        title=htmllib.escape(title), body=body, finetrace_version=context.get("finetrace_version", ""),
+        title=title, front=context.get("front"), body=Markup(markdown_body(body_md)),  # markdown-it: no raw HTML
+        finetrace_version=context.get("finetrace_version", ""),
         adapter_digest=context.get("adapter", {}).get("digest", ""))
 
 

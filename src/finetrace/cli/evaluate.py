@@ -8,14 +8,14 @@ from .common import JSON_OPTION, emit_json, open_workspace
 
 
 def _summary(ws, art) -> dict:
-    from ..evaluate import load_report
+    from ..evaluate import read_report
 
-    rep = load_report(ws, art.digest)
-    return {"report": art.digest, "ref": art.ref, "run_id": rep["run_id"],
-            "models": [{"ref": m["ref"], "metrics": m["metrics"], "vs_base": m.get("vs_base"),
-                        "bias_flip_rate": (m.get("bias") or {}).get("flip_rate"),
-                        "forgetting": m.get("forgetting"), "gates": m.get("gates"), "passed": m.get("passed")}
-                       for m in rep["models"]]}
+    rep = read_report(ws, art.digest)
+    return {"report": art.digest, "ref": art.ref, "run_id": rep.run_id,
+            "models": [{"ref": m.ref, "metrics": d["metrics"], "vs_base": d.get("vs_base"),
+                        "bias_flip_rate": m.bias.flip_rate if m.bias else None, "forgetting": d.get("forgetting"),
+                        "gates": d.get("gates"), "passed": m.passed}
+                       for m, d in ((m, m.to_dict()) for m in rep.models)]}
 
 
 def _print(summary: dict) -> None:

@@ -5,95 +5,35 @@ model card).
 The page (``templates/report.html.jinja``, autoescaped) opens with the gate verdicts (pass or fail, each
 gate with its value and threshold), then the metrics, and for label tasks the confusion matrix and
 per-class precision and recall; then the examples the tuned model gets wrong (and those only the base
-gets right) with their inputs. It has no external resources: charts are inline SVG
-(``<svg class="chart ...">``), so it renders offline, in an audit bundle, years later. Charts: base vs
-tuned per metric with bootstrap interval whiskers (``chart-metrics``), the primary metric per dataset
-group (``chart-groups``), the counterfactual flip rate per category (``chart-flips``) and the metric per
-counterfactual group (``chart-bias-groups``), perplexity base vs tuned (``chart-forgetting``); then the
-worst counterfactual pairs with the examples that flipped, and the first answers.
+gets right) with their inputs. It has no external resources: charts are inline SVG drawn by
+``finetrace.charts`` (``<svg class="chart ...">``), so it renders offline, in an audit bundle, years
+later. Charts: base vs tuned per metric with bootstrap interval whiskers (``chart-metrics``), the
+primary metric per dataset group (``chart-groups``), the counterfactual flip rate per category
+(``chart-flips``) and the metric per counterfactual group (``chart-bias-groups``), perplexity base vs
+tuned (``chart-forgetting``); then the worst counterfactual pairs with the examples that flipped, and the first answers.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import yaml
 
 from ..atomic import write_text
+from ..charts import bar_chart, fmt
+from .schema import EvalReport
 
-PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 MAX_MISTAKES = 50
-
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-
-
-def bar_chart(title: str, categories: list[str], series: list[dict], cls: str, ymax: float | None = None) -> str:
-    """Grouped vertical bars; ``series``: ``[{"name", "values": [..], "ci": [[lo, hi], ..] | None}]``."""
-    W, H, left, bottom, top = 640, 300, 50, 60, 30
-    plot_w, plot_h = W - left - 150, H - bottom - top
-    vals = [v for s in series for v in s["values"] if v is not None]
-    his = [c[1] for s in series for c in (s.get("ci") or []) if c]
-    ymax = ymax or max([1e-9, *vals, *his]) * 1.1
-    ncat, nser = max(1, len(categories)), max(1, len(series))
-    slot = plot_w / ncat
-    bw = slot * 0.8 / nser
-
-    def y(v: float) -> float:
-        return top + plot_h - plot_h * max(0.0, min(v, ymax)) / ymax
-
-    out = [f'<svg class="chart {cls}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'viewBox="0 0 {W} {H}" role="img" aria-label="{_e(title)}">',
-           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{_e(title)}</text>',
-           f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']
-    for k in range(5):
-        v = ymax * k / 4
-        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="10">{v:.2f}</text>'
-                   f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#eee"/>')
-    for ci_, cat in enumerate(categories):
-        x0 = left + ci_ * slot + slot * 0.1
-        out.append(f'<text x="{left + ci_ * slot + slot / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
-                   f'font-size="11">{_e(cat)}</text>')
-        for si, s in enumerate(series):
-            v = s["values"][ci_]
-            if v is None:
-                continue
-            x = x0 + si * bw
-            out.append(f'<rect class="bar" x="{x:.1f}" y="{y(v):.1f}" width="{bw * 0.9:.1f}" '
-                       f'height="{top + plot_h - y(v):.1f}" fill="{PALETTE[si % len(PALETTE)]}">'
-                       f'<title>{_e(s["name"])} {_e(cat)}: {_fmt(v)}</title></rect>')
-            ci = (s.get("ci") or [None] * len(categories))[ci_]
-            if ci:
-                cx = x + bw * 0.45
-                out.append(f'<g class="ci" stroke="#111"><line x1="{cx:.1f}" y1="{y(ci[0]):.1f}" x2="{cx:.1f}" '
-                           f'y2="{y(ci[1]):.1f}"/><line x1="{cx - 4:.1f}" y1="{y(ci[0]):.1f}" x2="{cx + 4:.1f}" '
-                           f'y2="{y(ci[0]):.1f}"/><line x1="{cx - 4:.1f}" y1="{y(ci[1]):.1f}" x2="{cx + 4:.1f}" '
-                           f'y2="{y(ci[1]):.1f}"/></g>')
-    for si, s in enumerate(series):
-        ly = top + 14 + si * 18
-        out.append(f'<rect x="{left + plot_w + 12}" y="{ly - 10}" width="12" height="12" '
-                   f'fill="{PALETTE[si % len(PALETTE)]}"/><text x="{left + plot_w + 30}" y="{ly}" '
-                   f'font-size="11">{_e(s["name"])}</text>')
-    out.append("</svg>")
-    return "".join(out)
 
 
 def _environment():
     from jinja2 import Environment, PackageLoader, select_autoescape
-    from markupsafe import Markup
 
     env = Environment(loader=PackageLoader("finetrace.evaluate", "templates"),
                       autoescape=select_autoescape(["html", "jinja"]))
-    env.filters["fmt"] = _fmt
-    env.filters["svg"] = Markup  # the charts are built here from escaped values (bar_chart)
+    env.filters["fmt"] = fmt
+    env.filters["svg"] = lambda chart: chart  # charts are Markup already (finetrace.charts, autoescaped)
     return env
 
 
@@ -200,6 +140,8 @@ def render_html(report: dict) -> str:
 
 
 def write_report(report: dict, folder: Path) -> None:
+    """Write ``report.json`` (checked against ``schema.EvalReport`` first), ``report.html`` and ``.eval_results/``."""
+    EvalReport.parse(report, source="report.json")
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     write_text(folder / "report.html", render_html(report))

@@ -31,6 +31,7 @@ from .gates import apply_gates, verdict
 from .generation import generate_seqs, score_labels
 from .metrics import METRICS, Scored, exact_match, label_report, normalize, rouge_l, token_f1
 from .report import write_report
+from .schema import REPORT_FORMAT, read_report  # the report's contract
 from .stats import (
     bootstrap_ci,
     by_group,
@@ -40,8 +41,6 @@ from .stats import (
     paired_bootstrap,
 )
 from .suite import Suite, load_suite
-
-REPORT_FORMAT = "finetrace-eval-report/1"
 
 
 def run_date(run_id: str) -> str:
@@ -255,8 +254,6 @@ def evaluate(ws: Workspace, model_ref: str, data_ref: str, adapter_ref: str | No
 
 
 def load_report(ws: Workspace, ref: str) -> dict:
-    """The ``report.json`` of a recorded eval_report (name, name@N or digest)."""
-    import json
-
-    art = ws.ledger.resolve(ref, kind="eval_report")
-    return json.loads((ws.store.materialize(art.digest) / "report.json").read_text("utf-8"))
+    """The ``report.json`` of a recorded eval_report (name, name@N or digest), checked against
+    ``schema.EvalReport``; ``read_report`` gives the typed model."""
+    return read_report(ws, ref).to_dict()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..canonical import CHUNK, sha256_file
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
+from ..evaluate.schema import EvalReport
 from ..ledger import Artifact
 from ..ledger.adapter import adapter_record
 from ..ledger.clearance import clearance
@@ -134,20 +135,16 @@ def _eval_facts(ws: Workspace, report_digest: str | None, adapter: str) -> tuple
     files = {f"eval/{n}": folder / n for n in ("report.json", "report.html") if (folder / n).is_file()}
     facts: dict = {}
     if (folder / "report.json").is_file():
-        rep = json.loads((folder / "report.json").read_text("utf-8"))
-        models = rep.get("models") or []
-        mine = next((m for m in models if m.get("adapter") == adapter), None)
-        base = next((m for m in models if not m.get("adapter")), None)
-        val = lambda m: {k: v["value"] for k, v in (m.get("metrics") or {}).items()
-                         if isinstance(v, dict) and isinstance(v.get("value"), (int, float))}
+        rep = EvalReport.parse(json.loads((folder / "report.json").read_text("utf-8")), "eval/report.json")
+        mine, base = rep.subject(adapter), rep.base
         if mine:
-            facts["metrics"] = val(mine)
-            cats = ((mine.get("bias") or {}).get("categories") or {})
-            facts["bias"] = {c: {"flip_rate": v.get("flip_rate"), "gap": v.get("gap")} for c, v in cats.items()}
+            facts["metrics"] = mine.values()
+            cats = mine.bias.categories if mine.bias else {}
+            facts["bias"] = {c: {"flip_rate": v.flip_rate, "gap": v.gap} for c, v in cats.items()}
         if base:
-            facts["base_metrics"] = val(base)
-        facts["primary_metric"] = rep.get("primary_metric")
-        return files, facts, {"eval_report": report_digest, "eval_dataset": (rep.get("dataset") or {}).get("ref")}
+            facts["base_metrics"] = base.values()
+        facts["primary_metric"] = rep.primary_metric
+        return files, facts, {"eval_report": report_digest, "eval_dataset": rep.dataset.ref}
     return files, facts, {"eval_report": report_digest}
 
 

@@ -201,16 +201,15 @@ def execute_evaluate(ctx: Context, resume: bool) -> StageOutput:
 
 def report_metrics(ws: Workspace, digest: str) -> dict:
     """base/<metric> and tuned/<metric> of the primary metric, bias flip rate, and the gate verdict."""
-    from ..evaluate import load_report
+    from ..evaluate import read_report
 
-    rep = load_report(ws, digest)
-    prim = rep["primary_metric"]
-    base, tuned = rep["models"][0], rep["models"][-1]
-    out = {f"base_{prim}": base["metrics"][prim]["value"], f"tuned_{prim}": tuned["metrics"][prim]["value"]}
-    flip = (tuned.get("bias") or {}).get("flip_rate")
-    if isinstance(flip, (int, float)):
-        out["flip_rate"] = flip
-    out["gates_passed"] = tuned.get("passed")
+    rep = read_report(ws, digest)
+    prim = rep.primary_metric
+    base, tuned = rep.models[0], rep.last
+    out = {f"base_{prim}": base.metrics[prim].value, f"tuned_{prim}": tuned.metrics[prim].value}
+    if tuned.bias is not None:
+        out["flip_rate"] = tuned.bias.flip_rate
+    out["gates_passed"] = tuned.passed
     return out
 
 
@@ -220,25 +219,23 @@ def absorb_evaluate(ctx: Context, out: dict) -> None:
 
 def check_gates(ctx: Context) -> str:
     """Stop with a clear report when the tuned adapter failed a gate (unless a named person overrode it)."""
-    from ..evaluate import load_report
+    from ..evaluate import read_report
     from ..ledger.clearance import clearance
 
-    rep = load_report(ctx.ws, ctx.state["report"])
-    tuned = rep["models"][-1]
-    if tuned.get("passed", True):
+    tuned = read_report(ctx.ws, ctx.state["report"]).last
+    if tuned.passed is not False:
         return "passed"
     c = clearance(ctx.ws.ledger, ctx.state["adapter"])
     if c.status == "overridden":
         ctx.echo(f"evaluate: gates failed but were overridden: {c.detail}")
         return "overridden"
-    rows = [g for g in tuned.get("gates", []) if not g.get("passed")]
-    lines = "; ".join(f"{g['name']}: {_fmt(g.get('value'))} (needs {g.get('op', '')} {_fmt(g.get('threshold'))})"
-                      for g in rows)
+    rows = tuned.failed_gates()
+    lines = "; ".join(f"{g.name}: {_fmt(g.value)} (needs {g.op} {_fmt(g.threshold)})" for g in rows)
     html = ctx.out_dir / "eval-report.html"  # export_files copies it there before the error is shown
     raise GateFailedError(
-        f"the tuned adapter {tuned.get('ref')} failed {len(rows)} eval gate(s): {lines}. Report: {html}",
+        f"the tuned adapter {tuned.ref} failed {len(rows)} eval gate(s): {lines}. Report: {html}",
         hint="improve the data or training and run again, relax the gate in the suite, or record a named "
-             f"override: finetrace override {tuned.get('ref')} --as 'Full Name' --reason '...'")
+             f"override: finetrace override {tuned.ref} --as 'Full Name' --reason '...'")
 
 
 def _fmt(v) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import FinetraceError, NotFoundError
+from ..evaluate.schema import EvalReport, ModelResult, read_report
 from ..ledger import Artifact
 from ..workspace import Workspace
 
@@ -54,41 +55,33 @@ class ParityResult:
                 "exact": self.exact, "differing": self.differing[:50], "run_id": self.run_id}
 
 
-def _load_report(ws: Workspace, art: Artifact) -> dict:
-    import json
-
-    return json.loads((ws.store.materialize(art.digest) / "report.json").read_text("utf-8"))
-
-
-def find_report(ws: Workspace, adapter: Artifact, report_ref: str | None = None) -> tuple[Artifact, dict, dict]:
+def find_report(ws: Workspace, adapter: Artifact,
+                report_ref: str | None = None) -> tuple[Artifact, EvalReport, ModelResult]:
     """(report artifact, report, subject) for ``adapter``: the given report, else the latest eval report
     that evaluated this digest, else the latest that evaluated an adapter of the same name."""
     cands = [ws.ledger.resolve(report_ref, kind="eval_report")] if report_ref else \
         list(reversed(ws.ledger.artifacts("eval_report")))
     for want in ("digest", "name"):
         for art in cands:
-            rep = _load_report(ws, art)
-            for s in rep.get("models", []):
-                if not s.get("adapter"):
-                    continue
-                if s["adapter"] == adapter.digest or (want == "name" and adapter.name
-                                                      and str(s.get("ref", "")).split("@")[0] == adapter.name):
+            rep = read_report(ws, art.digest)
+            for s in rep.tuned:
+                if s.adapter == adapter.digest or (want == "name" and adapter.name
+                                                   and s.ref.split("@")[0] == adapter.name):
                     return art, rep, s
     raise NotFoundError(f"no eval report covers adapter {adapter.ref} ({adapter.digest})",
                         hint=f"run `finetrace eval --adapter {adapter.ref}` first")
 
 
-def _replay(engine, peft_name: str, rep: dict, examples) -> list:
+def _replay(engine, peft_name: str, rep: EvalReport, examples) -> list:
     """What the serving engine answers for every example: token ids, or labels for constrained reports."""
     from ..decoding import Seq, encode_chat
 
     tok = engine.tokenizer
-    suite = rep.get("suite", {})
+    suite = rep.suite
     rows = [encode_chat(tok, e.messages) for e in examples]
-    if rep.get("task") == "classification" and suite.get("scoring", "constrained") == "constrained":
-        return engine.classify(rows, rep["dataset"]["labels"], peft_name)
-    seqs = [Seq(r, peft_name, int(suite.get("max_new_tokens", 64)), stop=list(suite.get("stop") or []))
-            for r in rows]
+    if rep.task == "classification" and suite.scoring == "constrained":
+        return engine.classify(rows, rep.dataset.labels, peft_name)
+    seqs = [Seq(r, peft_name, suite.max_new_tokens, stop=list(suite.stop)) for r in rows]
     engine.decoder.run(seqs)
     return [list(s.ids) for s in seqs]
 
@@ -104,20 +97,18 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
         raise NotFoundError(f"unknown parity engine {engine!r}", hint=f"one of {', '.join(ENGINES)}")
     adapter = ws.ledger.resolve(adapter_ref, kind="adapter")
     rep_art, rep, subject = find_report(ws, adapter, report_ref)
-    base = base_ref or rep["base_model"]["digest"]
-    ds = rep["dataset"]
-    es = load_eval_set(ws, ds["digest"], ds["split"], rep.get("suite", {}).get("limit"))
+    base = base_ref or rep.base_model.digest
+    es = load_eval_set(ws, rep.dataset.digest, rep.dataset.split, rep.suite.limit)
     config = {"engine": engine, "adapter": adapter.digest, "report": rep_art.digest,
-              "evaluated_adapter": subject["adapter"]}
+              "evaluated_adapter": subject.adapter}
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
-        eng = Engine(ws, base, [adapter.digest], ServeSettings(max_batch=int(rep.get("suite", {}).get(
-            "batch_size", 16)) or 16))
+        eng = Engine(ws, base, [adapter.digest], ServeSettings(max_batch=rep.suite.batch_size or 16))
         _, peft_name, _ = eng.resolve_model(adapter.ref)
         served = _replay(eng, peft_name, rep, es.examples)
-        recorded = subject.get("answer_tokens") or subject.get("answers")
-        if subject.get("answer_tokens") is None and rep.get("task") != "classification":
+        recorded = subject.answer_tokens or subject.answers
+        if subject.answer_tokens is None and rep.task != "classification":
             served = [eng.tokenizer.decode(s, skip_special_tokens=True).strip() for s in served]
-        res = ParityResult(adapter.digest, rep_art.digest, subject["adapter"], engine, len(served), 0, run_id=run.id)
+        res = ParityResult(adapter.digest, rep_art.digest, str(subject.adapter), engine, len(served), 0, run_id=run.id)
         for i, (a, b) in enumerate(zip(recorded, served)):
             if a == b:
                 res.agreeing += 1

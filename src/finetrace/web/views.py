@@ -12,6 +12,7 @@ import json
 from datetime import datetime
 
 from ..errors import NotFoundError
+from ..evaluate.schema import EvalReport
 from ..ledger import lineage
 from ..ledger.clearance import clearance
 from ..tracking import step_history
@@ -109,7 +110,8 @@ def artifact_view(ws: Workspace, ref: str) -> dict:
     if a.kind == "dataset" and any(f["path"] == "datasheet.json" for f in view["files"]):
         view["datasheet"] = json.loads(read_file(ws, a.digest, "datasheet.json")[1])
     if a.kind == "eval_report" and any(f["path"] == "report.json" for f in view["files"]):
-        view["report"] = json.loads(read_file(ws, a.digest, "report.json")[1])
+        view["report"] = EvalReport.parse(json.loads(read_file(ws, a.digest, "report.json")[1]),
+                                          source=f"{a.ref}/report.json").to_dict()
     return view
 
 
