@@ -73,20 +73,141 @@ def load_causal_lm(path: Path, dtype: str = "float32", quantization: dict | None
                    attn_implementation: str | None = None):
     """A causal LM from a safetensors folder (no remote code), quantised by bitsandbytes when a spec is given.
 
-    A quantised model is placed on ``device`` as it loads (shard by shard: the unquantised weights of a
-    shard are never all in memory at once); an unquantised one loads on the CPU, to be moved by the caller.
+    A quantised model is placed on ``device`` as it loads, one tensor at a time (read with ``pread``, not
+    mapped, so a shard's pages never count as resident); an unquantised one loads on the CPU, to be moved by
+    the caller. On a quantised base the frozen embedding and output layer keep the dtype they are stored in
+    when it is narrower than the compute dtype (bf16 on the Hub; half of fp32) and are widened where they are
+    used (``keep_stored_embeddings``): the same numbers as a widened copy, at half the memory.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if quantization is not None:
-        dev = torch.device(device or "cpu")
-        kw.update(quantization_config=bnb_config(quantization),
-                  device_map={"": dev.index if dev.type == "cuda" else "cpu"})
-        dtype = quantization["compute_dtype"]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                trust_remote_code=False, **kw)
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                    trust_remote_code=False, **kw)
+    dev = torch.device(device or "cpu")
+    kw.update(quantization_config=bnb_config(quantization), device_map={"": dev.index if dev.type == "cuda" else "cpu"})
+    compute = getattr(torch, quantization["compute_dtype"])
+    with _LOAD_LOCK, _quantised_loading(path, compute):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, use_safetensors=True,
+                                                     trust_remote_code=False, **kw)
+    keep_stored_embeddings(model, compute)
+    release_freed_memory()
+    return model
+
+
+_LOAD_LOCK = __import__("threading").Lock()
+_NARROW = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtypes(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors dtype (``BF16``, ``F32``...) over every shard of a folder (headers only)."""
+    from .folder import read_safetensors_header
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+    return out
+
+
+class _quantised_loading:
+    """transformers' loader, for one quantised load: shards read with ``pread`` instead of ``mmap``, and the
+    embedding and output weights kept at their stored dtype when it is narrower than ``compute``."""
+
+    def __init__(self, folder: Path, compute):
+        import torch
+
+        stored = stored_dtypes(folder)
+        self.narrow = {k: getattr(torch, _NARROW[d]) for k, d in stored.items()
+                       if d in _NARROW and compute == torch.float32}
+
+    def __enter__(self):
+        import functools
+        import re
+
+        from transformers import modeling_utils
+
+        self.saved = modeling_utils.safe_open, modeling_utils.PreTrainedModel._get_dtype_plan
+        modeling_utils.safe_open = functools.partial(self.saved[0], backend="pread")
+        narrow, original = self.narrow, self.saved[1]
+
+        def dtype_plan(model, dtype):
+            plan = original(model, dtype)
+            for key in embedding_keys(model):
+                if key in narrow:
+                    plan[re.escape(key) + "$"] = narrow[key]
+            return plan
+
+        modeling_utils.PreTrainedModel._get_dtype_plan = dtype_plan
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import modeling_utils
+
+        modeling_utils.safe_open, modeling_utils.PreTrainedModel._get_dtype_plan = self.saved
+
+
+def embedding_keys(model) -> list[str]:
+    """State-dict names of the input embedding and output layer weights of a causal LM."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if id(m) in wanted]
+
+
+def keep_stored_embeddings(model, compute) -> None:
+    """Widen a narrow-stored embedding's output and output layer's input weight to ``compute`` where used.
+
+    The embedding returns ``compute`` vectors (a forward hook); the output layer multiplies in ``compute``
+    with its weight widened one block of rows at a time (``widened_linear``), so no widened copy of the
+    (vocab x hidden) matrix ever exists. Nothing happens when both are already at ``compute``.
+    """
+    import types
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and emb.weight.dtype != compute:
+        emb.register_forward_hook(lambda mod, args, out: out.to(compute))
+    if head is not None and head.weight.dtype != compute:
+        head.forward = types.MethodType(lambda self, x: widened_linear(x, self.weight, self.bias), head)
+
+
+VOCAB_BLOCK = 8192  # rows of a narrow-stored output weight widened at a time (8192 x 2048 fp32 = 64 MiB)
+
+
+def widened_linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` in ``x``'s dtype, for a weight stored narrower (widened block by block)."""
+    import torch
+
+    if weight.dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    for s in range(0, weight.shape[0], VOCAB_BLOCK):
+        w = weight[s:s + VOCAB_BLOCK].to(x.dtype)
+        o2[:, s:s + VOCAB_BLOCK] = x2 @ w.t()  # (n, block)
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return out
+
+
+def widened_matmul(dz, weight):
+    """``dz @ weight`` (n x V by V x H) in ``dz``'s dtype, widening a narrow-stored weight block by block."""
+    if weight.dtype == dz.dtype:
+        return dz @ weight
+    out = dz.new_zeros(dz.shape[0], weight.shape[1])
+    for s in range(0, weight.shape[0], VOCAB_BLOCK):
+        out.addmm_(dz[:, s:s + VOCAB_BLOCK], weight[s:s + VOCAB_BLOCK].to(dz.dtype))
+    return out
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the loader back to the system (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def adapters_quantization(adapters, device_type: str = "cpu") -> dict | None:
