@@ -90,8 +90,12 @@ def load_causal_lm(path: Path, dtype: str = "float32", quantization: dict | None
     kw.update(quantization_config=bnb_config(quantization), device_map={"": dev.index if dev.type == "cuda" else "cpu"})
     compute = getattr(torch, quantization["compute_dtype"])
     with _LOAD_LOCK, _quantised_loading(path, compute):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, use_safetensors=True,
-                                                     trust_remote_code=False, **kw)
+        _mmap_threshold(1 << 20)  # each tensor's read buffer and fp32 copy go back to the system when freed
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, use_safetensors=True,
+                                                         trust_remote_code=False, **kw)
+        finally:
+            _mmap_threshold(32 << 20)  # glibc's own ceiling for its dynamic threshold
     keep_stored_embeddings(model, compute)
     release_freed_memory()
     return model
@@ -123,14 +127,13 @@ class _quantised_loading:
                        if d in _NARROW and compute == torch.float32}
 
     def __enter__(self):
-        import functools
         import re
 
         from transformers import modeling_utils
 
         self.saved = modeling_utils.safe_open, modeling_utils.PreTrainedModel._get_dtype_plan
-        modeling_utils.safe_open = functools.partial(self.saved[0], backend="pread")
-        narrow, original = self.narrow, self.saved[1]
+        opener, narrow, original = self.saved[0], self.narrow, self.saved[1]
+        modeling_utils.safe_open = lambda *a, **kw: opener(*a, **{**kw, "backend": "pread"})  # it passes "mmap"
 
         def dtype_plan(model, dtype):
             plan = original(model, dtype)
@@ -171,6 +174,14 @@ def keep_stored_embeddings(model, compute) -> None:
 
 
 VOCAB_BLOCK = 8192  # rows of a narrow-stored output weight widened at a time (8192 x 2048 fp32 = 64 MiB)
+WIDENED_LOGITS_BYTES = 64 << 20  # the chunked losses' (rows x vocab) fp32 block when the head is widened
+
+
+def loss_rows(chunk: int, vocab: int, widened: bool) -> int:
+    """Rows per chunk of the chunked losses: ``loss_chunk``, and with a widened (narrow-stored) output
+    layer at most a 64 MiB logits block: a base quantised to save memory should not spend it on logits
+    (the weight is widened once more per chunk, a few hundred ms per micro-batch at 1B)."""
+    return max(16, min(chunk, WIDENED_LOGITS_BYTES // (4 * vocab))) if widened else chunk
 
 
 def widened_linear(x, weight, bias=None):
@@ -199,15 +210,31 @@ def widened_matmul(dz, weight):
     return out
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by the loader back to the system (glibc keeps freed heap pages otherwise)."""
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the loader back to the system (glibc keeps freed heap pages otherwise)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: allocations at least this large are mapped, and unmapped when freed.
+
+    While a base loads and quantises tensor by tensor, freed buffers kept on the heap would add up to a
+    transient peak of several shards; mapped ones are returned at once."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def adapters_quantization(adapters, device_type: str = "cpu") -> dict | None:

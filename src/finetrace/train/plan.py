@@ -13,7 +13,8 @@ tokenised data (the largest micro-batch the run will make), per process:
     activations    saved for backward, per token of the largest micro-batch: per layer ~(k_h H + k_i I)
                    values (H hidden, I intermediate); with gradient checkpointing only each layer's
                    input plus one layer's full set while it is recomputed
-    loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place)
+    loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place); at
+                   most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``)
     runtime        the Python, torch and transformers process itself (measured, ``RUNTIME_MB``)
 
 Under FSDP weights, adapter and optimiser state are divided by the ranks. The estimate is checked
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.folder import read_safetensors_header
-from ..models.quant import weight_bytes
+from ..models.quant import loss_rows, weight_bytes
 
 MB = 2 ** 20
 RUNTIME_MB = {"cpu": 520.0, "cuda": 0.0}  # import torch + transformers + peft, tokenizer, allocator slack
@@ -146,7 +147,9 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     tokens, h, inter = s["tokens"], shape.hidden, shape.intermediate
     per_layer = (K_H * h + K_I * inter) * compute * tokens
     acts = (shape.layers * h * compute * tokens + per_layer) if s["checkpointing"] else shape.layers * per_layer
-    loss = 1.25 * min(s["loss_chunk"], tokens) * shape.vocab * 4.0 + 2 * tokens * h * 4.0
+    widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
+    loss = 1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0 \
+        + 2 * tokens * h * 4.0
     loading = shape.largest_linear * (shape.stored_bytes + 2 * compute) if spec else shape.largest_shard
     return {"runtime": RUNTIME_MB.get(device, 0.0), "weights": weights / MB, "adapter": adapter / MB,
             "activations": acts / MB, "loss": loss / MB, "loading": loading / MB}

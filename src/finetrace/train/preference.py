@@ -39,7 +39,7 @@ from ..data.schemas import to_example
 from ..errors import ConfigError, InputError
 from . import data as D
 from .attention import segments
-from ..models.quant import widened_linear, widened_matmul
+from ..models.quant import loss_rows, widened_linear, widened_matmul
 from .loss import parts
 
 STATS = ("loss", "nll", "correct", "margin", "reward_chosen", "reward_rejected")
@@ -115,6 +115,7 @@ class TokenLogProbs(torch.autograd.Function):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
         for s in range(0, n, chunk):
             z = widened_linear(h[s:s + chunk], weight, bias).float()  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
