@@ -13,8 +13,9 @@ pytest.importorskip("bitsandbytes")
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("q") / "llama-8m", "llama-8m", dtype="bfloat16",
-                              shard_bytes=2 << 20)
+    return write_random_model(
+        tmp_path_factory.mktemp("q") / "llama-8m", "llama-8m", dtype="bfloat16", shard_bytes=2 << 20
+    )
 
 
 def _transformers_nf4(folder, spec):
@@ -22,8 +23,9 @@ def _transformers_nf4(folder, spec):
 
     from finetrace.models.quant import bnb_config
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=bnb_config(spec),
-                                                device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=bnb_config(spec), device_map="cpu"
+    )
 
 
 def test_bf16_embedding_is_kept_and_the_logits_equal_an_fp32_copy(bf16_dir):
@@ -72,8 +74,11 @@ def test_chunked_losses_with_a_bf16_head_equal_the_widened_reference(fn):
     finally:
         quant.VOCAB_BLOCK = old
     z = h @ w.float().t()
-    ref = torch.nn.functional.cross_entropy(z, y, reduction="sum") if fn == "sft" else \
-        torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1).mul(torch.linspace(-1, 1, 70)).sum()
+    ref = (
+        torch.nn.functional.cross_entropy(z, y, reduction="sum")
+        if fn == "sft"
+        else torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1).mul(torch.linspace(-1, 1, 70)).sum()
+    )
     (g_ref,) = torch.autograd.grad(ref, h)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)

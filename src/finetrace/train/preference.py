@@ -37,9 +37,9 @@ import torch
 
 from ..data.schemas import to_example
 from ..errors import ConfigError, InputError
+from ..models.quant import loss_rows, widened_linear, widened_matmul
 from . import data as D
 from .attention import segments
-from ..models.quant import loss_rows, widened_linear, widened_matmul
 from .loss import parts
 
 STATS = ("loss", "nll", "correct", "margin", "reward_chosen", "reward_rejected")
