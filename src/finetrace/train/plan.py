@@ -12,9 +12,11 @@ tokenised data (the largest micro-batch the run will make), per process:
                    (full fine-tuning: every weight, its gradient and two moments)
     activations    saved for backward, per token of the largest micro-batch: per layer ~(k_h H + k_i I)
                    values (H hidden, I intermediate); with gradient checkpointing only each layer's
-                   input plus one layer's full set while it is recomputed
+                   input plus one layer's full set while it is recomputed; on a quantised base two
+                   dequantised copies of the largest linear weight
     loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place); at
-                   most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``)
+                   most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``),
+                   plus two widened blocks of its weight
     runtime        the Python, torch and transformers process itself (measured, ``RUNTIME_MB``)
 
 Under FSDP weights, adapter and optimiser state are divided by the ranks. The estimate is checked
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.folder import read_safetensors_header
-from ..models.quant import loss_rows, weight_bytes
+from ..models.quant import VOCAB_BLOCK, loss_rows, weight_bytes
 
 MB = 2 ** 20
 RUNTIME_MB = {"cpu": 520.0, "cuda": 0.0}  # import torch + transformers + peft, tokenizer, allocator slack
@@ -147,9 +149,11 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     tokens, h, inter = s["tokens"], shape.hidden, shape.intermediate
     per_layer = (K_H * h + K_I * inter) * compute * tokens
     acts = (shape.layers * h * compute * tokens + per_layer) if s["checkpointing"] else shape.layers * per_layer
+    if spec:  # a quantised layer's weight is dequantised where used (forward and backward: two at a time)
+        acts += 2 * shape.largest_linear * compute
     widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
     loss = 1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0 \
-        + 2 * tokens * h * 4.0
+        + 2 * tokens * h * 4.0 + (2 * VOCAB_BLOCK * h * 4.0 if widened else 0.0)
     loading = shape.largest_linear * (shape.stored_bytes + 2 * compute) if spec else shape.largest_shard
     return {"runtime": RUNTIME_MB.get(device, 0.0), "weights": weights / MB, "adapter": adapter / MB,
             "activations": acts / MB, "loss": loss / MB, "loading": loading / MB}
