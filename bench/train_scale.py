@@ -7,14 +7,19 @@ The model (~1.24B parameters, bf16 sharded safetensors as on the Hub) is written
 ``finetrace.models.random_init`` (seeded; cached under ``--cache``) and added to a fresh workspace with
 ``models add`` (shard-aware). All three sides train LoRA r=16 (alpha 32) on every linear layer of the
 decoder, AdamW lr 2e-4 constant, clip 1.0, the same examples in the same optimiser steps (finetrace's
-seeded order), without gradient checkpointing:
+seeded order):
 
   baseline_qlora   the usual stack (what Axolotl and LLaMA-Factory run): BitsAndBytesConfig NF4 + double
                    quant, compute fp32 (the CPU's fast dtype), peft ``prepare_model_for_kbit_training``,
                    HF Trainer with padded batches, labels -100 on prompt and padding, full logits
   qlora            finetrace ``method: qlora`` (the same NF4 base; packing, loss at target positions only,
-                   fused LoRA on the 4-bit layers, compiled kernels)
-  lora_fp32        finetrace ``method: lora`` on the base at fp32
+                   fused LoRA on the 4-bit layers, compiled kernels) with gradient checkpointing, QLoRA's
+                   usual recipe (``--qlora-no-checkpointing`` turns it off); the bf16-stored embedding and
+                   tied output layer stay bf16, widened to fp32 where used
+  lora_fp32        finetrace ``method: lora`` on the base at fp32, without gradient checkpointing
+
+The baseline runs without gradient checkpointing (its faster setting), so the speed-up is measured against
+the baseline's best speed, and the memory ratio against the fp32 run's default configuration.
 
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; tokens/s counts real
 (non-pad) tokens over the summed optimiser-step times (loading excluded; finetrace's first-step kernel
@@ -60,7 +65,7 @@ def make_rows(tok, n: int, seed: int, lo: int, hi: int) -> list[dict]:
 
 
 # -- children ------------------------------------------------------------------------------------
-def _finetrace(ws_dir: str, steps: int, batch: int, method: str) -> dict:
+def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: bool = False) -> dict:
     from finetrace.train import TrainConfig, train
     from finetrace.workspace import Workspace
 
@@ -68,7 +73,8 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str) -> dict:
     cfg = TrainConfig(base_model=BASE, dataset=DATA, method=method, lora={"r": LORA_R, "alpha": LORA_ALPHA},
                       lr=LR, schedule="constant", batch_size=batch, max_steps=steps, max_length=512,
                       checkpoint_every=None, validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
-                      device=os.environ.get("BENCH_DEVICE", "cpu"), output_name=f"scale-{method}")
+                      device=os.environ.get("BENCH_DEVICE", "cpu"), output_name=f"scale-{method}",
+                      gradient_checkpointing=checkpointing)
     art = train(ws, cfg, progress=None)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +89,7 @@ def gpu_peak() -> dict:
 
 
 def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
-    return _finetrace(ws_dir, steps, batch, "qlora")
+    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=os.environ.get("BENCH_QLORA_CKPT", "1") == "1")
 
 
 def child_lora_fp32(ws_dir: str, steps: int, batch: int) -> dict:
@@ -235,12 +241,15 @@ def main() -> None:
                     "model is written once")
     ap.add_argument("--workdir", default=None, help="where the workspace goes (default: the temp folder)")
     ap.add_argument("--sides", default="baseline_qlora,qlora,lora_fp32")
+    ap.add_argument("--qlora-no-checkpointing", action="store_true", help="finetrace QLoRA without gradient "
+                    "checkpointing (faster, more activation memory)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every side on the GPU; QLoRA computes in bf16)")
     args = ap.parse_args()
 
     from finetrace.train.report import physical_cores
 
     threads = args.threads or physical_cores()
+    os.environ["BENCH_QLORA_CKPT"] = "0" if args.qlora_no_checkpointing else "1"
     ws_dir, params = setup(args)
     print(f"model: {args.shape} random init, {params / 1e9:.2f}B parameters; {args.steps} steps of batch {args.batch} "
           f"({args.min_len}-{args.max_len} tokens); LoRA r={LORA_R} all linear; {threads} threads")
@@ -253,7 +262,7 @@ def main() -> None:
               f"{r['peak_rss_mb']:7.0f} MB{plan}  losses {[round(x, 3) for x in r['losses']]}", flush=True)
     b, q, f = res.get("baseline_qlora"), res.get("qlora"), res.get("lora_fp32")
     out = {"params": params, "shape": args.shape, "steps": args.steps, "batch": args.batch, "threads": threads,
-           "device": args.device,
+           "device": args.device, "qlora_gradient_checkpointing": not args.qlora_no_checkpointing,
            **{f"{k}_peak_gpu_mb": round(v["peak_gpu_mb"], 1) for k, v in res.items() if "peak_gpu_mb" in v}}
     if q:
         out.update(qlora_tokens_per_s=round(q["tps"], 2), qlora_peak_rss_mb=round(q["peak_rss_mb"], 1),

@@ -73,20 +73,168 @@ def load_causal_lm(path: Path, dtype: str = "float32", quantization: dict | None
                    attn_implementation: str | None = None):
     """A causal LM from a safetensors folder (no remote code), quantised by bitsandbytes when a spec is given.
 
-    A quantised model is placed on ``device`` as it loads (shard by shard: the unquantised weights of a
-    shard are never all in memory at once); an unquantised one loads on the CPU, to be moved by the caller.
+    A quantised model is placed on ``device`` as it loads, one tensor at a time (read with ``pread``, not
+    mapped, so a shard's pages never count as resident); an unquantised one loads on the CPU, to be moved by
+    the caller. On a quantised base the frozen embedding and output layer keep the dtype they are stored in
+    when it is narrower than the compute dtype (bf16 on the Hub; half of fp32) and are widened where they are
+    used (``keep_stored_embeddings``): the same numbers as a widened copy, at half the memory.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if quantization is not None:
-        dev = torch.device(device or "cpu")
-        kw.update(quantization_config=bnb_config(quantization),
-                  device_map={"": dev.index if dev.type == "cuda" else "cpu"})
-        dtype = quantization["compute_dtype"]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                trust_remote_code=False, **kw)
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                    trust_remote_code=False, **kw)
+    dev = torch.device(device or "cpu")
+    kw.update(quantization_config=bnb_config(quantization), device_map={"": dev.index if dev.type == "cuda" else "cpu"})
+    compute = getattr(torch, quantization["compute_dtype"])
+    with _LOAD_LOCK, _quantised_loading(path, compute):
+        _mmap_threshold(1 << 20)  # each tensor's read buffer and fp32 copy go back to the system when freed
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, use_safetensors=True,
+                                                         trust_remote_code=False, **kw)
+        finally:
+            _mmap_threshold(32 << 20)  # glibc's own ceiling for its dynamic threshold
+    keep_stored_embeddings(model, compute)
+    release_freed_memory()
+    return model
+
+
+_LOAD_LOCK = __import__("threading").Lock()
+_NARROW = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtypes(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors dtype (``BF16``, ``F32``...) over every shard of a folder (headers only)."""
+    from .folder import read_safetensors_header
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+    return out
+
+
+class _quantised_loading:
+    """transformers' loader, for one quantised load: shards read with ``pread`` instead of ``mmap``, and the
+    embedding and output weights kept at their stored dtype when it is narrower than ``compute``."""
+
+    def __init__(self, folder: Path, compute):
+        import torch
+
+        stored = stored_dtypes(folder)
+        self.narrow = {k: getattr(torch, _NARROW[d]) for k, d in stored.items()
+                       if d in _NARROW and compute == torch.float32}
+
+    def __enter__(self):
+        import re
+
+        from transformers import modeling_utils
+
+        self.saved = modeling_utils.safe_open, modeling_utils.PreTrainedModel._get_dtype_plan
+        opener, narrow, original = self.saved[0], self.narrow, self.saved[1]
+        modeling_utils.safe_open = lambda *a, **kw: opener(*a, **{**kw, "backend": "pread"})  # it passes "mmap"
+
+        def dtype_plan(model, dtype):
+            plan = original(model, dtype)
+            for key in embedding_keys(model):
+                if key in narrow:
+                    plan[re.escape(key) + "$"] = narrow[key]
+            return plan
+
+        modeling_utils.PreTrainedModel._get_dtype_plan = dtype_plan
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import modeling_utils
+
+        modeling_utils.safe_open, modeling_utils.PreTrainedModel._get_dtype_plan = self.saved
+
+
+def embedding_keys(model) -> list[str]:
+    """State-dict names of the input embedding and output layer weights of a causal LM."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if id(m) in wanted]
+
+
+def keep_stored_embeddings(model, compute) -> None:
+    """Widen a narrow-stored embedding's output and output layer's input weight to ``compute`` where used.
+
+    The embedding returns ``compute`` vectors (a forward hook); the output layer multiplies in ``compute``
+    with its weight widened one block of rows at a time (``widened_linear``), so no widened copy of the
+    (vocab x hidden) matrix ever exists. Nothing happens when both are already at ``compute``.
+    """
+    import types
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and emb.weight.dtype != compute:
+        emb.register_forward_hook(lambda mod, args, out: out.to(compute))
+    if head is not None and head.weight.dtype != compute:
+        head.forward = types.MethodType(lambda self, x: widened_linear(x, self.weight, self.bias), head)
+
+
+VOCAB_BLOCK = 8192  # rows of a narrow-stored output weight widened at a time (8192 x 2048 fp32 = 64 MiB)
+WIDENED_LOGITS_BYTES = 64 << 20  # the chunked losses' (rows x vocab) fp32 block when the head is widened
+
+
+def loss_rows(chunk: int, vocab: int, widened: bool) -> int:
+    """Rows per chunk of the chunked losses: ``loss_chunk``, and with a widened (narrow-stored) output
+    layer at most a 64 MiB logits block: a base quantised to save memory should not spend it on logits
+    (the weight is widened once more per chunk, a few hundred ms per micro-batch at 1B)."""
+    return max(16, min(chunk, WIDENED_LOGITS_BYTES // (4 * vocab))) if widened else chunk
+
+
+def widened_linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` in ``x``'s dtype, for a weight stored narrower (widened block by block)."""
+    import torch
+
+    if weight.dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    for s in range(0, weight.shape[0], VOCAB_BLOCK):
+        w = weight[s:s + VOCAB_BLOCK].to(x.dtype)
+        o2[:, s:s + VOCAB_BLOCK] = x2 @ w.t()  # (n, block)
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return out
+
+
+def widened_matmul(dz, weight):
+    """``dz @ weight`` (n x V by V x H) in ``dz``'s dtype, widening a narrow-stored weight block by block."""
+    if weight.dtype == dz.dtype:
+        return dz @ weight
+    out = dz.new_zeros(dz.shape[0], weight.shape[1])
+    for s in range(0, weight.shape[0], VOCAB_BLOCK):
+        out.addmm_(dz[:, s:s + VOCAB_BLOCK], weight[s:s + VOCAB_BLOCK].to(dz.dtype))
+    return out
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the loader back to the system (glibc keeps freed heap pages otherwise)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: allocations at least this large are mapped, and unmapped when freed.
+
+    While a base loads and quantises tensor by tensor, freed buffers kept on the heap would add up to a
+    transient peak of several shards; mapped ones are returned at once."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def adapters_quantization(adapters, device_type: str = "cpu") -> dict | None:

@@ -4,7 +4,9 @@ Prompts carry no loss, and the output layer (hidden x vocab) is about a fifth of
 so the final hidden states are gathered at the positions that predict a target and only those go through
 the output layer. ``LinearCrossEntropy`` then walks the selected rows in chunks, computing the loss and
 its gradients (w.r.t. the hidden states, and the output weight if it trains) chunk by chunk, so the
-(batch x length x vocab) logits tensor never exists; only one (chunk x vocab) block at a time.
+(batch x length x vocab) logits tensor never exists; only one (chunk x vocab) block at a time. A frozen
+output weight stored narrower than the hidden states (bf16 on a quantised base) is widened one block of
+vocabulary rows at a time (``models.quant.widened_linear``), in chunks of at most a 64 MiB logits block.
 
 For a row h and target y with logits z = W h (+ b):
     loss = logsumexp(z) - z_y,     dloss/dz = softmax(z) - onehot(y),   dh = W^T dz,   dW = dz h^T
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.quant import loss_rows, widened_linear, widened_matmul
 from .attention import segments
 
 
@@ -30,9 +33,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], targets[s:s + chunk]
-            z = torch.nn.functional.linear(hc, weight, bias).float()  # (c, V)
+            z = widened_linear(hc, weight, bias).float()  # (c, V); a bf16-stored head is widened in blocks
             rows = torch.arange(len(yc), device=z.device)
             # logsumexp by hand, in place: 4 passes over the (c, V) block and no second block allocated
             z_y = z[rows, yc]
@@ -45,7 +49,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dz[rows, yc] -= 1.0
                 dz = dz.to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = dz @ weight
+                    grad_h[s:s + chunk] = widened_matmul(dz, weight)
                 if need_w:
                     grad_w.addmm_(dz.t(), hc)
                 if grad_b is not None:

@@ -4,14 +4,19 @@ Read from the model folder's ``config.json`` and safetensors headers (never the 
 tokenised data (the largest micro-batch the run will make), per process:
 
     weights        decoder linear layers at their dtype or quantisation (NF4 ~0.52 byte, int8 ~1 byte),
-                   embeddings, norms and an untied output layer at the compute dtype
-    loading        the largest shard while it is read (mapped pages count as resident)
+                   embeddings, norms and an untied output layer at the compute dtype (on a quantised
+                   base: at the stored dtype when narrower, e.g. bf16, see ``models.quant``)
+    loading        unquantised: the largest shard while it is read (mapped pages count as resident);
+                   quantised: one linear tensor at a time (read with pread, widened, quantised)
     adapter        LoRA A and B (fp32), their gradients and AdamW's two moments: 4 x 4 bytes each
                    (full fine-tuning: every weight, its gradient and two moments)
     activations    saved for backward, per token of the largest micro-batch: per layer ~(k_h H + k_i I)
                    values (H hidden, I intermediate); with gradient checkpointing only each layer's
-                   input plus one layer's full set while it is recomputed
-    loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place)
+                   input plus one layer's full set while it is recomputed; on a quantised base two
+                   dequantised copies of the largest linear weight
+    loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place); at
+                   most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``),
+                   plus two widened blocks of its weight
     runtime        the Python, torch and transformers process itself (measured, ``RUNTIME_MB``)
 
 Under FSDP weights, adapter and optimiser state are divided by the ranks. The estimate is checked
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.folder import read_safetensors_header
-from ..models.quant import weight_bytes
+from ..models.quant import VOCAB_BLOCK, loss_rows, weight_bytes
 
 MB = 2 ** 20
 RUNTIME_MB = {"cpu": 520.0, "cuda": 0.0}  # import torch + transformers + peft, tokenizer, allocator slack
@@ -55,6 +60,7 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    largest_linear: int = 0               # elements of the largest decoder linear weight
 
 
 def read_shape(folder: Path) -> ModelShape:
@@ -77,7 +83,8 @@ def read_shape(folder: Path) -> ModelShape:
                 other += n
     stored = DTYPE_BYTES.get(max(counts, key=counts.get), 4) if counts else 4
     return ModelShape(linear, other, largest, stored, text["hidden_size"], text.get("intermediate_size") or
-                      4 * text["hidden_size"], text["num_hidden_layers"], text["vocab_size"])
+                      4 * text["hidden_size"], text["num_hidden_layers"], text["vocab_size"],
+                      max((o * i for _, o, i in linear), default=0))
 
 
 @dataclass
@@ -131,8 +138,9 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     spec = {"bits": s["bits"], "double_quant": True} if s["bits"] else None
     lin = sum(o * i for _, o, i in shape.linear)
     per_weight = weight_bytes(spec, s["dtype"]) if spec else compute
+    other = min(compute, shape.stored_bytes) if spec else compute  # quantised: embeddings kept as stored
     shard = s["world"] if s["fsdp"] else 1
-    weights = (lin * per_weight + shape.other * compute) / shard
+    weights = (lin * per_weight + shape.other * other) / shard
     if s["method"] == "full":
         trainable = lin + shape.other
     else:
@@ -141,8 +149,12 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     tokens, h, inter = s["tokens"], shape.hidden, shape.intermediate
     per_layer = (K_H * h + K_I * inter) * compute * tokens
     acts = (shape.layers * h * compute * tokens + per_layer) if s["checkpointing"] else shape.layers * per_layer
-    loss = 1.25 * min(s["loss_chunk"], tokens) * shape.vocab * 4.0 + 2 * tokens * h * 4.0
-    loading = shape.largest_shard * (1 + (4 / shape.stored_bytes if spec else 0))
+    if spec:  # a quantised layer's weight is dequantised where used (forward and backward: two at a time)
+        acts += 2 * shape.largest_linear * compute
+    widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
+    loss = 1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0 \
+        + 2 * tokens * h * 4.0 + (2 * VOCAB_BLOCK * h * 4.0 if widened else 0.0)
+    loading = shape.largest_linear * (shape.stored_bytes + 2 * compute) if spec else shape.largest_shard
     return {"runtime": RUNTIME_MB.get(device, 0.0), "weights": weights / MB, "adapter": adapter / MB,
             "activations": acts / MB, "loss": loss / MB, "loading": loading / MB}
 

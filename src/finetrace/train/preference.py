@@ -37,6 +37,7 @@ import torch
 
 from ..data.schemas import to_example
 from ..errors import ConfigError, InputError
+from ..models.quant import loss_rows, widened_linear, widened_matmul
 from . import data as D
 from .attention import segments
 from .loss import parts
@@ -114,8 +115,9 @@ class TokenLogProbs(torch.autograd.Function):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
         for s in range(0, n, chunk):
-            z = torch.nn.functional.linear(h[s:s + chunk], weight, bias).float()  # (c, V)
+            z = widened_linear(h[s:s + chunk], weight, bias).float()  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
         ctx.save_for_backward(h, weight, bias, targets, lse)
@@ -132,12 +134,12 @@ class TokenLogProbs(torch.autograd.Function):
         g = g.float()
         for s in range(0, h.shape[0], ctx.chunk):
             hc, yc, gc = h[s:s + ctx.chunk], targets[s:s + ctx.chunk], g[s:s + ctx.chunk]
-            z = torch.nn.functional.linear(hc, weight, bias).float()  # (c, V), recomputed
+            z = widened_linear(hc, weight, bias).float()  # (c, V), recomputed
             dz = torch.exp(z.sub_(lse[s:s + ctx.chunk, None])).mul_(-gc[:, None])  # -g softmax(z), in place
             dz[torch.arange(len(yc), device=dz.device), yc] += gc
             dz = dz.to(h.dtype)
             if need_h:
-                grad_h[s:s + ctx.chunk] = dz @ weight
+                grad_h[s:s + ctx.chunk] = widened_matmul(dz, weight)
             if need_w:
                 grad_w.addmm_(dz.t(), hc)
             if grad_b is not None:
