@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import FinetraceError
 from . import provenance
 from .engine import Engine
+from .engines.process import EngineUnavailable
 from .protocol import error_body
 from .routes_openai import RETRY_AFTER_S, ApiError, add_openai_routes
 from .routes_openai import translate as _translate
@@ -107,7 +108,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     @app.exception_handler(FinetraceError)
     async def _ft_error(request: Request, exc: FinetraceError):
-        err = _translate(exc)
+        err = ApiError(503, str(exc), "server_error", "engine_unavailable", headers={"Retry-After": "1"}) \
+            if isinstance(exc, EngineUnavailable) else _translate(exc)
         return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
@@ -151,7 +153,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     # -- open / operational ---------------------------------------------------------------------
     @app.get("/health")
     def health():
-        return {"status": "ok", "base": engine.base_id, "deployment": engine.deployment, **engine.stats()}
+        ok = getattr(engine, "healthy", True)  # a gateway engine reports its engine process
+        body = {"status": "ok" if ok else "engine_down", "base": engine.base_id, "deployment": engine.deployment,
+                **engine.stats()}
+        return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(require_key)])
     def metrics():

@@ -21,8 +21,8 @@ from ..errors import FinetraceError, NotFoundError
 from ..ledger import Artifact
 from ..workspace import Workspace
 
-ENGINES = ("native",)
-DEFAULT_MIN_AGREEMENT = {"native": 1.0}
+ENGINES = ("native", "llamacpp", "vllm")
+DEFAULT_MIN_AGREEMENT = {"native": 1.0}  # other engines: 0.95 unless the gate says otherwise
 
 
 class ParityRefused(FinetraceError):
@@ -109,6 +109,8 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     es = load_eval_set(ws, ds["digest"], ds["split"], rep.get("suite", {}).get("limit"))
     config = {"engine": engine, "adapter": adapter.digest, "report": rep_art.digest,
               "evaluated_adapter": subject["adapter"]}
+    if engine != "native":
+        return _parity_gateway(ws, adapter, engine, rep_art, rep, subject, base, es, config)
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
         eng = Engine(ws, base, [adapter.digest], ServeSettings(max_batch=int(rep.get("suite", {}).get(
             "batch_size", 16)) or 16))
@@ -125,6 +127,43 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
                 res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
         run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
         run.event("parity.result", res.to_dict())
+    ws.checkpoint()
+    return res
+
+
+def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict) -> ParityResult:
+    """Parity on an engine behind the gateway (llama.cpp, vLLM): the same rendered prompt tokens forwarded
+    greedy to the engine, its answers compared as normalised text with the recorded ones (token ids do not
+    come back from every engine); an agreement rate, never silence."""
+    from ..decoding.text import normalise_answer
+    from .engines import open_engine
+    from .engines.gateway import replay_texts
+    from .settings import ServeSettings
+
+    if rep.get("task") == "classification":
+        raise NotFoundError(f"parity of a classification report needs label scoring: engine {engine!r} has none",
+                            hint="run parity with --engine native")
+    suite = rep.get("suite", {})
+    with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
+        eng = open_engine(ws, base, [adapter.digest], ServeSettings(), engine)
+        try:
+            eng.backend.start(eng.base_dir, eng.base, list(eng._adapters.values()))
+            run.event("parity.engine", eng.backend.describe())
+            mid = eng.resolve_model(adapter.digest)[0]
+            served = replay_texts(eng, [eng.encode_chat(e.messages) for e in es.examples], mid,
+                                  int(suite.get("max_new_tokens", 64)), list(suite.get("stop") or []))
+        finally:
+            eng.backend.stop()
+        recorded = subject.get("answers") or [normalise_answer(eng.tokenizer.decode(t, skip_special_tokens=True))
+                                              for t in subject.get("answer_tokens", [])]
+        res = ParityResult(adapter.digest, rep_art.digest, subject["adapter"], engine, len(served), 0, run_id=run.id)
+        for i, (a, b) in enumerate(zip(recorded, served)):
+            if a == b:
+                res.agreeing += 1
+            else:
+                res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
+        run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
+        run.event("parity.result", {**res.to_dict(), "engine_version": eng.backend.describe().get("version")})
     ws.checkpoint()
     return res
 
