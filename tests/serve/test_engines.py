@@ -199,3 +199,37 @@ def test_vllm_attach_loads_adapters_through_the_runtime_api(served_ws, llama_srv
         dep = served_ws.ledger.get_run(eng.deployment).to_dict()["config"]["engine"]
         assert dep["name"] == "vllm" and dep["mode"] == "attach" and dep["upstream"] == upstream
         assert dep["version"] == llama_cpp.__version__ and dep["real_max_lora_rank"] == 8
+
+
+@pytest.mark.slow
+def test_parity_on_llama_cpp_is_recorded_as_a_number(served_ws):
+    """The eval set replayed through llama.cpp: an agreement rate recorded as a `parity` run (engine llamacpp)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetrace.evaluate.runner import evaluate
+    from finetrace.serve.parity import latest_parity, parity
+
+    tmp = served_ws.ctx["tmp"]
+    folder = tmp / "ds-llama-parity"
+    folder.mkdir()
+    rows = [{"prompt": f"the supplier {w} question {i}", "completion": "x"}
+            for i, w in enumerate(["contract", "invoice", "data", "billing", "audit", "river"] * 2)]
+    (folder / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["completion", "prompt"],
+                                                     "counts": {"test": len(rows)}}))
+    pq.write_table(pa.Table.from_pylist(rows), folder / "test.parquet")
+    ds = served_ws.ledger.add_artifact("dataset", served_ws.store.put_dir(folder), name="llama-parity")
+    suite = tmp / "llama-suite.yaml"
+    suite.write_text("bias: {enabled: false}\nforgetting: {enabled: false}\nbootstrap: {samples: 10}\n"
+                     "max_new_tokens: 8\nbatch_size: 8\n")
+    evaluate(served_ws, "tiny", ds.ref, adapter_ref="beta@1", suite=suite, name="llama-parity-eval")
+    res = parity(served_ws, "beta@1", engine="llamacpp")
+    assert res.engine == "llamacpp" and res.n == len(rows)
+    assert 0.0 <= res.agreement <= 1.0 and res.agreeing + len(res.differing) == res.n
+    assert res.agreement >= 0.5, res.differing   # f32 GGUF of the same weights: differences are float ties only
+    rec = latest_parity(served_ws, res.adapter)
+    assert rec["engine"] == "llamacpp" and rec["agreement"] == res.agreement and rec["run_id"] == res.run_id
+    assert rec["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
+    print(f"llama.cpp parity: {res.agreeing}/{res.n} = {res.agreement:.3f}")

@@ -135,7 +135,7 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
     """Parity on an engine behind the gateway (llama.cpp, vLLM): the same rendered prompt tokens forwarded
     greedy to the engine, its answers compared as normalised text with the recorded ones (token ids do not
     come back from every engine); an agreement rate, never silence."""
-    from ..decoding.text import normalise_answer
+    from ..decoding.text import cut_at_stop, normalise_answer
     from .engines import open_engine
     from .engines.gateway import replay_texts
     from .settings import ServeSettings
@@ -150,12 +150,20 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
             eng.backend.start(eng.base_dir, eng.base, list(eng._adapters.values()))
             run.event("parity.engine", eng.backend.describe())
             mid = eng.resolve_model(adapter.digest)[0]
+            stop = list(suite.get("stop") or [])
             served = replay_texts(eng, [eng.encode_chat(e.messages) for e in es.examples], mid,
-                                  int(suite.get("max_new_tokens", 64)), list(suite.get("stop") or []))
+                                  int(suite.get("max_new_tokens", 64)), stop, token_ids=bool(subject.get("answer_tokens")))
         finally:
             eng.backend.stop()
-        recorded = subject.get("answers") or [normalise_answer(eng.tokenizer.decode(t, skip_special_tokens=True))
-                                              for t in subject.get("answer_tokens", [])]
+        tokens = bool(served) and isinstance(served[0], list)
+
+        def as_text(ids):  # both sides decoded by ONE tokenizer, cut at the suite's stops, normalised
+            return normalise_answer(cut_at_stop(eng.tokenizer.decode(ids, skip_special_tokens=True), stop))
+        if tokens:
+            recorded, served = [as_text(t) for t in subject["answer_tokens"]], [as_text(t) for t in served]
+        else:
+            recorded = subject.get("answers") or [as_text(t) for t in subject["answer_tokens"]]
+        config["compared"] = "token ids, decoded by the base's tokenizer" if tokens else "the engine's text"
         res = ParityResult(adapter.digest, rep_art.digest, subject["adapter"], engine, len(served), 0, run_id=run.id)
         for i, (a, b) in enumerate(zip(recorded, served)):
             if a == b:
@@ -163,7 +171,8 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
             else:
                 res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
         run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
-        run.event("parity.result", {**res.to_dict(), "engine_version": eng.backend.describe().get("version")})
+        run.event("parity.result", {**res.to_dict(), "engine_version": eng.backend.describe().get("version"),
+                                    "compared": config["compared"]})
     ws.checkpoint()
     return res
 

@@ -309,19 +309,26 @@ class GatewayEngine:
                 log.exception("a request callback failed")
 
 
-def replay_texts(engine: GatewayEngine, rows: list[list[int]], model: str, max_tokens: int, stop: list[str]) -> list[str]:
-    """Greedy answers (normalised) of ``engine``'s backend for prompt token rows, one request each, not
-    logged (parity records its own run); an engine failure raises ``EngineUnavailable``."""
+def replay_texts(engine: GatewayEngine, rows: list[list[int]], model: str, max_tokens: int, stop: list[str],
+                 token_ids: bool = False) -> list:
+    """Greedy answers (normalised text, or with ``token_ids`` the answer's token ids, stop strings not applied, where
+    the engine returns them, as vLLM's and the llama.cpp worker's ``return_token_ids`` do) of ``engine``'s
+    backend for prompt token rows, one request each, not logged (parity records its own run); an engine
+    failure raises ``EngineUnavailable``."""
     _, name, _ = engine.resolve_model(model)
     out = []
     for ids in rows:
         body = {"model": engine.backend.upstream_name(name), "prompt": ids, "max_tokens": max_tokens,
-                "temperature": 0.0, "top_p": 1.0, "stream": False, **({"stop": stop} if stop else {})}
+                "temperature": 0.0, "top_p": 1.0, "stream": False, **({"stop": stop} if stop else {}),
+                **({"return_token_ids": True} if token_ids else {})}
         try:
             r = engine._client.post(engine.backend.url + "/v1/completions", json=body, headers=engine.backend.headers())
             r.raise_for_status()
-            text = r.json()["choices"][0]["text"]
+            choice = r.json()["choices"][0]
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             raise EngineUnavailable(f"the {engine.backend.name} engine failed during parity: {exc}") from exc
-        out.append(normalise_answer(cut_at_stop(text, stop)))
+        if token_ids and "token_ids" in choice:
+            out.append([int(t) for t in choice["token_ids"]])
+        else:
+            out.append(normalise_answer(cut_at_stop(choice["text"], stop)))
     return out

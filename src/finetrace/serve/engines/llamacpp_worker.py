@@ -114,6 +114,22 @@ class Worker:
             yield "", None, {"prompt_tokens": n_prompt}  # the gateway counts completion tokens itself
 
 
+    def token_ids(self, body: dict) -> list[int]:
+        """Greedy or sampled completion as token ids, up to the end of turn (``return_token_ids``: parity
+        compares tokens, which text cannot do where a token is an incomplete UTF-8 byte)."""
+        name = self.model_name(body.get("model"))
+        temp = float(body.get("temperature") or 0.0)
+        out: list[int] = []
+        with self.lock:
+            self._select(name)
+            for tok in self.llm.generate(body["prompt"], top_k=0 if temp == 0 else 40, top_p=float(body.get("top_p") or 1.0),
+                                         min_p=0.0, temp=temp, repeat_penalty=1.0, reset=True):
+                if self.lc.llama_vocab_is_eog(self.llm._model.vocab, tok) or len(out) >= int(body["max_tokens"]):
+                    break
+                out.append(int(tok))
+        return out
+
+
 def make_app(worker: Worker):
     import llama_cpp
     from fastapi import FastAPI, Request
@@ -173,6 +189,11 @@ def make_app(worker: Worker):
 
         if not body.get("stream"):
             import asyncio
+            if body.get("return_token_ids") and isinstance(body.get("prompt"), list):
+                ids = await asyncio.to_thread(worker.token_ids, body)
+                out = chunk(worker.llm.detokenize(ids).decode("utf-8", "replace"), "stop")
+                out["choices"][0]["token_ids"] = ids
+                return out
             parts = await asyncio.to_thread(lambda: list(worker.complete(body)))
             finish = next((f for _, f, _ in parts if f), "length")
             out = chunk("".join(t for t, _, _ in parts), finish)
