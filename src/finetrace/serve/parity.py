@@ -94,7 +94,7 @@ def _replay(engine, peft_name: str, rep: dict, examples) -> list:
 
 
 def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: str | None = None,
-           base_ref: str | None = None) -> ParityResult:
+           base_ref: str | None = None, upstream: str | None = None) -> ParityResult:
     """Replay the eval report's prompts through the serving engine and compare; records a ``parity`` run."""
     from ..evaluate.evalset import load_eval_set
     from .engine import Engine
@@ -110,7 +110,7 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     config = {"engine": engine, "adapter": adapter.digest, "report": rep_art.digest,
               "evaluated_adapter": subject["adapter"]}
     if engine != "native":
-        return _parity_gateway(ws, adapter, engine, rep_art, rep, subject, base, es, config)
+        return _parity_gateway(ws, adapter, engine, rep_art, rep, subject, base, es, config, upstream)
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
         eng = Engine(ws, base, [adapter.digest], ServeSettings(max_batch=int(rep.get("suite", {}).get(
             "batch_size", 16)) or 16))
@@ -131,7 +131,8 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     return res
 
 
-def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict) -> ParityResult:
+def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict,
+                    upstream: str | None = None) -> ParityResult:
     """Parity on an engine behind the gateway (llama.cpp, vLLM): the same rendered prompt tokens forwarded
     greedy to the engine, its answers compared as normalised text with the recorded ones (token ids do not
     come back from every engine); an agreement rate, never silence."""
@@ -145,7 +146,7 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
                             hint="run parity with --engine native")
     suite = rep.get("suite", {})
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
-        eng = open_engine(ws, base, [adapter.digest], ServeSettings(), engine)
+        eng = open_engine(ws, base, [adapter.digest], ServeSettings(), engine, upstream)
         try:
             eng.backend.start(eng.base_dir, eng.base, list(eng._adapters.values()))
             run.event("parity.engine", eng.backend.describe())
@@ -187,9 +188,9 @@ def latest_parity(ws: Workspace, adapter_digest: str) -> dict | None:
 
 
 def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None = None, engine: str = "native",
-                   report_ref: str | None = None) -> ParityResult:
+                   report_ref: str | None = None, upstream: str | None = None) -> ParityResult:
     """Run parity and refuse (``ParityRefused``) below ``min_agreement`` (default: 1.0 on native)."""
-    res = parity(ws, adapter_ref, engine, report_ref)
+    res = parity(ws, adapter_ref, engine, report_ref, upstream=upstream)
     floor = DEFAULT_MIN_AGREEMENT.get(engine, 0.95) if min_agreement is None else min_agreement
     if res.agreement < floor:
         first = res.differing[0]["i"] if res.differing else None
