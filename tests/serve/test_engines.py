@@ -14,11 +14,11 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'finetrace[llamacpp]'")
 
-from finetrace.serve.engines import open_engine  # noqa: E402
-from finetrace.serve.server import BackgroundServer  # noqa: E402
-from finetrace.serve.settings import ServeSettings  # noqa: E402
+from serve_support import logged_events, make_adapter
 
-from serve_support import logged_events, make_adapter  # noqa: E402
+from finetrace.serve.engines import open_engine
+from finetrace.serve.server import BackgroundServer
+from finetrace.serve.settings import ServeSettings
 
 HELLO = [{"role": "user", "content": "hello world, the contract"}]
 
@@ -162,7 +162,11 @@ def test_killed_engine_errors_the_stream_reports_and_restarts(served_ws, llama_s
 def test_vllm_launch_line_for_three_ranks(served_ws):
     """`vllm serve` flags as vLLM documents them: --enable-lora, --max-loras = count, --max-lora-rank = the real
     maximum rounded up to a value vLLM accepts, --lora-modules name=path of the materialised, re-hashed folders."""
-    from finetrace.serve.engines.vllm import VLLM_MAX_LORA_RANKS, adapter_rank, vllm_command
+    from finetrace.serve.engines.vllm import (
+        VLLM_MAX_LORA_RANKS,
+        adapter_rank,
+        vllm_command,
+    )
     from finetrace.serve.registry import check_adapter
 
     ws, base = served_ws, served_ws.ctx["base"]

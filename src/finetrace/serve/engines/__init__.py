@@ -37,6 +37,7 @@ def open_engine(ws, base: str, adapters: list[str], settings, engine: str = "nat
         from ..engine import Engine
         return Engine(ws, base, list(adapters), settings)
     from .gateway import GatewayEngine
+    backend: object
     if engine == "llamacpp":
         from .llamacpp import LlamaCppBackend
         backend = LlamaCppBackend(ws, threads=threads)

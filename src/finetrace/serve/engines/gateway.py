@@ -22,12 +22,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from typing import Any
 
 import httpx
 
-from ...errors import InputError, NotFoundError
 from ...decoding import BASE, encode_chat, encode_text
 from ...decoding.text import cut_at_stop, normalise_answer
+from ...errors import InputError, NotFoundError
 from ...models import model_path
 from ...models.identity import text_identity
 from ...workspace import Workspace
@@ -61,7 +62,7 @@ class GatewayEngine:
         for ref in adapters:
             self._check(ref)
         self._exit = ExitStack()
-        self.deploy_run = None
+        self.deploy_run: Any = None  # the open ledger Run of the deployment
         self.request_log: RequestLog | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._inflight = 0
@@ -157,7 +158,7 @@ class GatewayEngine:
                 self.deploy_run.event("deploy.engine_exited", {"engine": self.backend.name, "returncode": rc})
             try:
                 self.backend.restart()
-            except Exception as exc:  # reported on /health; the next round tries again
+            except (EngineUnavailable, OSError) as exc:  # reported on /health; the next round tries again
                 self._last_exit["restart_error"] = str(exc)[:500]
                 log.error("restarting the engine failed: %s", exc)
                 continue
@@ -316,7 +317,7 @@ def replay_texts(engine: GatewayEngine, rows: list[list[int]], model: str, max_t
     backend for prompt token rows, one request each, not logged (parity records its own run); an engine
     failure raises ``EngineUnavailable``."""
     _, name, _ = engine.resolve_model(model)
-    out = []
+    out: list = []
     for ids in rows:
         body = {"model": engine.backend.upstream_name(name), "prompt": ids, "max_tokens": max_tokens,
                 "temperature": 0.0, "top_p": 1.0, "stream": False, **({"stop": stop} if stop else {}),

@@ -102,9 +102,9 @@ class Worker:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]
         temp = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
-        kw = dict(max_tokens=int(body.get("max_tokens") or 16), temperature=temp,
-                  top_p=float(body.get("top_p") or 1.0), top_k=0 if temp == 0 else 40, min_p=0.0,
-                  repeat_penalty=1.0, stop=body.get("stop") or [], seed=body.get("seed"), stream=True)
+        kw = {"max_tokens": int(body.get("max_tokens") or 16), "temperature": temp,
+              "top_p": float(body.get("top_p") or 1.0), "top_k": 0 if temp == 0 else 40, "min_p": 0.0,
+              "repeat_penalty": 1.0, "stop": body.get("stop") or [], "seed": body.get("seed"), "stream": True}
         with self.lock:
             self._select(name)
             n_prompt = len(prompt) if isinstance(prompt, list) else len(self.llm.tokenize(prompt.encode(), False))

@@ -42,11 +42,10 @@ class EngineProcess:
     def start(self) -> None:
         """Start the process and wait until ``/health`` answers; EngineUnavailable (with its log) if not."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
