@@ -23,6 +23,16 @@ from finetrace.serve.settings import ServeSettings
 HELLO = [{"role": "user", "content": "hello world, the contract"}]
 
 
+def _ranked(ws, name: str, r: int):
+    """Adapter ``name@1`` of rank ``r`` (made once per workspace)."""
+    from finetrace.errors import NotFoundError
+
+    try:
+        return ws.ledger.resolve(f"{name}@1", kind="adapter")
+    except NotFoundError:
+        return make_adapter(ws, ws.ctx["base"], ws.ctx["tokenizer"], ws.ctx["model_dir"], name, 7, ws.ctx["tmp"], r=r)
+
+
 @pytest.fixture(scope="module")
 def llama_srv(served_ws):
     eng = open_engine(served_ws, "tiny", ["alpha@1", "beta@1"], ServeSettings(log_flush_s=0.05), "llamacpp",
@@ -171,7 +181,7 @@ def test_vllm_launch_line_for_three_ranks(served_ws):
 
     ws, base = served_ws, served_ws.ctx["base"]
     for name, r in (("r4", 4), ("r8", 8), ("r16", 16)):
-        make_adapter(ws, base, ws.ctx["tokenizer"], ws.ctx["model_dir"], name, 7, ws.ctx["tmp"], r=r)
+        _ranked(ws, name, r)
     from finetrace.models.identity import text_identity
     ident = text_identity(ws.ctx["tokenizer"])
     infos = [check_adapter(ws, ref, base, ident, False) for ref in ("r4@1", "r8@1", "r16@1")]
@@ -192,6 +202,7 @@ def test_vllm_launch_line_for_three_ranks(served_ws):
 def test_vllm_attach_loads_adapters_through_the_runtime_api(served_ws, llama_srv):
     """--engine vllm --upstream URL: adapters loaded with /v1/load_lora_adapter on a real OpenAI-compatible
     engine that is not vLLM (the llama.cpp worker above), answers forwarded, engine recorded as attached."""
+    _ranked(served_ws, "r8", 8)
     upstream = llama_srv.engine.backend.url
     eng = open_engine(served_ws, "tiny", ["r8@1"], ServeSettings(log_flush_s=0.05), "vllm", upstream=upstream)
     with BackgroundServer(eng) as srv:
