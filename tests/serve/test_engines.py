@@ -132,6 +132,9 @@ def test_openai_client_through_gateway_on_llama_cpp(served_ws, llama_srv):
     for key in ("adapter", "training_run", "datasets"):
         assert doc[key] == ndoc[key], key
     assert ndoc["deployment"]["config"].get("engine") is None
+    from finetrace.serve.provenance import render
+    assert f"engine      llamacpp llama-cpp-python {llama_cpp.__version__} launch" in render(doc)
+    assert "engine      native" in render(ndoc)
     ev = [e for e in logged_events(served_ws, llama_srv.engine.deployment) if e["provenance_id"] == pid]
     assert len(ev) == 1 and ev[0]["adapter"] == doc["adapter"]["digest"]
 
