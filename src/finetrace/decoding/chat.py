@@ -13,7 +13,7 @@ around a marker and reading the first special token that follows it. So a ChatML
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import InputError
 

@@ -13,12 +13,12 @@ KV cache is shared by all its labels (pass 1: B prompts; pass 2: B*K continuatio
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .chat import pad_id, turn_end_id
 from .batch import BASE
+from .chat import pad_id, turn_end_id
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:
