@@ -15,8 +15,9 @@ import sys
 import time
 
 
-def run_llamacpp(ws, base, refs: list[str], prompts: list[list[dict]], max_tokens: int, rounds: int = 3,
-                 threads: int = 2) -> dict:
+def run_llamacpp(
+    ws, base, refs: list[str], prompts: list[list[dict]], max_tokens: int, rounds: int = 3, threads: int = 2
+) -> dict:
     import httpx
 
     from finetrace.serve.engines import open_engine
@@ -29,14 +30,18 @@ def run_llamacpp(ws, base, refs: list[str], prompts: list[list[dict]], max_token
         worker = eng.backend.url
 
         def direct(model: str, ids: list[int]) -> int:
-            r = client.post(worker + "/v1/completions", json={"model": model, "prompt": ids, "max_tokens": max_tokens,
-                                                              "temperature": 0.0})
+            r = client.post(
+                worker + "/v1/completions",
+                json={"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0},
+            )
             r.raise_for_status()
             return len(tok(r.json()["choices"][0]["text"], add_special_tokens=False)["input_ids"])
 
         def gateway(model: str, ids: list[int]) -> int:
-            r = client.post(srv.base_url + "/completions", json={"model": model, "prompt": texts[tuple(ids)],
-                                                                  "max_tokens": max_tokens, "temperature": 0.0})
+            r = client.post(
+                srv.base_url + "/completions",
+                json={"model": model, "prompt": texts[tuple(ids)], "max_tokens": max_tokens, "temperature": 0.0},
+            )
             r.raise_for_status()
             return len(tok(r.json()["choices"][0]["text"], add_special_tokens=False)["input_ids"])
 
@@ -59,7 +64,13 @@ def run_llamacpp(ws, base, refs: list[str], prompts: list[list[dict]], max_token
                 print(f"{name}: {n} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         version = eng.backend.describe()["version"]
     e, g = (tally[k][0] / tally[k][1] for k in ("engine", "gateway"))
-    return {"engine": "llamacpp", "engine_version": version, "engine_tokens_per_s": round(e, 2),
-            "gateway_tokens_per_s": round(g, 2), "gateway_overhead": round(1 - g / e, 4),
-            "requests": rounds * len(rows), "max_tokens": max_tokens,
-            "tokens": {k: v[0] for k, v in tally.items()}}
+    return {
+        "engine": "llamacpp",
+        "engine_version": version,
+        "engine_tokens_per_s": round(e, 2),
+        "gateway_tokens_per_s": round(g, 2),
+        "gateway_overhead": round(1 - g / e, 4),
+        "requests": rounds * len(rows),
+        "max_tokens": max_tokens,
+        "tokens": {k: v[0] for k, v in tally.items()},
+    }

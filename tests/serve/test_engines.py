@@ -11,14 +11,13 @@ import time
 import httpx
 import openai
 import pytest
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'finetrace[llamacpp]'")
-
 from serve_support import logged_events, make_adapter
 
 from finetrace.serve.engines import open_engine
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'finetrace[llamacpp]'")
 
 HELLO = [{"role": "user", "content": "hello world, the contract"}]
 
@@ -35,8 +34,7 @@ def _ranked(ws, name: str, r: int):
 
 @pytest.fixture(scope="module")
 def llama_srv(served_ws):
-    eng = open_engine(served_ws, "tiny", ["alpha@1", "beta@1"], ServeSettings(log_flush_s=0.05), "llamacpp",
-                      threads=1)
+    eng = open_engine(served_ws, "tiny", ["alpha@1", "beta@1"], ServeSettings(log_flush_s=0.05), "llamacpp", threads=1)
     with BackgroundServer(eng) as srv:
         yield srv
 
@@ -67,13 +65,18 @@ def test_gguf_lora_matches_peft_through_llama_cpp(served_ws, tmp_path):
         llm.reset()
         llm.eval(ids)
         return np.array(llm.scores[llm.n_tokens - 1])
+
     ad = llama_cpp.llama_adapter_lora_init(llm._model.model, str(tmp_path / "lora.gguf").encode())
     assert ad
-    assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ad), 1,
-                                             (ctypes.c_float * 1)(1.0)) == 0
+    assert (
+        llama_cpp.llama_set_adapters_lora(
+            llm._ctx.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ad), 1, (ctypes.c_float * 1)(1.0)
+        )
+        == 0
+    )
     got = last()
-    assert np.abs(want_lora - want_base).max() > 0.05          # the adapter changes the logits...
-    assert np.abs(got - want_lora).max() < 2e-3                  # ...and llama.cpp applies it as PEFT does
+    assert np.abs(want_lora - want_base).max() > 0.05  # the adapter changes the logits...
+    assert np.abs(got - want_lora).max() < 2e-3  # ...and llama.cpp applies it as PEFT does
     assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None) == 0
     assert np.abs(last() - want_base).max() < 2e-3
     llama_cpp.llama_adapter_lora_free(ad)
@@ -96,10 +99,16 @@ def test_gguf_lora_layout_is_llama_cpp_converters(served_ws, tmp_path):
     t = {x.name: np.array(x.data) for x in rd.tensors}
     peft = load_file(adapter / "adapter_model.safetensors")
     pre = "base_model.model.model.layers.1."
-    assert set(t) == {f"blk.{i}.{n}.weight.lora_{ab}" for i in (0, 1) for ab in "ab"
-                      for n in ("attn_q", "attn_v", "attn_output", "ffn_up")}
+    assert set(t) == {
+        f"blk.{i}.{n}.weight.lora_{ab}"
+        for i in (0, 1)
+        for ab in "ab"
+        for n in ("attn_q", "attn_v", "attn_output", "ffn_up")
+    }
     assert np.array_equal(t["blk.1.attn_q.weight.lora_a"], peft[pre + "self_attn.q_proj.lora_A.weight"])
-    assert np.array_equal(t["blk.1.attn_q.weight.lora_b"], rope_permute(peft[pre + "self_attn.q_proj.lora_B.weight"], 4))
+    assert np.array_equal(
+        t["blk.1.attn_q.weight.lora_b"], rope_permute(peft[pre + "self_attn.q_proj.lora_B.weight"], 4)
+    )
     assert np.array_equal(t["blk.1.attn_v.weight.lora_b"], peft[pre + "self_attn.v_proj.lora_B.weight"])
 
 
@@ -115,7 +124,7 @@ def test_openai_client_through_gateway_on_llama_cpp(served_ws, llama_srv):
     stream = client.chat.completions.create(model="beta@1", messages=HELLO, max_tokens=12, temperature=0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     again = client.chat.completions.create(model="beta@1", messages=HELLO, max_tokens=12, temperature=0)
-    assert again.choices[0].message.content == text.strip()   # streamed == whole, adapters switched between
+    assert again.choices[0].message.content == text.strip()  # streamed == whole, adapters switched between
     doc = httpx.get(f"{llama_srv.url}/v1/provenance/{pid}").json()
     dep = doc["deployment"]["config"]["engine"]
     assert dep["name"] == "llamacpp" and dep["version"] == f"llama-cpp-python {llama_cpp.__version__}"
@@ -133,6 +142,7 @@ def test_openai_client_through_gateway_on_llama_cpp(served_ws, llama_srv):
         assert doc[key] == ndoc[key], key
     assert ndoc["deployment"]["config"].get("engine") is None
     from finetrace.serve.provenance import render
+
     assert f"engine      llamacpp llama-cpp-python {llama_cpp.__version__} launch" in render(doc)
     assert "engine      native" in render(ndoc)
     ev = [e for e in logged_events(served_ws, llama_srv.engine.deployment) if e["provenance_id"] == pid]
@@ -147,7 +157,7 @@ def test_killed_engine_errors_the_stream_reports_and_restarts(served_ws, llama_s
     os.kill(proc.pid, signal.SIGSTOP)  # frozen: the request is in flight when the process dies
     stream = client.chat.completions.create(model="alpha@1", messages=HELLO, max_tokens=40, stream=True)
     it = iter(stream)
-    first = next(it)                     # the role chunk: the client is mid-stream
+    first = next(it)  # the role chunk: the client is mid-stream
     assert first.choices[0].delta.role == "assistant"
     os.kill(proc.pid, signal.SIGKILL)
     with pytest.raises(openai.APIError):
@@ -166,8 +176,11 @@ def test_killed_engine_errors_the_stream_reports_and_restarts(served_ws, llama_s
     eng.request_log.flush()
     events = logged_events(served_ws, eng.deployment)
     failed = [e for e in events if e["finish_reason"] == "error"]
-    assert failed and failed[-1]["delivered"] is False and failed[-1]["output_sha256"] == (
-        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")  # nothing returned, nothing recorded
+    assert (
+        failed
+        and failed[-1]["delivered"] is False
+        and failed[-1]["output_sha256"] == ("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    )  # nothing returned, nothing recorded
     kinds = [e.type for e in served_ws.ledger.entries() if e.type.startswith("deploy.engine")]
     assert "deploy.engine_exited" in kinds and "deploy.engine_restarted" in kinds
 
@@ -186,6 +199,7 @@ def test_vllm_launch_line_for_three_ranks(served_ws):
     for name, r in (("r4", 4), ("r8", 8), ("r16", 16)):
         _ranked(ws, name, r)
     from finetrace.models.identity import text_identity
+
     ident = text_identity(ws.ctx["tokenizer"])
     infos = [check_adapter(ws, ref, base, ident, False) for ref in ("r4@1", "r8@1", "r16@1")]
     assert [adapter_rank(i.path) for i in infos] == [4, 8, 16]
@@ -233,20 +247,25 @@ def test_parity_on_llama_cpp_is_recorded_as_a_number(served_ws):
     tmp = served_ws.ctx["tmp"]
     folder = tmp / "ds-llama-parity"
     folder.mkdir()
-    rows = [{"prompt": f"the supplier {w} question {i}", "completion": "x"}
-            for i, w in enumerate(["contract", "invoice", "data", "billing", "audit", "river"] * 2)]
-    (folder / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["completion", "prompt"],
-                                                     "counts": {"test": len(rows)}}))
+    rows = [
+        {"prompt": f"the supplier {w} question {i}", "completion": "x"}
+        for i, w in enumerate(["contract", "invoice", "data", "billing", "audit", "river"] * 2)
+    ]
+    (folder / "dataset.json").write_text(
+        json.dumps({"schema": "completion", "columns": ["completion", "prompt"], "counts": {"test": len(rows)}})
+    )
     pq.write_table(pa.Table.from_pylist(rows), folder / "test.parquet")
     ds = served_ws.ledger.add_artifact("dataset", served_ws.store.put_dir(folder), name="llama-parity")
     suite = tmp / "llama-suite.yaml"
-    suite.write_text("bias: {enabled: false}\nforgetting: {enabled: false}\nbootstrap: {samples: 10}\n"
-                     "max_new_tokens: 8\nbatch_size: 8\n")
+    suite.write_text(
+        "bias: {enabled: false}\nforgetting: {enabled: false}\nbootstrap: {samples: 10}\n"
+        "max_new_tokens: 8\nbatch_size: 8\n"
+    )
     evaluate(served_ws, "tiny", ds.ref, adapter_ref="beta@1", suite=suite, name="llama-parity-eval")
     res = parity(served_ws, "beta@1", engine="llamacpp")
     assert res.engine == "llamacpp" and res.n == len(rows)
     assert 0.0 <= res.agreement <= 1.0 and res.agreeing + len(res.differing) == res.n
-    assert res.agreement >= 0.5, res.differing   # f32 GGUF of the same weights: differences are float ties only
+    assert res.agreement >= 0.5, res.differing  # f32 GGUF of the same weights: differences are float ties only
     rec = latest_parity(served_ws, res.adapter)
     assert rec["engine"] == "llamacpp" and rec["agreement"] == res.agreement and rec["run_id"] == res.run_id
     assert rec["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"

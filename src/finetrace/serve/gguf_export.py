@@ -195,6 +195,8 @@ def write_gguf_lora(adapter_dir: str | Path, base_dir: str | Path | None, path: 
     import gguf
 
     if base_cfg is None:
+        if base_dir is None:
+            raise InputError("write_gguf_lora needs the base folder or its config", field="base_dir")
         base_cfg = json.loads((Path(base_dir) / "config.json").read_text())
     tensors, alpha = lora_tensors(adapter_dir, base_cfg)
     path = Path(path)

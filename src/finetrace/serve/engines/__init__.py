@@ -26,8 +26,16 @@ from ...errors import InputError
 ENGINES = ("native", "llamacpp", "vllm")
 
 
-def open_engine(ws, base: str, adapters: list[str], settings, engine: str = "native", upstream: str | None = None,
-                upstream_key: str | None = None, threads: int = 2):
+def open_engine(
+    ws,
+    base: str,
+    adapters: list[str],
+    settings,
+    engine: str = "native",
+    upstream: str | None = None,
+    upstream_key: str | None = None,
+    threads: int = 2,
+):
     """The engine for ``finetrace serve --engine``: the native ``Engine`` or a ``GatewayEngine``."""
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint=f"one of {', '.join(ENGINES)}", field="--engine")
@@ -35,13 +43,17 @@ def open_engine(ws, base: str, adapters: list[str], settings, engine: str = "nat
         raise InputError("--upstream attaches to a running vLLM", hint="add --engine vllm", field="--upstream")
     if engine == "native":
         from ..engine import Engine
+
         return Engine(ws, base, list(adapters), settings)
     from .gateway import GatewayEngine
+
     backend: object
     if engine == "llamacpp":
         from .llamacpp import LlamaCppBackend
+
         backend = LlamaCppBackend(ws, threads=threads)
     else:
         from .vllm import VllmBackend
+
         backend = VllmBackend(upstream, upstream_key)
     return GatewayEngine(ws, base, list(adapters), settings, backend)

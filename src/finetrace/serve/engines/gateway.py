@@ -56,8 +56,9 @@ class GatewayEngine:
         self.base_id = self.base.name or self.base.digest
         self.metrics = Metrics()
         self.ledger_lock = threading.RLock()
-        self.context_len = int(json.loads((self.base_dir / "config.json").read_text()).get(
-            "max_position_embeddings", 2048))
+        self.context_len = int(
+            json.loads((self.base_dir / "config.json").read_text()).get("max_position_embeddings", 2048)
+        )
         self._adapters: dict[str, AdapterInfo] = {}
         for ref in adapters:
             self._check(ref)
@@ -82,11 +83,26 @@ class GatewayEngine:
         return info
 
     def models(self) -> list[dict]:
-        out = [{"id": self.base_id, "digest": self.base.digest, "kind": "base_model", "ref": self.base.ref,
-                "engine": self.backend.name}]
+        out = [
+            {
+                "id": self.base_id,
+                "digest": self.base.digest,
+                "kind": "base_model",
+                "ref": self.base.ref,
+                "engine": self.backend.name,
+            }
+        ]
         for mid, info in self._adapters.items():
-            out.append({"id": mid, "digest": info.digest, "kind": "adapter", "base": self.base.digest,
-                        "clearance": info.clearance.status, "engine": self.backend.name})
+            out.append(
+                {
+                    "id": mid,
+                    "digest": info.digest,
+                    "kind": "adapter",
+                    "base": self.base.digest,
+                    "clearance": info.clearance.status,
+                    "engine": self.backend.name,
+                }
+            )
         return out
 
     def resolve_model(self, model: str) -> tuple[str, str, str | None]:
@@ -97,8 +113,9 @@ class GatewayEngine:
         for mid, info in self._adapters.items():
             if m in (mid, info.digest) or (info.artifact.name == m):
                 return mid, mid, info.digest
-        raise NotFoundError(f"The model `{model}` does not exist",
-                            hint=f"served here: {', '.join(x['id'] for x in self.models())}")
+        raise NotFoundError(
+            f"The model `{model}` does not exist", hint=f"served here: {', '.join(x['id'] for x in self.models())}"
+        )
 
     def load_adapter(self, ref: str) -> AdapterInfo:
         info = self._check(ref)
@@ -141,10 +158,18 @@ class GatewayEngine:
 
     def _open_deploy(self) -> None:
         with self.ledger_lock:
-            self.deploy_run = self._exit.enter_context(self.ws.ledger.run(
-                "deploy", config={"base": self.base.ref, "adapters": list(self._adapters),
-                                  "settings": self.settings.public(), "engine": self.backend.describe()},
-                inputs=[self.base.digest] + [i.digest for i in self._adapters.values()]))
+            self.deploy_run = self._exit.enter_context(
+                self.ws.ledger.run(
+                    "deploy",
+                    config={
+                        "base": self.base.ref,
+                        "adapters": list(self._adapters),
+                        "settings": self.settings.public(),
+                        "engine": self.backend.describe(),
+                    },
+                    inputs=[self.base.digest] + [i.digest for i in self._adapters.values()],
+                )
+            )
 
     def _watch_loop(self) -> None:
         while not self._stopping:
@@ -165,8 +190,9 @@ class GatewayEngine:
             self._restarts += 1
             self._state = "ok"
             with self.ledger_lock:
-                self.deploy_run.event("deploy.engine_restarted", {"engine": self.backend.name,
-                                                                  "restarts": self._restarts})
+                self.deploy_run.event(
+                    "deploy.engine_restarted", {"engine": self.backend.name, "restarts": self._restarts}
+                )
 
     def begin_stop(self, drain_s: float | None = None) -> None:
         self._stopping = True
@@ -191,10 +217,18 @@ class GatewayEngine:
         return self.deploy_run.id if self.deploy_run is not None else None
 
     def stats(self) -> dict:
-        return {"queued": max(0, self._inflight - self.settings.max_batch), "active": min(self._inflight,
-                self.settings.max_batch), "adapters": len(self._adapters),
-                "engine": {"name": self.backend.name, "state": self._state, "restarts": self._restarts,
-                           "last_exit": self._last_exit, **self.backend.health_info()}}
+        return {
+            "queued": max(0, self._inflight - self.settings.max_batch),
+            "active": min(self._inflight, self.settings.max_batch),
+            "adapters": len(self._adapters),
+            "engine": {
+                "name": self.backend.name,
+                "state": self._state,
+                "restarts": self._restarts,
+                "last_exit": self._last_exit,
+                **self.backend.health_info(),
+            },
+        }
 
     @property
     def healthy(self) -> bool:
@@ -211,23 +245,31 @@ class GatewayEngine:
         if self._pool is None or self._stopping:
             raise ShuttingDown("the server is shutting down", hint="retry on another replica")
         if req.logprobs is not None or req.labels:
-            raise InputError(f"logprobs and labels are served by the native engine only, not {self.backend.name}",
-                             field="logprobs" if req.logprobs is not None else "labels")
+            raise InputError(
+                f"logprobs and labels are served by the native engine only, not {self.backend.name}",
+                field="logprobs" if req.logprobs is not None else "labels",
+            )
         mid, name, digest = self.resolve_model(req.model)
         req.model, req.adapter_name, req.adapter_digest = mid, name, digest
         if not req.prompt_ids:
             raise InputError("the prompt is empty", field="prompt")
         if len(req.prompt_ids) + req.max_tokens > self.context_len:
-            raise InputError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                             f"context length {self.context_len}", field="max_tokens")
+            raise InputError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                f"context length {self.context_len}",
+                field="max_tokens",
+            )
         if not self.healthy:
-            raise EngineUnavailable(f"the {self.backend.name} engine is not answering ({self._state})",
-                                    hint="retry in a few seconds; GET /health shows the engine's state")
+            raise EngineUnavailable(
+                f"the {self.backend.name} engine is not answering ({self._state})",
+                hint="retry in a few seconds; GET /health shows the engine's state",
+            )
         with self._count_lock:
             if self._inflight >= self.settings.max_batch + self.settings.max_queue:
                 self.metrics.reject()
-                raise QueueFull(f"the request queue is full ({self.settings.max_queue} waiting)",
-                                hint="retry after a short wait")
+                raise QueueFull(
+                    f"the request queue is full ({self.settings.max_queue} waiting)", hint="retry after a short wait"
+                )
             self._inflight += 1
         req.submitted = time.perf_counter()
         self._pool.submit(self._forward, req)
@@ -241,9 +283,14 @@ class GatewayEngine:
                 self._inflight -= 1
 
     def _forward_one(self, req: GenRequest) -> None:
-        body = {"model": self.backend.upstream_name(req.adapter_name), "prompt": req.prompt_ids,
-                "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                "stream": True}
+        body = {
+            "model": self.backend.upstream_name(req.adapter_name),
+            "prompt": req.prompt_ids,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stream": True,
+        }
         if req.seed is not None:
             body["seed"] = req.seed
         if req.stop:
@@ -251,11 +298,14 @@ class GatewayEngine:
         parts: list[str] = []
         finish = None
         try:
-            with self._client.stream("POST", self.backend.url + "/v1/completions", json=body,
-                                     headers=self.backend.headers()) as r:
+            with self._client.stream(
+                "POST", self.backend.url + "/v1/completions", json=body, headers=self.backend.headers()
+            ) as r:
                 if r.status_code != 200:
-                    raise EngineUnavailable(f"the {self.backend.name} engine answered {r.status_code}: "
-                                            f"{r.read().decode('utf-8', 'replace')[:300]}")
+                    raise EngineUnavailable(
+                        f"the {self.backend.name} engine answered {r.status_code}: "
+                        f"{r.read().decode('utf-8', 'replace')[:300]}"
+                    )
                 for line in r.iter_lines():
                     if req.cancelled:
                         finish = "cancelled"
@@ -274,13 +324,19 @@ class GatewayEngine:
                             self._emit(req, "delta", c["text"])
                         finish = c.get("finish_reason") or finish
         except (httpx.HTTPError, EngineUnavailable, ValueError) as exc:
-            err = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(
-                f"the {self.backend.name} engine stopped answering mid-request ({type(exc).__name__}: {exc})",
-                hint="retry; GET /health shows whether the engine was restarted")
+            err = (
+                exc
+                if isinstance(exc, EngineUnavailable)
+                else EngineUnavailable(
+                    f"the {self.backend.name} engine stopped answering mid-request ({type(exc).__name__}: {exc})",
+                    hint="retry; GET /health shows whether the engine was restarted",
+                )
+            )
             return self._fail(req, err, len(parts))
         if finish is None:  # the stream ended without saying why: never present it as a whole answer
-            return self._fail(req, EngineUnavailable(f"the {self.backend.name} engine's answer ended early",
-                                                     hint="retry"), len(parts))
+            return self._fail(
+                req, EngineUnavailable(f"the {self.backend.name} engine's answer ended early", hint="retry"), len(parts)
+            )
         raw = cut_at_stop("".join(parts), req.stop)
         text = "" if finish == "cancelled" else (normalise_answer(raw) if req.chat else raw)
         n_out = len(self.tokenizer(raw, add_special_tokens=False)["input_ids"]) if raw else 0
@@ -298,8 +354,19 @@ class GatewayEngine:
 
     def _log(self, req, text, finish, n_out, latency, error=None) -> None:
         if self.request_log is not None:
-            self.request_log.add(request_event(req, self.deployment, self.base.digest, text, finish, n_out,
-                                               latency, error, self.settings.log_content))
+            self.request_log.add(
+                request_event(
+                    req,
+                    self.deployment,
+                    self.base.digest,
+                    text,
+                    finish,
+                    n_out,
+                    latency,
+                    error,
+                    self.settings.log_content,
+                )
+            )
 
     @staticmethod
     def _emit(req: GenRequest, kind: str, value) -> None:
@@ -310,8 +377,9 @@ class GatewayEngine:
                 log.exception("a request callback failed")
 
 
-def replay_texts(engine: GatewayEngine, rows: list[list[int]], model: str, max_tokens: int, stop: list[str],
-                 token_ids: bool = False) -> list:
+def replay_texts(
+    engine: GatewayEngine, rows: list[list[int]], model: str, max_tokens: int, stop: list[str], token_ids: bool = False
+) -> list:
     """Greedy answers (normalised text, or with ``token_ids`` the answer's token ids, stop strings not applied, where
     the engine returns them, as vLLM's and the llama.cpp worker's ``return_token_ids`` do) of ``engine``'s
     backend for prompt token rows, one request each, not logged (parity records its own run); an engine
@@ -319,9 +387,16 @@ def replay_texts(engine: GatewayEngine, rows: list[list[int]], model: str, max_t
     _, name, _ = engine.resolve_model(model)
     out: list = []
     for ids in rows:
-        body = {"model": engine.backend.upstream_name(name), "prompt": ids, "max_tokens": max_tokens,
-                "temperature": 0.0, "top_p": 1.0, "stream": False, **({"stop": stop} if stop else {}),
-                **({"return_token_ids": True} if token_ids else {})}
+        body = {
+            "model": engine.backend.upstream_name(name),
+            "prompt": ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "stream": False,
+            **({"stop": stop} if stop else {}),
+            **({"return_token_ids": True} if token_ids else {}),
+        }
         try:
             r = engine._client.post(engine.backend.url + "/v1/completions", json=body, headers=engine.backend.headers())
             r.raise_for_status()

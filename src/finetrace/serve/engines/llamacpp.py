@@ -34,14 +34,24 @@ class LlamaCppBackend:
         try:
             import llama_cpp
         except ImportError as exc:
-            raise DependencyError("--engine llamacpp needs llama-cpp-python",
-                                  hint="pip install 'finetrace[llamacpp]' (builds llama.cpp: ~4-7 min)") from exc
+            raise DependencyError(
+                "--engine llamacpp needs llama-cpp-python",
+                hint="pip install 'finetrace[llamacpp]' (builds llama.cpp: ~4-7 min)",
+            ) from exc
         self.version = llama_cpp.__version__
         self.ws, self.threads, self.n_ctx, self.qtype = ws, threads, n_ctx, qtype
         self.cache = Path(ws.root) / "cache" / "gguf"
         self.proc: EngineProcess | None = None
-        self.files: dict[str, dict] = {}   # what was converted: {ref: {"gguf": path, "gguf_sha256": ...}}
-        self.base_dir = None
+        self.files: dict[str, dict] = {}  # what was converted: {ref: {"gguf": path, "gguf_sha256": ...}}
+        self.base_dir: Path | None = None
+        self.base_id = ""
+
+    @property
+    def process(self) -> EngineProcess:
+        """The engine process (EngineUnavailable before ``start``)."""
+        if self.proc is None:
+            raise EngineUnavailable(f"the {self.name} engine has not been started")
+        return self.proc
 
     # -- conversion ---------------------------------------------------------------------------
     def base_gguf(self, base_dir: Path, base_digest: str) -> Path:
@@ -65,22 +75,31 @@ class LlamaCppBackend:
         self.base_dir, self.base_id = base_dir, base.name or base.digest
         gguf = self.base_gguf(base_dir, base.digest)
         self.files["__base__"] = {"gguf": str(gguf), "gguf_sha256": _sha256(gguf), "base": base.digest}
-        argv = python_module(WORKER) + ["--model", str(gguf), "--served-name", self.base_id,
-                                        "--threads", str(self.threads), "--n-ctx", str(self.n_ctx)]
+        argv = python_module(WORKER) + [
+            "--model",
+            str(gguf),
+            "--served-name",
+            self.base_id,
+            "--threads",
+            str(self.threads),
+            "--n-ctx",
+            str(self.n_ctx),
+        ]
         for info in adapters:
             argv += ["--lora", f"{info.ref}={self.adapter_gguf(info)}"]
         port = free_port()
-        self.proc = EngineProcess(argv + ["--port", str(port)], port, self.cache.parent / "engines" /
-                                  f"llamacpp-{port}.log")
-        self.proc.start()
+        self.proc = EngineProcess(
+            argv + ["--port", str(port)], port, self.cache.parent / "engines" / f"llamacpp-{port}.log"
+        )
+        self.process.start()
 
     def restart(self) -> None:
-        self.proc.kill()
-        self.proc.start()
+        self.process.kill()
+        self.process.start()
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
+            self.process.kill()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
@@ -91,7 +110,7 @@ class LlamaCppBackend:
 
     @property
     def url(self) -> str:
-        return self.proc.url
+        return self.process.url
 
     def headers(self) -> dict:
         return {}
@@ -100,25 +119,31 @@ class LlamaCppBackend:
         return self.base_id if adapter_name == "__base__" else adapter_name
 
     def load_adapter(self, info) -> None:
-        r = httpx.post(self.url + "/v1/load_lora_adapter", json={"lora_name": info.ref,
-                                                                 "lora_path": str(self.adapter_gguf(info))})
+        r = httpx.post(
+            self.url + "/v1/load_lora_adapter", json={"lora_name": info.ref, "lora_path": str(self.adapter_gguf(info))}
+        )
         if r.status_code != 200:
             raise EngineUnavailable(f"llama.cpp refused adapter {info.ref}: {r.text[:300]}")
         # a restart must bring it back: it joins the worker's command line
-        self.proc.argv[-2:-2] = ["--lora", f"{info.ref}={self.files[info.ref]['gguf']}"]
+        self.process.argv[-2:-2] = ["--lora", f"{info.ref}={self.files[info.ref]['gguf']}"]
 
     def unload_adapter(self, info) -> None:
         httpx.post(self.url + "/v1/unload_lora_adapter", json={"lora_name": info.ref})
         spec = f"{info.ref}={self.files.get(info.ref, {}).get('gguf')}"
-        if spec in self.proc.argv:
-            i = self.proc.argv.index(spec)
-            del self.proc.argv[i - 1:i + 1]
+        if spec in self.process.argv:
+            i = self.process.argv.index(spec)
+            del self.process.argv[i - 1 : i + 1]
 
     def describe(self) -> dict:
         """What the deploy run records: engine, version, the exact worker command and converted files."""
-        return {"name": self.name, "version": f"llama-cpp-python {self.version}", "mode": "launch",
-                "args": list(self.proc.argv) if self.proc else [], "files": self.files,
-                "batching": "none: one request at a time per process (adapters switch per request)"}
+        return {
+            "name": self.name,
+            "version": f"llama-cpp-python {self.version}",
+            "mode": "launch",
+            "args": list(self.process.argv) if self.proc else [],
+            "files": self.files,
+            "batching": "none: one request at a time per process (adapters switch per request)",
+        }
 
     def health_info(self) -> dict:
         return {"pid": self.proc.proc.pid if self.proc and self.proc.proc else None}

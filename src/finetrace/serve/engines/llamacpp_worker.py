@@ -15,12 +15,12 @@ request at a time, so requests (for the same adapter or different ones) are serv
 under a lock. Throughput beyond one stream needs more processes or another engine (vLLM).
 """
 
-
 import argparse
 import ctypes
 import json
 import threading
 import time
+from typing import Any
 
 BASE = "__base__"
 
@@ -32,7 +32,7 @@ class Worker:
         self.lc = llama_cpp
         self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.served_name = served_name
-        self.adapters: dict[str, object] = {}   # name -> llama_adapter_lora_p
+        self.adapters: dict[str, Any] = {}  # name -> llama_adapter_lora_p
         self.paths: dict[str, str] = {}
         self.current: str | None = BASE
         self.lock = threading.Lock()
@@ -59,8 +59,10 @@ class Worker:
         from ..gguf_export import write_gguf_lora
 
         md = self.llm.metadata
-        cfg = {"num_attention_heads": int(md["llama.attention.head_count"]),
-               "num_key_value_heads": int(md.get("llama.attention.head_count_kv", md["llama.attention.head_count"]))}
+        cfg = {
+            "num_attention_heads": int(md["llama.attention.head_count"]),
+            "num_key_value_heads": int(md.get("llama.attention.head_count_kv", md["llama.attention.head_count"])),
+        }
         out = Path(self.scratch) / f"{len(self.paths)}-{abs(hash(name))}.gguf"
         return str(write_gguf_lora(path, None, out, name, base_cfg=cfg))
 
@@ -101,18 +103,28 @@ class Worker:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]
+        if not prompt:
+            raise ValueError("prompt must be a non-empty string or list of token ids")
         temp = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
-        kw = {"max_tokens": int(body.get("max_tokens") or 16), "temperature": temp,
-              "top_p": float(body.get("top_p") or 1.0), "top_k": 0 if temp == 0 else 40, "min_p": 0.0,
-              "repeat_penalty": 1.0, "stop": body.get("stop") or [], "seed": body.get("seed"), "stream": True}
+        kw: dict[str, Any] = {
+            "max_tokens": int(body.get("max_tokens") or 16),
+            "temperature": temp,
+            "top_p": float(body.get("top_p") or 1.0),
+            "top_k": 0 if temp == 0 else 40,
+            "min_p": 0.0,
+            "repeat_penalty": 1.0,
+            "stop": body.get("stop") or [],
+            "seed": body.get("seed"),
+            "stream": True,
+        }
         with self.lock:
             self._select(name)
             n_prompt = len(prompt) if isinstance(prompt, list) else len(self.llm.tokenize(prompt.encode(), False))
-            for chunk in self.llm.create_completion(prompt, **kw):
+            chunks: Any = self.llm.create_completion(prompt, **kw)  # stream=True: an iterator of dicts
+            for chunk in chunks:
                 c = chunk["choices"][0]
                 yield c.get("text") or "", c.get("finish_reason"), None
             yield "", None, {"prompt_tokens": n_prompt}  # the gateway counts completion tokens itself
-
 
     def token_ids(self, body: dict) -> list[int]:
         """Greedy or sampled completion as token ids, up to the end of turn (``return_token_ids``: parity
@@ -122,8 +134,15 @@ class Worker:
         out: list[int] = []
         with self.lock:
             self._select(name)
-            for tok in self.llm.generate(body["prompt"], top_k=0 if temp == 0 else 40, top_p=float(body.get("top_p") or 1.0),
-                                         min_p=0.0, temp=temp, repeat_penalty=1.0, reset=True):
+            for tok in self.llm.generate(
+                body["prompt"],
+                top_k=0 if temp == 0 else 40,
+                top_p=float(body.get("top_p") or 1.0),
+                min_p=0.0,
+                temp=temp,
+                repeat_penalty=1.0,
+                reset=True,
+            ):
                 if self.lc.llama_vocab_is_eog(self.llm._model.vocab, tok) or len(out) >= int(body["max_tokens"]):
                     break
                 out.append(int(tok))
@@ -181,14 +200,20 @@ def make_app(worker: Worker):
         cid, created, model = f"cmpl-{time.time_ns()}", int(time.time()), body.get("model") or worker.served_name
 
         def chunk(text, finish, usage=None):
-            d = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            d = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            }
             if usage is not None:
                 d["choices"], d["usage"] = [], usage
             return d
 
         if not body.get("stream"):
             import asyncio
+
             if body.get("return_token_ids") and isinstance(body.get("prompt"), list):
                 ids = await asyncio.to_thread(worker.token_ids, body)
                 out = chunk(worker.llm.detokenize(ids).decode("utf-8", "replace"), "stop")
@@ -207,6 +232,7 @@ def make_app(worker: Worker):
                 else:
                     yield f"data: {json.dumps(chunk(text, finish))}\n\n"
             yield "data: [DONE]\n\n"
+
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app

@@ -44,14 +44,17 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.starts += 1
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EngineUnavailable(f"the engine process exited with status {self.proc.returncode} while "
-                                        f"starting: {self.tail()}", hint=f"see {self.log_path}")
+                raise EngineUnavailable(
+                    f"the engine process exited with status {self.proc.returncode} while starting: {self.tail()}",
+                    hint=f"see {self.log_path}",
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -59,8 +62,10 @@ class EngineProcess:
                 pass
             time.sleep(0.1)
         self.kill()
-        raise EngineUnavailable(f"the engine did not become healthy in {self.start_timeout_s:g} s: {self.tail()}",
-                                hint=f"see {self.log_path}")
+        raise EngineUnavailable(
+            f"the engine did not become healthy in {self.start_timeout_s:g} s: {self.tail()}",
+            hint=f"see {self.log_path}",
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

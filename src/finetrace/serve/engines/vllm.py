@@ -48,15 +48,38 @@ def max_lora_rank(ranks: list[int]) -> int:
     raise InputError(f"an adapter has rank {top}; vLLM serves ranks up to {VLLM_MAX_LORA_RANKS[-1]}", field="r")
 
 
-def vllm_command(base_dir: str | Path, served_name: str, adapters: list[tuple[str, str | Path]], port: int,
-                 host: str = "127.0.0.1", executable: str = "vllm") -> list[str]:
+def vllm_command(
+    base_dir: str | Path,
+    served_name: str,
+    adapters: list[tuple[str, str | Path]],
+    port: int,
+    host: str = "127.0.0.1",
+    executable: str = "vllm",
+) -> list[str]:
     """The ``vllm serve`` argument list for a base folder and ``(name, folder)`` adapters (see module doc)."""
-    argv = [executable, "serve", str(base_dir), "--served-model-name", served_name, "--host", host,
-            "--port", str(port), "--generation-config", "vllm"]
+    argv = [
+        executable,
+        "serve",
+        str(base_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--generation-config",
+        "vllm",
+    ]
     if adapters:
-        argv += ["--enable-lora", "--max-loras", str(len(adapters)),
-                 "--max-lora-rank", str(max_lora_rank([adapter_rank(p) for _, p in adapters])),
-                 "--lora-modules", *[f"{name}={path}" for name, path in adapters]]
+        argv += [
+            "--enable-lora",
+            "--max-loras",
+            str(len(adapters)),
+            "--max-lora-rank",
+            str(max_lora_rank([adapter_rank(p) for _, p in adapters])),
+            "--lora-modules",
+            *[f"{name}={path}" for name, path in adapters],
+        ]
     return argv
 
 
@@ -69,19 +92,28 @@ class VllmBackend:
         self.proc: EngineProcess | None = None
         self.version: str | None = None
         self.real_max_rank = 0
-        self.base_id = None
+        self.base_id = ""
+
+    @property
+    def process(self) -> EngineProcess:
+        """The engine process (EngineUnavailable before ``start``)."""
+        if self.proc is None:
+            raise EngineUnavailable(f"the {self.name} engine has not been started")
+        return self.proc
 
     def start(self, base_dir: Path, base, adapters: list) -> None:
         self.base_id = base.name or base.digest
         if self.upstream is None:
             exe = shutil.which("vllm")
             if exe is None:
-                raise DependencyError("--engine vllm needs the `vllm` command (vLLM on a CUDA machine)",
-                                      hint="install vLLM where the GPUs are, or attach with --upstream URL")
+                raise DependencyError(
+                    "--engine vllm needs the `vllm` command (vLLM on a CUDA machine)",
+                    hint="install vLLM where the GPUs are, or attach with --upstream URL",
+                )
             port = free_port()
             argv = vllm_command(base_dir, self.base_id, [(i.ref, i.path) for i in adapters], port, executable=exe)
             self.proc = EngineProcess(argv, port, Path(base_dir).parent / f"vllm-{port}.log", start_timeout_s=900)
-            self.proc.start()
+            self.process.start()
         else:
             for info in adapters:
                 self.load_adapter(info)
@@ -93,7 +125,7 @@ class VllmBackend:
 
     @property
     def url(self) -> str:
-        return self.upstream or self.proc.url
+        return self.upstream or self.process.url
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -102,11 +134,17 @@ class VllmBackend:
         return self.base_id if adapter_name == "__base__" else adapter_name
 
     def load_adapter(self, info) -> None:
-        r = httpx.post(self.url + "/v1/load_lora_adapter", headers=self.headers(), timeout=600,
-                       json={"lora_name": info.ref, "lora_path": str(info.path)})
+        r = httpx.post(
+            self.url + "/v1/load_lora_adapter",
+            headers=self.headers(),
+            timeout=600,
+            json={"lora_name": info.ref, "lora_path": str(info.path)},
+        )
         if r.status_code != 200:
-            raise EngineUnavailable(f"vLLM refused adapter {info.ref} ({r.status_code}): {r.text[:300]}",
-                                    hint="start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora")
+            raise EngineUnavailable(
+                f"vLLM refused adapter {info.ref} ({r.status_code}): {r.text[:300]}",
+                hint="start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora",
+            )
 
     def unload_adapter(self, info) -> None:
         httpx.post(self.url + "/v1/unload_lora_adapter", headers=self.headers(), json={"lora_name": info.ref})
@@ -124,18 +162,23 @@ class VllmBackend:
         return self.proc.returncode if self.proc else None
 
     def restart(self) -> None:
-        self.proc.kill()
-        self.proc.start()
+        self.process.kill()
+        self.process.start()
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
+            self.process.kill()
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "mode": "attach" if self.upstream else "launch",
-                "upstream": self.upstream, "args": list(self.proc.argv) if self.proc else [],
-                "real_max_lora_rank": self.real_max_rank,
-                "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")}}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "mode": "attach" if self.upstream else "launch",
+            "upstream": self.upstream,
+            "args": list(self.process.argv) if self.proc else [],
+            "real_max_lora_rank": self.real_max_rank,
+            "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")},
+        }
 
     def health_info(self) -> dict:
         return {"url": self.url}
