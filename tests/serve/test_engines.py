@@ -270,3 +270,20 @@ def test_parity_on_llama_cpp_is_recorded_as_a_number(served_ws):
     assert rec["engine"] == "llamacpp" and rec["agreement"] == res.agreement and rec["run_id"] == res.run_id
     assert rec["engine_version"] == f"llama-cpp-python {llama_cpp.__version__}"
     print(f"llama.cpp parity: {res.agreeing}/{res.n} = {res.agreement:.3f}")
+
+
+def test_hot_load_and_unload_on_llama_cpp(served_ws, llama_srv):
+    """An adapter loaded while serving is converted, admitted, served, kept across restarts; unloaded, it is a 404."""
+    _ranked(served_ws, "r4", 4)
+    eng = llama_srv.engine
+    info = eng.load_adapter("r4@1")
+    client = openai.OpenAI(base_url=llama_srv.base_url, api_key="none", max_retries=0)
+    out = client.completions.create(model="r4@1", prompt="the customer shall", max_tokens=4, temperature=0)
+    assert out.model_extra["provenance_id"].startswith("ftp-")
+    spec = f"r4@1={eng.backend.files['r4@1']['gguf']}"
+    assert spec in eng.backend.process.argv  # a restart brings it back
+    assert eng.backend.files["r4@1"]["adapter"] == info.digest
+    eng.unload_adapter("r4@1")
+    assert spec not in eng.backend.process.argv
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="r4@1", prompt="the customer shall", max_tokens=4)
