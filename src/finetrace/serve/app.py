@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..asgi import bearer_token
 from ..errors import FinetraceError
 from . import provenance
 from .engine import Engine
@@ -146,8 +147,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 def bearer(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer`` header, or None."""
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    return bearer_token(request.headers.get("authorization"))
 
 
 class Keys:
