@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
+    ap.add_argument("--engine", choices=("native", "llamacpp"), default="native",
+                    help="llamacpp: only the gateway's overhead in front of llama.cpp (bench/engines_bench.py)")
     args = ap.parse_args(argv)
 
     import logging
@@ -300,6 +302,14 @@ def main(argv: list[str] | None = None) -> dict:
         note = note or "tiny random model (--tiny)"
     print(f"base {base.ref}; building 16 adapters (r={args.rank}) ...", file=sys.stderr)
     refs = make_adapters(ws, base, 16, args.rank, tmp)
+    if args.engine == "llamacpp":  # the gateway in front of llama.cpp: its own module, its own JSON line
+        sys.path.insert(0, str(Path(__file__).parent))
+        from engines_bench import run_llamacpp
+        out = run_llamacpp(ws, base, refs[:4], [prompt_for(i) for i in range(args.single_requests)],
+                           args.max_tokens, args.rounds, max(args.threads, 2))
+        out["model"] = note or base.ref
+        print(json.dumps(out))
+        return out
     adapter_bytes = ws.store.size(ws.ledger.resolve(refs[0]).digest)
 
     results: dict = {}

@@ -10,7 +10,9 @@ from .common import JSON_OPTION, emit_json, open_workspace
 def register(app: typer.Typer) -> None:
     @app.command("parity")
     def parity_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest) as it would be served."),
-                   engine: str = typer.Option("native", "--engine", help="Serving engine to replay on."),
+                   engine: str = typer.Option("native", "--engine", help="Serving engine to replay on: native, "
+                                                                         "llamacpp or vllm."),
+                   upstream: str = typer.Option(None, "--upstream", help="With --engine vllm: a running vLLM's URL."),
                    report: str = typer.Option(None, "--report", help="Eval report to compare with (default: the "
                                                                       "latest that evaluated this adapter)."),
                    min_agreement: float = typer.Option(None, "--min-agreement",
@@ -19,7 +21,7 @@ def register(app: typer.Typer) -> None:
         """Replay the eval set's prompts through the serving engine; token-exact on native, else a rate."""
         from ..serve.parity import DEFAULT_MIN_AGREEMENT, parity
 
-        res = parity(open_workspace(), adapter, engine, report)
+        res = parity(open_workspace(), adapter, engine, report, upstream=upstream)
         floor = DEFAULT_MIN_AGREEMENT.get(engine, 0.95) if min_agreement is None else min_agreement
         if json_out:
             emit_json(res.to_dict())

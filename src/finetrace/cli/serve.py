@@ -41,6 +41,11 @@ def register(app: typer.Typer) -> None:
                                                help="Longest wait on the ledger before events are spilled."),
         max_request_bytes: int = typer.Option(8 * 1024 * 1024, "--max-request-bytes",
                                               help="Largest request body; a larger one gets 413."),
+        engine: str = typer.Option("native", "--engine", help="native (default), llamacpp or vllm."),
+        upstream: str = typer.Option(None, "--upstream", help="With --engine vllm: attach to a running vLLM at URL."),
+        upstream_key: str = typer.Option(None, "--upstream-key", envvar="FINETRACE_UPSTREAM_KEY",
+                                         help="Bearer key the upstream engine expects."),
+        engine_threads: int = typer.Option(2, "--engine-threads", help="CPU threads of the llama.cpp engine."),
     ):
         """Serve the base and adapters over an OpenAI-compatible API, with provenance on every answer."""
         import logging
@@ -54,8 +59,8 @@ def register(app: typer.Typer) -> None:
                                  max_batch=max_batch, require_eval=require_eval, drain_s=drain_s,
                                  ledger_timeout_s=ledger_timeout_s, max_request_bytes=max_request_bytes)
         ws = open_workspace()
-        engine = build_engine(ws, base, adapter, settings)
-        serve(engine, settings)
+        eng = build_engine(ws, base, adapter, settings, engine, upstream, upstream_key, engine_threads)
+        serve(eng, settings)
 
     @app.command("provenance")
     def provenance_cmd(provenance_id: str = typer.Argument(..., help="The provenance id of an answer."),

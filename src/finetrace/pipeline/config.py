@@ -95,7 +95,11 @@ class DeployStage(_Strict):
     parity: bool = Field(True, description="Replay the eval set's prompts through the serving path first "
                                            "(`finetrace parity`) and refuse to deploy below min_serve_agreement.")
     min_serve_agreement: float | None = Field(None, ge=0, le=1, description="Share of eval answers the served "
-                                              "answers must equal (default 1.0: token-exact on the native engine).")
+                                              "answers must equal (default 1.0: token-exact on the native engine; "
+                                              "0.95 on llamacpp and vllm).")
+    engine: Literal["native", "llamacpp", "vllm"] = Field("native", description="The engine behind the gateway "
+                                                          "(`finetrace serve --engine`); parity runs on it too.")
+    upstream: str | None = Field(None, description="With engine: vllm, the URL of a running vLLM to attach to.")
 
 
 class PipelineConfig(_Strict):

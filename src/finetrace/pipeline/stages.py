@@ -342,11 +342,12 @@ def question_messages(ctx: Context) -> list[dict]:
     return [{"role": "user", "content": ask}]
 
 
-def parity_gate(ws: Workspace, adapter_ref: str, report: str | None, min_agreement: float | None, echo):
-    """Replay the eval set through the serving path (``serve.parity``); refuse below ``min_agreement``."""
+def parity_gate(ws: Workspace, adapter_ref: str, report: str | None, min_agreement: float | None, echo,
+                engine: str = "native", upstream: str | None = None):
+    """Replay the eval set through the serving path (``serve.parity``) on ``engine``; refuse below ``min_agreement``."""
     from ..serve.parity import require_parity
 
-    res = require_parity(ws, adapter_ref, min_agreement, report_ref=report)
+    res = require_parity(ws, adapter_ref, min_agreement, engine, report_ref=report, upstream=upstream)
     echo(f"deploy: parity {res.agreeing}/{res.n} served answers equal the evaluated ones "
          f"({'token-exact' if res.exact else f'{res.agreement:.1%}'}; run {res.run_id})")
     return res
@@ -356,7 +357,8 @@ def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
     ws, d = ctx.ws, ctx.cfg.deploy
     adapter_ref = ws.ledger.artifact(ctx.state["adapter"]).ref
     base_ref = ws.ledger.artifact(ctx.state["base_model"]).ref
-    par = parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo) \
+    par = parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo, d.engine,
+                      d.upstream) \
         if d.parity else None
     if d.mode == "record":
         with ws.ledger.run("deploy", config={"base": base_ref, "adapters": [adapter_ref], "mode": "record",
@@ -388,8 +390,9 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     ws, d = ctx.ws, ctx.cfg.deploy
     messages = question_messages(ctx)
     settings = ServeSettings(port=0, require_eval=True)
-    engine = build_engine(ws, base_ref, [adapter_ref], settings)
-    ctx.echo(f"deploy: serving {adapter_ref} on {base_ref} (OpenAI-compatible API on 127.0.0.1)")
+    engine = build_engine(ws, base_ref, [adapter_ref], settings, d.engine, d.upstream)
+    ctx.echo(f"deploy: serving {adapter_ref} on {base_ref} ({d.engine} engine behind the OpenAI-compatible "
+             f"gateway on 127.0.0.1)")
     with BackgroundServer(engine, settings) as srv:
         deploy_run = engine.deployment  # stop() below closes the run (failed if this block raises)
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=600)

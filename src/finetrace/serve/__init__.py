@@ -9,7 +9,9 @@
     metrics.py     Prometheus text metrics
     settings.py    ServeSettings (what the CLI flags fill)
     protocol.py    OpenAI request models and error bodies
-    app.py         create_app(engine, settings): the FastAPI routes
+    app.py         create_app(engine, settings): the FastAPI routes (errors, keys, health, provenance, admin)
+    engines/       llama.cpp and vLLM behind the same gateway (GatewayEngine), open_engine(--engine)
+    gguf_export.py GGUF export of a base, and of a LoRA adapter as llama.cpp's converter writes it
     server.py      run a uvicorn server (foreground, or in a thread for tests and benchmarks)
     export.py      merged safetensors export of an adapter (+ notes on vLLM / LoRAX)
 

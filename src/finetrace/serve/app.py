@@ -32,6 +32,7 @@ from ..asgi import bearer_token
 from ..errors import FinetraceError
 from . import provenance
 from .engine import Engine
+from .engines.process import EngineUnavailable
 from .protocol import error_body
 from .routes_openai import RETRY_AFTER_S, ApiError, add_openai_routes
 from .routes_openai import translate as _translate
@@ -86,6 +87,7 @@ class LoadAdapter(BaseModel):
 
 
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+    """The app: lifespan (engine start/stop), body limit, error translation, then each group of routes."""
     settings = settings or engine.settings
     if not settings.api_keys:
         log.warning("no API key configured: the /v1 endpoints are open to anyone who can reach %s:%s",
@@ -101,6 +103,18 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     app = FastAPI(title="finetrace serve", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    add_error_handlers(app)
+    keys = Keys(settings)
+    add_operational_routes(app, engine, keys.require_key)
+    add_openai_routes(app, engine, settings, keys.require_key)  # /v1/models, /v1/chat/completions, /v1/completions
+    add_provenance_routes(app, engine, keys.require_key)
+    add_admin_routes(app, engine, keys.require_admin)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error becomes an OpenAI error body: ApiError as raised, FinetraceError translated (an engine
+    that is not answering: 503), validation errors 400, a bug 500 without a traceback to the client."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -108,7 +122,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     @app.exception_handler(FinetraceError)
     async def _ft_error(request: Request, exc: FinetraceError):
-        err = _translate(exc)
+        err = ApiError(503, str(exc), "server_error", "engine_unavailable", headers={"Retry-After": "1"}) \
+            if isinstance(exc, EngineUnavailable) else _translate(exc)
         return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
@@ -129,29 +144,44 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         return JSONResponse(error_body(f"invalid request: {first.get('msg', exc)}", "invalid_request_error",
                                        "invalid_value", param), status_code=400)
 
-    def _bearer(request: Request) -> str | None:
-        return bearer_token(request.headers.get("authorization"))
 
-    def require_key(request: Request) -> None:
-        if not settings.api_keys:
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    return bearer_token(request.headers.get("authorization"))
+
+
+class Keys:
+    """The two route dependencies: ``require_key`` (any API key, when keys are set) and ``require_admin``."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+
+    def require_key(self, request: Request) -> None:
+        if not self.settings.api_keys:
             return
-        key = _bearer(request)
-        if not key or not any(hmac.compare_digest(key, k) for k in settings.api_keys):
+        key = bearer(request)
+        if not key or not any(hmac.compare_digest(key, k) for k in self.settings.api_keys):
             raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                            "invalid_request_error", "invalid_api_key")
 
-    def require_admin(request: Request) -> None:
-        if not settings.admin_key:
+    def require_admin(self, request: Request) -> None:
+        if not self.settings.admin_key:
             raise ApiError(403, "admin endpoints are disabled: start the server with --admin-key",
                            "permission_error", "admin_disabled")
-        key = _bearer(request)
-        if not key or not hmac.compare_digest(key, settings.admin_key):
+        key = bearer(request)
+        if not key or not hmac.compare_digest(key, self.settings.admin_key):
             raise ApiError(401, "Incorrect or missing admin key", "invalid_request_error", "invalid_api_key")
 
-    # -- open / operational ---------------------------------------------------------------------
+
+def add_operational_routes(app: FastAPI, engine, require_key) -> None:
+    """/health (open; 503 ``engine_down`` while a gateway's engine process is not answering) and /metrics."""
+
     @app.get("/health")
     def health():
-        return {"status": "ok", "base": engine.base_id, "deployment": engine.deployment, **engine.stats()}
+        ok = getattr(engine, "healthy", True)  # a gateway engine reports its engine process
+        body = {"status": "ok" if ok else "engine_down", "base": engine.base_id, "deployment": engine.deployment,
+                **engine.stats()}
+        return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(require_key)])
     def metrics():
@@ -162,8 +192,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"])})
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    add_openai_routes(app, engine, settings, require_key)  # /v1/models, /v1/chat/completions, /v1/completions
 
+def add_provenance_routes(app: FastAPI, engine, require_key) -> None:
     @app.get("/v1/provenance/{provenance_id}", dependencies=[Depends(require_key)])
     def get_provenance(provenance_id: str):
         if engine.request_log is not None:
@@ -171,7 +201,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         with engine.ledger_lock:  # the workspace's ledger connection is shared with the engine
             return provenance.resolve(engine.ws, provenance_id)
 
-    # -- admin ----------------------------------------------------------------------------------
+
+def add_admin_routes(app: FastAPI, engine, require_admin) -> None:
     @app.post("/admin/adapters", dependencies=[Depends(require_admin)], status_code=201)
     def load_adapter(body: LoadAdapter):
         info = engine.load_adapter(body.adapter)
@@ -181,5 +212,3 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.delete("/admin/adapters/{model:path}", dependencies=[Depends(require_admin)])
     def unload_adapter(model: str):
         return {"id": engine.unload_adapter(model), "unloaded": True}
-
-    return app

@@ -127,3 +127,105 @@ def write_gguf(folder: str | Path, path: str | Path, name: str = "finetrace expo
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- LoRA adapters ------------------------------------------------------------------------------------
+# PEFT module path (per layer) -> llama.cpp tensor name; what llama.cpp's convert_lora_to_gguf.py maps too.
+LORA_TARGETS = {k.rsplit(".", 1)[0]: v.rsplit(".", 1)[0] for k, v in LAYER_NAMES.items() if "proj" in k}
+
+
+def lora_tensors(adapter_dir: str | Path, base_cfg: dict) -> tuple[dict[str, np.ndarray], float]:
+    """The GGUF LoRA tensors of a PEFT adapter folder and its ``lora_alpha``, laid out like llama.cpp's
+    ``convert_lora_to_gguf.py`` writes them:
+
+    - ``blk.{i}.{attn_q|...}.weight.lora_a`` = PEFT ``lora_A`` (r, in) and ``.lora_b`` = ``lora_B``
+      (out, r), unchanged (GGUF stores numpy's row-major (r, in) as ne = [in, r], which llama.cpp expects);
+    - for Q and K, ``lora_b`` gets the base's rotary row permutation (``rope_permute``), ``lora_a`` none,
+      since ``B A`` must be permuted like the base weight it is added to (the converter's
+      ``LoraTorchTensor.permute`` does the same);
+    - the scale is not folded in: llama.cpp multiplies ``B A x`` by ``alpha / r`` (``r`` read from
+      ``lora_b``), which equals PEFT's ``lora_alpha / r``. rsLoRA, per-module ranks or alphas, DoRA and
+      adapters that train embeddings or the output layer have no such form and are refused.
+    """
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    where = str(adapter_dir / "adapter_config.json")
+    for key, why in (("use_rslora", "rsLoRA scales by alpha/sqrt(r)"), ("use_dora", "DoRA has magnitude vectors"),
+                     ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
+                     ("modules_to_save", "fully trained modules")):
+        if cfg.get(key):
+            raise InputError(f"this adapter cannot be written as a llama.cpp LoRA: {why} ({key})", file=where,
+                             field=key, hint="serve it with --engine native, or train it without this option")
+    if cfg.get("fan_in_fan_out"):
+        raise InputError("fan_in_fan_out adapters are not supported", file=where, field="fan_in_fan_out")
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, w in weights.items():
+        parts = key.split(".")
+        try:
+            i = int(parts[parts.index("layers") + 1])
+            module = ".".join(parts[parts.index("layers") + 2:-2])
+            which = parts[-2]
+        except (ValueError, IndexError):
+            raise InputError(f"adapter tensor {key!r} is not a LoRA weight of a decoder layer", file=where,
+                             hint="only LoRA on the attention and MLP projections converts to GGUF") from None
+        if module not in LORA_TARGETS or which not in ("lora_A", "lora_B"):
+            raise InputError(f"adapter tensor {key!r} has no llama.cpp LoRA form", file=where,
+                             hint=f"LoRA targets that convert: {', '.join(sorted(LORA_TARGETS))}")
+        pairs.setdefault(f"blk.{i}.{LORA_TARGETS[module]}.weight", {})[which] = np.asarray(w, dtype=np.float32)
+    out: dict[str, np.ndarray] = {}
+    for name, ab in sorted(pairs.items()):
+        a, b = ab["lora_A"], ab["lora_B"]
+        if name.endswith("attn_q.weight"):
+            b = rope_permute(b, base_cfg["num_attention_heads"])
+        elif name.endswith("attn_k.weight"):
+            b = rope_permute(b, base_cfg["num_key_value_heads"])
+        out[name + ".lora_a"], out[name + ".lora_b"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return out, float(cfg.get("lora_alpha", cfg.get("r", 8)))
+
+
+def write_gguf_lora(adapter_dir: str | Path, base_dir: str | Path | None, path: str | Path, name: str = "adapter",
+                    base_cfg: dict | None = None) -> Path:
+    """Write the PEFT LoRA folder ``adapter_dir`` (trained on the HF Llama folder ``base_dir``) as a GGUF
+    LoRA adapter (F32) at ``path``: ``general.type = adapter``, ``adapter.type = lora``,
+    ``adapter.lora.alpha``, tensors as ``lora_tensors`` describes. llama.cpp loads it with
+    ``llama_adapter_lora_init`` on the base exported by ``write_gguf``."""
+    import gguf
+
+    if base_cfg is None:
+        if base_dir is None:
+            raise InputError("write_gguf_lora needs the base folder or its config", field="base_dir")
+        base_cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    tensors, alpha = lora_tensors(adapter_dir, base_cfg)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w.add_name(name)
+    for tname, tensor in tensors.items():
+        w.add_tensor(tname, tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    publish(tmp, path)
+    return path
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` (written by GGUFWriter, which opens its own file), rename it over ``path``, fsync the folder."""
+    import os
+
+    from ..atomic import fsync_dir
+
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -22,8 +22,8 @@ from ..evaluate.schema import EvalReport, ModelResult, read_report
 from ..ledger import Artifact
 from ..workspace import Workspace
 
-ENGINES = ("native",)
-DEFAULT_MIN_AGREEMENT = {"native": 1.0}
+ENGINES = ("native", "llamacpp", "vllm")
+DEFAULT_MIN_AGREEMENT = {"native": 1.0}  # other engines: 0.95 unless the gate says otherwise
 
 
 class ParityRefused(FinetraceError):
@@ -87,7 +87,7 @@ def _replay(engine, peft_name: str, rep: EvalReport, examples) -> list:
 
 
 def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: str | None = None,
-           base_ref: str | None = None) -> ParityResult:
+           base_ref: str | None = None, upstream: str | None = None) -> ParityResult:
     """Replay the eval report's prompts through the serving engine and compare; records a ``parity`` run."""
     from ..evaluate.evalset import load_eval_set
     from .engine import Engine
@@ -101,6 +101,8 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     es = load_eval_set(ws, rep.dataset.digest, rep.dataset.split, rep.suite.limit)
     config = {"engine": engine, "adapter": adapter.digest, "report": rep_art.digest,
               "evaluated_adapter": subject.adapter}
+    if engine != "native":
+        return _parity_gateway(ws, adapter, engine, rep_art, rep, subject, base, es, config, upstream)
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
         eng = Engine(ws, base, [adapter.digest], ServeSettings(max_batch=rep.suite.batch_size or 16))
         _, peft_name, _ = eng.resolve_model(adapter.ref)
@@ -119,6 +121,52 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     return res
 
 
+def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict,
+                    upstream: str | None = None) -> ParityResult:
+    """Parity on an engine behind the gateway (llama.cpp, vLLM): the same rendered prompt tokens forwarded
+    greedy to the engine, its answers compared as normalised text with the recorded ones (token ids do not
+    come back from every engine); an agreement rate, never silence."""
+    from ..decoding.text import cut_at_stop, normalise_answer
+    from .engines import open_engine
+    from .engines.gateway import replay_texts
+    from .settings import ServeSettings
+
+    if rep.task == "classification":
+        raise NotFoundError(f"parity of a classification report needs label scoring: engine {engine!r} has none",
+                            hint="run parity with --engine native")
+    suite = rep.suite
+    with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
+        eng = open_engine(ws, base, [adapter.digest], ServeSettings(), engine, upstream)
+        try:
+            eng.backend.start(eng.base_dir, eng.base, list(eng._adapters.values()))
+            run.event("parity.engine", eng.backend.describe())
+            mid = eng.resolve_model(adapter.digest)[0]
+            stop = list(suite.stop or [])
+            served = replay_texts(eng, [eng.encode_chat(e.messages) for e in es.examples], mid,
+                                  suite.max_new_tokens, stop, token_ids=bool(subject.answer_tokens))
+        finally:
+            eng.backend.stop()
+        tokens = bool(served) and isinstance(served[0], list)
+
+        def as_text(ids):  # both sides decoded by ONE tokenizer, cut at the suite's stops, normalised
+            return normalise_answer(cut_at_stop(eng.tokenizer.decode(ids, skip_special_tokens=True), stop))
+        if tokens:
+            recorded, served = [as_text(t) for t in subject.answer_tokens], [as_text(t) for t in served]
+        else:
+            recorded = subject.answers or [as_text(t) for t in subject.answer_tokens]
+        config["compared"] = "token ids, decoded by the base's tokenizer" if tokens else "the engine's text"
+        res = ParityResult(adapter.digest, rep_art.digest, str(subject.adapter), engine, len(served), 0, run_id=run.id)
+        for i, (a, b) in enumerate(zip(recorded, served)):
+            if a == b:
+                res.agreeing += 1
+            else:
+                res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
+        run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
+        run.event("parity.result", {**res.to_dict(), "engine_version": eng.backend.describe().get("version"),
+                                    "compared": config["compared"]})
+    return res
+
+
 def latest_parity(ws: Workspace, adapter_digest: str) -> dict | None:
     """The latest recorded ``parity.result`` for an adapter digest (what documents and provenance state)."""
     found = None
@@ -129,9 +177,9 @@ def latest_parity(ws: Workspace, adapter_digest: str) -> dict | None:
 
 
 def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None = None, engine: str = "native",
-                   report_ref: str | None = None) -> ParityResult:
+                   report_ref: str | None = None, upstream: str | None = None) -> ParityResult:
     """Run parity and refuse (``ParityRefused``) below ``min_agreement`` (default: 1.0 on native)."""
-    res = parity(ws, adapter_ref, engine, report_ref)
+    res = parity(ws, adapter_ref, engine, report_ref, upstream=upstream)
     floor = DEFAULT_MIN_AGREEMENT.get(engine, 0.95) if min_agreement is None else min_agreement
     if res.agreement < floor:
         first = res.differing[0]["i"] if res.differing else None

@@ -97,6 +97,8 @@ def render(doc: dict) -> list[str]:
     if doc.get("deployment"):
         d = doc["deployment"]
         lines.append(f"deployment  {d['id']} [{d['status']}] started {d['started']}")
+        eng = (d.get("config") or {}).get("engine") or {"name": "native"}
+        lines.append(f"engine      {eng['name']} {eng.get('version') or ''} {eng.get('mode') or ''}".rstrip())
     b = doc.get("base_model") or {}
     lines.append(f"base model  {(b.get('aliases') or [b.get('digest')])[-1]} {b.get('digest')}")
     if doc.get("adapter"):

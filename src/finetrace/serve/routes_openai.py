@@ -131,7 +131,10 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
         return await _respond(engine, req, body, chunk, final, request)
 
 
-async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_final, request: Request):
+async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_final, request: Request,
+               include_usage: bool = False):
+    """Submit ``req`` and answer it: one JSON body, or (``stream``) an SSE response of chunks; a final usage
+    chunk too when ``include_usage``."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     req.on_event = lambda kind, value: loop.call_soon_threadsafe(q.put_nowait, (kind, value))
@@ -166,7 +169,7 @@ async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_f
                 elif kind == "done":
                     yield f"data: {json.dumps(make_chunk('', value))}\n\n"
                     usage = make_final(value).get("usage")
-                    if req_include_usage[0]:
+                    if include_usage:
                         chunk = make_chunk('', None)
                         chunk["choices"], chunk["usage"] = [], usage
                         yield f"data: {json.dumps(chunk)}\n\n"
@@ -180,8 +183,7 @@ async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_f
         finally:  # the client went away, or we finished: either way the row must not linger
             req.cancelled = True
 
-    req_include_usage = [False]
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers), req_include_usage
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _usage(res: Result) -> dict:
@@ -261,12 +263,7 @@ def _logprobs(engine: Engine, res: Result, obj: str) -> dict:
 
 
 async def _respond(engine: Engine, req, body, chunk, final, request):
-    out = await _run(engine, req, body.stream, chunk, final, request)
-    if body.stream:
-        response, flag = out
-        flag[0] = body.include_usage
-        return response
-    return out
+    return await _run(engine, req, body.stream, chunk, final, request, body.include_usage)
 
 
 async def _client_gone(request: Request, req: GenRequest) -> None:

@@ -29,9 +29,13 @@ from .settings import ServeSettings
 log = logging.getLogger("finetrace.serve")
 
 
-def build_engine(ws: Workspace, base: str, adapters: list[str], settings: ServeSettings) -> Engine:
-    """The one entry point that CLI, tests and the benchmark share: base + verified adapters."""
-    return Engine(ws, base, list(adapters), settings)
+def build_engine(ws: Workspace, base: str, adapters: list[str], settings: ServeSettings, engine: str = "native",
+                 upstream: str | None = None, upstream_key: str | None = None, threads: int = 2) -> Engine:
+    """The one entry point that CLI, tests and the benchmark share: base + verified adapters, on the
+    native engine or behind the gateway on llama.cpp / vLLM (``serve/engines``)."""
+    from .engines import open_engine
+
+    return open_engine(ws, base, adapters, settings, engine, upstream, upstream_key, threads)
 
 
 class _Server(uvicorn.Server):
