@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
 fi
 stamp=.venv/.finetrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracking,quant]"   # tracking: MLflow/TensorBoard tests; quant: bitsandbytes, for method: qlora
+  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracking,quant,structured]"   # tracking: MLflow/TensorBoard tests; quant: bitsandbytes, for method: qlora; structured: llguidance, for response_format
   touch "$stamp"
 fi
 # A headless browser and PDF tools for the report/page screenshot tests (Debian's packages); best effort.
