@@ -6,10 +6,12 @@ For prompt x and label y with tokens y_1..y_m followed by the end-of-turn token 
 
 (summed, not length-normalised; the end token makes "bill" and "billing" distinguishable). The
 prediction is the argmax label; ties go to the first label. Prompts are sorted by length and scored in
-batches that may mix adapters (each row names its own, as in serving); each prompt is run once and its
-KV cache is shared by all its labels (pass 1: B prompts; pass 2: B*K continuations on the repeated cache).
-The tokens every prompt of a batch starts with (the chat template's system turn, a shared instruction)
-are run once per adapter of the batch (pass 0) and their cache is shared by the batch's rows.
+batches that may mix adapters (each row names its own, as in serving). Pass 0: the tokens every prompt
+of the batch starts with (the chat template's system turn) run once per adapter, their cache shared by
+the rows. Pass 1: the rest of each prompt. Pass 2: every label's tokens but the last (the end token
+predicts nothing that is scored), all labels side by side in one row per prompt on that prompt's cache,
+a 4D attention mask letting each label see the prompt and itself only: B rows of sum(|y|) tokens, no
+copies of the cache and no padding between labels.
 """
 
 from __future__ import annotations
@@ -84,30 +86,28 @@ def _score_batch(model, adapters, prompt_rows, names, conts, pad) -> torch.Tenso
     B, K = len(prompt_rows), len(conts)
     out, mask = _prompt_pass(model, adapters, prompt_rows, names, pad)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                   # (B, V)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(K)                                               # rows b0k0, b0k1, ...
-    # pass 2 reads c_1..c_{m-1} of each continuation (the end token predicts nothing we score)
+    # pass 2: every label's c_1..c_{m-1} (the end token predicts nothing scored) in ONE row per prompt,
+    # side by side after it: a 4D mask lets each label's tokens see the prompt and their own label only
     ins = [c[:-1] for c in conts]
-    L = max(len(c) for c in ins)
-    heads = torch.tensor([c[0] for c in conts], dtype=torch.long)                 # (K,)
-    if L == 0:
+    seg = torch.tensor([k for k, c in enumerate(ins) for _ in c], dtype=torch.long)         # (T,) label of token
+    off = torch.tensor([j for c in ins for j in range(len(c))], dtype=torch.long)           # (T,) place in label
+    heads = torch.tensor([c[0] for c in conts], dtype=torch.long)                          # (K,)
+    T = len(seg)
+    if T == 0:
         return first[:, heads]
-    cids = torch.full((K, L), pad, dtype=torch.long)
-    nxt = torch.full((K, L), pad, dtype=torch.long)                                # c_{j+1}
-    cmask = torch.zeros((K, L), dtype=torch.long)
-    for k, c in enumerate(conts):
-        cids[k, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-        nxt[k, :len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
-        cmask[k, :len(c) - 1] = 1
-    full_mask = torch.cat([mask.repeat_interleave(K, 0), cmask.repeat(B, 1)], dim=1)   # (B*K, P+L)
-    cpos = mask.sum(1).repeat_interleave(K)[:, None] + torch.arange(L)[None, :]        # (B*K, L)
-    kw = adapters.select([n for n in names for _ in range(K)]) if adapters is not None else {}
-    kw[_cache_kw(model)] = cache
-    logits = model(input_ids=cids.repeat(B, 1), attention_mask=full_mask, position_ids=cpos, use_cache=True,
-                   **kw).logits                                                      # (B*K, L, V)
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    step = lp.gather(-1, nxt.repeat(B, 1)[:, :, None]).squeeze(-1)                  # log p(c_{j+1} | c_<=j)
-    rest = (step * cmask.repeat(B, 1).bool()).sum(-1).view(B, K)
+    cids = torch.tensor([t for c in ins for t in c], dtype=torch.long)                     # (T,)
+    nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long)                # (T,) c_{j+1}
+    see = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])                  # (T, T)
+    allow = torch.cat([mask.bool()[:, None, :].expand(B, T, -1), see.expand(B, T, T)], dim=-1)   # (B, T, P+T)
+    dtype = next(model.parameters()).dtype
+    attn = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
+    cpos = mask.sum(1)[:, None] + off[None, :]                                             # (B, T)
+    kw = adapters.select(names) if adapters is not None else {}
+    kw[_cache_kw(model)] = out.past_key_values
+    logits = model(input_ids=cids.expand(B, T), attention_mask=attn, position_ids=cpos, use_cache=True,
+                   **kw).logits                                                            # (B, T, V)
+    step = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.expand(B, T)[:, :, None]).squeeze(-1)
+    rest = torch.zeros((B, K), dtype=step.dtype).index_add_(1, seg, step)                  # (B, K)
     return first[:, heads] + rest
 
 
