@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -158,7 +157,7 @@ def main() -> None:
                # other processes share the CPUs: the 1-minute load average before and after, so a figure
                # measured on a busy machine says so (the ratio to `datasets` is the steadier number)
                "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    for k, v in summary["baselines"].items():
+    for v in summary["baselines"].values():
         if v.get("rows_per_s") and ft.get("rows_per_s"):
             v["finetrace_speed_ratio"] = round(ft["rows_per_s"] / v["rows_per_s"], 3)
             v["finetrace_memory_ratio"] = round(ft["peak_rss_mb"] / v["peak_rss_mb"], 3)

@@ -93,8 +93,14 @@ def child_lora_fp32(ws_dir: str, steps: int, batch: int) -> dict:
 def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from finetrace.models import model_path
     from finetrace.train.adapters import linear_targets
@@ -167,7 +173,7 @@ def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, devi
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
-    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "
+    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "  # noqa: UP031  (a code string, %r quotes it)
             "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "BENCH_DEVICE": device,

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -118,8 +117,8 @@ def child_baseline(ws_dir: str, steps: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from finetrace.models import model_path
-    from finetrace.train.data import encode, plan, read_dataset
     from finetrace.train.adapters import linear_targets
+    from finetrace.train.data import encode, plan, read_dataset
     from finetrace.train.report import model_counts, step_flops
     from finetrace.workspace import Workspace
 
@@ -196,7 +195,7 @@ def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, devi
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
-    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_throughput as b; "
+    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_throughput as b; "  # noqa: UP031  (a code string, %r quotes it)
             "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "BENCH_DEVICE": device,

@@ -16,9 +16,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from .atomic import fsync_dir
 from .canonical import CHUNK, canonical_json, check_digest, sha256_bytes, sha256_file

@@ -108,7 +108,7 @@ def mlflow_uri(uri: str) -> str:
 def export_mlflow(ws: Workspace, run, uri: str, experiment: str = "finetrace") -> str:
     """Log one ledger run to MLflow; returns the MLflow run id (the existing one if already exported)."""
     try:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise DependencyError("MLflow is not installed", hint="pip install 'finetrace[tracking]'") from None

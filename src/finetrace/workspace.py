@@ -51,7 +51,7 @@ class Workspace:
 
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path | None = None, witness: str | Path | None = None) -> "Workspace":
+    def init(cls, path: str | Path | None = None, witness: str | Path | None = None) -> Workspace:
         """Create a workspace (idempotent: an existing one is opened, never overwritten).
 
         ``witness``: the file that keeps the latest checkpoint outside the workspace (``ledger/witness.py``
@@ -79,7 +79,7 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> "Workspace":
+    def open(cls, path: str | Path | None = None, reclaim: bool = True) -> Workspace:
         """Open a workspace; ``reclaim``: first clean what killed processes left (see ``debris.py``)."""
         root = resolve_path(path)
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
@@ -130,7 +130,7 @@ class Workspace:
     def close(self) -> None:
         self.ledger.close()
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,8 +8,6 @@ import sqlite3
 import warnings
 import zipfile
 
-import pytest
-
 from finetrace.audit import export_bundle, verify_bundle
 from finetrace.cli import main
 from finetrace.ledger import merkle

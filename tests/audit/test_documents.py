@@ -8,6 +8,7 @@ import json
 
 import pytest
 import yaml
+from cryptography.exceptions import InvalidSignature
 
 from finetrace.audit import approve, generate_documents, latest_documents
 from finetrace.audit.documents import ANNEX_IV_HEADINGS
@@ -223,7 +224,7 @@ def test_approval_is_signed_dated_and_named(audit_env):
     assert d["date"][:4] == entry.time[:4] and d["key_id"] == ws.keys.key_id
     ws.public_key.verify(base64.b64decode(d["signature"]), approval_message(d))
     forged = {**d, "note": "approved everything"}
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidSignature):
         ws.public_key.verify(base64.b64decode(d["signature"]), approval_message(forged))
     with pytest.raises(InputError, match="--as"):
         approve(ws, g["refs"]["adapter"], " ", "note")

@@ -92,9 +92,10 @@ def child(kind: str, root: str, kill_at: int, count_file: str) -> None:
 
 def main() -> None:
     # import once, fork many (importing starts no threads); finetrace imports these lazily
+    import matplotlib
+
     import finetrace.data  # noqa: F401
     import finetrace.train  # noqa: F401
-    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401

@@ -50,7 +50,7 @@ def test_runs_artifacts_versions_and_resolve(workspace):
 
 def test_failed_run_is_recorded(workspace):
     with pytest.raises(RuntimeError):
-        with workspace.ledger.run("train", config={}) as run:
+        with workspace.ledger.run("train", config={}):
             raise RuntimeError("boom")
     r = workspace.ledger.runs("train")[-1]
     assert r.status == "failed" and "boom" in r.error

@@ -157,7 +157,7 @@ def test_loss_mask_covers_exactly_the_trained_assistant_turns(workspace, tmp_pat
             cur = [t]
     runs.append(cur)
     city = "Paris" if "Paris" in msgs[1]["content"] else "Oslo"
-    call = '<tool_call>{"arguments": {"city": "%s"}, "name": "get_weather"}</tool_call><|im_end|>' % city
+    call = '<tool_call>{"arguments": {"city": "%s"}, "name": "get_weather"}</tool_call><|im_end|>' % city  # noqa: UP031
     temp = json.loads(msgs[3]["content"])["temp"]
     assert [tok.decode([enc.ids[t] for t in run]) for run in runs] == [call, f"It is {temp} C in {city}.<|im_end|>"]
     # every other token (system, user, tool result, the weight-0 turn, turn headers) carries no loss

@@ -12,8 +12,8 @@ from dataset_files import all_rows, completion_rows, snapshot, write_jsonl
 
 from finetrace.data import diff, import_dataset, list_datasets, open_dataset, stats
 from finetrace.data.clean import MinHasher, lsh_params
-from finetrace.data.pii import detectors, iban_ok, luhn_ok, register_detector, scan, Span, DETECTORS
-from finetrace.data.split import TEST, TRAIN, VALIDATION, assign
+from finetrace.data.pii import DETECTORS, Span, detectors, iban_ok, luhn_ok, register_detector, scan
+from finetrace.data.split import TEST, VALIDATION, assign
 from finetrace.errors import ConfigError, InputError
 
 

@@ -8,11 +8,10 @@ import json
 
 import pytest
 import zstandard
+from dataset_files import all_rows, completion_rows, write_jsonl
 
 from finetrace.data import import_dataset, iter_examples, open_dataset, read_split
 from finetrace.errors import InputError
-
-from dataset_files import all_rows, completion_rows, write_jsonl
 
 
 def _key(r):

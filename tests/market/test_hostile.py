@@ -11,9 +11,9 @@ import zipfile
 import pytest
 
 from finetrace.canonical import sha256_bytes
+from finetrace.ledger.signing import public_to_b64
 from finetrace.market import client
 from finetrace.market.client import RegistryError
-from finetrace.ledger.signing import public_to_b64
 from finetrace.market.package import adapter_files, sign
 from finetrace.store import ObjectStore
 

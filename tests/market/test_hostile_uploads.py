@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from finetrace.canonical import sha256_bytes
 from finetrace.market import client
-from finetrace.market.client import RegistryError
 from finetrace.market.checks import Refused
+from finetrace.market.client import RegistryError
 from finetrace.market.registry import Conflict
 
 from .test_hostile import WEIGHTS, _altered, _assert_nothing_stored, _lora_weights, good  # noqa: F401

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-
-
 from serve_support import make_adapter  # noqa: E402
 
 

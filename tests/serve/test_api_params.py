@@ -105,13 +105,13 @@ def plain_model(tmp_path_factory):
 
 
 def test_non_chatml_model_stops_at_its_own_end_of_turn(plain_model, tmp_path):
+    from serve_support import make_adapter
     from transformers import AutoTokenizer
 
     from finetrace.decoding import end_ids
     from finetrace.models import add_folder
     from finetrace.models.generate import ChatStats, load_for_chat, stream_chat
     from finetrace.workspace import Workspace
-    from serve_support import make_adapter
 
     tok = AutoTokenizer.from_pretrained(plain_model)
     end = tok.convert_tokens_to_ids("<|end|>")

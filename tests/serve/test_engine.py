@@ -175,7 +175,7 @@ def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
         eng.start()
         try:
             out: dict = {}
-            threads = [threading.Thread(target=lambda m=m, p=p: out.__setitem__((m, p), eng.generate(
+            threads = [threading.Thread(target=lambda m=m, p=p: out.__setitem__((m, p), eng.generate(  # noqa: B023  (joined below)
                 m, prompt=p, max_tokens=8).text)) for m in models for p in PROMPTS]
             [t.start() for t in threads]
             [t.join() for t in threads]

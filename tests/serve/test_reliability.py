@@ -10,11 +10,11 @@ from concurrent.futures import Future
 
 import httpx
 import pytest
+from serve_support import hold_scheduler, logged_events
 
 from finetrace.serve.engine import Engine, GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
-from serve_support import hold_scheduler, logged_events
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 LIMIT = 6 * 1024 * 1024
@@ -186,9 +186,9 @@ def test_a_control_queued_before_a_request_runs_before_it(served_ws):
         for _ in range(5):
             order: list[str] = []
             done: Future = Future()
-            eng._controls.put((lambda: order.append("control"), Future()))
+            eng._controls.put((lambda: order.append("control"), Future()))  # noqa: B023  (run in this iteration)
             eng.submit(GenRequest(ids, "tiny", max_tokens=1, temperature=0, on_event=lambda kind, value: (
-                order.append(kind), kind in ("done", "error") and done.set_result(kind))))
+                order.append(kind), kind in ("done", "error") and done.set_result(kind))))  # noqa: B023
             assert done.result(30) == "done"
             assert order[0] == "control", order
     finally:

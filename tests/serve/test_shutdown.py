@@ -12,12 +12,12 @@ import threading
 import time
 
 import httpx
+from serve_support import hold_scheduler, logged_events
 
 from finetrace.serve.engine import Engine
 from finetrace.serve.requestlog import RequestLog
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
-from serve_support import hold_scheduler, logged_events
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "temperature": 0}
 

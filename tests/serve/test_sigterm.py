@@ -85,7 +85,7 @@ class Served:
             self.proc.wait(EXIT_BOUND_S + 30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError("did not exit:\n" + "".join(self.lines))
+            raise AssertionError("did not exit:\n" + "".join(self.lines)) from None
         return time.monotonic() - t0
 
 

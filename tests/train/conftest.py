@@ -59,7 +59,6 @@ def learnable_model_dir(tiny_model_dir, tmp_path_factory):
     """
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     out = tmp_path_factory.mktemp("learnable-model")

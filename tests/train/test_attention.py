@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
+from train_support import make_config
 
 from finetrace.train import attention
 from finetrace.train import data as D
 from finetrace.train.adapters import apply_method, load_base
 from finetrace.train.loss import loss_sum
-
-from train_support import make_config
 
 
 def test_block_causal_mask():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_support import make_config
 
 from finetrace.train import data as D
 from finetrace.train import kernels
 from finetrace.train.adapters import apply_method, load_base
 from finetrace.train.loss import loss_sum
-
-from train_support import make_config
 
 
 def _model(tiny_model_dir):

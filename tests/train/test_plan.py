@@ -28,7 +28,6 @@ def long_rows(n: int) -> list[dict]:
 def sized(workspace, tmp_path_factory):
     """A workspace holding random models of three sizes (bf16 shards) and a dataset of ~100-token rows."""
     from conftest import write_dataset
-
     from finetrace.models import add_model
     from finetrace.models.random_init import write_random_model
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from train_support import make_config
 from safetensors.torch import load_file
+from train_support import make_config
 
 from finetrace.errors import ConfigError
 from finetrace.train import train

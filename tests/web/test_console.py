@@ -45,7 +45,7 @@ def test_runs_timeline_shows_every_run_with_status_duration_and_loss(client, ws)
     assert only_train.count('<tr class="run-row">') == 2
     run = trains[0]
     page = get(client, f"/runs/{run.id}")
-    assert "succeeded" in page and f"final_loss" in page
+    assert "succeeded" in page and "final_loss" in page
     pts = re.search(r'class="train-loss"[^>]*points="([^"]+)"', page).group(1).split()
     from finetrace.tracking import step_history
 

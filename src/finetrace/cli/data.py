@@ -168,8 +168,8 @@ def _inspect_commands(data: typer.Typer) -> None:
     @data.command("show")
     def show(ref: str = typer.Argument(..., help="NAME, NAME@N or digest."), json_out: bool = JSON_OPTION):
         """Render the datasheet: provided facts, gaps, measured facts."""
-        from ..data.versions import datasheet as get_sheet
         from ..data.datasheet import render
+        from ..data.versions import datasheet as get_sheet
 
         sheet, art = get_sheet(open_workspace(), ref)
         if json_out:

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         stats_out: bool = typer.Option(False, "--stats", help="Print token counts and speed to stderr."),
     ):
         """Answer PROMPT with a base model using its chat template, streaming tokens to stdout."""
-        from ..models.generate import ChatStats, load_for_chat, stream_chat, chat_messages
+        from ..models.generate import ChatStats, chat_messages, load_for_chat, stream_chat
 
         ws = open_workspace()
         t0 = time.perf_counter()

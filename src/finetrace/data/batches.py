@@ -65,7 +65,7 @@ class Cleaned:
     pii_examples: list = field(default_factory=list)  # [(line, field, "type, type")]
     extra: set = field(default_factory=set)
 
-    def ipc(self) -> "Cleaned":  # tables travel between processes as Arrow IPC bytes
+    def ipc(self) -> Cleaned:  # tables travel between processes as Arrow IPC bytes
         if isinstance(self.table, pa.Table):
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, self.table.schema) as w:

@@ -21,9 +21,9 @@ import json
 import shutil
 import tempfile
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,11 +34,12 @@ from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.log import check_name
 from ..workspace import Workspace
-from .datasheet import build as build_sheet, load_given
-from . import pii as piimod
 from . import formats, workers
+from . import pii as piimod
 from .batches import Ctx
 from .clean import MinHasher, lsh_params, union_find_roots
+from .datasheet import build as build_sheet
+from .datasheet import load_given
 from .options import ImportOptions, build_options
 from .readers import ReadOptions, RowError, detect_format, read_rows
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS, SPLITS, to_example
@@ -185,7 +186,7 @@ def _layout(src: _Source, opts: ImportOptions, fmap: dict) -> _Layout:
     schema = formats.MAPPINGS[fmt]["schema"]
     if opts.schema not in (None, schema):
         raise InputError(f"the {fmt} format maps to the {schema} schema, not {opts.schema}",
-                         file=src.display, field="--schema", hint=f"drop --schema, or pass --format native")
+                         file=src.display, field="--schema", hint="drop --schema, or pass --format native")
     if fmap:
         raise InputError(f"--map does not apply to the {fmt} format (its fields are fixed)", file=src.display,
                          hint="drop --map, or pass --format native and map the columns yourself")

@@ -6,8 +6,8 @@ Every read materialises the artifact through the store, so each file is re-hashe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

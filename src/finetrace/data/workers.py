@@ -10,8 +10,8 @@ stays flat in the file size; with no workers it runs each chunk in this process.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .batches import Chunk, Cleaned, Ctx, process
 from .readers import ReadOptions, jsonl_chunks, parquet_tables, read_rows
@@ -74,7 +74,7 @@ class Pool:
         self.workers = workers if all(id(d) in builtin for d in detectors) else 1
         self.procs: list = []
 
-    def __enter__(self) -> "Pool":
+    def __enter__(self) -> Pool:
         if self.workers > 1:
             import subprocess
             import sys

@@ -16,8 +16,8 @@ slot of each row before a forward (``lora.GatheredLoRA``: one matmul pair when a
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

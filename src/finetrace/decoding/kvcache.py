@@ -90,7 +90,7 @@ class SlabLayer(DynamicLayer):
         self.t = live
         self._views()
 
-    def append(self, other: "SlabLayer") -> None:
+    def append(self, other: SlabLayer) -> None:
         """Add ``other``'s rows below ours, right-aligned in time (shifting ours right if theirs is longer)."""
         if self.kbuf is None:
             self.kbuf, self.vbuf, self.device = other.kbuf, other.vbuf, other.device

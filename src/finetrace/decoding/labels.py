@@ -17,12 +17,12 @@ copies of the cache and no padding between labels.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .chat import pad_id, turn_end_id
 from .batch import BASE
+from .chat import pad_id, turn_end_id
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:

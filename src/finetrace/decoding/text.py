@@ -8,7 +8,7 @@ evaluate records it, serve returns it, ``generate`` prints it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..data.schemas import Example
 from ..errors import InputError
@@ -99,7 +99,7 @@ def load_wordlists(extra: Sequence[str | Path] = ()) -> dict[str, Category]:
             docs.append((str(path), json.loads(Path(path).read_text("utf-8"))))
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read word list: {exc}", file=str(path),
-                             hint="a JSON file {\"categories\": {NAME: {\"groups\": {GROUP: [terms]}}}}")
+                             hint="a JSON file {\"categories\": {NAME: {\"groups\": {GROUP: [terms]}}}}") from exc
     merged: dict[str, dict] = {}
     for src, doc in docs:
         cats = doc.get("categories")

@@ -59,7 +59,7 @@ def load_eval_set(ws: Workspace, ref: str, split: str | None = None, limit: int 
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"dataset {art.ref} has no readable dataset.json: {exc}", file="dataset.json")
+        raise InputError(f"dataset {art.ref} has no readable dataset.json: {exc}", file="dataset.json") from exc
     schema = meta.get("schema")
     if schema not in SCHEMAS:
         raise InputError(f"dataset {art.ref}: unknown schema {schema!r}", file="dataset.json", field="schema")

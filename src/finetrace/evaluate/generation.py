@@ -16,7 +16,7 @@ Label scoring is ``decoding.labels`` (see there for the formula).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..decoding import BASE, Decoder, Seq, encode_chat, render, score_prompts
 from ..decoding.chat import pad_id

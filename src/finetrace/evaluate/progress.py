@@ -15,7 +15,7 @@ class ExampleProgress:
         self._task = None
         self._t0 = 0.0
 
-    def __enter__(self) -> "ExampleProgress":
+    def __enter__(self) -> ExampleProgress:
         self._t0 = time.perf_counter()
         if self.enabled:
             from rich.console import Console

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from ..decoding import BASE
+from ..decoding.lora import adapter_selector
 from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.clearance import record_verdict
@@ -26,13 +28,17 @@ from . import bias as bias_mod
 from .evalset import EvalSet, load_eval_set
 from .forgetting import forgetting, general_text, text_perplexity
 from .gates import apply_gates, verdict
-from ..decoding import BASE
-from ..decoding.lora import adapter_selector
 from .generation import generate_seqs, score_labels
 from .metrics import METRICS, Scored, exact_match, label_report, normalize, rouge_l, token_f1
 from .report import write_report
-from .stats import (bootstrap_ci, by_group, demographic_parity_difference, equalized_odds_difference,
-                    mcnemar_exact, paired_bootstrap)
+from .stats import (
+    bootstrap_ci,
+    by_group,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    mcnemar_exact,
+    paired_bootstrap,
+)
 from .suite import Suite, load_suite
 
 REPORT_FORMAT = "finetrace-eval-report/1"

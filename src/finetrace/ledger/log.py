@@ -22,10 +22,11 @@ import os
 import secrets
 import sqlite3
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .. import debris, environment
 from ..atomic import write_bytes
@@ -42,7 +43,7 @@ RUN_KINDS = ("import", "convert", "train", "evaluate", "document", "approve", "p
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def actor() -> str:
@@ -59,7 +60,7 @@ class Entry:
     leaf: bytes
 
     @classmethod
-    def from_row(cls, seq: int, leaf: bytes, body: bytes) -> "Entry":
+    def from_row(cls, seq: int, leaf: bytes, body: bytes) -> Entry:
         doc = json.loads(body)
         return cls(seq, doc["type"], doc["time"], doc["actor"], doc["data"], leaf)
 
@@ -212,13 +213,13 @@ class Ledger:
         return conn
 
     @classmethod
-    def create(cls, path: str | Path, keys: KeyPair) -> "Ledger":
+    def create(cls, path: str | Path, keys: KeyPair) -> Ledger:
         led = cls(path, keys)
         led._conn = led._connect()
         migrate(led._conn)
         return led
 
-    def open(self) -> "Ledger":
+    def open(self) -> Ledger:
         try:
             migrate(self.conn)
             self.conn.execute("SELECT COUNT(*) FROM entries").fetchone()
@@ -457,7 +458,7 @@ class Ledger:
     # -- runs ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def run(self, kind: str, config: dict, inputs: list[str] = (), seed: int | None = None,
-            environment_extra: dict | None = None) -> Iterator["RunRecorder"]:
+            environment_extra: dict | None = None) -> Iterator[RunRecorder]:
         """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit.
 
             with ledger.run("train", config=cfg, inputs=[base, data], seed=0) as run:
@@ -466,7 +467,7 @@ class Ledger:
         """
         if kind not in RUN_KINDS:
             raise InputError(f"unknown run kind {kind!r}", hint=f"one of {', '.join(RUN_KINDS)}")
-        rec = RunRecorder(self, f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+        rec = RunRecorder(self, f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
                           list(inputs))
         debris.run_started(self.path.parent, rec.id)  # so a SIGKILLed run is found and marked interrupted
         try:
@@ -474,7 +475,7 @@ class Ledger:
         finally:
             debris.run_ended(self.path.parent, rec.id)
 
-    def _recorded(self, rec: "RunRecorder", kind: str, config: dict, seed, environment_extra):
+    def _recorded(self, rec: RunRecorder, kind: str, config: dict, seed, environment_extra):
         self.append("run.started", {"id": rec.id, "kind": kind, "config": config, "inputs": rec.inputs,
                                     "environment": environment.capture(seed, environment_extra)})
         try:
@@ -524,7 +525,7 @@ class Ledger:
         """Build the index from the log alone in a scratch in-memory database and return it."""
         mem = sqlite3.connect(":memory:", isolation_level=None)
         migrate(mem)
-        for seq, body in self.conn.execute("SELECT seq, body FROM entries ORDER BY seq"):
+        for _seq, body in self.conn.execute("SELECT seq, body FROM entries ORDER BY seq"):
             try:
                 doc = json.loads(body)
                 handler = INDEXERS.get(doc["type"])
@@ -541,7 +542,7 @@ class Ledger:
         with self._tx() as conn:
             for t in reversed(INDEX_TABLES):
                 conn.execute(f"DELETE FROM {t}")
-            for seq, body in conn.execute("SELECT seq, body FROM entries ORDER BY seq").fetchall():
+            for _seq, body in conn.execute("SELECT seq, body FROM entries ORDER BY seq").fetchall():
                 doc = json.loads(body)
                 handler = INDEXERS.get(doc["type"])
                 if handler:

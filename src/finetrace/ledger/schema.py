@@ -7,7 +7,7 @@ rebuilt from it (``Ledger.rebuild_index``); ``finetrace verify`` checks that it 
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_log", """
@@ -84,7 +84,7 @@ def migrate(conn: sqlite3.Connection) -> None:
                 if stmt.strip():
                     conn.execute(stmt)
             conn.execute("INSERT INTO migrations VALUES (?, ?)",
-                         (name, datetime.now(timezone.utc).isoformat()))
+                         (name, datetime.now(UTC).isoformat()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -44,7 +44,7 @@ class KeyPair:
         self.key_id = key_id(self.public)
 
     @classmethod
-    def create(cls, folder: Path) -> "KeyPair":
+    def create(cls, folder: Path) -> KeyPair:
         priv = Ed25519PrivateKey.generate()
         folder.mkdir(parents=True, exist_ok=True)
         write_bytes(folder / "workspace.key", priv.private_bytes(
@@ -55,7 +55,7 @@ class KeyPair:
         return cls(priv)
 
     @classmethod
-    def load(cls, folder: Path) -> "KeyPair":
+    def load(cls, folder: Path) -> KeyPair:
         path = folder / "workspace.key"
         try:
             priv = serialization.load_pem_private_key(path.read_bytes(), password=None)

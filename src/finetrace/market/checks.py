@@ -370,7 +370,7 @@ def check_config_values(cfg: dict, limits: Limits = Limits()) -> dict:
             continue
         if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
             raise Refused(f"must be a mapping of module name patterns to values, not {type(pattern).__name__}",
-                          file=_CFG, field=key, hint=f'e.g. {{"q_proj": 8}}')
+                          file=_CFG, field=key, hint='e.g. {"q_proj": 8}')
         bad = next(((k, v) for k, v in pattern.items() if not ok(v)), None)
         if bad:
             raise Refused(f"{bad[0]!r}: {bad[1]!r} is not a {'finite number' if key == 'alpha_pattern' else 'rank'}"

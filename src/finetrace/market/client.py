@@ -29,10 +29,26 @@ from ..ledger import Artifact
 from ..ledger.clearance import clearance
 from ..ledger.signing import public_to_b64
 from ..workspace import Workspace
-from .checks import (DOCUMENT_EXTS, DOCUMENT_KINDS, Refused, base_shapes_from_folder, check_adapter, check_file,
-                     check_path, refuse)
-from .package import (FORMAT, documents_present, license_needs_acceptance, make_attestation, manifest_digest,
-                      parse_ref, sign, verify, verify_attestation)
+from .checks import (
+    DOCUMENT_EXTS,
+    DOCUMENT_KINDS,
+    base_shapes_from_folder,
+    check_adapter,
+    check_file,
+    check_path,
+    refuse,
+)
+from .package import (
+    FORMAT,
+    documents_present,
+    license_needs_acceptance,
+    make_attestation,
+    manifest_digest,
+    parse_ref,
+    sign,
+    verify,
+    verify_attestation,
+)
 
 ATTESTATION = "attestation/attestation.dsse.json"
 

@@ -34,7 +34,7 @@ from ..store import ObjectStore
 from . import db
 from .checks import Limits, Refused, check_adapter, check_file, refuse
 from .names import confusable_with
-from .package import documents_present, check_shape, manifest_digest, parse_ref, verify, verify_attestation
+from .package import check_shape, documents_present, manifest_digest, parse_ref, verify, verify_attestation
 
 
 class AuthError(FinetraceError):

@@ -30,7 +30,6 @@ from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
 from .checks import Refused
 from .registry import Registry, Settings
 
-
 Auth = Annotated[str | None, Header()]  # module level: annotations are resolved from the module's globals
 
 
@@ -122,7 +121,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.get("/api/v1/search")
     def search(q: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
-               license: str | None = None, min_metric: Annotated[list[str], Query()] = [],
+               license: str | None = None, min_metric: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies it)
                sort: str | None = None, limit: int = 20, offset: int = 0, verified: bool | None = None,
                cursor: str | None = None):
         return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
@@ -174,7 +173,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

@@ -13,9 +13,9 @@ The pieces are split in two so later stages can reuse them without going through
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import InputError, NotFoundError
 from ..workspace import Workspace

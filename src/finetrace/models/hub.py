@@ -24,8 +24,13 @@ def fetch(repo_id: str, cache: Path, revision: str | None = None) -> tuple[Path,
     """Download ``repo_id`` (allowed files only) into ``cache``; return the snapshot folder and commit."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
         raise DependencyError("huggingface_hub is needed to fetch models by hub id",
                               hint="pip install huggingface_hub") from exc

@@ -13,9 +13,9 @@ event inside it (see ``cache.py``). A failed gate raises ``GateFailedError`` aft
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError, FinetraceError
 from ..workspace import Workspace

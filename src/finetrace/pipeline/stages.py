@@ -12,9 +12,9 @@ so that the runner can skip a stage whose key matches and still hand its outputs
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import FinetraceError, InputError, NotFoundError
 from ..workspace import Workspace

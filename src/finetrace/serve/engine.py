@@ -35,21 +35,21 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable
 
+from ..decoding import BASE, Decoder, Seq, best_label, encode_chat, encode_text, score_prompts
+from ..decoding.lora import adapter_selector
+from ..decoding.text import holdback as _holdback  # noqa: F401  (kept for callers of the old name)
 from ..errors import FinetraceError, InputError, NotFoundError
 from ..models import load_model
 from ..models.identity import text_identity
 from ..workspace import Workspace
-from ..decoding import BASE, Decoder, Seq, best_label, encode_chat, encode_text, score_prompts
-from ..decoding.lora import adapter_selector
-from ..decoding.text import holdback as _holdback  # noqa: F401  (kept for callers of the old name)
+from .deploy import stop_engine
 from .metrics import Metrics
 from .registry import AdapterInfo, check_adapter
-from .deploy import stop_engine
 from .requestlog import RequestLog, request_event
 from .settings import ServeSettings
 

@@ -19,7 +19,7 @@ import logging
 import secrets
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..atomic import write_text
@@ -55,7 +55,7 @@ def request_event(req, deployment: str | None, base_digest: str, text: str, fini
 def spill(root: str | Path, type_: str, records: list[dict], reason: str) -> Path:
     """Write ``records`` (ledger event payloads of ``type_``) that could not reach the ledger to a new
     file ``ROOT/spill/TYPE-TIME-RAND.jsonl`` (atomically), log a warning naming it, and return its path."""
-    path = Path(root) / "spill" / f"{type_}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}.jsonl"
+    path = Path(root) / "spill" / f"{type_}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}.jsonl"
     lines = [json.dumps({"type": type_, "data": r, "reason": reason}, sort_keys=True, default=str) for r in records]
     write_text(path, "\n".join(lines) + "\n")
     log.warning("%d %s event(s) could not be written to the ledger (%s): kept in %s", len(records), type_,

@@ -116,7 +116,7 @@ class BackgroundServer:
     def base_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self, timeout: float = 60) -> "BackgroundServer":
+    def start(self, timeout: float = 60) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -130,7 +130,7 @@ class BackgroundServer:
         self.thread.join(timeout)
         self.sock.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .attention import register
 from .config import TrainConfig
 from .fused import fuse_lora
+
+if TYPE_CHECKING:  # torch loads lazily, inside the functions that need it
+    import torch
 
 ADAPTER_META = "finetrace_adapter.json"
 
@@ -93,7 +97,7 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
                    "dropout": cfg.lora.dropout, "target_modules": targets}
 
 
-def trainable(model) -> dict[str, "torch.nn.Parameter"]:
+def trainable(model) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by name, in a fixed order (tied weights once)."""
     out, seen = {}, set()
     for name, p in model.named_parameters():

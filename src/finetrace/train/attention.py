@@ -17,7 +17,7 @@ The example boundaries reach every layer through a context variable set around t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 NAME = "finetrace_varlen"
 PER_EXAMPLE_DEVICES = {"cpu"}   # device types that loop over examples; others use one masked call

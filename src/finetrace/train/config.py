@@ -79,7 +79,7 @@ class DpoParams(BaseModel):
     _number = field_validator("beta", "label_smoothing", "sft_weight", mode="before")(lambda v: _no_bool(v))
 
     @model_validator(mode="after")
-    def _smoothing_needs_sigmoid(self) -> "DpoParams":
+    def _smoothing_needs_sigmoid(self) -> DpoParams:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}; "
                              f"set dpo.label_smoothing: 0 or dpo.loss_type: sigmoid")

@@ -16,11 +16,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data.schemas import conversation, to_example
 from ..errors import InputError
+
+if TYPE_CHECKING:  # torch loads lazily, inside the functions that need it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,19 +46,19 @@ class Encoded:
 class Batch:
     """One forward pass. Packed: B == 1 and ``cu_seqlens`` marks examples; padded: ``attention_mask``."""
 
-    input_ids: "torch.Tensor"        # (B, T)
-    position_ids: "torch.Tensor"     # (B, T), restarting at 0 for each packed example
-    loss_index: "torch.Tensor"       # (n,) flat indices into B*T of the positions that predict a target
-    targets: "torch.Tensor"          # (n,) the token each of those positions must predict
+    input_ids: torch.Tensor        # (B, T)
+    position_ids: torch.Tensor     # (B, T), restarting at 0 for each packed example
+    loss_index: torch.Tensor       # (n,) flat indices into B*T of the positions that predict a target
+    targets: torch.Tensor          # (n,) the token each of those positions must predict
     cu_seqlens: list[int] | None     # packed: example boundaries [0, l0, l0+l1, ...]
-    attention_mask: "torch.Tensor | None"  # padded: (B, T) 1 for real tokens
+    attention_mask: torch.Tensor | None  # padded: (B, T) 1 for real tokens
     n_tokens: int                    # real (non-pad) tokens
 
     @property
     def n_targets(self) -> int:
         return int(self.targets.numel())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         """The same batch with its tensors on ``device`` (itself when they are there already)."""
         import torch
 

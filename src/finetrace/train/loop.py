@@ -31,11 +31,11 @@ from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
 from ..workspace import Workspace
 from . import data as D
+from . import fsdp
 from .adapters import ADAPTER_META, apply_method, load_weights, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
-from . import fsdp
-from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .config import TrainConfig
+from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
 from .kernels import fuse_elementwise
 from .objective import make_objective
 from .plan import check as check_plan
@@ -132,8 +132,14 @@ def _progress(enabled: bool, total: int, start: int):
     if not enabled:
         return None
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),

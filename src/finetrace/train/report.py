@@ -53,7 +53,7 @@ def step_flops(counts: dict, lengths: list[int], n_targets: int) -> float:
     tokens = sum(lengths)
     f = tokens * (4 * counts["body"] + 2 * counts["trainable_body"])
     f += n_targets * counts["head"] * (6 if counts["head_trains"] else 4)
-    f += sum(3 * 2 * l * l * counts["hidden"] * counts["layers"] for l in lengths)
+    f += sum(3 * 2 * l * l * counts["hidden"] * counts["layers"] for l in lengths)  # noqa: E741
     return float(f)
 
 

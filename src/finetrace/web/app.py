@@ -14,8 +14,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request

@@ -14,8 +14,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..audit.render import CHROMIUM_FLAGS, chromium
 from ..errors import DependencyError

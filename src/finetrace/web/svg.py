@@ -155,7 +155,7 @@ def lineage_svg(graph: dict, root: str, hrefs: dict[str, str]) -> Markup:
         labels[d] = (a["kind"], a["kind"].replace("_", " "), ref)
     for rid, r in graph["runs"].items():
         labels[rid] = ("run", f"{r['kind']} run · {r['status']}", rid[-22:])
-    for pid, a in graph.get("answers", {}).items():
+    for pid in graph.get("answers", {}):
         labels[pid] = ("answer", "answer", pid[:22])
     edges = [tuple(e) for e in graph["edges"]]
     col = {n: c for n, c in layers(list(labels), edges).items() if n in labels}
