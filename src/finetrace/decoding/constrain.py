@@ -28,9 +28,11 @@ def _llg():
     try:
         import llguidance
     except ImportError as exc:
-        raise DependencyError("constrained decoding (response_format json_object/json_schema, forced tool calls) "
-                              "needs the llguidance package",
-                              hint=f"pip install 'finetrace[{EXTRA}]' (scripts/install.sh installs it)") from exc
+        raise DependencyError(
+            "constrained decoding (response_format json_object/json_schema, forced tool calls) "
+            "needs the llguidance package",
+            hint=f"pip install 'finetrace[{EXTRA}]' (scripts/install.sh installs it)",
+        ) from exc
     return llguidance
 
 
@@ -43,8 +45,10 @@ def _lltokenizer(tok, vocab_size: int, end_ids) -> Any:
     llg = _llg()
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise InputError("constrained decoding needs a fast (Rust `tokenizers`) tokenizer",
-                         hint="serve a model whose folder has tokenizer.json")
+        raise InputError(
+            "constrained decoding needs a fast (Rust `tokenizers`) tokenizer",
+            hint="serve a model whose folder has tokenizer.json",
+        )
     from copy import copy
 
     backend = copy(backend)
@@ -60,13 +64,15 @@ def schema_grammar(schema: dict) -> str:
     llg = _llg()
     try:
         return llg.LLMatcher.grammar_from_json_schema(
-            schema, overrides={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
+            schema, overrides={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+        )
     except (ValueError, TypeError) as exc:
         raise InputError(f"the JSON schema is not usable: {exc}", field="response_format.json_schema.schema") from None
 
 
-def compile_json_schema(tok, schema: dict, vocab_size: int, end_ids, field: str = "response_format.json_schema.schema"
-                        ) -> str:
+def compile_json_schema(
+    tok, schema: dict, vocab_size: int, end_ids, field: str = "response_format.json_schema.schema"
+) -> str:
     """Check that ``schema`` compiles for ``tok``; returns the grammar. Raises InputError naming ``field``."""
     if not isinstance(schema, dict):
         raise InputError("a JSON schema must be a JSON object", field=field)
@@ -78,8 +84,11 @@ def compile_json_schema(tok, schema: dict, vocab_size: int, end_ids, field: str 
     llg = _llg()
     bad, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, _lltokenizer(tok, vocab_size, end_ids))
     if bad:
-        raise InputError(f"the JSON schema cannot be enforced: {messages[0] if messages else 'invalid'}",
-                         hint="use the JSON Schema keywords of draft 2020-12 that llguidance supports", field=field)
+        raise InputError(
+            f"the JSON schema cannot be enforced: {messages[0] if messages else 'invalid'}",
+            hint="use the JSON Schema keywords of draft 2020-12 that llguidance supports",
+            field=field,
+        )
     return grammar
 
 
@@ -97,9 +106,9 @@ class JsonConstraint:
             raise InputError(f"the grammar is not usable: {self.matcher.get_error()}", field="response_format")
 
     def allowed(self) -> torch.Tensor:
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)   # (ceil(V/32),)
-        bits = (words[:, None] >> _BITS[None, :]) & 1                                            # (W, 32)
-        return bits.reshape(-1)[:self.vocab_size].bool()
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # (ceil(V/32),)
+        bits = (words[:, None] >> _BITS[None, :]) & 1  # (W, 32)
+        return bits.reshape(-1)[: self.vocab_size].bool()
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):

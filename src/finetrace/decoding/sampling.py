@@ -42,7 +42,9 @@ def constrain_logits(logits: torch.Tensor, constraints: Sequence[TokenConstraint
         return logits
     allow = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool)
     for j, i in enumerate(rows):
-        a = constraints[i].allowed()
+        c = constraints[i]
+        assert c is not None
+        a = c.allowed()
         allow[j, :min(len(a), logits.shape[-1])] = a[:logits.shape[-1]]
     out = logits.clone()
     idx = torch.tensor(rows, dtype=torch.long)

@@ -36,20 +36,27 @@ def response_schema(extra: dict) -> dict | None:
     if kind == "json_object":
         return {"type": "object"}
     if kind != "json_schema":
-        raise InputError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
-                         field="response_format.type")
+        raise InputError(
+            f"response_format.type must be text, json_object or json_schema, got {kind!r}", field="response_format.type"
+        )
     spec = rf.get("json_schema")
     if not isinstance(spec, dict):
-        raise InputError("response_format.json_schema must be an object with `name` and `schema`",
-                         field="response_format.json_schema")
+        raise InputError(
+            "response_format.json_schema must be an object with `name` and `schema`",
+            field="response_format.json_schema",
+        )
     name = spec.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-        raise InputError("response_format.json_schema.name must be 1-64 letters, digits, _ or -",
-                         field="response_format.json_schema.name")
+        raise InputError(
+            "response_format.json_schema.name must be 1-64 letters, digits, _ or -",
+            field="response_format.json_schema.name",
+        )
     schema = spec.get("schema", {"type": "object"})
     if not isinstance(schema, dict):
-        raise InputError("response_format.json_schema.schema must be a JSON Schema object",
-                         field="response_format.json_schema.schema")
+        raise InputError(
+            "response_format.json_schema.schema must be a JSON Schema object",
+            field="response_format.json_schema.schema",
+        )
     return schema
 
 
@@ -66,20 +73,26 @@ def tools_of(extra: dict) -> tuple[list[dict] | None, object]:
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise InputError('each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}',
-                             field=f"tools[{i}]")
+            raise InputError(
+                'each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}',
+                field=f"tools[{i}]",
+            )
         if not isinstance(fn.get("parameters", {}), dict):
-            raise InputError("a function's parameters must be a JSON Schema object", field=f"tools[{i}].function.parameters")
+            raise InputError(
+                "a function's parameters must be a JSON Schema object", field=f"tools[{i}].function.parameters"
+            )
         names.append(fn["name"])
     choice = "auto" if choice is None else choice
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if name not in names:
-            raise InputError(f"tool_choice names a function that is not in tools ({', '.join(names)})",
-                             field="tool_choice")
+            raise InputError(
+                f"tool_choice names a function that is not in tools ({', '.join(names)})", field="tool_choice"
+            )
     elif choice not in ("none", "auto", "required"):
-        raise InputError('tool_choice must be "none", "auto", "required" or {"type": "function", ...}',
-                         field="tool_choice")
+        raise InputError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", ...}', field="tool_choice"
+        )
     return tools, choice
 
 
@@ -92,9 +105,13 @@ def forced_call_schema(tools: list[dict] | None, choice) -> dict | None:
         fns = [f for f in fns if f["name"] == choice["function"]["name"]]
 
     def one(f):
-        return {"type": "object", "properties": {"name": {"const": f["name"]},
-                                                  "arguments": f.get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False}
+        return {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+
     return one(fns[0]) if len(fns) == 1 else {"anyOf": [one(f) for f in fns]}
 
 
@@ -119,10 +136,13 @@ def template_message(m, i: int) -> dict:
             try:
                 args = json.loads(args) if isinstance(args, str) else args
             except ValueError:
-                raise InputError("function.arguments must be a JSON string",
-                                 field=f"messages[{i}].tool_calls[{j}].function.arguments") from None
-            out["tool_calls"].append({"id": c.get("id"), "type": "function",
-                                      "function": {"name": fn["name"], "arguments": args}})
+                raise InputError(
+                    "function.arguments must be a JSON string",
+                    field=f"messages[{i}].tool_calls[{j}].function.arguments",
+                ) from None
+            out["tool_calls"].append(
+                {"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+            )
     return out
 
 
@@ -130,8 +150,11 @@ def _call(obj, names: set[str]) -> dict | None:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return {"id": "call_" + secrets.token_hex(12), "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args) if not isinstance(args, str) else args}}
+    return {
+        "id": "call_" + secrets.token_hex(12),
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": json.dumps(args) if not isinstance(args, str) else args},
+    }
 
 
 def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
@@ -146,7 +169,7 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
             except ValueError:
                 c = None
             if c is None:
-                return text, []     # a malformed block: the text as it is, not half the calls
+                return text, []  # a malformed block: the text as it is, not half the calls
             calls.append(c)
         rest = _BLOCK.sub("", text).strip()
         return (rest or None), calls
