@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GenerationConfig
 
+    from finetrace.cli.progress import Bars
     from finetrace.decoding import end_ids, render
     from finetrace.decoding.chat import pad_id
     from finetrace.evaluate.generation import generate
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         batched = generate(model, tok, ps, max_new_tokens=args.max_new_tokens, stop=(),
-                           batch_size=args.batch_size, progress=sys.stderr.isatty())
+                           batch_size=args.batch_size, progress=Bars(sys.stderr.isatty()) if sys.stderr.isatty() else None)
         t_batch = time.perf_counter() - t0
 
     same = batched == base_out

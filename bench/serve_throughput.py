@@ -22,6 +22,9 @@ What is compared (all in one process, greedy decoding, the same prompts and ``ma
 Roofline: ``roofline_fraction_K`` = tokens/s x FLOPs per token (2 x parameters, output layer included) /
 the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``).
 
+``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
+model's own forward (an architecture the lean forward does not cover).
+
 Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
 the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
 layer of the attention and MLP, non-zero B), recorded in a scratch workspace like trained ones.
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
                 st = t.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
             results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
+            results["decode_forward"] = "lean" if eng.decoder.lean() is not None else "model"
         eng.start()
         try:
             def call(m, msgs):
@@ -349,10 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("llamacpp_single_stream", lc, file=sys.stderr)
 
     memory = results.pop("memory_per_adapter_bytes")
+    forward = results.pop("decode_forward")
     summary = {
         "bench": "serve_throughput", "model": base.ref, "note": note, "clients": args.clients,
         "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes,
-        "memory_per_adapter_bytes": memory, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "memory_per_adapter_bytes": memory, "decode_forward": forward, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "results": results, **figures(ws, base, results, ceiling, bandwidth)}
     print(json.dumps(summary))
     return summary

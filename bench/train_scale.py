@@ -69,7 +69,7 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str) -> dict:
                       lr=LR, schedule="constant", batch_size=batch, max_steps=steps, max_length=512,
                       checkpoint_every=None, validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
                       device=os.environ.get("BENCH_DEVICE", "cpu"), output_name=f"scale-{method}")
-    art = train(ws, cfg, progress=False)
+    art = train(ws, cfg, progress=None)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
     return {"tokens": m["tokens"], "step_time_s": m["wall_time_s"], "losses": [r["loss"] for r in hist if "loss" in r],

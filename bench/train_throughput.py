@@ -95,7 +95,7 @@ def child_finetrace(ws_dir: str, steps: int, batch: int, gradient_checkpointing:
                       dtype=os.environ["BENCH_DTYPE"],
                       micro_batch_tokens=None if os.environ["BENCH_DEVICE"] == "cuda" else 1024,
                       output_name="bench-lora-gc" if gradient_checkpointing else "bench-lora")
-    art = train(ws, cfg, progress=False)
+    art = train(ws, cfg, progress=None)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in hist if "loss" in r]

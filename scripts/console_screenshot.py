@@ -44,7 +44,7 @@ def demo_workspace(tmp: Path) -> Path:
     pipe["deploy"]["max_tokens"] = 4
     (task / "pipeline.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
     ws = Workspace.init(tmp / "ws")
-    run_pipeline(ws, task / "pipeline.yaml", progress=False, echo=print)
+    run_pipeline(ws, task / "pipeline.yaml", progress=None, echo=print)
     ws.close()
     return tmp / "ws"
 

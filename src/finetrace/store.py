@@ -28,6 +28,28 @@ from .errors import InputError, IntegrityError, NotFoundError
 TREE_FORMAT = "finetrace-tree/1"
 
 
+def tree_bytes(entries: list[dict]) -> bytes:
+    """The folder manifest: canonical JSON of ``{"format", "files": [{"path", "size", "digest"}]}``
+    sorted by path. Its SHA-256 is the folder's digest: the one folder-digest rule (stored ledgers
+    name adapters, models and datasets by it, so it never changes)."""
+    files = sorted(entries, key=lambda e: e["path"])
+    return canonical_json({"format": TREE_FORMAT, "files": files})
+
+
+def tree_digest(files: dict[str, bytes]) -> str:
+    """The folder digest of ``{relative path: bytes}`` held in memory (what ``put_dir`` would return)."""
+    return sha256_bytes(tree_bytes([{"path": p, "size": len(b), "digest": sha256_bytes(b)}
+                                    for p, b in files.items()]))
+
+
+def folder_digest(folder: str | Path) -> str:
+    """The folder digest of a folder on disk, without storing it (what ``put_dir`` would return)."""
+    folder = Path(folder)
+    entries = [{"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "digest": sha256_file(f)}
+               for f in sorted(q for q in folder.rglob("*") if q.is_file())]
+    return sha256_bytes(tree_bytes(entries))
+
+
 @dataclass(frozen=True)
 class TreeEntry:
     path: str
@@ -105,8 +127,7 @@ class ObjectStore:
 
     @staticmethod
     def manifest_bytes(entries: list[dict]) -> bytes:
-        files = sorted(entries, key=lambda e: e["path"])
-        return canonical_json({"format": TREE_FORMAT, "files": files})
+        return tree_bytes(entries)
 
     def _commit(self, digest: str, write) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -209,6 +230,24 @@ class ObjectStore:
             if build.exists():
                 shutil.rmtree(build, ignore_errors=True)
         return final
+
+    def member_json(self, digest: str, path: str):
+        """The JSON file ``path`` inside folder object ``digest``, re-hashed now.
+
+        None only when the folder is not stored (purged) or is not a folder, or holds no such file; a
+        changed or unreadable file is an IntegrityError, never None (absence and damage are different facts).
+        """
+        import json
+
+        if not self.has(digest) or not self.is_tree(digest):
+            return None
+        for e in self.tree(digest):
+            if e.path == path:
+                try:
+                    return json.loads(self.read_bytes(e.digest))
+                except ValueError as exc:
+                    raise IntegrityError(f"{path} of {digest} is not valid JSON: {exc}") from None
+        return None
 
     def size(self, digest: str) -> int:
         if self.is_tree(digest):

@@ -47,6 +47,7 @@ class Workspace:
         self.store = ObjectStore(root / "objects", root / "cache" / "trees")
         self._keys: KeyPair | None = None
         self.ledger = Ledger(root / "ledger.db", None)
+        self.ledger.key_loader = lambda: self.keys  # runs seal themselves: the key loads on first need
         self.settings: dict = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -71,6 +72,7 @@ class Workspace:
         ws._keys = keys
         ws.settings = settings
         ws.ledger = Ledger.create(root / "ledger.db", keys)
+        ws.ledger.key_loader = lambda: ws.keys
         ws.ledger.external_witness = witness_path(root, keys.key_id, settings.get("witness"))
         ws.ledger.append("workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public),
                                                "key_id": keys.key_id})
@@ -124,6 +126,7 @@ class Workspace:
         return serialization.load_pem_public_key(pem)
 
     def checkpoint(self):
+        """Sign a checkpoint now (``finetrace checkpoint``, a bundle's proof); runs sign their own at exit."""
         _ = self.keys
         return self.ledger.checkpoint()
 

@@ -288,3 +288,163 @@ def _fact(value, key: str, file: str, lines: dict[str, int], error, depth: int =
 def _kind(value) -> str:
     return {list: "list", str: "text", int: "number", float: "number", bool: "true/false"}.get(
         type(value), type(value).__name__)
+
+
+# -- typed configs: YAML (or a mapping) -> a pydantic model, errors naming file, line and key ------------
+# The one loader of train configs, pipeline files and eval suites. Every error is a ConfigError
+# ``FILE:LINE field 'KEY': what (what to do)``: an unknown key suggests the closest valid one, a missing
+# key says what to add, a bad value quotes the field's description.
+
+def read_config(path: str | Path, what: str, missing_hint: str | None = None) -> tuple[dict, dict[str, int]]:
+    """(mapping, {dotted key: line}) of YAML config file ``path`` (empty file: {}); ConfigError otherwise."""
+    from .errors import ConfigError
+
+    doc, lines = load_yaml(path, what, missing_hint, ConfigError)
+    if doc is None:
+        return {}, lines
+    if not isinstance(doc, dict):
+        raise ConfigError(f"a {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path),
+                          line=1, hint="write one 'key: value' per line")
+    return doc, lines
+
+
+def load_model(model, path: str | Path, what: str, *, missing_hint: str | None = None,
+               reference: str = "", aliases: dict[str, str] | None = None):
+    """Read YAML config file ``path`` and validate it as ``model`` (see :func:`validate_model`)."""
+    doc, lines = read_config(path, what, missing_hint)
+    return validate_model(model, doc, what, file=str(path), lines=lines, reference=reference, aliases=aliases)
+
+
+def validate_model(model, doc: Any, what: str, *, file: str | None = None, lines: dict[str, int] | None = None,
+                   prefix: str = "", reference: str = "", aliases: dict[str, str] | None = None, locate=None):
+    """``model.model_validate(doc)``, or a ConfigError naming the key, its file and line, and a fix.
+
+    ``lines`` are the dotted-key lines of ``file``; ``prefix`` is where ``doc`` sits in that file
+    (``train.`` for a pipeline's inline train keys). ``reference`` says where the keys are documented;
+    ``aliases`` maps names from other tools to ours (suggested for an unknown key). ``locate(key)``
+    may return ``(file, line, field)`` instead, for a document merged from two files.
+    """
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+
+    if not isinstance(doc, dict):
+        raise ConfigError(f"a {what} must be a mapping of key: value, not a {_kind(doc)}", file=file,
+                          line=1 if file else None, field=prefix.rstrip(".") or None,
+                          hint=reference or "write one 'key: value' per line")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        errs = exc.errors()
+        err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])  # a typo explains the rest
+        key = loc_key(err["loc"], model)
+        if locate is not None:
+            file, line, field = locate(key)
+        else:
+            line, field = (lines or {}).get(prefix + key), prefix + key
+        where = {"file": file, "line": line, "field": field}
+        desc = describe_key(model, key)
+        if err["type"] == "extra_forbidden":
+            close = suggest_key(model, key, aliases)
+            hint = f"did you mean '{prefix}{close}'?" if close else \
+                f"valid keys here: {', '.join(keys_beside(model, key))}"
+            raise ConfigError("unknown key", hint=hint, **where) from None
+        if err["type"] == "missing":
+            raise ConfigError("required key is missing", hint=f"add '{key}: ...'"
+                              + (f" ({desc})" if desc else ""), **where) from None
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})", hint=desc or reference or None,
+                          **where) from None
+
+
+def artifact_name(v: str) -> str:
+    """A pydantic field check: ``v`` is a valid artifact name (``ledger.log.check_name``), raised as a
+    ValueError so that the config error names the file, line and key."""
+    from .ledger.log import check_name
+
+    try:
+        check_name(v)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
+def _model_of(ann):
+    """The pydantic model behind an annotation (``X``, ``X | None``, ``X | dict``), else None."""
+    from pydantic import BaseModel
+
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _field(model, part: str):
+    """The field named ``part`` (by name or alias) of ``model``, else None."""
+    if model is None:
+        return None
+    info = model.model_fields.get(part)
+    return info if info is not None else next((i for i in model.model_fields.values() if i.alias == part), None)
+
+
+def field_names(model, prefix: str = "") -> list[str]:
+    """Every valid dotted key of ``model`` (aliases where a field has one), nested models included."""
+    out = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        out.append(prefix + key)
+        sub = _model_of(info.annotation)
+        if sub is not None:
+            out += field_names(sub, prefix + key + ".")
+    return out
+
+
+def loc_key(loc: tuple, model=None) -> str:
+    """The dotted key a pydantic error location points at (list indices and union branches dropped)."""
+    parts: list[str] = []
+    if "[key]" in loc:  # a key that is not a name (a number, a list)
+        return ".".join(str(p) for p in loc[:loc.index("[key]")])
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        if model is None:  # inside a plain field (a union branch, a list item): the field is the key
+            break
+        parts.append(str(p))
+        info = _field(model, str(p))
+        if info is None:  # an unknown key
+            break
+        model = _model_of(info.annotation)
+    return ".".join(parts) or "(root)"
+
+
+def describe_key(model, key: str) -> str:
+    """The description of dotted ``key`` of ``model`` ("" if it has none or is not a key)."""
+    info = None
+    for p in key.split("."):
+        info = _field(model, p)
+        if info is None:
+            return ""
+        model = _model_of(info.annotation)
+    return (info.description or "") if info is not None else ""
+
+
+def keys_beside(model, key: str) -> list[str]:
+    """The valid keys at the level of dotted ``key`` (for "valid keys here")."""
+    for p in key.split(".")[:-1]:
+        model = _model_of(getattr(_field(model, p), "annotation", None))
+    return [i.alias or n for n, i in model.model_fields.items()] if model is not None else []
+
+
+def suggest_key(model, key: str, aliases: dict[str, str] | None = None) -> str | None:
+    """The valid key closest to an unknown dotted ``key``: an alias, a close full key, a close last part."""
+    import difflib
+
+    names = field_names(model)
+    leaf = key.rsplit(".", 1)[-1]
+    for k in (key, leaf):
+        if aliases and k in aliases:
+            return aliases[k]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:  # compare the last part only ("lora.rank" -> "lora.r")
+        leaves = difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1] for n in names], n=1, cutoff=0.5)
+        close = [n for n in names if n.rsplit(".", 1)[-1] == leaves[0]][:1] if leaves else []
+    return close[0] if close else None

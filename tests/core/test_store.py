@@ -45,6 +45,24 @@ def test_folder_manifest_is_canonical_and_materializes(tmp_path):
     assert st.size(d) == 1002
 
 
+def test_one_folder_digest_rule_in_memory_on_disk_and_stored(tmp_path):
+    """put_dir, folder_digest (pipeline cache keys) and tree_digest (the bundle verifier) agree, and the
+    rule is the persisted one: a pinned digest of a pinned folder (ledgers name folders by it)."""
+    from finetrace.pipeline.cache import file_digest
+    from finetrace.store import folder_digest, tree_digest
+
+    src = tmp_path / "f"
+    (src / "sub").mkdir(parents=True)
+    (src / "b.txt").write_bytes(b"b")
+    (src / "sub" / "a.txt").write_bytes(b"aa")
+    files = {"b.txt": b"b", "sub/a.txt": b"aa"}
+    stored = ObjectStore(tmp_path / "objects").put_dir(src)
+    assert folder_digest(src) == tree_digest(files) == file_digest(src) == stored
+    assert stored == "sha256:e3d782c26855551902aca5603ae036f11dae8a59a73d4acbeeca868ba6664439"
+    assert tree_digest({**files, "b.txt": b"c"}) != stored
+    assert tree_digest({"c.txt": b"b", "sub/a.txt": b"aa"}) != stored
+
+
 def test_corruption_is_detected_on_read_for_use(tmp_path):
     st = ObjectStore(tmp_path / "objects")
     src = tmp_path / "m"

@@ -22,8 +22,8 @@ def test_default_and_shipped_example_suite_parse(tmp_path):
 
 
 @pytest.mark.parametrize("body,match", [
-    ("gatse: {}\n", "unknown key 'gatse'.*did you mean 'gates'"),
-    ("gates:\n  max_flip_rte: 0.1\n", "unknown key 'gates.max_flip_rte'.*did you mean 'gates.max_flip_rate'"),
+    ("gatse: {}\n", "field 'gatse': unknown key.*did you mean 'gates'"),
+    ("gates:\n  max_flip_rte: 0.1\n", "field 'gates.max_flip_rte': unknown key.*did you mean 'gates.max_flip_rate'"),
     ("gates:\n  min_metric: {acuracy: 0.5}\n", "unknown metric 'acuracy'"),
     ("bootstrap: {samples: 2}\n", "bootstrap.samples"),
     ("metrics: [\n", "not valid YAML"),

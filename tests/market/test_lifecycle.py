@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from finetrace.errors import InputError
+from finetrace.errors import InputError, IntegrityError
 from finetrace.market import client, db
 from finetrace.market.client import RegistryError
 from finetrace.market.lifecycle import gc_staging, registry_ledger
@@ -66,12 +66,38 @@ def test_yank_versions_and_downloads(market, server):
 
     events = [e.data for e in registry_ledger(server.registry).entries(type="market.yank")]
     assert {"ref": "acme/yanky@2.0.0", "digest": res["digest"], "reason": "wrong label map", "by": "acme"} in events
-    # restored; 3 downloads of 2.0.0: a pull is counted when the client asks for the package to pull it,
-    # which the refused pinned pull above did too
+    # restored; 2 downloads of 2.0.0: the refused pinned pull above counted nothing
     client.yank(server.url, server.tokens["acme"], "acme/yanky@2.0.0", undo=True)
     assert client.versions(server.url, "acme/yanky")["versions"][0] == {**listing["2.0.0"], "yanked": False,
                                                                         "yanked_reason": "", "latest": True,
-                                                                        "downloads": 3}
+                                                                        "downloads": 2}
+
+
+def test_a_refused_pull_counts_no_download(market, server):
+    offset = {"sqlite": 0, "postgresql": 10}[server.kind]  # the publisher is shared by both servers
+    art = make_adapter(market.pub, market.base, market.tok, market.model_dir, market.tmp, name=f"dl-{offset}",
+                       seed=31 + offset)
+    add_evidence(market.pub, art, market.tmp)
+    client.publish(market.pub, art.ref, "acme/counted@1.0.0", server.url, server.tokens["acme"],
+                   description="Download count test")
+
+    def downloads() -> tuple[int, int]:
+        row = client.versions(server.url, "acme/counted")["versions"][0]
+        return row["downloads"], client.search(server.url, "download count test")["results"][0]["downloads"]
+
+    with pytest.raises(IntegrityError, match="not a trusted key"):
+        client.pull(market.buyer, "acme/counted@1.0.0", server.url, trust_keys=[])
+    with pytest.raises(InputError, match="yanked"):
+        client.yank(server.url, server.tokens["acme"], "acme/counted@1.0.0", "test")
+        client.pull(market.buyer, "acme/counted@1.0.0", server.url, trust_keys=[market.pub.keys.key_id])
+    client.yank(server.url, server.tokens["acme"], "acme/counted@1.0.0", undo=True)
+    assert downloads() == (0, 0)  # version and package
+    client.pull(market.buyer, "acme/counted", server.url, trust_keys=[market.pub.keys.key_id],
+                name=f"counted-{server.kind}")
+    assert downloads() == (1, 1)
+    # reading the package (the web page, `market versions`, an older client's ?pull=1) is not a download
+    client._check(client._http(server.url).get("/api/v1/packages/acme/counted", params={"pull": 1}))
+    assert downloads() == (1, 1)
 
 
 def test_stale_staging_is_removed_and_the_ledger_says_so(market, server):

@@ -63,7 +63,7 @@ def test_query_plans_use_the_indexes(catalog, monkeypatch):
         _uses(downloads, "ix_packages_downloads_id")
         _uses(score, "ix_versions_score_id")
         _uses(dense, "ix_packages_downloads_id", "versions_fts VIRTUAL TABLE")
-        _uses(rare, "versions_fts VIRTUAL TABLE", "MATERIALIZE cand")
+        _uses(rare, "versions_fts VIRTUAL TABLE", "CO-ROUTINE cand", "MATERIALIZE page")  # page cut from candidates
     else:
         _uses(recent, "Index Scan Backward using versions_pkey")
         _uses(downloads, "Index Scan Backward using ix_packages_downloads_id")

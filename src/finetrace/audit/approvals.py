@@ -54,8 +54,7 @@ def approve(ws: Workspace, adapter_ref: str, by: str, note: str, report_ref: str
     keys = ws.keys
     data["key_id"] = keys.key_id
     data["signature"] = keys.sign(approval_message(data))
-    entry = led.append("approval", data, who=data["by"])
-    ws.checkpoint()
+    entry = led.append("approval", data, who=data["by"], seal=True)
     return entry
 
 

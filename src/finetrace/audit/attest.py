@@ -11,9 +11,8 @@
                           checkpoint it was signed under (byproduct)
 
 The envelope follows DSSE v1: the signature is Ed25519 over
-``PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`` with the workspace key, and
-``keyid`` is the workspace key id (``sha256:`` of the raw public key). ``verify_envelope`` checks it
-with nothing but ``cryptography``; tests check it again with securesystemslib's independent DSSE code.
+``PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`` with the workspace key (``ledger/dsse.py``, shared with the marketplace), and ``keyid`` is the
+workspace key id. ``verify_envelope`` checks it with nothing but ``cryptography``; tests check it again with securesystemslib's independent DSSE code.
 """
 
 from __future__ import annotations
@@ -23,19 +22,14 @@ import json
 
 from ..canonical import canonical_json
 from ..errors import IntegrityError
+from ..ledger.dsse import IN_TOTO, open_envelope, sign_envelope
 from .facts import Facts
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
+PAYLOAD_TYPE = IN_TOTO
 BUILD_TYPE = "https://finetrace.dev/train/v1"
 BUILDER_ID = "https://finetrace.dev/builder/local"
-
-
-def pae(payload_type: str, body: bytes) -> bytes:
-    """DSSE v1 pre-authentication encoding."""
-    t = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %b %d %b" % (len(t), t, len(body), body)
 
 
 def _hex(d: str) -> str:
@@ -92,45 +86,14 @@ def statement(facts: Facts) -> dict:
     }
 
 
-def sign_envelope(payload: bytes, keys, payload_type: str = PAYLOAD_TYPE) -> dict:
-    """A DSSE envelope ``{"payloadType", "payload" (base64), "signatures": [{"keyid", "sig"}]}``."""
-    sig = keys.sign(pae(payload_type, payload))
-    return {"payloadType": payload_type, "payload": base64.b64encode(payload).decode(),
-            "signatures": [{"keyid": keys.key_id, "sig": sig}]}
-
-
 def verify_envelope(envelope: dict, public_key) -> dict:
-    """Check the envelope's signature by ``public_key``; return the decoded in-toto statement."""
-    from cryptography.exceptions import InvalidSignature
-
-    from ..ledger.signing import key_id
-
-    try:
-        payload = base64.b64decode(envelope["payload"], validate=True)
-        ptype = envelope["payloadType"]
-        sigs = envelope["signatures"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"the attestation envelope is malformed: {exc}") from None
-    kid = key_id(public_key)
-    good = False
-    for s in sigs:
-        if s.get("keyid") not in (kid, None, ""):
-            continue
-        try:
-            public_key.verify(base64.b64decode(s["sig"]), pae(ptype, payload))
-            good = True
-        except (InvalidSignature, ValueError, KeyError):
-            continue
-    if not good:
-        raise IntegrityError("the attestation's DSSE signature does not verify with the workspace key "
-                             f"{kid}")
-    if ptype != PAYLOAD_TYPE:
-        raise IntegrityError(f"the attestation has payload type {ptype!r}, expected {PAYLOAD_TYPE}")
+    """Check the envelope's signature by ``public_key`` and its type; return the decoded in-toto statement."""
+    payload = open_envelope(envelope, public_key, PAYLOAD_TYPE, what="the attestation")
     try:
         stmt = json.loads(payload)
     except ValueError:
         raise IntegrityError("the attestation payload is not JSON") from None
-    if stmt.get("_type") != STATEMENT_TYPE or stmt.get("predicateType") != PREDICATE_TYPE:
+    if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE or stmt.get("predicateType") != PREDICATE_TYPE:
         raise IntegrityError("the attestation is not an in-toto v1 statement with a SLSA v1 predicate")
     return stmt
 

@@ -23,13 +23,12 @@ Layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
 
 from ..atomic import atomic_writer
-from ..canonical import canonical_json
+from ..canonical import canonical_json, sha256_bytes
 from ..errors import InputError
 from ..ledger import lineage
 from ..ledger.log import now
@@ -52,10 +51,6 @@ you kept), the inclusion proof of every ledger entry against the
 checkpoint's Merkle root, the digest of every adapter and document file against the signed ledger
 entries, the DSSE attestation and every approval signature.
 """
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def lineage_entries(ws: Workspace, adapter_digest: str) -> list[int]:
@@ -140,7 +135,7 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
                                         key_id=ws.keys.key_id).encode()
     manifest = {"format": FORMAT, "created": now(), "adapter": {"digest": adapter.digest, "ref": adapter.ref},
                 "documents": doc_index, "entries": seqs, "checkpoint": cp.to_dict(), "key_id": ws.keys.key_id,
-                "files": {p: _sha(b) for p, b in sorted(files.items())}}
+                "files": {p: sha256_bytes(b) for p, b in sorted(files.items())}}
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     files["bundle.json"] = mbytes
     files["bundle.json.sig"] = ws.keys.sign(mbytes).encode()
@@ -160,7 +155,6 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
         run.output("bundle", digest, metadata={"adapter": adapter.digest, "file": out.name,
                                                "checkpoint_size": cp.size, "entries": len(seqs)})
         run.metrics.update({"files": len(files), "bytes": out.stat().st_size, "entries": len(seqs)})
-    ws.checkpoint()
     return out
 
 

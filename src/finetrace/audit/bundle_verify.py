@@ -23,20 +23,19 @@ a fresh install.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..canonical import canonical_json
+from ..canonical import sha256_bytes
 from ..ledger import merkle
 from ..ledger.log import Checkpoint
 from ..ledger.signing import key_id, public_to_b64
 from ..ledger.verify import FAILED, HELD, NOT_CHECKED, VerifyReport
+from ..store import tree_digest
 
-TREE_FORMAT = "finetrace-tree/1"
 SIGNED_SELF = ("bundle.json", "bundle.json.sig")
 
 
@@ -48,17 +47,6 @@ class BundleReport(VerifyReport):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "verified": self.verified}
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _tree_digest(files: dict[str, bytes]) -> str:
-    """The finetrace folder digest of ``{relative path: bytes}`` (same as ObjectStore.put_dir)."""
-    entries = sorted(({"path": p, "size": len(b), "digest": _sha(b)} for p, b in files.items()),
-                     key=lambda e: e["path"])
-    return _sha(canonical_json({"format": TREE_FORMAT, "files": entries}))
 
 
 def part_of(path: str) -> str:
@@ -224,7 +212,7 @@ def _check_manifest(b: _Bundle) -> bool:
             continue
         if p not in listed:
             P.append(f"{part_of(p)} is not listed in bundle.json (a file was added)")
-        elif listed[p] != _sha(data):
+        elif listed[p] != sha256_bytes(data):
             P.append(f"{part_of(p)} was modified: its SHA-256 does not match bundle.json")
     for p in listed:
         if p not in files:
@@ -312,7 +300,7 @@ def _check_created(b: _Bundle) -> None:
 def _check_adapter(b: _Bundle) -> None:
     """Check 5 (adapter): the adapter folder's digest is an ``adapter`` artifact of a proven entry."""
     b.ad_files = {p[len("adapter/"):]: data for p, data in b.files.items() if p.startswith("adapter/")}
-    computed = _tree_digest(b.ad_files)
+    computed = tree_digest(b.ad_files)
     b.ad_art = b.arts.get(b.adapter_digest)
     if b.ad_art is None or b.ad_art.get("kind") not in ("adapter", "model"):
         b.problems.append(f"the adapter {b.adapter_digest} is not recorded in any proven ledger entry")
@@ -332,7 +320,7 @@ def _check_documents(b: _Bundle) -> None:
         if parts[0] == "documents" and len(parts) == 3:
             docs.setdefault(parts[1], {})[parts[2]] = data
     for slug, dfiles in sorted(docs.items()):
-        d = _tree_digest(dfiles)
+        d = tree_digest(dfiles)
         rec = b.arts.get(d)
         if rec is None or rec.get("kind") != "document":
             b.problems.append(f"document {slug} (documents/{slug}/) does not match any document recorded in the "
@@ -358,7 +346,7 @@ def _check_attestation(b: _Bundle) -> None:
         stmt = verify_envelope(json.loads(att), b.pub)
         b.n_sigs += 1
         subj = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in stmt.get("subject", [])}
-        actual = {p: _sha(data) for p, data in b.ad_files.items()}
+        actual = {p: sha256_bytes(data) for p, data in b.ad_files.items()}
         if subj != actual:
             bad = sorted(set(subj.items()) ^ set(actual.items()))
             P.append(f"attestation subjects do not match the adapter files (first difference: "

@@ -194,7 +194,6 @@ def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path
             dest.mkdir(parents=True, exist_ok=True)
             for folder in folders.values():
                 shutil.copytree(folder, dest / folder.name, dirs_exist_ok=True)
-    ws.checkpoint()
     return arts
 
 

@@ -9,12 +9,11 @@ the templates render it as "not provided" with what would provide it. Nothing he
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import IntegrityError
 from ..ledger import Artifact
+from ..ledger.adapter import adapter_record, recorded
 from ..ledger.log import now
 from ..workspace import Workspace
 from ..yamlfile import read_mapping
@@ -93,19 +92,6 @@ def _run_dict(ws: Workspace, run_id: str | None) -> dict | None:
     return ws.ledger.get_run(run_id).to_dict()
 
 
-def _json_file(ws: Workspace, digest: str, path: str) -> dict | None:
-    """A JSON file of a recorded folder, read and re-hashed from the store (None if absent)."""
-    if not ws.store.has(digest) or not ws.store.is_tree(digest):
-        return None
-    for e in ws.store.tree(digest):
-        if e.path == path:
-            try:
-                return json.loads(ws.store.read_bytes(e.digest))
-            except ValueError as exc:
-                raise IntegrityError(f"{path} of {digest} is not valid JSON: {exc}") from None
-    return None
-
-
 def files_of(ws: Workspace, digest: str) -> list[dict]:
     """``[{"path", "size", "digest"}]`` of a folder artifact (empty for a file object)."""
     if not ws.store.has(digest) or not ws.store.is_tree(digest):
@@ -123,14 +109,15 @@ def events_for(ws: Workspace, type: str, adapter: str) -> list[dict]:
             for e in ws.ledger.entries(type=type) if e.data.get("adapter") == adapter]
 
 
+def _unrecorded(digest: str) -> dict:
+    return {"ref": digest, "digest": digest, "kind": "unrecorded", "metadata": {}}
+
+
 def _dataset(ws: Workspace, digest: str) -> dict:
-    try:
-        a = ws.ledger.artifact(digest)
-        d = _art(a)
-    except Exception:
-        d = {"ref": digest, "digest": digest, "kind": "unrecorded", "metadata": {}}
-    d["info"] = _json_file(ws, digest, "dataset.json") or {}
-    d["datasheet"] = _json_file(ws, digest, "datasheet.json")
+    a = recorded(ws.ledger, digest)
+    d = _art(a) if a is not None else _unrecorded(digest)
+    d["info"] = ws.store.member_json(digest, "dataset.json") or {}
+    d["datasheet"] = ws.store.member_json(digest, "datasheet.json")
     d["files"] = files_of(ws, digest)
     d["import_run"] = _run_dict(ws, d.get("run_id"))
     used = [ws.ledger.get_run(r) for r in ws.ledger.consumers(digest)]
@@ -143,7 +130,7 @@ def _dataset(ws: Workspace, digest: str) -> dict:
 
 
 def _evaluation(ws: Workspace, art: Artifact, adapter: str) -> dict:
-    report = _json_file(ws, art.digest, "report.json") or {}
+    report = ws.store.member_json(art.digest, "report.json") or {}
     report.pop("examples", None)
     models = report.get("models") or []
     subject = next((m for m in models if m.get("adapter") == adapter), None)
@@ -164,57 +151,23 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
 
         raise InputError(f"{adapter_ref} is a {adapter.kind}, not an adapter",
                          hint="give the adapter produced by `finetrace train` (NAME@N)")
+    rec = adapter_record(ws, adapter.digest)
     ad = _art(adapter)
     ad["files"] = files_of(ws, adapter.digest)
-    ad["peft_config"] = _json_file(ws, adapter.digest, "adapter_config.json")
-    ad["finetrace"] = _json_file(ws, adapter.digest, "finetrace_adapter.json") or {}
-    train_run = _run_dict(ws, adapter.run_id)
+    ad["peft_config"] = ws.store.member_json(adapter.digest, "adapter_config.json")
+    ad["finetrace"] = rec.meta
+    train_run = rec.run.to_dict() if rec.run else None
 
-    meta = adapter.metadata or {}
-    base_digest = meta.get("base_model") or ad["finetrace"].get("base_model")
     base = None
-    if base_digest:
-        try:
-            b = led.artifact(base_digest)
-            base = _art(b)
-        except Exception:
-            base = {"ref": base_digest, "digest": base_digest, "kind": "unrecorded", "metadata": {}}
-        base["files"] = files_of(ws, base_digest)
-        base["config"] = _json_file(ws, base_digest, "config.json")
+    if rec.base_digest:
+        base = _art(rec.base) if rec.base is not None else _unrecorded(rec.base_digest)
+        base["files"] = files_of(ws, rec.base_digest)
+        base["config"] = ws.store.member_json(rec.base_digest, "config.json")
         base["run"] = _run_dict(ws, base.get("run_id"))
-
-    parents = []
-    seen = {adapter.digest}
-    p = meta.get("parent")
-    while p and p not in seen:
-        seen.add(p)
-        try:
-            pa = led.artifact(p)
-        except Exception:
-            parents.append({"ref": p, "digest": p, "kind": "unrecorded"})
-            break
-        parents.append(_art(pa))
-        p = (pa.metadata or {}).get("parent")
-
-    ds_digests: list[str] = []
-    if train_run:
-        for d in train_run["inputs"]:
-            try:
-                if led.artifact(d).kind == "dataset":
-                    ds_digests.append(d)
-            except Exception:
-                continue
-    datasets = [_dataset(ws, d) for d in ds_digests]
-
-    evaluations = []
-    for rid in led.consumers(adapter.digest):
-        run = led.get_run(rid)
-        if run.kind != "evaluate":
-            continue
-        for o in run.outputs:
-            a = led.artifact(o)
-            if a.kind == "eval_report":
-                evaluations.append(_evaluation(ws, a, adapter.digest))
+    parents = [_art(p) if not isinstance(p, str) else {"ref": p, "digest": p, "kind": "unrecorded"}
+               for p in rec.parents]
+    datasets = [_dataset(ws, a.digest) for a in rec.datasets]
+    evaluations = [_evaluation(ws, a, adapter.digest) for a in rec.eval_reports]
 
     previous = []
     if adapter.name:

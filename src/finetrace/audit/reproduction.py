@@ -148,7 +148,7 @@ def _reproduce_train(ws: Workspace, run) -> tuple[str, str, list[FileComparison]
     cfg["output_name"] = f"{cfg['output_name']}-reproduce"[:128]
     with tempfile.TemporaryDirectory(dir=ws.cache, prefix=".reproduce-") as tmp:
         cfg["checkpoint_dir"] = str(Path(tmp) / "checkpoints")
-        art = train(ws, TrainConfig.model_validate(cfg), progress=False)
+        art = train(ws, TrainConfig.model_validate(cfg), progress=None)
     return original, art.digest, compare_adapters(ws, original, art.digest), notes
 
 
@@ -212,5 +212,4 @@ def reproduce(ws: Workspace, run_id: str) -> ReproduceResult:
                             "reproduced_run": result.reproduced_run_id,
                             "differing_files": [c.path for c in comps if not c.identical]})
         result.record_run_id = rec.id
-    ws.checkpoint()
     return result

@@ -8,24 +8,17 @@ import time
 import typer
 
 from .common import JSON_OPTION, console, emit_json, open_workspace
+from .progress import Bars
 
 
-def _progress_callback(show: bool):
-    """A rows/s line on stderr (rich), refreshed as the import reads."""
-    if not show:
-        return None, lambda: None
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    status = err.status("reading…")
-    status.start()
+def _progress_callback(bars):
+    """The importer's rows callback, drawn by the CLI's progress bars (a count with rows/s)."""
     t0 = time.monotonic()
 
     def update(rows: int) -> None:
-        dt = max(time.monotonic() - t0, 1e-9)
-        status.update(f"validated {rows:,} rows ({rows / dt:,.0f} rows/s)")
+        bars("validate", rows, None, f"{rows / max(time.monotonic() - t0, 1e-9):,.0f} rows/s")
 
-    return update, status.stop
+    return update
 
 
 def register(app: typer.Typer) -> None:
@@ -83,12 +76,9 @@ def _import_command(data: typer.Typer) -> None:
                              test_file=test_file, tokenizer=tokenizer, near_dup_threshold=near_dup_threshold,
                              near_dup=near_dup, split_unit=split_unit, workers=workers)
         ws = open_workspace()
-        update, stop = _progress_callback(not quiet and not json_out)
         t0 = time.monotonic()
-        try:
-            art = import_dataset(ws, files, name, opts, progress=update)
-        finally:
-            stop()
+        with Bars(not quiet and not json_out) as bars:
+            art = import_dataset(ws, files, name, opts, progress=_progress_callback(bars))
         elapsed = time.monotonic() - t0
         md = art.metadata
         if json_out:

@@ -55,9 +55,11 @@ def register(app: typer.Typer) -> None:
     ):
         """Evaluate a base model, or an adapter against its base; record the report and gate verdict."""
         from ..evaluate import evaluate
+        from .progress import Bars
 
         ws = open_workspace()
-        art = evaluate(ws, model, data, adapter_ref=adapter, suite=suite, name=name, progress=True)
+        with Bars() as bars:
+            art = evaluate(ws, model, data, adapter_ref=adapter, suite=suite, name=name, progress=bars)
         summary = _summary(ws, art)
         emit_json(summary) if json_out else _print(summary)
 
@@ -72,9 +74,11 @@ def register(app: typer.Typer) -> None:
     ):
         """Base vs one or more adapters on the same examples, side by side, with paired tests."""
         from ..evaluate import compare
+        from .progress import Bars
 
         ws = open_workspace()
-        art = compare(ws, model, list(adapter), data, suite=suite, name=name, progress=True)
+        with Bars() as bars:
+            art = compare(ws, model, list(adapter), data, suite=suite, name=name, progress=bars)
         summary = _summary(ws, art)
         emit_json(summary) if json_out else _print(summary)
 
@@ -96,7 +100,6 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"{art.ref} is {before.status}, not failed: there is nothing to override",
                              hint="an override applies to an adapter whose latest eval gates failed")
         record_override(ws.ledger, art.digest, as_, reason)
-        ws.checkpoint()
         after = clearance(ws.ledger, art.digest)
         if json_out:
             emit_json({"adapter": art.digest, "ref": art.ref, "status": after.status, "detail": after.detail})

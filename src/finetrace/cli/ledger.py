@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..canonical import short
-from ..errors import IntegrityError
+from ..errors import IntegrityError, NotFoundError
 from ..ledger import lineage as lineage_of
 from ..ledger import verify_workspace
 from ..ledger.lineage import render_tree
@@ -94,7 +94,7 @@ def show(ref: str = typer.Argument(..., help="An artifact (name@N, name, digest)
     ws = open_workspace()
     try:
         obj = ws.ledger.resolve(ref).to_dict()
-    except Exception:
+    except NotFoundError:  # not an artifact: a run id, or neither (get_run says so)
         obj = ws.ledger.get_run(ref).to_dict()
     if json_out:
         emit_json(obj)

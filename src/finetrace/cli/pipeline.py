@@ -24,11 +24,13 @@ def register(app: typer.Typer) -> None:
         """
         from ..pipeline import run_pipeline
         from ..pipeline.summary import render
+        from .progress import Bars
 
         ws = open_workspace()
         echo = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
         try:
-            result = run_pipeline(ws, pipeline, force=force, until=until, progress=not json_out, echo=echo)
+            with Bars(not json_out) as bars:
+                result = run_pipeline(ws, pipeline, force=force, until=until, progress=bars, echo=echo)
         except (FinetraceError, KeyboardInterrupt) as exc:
             partial = getattr(exc, "pipeline_result", None)
             if partial is not None:

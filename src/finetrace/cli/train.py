@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         from ..train import describe, load_config, memory_plan, train
         from ..train.config import config_yaml
         from ..train.resume import ResumeWarning, made_by
+        from .progress import Bars
 
         if print_config:
             typer.echo(config_yaml(load_config(config, set_)) if config or set_ else describe(), nl=False)
@@ -53,7 +54,8 @@ def register(app: typer.Typer) -> None:
         try:
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always", ResumeWarning)
-                art = train(ws, cfg, resume=resume, progress=not no_progress and not json_out)
+                with Bars(not no_progress and not json_out) as bars:
+                    art = train(ws, cfg, resume=resume, progress=bars)
         except KeyboardInterrupt as exc:  # typer would turn it into a silent exit
             raise Interrupted(str(exc) or "training interrupted", hint="continue with --resume") from None
         finally:

@@ -109,7 +109,6 @@ def forget(ws: Workspace, ref: str, *, where: str | None = None, ids: set[str] |
                 **{k: v for k, v in (art.metadata or {}).items()}, "counts": new_info["counts"],
                 "rows_out": new_info["rows_out"], "erased_from": art.digest})
         purged = _purge(ws, art, digest, run.id) if purge else []
-        ws.checkpoint()
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"dataset": new.ref, "digest": new.digest, "from": art.ref, "removed": int(chosen.sum()),
@@ -177,7 +176,7 @@ def _purge(ws: Workspace, art, new_digest: str, run_id: str | None) -> list[str]
         doomed += list(ws.ledger.get_run(art.run_id).inputs)
     doomed = sorted({d for d in doomed if d not in keep and ws.store.has(d)})
     ws.ledger.append("data.purged", {"digests": doomed, "reason": "erasure", "dataset": art.digest,
-                                     "run_id": run_id})
+                                     "run_id": run_id}, seal=True)
     for d in doomed:  # the object, and any materialised copy of the old version (hard links to it)
         ws.store.path(d).unlink(missing_ok=True)
     shutil.rmtree(ws.store.cache / art.digest.split(":", 1)[1], ignore_errors=True)

@@ -154,7 +154,6 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
             art = run.output("dataset", digest, name=name, metadata={
                 "schema": schema, "input_format": layout.fmt, "counts": info["counts"], "rows_in": info["rows_in"],
                 "rows_out": info["rows_out"], "labels": info.get("labels"), "gaps": info["gaps"]})
-        ws.checkpoint()
         return art
     finally:
         minhasher.close()

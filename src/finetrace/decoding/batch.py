@@ -23,6 +23,8 @@ import torch
 
 from .chat import end_ids, pad_id
 from .kvcache import slab_cache
+from .lean import LeanLlama, lean_forward
+from .lora import active_adapter
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 
@@ -65,7 +67,7 @@ class Seq:
 class _Group:
     """Prompts being read together (left-padded to one width), a chunk per step."""
 
-    def __init__(self, seqs: list[Seq], pad: int):
+    def __init__(self, seqs: list[Seq], pad: int, n_layers: int | None):
         self.seqs = seqs
         width = max(len(s.prompt_ids) for s in seqs)
         self.ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -75,7 +77,7 @@ class _Group:
             self.mask[i, width - len(s.prompt_ids):] = 1
         self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.done = 0
-        self.cache = slab_cache()
+        self.cache = slab_cache(n_layers)
 
 
 class Decoder:
@@ -91,8 +93,13 @@ class Decoder:
         self.groups: list[_Group] = []
         self.cache = None
         self.mask = None                            # (b, t) over the cache
+        if adapters is None:
+            self.adapters = active_adapter(model)   # a PeftModel given no selector: its active adapter
         fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else type(model).forward
         self._cache_kw = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+        self._lean_key: tuple = ()
+        self._lean: LeanLlama | None = None
+        self.n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
 
     # -- what callers use ----------------------------------------------------------------------
     @property
@@ -112,7 +119,7 @@ class Decoder:
         finished: list[Seq] = []
         with torch.inference_mode():
             if self.waiting:
-                self.groups.append(_Group(self.waiting, self.pad))
+                self.groups.append(_Group(self.waiting, self.pad, self.n_layers))
                 self.waiting = []
             if self.groups:
                 finished += self._prefill(self.groups[0])
@@ -137,9 +144,19 @@ class Decoder:
         self.rows, self.waiting, self.groups, self.cache, self.mask = [], [], [], None, None
 
     # -- internals -----------------------------------------------------------------------------
+    def lean(self) -> LeanLlama | None:
+        """The lean forward (``lean.py``) for the current model and adapters, or None: the model's own."""
+        if self._lean_key != (self.model, self.adapters):
+            self._lean_key = (self.model, self.adapters)
+            self._lean = lean_forward(self.model, self.adapters)
+        return self._lean
+
     def forward(self, ids, mask, positions, cache, names: list[str]):
-        """Logits of the last position (B, V) and the cache, with each row on its own adapter."""
+        """Logits of the last position (B, V), the cache updated in place, each row on its own adapter."""
         kwargs = self.adapters.select(names) if self.adapters is not None else {}
+        lean = self.lean()
+        if lean is not None and not kwargs:
+            return lean.forward(ids, mask, positions, cache.layers)
         kwargs[self._cache_kw] = cache
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **kwargs)

@@ -111,6 +111,9 @@ class SlabLayer(DynamicLayer):
         self._views()
 
 
-def slab_cache() -> Cache:
-    """An empty cache whose layers are ``SlabLayer`` (created on first use, one per model layer)."""
+def slab_cache(n_layers: int | None = None) -> Cache:
+    """An empty cache whose layers are ``SlabLayer``: ``n_layers`` of them made now (the lean forward
+    indexes them), or one per model layer on first use."""
+    if n_layers:
+        return Cache(layers=[SlabLayer() for _ in range(n_layers)])
     return Cache(layer_class_to_replicate=SlabLayer)

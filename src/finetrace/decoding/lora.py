@@ -86,6 +86,32 @@ class GatheredLoRA:
         return {}
 
 
+class ActiveLoRA(GatheredLoRA):
+    """Every row on the PeftModel's one active adapter, whatever its name: what PEFT's own forward computes,
+    through the gathered kernel (a decoder given a PeftModel and no selector, e.g. ``generate``)."""
+
+    def select(self, names: list[str]) -> dict:
+        self.single, self.rows = 1, None
+        return {}
+
+
+def active_adapter(model) -> ActiveLoRA | None:
+    """An ``ActiveLoRA`` for a PeftModel with one active plain-LoRA adapter and no selector installed yet;
+    None otherwise (the model's own forward then applies whatever PEFT has active)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    if not isinstance(model, PeftModel) or not GatheredLoRA.supported(model):
+        return None
+    active = list(getattr(model, "active_adapters", []) or [])
+    if len(active) != 1 or any(hasattr(m, "_ft_gather") for m in model.modules()):
+        return None
+    g = ActiveLoRA(model)
+    g.rebuild(active)
+    return g
+
+
 class PeftMixed:
     """PEFT's own mixed-adapter batches (``adapter_names=[...]``): DoRA and other variants."""
 
@@ -107,22 +133,26 @@ def adapter_selector(model, kernel: str = "gathered", names: list[str] = ()):
     return PeftMixed()
 
 
+def lora_delta(m, x: torch.Tensor, g: GatheredLoRA) -> torch.Tensor | None:
+    """The LoRA term of LoRA Linear ``m`` for input ``x`` with the slots ``g`` selected; None for base rows."""
+    xa = x.to(m._ft_A.dtype)
+    if g.single is not None:
+        if g.single == 0:
+            return None
+        h = torch.nn.functional.linear(xa, m._ft_A[g.single]) * m._ft_S[g.single]
+        return h @ m._ft_B[g.single]
+    x3 = xa.reshape(x.shape[0], -1, x.shape[-1])                                   # (B, T, in)
+    h = torch.bmm(m._ft_A.index_select(0, g.rows), x3.transpose(1, 2))            # (B, r, T)
+    h = h * m._ft_S.index_select(0, g.rows).view(-1, 1, 1)
+    delta = torch.bmm(h.transpose(1, 2), m._ft_B.index_select(0, g.rows))         # (B, T, out)
+    return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     g: GatheredLoRA = self._ft_gather
     if (g.rows is None and g.single is None) or kwargs.get("adapter_names") is not None \
             or not hasattr(self, "_ft_A"):
         return self._ft_forward(x, *args, **kwargs)
     out = self.base_layer(x, *args, **kwargs)  # (B, T, out)
-    xa = x.to(self._ft_A.dtype)
-    if g.single is not None:
-        if g.single == 0:
-            return out
-        h = torch.nn.functional.linear(xa, self._ft_A[g.single]) * self._ft_S[g.single]
-        delta = h @ self._ft_B[g.single]
-    else:
-        x3 = xa.reshape(x.shape[0], -1, x.shape[-1])                                  # (B, T, in)
-        h = torch.bmm(self._ft_A.index_select(0, g.rows), x3.transpose(1, 2))        # (B, r, T)
-        h = h * self._ft_S.index_select(0, g.rows).view(-1, 1, 1)
-        delta = torch.bmm(h.transpose(1, 2), self._ft_B.index_select(0, g.rows))     # (B, T, out)
-        delta = delta.reshape(out.shape)
-    return out + delta.to(out.dtype)
+    delta = lora_delta(self, x, g)
+    return out if delta is None else out + delta.to(out.dtype)

@@ -7,7 +7,7 @@ Modules: ``generation`` (batched greedy generation, label scoring, text NLL), ``
 metrics), ``stats`` (bootstrap intervals, paired tests, group fairness), ``bias`` (counterfactual suite
 over ``resources/wordlists.json``), ``forgetting`` (perplexity on ``resources/general_text.txt``),
 ``suite`` (the YAML config and gates), ``gates``, ``evalset`` (dataset split -> examples), ``report``
-(JSON + self-contained HTML), ``runner`` (the entry points), ``progress`` (the examples/s bar).
+(JSON + self-contained HTML), ``runner`` (the entry points; progress goes to a ``finetrace.progress`` callback).
 """
 
 from .runner import compare, evaluate, load_report

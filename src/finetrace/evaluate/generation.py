@@ -22,7 +22,7 @@ from ..decoding import BASE, Decoder, Seq, encode_chat, render, score_prompts
 from ..decoding.chat import pad_id
 from ..decoding.labels import best_label
 from ..decoding.text import cut_at_stop  # noqa: F401  (re-exported for callers)
-from .progress import ExampleProgress
+from ..progress import Counter, Progress
 
 Prompt = Sequence[dict] | str
 
@@ -48,17 +48,17 @@ def _left_pad(rows: list[list[int]], pad: int):
 
 
 def generate_seqs(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                  batch_size: int = 8, progress: bool = False, description: str = "generate",
+                  batch_size: int = 8, progress: Progress | None = None, description: str = "generate",
                   adapters=None, adapter: str = BASE) -> list[Seq]:
     """Greedy generations for ``prompts`` (in input order) through the serving decoder."""
     seqs = [Seq(encode_chat(tok, p), adapter, max_new_tokens, stop=list(stop)) for p in prompts]
-    with ExampleProgress(len(seqs), description, progress) as bar:
+    with Counter(progress, description, len(seqs)) as bar:
         Decoder(model, tok, adapters, max_batch=batch_size).run(seqs, on_done=bar.advance)
     return seqs
 
 
 def generate(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, stop: Sequence[str] = (),
-             batch_size: int = 8, progress: bool = False, description: str = "generate",
+             batch_size: int = 8, progress: Progress | None = None, description: str = "generate",
              adapters=None, adapter: str = BASE) -> list[str]:
     """Greedy answers for ``prompts`` (normalised), in input order."""
     return [s.answer for s in generate_seqs(model, tok, prompts, max_new_tokens, stop, batch_size, progress,
@@ -66,7 +66,7 @@ def generate(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, st
 
 
 def score_labels(model, tok, prompts: Sequence[Prompt], labels: Sequence[str], batch_size: int = 8,
-                 progress: bool = False, description: str = "score labels", adapters=None,
+                 progress: Progress | None = None, description: str = "score labels", adapters=None,
                  adapter: str | Sequence[str] = BASE) -> tuple[list[str], list[list[float]]]:
     """Constrained classification: each prompt's label with the highest summed log-probability.
     ``adapter``: one adapter name for all prompts, or one per prompt (a batch may mix them)."""
@@ -74,7 +74,7 @@ def score_labels(model, tok, prompts: Sequence[Prompt], labels: Sequence[str], b
         raise ValueError("score_labels needs at least one label")
     rows = [encode_chat(tok, p) for p in prompts]
     names = [adapter] * len(rows) if isinstance(adapter, str) else list(adapter)
-    with ExampleProgress(len(rows), description, progress) as bar:
+    with Counter(progress, description, len(rows)) as bar:
         scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, on_batch=bar.advance)
     return [best_label(labels, s) for s in scores], scores
 

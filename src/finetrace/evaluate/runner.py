@@ -23,6 +23,7 @@ from ..decoding.lora import adapter_selector
 from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.clearance import record_verdict
+from ..progress import Progress
 from ..workspace import Workspace
 from . import bias as bias_mod
 from .evalset import EvalSet, load_eval_set
@@ -64,7 +65,7 @@ class _Answerer:
     """How one model answers a list of prompts for this task (labels, or free text), through the serving
     decoder with every row on LoRA slot ``adapter`` (``decoding.BASE`` for the base)."""
 
-    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: bool, adapters=None, adapter: str = BASE):
+    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: Progress | None, adapters=None, adapter: str = BASE):
         self.model, self.tok, self.suite, self.es, self.progress = model, tok, suite, es, progress
         self.adapters, self.adapter = adapters, adapter
         self.last_tokens: list[list[int]] | None = None
@@ -161,7 +162,7 @@ def _select(sel, name: str) -> None:
 
 def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             suite: Suite | str | Path | None = None, name: str | None = None,
-            progress: bool = False, quantized_base: bool = True) -> Artifact:
+            progress: Progress | None = None, quantized_base: bool = True) -> Artifact:
     """Evaluate the base and each adapter on the same examples; one report, one verdict per adapter.
 
     Adapters trained on a quantised base (QLoRA, 8-bit) are evaluated on that base unless
@@ -249,12 +250,11 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
                 run.metrics[f"{s['ref']}/{m}"] = s["metrics"][m]["value"]
         for s in gated:
             record_verdict(ws.ledger, s["adapter"], digest, s["passed"], s["gates"], run_id=run.id)
-    ws.checkpoint()
     return art
 
 
 def evaluate(ws: Workspace, model_ref: str, data_ref: str, adapter_ref: str | None = None,
-             suite: Suite | str | Path | None = None, name: str | None = None, progress: bool = False,
+             suite: Suite | str | Path | None = None, name: str | None = None, progress: Progress | None = None,
              quantized_base: bool = True) -> Artifact:
     """Evaluate ``model_ref`` (and ``adapter_ref`` against it) on ``data_ref``; returns the eval_report."""
     return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress,

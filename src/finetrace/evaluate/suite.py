@@ -21,14 +21,13 @@ and forgetting on, no gates).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..canonical import canonical_json
-from ..errors import ConfigError
+from ..yamlfile import read_config, validate_model
 from .metrics import METRICS
 
 
@@ -109,46 +108,18 @@ class Suite(_Strict):
         return canonical_json(self.to_dict())
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Suite
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if model else None
-        ann = getattr(field, "annotation", None)
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return list(model.model_fields) if model else []
-
-
 def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None,
                 prefix: str = "") -> Suite:
-    """Validate a mapping as a suite; errors name the key (``prefix`` + key, with file and line when known)."""
-    try:
-        return Suite.model_validate(doc or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
-        if "[key]" in loc:  # a key that is not a name
-            loc = loc[:loc.index("[key]")]
-        key = ".".join(p for p in loc if not p.isdigit()) or "(root)"
-        line = (lines or {}).get(key)
-        field = prefix + key
-        hint = None
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], _fields_at(loc), n=1)
-            hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else \
-                f"valid keys here: {', '.join(_fields_at(loc))}"
-            raise ConfigError(f"unknown key '{field}'", file=source, line=line, field=field, hint=hint) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.80})", file=source, line=line, field=field,
-                          hint="see the suite keys in docs/config-reference.md") from None
+    """Validate a mapping as a suite; errors name the key (``prefix`` + key, with file and line when known).
+
+    ``lines`` are the dotted-key lines of ``source``, where the suite sits at ``prefix``."""
+    return validate_model(Suite, doc or {}, "suite", file=source, lines=lines, prefix=prefix,
+                          reference="see the suite keys in docs/config-reference.md")
 
 
 def load_suite(path: str | Path | None) -> Suite:
     """Read a suite YAML file; None gives the default suite."""
     if path is None:
         return Suite()
-    from ..yamlfile import load_yaml
-
-    doc, lines = load_yaml(path, "suite file", error=ConfigError)
-    if doc is not None and not isinstance(doc, dict):
-        raise ConfigError("a suite file is a mapping of keys (name, metrics, gates, ...)", file=str(path), line=1,
-                          hint="write one 'key: value' per line")
-    return parse_suite(doc or {}, str(path), lines)
+    doc, lines = read_config(path, "suite file")
+    return parse_suite(doc, str(path), lines)

@@ -36,7 +36,7 @@ def record_override(ledger: Ledger, adapter: str, by: str, reason: str) -> None:
     if not by.strip() or not reason.strip():
         raise InputError("an override needs the name of the person taking responsibility and a reason",
                          hint="--as 'Full Name' --reason '...'")
-    ledger.append("gate.override", {"adapter": adapter, "by": by, "reason": reason}, who=by)
+    ledger.append("gate.override", {"adapter": adapter, "by": by, "reason": reason}, who=by, seal=True)
 
 
 def clearance(ledger: Ledger, adapter: str) -> Clearance:

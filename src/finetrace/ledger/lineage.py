@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..errors import NotFoundError
 from .log import Ledger
 
 
@@ -25,7 +26,7 @@ def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 5
             try:
                 a = ledger.artifact(d)
                 artifacts[d] = {"kind": a.kind, "ref": a.ref, "aliases": a.aliases}
-            except Exception:
+            except NotFoundError:
                 artifacts[d] = {"kind": "unrecorded", "ref": d, "aliases": []}
 
     def add_run(rid: str) -> dict:
@@ -36,6 +37,8 @@ def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 5
         return runs[rid]
 
     add_artifact(digest)
+    # The upward walk (producer runs, their inputs) and the downward walk below (consumer runs, their
+    # outputs) are deliberate mirror images of each other; each is kept readable on its own.
     if direction in ("up", "both"):
         queue, seen = deque([(digest, 0)]), {digest}
         while queue:

@@ -180,6 +180,7 @@ class Ledger:
         self.keys = keys
         self.witness = self.path.parent / "witness.json"
         self.external_witness: Path | None = None  # set by the workspace (see witness.py)
+        self.key_loader: Callable[[], Any] | None = None  # set by the workspace: loads ``keys`` on first use
         self._conn: sqlite3.Connection | None = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -246,10 +247,20 @@ class Ledger:
 
     # -- the log ------------------------------------------------------------------------------
     def append(self, type: str, data: dict | Callable[[sqlite3.Connection], dict],
-               who: str | None = None) -> Entry:
-        """Append one event. ``data`` may be a function of the locked connection (to number versions)."""
+               who: str | None = None, seal: bool = False) -> Entry:
+        """Append one event. ``data`` may be a function of the locked connection (to number versions).
+        ``seal``: sign a checkpoint at once (an event outside any run; runs seal when they end)."""
         with self._tx() as conn:
-            return self._append_locked(conn, type, data, who)
+            entry = self._append_locked(conn, type, data, who)
+        if seal:
+            self.seal()
+        return entry
+
+    def seal(self) -> Checkpoint | None:
+        """Sign a checkpoint now (loading the key if need be; None without one). Every run ends with it."""
+        if self.keys is None and self.key_loader is not None:
+            self.key_loader()
+        return self.checkpoint() if self.keys is not None else None
 
     def append_many(self, type: str, datas: list[dict], who: str | None = None) -> list[Entry]:
         """Append several events of one type in one transaction (all or none)."""
@@ -459,7 +470,8 @@ class Ledger:
     @contextlib.contextmanager
     def run(self, kind: str, config: dict, inputs: list[str] = (), seed: int | None = None,
             environment_extra: dict | None = None) -> Iterator[RunRecorder]:
-        """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit.
+        """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit,
+        then a signed checkpoint covering the whole run (:meth:`seal`).
 
             with ledger.run("train", config=cfg, inputs=[base, data], seed=0) as run:
                 adapter = run.output("adapter", digest, name="legal-lora")
@@ -486,9 +498,14 @@ class Ledger:
                 traceback.format_exception_only(type(exc), exc)).strip()
             self.append("run.finished", {"id": rec.id, "status": status, "metrics": rec.metrics,
                                          "error": msg[:2000], "inputs": rec.late_inputs})
+            try:
+                self.seal()
+            except (FinetraceError, OSError, sqlite3.Error) as bad:  # the run's own error matters more
+                exc.add_note(f"finetrace: no checkpoint was signed after the failed run: {bad}")
             raise
         self.append("run.finished", {"id": rec.id, "status": "succeeded", "metrics": rec.metrics,
                                      "inputs": rec.late_inputs})
+        self.seal()
 
     def get_run(self, run_id: str) -> Run:
         row = self.conn.execute("SELECT id, kind, status, actor, config, environment, metrics, error, "

@@ -16,13 +16,12 @@ states the same list.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..canonical import DIGEST_RE
+from ..canonical import DIGEST_RE, sha256_file
 from ..errors import IntegrityError
 from . import merkle, witness
 from .log import Checkpoint, Ledger
@@ -230,11 +229,7 @@ def verify_reports(ws, report: VerifyReport) -> None:
             if not (DIGEST_RE.match(named) and ws.store.has(named)):
                 report.problems.append(f"{p.relative_to(ws.root)} names no folder in the store: it was edited")
             continue
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        if not ws.store.has("sha256:" + h.hexdigest()):
+        if not ws.store.has(sha256_file(p)):
             report.problems.append(f"{p.relative_to(ws.root)} is not a copy of anything in the store: it was "
                                    "edited after it was written (the verified originals are the document and "
                                    "eval_report artifacts: `finetrace show`)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..canonical import CHUNK, sha256_file
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
 from ..ledger import Artifact
+from ..ledger.adapter import adapter_record
 from ..ledger.clearance import clearance
 from ..ledger.signing import public_to_b64
 from ..workspace import Workspace
@@ -175,10 +176,12 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
         path = f"adapter/{e.path}"
         check_path(path)  # refuse files the registry would refuse, before anything is sent
         files[path] = ws.store.path(e.digest)
-    folder = ws.store.materialize(art.digest)
-    ameta = json.loads((folder / "finetrace_adapter.json").read_text("utf-8"))
-    base_digest = art.metadata.get("base_model") or ameta.get("base_model")
-    base_art = ws.ledger.artifact(base_digest)
+    rec = adapter_record(ws, art.digest)
+    ameta, base_digest, run = rec.meta, rec.base_digest, rec.run
+    if rec.base is None:
+        raise NotFoundError(f"{art.ref}: its base model {base_digest} is not recorded in this workspace",
+                            hint="acquire the base model it was trained on (`finetrace models add`)")
+    base_art = rec.base
     base_dir = ws.store.materialize(base_digest)
     eval_files, facts, eval_lineage = _eval_facts(ws, clr.report, art.digest)
     files.update(eval_files)
@@ -199,10 +202,9 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
         else:
             ext = Path(p).suffix[1:].lower() if Path(p).suffix[1:].lower() in DOCUMENT_EXTS else "md"
             files[f"documents/{kind}.{ext}"] = Path(p)
-    run = ws.ledger.get_run(art.run_id) if art.run_id else None
     lineage = {"adapter": art.digest, "adapter_ref": art.ref, "producer_run": run.id if run else None,
                "run_kind": run.kind if run else None, "base_model": base_digest, "base_model_ref": base_art.ref,
-               "dataset": ameta.get("dataset") or next((i for i in (run.inputs if run else []) if i != base_digest), None),
+               "dataset": ameta.get("dataset") or next((d.digest for d in rec.datasets), None),
                "dataset_ref": ameta.get("dataset_ref"), "parent": art.metadata.get("parent") or ameta.get("parent"),
                **eval_lineage}
     lineage = {k: v for k, v in lineage.items() if v is not None}
@@ -275,7 +277,6 @@ def publish(ws: Workspace, adapter_ref: str, target: str, registry: str, token: 
                        inputs=[pkg.manifest["adapter"]["digest"]]) as run:
         res = upload(pkg, registry, token)
         run.metrics.update({"uploaded_objects": res["uploaded"], "status": res["status"]})
-    ws.checkpoint()
     return res
 
 
@@ -398,7 +399,6 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
             except InputError:
                 pass  # the same bytes are already recorded as another kind of artifact here
         run.metrics["files"] = len(manifest["files"])
-    ws.checkpoint()
     return art
 
 

@@ -1,14 +1,13 @@
 """The registry's database: SQLAlchemy 2 models, named migrations, and full-text search.
 
 SQLite by default, PostgreSQL through a SQLAlchemy URL (``postgresql+psycopg://...``). Schema changes
-are *named migrations* applied in order and recorded in ``market_migrations`` (no Alembic: the first
-migration is ``create_all`` of the models below; later ones are plain functions). Full-text search uses
+are frozen, *named migrations* (``migrations.py``: the first is the first release's DDL written out, the
+later ones plain functions), applied in order and recorded in ``market_migrations``. Full-text search uses
 an FTS5 table on SQLite and, on PostgreSQL, a stored generated ``tsvector`` column with a GIN index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -29,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from .migrations import MIGRATIONS, PG_TSV_INDEX, add_column, migrate  # noqa: F401  (re-exported)
 
 
 def utcnow() -> datetime:
@@ -101,9 +102,11 @@ class Version(Base):
     yanked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     yanked_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     downloads: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # pulls of this version
+    # digest of adapter/adapter_model.safetensors: serving it is what counts a download (migration 007)
+    weights_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
     __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
                       Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
-                      Index("ix_versions_score", "score"))
+                      Index("ix_versions_score", "score"), Index("ix_versions_weights", "weights_digest"))
 
 
 class Metric(Base):
@@ -141,101 +144,16 @@ class Migration(Base):
     applied: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-# -- migrations ----------------------------------------------------------------------------------
-def _m001_schema(conn, dialect: str) -> None:
-    Base.metadata.create_all(conn)
-
-
-def _m002_fulltext(conn, dialect: str) -> None:
-    if dialect == "sqlite":
-        conn.execute(text("CREATE VIRTUAL TABLE IF NOT EXISTS versions_fts USING fts5(search_text, "
-                          "tokenize='porter unicode61')"))
-    elif dialect == "postgresql":
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_fts ON versions "
-                          "USING GIN (to_tsvector('english', search_text))"))
-
-
-def _m003_search_indexes(conn, dialect: str) -> None:
-    # search joins packages on their latest version: without this index the join is quadratic
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_packages_latest ON packages (latest_version_id)"))
-    # each sort order walks an index and stops after one page (ties broken by id, in the index too)
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_packages_downloads_id ON packages (downloads, id)"))
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_id ON versions (score, id)"))
-
-
-PG_TSV_INDEX = "CREATE INDEX IF NOT EXISTS ix_versions_tsv ON versions USING GIN (search_tsv)"
-
-
-def _m004_pg_stored_tsvector(conn, dialect: str) -> None:
-    # ranking needs each match's tsvector: store it (generated column) instead of re-parsing the text
-    if dialect == "postgresql":
-        conn.execute(text("ALTER TABLE versions ADD COLUMN IF NOT EXISTS search_tsv tsvector "
-                          "GENERATED ALWAYS AS (to_tsvector('english', search_text)) STORED"))
-        conn.execute(text(PG_TSV_INDEX))
-        conn.execute(text("DROP INDEX IF EXISTS ix_versions_fts"))
-
-
-def add_column(conn, dialect: str, table: str, name: str, ddl: str) -> None:
-    """``ALTER TABLE table ADD COLUMN name ddl`` unless the column exists (a database created by
-    ``001_schema`` from today's models already has it; one created by an older release does not)."""
-    if dialect == "sqlite":
-        have = {r[1] for r in conn.execute(text(f"PRAGMA table_info({table})"))}
-    else:
-        have = {r[0] for r in conn.execute(text("SELECT column_name FROM information_schema.columns "
-                                                 "WHERE table_name = :t"), {"t": table})}
-    if name not in have:
-        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
-
-
-def _m005_search_at_scale(conn, dialect: str) -> None:
-    # the verified filter: a flag per version, filled from the badge (search.fill_verified) through a
-    # partial index of the rows still lacking it
-    add_column(conn, dialect, "versions", "verified", "BOOLEAN")
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_unverified ON versions (id) WHERE verified IS NULL"))
-    if dialect == "postgresql":
-        # "score DESC NULLS LAST" cannot walk an ascending (score, id) index backwards (NULLs would come
-        # first): without this index a score sort reads every match and sorts it
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_score_desc ON versions "
-                          "(score DESC NULLS LAST, id DESC)"))
-        conn.execute(text("ANALYZE versions"))
-
-
-def _m006_yank_and_version_downloads(conn, dialect: str) -> None:
-    add_column(conn, dialect, "versions", "yanked", "BOOLEAN NOT NULL DEFAULT false")
-    add_column(conn, dialect, "versions", "yanked_reason", "TEXT NOT NULL DEFAULT ''")
-    add_column(conn, dialect, "versions", "downloads", "BIGINT NOT NULL DEFAULT 0")
-    # versions of a package, newest first: the versions listing and re-pointing "latest" after a yank
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_versions_package_id ON versions (package_id, id)"))
-
-
-MIGRATIONS: list[tuple[str, Callable]] = [("001_schema", _m001_schema), ("002_fulltext", _m002_fulltext),
-                                          ("003_search_indexes", _m003_search_indexes),
-                                          ("004_pg_stored_tsvector", _m004_pg_stored_tsvector),
-                                          ("005_search_at_scale", _m005_search_at_scale),
-                                          ("006_yank_and_version_downloads", _m006_yank_and_version_downloads)]
-
-
-def migrate(engine: Engine) -> list[str]:
-    """Apply the named migrations not yet recorded; returns the names applied now."""
-    applied = []
-    with engine.begin() as conn:
-        Migration.__table__.create(conn, checkfirst=True)
-        done = {r[0] for r in conn.execute(text("SELECT name FROM market_migrations"))}
-    for name, fn in MIGRATIONS:
-        if name in done:
-            continue
-        with engine.begin() as conn:
-            fn(conn, engine.dialect.name)
-            conn.execute(Migration.__table__.insert().values(name=name, applied=utcnow()))
-        applied.append(name)
-    return applied
-
-
 def connect(url: str) -> tuple[Engine, sessionmaker]:
     """An engine (migrated) and a session factory for ``url``."""
     kwargs: dict = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif url.startswith("postgresql"):
+        # psycopg prepares a statement run 5 times; PostgreSQL may then reuse one generic plan for every
+        # value, and a search plan depends on the values (a rare word wants the GIN index, a frequent one a
+        # walk of the sort order's index): plan each execution for its own values
+        kwargs["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")

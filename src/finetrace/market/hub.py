@@ -206,7 +206,6 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
             except InputError:
                 pass  # the same bytes are already recorded here as another kind of artifact
         facts["documents"] = docs
-    ws.checkpoint()
     return art, facts
 
 

@@ -4,6 +4,9 @@ registry's ledger (``STORE/ledger/ledger.db``, the same RFC 6962 Merkle log as a
 the registry's own key), so an operator cannot remove a yank or a purge without it showing.
 
     versions(reg, ns, name)                       every version, newest first, with yanked and downloads
+    count_download(reg, digest)                   serving an adapter's weights counts one download of its
+                                                  version (a client fetches them only after its own checks:
+                                                  a refused pull counts nothing)
     yank(reg, token, "ns/name@1.0", reason)        the version stays served and verifiable by exact
                                                    version; "latest" (search, default pull) skips it
     gc_staging(reg, max_age_s)                     uploads never committed within the deadline are removed
@@ -40,6 +43,20 @@ def registry_ledger(reg) -> Ledger:
         led = Ledger(path, keys).open() if path.is_file() else Ledger.create(path, keys)
         reg._ledger = led
     return led
+
+
+def count_download(reg, digest: str) -> bool:
+    """Count one download of the version whose weights are ``digest`` (and of its package); False when the
+    object is no version's weights. Weights published twice count for the newest version holding them."""
+    V = db.Version
+    with reg.Session.begin() as s:
+        v = s.scalar(select(V).where(V.weights_digest == digest).order_by(V.yanked, V.id.desc()).limit(1))
+        if v is None:
+            return False
+        v.downloads = (v.downloads or 0) + 1
+        pkg = s.get(db.Package, v.package_id)
+        pkg.downloads = (pkg.downloads or 0) + 1
+    return True
 
 
 def versions(reg, ns: str, name: str) -> list[dict]:

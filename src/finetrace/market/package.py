@@ -20,12 +20,13 @@ import re
 from ..canonical import canonical_json, sha256_bytes
 from ..errors import IntegrityError
 from ..ledger import merkle
+from ..ledger.dsse import IN_TOTO, open_envelope, sign_envelope
 from ..ledger.log import Checkpoint
 from ..ledger.signing import KeyPair, key_id, public_from_b64, verify_signature
 from .checks import REQUIRED_DOCUMENTS, REQUIRED_FILES, Refused, check_path, refuse
 
 FORMAT = "finetrace-package/1"
-DSSE_TYPE = "application/vnd.in-toto+json"
+DSSE_TYPE = IN_TOTO
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")     # fullmatch: ASCII only, so no Unicode look-alikes
 VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}")
 # Licences a buyer may use without an explicit acceptance step (SPDX ids of common open licences).
@@ -62,12 +63,6 @@ def license_needs_acceptance(lic: dict) -> bool:
 
 
 # -- DSSE attestations ---------------------------------------------------------------------------
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE pre-authentication encoding (DSSE v1 protocol)."""
-    t = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
-
-
 def adapter_files(manifest: dict) -> list[dict]:
     """The adapter folder as the manifest lists it: ``[{"path" (inside adapter/), "size", "digest"}]``."""
     return [{"path": f["path"][len("adapter/"):], "size": f["size"], "digest": f["digest"]}
@@ -102,34 +97,20 @@ def make_attestation(keys: KeyPair, manifest_files: list[dict], predicate: dict,
     statement = {"_type": "https://in-toto.io/Statement/v1",
                  "subject": [{"name": n, "digest": {"sha256": d}} for n, d in sorted(subjects.items())],
                  "predicateType": predicate_type, "predicate": predicate}
-    payload = canonical_json(statement)
-    return {"payloadType": DSSE_TYPE, "payload": base64.b64encode(payload).decode(),
-            "signatures": [{"keyid": keys.key_id, "sig": keys.sign(pae(DSSE_TYPE, payload))}]}
+    return sign_envelope(canonical_json(statement), keys, DSSE_TYPE)
 
 
 def verify_attestation(envelope: dict, public_key_b64: str, manifest: dict) -> None:
-    """The envelope is signed by the publisher's key, its subjects are exactly the adapter files of the
-    manifest (``attestation_subjects``), and an adapter digest it names is the manifest's."""
+    """The envelope is signed by the publisher's key with type in-toto (``ledger/dsse.py``), its subjects
+    are exactly the adapter files of the manifest (``attestation_subjects``), and an adapter digest it
+    names is the manifest's."""
+    what = "attestation/attestation.dsse.json"
+    payload = open_envelope(envelope, public_from_b64(public_key_b64), DSSE_TYPE, what=what)
     try:
-        payload = base64.b64decode(envelope["payload"], validate=True)
-        ptype = envelope["payloadType"]
-        sigs = envelope["signatures"]
         statement = json.loads(payload)
         subjects = {s["name"]: s["digest"]["sha256"] for s in statement.get("subject") or []}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise IntegrityError(f"attestation/attestation.dsse.json is not a DSSE envelope of an in-toto "
-                             f"statement: {exc}") from None
-    pub = public_from_b64(public_key_b64)
-    ok = False
-    for s in sigs if isinstance(sigs, list) else []:
-        try:
-            verify_signature(pub, pae(ptype, payload), s["sig"], "attestation")
-            ok = True
-            break
-        except (IntegrityError, KeyError, TypeError):
-            continue
-    if not ok:
-        raise IntegrityError("attestation/attestation.dsse.json: no signature by the publisher's key verifies")
+        raise IntegrityError(f"{what} is not a DSSE envelope of an in-toto statement: {exc}") from None
     want = attestation_subjects(manifest)
     if subjects != want:
         diff = sorted(set(subjects.items()) ^ set(want.items()))

@@ -33,6 +33,7 @@ from ..errors import FinetraceError, IntegrityError, NotFoundError
 from ..store import ObjectStore
 from . import db
 from .checks import Limits, Refused, check_adapter, check_file, refuse
+from .migrations import WEIGHTS
 from .names import confusable_with
 from .package import check_shape, documents_present, manifest_digest, parse_ref, verify, verify_attestation
 
@@ -365,7 +366,8 @@ class Registry:
                                base_name=m["base_model"].get("name", ""), base_digest=m["base_model"]["digest"],
                                domains=_csv(m.get("domain")), tasks=_csv(m.get("task")),
                                score=metrics.get(primary) if primary else None, search_text=search_text,
-                               publisher=acct.name)
+                               publisher=acct.name, weights_digest=next(
+                                   (f["digest"] for f in m["files"] if f["path"] == WEIGHTS), None))
                 s.add(v)
                 s.flush()
                 for k, val in metrics.items():
@@ -405,12 +407,11 @@ class Registry:
             raise NotFoundError(f"no package {ns}/{name}" + (f"@{version}" if version else ""))
         return row
 
-    def version(self, ns: str, name: str, version: str | None = None, count_download: bool = False) -> dict:
-        with self.Session.begin() as s:
+    def version(self, ns: str, name: str, version: str | None = None) -> dict:
+        """A version (the latest not yanked without ``version``): manifest, signature and facts. Reading it
+        counts no download: serving its weights does (``lifecycle.count_download``)."""
+        with self.Session() as s:
             v, p = self._version_row(s, ns, name, version)
-            if count_download:
-                p.downloads = (p.downloads or 0) + 1
-                v.downloads = (v.downloads or 0) + 1  # per version too (lifecycle.versions)
             versions = [r[0] for r in s.execute(select(db.Version.version).where(db.Version.package_id == p.id)
                                                  .order_by(db.Version.id))]
             return {"ref": v.ref, "namespace": ns, "name": name, "version": v.version, "digest": v.manifest_digest,

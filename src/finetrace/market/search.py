@@ -21,10 +21,24 @@ plan for a query (tests assert it uses the indexes).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 
-from sqlalchemy import Integer, and_, exists, func, literal_column, or_, select, table, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    table,
+    tuple_,
+)
 
 from . import db
 from .checks import Refused
@@ -59,66 +73,116 @@ def decode_cursor(cursor: str, sort: str) -> list:
                       hint="pass the `next` value of the previous page, with the same query and sort") from None
 
 
-def _filters(dialect: str, domain, task, base, license, min_metric, verified) -> list:
+OPS = (">=", ">", "<=", "<", "=")
+
+
+def _plan(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
+          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
+          dense: bool = False) -> tuple[tuple, dict, str, int]:
+    """(shape, bound values, sort, limit) of a search: the shape decides the SQL (one statement per shape,
+    built once: ``_compose``), the values are bound to it. Raises ``Refused`` on a bad sort, filter or cursor."""
+    sort = sort or ("relevance" if query.strip() else "recent")
+    if sort not in SORTS:
+        raise Refused(f"unknown sort {sort!r}", field="sort", hint="downloads, recent, score or relevance")
+    limit = max(1, min(int(limit), 100))
+    terms = re.findall(r"\w+", query.lower())
+    if sort == "relevance" and (not terms or dialect not in ("sqlite", "postgresql")):
+        sort = "recent"  # nothing to rank by
+    values: dict = {"lim": limit + 1}
+    base_kind = None
+    if domain:
+        values["domain"] = f"%,{domain.strip().lower()},%"
+    if task:
+        values["task"] = f"%,{task.strip().lower()},%"
+    if base:
+        values["base_name"] = base
+        base_kind = "name"
+        if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", base):
+            values["base_like"], base_kind = f"sha256:{base.split(':')[-1]}%", "digest"
+    if license:
+        values["license"] = license
+    ops = []
+    for i, cond in enumerate(min_metric or ()):
+        name, op, value = parse_metric_filter(cond)
+        ops.append(op)
+        values[f"m{i}_name"], values[f"m{i}_value"] = name, value
+    if terms:
+        if dialect == "sqlite":
+            values["match"] = " ".join(f'"{t}"*' for t in terms)
+        elif dialect == "postgresql":
+            values["tsq"] = " & ".join(f"{t}:*" for t in terms)
+        else:
+            values.update({f"t{i}": f"%{t}%" for i, t in enumerate(terms)})
+    after_kind = None
+    if cursor:
+        after = decode_cursor(cursor, sort)
+        values.update({f"a{i}": v for i, v in enumerate(after)})
+        after_kind = "null_score" if sort == "score" and after[0] is None else "after"
+    use_offset = bool(offset) and not cursor
+    if use_offset:
+        values["off"] = int(offset)
+        if sort == "relevance":
+            values["lim_page"] = limit + 1 + int(offset)
+    elif sort == "relevance":
+        values["lim_page"] = limit + 1
+    shape = (dialect, sort, len(terms) if dialect not in ("sqlite", "postgresql") else bool(terms), bool(domain),
+             bool(task), base_kind, bool(license), verified, tuple(ops), after_kind, use_offset,
+             bool(dense) and dialect == "sqlite")
+    return shape, values, sort, limit
+
+
+def _filters(shape: tuple) -> list:
+    _, _, _, domain, task, base_kind, license, verified, ops, *_ = shape
     V = db.Version
     conds = []
     if domain:
-        conds.append(V.domains.like(f"%,{domain.strip().lower()},%"))
+        conds.append(V.domains.like(bindparam("domain")))
     if task:
-        conds.append(V.tasks.like(f"%,{task.strip().lower()},%"))
-    if base:
-        if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", base):
-            conds.append(or_(V.base_digest.like(f"sha256:{base.split(':')[-1]}%"), V.base_name == base))
-        else:
-            conds.append(V.base_name == base)
+        conds.append(V.tasks.like(bindparam("task")))
+    if base_kind == "digest":
+        conds.append(or_(V.base_digest.like(bindparam("base_like")), V.base_name == bindparam("base_name")))
+    elif base_kind == "name":
+        conds.append(V.base_name == bindparam("base_name"))
     if license:
-        conds.append(V.license_id == license)
+        conds.append(V.license_id == bindparam("license"))
     if verified is not None:
         conds.append(V.verified.is_(True) if verified else or_(V.verified.is_(False), V.verified.is_(None)))
-    for cond in min_metric or ():
-        name, op, value = parse_metric_filter(cond)
-        col = db.Metric.value
+    for i, op in enumerate(ops):
+        col, value = db.Metric.value, bindparam(f"m{i}_value", type_=Float)
         cmp = {">=": col >= value, ">": col > value, "<=": col <= value, "<": col < value, "=": col == value}[op]
-        conds.append(exists().where(db.Metric.version_id == V.id, db.Metric.name == name, cmp))
+        conds.append(exists().where(db.Metric.version_id == V.id, db.Metric.name == bindparam(f"m{i}_name"), cmp))
     return conds
 
 
-def _text(dialect: str, query: str):
-    """(match condition, rank expression or None) for the words of ``query``; every word is a prefix."""
-    terms = re.findall(r"\w+", query.lower())
+def _text(shape: tuple):
+    """(match condition, rank expression or None) for the words of the query; every word is a prefix."""
+    dialect, terms = shape[0], shape[2]
     if not terms:
         return None, None
     V = db.Version
     if dialect == "sqlite":
         fts = literal_column("versions_fts")
-        match = " ".join(f'"{t}"*' for t in terms)
-        return fts.op("MATCH")(match), func.bm25(fts)
+        return fts.op("MATCH")(bindparam("match")), func.bm25(fts)
     if dialect == "postgresql":
-        tsq = func.to_tsquery("english", " & ".join(f"{t}:*" for t in terms))
+        tsq = func.to_tsquery("english", bindparam("tsq"))
         vec = literal_column("versions.search_tsv")  # stored tsvector (migration 004), GIN-indexed
         return vec.op("@@")(tsq), func.ts_rank(vec, tsq)
-    return and_(*[V.search_text.ilike(f"%{t}%") for t in terms]), None
+    return and_(*[V.search_text.ilike(bindparam(f"t{i}")) for i in range(terms)]), None
 
 
-def build(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
-          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
-          dense: bool = False):
-    """(SQL statement, sort, limit, cursor key of a row) for a search; see ``search``. ``dense``: on
-    SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a virtual table)."""
-    sort = sort or ("relevance" if query.strip() else "recent")
-    if sort not in SORTS:
-        raise Refused(f"unknown sort {sort!r}", field="sort", hint="downloads, recent, score or relevance")
-    limit = max(1, min(int(limit), 100))
+@functools.lru_cache(maxsize=512)
+def _compose(shape: tuple):
+    """The statement of a search shape (see ``_plan``), with its values as bind parameters."""
+    dialect, sort = shape[0], shape[1]
+    after_kind, use_offset, dense = shape[-3], shape[-2], shape[-1]
     V, P, N = db.Version, db.Package, db.Namespace
     cols = [V.ref, N.name, P.name, V.version, V.description, V.license_id, V.domains, V.tasks, V.base_name,
             V.base_digest, V.score, P.downloads, V.created, V.publisher, V.verified]
-    conds = _filters(dialect, domain, task, base, license, min_metric, verified)
-    match, rank = _text(dialect, query)
-    if sort == "relevance" and rank is None:
-        sort = "recent"  # nothing to rank by
-    after = decode_cursor(cursor, sort) if cursor else None
+    conds = _filters(shape)
+    match, rank = _text(shape)
+    a1 = bindparam("a1", type_=Integer)
     if sort == "relevance":
-        cand = select(V.id.label("id"), rank.label("rank")).join(P, P.latest_version_id == V.id)
+        cand = select(V.id.label("id"), P.id.label("pid"), rank.label("rank")).join(P, P.latest_version_id == V.id)
         if dialect == "sqlite":
             cand = cand.select_from(table("versions_fts")).where(literal_column("versions_fts.rowid") == V.id)
         # the column filters first: PostgreSQL evaluates equally cheap conditions in the order written, and
@@ -126,12 +190,15 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
         cand = cand.where(*conds, match).limit(CANDIDATES).subquery("cand")
         # bm25 is lower-is-better, ts_rank higher-is-better: order so that the best comes first
         key = cand.c.rank if dialect == "sqlite" else -cand.c.rank
-        q = (select(*cols, key.label("k"), V.id).select_from(cand).join(V, V.id == cand.c.id)
-             .join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id))
-        if after:
-            q = q.where(tuple_(key, V.id) > tuple_(*after))
-        q = q.order_by(key, V.id)
-        extra = lambda r: [r[-2], r[-1]]
+        # the page is cut from the candidates before any other table is read, and the rows of the page are
+        # then fetched by primary key (joining the candidates back on latest_version_id made PostgreSQL
+        # hash-join them against every package)
+        page = select(cand.c.id, cand.c.pid, key.label("k")).select_from(cand)
+        if after_kind:
+            page = page.where(tuple_(key, cand.c.id) > tuple_(bindparam("a0", type_=Float), a1))
+        page = page.order_by(key, cand.c.id).limit(bindparam("lim_page", type_=Integer)).subquery("page")
+        q = (select(*cols, page.c.k, V.id).select_from(page).join(V, V.id == page.c.id)
+             .join(P, P.id == page.c.pid).join(N, N.id == P.namespace_id).order_by(page.c.k, V.id))
     else:
         q = (select(*cols, P.id, V.id).join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id)
              .where(*conds))
@@ -145,26 +212,40 @@ def build(dialect: str, query: str = "", domain=None, task=None, base=None, lice
                 q = q.where(match)
         if sort == "downloads":
             q = q.order_by(P.downloads.desc(), P.id.desc())
-            if after:
-                q = q.where(tuple_(P.downloads, P.id) < tuple_(*after))
-            extra = lambda r: [r[11], r[-2]]
+            if after_kind:
+                q = q.where(tuple_(P.downloads, P.id) < tuple_(bindparam("a0", type_=BigInteger), a1))
         elif sort == "recent":  # version ids grow with commit time; the primary key is the index
             q = q.order_by(V.id.desc())
-            if after:
-                q = q.where(V.id < after[0])
-            extra = lambda r: [r[-1]]
+            if after_kind:
+                q = q.where(V.id < bindparam("a0", type_=Integer))
         else:
             # NULL scores last on both databases (SQLite sorts NULLs lowest, so DESC puts them last)
             q = q.order_by(V.score.desc() if dialect == "sqlite" else V.score.desc().nulls_last(), V.id.desc())
-            if after:
-                s, vid = after
-                q = q.where(or_(V.score.is_(None), V.score < s, and_(V.score == s, V.id < vid)) if s is not None
-                            else and_(V.score.is_(None), V.id < vid))
-            extra = lambda r: [r[10], r[-1]]
-    q = q.limit(limit + 1)
-    if offset and not cursor:
-        q = q.offset(int(offset))
-    return q, sort, limit, extra
+            s = bindparam("a0", type_=Float)
+            if after_kind == "after":
+                q = q.where(or_(V.score.is_(None), V.score < s, and_(V.score == s, V.id < a1)))
+            elif after_kind == "null_score":
+                q = q.where(and_(V.score.is_(None), V.id < a1))
+    q = q.limit(bindparam("lim", type_=Integer))
+    if use_offset:
+        q = q.offset(bindparam("off", type_=Integer))
+    return q
+
+
+# a row's cursor key, by sort: (rank, id), (downloads, package id), (version id), (score, id)
+CURSOR_KEY = {"relevance": lambda r: [r[-2], r[-1]], "downloads": lambda r: [r[11], r[-2]],
+              "recent": lambda r: [r[-1]], "score": lambda r: [r[10], r[-1]]}
+
+
+def build(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
+          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
+          dense: bool = False):
+    """(SQL statement, bound values, sort, limit, cursor key of a row) for a search; see ``search``.
+    ``dense``: on SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a
+    virtual table). The statement is built once per shape of query and reused with new values."""
+    shape, values, sort, limit = _plan(dialect, query, domain, task, base, license, min_metric, sort, limit,
+                                       offset, verified, cursor, dense)
+    return _compose(shape), values, sort, limit, CURSOR_KEY[sort]
 
 
 def search(reg, query: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
@@ -181,10 +262,10 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     if verified is not None:
         fill_verified(reg)
     dense = reg.dialect == "sqlite" and _dense(reg, query, sort)
-    q, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort, limit,
-                                  offset, verified, cursor, dense)
-    with reg.Session() as s:
-        rows = s.execute(q).all()
+    q, values, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort,
+                                          limit, offset, verified, cursor, dense)
+    with _reader(reg).connect() as conn:
+        rows = conn.execute(q, values).all()
     results = []
     for r in rows[:limit]:
         d = dict(zip(KEYS, r))
@@ -198,25 +279,38 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     return {"results": results, "more": more, "sort": sort, "next": nxt}
 
 
+def _reader(reg):
+    """The registry's engine for searches: Core (no ORM session) and autocommit, so that a search is one
+    round trip to the database (no BEGIN/ROLLBACK around its single read-only statement)."""
+    eng = getattr(reg, "_search_engine", None)
+    if eng is None:
+        eng = reg._search_engine = reg.engine.execution_options(isolation_level="AUTOCOMMIT")
+    return eng
+
+
 def _dense(reg, query: str, sort: str | None) -> bool:
     """Whether a SQLite text match has more than ``DENSE`` rows (counting stops there: bounded)."""
-    match, _ = _text("sqlite", query)
-    if match is None or (sort or "relevance") == "relevance":
+    terms = re.findall(r"\w+", query.lower())
+    if not terms or (sort or "relevance") == "relevance":
         return False
-    inner = select(literal_column("1")).select_from(table("versions_fts")).where(match).limit(DENSE + 1).subquery()
-    with reg.Session() as s:
-        return s.scalar(select(func.count()).select_from(inner)) > DENSE
+    match, _ = _text(("sqlite", None, True))
+    inner = (select(literal_column("1")).select_from(table("versions_fts")).where(match)
+             .limit(bindparam("lim", type_=Integer)).subquery())
+    values = {"match": " ".join(f'"{t}"*' for t in terms), "lim": DENSE + 1}
+    with _reader(reg).connect() as conn:
+        return conn.scalar(select(func.count()).select_from(inner), values) > DENSE
 
 
 def explain(reg, **query) -> str:
     """The database's query plan for ``search(reg, **query)``, as text (EXPLAIN QUERY PLAN / EXPLAIN)."""
     if reg.dialect == "sqlite":
         query.setdefault("dense", _dense(reg, query.get("query", ""), query.get("sort")))
-    q, *_ = build(reg.dialect, **query)
+    q, values, *_ = build(reg.dialect, **query)
     comp = q.compile(reg.engine)
+    bound = comp.construct_params(values)
     prefix = "EXPLAIN QUERY PLAN " if reg.dialect == "sqlite" else "EXPLAIN "
     with reg.engine.connect() as conn:
-        params = comp.params if reg.dialect != "sqlite" else tuple(comp.params[k] for k in comp.positiontup)
+        params = bound if reg.dialect != "sqlite" else tuple(bound[k] for k in comp.positiontup)
         rows = conn.exec_driver_sql(prefix + str(comp), params).all()
     return "\n".join(str(r[-1]) for r in rows)
 

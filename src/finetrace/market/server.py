@@ -5,8 +5,8 @@ API (JSON; errors are ``{"error", "hint"}`` with 401/403/404/409/422):
     POST /api/v1/uploads                              {manifest, signature} -> {status, upload, missing}
     PUT  /api/v1/uploads/{upload}/objects/{digest}    raw bytes (re-hashed, content-checked)
     POST /api/v1/uploads/{upload}/commit              -> {status: published|exists, ref, digest}
-    GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge (?pull=1 counts a download)
-    GET  /api/v1/objects/{digest}                     bytes of a committed object
+    GET  /api/v1/packages/{ns}/{name}[/{version}]     manifest, signature, badge
+    GET  /api/v1/objects/{digest}                     bytes of a committed object (an adapter's weights: a download)
     GET  /api/v1/versions/{ns}/{name}                 every version: yanked, downloads, latest
     POST /api/v1/packages/{ns}/{name}/{version}/yank  {reason, undo} (namespace owner)
     GET  /api/v1/search?q=&domain=&task=&base=&license=&min_metric=&verified=&sort=&limit=&cursor=
@@ -16,17 +16,17 @@ Web pages (server-rendered, no JavaScript): ``/`` search with filters, ``/p/{ns}
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
-import time
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..asgi import BackgroundServer as _BackgroundServer
+from ..asgi import bearer_token
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError
+from . import lifecycle
 from .checks import Refused
 from .registry import Registry, Settings
 
@@ -41,12 +41,6 @@ def _status(exc: FinetraceError) -> int:
     if isinstance(exc, (InputError, IntegrityError)):
         return 422
     return 500
-
-
-def _token(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
@@ -82,7 +76,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             raise InputError("the body must be JSON {manifest, signature}") from None
         if not isinstance(body, dict):
             raise InputError("the body must be JSON {manifest, signature}")
-        return reg.start_upload(_token(authorization), body.get("manifest"), body.get("signature"))
+        return reg.start_upload(bearer_token(authorization), body.get("manifest"), body.get("signature"))
 
     @app.put("/api/v1/uploads/{upload_id}/objects/{digest}")
     async def put_object(upload_id: str, digest: str, request: Request, authorization: Auth = None):
@@ -96,27 +90,29 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                     raise Refused(f"object {digest} is larger than the per-file cap of {cap} bytes")
                 spool.write(chunk)
             spool.seek(0)
-            return await run_in_threadpool(reg.put_object, _token(authorization), upload_id, digest, spool)
+            return await run_in_threadpool(reg.put_object, bearer_token(authorization), upload_id, digest, spool)
 
     @app.post("/api/v1/uploads/{upload_id}/commit")
     def commit(upload_id: str, authorization: Auth = None):
-        return reg.commit(_token(authorization), upload_id)
+        return reg.commit(bearer_token(authorization), upload_id)
 
     @app.get("/api/v1/packages/{ns}/{name}")
-    def latest(ns: str, name: str, pull: int = 0):
-        info = reg.version(ns, name, None, count_download=bool(pull))
+    def latest(ns: str, name: str, pull: int = 0):  # pull: sent by older clients, counts nothing now
+        info = reg.version(ns, name, None)
         info["badge"] = reg.badge(info)
         return info
 
     @app.get("/api/v1/packages/{ns}/{name}/{version}")
     def version(ns: str, name: str, version: str, pull: int = 0):
-        info = reg.version(ns, name, version, count_download=bool(pull))
+        info = reg.version(ns, name, version)
         info["badge"] = reg.badge(info)
         return info
 
     @app.get("/api/v1/objects/{digest}")
     def get_object(digest: str):
-        return FileResponse(reg.object_path(digest), media_type="application/octet-stream",
+        path = reg.object_path(digest)
+        lifecycle.count_download(reg, digest)  # a pull asks for the weights only once its own checks passed
+        return FileResponse(path, media_type="application/octet-stream",
                             headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/v1/search")
@@ -126,8 +122,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                cursor: str | None = None):
         return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
 
-    from . import lifecycle
-
     @app.get("/api/v1/versions/{ns}/{name}")
     def versions(ns: str, name: str):
         return {"package": f"{ns}/{name}", "versions": lifecycle.versions(reg, ns, name)}
@@ -135,7 +129,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     @app.post("/api/v1/packages/{ns}/{name}/{version}/yank")
     async def yank(ns: str, name: str, version: str, request: Request, authorization: Auth = None):
         body = await request.json() if await request.body() else {}
-        return lifecycle.yank(reg, _token(authorization), f"{ns}/{name}@{version}", str(body.get("reason", "")),
+        return lifecycle.yank(reg, bearer_token(authorization), f"{ns}/{name}@{version}", str(body.get("reason", "")),
                               undo=bool(body.get("undo")))
 
     lifecycle.gc_staging(reg)  # uploads abandoned while the registry was down
@@ -153,36 +147,15 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8700) -> None
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
-class BackgroundServer:
+class BackgroundServer(_BackgroundServer):
     """``with BackgroundServer(settings) as srv: srv.url`` — a real uvicorn on a free 127.0.0.1 port."""
+
+    what = "the registry server"
 
     def __init__(self, settings: Settings, registry: Registry | None = None):
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.app = create_app(settings, registry)
         self.registry: Registry = self.app.state.registry
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="finetrace-market", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the registry server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        self.sock.close()
+        super().__init__(uvicorn.Server(uvicorn.Config(self.app, log_level="warning")), name="finetrace-market",
+                         start_timeout=20, stop_timeout=20)

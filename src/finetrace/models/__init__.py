@@ -32,7 +32,6 @@ def add_folder(ws: Workspace, folder: str | Path, name: str, metadata: dict | No
     with ws.ledger.run("convert", config=config or {"source": "folder", "name": name}, inputs=list(inputs)) as run:
         digest = ws.store.put_dir(folder)
         art = run.output("base_model", digest, name=name, metadata=metadata or {})
-    ws.checkpoint()
     return art
 
 

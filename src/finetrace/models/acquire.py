@@ -183,5 +183,4 @@ def _record_base(ws: Workspace, kind: str, src: Path, name: str, metadata: dict,
         digest = ws.store.put_dir(src)
         art = run.output("base_model", digest, name=name, metadata=metadata)
         run.metrics.update(metrics or {})
-    ws.checkpoint()
     return art

@@ -6,11 +6,7 @@ Training records this fingerprint with the adapter; serving and pulling compare 
 
 from __future__ import annotations
 
-import hashlib
-
-
-def _sha(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+from ..canonical import sha256_bytes
 
 
 def text_identity(tokenizer) -> dict:
@@ -19,8 +15,8 @@ def text_identity(tokenizer) -> dict:
     vocab_text = "\n".join(f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda kv: kv[1]))
     template = getattr(tokenizer, "chat_template", None) or ""
     return {
-        "tokenizer_sha256": _sha(vocab_text),
-        "chat_template_sha256": _sha(template),
+        "tokenizer_sha256": sha256_bytes(vocab_text.encode("utf-8")),
+        "chat_template_sha256": sha256_bytes(template.encode("utf-8")),
         "eos_token": tokenizer.eos_token,
         "eos_token_id": tokenizer.eos_token_id,
     }

@@ -16,11 +16,11 @@ silently: deleting the workspace deletes the cache.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes, sha256_file
 from ..errors import NotFoundError
+from ..store import folder_digest
 from ..workspace import Workspace
 
 EVENT = "pipeline.stage"
@@ -34,13 +34,11 @@ def cache_key(stage: str, config: dict, inputs: dict[str, str]) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, or of a folder's (relative path, file digest) list."""
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(canonical_json([p.relative_to(path).as_posix(), sha256_file(p)]))
-        return "sha256:" + h.hexdigest()
-    return sha256_file(path)
+    """``sha256:<hex>`` of a file's bytes, or a folder's digest (``store.folder_digest``, the one rule).
+
+    Until 2026-12 a folder was hashed by a scheme of its own; cache keys are only compared, never
+    re-verified, so a key recorded under the old scheme simply misses once and the stage runs again."""
+    return folder_digest(path) if path.is_dir() else sha256_file(path)
 
 
 def _outputs_exist(ws: Workspace, outputs: dict) -> bool:

@@ -10,15 +10,14 @@ to the pipeline file. Errors name the file, line and key, and suggest the closes
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from .. import yamlfile
 from ..data.options import ImportOptions
 from ..errors import ConfigError
-from ..yamlfile import load_yaml
 
 STAGES = ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
 
@@ -115,14 +114,7 @@ class PipelineConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from ..errors import InputError
-        from ..ledger.log import check_name
-
-        try:  # a ValueError, so the error names this file, line and key
-            check_name(v)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return yamlfile.artifact_name(v)
 
     # set by load_pipeline: the folder that relative paths are resolved against
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -142,11 +134,8 @@ class PipelineConfig(_Strict):
         """The train keys: the ``config`` file's keys, then inline keys over them (no base_model/dataset)."""
         doc: dict = {}
         if self.train.config:
-            p = self.path(self.train.config)
-            doc = load_yaml(p, "train config (train.config)", error=ConfigError,
-                            missing_hint="give a path relative to the pipeline file")[0] or {}
-            if not isinstance(doc, dict):
-                raise ConfigError("a train config must be a mapping of key: value", file=str(p))
+            doc = yamlfile.read_config(self.path(self.train.config), "train config (train.config)",
+                                       missing_hint="give a path relative to the pipeline file")[0]
         doc.update({k: v for k, v in (self.train.model_extra or {}).items()})
         for k in ("base_model", "dataset"):
             if k in doc:
@@ -156,86 +145,42 @@ class PipelineConfig(_Strict):
         return doc
 
 
-def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, info in model.model_fields.items():
-        key = info.alias or name
-        out.append(prefix + key)
-        ann = info.annotation
-        for cand in getattr(ann, "__args__", (ann,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                out += _keys(cand, prefix + key + ".")
-    return out
-
-
 def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str, int] | None = None):
     """Check the train keys now (with placeholder model/data), so a typo fails before anything runs."""
-    from ..train import TrainConfig
+    from ..train.config import ALIASES, TrainConfig
 
     doc = {**cfg.train_doc(), "base_model": "sha256:" + "0" * 64, "dataset": "placeholder"}
-    try:
-        return TrainConfig.model_validate(doc)
-    except ValidationError as exc:
-        errs = exc.errors()
-        err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
-        from ..train.config import loc_key
 
-        key = loc_key(err["loc"])
-        hint = "see docs/config-reference.md (train config)"
-        if err["type"] == "extra_forbidden":
-            from ..train.config import suggest
-
-            hint = suggest(key).replace("did you mean '", "did you mean 'train.")
+    def locate(key: str) -> tuple[str | None, int | None, str]:
         inline = key.split(".")[0] in (cfg.train.model_extra or {})
         if not inline and cfg.train.config:  # the key came from the train config file: name that file
             tfile = cfg.path(cfg.train.config)
-            where = {"file": str(tfile), "line": load_yaml(tfile, "train config")[1].get(key), "field": key}
-        else:
-            where = {"file": file, "line": (lines or {}).get(f"train.{key}"), "field": f"train.{key}"}
-        raise ConfigError(("unknown key" if err["type"] == "extra_forbidden" else
-                           f"{err['msg']} (got {err.get('input')!r})"), hint=hint, **where) from None
+            return str(tfile), yamlfile.read_config(tfile, "train config")[1].get(key), key
+        return file, (lines or {}).get(f"train.{key}"), f"train.{key}"
+
+    return yamlfile.validate_model(TrainConfig, doc, "train config", prefix="train.", locate=locate,
+                                   reference="see docs/config-reference.md (train config)", aliases=ALIASES)
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML file; errors name the file, line and key."""
     p = Path(path)
-    doc, lines = load_yaml(p, "pipeline file", error=ConfigError,
-                           missing_hint="give the path of a pipeline YAML, e.g. examples/clauses/pipeline.yaml")
+    doc, lines = yamlfile.read_config(p, "pipeline file", missing_hint="give the path of a pipeline YAML, "
+                                      "e.g. examples/clauses/pipeline.yaml")
     cfg = parse_pipeline(doc, file=str(p), lines=lines)
     cfg._base_dir = p.resolve().parent
     validate_train(cfg, str(p), lines)
     if isinstance(cfg.evaluate.suite, dict):  # an inline suite is checked now, not after training
         from ..evaluate.suite import parse_suite
 
-        parse_suite(cfg.evaluate.suite, str(p), {k[len("evaluate.suite."):]: v for k, v in lines.items()
-                                                 if k.startswith("evaluate.suite.")}, prefix="evaluate.suite.")
+        parse_suite(cfg.evaluate.suite, str(p), lines, prefix="evaluate.suite.")
     return cfg
 
 
 def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | None = None) -> PipelineConfig:
     """Validate a mapping as a pipeline config (errors name the key, with file and line when known)."""
-    lines = lines or {}
-    if not isinstance(doc, dict):
-        raise ConfigError("a pipeline must be a mapping of key: value", file=file, line=1 if file else None,
-                          hint="see docs/config-reference.md (pipeline)")
-    try:
-        return PipelineConfig.model_validate(doc)
-    except ValidationError as exc:
-        errs = exc.errors()
-        err = next((e for e in errs if e["type"] == "extra_forbidden"), errs[0])
-        from ..train.config import loc_key
-
-        key = loc_key(err["loc"], PipelineConfig)
-        where = {"file": file, "line": lines.get(key), "field": key}
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _keys(PipelineConfig), n=1, cutoff=0.5)
-            raise ConfigError("unknown key", hint=f"did you mean '{close[0]}'?" if close else
-                              "see docs/config-reference.md (pipeline)", **where) from None
-        if err["type"] == "missing":
-            raise ConfigError("required key is missing", hint="see docs/config-reference.md (pipeline)",
-                              **where) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})",
-                          hint="see docs/config-reference.md (pipeline)", **where) from None
+    return yamlfile.validate_model(PipelineConfig, doc, "pipeline", file=file, lines=lines,
+                                   reference="see docs/config-reference.md (pipeline)")
 
 
 def check_files(cfg: PipelineConfig) -> None:

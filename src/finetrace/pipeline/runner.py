@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FinetraceError
+from ..progress import Progress
 from ..workspace import Workspace
 from . import cache
 from .config import STAGES, PipelineConfig, check_files, load_pipeline
@@ -68,7 +69,7 @@ def _check_stages(names, what: str) -> list[str]:
 
 
 def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: list[str] = (),
-                 until: str | None = None, progress: bool = True,
+                 until: str | None = None, progress: Progress | None = None,
                  echo: Callable[[str], None] = print) -> PipelineResult:
     """Run ``pipeline`` (a YAML path or a loaded config) in ``ws``; return what each stage did.
 
@@ -121,10 +122,8 @@ def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: li
         except Exception:  # noqa: BLE001 - the summary is best effort; the original error matters
             pass
         exc.pipeline_result = result
-        ws.checkpoint()
         raise
     result.state, result.seconds = dict(ctx.state), time.monotonic() - t_start
-    ws.checkpoint()
     return result
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FinetraceError, InputError, NotFoundError
+from ..progress import Progress
 from ..workspace import Workspace
 from .config import PipelineConfig
 
@@ -31,7 +32,7 @@ class GateFailedError(FinetraceError):
 class Context:
     ws: Workspace
     cfg: PipelineConfig
-    progress: bool = True
+    progress: Progress | None = None    # a finetrace.progress callback (the CLI draws it)
     echo: Callable[[str], None] = print
     state: dict = field(default_factory=dict)   # stage outputs, as digests and small facts
 
@@ -365,7 +366,6 @@ def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
                                              "pipeline": ctx.cfg.name},
                            inputs=[ctx.state["base_model"], ctx.state["adapter"]]) as run:
             pass
-        ws.checkpoint()
         out = StageOutput({"artifacts": [], "deploy_run": run.id}, {"mode": "record"}, [run.id])
     else:
         out = _serve_and_ask(ctx, base_ref, adapter_ref)
@@ -405,7 +405,6 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     doc = resolve(ws, pid)  # after stop: the request log has been flushed
     for line in render(doc):
         ctx.echo(f"  {line}")
-    ws.checkpoint()
     train_run = ((doc.get("training_run") or doc.get("train_run") or {}) or {}).get("id")
     return StageOutput({"artifacts": [], "deploy_run": deploy_run, "provenance_id": pid, "answer": answer},
                        {"answer": answer, "provenance_id": pid, **({"train_run": train_run} if train_run else {})},

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..asgi import bearer_token
 from ..errors import FinetraceError
 from . import provenance
 from .engine import Engine
@@ -129,8 +130,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                                        "invalid_value", param), status_code=400)
 
     def _bearer(request: Request) -> str | None:
-        auth = request.headers.get("authorization", "")
-        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        return bearer_token(request.headers.get("authorization"))
 
     def require_key(request: Request) -> None:
         if not settings.api_keys:

@@ -47,8 +47,7 @@ def close_deploy(engine, interrupted: bool, error: BaseException | None) -> None
         conn = ws.ledger.conn  # bound the final writes: a locked ledger must not hold the exit
         conn.execute(f"PRAGMA busy_timeout={int(engine.settings.ledger_timeout_s * 1000)}")
         try:
-            engine._exit.__exit__(*exc_info)  # the ledger records interrupted / failed / succeeded
-            ws.checkpoint()
+            engine._exit.__exit__(*exc_info)  # the ledger records interrupted / failed / succeeded, and signs
         except Exception as exc:
             status = "interrupted" if interrupted else ("failed" if error is not None else "succeeded")
             spill(ws.ledger.path.parent, "run.finished", [{

@@ -24,6 +24,10 @@ The scheduler is iteration-level ("continuous") batching over a KV cache:
 - one decode step then runs all rows, each picks its token (greedy or seeded sampling), streams the
   new text to its request, and finished rows leave the batch (their cache rows are dropped).
 
+The forward is the decoder's (``decoding.Decoder.forward``): the lean Llama forward of
+``decoding/lean.py`` where it covers the model, the model's own forward otherwise; evaluation decodes
+through the same one.
+
 With left padding each row keeps its own position ids and attention mask, so a row's answer does not
 depend on what it was batched with (up to float rounding).
 """

@@ -80,6 +80,5 @@ def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval
         model_art = run.output("model", ws.store.put_dir(out), name=f"{art.name or 'adapter'}-merged",
                                metadata={"base_model": base.digest, "adapter": art.digest, "merged": True,
                                          **text_identity(tok)})
-    ws.checkpoint()
     return {"path": str(out), "digest": model_art.digest, "ref": model_art.ref, "adapter": art.digest,
             "base_model": base.digest, "run": run.id}

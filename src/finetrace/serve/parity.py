@@ -125,7 +125,6 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
                 res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
         run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
         run.event("parity.result", res.to_dict())
-    ws.checkpoint()
     return res
 
 

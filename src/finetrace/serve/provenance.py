@@ -17,8 +17,6 @@ All of it is covered by the ledger's Merkle root, so ``finetrace verify`` vouche
 
 from __future__ import annotations
 
-import json
-
 from ..errors import NotFoundError
 from ..ledger import lineage
 from ..ledger.clearance import clearance
@@ -44,12 +42,9 @@ def _artifact(ws: Workspace, digest: str | None) -> dict | None:
 
 
 def _datasheet(ws: Workspace, digest: str) -> dict | None:
-    try:
-        folder = ws.store.materialize(digest)
-    except Exception:
-        return None
-    sheet = folder / "datasheet.json"
-    return json.loads(sheet.read_text()) if sheet.is_file() else None
+    """The dataset's datasheet.json, re-hashed now. None only when there is none (or the dataset's objects
+    were purged by an erasure); a datasheet that fails its integrity check raises IntegrityError."""
+    return ws.store.member_json(digest, "datasheet.json")
 
 
 def _mentions(data: dict, digest: str) -> bool:

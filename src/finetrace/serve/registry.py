@@ -5,7 +5,11 @@ An adapter is served only when all of these hold (each failure is a ``Deployment
 - it is an ``adapter`` artifact recorded in this workspace, and its folder re-hashes to its digest
   (``store.materialize`` verifies every file) and holds ``adapter_model.safetensors`` (no pickle);
 - its recorded ``base_model`` digest is the running base's digest;
-- its recorded text identity (tokenizer, chat template, end-of-turn token) matches the running base;
+- its recorded text identity (tokenizer, chat template, end-of-turn token) matches the running base, and
+  any tokenizer file or chat template in its folder is the base's known-good one
+  (``models.template_check``, the marketplace's rule too); a difference is refused with the difference
+  shown, unless the caller allows it explicitly (``allow_template_change``; nothing an adapter's own
+  metadata says allows it);
 - its eval gates passed, or failed with a recorded override. An adapter with no verdict at all
   ("unevaluated") is served with a warning in the log, or refused when ``require_eval`` is set.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 from ..errors import FinetraceError
 from ..ledger import Artifact
 from ..ledger.clearance import Clearance, clearance
-from ..models.identity import mismatches
+from ..models import template_check
 from ..workspace import Workspace
 
 log = logging.getLogger("finetrace.serve")
@@ -62,8 +66,10 @@ def recorded_identity(meta: dict, folder: Path | None = None) -> dict:
 
 
 def check_adapter(ws: Workspace, ref: str, base: Artifact, base_identity: dict,
-                  require_eval: bool = False) -> AdapterInfo:
-    """Resolve ``ref`` (NAME, NAME@V or digest) to a verified adapter servable on ``base``, or refuse."""
+                  require_eval: bool = False, allow_template_change: bool = False) -> AdapterInfo:
+    """Resolve ``ref`` (NAME, NAME@V or digest) to a verified adapter servable on ``base``, or refuse.
+    ``allow_template_change``: serve it although its tokenizer or chat template differs from the base's
+    (logged with the difference)."""
     art = ws.ledger.resolve(ref, kind="adapter")
     folder = ws.store.materialize(art.digest)
     if not (folder / "adapter_model.safetensors").is_file() or not (folder / "adapter_config.json").is_file():
@@ -79,10 +85,14 @@ def check_adapter(ws: Workspace, ref: str, base: Artifact, base_identity: dict,
     if not expected:
         raise DeploymentRefused(f"adapter {art.ref} records no tokenizer/chat-template identity",
                                 hint="retrain it with this finetrace, which records the identity")
-    bad = mismatches(expected, base_identity)
-    if bad:
-        raise DeploymentRefused(f"adapter {art.ref} does not match the running base's {', '.join(bad)}",
-                                hint="the tokenizer or chat template changed since training; retrain the adapter")
+    diffs = template_check.check_serving(
+        folder, template_check.base_files(ws.store, base.digest), expected, base_identity, allow=allow_template_change,
+        what=f"adapter {art.ref} ({art.digest})", error=DeploymentRefused,
+        hint="retrain the adapter on this base, or, if the change is intended, allow it explicitly "
+             "(allow_template_change)")
+    if diffs:
+        log.warning("serving adapter %s (%s) with a tokenizer/chat template unlike the base's (allowed):\n%s",
+                    art.ref, art.digest, "\n".join(f"{d['file']}:\n{d['diff']}" for d in diffs))
     clear = clearance(ws.ledger, art.digest)
     if clear.status == "failed":
         raise DeploymentRefused(f"adapter {art.ref} is refused: {clear.detail}",

@@ -13,7 +13,6 @@ it: a request record is never dropped silently, and a sick ledger never keeps th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -23,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..atomic import write_text
-from ..canonical import canonical_json
+from ..canonical import canonical_json, sha256_bytes
 from ..ledger.log import Ledger, now
 
 log = logging.getLogger("finetrace.serve")
@@ -37,8 +36,8 @@ def request_event(req, deployment: str | None, base_digest: str, text: str, fini
     event = {"provenance_id": req.provenance_id, "deployment": deployment, "time": now(),
              "model": req.model, "base_model": base_digest, "adapter": req.adapter_digest,
              "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
-             "input_sha256": "sha256:" + hashlib.sha256(canonical_json(req.input_payload)).hexdigest(),
-             "output_sha256": "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest(),
+             "input_sha256": sha256_bytes(canonical_json(req.input_payload)),
+             "output_sha256": sha256_bytes(text.encode("utf-8")),
              "prompt_tokens": len(req.prompt_ids), "completion_tokens": n_out,
              "latency_ms": round(latency * 1000, 3), "finish_reason": finish,
              "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,

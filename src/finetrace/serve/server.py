@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
-import threading
-import time
 
 import uvicorn
 
+from ..asgi import BackgroundServer as _BackgroundServer
+from ..asgi import bind
 from ..errors import InputError
 from ..workspace import Workspace
 from .app import create_app
@@ -62,21 +61,6 @@ def _config(engine: Engine, settings: ServeSettings, log_level: str) -> uvicorn.
                           timeout_graceful_shutdown=settings.drain_s + 5)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv4 or IPv6); OSError when the address is not usable."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def serve(engine: Engine, settings: ServeSettings) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (see the module docstring for the shutdown)."""
     try:
@@ -97,41 +81,17 @@ def serve(engine: Engine, settings: ServeSettings) -> None:
         sock.close()
 
 
-class BackgroundServer:
+class BackgroundServer(_BackgroundServer):
     """``with BackgroundServer(engine, settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
     def __init__(self, engine: Engine, settings: ServeSettings | None = None):
         self.settings, self.engine = settings or engine.settings, engine
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.server = _Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="finetrace-uvicorn", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(_Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s),
+                         name="finetrace-uvicorn")
 
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
-
-    def start(self, timeout: float = 60) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 120) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:  # the block failed: so did the deployment (a Ctrl-C interrupted it)

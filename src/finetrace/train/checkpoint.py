@@ -20,7 +20,6 @@ No pickle anywhere: RNG states are serialised as plain numbers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import fsync_dir, write_bytes
-from ..canonical import canonical_json
+from ..canonical import canonical_json, sha256_file
 from ..debris import scratch_prefix
 from ..errors import ConfigError, IntegrityError, NotFoundError
 
@@ -68,10 +67,6 @@ def numpy_rng_state() -> list:
 
 def set_numpy_rng_state(state: list) -> None:
     np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4]))
-
-
-def _sha(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Checkpointer:
@@ -155,7 +150,7 @@ class Checkpointer:
             for name, data in files.items():
                 write_bytes(build / name, data)
             marker = {"format": FORMAT, "step": step,
-                      "files": {n: _sha(build / n) for n in sorted(files)}}
+                      "files": {n: sha256_file(build / n) for n in sorted(files)}}
             write_bytes(build / MARKER, canonical_json(marker))  # last: the folder is now complete
             final = self.folder / f"step-{step:08d}"
             if final.exists():
@@ -194,7 +189,7 @@ class Checkpointer:
             f = path / name
             if not f.is_file():
                 raise IntegrityError(f"checkpoint {path} is missing {name}", hint="delete it or resume from another")
-            if _sha(f) != digest:
+            if sha256_file(f) != digest:
                 raise IntegrityError(f"checkpoint file {f} is corrupt (its SHA-256 does not match {MARKER})",
                                      hint="delete that checkpoint folder to resume from an older one")
         try:

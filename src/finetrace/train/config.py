@@ -8,16 +8,15 @@ key is a ``ConfigError`` naming the key, the file and line where it was written,
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from .. import yamlfile
 from ..errors import ConfigError
 from ..tracking import TrackingParams
-from ..yamlfile import load_yaml
 
 METHODS = ("lora", "rslora", "dora", "full", "qlora")
 # Upper bounds: far beyond any sensible value, low enough that a typo (1e23) is refused, not run.
@@ -234,34 +233,16 @@ class TrainConfig(BaseModel):
     @field_validator("output_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from ..errors import InputError
-        from ..ledger.log import check_name
-
-        try:  # a ValueError, so the error names this file, line and key
-            check_name(v)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return yamlfile.artifact_name(v)
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _model_of(ann) -> type[BaseModel] | None:
-    """The config model behind an annotation (``X`` or ``X | None``), else None."""
-    for a in (ann, *getattr(ann, "__args__", ())):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-    return None
+REFERENCE = "run `finetrace train --print-config` for every key and its type"
 
 
 def field_names(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
     """Every valid dotted key."""
-    out = []
-    for name, info in model.model_fields.items():
-        out.append(prefix + name)
-        sub = _model_of(info.annotation)
-        if sub is not None:
-            out += field_names(sub, prefix + name + ".")
-    return out
+    return yamlfile.field_names(model, prefix)
 
 
 # Names users bring from other trainers (HF TrainingArguments, Axolotl, PEFT) -> ours.
@@ -282,15 +263,8 @@ ALIASES = {
 
 def suggest(key: str) -> str:
     """A hint naming the closest valid key."""
-    names = field_names()
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in ALIASES:
-        return f"did you mean '{ALIASES[leaf]}'?"
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if not close:  # compare the last part only ("lora.rank" -> "lora.r")
-        close = difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1] for n in names], n=1, cutoff=0.5)
-        close = [n for n in names if n.rsplit(".", 1)[-1] == close[0]][:1] if close else []
-    return f"did you mean '{close[0]}'?" if close else "run `finetrace train --print-config` for valid keys"
+    close = yamlfile.suggest_key(TrainConfig, key, ALIASES)
+    return f"did you mean '{close}'?" if close else "run `finetrace train --print-config` for valid keys"
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -322,51 +296,13 @@ def _set_dotted(doc: dict, key: str, value: Any) -> None:
 
 def build_config(doc: dict, *, file: str | None = None, lines: dict[str, int] | None = None) -> TrainConfig:
     """Validate a mapping; errors name the key (with file and line when known) and suggest a fix."""
-    lines = lines or {}
-    if not isinstance(doc, dict):
-        raise ConfigError("a training config must be a mapping of key: value", file=file)
-    try:
-        return TrainConfig.model_validate(doc)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = loc_key(err["loc"])
-        where = {"file": file, "line": lines.get(key), "field": key}
-        if err["type"] == "extra_forbidden":
-            raise ConfigError("unknown key", hint=suggest(key), **where) from None
-        if err["type"] == "missing":
-            raise ConfigError("required key is missing", hint=f"add '{key}: ...' "
-                              f"({_description(key)})", **where) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})", hint=_description(key) or
-                          "run `finetrace train --print-config` for every key and its type", **where) from None
+    return yamlfile.validate_model(TrainConfig, doc, "training config", file=file, lines=lines,
+                                   reference=REFERENCE, aliases=ALIASES)
 
 
 def loc_key(loc: tuple, model: type[BaseModel] | None = TrainConfig) -> str:
     """The dotted key a pydantic error location points at (list indices and union branches dropped)."""
-    parts: list[str] = []
-    if "[key]" in loc:  # a key that is not a name (a number, a list)
-        return ".".join(str(p) for p in loc[:loc.index("[key]")])
-    for p in loc:
-        if isinstance(p, int):
-            continue
-        if model is None:  # inside a plain field (a union branch, a list item): the field is the key
-            break
-        parts.append(str(p))
-        info = model.model_fields.get(str(p))
-        if info is None:  # an unknown key
-            break
-        model = _model_of(info.annotation)
-    return ".".join(parts) or "(root)"
-
-
-def _description(key: str) -> str:
-    model: type[BaseModel] | None = TrainConfig
-    info = None
-    for p in key.split("."):
-        info = model.model_fields.get(p) if model is not None else None
-        if info is None:
-            return ""
-        model = _model_of(info.annotation)
-    return info.description or ""
+    return yamlfile.loc_key(loc, model)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -376,11 +312,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     file = None
     if path is not None:
         file = str(path)
-        doc, lines = load_yaml(path, "train config", error=ConfigError)
-        doc = {} if doc is None else doc
-        if not isinstance(doc, dict):
-            raise ConfigError("a training config must be a mapping of key: value", file=file, line=1,
-                              hint="write one 'key: value' per line (finetrace train --print-config shows them)")
+        doc, lines = yamlfile.read_config(path, "train config")
     for item in overrides:
         key, value = parse_override(item)
         if key not in field_names():

@@ -29,6 +29,7 @@ from ..canonical import canonical_json, sha256_bytes
 from ..debris import scratch_prefix
 from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
+from ..progress import Progress, callback
 from ..workspace import Workspace
 from . import data as D
 from . import fsdp
@@ -126,27 +127,6 @@ class _Signals:
 
 def config_digest(resolved: dict) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in resolved.items() if k not in CADENCE_KEYS}))
-
-
-def _progress(enabled: bool, total: int, start: int):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
-    prog.start()
-    prog.add_task("", total=total, completed=start)
-    return prog
 
 
 @dataclass
@@ -336,7 +316,7 @@ def memory_plan(ws: Workspace, config: TrainConfig):
     return prepare(ws, config, World(0, int(__import__("os").environ.get("WORLD_SIZE", "1"))))[-1]
 
 
-def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bool = True) -> Artifact:
+def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Progress | None = None) -> Artifact:
     """Train ``config`` in workspace ``ws`` and record the adapter artifact and the run.
 
     Raises ConfigError/InputError for bad configs or data, IntegrityError for a corrupt checkpoint,
@@ -395,7 +375,9 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                                                  "quantization": method["quantization"]}) \
         if world.main else contextlib.nullcontext(None)
     with recording as run, _Signals() as sigs:
-        bar = _progress(progress and world.main, total, st.step)
+        bar = callback(progress) if world.main else None
+        if bar is not None:
+            bar("train", st.step, total, "")
         session_t0, session_tokens = time.perf_counter(), 0
         try:
             while st.step < total and not st.stopped_early:
@@ -410,16 +392,15 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                     best = _validate(lp, st, best)
                 if bar is not None:
                     tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
-                    bar.update(0, completed=st.step,
-                               description=f"loss {loss:.4f}{obj.progress(extra)}  {tps:,.0f} tok/s")
+                    bar("train", st.step, total, f"loss {loss:.4f}{obj.progress(extra)}  {tps:,.0f} tok/s")
                 if any_flag(sigs.received is not None, world):
                     lp.save(ckpt, st, best)
                     raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; resume with --resume")
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
                     lp.save(ckpt, st, best)
-        finally:
+        finally:  # the last step reached, also when a signal or an error ends the loop
             if bar is not None:
-                bar.stop()
+                bar("train", st.step, total, "")
 
         final_eval = _final(lp, best)  # on every process: FSDP's forward is a collective
         state = {n: fsdp.full(p.detach()) for n, p in weights.items()} if sharded else None
@@ -430,7 +411,6 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: bo
                       {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from,
                        "memory_plan": plan.to_json(), **measured_peak(device)})
     ckpt.clear()
-    ws.checkpoint()
     if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
         from ..tracking import track_run
 

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from ..asgi import bearer_token
 from ..audit.render import markdown_body, split_front_matter
 from ..errors import FinetraceError, InputError, NotFoundError
 from ..workspace import Workspace
@@ -84,8 +85,7 @@ def create_app(root: str | Path, token: str | None = None) -> FastAPI:
                 resp = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
                 resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
                 return resp
-            header = request.headers.get("authorization", "")
-            presented = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+            presented = bearer_token(request.headers.get("authorization")) or request.cookies.get(COOKIE, "")
             if not hmac.compare_digest(presented.encode(), token.encode()):
                 return page("error.html", 401, title="token needed",
                             error="this console needs its token: open the address `finetrace ui` printed "

@@ -10,39 +10,25 @@ Chromium dump the rendered DOM or take a PNG screenshot (used by the tests and
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..asgi import BackgroundServer
 from ..audit.render import CHROMIUM_FLAGS, chromium
 from ..errors import DependencyError
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 20.0) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free port of ``host``; yields the base URL, stops at exit."""
+def serve_in_thread(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port (``asgi.BackgroundServer``); yields the base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the console did not start on {host}:{port} within {timeout} s")
-        time.sleep(0.05)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
+    server = BackgroundServer(uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")),
+                              name="finetrace-console", start_timeout=timeout, stop_timeout=timeout)
+    server.what = "the console"
+    with server:
+        yield server.url
 
 
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:

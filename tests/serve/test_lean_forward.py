@@ -1,0 +1,124 @@
+"""The lean decode forward (decoding/lean.py) computes what the model's own forward computes: same logits,
+same tokens over mixed-adapter continuous batches with chunked prefill; anything it does not cover falls
+back to the model's forward; a PeftModel decoded without a selector runs its active adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetrace.decoding import BASE, Decoder, Seq, encode_chat
+from finetrace.decoding.lean import lean_forward
+from finetrace.decoding.lora import PeftMixed, adapter_selector
+
+PROMPTS = [[{"role": "user", "content": f"question {i} about {'river ' * (i % 5)}and {i * 7}"}] for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir):
+    """A PeftModel on the tiny base with adapters `alpha` and `beta` (LoRA on every projection, non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0), adapter_name="alpha"
+    )
+    peft.add_adapter("beta", LoraConfig(r=2, lora_alpha=4, target_modules=targets[:4], lora_dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return peft.eval(), tok
+
+
+def _decode(model, tok, sel, names, lean: bool, chunk: int = 7):
+    dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk)
+    if not lean:  # force the model's own forward
+        dec._lean_key, dec._lean = (model, sel), None
+    seqs = [Seq(encode_chat(tok, p), n, max_tokens=10) for p, n in zip(PROMPTS, names)]
+    dec.run(seqs)
+    return [s.ids for s in seqs], dec
+
+
+@pytest.mark.slow
+def test_lean_tokens_equal_the_model_forward_on_mixed_adapter_batches(two_adapters):
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
+    lean_ids, dec = _decode(model, tok, sel, names, lean=True)
+    assert dec.lean() is not None
+    hf_ids, _ = _decode(model, tok, sel, names, lean=False)
+    assert lean_ids == hf_ids
+    assert len({tuple(x) for x in lean_ids}) >= 3
+    on_a, _ = _decode(model, tok, sel, ["alpha"] * len(PROMPTS), lean=True)  # the adapter changes the answers
+    assert on_a != lean_ids
+
+
+def test_lean_logits_match_for_prefill_and_decode(two_adapters):
+    from finetrace.decoding.kvcache import slab_cache
+
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel)
+    lean = dec.lean()
+    rows = [encode_chat(tok, PROMPTS[i]) for i in (0, 3)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        sel.select(["alpha", "beta"])
+        c1, c2 = slab_cache(2), slab_cache(2)
+        got = lean.forward(ids, mask, pos, c1.layers)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=c2, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        nxt = got.argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        got = lean.forward(nxt, mask2, pos[:, -1:] + 1, c1.layers)
+        want = model(
+            input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, cache=c2, use_cache=True
+        ).logits[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_what_lean_does_not_cover_falls_back_to_the_model_forward(two_adapters, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = two_adapters
+    assert lean_forward(model, PeftMixed()) is None  # PEFT's mixed batches: its own forward
+    assert lean_forward(model, None) is None  # LoRA layers no selector drives
+    bare = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert lean_forward(bare, None) is not None
+    bare.model.layers[1].mlp.up_proj = torch.nn.Sequential(bare.model.layers[1].mlp.up_proj)
+    assert lean_forward(bare, None) is None  # a projection that is not a plain Linear
+
+
+def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    peft.eval()
+    prompt = encode_chat(tok, PROMPTS[2])
+    with torch.inference_mode():  # PEFT's own greedy loop, no cache: the reference
+        ids = list(prompt)
+        for _ in range(8):
+            ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    dec = Decoder(peft, tok, max_batch=1)
+    assert dec.lean() is not None
+    seq = Seq(prompt, max_tokens=8, normalise=False)
+    dec.run([seq])
+    assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
