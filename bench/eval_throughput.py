@@ -16,7 +16,8 @@ a tuned adapter: a random LoRA, r=8): the contender is ``evaluate.generation.sco
 prompt of both subjects in one call (each prompt's KV cache shared by its labels, batches mixing the
 two adapters through gathered LoRA); the baseline runs one forward per (subject, prompt, label) on the
 full prompt + label + end-of-turn sequence. JSON: ``label_examples_per_s``,
-``label_baseline_examples_per_s``, ``label_scoring_speedup``, ``identical_labels``.
+``label_baseline_examples_per_s``, ``label_scoring_speedup``, ``identical_labels``. The exit status is 1
+when the labels (or the generated outputs) are not identical to the baseline's.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = bench_labels(model, tok, args.label_n, args.batch_size) if args.label_n else {}
         if args.skip_generation:
             print(json.dumps({**extra, "model": args.model, "cpu_count": os.cpu_count()}))
-            return 0
+            return 0 if extra.get("identical_labels", True) else 1
         ps = prompts(args.n)
         eos = sorted(end_ids(tok, model))
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                       "model": args.model, "n": len(ps), "batch_size": args.batch_size,
                       "max_new_tokens": args.max_new_tokens, "baseline_new_tokens": new_tokens,
                       "cpu_count": os.cpu_count(), **extra}))
-    return 0
+    return 0 if same and extra.get("identical_labels", True) else 1
 
 
 if __name__ == "__main__":

@@ -56,14 +56,23 @@ def test_max_new_tokens_and_stop_strings(lm):
     assert G.cut_at_stop("abc\n\ndef###", ["###", "\n\n"]) == "abc"
 
 
-def test_label_scores_are_summed_logprobs_with_end_token(lm):
+SYSTEM = [{"role": "system", "content": "Route the support ticket of the customer to the right team."}]
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:4], [SYSTEM + p for p in PROMPTS[:5]]], ids=["plain", "shared-prefix"])
+def test_label_scores_are_summed_logprobs_with_end_token(lm, prompts):
+    """Also when the batch's common prefix (a system turn) is run once and its cache shared by the rows."""
     import torch
+
+    from finetrace.decoding.labels import MIN_SHARED, _shared_prefix
 
     model, tok = lm
     labels = ["billing", "technical", "account", "bill"]
-    preds, scores = G.score_labels(model, tok, PROMPTS[:4], labels, batch_size=5)
+    preds, scores = G.score_labels(model, tok, prompts, labels, batch_size=5)
+    rows = [tok(G.render(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert (_shared_prefix(rows) >= MIN_SHARED) == (prompts[0][0]["role"] == "system")
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    for p, row, pred in zip(PROMPTS[:4], scores, preds):
+    for p, row, pred in zip(prompts, scores, preds):
         prompt_ids = tok(G.render(tok, p), add_special_tokens=False)["input_ids"]
         for lab, got in zip(labels, row):
             cont = tok(lab, add_special_tokens=False)["input_ids"] + [end]

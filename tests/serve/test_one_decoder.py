@@ -135,3 +135,22 @@ def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated, c
     with pytest.raises(ParityRefused, match="min_serve_agreement"):
         parity_gate(served_ws, "alpha@2", None, 1.0, print)
     assert parity_gate(served_ws, "alpha@1", None, 1.0, print).exact
+
+
+def test_publish_is_refused_below_min_serve_agreement(served_ws, evaluated):
+    """alpha@2 (swapped under the evaluated name) given the evaluated report's passing verdict: publishing
+    it is refused by parity; alpha@1, the adapter evaluated, passes the same gate."""
+    from finetrace.ledger.clearance import record_verdict
+    from finetrace.market.client import build_package
+    from finetrace.serve.parity import ParityRefused, latest_parity, publish_gate
+
+    one = served_ws.ledger.resolve("alpha@1", kind="adapter")
+    two = served_ws.ledger.resolve("alpha@2", kind="adapter")   # made by the test above
+    report = served_ws.ledger.resolve("parity-eval", kind="eval_report").digest
+    record_verdict(served_ws.ledger, two.digest, report, True, [{"name": "accuracy", "value": 1.0, "threshold": 0.0,
+                                                                 "op": ">=", "passed": True}])
+    with pytest.raises(ParityRefused, match="min_serve_agreement 1"):
+        build_package(served_ws, "alpha@2", "acme/alpha@1.0.0", min_serve_agreement=1.0)
+    assert latest_parity(served_ws, two.digest)["agreement"] < 0.8
+    assert publish_gate(served_ws, one.digest, report)["exact"]
+    assert publish_gate(served_ws, two.digest, report, min_agreement=0.0)["agreement"] < 0.8   # an explicit floor

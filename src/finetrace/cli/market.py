@@ -86,6 +86,9 @@ def publish_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or dige
                 description: str = typer.Option("", "--description", help="One paragraph for buyers."),
                 document: list[str] = typer.Option([], "--document", help="KIND=PATH (model_card, annex_iv, ab2013)."),
                 attestation: str = typer.Option(None, "--attestation", help="DSSE envelope file."),
+                min_serve_agreement: float = typer.Option(
+                    None, "--min-serve-agreement", min=0.0, max=1.0,
+                    help="Refuse below this parity (served vs evaluated answers; default 1.0, token-exact)."),
                 json_out: bool = JSON_OPTION):
     """Sign and upload an adapter with its evidence (refused locally if gates or documents are missing)."""
     from pathlib import Path
@@ -97,7 +100,8 @@ def publish_cmd(adapter: str = typer.Argument(..., help="Adapter NAME@V (or dige
         raise InputError("a custom licence needs its terms", field="--license-terms")
     res = publish(open_workspace(), adapter, to, registry, token, license_id=license_id, license_terms=terms,
                   domain=domain, task=task, description=description,
-                  documents=_kv(document, "--document"), attestation=attestation)
+                  documents=_kv(document, "--document"), attestation=attestation,
+                  min_serve_agreement=min_serve_agreement)
     if json_out:
         emit_json(res)
     else:

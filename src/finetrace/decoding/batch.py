@@ -25,7 +25,7 @@ from .chat import end_ids, pad_id
 from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
-from .sampling import make_generator, pick_tokens, token_logprobs
+from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 
 BASE = "__base__"
@@ -46,6 +46,7 @@ class Seq:
     normalise: bool = True               # a chat answer: streamed and returned as normalise_answer(text)
     on_delta: Callable[[str], None] | None = None
     owner: object = None                 # the caller's request object
+    constraint: object = None            # a sampling.TokenConstraint (JSON schema): masks each step's tokens
     # progress
     ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -201,7 +202,8 @@ class Decoder:
 
     def _accept(self, rows: list[Seq], logits) -> list[Seq]:
         """Pick each row's next token, extend its text, finish rows; drop finished rows from the batch."""
-        toks = pick_tokens(logits, [r.temperature for r in rows], [r.top_p for r in rows], [r.gen for r in rows])
+        picked = constrain_logits(logits, [r.constraint for r in rows])
+        toks = pick_tokens(picked, [r.temperature for r in rows], [r.top_p for r in rows], [r.gen for r in rows])
         want = [r.logprobs for r in rows if r.logprobs is not None]
         lps = token_logprobs(logits, toks, max(want)) if want else None
         for i, (r, t) in enumerate(zip(rows, toks)):
@@ -213,6 +215,10 @@ class Decoder:
             else:
                 r.ids.append(t)
                 r.next_token = t
+                if r.constraint is not None:
+                    r.constraint.advance(t)
+                    if r.constraint.finished:
+                        r.finish = "stop"
                 if lps is not None and r.logprobs is not None:
                     r.token_logprobs.append((t, lps[i][0], lps[i][1][:r.logprobs]))
             text = self.tok.decode(r.ids, skip_special_tokens=True)

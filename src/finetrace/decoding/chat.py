@@ -30,8 +30,20 @@ def render(tok, prompt, tools: Sequence[dict] | None = None) -> str:
     """``prompt`` (messages, or a user string) rendered by the tokenizer's chat template, assistant turn open."""
     if not getattr(tok, "chat_template", None):
         raise InputError("the model's tokenizer has no chat template", hint="add a model with one")
-    kwargs = {"tools": list(tools)} if tools else {}
-    return tok.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True, **kwargs)
+    from jinja2 import TemplateError
+
+    messages = _as_messages(prompt)
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                       **({"tools": list(tools)} if tools else {}))
+    except (TemplateError, TypeError, KeyError, ValueError) as exc:  # raise_exception() in the template, ...
+        raise InputError(f"the model's chat template cannot render these messages: {exc}", field="messages",
+                         hint="send the roles and fields this model's template expects") from None
+    if tools and text == render(tok, messages):
+        raise InputError("the model's chat template does not render tools (the prompt is the same without them)",
+                         hint="serve a model whose chat template takes `tools` (Hermes, Qwen, Llama 3.1 style), "
+                              "or describe the functions in a system message", field="tools")
+    return text
 
 
 def encode_chat(tok, prompt, tools: Sequence[dict] | None = None) -> list[int]:

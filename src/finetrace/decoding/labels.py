@@ -6,8 +6,12 @@ For prompt x and label y with tokens y_1..y_m followed by the end-of-turn token 
 
 (summed, not length-normalised; the end token makes "bill" and "billing" distinguishable). The
 prediction is the argmax label; ties go to the first label. Prompts are sorted by length and scored in
-batches that may mix adapters (each row names its own, as in serving); each prompt is run once and its
-KV cache is shared by all its labels (pass 1: B prompts; pass 2: B*K continuations on the repeated cache).
+batches that may mix adapters (each row names its own, as in serving). Pass 0: the tokens every prompt
+of the batch starts with (the chat template's system turn) run once per adapter, their cache shared by
+the rows. Pass 1: the rest of each prompt. Pass 2: every label's tokens but the last (the end token
+predicts nothing that is scored), all labels side by side in one row per prompt on that prompt's cache,
+a 4D attention mask letting each label see the prompt and itself only: B rows of sum(|y|) tokens, no
+copies of the cache and no padding between labels.
 """
 
 from __future__ import annotations
@@ -41,34 +45,70 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
 
 
+MIN_SHARED = 8  # a shorter common prefix is not worth its own forward
+
+
+def _shared_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row has in common (leaving each row at least one of its own)."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for j in range(n):
+        t = first[j]
+        if any(r[j] != t for r in rows):
+            return j
+    return max(n, 0)
+
+
+def _prompt_pass(model, adapters, prompt_rows, names, pad):
+    """Run the prompts (their shared prefix once per adapter); returns (output, mask over the cache)."""
+    c, cache = (_shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0), None
+    if c >= MIN_SHARED:
+        uniq = list(dict.fromkeys(names))
+        kw = adapters.select(uniq) if adapters is not None else {}
+        pre = model(input_ids=torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long), use_cache=True,
+                    logits_to_keep=1, **kw)
+        cache = pre.past_key_values
+        cache.batch_select_indices(torch.tensor([uniq.index(n) for n in names], dtype=torch.long))
+        prompt_rows = [r[c:] for r in prompt_rows]
+    else:
+        c = 0
+    ids, mask, pos = _left_pad(prompt_rows, pad)                                   # (B, P - c)
+    kw = adapters.select(names) if adapters is not None else {}
+    if cache is not None:
+        kw[_cache_kw(model)] = cache
+        mask = torch.cat([torch.ones((len(prompt_rows), c), dtype=torch.long), mask], dim=1)   # (B, P)
+        pos = pos + c
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+    return out, mask
+
+
 def _score_batch(model, adapters, prompt_rows, names, conts, pad) -> torch.Tensor:
     """(B, K) summed log p of every continuation after every prompt."""
     B, K = len(prompt_rows), len(conts)
-    ids, mask, pos = _left_pad(prompt_rows, pad)                                   # (B, P)
-    kw = adapters.select(names) if adapters is not None else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+    out, mask = _prompt_pass(model, adapters, prompt_rows, names, pad)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                   # (B, V)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(K)                                               # rows b0k0, b0k1, ...
-    L = max(len(c) for c in conts)
-    cids = torch.full((K, L), pad, dtype=torch.long)
-    cmask = torch.zeros((K, L), dtype=torch.long)
-    for k, c in enumerate(conts):
-        cids[k, :len(c)] = torch.tensor(c, dtype=torch.long)
-        cmask[k, :len(c)] = 1
-    full_mask = torch.cat([mask.repeat_interleave(K, 0), cmask.repeat(B, 1)], dim=1)   # (B*K, P+L)
-    cpos = mask.sum(1).repeat_interleave(K)[:, None] + torch.arange(L)[None, :]        # (B*K, L)
-    kw = adapters.select([n for n in names for _ in range(K)]) if adapters is not None else {}
-    kw[_cache_kw(model)] = cache
-    logits = model(input_ids=cids.repeat(B, 1), attention_mask=full_mask, position_ids=cpos, use_cache=True,
-                   **kw).logits                                                      # (B*K, L, V)
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    tgt = cids.repeat(B, 1)                                                          # (B*K, L)
-    nxt = torch.cat([tgt[:, 1:], torch.full((B * K, 1), pad, dtype=torch.long)], dim=1)
-    step = lp.gather(-1, nxt[:, :, None]).squeeze(-1)                               # log p(c_{j+1} | c_<=j)
-    valid = torch.cat([cmask[:, 1:], torch.zeros((K, 1), dtype=torch.long)], dim=1).repeat(B, 1).bool()
-    rest = (step * valid).sum(-1).view(B, K)
-    return first.gather(-1, cids[:, 0].repeat(B, 1)) + rest
+    # pass 2: every label's c_1..c_{m-1} (the end token predicts nothing scored) in ONE row per prompt,
+    # side by side after it: a 4D mask lets each label's tokens see the prompt and their own label only
+    ins = [c[:-1] for c in conts]
+    seg = torch.tensor([k for k, c in enumerate(ins) for _ in c], dtype=torch.long)         # (T,) label of token
+    off = torch.tensor([j for c in ins for j in range(len(c))], dtype=torch.long)           # (T,) place in label
+    heads = torch.tensor([c[0] for c in conts], dtype=torch.long)                          # (K,)
+    T = len(seg)
+    if T == 0:
+        return first[:, heads]
+    cids = torch.tensor([t for c in ins for t in c], dtype=torch.long)                     # (T,)
+    nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long)                # (T,) c_{j+1}
+    see = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])                  # (T, T)
+    allow = torch.cat([mask.bool()[:, None, :].expand(B, T, -1), see.expand(B, T, T)], dim=-1)   # (B, T, P+T)
+    dtype = next(model.parameters()).dtype
+    attn = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
+    cpos = mask.sum(1)[:, None] + off[None, :]                                             # (B, T)
+    kw = adapters.select(names) if adapters is not None else {}
+    kw[_cache_kw(model)] = out.past_key_values
+    logits = model(input_ids=cids.expand(B, T), attention_mask=attn, position_ids=cpos, use_cache=True,
+                   **kw).logits                                                            # (B, T, V)
+    step = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.expand(B, T)[:, :, None]).squeeze(-1)
+    rest = torch.zeros((B, K), dtype=step.dtype).index_add_(1, seg, step)                  # (B, K)
+    return first[:, heads] + rest
 
 
 def score_prompts(model, tok, prompt_rows: Sequence[list[int]], labels: Sequence[str], adapters=None,

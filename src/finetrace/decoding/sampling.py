@@ -7,11 +7,49 @@ tensor calls, and a seeded row draws the same tokens whatever it is batched with
 
 ``logprobs`` are the model's own distribution (``log_softmax(logits)``, before temperature), as OpenAI
 reports them.
+
+Constrained rows (labels, JSON schema) pass through one hook: each row may carry a ``TokenConstraint``
+whose ``allowed()`` mask is applied by ``constrain_logits`` before picking, and which ``advance``-s on the
+picked token; ``finished`` says the constraint admits nothing more (the row ends).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
+
+
+class TokenConstraint(Protocol):
+    """A per-row allowed-token mask, called once per decode step by the decoder."""
+
+    def allowed(self) -> torch.Tensor:
+        """bool (V,): the tokens that may come next."""
+
+    def advance(self, token: int) -> None:
+        """The row took ``token`` (one ``allowed()`` admitted)."""
+
+    @property
+    def finished(self) -> bool:
+        """True when nothing more may follow: the row ends."""
+
+
+def constrain_logits(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> torch.Tensor:
+    """``logits`` (B, V) with every token a row's constraint refuses set to -inf (a copy; as is if none)."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return logits
+    allow = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool)
+    for j, i in enumerate(rows):
+        c = constraints[i]
+        assert c is not None
+        a = c.allowed()
+        allow[j, :min(len(a), logits.shape[-1])] = a[:logits.shape[-1]]
+    out = logits.clone()
+    idx = torch.tensor(rows, dtype=torch.long)
+    out[idx] = out[idx].masked_fill(~allow, float("-inf"))
+    return out
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -13,6 +13,7 @@ and its gates are recorded as a ``gate.verdict`` ledger event that serving and p
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -120,10 +121,16 @@ def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, m
                                                       [p == g for p, g in zip(scored.preds, scored.golds)])
     if categories is not None:
         is_label = es.task == "classification"
+        # a variant equal to its example (a swap to the example's own group) is not answered twice
+        known = {json.dumps(e.messages, sort_keys=True): t for e, t in zip(es.examples, texts)}
 
         def predict(prompts):
-            out, _ = answer(prompts, f"{name}: bias")
-            return out if is_label else [normalize(t) for t in out]
+            keys = [json.dumps(p, sort_keys=True) for p in prompts]
+            todo = {k: p for k, p in zip(keys, prompts) if k not in known}
+            if todo:
+                out, _ = answer(list(todo.values()), f"{name}: bias")
+                known.update(zip(todo, out))
+            return [known[k] if is_label else normalize(known[k]) for k in keys]
 
         res["bias"] = bias_mod.counterfactual_suite(
             es.examples, predict, _bias_score(metrics[0]), categories, templates=suite.bias.templates,

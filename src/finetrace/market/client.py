@@ -151,8 +151,12 @@ def _eval_facts(ws: Workspace, report_digest: str | None, adapter: str) -> tuple
 def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: str = "Apache-2.0",
                   license_terms: str | None = None, domain: list[str] = (), task: list[str] = (),
                   description: str = "", documents: dict[str, str | Path] | None = None,
-                  attestation: str | Path | None = None) -> Package:
-    """Collect an adapter, its evidence and metadata into a signed package (nothing is sent)."""
+                  attestation: str | Path | None = None, min_serve_agreement: float | None = None) -> Package:
+    """Collect an adapter, its evidence and metadata into a signed package (nothing is sent).
+
+    Refused when the gates did not pass, and (``serve.parity.publish_gate``) when the eval set replayed
+    through the serving engine agrees with the evaluated answers on less than ``min_serve_agreement``
+    (default 1.0: token-exact on the native engine)."""
     ns, name, version = parse_ref(target)
     if not version:
         raise refuse(f"publish needs a version: {target}@<version>", hint="e.g. --to acme/legal-lora@1.0.0")
@@ -161,6 +165,9 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     if not clr.allowed:
         raise refuse(f"{art.ref} may not be published: {clr.detail}",
                      hint="evaluate it with gates (`finetrace eval`), or record an override")
+    from ..serve.parity import publish_gate
+
+    publish_gate(ws, art.digest, clr.report, min_serve_agreement)
     files: dict[str, Path] = {}
     for e in ws.store.tree(art.digest):
         path = f"adapter/{e.path}"

@@ -100,6 +100,7 @@ class GenRequest:
     logprobs: int | None = None         # None: none; k: the chosen token's log p and the top k
     labels: list[str] | None = None     # classification: the answer is the best-scoring label
     chat: bool = False                  # a chat turn: the answer is normalised (decoding.text) like in evaluation
+    grammar: str | None = None          # a compiled JSON schema (``compile_schema``): the answer is constrained to it
     cancelled: bool = False
     # set by the engine
     adapter_name: str = BASE
@@ -294,6 +295,15 @@ class Engine:
     def encode_text(self, prompt: str) -> list[int]:
         return encode_text(self.tokenizer, prompt)
 
+    def compile_schema(self, schema: dict, field: str = "response_format.json_schema.schema") -> str:
+        """A JSON schema compiled for constrained decoding (``GenRequest.grammar``); InputError naming ``field``."""
+        from ..decoding.constrain import compile_json_schema
+
+        return compile_json_schema(self.tokenizer, schema, self._vocab_size(), self.decoder.end, field)
+
+    def _vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises NotFoundError (model), InputError (params), QueueFull, ShuttingDown."""
         if self._thread is None:
@@ -430,9 +440,14 @@ class Engine:
                 self._finish_request(r, best, "stop", len(ids), seq)
 
     def _seq(self, req: GenRequest) -> Seq:
+        constraint = None
+        if req.grammar is not None:
+            from ..decoding.constrain import JsonConstraint
+
+            constraint = JsonConstraint(self.tokenizer, req.grammar, self._vocab_size(), self.decoder.end)
         return Seq(req.prompt_ids, req.adapter_name, req.max_tokens, req.temperature, req.top_p, req.seed,
                    list(req.stop), req.logprobs, req.chat, on_delta=lambda text, req=req: self._emit(req, "delta", text),
-                   owner=req)
+                   owner=req, constraint=constraint)
 
     def _take(self, wait: float) -> GenRequest | None:
         """The next waiting request (waiting up to ``wait`` s for one), or None while a control is pending.

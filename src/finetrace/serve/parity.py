@@ -189,3 +189,33 @@ def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None 
             hint="the adapter served is not the one evaluated, or the decoders differ: re-evaluate the adapter "
                  "being deployed")
     return res
+
+
+def _replayable(ws: Workspace, report_digest: str) -> bool:
+    """True when the report names an eval set this workspace holds (so its prompts can be replayed)."""
+    try:
+        digest = (_load_report(ws, ws.ledger.artifact(report_digest)).get("dataset") or {}).get("digest")
+        return bool(digest) and ws.ledger.has_artifact(digest)
+    except (NotFoundError, OSError, ValueError, KeyError):
+        return False
+
+
+def publish_gate(ws: Workspace, adapter_digest: str, report_digest: str | None,
+                 min_agreement: float | None = None) -> dict | None:
+    """The parity figure a publish relies on; raises ``ParityRefused`` below ``min_agreement`` (default 1.0).
+
+    The latest recorded result for this adapter against its gating report is used; without one, the
+    report's eval set is replayed now (and recorded). None when no report names an eval set this
+    workspace holds (evidence imported from elsewhere): there is nothing to replay."""
+    floor = DEFAULT_MIN_AGREEMENT["native"] if min_agreement is None else min_agreement
+    rec = latest_parity(ws, adapter_digest)
+    if rec is None or (report_digest and rec.get("report") != report_digest):
+        if not report_digest or not _replayable(ws, report_digest):
+            return None
+        return require_parity(ws, adapter_digest, floor, report_ref=report_digest).to_dict()
+    if rec["agreement"] < floor:
+        raise ParityRefused(
+            f"served answers agree with the evaluated ones on {rec['agreeing']}/{rec['n']} examples "
+            f"({rec['agreement']:.1%}; parity run {rec.get('run_id')}), below min_serve_agreement {floor:g}",
+            hint="publish the adapter that was evaluated, or re-evaluate this one (then `finetrace parity`)")
+    return rec

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InputError
+from .structured import template_message
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes at most 64 bits
 
@@ -127,13 +128,12 @@ class ChatRequest(_Params):
     def plain_messages(self) -> list[dict]:
         if not self.messages:
             raise InputError("messages must not be empty", field="messages")
-        roles = {"system", "user", "assistant", "developer"}
+        roles = {"system", "user", "assistant", "developer", "tool"}
         out = []
         for i, m in enumerate(self.messages):
             if m.role not in roles:
                 raise InputError(f"unknown role {m.role!r}", field=f"messages[{i}].role")
-            out.append({"role": "system" if m.role == "developer" else m.role,
-                        "content": m.text(f"messages[{i}].content")})
+            out.append(template_message(m, i))
         return out
 
 

@@ -22,6 +22,7 @@ from .engine import Engine, GenRequest, QueueFull, Result, ShuttingDown
 from .protocol import ChatRequest, CompletionRequest, error_body
 from .registry import DeploymentRefused
 from .settings import ServeSettings
+from .structured import assistant_message, forced_call_schema, response_schema, tools_of
 
 HEADER = "X-Finetrace-Provenance"
 
@@ -75,18 +76,21 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
     async def chat(body: ChatRequest, request: Request):
         params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
         messages = body.plain_messages()
-        ids = await asyncio.to_thread(engine.encode_chat, messages)  # a huge prompt must not stall the loop
         ext = body.extras()
+        tools, grammar = await _structure(engine, body, ext)
+        # a huge prompt must not stall the loop
+        ids = await asyncio.to_thread(engine.encode_chat, messages, tools)
         req = GenRequest(ids, body.model, endpoint="chat.completions", input_payload={"messages": messages},
-                         chat=True, logprobs=ext["logprobs"], labels=ext["labels"], **params)
+                         chat=True, logprobs=ext["logprobs"], labels=ext["labels"], grammar=grammar, **params)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if _needs_choices(ext, body.stream):
             return await _many(engine, req, ext, "chat.completion", cid, created)
 
         def final(res: Result) -> dict:
+            message, called = assistant_message(res.text, tools)
             return {"id": cid, "object": "chat.completion", "created": created, "model": res.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                                 "finish_reason": _finish(res), "logprobs": None}],
+                    "choices": [{"index": 0, "message": message,
+                                 "finish_reason": "tool_calls" if called else _finish(res), "logprobs": None}],
                     "usage": _usage(res), "provenance_id": res.provenance_id,
                     "system_fingerprint": engine.deployment}
 
@@ -232,11 +236,31 @@ async def _gather(engine: Engine, reqs: list[GenRequest]) -> list[Result]:
         raise
 
 
+async def _structure(engine: Engine, body: ChatRequest, ext: dict) -> tuple[list[dict] | None, str | None]:
+    """The tools to render (``ext["tools"]`` too) and the compiled grammar (response_format, a forced call)."""
+    extra = body.model_extra or {}
+    tools, choice = tools_of(extra)
+    schema, field = forced_call_schema(tools, choice), "tools"
+    if schema is None:
+        schema, field = response_schema(extra), "response_format.json_schema.schema"
+    if schema is not None and ext["labels"]:
+        raise InputError("labels cannot be combined with response_format or a forced tool call", field="labels")
+    ext["tools"] = tools if choice != "none" else None
+    if ext["tools"] and body.stream:
+        raise InputError("tools need stream: false (tool calls are parsed from the whole answer)", field="stream")
+    grammar = await asyncio.to_thread(engine.compile_schema, schema, field) if schema is not None else None
+    return ext["tools"], grammar
+
+
 def _choice(engine: Engine, obj: str, i: int, res: Result, ext: dict) -> dict:
     lp = _logprobs(engine, res, obj) if ext["logprobs"] is not None else None
-    c = ({"index": i, "message": {"role": "assistant", "content": res.text}} if obj == "chat.completion"
-         else {"index": i, "text": res.text})
-    c.update(finish_reason=_finish(res), logprobs=lp)
+    called = False
+    if obj == "chat.completion":
+        message, called = assistant_message(res.text, ext.get("tools"))
+        c = {"index": i, "message": message}
+    else:
+        c = {"index": i, "text": res.text}
+    c.update(finish_reason="tool_calls" if called else _finish(res), logprobs=lp)
     if ext["return_token_ids"]:
         c["token_ids"] = res.token_ids
     return c
