@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import FinetraceError, NotFoundError
+from ..errors import FinetraceError, InputError, NotFoundError
 from ..evaluate.schema import EvalReport, ModelResult, read_report
 from ..ledger import Artifact
 from ..workspace import Workspace
@@ -194,9 +194,9 @@ def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None 
 def _replayable(ws: Workspace, report_digest: str) -> bool:
     """True when the report names an eval set this workspace holds (so its prompts can be replayed)."""
     try:
-        digest = (_load_report(ws, ws.ledger.artifact(report_digest)).get("dataset") or {}).get("digest")
+        digest = read_report(ws, report_digest).dataset.digest
         return bool(digest) and ws.ledger.has_artifact(digest)
-    except (NotFoundError, OSError, ValueError, KeyError):
+    except (NotFoundError, InputError, OSError):
         return False
 
 
