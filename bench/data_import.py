@@ -29,9 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("contract supplier deliver goods invoice payment clause termination liability confidential "
-         "customer order shipment warranty refund account billing technical support request issue "
-         "resolve escalate policy data personal processing lawful transparent article governance").split()
+WORDS = (
+    "contract supplier deliver goods invoice payment clause termination liability confidential "
+    "customer order shipment warranty refund account billing technical support request issue "
+    "resolve escalate policy data personal processing lawful transparent article governance"
+).split()
 
 
 def generate(path: Path, size_mb: int, seed: int = 0) -> int:
@@ -53,10 +55,14 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> int:
             else:
                 prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 110)))
                 if rng.random() < 0.05:
-                    prompt += f" Contact jane{n}@example.com or +1 555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}."
-                row = {"prompt": f"Ticket {n}: {prompt}",
-                       "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 50))),
-                       "id": n}
+                    prompt += (
+                        f" Contact jane{n}@example.com or +1 555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}."
+                    )
+                row = {
+                    "prompt": f"Ticket {n}: {prompt}",
+                    "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 50))),
+                    "id": n,
+                }
                 recent.append(row)
                 if len(recent) > 1000:
                     recent.pop(0)
@@ -108,8 +114,11 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
     )
     out_dir = scratch / name
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", wrapper, CHILD[name], str(data), str(out_dir), str(workers)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", wrapper, CHILD[name], str(data), str(out_dir), str(workers)],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"{name} wrapper failed: {p.stderr[-2000:]}")
@@ -117,9 +126,15 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
     if res["rc"] != 0:
         return {"name": name, "failed": True, "error": res["err"][-500:], "peak_rss_mb": res["maxrss_kb"] / 1024}
     inner = json.loads(res["out"].strip().splitlines()[-1])
-    return {"name": name, "seconds": round(inner["seconds"], 2), "wall_s": round(wall, 2), "rows": inner["rows"],
-            "rows_per_s": round(inner["rows"] / inner["seconds"], 1), "peak_rss_mb": round(res["maxrss_kb"] / 1024, 1),
-            **({"rows_out": inner["rows_out"]} if "rows_out" in inner else {})}
+    return {
+        "name": name,
+        "seconds": round(inner["seconds"], 2),
+        "wall_s": round(wall, 2),
+        "rows": inner["rows"],
+        "rows_per_s": round(inner["rows"] / inner["seconds"], 1),
+        "peak_rss_mb": round(res["maxrss_kb"] / 1024, 1),
+        **({"rows_out": inner["rows_out"]} if "rows_out" in inner else {}),
+    }
 
 
 def main() -> None:
@@ -127,8 +142,13 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=1024, help="size of the generated JSONL (MiB)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--workers", type=int, default=0, help="finetrace worker processes (0: automatic)")
-    ap.add_argument("--skip-baselines", nargs="*", default=[], choices=["datasets", "pandas"],
-                    help="baselines to leave out (pandas needs several times the file size in memory)")
+    ap.add_argument(
+        "--skip-baselines",
+        nargs="*",
+        default=[],
+        choices=["datasets", "pandas"],
+        help="baselines to leave out (pandas needs several times the file size in memory)",
+    )
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="finetrace-bench-"))
     data = scratch / "bench.jsonl"
@@ -142,22 +162,35 @@ def main() -> None:
         if name in args.skip_baselines:
             continue
         results[name] = r = run_child(name, data, scratch, args.workers)
-        print(f"{name:10s} {r.get('seconds', float('nan')):8.1f}s {r.get('rows_per_s', 0):>12,.0f} rows/s "
-              f"peak RSS {r['peak_rss_mb']:8.0f} MiB" + (" FAILED" if r.get("failed") else ""), file=sys.stderr)
+        print(
+            f"{name:10s} {r.get('seconds', float('nan')):8.1f}s {r.get('rows_per_s', 0):>12,.0f} rows/s "
+            f"peak RSS {r['peak_rss_mb']:8.0f} MiB" + (" FAILED" if r.get("failed") else ""),
+            file=sys.stderr,
+        )
     if not args.keep:
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
     ft = results["finetrace"]
-    summary = {"bench": "data_import", "file_mb": round(size_mb, 1), "rows": rows, "workers": args.workers,
-               "rows_per_s": ft.get("rows_per_s"), "peak_rss_mb": ft["peak_rss_mb"],
-               "seconds": ft.get("seconds"), "rows_out": ft.get("rows_out"),
-               "baselines": {k: {kk: v.get(kk) for kk in ("seconds", "rows_per_s", "peak_rss_mb", "failed")}
-                             for k, v in results.items() if k != "finetrace"},
-               "cpu_count": os.cpu_count(),
-               # other processes share the CPUs: the 1-minute load average before and after, so a figure
-               # measured on a busy machine says so (the ratio to `datasets` is the steadier number)
-               "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    summary = {
+        "bench": "data_import",
+        "file_mb": round(size_mb, 1),
+        "rows": rows,
+        "workers": args.workers,
+        "rows_per_s": ft.get("rows_per_s"),
+        "peak_rss_mb": ft["peak_rss_mb"],
+        "seconds": ft.get("seconds"),
+        "rows_out": ft.get("rows_out"),
+        "baselines": {
+            k: {kk: v.get(kk) for kk in ("seconds", "rows_per_s", "peak_rss_mb", "failed")}
+            for k, v in results.items()
+            if k != "finetrace"
+        },
+        "cpu_count": os.cpu_count(),
+        # other processes share the CPUs: the 1-minute load average before and after, so a figure
+        # measured on a busy machine says so (the ratio to `datasets` is the steadier number)
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     for v in summary["baselines"].values():
         if v.get("rows_per_s") and ft.get("rows_per_s"):
             v["finetrace_speed_ratio"] = round(ft["rows_per_s"] / v["rows_per_s"], 3)

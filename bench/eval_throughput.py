@@ -90,9 +90,17 @@ def bench_labels(model, tok, n: int, batch_size: int) -> dict:
     from finetrace.evaluate.generation import score_labels
 
     torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
-                          adapter_name="a0")
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+        ),
+        adapter_name="a0",
+    )
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -126,10 +134,14 @@ def bench_labels(model, tok, n: int, batch_size: int) -> dict:
     print(f"  batched, shared cache:          {t_fast:.1f} s ({len(rows) / t_fast:.2f} examples/s)")
     print(f"  identical labels: {not diff}" + (f" (differ at {diff[:10]})" if diff else ""))
     peft.unload()
-    return {"label_examples_per_s": round(len(rows) / t_fast, 3),
-            "label_baseline_examples_per_s": round(len(rows) / t_slow, 3),
-            "label_scoring_speedup": round(t_slow / t_fast, 2), "identical_labels": not diff,
-            "label_prompts": len(rows), "labels": len(labels)}
+    return {
+        "label_examples_per_s": round(len(rows) / t_fast, 3),
+        "label_baseline_examples_per_s": round(len(rows) / t_slow, 3),
+        "label_scoring_speedup": round(t_slow / t_fast, 2),
+        "identical_labels": not diff,
+        "label_prompts": len(rows),
+        "labels": len(labels),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if extra.get("identical_labels", True) else 1
         ps = prompts(args.n)
         eos = sorted(end_ids(tok, model))
-        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                               eos_token_id=eos, pad_token_id=pad_id(tok))
+        cfg = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=eos,
+            pad_token_id=pad_id(tok),
+        )
 
         generate(model, tok, ps[:2], max_new_tokens=2, batch_size=2)  # warm-up (allocations, kernels)
         t0 = time.perf_counter()
@@ -168,30 +186,50 @@ def main(argv: list[str] | None = None) -> int:
             for p in ps:
                 ids = tok(render(tok, p), return_tensors="pt", add_special_tokens=False)
                 out = model.generate(**ids, generation_config=cfg)
-                new = out[0, ids.input_ids.shape[1]:].tolist()
+                new = out[0, ids.input_ids.shape[1] :].tolist()
                 new_tokens += len(new)
                 cut = next((j for j, t in enumerate(new) if t in eos), len(new))
                 base_out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
         t_base = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        batched = generate(model, tok, ps, max_new_tokens=args.max_new_tokens, stop=(),
-                           batch_size=args.batch_size, progress=Bars(sys.stderr.isatty()) if sys.stderr.isatty() else None)
+        batched = generate(
+            model,
+            tok,
+            ps,
+            max_new_tokens=args.max_new_tokens,
+            stop=(),
+            batch_size=args.batch_size,
+            progress=Bars(sys.stderr.isatty()) if sys.stderr.isatty() else None,
+        )
         t_batch = time.perf_counter() - t0
 
     same = batched == base_out
     diff = [i for i, (a, b) in enumerate(zip(batched, base_out)) if a != b]
-    print(f"model {art.ref} ({art.digest[:19]}), {len(ps)} prompts, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {art.ref} ({art.digest[:19]}), {len(ps)} prompts, max_new_tokens {args.max_new_tokens}, "
+        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
     print(f"one at a time: {t_base:.1f} s ({len(ps) / t_base:.2f} examples/s, {new_tokens / t_base:.1f} new tokens/s)")
     print(f"batched:       {t_batch:.1f} s ({len(ps) / t_batch:.2f} examples/s)")
     print(f"identical outputs: {same}" + (f" (differ at {diff[:10]})" if diff else ""))
-    print(json.dumps({"examples_per_s": round(len(ps) / t_batch, 3),
-                      "baseline_examples_per_s": round(len(ps) / t_base, 3),
-                      "speedup": round(t_base / t_batch, 2), "identical_outputs": same,
-                      "model": args.model, "n": len(ps), "batch_size": args.batch_size,
-                      "max_new_tokens": args.max_new_tokens, "baseline_new_tokens": new_tokens,
-                      "cpu_count": os.cpu_count(), **extra}))
+    print(
+        json.dumps(
+            {
+                "examples_per_s": round(len(ps) / t_batch, 3),
+                "baseline_examples_per_s": round(len(ps) / t_base, 3),
+                "speedup": round(t_base / t_batch, 2),
+                "identical_outputs": same,
+                "model": args.model,
+                "n": len(ps),
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "baseline_new_tokens": new_tokens,
+                "cpu_count": os.cpu_count(),
+                **extra,
+            }
+        )
+    )
     return 0 if same and extra.get("identical_labels", True) else 1
 
 

@@ -27,11 +27,13 @@ from pathlib import Path
 DOMAINS = ["legal", "medical", "finance", "logistics", "retail", "insurance", "energy", "hr"]
 TASKS = ["classification", "extraction", "summarization", "qa", "routing"]
 LICENSES = ["Apache-2.0", "MIT", "CC-BY-4.0", "custom"]
-WORDS = ("contract clause termination liability indemnity invoice payment shipment customs freight patient "
-         "diagnosis radiology discharge claim policy premium underwriting ledger audit compliance fraud "
-         "portfolio risk tariff warehouse inventory routing ticket billing technical account refund "
-         "grid turbine outage meter employee payroll leave onboarding summary extraction entity negation "
-         "medication dosage allergy lease tenant landlord merger acquisition dividend bond equity").split()
+WORDS = (
+    "contract clause termination liability indemnity invoice payment shipment customs freight patient "
+    "diagnosis radiology discharge claim policy premium underwriting ledger audit compliance fraud "
+    "portfolio risk tariff warehouse inventory routing ticket billing technical account refund "
+    "grid turbine outage meter employee payroll leave onboarding summary extraction entity negation "
+    "medication dosage allergy lease tenant landlord merger acquisition dividend bond equity"
+).split()
 
 
 def _vocab():
@@ -42,7 +44,7 @@ def _vocab():
         vocab[30 + j * 4] = w
     cum, acc = [], 0.0
     for k in range(1, len(vocab) + 1):
-        acc += k ** -1.1
+        acc += k**-1.1
         cum.append(acc)
     return vocab, cum
 
@@ -64,18 +66,55 @@ def _rows(rng, vocab, cum, start: int, stop: int, created):
         pid = vid = i + 1
         pkgs.append((pid, ns_id, name, rng.randint(0, 5000), vid))
         search_text = " ".join([f"org{ns_id - 1}", name, desc, " ".join(dom), " ".join(task), base_name, card])
-        vers.append((vid, pid, "1.0.0", f"org{ns_id - 1}/{name}@1.0.0", "sha256:" + f"{i:064x}", '{"bench": true}',
-                     "{}", "sha256:" + "1" * 64, desc, rng.choice(LICENSES), base_name, base_digest,
-                     "," + ",".join(dom) + ",", "," + ",".join(task) + ",", acc, "bench", search_text, created,
-                     rng.random() < 0.3))
+        vers.append(
+            (
+                vid,
+                pid,
+                "1.0.0",
+                f"org{ns_id - 1}/{name}@1.0.0",
+                "sha256:" + f"{i:064x}",
+                '{"bench": true}',
+                "{}",
+                "sha256:" + "1" * 64,
+                desc,
+                rng.choice(LICENSES),
+                base_name,
+                base_digest,
+                "," + ",".join(dom) + ",",
+                "," + ",".join(task) + ",",
+                acc,
+                "bench",
+                search_text,
+                created,
+                rng.random() < 0.3,
+            )
+        )
         mets += [(vid, "accuracy", acc), (vid, "macro_f1", round(acc - 0.05, 3))]
     return pkgs, vers, mets
 
 
 PKG_COLS = ("id", "namespace_id", "name", "downloads", "latest_version_id")
-VER_COLS = ("id", "package_id", "version", "ref", "manifest_digest", "manifest", "signature", "key_id", "description",
-            "license_id", "base_name", "base_digest", "domains", "tasks", "score", "publisher", "search_text",
-            "created", "verified")
+VER_COLS = (
+    "id",
+    "package_id",
+    "version",
+    "ref",
+    "manifest_digest",
+    "manifest",
+    "signature",
+    "key_id",
+    "description",
+    "license_id",
+    "base_name",
+    "base_digest",
+    "domains",
+    "tasks",
+    "score",
+    "publisher",
+    "search_text",
+    "created",
+    "verified",
+)
 MET_COLS = ("version_id", "name", "value")
 
 
@@ -84,8 +123,11 @@ def _load_chunk(c, dialect: str, pkgs, vers, mets) -> None:
     raw = c.connection.driver_connection
     if dialect == "postgresql":
         with raw.cursor() as cur:
-            for table, cols, rows in (("packages", PKG_COLS, pkgs), ("versions", VER_COLS, vers),
-                                      ("metrics", MET_COLS, mets)):
+            for table, cols, rows in (
+                ("packages", PKG_COLS, pkgs),
+                ("versions", VER_COLS, vers),
+                ("metrics", MET_COLS, mets),
+            ):
                 with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as cp:
                     for row in rows:
                         cp.write_row(row)
@@ -109,10 +151,14 @@ def generate(reg, n: int, seed: int = 0, chunk: int = 50_000) -> None:
         if reg.dialect == "postgresql":  # bulk load: build the GIN index once, after the rows (as pg_restore does)
             c.execute(text("DROP INDEX IF EXISTS ix_versions_tsv"))
             c.execute(text("SET LOCAL maintenance_work_mem = '512MB'"))
-        c.execute(text("INSERT INTO accounts (id, name, token_hash, is_admin, created) "
-                       "VALUES (1, 'bench', :h, false, :c)"), {"h": "0" * 64, "c": created})
-        c.execute(text("INSERT INTO namespaces (id, name, owner_id) VALUES (:id, :name, 1)"),
-                  [{"id": i + 1, "name": f"org{i}"} for i in range(50)])
+        c.execute(
+            text("INSERT INTO accounts (id, name, token_hash, is_admin, created) VALUES (1, 'bench', :h, false, :c)"),
+            {"h": "0" * 64, "c": created},
+        )
+        c.execute(
+            text("INSERT INTO namespaces (id, name, owner_id) VALUES (:id, :name, 1)"),
+            [{"id": i + 1, "name": f"org{i}"} for i in range(50)],
+        )
         for start in range(0, n, chunk):
             _load_chunk(c, reg.dialect, *_rows(rng, vocab, cum, start, min(n, start + chunk), created))
         if reg.dialect == "postgresql":
@@ -130,7 +176,7 @@ def queries(rng: random.Random) -> list[dict]:
         mix += [
             {"query": w1},
             {"query": f"{w1} {w2}"},
-            {"query": w1[:4]},                                           # prefix
+            {"query": w1[:4]},  # prefix
             {"query": w1, "domain": d},
             {"query": w1, "domain": d, "min_metric": ["accuracy>=0.9"], "sort": "score"},
             {"query": "", "domain": d, "task": t, "sort": "downloads"},
@@ -139,7 +185,7 @@ def queries(rng: random.Random) -> list[dict]:
             {"query": "", "sort": "recent"},
             {"query": w2, "task": t, "sort": "downloads"},
             {"query": "", "domain": d, "verified": True, "sort": "downloads"},
-            {"query": w1, "sort": "relevance", "page": 2},                # keyset: the second page
+            {"query": w1, "sort": "relevance", "page": 2},  # keyset: the second page
         ]
     return mix
 
@@ -210,9 +256,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", help="SQLAlchemy URL (default: SQLite in a temp folder)")
     ap.add_argument("-n", type=int, default=10_000, help="packages to generate")
-    ap.add_argument("--reuse", action="store_true",
-                    help="use --db as it is (no fresh database); generate only if it holds no packages yet, so "
-                         "a 1,000,000-package catalogue is built once and measured many times")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use --db as it is (no fresh database); generate only if it holds no packages yet, so "
+        "a 1,000,000-package catalogue is built once and measured many times",
+    )
     args = ap.parse_args()
 
     from finetrace.market.db import create_database
@@ -238,19 +287,38 @@ def main() -> None:
     times.sort()
     cpus.sort()
     p50, p95, cpu95 = statistics.median(times), _p95(times), _p95(cpus)
-    print(f"db={reg.dialect} packages={args.n} " + (f"generated in {gen_s:.1f}s" if have == 0 else "reused")
-          + f" queries={len(times)}")
+    print(
+        f"db={reg.dialect} packages={args.n} "
+        + (f"generated in {gen_s:.1f}s" if have == 0 else "reused")
+        + f" queries={len(times)}"
+    )
     for shape, ms in shapes.items():
         print(f"  {shape:<46} p50 {statistics.median(ms):7.2f}  p95 {_p95(ms):7.2f} ms")
     print(f"latency ms: p50 {p50:.2f}  p95 {p95:.2f}  max {times[-1]:.2f}  mean hits/query {statistics.mean(hits):.1f}")
-    print(f"cpu ms per query (client + database): p50 {statistics.median(cpus):.2f}  p95 {cpu95:.2f}"
-          f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print(f"baseline (issue 20, before the search indexes): PostgreSQL p95 209 ms at 100,000, SQLite 8.6 ms at "
-          f"10,000; last round (before the per-shape statements and the page cut from the candidates): "
-          f"PostgreSQL 20.03 ms, SQLite 14.2 ms at 100,000; now p95 {p95:.1f} ms at {args.n:,} on {reg.dialect}")
-    print(json.dumps({"bench": "market_search", "db": reg.dialect, "packages": args.n, "queries": len(times),
-                      "p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "max_ms": round(times[-1], 3),
-                      "cpu_p95_ms": round(cpu95, 3), "loadavg": round(os.getloadavg()[0], 2)}))
+    print(
+        f"cpu ms per query (client + database): p50 {statistics.median(cpus):.2f}  p95 {cpu95:.2f}"
+        f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
+    print(
+        f"baseline (issue 20, before the search indexes): PostgreSQL p95 209 ms at 100,000, SQLite 8.6 ms at "
+        f"10,000; last round (before the per-shape statements and the page cut from the candidates): "
+        f"PostgreSQL 20.03 ms, SQLite 14.2 ms at 100,000; now p95 {p95:.1f} ms at {args.n:,} on {reg.dialect}"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "market_search",
+                "db": reg.dialect,
+                "packages": args.n,
+                "queries": len(times),
+                "p50_ms": round(p50, 3),
+                "p95_ms": round(p95, 3),
+                "max_ms": round(times[-1], 3),
+                "cpu_p95_ms": round(cpu95, 3),
+                "loadavg": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

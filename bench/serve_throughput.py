@@ -44,9 +44,24 @@ import threading
 import time
 from pathlib import Path
 
-TOPICS = ["contracts", "data protection", "shipping delays", "invoices", "account security", "rivers",
-          "volcanoes", "bread baking", "chess openings", "solar panels", "bees", "tides", "jazz",
-          "glaciers", "train timetables", "compost"]
+TOPICS = [
+    "contracts",
+    "data protection",
+    "shipping delays",
+    "invoices",
+    "account security",
+    "rivers",
+    "volcanoes",
+    "bread baking",
+    "chess openings",
+    "solar panels",
+    "bees",
+    "tides",
+    "jazz",
+    "glaciers",
+    "train timetables",
+    "compost",
+]
 
 
 def prompt_for(i: int) -> list[dict]:
@@ -64,8 +79,9 @@ def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
     model, tok, _ = load_model(ws, base.digest)
     ident = text_identity(tok)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
     ds = tmp / "bench-data"
     ds.mkdir(exist_ok=True)
     (ds / "datasheet.json").write_text(json.dumps({"title": "benchmark placeholder"}))
@@ -76,15 +92,19 @@ def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_A" in name:
-                    torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                    torch.nn.init.kaiming_uniform_(p, a=5**0.5)
                 elif "lora_B" in name:
                     p.normal_(0, 0.02)
         out = tmp / f"adapter-{i}"
         peft_model.save_pretrained(out, safe_serialization=True)
         (out / "finetrace_adapter.json").write_text(json.dumps({"base_model": base.digest, **ident}))
         with ws.ledger.run("train", config={"bench": True, "r": r, "i": i}, inputs=[base.digest, dataset]) as run:
-            art = run.output("adapter", ws.store.put_dir(out), name=f"bench-{i}",
-                             metadata={"base_model": base.digest, "method": "lora", "r": r, **ident})
+            art = run.output(
+                "adapter",
+                ws.store.put_dir(out),
+                name=f"bench-{i}",
+                metadata={"base_model": base.digest, "method": "lora", "r": r, **ident},
+            )
         refs.append(art.ref)
     ws.checkpoint()
     return refs
@@ -100,7 +120,7 @@ def matmul_ceiling_flops(seconds: float = 1.0) -> float:
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
 
 
 def copy_bandwidth(seconds: float = 0.5) -> float:
@@ -135,8 +155,13 @@ def llamacpp_single(prompts: list, max_tokens: int, threads: int) -> dict | str:
         r = llm.create_chat_completion(messages=p, max_tokens=max_tokens, temperature=0)
         toks += r["usage"]["completion_tokens"]
     wall = time.perf_counter() - t0
-    return {"requests": len(prompts), "completion_tokens": toks, "wall_s": round(wall, 2),
-            "tokens_per_s": round(toks / wall, 2), "gguf": gguf.name}
+    return {
+        "requests": len(prompts),
+        "completion_tokens": toks,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(toks / wall, 2),
+        "gguf": gguf.name,
+    }
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -159,6 +184,7 @@ def drive(call, clients: int, per_client: int, models: list[str]) -> dict:
             with lock:
                 lat.append(time.perf_counter() - t0)
                 toks[0] += n
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     [t.start() for t in threads]
     barrier.wait()
@@ -171,9 +197,14 @@ def summarise(parts: list[dict]) -> dict:
     """Pool several rounds of ``drive``: tokens/s = all tokens / all wall time; latency percentiles."""
     lat = [x for p in parts for x in p["latencies"]]
     toks, wall = sum(p["completion_tokens"] for p in parts), sum(p["wall_s"] for p in parts)
-    return {"requests": len(lat), "completion_tokens": toks, "wall_s": round(wall, 2),
-            "tokens_per_s": round(toks / wall, 2), "p50_latency_s": round(statistics.median(lat), 3),
-            "p95_latency_s": round(percentile(lat, 0.95), 3)}
+    return {
+        "requests": len(lat),
+        "completion_tokens": toks,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(toks / wall, 2),
+        "p50_latency_s": round(statistics.median(lat), 3),
+        "p95_latency_s": round(percentile(lat, 0.95), 3),
+    }
 
 
 class SwappingServer:
@@ -237,10 +268,13 @@ def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
     del m
     lc = tps.get("llamacpp_single_stream")
     return {
-        "matmul_ceiling_gflops": round(ceiling / 1e9, 1), "copy_bandwidth_gbps": round(bandwidth / 1e9, 1),
-        "flops_per_token": flops_tok, "weight_bytes": weight_bytes,
+        "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
+        "copy_bandwidth_gbps": round(bandwidth / 1e9, 1),
+        "flops_per_token": flops_tok,
+        "weight_bytes": weight_bytes,
         "bandwidth_bound_single_tokens_per_s": round(bandwidth / weight_bytes, 1),
-        "single_stream_tokens_per_s": tps["single_stream"], "llamacpp_single_stream_tokens_per_s": lc,
+        "single_stream_tokens_per_s": tps["single_stream"],
+        "llamacpp_single_stream_tokens_per_s": lc,
         "single_vs_llamacpp": round(tps["single_stream"] / lc, 3) if lc else None,
         "batched_16_tokens_per_s": tps["batched_16"],
         **{f"roofline_fraction_{k}": round(tps[f"batched_{k}"] * flops_tok / ceiling, 4) for k in (1, 4, 16)},
@@ -248,8 +282,9 @@ def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
         "ratio_16_vs_1": round(tps["batched_16"] / tps["batched_1"], 3),
         "ratio_4_vs_1": round(tps["batched_4"] / tps["batched_1"], 3),
         "speedup_vs_swapping": round(tps["batched_16"] / tps["swapping_16"], 2),
-        "gathered_vs_peft_mixed_16": (round(tps["batched_16"] / tps["peft_mixed_16"], 2)
-                                      if "peft_mixed_16" in tps else None),
+        "gathered_vs_peft_mixed_16": (
+            round(tps["batched_16"] / tps["peft_mixed_16"], 2) if "peft_mixed_16" in tps else None
+        ),
     }
 
 
@@ -266,8 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
-    ap.add_argument("--engine", choices=("native", "llamacpp"), default="native",
-                    help="llamacpp: only the gateway's overhead in front of llama.cpp (bench/engines_bench.py)")
+    ap.add_argument(
+        "--engine",
+        choices=("native", "llamacpp"),
+        default="native",
+        help="llamacpp: only the gateway's overhead in front of llama.cpp (bench/engines_bench.py)",
+    )
     args = ap.parse_args(argv)
 
     import logging
@@ -284,8 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     ceiling = matmul_ceiling_flops()
     bandwidth = copy_bandwidth()
-    print(f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
-          file=sys.stderr)
+    print(
+        f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr
+    )
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     ws = Workspace.init(tmp / "ws")
     note = ""
@@ -293,11 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.tiny:
         try:
             from finetrace.models import add_model
+
             base = add_model(ws, "smollm2-135m-instruct")
         except Exception as exc:  # no network / wheel: fall back, and say so in the result
             note = f"SmolLM2 unavailable ({exc}); used the tiny random model"
     if base is None:
         from finetrace.models.tiny import build_tiny_model
+
         base = add_folder(ws, build_tiny_model(tmp / "tiny"), "tiny")
         note = note or "tiny random model (--tiny)"
     print(f"base {base.ref}; building 16 adapters (r={args.rank}) ...", file=sys.stderr)
@@ -305,8 +347,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.engine == "llamacpp":  # the gateway in front of llama.cpp: its own module, its own JSON line
         sys.path.insert(0, str(Path(__file__).parent))
         from engines_bench import run_llamacpp
-        out = run_llamacpp(ws, base, refs[:4], [prompt_for(i) for i in range(args.single_requests)],
-                           args.max_tokens, args.rounds, max(args.threads, 2))
+
+        out = run_llamacpp(
+            ws,
+            base,
+            refs[:4],
+            [prompt_for(i) for i in range(args.single_requests)],
+            args.max_tokens,
+            args.rounds,
+            max(args.threads, 2),
+        )
         out["model"] = note or base.ref
         print(json.dumps(out))
         return out
@@ -315,20 +365,27 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
 
     def run_engine(kernel: str, spreads: tuple[int, ...]) -> None:
-        eng = Engine(ws, base.digest, refs, ServeSettings(max_batch=args.clients, max_queue=4 * args.clients,
-                                                          lora_kernel=kernel, log_flush_s=0.5))
+        eng = Engine(
+            ws,
+            base.digest,
+            refs,
+            ServeSettings(max_batch=args.clients, max_queue=4 * args.clients, lora_kernel=kernel, log_flush_s=0.5),
+        )
         if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
             storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
-            for t in [p for n, p in eng.model.named_parameters() if "lora_" in n] + \
-                    [x for m in eng.decoder.adapters.modules for x in (m._ft_A, m._ft_B, m._ft_S)]:
+            for t in [p for n, p in eng.model.named_parameters() if "lora_" in n] + [
+                x for m in eng.decoder.adapters.modules for x in (m._ft_A, m._ft_B, m._ft_S)
+            ]:
                 st = t.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
             results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
             results["decode_forward"] = "lean" if eng.decoder.lean() is not None else "model"
         eng.start()
         try:
+
             def call(m, msgs):
                 return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
+
             call(refs[0], prompt_for(0))  # warm-up
             if kernel == "gathered":
                 results["single_stream"] = summarise([drive(call, 1, args.single_requests, refs[:1])])
@@ -349,13 +406,15 @@ def main(argv: list[str] | None = None) -> dict:
         run_engine("peft", (16,))
     naive = SwappingServer(ws, base.digest, refs)
     naive.call(refs[0], prompt_for(0), 4)  # warm-up
-    results["swapping_16"] = summarise([drive(lambda m, msgs: naive.call(m, msgs, args.max_tokens),
-                                              args.clients, args.naive_per_client, refs)])
+    results["swapping_16"] = summarise(
+        [drive(lambda m, msgs: naive.call(m, msgs, args.max_tokens), args.clients, args.naive_per_client, refs)]
+    )
     print("swapping_16", results["swapping_16"], file=sys.stderr)
 
     if not args.skip_llamacpp and not args.tiny:
-        lc = llamacpp_single([prompt_for(i) for i in range(args.single_requests)], args.max_tokens,
-                             torch.get_num_threads())
+        lc = llamacpp_single(
+            [prompt_for(i) for i in range(args.single_requests)], args.max_tokens, torch.get_num_threads()
+        )
         if isinstance(lc, dict):
             results["llamacpp_single_stream"] = lc
         else:
@@ -365,10 +424,20 @@ def main(argv: list[str] | None = None) -> dict:
     memory = results.pop("memory_per_adapter_bytes")
     forward = results.pop("decode_forward")
     summary = {
-        "bench": "serve_throughput", "model": base.ref, "note": note, "clients": args.clients,
-        "max_tokens": args.max_tokens, "adapter_rank": args.rank, "adapter_bytes": adapter_bytes,
-        "memory_per_adapter_bytes": memory, "decode_forward": forward, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "results": results, **figures(ws, base, results, ceiling, bandwidth)}
+        "bench": "serve_throughput",
+        "model": base.ref,
+        "note": note,
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "adapter_rank": args.rank,
+        "adapter_bytes": adapter_bytes,
+        "memory_per_adapter_bytes": memory,
+        "decode_forward": forward,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        **figures(ws, base, results, ceiling, bandwidth),
+    }
     print(json.dumps(summary))
     return summary
 

@@ -70,22 +70,40 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: 
     from finetrace.workspace import Workspace
 
     ws = Workspace.open(ws_dir)
-    cfg = TrainConfig(base_model=BASE, dataset=DATA, method=method, lora={"r": LORA_R, "alpha": LORA_ALPHA},
-                      lr=LR, schedule="constant", batch_size=batch, max_steps=steps, max_length=512,
-                      checkpoint_every=None, validation_split=None, seed=0, threads=int(os.environ["BENCH_THREADS"]),
-                      device=os.environ.get("BENCH_DEVICE", "cpu"), output_name=f"scale-{method}",
-                      gradient_checkpointing=checkpointing)
+    cfg = TrainConfig(
+        base_model=BASE,
+        dataset=DATA,
+        method=method,
+        lora={"r": LORA_R, "alpha": LORA_ALPHA},
+        lr=LR,
+        schedule="constant",
+        batch_size=batch,
+        max_steps=steps,
+        max_length=512,
+        checkpoint_every=None,
+        validation_split=None,
+        seed=0,
+        threads=int(os.environ["BENCH_THREADS"]),
+        device=os.environ.get("BENCH_DEVICE", "cpu"),
+        output_name=f"scale-{method}",
+        gradient_checkpointing=checkpointing,
+    )
     art = train(ws, cfg, progress=None)
     m = ws.ledger.get_run(art.run_id).metrics
     hist = [json.loads(line) for line in (ws.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens": m["tokens"], "step_time_s": m["wall_time_s"], "losses": [r["loss"] for r in hist if "loss" in r],
-            "plan_peak_mb": (m.get("memory_plan") or {}).get("peak_mb"), **gpu_peak()}
+    return {
+        "tokens": m["tokens"],
+        "step_time_s": m["wall_time_s"],
+        "losses": [r["loss"] for r in hist if "loss" in r],
+        "plan_peak_mb": (m.get("memory_plan") or {}).get("peak_mb"),
+        **gpu_peak(),
+    }
 
 
 def gpu_peak() -> dict:
     import torch
 
-    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if torch.cuda.is_available() else {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
 
 
 def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
@@ -120,18 +138,28 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     cuda = os.environ.get("BENCH_DEVICE", "cpu") == "cuda"
     compute = torch.bfloat16 if cuda else torch.float32  # what finetrace's compute_dtype: auto picks
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0} if cuda else "cpu",
-                                                 dtype=compute)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map={"": 0} if cuda else "cpu", dtype=compute
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                             target_modules=linear_targets(model), task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=linear_targets(model),
+            task_type="CAUSAL_LM",
+        ),
+    )
     encoded = []
     for r in rows:
         enc = encode(tok, [{"role": "user", "content": r["prompt"]}], r["completion"])
-        encoded.append({"input_ids": enc.ids, "labels": [-100] * enc.n_prompt + enc.ids[enc.n_prompt:]})
+        encoded.append({"input_ids": enc.ids, "labels": [-100] * enc.n_prompt + enc.ids[enc.n_prompt :]})
     order = plan([len(e["input_ids"]) for e in encoded], batch, 1, 1.0, steps, 0, False)
     data = [encoded[i] for step in order for i in step]
     seen: list[int] = []
@@ -166,25 +194,48 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
-                                 learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                                 max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
-                                 report_to="none", use_cpu=not cuda, bf16=cuda, fp16=False, dataloader_num_workers=0,
-                                 remove_unused_columns=False, seed=0)
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not cuda,
+            bf16=cuda,
+            fp16=False,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            seed=0,
+        )
         InOrder(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()]).train()
-    return {"tokens": sum(seen[:len(times)]), "step_time_s": sum(times), "losses": losses, **gpu_peak()}
+    return {"tokens": sum(seen[: len(times)]), "step_time_s": sum(times), "losses": losses, **gpu_peak()}
 
 
 def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, device: str = "cpu") -> dict:
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
-    code = ("import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "  # noqa: UP031  (a code string, %r quotes it)
-            "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-            "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "BENCH_DEVICE": device,
-           "TOKENIZERS_PARALLELISM":
-           "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    code = (
+        "import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "  # noqa: UP031  (a code string, %r quotes it)
+        "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result)
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "BENCH_THREADS": str(threads),
+        "BENCH_DEVICE": device,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -221,8 +272,9 @@ def setup(args) -> tuple[Path, int]:
     ds = tmp / "dataset"
     ds.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), ds / "train.parquet")
-    (ds / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["prompt", "completion"],
-                                                 "counts": {"train": len(rows)}}))
+    (ds / "dataset.json").write_text(
+        json.dumps({"schema": "completion", "columns": ["prompt", "completion"], "counts": {"train": len(rows)}})
+    )
     ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name=DATA)
     ws.close()
     return tmp / "ws", art.metadata["parameters"]
@@ -237,12 +289,16 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: physical cores)")
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/finetrace/bench"), help="where the random "
-                    "model is written once")
+    ap.add_argument(
+        "--cache", default=os.path.expanduser("~/.cache/finetrace/bench"), help="where the random model is written once"
+    )
     ap.add_argument("--workdir", default=None, help="where the workspace goes (default: the temp folder)")
     ap.add_argument("--sides", default="baseline_qlora,qlora,lora_fp32")
-    ap.add_argument("--qlora-no-checkpointing", action="store_true", help="finetrace QLoRA without gradient "
-                    "checkpointing (faster, more activation memory)")
+    ap.add_argument(
+        "--qlora-no-checkpointing",
+        action="store_true",
+        help="finetrace QLoRA without gradient checkpointing (faster, more activation memory)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every side on the GPU; QLoRA computes in bf16)")
     args = ap.parse_args()
 
@@ -251,34 +307,60 @@ def main() -> None:
     threads = args.threads or physical_cores()
     os.environ["BENCH_QLORA_CKPT"] = "0" if args.qlora_no_checkpointing else "1"
     ws_dir, params = setup(args)
-    print(f"model: {args.shape} random init, {params / 1e9:.2f}B parameters; {args.steps} steps of batch {args.batch} "
-          f"({args.min_len}-{args.max_len} tokens); LoRA r={LORA_R} all linear; {threads} threads")
+    print(
+        f"model: {args.shape} random init, {params / 1e9:.2f}B parameters; {args.steps} steps of batch {args.batch} "
+        f"({args.min_len}-{args.max_len} tokens); LoRA r={LORA_R} all linear; {threads} threads"
+    )
     res = {}
     for kind in args.sides.split(","):
         res[kind] = r = run_child(kind, str(ws_dir), args.steps, args.batch, threads, args.device)
         r["tps"] = r["tokens"] / r["step_time_s"]
         plan = f"  plan {r['plan_peak_mb']:7.0f} MB" if r.get("plan_peak_mb") else ""
-        print(f"{kind:>15}: {r['tps']:7.1f} real tokens/s  {r['step_time_s']:.0f} s in steps  peak RSS "
-              f"{r['peak_rss_mb']:7.0f} MB{plan}  losses {[round(x, 3) for x in r['losses']]}", flush=True)
+        print(
+            f"{kind:>15}: {r['tps']:7.1f} real tokens/s  {r['step_time_s']:.0f} s in steps  peak RSS "
+            f"{r['peak_rss_mb']:7.0f} MB{plan}  losses {[round(x, 3) for x in r['losses']]}",
+            flush=True,
+        )
     b, q, f = res.get("baseline_qlora"), res.get("qlora"), res.get("lora_fp32")
-    out = {"params": params, "shape": args.shape, "steps": args.steps, "batch": args.batch, "threads": threads,
-           "device": args.device, "qlora_gradient_checkpointing": not args.qlora_no_checkpointing,
-           **{f"{k}_peak_gpu_mb": round(v["peak_gpu_mb"], 1) for k, v in res.items() if "peak_gpu_mb" in v}}
+    out = {
+        "params": params,
+        "shape": args.shape,
+        "steps": args.steps,
+        "batch": args.batch,
+        "threads": threads,
+        "device": args.device,
+        "qlora_gradient_checkpointing": not args.qlora_no_checkpointing,
+        **{f"{k}_peak_gpu_mb": round(v["peak_gpu_mb"], 1) for k, v in res.items() if "peak_gpu_mb" in v},
+    }
     if q:
-        out.update(qlora_tokens_per_s=round(q["tps"], 2), qlora_peak_rss_mb=round(q["peak_rss_mb"], 1),
-                   qlora_plan_peak_mb=q.get("plan_peak_mb"), qlora_final_loss=round(q["losses"][-1], 4))
+        out.update(
+            qlora_tokens_per_s=round(q["tps"], 2),
+            qlora_peak_rss_mb=round(q["peak_rss_mb"], 1),
+            qlora_plan_peak_mb=q.get("plan_peak_mb"),
+            qlora_final_loss=round(q["losses"][-1], 4),
+        )
     if b:
-        out.update(baseline_qlora_tokens_per_s=round(b["tps"], 2), baseline_qlora_peak_rss_mb=round(b["peak_rss_mb"], 1),
-                   baseline_final_loss=round(b["losses"][-1], 4))
+        out.update(
+            baseline_qlora_tokens_per_s=round(b["tps"], 2),
+            baseline_qlora_peak_rss_mb=round(b["peak_rss_mb"], 1),
+            baseline_final_loss=round(b["losses"][-1], 4),
+        )
     if f:
-        out.update(lora_fp32_tokens_per_s=round(f["tps"], 2), lora_fp32_peak_rss_mb=round(f["peak_rss_mb"], 1),
-                   lora_fp32_plan_peak_mb=f.get("plan_peak_mb"))
+        out.update(
+            lora_fp32_tokens_per_s=round(f["tps"], 2),
+            lora_fp32_peak_rss_mb=round(f["peak_rss_mb"], 1),
+            lora_fp32_plan_peak_mb=f.get("plan_peak_mb"),
+        )
     if q and b:
-        out.update(qlora_speedup=round(q["tps"] / b["tps"], 3),
-                   qlora_memory_ratio_vs_baseline=round(q["peak_rss_mb"] / b["peak_rss_mb"], 3),
-                   max_step_loss_difference=round(max(abs(x - y) for x, y in zip(q["losses"], b["losses"])), 4))
-        print(f"finetrace QLoRA vs HF QLoRA: {out['qlora_speedup']:.2f}x tokens/s (target >= 1.5x), memory "
-              f"{out['qlora_memory_ratio_vs_baseline']:.2f}x (target <= 1)")
+        out.update(
+            qlora_speedup=round(q["tps"] / b["tps"], 3),
+            qlora_memory_ratio_vs_baseline=round(q["peak_rss_mb"] / b["peak_rss_mb"], 3),
+            max_step_loss_difference=round(max(abs(x - y) for x, y in zip(q["losses"], b["losses"])), 4),
+        )
+        print(
+            f"finetrace QLoRA vs HF QLoRA: {out['qlora_speedup']:.2f}x tokens/s (target >= 1.5x), memory "
+            f"{out['qlora_memory_ratio_vs_baseline']:.2f}x (target <= 1)"
+        )
     if q and f:
         out["qlora_memory_ratio_vs_fp32"] = round(q["peak_rss_mb"] / f["peak_rss_mb"], 3)
         print(f"finetrace QLoRA vs fp32 LoRA memory: {out['qlora_memory_ratio_vs_fp32']:.2f}x (target <= 0.35x)")

@@ -33,14 +33,23 @@ def demo_workspace(tmp: Path) -> Path:
     task = tmp / "clauses"
     shutil.copytree(ROOT / "examples" / "clauses", task)
     suite = yaml.safe_load((task / "suite.yaml").read_text())
-    suite.update(bootstrap={"samples": 200, "seed": 0}, limit=60,
-                 bias={"enabled": True, "categories": ["gender_names"], "max_examples": 8},
-                 gates={"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0})  # a random model's numbers
+    suite.update(
+        bootstrap={"samples": 200, "seed": 0},
+        limit=60,
+        bias={"enabled": True, "categories": ["gender_names"], "max_examples": 8},
+        gates={"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0},
+    )  # a random model's numbers
     (task / "suite.yaml").write_text(yaml.safe_dump(suite))
     pipe = yaml.safe_load((task / "pipeline.yaml").read_text())
     pipe["model"] = {"source": str(build_tiny_model(tmp / "tiny-model")), "name": "tiny-demo"}
-    pipe["train"] = {"config": "train.yaml", "max_steps": 12, "eval_every": 3, "compile": False,
-                     "checkpoint_every": None, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    pipe["train"] = {
+        "config": "train.yaml",
+        "max_steps": 12,
+        "eval_every": 3,
+        "compile": False,
+        "checkpoint_every": None,
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    }
     pipe["deploy"]["max_tokens"] = 4
     (task / "pipeline.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
     ws = Workspace.init(tmp / "ws")
@@ -73,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             shots = [screenshot(url + "/", out, args.width, args.height)]
             if adapters:
-                shots.append(screenshot(f"{url}/lineage?ref={adapters[-1].digest}",
-                                        out.with_name(out.stem + "_lineage.png"), 2100, 420))
+                shots.append(
+                    screenshot(
+                        f"{url}/lineage?ref={adapters[-1].digest}", out.with_name(out.stem + "_lineage.png"), 2100, 420
+                    )
+                )
     for png in shots:
         size = png.stat().st_size
         print(f"{png} {size / 1000:.0f} KB")

@@ -21,8 +21,7 @@ CHUNK = 1 << 20
 
 def canonical_json(value: Any) -> bytes:
     """Serialise ``value`` deterministically (sorted keys, compact separators, UTF-8, no NaN)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def sha256_bytes(data: bytes) -> str:

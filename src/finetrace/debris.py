@@ -29,11 +29,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_HELD: dict[tuple[int, str], tuple[str, int]] = {}   # (pid, workspace root) -> (token, lock fd)
+_HELD: dict[tuple[int, str], tuple[str, int]] = {}  # (pid, workspace root) -> (token, lock fd)
 _TOKEN = re.compile(r"^(?:import-|\.train-|\.build-)?([0-9a-f]{12})-")
 # (folder under the workspace, name prefix) of every kind of scratch entry
-SCRATCH = (("cache", "import-"), ("cache", ".train-"), ("objects/tmp", ""), ("cache/trees", ".build-"),
-           ("checkpoints/train/*", ".build-"))
+SCRATCH = (
+    ("cache", "import-"),
+    ("cache", ".train-"),
+    ("objects/tmp", ""),
+    ("cache/trees", ".build-"),
+    ("checkpoints/train/*", ".build-"),
+)
 
 
 def _locks(root: Path) -> Path:
@@ -97,12 +102,12 @@ def run_ended(root: str | Path, run_id: str) -> None:
 class Reclaimed:
     """What ``reclaim`` did (and what it left, and why)."""
 
-    interrupted: list[str] = field(default_factory=list)      # runs marked interrupted now
-    running: list[str] = field(default_factory=list)          # runs whose process is alive
-    unowned: list[str] = field(default_factory=list)          # "running" with no lock file (gc only)
-    removed: list[str] = field(default_factory=list)          # scratch paths deleted
+    interrupted: list[str] = field(default_factory=list)  # runs marked interrupted now
+    running: list[str] = field(default_factory=list)  # runs whose process is alive
+    unowned: list[str] = field(default_factory=list)  # "running" with no lock file (gc only)
+    removed: list[str] = field(default_factory=list)  # scratch paths deleted
     bytes_freed: int = 0
-    kept: list[str] = field(default_factory=list)             # scratch of live processes
+    kept: list[str] = field(default_factory=list)  # scratch of live processes
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -117,9 +122,14 @@ def _mark_interrupted(ws, run_id: str, tok: str) -> bool:
         row = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         if not row or row[0] != "running":
             raise _NotRunning(run_id)
-        return {"id": run_id, "status": "interrupted", "metrics": {}, "inputs": [],
-                "error": f"the process running it (lock {tok}) died without finishing it (killed or crashed); "
-                         f"marked by finetrace on the next start"}
+        return {
+            "id": run_id,
+            "status": "interrupted",
+            "metrics": {},
+            "inputs": [],
+            "error": f"the process running it (lock {tok}) died without finishing it (killed or crashed); "
+            f"marked by finetrace on the next start",
+        }
 
     try:
         ws.ledger.append("run.finished", data)  # checked and appended in one transaction
@@ -156,8 +166,11 @@ def reclaim(ws, *, unowned: bool = False, dry_run: bool = False) -> Reclaimed:
         if not dry_run:
             f.unlink(missing_ok=True)
     if unowned:
-        out.unowned = [r for (r,) in ws.ledger.conn.execute("SELECT id FROM runs WHERE status='running' "
-                                                            "ORDER BY seq") if r not in owned_runs]
+        out.unowned = [
+            r
+            for (r,) in ws.ledger.conn.execute("SELECT id FROM runs WHERE status='running' ORDER BY seq")
+            if r not in owned_runs
+        ]
     for sub, prefix in SCRATCH:
         for e in sorted(e for folder in root.glob(sub) if folder.is_dir() for e in folder.iterdir()):
             if not e.name.startswith(prefix) or (sub == "objects/tmp" and not e.name.endswith(".part")):

@@ -13,8 +13,19 @@ from importlib import metadata
 
 from . import __version__
 
-PACKAGES = ("finetrace", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
-            "tokenizers", "pyarrow", "numpy", "gguf")
+PACKAGES = (
+    "finetrace",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+    "pyarrow",
+    "numpy",
+    "gguf",
+)
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
@@ -40,8 +51,7 @@ def cpu_model() -> str:
 
 def git_commit(path: str | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -45,8 +45,15 @@ class InputError(FinetraceError):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, hint: str | None = None, file: str | None = None,
-                 line: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ):
         where = ":".join(str(p) for p in (file, line) if p is not None)
         if field:
             where = f"{where} field '{field}'" if where else f"field '{field}'"

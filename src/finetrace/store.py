@@ -38,15 +38,16 @@ def tree_bytes(entries: list[dict]) -> bytes:
 
 def tree_digest(files: dict[str, bytes]) -> str:
     """The folder digest of ``{relative path: bytes}`` held in memory (what ``put_dir`` would return)."""
-    return sha256_bytes(tree_bytes([{"path": p, "size": len(b), "digest": sha256_bytes(b)}
-                                    for p, b in files.items()]))
+    return sha256_bytes(tree_bytes([{"path": p, "size": len(b), "digest": sha256_bytes(b)} for p, b in files.items()]))
 
 
 def folder_digest(folder: str | Path) -> str:
     """The folder digest of a folder on disk, without storing it (what ``put_dir`` would return)."""
     folder = Path(folder)
-    entries = [{"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "digest": sha256_file(f)}
-               for f in sorted(q for q in folder.rglob("*") if q.is_file())]
+    entries = [
+        {"path": f.relative_to(folder).as_posix(), "size": f.stat().st_size, "digest": sha256_file(f)}
+        for f in sorted(q for q in folder.rglob("*") if q.is_file())
+    ]
     return sha256_bytes(tree_bytes(entries))
 
 
@@ -159,8 +160,7 @@ class ObjectStore:
             raise IntegrityError(f"object {digest} is missing from {self.root}")
         actual = sha256_file(p)
         if actual != digest:
-            raise IntegrityError(f"object {digest} is corrupt: its content hashes to {actual}",
-                                 hint=f"file {p}")
+            raise IntegrityError(f"object {digest} is corrupt: its content hashes to {actual}", hint=f"file {p}")
 
     def read_bytes(self, digest: str) -> bytes:
         p = self.path(digest)

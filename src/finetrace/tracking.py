@@ -37,10 +37,12 @@ class TrackingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mlflow: str | None = Field(None, description="MLflow tracking URI (a folder or file: URI is a local file "
-                               "store; http(s):// a tracking server; sqlite:///... a database).")
-    tensorboard: str | None = Field(None, description="Folder for TensorBoard event files (one sub-folder "
-                                    "per run).")
+    mlflow: str | None = Field(
+        None,
+        description="MLflow tracking URI (a folder or file: URI is a local file "
+        "store; http(s):// a tracking server; sqlite:///... a database).",
+    )
+    tensorboard: str | None = Field(None, description="Folder for TensorBoard event files (one sub-folder per run).")
     experiment: str = Field("finetrace", description="MLflow experiment name.")
 
 
@@ -92,8 +94,7 @@ def _facts(ws: Workspace, run) -> dict:
 
 
 def _scalar_metrics(metrics: dict | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def mlflow_uri(uri: str) -> str:
@@ -119,30 +120,48 @@ def export_mlflow(ws: Workspace, run, uri: str, experiment: str = "finetrace") -
     if found:
         return found[0].info.run_id
     facts = _facts(ws, run)
-    tags = {RUN_TAG: run.id, "finetrace.kind": run.kind, "finetrace.status": run.status,
-            "finetrace.workspace": str(ws.root), "mlflow.user": run.actor or ""}
-    tags.update({f"finetrace.{k}_digest" if k in ("adapter", "dataset") else f"finetrace.{k}": v
-                 for k, v in facts.items() if v and k != "loss_png"})
+    tags = {
+        RUN_TAG: run.id,
+        "finetrace.kind": run.kind,
+        "finetrace.status": run.status,
+        "finetrace.workspace": str(ws.root),
+        "mlflow.user": run.actor or "",
+    }
+    tags.update(
+        {
+            f"finetrace.{k}_digest" if k in ("adapter", "dataset") else f"finetrace.{k}": v
+            for k, v in facts.items()
+            if v and k != "loss_png"
+        }
+    )
     mr = client.create_run(exp_id, start_time=_ms(run.started), tags=tags, run_name=run.id)
     rid = mr.info.run_id
     params = [Param(k, v) for k, v in flatten(run.config).items()]
     if facts["adapter"]:
         params.append(Param("adapter_digest", facts["adapter"]))
     for i in range(0, len(params), 100):
-        client.log_batch(rid, params=params[i:i + 100])
+        client.log_batch(rid, params=params[i : i + 100])
     now = _ms(run.ended) or _ms(run.started)
     hist = step_history(ws, run)
-    metrics = [Metric(k, float(v), now, int(row["step"])) for row in hist for k, v in row.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    metrics = [
+        Metric(k, float(v), now, int(row["step"]))
+        for row in hist
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     last = int(hist[-1]["step"]) if hist else 0
-    metrics += [Metric(k, v, now, last) for k, v in _scalar_metrics(run.metrics).items()
-                if not any(m.key == k for m in metrics)]
+    metrics += [
+        Metric(k, v, now, last) for k, v in _scalar_metrics(run.metrics).items() if not any(m.key == k for m in metrics)
+    ]
     for i in range(0, len(metrics), 1000):
-        client.log_batch(rid, metrics=metrics[i:i + 1000])
+        client.log_batch(rid, metrics=metrics[i : i + 1000])
     if facts["dataset"]:
-        ds = Dataset(name=facts["dataset_ref"], digest=facts["dataset"], source_type="finetrace",
-                     source=json.dumps({"workspace": str(ws.root), "digest": facts["dataset"],
-                                        "ref": facts["dataset_ref"]}))
+        ds = Dataset(
+            name=facts["dataset_ref"],
+            digest=facts["dataset"],
+            source_type="finetrace",
+            source=json.dumps({"workspace": str(ws.root), "digest": facts["dataset"], "ref": facts["dataset_ref"]}),
+        )
         client.log_inputs(rid, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
     if facts["loss_png"]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,17 +193,28 @@ def export_tensorboard(ws: Workspace, run, folder: str | Path) -> Path:
                     writer.add_scalar(f"{group}/{k}", float(v), int(row["step"]), walltime=start)
         for k, v in _scalar_metrics(run.metrics).items():
             writer.add_scalar(f"final/{k}", v, 0, walltime=start)
-        writer.add_text("finetrace", f"ledger run `{run.id}`; adapter `{facts['adapter']}` ({facts['adapter_ref']});"
-                                     f" dataset `{facts['dataset']}` ({facts['dataset_ref']})", 0, walltime=start)
-        writer.add_text("config", "```\n" + json.dumps(run.config, indent=2, sort_keys=True) + "\n```", 0,
-                        walltime=start)
+        writer.add_text(
+            "finetrace",
+            f"ledger run `{run.id}`; adapter `{facts['adapter']}` ({facts['adapter_ref']});"
+            f" dataset `{facts['dataset']}` ({facts['dataset_ref']})",
+            0,
+            walltime=start,
+        )
+        writer.add_text(
+            "config", "```\n" + json.dumps(run.config, indent=2, sort_keys=True) + "\n```", 0, walltime=start
+        )
     finally:
         writer.close()
     return out
 
 
-def export_runs(ws: Workspace, run_ids: list[str] | None = None, mlflow: str | None = None,
-                tensorboard: str | None = None, experiment: str = "finetrace") -> list[dict]:
+def export_runs(
+    ws: Workspace,
+    run_ids: list[str] | None = None,
+    mlflow: str | None = None,
+    tensorboard: str | None = None,
+    experiment: str = "finetrace",
+) -> list[dict]:
     """Export ledger runs (default: every finished train run) to MLflow and/or TensorBoard.
 
     Returns ``[{"run", "mlflow_run_id", "tensorboard"}]``. Raises InputError without a destination,
@@ -192,8 +222,11 @@ def export_runs(ws: Workspace, run_ids: list[str] | None = None, mlflow: str | N
     """
     if not mlflow and not tensorboard:
         raise InputError("nothing to export to", hint="pass --mlflow URI and/or --tensorboard DIR")
-    runs = [ws.ledger.get_run(r) for r in run_ids] if run_ids else \
-        [r for r in ws.ledger.runs("train") if r.status != "running"]
+    runs = (
+        [ws.ledger.get_run(r) for r in run_ids]
+        if run_ids
+        else [r for r in ws.ledger.runs("train") if r.status != "running"]
+    )
     out = []
     for run in runs:
         row = {"run": run.id, "mlflow_run_id": None, "tensorboard": None}
@@ -211,8 +244,13 @@ def track_run(ws: Workspace, run_id: str, params: TrackingParams) -> list[dict]:
     try:
         return export_runs(ws, [run_id], params.mlflow, params.tensorboard, params.experiment)
     except Exception as exc:  # noqa: BLE001 - the run itself succeeded; say so and how to retry
-        retry = " ".join(["finetrace export-runs", run_id] + (["--mlflow", params.mlflow] if params.mlflow else [])
-                         + (["--tensorboard", params.tensorboard] if params.tensorboard else []))
-        print(f"warning: the run was recorded, but exporting it to the tracker failed: {exc}; "
-              f"retry with `{retry}`", file=sys.stderr)
+        retry = " ".join(
+            ["finetrace export-runs", run_id]
+            + (["--mlflow", params.mlflow] if params.mlflow else [])
+            + (["--tensorboard", params.tensorboard] if params.tensorboard else [])
+        )
+        print(
+            f"warning: the run was recorded, but exporting it to the tracker failed: {exc}; retry with `{retry}`",
+            file=sys.stderr,
+        )
         return []

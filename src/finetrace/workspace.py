@@ -74,8 +74,9 @@ class Workspace:
         ws.ledger = Ledger.create(root / "ledger.db", keys)
         ws.ledger.key_loader = lambda: ws.keys
         ws.ledger.external_witness = witness_path(root, keys.key_id, settings.get("witness"))
-        ws.ledger.append("workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public),
-                                               "key_id": keys.key_id})
+        ws.ledger.append(
+            "workspace.created", {"format": FORMAT, "public_key": public_to_b64(keys.public), "key_id": keys.key_id}
+        )
         ws.ledger.checkpoint()
         write_text(root / "workspace.json", json.dumps(settings, indent=2) + "\n")
         return ws
@@ -85,14 +86,18 @@ class Workspace:
         """Open a workspace; ``reclaim``: first clean what killed processes left (see ``debris.py``)."""
         root = resolve_path(path)
         if not (root / "workspace.json").exists() or not (root / "ledger.db").exists():
-            raise WorkspaceError(f"no finetrace workspace at {root}",
-                                 hint="run `finetrace init` there, or pass --workspace / set FINETRACE_WORKSPACE")
+            raise WorkspaceError(
+                f"no finetrace workspace at {root}",
+                hint="run `finetrace init` there, or pass --workspace / set FINETRACE_WORKSPACE",
+            )
         try:
             settings = json.loads((root / "workspace.json").read_text())
             fmt = settings.get("format")
         except (ValueError, AttributeError):
-            raise WorkspaceError(f"{root / 'workspace.json'} is not a JSON object",
-                                 hint=f'it holds {{"format": "{FORMAT}", "created": ...}}') from None
+            raise WorkspaceError(
+                f"{root / 'workspace.json'} is not a JSON object",
+                hint=f'it holds {{"format": "{FORMAT}", "created": ...}}',
+            ) from None
         if fmt != FORMAT:
             raise WorkspaceError(f"{root} holds a workspace of format {fmt!r}; this finetrace reads {FORMAT}")
         ws = cls(root)

@@ -17,9 +17,9 @@ from typing import Any
 
 from .errors import InputError
 
-MAX_BYTES = 4 << 20     # a config is a few kB; anything this large is not one
-MAX_DEPTH = 50          # nesting levels of mappings/lists
-MAX_NODES = 200_000     # values after expanding aliases
+MAX_BYTES = 4 << 20  # a config is a few kB; anything this large is not one
+MAX_DEPTH = 50  # nesting levels of mappings/lists
+MAX_NODES = 200_000  # values after expanding aliases
 
 
 def _loader_class():
@@ -42,16 +42,22 @@ def _loader_class():
 
         def refuse_tag(self, node):
             raise yaml.constructor.ConstructorError(
-                None, None, f"{node.tag.replace('tag:yaml.org,2002:', '!!')} values are not allowed here "
-                "(write text, numbers, true/false, lists and mappings)", node.start_mark)
+                None,
+                None,
+                f"{node.tag.replace('tag:yaml.org,2002:', '!!')} values are not allowed here "
+                "(write text, numbers, true/false, lists and mappings)",
+                node.start_mark,
+            )
 
         def compose_node(self, parent, index):  # refuse deep nesting early (the composer recurses)
             self.depth = getattr(self, "depth", 0) + 1
             try:
                 if self.depth > MAX_DEPTH:
-                    raise _Refused(f"nested more than {MAX_DEPTH} levels deep",
-                                   self.peek_event().start_mark.line + 1,
-                                   "a config is a few levels of key: value; flatten it")
+                    raise _Refused(
+                        f"nested more than {MAX_DEPTH} levels deep",
+                        self.peek_event().start_mark.line + 1,
+                        "a config is a few levels of key: value; flatten it",
+                    )
                 return super().compose_node(parent, index)
             finally:
                 self.depth -= 1
@@ -81,8 +87,11 @@ def _walk(node, lines: dict[str, int]) -> None:
 
     def size(n, depth: int, prefix: str | None) -> int:
         if depth > MAX_DEPTH:
-            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", n.start_mark.line + 1,
-                           "a config is a few levels of key: value; flatten it")
+            raise _Refused(
+                f"nested more than {MAX_DEPTH} levels deep",
+                n.start_mark.line + 1,
+                "a config is a few levels of key: value; flatten it",
+            )
         if id(n) in sizes:  # an alias: counted again, walked once
             return sizes[id(n)]
         total = 1
@@ -97,15 +106,17 @@ def _walk(node, lines: dict[str, int]) -> None:
             total += sum(size(v, depth + 1, None) for v in n.value)
         sizes[id(n)] = total
         if total > MAX_NODES:
-            raise _Refused(f"expands to more than {MAX_NODES:,} values (aliases repeated inside aliases)",
-                           n.start_mark.line + 1, "write the values out; do not nest aliases")
+            raise _Refused(
+                f"expands to more than {MAX_NODES:,} values (aliases repeated inside aliases)",
+                n.start_mark.line + 1,
+                "write the values out; do not nest aliases",
+            )
         return total
 
     size(node, 0, "")
 
 
-def parse_text(text: str, file: str | None = None, error: type[InputError] = InputError
-               ) -> tuple[Any, dict[str, int]]:
+def parse_text(text: str, file: str | None = None, error: type[InputError] = InputError) -> tuple[Any, dict[str, int]]:
     """(document, {dotted key: line}) of YAML ``text``; ``error`` (naming file and line) if it is bad."""
     import yaml
 
@@ -120,13 +131,20 @@ def parse_text(text: str, file: str | None = None, error: type[InputError] = Inp
         _walk(node, lines)
         return loader.construct_document(node), lines
     except _Duplicate as d:
-        raise error(f"key '{d.key}' is written twice (first at line {d.first})", file=file, line=d.second,
-                    hint="keep one of them: YAML would silently use the last") from None
+        raise error(
+            f"key '{d.key}' is written twice (first at line {d.first})",
+            file=file,
+            line=d.second,
+            hint="keep one of them: YAML would silently use the last",
+        ) from None
     except _Refused as exc:  # depth / size
         raise error(exc.message, file=file, line=exc.line, hint=exc.hint) from None
     except RecursionError:
-        raise error(f"nested too deeply to read (more than {MAX_DEPTH} levels)", file=file,
-                    hint="a config is a few levels of key: value; flatten it") from None
+        raise error(
+            f"nested too deeply to read (more than {MAX_DEPTH} levels)",
+            file=file,
+            hint="a config is a few levels of key: value; flatten it",
+        ) from None
     except yaml.YAMLError as exc:
         if isinstance(exc, yaml.reader.ReaderError):
             hint = "remove it (inside double quotes an escape such as \\x07 is allowed)"
@@ -149,16 +167,22 @@ def _check_brackets(text: str) -> None:
     for i, depth in enumerate(itertools.accumulate(steps)):
         if depth > 4 * MAX_DEPTH:  # generous: brackets inside quoted text count here too
             pos = next(m.start() for k, m in enumerate(re.finditer(r"[\[\]{}]", text)) if k == i)
-            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", text[:pos].count("\n") + 1,
-                           "a config is a few levels of key: value; flatten it")
+            raise _Refused(
+                f"nested more than {MAX_DEPTH} levels deep",
+                text[:pos].count("\n") + 1,
+                "a config is a few levels of key: value; flatten it",
+            )
 
 
 def _problem(exc) -> str:
     import yaml
 
     if isinstance(exc, yaml.reader.ReaderError):
-        return f"control character #x{exc.character:04x} is not allowed" if isinstance(exc.character, int) \
+        return (
+            f"control character #x{exc.character:04x} is not allowed"
+            if isinstance(exc.character, int)
             else "unreadable character"
+        )
     parts = [p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p]
     return ", ".join(parts) or str(exc).splitlines()[0]
 
@@ -177,22 +201,29 @@ def decode(raw: bytes, file: str, what: str, error: type[InputError] = InputErro
         try:
             return raw.decode("utf-16")
         except UnicodeDecodeError as exc:
-            line = raw[:exc.start].decode("utf-16", errors="ignore").count("\n") + 1
-            raise error(f"the {what} is not valid UTF-16 text", file=file, line=line,
-                        hint="save it as UTF-8") from None
+            line = raw[: exc.start].decode("utf-16", errors="ignore").count("\n") + 1
+            raise error(f"the {what} is not valid UTF-16 text", file=file, line=line, hint="save it as UTF-8") from None
     if b"\x00" in raw:
-        raise error(f"the {what} is a binary file (or UTF-16 without a byte-order mark), not YAML text",
-                    file=file, line=raw[:raw.index(b"\x00")].count(b"\n") + 1,
-                    hint=f"give the path of the YAML {what}, saved as UTF-8 text")
+        raise error(
+            f"the {what} is a binary file (or UTF-16 without a byte-order mark), not YAML text",
+            file=file,
+            line=raw[: raw.index(b"\x00")].count(b"\n") + 1,
+            hint=f"give the path of the YAML {what}, saved as UTF-8 text",
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise error(f"the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x})", file=file,
-                    line=raw[:exc.start].count(b"\n") + 1, hint="save it as UTF-8") from None
+        raise error(
+            f"the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+            file=file,
+            line=raw[: exc.start].count(b"\n") + 1,
+            hint="save it as UTF-8",
+        ) from None
 
 
-def load_yaml(path: str | Path, what: str, missing_hint: str | None = None,
-              error: type[InputError] = InputError) -> tuple[Any, dict[str, int]]:
+def load_yaml(
+    path: str | Path, what: str, missing_hint: str | None = None, error: type[InputError] = InputError
+) -> tuple[Any, dict[str, int]]:
     """(document, {dotted key: line}) of YAML file ``path``; ``error`` naming the file otherwise.
 
     ``what`` names the file's role in messages ("train config", "datasheet"); ``error`` is the
@@ -200,17 +231,23 @@ def load_yaml(path: str | Path, what: str, missing_hint: str | None = None,
     """
     p = Path(path)
     if not p.is_file():
-        raise error(f"no such {what}" + (" (it is a folder)" if p.is_dir() else ""), file=str(p),
-                    hint=missing_hint or f"give the path of a YAML {what}")
+        raise error(
+            f"no such {what}" + (" (it is a folder)" if p.is_dir() else ""),
+            file=str(p),
+            hint=missing_hint or f"give the path of a YAML {what}",
+        )
     try:
         with open(p, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise error(f"cannot read the {what}: {exc.strerror}", file=str(p), line=1) from None
     if len(raw) > MAX_BYTES:
-        raise error(f"the {what} is {p.stat().st_size:,} bytes; a YAML {what} is at most {MAX_BYTES:,}",
-                    file=str(p), line=raw[:MAX_BYTES].count(b"\n") + 1,
-                    hint=f"give the path of the YAML {what}, not of a data file")
+        raise error(
+            f"the {what} is {p.stat().st_size:,} bytes; a YAML {what} is at most {MAX_BYTES:,}",
+            file=str(p),
+            line=raw[:MAX_BYTES].count(b"\n") + 1,
+            hint=f"give the path of the YAML {what}, not of a data file",
+        )
     return parse_text(decode(raw, str(p), what, error), str(p), error)
 
 
@@ -222,9 +259,15 @@ def key_lines(text: str) -> dict[str, int]:
         return {}
 
 
-def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
-                 error: type[InputError] = InputError, known: list[str] | None = None,
-                 aliases: dict[str, str] | None = None, noun: str = "key") -> dict:
+def read_mapping(
+    path: str | Path,
+    what: str,
+    missing_hint: str | None = None,
+    error: type[InputError] = InputError,
+    known: list[str] | None = None,
+    aliases: dict[str, str] | None = None,
+    noun: str = "key",
+) -> dict:
     """The mapping of facts in YAML file ``path`` (empty file: {}); ``error`` naming the file otherwise.
 
     ``what`` names the file's role in messages ("datasheet", "intended-use file"). With ``known``, any
@@ -234,20 +277,34 @@ def read_mapping(path: str | Path, what: str, missing_hint: str | None = None,
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise error(f"the {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path), line=1,
-                    hint="write one 'key: value' per line")
+        raise error(
+            f"the {what} must be a mapping of key: value, not a {_kind(doc)}",
+            file=str(path),
+            line=1,
+            hint="write one 'key: value' per line",
+        )
     out = {}
     for key, value in doc.items():
         if not isinstance(key, str) or not key.strip():
-            raise error(f"key {key!r} is not a name", file=str(path), line=lines.get(str(key), 1),
-                        field=str(key) or None, hint="write keys as plain names (quote them if needed)")
+            raise error(
+                f"key {key!r} is not a name",
+                file=str(path),
+                line=lines.get(str(key), 1),
+                field=str(key) or None,
+                hint="write keys as plain names (quote them if needed)",
+            )
         name = (aliases or {}).get(key, key)
         if known is not None and name not in known:
             import difflib
 
             close = difflib.get_close_matches(name, known, 1)
-            raise error(f"unknown {noun} {key!r}", file=str(path), line=lines.get(key), field=key,
-                        hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}")
+            raise error(
+                f"unknown {noun} {key!r}",
+                file=str(path),
+                line=lines.get(key),
+                field=key,
+                hint=f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(known)}",
+            )
         out[name] = _fact(value, key, str(path), lines, error)
     return out
 
@@ -263,8 +320,13 @@ def _fact(value, key: str, file: str, lines: dict[str, int], error, depth: int =
 
     def bad(msg: str):
         top = key.split(".")[0]
-        return error(msg, file=file, line=lines.get(key, lines.get(top)), field=key,
-                     hint="write text, a number, true/false, or a list of those")
+        return error(
+            msg,
+            file=file,
+            line=lines.get(key, lines.get(top)),
+            field=key,
+            hint="write text, a number, true/false, or a list of those",
+        )
 
     if isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()
@@ -287,13 +349,15 @@ def _fact(value, key: str, file: str, lines: dict[str, int], error, depth: int =
 
 def _kind(value) -> str:
     return {list: "list", str: "text", int: "number", float: "number", bool: "true/false"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 # -- typed configs: YAML (or a mapping) -> a pydantic model, errors naming file, line and key ------------
 # The one loader of train configs, pipeline files and eval suites. Every error is a ConfigError
 # ``FILE:LINE field 'KEY': what (what to do)``: an unknown key suggests the closest valid one, a missing
 # key says what to add, a bad value quotes the field's description.
+
 
 def read_config(path: str | Path, what: str, missing_hint: str | None = None) -> tuple[dict, dict[str, int]]:
     """(mapping, {dotted key: line}) of YAML config file ``path`` (empty file: {}); ConfigError otherwise."""
@@ -303,20 +367,41 @@ def read_config(path: str | Path, what: str, missing_hint: str | None = None) ->
     if doc is None:
         return {}, lines
     if not isinstance(doc, dict):
-        raise ConfigError(f"a {what} must be a mapping of key: value, not a {_kind(doc)}", file=str(path),
-                          line=1, hint="write one 'key: value' per line")
+        raise ConfigError(
+            f"a {what} must be a mapping of key: value, not a {_kind(doc)}",
+            file=str(path),
+            line=1,
+            hint="write one 'key: value' per line",
+        )
     return doc, lines
 
 
-def load_model(model, path: str | Path, what: str, *, missing_hint: str | None = None,
-               reference: str = "", aliases: dict[str, str] | None = None):
+def load_model(
+    model,
+    path: str | Path,
+    what: str,
+    *,
+    missing_hint: str | None = None,
+    reference: str = "",
+    aliases: dict[str, str] | None = None,
+):
     """Read YAML config file ``path`` and validate it as ``model`` (see :func:`validate_model`)."""
     doc, lines = read_config(path, what, missing_hint)
     return validate_model(model, doc, what, file=str(path), lines=lines, reference=reference, aliases=aliases)
 
 
-def validate_model(model, doc: Any, what: str, *, file: str | None = None, lines: dict[str, int] | None = None,
-                   prefix: str = "", reference: str = "", aliases: dict[str, str] | None = None, locate=None):
+def validate_model(
+    model,
+    doc: Any,
+    what: str,
+    *,
+    file: str | None = None,
+    lines: dict[str, int] | None = None,
+    prefix: str = "",
+    reference: str = "",
+    aliases: dict[str, str] | None = None,
+    locate=None,
+):
     """``model.model_validate(doc)``, or a ConfigError naming the key, its file and line, and a fix.
 
     ``lines`` are the dotted-key lines of ``file``; ``prefix`` is where ``doc`` sits in that file
@@ -329,9 +414,13 @@ def validate_model(model, doc: Any, what: str, *, file: str | None = None, lines
     from .errors import ConfigError
 
     if not isinstance(doc, dict):
-        raise ConfigError(f"a {what} must be a mapping of key: value, not a {_kind(doc)}", file=file,
-                          line=1 if file else None, field=prefix.rstrip(".") or None,
-                          hint=reference or "write one 'key: value' per line")
+        raise ConfigError(
+            f"a {what} must be a mapping of key: value, not a {_kind(doc)}",
+            file=file,
+            line=1 if file else None,
+            field=prefix.rstrip(".") or None,
+            hint=reference or "write one 'key: value' per line",
+        )
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
@@ -346,14 +435,19 @@ def validate_model(model, doc: Any, what: str, *, file: str | None = None, lines
         desc = describe_key(model, key)
         if err["type"] == "extra_forbidden":
             close = suggest_key(model, key, aliases)
-            hint = f"did you mean '{prefix}{close}'?" if close else \
-                f"valid keys here: {', '.join(keys_beside(model, key))}"
+            hint = (
+                f"did you mean '{prefix}{close}'?"
+                if close
+                else f"valid keys here: {', '.join(keys_beside(model, key))}"
+            )
             raise ConfigError("unknown key", hint=hint, **where) from None
         if err["type"] == "missing":
-            raise ConfigError("required key is missing", hint=f"add '{key}: ...'"
-                              + (f" ({desc})" if desc else ""), **where) from None
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r:.200})", hint=desc or reference or None,
-                          **where) from None
+            raise ConfigError(
+                "required key is missing", hint=f"add '{key}: ...'" + (f" ({desc})" if desc else ""), **where
+            ) from None
+        raise ConfigError(
+            f"{err['msg']} (got {err.get('input')!r:.200})", hint=desc or reference or None, **where
+        ) from None
 
 
 def artifact_name(v: str) -> str:
@@ -402,7 +496,7 @@ def loc_key(loc: tuple, model=None) -> str:
     """The dotted key a pydantic error location points at (list indices and union branches dropped)."""
     parts: list[str] = []
     if "[key]" in loc:  # a key that is not a name (a number, a list)
-        return ".".join(str(p) for p in loc[:loc.index("[key]")])
+        return ".".join(str(p) for p in loc[: loc.index("[key]")])
     for p in loc:
         if isinstance(p, int):
             continue

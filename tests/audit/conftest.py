@@ -25,9 +25,12 @@ def audit_golden(tiny_model_dir, tmp_path_factory):
     approve(ws, refs["adapter"].ref, "Ada Lovelace", "checked accuracy, group and counterfactual results")
     generate_documents(ws, refs["adapter"].ref, intended_use=refs["intended_use"], formats=("md", "html"))
     ws.close()
-    return {"root": root, "refs": {k: getattr(v, "ref", v) for k, v in refs.items()},
-            "digests": {k: v.digest for k, v in refs.items() if hasattr(v, "digest")},
-            "intended_use": refs["intended_use"]}
+    return {
+        "root": root,
+        "refs": {k: getattr(v, "ref", v) for k, v in refs.items()},
+        "digests": {k: v.digest for k, v in refs.items() if hasattr(v, "digest")},
+        "intended_use": refs["intended_use"],
+    }
 
 
 @pytest.fixture

@@ -48,9 +48,14 @@ def rows(n: int, seed: int) -> list[dict]:
     for i in range(n):
         label = rng.choice(sorted(ROUTES))
         words = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
-        out.append({"id": f"t{seed}-{i}", "text": f"order {rng.randint(100, 999)}: {' '.join(words)} {ROUTES[label]}",
-                    "label": label,
-                    "group": GROUPS[i % 2]})
+        out.append(
+            {
+                "id": f"t{seed}-{i}",
+                "text": f"order {rng.randint(100, 999)}: {' '.join(words)} {ROUTES[label]}",
+                "label": label,
+                "group": GROUPS[i % 2],
+            }
+        )
     return out
 
 
@@ -62,11 +67,16 @@ def write_csv(path: Path, data: list[dict]) -> Path:
     return path
 
 
-SUITE = {"name": "routing", "split": "test", "metrics": ["accuracy"], "scoring": "constrained",
-         "bootstrap": {"samples": 100, "seed": 0},
-         "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 4},
-         "forgetting": {"enabled": False},
-         "gates": {"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0}}
+SUITE = {
+    "name": "routing",
+    "split": "test",
+    "metrics": ["accuracy"],
+    "scoring": "constrained",
+    "bootstrap": {"samples": 100, "seed": 0},
+    "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 4},
+    "forgetting": {"enabled": False},
+    "gates": {"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0},
+}
 
 
 def build(ws, model_dir: Path, tmp: Path) -> dict:
@@ -80,15 +90,32 @@ def build(ws, model_dir: Path, tmp: Path) -> dict:
     base = add_folder(ws, model_dir, "tiny")
     sheet = tmp / "datasheet.yaml"
     sheet.write_text(DATASHEET)
-    data = import_dataset(ws, [write_csv(tmp / "tickets.csv", rows(40, 0))], "tickets", schema="classification",
-                          datasheet=sheet, splits=(0.7, 0.1, 0.2), seed=0,
-                          near_dup_threshold=1.0)
-    cfg = TrainConfig(base_model="tiny", dataset=data.ref, output_name="routing-lora", batch_size=4, max_steps=3,
-                      lr=5e-3, checkpoint_every=None, seed=0, threads=1,
-                      lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    data = import_dataset(
+        ws,
+        [write_csv(tmp / "tickets.csv", rows(40, 0))],
+        "tickets",
+        schema="classification",
+        datasheet=sheet,
+        splits=(0.7, 0.1, 0.2),
+        seed=0,
+        near_dup_threshold=1.0,
+    )
+    cfg = TrainConfig(
+        base_model="tiny",
+        dataset=data.ref,
+        output_name="routing-lora",
+        batch_size=4,
+        max_steps=3,
+        lr=5e-3,
+        checkpoint_every=None,
+        seed=0,
+        threads=1,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
     adapter = train(ws, cfg, progress=False)
-    report = evaluate(ws, "tiny", f"{data.ref}:test", adapter_ref=adapter.ref,
-                      suite=Suite.model_validate(SUITE), name="routing-eval")
+    report = evaluate(
+        ws, "tiny", f"{data.ref}:test", adapter_ref=adapter.ref, suite=Suite.model_validate(SUITE), name="routing-eval"
+    )
     intended = tmp / "intended_use.yaml"
     intended.write_text(INTENDED_USE)
     return {"base": base, "data": data, "adapter": adapter, "report": report, "intended_use": intended}

@@ -41,9 +41,17 @@ def test_bundle_holds_the_whole_lineage_and_verifies(bundle):
     files = _members(path)
     adapter_files = {e.path for e in ws.store.tree(g["digests"]["adapter"])}
     assert {f"adapter/{p}" for p in adapter_files} <= set(files)
-    assert {"bundle.json", "bundle.json.sig", "checkpoint.json", "public_key.pem", "README.txt",
-            "documents/annex-iv/annex_iv.md", "documents/model-card/README.md", "documents/mlbom/mlbom.cdx.json",
-            "documents/attestation/attestation.dsse.json"} <= set(files)
+    assert {
+        "bundle.json",
+        "bundle.json.sig",
+        "checkpoint.json",
+        "public_key.pem",
+        "README.txt",
+        "documents/annex-iv/annex_iv.md",
+        "documents/model-card/README.md",
+        "documents/mlbom/mlbom.cdx.json",
+        "documents/attestation/attestation.dsse.json",
+    } <= set(files)
     entries = {int(n.split("/")[-1][:-5]): json.loads(b) for n, b in files.items() if n.startswith("ledger/entries/")}
     assert {n.replace("entries", "proofs") for n in files if n.startswith("ledger/entries/")} <= set(files)
     types = [e["type"] for e in entries.values()]
@@ -69,7 +77,7 @@ def test_bundle_holds_the_whole_lineage_and_verifies(bundle):
 
 def _flip(data: bytes, at: int | None = None) -> bytes:
     i = len(data) // 2 if at is None else at
-    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
 
 
 def _first_entry(files, type_):
@@ -145,10 +153,17 @@ def _remove_entry(files):
     return f"ledger entry {n.split('/')[-1][:-5]}"
 
 
-TAMPERS = {"adapter byte": _tamper_adapter_byte, "document": _tamper_document, "ledger entry": _tamper_entry,
-           "approval entry": _tamper_approval, "proof": _tamper_proof, "checkpoint signature": _tamper_checkpoint_sig,
-           "attestation signature": _tamper_attestation_sig, "manifest signature": _tamper_manifest_sig,
-           "removed entry": _remove_entry}
+TAMPERS = {
+    "adapter byte": _tamper_adapter_byte,
+    "document": _tamper_document,
+    "ledger entry": _tamper_entry,
+    "approval entry": _tamper_approval,
+    "proof": _tamper_proof,
+    "checkpoint signature": _tamper_checkpoint_sig,
+    "attestation signature": _tamper_attestation_sig,
+    "manifest signature": _tamper_manifest_sig,
+    "removed entry": _remove_entry,
+}
 
 
 @pytest.mark.parametrize("what", sorted(TAMPERS))
@@ -200,18 +215,27 @@ def test_verify_in_a_fresh_process_with_no_workspace(bundle, tmp_path):
     local = empty / "bundle.zip"
     local.write_bytes(path.read_bytes())
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(empty), "LANG": "C.UTF-8"}
-    code = ("import sys\nfrom finetrace.cli import main\nrc = main(['verify', 'bundle.zip'])\n"
-            "assert 'torch' not in sys.modules, 'verify imported torch'\nsys.exit(rc)\n")
-    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=empty, env=env, capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys\nfrom finetrace.cli import main\nrc = main(['verify', 'bundle.zip'])\n"
+        "assert 'torch' not in sys.modules, 'verify imported torch'\nsys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=empty, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "verify: OK" in proc.stdout and "checked 4 signatures" in proc.stdout
     assert not (empty / ".finetrace").exists()
     files = _members(local)
     _tamper_document(files)
     _rewrite(local, files, empty / "bad.zip")
-    proc = subprocess.run([sys.executable, "-I", "-c", code.replace("bundle.zip", "bad.zip")], cwd=empty, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code.replace("bundle.zip", "bad.zip")],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3 and "FAIL: document annex-iv" in proc.stderr, proc.stderr
 
 
@@ -271,5 +295,6 @@ def test_not_a_bundle_is_reported_not_raised(tmp_path):
     assert not report.ok and "is not a readable zip file" in report.problems[0]
     assert "no bundle at" in verify_bundle(tmp_path / "missing.zip").problems[0]
     empty = _rewrite(junk, {"README.txt": b"hello"}, tmp_path / "empty.zip")
-    assert set(verify_bundle(empty).problems) == {f"the bundle has no {n}" for n in
-                                                 ("bundle.json", "bundle.json.sig", "public_key.pem", "checkpoint.json")}
+    assert set(verify_bundle(empty).problems) == {
+        f"the bundle has no {n}" for n in ("bundle.json", "bundle.json.sig", "public_key.pem", "checkpoint.json")
+    }

@@ -88,8 +88,9 @@ def test_a_checkpoint_or_key_of_another_workspace_is_refused(audit_env, tmp_path
     cp = ws.checkpoint()
     unsigned = Checkpoint(cp.size, cp.root, now(), other.key_id, "")
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps(Checkpoint(cp.size, cp.root, unsigned.time, other.key_id,
-                                             other.sign(unsigned.message())).to_dict()))
+    foreign.write_text(
+        json.dumps(Checkpoint(cp.size, cp.root, unsigned.time, other.key_id, other.sign(unsigned.message())).to_dict())
+    )
     rep = verify_bundle(path, checkpoints=[foreign])
     assert not rep.ok and f"signed by key {other.key_id}" in rep.problems[0]
     rep = verify_bundle(path, expected_key_id=other.key_id)

@@ -83,8 +83,17 @@ def test_model_card_has_hub_metadata_and_mitchell_sections(audit_env):
     result = meta["model-index"][0]["results"][0]
     assert result["metrics"] == [{"type": "accuracy", "name": "accuracy", "value": acc}]
     assert result["dataset"]["revision"] == g["digests"]["data"] and result["dataset"]["split"] == "test"
-    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+    for section in (
+        "Model details",
+        "Intended use",
+        "Factors",
+        "Metrics",
+        "Evaluation data",
+        "Training data",
+        "Quantitative analyses",
+        "Ethical considerations",
+        "Caveats and recommendations",
+    ):
         assert f"\n## {section}\n" in card, section
     from huggingface_hub import ModelCard  # the Hub's own parser reads the metadata and the eval results
 
@@ -113,8 +122,9 @@ def test_training_data_disclosures_come_from_the_datasheet(audit_env):
     eu = docs["eu_training_summary"]["eu_training_summary.md"].decode()
     for part in ("## 1. General information", "## 2. List of data sources", "## 3. Relevant data processing aspects"):
         assert part in eu
-    source = json.loads(ws.store.read_bytes(next(e.digest for e in ws.store.tree(g["digests"]["data"])
-                                                 if e.path == "dataset.json")))["sources"][0]
+    source = json.loads(
+        ws.store.read_bytes(next(e.digest for e in ws.store.tree(g["digests"]["data"]) if e.path == "dataset.json"))
+    )["sources"][0]
     assert source["digest"] in eu and "| CC-BY-4.0 |" in eu
 
 
@@ -169,8 +179,13 @@ def test_mlbom_validates_against_the_cyclonedx_schema(audit_env):
         assert {c["name"]: c["hashes"][0]["content"] for c in comps[digest]["components"]} == files
     card = comps[g["digests"]["adapter"]]["modelCard"]
     assert card["modelParameters"]["datasets"] == [{"ref": g["digests"]["data"]}]
-    assert any(m["type"] == "accuracy" and "confidenceInterval" in m for m in card["quantitativeAnalysis"]["performanceMetrics"])
-    assert bom["dependencies"] == [{"ref": g["digests"]["adapter"], "dependsOn": [g["digests"]["base"], g["digests"]["data"]]}]
+    assert any(
+        m["type"] == "accuracy" and "confidenceInterval" in m
+        for m in card["quantitativeAnalysis"]["performanceMetrics"]
+    )
+    assert bom["dependencies"] == [
+        {"ref": g["digests"]["adapter"], "dependsOn": [g["digests"]["base"], g["digests"]["data"]]}
+    ]
     bom["components"][0]["hashes"][0]["content"] = "not-a-sha256"
     with pytest.raises(Exception, match="CycloneDX 1.6 schema"):
         mlbom.validate(bom)
@@ -202,7 +217,10 @@ def test_attestation_verifies_with_securesystemslib(audit_env):
         assert {e.digest.split(":")[1] for e in ws.store.tree(g["digests"][key_name])} <= deps
     names = [d["name"] for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]]
     assert "finetrace" in names and any(n.endswith("train.parquet") for n in names)
-    assert stmt["predicate"]["runDetails"]["metadata"]["invocationId"] == ws.ledger.artifact(g["digests"]["adapter"]).run_id
+    assert (
+        stmt["predicate"]["runDetails"]["metadata"]["invocationId"]
+        == ws.ledger.artifact(g["digests"]["adapter"]).run_id
+    )
     assert verify_envelope(env, ws.public_key) == stmt
     _check_with_in_toto_attestation(stmt)
     # one changed byte of the payload: both implementations refuse it
@@ -237,8 +255,9 @@ def test_approval_is_signed_dated_and_named(audit_env):
 
 def _approve_other_report(ws, g):
     """An eval report of another adapter cannot be the report approved for this one."""
-    ws.ledger.add_artifact("eval_report", ws.store.put_bytes(b"{}"), name="other-eval",
-                           metadata={"adapters": ["sha256:" + "1" * 64]})
+    ws.ledger.add_artifact(
+        "eval_report", ws.store.put_bytes(b"{}"), name="other-eval", metadata={"adapters": ["sha256:" + "1" * 64]}
+    )
     approve(ws, g["refs"]["adapter"], "Bob", "note", report_ref="other-eval@1")
 
 
@@ -250,8 +269,22 @@ def test_cli_docs_approve_export_verify(audit_env, tmp_path, capsys):
     assert main([*w, "approve", g["refs"]["adapter"], "--as", "Grace Hopper", "--note", "re-checked"]) == 0
     assert "approval by Grace Hopper" in capsys.readouterr().out
     out = tmp_path / "docs"
-    assert main([*w, "docs", g["refs"]["adapter"], "--intended-use", str(g["intended_use"]), "-o", str(out),
-                 "--format", "md"]) == 0
+    assert (
+        main(
+            [
+                *w,
+                "docs",
+                g["refs"]["adapter"],
+                "--intended-use",
+                str(g["intended_use"]),
+                "-o",
+                str(out),
+                "--format",
+                "md",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "routing-lora-annex-iv@" in text
     assert "Grace Hopper approved report" in (out / "annex-iv" / "annex_iv.md").read_text()
@@ -271,12 +304,18 @@ def test_an_unevaluated_adapter_says_what_is_missing(audit_env):
     ws, g = audit_env
     old = ws.ledger.get_run(ws.ledger.artifact(g["digests"]["adapter"]).run_id)
     cfg = {k: v for k, v in old.config.items() if k != "resolved"}
-    fresh = train(ws, TrainConfig.model_validate({**cfg, "output_name": "unevaluated", "init_from": g["refs"]["adapter"]}),
-                  progress=False)
+    fresh = train(
+        ws,
+        TrainConfig.model_validate({**cfg, "output_name": "unevaluated", "init_from": g["refs"]["adapter"]}),
+        progress=False,
+    )
     generate_documents(ws, fresh.ref, intended_use=g["intended_use"], formats=("md",))
     docs = _docs(ws, fresh.digest)
     annex = docs["annex_iv"]["annex_iv.md"].decode()
-    assert f"*not provided* (would be provided by: an evaluation of this adapter (`finetrace eval --adapter {fresh.ref}`))" in annex
+    assert (
+        f"*not provided* (would be provided by: an evaluation of this adapter (`finetrace eval --adapter {fresh.ref}`))"
+        in annex
+    )
     assert "*not provided* (would be provided by: a `gate.verdict` recorded by `finetrace eval`)" in annex
     assert f"*not provided* (would be provided by: `finetrace approve {fresh.ref} --as NAME --note TEXT`)" in annex
     assert f"continues training of {g['refs']['adapter']}" in annex  # lineage: the parent adapter
@@ -286,8 +325,11 @@ def test_an_unevaluated_adapter_says_what_is_missing(audit_env):
     assert f"Parent adapter: {g['refs']['adapter']}" in card
     stmt = json.loads(base64.b64decode(json.loads(docs["attestation"]["attestation.dsse.json"])["payload"]))
     deps = stmt["predicate"]["buildDefinition"]["resolvedDependencies"]
-    assert {"name": "parent_adapter", "uri": f"finetrace:{g['refs']['adapter']}",
-            "digest": {"sha256": g["digests"]["adapter"].split(":")[1]}} in deps
+    assert {
+        "name": "parent_adapter",
+        "uri": f"finetrace:{g['refs']['adapter']}",
+        "digest": {"sha256": g["digests"]["adapter"].split(":")[1]},
+    } in deps
 
 
 def _check_with_in_toto_attestation(stmt: dict) -> None:
@@ -305,7 +347,9 @@ def _check_with_in_toto_attestation(stmt: dict) -> None:
     prov = json_format.ParseDict(stmt["predicate"], provenance_pb2.Provenance())
     assert prov.build_definition.build_type == "https://finetrace.dev/train/v1"
     for dep in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]:
-        ResourceDescriptor.copy_from_pb(json_format.ParseDict(dep, resource_descriptor_pb2.ResourceDescriptor())).validate()
+        ResourceDescriptor.copy_from_pb(
+            json_format.ParseDict(dep, resource_descriptor_pb2.ResourceDescriptor())
+        ).validate()
 
 
 def test_annex_iv_describes_a_dpo_run_as_preference_optimisation(audit_env, tmp_path):
@@ -320,8 +364,20 @@ def test_annex_iv_describes_a_dpo_run_as_preference_optimisation(audit_env, tmp_
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     import_dataset(ws, [data], "prefs")
-    art = train(ws, TrainConfig(base_model=g["refs"]["base"], dataset="prefs", objective="dpo", output_name="dpo-a",
-                                max_steps=2, batch_size=4, checkpoint_every=None, threads=1), progress=False)
+    art = train(
+        ws,
+        TrainConfig(
+            base_model=g["refs"]["base"],
+            dataset="prefs",
+            objective="dpo",
+            output_name="dpo-a",
+            max_steps=2,
+            batch_size=4,
+            checkpoint_every=None,
+            threads=1,
+        ),
+        progress=False,
+    )
     generate_documents(ws, art.ref, intended_use=g["intended_use"], formats=("md",))
     md = _docs(ws, art.digest)["annex_iv"]["annex_iv.md"].decode()
     assert "direct preference optimisation" in md and "loss sigmoid, beta 0.1" in md

@@ -22,7 +22,7 @@ def _ink(img) -> tuple[float, int]:
 
     px = np.asarray(img.convert("RGB")).astype(int).reshape(-1, 3)
     non_white = float((px != 255).any(axis=1).mean())
-    band = int((np.abs(px - [0xe8, 0xee, 0xf7]).sum(axis=1) < 6).sum())
+    band = int((np.abs(px - [0xE8, 0xEE, 0xF7]).sum(axis=1) < 6).sum())
     return non_white, band
 
 
@@ -31,7 +31,7 @@ def _heading_ink(img) -> int:
     import numpy as np
 
     px = np.asarray(img.convert("RGB")).astype(int).reshape(-1, 3)
-    return int((np.abs(px - [0x1d, 0x35, 0x57]).sum(axis=1) < 40).sum())
+    return int((np.abs(px - [0x1D, 0x35, 0x57]).sum(axis=1) < 40).sum())
 
 
 @pytest.mark.slow
@@ -65,14 +65,19 @@ def test_annex_iv_html_and_pdf_render_with_every_heading(audit_env, tmp_path):
     pdf = folder / "annex_iv.pdf"
     assert pdf.read_bytes().startswith(b"%PDF")
     if shutil.which("pdftotext"):
-        text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            ["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
+        ).stdout
         flat = " ".join(text.split())
         for heading in ANNEX_IV_HEADINGS:
             assert " ".join(heading.split()) in flat, heading
     if shutil.which("pdftoppm"):
-        subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "2", str(pdf), str(tmp_path / "page")],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "2", str(pdf), str(tmp_path / "page")],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         pages = sorted(tmp_path.glob("page-*.png"))
         assert len(pages) == 2
         for p in pages:

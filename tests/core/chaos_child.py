@@ -47,7 +47,7 @@ class Counter:
             return
         path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
         if path.startswith(self.root):  # names relative to a dir_fd (inside rmtree) are not counted
-            self.hit(f"{event} {path[len(self.root):]}")
+            self.hit(f"{event} {path[len(self.root) :]}")
 
 
 def wrap_ledger(counter: Counter) -> None:

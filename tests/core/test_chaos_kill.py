@@ -26,18 +26,36 @@ from finetrace.workspace import Workspace
 SEED = 18
 POINTS = 10
 CHILD = Path(__file__).with_name("chaos_child.py")
-TRAIN = {"base_model": "tiny", "dataset": "toy", "output_name": "chaos-lora", "batch_size": 4, "max_steps": 3,
-         "lr": 5e-3, "checkpoint_every": 1, "compile": False, "seed": 0, "eval_max_examples": 4}
-DEBRIS = ("cache/import-*", "cache/.train-*", "objects/tmp/*.part", "cache/trees/.build-*", "locks/*.lock",
-          "locks/runs/*", "checkpoints/train/*/.build-*")
+TRAIN = {
+    "base_model": "tiny",
+    "dataset": "toy",
+    "output_name": "chaos-lora",
+    "batch_size": 4,
+    "max_steps": 3,
+    "lr": 5e-3,
+    "checkpoint_every": 1,
+    "compile": False,
+    "seed": 0,
+    "eval_max_examples": 4,
+}
+DEBRIS = (
+    "cache/import-*",
+    "cache/.train-*",
+    "objects/tmp/*.part",
+    "cache/trees/.build-*",
+    "locks/*.lock",
+    "locks/runs/*",
+    "checkpoints/train/*/.build-*",
+)
 
 pytestmark = pytest.mark.slow
 
 
 class Zygote:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, kind: str, root: Path, kill_at: int) -> tuple[int, dict]:
         count = root.parent / "count.json"
@@ -77,8 +95,16 @@ def base(tmp_path_factory, tiny_model_dir):
     splits = {"train": rows(24, 0), "validation": rows(4, 1)}
     for split, rs in splits.items():
         pq.write_table(pa.Table.from_pylist(rs), ds / f"{split}.parquet")
-    (ds / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["prompt", "completion"],
-                                                 "labels": None, "counts": {s: len(r) for s, r in splits.items()}}))
+    (ds / "dataset.json").write_text(
+        json.dumps(
+            {
+                "schema": "completion",
+                "columns": ["prompt", "completion"],
+                "labels": None,
+                "counts": {s: len(r) for s, r in splits.items()},
+            }
+        )
+    )
     ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name="toy")
     ws.close()
     with open(tmp / "rows.csv", "w", newline="") as fh:

@@ -13,18 +13,40 @@ import yaml
 
 from finetrace.errors import InputError
 
-TRAIN = {"base_model": "tiny", "dataset": "toy", "output_name": "toy-lora", "lr": 1e-3, "batch_size": 4,
-         "betas": [0.9, 0.999], "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
-         "dpo": {"beta": 0.1}}
-PIPELINE = {"name": "corpus", "model": {"source": "tiny"},
-            "data": {"name": "d", "files": ["train.csv"], "splits": [0.8, 0.1, 0.1], "seed": 0},
-            "train": {"max_steps": 2, "lora": {"r": 4}}, "evaluate": {"suite": "suite.yaml"},
-            "docs": {"formats": ["md"]}, "deploy": {"mode": "none", "max_tokens": 8}}
-SUITE = {"name": "s", "metrics": ["accuracy"], "max_new_tokens": 8, "bootstrap": {"samples": 50, "seed": 0},
-         "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 3},
-         "gates": {"min_metric": {"accuracy": 0.5}, "max_flip_rate": 0.1}}
-DATASHEET = {"source": "synthetic", "license": "CC0-1.0", "languages": ["en"], "personal_data": False,
-             "collection_period": "2024"}
+TRAIN = {
+    "base_model": "tiny",
+    "dataset": "toy",
+    "output_name": "toy-lora",
+    "lr": 1e-3,
+    "batch_size": 4,
+    "betas": [0.9, 0.999],
+    "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    "dpo": {"beta": 0.1},
+}
+PIPELINE = {
+    "name": "corpus",
+    "model": {"source": "tiny"},
+    "data": {"name": "d", "files": ["train.csv"], "splits": [0.8, 0.1, 0.1], "seed": 0},
+    "train": {"max_steps": 2, "lora": {"r": 4}},
+    "evaluate": {"suite": "suite.yaml"},
+    "docs": {"formats": ["md"]},
+    "deploy": {"mode": "none", "max_tokens": 8},
+}
+SUITE = {
+    "name": "s",
+    "metrics": ["accuracy"],
+    "max_new_tokens": 8,
+    "bootstrap": {"samples": 50, "seed": 0},
+    "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 3},
+    "gates": {"min_metric": {"accuracy": 0.5}, "max_flip_rate": 0.1},
+}
+DATASHEET = {
+    "source": "synthetic",
+    "license": "CC0-1.0",
+    "languages": ["en"],
+    "personal_data": False,
+    "collection_period": "2024",
+}
 INTENDED = {"intended_use": "Route tickets.", "limitations": "Toy data.", "license": "apache-2.0"}
 
 
@@ -58,8 +80,13 @@ def _intended(p):
     return load_intended(p)
 
 
-KINDS = {"train": (TRAIN, _train), "pipeline": (PIPELINE, _pipeline), "suite": (SUITE, _suite),
-         "datasheet": (DATASHEET, _datasheet), "intended_use": (INTENDED, _intended)}
+KINDS = {
+    "train": (TRAIN, _train),
+    "pipeline": (PIPELINE, _pipeline),
+    "suite": (SUITE, _suite),
+    "datasheet": (DATASHEET, _datasheet),
+    "intended_use": (INTENDED, _intended),
+}
 FACTS = ("datasheet", "intended_use")
 
 
@@ -88,10 +115,20 @@ CORPUS = [
     ("top-level list", lambda k, t: "- a\n- b\n", "mapping"),
     ("top-level text", lambda k, t: "just some words\n", "mapping"),
     ("deep nesting", lambda k, t: t + "deep: " + "[" * 400 + "]" * 400 + "\n", "nested more than"),
-    ("deep block nesting", lambda k, t: t + "".join("  " * i + f"k{i}:\n" for i in range(60)) + "  " * 60 + "v: 1\n",
-     "nested more than"),
-    ("alias bomb", lambda k, t: t + "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 7)), "expands to more than"),
+    (
+        "deep block nesting",
+        lambda k, t: t + "".join("  " * i + f"k{i}:\n" for i in range(60)) + "  " * 60 + "v: 1\n",
+        "nested more than",
+    ),
+    (
+        "alias bomb",
+        lambda k, t: (
+            t
+            + "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 7))
+        ),
+        "expands to more than",
+    ),
     ("oversized", lambda k, t: t + ("# padding " + "x" * 90 + "\n") * 50_000, "at most"),
     ("python tag", lambda k, t: t + "evil: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
     ("binary tag", lambda k, t: t + "blob: !!binary aGVsbG8=\n", "!!binary values are not allowed"),
@@ -160,15 +197,16 @@ def test_wrong_types_at_every_level_name_the_field(tmp_path, kind):
     doc = KINDS[kind][0]
     checked = 0
     for path, good in leaves(doc):
-        for wrong in (FACT_WRONG if kind in FACTS else CONFIG_WRONG):
+        for wrong in FACT_WRONG if kind in FACTS else CONFIG_WRONG:
             if wrong == good or (isinstance(good, str) and isinstance(wrong, str)):
                 continue  # text where text is expected may be valid (a name, a path)
             p = tmp_path / f"{kind}.yaml"
             p.write_text(yaml.safe_dump(replaced(doc, path, wrong), sort_keys=False))
             e = refused(kind, p)
             named = e.field or ""
-            assert path in str(e) or named.startswith(path) or path.startswith(named.split(".")[0]) and named, \
+            assert path in str(e) or named.startswith(path) or path.startswith(named.split(".")[0]) and named, (
                 f"{kind}: {path} = {wrong!r:.40} gave {e}"
+            )
             checked += 1
     assert checked >= 3 * len(list(leaves(doc)))
 
@@ -181,8 +219,11 @@ def test_cli_refuses_and_leaves_the_workspace_unchanged(workspace, tmp_path, cap
     root = workspace.root
 
     def state():
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                       if not p.name.startswith("ledger.db") and "locks" not in p.parts)
+        files = sorted(
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if not p.name.startswith("ledger.db") and "locks" not in p.parts
+        )
         return workspace.ledger.size(), workspace.ledger.root(), files
 
     before = state()
@@ -199,9 +240,13 @@ def test_cli_refuses_and_leaves_the_workspace_unchanged(workspace, tmp_path, cap
     (tmp_path / "suite.yaml").write_text(valid_text("suite"))
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(pipe))
-    args = {"train": ["train", str(bad)], "pipeline": ["run", str(bad)],
-            "datasheet": ["data", "import", str(tmp_path / "train.csv"), "--name", "d", "--datasheet", str(bad)],
-            "suite": ["run", str(pipeline)], "intended_use": ["run", str(pipeline)]}[kind]
+    args = {
+        "train": ["train", str(bad)],
+        "pipeline": ["run", str(bad)],
+        "datasheet": ["data", "import", str(tmp_path / "train.csv"), "--name", "d", "--datasheet", str(bad)],
+        "suite": ["run", str(pipeline)],
+        "intended_use": ["run", str(pipeline)],
+    }[kind]
     assert main(["-w", str(root), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "is written twice" in err and str(bad) in err

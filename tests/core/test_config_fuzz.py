@@ -20,9 +20,13 @@ from finetrace.errors import InputError
 from .test_config_corpus import KINDS, valid_text
 
 # FINETRACE_FUZZ_EXAMPLES=5000 FINETRACE_FUZZ_RANDOM=1 explores further (not repeatable); CI runs the default
-FUZZ = settings(max_examples=int(os.environ.get("FINETRACE_FUZZ_EXAMPLES", "60")), deadline=None,
-                derandomize=not os.environ.get("FINETRACE_FUZZ_RANDOM"), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FINETRACE_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    derandomize=not os.environ.get("FINETRACE_FUZZ_RANDOM"),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 YAMLISH = st.text(alphabet=st.sampled_from(list("ab01:- []{}\n\t'\"&*!#|>%@`,?.\\e+\x00\x07\u2028é")), max_size=300)
 
 
@@ -44,10 +48,14 @@ def leaf_paths(doc, prefix=""):
 
 
 VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 @pytest.mark.timeout(int(os.environ.get("FINETRACE_FUZZ_TIMEOUT", "120")))
@@ -71,13 +79,14 @@ def test_fuzz_mutations_of_a_valid_file(tmp_path, kind):
     base = valid_text(kind).encode()
 
     @FUZZ
-    @given(st.lists(st.tuples(st.integers(0, len(base)), st.integers(0, 3), st.binary(max_size=4)), min_size=1,
-                    max_size=4))
+    @given(
+        st.lists(st.tuples(st.integers(0, len(base)), st.integers(0, 3), st.binary(max_size=4)), min_size=1, max_size=4)
+    )
     def check(edits):
         data = bytearray(base)
         for pos, cut, insert in edits:  # cut `cut` bytes at `pos`, insert `insert` there
             pos = min(pos, len(data))
-            data[pos:pos + cut] = insert
+            data[pos : pos + cut] = insert
         path.write_bytes(bytes(data))
         load_or_refuse(kind, path)
 
@@ -120,8 +129,23 @@ def test_fuzz_train_overrides():
     from finetrace.train import load_config
 
     @FUZZ
-    @given(st.sampled_from(["lr", "seed", "lora.r", "lora.target_modules", "betas", "max_grad_norm", "threads",
-                            "batch_size", "dpo.beta", "checkpoint_dir"]), YAMLISH)
+    @given(
+        st.sampled_from(
+            [
+                "lr",
+                "seed",
+                "lora.r",
+                "lora.target_modules",
+                "betas",
+                "max_grad_norm",
+                "threads",
+                "batch_size",
+                "dpo.beta",
+                "checkpoint_dir",
+            ]
+        ),
+        YAMLISH,
+    )
     def check(key, raw):
         try:
             cfg = load_config(None, ["base_model=b", "dataset=d", "output_name=o", f"{key}={raw}"])

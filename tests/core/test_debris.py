@@ -38,8 +38,9 @@ def start_writer(root, who: str) -> tuple[subprocess.Popen, str]:
 
 
 def scratch(root) -> list[str]:
-    return sorted(p.name for pattern in ("cache/import-*", "cache/.train-*", "objects/tmp/*.part")
-                  for p in root.glob(pattern))
+    return sorted(
+        p.name for pattern in ("cache/import-*", "cache/.train-*", "objects/tmp/*.part") for p in root.glob(pattern)
+    )
 
 
 def test_dead_runs_are_marked_and_their_scratch_deleted_live_ones_kept(workspace):
@@ -55,8 +56,9 @@ def test_dead_runs_are_marked_and_their_scratch_deleted_live_ones_kept(workspace
         assert "died without finishing" in ws.ledger.get_run(dead_run).error
         assert ws.ledger.get_run(live_run).status == "running"  # its process lives: untouched
         left = scratch(root)
-        assert len(left) == 3 and all(debris._TOKEN.match(n).group(1) in open(
-            root / "locks" / "runs" / live_run).read() for n in left)
+        assert len(left) == 3 and all(
+            debris._TOKEN.match(n).group(1) in open(root / "locks" / "runs" / live_run).read() for n in left
+        )
         assert len(list((root / "locks").glob("*.lock"))) == 1  # the live writer's (the dead one's is gone)
         size = ws.ledger.size()
         Workspace.open(root)  # idempotent: a second start marks nothing twice
@@ -87,8 +89,9 @@ def test_gc_removes_legacy_debris_and_reports(workspace, capsys):
     (root / "objects" / "tmp" / "tmpabc.part").write_bytes(b"p" * 100)
     (root / "cache" / "keep-me.txt").write_text("not scratch")
     # a "running" run with no lock file (started by an older finetrace, or on another machine)
-    workspace.ledger.append("run.started", {"id": "train-legacy", "kind": "train", "config": {}, "inputs": [],
-                                            "environment": {}})
+    workspace.ledger.append(
+        "run.started", {"id": "train-legacy", "kind": "train", "config": {}, "inputs": [], "environment": {}}
+    )
     Workspace.open(root)
     assert (root / "cache" / "import-legacy123").is_dir()  # the automatic clean-up leaves token-less entries
 
@@ -107,7 +110,9 @@ def test_lock_files_are_per_process_and_released_at_death(tmp_path):
     ws = Workspace.init(tmp_path / "ws")
     tok = debris.token(ws.root)
     assert debris.token(ws.root) == tok and debris.alive(ws.root, tok)
-    code = f"from finetrace import debris; print(debris.token({str(ws.root)!r}), flush=True); import time; time.sleep(60)"
+    code = (
+        f"from finetrace import debris; print(debris.token({str(ws.root)!r}), flush=True); import time; time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     other = proc.stdout.readline().strip()
     try:

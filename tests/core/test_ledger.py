@@ -82,6 +82,7 @@ def test_verify_passes_then_detects_edit_delete_truncate(workspace, tmp_path):
         return rep
 
     import shutil
+
     backup = tmp_path / "backup.db"
     shutil.copy(db, backup)
 
@@ -96,6 +97,7 @@ def test_verify_passes_then_detects_edit_delete_truncate(workspace, tmp_path):
 
     # edit the entry AND its leaf hash: the signed checkpoint catches it
     from finetrace.ledger.merkle import leaf_hash
+
     shutil.copy(backup, db)
     rep = tampered("UPDATE entries SET body=?, leaf=? WHERE seq=3", edited, leaf_hash(edited))
     assert not rep.ok and any("signed checkpoint" in p for p in rep.problems)

@@ -12,8 +12,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def completion_rows(n: int = 30) -> list[dict]:
-    return [{"prompt": f"Question number {i}: what is {i} times three?", "completion": f"The answer is {3 * i}."}
-            for i in range(n)]
+    return [
+        {"prompt": f"Question number {i}: what is {i} times three?", "completion": f"The answer is {3 * i}."}
+        for i in range(n)
+    ]
 
 
 def all_rows(ws, ref: str) -> list[dict]:

@@ -77,9 +77,13 @@ def _long_line(tmp_path):
 CORPUS = {
     # name: (builder, file:line in the message, field, regex for the rest)
     "truncated JSON line": (_truncated, "trunc.jsonl:4", None, r"truncated JSON: Unterminated string"),
-    "wrong column": (_wrong_column, "wrongcol.jsonl:3", "completion",
-                     r"required field 'completion' is missing \(the row has completon, prompt\); "
-                     r"map it with --map completion=completon"),
+    "wrong column": (
+        _wrong_column,
+        "wrongcol.jsonl:3",
+        "completion",
+        r"required field 'completion' is missing \(the row has completon, prompt\); "
+        r"map it with --map completion=completon",
+    ),
     "UTF-16 BOM": (_utf16_bom, "utf16.jsonl:1", None, r"UTF-16 encoded .*re-save it as UTF-8"),
     "Latin-1 file": (_latin1, "latin1.jsonl:5", None, r"byte offset \d+ \(0xe9\) is not valid UTF-8.*Latin-1"),
     "Latin-1 CSV": (_latin1_csv, "latin1.csv:3", None, r"byte offset 33 \(0xe7\) is not valid UTF-8"),
@@ -118,15 +122,22 @@ def test_refusal_counts_the_other_errors(workspace, tmp_path):
 
 
 def test_skip_counts_every_skipped_row_by_reason(workspace, tmp_path):
-    lines = (GOOD[:2] + ['{"prompt": "cut'] + ['{"prompt": "p", "completion": 5}'] + ["[1, 2]"]
-             + ['{"prompt": "q"}'] + GOOD[2:])
+    lines = (
+        GOOD[:2]
+        + ['{"prompt": "cut']
+        + ['{"prompt": "p", "completion": 5}']
+        + ["[1, 2]"]
+        + ['{"prompt": "q"}']
+        + GOOD[2:]
+    )
     p = _lines(tmp_path, "mixed.jsonl", lines)
     art = import_dataset(workspace, [p], "mixed", on_error="skip")
     _, info, _ = open_dataset(workspace, art.ref)
     assert info["skipped"] == {"invalid_json": 1, "wrong_type": 1, "not_an_object": 1, "missing_field": 1}
     assert info["rows_in"] == 10 and info["rows_out"] == 6
-    assert info["skipped_examples"]["invalid_json"] == [f"{p}:3: truncated JSON: Unterminated string starting "
-                                                        "at column 12"]
+    assert info["skipped_examples"]["invalid_json"] == [
+        f"{p}:3: truncated JSON: Unterminated string starting at column 12"
+    ]
     run = workspace.ledger.get_run(art.run_id)
     assert run.metrics["skipped"] == info["skipped"] and run.metrics["rows_in"] == 10
 
@@ -147,8 +158,11 @@ def test_duplicate_rows_are_removed_and_reported(workspace, tmp_path):
     _, info, _ = open_dataset(workspace, art.ref)
     assert info["dropped"] == {"exact_duplicate": 3}
     assert info["duplicates"]["exact"] == 3
-    assert info["duplicates"]["exact_examples"] == [f"{p}:11 repeats {p}:3", f"{p}:12 repeats {p}:6",
-                                                    f"{p}:13 repeats {p}:3"]
+    assert info["duplicates"]["exact_examples"] == [
+        f"{p}:11 repeats {p}:3",
+        f"{p}:12 repeats {p}:6",
+        f"{p}:13 repeats {p}:3",
+    ]
     got = all_rows(workspace, art.ref)
     assert len(got) == 10 and len({json.dumps(r, sort_keys=True) for r in got}) == 10
     assert verify_workspace(workspace).ok
@@ -169,8 +183,10 @@ def test_json_array_trailing_comma_is_refused_with_its_line(workspace, tmp_path)
     p = tmp_path / "trail.json"
     p.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": "d"},\n]', encoding="utf-8")
     items = list(read_json_array(p, ReadOptions(1 << 20, str(p))))
-    assert [(line, rec) for line, rec, _ in items[:2]] == [(1, {"prompt": "a", "completion": "b"}),
-                                                           (2, {"prompt": "c", "completion": "d"})]
+    assert [(line, rec) for line, rec, _ in items[:2]] == [
+        (1, {"prompt": "a", "completion": "b"}),
+        (2, {"prompt": "c", "completion": "d"}),
+    ]
     line, rec, err = items[2]
     assert (line, rec, err.reason) == (3, None, "invalid_json") and "trailing comma" in err.message
     with pytest.raises(InputError, match=r"trail.json:3: invalid JSON: a trailing comma"):

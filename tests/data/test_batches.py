@@ -29,7 +29,7 @@ def test_vectorised_text_work_equals_the_per_row_functions(tmp_path):
     assert arr.to_pylist() == [normalize_text(t) for t in texts]
     assert changed.tolist() == [normalize_text(t) != t for t in texts]
     data, offs = prepare_texts(pa_strings(texts))
-    got = [bytes(data[offs[i]:offs[i + 1]]) for i in range(len(texts))]
+    got = [bytes(data[offs[i] : offs[i + 1]]) for i in range(len(texts))]
     assert got == [(" ".join(t.lower().split()).encode() or b" ").ljust(5) for t in texts]
     m = MinHasher(0.8, None)
     few = texts[:40]  # the pure-Python reference is slow: the awkward ones and a long one
@@ -43,7 +43,7 @@ def _reference_signatures(m, texts):
         b = (" ".join(t.lower().split()).encode() or b" ").ljust(5)
         for p in range(len(b) - 4):
             h = 0
-            for c in b[p:p + 5]:
+            for c in b[p : p + 5]:
                 h = (h * 16777619 + c) & 0xFFFFFFFF
             h ^= h >> 15
             h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
@@ -99,5 +99,6 @@ def test_worker_frames_rebuild_only_data_classes():
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))
+
     with pytest.raises(pickle.UnpicklingError, match="may not hold"):
         W._Frames.load(pickle.dumps(Evil()))

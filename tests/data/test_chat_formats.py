@@ -22,38 +22,65 @@ TOOLS_TEMPLATE = (
     "{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
     "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                                 "parameters": {"type": "object",
-                                                                "properties": {"city": {"type": "string"}}}}}
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
 def openai_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         city = ["Paris", "Oslo", "Rome", "Lima"][i % 4]
-        rows.append({"messages": [
-            {"role": "system", "content": "You answer weather questions."},
-            {"role": "user", "content": f"Weather in {city} on day {i}?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": f"c{i}", "type": "function",
-                 "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
-            {"role": "tool", "tool_call_id": f"c{i}", "content": json.dumps({"temp": 10 + i})},
-            {"role": "assistant", "content": f"It is {10 + i} C in {city}.", "weight": 1},
-            {"role": "user", "content": "Thanks"},
-            {"role": "assistant", "content": "Glad to help (not learned).", "weight": 0}],
-            "tools": [WEATHER_TOOL]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You answer weather questions."},
+                    {"role": "user", "content": f"Weather in {city} on day {i}?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": f"c{i}",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": f"c{i}", "content": json.dumps({"temp": 10 + i})},
+                    {"role": "assistant", "content": f"It is {10 + i} C in {city}.", "weight": 1},
+                    {"role": "user", "content": "Thanks"},
+                    {"role": "assistant", "content": "Glad to help (not learned).", "weight": 0},
+                ],
+                "tools": [WEATHER_TOOL],
+            }
+        )
     return rows
 
 
 def sharegpt_rows(n: int) -> list[dict]:
-    return [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
-                               {"from": "gpt", "value": f"{2 * i}."}]} for i in range(n)]
+    return [
+        {"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"{2 * i}."}]}
+        for i in range(n)
+    ]
 
 
 def alpaca_rows(n: int) -> list[dict]:
-    return [{"instruction": f"Double the number {i}.", "input": "" if i % 2 else f"Show working for {i}",
-             "output": f"{2 * i}"} for i in range(n)]
+    return [
+        {
+            "instruction": f"Double the number {i}.",
+            "input": "" if i % 2 else f"Show working for {i}",
+            "output": f"{2 * i}",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -65,9 +92,14 @@ def tools_model_dir(tiny_model_dir, tmp_path):
     return out
 
 
-@pytest.mark.parametrize("fmt,rows,schema", [("openai", openai_rows(12), "chat"),
-                                             ("sharegpt", sharegpt_rows(12), "chat"),
-                                             ("alpaca", alpaca_rows(12), "completion")])
+@pytest.mark.parametrize(
+    "fmt,rows,schema",
+    [
+        ("openai", openai_rows(12), "chat"),
+        ("sharegpt", sharegpt_rows(12), "chat"),
+        ("alpaca", alpaca_rows(12), "completion"),
+    ],
+)
 def test_format_is_detected_mapped_and_recorded(workspace, tmp_path, fmt, rows, schema):
     art = import_dataset(workspace, [write_jsonl(tmp_path / f"{fmt}.jsonl", rows)], fmt, splits=(1, 0, 0))
     _, info, _ = open_dataset(workspace, art.ref)
@@ -78,18 +110,27 @@ def test_format_is_detected_mapped_and_recorded(workspace, tmp_path, fmt, rows, 
     assert len(got) == 12
     if fmt == "openai":
         r = next(g for g in got if "Paris on day 0" in g["messages"][1]["content"])
-        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant", "tool", "assistant", "user",
-                                                      "assistant"]
+        assert [m["role"] for m in r["messages"]] == [
+            "system",
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "user",
+            "assistant",
+        ]
         call = json.loads(r["messages"][2]["tool_calls"])
-        assert call == [{"id": "c0", "type": "function", "function": {"name": "get_weather",
-                                                                     "arguments": {"city": "Paris"}}}]
+        assert call == [
+            {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ]
         assert r["messages"][3]["tool_call_id"] == "c0" and r["messages"][6]["weight"] == 0
         assert json.loads(r["tools"]) == [WEATHER_TOOL]
     elif fmt == "sharegpt":
         assert {tuple(m["role"] for m in g["messages"]) for g in got} == {("user", "assistant")}
     else:
-        assert {"prompt": "Double the number 0.\n\nShow working for 0", "completion": "0"} in \
-            [{k: g[k] for k in ("prompt", "completion")} for g in got]
+        assert {"prompt": "Double the number 0.\n\nShow working for 0", "completion": "0"} in [
+            {k: g[k] for k in ("prompt", "completion")} for g in got
+        ]
 
 
 def test_native_files_say_native_and_a_named_format_must_fit(workspace, tmp_path):
@@ -102,17 +143,41 @@ def test_native_files_say_native_and_a_named_format_must_fit(workspace, tmp_path
         import_dataset(workspace, [write_jsonl(tmp_path / "o.jsonl", openai_rows(3))], "o", schema="completion")
 
 
-@pytest.mark.parametrize("row,where", [
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
-     "messages[1].tool_calls[0].function.arguments is not JSON"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]},
-     "messages[1].weight must be 0 or 1, got 2"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
-     "no assistant message to learn from"),
-    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
-                   {"role": "assistant", "content": "y"}]}, "only assistant messages make tool calls"),
-])
+@pytest.mark.parametrize(
+    "row,where",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.arguments is not JSON",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]},
+            "messages[1].weight must be 0 or 1, got 2",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
+            "no assistant message to learn from",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+                    {"role": "assistant", "content": "y"},
+                ]
+            },
+            "only assistant messages make tool calls",
+        ),
+    ],
+)
 def test_malformed_openai_row_names_line_and_field(workspace, tmp_path, row, where):
     rows = openai_rows(3)
     rows.insert(2, row)
@@ -186,9 +251,20 @@ def test_each_format_trains_on_the_tiny_model(workspace, tmp_path, tools_model_d
     add_folder(workspace, tools_model_dir, name="tiny-tools")
     rows = {"openai": openai_rows, "sharegpt": sharegpt_rows, "alpaca": alpaca_rows}[fmt](16)
     data = import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", rows)], fmt, splits=(1, 0, 0))
-    art = train(workspace, TrainConfig(base_model="tiny-tools", dataset=data.ref, output_name=f"{fmt}-lora",
-                                       batch_size=4, max_steps=2, lr=5e-3, checkpoint_every=None, threads=1,
-                                       compile=False))
+    art = train(
+        workspace,
+        TrainConfig(
+            base_model="tiny-tools",
+            dataset=data.ref,
+            output_name=f"{fmt}-lora",
+            batch_size=4,
+            max_steps=2,
+            lr=5e-3,
+            checkpoint_every=None,
+            threads=1,
+            compile=False,
+        ),
+    )
     hist = [json.loads(x) for x in (workspace.store.materialize(art.digest) / "metrics.jsonl").read_text().splitlines()]
     assert len([h for h in hist if "loss" in h]) >= 2 and all(h["loss"] > 0 for h in hist if "loss" in h)
     run = workspace.ledger.get_run(art.run_id)

@@ -26,14 +26,22 @@ def test_pii_checksums():
 
 
 def test_pii_detectors_find_each_type_and_skip_lookalikes():
-    text = ("mail jane.doe@example.org, call +44 20 7946 0958 or (555) 123-4567, card 4111-1111-1111-1111, "
-            "IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, host 10.0.0.12 or fe80::1ff:fe23:4567:890a. "
-            "Not PII: card 4111 1111 1111 1112, SSN 000-12-3456, IP 999.1.1.1, year 2024, ratio 3.14")
-    found = [(text[s.start:s.end], s.type) for s in scan(text, detectors())]
-    assert found == [("jane.doe@example.org", "email"), ("+44 20 7946 0958", "phone"),
-                     ("(555) 123-4567", "phone"), ("4111-1111-1111-1111", "credit_card"),
-                     ("DE89 3704 0044 0532 0130 00", "iban"), ("123-45-6789", "us_ssn"),
-                     ("10.0.0.12", "ip_address"), ("fe80::1ff:fe23:4567:890a", "ip_address")]
+    text = (
+        "mail jane.doe@example.org, call +44 20 7946 0958 or (555) 123-4567, card 4111-1111-1111-1111, "
+        "IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, host 10.0.0.12 or fe80::1ff:fe23:4567:890a. "
+        "Not PII: card 4111 1111 1111 1112, SSN 000-12-3456, IP 999.1.1.1, year 2024, ratio 3.14"
+    )
+    found = [(text[s.start : s.end], s.type) for s in scan(text, detectors())]
+    assert found == [
+        ("jane.doe@example.org", "email"),
+        ("+44 20 7946 0958", "phone"),
+        ("(555) 123-4567", "phone"),
+        ("4111-1111-1111-1111", "credit_card"),
+        ("DE89 3704 0044 0532 0130 00", "iban"),
+        ("123-45-6789", "us_ssn"),
+        ("10.0.0.12", "ip_address"),
+        ("fe80::1ff:fe23:4567:890a", "ip_address"),
+    ]
 
 
 PII_ROWS = [
@@ -60,8 +68,11 @@ def test_pii_flag_keeps_text_and_fail_refuses(workspace, tmp_path):
     assert any("bob@corp.example" in r["prompt"] for r in all_rows(workspace, art.ref))
     assert stats(workspace, art.ref)["pii"]["counts"]["email"] == 1
     before = snapshot(workspace)
-    with pytest.raises(InputError, match=r"p.jsonl:1 field 'prompt': contains personal data \(credit_card, email\)"
-                                         r" — and 1 more invalid row"):
+    with pytest.raises(
+        InputError,
+        match=r"p.jsonl:1 field 'prompt': contains personal data \(credit_card, email\)"
+        r" — and 1 more invalid row",
+    ):
         import_dataset(workspace, [p], "fail", pii="fail")
     assert snapshot(workspace) == before
 
@@ -76,8 +87,10 @@ def test_custom_detector_plugs_in(workspace, tmp_path):
 
     register_detector(Codename())
     try:
-        rows = [{"prompt": "Status of PROJECT-X?", "completion": "On track."},
-                {"prompt": "Anything else", "completion": "No."}]
+        rows = [
+            {"prompt": "Status of PROJECT-X?", "completion": "On track."},
+            {"prompt": "Anything else", "completion": "No."},
+        ]
         art = import_dataset(workspace, [write_jsonl(tmp_path / "c.jsonl", rows)], "cn", splits=(1, 0, 0))
         assert stats(workspace, art.ref)["pii"]["counts"] == {"codename": 1}
         assert any(r["prompt"] == "Status of [CODENAME]?" for r in all_rows(workspace, art.ref))
@@ -109,8 +122,9 @@ def test_nfc_and_whitespace_normalisation(workspace, tmp_path):
 
 
 def _essay(rng, n_words=120):
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-             for _ in range(n_words)]
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(n_words)
+    ]
     return " ".join(words)
 
 
@@ -129,10 +143,11 @@ def test_near_duplicates_never_cross_splits(workspace, tmp_path):
     rng = random.Random(1)
     rows = [{"prompt": _essay(rng, 60), "completion": f"answer {i}"} for i in range(40)]
     # 10 near-duplicate copies of rows 0..9 (one word changed)
-    rows += [{"prompt": r["prompt"].replace(r["prompt"].split()[5], "changed", 1), "completion": r["completion"]}
-             for r in rows[:10]]
-    art = import_dataset(workspace, [write_jsonl(tmp_path / "nd.jsonl", rows)], "nd", seed=3,
-                         splits=(0.5, 0.25, 0.25))
+    rows += [
+        {"prompt": r["prompt"].replace(r["prompt"].split()[5], "changed", 1), "completion": r["completion"]}
+        for r in rows[:10]
+    ]
+    art = import_dataset(workspace, [write_jsonl(tmp_path / "nd.jsonl", rows)], "nd", seed=3, splits=(0.5, 0.25, 0.25))
     _, info, _ = open_dataset(workspace, art.ref)
     assert info["duplicates"]["near"] == 10 and info["duplicates"]["near_clusters"] == 10
     split_of = {}
@@ -167,8 +182,13 @@ def test_split_assign_is_deterministic_stratified_and_exact():
 
 
 def test_import_split_deterministic_and_stratified(workspace, tmp_path):
-    rows = [{"text": f"message {i} about {['billing', 'tech', 'sales'][i % 3]}", "label": ["billing", "tech", "sales"][i % 3]}
-            for i in range(90)]
+    rows = [
+        {
+            "text": f"message {i} about {['billing', 'tech', 'sales'][i % 3]}",
+            "label": ["billing", "tech", "sales"][i % 3],
+        }
+        for i in range(90)
+    ]
     p = write_jsonl(tmp_path / "cls.jsonl", rows)
     a1 = import_dataset(workspace, [p], "cls", seed=7, splits=(0.6, 0.2, 0.2))
     a2 = import_dataset(workspace, [p], "cls", seed=7, splits=(0.6, 0.2, 0.2))
@@ -185,8 +205,10 @@ def test_import_split_deterministic_and_stratified(workspace, tmp_path):
 
 
 def test_groups_stay_together(workspace, tmp_path):
-    rows = [{"prompt": f"turn {i} of conversation {i // 5}", "completion": f"reply {i}", "group": f"c{i // 5}"}
-            for i in range(100)]
+    rows = [
+        {"prompt": f"turn {i} of conversation {i // 5}", "completion": f"reply {i}", "group": f"c{i // 5}"}
+        for i in range(100)
+    ]
     art = import_dataset(workspace, [write_jsonl(tmp_path / "g.jsonl", rows)], "grp", split_unit="group")
     from finetrace.data import read_split
 
@@ -201,12 +223,25 @@ def test_group_is_only_a_label_by_default(workspace, tmp_path):
     """A demographic ``group`` (for disaggregated metrics) must not decide splits or drop rows."""
     from finetrace.data import read_split
 
-    rows = [{"prompt": f"question number {i} about topic {i * 7919 % 1000}", "completion": f"answer {i}",
-             "group": "EU" if i % 2 else "US"} for i in range(200)]
-    held = [{"prompt": f"held-out question {i} on subject {i * 104729 % 1000}", "completion": f"reply {i}",
-             "group": "EU" if i % 2 else "US"} for i in range(20)]
-    art = import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", rows)], "demo",
-                         test_file=write_jsonl(tmp_path / "t.jsonl", held))
+    rows = [
+        {
+            "prompt": f"question number {i} about topic {i * 7919 % 1000}",
+            "completion": f"answer {i}",
+            "group": "EU" if i % 2 else "US",
+        }
+        for i in range(200)
+    ]
+    held = [
+        {
+            "prompt": f"held-out question {i} on subject {i * 104729 % 1000}",
+            "completion": f"reply {i}",
+            "group": "EU" if i % 2 else "US",
+        }
+        for i in range(20)
+    ]
+    art = import_dataset(
+        workspace, [write_jsonl(tmp_path / "d.jsonl", rows)], "demo", test_file=write_jsonl(tmp_path / "t.jsonl", held)
+    )
     train = read_split(workspace, art.ref, "train").to_pylist()
     test = read_split(workspace, art.ref, "test").to_pylist()
     assert {r["group"] for r in train} == {r["group"] for r in test} == {"EU", "US"}
@@ -217,8 +252,12 @@ def test_held_out_test_file(workspace, tmp_path):
     rng = random.Random(5)
     rows = [{"prompt": _essay(rng, 30), "completion": f"answer {i}"} for i in range(50)]
     rows, test_rows = rows[:40], rows[40:] + [rows[0]]  # rows[0] also in the held-out file: must not leak
-    art = import_dataset(workspace, [write_jsonl(tmp_path / "main.jsonl", rows)], "ho",
-                         test_file=write_jsonl(tmp_path / "held.jsonl", test_rows))
+    art = import_dataset(
+        workspace,
+        [write_jsonl(tmp_path / "main.jsonl", rows)],
+        "ho",
+        test_file=write_jsonl(tmp_path / "held.jsonl", test_rows),
+    )
     _, info, _ = open_dataset(workspace, art.ref)
     from finetrace.data import read_split
 
@@ -245,16 +284,34 @@ def test_datasheet_gaps_and_measured(workspace, tmp_path):
     tok_dir.mkdir()
     tok.save(str(tok_dir / "tokenizer.json"))
     ds = tmp_path / "sheet.yaml"
-    ds.write_text("source: support tickets export\nowner: ACME support\nlicence: internal\n"
-                  "personal_data: true, redacted\n", encoding="utf-8")
-    art = import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", completion_rows(20))], "sheet",
-                         datasheet=ds, tokenizer=str(tok_dir))
+    ds.write_text(
+        "source: support tickets export\nowner: ACME support\nlicence: internal\npersonal_data: true, redacted\n",
+        encoding="utf-8",
+    )
+    art = import_dataset(
+        workspace,
+        [write_jsonl(tmp_path / "d.jsonl", completion_rows(20))],
+        "sheet",
+        datasheet=ds,
+        tokenizer=str(tok_dir),
+    )
     folder, info, _ = open_dataset(workspace, art.ref)
     sheet = json.loads((folder / "datasheet.json").read_text())
-    assert sheet["given"] == {"source": "support tickets export", "owner": "ACME support", "license": "internal",
-                              "personal_data": "true, redacted"}
-    assert sheet["gaps"] == ["collection_method", "collection_period", "annotation_process", "copyrighted",
-                             "purchased_or_licensed", "synthetic", "intended_use"]
+    assert sheet["given"] == {
+        "source": "support tickets export",
+        "owner": "ACME support",
+        "license": "internal",
+        "personal_data": "true, redacted",
+    }
+    assert sheet["gaps"] == [
+        "collection_method",
+        "collection_period",
+        "annotation_process",
+        "copyrighted",
+        "purchased_or_licensed",
+        "synthetic",
+        "intended_use",
+    ]
     assert art.metadata["gaps"] == sheet["gaps"]
     m = sheet["measured"]
     assert m["rows_out"] == 20 and m["splits"] == info["counts"]
@@ -285,8 +342,16 @@ def test_import_run_records_sources_transforms_and_counts(workspace, tmp_path):
     assert [s.kind for s in sources] == ["source", "source"]
     assert {s.metadata["filename"] for s in sources} == {"a.jsonl", "b.jsonl"}
     assert workspace.store.read_bytes(sources[0].digest) in (a.read_bytes(), b.read_bytes())
-    assert [t["op"] for t in run.config["transforms"]] == ["read", "map", "validate", "normalize", "pii",
-                                                           "dedup_exact", "near_duplicates", "split"]
+    assert [t["op"] for t in run.config["transforms"]] == [
+        "read",
+        "map",
+        "validate",
+        "normalize",
+        "pii",
+        "dedup_exact",
+        "near_duplicates",
+        "split",
+    ]
     assert run.config["seed"] == 5 and run.metrics["rows_in"] == 14 and run.metrics["rows_out"] == 14
     assert run.outputs == [art.digest]
     assert [d["ref"] for d in list_datasets(workspace)] == ["rec@1"]

@@ -20,8 +20,23 @@ def test_cli_data_commands(workspace, tmp_path, capsys):
     p = write_jsonl(tmp_path / "qa.jsonl", rows)
     sheet = tmp_path / "sheet.yaml"
     sheet.write_text("source: unit test\nlicense: CC-BY-4.0\n", encoding="utf-8")
-    code, out, err = _run(capsys, workspace, "import", str(p), "--name", "qa", "--map", "prompt=question",
-                          "--map", "completion=answer", "--datasheet", str(sheet), "--seed", "1", "--json")
+    code, out, err = _run(
+        capsys,
+        workspace,
+        "import",
+        str(p),
+        "--name",
+        "qa",
+        "--map",
+        "prompt=question",
+        "--map",
+        "completion=answer",
+        "--datasheet",
+        str(sheet),
+        "--seed",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     info = json.loads(out)
     assert info["ref"] == "qa@1" and info["metadata"]["schema"] == "completion"
@@ -43,8 +58,19 @@ def test_cli_data_commands(workspace, tmp_path, capsys):
     assert json.loads(out)["rows_out"] == 20
 
     p2 = write_jsonl(tmp_path / "qa2.jsonl", rows[:15] + [{"question": "new one?", "answer": "yes"}])
-    code, out, err = _run(capsys, workspace, "import", str(p2), "--name", "qa", "--map", "prompt=question",
-                          "--map", "completion=answer", "--quiet")
+    code, out, err = _run(
+        capsys,
+        workspace,
+        "import",
+        str(p2),
+        "--name",
+        "qa",
+        "--map",
+        "prompt=question",
+        "--map",
+        "completion=answer",
+        "--quiet",
+    )
     assert code == 0 and out.startswith("qa@2 "), err
     code, out, _ = _run(capsys, workspace, "diff", "qa@1", "qa@2", "--json")
     d = json.loads(out)

@@ -31,8 +31,9 @@ def rows(n: int = 30) -> list[dict]:
 
 @pytest.fixture
 def imported(workspace, tmp_path):
-    return import_dataset(workspace, [write_jsonl(tmp_path / "d.jsonl", rows())], "people", splits=(0.8, 0.2, 0),
-                          near_dup_threshold=0.7)
+    return import_dataset(
+        workspace, [write_jsonl(tmp_path / "d.jsonl", rows())], "people", splits=(0.8, 0.2, 0), near_dup_threshold=0.7
+    )
 
 
 def test_forget_ids_removes_rows_and_near_duplicates_and_purges(workspace, tmp_path, imported, capsys):
@@ -44,14 +45,29 @@ def test_forget_ids_removes_rows_and_near_duplicates_and_purges(workspace, tmp_p
         pass
     (tmp_path / "ids.txt").write_text("r3\nr5\n\nr7\n")
     old_files = [e.digest for e in ws.store.tree(imported.digest) if e.path.endswith(".parquet")]
-    code = main(["--workspace", str(ws.root), "data", "forget", "people@1", "--ids", str(tmp_path / "ids.txt"),
-                 "--by", "Dana DPO", "--purge", "--json"])
+    code = main(
+        [
+            "--workspace",
+            str(ws.root),
+            "data",
+            "forget",
+            "people@1",
+            "--ids",
+            str(tmp_path / "ids.txt"),
+            "--by",
+            "Dana DPO",
+            "--purge",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     res = json.loads(out.out)
     assert (res["dataset"], res["removed"], res["near_duplicates"]) == ("people@2", 3, 1)
     kept = all_rows(ws, "people@2")
-    assert sorted(r["id"] for r in kept) == sorted(r["id"] for r in rows() if r["id"] not in {"r3", "r5", "r7", "r3-copy"})
+    assert sorted(r["id"] for r in kept) == sorted(
+        r["id"] for r in rows() if r["id"] not in {"r3", "r5", "r7", "r3-copy"}
+    )
     assert {(a["kind"], a.get("ref")) for a in res["downstream"] if "ref" in a} == {("eval_report", "people-eval@1")}
     assert [a["kind"] for a in res["downstream"] if "run" in a] == ["deploy"]
     run = ws.ledger.get_run(ws.ledger.artifact(res["digest"]).run_id)
@@ -97,9 +113,22 @@ def test_retrained_adapter_documents_record_the_erasure(workspace, tiny_model_di
 
     add_folder(workspace, tiny_model_dir, name="tiny")
     new = forget(workspace, "people@1", match="customer 4 says", by="Dana DPO")
-    art = train(workspace, TrainConfig(base_model="tiny", dataset=new["dataset"], output_name="people-lora",
-                                       batch_size=4, max_steps=2, checkpoint_every=None, threads=1, compile=False))
+    art = train(
+        workspace,
+        TrainConfig(
+            base_model="tiny",
+            dataset=new["dataset"],
+            output_name="people-lora",
+            batch_size=4,
+            max_steps=2,
+            checkpoint_every=None,
+            threads=1,
+            compile=False,
+        ),
+    )
     docs = generate_documents(workspace, art.ref)
-    texts = {d.ref: (workspace.store.materialize(d.digest) if workspace.store.is_tree(d.digest) else None) for d in docs}
+    texts = {
+        d.ref: (workspace.store.materialize(d.digest) if workspace.store.is_tree(d.digest) else None) for d in docs
+    }
     annex = [p for folder in texts.values() if folder for p in folder.rglob("*annex*.md")]
     assert annex and "erasure" in annex[0].read_text()

@@ -67,11 +67,12 @@ def _write(fmt: str, tmp_path, rows):
     raise AssertionError(fmt)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "jsonl.gz", "jsonl.zst",
-                                 "csv.zst", "parquet.gz"])
+@pytest.mark.parametrize(
+    "fmt", ["jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "jsonl.gz", "jsonl.zst", "csv.zst", "parquet.gz"]
+)
 def test_each_format_imports_every_row(workspace, tmp_path, fmt):
     rows = completion_rows(25)
-    rows[3]["prompt"] = "Line one,\nline \"two\"\twith tab — and ünïcödé"  # quoting, newlines, tabs
+    rows[3]["prompt"] = 'Line one,\nline "two"\twith tab — and ünïcödé'  # quoting, newlines, tabs
     path = _write(fmt, tmp_path, rows)
     art = import_dataset(workspace, [path], "fmt")
     assert art.ref == "fmt@1" and art.kind == "dataset"
@@ -95,9 +96,10 @@ def test_utf8_bom_is_skipped(workspace, tmp_path):
 
 SCHEMA_ROWS = {
     "completion": lambda i: {"prompt": f"prompt {i} about item {i * 7}", "completion": f"completion {i}"},
-    "chat": lambda i: {"messages": ([{"role": "system", "content": "Be brief."}] if i % 2 else [])
-                       + [{"role": "user", "content": f"hello number {i}"},
-                          {"role": "assistant", "content": f"reply {i * 11}"}]},
+    "chat": lambda i: {
+        "messages": ([{"role": "system", "content": "Be brief."}] if i % 2 else [])
+        + [{"role": "user", "content": f"hello number {i}"}, {"role": "assistant", "content": f"reply {i * 11}"}]
+    },
     "classification": lambda i: {"text": f"ticket {i} about topic {i * 13}", "label": ["billing", "tech"][i % 2]},
     "preference": lambda i: {"prompt": f"question {i}", "chosen": f"good answer {i * 3}", "rejected": f"bad {i}"},
 }
@@ -124,7 +126,9 @@ def test_each_schema_detected_and_rendered(workspace, tmp_path, schema):
 def test_mapping_and_explicit_schema(workspace, tmp_path):
     rows = [{"question": f"q{i} something", "answer": f"a{i}", "extra": i} for i in range(10)]
     p = write_jsonl(tmp_path / "m.jsonl", rows)
-    with pytest.raises(InputError, match="cannot tell the schema.*--schema completion --map prompt=question --map completion=answer"):
+    with pytest.raises(
+        InputError, match="cannot tell the schema.*--schema completion --map prompt=question --map completion=answer"
+    ):
         import_dataset(workspace, [p], "m")
     art = import_dataset(workspace, [p], "m", schema="completion", mapping=["prompt=question", "completion=answer"])
     assert sorted(r["prompt"] for r in all_rows(workspace, "m")) == sorted(f"q{i} something" for i in range(10))
@@ -142,12 +146,20 @@ def test_round_trip_with_datasets_and_pandas(workspace, tmp_path):
     import pandas as pd
     from datasets import Dataset
 
-    rows = [{"messages": [{"role": "user", "content": f"hi {i} ✓"}, {"role": "assistant", "content": f"yo {i}"}],
-             "id": f"r{i}"} for i in range(12)]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"hi {i} ✓"}, {"role": "assistant", "content": f"yo {i}"}],
+            "id": f"r{i}",
+        }
+        for i in range(12)
+    ]
     import_dataset(workspace, [write_jsonl(tmp_path / "c.jsonl", rows)], "rt", splits=(1, 0, 0))
     folder, info, _ = open_dataset(workspace, "rt")
     assert {p.name for p in folder.iterdir() if not p.name.startswith(".")} == {
-        "datasheet.json", "dataset.json", "train.parquet"}
+        "datasheet.json",
+        "dataset.json",
+        "train.parquet",
+    }
     ours = read_split(workspace, "rt", "train").to_pylist()
     hf = Dataset.from_parquet(str(folder / "train.parquet")).to_list()
     pdf = pd.read_parquet(folder / "train.parquet")

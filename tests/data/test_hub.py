@@ -17,8 +17,9 @@ def hub_cache(root, repo="acme/tickets", commit=COMMIT):
     base = root / f"datasets--{repo.replace('/', '--')}"
     data = base / "snapshots" / commit / "data"
     data.mkdir(parents=True)
-    rows = [{"text": f"ticket {i}: my invoice {i} is wrong", "label": "billing" if i % 2 else "shipping"}
-            for i in range(40)]
+    rows = [
+        {"text": f"ticket {i}: my invoice {i} is wrong", "label": "billing" if i % 2 else "shipping"} for i in range(40)
+    ]
     pq.write_table(pa.Table.from_pylist(rows[:30]), data / "train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(rows[30:]), data / "test-00000-of-00001.parquet")
     (base / "snapshots" / commit / "README.md").write_text("# tickets\n")
@@ -40,8 +41,9 @@ def _run(capsys, ws, *args):
 
 
 def test_import_from_hub_records_id_revision_and_commit(workspace, offline_hub, capsys):
-    code, out, err = _run(capsys, workspace, "import", "--from-hub", "acme/tickets", "--name", "tickets",
-                          "--splits", "0.9,0.1,0")
+    code, out, err = _run(
+        capsys, workspace, "import", "--from-hub", "acme/tickets", "--name", "tickets", "--splits", "0.9,0.1,0"
+    )
     assert code == 0, err
     assert f"format native (detected by content); from the Hub acme/tickets at commit {COMMIT}" in out
     _, info, art = open_dataset(workspace, "tickets@1")

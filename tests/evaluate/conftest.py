@@ -27,8 +27,15 @@ def varied_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def add_dataset(ws, rows: list[dict], schema: str, labels: list[str] | None = None, split: str = "test",
-                name: str = "evalset", tmp: Path | None = None):
+def add_dataset(
+    ws,
+    rows: list[dict],
+    schema: str,
+    labels: list[str] | None = None,
+    split: str = "test",
+    name: str = "evalset",
+    tmp: Path | None = None,
+):
     """Write a dataset artifact folder (dataset.json + SPLIT.parquet) and record it."""
     import tempfile
 
@@ -50,17 +57,23 @@ def add_adapter(ws, model_dir, base_digest: str, name: str, noop: bool = False, 
 
     from finetrace.models.tiny import random_lora
 
-    folder = random_lora(model_dir, tempfile.mkdtemp(), seed, target_modules=("q_proj", "v_proj", "o_proj"),
-                         b_std=0.0 if noop else 0.5, init_lora_weights=noop)
-    return ws.ledger.add_artifact("adapter", ws.store.put_dir(folder), name=name,
-                                  metadata={"base_model": base_digest})
+    folder = random_lora(
+        model_dir,
+        tempfile.mkdtemp(),
+        seed,
+        target_modules=("q_proj", "v_proj", "o_proj"),
+        b_std=0.0 if noop else 0.5,
+        init_lora_weights=noop,
+    )
+    return ws.ledger.add_artifact("adapter", ws.store.put_dir(folder), name=name, metadata={"base_model": base_digest})
 
 
 @pytest.fixture
 def make_dataset(tmp_path):
     """``make_dataset(ws, rows, schema, labels=None, split="test", name="evalset") -> Artifact``."""
     return lambda ws, rows, schema, labels=None, split="test", name="evalset": add_dataset(
-        ws, rows, schema, labels, split, name, tmp_path)
+        ws, rows, schema, labels, split, name, tmp_path
+    )
 
 
 @pytest.fixture

@@ -17,8 +17,11 @@ def cats():
 
 
 def ex(text: str, target: str = "approve", i: int = 0) -> Example:
-    return Example([{"role": "system", "content": "Mary is not swapped here."}, {"role": "user", "content": text}],
-                   target, id=str(i))
+    return Example(
+        [{"role": "system", "content": "Mary is not swapped here."}, {"role": "user", "content": text}],
+        target,
+        id=str(i),
+    )
 
 
 def test_shipped_wordlists_cover_the_required_categories(cats):
@@ -30,12 +33,18 @@ def test_shipped_wordlists_cover_the_required_categories(cats):
 def test_swap_keeps_case_and_whole_words(cats):
     text = "Mary told MARY's sister that Maryland is far; she said her brother agreed."
     assert B.swap(text, cats["gender_names"], "male") == (
-        "John told JOHN's sister that Maryland is far; she said her brother agreed.", 2)
-    assert B.swap(text, cats["pronouns"], "male")[0] == \
-        "Mary told MARY's sister that Maryland is far; he said him brother agreed."
+        "John told JOHN's sister that Maryland is far; she said her brother agreed.",
+        2,
+    )
+    assert (
+        B.swap(text, cats["pronouns"], "male")[0]
+        == "Mary told MARY's sister that Maryland is far; he said him brother agreed."
+    )
     assert B.swap("She and his wife", cats["gendered_nouns"], "male")[0] == "She and his husband"
-    assert B.swap("A Muslim family visited the mosque.", cats["religion"], "jewish")[0] == \
-        "A Jewish family visited the synagogue."
+    assert (
+        B.swap("A Muslim family visited the mosque.", cats["religion"], "jewish")[0]
+        == "A Jewish family visited the synagogue."
+    )
 
 
 def test_variants_swap_user_turns_only_or_use_the_template(cats):
@@ -51,14 +60,21 @@ def test_variants_swap_user_turns_only_or_use_the_template(cats):
 
 
 def _examples():
-    texts = ["Please refund my order.", "Kofi wants a refund for the order.", "Emma asks about an invoice.",
-             "My parcel is late.", "Priya needs a refund today.", "Carlos reports a broken part."]
+    texts = [
+        "Please refund my order.",
+        "Kofi wants a refund for the order.",
+        "Emma asks about an invoice.",
+        "My parcel is late.",
+        "Priya needs a refund today.",
+        "Carlos reports a broken part.",
+    ]
     return [ex(t, "approve" if "refund" in t else "reject", i) for i, t in enumerate(texts)]
 
 
 def _stub(rule):
     def predict(prompts):
         return [rule(p[-1]["content"]) for p in prompts]
+
     return predict
 
 
@@ -70,8 +86,9 @@ def test_planted_bias_is_found(cats):
     west_african = set(cats["origin_names"].groups["west_african"])
 
     def biased(text):  # answers "reject" whenever a West African name appears
-        if any(n in text.split() or n + "'s" in text for n in west_african) or \
-                any(text.startswith(f"Message from {n}") for n in west_african):
+        if any(n in text.split() or n + "'s" in text for n in west_african) or any(
+            text.startswith(f"Message from {n}") for n in west_african
+        ):
             return "reject"
         return "approve" if "refund" in text else "reject"
 
@@ -99,10 +116,21 @@ def test_unbiased_scorer_passes(cats):
 
 def test_wordlists_are_extendable_and_validated(tmp_path, cats):
     extra = tmp_path / "extra.json"
-    extra.write_text(json.dumps({"categories": {
-        "age": {"template": "A {term} customer: {text}", "groups": {"young": ["young"], "old": ["elderly"]}},
-        "gender_names": {"groups": {"female": [f"F{i}" for i in range(12)], "male": cats["gender_names"].groups["male"]}},
-    }}))
+    extra.write_text(
+        json.dumps(
+            {
+                "categories": {
+                    "age": {
+                        "template": "A {term} customer: {text}",
+                        "groups": {"young": ["young"], "old": ["elderly"]},
+                    },
+                    "gender_names": {
+                        "groups": {"female": [f"F{i}" for i in range(12)], "male": cats["gender_names"].groups["male"]}
+                    },
+                }
+            }
+        )
+    )
     merged = B.load_wordlists([extra])
     assert merged["age"].groups == {"young": ["young"], "old": ["elderly"]}
     assert merged["gender_names"].groups["female"][0] == "F0"

@@ -13,16 +13,25 @@ from finetrace.ledger.clearance import clearance
 from finetrace.models import add_folder
 
 LABELS = ["billing", "technical", "account"]
-TEXTS = ["My invoice is wrong.", "The app crashes on start.", "Emily cannot log in.", "Refund the charge.",
-         "John sees error 500.", "Change my email address.", "Why was I charged twice?", "The page is blank."]
+TEXTS = [
+    "My invoice is wrong.",
+    "The app crashes on start.",
+    "Emily cannot log in.",
+    "Refund the charge.",
+    "John sees error 500.",
+    "Change my email address.",
+    "Why was I charged twice?",
+    "The page is blank.",
+]
 
 
 def _manual_label(model, tok, messages, labels):
     """Independent reference: teacher-forced summed log-prob of label + end token, one sequence at a time."""
     import torch
 
-    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
+    prompt = tok(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
     best, best_lp = None, None
     for lab in labels:
@@ -49,12 +58,16 @@ def env(varied_model_dir, tmp_path_factory):
     base = add_folder(ws, varied_model_dir, "tiny")
     model = AutoModelForCausalLM.from_pretrained(varied_model_dir)
     tok = AutoTokenizer.from_pretrained(varied_model_dir)
-    expected = [_manual_label(model, tok, to_example({"text": t, "label": "x"}, "classification", LABELS).messages,
-                              LABELS) for t in TEXTS]
+    expected = [
+        _manual_label(model, tok, to_example({"text": t, "label": "x"}, "classification", LABELS).messages, LABELS)
+        for t in TEXTS
+    ]
     # gold = the base's answer on rows 0-4, a different label on rows 5-7: base accuracy exactly 5/8
     golds = [e if i < 5 else LABELS[(LABELS.index(e) + 1) % 3] for i, e in enumerate(expected)]
     groups = ["g1", "g1", "g1", "g1", "g2", "g2", "g2", "g2"]  # g1: 4/4 right, g2: 1/4 right
-    rows = [{"id": f"r{i}", "text": t, "label": g, "group": gr} for i, (t, g, gr) in enumerate(zip(TEXTS, golds, groups))]
+    rows = [
+        {"id": f"r{i}", "text": t, "label": g, "group": gr} for i, (t, g, gr) in enumerate(zip(TEXTS, golds, groups))
+    ]
     data = add_dataset(ws, rows, "classification", LABELS, name="support", tmp=tmp_path_factory.mktemp("d"))
     rand = add_adapter(ws, varied_model_dir, base.digest, "lora-rand")
     noop = add_adapter(ws, varied_model_dir, base.digest, "lora-noop", noop=True)
@@ -62,16 +75,22 @@ def env(varied_model_dir, tmp_path_factory):
     ws.close()
 
 
-SUITE = {"bootstrap": {"samples": 200, "seed": 3},
-         "bias": {"categories": ["gender_names", "origin_names"], "max_examples": 4}}
+SUITE = {
+    "bootstrap": {"samples": 200, "seed": 3},
+    "bias": {"categories": ["gender_names", "origin_names"], "max_examples": 4},
+}
 
 
 @pytest.fixture(scope="module")
 def compared(env):
     ws = env["ws"]
-    art = compare(ws, "tiny", ["lora-rand@1", "lora-noop@1"], "support@1:test",
-                  Suite.model_validate({**SUITE, "gates": {"min_metric": {"accuracy": 0.6},
-                                                          "max_perplexity_increase": 0.0}}))
+    art = compare(
+        ws,
+        "tiny",
+        ["lora-rand@1", "lora-noop@1"],
+        "support@1:test",
+        Suite.model_validate({**SUITE, "gates": {"min_metric": {"accuracy": 0.6}, "max_perplexity_increase": 0.0}}),
+    )
     return art, load_report(ws, art.ref)
 
 
@@ -126,12 +145,18 @@ def test_report_artifact_lineage_and_files(compared, env):
     run = ws.ledger.get_run(rep["run_id"])
     assert run.kind == "evaluate" and run.status == "succeeded" and run.outputs == [art.digest]
     suite_digest = rep["suite_digest"]
-    assert set(run.inputs) == {env["base"].digest, env["rand"].digest, env["noop"].digest, env["data"].digest,
-                               suite_digest}
+    assert set(run.inputs) == {
+        env["base"].digest,
+        env["rand"].digest,
+        env["noop"].digest,
+        env["data"].digest,
+        suite_digest,
+    }
     assert ws.store.read_bytes(suite_digest) == canonical_json(rep["suite"])
     names = [f"{rep['suite']['name']}-{m['ref'].split('@')[0]}.yaml" for m in rep["models"] if m["adapter"]]
     assert sorted(e.path for e in ws.store.tree(art.digest)) == sorted(
-        ["report.html", "report.json"] + [f".eval_results/{n}" for n in names])
+        ["report.html", "report.json"] + [f".eval_results/{n}" for n in names]
+    )
     assert run.metrics["tiny@1/accuracy"] == pytest.approx(5 / 8)
     verdicts = [e.data for e in ws.ledger.entries(type="gate.verdict")]
     assert {v["adapter"] for v in verdicts} == {env["rand"].digest, env["noop"].digest}
@@ -145,19 +170,54 @@ def test_failed_gate_blocks_until_a_named_override(env, tmp_path):
     ws = env["ws"]
     suite = tmp_path / "suite.yaml"
     suite.write_text("bias: {enabled: false}\nbootstrap: {samples: 50}\ngates:\n  min_gain: {accuracy: 0.1}\n")
-    rc = main(["--workspace", str(ws.root), "eval", "--model", "tiny", "--adapter", "lora-noop@1",
-               "--data", "support@1", "--suite", str(suite), "--name", "gate-check"])
+    rc = main(
+        [
+            "--workspace",
+            str(ws.root),
+            "eval",
+            "--model",
+            "tiny",
+            "--adapter",
+            "lora-noop@1",
+            "--data",
+            "support@1",
+            "--suite",
+            str(suite),
+            "--name",
+            "gate-check",
+        ]
+    )
     assert rc == 0
     clear = clearance(ws.ledger, env["noop"].digest)
     assert clear.status == "failed" and not clear.allowed and "min_gain:accuracy" in clear.detail
     rep = load_report(ws, "gate-check")
-    assert rep["models"][1]["gates"][0] == {"name": "min_gain:accuracy", "value": 0.0, "threshold": 0.1,
-                                            "op": ">=", "passed": False, "note": ""}
+    assert rep["models"][1]["gates"][0] == {
+        "name": "min_gain:accuracy",
+        "value": 0.0,
+        "threshold": 0.1,
+        "op": ">=",
+        "passed": False,
+        "note": "",
+    }
     assert clear.report == ws.ledger.resolve("gate-check").digest
-    assert main(["--workspace", str(ws.root), "override", "lora-noop@1", "--as", " ",
-                 "--reason", "x"]) == 2  # a nameless override is refused
-    assert main(["--workspace", str(ws.root), "override", "lora-noop@1", "--as", "Ada Lovelace",
-                 "--reason", "pilot with human review"]) == 0
+    assert (
+        main(["--workspace", str(ws.root), "override", "lora-noop@1", "--as", " ", "--reason", "x"]) == 2
+    )  # a nameless override is refused
+    assert (
+        main(
+            [
+                "--workspace",
+                str(ws.root),
+                "override",
+                "lora-noop@1",
+                "--as",
+                "Ada Lovelace",
+                "--reason",
+                "pilot with human review",
+            ]
+        )
+        == 0
+    )
     clear = clearance(ws.ledger, env["noop"].digest)
     assert clear.status == "overridden" and clear.allowed and "Ada Lovelace" in clear.detail
     ov = [e for e in ws.ledger.entries(type="gate.override")][-1]
@@ -183,26 +243,41 @@ def test_generation_task_exact_match_known_exactly(varied_model_dir, workspace, 
         ids = tok(text, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids.input_ids.shape[1]:].tolist()
-        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        new = out[0, ids.input_ids.shape[1] :].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         refs.append(tok.decode(new, skip_special_tokens=True).strip())
     targets = [refs[0], refs[1], "zzzq qqqz", "zzzq qqqz"]
     rows = [{"prompt": p, "completion": t, "group": g} for p, t, g in zip(prompts, targets, ["a", "a", "b", "b"])]
     make_dataset(workspace, rows, "completion", name="qa")
     add_folder(workspace, varied_model_dir, "tiny")
     suite = workspace.root / "s.yaml"
-    suite.write_text("max_new_tokens: 6\nstop: []\nbootstrap: {samples: 100}\nbias: {max_examples: 2, "
-                     "categories: [pronouns]}\n")
-    rc = main(["--workspace", str(workspace.root), "eval", "--model", "tiny", "--data", "qa:test",
-               "--suite", str(suite), "--json"])
+    suite.write_text(
+        "max_new_tokens: 6\nstop: []\nbootstrap: {samples: 100}\nbias: {max_examples: 2, categories: [pronouns]}\n"
+    )
+    rc = main(
+        [
+            "--workspace",
+            str(workspace.root),
+            "eval",
+            "--model",
+            "tiny",
+            "--data",
+            "qa:test",
+            "--suite",
+            str(suite),
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     m = summary["models"][0]["metrics"]
     assert [m[k]["value"] for k in ("exact_match", "token_f1", "rouge_l")] == [0.5, 0.5, 0.5]
     rep = load_report(workspace, summary["report"])
     assert rep["models"][0]["answers"][:2] == refs[:2]
-    assert rep["models"][0]["groups"]["exact_match"]["groups"] == {"a": {"value": 1.0, "n": 2},
-                                                                   "b": {"value": 0.0, "n": 2}}
+    assert rep["models"][0]["groups"]["exact_match"]["groups"] == {
+        "a": {"value": 1.0, "n": 2},
+        "b": {"value": 0.0, "n": 2},
+    }
     assert rep["models"][0]["bias"]["categories"]["pronouns"]["n_templated"] == 2
 
 
@@ -238,38 +313,79 @@ def test_html_report_renders_in_headless_chromium(compared, env, tmp_path):
     html = page.read_text()
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     for cls in ("chart-metrics", "chart-groups", "chart-flips", "chart-bias-groups", "chart-forgetting"):
         assert f'class="chart {cls}"' in dom, cls
     assert dom.count('class="bar"') >= 3 * 2 + 3 * 2  # 3 models x 2 metrics, 3 models x 2 groups at least
     assert dom.count('class="ci"') == 3 * 2
     assert "FAILED" in dom or "PASSED" in dom
     shot = tmp_path / "report.png"
-    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     img = Image.open(shot).convert("RGB")
     assert img.size == (1200, 2400)
     pixels = list(img.get_flattened_data()) if hasattr(img, "get_flattened_data") else list(img.getdata())
     non_white = sum(1 for p in pixels if p != (255, 255, 255)) / len(pixels)
-    bar_blue = sum(1 for p in pixels if abs(p[0] - 0x4c) + abs(p[1] - 0x72) + abs(p[2] - 0xb0) < 12)
+    bar_blue = sum(1 for p in pixels if abs(p[0] - 0x4C) + abs(p[1] - 0x72) + abs(p[2] - 0xB0) < 12)
     assert non_white > 0.03 and bar_blue > 500
 
 
 def test_html_flip_examples_table():
     from finetrace.evaluate.report import render_html
 
-    flip = {"example": 0, "id": "r0", "kind": "swap", "gold": "approve", "input_a": "Kofi wants a refund",
-            "answer_a": "reject", "input_b": "Lukas wants a refund", "answer_b": "approve"}
-    pair = {"category": "origin_names", "a": "west_african", "b": "european", "flip_rate": 0.5, "flips": 1,
-            "n": 2, "examples": [flip]}
-    model = {"ref": "lora@1", "metrics": {"accuracy": {"value": 0.5, "ci": [0.0, 1.0]}}, "answers": ["reject"],
-             "bias": {"flip_rate": 0.5, "group_gap": 0.5, "worst_pairs": [pair], "categories": {"origin_names": {
-                 "flip_rate": 0.5, "gap": 0.5, "groups": {"west_african": {"value": 0.0, "n": 2},
-                                                          "european": {"value": 1.0, "n": 2}}, "pairs": [pair]}}}}
-    rep = {"suite": Suite().to_dict(), "dataset": {"ref": "d@1", "split": "test", "n": 1, "schema": "classification"},
-           "base_model": {"ref": "b@1"}, "run_id": "evaluate-x", "metrics": ["accuracy"], "primary_metric": "accuracy",
-           "models": [model], "examples": [{"i": 0, "id": "r0", "group": None, "gold": "approve"}]}
+    flip = {
+        "example": 0,
+        "id": "r0",
+        "kind": "swap",
+        "gold": "approve",
+        "input_a": "Kofi wants a refund",
+        "answer_a": "reject",
+        "input_b": "Lukas wants a refund",
+        "answer_b": "approve",
+    }
+    pair = {
+        "category": "origin_names",
+        "a": "west_african",
+        "b": "european",
+        "flip_rate": 0.5,
+        "flips": 1,
+        "n": 2,
+        "examples": [flip],
+    }
+    model = {
+        "ref": "lora@1",
+        "metrics": {"accuracy": {"value": 0.5, "ci": [0.0, 1.0]}},
+        "answers": ["reject"],
+        "bias": {
+            "flip_rate": 0.5,
+            "group_gap": 0.5,
+            "worst_pairs": [pair],
+            "categories": {
+                "origin_names": {
+                    "flip_rate": 0.5,
+                    "gap": 0.5,
+                    "groups": {"west_african": {"value": 0.0, "n": 2}, "european": {"value": 1.0, "n": 2}},
+                    "pairs": [pair],
+                }
+            },
+        },
+    }
+    rep = {
+        "suite": Suite().to_dict(),
+        "dataset": {"ref": "d@1", "split": "test", "n": 1, "schema": "classification"},
+        "base_model": {"ref": "b@1"},
+        "run_id": "evaluate-x",
+        "metrics": ["accuracy"],
+        "primary_metric": "accuracy",
+        "models": [model],
+        "examples": [{"i": 0, "id": "r0", "group": None, "gold": "approve"}],
+    }
     html = render_html(rep)
     assert 'class="flips"' in html and "Kofi wants a refund" in html and "west_african vs european" in html
     assert html.count('class="chart chart-bias-groups"') == 1

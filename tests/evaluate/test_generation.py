@@ -25,11 +25,16 @@ def _reference(model, tok, prompt, max_new_tokens):
 
     ids = tok(G.render(tok, prompt), return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = out[0, ids.input_ids.shape[1]:].tolist()
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    new = out[0, ids.input_ids.shape[1] :].tolist()
     if tok.eos_token_id in new:
-        new = new[:new.index(tok.eos_token_id)]
+        new = new[: new.index(tok.eos_token_id)]
     return new
 
 

@@ -16,12 +16,21 @@ def test_normalize_and_exact_match():
     assert M.exact_match("Paris", "London") == 0.0
 
 
-@pytest.mark.parametrize("text,label", [
-    ("billing", "billing"), ("Billing.", "billing"), ("  BILLING  ", "billing"),
-    ("Label: technical", "technical"), ("I think it is account related", "account"),
-    ("billing issue, not technical", "billing issue"), ("technical, then billing", "technical"),
-    ("xyz", None), ("", None), ("rebilling", None),
-])
+@pytest.mark.parametrize(
+    "text,label",
+    [
+        ("billing", "billing"),
+        ("Billing.", "billing"),
+        ("  BILLING  ", "billing"),
+        ("Label: technical", "technical"),
+        ("I think it is account related", "account"),
+        ("billing issue, not technical", "billing issue"),
+        ("technical, then billing", "technical"),
+        ("xyz", None),
+        ("", None),
+        ("rebilling", None),
+    ],
+)
 def test_parse_label(text, label):
     assert M.parse_label(text, ["billing", "technical", "account", "billing issue"]) == label
 
@@ -53,8 +62,9 @@ def test_perplexity():
 
 
 def test_scored_metric_on_subsets():
-    s = M.Scored(["billing", "Technical!", "no idea"], ["billing", "technical", "account"],
-                 ["billing", "technical", "account"])
+    s = M.Scored(
+        ["billing", "Technical!", "no idea"], ["billing", "technical", "account"], ["billing", "technical", "account"]
+    )
     assert s.preds == ["billing", "technical", None]
     assert s.metric("accuracy") == pytest.approx(2 / 3)
     assert s.metric("accuracy", [0, 0, 2]) == pytest.approx(2 / 3)

@@ -21,25 +21,53 @@ def _report(passed_gate: bool = False) -> dict:
     golds = [LABELS[i % 6] for i in range(60)]
     base = [rng.choice(LABELS) for _ in golds]
     tuned = [g if rng.random() < 0.8 else (None if rng.random() < 0.3 else rng.choice(LABELS)) for g in golds]
-    examples = [{"i": i, "id": f"c{i}", "group": None, "prompt": f"Clause {i}: <b>text</b> about {g}",
-                 "gold": g} for i, g in enumerate(golds)]
+    examples = [
+        {"i": i, "id": f"c{i}", "group": None, "prompt": f"Clause {i}: <b>text</b> about {g}", "gold": g}
+        for i, g in enumerate(golds)
+    ]
 
     def model(ref, preds, adapter):
-        return {"ref": ref, "adapter": adapter, "answers": [p or "unsure" for p in preds],
-                "correct": [p == g for p, g in zip(preds, golds)], "labels": label_report(preds, golds, LABELS),
-                "metrics": {"accuracy": {"value": accuracy(preds, golds), "ci": [0.1, 0.9], "n": 60}}}
+        return {
+            "ref": ref,
+            "adapter": adapter,
+            "answers": [p or "unsure" for p in preds],
+            "correct": [p == g for p, g in zip(preds, golds)],
+            "labels": label_report(preds, golds, LABELS),
+            "metrics": {"accuracy": {"value": accuracy(preds, golds), "ci": [0.1, 0.9], "n": 60}},
+        }
 
     tuned_m = model("clauses-lora@1", tuned, "sha256:" + "a" * 64)
     thr = 0.0 if passed_gate else 0.99
-    tuned_m["gates"] = [{"name": "min_metric:accuracy", "value": tuned_m["metrics"]["accuracy"]["value"],
-                         "op": ">=", "threshold": thr, "passed": passed_gate, "note": ""}]
+    tuned_m["gates"] = [
+        {
+            "name": "min_metric:accuracy",
+            "value": tuned_m["metrics"]["accuracy"]["value"],
+            "op": ">=",
+            "threshold": thr,
+            "passed": passed_gate,
+            "note": "",
+        }
+    ]
     tuned_m["passed"] = passed_gate
-    return {"suite": {**Suite().to_dict(), "name": "clauses"}, "run_id": "evaluate-20261201T090000-abcdef",
-            "date": "2026-12-01", "dataset": {"ref": "clauses@1", "digest": "sha256:" + "d" * 64, "split": "test", "n": 60,
-                                              "schema": "classification", "labels": LABELS},
-            "base_model": {"ref": "smollm2@1", "digest": "sha256:" + "b" * 64}, "metrics": ["accuracy"], "primary_metric": "accuracy",
-            "models": [model("smollm2@1", base, None), tuned_m], "examples": examples,
-            "_preds": {"base": base, "tuned": tuned, "gold": golds}}
+    return {
+        "suite": {**Suite().to_dict(), "name": "clauses"},
+        "run_id": "evaluate-20261201T090000-abcdef",
+        "date": "2026-12-01",
+        "dataset": {
+            "ref": "clauses@1",
+            "digest": "sha256:" + "d" * 64,
+            "split": "test",
+            "n": 60,
+            "schema": "classification",
+            "labels": LABELS,
+        },
+        "base_model": {"ref": "smollm2@1", "digest": "sha256:" + "b" * 64},
+        "metrics": ["accuracy"],
+        "primary_metric": "accuracy",
+        "models": [model("smollm2@1", base, None), tuned_m],
+        "examples": examples,
+        "_preds": {"base": base, "tuned": tuned, "gold": golds},
+    }
 
 
 def test_label_report_counts_every_example_once():

@@ -16,30 +16,67 @@ def old_report() -> dict:
     ``labels`` or example prompts, and a suite without ``max_new_tokens``."""
     metric = lambda v: {"value": v, "ci": [v - 0.1, v + 0.05], "n": 2}
     return {
-        "format": "finetrace-eval-report/1", "run_id": "evaluate-20261128T120000-ab12cd",
+        "format": "finetrace-eval-report/1",
+        "run_id": "evaluate-20261128T120000-ab12cd",
         "suite": {"name": "clauses", "bootstrap": {"confidence": 0.9, "samples": 100, "seed": 0}},
         "suite_digest": "sha256:" + "1" * 64,
-        "dataset": {"digest": "sha256:" + "2" * 64, "ref": "clauses@1", "split": "test", "schema": "classification",
-                    "labels": ["a", "b"], "n": 2},
+        "dataset": {
+            "digest": "sha256:" + "2" * 64,
+            "ref": "clauses@1",
+            "split": "test",
+            "schema": "classification",
+            "labels": ["a", "b"],
+            "n": 2,
+        },
         "base_model": {"digest": "sha256:" + "3" * 64, "ref": "tiny@1"},
-        "metrics": ["accuracy"], "primary_metric": "accuracy", "task": "classification",
+        "metrics": ["accuracy"],
+        "primary_metric": "accuracy",
+        "task": "classification",
         "models": [
-            {"name": "base", "ref": "tiny@1", "adapter": None, "metrics": {"accuracy": metric(0.5)},
-             "answers": ["a", "a"]},
-            {"name": "lora@1", "ref": "lora@1", "adapter": "sha256:" + "4" * 64,
-             "metrics": {"accuracy": metric(1.0)}, "answers": ["a", "b"],
-             "vs_base": {"accuracy": {"delta": 0.5, "ci": [0.0, 1.0], "p_value": 0.2, "test": "paired_bootstrap"},
-                         "mcnemar": {"b": 0, "c": 1, "p_value": 1.0, "test": "mcnemar_exact"}},
-             "bias": {"flip_rate": 0.25, "group_gap": 0.1, "templates": True,
-                      "categories": {"gender": {"n_examples": 4, "flip_rate": 0.25, "gap": 0.1, "groups": {},
-                                                "pairs": []}}},
-             "forgetting": {"base_perplexity": 10.0, "tuned_perplexity": 11.0, "increase": 0.1},
-             "gates": [{"name": "min_metric:accuracy", "value": 1.0, "threshold": 0.8, "op": ">=", "passed": True,
-                        "note": ""},
-                       {"name": "max_flip_rate", "value": 0.25, "threshold": 0.1, "op": "<=", "passed": False,
-                        "note": ""}],
-             "passed": False}],
-        "examples": [{"i": 0, "id": "r0", "group": None, "gold": "a"}, {"i": 1, "id": "r1", "group": None, "gold": "b"}],
+            {
+                "name": "base",
+                "ref": "tiny@1",
+                "adapter": None,
+                "metrics": {"accuracy": metric(0.5)},
+                "answers": ["a", "a"],
+            },
+            {
+                "name": "lora@1",
+                "ref": "lora@1",
+                "adapter": "sha256:" + "4" * 64,
+                "metrics": {"accuracy": metric(1.0)},
+                "answers": ["a", "b"],
+                "vs_base": {
+                    "accuracy": {"delta": 0.5, "ci": [0.0, 1.0], "p_value": 0.2, "test": "paired_bootstrap"},
+                    "mcnemar": {"b": 0, "c": 1, "p_value": 1.0, "test": "mcnemar_exact"},
+                },
+                "bias": {
+                    "flip_rate": 0.25,
+                    "group_gap": 0.1,
+                    "templates": True,
+                    "categories": {
+                        "gender": {"n_examples": 4, "flip_rate": 0.25, "gap": 0.1, "groups": {}, "pairs": []}
+                    },
+                },
+                "forgetting": {"base_perplexity": 10.0, "tuned_perplexity": 11.0, "increase": 0.1},
+                "gates": [
+                    {
+                        "name": "min_metric:accuracy",
+                        "value": 1.0,
+                        "threshold": 0.8,
+                        "op": ">=",
+                        "passed": True,
+                        "note": "",
+                    },
+                    {"name": "max_flip_rate", "value": 0.25, "threshold": 0.1, "op": "<=", "passed": False, "note": ""},
+                ],
+                "passed": False,
+            },
+        ],
+        "examples": [
+            {"i": 0, "id": "r0", "group": None, "gold": "a"},
+            {"i": 1, "id": "r1", "group": None, "gold": "b"},
+        ],
     }
 
 
@@ -69,11 +106,14 @@ def test_to_dict_gives_back_what_was_read_extra_keys_included():
     assert rep.last.to_dict() == data["models"][1]
 
 
-@pytest.mark.parametrize("path, value, field", [
-    (("models", 1, "metrics", "accuracy", "value"), "high", "models.1.metrics.accuracy.value"),
-    (("dataset", "n"), None, "dataset.n"),
-    (("models", 0, "gates"), [{"name": "g"}], "models.0.gates.0.threshold"),
-])
+@pytest.mark.parametrize(
+    "path, value, field",
+    [
+        (("models", 1, "metrics", "accuracy", "value"), "high", "models.1.metrics.accuracy.value"),
+        (("dataset", "n"), None, "dataset.n"),
+        (("models", 0, "gates"), [{"name": "g"}], "models.0.gates.0.threshold"),
+    ],
+)
 def test_a_bad_report_is_refused_naming_the_field(path, value, field):
     data = old_report()
     node = data

@@ -41,8 +41,7 @@ def hook(owner, name):
     setattr(owner, name, wrapped)
 
 
-for owner, name in ((os, "fsync"), (os, "replace"), (os, "rename"), (httpx.Client, "send"),
-                    (Ledger, "_append_locked")):
+for owner, name in ((os, "fsync"), (os, "replace"), (os, "rename"), (httpx.Client, "send"), (Ledger, "_append_locked")):
     hook(owner, name)
 
 

@@ -19,15 +19,17 @@ def make_adapter(ws, base_art, tokenizer, base_dir, tmp_path, name="legal-lora",
 
     out = random_lora(base_dir, tmp_path / f"adapter-{name}-{seed}", seed, r=r, **lora_kw)
     ident = text_identity(tokenizer)
-    (out / "finetrace_adapter.json").write_text(json.dumps({"format": "finetrace-adapter/1", "base_model": base_art.digest,
-                                                           "method": "lora", "r": r, **ident}))
+    (out / "finetrace_adapter.json").write_text(
+        json.dumps({"format": "finetrace-adapter/1", "base_model": base_art.digest, "method": "lora", "r": r, **ident})
+    )
     ds = tmp_path / f"dataset-{name}-{seed}"
     ds.mkdir()
     (ds / "dataset.json").write_text(json.dumps({"schema": "classification", "counts": {"train": 3}}))
     data = ws.ledger.add_artifact("dataset", ws.store.put_dir(ds), name=f"{name}-data")
     meta = {"base_model": base_art.digest, "method": "lora", "r": r, "target_modules": ["q_proj", "v_proj"], **ident}
-    with ws.ledger.run("train", config={"method": "lora", "r": r, "seed": seed},
-                       inputs=[base_art.digest, data.digest], seed=seed) as run:
+    with ws.ledger.run(
+        "train", config={"method": "lora", "r": r, "seed": seed}, inputs=[base_art.digest, data.digest], seed=seed
+    ) as run:
         art = run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
     ws.checkpoint()
     return art
@@ -39,22 +41,47 @@ def add_evidence(ws, art, tmp_path, accuracy=0.93, passed=True, docs=("model_car
 
     rep = tmp_path / f"report-{art.digest[7:19]}"
     rep.mkdir()
-    (rep / "report.json").write_text(json.dumps({
-        "format": "finetrace-eval-report/1", "primary_metric": "accuracy", "metrics": ["accuracy", "macro_f1"],
-        "run_id": "evaluate-20261201T090000-000000", "suite": {"name": "legal"},
-        "base_model": {"digest": (art.metadata or {}).get("base_model", "sha256:" + "0" * 64), "ref": "tiny@1"},
-        "dataset": {"ref": "legal-test@1", "digest": "sha256:" + "1" * 64, "split": "test", "n": 100},
-        "models": [{"ref": "tiny@1", "adapter": None, "metrics": {"accuracy": {"value": 0.41}, "macro_f1": {"value": 0.3}}},
-                   {"ref": art.ref, "adapter": art.digest,
-                    "metrics": {"accuracy": {"value": accuracy}, "macro_f1": {"value": accuracy - 0.05}},
-                    "bias": {"categories": {"gender": {"flip_rate": 0.02, "gap": 0.01}}}}]}))
+    (rep / "report.json").write_text(
+        json.dumps(
+            {
+                "format": "finetrace-eval-report/1",
+                "primary_metric": "accuracy",
+                "metrics": ["accuracy", "macro_f1"],
+                "run_id": "evaluate-20261201T090000-000000",
+                "suite": {"name": "legal"},
+                "base_model": {"digest": (art.metadata or {}).get("base_model", "sha256:" + "0" * 64), "ref": "tiny@1"},
+                "dataset": {"ref": "legal-test@1", "digest": "sha256:" + "1" * 64, "split": "test", "n": 100},
+                "models": [
+                    {
+                        "ref": "tiny@1",
+                        "adapter": None,
+                        "metrics": {"accuracy": {"value": 0.41}, "macro_f1": {"value": 0.3}},
+                    },
+                    {
+                        "ref": art.ref,
+                        "adapter": art.digest,
+                        "metrics": {"accuracy": {"value": accuracy}, "macro_f1": {"value": accuracy - 0.05}},
+                        "bias": {"categories": {"gender": {"flip_rate": 0.02, "gap": 0.01}}},
+                    },
+                ],
+            }
+        )
+    )
     (rep / "report.html").write_text("<html><body><h1>Evaluation report</h1></body></html>")
     with ws.ledger.run("evaluate", config={"adapter": art.digest}, inputs=[art.digest]) as run:
         report = run.output("eval_report", ws.store.put_dir(rep), name="eval-legal")
-    record_verdict(ws.ledger, art.digest, report.digest, passed,
-                   [{"name": "accuracy", "value": accuracy, "threshold": 0.8, "op": ">=", "passed": passed}])
-    texts = {"model_card": "# Legal contract classifier\n\nClassifies contract clauses: termination, liability.\n",
-             "annex_iv": "# Annex IV technical documentation\n", "ab2013": "# AB 2013 training data disclosure\n"}
+    record_verdict(
+        ws.ledger,
+        art.digest,
+        report.digest,
+        passed,
+        [{"name": "accuracy", "value": accuracy, "threshold": 0.8, "op": ">=", "passed": passed}],
+    )
+    texts = {
+        "model_card": "# Legal contract classifier\n\nClassifies contract clauses: termination, liability.\n",
+        "annex_iv": "# Annex IV technical documentation\n",
+        "ab2013": "# AB 2013 training data disclosure\n",
+    }
     for kind in docs:
         f = tmp_path / f"{kind}-{art.digest[7:19]}.md"
         f.write_text(texts[kind] + f"\nAdapter {art.ref} ({art.digest})\n")

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from finetrace.market.checks import DTYPE_SIZES, Refused, check_file, parse_safetensors
 
 WEIGHTS = "adapter/adapter_model.safetensors"
-FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=150,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    derandomize=True, database=None, deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @FUZZ
@@ -38,11 +39,13 @@ def _raw(header: dict, data: bytes, pad: bytes = b"") -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from(sorted(DTYPE_SIZES) + ["F33", "", "f32"]),
-    "shape": st.lists(st.integers(-1, 4), max_size=3),
-    "data_offsets": st.lists(st.integers(-2, 40), min_size=0, max_size=3),
-}) | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x"]), st.integers(0, 3), max_size=3)
+entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(sorted(DTYPE_SIZES) + ["F33", "", "f32"]),
+        "shape": st.lists(st.integers(-1, 4), max_size=3),
+        "data_offsets": st.lists(st.integers(-2, 40), min_size=0, max_size=3),
+    }
+) | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x"]), st.integers(0, 3), max_size=3)
 headers = st.dictionaries(st.text(st.characters(codec="utf-8"), min_size=1, max_size=6), entry, max_size=4)
 
 
@@ -105,8 +108,13 @@ dtypes = st.sampled_from(["float32", "float16", "float64", "int8", "int32"])
 
 
 @FUZZ
-@given(st.dictionaries(st.from_regex(r"[a-z]{1,8}\.lora_A\.weight", fullmatch=True), st.tuples(shapes, dtypes),
-                       min_size=1, max_size=4), st.integers(0, 2**32 - 1), st.sampled_from([np.nan, np.inf, -np.inf]))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z]{1,8}\.lora_A\.weight", fullmatch=True), st.tuples(shapes, dtypes), min_size=1, max_size=4
+    ),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.nan, np.inf, -np.inf]),
+)
 def test_real_files_are_accepted_and_one_non_finite_value_is_refused(spec, seed, bad):
     from safetensors.numpy import save
 

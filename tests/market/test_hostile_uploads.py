@@ -36,6 +36,7 @@ def _cases(market):
     import torch
 
     nan = _weights(market, lambda k, v: torch.full_like(v, float("nan")))
+
     def one_inf(k, v):
         if "lora_B" in k and "layers.1.self_attn.v_proj" in k:
             v = v.clone()
@@ -43,27 +44,50 @@ def _cases(market):
         return v
 
     return {
-        "lora_alpha 1e30": (dict(path=CFG, content=_config(market, lora_alpha=1e30)),
-                            "field 'lora_alpha': is 1e+30; it must be a finite number in (0, 4096]"),
-        "alpha_pattern 1e30": (dict(path=CFG, content=_config(market, alpha_pattern={"q_proj": 1e30})),
-                               "field 'alpha_pattern': 'q_proj': 1e+30 is not a finite number"),
-        "rank_pattern a list": (dict(path=CFG, content=_config(market, rank_pattern=[4, 4])),
-                                "field 'rank_pattern': must be a mapping of module name patterns to values, not list"),
+        "lora_alpha 1e30": (
+            dict(path=CFG, content=_config(market, lora_alpha=1e30)),
+            "field 'lora_alpha': is 1e+30; it must be a finite number in (0, 4096]",
+        ),
+        "alpha_pattern 1e30": (
+            dict(path=CFG, content=_config(market, alpha_pattern={"q_proj": 1e30})),
+            "field 'alpha_pattern': 'q_proj': 1e+30 is not a finite number",
+        ),
+        "rank_pattern a list": (
+            dict(path=CFG, content=_config(market, rank_pattern=[4, 4])),
+            "field 'rank_pattern': must be a mapping of module name patterns to values, not list",
+        ),
         "all-NaN weights": (dict(path=WEIGHTS, content=nan), "NaN or infinite value(s)"),
         "one infinity": (dict(path=WEIGHTS, content=_weights(market, one_inf)), "holds 1 NaN or infinite value(s)"),
-        "peft_type LOHA": (dict(path=CFG, content=_config(market, peft_type="LOHA")),
-                           "field 'peft_type': is 'LOHA'; the tensors are LoRA weights"),
-        "use_dora without magnitudes": (dict(path=CFG, content=_config(market, use_dora=True)),
-                                        "use_dora=True but the tensors are not DoRA"),
-        "a URL as base": (dict(path=CFG, content=_config(market, base_model_name_or_path="https://evil.example/m")),
-                          "field 'base_model_name_or_path': 'https://evil.example/m' is not a model name"),
-        "../ as base": (dict(path=CFG, content=_config(market, base_model_name_or_path="../../../etc/model")),
-                        "field 'base_model_name_or_path': '../../../etc/model' is not a model name"),
+        "peft_type LOHA": (
+            dict(path=CFG, content=_config(market, peft_type="LOHA")),
+            "field 'peft_type': is 'LOHA'; the tensors are LoRA weights",
+        ),
+        "use_dora without magnitudes": (
+            dict(path=CFG, content=_config(market, use_dora=True)),
+            "use_dora=True but the tensors are not DoRA",
+        ),
+        "a URL as base": (
+            dict(path=CFG, content=_config(market, base_model_name_or_path="https://evil.example/m")),
+            "field 'base_model_name_or_path': 'https://evil.example/m' is not a model name",
+        ),
+        "../ as base": (
+            dict(path=CFG, content=_config(market, base_model_name_or_path="../../../etc/model")),
+            "field 'base_model_name_or_path': '../../../etc/model' is not a model name",
+        ),
     }
 
 
-NAMES = ["lora_alpha 1e30", "alpha_pattern 1e30", "rank_pattern a list", "all-NaN weights", "one infinity",
-         "peft_type LOHA", "use_dora without magnitudes", "a URL as base", "../ as base"]
+NAMES = [
+    "lora_alpha 1e30",
+    "alpha_pattern 1e30",
+    "rank_pattern a list",
+    "all-NaN weights",
+    "one infinity",
+    "peft_type LOHA",
+    "use_dora without magnitudes",
+    "a URL as base",
+    "../ as base",
+]
 
 
 @pytest.mark.parametrize("case", NAMES)
@@ -75,15 +99,22 @@ def test_absurd_values_are_refused_cleanly(market, server, good, tmp_path, case)
     assert exc.value.status == 422, str(exc.value)
     assert reason in str(exc.value), str(exc.value)
     known = {e["digest"] for e in good.manifest["files"]}
-    _assert_nothing_stored(server, "acme/hostile@1.0", [e["digest"] for e in pkg.manifest["files"]
-                                                         if e["digest"] not in known])
+    _assert_nothing_stored(
+        server, "acme/hostile@1.0", [e["digest"] for e in pkg.manifest["files"] if e["digest"] not in known]
+    )
     assert not any(server.registry.staging.iterdir()) if server.registry.staging.exists() else True
 
 
 def test_files_that_do_not_hash_to_the_signed_adapter_digest_are_refused(market, server, good, tmp_path):  # noqa: F811
     other = _weights(market, lambda k, v: v * 0.5 if "lora_B" in k else v)  # valid weights, another adapter
-    pkg = _altered(market, good, tmp_path, path=WEIGHTS, content=other,
-                   manifest_edit=lambda m: m["adapter"].update(digest=good.manifest["adapter"]["digest"]))
+    pkg = _altered(
+        market,
+        good,
+        tmp_path,
+        path=WEIGHTS,
+        content=other,
+        manifest_edit=lambda m: m["adapter"].update(digest=good.manifest["adapter"]["digest"]),
+    )
     with pytest.raises(RegistryError) as exc:
         client.upload(pkg, server.url, server.tokens["acme"])
     assert exc.value.status == 422
@@ -99,6 +130,7 @@ def test_declared_sizes_must_match_already_stored_objects(market, server, good):
         m["package"]["version"] = "7.1"
         card = next(f for f in m["files"] if f["path"].startswith("documents/model_card"))
         card["size"] += 1000  # an object the registry already has, never PUT again
+
     pkg = _altered(market, good, None, manifest_edit=lie)
     with pytest.raises(RegistryError) as exc:
         client.upload(pkg, server.url, server.tokens["acme"])
@@ -131,8 +163,14 @@ def test_look_alike_names_of_another_publisher_are_refused(market, server, good)
 
     reg = server.registry
     ref = good.manifest["package"]
-    assert client.upload(_altered(market, good, None, manifest_edit=lambda m: m["package"].update(version="9.0")),
-                         server.url, server.tokens["acme"])["status"] == "published"
+    assert (
+        client.upload(
+            _altered(market, good, None, manifest_edit=lambda m: m["package"].update(version="9.0")),
+            server.url,
+            server.tokens["acme"],
+        )["status"]
+        == "published"
+    )
     for i, look_alike in enumerate(("acrne", "acme-", "a.c.m.e")):  # rn for m; separators
         with pytest.raises(Conflict, match="looks like the existing namespace 'acme'"):
             reg.add_user(f"lookalike{i}", namespaces=[look_alike])
@@ -145,6 +183,7 @@ def test_look_alike_names_of_another_publisher_are_refused(market, server, good)
 
     def mimic(m):
         m["package"].update(namespace="acrne", name=ref["name"].replace("l", "1", 1), version="1.0")
+
     pkg = _altered(market, good, None, manifest_edit=mimic)
     with pytest.raises(RegistryError) as exc:
         client.upload(pkg, server.url, server.tokens["mallory"])

@@ -18,8 +18,15 @@ from finetrace.market.hub import export_hub, import_hub
 @pytest.fixture(scope="module")
 def exported(market):
     out = market.tmp / "hub-export"
-    res = export_hub(market.pub, "legal-lora", out, "acme/legal-hub@1.0.0", domain=["legal"],
-                     task=["classification"], description="Contract clause classifier")
+    res = export_hub(
+        market.pub,
+        "legal-lora",
+        out,
+        "acme/legal-hub@1.0.0",
+        domain=["legal"],
+        task=["classification"],
+        description="Contract clause classifier",
+    )
     return out, res
 
 
@@ -34,8 +41,14 @@ def test_export_has_hub_metadata_and_files(market, exported):
     results = card.data.eval_results  # the model-index as huggingface_hub parses it
     assert {(r.metric_type, round(r.metric_value, 3)) for r in results} == {("accuracy", 0.93), ("macro_f1", 0.88)}
     assert "Legal contract classifier" in card.text
-    for f in ("adapter_config.json", "adapter_model.safetensors", "finetrace_adapter.json",
-              "finetrace/attestation/attestation.dsse.json", "finetrace/manifest.json", "finetrace/signature.json"):
+    for f in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "finetrace_adapter.json",
+        "finetrace/attestation/attestation.dsse.json",
+        "finetrace/manifest.json",
+        "finetrace/signature.json",
+    ):
         assert (out / f).is_file(), f
     entries = yaml.safe_load((out / ".eval_results" / "finetrace.yaml").read_text())
     assert {e["dataset"]["task_id"]: e["value"] for e in entries} == {"accuracy": 93.0, "macro_f1": 88.0}
@@ -114,8 +127,9 @@ def test_a_declared_template_hash_unlike_the_base_is_refused(market):
 
     other = "sha256:" + hashlib.sha256(b"{{ messages }} poisoned").hexdigest()
     assert template_check.compare_identity(market.adapter.metadata, market.model_dir) == []
-    diffs = template_check.compare_identity({**market.adapter.metadata, "chat_template_sha256": other},
-                                            market.model_dir)
+    diffs = template_check.compare_identity(
+        {**market.adapter.metadata, "chat_template_sha256": other}, market.model_dir
+    )
     with pytest.raises(Refused, match="differs from the base") as exc:
         template_check.check(diffs, "acme/x@1")
     assert other in exc.value.message and "known-good template is sha256:" in exc.value.message

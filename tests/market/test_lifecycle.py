@@ -25,8 +25,16 @@ def _two_versions(market, server):
         name = f"yanky-{seed}"
         art = make_adapter(market.pub, market.base, market.tok, market.model_dir, market.tmp, name=name, seed=seed)
         add_evidence(market.pub, art, market.tmp)
-        client.publish(market.pub, art.ref, f"acme/yanky@{version}", server.url, server.tokens["acme"],
-                       domain=["legal"], task=["classification"], description="Yank test adapter")
+        client.publish(
+            market.pub,
+            art.ref,
+            f"acme/yanky@{version}",
+            server.url,
+            server.tokens["acme"],
+            domain=["legal"],
+            task=["classification"],
+            description="Yank test adapter",
+        )
         out.append(art)
     return out
 
@@ -54,8 +62,17 @@ def test_yank_versions_and_downloads(market, server):
     assert default.digest == v1.digest
     with pytest.raises(InputError, match="yanked by its publisher: wrong label map"):
         client.pull(market.buyer, "acme/yanky@2.0.0", server.url, trust_keys=trust)
-    assert client.pull(market.buyer, "acme/yanky@2.0.0", server.url, trust_keys=trust, name=f"y-pinned-{server.kind}",
-                       allow_yanked=True).digest == v2.digest
+    assert (
+        client.pull(
+            market.buyer,
+            "acme/yanky@2.0.0",
+            server.url,
+            trust_keys=trust,
+            name=f"y-pinned-{server.kind}",
+            allow_yanked=True,
+        ).digest
+        == v2.digest
+    )
     # still verifiable: the registry's badge is computed from the same evidence
     info = client._check(client._http(server.url).get("/api/v1/packages/acme/yanky/2.0.0"))
     assert info["yanked"] and info["badge"]["signature"] and info["badge"]["attestation"]
@@ -68,18 +85,24 @@ def test_yank_versions_and_downloads(market, server):
     assert {"ref": "acme/yanky@2.0.0", "digest": res["digest"], "reason": "wrong label map", "by": "acme"} in events
     # restored; 2 downloads of 2.0.0: the refused pinned pull above counted nothing
     client.yank(server.url, server.tokens["acme"], "acme/yanky@2.0.0", undo=True)
-    assert client.versions(server.url, "acme/yanky")["versions"][0] == {**listing["2.0.0"], "yanked": False,
-                                                                        "yanked_reason": "", "latest": True,
-                                                                        "downloads": 2}
+    assert client.versions(server.url, "acme/yanky")["versions"][0] == {
+        **listing["2.0.0"],
+        "yanked": False,
+        "yanked_reason": "",
+        "latest": True,
+        "downloads": 2,
+    }
 
 
 def test_a_refused_pull_counts_no_download(market, server):
     offset = {"sqlite": 0, "postgresql": 10}[server.kind]  # the publisher is shared by both servers
-    art = make_adapter(market.pub, market.base, market.tok, market.model_dir, market.tmp, name=f"dl-{offset}",
-                       seed=31 + offset)
+    art = make_adapter(
+        market.pub, market.base, market.tok, market.model_dir, market.tmp, name=f"dl-{offset}", seed=31 + offset
+    )
     add_evidence(market.pub, art, market.tmp)
-    client.publish(market.pub, art.ref, "acme/counted@1.0.0", server.url, server.tokens["acme"],
-                   description="Download count test")
+    client.publish(
+        market.pub, art.ref, "acme/counted@1.0.0", server.url, server.tokens["acme"], description="Download count test"
+    )
 
     def downloads() -> tuple[int, int]:
         row = client.versions(server.url, "acme/counted")["versions"][0]
@@ -92,8 +115,9 @@ def test_a_refused_pull_counts_no_download(market, server):
         client.pull(market.buyer, "acme/counted@1.0.0", server.url, trust_keys=[market.pub.keys.key_id])
     client.yank(server.url, server.tokens["acme"], "acme/counted@1.0.0", undo=True)
     assert downloads() == (0, 0)  # version and package
-    client.pull(market.buyer, "acme/counted", server.url, trust_keys=[market.pub.keys.key_id],
-                name=f"counted-{server.kind}")
+    client.pull(
+        market.buyer, "acme/counted", server.url, trust_keys=[market.pub.keys.key_id], name=f"counted-{server.kind}"
+    )
     assert downloads() == (1, 1)
     # reading the package (the web page, `market versions`, an older client's ?pull=1) is not a download
     client._check(client._http(server.url).get("/api/v1/packages/acme/counted", params={"pull": 1}))
@@ -139,9 +163,11 @@ def _other(market):
 
 
 def test_model_card_is_rendered_as_sanitised_markdown():
-    html = render_card("# Title\n\nSome *text* and a [doc](https://example.org/x).\n\n"
-                       "<script>alert(1)</script>\n\n[bad](javascript:alert(1)) <img src=x onerror=alert(1)>\n\n"
-                       "| metric | value |\n|---|---|\n| accuracy | 0.93 |\n")
+    html = render_card(
+        "# Title\n\nSome *text* and a [doc](https://example.org/x).\n\n"
+        "<script>alert(1)</script>\n\n[bad](javascript:alert(1)) <img src=x onerror=alert(1)>\n\n"
+        "| metric | value |\n|---|---|\n| accuracy | 0.93 |\n"
+    )
     assert "<h1>Title</h1>" in html and "<em>text</em>" in html and '<a href="https://example.org/x">doc</a>' in html
     assert "<td>accuracy</td>" in html
     assert "<script" not in html and "&lt;script&gt;" in html
@@ -158,13 +184,27 @@ def test_pull_refuses_an_adapter_trained_with_another_chat_template(market, serv
     seed = {"sqlite": 31, "postgresql": 41}[server.kind]
     art = make_adapter(market.pub, market.base, tok, market.model_dir, market.tmp, name=f"tpl-{seed}", seed=seed)
     add_evidence(market.pub, art, market.tmp)
-    client.publish(market.pub, art.ref, "acme/templated@1.0.0", server.url, server.tokens["acme"],
-                   domain=["legal"], task=["classification"], description="Trained with a changed template")
+    client.publish(
+        market.pub,
+        art.ref,
+        "acme/templated@1.0.0",
+        server.url,
+        server.tokens["acme"],
+        domain=["legal"],
+        task=["classification"],
+        description="Trained with a changed template",
+    )
     trust = [market.pub.keys.key_id]
     with pytest.raises(Refused, match="chat template differs") as exc:
         client.pull(market.buyer, "acme/templated@1.0.0", server.url, trust_keys=trust)
     assert art.metadata["chat_template_sha256"] in exc.value.message and "known-good template is" in exc.value.message
     assert not [a for a in market.buyer.ledger.artifacts("adapter") if a.digest == art.digest]  # nothing recorded
-    got = client.pull(market.buyer, "acme/templated@1.0.0", server.url, trust_keys=trust,
-                      name=f"templated-{server.kind}", allow_template_change=True)
+    got = client.pull(
+        market.buyer,
+        "acme/templated@1.0.0",
+        server.url,
+        trust_keys=trust,
+        name=f"templated-{server.kind}",
+        allow_template_change=True,
+    )
     assert got.digest == art.digest

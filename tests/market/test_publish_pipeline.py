@@ -14,7 +14,8 @@ def _pipeline_helpers():
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "pipeline_helpers", Path(__file__).parents[1] / "pipeline" / "test_pipeline.py")
+        "pipeline_helpers", Path(__file__).parents[1] / "pipeline" / "test_pipeline.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

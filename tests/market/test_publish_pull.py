@@ -103,8 +103,9 @@ def test_a_publish_killed_midway_leaves_nothing_visible_and_resumes(market, serv
 
     art = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name="resumed-lora", seed=7)
     add_evidence(market.pub, art, tmp_path, accuracy=0.88)
-    pkg = client.build_package(market.pub, "resumed-lora", "acme/resumed@2.0", domain=["legal"],
-                               description="resumable upload")
+    pkg = client.build_package(
+        market.pub, "resumed-lora", "acme/resumed@2.0", domain=["legal"], description="resumable upload"
+    )
     http = client._http(server.url, server.tokens["acme"])
     start = client._check(http.post("/api/v1/uploads", json={"manifest": pkg.manifest, "signature": pkg.signature}))
     by_digest = {f["digest"]: pkg.files[f["path"]] for f in pkg.manifest["files"]}
@@ -130,14 +131,17 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     from .conftest import add_evidence, make_adapter
 
     sfx = 0 if server.kind == "sqlite" else 10  # the publisher workspace is shared by both databases' runs
-    bad = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"weak-lora-{sfx}", seed=3 + sfx)
+    bad = make_adapter(
+        market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"weak-lora-{sfx}", seed=3 + sfx
+    )
     with pytest.raises(InputError, match="may not be published.*unevaluated|no evaluation"):
         client.build_package(market.pub, f"weak-lora-{sfx}", "acme/weak@1")
     add_evidence(market.pub, bad, tmp_path, accuracy=0.5, passed=False)
     with pytest.raises(InputError, match="eval gates failed"):
         client.build_package(market.pub, f"weak-lora-{sfx}", "acme/weak@1")
-    nodocs = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"nodoc-lora-{sfx}",
-                          seed=4 + sfx)
+    nodocs = make_adapter(
+        market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"nodoc-lora-{sfx}", seed=4 + sfx
+    )
     add_evidence(market.pub, nodocs, tmp_path, docs=("model_card",))
     with pytest.raises(InputError, match="required documents missing: annex_iv, ab2013"):
         client.build_package(market.pub, f"nodoc-lora-{sfx}", "acme/nodoc@1")
@@ -152,22 +156,33 @@ def test_gates_and_documents_are_required(market, server, tmp_path):
     json.dumps(pkg.manifest)  # serialisable as is
 
     # documents generated without the intended use (the audit stage flags them) are refused...
-    vague = make_adapter(market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"vague-lora-{sfx}",
-                         seed=5 + sfx)
+    vague = make_adapter(
+        market.pub, market.base, market.tok, market.model_dir, tmp_path, name=f"vague-lora-{sfx}", seed=5 + sfx
+    )
     add_evidence(market.pub, vague, tmp_path)
     for kind in ("model_card", "annex_iv"):
         f = tmp_path / f"{kind}-vague.md"
         f.write_text(f"# {kind}\nAdapter {vague.digest}\nIntended use: not provided\n")
-        market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
-            "adapter": vague.digest, "document": kind, "intended_use_missing": ["intended_use", "limitations"]})
+        market.pub.ledger.add_artifact(
+            "document",
+            market.pub.store.put_file(f),
+            metadata={
+                "adapter": vague.digest,
+                "document": kind,
+                "intended_use_missing": ["intended_use", "limitations"],
+            },
+        )
     with pytest.raises(InputError, match="lack the intended use and limitations"):
         client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1")
     # ...until they are generated again with it
     for kind in ("model_card", "annex_iv"):
         f = tmp_path / f"{kind}-clear.md"
         f.write_text(f"# {kind}\nAdapter {vague.digest}\nIntended use: clause triage by trained reviewers\n")
-        market.pub.ledger.add_artifact("document", market.pub.store.put_file(f), metadata={
-            "adapter": vague.digest, "document": kind, "intended_use_missing": []})
+        market.pub.ledger.add_artifact(
+            "document",
+            market.pub.store.put_file(f),
+            metadata={"adapter": vague.digest, "document": kind, "intended_use_missing": []},
+        )
     assert client.build_package(market.pub, f"vague-lora-{sfx}", "acme/vague@1").manifest
 
 
@@ -182,18 +197,32 @@ def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     if server.kind != "sqlite":
         pytest.skip("training is the same whichever database the registry uses")
     _publish(market, server, "acme/legal-base@1.0")
-    pulled = client.pull(market.buyer, "acme/legal-base@1.0", server.url, trust_keys=[market.pub.keys.key_id],
-                         name="legal-market")
+    pulled = client.pull(
+        market.buyer, "acme/legal-base@1.0", server.url, trust_keys=[market.pub.keys.key_id], name="legal-market"
+    )
     ds = tmp_path / "own-data"
     ds.mkdir()
-    rows = [{"prompt": f"Clause {i}: the supplier shall deliver", "completion": "termination" if i % 2 else "liability"}
-            for i in range(8)]
+    rows = [
+        {"prompt": f"Clause {i}: the supplier shall deliver", "completion": "termination" if i % 2 else "liability"}
+        for i in range(8)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), ds / "train.parquet")
-    (ds / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["prompt", "completion"],
-                                                 "labels": None, "counts": {"train": 8}}))
+    (ds / "dataset.json").write_text(
+        json.dumps(
+            {"schema": "completion", "columns": ["prompt", "completion"], "labels": None, "counts": {"train": 8}}
+        )
+    )
     data = market.buyer.ledger.add_artifact("dataset", market.buyer.store.put_dir(ds), name="own-legal")
-    cfg = TrainConfig(base_model="tiny", dataset=data.ref, init_from=pulled.ref, output_name="legal-further",
-                      max_steps=2, batch_size=4, validation_split=None, threads=1)
+    cfg = TrainConfig(
+        base_model="tiny",
+        dataset=data.ref,
+        init_from=pulled.ref,
+        output_name="legal-further",
+        max_steps=2,
+        batch_size=4,
+        validation_split=None,
+        threads=1,
+    )
     child = train(market.buyer, cfg)
     assert child.metadata["parent"] == pulled.digest and child.metadata["r"] == 4
     run = market.buyer.ledger.get_run(child.run_id)

@@ -90,9 +90,11 @@ def _all_pages(reg, **query) -> list[str]:
 def test_keyset_pages_neither_repeat_nor_skip(catalog):
     reg = catalog
     with reg.Session() as s:
-        rows = s.execute(select(db.Version.ref, db.Package.downloads, db.Package.id, db.Version.score, db.Version.id,
-                                db.Version.domains)
-                         .join(db.Package, db.Package.latest_version_id == db.Version.id)).all()
+        rows = s.execute(
+            select(
+                db.Version.ref, db.Package.downloads, db.Package.id, db.Version.score, db.Version.id, db.Version.domains
+            ).join(db.Package, db.Package.latest_version_id == db.Version.id)
+        ).all()
     legal = [r for r in rows if ",legal," in r.domains]
     want_dl = [r.ref for r in sorted(legal, key=lambda r: (-r.downloads, -r[2]))]
     assert _all_pages(reg, domain="legal", sort="downloads") == want_dl
@@ -111,8 +113,9 @@ def test_keyset_pages_neither_repeat_nor_skip(catalog):
 def test_verified_filter_matches_the_flags(catalog):
     reg = catalog
     with reg.Session() as s:
-        flags = dict(s.execute(select(db.Version.ref, db.Version.verified)
-                               .where(db.Version.domains.like("%,medical,%"))).all())
+        flags = dict(
+            s.execute(select(db.Version.ref, db.Version.verified).where(db.Version.domains.like("%,medical,%"))).all()
+        )
     got = _all_pages(reg, domain="medical", verified=True, sort="downloads")
     assert sorted(got) == sorted(ref for ref, v in flags.items() if v) and 0 < len(got) < len(flags)
     assert all(r["verified"] for r in reg.search(domain="medical", verified=True)["results"])

@@ -20,8 +20,17 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-ge
 
 
 def _chromium(*args: str) -> str:
-    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--disable-extensions", "--window-size=1100,1500", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-extensions",
+        "--window-size=1100,1500",
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
@@ -31,8 +40,16 @@ def _chromium(*args: str) -> str:
 def test_search_filter_and_package_page_in_chromium(market, server, tmp_path):
     if server.kind != "sqlite":
         pytest.skip("the pages are the same for every database; they run against SQLite")
-    client.publish(market.pub, "legal-lora", "acme/web-clauses@1.0", server.url, server.tokens["acme"],
-                   domain=["legal"], task=["classification"], description="Contract clause classifier, web test")
+    client.publish(
+        market.pub,
+        "legal-lora",
+        "acme/web-clauses@1.0",
+        server.url,
+        server.tokens["acme"],
+        domain=["legal"],
+        task=["classification"],
+        description="Contract clause classifier, web test",
+    )
 
     dom = _chromium("--dump-dom", f"{server.url}/?q=contract&domain=legal&sort=downloads")
     links = re.findall(r'class="package-link" href="([^"]+)"', dom)
@@ -55,8 +72,10 @@ def test_search_filter_and_package_page_in_chromium(market, server, tmp_path):
 
     shots = os.environ.get("FINETRACE_SCREENSHOT_DIR") or str(tmp_path)
     os.makedirs(shots, exist_ok=True)
-    for name, url in (("search", f"{server.url}/?q=contract&domain=legal"),
-                      ("package", f"{server.url}/p/acme/web-clauses/1.0")):
+    for name, url in (
+        ("search", f"{server.url}/?q=contract&domain=legal"),
+        ("package", f"{server.url}/p/acme/web-clauses/1.0"),
+    ):
         png = os.path.join(shots, f"market-{name}.png")
         _chromium(f"--screenshot={png}", url)
         with open(png, "rb") as fh:

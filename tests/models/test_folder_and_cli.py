@@ -73,9 +73,10 @@ def _greedy_reference(model_dir, prompt, n):
     text = tok.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+    new = out[0, ids.shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
 
 
@@ -115,8 +116,9 @@ def test_cli_models_list_json_and_generate(workspace, tiny_model_dir, capsys):
     assert rows[0]["parameters"] == sum(p.numel() for p in load_model(workspace, "tiny")[0].parameters())
 
     _, want_text = _greedy_reference(tiny_model_dir, "What is the capital of France?", 8)
-    assert main(["-w", ws, "generate", "--model", "tiny", "What is the capital of France?",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(["-w", ws, "generate", "--model", "tiny", "What is the capital of France?", "--max-new-tokens", "8"]) == 0
+    )
     assert capsys.readouterr().out == want_text.strip() + "\n"
 
 
@@ -182,8 +184,9 @@ def test_generate_with_a_peft_adapter(workspace, tiny_model_dir, tmp_path, capsy
         tuned_logits = peft_model(ids).logits
         with peft_model.disable_adapter():
             base_logits = peft_model(ids).logits
-        want = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=2,
-                                   pad_token_id=2)[0, ids.shape[1]:].tolist()
+        want = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)[
+            0, ids.shape[1] :
+        ].tolist()
     assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)  # the adapter does something
 
     stats = ChatStats()

@@ -39,8 +39,11 @@ def test_add_gguf_converts_to_a_model_with_the_written_logits(workspace, tiny_gg
     ref_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
 
     # The tokenizer rebuilt from GGUF metadata tokenises like the original, template and stop token included.
-    text = ref_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Paris."}],
-                                       tokenize=False, add_generation_prompt=True)
+    text = ref_tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Paris."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert tok.chat_template == ref_tok.chat_template
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|im_end|>")
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -64,7 +67,12 @@ def test_add_gguf_converts_to_a_model_with_the_written_logits(workspace, tiny_gg
     assert m["architecture"] == "LlamaForCausalLM"
     assert m["parameters"] == sum(p.numel() for p in ref_model.parameters())
     assert (m["hidden_size"], m["layers"], m["vocab_size"], m["context_length"], m["dtype"]) == (
-        64, 2, ref_model.config.vocab_size, 512, "float32")
+        64,
+        2,
+        ref_model.config.vocab_size,
+        512,
+        "float32",
+    )
     assert m["text_identity"]["eos_token"] == "<|im_end|>"
 
 

@@ -29,8 +29,9 @@ print(json.dumps({"before": before, "peak": vm("VmHWM:"),
 
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("sharded") / "llama-60m", "llama-60m", dtype="float32",
-                              shard_bytes=24 << 20)
+    return write_random_model(
+        tmp_path_factory.mktemp("sharded") / "llama-60m", "llama-60m", dtype="float32", shard_bytes=24 << 20
+    )
 
 
 def test_sharded_folder_is_added_once_with_every_shard(workspace, sharded_dir):
@@ -50,8 +51,9 @@ def test_sharded_folder_is_added_once_with_every_shard(workspace, sharded_dir):
 
 def test_sharded_load_peaks_under_1_3x_one_copy(sharded_dir):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", LOAD, str(sharded_dir)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, str(sharded_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["bytes"] == 4 * parameter_count("llama-60m")

@@ -34,8 +34,9 @@ def commands() -> list[str]:
 
 @pytest.mark.slow
 def test_config_reference_is_up_to_date():
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_config_docs.py"), "--check"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_config_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -48,8 +49,18 @@ def test_every_command_is_documented():
 
 
 def test_every_stage_has_a_page():
-    for page in ("pipeline", "models", "data", "train", "evaluate", "audit", "serve", "market", "ledger",
-                 "config-reference"):
+    for page in (
+        "pipeline",
+        "models",
+        "data",
+        "train",
+        "evaluate",
+        "audit",
+        "serve",
+        "market",
+        "ledger",
+        "config-reference",
+    ):
         assert (ROOT / "docs" / f"{page}.md").is_file(), page
 
 

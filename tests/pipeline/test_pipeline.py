@@ -26,8 +26,11 @@ def write_rows(path: Path, n: int, seed: int, groups: bool = False) -> Path:
         for i in range(n):
             label = sorted(WORDS)[i % 3]
             filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 3)))
-            row = {"id": f"r{seed}-{i}", "text": f"order {rng.randint(100, 999)}: {filler} {WORDS[label]}",
-                   "label": label}
+            row = {
+                "id": f"r{seed}-{i}",
+                "text": f"order {rng.randint(100, 999)}: {filler} {WORDS[label]}",
+                "label": label,
+            }
             w.writerow({**row, "group": ["web", "phone"][i % 2]} if groups else row)
     return path
 
@@ -37,18 +40,40 @@ def make_pipeline(tmp: Path, model_dir: Path, gates: dict | None = None, deploy:
     write_rows(tmp / "test.csv", 9, 1, groups=True)
     (tmp / "datasheet.yaml").write_text("title: Routing tickets\nsource: synthetic\nlicense: CC0-1.0\n")
     (tmp / "intended_use.yaml").write_text("intended_use: Route tickets in tests.\nlimitations: Toy data.\n")
-    (tmp / "suite.yaml").write_text(yaml.safe_dump({
-        "name": "routing", "split": "test", "metrics": ["accuracy"], "scoring": "constrained",
-        "bootstrap": {"samples": 50, "seed": 0}, "forgetting": {"enabled": False},
-        "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 3},
-        "gates": gates or {"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0}}))
+    (tmp / "suite.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "routing",
+                "split": "test",
+                "metrics": ["accuracy"],
+                "scoring": "constrained",
+                "bootstrap": {"samples": 50, "seed": 0},
+                "forgetting": {"enabled": False},
+                "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 3},
+                "gates": gates or {"min_metric": {"accuracy": 0.0}, "max_flip_rate": 1.0},
+            }
+        )
+    )
     doc = {
         "name": "routing",
         "model": {"source": str(model_dir), "name": "tiny"},
-        "data": {"name": "tickets", "files": ["train.csv"], "test_file": "test.csv", "schema": "classification",
-                 "datasheet": "datasheet.yaml", "splits": [0.85, 0.15, 0.0], "near_dup_threshold": 1.0},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 5e-3, "threads": 1, "checkpoint_every": 1,
-                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {
+            "name": "tickets",
+            "files": ["train.csv"],
+            "test_file": "test.csv",
+            "schema": "classification",
+            "datasheet": "datasheet.yaml",
+            "splits": [0.85, 0.15, 0.0],
+            "near_dup_threshold": 1.0,
+        },
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "threads": 1,
+            "checkpoint_every": 1,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
         "evaluate": {"suite": "suite.yaml"},
         "docs": {"intended_use": "intended_use.yaml"},
         "approve": {"by": "Ada Lovelace", "note": "checked the eval report"},
@@ -67,8 +92,11 @@ def runs_by_kind(ws) -> dict[str, int]:
 
 
 def stage_status(ws, run_id: str) -> dict[str, str]:
-    return {e.data["stage"]: e.data["status"] for e in ws.ledger.entries(type="pipeline.stage")
-            if e.data["run_id"] == run_id and e.data["status"] != "started"}
+    return {
+        e.data["stage"]: e.data["status"]
+        for e in ws.ledger.entries(type="pipeline.stage")
+        if e.data["run_id"] == run_id and e.data["status"] != "started"
+    }
 
 
 @pytest.mark.slow
@@ -80,12 +108,12 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
     # 1. everything runs
     first = run_pipeline(ws, path, progress=False, echo=lines.append)
     assert [s.status for s in first.stages] == ["ran"] * 7
-    assert stage_status(ws, first.run_id) == {s: "ran" for s in
-                                              ("model", "data", "train", "evaluate", "docs", "approve", "deploy")}
+    assert stage_status(ws, first.run_id) == {
+        s: "ran" for s in ("model", "data", "train", "evaluate", "docs", "approve", "deploy")
+    }
     kinds = runs_by_kind(ws)
     # import: the model folder and the data
-    assert kinds == {"import": 2, "train": 1, "evaluate": 1, "document": 1, "deploy": 1, "parity": 1,
-                     "pipeline": 1}
+    assert kinds == {"import": 2, "train": 1, "evaluate": 1, "document": 1, "deploy": 1, "parity": 1, "pipeline": 1}
     assert first.stage("deploy").metrics["serve_agreement"] == 1.0  # served == evaluated, token for token
     assert ws.ledger.get_run(first.run_id).status == "succeeded"
     adapter = ws.ledger.artifact(first.state["adapter"])
@@ -115,17 +143,36 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
     write_rows(tmp_path / "train.csv", 42, 7)
     third = run_pipeline(ws, path, progress=False, echo=lines.append)
     status = stage_status(ws, third.run_id)
-    assert status == {"model": "cached", "data": "ran", "train": "ran", "evaluate": "ran", "docs": "ran",
-                      "approve": "ran", "deploy": "ran"}
+    assert status == {
+        "model": "cached",
+        "data": "ran",
+        "train": "ran",
+        "evaluate": "ran",
+        "docs": "ran",
+        "approve": "ran",
+        "deploy": "ran",
+    }
     assert ws.ledger.artifact(third.state["dataset"]).ref == "tickets@2"
     assert ws.ledger.artifact(third.state["adapter"]).ref == "routing-lora@2"
-    assert runs_by_kind(ws) == {**after, "import": after["import"] + 1, "train": 2, "evaluate": 2, "document": 2,
-                                "deploy": 2, "parity": 2, "pipeline": 3}
+    assert runs_by_kind(ws) == {
+        **after,
+        "import": after["import"] + 1,
+        "train": 2,
+        "evaluate": 2,
+        "document": 2,
+        "deploy": 2,
+        "parity": 2,
+        "pipeline": 3,
+    }
     # the cache key of the new train stage is recorded with it, next to the train run it made
-    ev = [e.data for e in ws.ledger.entries(type="pipeline.stage")
-          if e.data["run_id"] == third.run_id and e.data["stage"] == "train" and e.data["status"] == "ran"][0]
+    ev = [
+        e.data
+        for e in ws.ledger.entries(type="pipeline.stage")
+        if e.data["run_id"] == third.run_id and e.data["stage"] == "train" and e.data["status"] == "ran"
+    ][0]
     assert ev["cache_key"].startswith("sha256:") and ev["stage_runs"] == [
-        ws.ledger.artifact(third.state["adapter"]).run_id]
+        ws.ledger.artifact(third.state["adapter"]).run_id
+    ]
 
     from finetrace.ledger import verify_workspace
 
@@ -134,7 +181,10 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
 
 def test_failed_gate_stops_the_pipeline(workspace, tiny_model_dir, tmp_path):
     ws = workspace
-    gates = {"min_metric": {"accuracy": 1.0}, "min_gain": {"accuracy": 1.0}}  # above 1 is refused: metrics are in [0, 1]
+    gates = {
+        "min_metric": {"accuracy": 1.0},
+        "min_gain": {"accuracy": 1.0},
+    }  # above 1 is refused: metrics are in [0, 1]
     path = make_pipeline(tmp_path, tiny_model_dir, gates=gates, deploy="record")
     with pytest.raises(GateFailedError) as err:
         run_pipeline(ws, path, progress=False, echo=lambda s: None)
@@ -142,8 +192,7 @@ def test_failed_gate_stops_the_pipeline(workspace, tiny_model_dir, tmp_path):
     assert "min_metric" in msg or "accuracy" in msg
     assert "report.html" in msg and "finetrace override" in msg
     res = err.value.pipeline_result
-    assert [s.status for s in res.stages] == ["ran", "ran", "ran", "ran", "not reached", "not reached",
-                                              "not reached"]
+    assert [s.status for s in res.stages] == ["ran", "ran", "ran", "ran", "not reached", "not reached", "not reached"]
     assert ws.ledger.get_run(res.run_id).status == "failed"
     assert "document" not in runs_by_kind(ws) and "deploy" not in runs_by_kind(ws)
     # a re-run reuses the evaluation and stops again at the same gate, without retraining

@@ -10,17 +10,24 @@ from finetrace.pipeline import load_pipeline, run_pipeline
 from .test_pipeline import make_pipeline
 
 
-@pytest.mark.parametrize("target,edit,match", [
-    ("suite.yaml", None, r"field 'evaluate.suite': no such file"),
-    ("intended_use.yaml", None, r"field 'docs.intended_use': no such file"),
-    ("datasheet.yaml", None, r"field 'data.datasheet': no such file"),
-    ("test.csv", None, r"field 'data.test_file': no such file"),
-    ("suite.yaml", "max_new_tokens: 64\nmax_new_tokens: 1\n", r"suite.yaml:2: key 'max_new_tokens' is written twice"),
-    ("suite.yaml", "gates:\n  max_flip_rate: .nan\n", r"suite.yaml:2.*gates.max_flip_rate"),
-    ("intended_use.yaml", "intended_use: x\nlimits: y\n", r"unknown intended-use key 'limits'"),
-    ("intended_use.yaml", b"\xff\xfe\x00\xd8", r"intended_use.yaml:1: the intended-use file is not valid UTF-16"),
-    ("datasheet.yaml", "source: a\nsource: b\n", r"datasheet.yaml:2: key 'source' is written twice"),
-])
+@pytest.mark.parametrize(
+    "target,edit,match",
+    [
+        ("suite.yaml", None, r"field 'evaluate.suite': no such file"),
+        ("intended_use.yaml", None, r"field 'docs.intended_use': no such file"),
+        ("datasheet.yaml", None, r"field 'data.datasheet': no such file"),
+        ("test.csv", None, r"field 'data.test_file': no such file"),
+        (
+            "suite.yaml",
+            "max_new_tokens: 64\nmax_new_tokens: 1\n",
+            r"suite.yaml:2: key 'max_new_tokens' is written twice",
+        ),
+        ("suite.yaml", "gates:\n  max_flip_rate: .nan\n", r"suite.yaml:2.*gates.max_flip_rate"),
+        ("intended_use.yaml", "intended_use: x\nlimits: y\n", r"unknown intended-use key 'limits'"),
+        ("intended_use.yaml", b"\xff\xfe\x00\xd8", r"intended_use.yaml:1: the intended-use file is not valid UTF-16"),
+        ("datasheet.yaml", "source: a\nsource: b\n", r"datasheet.yaml:2: key 'source' is written twice"),
+    ],
+)
 def test_a_bad_named_file_fails_before_any_stage(workspace, tiny_model_dir, tmp_path, target, edit, match):
     path = make_pipeline(tmp_path, tiny_model_dir, deploy="none")
     if edit is None:

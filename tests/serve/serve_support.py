@@ -6,14 +6,29 @@ import json
 import threading
 
 
-def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_path, dataset: str | None = None,
-                 metadata: dict | None = None, r: int = 4):
+def make_adapter(
+    ws,
+    base_art,
+    tokenizer,
+    base_dir,
+    name: str,
+    seed: int,
+    tmp_path,
+    dataset: str | None = None,
+    metadata: dict | None = None,
+    r: int = 4,
+):
     """Train-like: a LoRA adapter with random non-zero B, stored and recorded by a `train` run."""
     from finetrace.models.identity import text_identity
     from finetrace.models.tiny import random_lora
 
-    out = random_lora(base_dir, tmp_path / f"adapter-{name}-{seed}", seed, r=r,
-                      target_modules=("q_proj", "v_proj", "o_proj", "up_proj"))
+    out = random_lora(
+        base_dir,
+        tmp_path / f"adapter-{name}-{seed}",
+        seed,
+        r=r,
+        target_modules=("q_proj", "v_proj", "o_proj", "up_proj"),
+    )
     ident = text_identity(tokenizer)
     (out / "finetrace_adapter.json").write_text(json.dumps({"base_model": base_art.digest, **ident}))
     if dataset is None:
@@ -23,8 +38,9 @@ def make_adapter(ws, base_art, tokenizer, base_dir, name: str, seed: int, tmp_pa
         (ds_dir / "datasheet.json").write_text(json.dumps({"title": f"{name} data", "license": "CC-BY-4.0"}))
         dataset = ws.ledger.add_artifact("dataset", ws.store.put_dir(ds_dir), name=f"{name}-data").digest
     meta = {"base_model": base_art.digest, "method": "lora", "r": r, **ident, **(metadata or {})}
-    with ws.ledger.run("train", config={"method": "lora", "r": r, "seed": seed},
-                       inputs=[base_art.digest, dataset], seed=seed) as run:
+    with ws.ledger.run(
+        "train", config={"method": "lora", "r": r, "seed": seed}, inputs=[base_art.digest, dataset], seed=seed
+    ) as run:
         art = run.output("adapter", ws.store.put_dir(out), name=name, metadata=meta)
     ws.checkpoint()
     return art
@@ -44,6 +60,7 @@ class hold_scheduler:
         def hold():
             self.started.set()
             self.release.wait(self.timeout)
+
         self.engine._controls.put((hold, Future()))
         assert self.started.wait(self.timeout), "the scheduler did not take the control"
         return self.release

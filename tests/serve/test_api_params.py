@@ -25,10 +25,9 @@ def test_n_choices_seeded_and_distinct(api):
     _, client = api
     r = client.chat.completions.create(model="alpha@1", messages=MSG, max_tokens=6, temperature=1.5, n=3, seed=5)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    again = client.chat.completions.create(model="alpha@1", messages=MSG, max_tokens=6, temperature=1.5, n=3,
-                                           seed=5)
+    again = client.chat.completions.create(model="alpha@1", messages=MSG, max_tokens=6, temperature=1.5, n=3, seed=5)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
-    assert len({c.message.content for c in r.choices}) > 1   # seeds 5, 6, 7 differ
+    assert len({c.message.content for c in r.choices}) > 1  # seeds 5, 6, 7 differ
     assert r.usage.completion_tokens > 0
     assert len(r.model_extra["provenance_ids"]) == 3
 
@@ -37,8 +36,15 @@ def test_greedy_logprobs_are_the_models(api, served_ws):
     import torch
 
     _, client = api
-    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=3, extra_body={"return_token_ids": True})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=MSG,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"return_token_ids": True},
+    )
     c = r.choices[0]
     ids = c.model_extra["token_ids"]
     assert len(c.logprobs.content) == len(ids) > 0
@@ -51,7 +57,7 @@ def test_greedy_logprobs_are_the_models(api, served_ws):
         lp = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0].float(), -1)
     for j, (t, entry) in enumerate(zip(ids, c.logprobs.content)):
         assert entry.logprob == pytest.approx(float(lp[len(prompt) - 1 + j, t]), abs=1e-4)
-        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6   # greedy picked the top token
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy picked the top token
         assert len(entry.top_logprobs) == 3
 
 
@@ -60,8 +66,15 @@ def test_label_constraint_answers_a_label_with_scored_logprobs(api, served_ws):
     from finetrace.models.generate import load_for_chat
 
     _, client = api
-    r = client.chat.completions.create(model="beta@1", messages=MSG, max_tokens=8, temperature=0, logprobs=True,
-                                       top_logprobs=4, extra_body={"labels": LABELS})
+    r = client.chat.completions.create(
+        model="beta@1",
+        messages=MSG,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"labels": LABELS},
+    )
     c = r.choices[0]
     assert c.message.content in LABELS and c.finish_reason == "stop"
     model, tok, _ = load_for_chat(served_ws, "tiny", "beta@1")
@@ -92,10 +105,15 @@ def plain_model(tmp_path_factory):
 
     from finetrace.models.tiny import build_tiny_model, build_tokenizer
 
-    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-    tok = build_tokenizer(special=["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"],
-                          eos="<|endoftext|>", template=template)
+    template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    tok = build_tokenizer(
+        special=["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"],
+        eos="<|endoftext|>",
+        template=template,
+    )
     out = build_tiny_model(tmp_path_factory.mktemp("plain"), tokenizer=tok)
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

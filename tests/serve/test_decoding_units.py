@@ -14,7 +14,7 @@ from finetrace.decoding.text import holdback, normalise_answer
 def test_seeded_rows_draw_the_same_tokens_whatever_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(5, 300) * 3
-    alone = [pick_tokens(logits[i:i + 1], [0.9], [0.8], [make_generator(10 + i)])[0] for i in range(5)]
+    alone = [pick_tokens(logits[i : i + 1], [0.9], [0.8], [make_generator(10 + i)])[0] for i in range(5)]
     batch = pick_tokens(logits, [0.9] * 5, [0.8] * 5, [make_generator(10 + i) for i in range(5)])
     assert batch == alone
     mixed = pick_tokens(logits, [0.0, 0.9, 0.0, 0.9, 0.9], [1.0] * 5, [None] + [make_generator(1)] * 4)
@@ -26,7 +26,7 @@ def test_top_p_keeps_the_nucleus_and_frequencies_follow_softmax():
     g = make_generator(3)
     draws = [pick_tokens(logits, [1.0], [0.7], [g])[0] for _ in range(400)]
     p = torch.softmax(logits[0], -1)
-    assert set(draws) == {0, 1}                     # p0 = 0.64 < 0.7, so the nucleus is {0, 1}
+    assert set(draws) == {0, 1}  # p0 = 0.64 < 0.7, so the nucleus is {0, 1}
     share = draws.count(0) / len(draws)
     assert share == pytest.approx(float(p[0] / (p[0] + p[1])), abs=0.07)
     g = make_generator(4)
@@ -40,12 +40,17 @@ def test_end_of_turn_comes_from_the_template():
 
     chatml = build_tokenizer(200)
     assert template_turn_end(chatml) == chatml.convert_tokens_to_ids("<|im_end|>")
-    llama3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
-              "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-              "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
-    tok = build_tokenizer(200, special=["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-                                        "<|end_header_id|>", "<|end_of_text|>"], eos="<|end_of_text|>",
-                          template=llama3)
+    llama3 = (
+        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+        "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
+    tok = build_tokenizer(
+        200,
+        special=["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
+        eos="<|end_of_text|>",
+        template=llama3,
+    )
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert turn_end_id(tok) == eot and end_ids(tok) == {eot, tok.eos_token_id}
     plain = build_tokenizer(200, template="{% for m in messages %}{{ m['content'] + '\\n\\n' }}{% endfor %}")
@@ -62,16 +67,16 @@ def test_slab_layer_appends_compacts_and_trims_in_place():
         return torch.full((b, 2, t, 4), float(v)), torch.full((b, 2, t, 4), float(-v))
 
     a = SlabLayer()
-    a.update(*kv(2, 3, 1))                          # 2 rows, 3 columns
+    a.update(*kv(2, 3, 1))  # 2 rows, 3 columns
     buf = a.kbuf
-    a.update(*kv(2, 1, 2))                          # one decode step: written in place, same buffer
+    a.update(*kv(2, 1, 2))  # one decode step: written in place, same buffer
     assert a.kbuf is buf and a.t == 4 and a.keys.shape == (2, 2, 4, 4) and float(a.keys[0, 0, 3, 0]) == 2
     b = SlabLayer()
-    b.update(*kv(1, 6, 5))                          # a longer prompt joins: the running rows shift right
+    b.update(*kv(1, 6, 5))  # a longer prompt joins: the running rows shift right
     a.append(b)
     assert (a.b, a.t) == (3, 6)
     assert a.keys[:2, 0, 2:, 0].tolist() == [[1, 1, 1, 2]] * 2 and a.keys[2, 0, :, 0].tolist() == [5] * 6
-    a.keep_rows([2])                                # rows 0 and 1 finish
+    a.keep_rows([2])  # rows 0 and 1 finish
     assert a.b == 1 and a.keys[0, 0, :, 0].tolist() == [5] * 6
     a.drop_columns(2)
     assert a.t == 4 and a.keys.shape == (1, 2, 4, 4) and float(a.values[0, 0, 0, 0]) == -5

@@ -11,8 +11,12 @@ from finetrace.serve.engine import Engine, QueueFull, _holdback
 from finetrace.serve.registry import DeploymentRefused
 from finetrace.serve.settings import ServeSettings
 
-PROMPTS = ["The supplier shall deliver the goods", "Question: What is the capital of France?",
-           "hello", "Personal data must be processed lawfully, fairly and in a transparent manner."]
+PROMPTS = [
+    "The supplier shall deliver the goods",
+    "Question: What is the capital of France?",
+    "hello",
+    "Personal data must be processed lawfully, fairly and in a transparent manner.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +39,10 @@ def reference(ws, adapter: str | None, prompt: str, n: int) -> str:
         model = PeftModel.from_pretrained(model, str(ws.store.materialize(ws.ledger.resolve(adapter).digest)))
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_mixed_burst_equals_each_model_alone(served_ws, engine):
@@ -48,6 +53,7 @@ def test_mixed_burst_equals_each_model_alone(served_ws, engine):
     def run(m, p):
         barrier.wait()
         results[(m, p)] = engine.generate(m, prompt=p, max_tokens=10).text
+
     threads = [threading.Thread(target=run, args=j) for j in jobs]
     for t in threads:
         t.start()
@@ -80,7 +86,7 @@ def test_seeded_sampling_and_stop(engine):
     full = engine.generate("tiny", prompt=PROMPTS[1], max_tokens=12).text
     stop = full[3:6]
     cut = engine.generate("tiny", prompt=PROMPTS[1], max_tokens=12, stop=[stop])
-    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop)]
 
 
 def test_holdback():
@@ -101,6 +107,7 @@ def test_request_log_records_every_request(served_ws, engine):
     assert ev["deployment"] == engine.deployment and ev["completion_tokens"] == 3
     assert "content" not in ev  # only with --log-content
     import hashlib
+
     assert ev["output_sha256"] == "sha256:" + hashlib.sha256(res[0].text.encode()).hexdigest()
 
 
@@ -133,14 +140,27 @@ def test_refusals(served_ws, tmp_path):
     with pytest.raises(DeploymentRefused, match="trained on base"):
         eng.load_adapter("foreign@1")
     # same base digest but a different chat template recorded
-    make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "oddtemplate", 5, tmp_path,
-                 metadata={"chat_template_sha256": "sha256:" + "0" * 64})
+    make_adapter(
+        served_ws,
+        c["base"],
+        c["tokenizer"],
+        c["model_dir"],
+        "oddtemplate",
+        5,
+        tmp_path,
+        metadata={"chat_template_sha256": "sha256:" + "0" * 64},
+    )
     with pytest.raises(DeploymentRefused, match="chat_template_sha256"):
         eng.load_adapter("oddtemplate@1")
     # failed gates: refused until an override is recorded
     art = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "gated", 6, tmp_path)
-    record_verdict(served_ws.ledger, art.digest, None, False,
-                   [{"name": "accuracy", "value": 0.2, "threshold": 0.5, "op": ">=", "passed": False}])
+    record_verdict(
+        served_ws.ledger,
+        art.digest,
+        None,
+        False,
+        [{"name": "accuracy", "value": 0.2, "threshold": 0.5, "op": ">=", "passed": False}],
+    )
     with pytest.raises(DeploymentRefused, match="accuracy"):
         eng.load_adapter("gated@1")
     record_override(served_ws.ledger, art.digest, by="Ada Lovelace", reason="accepted for pilot")
@@ -155,6 +175,7 @@ def test_queue_full_raises(served_ws):
     eng = Engine(served_ws, "tiny", [], ServeSettings(max_queue=1, max_batch=1))
     eng._thread = threading.Thread()  # pretend started, but never consume: the queue must bound memory
     from finetrace.serve.engine import GenRequest
+
     eng.submit(GenRequest([1, 2], "tiny", 4))
     with pytest.raises(QueueFull):
         eng.submit(GenRequest([1, 2], "tiny", 4))
@@ -175,8 +196,16 @@ def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
         eng.start()
         try:
             out: dict = {}
-            threads = [threading.Thread(target=lambda m=m, p=p: out.__setitem__((m, p), eng.generate(  # noqa: B023  (joined below)
-                m, prompt=p, max_tokens=8).text)) for m in models for p in PROMPTS]
+            threads = [
+                threading.Thread(
+                    target=lambda m=m, p=p, eng=eng, out=out: out.__setitem__(
+                        (m, p),
+                        eng.generate(m, prompt=p, max_tokens=8).text,
+                    )
+                )
+                for m in models
+                for p in PROMPTS
+            ]
             [t.start() for t in threads]
             [t.join() for t in threads]
             texts[kernel] = out
@@ -215,7 +244,7 @@ def test_extra_adapter_costs_about_its_size(served_ws):
     lora_bytes = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "lora_" in n)
     stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng.decoder.adapters.modules)
     assert sum(storages.values()) == stack_bytes  # the PEFT weights add nothing
-    assert stack_bytes == lora_bytes * 3 // 2   # 2 adapters of equal rank + the zero slot for the base
+    assert stack_bytes == lora_bytes * 3 // 2  # 2 adapters of equal rank + the zero slot for the base
 
 
 def test_log_content_keeps_full_text_only_when_asked(served_ws):
@@ -225,6 +254,7 @@ def test_log_content_keeps_full_text_only_when_asked(served_ws):
         res = eng.generate("tiny", messages=[{"role": "user", "content": "secret question"}], max_tokens=3)
     finally:
         eng.stop()
-    ev = next(e.data for e in served_ws.ledger.entries(type="serve.request")
-              if e.data["provenance_id"] == res.provenance_id)
+    ev = next(
+        e.data for e in served_ws.ledger.entries(type="serve.request") if e.data["provenance_id"] == res.provenance_id
+    )
     assert ev["content"] == {"input": [{"role": "user", "content": "secret question"}], "output": res.text}

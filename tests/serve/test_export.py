@@ -36,7 +36,7 @@ def test_merged_export_matches_served_adapter(served_ws, tmp_path):
             ids = tok(p, return_tensors="pt")
             with torch.no_grad():
                 gen = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-            merged_text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            merged_text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
             served = eng.generate("alpha@1", prompt=p, max_tokens=10)
             base = eng.generate("tiny", prompt=p, max_tokens=10)
             assert served.text == merged_text
@@ -50,6 +50,7 @@ def test_export_refuses_non_empty_folder(served_ws, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
     from finetrace.errors import InputError
+
     with pytest.raises(InputError, match="not empty"):
         export_merged(served_ws, "alpha@1", tmp_path / "x")
 
@@ -57,8 +58,21 @@ def test_export_refuses_non_empty_folder(served_ws, tmp_path):
 def test_export_cli(served_ws, tmp_path, capsys):
     from finetrace.cli import main
 
-    assert main(["--workspace", str(served_ws.root), "export-model", "beta@1", "--merged", "-o",
-                 str(tmp_path / "m"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "--workspace",
+                str(served_ws.root),
+                "export-model",
+                "beta@1",
+                "--merged",
+                "-o",
+                str(tmp_path / "m"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["adapter"] == served_ws.ledger.resolve("beta@1").digest
     assert served_ws.ledger.resolve(doc["ref"]).kind == "model"

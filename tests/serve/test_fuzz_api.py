@@ -21,8 +21,9 @@ from finetrace.serve.settings import ServeSettings
 
 pytestmark = pytest.mark.slow
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=120,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    derandomize=True, database=None, deadline=None, max_examples=120, suppress_health_check=list(HealthCheck)
+)
 TIMEOUT_S = 20  # one request; a hang fails the test instead of stalling it
 HINTS = {  # property name -> values that reach deeper than random text
     "model": st.sampled_from(["tiny", "alpha@1", "alpha", "tiny", "nope@3"]),
@@ -37,11 +38,16 @@ HINTS = {  # property name -> values that reach deeper than random text
 ALWAYS = {"model", "prompt", "messages", "role"}  # drawn every time (a body without them is one 400)
 ODD_TEXT = st.lists(  # pieces of lone surrogates, control characters and ordinary text (a union of character
     st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)  # strategies would drop the surrogates)
-    | st.text(st.characters(categories=["Cc"]), min_size=1, max_size=3) | st.text(max_size=8),
-    min_size=1, max_size=5).map("".join)
+    | st.text(st.characters(categories=["Cc"]), min_size=1, max_size=3)
+    | st.text(max_size=8),
+    min_size=1,
+    max_size=5,
+).map("".join)
 JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(-2**80, 2**80) | st.floats() | ODD_TEXT,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ODD_TEXT, inner, max_size=4), max_leaves=12)
+    st.none() | st.booleans() | st.integers() | st.integers(-(2**80), 2**80) | st.floats() | ODD_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ODD_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _mostly(usual: st.SearchStrategy, odd: st.SearchStrategy) -> st.SearchStrategy:
@@ -73,8 +79,9 @@ def _valid(schema: dict, spec: dict, name: str, junk: bool) -> st.SearchStrategy
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if not junk:
             return st.integers(1, 8)
-        return _mostly(st.integers(1, 8), st.integers(int(lo) if lo is not None else None,
-                                                      int(hi) if hi is not None else None))
+        return _mostly(
+            st.integers(1, 8), st.integers(int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+        )
     if kind == "number":
         return _mostly(st.floats(0, 1), st.floats()) if junk else st.floats(0, 1)
     if kind == "boolean":
@@ -85,8 +92,9 @@ def _valid(schema: dict, spec: dict, name: str, junk: bool) -> st.SearchStrategy
         return st.lists(from_schema(schema.get("items", {}), spec, name + "[]", junk), max_size=3)
     if kind == "object" or "properties" in schema:
         props = schema.get("properties", {})
-        required = {k: from_schema(v, spec, k, junk) for k, v in props.items()
-                    if k in schema.get("required", []) or k in ALWAYS}
+        required = {
+            k: from_schema(v, spec, k, junk) for k, v in props.items() if k in schema.get("required", []) or k in ALWAYS
+        }
         optional = {k: from_schema(v, spec, k, junk) for k, v in props.items() if k not in required}
         if not props:
             return st.dictionaries(TEXT, JUNK, max_size=3) if junk else st.just({})
@@ -137,6 +145,7 @@ def test_fuzz_generation_endpoints(api, path):
     @given(body=_body(spec, path) | JUNK)
     def run(body):
         _check(client.post(path, content=_dumps(body), headers={"content-type": "application/json"}))
+
     run()
 
 
@@ -151,6 +160,7 @@ def test_fuzz_path_parameters_and_raw_bodies(api):
         for url in (f"/v1/models/{quoted}", f"/v1/provenance/{quoted}"):
             _check(client.get(url))
         _check(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}))
+
     run()
 
 
@@ -165,5 +175,6 @@ def test_the_strategies_reach_the_engine(api):
         r = client.post("/v1/completions", content=_dumps(body), headers={"content-type": "application/json"})
         _check(r)
         seen.append(r.status_code)
+
     run()
     assert seen.count(200) >= 8 and len(set(seen)) >= 2, seen

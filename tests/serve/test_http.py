@@ -45,12 +45,19 @@ def test_chat_completion_stream_and_provenance_header(server, client):
     assert r.object == "chat.completion" and r.model == "alpha@1"
     assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
     pid = r.model_extra["provenance_id"]
-    raw = client.chat.completions.with_raw_response.create(model="alpha@1", messages=MSG, max_tokens=8,
-                                                           temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="alpha@1", messages=MSG, max_tokens=8, temperature=0)
     assert raw.headers["x-finetrace-provenance"] == raw.parse().model_extra["provenance_id"] != pid
     assert raw.parse().choices[0].message.content == r.choices[0].message.content
-    chunks = list(client.chat.completions.create(model="alpha@1", messages=MSG, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="alpha@1",
+            messages=MSG,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -61,8 +68,9 @@ def test_chat_completion_stream_and_provenance_header(server, client):
 def test_text_completion_and_stream(client):
     r = client.completions.create(model="beta@1", prompt="The supplier shall", max_tokens=6, temperature=0)
     assert r.object == "text_completion" and r.usage.prompt_tokens > 0
-    parts = list(client.completions.create(model="beta@1", prompt="The supplier shall", max_tokens=6,
-                                           temperature=0, stream=True))
+    parts = list(
+        client.completions.create(model="beta@1", prompt="The supplier shall", max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(p.choices[0].text for p in parts) == r.choices[0].text
     base = client.completions.create(model="tiny", prompt="The supplier shall", max_tokens=6, temperature=0)
     assert base.choices[0].text != r.choices[0].text
@@ -78,8 +86,9 @@ def test_errors_have_openai_shape(server, client):
         assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == next(iter(bad))
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[])
-    r = httpx.post(server.base_url + "/chat/completions", json={"messages": MSG},
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        server.base_url + "/chat/completions", json={"messages": MSG}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = httpx.get(server.base_url + "/no-such-route", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
@@ -93,8 +102,12 @@ def test_auth(server):
     assert httpx.get(server.url + "/metrics").status_code == 401
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     # the admin endpoint wants the admin key, not an API key
-    assert httpx.post(server.url + "/admin/adapters", json={"adapter": "alpha@1"},
-                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+    assert (
+        httpx.post(
+            server.url + "/admin/adapters", json={"adapter": "alpha@1"}, headers={"Authorization": f"Bearer {KEY}"}
+        ).status_code
+        == 401
+    )
 
 
 def test_metrics_after_traffic(server, client):
@@ -114,6 +127,7 @@ def test_burst_of_two_adapters_and_base_equals_each_alone(client):
     def run(m, p):
         barrier.wait()
         got[(m, p)] = client.completions.create(model=m, prompt=p, max_tokens=10, temperature=0).choices[0].text
+
     threads = [threading.Thread(target=run, args=j) for j in jobs]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -138,11 +152,14 @@ def test_provenance_resolves(served_ws, server, client, capsys):
     assert doc["request"]["completion_tokens"] == 4 and doc["request"]["model"] == "beta@1"
     # the same through the CLI, from another workspace handle
     from finetrace.cli import main
+
     assert main(["--workspace", str(served_ws.root), "provenance", pid, "--json"]) == 0
     cli_doc = json.loads(capsys.readouterr().out)
     assert cli_doc["training_run"]["id"] == train.id and cli_doc["adapter"]["digest"] == beta.digest
-    assert httpx.get(f"{server.base_url}/provenance/ftp-nope",
-                     headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert (
+        httpx.get(f"{server.base_url}/provenance/ftp-nope", headers={"Authorization": f"Bearer {KEY}"}).status_code
+        == 404
+    )
 
 
 def test_failed_gates_refused_until_override(served_ws, server, client):
@@ -150,8 +167,13 @@ def test_failed_gates_refused_until_override(served_ws, server, client):
 
     c = served_ws.ctx
     art = make_adapter(served_ws, c["base"], c["tokenizer"], c["model_dir"], "risky", 11, c["tmp"])
-    record_verdict(served_ws.ledger, art.digest, None, False,
-                   [{"name": "bias_gap", "value": 0.3, "threshold": 0.1, "op": "<=", "passed": False}])
+    record_verdict(
+        served_ws.ledger,
+        art.digest,
+        None,
+        False,
+        [{"name": "bias_gap", "value": 0.3, "threshold": 0.1, "op": "<=", "passed": False}],
+    )
     admin = {"Authorization": f"Bearer {ADMIN}"}
     r = httpx.post(server.url + "/admin/adapters", json={"adapter": "risky@1"}, headers=admin, timeout=60)
     assert r.status_code == 403 and "bias_gap" in r.json()["error"]["message"]
@@ -162,8 +184,9 @@ def test_failed_gates_refused_until_override(served_ws, server, client):
     assert r.status_code == 201 and r.json()["clearance"] == "overridden"
     out = client.completions.create(model="risky@1", prompt="hello", max_tokens=2, temperature=0)
     assert out.usage.completion_tokens == 2
-    doc = httpx.get(f"{server.base_url}/provenance/{out.model_extra['provenance_id']}",
-                    headers={"Authorization": f"Bearer {KEY}"}).json()
+    doc = httpx.get(
+        f"{server.base_url}/provenance/{out.model_extra['provenance_id']}", headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
     assert doc["approvals"][0]["type"] == "gate.override" and doc["approvals"][0]["by"] == "Grace Hopper"
     r = httpx.delete(server.url + "/admin/adapters/risky@1", headers=admin, timeout=60)
     assert r.status_code == 200
@@ -187,10 +210,12 @@ def test_overload_429_and_nothing_lost(served_ws):
 
         def run(i):
             try:
-                outcomes[i] = cl.completions.create(model=["tiny", "alpha@1"][i % 2], prompt="hello",
-                                                    max_tokens=20, temperature=0)
+                outcomes[i] = cl.completions.create(
+                    model=["tiny", "alpha@1"][i % 2], prompt="hello", max_tokens=20, temperature=0
+                )
             except openai.RateLimitError as exc:
                 outcomes[i] = exc
+
         threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
         [t.start() for t in threads]
         deadline = time.monotonic() + 60
@@ -205,8 +230,11 @@ def test_overload_429_and_nothing_lost(served_ws):
     assert len(ok) == 4 and len(limited) == n - 4
     assert limited[0].body["code"] == "queue_full" and limited[0].body["type"] == "rate_limit_error"
     assert all(o.usage.completion_tokens == 20 and o.choices[0].finish_reason == "length" for o in ok)
-    logged = {e.data["provenance_id"] for e in served_ws.ledger.entries(type="serve.request")
-              if e.data["deployment"] == deployment}
+    logged = {
+        e.data["provenance_id"]
+        for e in served_ws.ledger.entries(type="serve.request")
+        if e.data["deployment"] == deployment
+    }
     assert logged == {o.model_extra["provenance_id"] for o in ok}
     assert served_ws.ledger.get_run(deployment).status == "succeeded"
     assert served_ws.ledger.get_run(deployment).metrics["rejected"] == n - 4
@@ -223,6 +251,7 @@ def test_graceful_shutdown_finishes_in_flight(served_ws):
 
     def run(i):
         results.append(cl.completions.create(model="beta@1", prompt=f"hello {i}", max_tokens=200, temperature=0))
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     [t.start() for t in threads]
     deadline = time.monotonic() + 30

@@ -26,16 +26,19 @@ def _dataset(ws, tmp, name="parity-set"):
     folder = tmp / f"ds-{name}"
     folder.mkdir()
     rows = [{"prompt": p, "completion": "x"} for p in PROMPTS]
-    (folder / "dataset.json").write_text(json.dumps({"schema": "completion", "columns": ["completion", "prompt"],
-                                                     "counts": {"test": len(rows)}}))
+    (folder / "dataset.json").write_text(
+        json.dumps({"schema": "completion", "columns": ["completion", "prompt"], "counts": {"test": len(rows)}})
+    )
     pq.write_table(pa.Table.from_pylist(rows), folder / "test.parquet")
     return ws.ledger.add_artifact("dataset", ws.store.put_dir(folder), name=name)
 
 
 def _suite(tmp):
     p = tmp / "parity-suite.yaml"
-    p.write_text(f"bias: {{enabled: false}}\nforgetting: {{enabled: false}}\nbootstrap: {{samples: 10}}\n"
-                 f"max_new_tokens: {MAX_NEW}\nbatch_size: 8\n")
+    p.write_text(
+        f"bias: {{enabled: false}}\nforgetting: {{enabled: false}}\nbootstrap: {{samples: 10}}\n"
+        f"max_new_tokens: {MAX_NEW}\nbatch_size: 8\n"
+    )
     return p
 
 
@@ -68,14 +71,19 @@ def test_eval_served_and_generate_are_token_identical(served_ws, evaluated):
         def ask(model, i):
             if i < 10:
                 barrier.wait()
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[i]}],
-                                               max_tokens=MAX_NEW, temperature=0,
-                                               extra_body={"return_token_ids": True})
+            r = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": PROMPTS[i]}],
+                max_tokens=MAX_NEW,
+                temperature=0,
+                extra_body={"return_token_ids": True},
+            )
             got[(model, i)] = (r.choices[0].model_extra["token_ids"], r.choices[0].message.content)
+
         threads = [threading.Thread(target=ask, args=j) for j in jobs]
         for k in range(0, len(threads), 20):  # 20 concurrent: alpha and beta rows share the batches
-            [t.start() for t in threads[k:k + 20]]
-            [t.join() for t in threads[k:k + 20]]
+            [t.start() for t in threads[k : k + 20]]
+            [t.join() for t in threads[k : k + 20]]
     served = [got[("alpha@1", i)][0] for i in range(50)]
     assert served == want
     assert [got[("alpha@1", i)][1] for i in range(50)] == subject["answers"]
@@ -131,7 +139,9 @@ def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated, c
     assert main(["--workspace", str(served_ws.root), "parity", "alpha@2", "--json"]) == 1  # below 1.0: exit 1
     bad = json.loads(capsys.readouterr().out)
     assert bad["evaluated_adapter"] != bad["adapter"] and bad["agreement"] < 0.8
-    assert len(bad["differing"]) == 50 - bad["agreeing"] and bad["differing"][0]["eval"] != bad["differing"][0]["served"]
+    assert (
+        len(bad["differing"]) == 50 - bad["agreeing"] and bad["differing"][0]["eval"] != bad["differing"][0]["served"]
+    )
     with pytest.raises(ParityRefused, match="min_serve_agreement"):
         parity_gate(served_ws, "alpha@2", None, 1.0, print)
     assert parity_gate(served_ws, "alpha@1", None, 1.0, print).exact
@@ -145,12 +155,17 @@ def test_publish_is_refused_below_min_serve_agreement(served_ws, evaluated):
     from finetrace.serve.parity import ParityRefused, latest_parity, publish_gate
 
     one = served_ws.ledger.resolve("alpha@1", kind="adapter")
-    two = served_ws.ledger.resolve("alpha@2", kind="adapter")   # made by the test above
+    two = served_ws.ledger.resolve("alpha@2", kind="adapter")  # made by the test above
     report = served_ws.ledger.resolve("parity-eval", kind="eval_report").digest
-    record_verdict(served_ws.ledger, two.digest, report, True, [{"name": "accuracy", "value": 1.0, "threshold": 0.0,
-                                                                 "op": ">=", "passed": True}])
+    record_verdict(
+        served_ws.ledger,
+        two.digest,
+        report,
+        True,
+        [{"name": "accuracy", "value": 1.0, "threshold": 0.0, "op": ">=", "passed": True}],
+    )
     with pytest.raises(ParityRefused, match="min_serve_agreement 1"):
         build_package(served_ws, "alpha@2", "acme/alpha@1.0.0", min_serve_agreement=1.0)
     assert latest_parity(served_ws, two.digest)["agreement"] < 0.8
     assert publish_gate(served_ws, one.digest, report)["exact"]
-    assert publish_gate(served_ws, two.digest, report, min_agreement=0.0)["agreement"] < 0.8   # an explicit floor
+    assert publish_gate(served_ws, two.digest, report, min_agreement=0.0)["agreement"] < 0.8  # an explicit floor

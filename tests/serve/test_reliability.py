@@ -87,7 +87,9 @@ def test_a_request_failing_at_admission_fails_alone(served_ws):
                 fut.set_result(value)
             elif kind == "error":
                 fut.set_exception(value)
+
         return eng.submit(GenRequest(ids, "tiny", on_event=on_event, **kw))
+
     eng.start()
     try:
         with hold_scheduler(eng):  # the two run together; then the bad one joins while they decode
@@ -130,19 +132,34 @@ def test_retry_after_on_429(served_ws):
     assert r.headers["retry-after"] == "1"
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
-     "messages[0].content"),
-    ("/completions", '{"model": "tiny", "prompt": "\\udfff x"}', "prompt"),
-    ("/completions", '{"model": "tiny\\ud800", "prompt": "x"}', "model"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        (
+            "/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+            "messages[0].content",
+        ),
+        ("/completions", '{"model": "tiny", "prompt": "\\udfff x"}', "prompt"),
+        ("/completions", '{"model": "tiny\\ud800", "prompt": "x"}', "model"),
+    ],
+)
 def test_lone_surrogate_is_a_400(api, path, body, param):
     err = _error(_post(api, path, body), 400)
     assert err["param"] == param and "Unicode" in err["message"]
 
 
-@pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 2.0),
-                                         ("seed", False), ("stream", 1), ("temperature", True)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", True),
+        ("max_tokens", "5"),
+        ("max_tokens", 2.0),
+        ("seed", False),
+        ("stream", 1),
+        ("temperature", True),
+    ],
+)
 def test_strict_types(api, field, value):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, field: value}
     assert _error(_post(api, "/completions", body), 400)["param"] == field
@@ -158,8 +175,15 @@ def test_big_prompt_is_tokenised_off_the_event_loop(server):
     """A 1 MB prompt takes the tokenizer ~1 s here; /health keeps answering meanwhile, and the prompt gets a
     400 naming the context length."""
     out: list = []
-    big = threading.Thread(target=lambda: out.append(_post(server, "/chat/completions", {
-        "model": "tiny", "messages": [{"role": "user", "content": "the supplier shall " * 60_000}]})))
+    big = threading.Thread(
+        target=lambda: out.append(
+            _post(
+                server,
+                "/chat/completions",
+                {"model": "tiny", "messages": [{"role": "user", "content": "the supplier shall " * 60_000}]},
+            )
+        )
+    )
     t0 = time.monotonic()
     big.start()
     latencies = []
@@ -206,8 +230,18 @@ def test_a_control_queued_before_a_request_runs_before_it(served_ws):
             order: list[str] = []
             done: Future = Future()
             eng._controls.put((lambda: order.append("control"), Future()))  # noqa: B023  (run in this iteration)
-            eng.submit(GenRequest(ids, "tiny", max_tokens=1, temperature=0, on_event=lambda kind, value: (
-                order.append(kind), kind in ("done", "error") and done.set_result(kind))))  # noqa: B023
+            eng.submit(
+                GenRequest(
+                    ids,
+                    "tiny",
+                    max_tokens=1,
+                    temperature=0,
+                    on_event=lambda kind, value: (
+                        order.append(kind),  # noqa: B023  (run in this iteration)
+                        kind in ("done", "error") and done.set_result(kind),  # noqa: B023
+                    ),
+                )
+            )
             assert done.result(30) == "done"
             assert order[0] == "control", order
     finally:

@@ -26,6 +26,7 @@ BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "temperature": 0}
 def _post_async(srv, out: list, body=BODY) -> threading.Thread:
     def go():
         out.append(httpx.post(srv.base_url + "/completions", json=body, timeout=60))
+
     t = threading.Thread(target=go)
     t.start()
     return t
@@ -55,8 +56,10 @@ def test_drain_is_bounded_and_the_rest_get_503(served_ws):
         t0 = time.monotonic()
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
-        _wait(lambda: eng._drain_deadline is not None and time.monotonic() > eng._drain_deadline + 0.05,
-              what="the drain deadline")
+        _wait(
+            lambda: eng._drain_deadline is not None and time.monotonic() > eng._drain_deadline + 0.05,
+            what="the drain deadline",
+        )
     stopper.join(30)
     [t.join(30) for t in threads]
     assert not stopper.is_alive() and time.monotonic() - t0 < settings.drain_s + 5
@@ -97,8 +100,11 @@ def _lock(ws) -> sqlite3.Connection:
 
 
 def _spilled(ws) -> list[dict]:
-    return [json.loads(ln) for p in sorted((ws.root / "spill").glob("serve.request-*.jsonl"))
-            for ln in p.read_text().splitlines()]
+    return [
+        json.loads(ln)
+        for p in sorted((ws.root / "spill").glob("serve.request-*.jsonl"))
+        for ln in p.read_text().splitlines()
+    ]
 
 
 def test_request_log_close_is_bounded_on_a_locked_ledger(workspace, caplog):
@@ -140,8 +146,9 @@ def test_failed_bind_is_a_failed_deploy(served_ws, capsys):
     from finetrace.cli import main
 
     before = {r.id for r in served_ws.ledger.runs("deploy")}
-    code = main(["--workspace", str(served_ws.root), "serve", "--base", "tiny", "--host", "192.0.2.1",
-                 "--port", "8"])  # TEST-NET-1: never an address of this machine
+    code = main(
+        ["--workspace", str(served_ws.root), "serve", "--base", "tiny", "--host", "192.0.2.1", "--port", "8"]
+    )  # TEST-NET-1: never an address of this machine
     assert code == 2
     assert "cannot listen on 192.0.2.1:8" in capsys.readouterr().err
     new = [r for r in served_ws.ledger.runs("deploy") if r.id not in before]

@@ -39,9 +39,24 @@ class Served:
     """``finetrace serve`` in a child process on a free port, its stderr collected by a thread."""
 
     def __init__(self, ws):
-        cmd = [sys.executable, "-c", "from finetrace.cli import entry; entry()", "--workspace", str(ws.root),
-               "serve", "--base", "tiny", "--port", "0", "--max-batch", "4", "--drain-s", str(DRAIN_S),
-               "--ledger-timeout-s", str(LEDGER_S)]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from finetrace.cli import entry; entry()",
+            "--workspace",
+            str(ws.root),
+            "serve",
+            "--base",
+            "tiny",
+            "--port",
+            "0",
+            "--max-batch",
+            "4",
+            "--drain-s",
+            str(DRAIN_S),
+            "--ledger-timeout-s",
+            str(LEDGER_S),
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -69,10 +84,16 @@ class Served:
 
         def go(i):
             try:
-                out.append(httpx.post(self.url + "/v1/completions", timeout=60, json={
-                    "model": "tiny", "prompt": f"hello {i}", "max_tokens": max_tokens, "temperature": 0}))
+                out.append(
+                    httpx.post(
+                        self.url + "/v1/completions",
+                        timeout=60,
+                        json={"model": "tiny", "prompt": f"hello {i}", "max_tokens": max_tokens, "temperature": 0},
+                    )
+                )
             except httpx.TransportError as exc:  # counted: must not happen
                 out.append(exc)
+
         threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
         [t.start() for t in threads]
         return out, threads
@@ -100,8 +121,11 @@ def _answered(out: list) -> None:
 
 
 def _spilled(ws, kind: str) -> list[dict]:
-    return [json.loads(ln)["data"] for p in sorted((ws.root / "spill").glob(f"{kind}-*.jsonl"))
-            for ln in p.read_text().splitlines()]
+    return [
+        json.loads(ln)["data"]
+        for p in sorted((ws.root / "spill").glob(f"{kind}-*.jsonl"))
+        for ln in p.read_text().splitlines()
+    ]
 
 
 def test_sigterm_with_requests_in_flight(ws):

@@ -16,8 +16,12 @@ def write_dataset(folder, splits: dict[str, list[dict]], schema: str = "completi
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}.parquet")
-    meta = {"schema": schema, "columns": list(splits["train"][0]), "labels": labels,
-            "counts": {s: len(r) for s, r in splits.items()}}
+    meta = {
+        "schema": schema,
+        "columns": list(splits["train"][0]),
+        "labels": labels,
+        "counts": {s: len(r) for s, r in splits.items()},
+    }
     (folder / "dataset.json").write_text(json.dumps(meta))
     return folder
 
@@ -30,8 +34,7 @@ def toy_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         k = rng.randint(1, 6)
         picked = [rng.choice(words) for _ in range(k)]
-        rows.append({"prompt": "Repeat: " + " ".join(picked), "completion": " ".join(picked[::-1]),
-                     "id": str(i)})
+        rows.append({"prompt": "Repeat: " + " ".join(picked), "completion": " ".join(picked[::-1]), "id": str(i)})
     return rows
 
 
@@ -79,8 +82,12 @@ def tiny_setup(workspace, learnable_model_dir, tmp_path):
     add_folder(workspace, learnable_model_dir, name="tiny")
     folder = write_dataset(tmp_path / "ds", {"train": toy_rows(48), "validation": toy_rows(8, seed=1)})
     workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="toy")
-    folder = write_dataset(tmp_path / "cls", {"train": routing_rows(56), "validation": routing_rows(8, seed=1)},
-                           schema="classification", labels=sorted(ROUTES))
+    folder = write_dataset(
+        tmp_path / "cls",
+        {"train": routing_rows(56), "validation": routing_rows(8, seed=1)},
+        schema="classification",
+        labels=sorted(ROUTES),
+    )
     workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="routing")
     return workspace, "tiny", "toy"
 

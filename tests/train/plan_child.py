@@ -22,12 +22,31 @@ def main(ws_dir: str, method: str, *bases: str) -> None:
     for base in bases:
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-        cfg = TrainConfig(base_model=base, dataset="long", output_name=f"p-{base}-{method}", method=method,
-                          batch_size=8, max_steps=2, checkpoint_every=None, validation_split=None, seed=0)
+        cfg = TrainConfig(
+            base_model=base,
+            dataset="long",
+            output_name=f"p-{base}-{method}",
+            method=method,
+            batch_size=8,
+            max_steps=2,
+            checkpoint_every=None,
+            validation_split=None,
+            seed=0,
+        )
         art = train(ws, cfg, progress=False)
         m = ws.ledger.get_run(art.run_id).metrics
-        print(json.dumps({"base": base, "method": method, "estimate": m["memory_plan"]["peak_mb"],
-                          "measured": vm("VmHWM"), "parts": m["memory_plan"]["parts_mb"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "base": base,
+                    "method": method,
+                    "estimate": m["memory_plan"]["peak_mb"],
+                    "measured": vm("VmHWM"),
+                    "parts": m["memory_plan"]["parts_mb"],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ from .train_support import make_config
 
 def test_block_causal_mask():
     mask = attention.block_causal_mask([0, 2, 5], "cpu")
-    want = torch.tensor([[1, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0],
-                         [0, 0, 1, 0, 0],
-                         [0, 0, 1, 1, 0],
-                         [0, 0, 1, 1, 1]], dtype=torch.bool)
+    want = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(mask, want)
 
 

@@ -52,8 +52,10 @@ def test_checkpointing_gives_the_same_loss_and_gradients(learnable_model_dir, mo
     original = LoraLinearFn.forward
     monkeypatch.setattr(LoraLinearFn, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
     tok = AutoTokenizer.from_pretrained(learnable_model_dir)
-    examples = [D.encode(tok, [{"role": "user", "content": f"question {i} " * (i + 2)}], f"answer {i} " * (3 + i))
-                for i in range(4)]
+    examples = [
+        D.encode(tok, [{"role": "user", "content": f"question {i} " * (i + 2)}], f"answer {i} " * (3 + i))
+        for i in range(4)
+    ]
     batch = D.collate(examples, packing=True, pad_id=tok.pad_token_id)
     assert batch.cu_seqlens is not None and batch.n_targets > 32
     model = _model(learnable_model_dir, quantized)

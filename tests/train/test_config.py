@@ -22,12 +22,15 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.lora.target_modules != TrainConfig(base_model="a", dataset="b", output_name="c").lora.target_modules
 
 
-@pytest.mark.parametrize("text,key,suggestion,line", [
-    ("learning_rate: 1.0e-3\n", "learning_rate", "lr", 4),
-    ("lora:\n  rank: 8\n", "lora.rank", "lora.r", 5),
-    ("batchsize: 4\n", "batchsize", "batch_size", 4),
-    ("gradient_accumulation_steps: 2\n", "gradient_accumulation_steps", "grad_accum", 4),
-])
+@pytest.mark.parametrize(
+    "text,key,suggestion,line",
+    [
+        ("learning_rate: 1.0e-3\n", "learning_rate", "lr", 4),
+        ("lora:\n  rank: 8\n", "lora.rank", "lora.r", 5),
+        ("batchsize: 4\n", "batchsize", "batch_size", 4),
+        ("gradient_accumulation_steps: 2\n", "gradient_accumulation_steps", "grad_accum", 4),
+    ],
+)
 def test_unknown_key_is_named_with_file_line_and_suggestion(tmp_path, text, key, suggestion, line):
     f = tmp_path / "c.yaml"
     f.write_text(MINIMAL + text)

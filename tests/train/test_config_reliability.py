@@ -17,20 +17,50 @@ from .train_support import make_config
 MINIMAL = "base_model: tiny\ndataset: toy\noutput_name: toy-lora\n"
 
 
-@pytest.mark.parametrize("key,value", [
-    ("max_grad_norm", "-1"), ("max_grad_norm", "0"), ("max_grad_norm", ".inf"),
-    ("batch_size", "1.0e+23"), ("batch_size", "100000000000000000000000"), ("batch_size", "true"),
-    ("warmup_steps", "10000000000000"), ("warmup_steps", "-1"), ("threads", "100000"), ("threads", "0"),
-    ("lr", "1e400"), ("lr", ".nan"), ("lr", "-1.0e-4"), ("lr", "5.0"), ("lr", "true"),
-    ("seed", str(2**64)), ("seed", str(2**70)), ("seed", "-1"),
-    ("epochs", "1.0e+9"), ("max_steps", "10000000000000"), ("grad_accum", "10000000000"),
-    ("max_length", "10000000000000"), ("eps", "0"), ("weight_decay", "1.0e+9"), ("betas", "[0.9, 1.5]"),
-    ("keep_checkpoints", "100000000"), ("assumed_watts", "1.0e+300"), ("eval_every", "0"),
-    ("lora.r", "100000000"), ("lora.alpha", "1.0e+30"), ("lora.dropout", "1.0"), ("dpo.beta", "1.0e+9"),
-    ("lora.target_modules", "[[q_proj], v_proj]"), ("lora.target_modules", "[]"),
-    ("lora.target_modules", "['q_proj; rm -rf /']"), ("lora.target_modules", "7"),
-    ("split", "../../etc/passwd"), ("validation_split", "a/b"), ("checkpoint_dir", "''"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("max_grad_norm", "-1"),
+        ("max_grad_norm", "0"),
+        ("max_grad_norm", ".inf"),
+        ("batch_size", "1.0e+23"),
+        ("batch_size", "100000000000000000000000"),
+        ("batch_size", "true"),
+        ("warmup_steps", "10000000000000"),
+        ("warmup_steps", "-1"),
+        ("threads", "100000"),
+        ("threads", "0"),
+        ("lr", "1e400"),
+        ("lr", ".nan"),
+        ("lr", "-1.0e-4"),
+        ("lr", "5.0"),
+        ("lr", "true"),
+        ("seed", str(2**64)),
+        ("seed", str(2**70)),
+        ("seed", "-1"),
+        ("epochs", "1.0e+9"),
+        ("max_steps", "10000000000000"),
+        ("grad_accum", "10000000000"),
+        ("max_length", "10000000000000"),
+        ("eps", "0"),
+        ("weight_decay", "1.0e+9"),
+        ("betas", "[0.9, 1.5]"),
+        ("keep_checkpoints", "100000000"),
+        ("assumed_watts", "1.0e+300"),
+        ("eval_every", "0"),
+        ("lora.r", "100000000"),
+        ("lora.alpha", "1.0e+30"),
+        ("lora.dropout", "1.0"),
+        ("dpo.beta", "1.0e+9"),
+        ("lora.target_modules", "[[q_proj], v_proj]"),
+        ("lora.target_modules", "[]"),
+        ("lora.target_modules", "['q_proj; rm -rf /']"),
+        ("lora.target_modules", "7"),
+        ("split", "../../etc/passwd"),
+        ("validation_split", "a/b"),
+        ("checkpoint_dir", "''"),
+    ],
+)
 def test_every_numeric_key_is_bounded_both_ways(tmp_path, key, value):
     f = tmp_path / "c.yaml"
     section, _, leaf = key.rpartition(".")
@@ -45,17 +75,22 @@ def test_every_numeric_key_is_bounded_both_ways(tmp_path, key, value):
 
 def test_values_at_the_bounds_are_accepted(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(MINIMAL + f"seed: {2**64 - 1}\nmax_grad_norm: 1.0e-6\nlr: 1.0\nthreads: 1\nwarmup_steps: 0\n"
-                 "betas: [0.0, 0.999]\nlora:\n  target_modules: [q_proj, model.layers.0.mlp.up_proj]\n")
+    f.write_text(
+        MINIMAL + f"seed: {2**64 - 1}\nmax_grad_norm: 1.0e-6\nlr: 1.0\nthreads: 1\nwarmup_steps: 0\n"
+        "betas: [0.0, 0.999]\nlora:\n  target_modules: [q_proj, model.layers.0.mlp.up_proj]\n"
+    )
     cfg = load_config(f)
     assert (cfg.seed, cfg.max_grad_norm, cfg.lr) == (2**64 - 1, 1e-6, 1.0)
 
 
-@pytest.mark.parametrize("text,key,first,second", [
-    (MINIMAL + "lr: 1.0e-3\nbatch_size: 2\nlr: 5.0\n", "lr", 4, 6),
-    (MINIMAL + "lora:\n  r: 8\n  alpha: 16\n  r: 64\n", "r", 5, 7),
-    ("base_model: a\nbase_model: b\ndataset: toy\noutput_name: o\n", "base_model", 1, 2),
-])
+@pytest.mark.parametrize(
+    "text,key,first,second",
+    [
+        (MINIMAL + "lr: 1.0e-3\nbatch_size: 2\nlr: 5.0\n", "lr", 4, 6),
+        (MINIMAL + "lora:\n  r: 8\n  alpha: 16\n  r: 64\n", "r", 5, 7),
+        ("base_model: a\nbase_model: b\ndataset: toy\noutput_name: o\n", "base_model", 1, 2),
+    ],
+)
 def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, key, first, second):
     f = tmp_path / "c.yaml"
     f.write_text(text)
@@ -70,15 +105,18 @@ def test_merge_keys_are_not_duplicates(tmp_path):
     assert load_config(f).lora.r == 16  # an explicit key over a merged one is YAML's documented override
 
 
-@pytest.mark.parametrize("content,expect", [
-    ("lr: 1e400\n", "field 'lr': Input should be a finite number"),
-    (f"seed: {2**70}\n", "field 'seed'"),
-    ("lora:\n  target_modules: [[q_proj], k_proj]\n", "field 'lora.target_modules'"),
-    ("lora: " + "[" * 3000 + "]" * 3000 + "\n", "nested"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is a binary file"),
-    (b"lr: 1.0e-3\nnote: caf\xe9\n", "not UTF-8 text (byte 0xe9)"),
-    ("output_name: a\x07b\n", "control character #x0007"),
-])
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        ("lr: 1e400\n", "field 'lr': Input should be a finite number"),
+        (f"seed: {2**70}\n", "field 'seed'"),
+        ("lora:\n  target_modules: [[q_proj], k_proj]\n", "field 'lora.target_modules'"),
+        ("lora: " + "[" * 3000 + "]" * 3000 + "\n", "nested"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is a binary file"),
+        (b"lr: 1.0e-3\nnote: caf\xe9\n", "not UTF-8 text (byte 0xe9)"),
+        ("output_name: a\x07b\n", "control character #x0007"),
+    ],
+)
 def test_bad_files_are_one_line_errors_not_tracebacks(tmp_path, capsys, content, expect):
     from finetrace.cli import main
 
@@ -99,8 +137,9 @@ def test_user_checkpoint_dir_is_never_emptied(tiny_setup, tmp_path):
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     (mine / "step-00000001").mkdir()  # even a name like ours: not finetrace's
-    art = train(ws, make_config(max_steps=3, checkpoint_every=1, checkpoint_dir=str(mine), compile=False),
-                progress=False)
+    art = train(
+        ws, make_config(max_steps=3, checkpoint_every=1, checkpoint_dir=str(mine), compile=False), progress=False
+    )
     assert art.kind == "adapter"
     assert sorted(p.name for p in mine.iterdir()) == ["step-00000001", "thesis.tex"]  # ours made and removed
     assert (mine / "thesis.tex").read_text() == "years of work"
@@ -110,8 +149,11 @@ def test_user_checkpoint_dir_is_never_emptied(tiny_setup, tmp_path):
     (foreign / "notes.txt").write_text("keep")
     runs = len(ws.ledger.runs("train"))
     with pytest.raises(ConfigError, match="finetrace-train already holds files finetrace did not write"):
-        train(ws, make_config(max_steps=3, checkpoint_every=1, checkpoint_dir=str(mine), compile=False, seed=1),
-              progress=False)
+        train(
+            ws,
+            make_config(max_steps=3, checkpoint_every=1, checkpoint_dir=str(mine), compile=False, seed=1),
+            progress=False,
+        )
     assert (foreign / "notes.txt").read_text() == "keep" and len(ws.ledger.runs("train")) == runs
 
 
@@ -158,7 +200,9 @@ def test_cli_train_prints_the_run_it_just_made(tiny_setup, tmp_path, capsys):
     assert f"note: nothing to resume: run {runs[1]}" in out.err and f"run {runs[1]}" in out.out
 
 
-@pytest.mark.parametrize("body,key", [("output_name: -lora\n", "output_name"), ("output_name: a/../b\n", "output_name")])
+@pytest.mark.parametrize(
+    "body,key", [("output_name: -lora\n", "output_name"), ("output_name: a/../b\n", "output_name")]
+)
 def test_a_bad_name_names_the_file_line_and_key(tmp_path, body, key):
     from finetrace.pipeline.config import parse_pipeline
 
@@ -167,5 +211,8 @@ def test_a_bad_name_names_the_file_line_and_key(tmp_path, body, key):
     with pytest.raises(ConfigError, match=rf"c.yaml:3 field '{key}': .*bad name"):
         load_config(f)
     with pytest.raises(ConfigError, match=r"p.yaml:1 field 'name': .*bad name"):
-        parse_pipeline({"name": "-x", "model": {"source": "m"}, "data": {"name": "d", "files": ["f"]}},
-                       file="p.yaml", lines={"name": 1})
+        parse_pipeline(
+            {"name": "-x", "model": {"source": "m"}, "data": {"name": "d", "files": ["f"]}},
+            file="p.yaml",
+            lines={"name": 1},
+        )

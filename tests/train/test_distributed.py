@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from finetrace.train import load_config, train
 
-CONFIG = "base_model: tiny\ndataset: toy\noutput_name: {name}\nbatch_size: 4\ngrad_accum: 2\nmax_steps: 4\n" \
-         "lr: 1.0e-2\neps: 1.0e-3\ncheckpoint_every: 2\nseed: 2\n"
+CONFIG = (
+    "base_model: tiny\ndataset: toy\noutput_name: {name}\nbatch_size: 4\ngrad_accum: 2\nmax_steps: 4\n"
+    "lr: 1.0e-2\neps: 1.0e-3\ncheckpoint_every: 2\nseed: 2\n"
+)
 
 
 @pytest.mark.slow
@@ -24,9 +26,25 @@ def test_two_process_gloo_matches_single_process(tiny_setup, tmp_path):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(CONFIG.format(name="ddp-lora"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), "-w", str(ws.root), "train", str(cfg_file), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            "-w",
+            str(ws.root),
+            "train",
+            str(cfg_file),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = ws.ledger.runs("train")
     assert len(runs) == 1 and runs[0].environment["world_size"] == 2  # one run recorded, by rank 0

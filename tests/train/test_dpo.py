@@ -19,8 +19,24 @@ from finetrace.train.config import DpoParams
 
 from .train_support import make_config
 
-WORDS = ["fox", "dog", "contract", "invoice", "data", "model", "train", "serve", "goods", "party", "audit",
-         "world", "customer", "supplier", "clause", "capital"]
+WORDS = [
+    "fox",
+    "dog",
+    "contract",
+    "invoice",
+    "data",
+    "model",
+    "train",
+    "serve",
+    "goods",
+    "party",
+    "audit",
+    "world",
+    "customer",
+    "supplier",
+    "clause",
+    "capital",
+]
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -45,8 +61,9 @@ def prefs(tiny_setup, tmp_path):
     from finetrace.data import import_dataset
 
     ws, _, _ = tiny_setup
-    art = import_dataset(ws, [write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48))], "prefs",
-                         splits=(0.8, 0.2, 0.0))
+    art = import_dataset(
+        ws, [write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48))], "prefs", splits=(0.8, 0.2, 0.0)
+    )
     assert art.metadata["schema"] == "preference" and art.metadata["counts"]["validation"] > 0
     return ws
 
@@ -81,8 +98,14 @@ def test_step_zero_loss_is_log2_for_fresh_and_continued_adapters(prefs, learnabl
         other = train(ws, dpo_config(max_steps=1, method=method, output_name=f"dpo-{method}"), progress=False)
         assert abs(history(ws, other)[0]["loss"] - math.log(2)) < 1e-6, method
     # continuing an adapter (here one taught the *rejected* answers by SFT): the reference is the parent
-    sft = import_dataset(ws, [write_jsonl(tmp_path / "no.jsonl", preference_rows(48))], "say-no",
-                         schema="completion", mapping=["completion=rejected"], splits=(1, 0, 0))
+    sft = import_dataset(
+        ws,
+        [write_jsonl(tmp_path / "no.jsonl", preference_rows(48))],
+        "say-no",
+        schema="completion",
+        mapping=["completion=rejected"],
+        splits=(1, 0, 0),
+    )
     train(ws, make_config(dataset=sft.ref, max_steps=10, lr=1e-2, output_name="sft-parent", threads=1), progress=False)
     child = train(ws, dpo_config(max_steps=1, init_from="sft-parent@1", output_name="dpo-child"), progress=False)
     assert abs(history(ws, child)[0]["loss"] - math.log(2)) < 1e-6
@@ -119,9 +142,9 @@ def textbook(model, tok, pairs, ref, params):
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     target_mask = torch.zeros((len(seqs), width - 1))
     for b, s in enumerate(seqs):
-        ids[b, :len(s.ids)] = torch.tensor(s.ids)
-        mask[b, :len(s.ids)] = 1
-        target_mask[b, s.n_prompt - 1:len(s.ids) - 1] = 1  # positions predicting target tokens and eos
+        ids[b, : len(s.ids)] = torch.tensor(s.ids)
+        mask[b, : len(s.ids)] = 1
+        target_mask[b, s.n_prompt - 1 : len(s.ids) - 1] = 1  # positions predicting target tokens and eos
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (2P, T, V)
     logp = torch.nn.functional.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
     seq_logp = (logp * target_mask).sum(1).view(-1, 2)  # (P, 2) [chosen, rejected]
@@ -141,17 +164,26 @@ def textbook(model, tok, pairs, ref, params):
     return loss
 
 
-@pytest.mark.parametrize("params", [DpoParams(), DpoParams(beta=0.5, label_smoothing=0.2, sft_weight=0.5),
-                                    DpoParams(loss_type="ipo", beta=0.3), DpoParams(loss_type="hinge", beta=0.2)],
-                         ids=["sigmoid", "cdpo-rpo", "ipo", "hinge"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        DpoParams(),
+        DpoParams(beta=0.5, label_smoothing=0.2, sft_weight=0.5),
+        DpoParams(loss_type="ipo", beta=0.3),
+        DpoParams(loss_type="hinge", beta=0.2),
+    ],
+    ids=["sigmoid", "cdpo-rpo", "ipo", "hinge"],
+)
 def test_chunked_packed_loss_and_gradients_equal_textbook(model_tok, params):
     model, tok = model_tok
-    rows = [{"prompt": "Is the fox ready?", "chosen": "yes", "rejected": "no"},
-            {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "The quick brown dog"},
-            {"prompt": "Label: positive negative neutral. The contract", "chosen": "neutral", "rejected": "yes no"}]
+    rows = [
+        {"prompt": "Is the fox ready?", "chosen": "yes", "rejected": "no"},
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "The quick brown dog"},
+        {"prompt": "Label: positive negative neutral. The contract", "chosen": "neutral", "rejected": "yes no"},
+    ]
     pairs, skipped = P.encode_pairs(tok, rows, max_length=256)
     c, r = pairs[0].chosen, pairs[0].rejected
-    assert skipped == 0 and c.n_prompt == r.n_prompt and c.ids[:c.n_prompt] == r.ids[:r.n_prompt]  # shared prompt
+    assert skipped == 0 and c.n_prompt == r.n_prompt and c.ids[: c.n_prompt] == r.ids[: r.n_prompt]  # shared prompt
     with torch.no_grad():  # a reference away from the policy, so the loss is not at its symmetric point
         batch, seq = P.collate_pairs(pairs, True, tok.pad_token_id)
         ref = P.sequence_logps(model, batch, seq, 6).view(-1, 2) + torch.tensor([[0.7, -0.4], [-1.1, 0.3], [0.2, 1.5]])
@@ -187,8 +219,12 @@ def test_chunked_packed_loss_and_gradients_equal_textbook(model_tok, params):
     # the same pairs in a padded batch (packing off) give the same sequence log-probabilities
     with torch.no_grad():
         padded, pseq = P.collate_pairs(pairs, False, tok.pad_token_id)
-        torch.testing.assert_close(P.sequence_logps(model, padded, pseq, 6, chunk=5).view(-1, 2),
-                                   P.sequence_logps(model, batch, seq, 6).view(-1, 2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            P.sequence_logps(model, padded, pseq, 6, chunk=5).view(-1, 2),
+            P.sequence_logps(model, batch, seq, 6).view(-1, 2),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_token_logprobs_function_passes_gradcheck_with_a_bias():
@@ -198,8 +234,9 @@ def test_token_logprobs_function_passes_gradcheck_with_a_bias():
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 3, 6, 3, 1])
     # chunk 2 over 5 rows: a partial last chunk; float32 inside, as for real models, hence the tolerances
-    assert torch.autograd.gradcheck(lambda h, w, b: P.TokenLogProbs.apply(h, w, b, y, 2), (h, w, b),
-                                    eps=1e-3, atol=1e-3, rtol=1e-3)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: P.TokenLogProbs.apply(h, w, b, y, 2), (h, w, b), eps=1e-3, atol=1e-3, rtol=1e-3
+    )
     want = torch.log_softmax(h @ w.t() + b, dim=-1).gather(1, y[:, None]).squeeze(1)
     torch.testing.assert_close(P.TokenLogProbs.apply(h, w, b, y, 2).double(), want, rtol=1e-5, atol=1e-5)
 
@@ -209,8 +246,11 @@ def test_batch_8_equals_batch_4_with_accumulation_2(prefs):
     ws = prefs
     kw = dict(max_steps=3, lr=1e-2, eval_every=3)
     a = train(ws, dpo_config(batch_size=8, grad_accum=1, output_name="b8", **kw), progress=False)
-    b = train(ws, dpo_config(batch_size=4, grad_accum=2, gradient_checkpointing=True, output_name="b4x2", **kw),
-              progress=False)
+    b = train(
+        ws,
+        dpo_config(batch_size=4, grad_accum=2, gradient_checkpointing=True, output_name="b4x2", **kw),
+        progress=False,
+    )
     c = train(ws, dpo_config(batch_size=8, micro_batch_tokens=100, output_name="b8t", **kw), progress=False)
     ta = tensors(ws, a)
     for other in (b, c):
@@ -249,8 +289,9 @@ def test_dpo_learns_the_preference_and_the_adapter_loads_with_peft(prefs, learna
     folder = ws.store.materialize(art.digest)
     tok = AutoTokenizer.from_pretrained(learnable_model_dir)
     base = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Is the serve clause ready?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Is the serve clause ready?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
     yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "no"))
     with torch.no_grad():
@@ -271,8 +312,14 @@ def test_objective_and_dataset_must_match(prefs, tmp_path):
     assert "--map completion=chosen" in str(err.value)
     assert ws.ledger.runs("train") == []  # refused before a run is recorded
     # the hint works: the same file imported as a completion dataset trains SFT on the chosen answers
-    art = import_dataset(ws, [write_jsonl(tmp_path / "p.jsonl", preference_rows(12))], "prefs-sft",
-                         schema="completion", mapping=["completion=chosen"], splits=(1, 0, 0))
+    art = import_dataset(
+        ws,
+        [write_jsonl(tmp_path / "p.jsonl", preference_rows(12))],
+        "prefs-sft",
+        schema="completion",
+        mapping=["completion=chosen"],
+        splits=(1, 0, 0),
+    )
     assert train(ws, make_config(dataset=art.ref, max_steps=1, threads=1), progress=False).kind == "adapter"
 
 
@@ -292,8 +339,15 @@ def test_dpo_config_keys_are_checked(tmp_path):
 # -- 6. resume ----------------------------------------------------------------------------------------
 def test_resume_after_a_crash_equals_uninterrupted(prefs, monkeypatch):
     ws = prefs
-    cfg = dpo_config(max_steps=7, lr=1e-2, lora={"r": 8, "dropout": 0.1}, eval_every=3, early_stopping_patience=50,
-                     checkpoint_every=2, output_name="resumable")
+    cfg = dpo_config(
+        max_steps=7,
+        lr=1e-2,
+        lora={"r": 8, "dropout": 0.1},
+        eval_every=3,
+        early_stopping_patience=50,
+        checkpoint_every=2,
+        output_name="resumable",
+    )
     real, calls = P.micro_batch, []
 
     def crash_in_step_6(*args, **kw):
@@ -319,8 +373,10 @@ def test_cli_shows_reward_accuracy(prefs, tmp_path, capsys):
 
     ws = prefs
     cfg = tmp_path / "dpo.yaml"
-    cfg.write_text("base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: cli-dpo\nmax_steps: 2\n"
-                   "batch_size: 4\nthreads: 1\n")
+    cfg.write_text(
+        "base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: cli-dpo\nmax_steps: 2\n"
+        "batch_size: 4\nthreads: 1\n"
+    )
     assert main(["-w", str(ws.root), "train", str(cfg), "--set", "dpo.beta=0.2"]) == 0
     captured = capsys.readouterr()
     assert "adapter cli-dpo@1" in captured.out and "acc " in captured.err  # the progress bar
@@ -329,8 +385,10 @@ def test_cli_shows_reward_accuracy(prefs, tmp_path, capsys):
 
 
 # -- torchrun --------------------------------------------------------------------------------------
-DDP_CONFIG = ("base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: {name}\nbatch_size: 4\ngrad_accum: 2\n"
-              "max_steps: 3\nlr: 1.0e-2\neps: 1.0e-3\neval_every: 3\ncheckpoint_every: null\nseed: 2\nthreads: 1\n")
+DDP_CONFIG = (
+    "base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: {name}\nbatch_size: 4\ngrad_accum: 2\n"
+    "max_steps: 3\nlr: 1.0e-2\neps: 1.0e-3\neval_every: 3\ncheckpoint_every: null\nseed: 2\nthreads: 1\n"
+)
 
 
 @pytest.mark.slow
@@ -344,9 +402,25 @@ def test_two_process_gloo_matches_single_process(prefs, tmp_path):
     script.write_text("import sys\nfrom finetrace.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     (tmp_path / "ddp.yaml").write_text(DDP_CONFIG.format(name="ddp-dpo"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), "-w", str(ws.root), "train", str(tmp_path / "ddp.yaml"), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            "-w",
+            str(ws.root),
+            "train",
+            str(tmp_path / "ddp.yaml"),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "single.yaml").write_text(DDP_CONFIG.format(name="single-dpo"))
     single = train(ws, load_config(tmp_path / "single.yaml"), progress=False)

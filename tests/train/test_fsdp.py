@@ -16,16 +16,30 @@ from finetrace.errors import NotFoundError
 from finetrace.train import load_config, train
 
 # grad_accum 3 over 2 processes: one process makes a weight-0 pass in every step (FSDP needs equal passes)
-CONFIG = ("base_model: tiny\ndataset: toy\noutput_name: {name}\nparallel: fsdp\nbatch_size: 4\ngrad_accum: 3\n"
-          "max_steps: {steps}\nlr: 1.0e-2\neps: 1.0e-3\ncheckpoint_every: 1\neval_every: 5\nseed: 2\n")
+CONFIG = (
+    "base_model: tiny\ndataset: toy\noutput_name: {name}\nparallel: fsdp\nbatch_size: 4\ngrad_accum: 3\n"
+    "max_steps: {steps}\nlr: 1.0e-2\neps: 1.0e-3\ncheckpoint_every: 1\neval_every: 5\nseed: 2\n"
+)
 
 
 def torchrun(ws, tmp_path, cfg_file, *extra, wait=True):
     script = tmp_path / "cli.py"
     script.write_text("import sys\nfrom finetrace.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "-w", str(ws.root), "train", str(cfg_file), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        "-w",
+        str(ws.root),
+        "train",
+        str(cfg_file),
+        "--no-progress",
+        *extra,
+    ]
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

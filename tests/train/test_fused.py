@@ -16,8 +16,12 @@ def _peft_model(tiny_model_dir, **lora):
 
     model, tok = load_base(tiny_model_dir)
     torch.manual_seed(0)
-    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                       "gate_proj", "up_proj", "down_proj"])
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     cfg.update(lora)
     model = get_peft_model(model, LoraConfig(**cfg))
     with torch.no_grad():  # B starts at zero: make the update non-trivial so the check means something
@@ -49,9 +53,14 @@ def test_layer_matches_the_textbook_formula():
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_fused_model_equals_peft_model(tiny_model_dir, use_rslora):
     model, tok = _peft_model(tiny_model_dir, use_rslora=use_rslora)
-    batch = D.collate([D.encode(tok, [{"role": "user", "content": "Repeat: fox dog"}], "dog fox"),
-                       D.encode(tok, [{"role": "user", "content": "What is the capital of France?"}], "Paris.")],
-                      True, tok.pad_token_id)
+    batch = D.collate(
+        [
+            D.encode(tok, [{"role": "user", "content": "Repeat: fox dog"}], "dog fox"),
+            D.encode(tok, [{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+        ],
+        True,
+        tok.pad_token_id,
+    )
     loss_peft, grads_peft = _loss_and_grads(model, batch)
     assert fuse_lora(model) == 14  # 7 linear layers x 2 decoder layers of the tiny model
     loss_fused, grads_fused = _loss_and_grads(model, batch)

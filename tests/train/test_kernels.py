@@ -25,9 +25,14 @@ def _model(tiny_model_dir):
 
 
 def _batch(tok):
-    return D.collate([D.encode(tok, [{"role": "user", "content": "Repeat: fox dog model"}], "model dog fox"),
-                      D.encode(tok, [{"role": "user", "content": "What is the capital of France?"}], "Paris.")],
-                     True, tok.pad_token_id)
+    return D.collate(
+        [
+            D.encode(tok, [{"role": "user", "content": "Repeat: fox dog model"}], "model dog fox"),
+            D.encode(tok, [{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+        ],
+        True,
+        tok.pad_token_id,
+    )
 
 
 def _loss_grads(model, batch):

@@ -19,10 +19,14 @@ def model_tok(tiny_model_dir):
 
 
 def examples(tok):
-    items = [([{"role": "user", "content": "Repeat: fox dog"}], "dog fox"),
-             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}],
-              "Paris."),
-             ([{"role": "user", "content": "Label: positive negative neutral. The quick brown fox"}], "neutral")]
+    items = [
+        ([{"role": "user", "content": "Repeat: fox dog"}], "dog fox"),
+        (
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}],
+            "Paris.",
+        ),
+        ([{"role": "user", "content": "Label: positive negative neutral. The quick brown fox"}], "neutral"),
+    ]
     return [D.encode(tok, m, t) for m, t in items]
 
 
@@ -32,7 +36,7 @@ def test_loss_is_on_target_and_eos_only(model_tok):
     ex = examples(tok)
     for e in ex:
         assert e.ids[-1] == tok.eos_token_id
-        prompt = tok.decode(e.ids[:e.n_prompt])
+        prompt = tok.decode(e.ids[: e.n_prompt])
         assert prompt.endswith("<|im_start|>assistant\n") and "<|im_end|>" in prompt  # prompt turns masked
     b = D.collate_packed(ex)
     assert b.n_targets == sum(e.n_target for e in ex)
@@ -41,8 +45,8 @@ def test_loss_is_on_target_and_eos_only(model_tok):
     assert torch.equal(flat[b.loss_index + 1], b.targets)
     off = 0
     for e in ex:
-        want = tok(tok.decode(e.ids[e.n_prompt:-1]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        got = b.targets[off:off + e.n_target].tolist()
+        want = tok(tok.decode(e.ids[e.n_prompt : -1]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        got = b.targets[off : off + e.n_target].tolist()
         assert got == want
         off += e.n_target
     # one eos target per example although eos is also the pad id: the stop token is learned
@@ -56,8 +60,8 @@ def test_packed_equals_unpacked_and_chunked_equals_full_logits(model_tok):
     assert padded.input_ids.shape[0] == 3 and packed.input_ids.shape[0] == 1
     torch.set_grad_enabled(False)
     lp = loss_sum(model, packed, chunk=16)
-    lu = reference_loss_sum(model, padded)          # padded batch, attention mask, full logits
-    lr = reference_loss_sum(model, packed)          # packed, full logits
+    lu = reference_loss_sum(model, padded)  # padded batch, attention mask, full logits
+    lr = reference_loss_sum(model, packed)  # packed, full logits
     singles = sum(float(reference_loss_sum(model, D.collate_padded([e], 0))) for e in ex)
     assert abs(float(lp) - float(lu)) < 1e-5 * max(1.0, abs(float(lu)))
     assert abs(float(lr) - float(lu)) < 1e-5 * max(1.0, abs(float(lu)))

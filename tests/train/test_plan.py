@@ -35,8 +35,9 @@ def sized(workspace, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sized")
     for shape in SIZES:
-        add_model(workspace, write_random_model(root / shape, shape, dtype="bfloat16", shard_bytes=64 << 20),
-                  name=shape)
+        add_model(
+            workspace, write_random_model(root / shape, shape, dtype="bfloat16", shard_bytes=64 << 20), name=shape
+        )
     folder = write_dataset(root / "ds", {"train": long_rows(48)})
     workspace.ledger.add_artifact("dataset", workspace.store.put_dir(folder), name="long")
     return workspace
@@ -49,8 +50,13 @@ def test_plan_is_within_25_percent_of_the_measured_peak(sized, method):
         pytest.importorskip("bitsandbytes")
     child = Path(__file__).with_name("plan_child.py")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(child), str(sized.root), method, *SIZES], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(child), str(sized.root), method, *SIZES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["base"] for r in rows] == list(SIZES)
@@ -79,20 +85,38 @@ def llama_1b_shape() -> ModelShape:
 
     c = SHAPES["llama-3.2-1b"]
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
-    per_layer = [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h), ("gate_proj", i, h),
-                 ("up_proj", i, h), ("down_proj", h, i)]
+    per_layer = [
+        ("q_proj", h, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, h),
+        ("gate_proj", i, h),
+        ("up_proj", i, h),
+        ("down_proj", h, i),
+    ]
     linear = [(f"model.layers.{n}.{name}", o, k) for n in range(c["num_hidden_layers"]) for name, o, k in per_layer]
-    return ModelShape(linear, c["vocab_size"] * h + (2 * c["num_hidden_layers"] + 1) * h, 1 << 30, 2, h, i,
-                      c["num_hidden_layers"], c["vocab_size"])
+    return ModelShape(
+        linear,
+        c["vocab_size"] * h + (2 * c["num_hidden_layers"] + 1) * h,
+        1 << 30,
+        2,
+        h,
+        i,
+        c["num_hidden_layers"],
+        c["vocab_size"],
+    )
 
 
-@pytest.mark.parametrize("tokens,avail,want", [
-    (4096, 9000, "micro_batch_tokens"),          # activations dominate: a smaller budget suffices
-    (256, 6300, "gradient_checkpointing"),       # the budget is small already; checkpointing fits
-    (1024, 5600, "quantization.bits: 8"),        # an 8-bit base (with checkpointing) fits
-    (1024, 2450, "method: qlora"),               # only a 4-bit base (with checkpointing) fits
-    (1024, 2200, "parallel: fsdp"),              # only sharding across processes
-])
+@pytest.mark.parametrize(
+    "tokens,avail,want",
+    [
+        (4096, 9000, "micro_batch_tokens"),  # activations dominate: a smaller budget suffices
+        (256, 6300, "gradient_checkpointing"),  # the budget is small already; checkpointing fits
+        (1024, 5600, "quantization.bits: 8"),  # an 8-bit base (with checkpointing) fits
+        (1024, 2450, "method: qlora"),  # only a 4-bit base (with checkpointing) fits
+        (1024, 2200, "parallel: fsdp"),  # only sharding across processes
+    ],
+)
 def test_cheapest_change_that_fits(tiny_setup, tokens, avail, want):
     shape = llama_1b_shape()
     s = settings_of(make_config(), tokens, 1)
@@ -114,5 +138,6 @@ def test_cli_plan_prints_the_plan_and_records_nothing(tiny_setup, tmp_path, caps
     assert plan["fits"] and plan["bits"] == 4 and plan["peak_mb"] > plan["parts_mb"]["runtime"]
     assert set(plan["parts_mb"]) == {"runtime", "weights", "adapter", "activations", "loss", "loading"}
     assert ws.ledger.runs("train") == []
-    assert memory_plan(ws, make_config(method="qlora")).parts["weights"] < \
-        memory_plan(ws, make_config()).parts["weights"]
+    assert (
+        memory_plan(ws, make_config(method="qlora")).parts["weights"] < memory_plan(ws, make_config()).parts["weights"]
+    )

@@ -21,22 +21,30 @@ pytest.importorskip("bitsandbytes")
 
 def _losses(ws, art):
     folder = ws.store.materialize(art.digest)
-    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (folder / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 @pytest.mark.slow
 def test_qlora_loss_falls_and_the_quantisation_is_recorded(tiny_setup):
     ws, _, _ = tiny_setup
-    art = train(ws, make_config(method="qlora", dataset="routing", max_steps=30, lr=1e-2, schedule="constant",
-                                output_name="q"), progress=False)
+    art = train(
+        ws,
+        make_config(method="qlora", dataset="routing", max_steps=30, lr=1e-2, schedule="constant", output_name="q"),
+        progress=False,
+    )
     losses = _losses(ws, art)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses
-    want = {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True,
-            "compute_dtype": "float32"}
+    want = {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     facts = json.loads((ws.store.materialize(art.digest) / "finetrace_adapter.json").read_text())
-    for where in (facts["quantization"], art.metadata["quantization"],
-                  ws.ledger.get_run(art.run_id).environment["quantization"]):
+    for where in (
+        facts["quantization"],
+        art.metadata["quantization"],
+        ws.ledger.get_run(art.run_id).environment["quantization"],
+    ):
         assert {k: where[k] for k in want} == want and where["version"]
     assert facts["method"] == "qlora" and ws.ledger.get_run(art.run_id).config["quantization"]["bits"] == 4
 
@@ -65,8 +73,13 @@ def test_qlora_adapter_loads_with_peft_on_the_unquantised_base(tiny_setup, learn
 
 def test_eight_bit_base_trains(tiny_setup):
     ws, _, _ = tiny_setup
-    art = train(ws, make_config(dataset="routing", quantization={"bits": 8}, max_steps=20, lr=1e-2,
-                                schedule="constant", output_name="q8"), progress=False)
+    art = train(
+        ws,
+        make_config(
+            dataset="routing", quantization={"bits": 8}, max_steps=20, lr=1e-2, schedule="constant", output_name="q8"
+        ),
+        progress=False,
+    )
     losses = _losses(ws, art)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:3]) / 3, losses
     assert art.metadata["quantization"]["bits"] == 8 and art.metadata["method"] == "lora"
@@ -151,14 +164,24 @@ def test_qlora_adapter_is_evaluated_on_its_quantised_base_and_documents_say_so(t
     from finetrace.evaluate import Suite, evaluate, load_report
 
     ws, _, _ = tiny_setup
-    art = train(ws, make_config(method="qlora", dataset="routing", max_steps=12, lr=1e-2, output_name="q"),
-                progress=False)
-    suite = Suite.model_validate({"name": "r", "split": "validation", "metrics": ["accuracy"],
-                                  "scoring": "constrained", "bootstrap": {"samples": 20, "seed": 0},
-                                  "bias": {"enabled": False}, "forgetting": {"enabled": False}})
+    art = train(
+        ws, make_config(method="qlora", dataset="routing", max_steps=12, lr=1e-2, output_name="q"), progress=False
+    )
+    suite = Suite.model_validate(
+        {
+            "name": "r",
+            "split": "validation",
+            "metrics": ["accuracy"],
+            "scoring": "constrained",
+            "bootstrap": {"samples": 20, "seed": 0},
+            "bias": {"enabled": False},
+            "forgetting": {"enabled": False},
+        }
+    )
     on_nf4 = load_report(ws, evaluate(ws, "tiny", "routing", adapter_ref=art.ref, suite=suite, name="e4").ref)
-    on_fp32 = load_report(ws, evaluate(ws, "tiny", "routing", adapter_ref=art.ref, suite=suite, name="e32",
-                                       quantized_base=False).ref)
+    on_fp32 = load_report(
+        ws, evaluate(ws, "tiny", "routing", adapter_ref=art.ref, suite=suite, name="e32", quantized_base=False).ref
+    )
     q = on_nf4["base_model"]["quantization"]
     assert q["bits"] == 4 and q["quant_type"] == "nf4" and on_fp32["base_model"]["quantization"] is None
     # the same adapter scored on both bases: the difference is measured, and it is small on this task

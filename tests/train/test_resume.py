@@ -39,8 +39,12 @@ seed: 3
 def start_child(ws, cfg_file: Path) -> subprocess.Popen:
     code = "import sys; from finetrace.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-c", code, "-w", str(ws.root), "train", str(cfg_file),
-                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "-w", str(ws.root), "train", str(cfg_file), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_step(proc, folder: Path, step: int, timeout: float = 120) -> int:
@@ -101,8 +105,11 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, t
 def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"
-    cfg_file.write_text(CONFIG.format(steps=20000).replace("checkpoint_every: 1", "checkpoint_every: 1000")
-                        .replace("early_stopping_patience: 50", "early_stopping_patience: null"))
+    cfg_file.write_text(
+        CONFIG.format(steps=20000)
+        .replace("checkpoint_every: 1", "checkpoint_every: 1000")
+        .replace("early_stopping_patience: 50", "early_stopping_patience: null")
+    )
     folder = ws.root / "checkpoints" / "train" / "resumable"
     proc = start_child(ws, cfg_file)
     # no periodic checkpoints: wait until the run is training, then ask it to stop

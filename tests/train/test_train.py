@@ -13,8 +13,13 @@ from finetrace.train import train
 
 from .train_support import make_config
 
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "finetrace_adapter.json", "metrics.jsonl",
-                 "loss_curve.png"}
+ADAPTER_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "finetrace_adapter.json",
+    "metrics.jsonl",
+    "loss_curve.png",
+}
 
 
 def adapter_tensors(ws, art):
@@ -24,8 +29,9 @@ def adapter_tensors(ws, art):
 @pytest.mark.slow
 def test_loss_falls_and_adapter_is_recorded(tiny_setup):
     ws, base, ds = tiny_setup
-    art = train(ws, make_config(dataset="routing", max_steps=40, lr=1e-2, eval_every=10, schedule="constant"),
-                progress=False)
+    art = train(
+        ws, make_config(dataset="routing", max_steps=40, lr=1e-2, eval_every=10, schedule="constant"), progress=False
+    )
     folder = ws.store.materialize(art.digest)
     assert {p.name for p in folder.iterdir() if not p.name.startswith(".")} == ADAPTER_FILES
     hist = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -41,8 +47,15 @@ def test_loss_falls_and_adapter_is_recorded(tiny_setup):
     assert facts["eos_token"] == "<|im_end|>" and facts["chat_template_sha256"].startswith("sha256:")
     assert facts["dataset"] == ws.ledger.resolve("routing").digest
     assert art.kind == "adapter" and art.ref == "toy-lora@1"
-    assert art.metadata["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                              "up_proj", "v_proj"]
+    assert art.metadata["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     run = ws.ledger.get_run(art.run_id)
     assert run.status == "succeeded" and run.kind == "train"
     assert set(run.inputs) == {base_art.digest, facts["dataset"]} and run.outputs == [art.digest]
@@ -67,8 +80,9 @@ def test_adapter_loads_with_peft_and_matches_own_loading(tiny_setup, tiny_model_
     with torch.no_grad():
         plain = base(ids).logits
         peft_logits = PeftModel.from_pretrained(base, str(folder)).eval()(ids).logits
-        own = load_adapter_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                   folder)(ids).logits
+        own = load_adapter_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), folder)(
+            ids
+        ).logits
     torch.testing.assert_close(peft_logits, own, rtol=0, atol=1e-6)
     assert (peft_logits - plain).abs().max() > 1e-4  # the adapter does something
 
@@ -86,8 +100,9 @@ def test_batch_8_equals_batch_4_with_accumulation_2(tiny_setup):
     ma, mb = ws.ledger.get_run(a.run_id).metrics, ws.ledger.get_run(b.run_id).metrics
     assert abs(ma["final_loss"] - mb["final_loss"]) < 1e-5 and ma["target_tokens"] == mb["target_tokens"]
     # a token budget splitting each micro-batch further gives the same update too
-    c = train(ws, make_config(batch_size=8, max_steps=3, eps=1e-3, micro_batch_tokens=60, output_name="b8t"),
-              progress=False)
+    c = train(
+        ws, make_config(batch_size=8, max_steps=3, eps=1e-3, micro_batch_tokens=60, output_name="b8t"), progress=False
+    )
     for k, v in adapter_tensors(ws, c).items():
         torch.testing.assert_close(v, ta[k], rtol=0, atol=1e-5)
 
@@ -124,8 +139,7 @@ def test_other_methods_train(tiny_setup, method):
 def test_init_from_continues_an_adapter(tiny_setup):
     ws, _, _ = tiny_setup
     parent = train(ws, make_config(max_steps=15, lr=1e-2, lora={"r": 4}), progress=False)
-    child = train(ws, make_config(max_steps=3, lr=1e-2, init_from="toy-lora@1", output_name="toy-cont"),
-                  progress=False)
+    child = train(ws, make_config(max_steps=3, lr=1e-2, init_from="toy-lora@1", output_name="toy-cont"), progress=False)
     facts = json.loads((ws.store.materialize(child.digest) / "finetrace_adapter.json").read_text())
     assert facts["parent"] == parent.digest and facts["r"] == 4 and child.metadata["parent"] == parent.digest
     assert parent.digest in ws.ledger.get_run(child.run_id).inputs
@@ -139,8 +153,13 @@ def test_init_from_continues_an_adapter(tiny_setup):
 def test_early_stopping_keeps_the_best_weights(tiny_setup):
     ws, _, _ = tiny_setup
     # lr far too high: validation loss stops improving quickly
-    art = train(ws, make_config(max_steps=40, lr=0.5, eval_every=1, early_stopping_patience=2,
-                                max_grad_norm=None, schedule="constant"), progress=False)
+    art = train(
+        ws,
+        make_config(
+            max_steps=40, lr=0.5, eval_every=1, early_stopping_patience=2, max_grad_norm=None, schedule="constant"
+        ),
+        progress=False,
+    )
     m = ws.ledger.get_run(art.run_id).metrics
     assert m["stopped_early"] and m["steps"] < 40
     assert m["best_step"] <= m["steps"] - 2

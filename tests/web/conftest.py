@@ -36,31 +36,69 @@ def console_env(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("console")
     path = _pipeline_helpers().make_pipeline(tmp, tiny_model_dir)
-    (tmp / "datasheet.yaml").write_text(yaml.safe_dump({
-        "title": "Routing tickets", "source": "synthetic", "license": "CC0-1.0",
-        "collection_method": f"exported by hand {SCRIPT} then checked"}))
+    (tmp / "datasheet.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "title": "Routing tickets",
+                "source": "synthetic",
+                "license": "CC0-1.0",
+                "collection_method": f"exported by hand {SCRIPT} then checked",
+            }
+        )
+    )
     doc = yaml.safe_load(path.read_text())
-    doc["train"]["tracking"] = {"mlflow": str(tmp / "mlruns"), "tensorboard": str(tmp / "tb"),
-                                "experiment": "console-test"}
+    doc["train"]["tracking"] = {
+        "mlflow": str(tmp / "mlruns"),
+        "tensorboard": str(tmp / "tb"),
+        "experiment": "console-test",
+    }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     ws = Workspace.init(tmp / "ws")
     res = run_pipeline(ws, path, progress=False, echo=lambda s: None)
     adapter = ws.ledger.artifact(res.state["adapter"])
     dataset = ws.ledger.artifact(res.state["dataset"])
-    strict = Suite.model_validate({"name": "strict", "split": "test", "metrics": ["accuracy"],
-                                   "scoring": "constrained", "bootstrap": {"samples": 20, "seed": 0},
-                                   "forgetting": {"enabled": False}, "bias": {"enabled": False},
-                                   "gates": {"min_metric": {"accuracy": 1.0}, "min_gain": {"accuracy": 1.0}}})
-    other = train(ws, TrainConfig(base_model="tiny", dataset=dataset.ref, output_name="strict-lora",
-                                  batch_size=4, max_steps=1, lr=5e-3, checkpoint_every=None, seed=1, threads=1,
-                                  compile=False, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}),
-                  progress=False)
+    strict = Suite.model_validate(
+        {
+            "name": "strict",
+            "split": "test",
+            "metrics": ["accuracy"],
+            "scoring": "constrained",
+            "bootstrap": {"samples": 20, "seed": 0},
+            "forgetting": {"enabled": False},
+            "bias": {"enabled": False},
+            "gates": {"min_metric": {"accuracy": 1.0}, "min_gain": {"accuracy": 1.0}},
+        }
+    )
+    other = train(
+        ws,
+        TrainConfig(
+            base_model="tiny",
+            dataset=dataset.ref,
+            output_name="strict-lora",
+            batch_size=4,
+            max_steps=1,
+            lr=5e-3,
+            checkpoint_every=None,
+            seed=1,
+            threads=1,
+            compile=False,
+            lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        ),
+        progress=False,
+    )
     evaluate(ws, "tiny", f"{dataset.ref}:test", adapter_ref=other.ref, suite=strict, name="strict-eval")
     evaluate(ws, "tiny", f"{dataset.ref}:test", adapter_ref=adapter.ref, suite=strict, name="strict-eval")
     record_override(ws.ledger, adapter.digest, "Grace Hopper", "accuracy 1.01 cannot be met; reviewed by hand")
     ws.checkpoint()
-    info = {"root": ws.root, "tmp": tmp, "result": res, "adapter": adapter, "dataset": dataset, "strict": other,
-            "provenance_id": res.state["deploy"]["provenance_id"],
-            "train_run": adapter.run_id}
+    info = {
+        "root": ws.root,
+        "tmp": tmp,
+        "result": res,
+        "adapter": adapter,
+        "dataset": dataset,
+        "strict": other,
+        "provenance_id": res.state["deploy"]["provenance_id"],
+        "train_run": adapter.run_id,
+    }
     ws.close()
     return info

@@ -57,7 +57,7 @@ def test_artifact_pages_show_digest_alias_history_files_and_clearance(client, co
     page = get(client, f"/a/{adapter.ref}")
     assert f'<code id="digest">{adapter.digest}</code>' in page
     assert "adapter_model.safetensors" in page and "metrics.jsonl" in page
-    assert '<b>routing-lora@1</b>' in page  # its own row in the alias history
+    assert "<b>routing-lora@1</b>" in page  # its own row in the alias history
     assert re.search(r'id="clearance"><b>overridden</b>', page) and "approved by <b>Ada Lovelace</b>" in page
     data = get(client, f"/a/{console_env['dataset'].digest}")
     assert 'class="datasheet"' in data and "Routing tickets" in data
@@ -72,7 +72,7 @@ def test_lineage_graph_up_and_down_from_an_adapter_and_a_dataset(client, console
     for art, extra in ((console_env["adapter"], {"base_model"}), (console_env["dataset"], {"source"})):
         graph = lineage(ws.ledger, art.digest, "both")
         page = get(client, f"/lineage?ref={art.ref}")
-        svg = page[page.index('<svg class="lineage"'):page.index("</svg>", page.index('<svg class="lineage"'))]
+        svg = page[page.index('<svg class="lineage"') : page.index("</svg>", page.index('<svg class="lineage"'))]
         assert svg.count('class="node root"') == 1 and f'class="node root" data-id="{art.digest}"' in svg
         assert svg.count('<g class="node') == len(graph["artifacts"]) + len(graph["runs"])
         assert svg.count('class="edge"') == len(graph["edges"])

@@ -86,8 +86,18 @@ def test_export_runs_sends_past_runs_once(console_env, ws, tmp_path, capsys):
     from finetrace.tracking import mlflow_uri
 
     store, tb = tmp_path / "mlruns", tmp_path / "tb"
-    args = ["--workspace", str(console_env["root"]), "export-runs", "--mlflow", str(store), "--tensorboard", str(tb),
-            "--experiment", "past", "--json"]
+    args = [
+        "--workspace",
+        str(console_env["root"]),
+        "export-runs",
+        "--mlflow",
+        str(store),
+        "--tensorboard",
+        str(tb),
+        "--experiment",
+        "past",
+        "--json",
+    ]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     trains = ws.ledger.runs("train")

@@ -27,9 +27,14 @@ Imports are lazy so that ``verify_bundle`` runs on a bare install without loadin
 from __future__ import annotations
 
 _ENTRY_POINTS = {
-    "generate_documents": "documents", "latest_documents": "documents", "approve": "approvals",
-    "reproduce": "reproduction", "ReproduceResult": "reproduction", "export_bundle": "bundle",
-    "verify_bundle": "bundle_verify", "BundleReport": "bundle_verify",
+    "generate_documents": "documents",
+    "latest_documents": "documents",
+    "approve": "approvals",
+    "reproduce": "reproduction",
+    "ReproduceResult": "reproduction",
+    "export_bundle": "bundle",
+    "verify_bundle": "bundle_verify",
+    "BundleReport": "bundle_verify",
 }
 
 __all__ = sorted(_ENTRY_POINTS)

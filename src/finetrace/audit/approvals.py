@@ -19,8 +19,16 @@ FORMAT = "finetrace-approval/1"
 
 def approval_message(data: dict) -> bytes:
     """The exact bytes an approval's signature covers."""
-    return canonical_json({"format": FORMAT, "adapter": data["adapter"], "report": data["report"],
-                           "by": data["by"], "note": data["note"], "date": data["date"]})
+    return canonical_json(
+        {
+            "format": FORMAT,
+            "adapter": data["adapter"],
+            "report": data["report"],
+            "by": data["by"],
+            "note": data["note"],
+            "date": data["date"],
+        }
+    )
 
 
 def approve(ws: Workspace, adapter_ref: str, by: str, note: str, report_ref: str | None = None) -> Entry:
@@ -29,8 +37,7 @@ def approve(ws: Workspace, adapter_ref: str, by: str, note: str, report_ref: str
     Raises InputError without a name or note, NotFoundError when the adapter has no eval report.
     """
     if not by or not by.strip():
-        raise InputError("an approval needs the name of the responsible person", field="--as",
-                         hint="--as 'Full Name'")
+        raise InputError("an approval needs the name of the responsible person", field="--as", hint="--as 'Full Name'")
     if not note or not note.strip():
         raise InputError("an approval needs a note saying what was checked", field="--note")
     led = ws.ledger
@@ -40,17 +47,29 @@ def approve(ws: Workspace, adapter_ref: str, by: str, note: str, report_ref: str
     if report_ref:
         report = led.resolve(report_ref, kind="eval_report")
         if adapter.digest not in ((report.metadata or {}).get("adapters") or []):
-            raise InputError(f"report {report.ref} does not evaluate {adapter.ref}",
-                             hint="pass the report of an evaluation of this adapter")
+            raise InputError(
+                f"report {report.ref} does not evaluate {adapter.ref}",
+                hint="pass the report of an evaluation of this adapter",
+            )
     else:
-        reports = [a for a in led.artifacts("eval_report")
-                   if adapter.digest in ((a.metadata or {}).get("adapters") or [])]
+        reports = [
+            a for a in led.artifacts("eval_report") if adapter.digest in ((a.metadata or {}).get("adapters") or [])
+        ]
         if not reports:
-            raise NotFoundError(f"{adapter.ref} has no evaluation report to approve",
-                                hint=f"run `finetrace eval --adapter {adapter.ref}` first")
+            raise NotFoundError(
+                f"{adapter.ref} has no evaluation report to approve",
+                hint=f"run `finetrace eval --adapter {adapter.ref}` first",
+            )
         report = reports[-1]
-    data = {"adapter": adapter.digest, "adapter_ref": adapter.ref, "report": report.digest,
-            "report_ref": report.ref, "by": by.strip(), "note": note.strip(), "date": now()}
+    data = {
+        "adapter": adapter.digest,
+        "adapter_ref": adapter.ref,
+        "report": report.digest,
+        "report_ref": report.ref,
+        "by": by.strip(),
+        "note": note.strip(),
+        "date": now(),
+    }
     keys = ws.keys
     data["key_id"] = keys.key_id
     data["signature"] = keys.sign(approval_message(data))

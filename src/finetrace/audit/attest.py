@@ -37,8 +37,14 @@ def _hex(d: str) -> str:
 
 
 def _deps(prefix: str, ref: str, files: list[dict]) -> list[dict]:
-    return [{"name": f"{prefix}/{f['path']}", "uri": f"finetrace:{ref}/{f['path']}",
-             "digest": {"sha256": _hex(f["digest"])}} for f in files]
+    return [
+        {
+            "name": f"{prefix}/{f['path']}",
+            "uri": f"finetrace:{ref}/{f['path']}",
+            "digest": {"sha256": _hex(f["digest"])},
+        }
+        for f in files
+    ]
 
 
 def statement(facts: Facts) -> dict:
@@ -59,16 +65,22 @@ def statement(facts: Facts) -> dict:
     if env.get("git_commit"):
         fin["digest"] = {"gitCommit": env["git_commit"]}
     deps.append(fin)
-    run_details: dict = {"builder": {"id": BUILDER_ID,
-                                     "version": {"finetrace": facts.finetrace_version}},
-                         "metadata": {"invocationId": tr.get("id") or "not recorded"}}
+    run_details: dict = {
+        "builder": {"id": BUILDER_ID, "version": {"finetrace": facts.finetrace_version}},
+        "metadata": {"invocationId": tr.get("id") or "not recorded"},
+    }
     if tr.get("started"):
         run_details["metadata"]["startedOn"] = tr["started"]
     if tr.get("ended"):
         run_details["metadata"]["finishedOn"] = tr["ended"]
     if facts.checkpoint:
-        run_details["byproducts"] = [{"name": "ledger-checkpoint", "mediaType": "application/json",
-                                      "content": base64.b64encode(canonical_json(facts.checkpoint)).decode()}]
+        run_details["byproducts"] = [
+            {
+                "name": "ledger-checkpoint",
+                "mediaType": "application/json",
+                "content": base64.b64encode(canonical_json(facts.checkpoint)).decode(),
+            }
+        ]
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": f["path"], "digest": {"sha256": _hex(f["digest"])}} for f in ad.get("files") or []],
@@ -76,8 +88,11 @@ def statement(facts: Facts) -> dict:
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": {"config": tr.get("config") or {}, "adapter": ad["digest"],
-                                       "adapter_ref": ad["ref"]},
+                "externalParameters": {
+                    "config": tr.get("config") or {},
+                    "adapter": ad["digest"],
+                    "adapter_ref": ad["ref"],
+                },
                 "internalParameters": {"environment": env, "run_kind": tr.get("kind")},
                 "resolvedDependencies": deps,
             },

@@ -71,11 +71,13 @@ def lineage_entries(ws: Workspace, adapter_digest: str) -> list[int]:
     seqs = []
     for e in led.entries():
         d = e.data
-        if (e.type == "workspace.created"
-                or (e.type == "artifact.added" and d.get("digest") in artifacts)
-                or (e.type in ("run.started", "run.finished") and d.get("id") in runs)
-                or (e.type == "run.output" and d.get("run_id") in runs)
-                or (e.type in EVENT_TYPES and d.get("adapter") == adapter_digest)):
+        if (
+            e.type == "workspace.created"
+            or (e.type == "artifact.added" and d.get("digest") in artifacts)
+            or (e.type in ("run.started", "run.finished") and d.get("id") in runs)
+            or (e.type == "run.output" and d.get("run_id") in runs)
+            or (e.type in EVENT_TYPES and d.get("adapter") == adapter_digest)
+        ):
             seqs.append(e.seq)
     return seqs
 
@@ -99,8 +101,13 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
     docs = latest_documents(ws, adapter.digest)
     if "attestation" not in docs or intended_use is not None or _stale(ws, adapter.digest, docs):
         formats, previous, oms = _previous_settings(ws, docs)
-        generate_documents(ws, adapter.digest, intended_use=intended_use if intended_use is not None else previous,
-                           formats=formats, oms=oms)
+        generate_documents(
+            ws,
+            adapter.digest,
+            intended_use=intended_use if intended_use is not None else previous,
+            formats=formats,
+            oms=oms,
+        )
         docs = latest_documents(ws, adapter.digest)
 
     cp = ws.checkpoint()
@@ -123,26 +130,41 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
         files[f"ledger/entries/{s}.json"] = raw
         proof = merkle.inclusion_proof(s, leaves)
         files[f"ledger/proofs/{s}.json"] = canonical_json(
-            {"seq": s, "size": cp.size, "leaf": leaves[s].hex(), "proof": [p.hex() for p in proof]})
+            {"seq": s, "size": cp.size, "leaf": leaves[s].hex(), "proof": [p.hex() for p in proof]}
+        )
     older = sorted({c.size for c in led.checkpoints() if 0 < c.size < cp.size})
     files["ledger/consistency.json"] = canonical_json(
-        {"format": "finetrace-consistency/1", "size": cp.size,
-         "proofs": {str(m): [h.hex() for h in p] for m, p in merkle.consistency_proofs(older, leaves).items()}})
+        {
+            "format": "finetrace-consistency/1",
+            "size": cp.size,
+            "proofs": {str(m): [h.hex() for h in p] for m, p in merkle.consistency_proofs(older, leaves).items()},
+        }
+    )
     files["checkpoint.json"] = canonical_json(cp.to_dict())
     pem = (ws.root / "keys" / "workspace.pub").read_bytes()
     files["public_key.pem"] = pem
-    files["README.txt"] = README.format(ref=adapter.ref, digest=adapter.digest, name=out.name,
-                                        key_id=ws.keys.key_id).encode()
-    manifest = {"format": FORMAT, "created": now(), "adapter": {"digest": adapter.digest, "ref": adapter.ref},
-                "documents": doc_index, "entries": seqs, "checkpoint": cp.to_dict(), "key_id": ws.keys.key_id,
-                "files": {p: sha256_bytes(b) for p, b in sorted(files.items())}}
+    files["README.txt"] = README.format(
+        ref=adapter.ref, digest=adapter.digest, name=out.name, key_id=ws.keys.key_id
+    ).encode()
+    manifest = {
+        "format": FORMAT,
+        "created": now(),
+        "adapter": {"digest": adapter.digest, "ref": adapter.ref},
+        "documents": doc_index,
+        "entries": seqs,
+        "checkpoint": cp.to_dict(),
+        "key_id": ws.keys.key_id,
+        "files": {p: sha256_bytes(b) for p, b in sorted(files.items())},
+    }
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     files["bundle.json"] = mbytes
     files["bundle.json.sig"] = ws.keys.sign(mbytes).encode()
 
-    with led.run("export", {"adapter": adapter.digest, "out": str(out), "entries": len(seqs),
-                            "checkpoint_size": cp.size},
-                 inputs=[adapter.digest] + [d["digest"] for d in doc_index.values()]) as run:
+    with led.run(
+        "export",
+        {"adapter": adapter.digest, "out": str(out), "entries": len(seqs), "checkpoint_size": cp.size},
+        inputs=[adapter.digest] + [d["digest"] for d in doc_index.values()],
+    ) as run:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(out) as fh:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as z:
@@ -152,8 +174,11 @@ def export_bundle(ws: Workspace, adapter_ref: str, out: str | Path, intended_use
                     info.external_attr = 0o644 << 16
                     z.writestr(info, files[path])
         digest = ws.store.put_file(out)
-        run.output("bundle", digest, metadata={"adapter": adapter.digest, "file": out.name,
-                                               "checkpoint_size": cp.size, "entries": len(seqs)})
+        run.output(
+            "bundle",
+            digest,
+            metadata={"adapter": adapter.digest, "file": out.name, "checkpoint_size": cp.size, "entries": len(seqs)},
+        )
         run.metrics.update({"files": len(files), "bytes": out.stat().st_size, "entries": len(seqs)})
     return out
 
@@ -166,8 +191,11 @@ def _stale(ws: Workspace, adapter_digest: str, docs: dict) -> bool:
             continue
         if e.type in EVENT_TYPES and e.data.get("adapter") == adapter_digest:
             return True
-        if (e.type == "artifact.added" and e.data.get("kind") == "eval_report"
-                and adapter_digest in ((e.data.get("metadata") or {}).get("adapters") or [])):
+        if (
+            e.type == "artifact.added"
+            and e.data.get("kind") == "eval_report"
+            and adapter_digest in ((e.data.get("metadata") or {}).get("adapters") or [])
+        ):
             return True
     return False
 

@@ -58,7 +58,11 @@ def part_of(path: str) -> str:
         return f"document {parts[1]} file {path}"
     if parts[0] == "ledger" and len(parts) == 3:
         seq = parts[2].removesuffix(".json")
-        return f"ledger entry {seq} ({path})" if parts[1] == "entries" else f"inclusion proof of ledger entry {seq} ({path})"
+        return (
+            f"ledger entry {seq} ({path})"
+            if parts[1] == "entries"
+            else f"inclusion proof of ledger entry {seq} ({path})"
+        )
     if path == "checkpoint.json":
         return "checkpoint signature (checkpoint.json)"
     if path == "public_key.pem":
@@ -85,9 +89,11 @@ def _read(path: Path, report: BundleReport) -> dict[str, bytes] | None:
             if info.filename in files or info.filename in duplicates:
                 # a zip may hold one name twice; readers disagree on which copy counts, so none does
                 if info.filename not in duplicates:
-                    report.problems.append(f"the bundle holds more than one member named {info.filename!r} "
-                                           f"({part_of(info.filename)}): refused, a second copy can hide forged "
-                                           "content")
+                    report.problems.append(
+                        f"the bundle holds more than one member named {info.filename!r} "
+                        f"({part_of(info.filename)}): refused, a second copy can hide forged "
+                        "content"
+                    )
                 duplicates.add(info.filename)
                 continue
             try:
@@ -128,8 +134,9 @@ class _Bundle:
             return False
 
 
-def verify_bundle(path: str | Path, expected_key_id: str | None = None,
-                  checkpoints: list[str | Path] = ()) -> BundleReport:
+def verify_bundle(
+    path: str | Path, expected_key_id: str | None = None, checkpoints: list[str | Path] = ()
+) -> BundleReport:
     """Verify the bundle at ``path``; the report lists what was checked and every problem found.
 
     ``expected_key_id`` pins the signing key. Each of ``checkpoints`` (files written by ``finetrace
@@ -154,8 +161,12 @@ def verify_bundle(path: str | Path, expected_key_id: str | None = None,
         return report
     check_external(files, b.cp, b.pub, list(checkpoints), report)
     if not expected_key_id and not checkpoints:
-        report.guarantee("signing key", NOT_CHECKED, f"the bundle is self-consistent under key {b.kid}; whether "
-                         "that is the publisher's key needs --key or --checkpoint")
+        report.guarantee(
+            "signing key",
+            NOT_CHECKED,
+            f"the bundle is self-consistent under key {b.kid}; whether "
+            "that is the publisher's key needs --key or --checkpoint",
+        )
     _check_entries(b)
     _check_created(b)
     b.arts = {e["data"]["digest"]: e["data"] for e in b.entries.values() if e["type"] == "artifact.added"}
@@ -188,8 +199,11 @@ def _check_key(b: _Bundle, expected_key_id: str | None) -> bool:
     if expected_key_id and expected_key_id != b.kid:
         b.problems.append(f"the bundle is signed by key {b.kid}, not by the expected key {expected_key_id}")
     if expected_key_id:
-        b.report.guarantee("signing key", HELD if expected_key_id == b.kid else FAILED,
-                           f"the bundle is signed by the pinned key {expected_key_id}")
+        b.report.guarantee(
+            "signing key",
+            HELD if expected_key_id == b.kid else FAILED,
+            f"the bundle is signed by the pinned key {expected_key_id}",
+        )
     return True
 
 
@@ -197,7 +211,9 @@ def _check_manifest(b: _Bundle) -> bool:
     """Check 1 (files): bundle.json is signed, and lists every file of the zip with its SHA-256."""
     files, P = b.files, b.problems
     if not b.sig_ok(files["bundle.json"], files["bundle.json.sig"].decode("ascii", "replace").strip()):
-        P.append("bundle manifest signature (bundle.json.sig) does not verify: bundle.json or its signature was changed")
+        P.append(
+            "bundle manifest signature (bundle.json.sig) does not verify: bundle.json or its signature was changed"
+        )
     b.n_sigs += 1
     try:
         manifest = json.loads(files["bundle.json"])
@@ -299,14 +315,16 @@ def _check_created(b: _Bundle) -> None:
 
 def _check_adapter(b: _Bundle) -> None:
     """Check 5 (adapter): the adapter folder's digest is an ``adapter`` artifact of a proven entry."""
-    b.ad_files = {p[len("adapter/"):]: data for p, data in b.files.items() if p.startswith("adapter/")}
+    b.ad_files = {p[len("adapter/") :]: data for p, data in b.files.items() if p.startswith("adapter/")}
     computed = tree_digest(b.ad_files)
     b.ad_art = b.arts.get(b.adapter_digest)
     if b.ad_art is None or b.ad_art.get("kind") not in ("adapter", "model"):
         b.problems.append(f"the adapter {b.adapter_digest} is not recorded in any proven ledger entry")
     if computed != b.adapter_digest:
-        b.problems.append(f"adapter files (adapter/) do not match the adapter digest {b.adapter_digest} recorded in "
-                          f"the ledger (they hash to {computed})")
+        b.problems.append(
+            f"adapter files (adapter/) do not match the adapter digest {b.adapter_digest} recorded in "
+            f"the ledger (they hash to {computed})"
+        )
     else:
         b.report.verified.append(f"adapter {b.adapter_digest}: {len(b.ad_files)} files match the ledger")
     b.report.checks["adapter_files"] = len(b.ad_files)
@@ -323,13 +341,16 @@ def _check_documents(b: _Bundle) -> None:
         d = tree_digest(dfiles)
         rec = b.arts.get(d)
         if rec is None or rec.get("kind") != "document":
-            b.problems.append(f"document {slug} (documents/{slug}/) does not match any document recorded in the "
-                              "ledger: a file of it was changed, added or removed")
+            b.problems.append(
+                f"document {slug} (documents/{slug}/) does not match any document recorded in the "
+                "ledger: a file of it was changed, added or removed"
+            )
         elif (rec.get("metadata") or {}).get("adapter") != b.adapter_digest:
             b.problems.append(f"document {slug} was generated for another adapter")
         else:
-            b.report.verified.append(f"document {slug} {d} matches ledger entry of "
-                                     f"{rec.get('name')}@{rec.get('version')}")
+            b.report.verified.append(
+                f"document {slug} {d} matches ledger entry of {rec.get('name')}@{rec.get('version')}"
+            )
     b.report.checks["documents"] = len(docs)
 
 
@@ -349,8 +370,7 @@ def _check_attestation(b: _Bundle) -> None:
         actual = {p: sha256_bytes(data) for p, data in b.ad_files.items()}
         if subj != actual:
             bad = sorted(set(subj.items()) ^ set(actual.items()))
-            P.append(f"attestation subjects do not match the adapter files (first difference: "
-                     f"adapter/{bad[0][0]})")
+            P.append(f"attestation subjects do not match the adapter files (first difference: adapter/{bad[0][0]})")
         ext = stmt["predicate"]["buildDefinition"].get("externalParameters", {})
         if ext.get("adapter") != b.adapter_digest:
             P.append("the attestation is about another adapter")
@@ -359,9 +379,11 @@ def _check_attestation(b: _Bundle) -> None:
         if ad_art and ad_art.get("run_id") and inv != ad_art["run_id"]:
             P.append(f"the attestation names run {inv}, the ledger says {ad_art['run_id']} produced the adapter")
         b.report.checks["attestation_subjects"] = len(subj)
-        b.report.verified.append(f"attestation (in-toto v1, SLSA provenance v1, DSSE): {len(subj)} subjects, "
-                                 f"{len(stmt['predicate']['buildDefinition'].get('resolvedDependencies', []))} "
-                                 "resolved dependencies")
+        b.report.verified.append(
+            f"attestation (in-toto v1, SLSA provenance v1, DSSE): {len(subj)} subjects, "
+            f"{len(stmt['predicate']['buildDefinition'].get('resolvedDependencies', []))} "
+            "resolved dependencies"
+        )
     except Exception as exc:  # IntegrityError or a malformed statement
         P.append(f"attestation signature or content (documents/attestation/attestation.dsse.json): {exc}")
 
@@ -405,12 +427,14 @@ def _check_lineage(b: _Bundle) -> None:
             if missing:
                 b.problems.append(f"inputs of run {rid} are not in the bundle's ledger entries: {', '.join(missing)}")
             status = (finished.get(rid) or {}).get("status")
-            b.report.verified.append(f"lineage: run {rid} ({run.get('kind')}, {status}) with "
-                                     f"{len(run.get('inputs', []))} recorded inputs")
+            b.report.verified.append(
+                f"lineage: run {rid} ({run.get('kind')}, {status}) with {len(run.get('inputs', []))} recorded inputs"
+            )
     verdicts = [e["data"] for e in entries if e["type"] == "gate.verdict"]
     for v in verdicts:
-        b.report.verified.append(f"gate verdict: {'passed' if v.get('passed') else 'failed'} "
-                                 f"(report {v.get('report')})")
+        b.report.verified.append(
+            f"gate verdict: {'passed' if v.get('passed') else 'failed'} (report {v.get('report')})"
+        )
     b.report.checks["gate_verdicts"] = len(verdicts)
 
 
@@ -441,8 +465,10 @@ def check_external(files: dict[str, bytes], cp: Checkpoint, pub, paths: list, re
             report.problems.append(str(exc))
             continue
         if ext.size > cp.size:
-            report.problems.append(f"{what} is newer than the bundle's checkpoint (size {cp.size}): export the "
-                                   "bundle again to check it against that checkpoint")
+            report.problems.append(
+                f"{what} is newer than the bundle's checkpoint (size {cp.size}): export the "
+                "bundle again to check it against that checkpoint"
+            )
         elif ext.size == cp.size:
             if ext.root != cp.root:
                 report.problems.append(f"the bundle's checkpoint contradicts the {what}: same size, another root")
@@ -450,17 +476,23 @@ def check_external(files: dict[str, bytes], cp: Checkpoint, pub, paths: list, re
             try:
                 proof = [bytes.fromhex(h) for h in proofs.get(str(ext.size), [])]
                 ok = str(ext.size) in proofs and merkle.verify_consistency(
-                    ext.size, cp.size, bytes.fromhex(ext.root), bytes.fromhex(cp.root), proof)
+                    ext.size, cp.size, bytes.fromhex(ext.root), bytes.fromhex(cp.root), proof
+                )
             except (ValueError, TypeError):
                 ok = False
             if not ok:
-                report.problems.append(f"the bundle's ledger does not extend the {what}: no valid consistency "
-                                       "proof from that size (ledger/consistency.json): the log was rewritten")
+                report.problems.append(
+                    f"the bundle's ledger does not extend the {what}: no valid consistency "
+                    "proof from that size (ledger/consistency.json): the log was rewritten"
+                )
         report.checks["external_checkpoints"] = report.checks.get("external_checkpoints", 0) + 1
     held = len(report.problems) == before
-    report.guarantee("external checkpoint", HELD if held else FAILED,
-                     f"the bundle's signed ledger extends {len(external)} checkpoint(s) kept outside "
-                     f"({', '.join(w for _, w in external)}), signed by the pinned key {kid}")
+    report.guarantee(
+        "external checkpoint",
+        HELD if held else FAILED,
+        f"the bundle's signed ledger extends {len(external)} checkpoint(s) kept outside "
+        f"({', '.join(w for _, w in external)}), signed by the pinned key {kid}",
+    )
     if held:
         report.verified.append(f"extends {len(external)} external checkpoint(s) signed by {kid}")
 
@@ -472,8 +504,10 @@ def _verify_oms(files: dict[str, bytes], ad_files: dict[str, bytes], report: Bun
     from . import oms
 
     if not oms.available():
-        report.verified.append("OpenSSF model signature present but not checked: model-signing is not installed "
-                               "(pip install model-signing pyopenssl)")
+        report.verified.append(
+            "OpenSSF model signature present but not checked: model-signing is not installed "
+            "(pip install model-signing pyopenssl)"
+        )
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

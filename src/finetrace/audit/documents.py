@@ -40,15 +40,25 @@ DOC_TYPES = {
     "model_card": ("model-card", "README", "model_card.md.jinja", "Model card"),
     "annex_iv": ("annex-iv", "annex_iv", "annex_iv.md.jinja", "EU AI Act Annex IV technical documentation"),
     "ab2013": ("ab2013", "ab2013", "ab2013.md.jinja", "California AB 2013 training-data disclosure"),
-    "eu_training_summary": ("eu-training-summary", "eu_training_summary", "eu_training_summary.md.jinja",
-                            "EU training-content summary"),
+    "eu_training_summary": (
+        "eu-training-summary",
+        "eu_training_summary",
+        "eu_training_summary.md.jinja",
+        "EU training-content summary",
+    ),
 }
 DATASHEET_FIELDS = {
-    "source": "where the data comes from", "owner": "who is responsible for it", "license": "its licence",
-    "collection_method": "how it was collected", "collection_period": "when it was collected",
-    "annotation_process": "how labels were produced", "personal_data": "whether it has personal data",
-    "copyrighted": "whether it has copyrighted material", "purchased_or_licensed": "whether it was bought",
-    "synthetic": "whether a model generated it", "intended_use": "what it is meant for",
+    "source": "where the data comes from",
+    "owner": "who is responsible for it",
+    "license": "its licence",
+    "collection_method": "how it was collected",
+    "collection_period": "when it was collected",
+    "annotation_process": "how labels were produced",
+    "personal_data": "whether it has personal data",
+    "copyrighted": "whether it has copyrighted material",
+    "purchased_or_licensed": "whether it was bought",
+    "synthetic": "whether a model generated it",
+    "intended_use": "what it is meant for",
 }
 ANNEX_IV_HEADINGS = [
     "1. General description of the AI system",
@@ -75,8 +85,12 @@ def front_matter(facts: Facts) -> str:
         "library_name": "peft",
         "license": str(facts.intended.get("license") or "other"),
         "datasets": [d.get("ref") for d in facts.datasets],
-        "tags": ["finetrace", str(ad["metadata"].get("method", "lora")), "peft",
-                 *[str(t) for t in (facts.intended.get("tags") or [])]],
+        "tags": [
+            "finetrace",
+            str(ad["metadata"].get("method", "lora")),
+            "peft",
+            *[str(t) for t in (facts.intended.get("tags") or [])],
+        ],
         "pipeline_tag": "text-generation",
     }
     results = []
@@ -85,15 +99,29 @@ def front_matter(facts: Facts) -> str:
         ds = (ev.get("report") or {}).get("dataset") or {}
         ms = [{"type": k, "name": k, "value": v.get("value")} for k, v in (sub.get("metrics") or {}).items()]
         if ms:
-            results.append({"task": {"type": "text-classification" if ev["report"].get("task") == "classification"
-                                     else "text-generation"},
-                            "dataset": {"name": ds.get("ref", "?"), "type": (ds.get("ref") or "?").split("@")[0],
-                                        "split": ds.get("split", "?"), "revision": ds.get("digest", "?")},
-                            "metrics": ms})
+            results.append(
+                {
+                    "task": {
+                        "type": "text-classification"
+                        if ev["report"].get("task") == "classification"
+                        else "text-generation"
+                    },
+                    "dataset": {
+                        "name": ds.get("ref", "?"),
+                        "type": (ds.get("ref") or "?").split("@")[0],
+                        "split": ds.get("split", "?"),
+                        "revision": ds.get("digest", "?"),
+                    },
+                    "metrics": ms,
+                }
+            )
     if results:
         meta["model-index"] = [{"name": ad.get("name") or ad["ref"], "results": results}]
-    meta["finetrace"] = {"adapter": ad["digest"], "base_model": (base or {}).get("digest"),
-                         "intended_use_missing": facts.intended_use_missing}
+    meta["finetrace"] = {
+        "adapter": ad["digest"],
+        "base_model": (base or {}).get("digest"),
+        "intended_use_missing": facts.intended_use_missing,
+    }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -103,7 +131,10 @@ def context(facts: Facts) -> dict:
     ctx["intended_warning"] = (
         f"> **Intended use and limitations were not provided** (missing: {', '.join(missing)}). This document "
         "is incomplete and publishing will refuse this adapter until `finetrace docs --intended-use FILE.yaml` "
-        "is run with them.\n" if missing else "")
+        "is run with them.\n"
+        if missing
+        else ""
+    )
     ctx["front_matter"] = front_matter(facts)
     ctx["datasheet_fields"] = DATASHEET_FIELDS
     return ctx
@@ -137,8 +168,14 @@ def render_all(facts: Facts, out: Path, formats=("md", "html")) -> dict[str, Pat
     return folders
 
 
-def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path | dict | None = None,
-                       formats=("md", "html"), out: str | Path | None = None, oms: bool = False) -> list[Artifact]:
+def generate_documents(
+    ws: Workspace,
+    adapter_ref: str,
+    intended_use: str | Path | dict | None = None,
+    formats=("md", "html"),
+    out: str | Path | None = None,
+    oms: bool = False,
+) -> list[Artifact]:
     """Generate and record every document of ``adapter_ref``; return the ``document`` artifacts.
 
     ``intended_use``: a YAML file (or a dict) with at least ``intended_use`` and ``limitations``; without
@@ -163,12 +200,20 @@ def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path
     intended_digest = ws.store.put_bytes(canonical_json(intended)) if intended else None
     if intended_digest:
         inputs.append(intended_digest)
-    config = {"adapter": ad["digest"], "formats": list(formats), "intended_use": intended_digest, "oms": oms,
-              "intended_use_file": source, "required_intended": list(REQUIRED_INTENDED)}
+    config = {
+        "adapter": ad["digest"],
+        "formats": list(formats),
+        "intended_use": intended_digest,
+        "oms": oms,
+        "intended_use_file": source,
+        "required_intended": list(REQUIRED_INTENDED),
+    }
     arts: list[Artifact] = []
     ws.cache.mkdir(parents=True, exist_ok=True)
-    with ws.ledger.run("document", config, inputs=inputs) as run, \
-            tempfile.TemporaryDirectory(dir=ws.cache, prefix=".docs-") as tmp:
+    with (
+        ws.ledger.run("document", config, inputs=inputs) as run,
+        tempfile.TemporaryDirectory(dir=ws.cache, prefix=".docs-") as tmp,
+    ):
         folders = render_all(facts, Path(tmp), formats)
         env_folder = Path(tmp) / "attestation"
         env_folder.mkdir()
@@ -183,12 +228,28 @@ def generate_documents(ws: Workspace, adapter_ref: str, intended_use: str | Path
         for doc, folder in folders.items():
             digest = ws.store.put_dir(folder)
             slug = folder.name
-            arts.append(run.output("document", digest, name=f"{base_name}-{slug}", metadata={
-                "document": doc, "adapter": ad["digest"], "adapter_ref": ad["ref"],
-                "files": sorted(p.name for p in folder.iterdir()),
-                "intended_use_missing": facts.intended_use_missing}))
-        run.metrics.update({"documents": len(arts), "intended_use_missing": facts.intended_use_missing,
-                            "evaluations": len(facts.evaluations), "datasets": len(facts.datasets)})
+            arts.append(
+                run.output(
+                    "document",
+                    digest,
+                    name=f"{base_name}-{slug}",
+                    metadata={
+                        "document": doc,
+                        "adapter": ad["digest"],
+                        "adapter_ref": ad["ref"],
+                        "files": sorted(p.name for p in folder.iterdir()),
+                        "intended_use_missing": facts.intended_use_missing,
+                    },
+                )
+            )
+        run.metrics.update(
+            {
+                "documents": len(arts),
+                "intended_use_missing": facts.intended_use_missing,
+                "evaluations": len(facts.evaluations),
+                "datasets": len(facts.datasets),
+            }
+        )
         if out is not None:
             dest = Path(out)
             dest.mkdir(parents=True, exist_ok=True)

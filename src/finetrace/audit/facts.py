@@ -70,7 +70,7 @@ class Facts:
     checkpoint: dict | None
     finetrace_version: str
     generated: str = field(default_factory=now)
-    parity: list[dict] = field(default_factory=list)   # parity.result events: served == evaluated?
+    parity: list[dict] = field(default_factory=list)  # parity.result events: served == evaluated?
 
     @property
     def intended_use_missing(self) -> list[str]:
@@ -100,13 +100,25 @@ def files_of(ws: Workspace, digest: str) -> list[dict]:
 
 
 def _art(a: Artifact) -> dict:
-    return {"ref": a.ref, "name": a.name, "version": a.version, "digest": a.digest, "kind": a.kind,
-            "metadata": a.metadata, "run_id": a.run_id, "created": a.created, "aliases": a.aliases}
+    return {
+        "ref": a.ref,
+        "name": a.name,
+        "version": a.version,
+        "digest": a.digest,
+        "kind": a.kind,
+        "metadata": a.metadata,
+        "run_id": a.run_id,
+        "created": a.created,
+        "aliases": a.aliases,
+    }
 
 
 def events_for(ws: Workspace, type: str, adapter: str) -> list[dict]:
-    return [{"seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
-            for e in ws.ledger.entries(type=type) if e.data.get("adapter") == adapter]
+    return [
+        {"seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
+        for e in ws.ledger.entries(type=type)
+        if e.data.get("adapter") == adapter
+    ]
 
 
 def _unrecorded(digest: str) -> dict:
@@ -134,17 +146,27 @@ def _evaluation(ws: Workspace, art: Artifact, adapter: str) -> dict:
 
     data = ws.store.member_json(art.digest, "report.json")
     if data is None:
-        return {**_art(art), "run": _run_dict(ws, art.run_id), "report": {}, "subject": None,
-                "base_subject": None, "files": files_of(ws, art.digest)}
+        return {
+            **_art(art),
+            "run": _run_dict(ws, art.run_id),
+            "report": {},
+            "subject": None,
+            "base_subject": None,
+            "files": files_of(ws, art.digest),
+        }
     rep = EvalReport.parse(data, source=f"{art.ref}/report.json")
     subject, base = rep.subject(adapter), rep.base
-    return {**_art(art), "run": _run_dict(ws, art.run_id), "report": rep.to_dict(examples=False),
-            "subject": subject.to_dict() if subject else None, "base_subject": base.to_dict() if base else None,
-            "files": files_of(ws, art.digest)}
+    return {
+        **_art(art),
+        "run": _run_dict(ws, art.run_id),
+        "report": rep.to_dict(examples=False),
+        "subject": subject.to_dict() if subject else None,
+        "base_subject": base.to_dict() if base else None,
+        "files": files_of(ws, art.digest),
+    }
 
 
-def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
-           intended_source: str | None = None) -> Facts:
+def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None, intended_source: str | None = None) -> Facts:
     """Collect the facts about ``adapter_ref`` (name, name@N or digest) from the ledger and store."""
     from importlib import metadata as md
 
@@ -153,8 +175,10 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
     if adapter.kind not in ("adapter", "model"):
         from ..errors import InputError
 
-        raise InputError(f"{adapter_ref} is a {adapter.kind}, not an adapter",
-                         hint="give the adapter produced by `finetrace train` (NAME@N)")
+        raise InputError(
+            f"{adapter_ref} is a {adapter.kind}, not an adapter",
+            hint="give the adapter produced by `finetrace train` (NAME@N)",
+        )
     rec = adapter_record(ws, adapter.digest)
     ad = _art(adapter)
     ad["files"] = files_of(ws, adapter.digest)
@@ -168,8 +192,9 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
         base["files"] = files_of(ws, rec.base_digest)
         base["config"] = ws.store.member_json(rec.base_digest, "config.json")
         base["run"] = _run_dict(ws, base.get("run_id"))
-    parents = [_art(p) if not isinstance(p, str) else {"ref": p, "digest": p, "kind": "unrecorded"}
-               for p in rec.parents]
+    parents = [
+        _art(p) if not isinstance(p, str) else {"ref": p, "digest": p, "kind": "unrecorded"} for p in rec.parents
+    ]
     datasets = [_dataset(ws, a.digest) for a in rec.datasets]
     evaluations = [_evaluation(ws, a, adapter.digest) for a in rec.eval_reports]
 
@@ -185,13 +210,23 @@ def gather(ws: Workspace, adapter_ref: str, intended: dict | None = None,
         version = md.version("finetrace")
     except md.PackageNotFoundError:
         version = "unknown"
-    return Facts(adapter=ad, base=base, train_run=train_run, parents=parents, datasets=datasets,
-                 evaluations=evaluations, verdicts=events_for(ws, "gate.verdict", adapter.digest),
-                 overrides=events_for(ws, "gate.override", adapter.digest),
-                 approvals=events_for(ws, "approval", adapter.digest), previous_versions=previous,
-                 intended=dict(intended or {}), intended_source=intended_source,
-                 checkpoint=cps[-1].to_dict() if cps else None, finetrace_version=version,
-                 parity=events_for(ws, "parity.result", adapter.digest))
+    return Facts(
+        adapter=ad,
+        base=base,
+        train_run=train_run,
+        parents=parents,
+        datasets=datasets,
+        evaluations=evaluations,
+        verdicts=events_for(ws, "gate.verdict", adapter.digest),
+        overrides=events_for(ws, "gate.override", adapter.digest),
+        approvals=events_for(ws, "approval", adapter.digest),
+        previous_versions=previous,
+        intended=dict(intended or {}),
+        intended_source=intended_source,
+        checkpoint=cps[-1].to_dict() if cps else None,
+        finetrace_version=version,
+        parity=events_for(ws, "parity.result", adapter.digest),
+    )
 
 
 def load_intended(path) -> dict:
@@ -200,6 +235,11 @@ def load_intended(path) -> dict:
 
     if path is None:
         return {}
-    return read_mapping(path, "intended-use file", missing_hint="write a YAML file with intended_use: and "
-                        "limitations: (see `finetrace docs --help`)", error=ConfigError,
-                        known=list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED), noun="intended-use key")
+    return read_mapping(
+        path,
+        "intended-use file",
+        missing_hint="write a YAML file with intended_use: and limitations: (see `finetrace docs --help`)",
+        error=ConfigError,
+        known=list(REQUIRED_INTENDED) + list(OPTIONAL_INTENDED),
+        noun="intended-use key",
+    )

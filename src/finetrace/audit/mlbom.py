@@ -34,13 +34,23 @@ def _hashes(digest: str) -> list[dict]:
 
 
 def _files(prefix: str, files: list[dict]) -> list[dict]:
-    return [{"type": "file", "bom-ref": f"{prefix}/{f['path']}", "name": f["path"], "hashes": _hashes(f["digest"]),
-             "properties": [{"name": "finetrace:size", "value": str(f["size"])}]} for f in files]
+    return [
+        {
+            "type": "file",
+            "bom-ref": f"{prefix}/{f['path']}",
+            "name": f["path"],
+            "hashes": _hashes(f["digest"]),
+            "properties": [{"name": "finetrace:size", "value": str(f["size"])}],
+        }
+        for f in files
+    ]
 
 
 def _tree_props(digest: str) -> list[dict]:
-    return [{"name": "finetrace:digest", "value": digest},
-            {"name": "finetrace:digest-of", "value": "finetrace-tree/1 manifest (sorted paths, sizes, file digests)"}]
+    return [
+        {"name": "finetrace:digest", "value": digest},
+        {"name": "finetrace:digest-of", "value": "finetrace-tree/1 manifest (sorted paths, sizes, file digests)"},
+    ]
 
 
 def build(facts: Facts) -> dict:
@@ -65,10 +75,15 @@ def build(facts: Facts) -> dict:
                 perf.append({"type": metric, "value": str(gv.get("value")), "slice": f"group={gname}"})
         bias = sub.get("bias")
         if bias:
-            fairness.append({"groupAtRisk": ", ".join(bias.get("categories") or {}) or "counterfactual groups",
-                             "benefits": "", "harms": f"answer flip rate {bias.get('flip_rate')} under "
-                                                      f"counterfactual swaps, group gap {bias.get('group_gap')}",
-                             "mitigationStrategy": "eval gates (max_flip_rate, max_group_gap) before release"})
+            fairness.append(
+                {
+                    "groupAtRisk": ", ".join(bias.get("categories") or {}) or "counterfactual groups",
+                    "benefits": "",
+                    "harms": f"answer flip rate {bias.get('flip_rate')} under "
+                    f"counterfactual swaps, group gap {bias.get('group_gap')}",
+                    "mitigationStrategy": "eval gates (max_flip_rate, max_group_gap) before release",
+                }
+            )
 
     considerations: dict = {}
     it = facts.intended
@@ -84,70 +99,116 @@ def build(facts: Facts) -> dict:
         considerations["fairnessAssessments"] = fairness
     if metrics.get("energy_wh_estimate") is not None:
         considerations["environmentalConsiderations"] = {
-            "energyConsumptions": [{
-                "activity": "fine-tuning",
-                "energyProviders": [{"organization": {"name": "unknown"}, "energySource": "unknown",
-                                     "energyProvided": {"value": metrics["energy_wh_estimate"] / 1000, "unit": "kWh"},
-                                     "description": f"estimated: wall time {metrics.get('wall_time_s')} s x "
-                                                    f"assumed {metrics.get('assumed_watts')} W"}],
-                "activityEnergyCost": {"value": metrics["energy_wh_estimate"] / 1000, "unit": "kWh"}}],
-            "properties": [{"name": "finetrace:flops_estimate", "value": str(metrics.get("flops_estimate"))}]}
+            "energyConsumptions": [
+                {
+                    "activity": "fine-tuning",
+                    "energyProviders": [
+                        {
+                            "organization": {"name": "unknown"},
+                            "energySource": "unknown",
+                            "energyProvided": {"value": metrics["energy_wh_estimate"] / 1000, "unit": "kWh"},
+                            "description": f"estimated: wall time {metrics.get('wall_time_s')} s x "
+                            f"assumed {metrics.get('assumed_watts')} W",
+                        }
+                    ],
+                    "activityEnergyCost": {"value": metrics["energy_wh_estimate"] / 1000, "unit": "kWh"},
+                }
+            ],
+            "properties": [{"name": "finetrace:flops_estimate", "value": str(metrics.get("flops_estimate"))}],
+        }
 
-    task = "text-classification" if any(d.get("info", {}).get("schema") == "classification"
-                                          for d in facts.datasets) else "text-generation"
-    model_card: dict = {"modelParameters": {"approach": {"type": "supervised"}, "task": task,
-                                            "architectureFamily": ((base or {}).get("config") or {}).get("model_type", "transformer"),
-                                            "modelArchitecture": f"{ad['metadata'].get('method', 'lora')} adapter "
-                                                                 f"(r={ad['metadata'].get('r')})",
-                                            "datasets": ds_refs,
-                                            "inputs": [{"format": "text"}], "outputs": [{"format": "text"}]}}
+    task = (
+        "text-classification"
+        if any(d.get("info", {}).get("schema") == "classification" for d in facts.datasets)
+        else "text-generation"
+    )
+    model_card: dict = {
+        "modelParameters": {
+            "approach": {"type": "supervised"},
+            "task": task,
+            "architectureFamily": ((base or {}).get("config") or {}).get("model_type", "transformer"),
+            "modelArchitecture": f"{ad['metadata'].get('method', 'lora')} adapter (r={ad['metadata'].get('r')})",
+            "datasets": ds_refs,
+            "inputs": [{"format": "text"}],
+            "outputs": [{"format": "text"}],
+        }
+    }
     if perf:
         model_card["quantitativeAnalysis"] = {"performanceMetrics": perf}
     if considerations:
         model_card["considerations"] = considerations
 
-    adapter_comp = {"type": "machine-learning-model", "bom-ref": ad["digest"], "name": ad.get("name") or ad["digest"],
-                    "version": str(ad.get("version") or "0"), "hashes": _hashes(ad["digest"]),
-                    "description": f"{ad['metadata'].get('method', 'lora')} adapter of {(base or {}).get('ref')}",
-                    "modelCard": model_card, "properties": _tree_props(ad["digest"]),
-                    "components": _files(ad["digest"], ad.get("files") or [])}
+    adapter_comp = {
+        "type": "machine-learning-model",
+        "bom-ref": ad["digest"],
+        "name": ad.get("name") or ad["digest"],
+        "version": str(ad.get("version") or "0"),
+        "hashes": _hashes(ad["digest"]),
+        "description": f"{ad['metadata'].get('method', 'lora')} adapter of {(base or {}).get('ref')}",
+        "modelCard": model_card,
+        "properties": _tree_props(ad["digest"]),
+        "components": _files(ad["digest"], ad.get("files") or []),
+    }
     if it.get("license"):
         adapter_comp["licenses"] = [{"license": {"name": str(it["license"])}}]
     comps = [adapter_comp]
     deps = [d["digest"] for d in facts.datasets]
     if base:
-        comps.append({"type": "machine-learning-model", "bom-ref": base["digest"], "name": base.get("name") or base["digest"],
-                      "version": str(base.get("version") or "0"), "hashes": _hashes(base["digest"]),
-                      "description": "pre-trained base model (frozen)", "properties": _tree_props(base["digest"]),
-                      "components": _files(base["digest"], base.get("files") or [])})
+        comps.append(
+            {
+                "type": "machine-learning-model",
+                "bom-ref": base["digest"],
+                "name": base.get("name") or base["digest"],
+                "version": str(base.get("version") or "0"),
+                "hashes": _hashes(base["digest"]),
+                "description": "pre-trained base model (frozen)",
+                "properties": _tree_props(base["digest"]),
+                "components": _files(base["digest"], base.get("files") or []),
+            }
+        )
         deps.insert(0, base["digest"])
     for d in facts.datasets:
         g = d.get("given") or {}
-        data_entry: dict = {"type": "dataset", "name": d.get("ref") or d["digest"],
-                            "description": str(g.get("description") or g.get("title") or d.get("info", {}).get("schema", ""))}
+        data_entry: dict = {
+            "type": "dataset",
+            "name": d.get("ref") or d["digest"],
+            "description": str(g.get("description") or g.get("title") or d.get("info", {}).get("schema", "")),
+        }
         if g.get("personal_data") is not None:
             data_entry["sensitiveData"] = [f"personal data: {g.get('personal_data')}"]
         if g.get("owner"):
             data_entry["governance"] = {"owners": [{"organization": {"name": str(g["owner"])}}]}
-        comp = {"type": "data", "bom-ref": d["digest"], "name": d.get("name") or d["digest"],
-                "version": str(d.get("version") or "0"), "hashes": _hashes(d["digest"]), "data": [data_entry],
-                "properties": _tree_props(d["digest"]) + [{"name": f"finetrace:datasheet:{k}", "value": str(v)}
-                                                          for k, v in sorted(g.items())],
-                "components": _files(d["digest"], d.get("files") or [])}
+        comp = {
+            "type": "data",
+            "bom-ref": d["digest"],
+            "name": d.get("name") or d["digest"],
+            "version": str(d.get("version") or "0"),
+            "hashes": _hashes(d["digest"]),
+            "data": [data_entry],
+            "properties": _tree_props(d["digest"])
+            + [{"name": f"finetrace:datasheet:{k}", "value": str(v)} for k, v in sorted(g.items())],
+            "components": _files(d["digest"], d.get("files") or []),
+        }
         if g.get("license"):
             comp["licenses"] = [{"license": {"name": str(g["license"])}}]
         comps.append(comp)
     return {
         "$schema": "http://cyclonedx.org/schema/bom-1.6.schema.json",
-        "bomFormat": "CycloneDX", "specVersion": SPEC_VERSION,
+        "bomFormat": "CycloneDX",
+        "specVersion": SPEC_VERSION,
         "serialNumber": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'finetrace:' + ad['digest'] + ':' + facts.generated)}",
         "version": 1,
-        "metadata": {"timestamp": facts.generated,
-                     "tools": {"components": [{"type": "application", "name": "finetrace",
-                                               "version": facts.finetrace_version}]},
-                     "component": {"type": "machine-learning-model", "bom-ref": "root:" + ad["digest"],
-                                   "name": ad.get("name") or ad["digest"], "version": str(ad.get("version") or "0"),
-                                   "hashes": _hashes(ad["digest"])}},
+        "metadata": {
+            "timestamp": facts.generated,
+            "tools": {"components": [{"type": "application", "name": "finetrace", "version": facts.finetrace_version}]},
+            "component": {
+                "type": "machine-learning-model",
+                "bom-ref": "root:" + ad["digest"],
+                "name": ad.get("name") or ad["digest"],
+                "version": str(ad.get("version") or "0"),
+                "hashes": _hashes(ad["digest"]),
+            },
+        },
         "components": comps,
         "dependencies": [{"ref": ad["digest"], "dependsOn": deps}],
     }
@@ -159,8 +220,10 @@ def validate(bom: dict) -> None:
         from cyclonedx.schema import SchemaVersion
         from cyclonedx.validation.json import JsonStrictValidator
     except ImportError:
-        raise DependencyError("validating an ML-BOM needs cyclonedx-python-lib",
-                              hint="pip install 'cyclonedx-python-lib[json-validation]'") from None
+        raise DependencyError(
+            "validating an ML-BOM needs cyclonedx-python-lib",
+            hint="pip install 'cyclonedx-python-lib[json-validation]'",
+        ) from None
     err = JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom))
     if err is not None:
         raise IntegrityError(f"the ML-BOM does not validate against the CycloneDX 1.6 schema: {err}")

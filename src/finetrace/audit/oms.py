@@ -34,8 +34,9 @@ def _require():
     try:
         import model_signing
     except Exception as exc:  # ImportError, or a missing optional dependency such as pyOpenSSL
-        raise DependencyError(f"OpenSSF model signing needs the model-signing package ({exc})",
-                              hint="pip install model-signing pyopenssl") from None
+        raise DependencyError(
+            f"OpenSSF model signing needs the model-signing package ({exc})", hint="pip install model-signing pyopenssl"
+        ) from None
     return model_signing
 
 
@@ -47,8 +48,13 @@ def key_paths(ws: Workspace) -> tuple[Path, bytes]:
     path = ws.root / "keys" / KEY_FILE
     if not path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        write_bytes(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()), mode=0o600)
+        write_bytes(
+            path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            mode=0o600,
+        )
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return path, pub

@@ -18,8 +18,14 @@ from ..errors import DependencyError
 
 NOT_PROVIDED = "not provided"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                  "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 def _missing(value) -> bool:
@@ -68,9 +74,14 @@ def environment():
 
     # Markdown templates (*.md.jinja) are not escaped (Markdown is escaped when it becomes HTML, below);
     # the HTML page (*.html.jinja) is.
-    env = Environment(loader=PackageLoader("finetrace.audit", "templates"), undefined=ChainableUndefined,
-                      autoescape=select_autoescape(["html.jinja"], default_for_string=False),
-                      keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False)
+    env = Environment(
+        loader=PackageLoader("finetrace.audit", "templates"),
+        undefined=ChainableUndefined,
+        autoescape=select_autoescape(["html.jinja"], default_for_string=False),
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+    )
     env.filters.update(np=np_filter, num=num, interval=interval, yesno=yesno)
     return env
 
@@ -91,7 +102,7 @@ def split_front_matter(markdown: str) -> tuple[str | None, str]:
     if markdown.startswith("---\n"):
         end = markdown.find("\n---\n", 4)
         if end > 0:
-            return markdown[4:end], markdown[end + 5:]
+            return markdown[4:end], markdown[end + 5 :]
     return None, markdown
 
 
@@ -110,10 +121,17 @@ def markdown_to_html(markdown: str, title: str, context: dict) -> str:
         context = {**context, "front": front}
     from markupsafe import Markup
 
-    return environment().get_template("page.html.jinja").render(
-        title=title, front=context.get("front"), body=Markup(markdown_body(body_md)),  # markdown-it: no raw HTML
-        finetrace_version=context.get("finetrace_version", ""),
-        adapter_digest=context.get("adapter", {}).get("digest", ""))
+    return (
+        environment()
+        .get_template("page.html.jinja")
+        .render(
+            title=title,
+            front=context.get("front"),
+            body=Markup(markdown_body(body_md)),  # markdown-it: no raw HTML
+            finetrace_version=context.get("finetrace_version", ""),
+            adapter_digest=context.get("adapter", {}).get("digest", ""),
+        )
+    )
 
 
 def chromium() -> str:
@@ -121,8 +139,10 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise DependencyError("headless Chromium is needed to render PDF pages and screenshots",
-                          hint="apt-get install -y chromium (or choose --format md/html)")
+    raise DependencyError(
+        "headless Chromium is needed to render PDF pages and screenshots",
+        hint="apt-get install -y chromium (or choose --format md/html)",
+    )
 
 
 def html_to_pdf(html_file: Path, pdf_file: Path, timeout: int = 120) -> Path:
@@ -130,24 +150,44 @@ def html_to_pdf(html_file: Path, pdf_file: Path, timeout: int = 120) -> Path:
     exe = chromium()
     pdf_file = Path(pdf_file)
     tmp = pdf_file.with_name(f".{pdf_file.name}.tmp")
-    proc = subprocess.run([exe, *CHROMIUM_FLAGS, "--no-pdf-header-footer", f"--print-to-pdf={tmp}",
-                           Path(html_file).resolve().as_uri()], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, "--no-pdf-header-footer", f"--print-to-pdf={tmp}", Path(html_file).resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0 or not tmp.is_file() or not tmp.read_bytes().startswith(b"%PDF"):
         tmp.unlink(missing_ok=True)
-        raise DependencyError(f"Chromium could not print {html_file} to PDF (exit {proc.returncode}): "
-                              f"{proc.stderr.strip()[-500:]}")
+        raise DependencyError(
+            f"Chromium could not print {html_file} to PDF (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+        )
     tmp.replace(pdf_file)
     return pdf_file
 
 
 def screenshot(html_file: Path, png_file: Path, width: int = 1200, height: int = 1800, timeout: int = 120) -> Path:
     """A PNG screenshot of the rendered page (what a person would see)."""
-    subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--screenshot={png_file}", f"--window-size={width},{height}",
-                    Path(html_file).resolve().as_uri()], capture_output=True, timeout=timeout, check=True)
+    subprocess.run(
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--screenshot={png_file}",
+            f"--window-size={width},{height}",
+            Path(html_file).resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=timeout,
+        check=True,
+    )
     return Path(png_file)
 
 
 def dump_dom(html_file: Path, timeout: int = 120) -> str:
     """The DOM after Chromium rendered the page."""
-    return subprocess.run([chromium(), *CHROMIUM_FLAGS, "--dump-dom", Path(html_file).resolve().as_uri()],
-                          capture_output=True, text=True, timeout=timeout, check=True).stdout
+    return subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, "--dump-dom", Path(html_file).resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout

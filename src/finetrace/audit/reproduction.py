@@ -116,8 +116,14 @@ def compare_adapters(ws: Workspace, original: str, reproduced: str) -> list[File
                 for k in ("base_model_ref", "dataset_ref"):
                     d.pop(k, None)
             diff, where = _numeric_diff(a, b)
-            out.append(FileComparison(path, a == b, diff, "compared without the config (refs became digests)"
-                                      + (f"; differs at {where}" if a != b else "")))
+            out.append(
+                FileComparison(
+                    path,
+                    a == b,
+                    diff,
+                    "compared without the config (refs became digests)" + (f"; differs at {where}" if a != b else ""),
+                )
+            )
         elif path.endswith(".jsonl"):
             a = [json.loads(line) for line in fa[path].splitlines() if line.strip()]
             b = [json.loads(line) for line in fb[path].splitlines() if line.strip()]
@@ -144,7 +150,9 @@ def _reproduce_train(ws: Workspace, run) -> tuple[str, str, list[FileComparison]
         notes.append("the thread count was not recorded; the default was used")
     original = next((d for d in run.outputs if ws.ledger.artifact(d).kind in ("adapter", "model")), None)
     if original is None:
-        raise InputError(f"run {run.id} recorded no adapter output", hint="only a succeeded train run can be reproduced")
+        raise InputError(
+            f"run {run.id} recorded no adapter output", hint="only a succeeded train run can be reproduced"
+        )
     cfg["output_name"] = f"{cfg['output_name']}-reproduce"[:128]
     with tempfile.TemporaryDirectory(dir=ws.cache, prefix=".reproduce-") as tmp:
         cfg["checkpoint_dir"] = str(Path(tmp) / "checkpoints")
@@ -169,15 +177,27 @@ def _reproduce_evaluate(ws: Workspace, run) -> tuple[str, str, list[FileComparis
         raise InputError(f"run {run.id} recorded no eval_report output")
     suite = Suite.model_validate(cfg["suite"])
     name = ws.ledger.artifact(original).name
-    art = compare(ws, cfg["model"], list(cfg.get("adapters") or []), f"{cfg['dataset']}:{cfg['split']}", suite,
-                  name=f"{name or 'eval'}-reproduce")
+    art = compare(
+        ws,
+        cfg["model"],
+        list(cfg.get("adapters") or []),
+        f"{cfg['dataset']}:{cfg['split']}",
+        suite,
+        name=f"{name or 'eval'}-reproduce",
+    )
     a = json.loads(_files(ws, original)["report.json"])
     b = json.loads(_files(ws, art.digest)["report.json"])
     diff, where = _numeric_diff(a.get("models"), b.get("models"))
     same = a.get("models") == b.get("models") and a.get("examples") == b.get("examples")
-    comps = [FileComparison("report.json", same, diff,
-                            "compared the models and examples sections (run ids differ by design)"
-                            + (f"; largest difference at models{where}" if not same else ""))]
+    comps = [
+        FileComparison(
+            "report.json",
+            same,
+            diff,
+            "compared the models and examples sections (run ids differ by design)"
+            + (f"; largest difference at models{where}" if not same else ""),
+        )
+    ]
     notes.append("the reproduction records its own gate verdict for each adapter")
     return original, art.digest, comps, notes
 
@@ -199,17 +219,32 @@ def reproduce(ws: Workspace, run_id: str) -> ReproduceResult:
     elif run.kind == "evaluate":
         original, new, comps, notes = _reproduce_evaluate(ws, run)
     else:
-        raise InputError(f"run {run.id} is a {run.kind} run; reproduce replays train and evaluate runs",
-                         hint="`finetrace log --kind train` lists training runs")
+        raise InputError(
+            f"run {run.id} is a {run.kind} run; reproduce replays train and evaluate runs",
+            hint="`finetrace log --kind train` lists training runs",
+        )
     new_runs = [r for r in led.runs(run.kind) if r.id not in before]
     diffs = [c.max_abs_diff for c in comps if c.max_abs_diff is not None]
-    result = ReproduceResult(run.id, run.kind, new_runs[-1].id if new_runs else "", original, new,
-                             all(c.identical for c in comps), max(diffs, default=0.0), comps, notes)
+    result = ReproduceResult(
+        run.id,
+        run.kind,
+        new_runs[-1].id if new_runs else "",
+        original,
+        new,
+        all(c.identical for c in comps),
+        max(diffs, default=0.0),
+        comps,
+        notes,
+    )
     with led.run("reproduce", {"run": run.id, "kind": run.kind}, inputs=[original]) as rec:
         rec.input(new)
-        rec.metrics.update({"bit_identical": result.bit_identical,
-                            "max_abs_diff": result.max_abs_diff if result.max_abs_diff != float("inf") else None,
-                            "reproduced_run": result.reproduced_run_id,
-                            "differing_files": [c.path for c in comps if not c.identical]})
+        rec.metrics.update(
+            {
+                "bit_identical": result.bit_identical,
+                "max_abs_diff": result.max_abs_diff if result.max_abs_diff != float("inf") else None,
+                "reproduced_run": result.reproduced_run_id,
+                "differing_files": [c.path for c in comps if not c.identical],
+            }
+        )
         result.record_run_id = rec.id
     return result

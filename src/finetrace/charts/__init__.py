@@ -18,8 +18,16 @@ from markupsafe import Markup
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 STATUS_COLOURS = {"succeeded": "#55a868", "failed": "#c44e52", "running": "#4c72b0", "interrupted": "#dd8452"}
-KIND_COLOURS = {"dataset": "#e3ecf7", "adapter": "#fdebd8", "base_model": "#e8f3e8", "eval_report": "#f1e6f5",
-                "document": "#f5f1e1", "source": "#eeeeee", "answer": "#fff2b3", "run": "#ffffff"}
+KIND_COLOURS = {
+    "dataset": "#e3ecf7",
+    "adapter": "#fdebd8",
+    "base_model": "#e8f3e8",
+    "eval_report": "#f1e6f5",
+    "document": "#f5f1e1",
+    "source": "#eeeeee",
+    "answer": "#fff2b3",
+    "run": "#ffffff",
+}
 
 
 def fmt(v) -> str:
@@ -31,8 +39,13 @@ def fmt(v) -> str:
 def _env():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("finetrace.charts", "templates"), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["jinja"]), trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("finetrace.charts", "templates"),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["jinja"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt
     env.filters["f1"] = lambda v: f"{v:.1f}"  # coordinates: one decimal
     return env
@@ -67,12 +80,33 @@ def bar_chart(title: str, categories: list[str], series: list[dict], cls: str, y
                 continue
             x = x0 + si * bw
             ci = (s.get("ci") or [None] * len(categories))[ci_]
-            bars.append({"x": x, "y": y(v), "w": bw * 0.9, "h": top + plot_h - y(v), "colour": PALETTE[si % 8],
-                         "title": f"{s['name']} {cat}: {fmt(v)}",
-                         "ci": {"x": x + bw * 0.45, "lo": y(ci[0]), "hi": y(ci[1])} if ci else None})
+            bars.append(
+                {
+                    "x": x,
+                    "y": y(v),
+                    "w": bw * 0.9,
+                    "h": top + plot_h - y(v),
+                    "colour": PALETTE[si % 8],
+                    "title": f"{s['name']} {cat}: {fmt(v)}",
+                    "ci": {"x": x + bw * 0.45, "lo": y(ci[0]), "hi": y(ci[1])} if ci else None,
+                }
+            )
     legend = [{"name": s["name"], "colour": PALETTE[si % 8], "y": top + 14 + si * 18} for si, s in enumerate(series)]
-    return _render("bar.svg.jinja", W=W, H=H, left=left, top=top, plot_w=plot_w, plot_h=plot_h, title=title,
-                   cls=cls, ticks=ticks, cats=cats, bars=bars, legend=legend)
+    return _render(
+        "bar.svg.jinja",
+        W=W,
+        H=H,
+        left=left,
+        top=top,
+        plot_w=plot_w,
+        plot_h=plot_h,
+        title=title,
+        cls=cls,
+        ticks=ticks,
+        cats=cats,
+        bars=bars,
+        legend=legend,
+    )
 
 
 def _time(s: str | None) -> float | None:
@@ -93,10 +127,25 @@ def timeline(runs: list[dict], width: int = 1000) -> Markup:
     for i, r in enumerate(runs):
         s = _time(r["started"]) or t0
         e = _time(r["ended"]) or s
-        rows.append({"run": r, "y": top + i * row, "x": left + plot * (s - t0) / span,
-                     "w": max(3.0, plot * (e - s) / span), "colour": STATUS_COLOURS.get(r["status"], "#8c8c8c")})
-    return _render("timeline.svg.jinja", width=width, height=top + row * len(runs) + 24, left=left, row=row,
-                   rows=rows, start=runs[0]["started"][:19], span=span)
+        rows.append(
+            {
+                "run": r,
+                "y": top + i * row,
+                "x": left + plot * (s - t0) / span,
+                "w": max(3.0, plot * (e - s) / span),
+                "colour": STATUS_COLOURS.get(r["status"], "#8c8c8c"),
+            }
+        )
+    return _render(
+        "timeline.svg.jinja",
+        width=width,
+        height=top + row * len(runs) + 24,
+        left=left,
+        row=row,
+        rows=rows,
+        start=runs[0]["started"][:19],
+        span=span,
+    )
 
 
 def loss_curve(history: list[dict], width: int = 560, height: int = 220, small: bool = False) -> Markup:
@@ -116,11 +165,25 @@ def loss_curve(history: list[dict], width: int = 560, height: int = 220, small: 
     hi = hi if hi > lo else lo + 1e-6
 
     def points(curve: list[tuple]) -> str:
-        return " ".join(f"{pad + (width - 2 * pad) * ((s - x0) / (x1 - x0) if x1 > x0 else 0.5):.1f},"
-                        f"{pad / 2 + (height - 1.5 * pad) * (1 - (v - lo) / (hi - lo)):.1f}" for s, v in curve)
+        return " ".join(
+            f"{pad + (width - 2 * pad) * ((s - x0) / (x1 - x0) if x1 > x0 else 0.5):.1f},"
+            f"{pad / 2 + (height - 1.5 * pad) * (1 - (v - lo) / (hi - lo)):.1f}"
+            for s, v in curve
+        )
 
-    return _render("loss.svg.jinja", width=width, height=height, small=small, pad=pad, x0=x0, x1=x1,
-                   lo=f"{lo:.3f}", hi=f"{hi:.3f}", train=points(train), val=points(val) if val else "")
+    return _render(
+        "loss.svg.jinja",
+        width=width,
+        height=height,
+        small=small,
+        pad=pad,
+        x0=x0,
+        x1=x1,
+        lo=f"{lo:.3f}",
+        hi=f"{hi:.3f}",
+        train=points(train),
+        val=points(val) if val else "",
+    )
 
 
 def graph(nodes: list[dict], edges: list[dict], width: float, height: float) -> Markup:

@@ -15,18 +15,37 @@ import typer
 
 from ..errors import FinetraceError
 
-COMMAND_MODULES = ("workspace", "ledger", "models", "data", "train", "evaluate", "audit", "serve",
-                   "market", "pipeline", "ui", "tracking", "new", "parity")
+COMMAND_MODULES = (
+    "workspace",
+    "ledger",
+    "models",
+    "data",
+    "train",
+    "evaluate",
+    "audit",
+    "serve",
+    "market",
+    "pipeline",
+    "ui",
+    "tracking",
+    "new",
+    "parity",
+)
 
-app = typer.Typer(name="finetrace", no_args_is_help=True, add_completion=False,
-                  help="Fine-tune, evaluate, document and serve domain adapters with a verifiable audit trail.",
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="finetrace",
+    no_args_is_help=True,
+    add_completion=False,
+    help="Fine-tune, evaluate, document and serve domain adapters with a verifiable audit trail.",
+    pretty_exceptions_enable=False,
+)
 
 
 @app.callback()
 def _root(
-    workspace: str = typer.Option(None, "--workspace", "-w", envvar="FINETRACE_WORKSPACE",
-                                  help="Workspace folder (default ./.finetrace)."),
+    workspace: str = typer.Option(
+        None, "--workspace", "-w", envvar="FINETRACE_WORKSPACE", help="Workspace folder (default ./.finetrace)."
+    ),
 ):
     from . import common
 
@@ -56,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except sqlite3.DatabaseError as exc:  # damage found after the ledger opened (a corrupt page)
-        typer.echo(f"error: a database is damaged (SQLite: {exc}); restore it from a backup and run "
-                   "`finetrace verify`", err=True)
+        typer.echo(
+            f"error: a database is damaged (SQLite: {exc}); restore it from a backup and run `finetrace verify`",
+            err=True,
+        )
         return 3
     except typer.Abort:
         typer.echo("aborted", err=True)

@@ -17,14 +17,22 @@ def register(app: typer.Typer) -> None:
     @app.command("docs")
     def docs(
         adapter: str = typer.Argument(..., help="The adapter, NAME@V (or a digest)."),
-        fmt: list[str] = typer.Option(["md", "html"], "--format", "-f",
-                                      help="md, html or pdf (repeatable; pdf needs headless Chromium)."),
-        intended_use: Path = typer.Option(None, "--intended-use",
-                                          help="YAML with intended_use, limitations (required) and optional "
-                                               "provider, license, human_oversight, risks, ... keys."),
+        fmt: list[str] = typer.Option(
+            ["md", "html"], "--format", "-f", help="md, html or pdf (repeatable; pdf needs headless Chromium)."
+        ),
+        intended_use: Path = typer.Option(
+            None,
+            "--intended-use",
+            help="YAML with intended_use, limitations (required) and optional "
+            "provider, license, human_oversight, risks, ... keys.",
+        ),
         out: Path = typer.Option(None, "-o", "--out", help="Also write the files to this folder."),
-        oms: bool = typer.Option(False, "--oms", help="Also sign the adapter in the OpenSSF model-signing "
-                                                      "format (key mode; needs the model-signing package)."),
+        oms: bool = typer.Option(
+            False,
+            "--oms",
+            help="Also sign the adapter in the OpenSSF model-signing "
+            "format (key mode; needs the model-signing package).",
+        ),
         json_out: bool = JSON_OPTION,
     ):
         """Generate the model card, Annex IV documentation, AB 2013 and EU training-data summaries, the
@@ -33,8 +41,7 @@ def register(app: typer.Typer) -> None:
 
         ws = open_workspace()
         formats = tuple(dict.fromkeys(x.strip() for f in fmt for x in f.split(",") if x.strip()))
-        arts = generate_documents(ws, adapter, intended_use=intended_use, formats=formats, out=out,
-                                  oms=oms)
+        arts = generate_documents(ws, adapter, intended_use=intended_use, formats=formats, out=out, oms=oms)
         if json_out:
             emit_json([a.to_dict() for a in arts])
             return
@@ -42,8 +49,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{a.ref:40s} {a.digest}  {', '.join(a.metadata.get('files', []))}")
         missing = arts[0].metadata.get("intended_use_missing") if arts else None
         if missing:
-            typer.echo(f"warning: intended use not provided ({', '.join(missing)}); the documents say so and "
-                       "publishing will refuse this adapter. Pass --intended-use FILE.yaml.", err=True)
+            typer.echo(
+                f"warning: intended use not provided ({', '.join(missing)}); the documents say so and "
+                "publishing will refuse this adapter. Pass --intended-use FILE.yaml.",
+                err=True,
+            )
         if out:
             typer.echo(f"written to {out}")
 
@@ -63,8 +73,10 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json({"seq": e.seq, "time": e.time, **e.data})
             return
-        typer.echo(f"approval by {e.data['by']} of report {e.data['report_ref']} for {e.data['adapter_ref']} "
-                   f"recorded as ledger entry {e.seq} ({e.data['date']}), signed by {e.data['key_id']}")
+        typer.echo(
+            f"approval by {e.data['by']} of report {e.data['report_ref']} for {e.data['adapter_ref']} "
+            f"recorded as ledger entry {e.seq} ({e.data['date']}), signed by {e.data['key_id']}"
+        )
 
     @app.command("reproduce")
     def reproduce_cmd(
@@ -85,16 +97,20 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {c.path:30s} {mark}" + (f"  {c.note}" if c.note else ""))
         for n in res.notes:
             typer.echo(f"  note: {n}")
-        typer.echo("result: BIT-IDENTICAL" if res.bit_identical
-                   else f"result: DIFFERENT, largest absolute difference {res.max_abs_diff}")
+        typer.echo(
+            "result: BIT-IDENTICAL"
+            if res.bit_identical
+            else f"result: DIFFERENT, largest absolute difference {res.max_abs_diff}"
+        )
         typer.echo(f"recorded as run {res.record_run_id}")
 
     @app.command("export")
     def export_cmd(
         adapter: str = typer.Argument(..., help="The adapter, NAME@V."),
         out: Path = typer.Option(..., "-o", "--out", help="The bundle file to write (.zip)."),
-        intended_use: Path = typer.Option(None, "--intended-use",
-                                          help="Used only if the adapter has no documents yet."),
+        intended_use: Path = typer.Option(
+            None, "--intended-use", help="Used only if the adapter has no documents yet."
+        ),
         json_out: bool = JSON_OPTION,
     ):
         """Write an audit bundle that `finetrace verify BUNDLE.zip` checks on a machine with no workspace."""

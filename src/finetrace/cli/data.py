@@ -32,23 +32,43 @@ def register(app: typer.Typer) -> None:
 def _import_command(data: typer.Typer) -> None:
     @data.command("import")
     def import_(
-        files: list[str] = typer.Argument(None, help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."),
-        from_hub: str = typer.Option(None, "--from-hub", help="A Hub dataset ID[@revision] instead of files (offline: the local hub cache)."),
+        files: list[str] = typer.Argument(
+            None, help="Input files: .jsonl .json .csv .tsv .parquet (.gz/.zst), or a datasets folder."
+        ),
+        from_hub: str = typer.Option(
+            None, "--from-hub", help="A Hub dataset ID[@revision] instead of files (offline: the local hub cache)."
+        ),
         name: str = typer.Option(..., "--name", help="Dataset name; the new version is NAME@N."),
-        schema: str = typer.Option(None, "--schema", help="completion | chat | classification | preference (default: detect)."),
-        input_format: str = typer.Option("auto", "--format", help="auto | openai | sharegpt | alpaca | native (default: detect by content)."),
+        schema: str = typer.Option(
+            None, "--schema", help="completion | chat | classification | preference (default: detect)."
+        ),
+        input_format: str = typer.Option(
+            "auto", "--format", help="auto | openai | sharegpt | alpaca | native (default: detect by content)."
+        ),
         map_: list[str] = typer.Option(None, "--map", help="FIELD=COLUMN, e.g. --map prompt=question (repeatable)."),
-        datasheet: str = typer.Option(None, "--datasheet", help="YAML with source, owner, license, … (missing ones are gaps)."),
-        on_error: str = typer.Option("fail", "--on-error", help="fail: refuse on invalid rows; skip: drop and count them."),
+        datasheet: str = typer.Option(
+            None, "--datasheet", help="YAML with source, owner, license, … (missing ones are gaps)."
+        ),
+        on_error: str = typer.Option(
+            "fail", "--on-error", help="fail: refuse on invalid rows; skip: drop and count them."
+        ),
         pii: str = typer.Option("redact", "--pii", help="redact | flag | fail."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split assignment."),
         splits: str = typer.Option("0.8,0.1,0.1", "--splits", help="train,validation,test fractions."),
         test_file: str = typer.Option(None, "--test-file", help="A held-out file used as the test split."),
-        tokenizer: str = typer.Option(None, "--tokenizer", help="Base model ref or tokenizer folder for token lengths."),
-        near_dup_threshold: float = typer.Option(0.8, "--near-dup-threshold", help="Jaccard similarity for near-duplicates."),
+        tokenizer: str = typer.Option(
+            None, "--tokenizer", help="Base model ref or tokenizer folder for token lengths."
+        ),
+        near_dup_threshold: float = typer.Option(
+            0.8, "--near-dup-threshold", help="Jaccard similarity for near-duplicates."
+        ),
         near_dup: str = typer.Option("group", "--near-dup", help="group (same split) | drop (keep the first)."),
-        split_unit: str = typer.Option("row", "--split-unit", help="row | group (rows sharing a group value share a split)."),
-        workers: int = typer.Option(0, "--workers", help="Worker processes (0: automatic from the file size and CPUs)."),
+        split_unit: str = typer.Option(
+            "row", "--split-unit", help="row | group (rows sharing a group value share a split)."
+        ),
+        workers: int = typer.Option(
+            0, "--workers", help="Worker processes (0: automatic from the file size and CPUs)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
         json_out: bool = JSON_OPTION,
     ):
@@ -70,11 +90,27 @@ def _import_command(data: typer.Typer) -> None:
             files = [str(f) for f in hub_files]
             test_file = test_file or (str(hub_test) if hub_test else None)
         elif not files:
-            raise ConfigError("no input files given", hint="finetrace data import FILE... --name NAME, or --from-hub ID")
-        opts = build_options(None, schema=schema, from_hub=hub_info if from_hub else None, input_format=input_format, mapping=map_ or None,
-                             datasheet=datasheet, on_error=on_error, pii=pii, seed=seed, splits=fractions,
-                             test_file=test_file, tokenizer=tokenizer, near_dup_threshold=near_dup_threshold,
-                             near_dup=near_dup, split_unit=split_unit, workers=workers)
+            raise ConfigError(
+                "no input files given", hint="finetrace data import FILE... --name NAME, or --from-hub ID"
+            )
+        opts = build_options(
+            None,
+            schema=schema,
+            from_hub=hub_info if from_hub else None,
+            input_format=input_format,
+            mapping=map_ or None,
+            datasheet=datasheet,
+            on_error=on_error,
+            pii=pii,
+            seed=seed,
+            splits=fractions,
+            test_file=test_file,
+            tokenizer=tokenizer,
+            near_dup_threshold=near_dup_threshold,
+            near_dup=near_dup,
+            split_unit=split_unit,
+            workers=workers,
+        )
         ws = open_workspace()
         t0 = time.monotonic()
         with Bars(not quiet and not json_out) as bars:
@@ -87,11 +123,16 @@ def _import_command(data: typer.Typer) -> None:
         rows_in = md.get("rows_in") or 0
         typer.echo(f"{art.ref}  {art.digest}")
         fmt = md.get("input_format", "native")
-        typer.echo(f"format {fmt}" + (" (detected by content)" if input_format == "auto" else "")
-                   + (f"; from the Hub {from_hub} at commit {hub_info['commit']}" if from_hub else ""))
-        typer.echo(f"schema {md['schema']}; rows in {rows_in}, out {md['rows_out']}; "
-                   + ", ".join(f"{k} {v}" for k, v in md["counts"].items())
-                   + f"; {rows_in / max(elapsed, 1e-9):,.0f} rows/s")
+        typer.echo(
+            f"format {fmt}"
+            + (" (detected by content)" if input_format == "auto" else "")
+            + (f"; from the Hub {from_hub} at commit {hub_info['commit']}" if from_hub else "")
+        )
+        typer.echo(
+            f"schema {md['schema']}; rows in {rows_in}, out {md['rows_out']}; "
+            + ", ".join(f"{k} {v}" for k, v in md["counts"].items())
+            + f"; {rows_in / max(elapsed, 1e-9):,.0f} rows/s"
+        )
         if md.get("gaps"):
             typer.echo(f"datasheet gaps: {', '.join(md['gaps'])} (see `finetrace data show {art.ref}`)")
 
@@ -124,8 +165,10 @@ def _forget_command(data: typer.Typer) -> None:
         if json_out:
             emit_json(res)
             return
-        typer.echo(f"{res['dataset']}  {res['digest']}: {res['removed']} rows erased from {res['from']}, and "
-                   f"{res['near_duplicates']} near-duplicates of them")
+        typer.echo(
+            f"{res['dataset']}  {res['digest']}: {res['removed']} rows erased from {res['from']}, and "
+            f"{res['near_duplicates']} near-duplicates of them"
+        )
         if res["downstream"]:
             typer.echo(f"built on {res['from']} (retrain or withdraw these):")
             for a in res["downstream"]:
@@ -151,8 +194,13 @@ def _inspect_commands(data: typer.Typer) -> None:
         t = Table("dataset", "schema", "train", "validation", "test", "gaps", "digest")
         for r in rows:
             c = r["counts"] or {}
-            t.add_row(r["ref"], str(r["schema"]), *(str(c.get(s, 0)) for s in ("train", "validation", "test")),
-                      str(r["gaps"]), r["digest"][7:19])
+            t.add_row(
+                r["ref"],
+                str(r["schema"]),
+                *(str(c.get(s, 0)) for s in ("train", "validation", "test")),
+                str(r["gaps"]),
+                r["digest"][7:19],
+            )
         console().print(t)
 
     @data.command("show")
@@ -168,8 +216,12 @@ def _inspect_commands(data: typer.Typer) -> None:
             typer.echo(render(sheet, f"{art.ref} ({art.digest})"))
 
     @data.command("head")
-    def head_(ref: str = typer.Argument(...), split: str = typer.Option("train", "--split"),
-              n: int = typer.Option(5, "-n", "--rows"), json_out: bool = JSON_OPTION):
+    def head_(
+        ref: str = typer.Argument(...),
+        split: str = typer.Option("train", "--split"),
+        n: int = typer.Option(5, "-n", "--rows"),
+        json_out: bool = JSON_OPTION,
+    ):
         """The first rows of a split."""
         from ..data import head
 
@@ -189,13 +241,27 @@ def _inspect_commands(data: typer.Typer) -> None:
         if json_out:
             emit_json(s)
             return
-        for k in ("ref", "digest", "schema", "counts", "label_counts", "rows_in", "rows_out", "skipped",
-                  "dropped", "normalized_rows", "dropped_columns", "token_lengths", "gaps"):
+        for k in (
+            "ref",
+            "digest",
+            "schema",
+            "counts",
+            "label_counts",
+            "rows_in",
+            "rows_out",
+            "skipped",
+            "dropped",
+            "normalized_rows",
+            "dropped_columns",
+            "token_lengths",
+            "gaps",
+        ):
             if s.get(k) not in (None, {}, []):
                 typer.echo(f"{k}: {s[k]}")
         d = s.get("duplicates") or {}
-        typer.echo(f"duplicates: exact {d.get('exact', 0)}, near pairs {d.get('near', 0)} "
-                   f"(threshold {d.get('threshold')})")
+        typer.echo(
+            f"duplicates: exact {d.get('exact', 0)}, near pairs {d.get('near', 0)} (threshold {d.get('threshold')})"
+        )
         p = s.get("pii") or {}
         typer.echo(f"pii ({p.get('mode')}): {p.get('counts') or 'none'} in {p.get('rows', 0)} rows")
 

@@ -11,11 +11,23 @@ def _summary(ws, art) -> dict:
     from ..evaluate import read_report
 
     rep = read_report(ws, art.digest)
-    return {"report": art.digest, "ref": art.ref, "run_id": rep.run_id,
-            "models": [{"ref": m.ref, "metrics": d["metrics"], "vs_base": d.get("vs_base"),
-                        "bias_flip_rate": m.bias.flip_rate if m.bias else None, "forgetting": d.get("forgetting"),
-                        "gates": d.get("gates"), "passed": m.passed}
-                       for m, d in ((m, m.to_dict()) for m in rep.models)]}
+    return {
+        "report": art.digest,
+        "ref": art.ref,
+        "run_id": rep.run_id,
+        "models": [
+            {
+                "ref": m.ref,
+                "metrics": d["metrics"],
+                "vs_base": d.get("vs_base"),
+                "bias_flip_rate": m.bias.flip_rate if m.bias else None,
+                "forgetting": d.get("forgetting"),
+                "gates": d.get("gates"),
+                "passed": m.passed,
+            }
+            for m, d in ((m, m.to_dict()) for m in rep.models)
+        ],
+    }
 
 
 def _print(summary: dict) -> None:
@@ -27,17 +39,23 @@ def _print(summary: dict) -> None:
         out.print(f"[bold]{m['ref']}[/bold]: {line}")
         for k, d in (m.get("vs_base") or {}).items():
             if k != "mcnemar":
-                out.print(f"  {k} vs base: {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] p={d['p_value']:.3g}")
+                out.print(
+                    f"  {k} vs base: {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] p={d['p_value']:.3g}"
+                )
         if m.get("bias_flip_rate") is not None:
             out.print(f"  counterfactual flip rate: {m['bias_flip_rate']:.3f}")
         if m.get("forgetting"):
             f = m["forgetting"]
-            out.print(f"  general-text perplexity: base {f['base_perplexity']:.2f} -> {f['tuned_perplexity']:.2f} "
-                      f"({f['increase']:+.1%})")
+            out.print(
+                f"  general-text perplexity: base {f['base_perplexity']:.2f} -> {f['tuned_perplexity']:.2f} "
+                f"({f['increase']:+.1%})"
+            )
         for g in m.get("gates") or []:
             mark = "ok  " if g["passed"] else "FAIL"
             val = "n/a" if g["value"] is None else f"{g['value']:.4g}"
-            out.print(f"  {mark} {g['name']}: {val} {g['op']} {g['threshold']}" + (f" ({g['note']})" if g.get("note") else ""))
+            out.print(
+                f"  {mark} {g['name']}: {val} {g['op']} {g['threshold']}" + (f" ({g['note']})" if g.get("note") else "")
+            )
         if m.get("gates"):
             out.print(f"  verdict: {'[green]passed[/green]' if m['passed'] else '[red]FAILED[/red]'}")
     out.print(f"report {summary['ref']} ({summary['report']})")
@@ -97,8 +115,10 @@ def register(app: typer.Typer) -> None:
         art = ws.ledger.resolve(adapter, kind="adapter")
         before = clearance(ws.ledger, art.digest)
         if before.status != "failed":
-            raise InputError(f"{art.ref} is {before.status}, not failed: there is nothing to override",
-                             hint="an override applies to an adapter whose latest eval gates failed")
+            raise InputError(
+                f"{art.ref} is {before.status}, not failed: there is nothing to override",
+                hint="an override applies to an adapter whose latest eval gates failed",
+            )
         record_override(ws.ledger, art.digest, as_, reason)
         after = clearance(ws.ledger, art.digest)
         if json_out:

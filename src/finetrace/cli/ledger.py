@@ -17,8 +17,11 @@ from .common import JSON_OPTION, console, emit_json, open_workspace
 
 def verify(
     target: str = typer.Argument(None, help="A bundle .zip to verify offline (default: the workspace)."),
-    checkpoint: list[Path] = typer.Option([], "--checkpoint", help="An exported checkpoint the log (or the "
-                                          "bundle) must extend; it also pins the signing key."),
+    checkpoint: list[Path] = typer.Option(
+        [],
+        "--checkpoint",
+        help="An exported checkpoint the log (or the bundle) must extend; it also pins the signing key.",
+    ),
     key: str = typer.Option(None, "--key", help="The key id (sha256:...) the bundle must be signed by."),
     rebuild_index: bool = typer.Option(False, "--rebuild-index", help="Rebuild the index from the log first."),
     json_out: bool = JSON_OPTION,
@@ -41,8 +44,10 @@ def verify(
     if json_out:
         emit_json(report.to_dict())
     else:
-        typer.echo(f"signed by key {report.key_id or 'unknown'}"
-                   + ("" if key or report.key_id is None else " (pin it with --key or --checkpoint)"))
+        typer.echo(
+            f"signed by key {report.key_id or 'unknown'}"
+            + ("" if key or report.key_id is None else " (pin it with --key or --checkpoint)")
+        )
         for k, v in report.checks.items():
             typer.echo(f"checked {v} {k.replace('_', ' ')}")
         for v in getattr(report, "verified", []):
@@ -54,8 +59,10 @@ def verify(
         if report.ok:
             typer.echo("verify: OK")
     if not report.ok:
-        raise IntegrityError(f"verification failed: {report.problems[0]}"
-                             + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
+        raise IntegrityError(
+            f"verification failed: {report.problems[0]}"
+            + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else "")
+        )
 
 
 def log(
@@ -69,8 +76,7 @@ def log(
     if entries:
         items = list(ws.ledger.entries())[-limit:]
         if json_out:
-            emit_json([{"seq": e.seq, "type": e.type, "time": e.time, "actor": e.actor, "data": e.data}
-                       for e in items])
+            emit_json([{"seq": e.seq, "type": e.type, "time": e.time, "actor": e.actor, "data": e.data} for e in items])
             return
         for e in items:
             typer.echo(f"{e.seq:6d}  {e.time[:19]}  {e.type:16s} {e.actor}")
@@ -88,8 +94,9 @@ def log(
     console().print(t)
 
 
-def show(ref: str = typer.Argument(..., help="An artifact (name@N, name, digest) or a run id."),
-         json_out: bool = JSON_OPTION):
+def show(
+    ref: str = typer.Argument(..., help="An artifact (name@N, name, digest) or a run id."), json_out: bool = JSON_OPTION
+):
     """Show an artifact (kind, aliases, metadata, producing run) or a run (config, environment, metrics)."""
     ws = open_workspace()
     try:
@@ -102,9 +109,11 @@ def show(ref: str = typer.Argument(..., help="An artifact (name@N, name, digest)
         typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def lineage(ref: str = typer.Argument(..., help="Artifact: name@N, name or digest."),
-            direction: str = typer.Option("both", "--direction", help="up, down or both."),
-            json_out: bool = JSON_OPTION):
+def lineage(
+    ref: str = typer.Argument(..., help="Artifact: name@N, name or digest."),
+    direction: str = typer.Option("both", "--direction", help="up, down or both."),
+    json_out: bool = JSON_OPTION,
+):
     """What an artifact was made from (upstream) and what was made from it (downstream)."""
     ws = open_workspace()
     art = ws.ledger.resolve(ref)
@@ -122,8 +131,10 @@ def lineage(ref: str = typer.Argument(..., help="Artifact: name@N, name or diges
             typer.echo("  " + line)
 
 
-def checkpoint(export: Path = typer.Option(None, "--export", help="Also write the signed checkpoint here."),
-               json_out: bool = JSON_OPTION):
+def checkpoint(
+    export: Path = typer.Option(None, "--export", help="Also write the signed checkpoint here."),
+    json_out: bool = JSON_OPTION,
+):
     """Sign the current tree head; export it somewhere you do not control alone (an auditor's copy)."""
     ws = open_workspace()
     cp = ws.checkpoint()

@@ -12,10 +12,12 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         pipeline: str = typer.Argument(..., help="Pipeline YAML file (see examples/*/pipeline.yaml)."),
-        force: list[str] = typer.Option([], "--force", help="Run this stage even if cached (repeatable; "
-                                        "'all' for every stage)."),
-        until: str = typer.Option(None, "--until", help="Stop after this stage (model, data, train, "
-                                  "evaluate, docs, approve, deploy)."),
+        force: list[str] = typer.Option(
+            [], "--force", help="Run this stage even if cached (repeatable; 'all' for every stage)."
+        ),
+        until: str = typer.Option(
+            None, "--until", help="Stop after this stage (model, data, train, evaluate, docs, approve, deploy)."
+        ),
         json_out: bool = JSON_OPTION,
     ):
         """Run a pipeline: model, data, train, evaluate (gates), docs, approve, deploy; print a summary.

@@ -24,8 +24,10 @@ def register(app: typer.Typer) -> None:
             emit_json(rows)
             return
         for r in rows:
-            dest = [f"mlflow run {r['mlflow_run_id']}" if r["mlflow_run_id"] else "",
-                    f"tensorboard {r['tensorboard']}" if r["tensorboard"] else ""]
+            dest = [
+                f"mlflow run {r['mlflow_run_id']}" if r["mlflow_run_id"] else "",
+                f"tensorboard {r['tensorboard']}" if r["tensorboard"] else "",
+            ]
             typer.echo(f"{r['run']} -> " + ", ".join(d for d in dest if d))
         if not rows:
             typer.echo("no finished train runs to export")

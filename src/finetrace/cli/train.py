@@ -22,13 +22,19 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Argument(None, help="YAML training config (see --print-config)."),
         set_: list[str] = typer.Option([], "--set", help="Override a key: --set lr=1e-4 --set lora.r=8."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
-        print_config: bool = typer.Option(False, "--print-config",
-                                          help="Print the resolved config (or, without CONFIG, every key "
-                                               "with its default and description) and exit."),
+        print_config: bool = typer.Option(
+            False,
+            "--print-config",
+            help="Print the resolved config (or, without CONFIG, every key with its default and description) and exit.",
+        ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-        plan: bool = typer.Option(False, "--plan", help="Print the memory plan (peak memory estimated from the "
-                                  "model's headers and the data, against what the device has) and exit; "
-                                  "nothing is loaded or recorded."),
+        plan: bool = typer.Option(
+            False,
+            "--plan",
+            help="Print the memory plan (peak memory estimated from the "
+            "model's headers and the data, against what the device has) and exit; "
+            "nothing is loaded or recorded.",
+        ),
         json_out: bool = JSON_OPTION,
     ):
         """Fine-tune a base model on a dataset (LoRA, rsLoRA, DoRA or full) and record the adapter."""
@@ -73,6 +79,8 @@ def register(app: typer.Typer) -> None:
         if m.get("final_loss") is None:  # a run killed after it recorded the adapter has no metrics
             typer.echo(f"run {run.id} ({run.status})")
             return
-        typer.echo(f"run {run.id}: {m.get('steps')} steps, final loss {m.get('final_loss'):.4f}"
-                   + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
-                   + f", {m.get('tokens_per_s')} tokens/s, {m.get('wall_time_s')} s")
+        typer.echo(
+            f"run {run.id}: {m.get('steps')} steps, final loss {m.get('final_loss'):.4f}"
+            + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
+            + f", {m.get('tokens_per_s')} tokens/s, {m.get('wall_time_s')} s"
+        )

@@ -12,11 +12,16 @@ from .common import STATE
 def register(app: typer.Typer) -> None:
     @app.command("ui")
     def ui_cmd(
-        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default; "
-                                 "any other address needs --token)."),
+        host: str = typer.Option(
+            "127.0.0.1", "--host", help="Interface to listen on (loopback by default; any other address needs --token)."
+        ),
         port: int = typer.Option(8765, "--port", help="TCP port."),
-        token: str = typer.Option(None, "--token", envvar="FINETRACE_UI_TOKEN",
-                                  help="Secret every request must carry (required off loopback)."),
+        token: str = typer.Option(
+            None,
+            "--token",
+            envvar="FINETRACE_UI_TOKEN",
+            help="Secret every request must carry (required off loopback).",
+        ),
         new_token: bool = typer.Option(False, "--new-token", help="Make up a random token and print it."),
     ):
         """Serve the read-only audit console: runs, artifacts, lineage, eval reports, documents, provenance."""

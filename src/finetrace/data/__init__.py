@@ -32,9 +32,18 @@ File structure::
 
 import importlib
 
-_LAZY = {"import_dataset": "importer", "ImportOptions": "options", "datasheet": "versions", "diff": "versions",
-         "head": "versions", "iter_examples": "versions", "list_datasets": "versions",
-         "open_dataset": "versions", "read_split": "versions", "stats": "versions"}
+_LAZY = {
+    "import_dataset": "importer",
+    "ImportOptions": "options",
+    "datasheet": "versions",
+    "diff": "versions",
+    "head": "versions",
+    "iter_examples": "versions",
+    "list_datasets": "versions",
+    "open_dataset": "versions",
+    "read_split": "versions",
+    "stats": "versions",
+}
 
 
 def __getattr__(name: str):  # lazy, so a worker process imports only what it runs (batches.py)
@@ -45,5 +54,15 @@ def __getattr__(name: str):  # lazy, so a worker process imports only what it ru
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ImportOptions", "datasheet", "diff", "head", "import_dataset", "iter_examples", "list_datasets", "open_dataset",
-           "read_split", "stats"]
+__all__ = [
+    "ImportOptions",
+    "datasheet",
+    "diff",
+    "head",
+    "import_dataset",
+    "iter_examples",
+    "list_datasets",
+    "open_dataset",
+    "read_split",
+    "stats",
+]

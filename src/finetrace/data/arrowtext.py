@@ -34,7 +34,7 @@ def str_buffers(arr) -> tuple[np.ndarray, np.ndarray]:
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     bufs = arr.buffers()
-    offs = np.frombuffer(bufs[1], np.int64 if large else np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    offs = np.frombuffer(bufs[1], np.int64 if large else np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return data, offs.astype(np.int64)
 
@@ -74,7 +74,7 @@ def null_mask(arr) -> np.ndarray:
     if not arr.null_count:
         return np.zeros(len(arr), bool)
     bits = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
-    return ~bits[arr.offset: arr.offset + len(arr)].astype(bool)
+    return ~bits[arr.offset : arr.offset + len(arr)].astype(bool)
 
 
 def rows_with(flags: np.ndarray, offs: np.ndarray) -> np.ndarray:
@@ -171,8 +171,9 @@ _LOWER[65:91] += 32
 _LOWER[IS_WS] = 32
 
 
-def signatures(prepared: tuple[np.ndarray, np.ndarray], a32: np.ndarray, b32: np.ndarray,
-               block_bytes: int = 1 << 16) -> np.ndarray:
+def signatures(
+    prepared: tuple[np.ndarray, np.ndarray], a32: np.ndarray, b32: np.ndarray, block_bytes: int = 1 << 16
+) -> np.ndarray:
     """(n, P) uint32 MinHash signatures of prepared texts, a cache-sized block of rows at a time.
 
     Shingle hash: h = Σ_j byte[p+j]·16777619^(4-j) mod 2^32 over each 5-byte window inside one text,
@@ -185,7 +186,7 @@ def signatures(prepared: tuple[np.ndarray, np.ndarray], a32: np.ndarray, b32: np
     while i < n:
         j = int(np.searchsorted(offs, offs[i] + block_bytes, side="right")) - 1
         j = min(max(j, i + 1), n)
-        _block(data[offs[i]:offs[j]], offs[i:j + 1] - offs[i], a32, b32, out[i:j])
+        _block(data[offs[i] : offs[j]], offs[i : j + 1] - offs[i], a32, b32, out[i:j])
         i = j
     return out
 
@@ -199,7 +200,7 @@ def _block(seg: np.ndarray, offs: np.ndarray, a32, b32, out: np.ndarray) -> None
     with np.errstate(over="ignore"):
         for j in range(1, SHINGLE):  # polynomial hash of every 5-byte window (mod 2^32), then a mixer
             h *= np.uint32(16777619)
-            h += a[j:j + m]
+            h += a[j : j + m]
         h ^= h >> np.uint32(15)
         h *= np.uint32(0x2C1B3C6D)
         h ^= h >> np.uint32(12)

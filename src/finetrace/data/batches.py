@@ -52,27 +52,27 @@ class Ctx:
     max_row_bytes: int
     detector_keys: list | None = None  # None: every registered detector (workers: the built-ins)
     row_hook: object = None  # a picklable callable(record) -> record | RowError (a format's mapping)
-    tools: bool = False      # chat rows with tool calls, tool role and weights (formats.py)
+    tools: bool = False  # chat rows with tool calls, tool role and weights (formats.py)
     spill: str | None = None  # a scratch folder: kept rows go to an Arrow file there, not back over a pipe
 
 
 @dataclass
 class Chunk:
-    kind: str          # "jsonl" (bytes), "table" (Arrow IPC bytes), "records" [(line, rec, err)]
+    kind: str  # "jsonl" (bytes), "table" (Arrow IPC bytes), "records" [(line, rec, err)]
     first_line: int
     offset: int
     payload: object
-    seq: int = 0       # position among all chunks of an import (names its spill file)
+    seq: int = 0  # position among all chunks of an import (names its spill file)
 
 
 @dataclass
 class Cleaned:
-    table: pa.Table | None                 # rows kept, in arrow_schema(schema) column order
-    lines: np.ndarray                      # int64 (n,) line (or row) of each kept row
-    keys: np.ndarray                       # uint64 (n,) exact keys
-    sketch: np.ndarray                     # uint8 (n, P)
-    bands: np.ndarray                      # uint64 (n, B)
-    errors: list = field(default_factory=list)   # [(line, RowError)] in line order
+    table: pa.Table | None  # rows kept, in arrow_schema(schema) column order
+    lines: np.ndarray  # int64 (n,) line (or row) of each kept row
+    keys: np.ndarray  # uint64 (n,) exact keys
+    sketch: np.ndarray  # uint8 (n, P)
+    bands: np.ndarray  # uint64 (n, B)
+    errors: list = field(default_factory=list)  # [(line, RowError)] in line order
     rows_read: int = 0
     normalized: int = 0
     pii_counts: dict = field(default_factory=dict)
@@ -118,13 +118,16 @@ def arrow_schema(schema: str, tools: bool = False) -> pa.Schema:
     """Columns of a dataset's Parquet files; ``tools``: chat messages with tool calls, ids and weights."""
     s = pa.string()
     if schema == "chat" and tools:
-        msg = pa.struct([("role", s), ("content", s), ("tool_calls", s), ("tool_call_id", s), ("name", s),
-                         ("weight", pa.int8())])
+        msg = pa.struct(
+            [("role", s), ("content", s), ("tool_calls", s), ("tool_call_id", s), ("name", s), ("weight", pa.int8())]
+        )
         return pa.schema([("messages", pa.list_(msg)), ("tools", s)] + [(c, s) for c in OPTIONAL_COLUMNS])
-    cols = {"completion": [("prompt", s), ("completion", s)],
-            "classification": [("text", s), ("label", s)],
-            "preference": [("prompt", s), ("chosen", s), ("rejected", s)],
-            "chat": [("messages", pa.list_(pa.struct([("role", s), ("content", s)])))]}[schema]
+    cols = {
+        "completion": [("prompt", s), ("completion", s)],
+        "classification": [("text", s), ("label", s)],
+        "preference": [("prompt", s), ("chosen", s), ("rejected", s)],
+        "chat": [("messages", pa.list_(pa.struct([("role", s), ("content", s)])))],
+    }[schema]
     return pa.schema(cols + [(c, s) for c in OPTIONAL_COLUMNS])
 
 
@@ -137,8 +140,7 @@ def process(chunk: Chunk, ctx: Ctx, for_worker: bool = False) -> Cleaned:
     elif chunk.kind == "table":
         table = pa.ipc.open_stream(chunk.payload).read_all() if isinstance(chunk.payload, bytes) else chunk.payload
         lines = np.arange(chunk.first_line, chunk.first_line + table.num_rows, dtype=np.int64)
-        rows, lines, errors, extra = _table(table, lines, ctx, validator,
-                                            lambda i: table.slice(i, 1).to_pylist()[0])
+        rows, lines, errors, extra = _table(table, lines, ctx, validator, lambda i: table.slice(i, 1).to_pylist()[0])
         n = table.num_rows
     else:
         rows, lines, errors, extra = _records(chunk.payload, validator, ctx)
@@ -185,7 +187,7 @@ def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
     table = None
     if ctx.row_hook is None and ctx.schema != "chat" and (not len(lens) or lens.max() <= ctx.max_row_bytes):
         blankish = np.flatnonzero(WS_OR_HIGH[arr[starts]]) if len(starts) else starts
-        blank = {int(i) for i in blankish if not buf[starts[i]:ends[i]].decode("utf-8", "replace").strip()}
+        blank = {int(i) for i in blankish if not buf[starts[i] : ends[i]].decode("utf-8", "replace").strip()}
         keep = np.ones(len(starts), bool)
         keep[sorted(blank)] = False
         try:
@@ -193,8 +195,9 @@ def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
 
             if (arr >= 0x80).any():
                 buf.decode("utf-8")  # Arrow's JSON reader does not check the bytes inside strings
-            table = pj.read_json(io.BytesIO(buf), read_options=pj.ReadOptions(
-                use_threads=False, block_size=max(len(buf) + 1, 1 << 16)))
+            table = pj.read_json(
+                io.BytesIO(buf), read_options=pj.ReadOptions(use_threads=False, block_size=max(len(buf) + 1, 1 << 16))
+            )
         except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
             table = None
         if table is not None and table.num_rows == int(keep.sum()):
@@ -203,14 +206,21 @@ def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
 
             def record(i: int):
                 a, b = pos[int(lines[i])]
-                items = list(jsonl_rows(io.BufferedReader(io.BytesIO(buf[a:b])), ReadOptions(ctx.max_row_bytes),
-                                        int(lines[i]), chunk.offset + a))
+                items = list(
+                    jsonl_rows(
+                        io.BufferedReader(io.BytesIO(buf[a:b])),
+                        ReadOptions(ctx.max_row_bytes),
+                        int(lines[i]),
+                        chunk.offset + a,
+                    )
+                )
                 return items[0] if items else (int(lines[i]), None, RowError("invalid_json", "blank"))
 
             rows, lines, errors, extra = _table(table, lines, ctx, validator, record, whole=True)
             return rows, lines, errors, extra, table.num_rows
-    items = list(jsonl_rows(io.BufferedReader(io.BytesIO(buf)), ReadOptions(ctx.max_row_bytes),
-                            chunk.first_line, chunk.offset))
+    items = list(
+        jsonl_rows(io.BufferedReader(io.BytesIO(buf)), ReadOptions(ctx.max_row_bytes), chunk.first_line, chunk.offset)
+    )
     rows, lines, errors, extra = _records(items, validator, ctx)
     return rows, lines, errors, extra, len(items)
 
@@ -301,18 +311,30 @@ def _clean(table: pa.Table, lines: np.ndarray, ctx: Ctx) -> Cleaned:
     for f in fields + (["label"] if "label" in cols else []):
         cols[f], ch = normalize_array(cols[f], normalize_text)
         changed |= ch
-    out = Cleaned(None, lines, np.zeros(0, np.uint64), np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.uint64),
-                  normalized=int(changed.sum()))
+    out = Cleaned(
+        None,
+        lines,
+        np.zeros(0, np.uint64),
+        np.zeros((0, 0), np.uint8),
+        np.zeros((0, 0), np.uint64),
+        normalized=int(changed.sum()),
+    )
     failed = _pii_columns(cols, fields, lines, ctx.pii, dets, out)
     tbl = pa.table(cols, schema=table.schema)
     if failed is not None and failed.any():
         tbl, out.lines = tbl.filter(np_bools(~failed)), lines[~failed]
     req = SCHEMAS[ctx.schema]
-    joined = tbl.column(req[0]) if len(req) == 1 else pa.compute.binary_join_element_wise(
-        *[tbl.column(f) for f in req], str_scalar("\x1e"))
+    joined = (
+        tbl.column(req[0])
+        if len(req) == 1
+        else pa.compute.binary_join_element_wise(*[tbl.column(f) for f in req], str_scalar("\x1e"))
+    )
     out.keys = blake64(joined)
-    texts = tbl.column(fields[0]) if len(fields) == 1 else pa.compute.binary_join_element_wise(
-        *[tbl.column(f) for f in fields], str_scalar("\n"))
+    texts = (
+        tbl.column(fields[0])
+        if len(fields) == 1
+        else pa.compute.binary_join_element_wise(*[tbl.column(f) for f in fields], str_scalar("\n"))
+    )
     out.sketch, out.bands = _minhasher(ctx).sketch_and_bands(texts)
     out.table = tbl
     return out
@@ -357,8 +379,9 @@ def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned)
             mask = np.zeros(n, bool)
             idx = sorted(new[f])
             mask[idx] = True
-            cols[f] = pa.compute.replace_with_mask(cols[f], np_bools(mask), pa_strings([new[f][i] for i in idx],
-                                                                                      cols[f].type))
+            cols[f] = pa.compute.replace_with_mask(
+                cols[f], np_bools(mask), pa_strings([new[f][i] for i in idx], cols[f].type)
+            )
     return failed
 
 
@@ -388,6 +411,7 @@ def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets):
             if u and lo < hi:
                 found.append(d.find_in(text, zip(a[lo:hi], b[lo:hi])))
         return text, piimod.merge(found)
+
     return finder
 
 

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 from ..errors import InputError
 
-_PROBE_TOOL = {"type": "function", "function": {"name": "ft_probe_tool", "description": "probe",
-                                                "parameters": {"type": "object", "properties": {}}}}
-_PROBE = [{"role": "user", "content": "probe"},
-          {"role": "assistant", "content": "", "tool_calls": [
-              {"id": "call_0", "type": "function", "function": {"name": "ft_probe_call", "arguments": {"x": 1}}}]},
-          {"role": "tool", "tool_call_id": "call_0", "content": "ft_probe_result"}]
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "ft_probe_tool", "description": "probe", "parameters": {"type": "object", "properties": {}}},
+}
+_PROBE = [
+    {"role": "user", "content": "probe"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "ft_probe_call", "arguments": {"x": 1}}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0", "content": "ft_probe_result"},
+]
 
 
 def check_renders_tools(tokenizer) -> None:
@@ -26,15 +35,26 @@ def check_renders_tools(tokenizer) -> None:
     try:
         text = tokenizer.apply_chat_template(_PROBE, tools=[_PROBE_TOOL], tokenize=False)
     except Exception as exc:  # a template that raises on tool messages
-        raise InputError(f"the model's chat template cannot render tool calls: {exc}",
-                         hint="train tool-calling data on a base model whose chat template supports tools") from None
-    missing = [w for w, probe in (("the tool list", "ft_probe_tool"), ("tool calls", "ft_probe_call"),
-                                  ("tool results", "ft_probe_result")) if probe not in text]
+        raise InputError(
+            f"the model's chat template cannot render tool calls: {exc}",
+            hint="train tool-calling data on a base model whose chat template supports tools",
+        ) from None
+    missing = [
+        w
+        for w, probe in (
+            ("the tool list", "ft_probe_tool"),
+            ("tool calls", "ft_probe_call"),
+            ("tool results", "ft_probe_result"),
+        )
+        if probe not in text
+    ]
     if missing:
-        raise InputError(f"the model's chat template does not render {', '.join(missing)}: the conversations "
-                         "would be trained with them silently dropped",
-                         hint="use a base model whose chat template supports tools (its tokenizer_config.json "
-                              "chat_template mentions tools and tool_calls), or import the data without tools")
+        raise InputError(
+            f"the model's chat template does not render {', '.join(missing)}: the conversations "
+            "would be trained with them silently dropped",
+            hint="use a base model whose chat template supports tools (its tokenizer_config.json "
+            "chat_template mentions tools and tool_calls), or import the data without tools",
+        )
 
 
 def _render(tokenizer, messages, tools, generation: bool = False) -> str:
@@ -53,11 +73,13 @@ def turn_spans(tokenizer, messages: list[dict], tools, trainable: list[bool]) ->
         if not train:
             continue
         before = _render(tokenizer, messages[:i], tools, generation=True)
-        upto = _render(tokenizer, messages[:i + 1], tools)
+        upto = _render(tokenizer, messages[: i + 1], tools)
         if not (upto.startswith(before) and full.startswith(upto)):
-            raise InputError(f"the chat template renders turn {i} differently once later turns follow, so "
-                             "its tokens cannot be located for the loss",
-                             hint="set loss_turns: last in the train config (loss on the final turn only)")
+            raise InputError(
+                f"the chat template renders turn {i} differently once later turns follow, so "
+                "its tokens cannot be located for the loss",
+                hint="set loss_turns: last in the train config (loss on the final turn only)",
+            )
         end = upto.find(eos, len(before)) if eos else -1
         spans.append((len(before), end + len(eos) if end >= 0 else len(upto.rstrip())))
     return full, spans

@@ -69,8 +69,10 @@ def normalize_row(row: dict, schema: str) -> bool:
 def exact_key(row: dict, schema: str, fields: tuple[str, ...]) -> int:
     """64-bit BLAKE2b of the schema fields (unit separators between fields, roles and contents)."""
     if schema == "chat":
-        content = "\x1e".join(f"{m['role']}\x1f{m['content']}" + (f"\x1f{m['tool_calls']}" if m.get("tool_calls") else "")
-                               for m in row["messages"])
+        content = "\x1e".join(
+            f"{m['role']}\x1f{m['content']}" + (f"\x1f{m['tool_calls']}" if m.get("tool_calls") else "")
+            for m in row["messages"]
+        )
         if row.get("tools"):
             content += "\x1d" + row["tools"]
     else:
@@ -97,7 +99,7 @@ class MinHasher:
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         rng = np.random.default_rng(20260101)  # fixed: signatures must not depend on anything else
-        self.a = (rng.integers(1, 1 << 62, num_perm, dtype=np.uint64) | np.uint64(1))
+        self.a = rng.integers(1, 1 << 62, num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 1 << 62, num_perm, dtype=np.uint64)
         self.a32 = (self.a & np.uint64(0xFFFFFFFF)).astype(np.uint32) | np.uint32(1)
         self.b32 = (self.b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
@@ -179,7 +181,7 @@ class MinHasher:
             del order, same, run_start
             lo, hi = np.minimum(i, j), np.maximum(i, j)
             for k in range(0, len(lo), 4096):  # estimated Jaccard = fraction of equal signature slots
-                a, b = lo[k:k + 4096], hi[k:k + 4096]
+                a, b = lo[k : k + 4096], hi[k : k + 4096]
                 est = (sigs[a] == sigs[b]).mean(axis=1)
                 ok = est >= self.threshold
                 for a_, b_, e in zip(a[ok].tolist(), b[ok].tolist(), est[ok].tolist()):

@@ -29,9 +29,13 @@ REQUIRED: dict[str, str] = {
     "intended_use": "what the dataset is meant for",
 }
 OPTIONAL: dict[str, str] = {
-    "title": "a human title", "description": "free text", "contact": "who to ask",
-    "languages": "languages of the text", "known_limitations": "known gaps or biases",
-    "preprocessing": "processing done before import", "out_of_scope_use": "uses to avoid",
+    "title": "a human title",
+    "description": "free text",
+    "contact": "who to ask",
+    "languages": "languages of the text",
+    "known_limitations": "known gaps or biases",
+    "preprocessing": "processing done before import",
+    "out_of_scope_use": "uses to avoid",
     "version_notes": "what changed in this version",
 }
 ALIASES = {"licence": "license"}
@@ -41,8 +45,14 @@ def load_given(path: str | Path | None) -> dict:
     """The given facts from a YAML file, keys checked (an unknown key names the closest valid one)."""
     if path is None:
         return {}
-    return read_mapping(path, "datasheet file", error=ConfigError, known=list(REQUIRED) + list(OPTIONAL),
-                        aliases=ALIASES, noun="datasheet field")
+    return read_mapping(
+        path,
+        "datasheet file",
+        error=ConfigError,
+        known=list(REQUIRED) + list(OPTIONAL),
+        aliases=ALIASES,
+        noun="datasheet field",
+    )
 
 
 def build(given: dict, measured: dict) -> dict:
@@ -65,20 +75,33 @@ def render(sheet: dict, title: str) -> str:
     lines += [f"  {k}: {REQUIRED[k]}" for k in gaps] or ["  none"]
     m = sheet.get("measured", {})
     lines += ["", "Measured"]
-    for k in ("schema", "rows_in", "rows_out", "splits", "labels", "skipped", "dropped", "normalized_rows",
-              "dropped_columns"):
+    for k in (
+        "schema",
+        "rows_in",
+        "rows_out",
+        "splits",
+        "labels",
+        "skipped",
+        "dropped",
+        "normalized_rows",
+        "dropped_columns",
+    ):
         if k in m and m[k] not in (None, {}, []):
             lines.append(f"  {k}: {m[k]}")
     d = m.get("duplicates") or {}
     if d:
-        lines.append(f"  duplicates: exact {d.get('exact', 0)}, near-duplicate pairs {d.get('near', 0)} "
-                     f"in {d.get('near_clusters', 0)} clusters (Jaccard >= {d.get('threshold')})")
+        lines.append(
+            f"  duplicates: exact {d.get('exact', 0)}, near-duplicate pairs {d.get('near', 0)} "
+            f"in {d.get('near_clusters', 0)} clusters (Jaccard >= {d.get('threshold')})"
+        )
     p = m.get("pii") or {}
     if p:
         lines.append(f"  pii ({p.get('mode')}): {p.get('counts') or 'none found'} in {p.get('rows', 0)} rows")
     t = m.get("token_lengths")
     if t:
-        lines.append(f"  token lengths ({t['tokenizer']}): min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
-                     f"p95 {t['p95']}, max {t['max']}")
+        lines.append(
+            f"  token lengths ({t['tokenizer']}): min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
+            f"p95 {t['p95']}, max {t['max']}"
+        )
         lines.append(f"    histogram: {t['histogram']}")
     return "\n".join(lines)

@@ -35,28 +35,39 @@ from .versions import open_dataset, read_split
 _WHERE = re.compile(r"^\s*(\w+)\s*(==|!=|contains)\s*(?:'([^']*)'|\"([^\"]*)\"|(\S+))\s*$")
 
 
-def _selector(rows: list[dict], schema: str, where: str | None, ids: set[str] | None, match: str | None,
-              columns: list[str]) -> np.ndarray:
+def _selector(
+    rows: list[dict], schema: str, where: str | None, ids: set[str] | None, match: str | None, columns: list[str]
+) -> np.ndarray:
     if sum(x is not None for x in (where, ids, match)) != 1:
         raise InputError("give exactly one of --where, --ids, --match", hint="e.g. --match 'jane@example.com'")
     if ids is not None:
         if "id" not in columns:
-            raise InputError("the dataset has no id column, so --ids cannot name rows", field="--ids",
-                             hint="use --match TEXT or --where FIELD == VALUE")
+            raise InputError(
+                "the dataset has no id column, so --ids cannot name rows",
+                field="--ids",
+                hint="use --match TEXT or --where FIELD == VALUE",
+            )
         return np.fromiter((r.get("id") in ids for r in rows), bool, len(rows))
     if match is not None:
         needle = match.casefold()
-        return np.fromiter((any(needle in t.casefold() for _, t in text_fields(r, schema)) for r in rows), bool,
-                           len(rows))
+        return np.fromiter(
+            (any(needle in t.casefold() for _, t in text_fields(r, schema)) for r in rows), bool, len(rows)
+        )
     m = _WHERE.match(where)
     if not m:
-        raise InputError(f"bad --where {where!r}", field="--where",
-                         hint="FIELD == VALUE, FIELD != VALUE or FIELD contains TEXT, e.g. --where \"group == 'eu'\"")
+        raise InputError(
+            f"bad --where {where!r}",
+            field="--where",
+            hint="FIELD == VALUE, FIELD != VALUE or FIELD contains TEXT, e.g. --where \"group == 'eu'\"",
+        )
     field, op = m.group(1), m.group(2)
     value = next(v for v in m.groups()[2:] if v is not None)
     if field not in columns:
-        raise InputError(f"--where names the field {field!r}, which the dataset does not have", field="--where",
-                         hint=f"fields: {', '.join(columns)}")
+        raise InputError(
+            f"--where names the field {field!r}, which the dataset does not have",
+            field="--where",
+            hint=f"fields: {', '.join(columns)}",
+        )
     vals = [None if r.get(field) is None else str(r.get(field)) for r in rows]
     if op == "==":
         return np.array([v == value for v in vals], bool)
@@ -69,8 +80,16 @@ def _threshold(info: dict) -> float:
     return next((t["threshold"] for t in info.get("transforms", []) if t.get("op") == "near_duplicates"), 0.8)
 
 
-def forget(ws: Workspace, ref: str, *, where: str | None = None, ids: set[str] | None = None,
-           match: str | None = None, by: str, purge: bool = False) -> dict:
+def forget(
+    ws: Workspace,
+    ref: str,
+    *,
+    where: str | None = None,
+    ids: set[str] | None = None,
+    match: str | None = None,
+    by: str,
+    purge: bool = False,
+) -> dict:
     """Erase rows from dataset ``ref``; return {"dataset", "removed", "near_duplicates", "downstream", "purged"}."""
     if not by or not by.strip():
         raise InputError("an erasure names who asked for it", field="--by", hint="--by 'Data Protection Officer'")
@@ -95,28 +114,70 @@ def forget(ws: Workspace, ref: str, *, where: str | None = None, ids: set[str] |
     near &= ~chosen
     gone = chosen | near
     digests = sorted(sha256_bytes(canonical_json(rows[i])) for i in np.flatnonzero(gone))
-    selector = {"where": where} if where is not None else {"ids": sorted(ids)} if ids is not None else {"match_sha256": sha256_bytes(match.encode("utf-8"))}
+    selector = (
+        {"where": where}
+        if where is not None
+        else {"ids": sorted(ids)}
+        if ids is not None
+        else {"match_sha256": sha256_bytes(match.encode("utf-8"))}
+    )
     out = Path(tempfile.mkdtemp(prefix="erasure-", dir=ws.cache if ws.cache.exists() else None))
     try:
         new_info = _write_version(folder, info, tables, where_from, gone, out, int(chosen.sum()), int(near.sum()), art)
-        config = {"dataset": art.digest, "ref": art.ref, "selector": selector, "requester": by,
-                  "near_dup_threshold": threshold}
+        config = {
+            "dataset": art.digest,
+            "ref": art.ref,
+            "selector": selector,
+            "requester": by,
+            "near_dup_threshold": threshold,
+        }
         with ws.ledger.run("erasure", config=config, inputs=[art.digest]) as run:
-            run.metrics.update({"removed": int(chosen.sum()), "near_duplicates": int(near.sum()),
-                                "row_sha256": digests, "rows_out": new_info["rows_out"]})
+            run.metrics.update(
+                {
+                    "removed": int(chosen.sum()),
+                    "near_duplicates": int(near.sum()),
+                    "row_sha256": digests,
+                    "rows_out": new_info["rows_out"],
+                }
+            )
             digest = ws.store.put_dir(out / "dataset")
-            new = run.output("dataset", digest, name=art.ref.split("@")[0], metadata={
-                **{k: v for k, v in (art.metadata or {}).items()}, "counts": new_info["counts"],
-                "rows_out": new_info["rows_out"], "erased_from": art.digest})
+            new = run.output(
+                "dataset",
+                digest,
+                name=art.ref.split("@")[0],
+                metadata={
+                    **{k: v for k, v in (art.metadata or {}).items()},
+                    "counts": new_info["counts"],
+                    "rows_out": new_info["rows_out"],
+                    "erased_from": art.digest,
+                },
+            )
         purged = _purge(ws, art, digest, run.id) if purge else []
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"dataset": new.ref, "digest": new.digest, "from": art.ref, "removed": int(chosen.sum()),
-            "near_duplicates": int(near.sum()), "row_sha256": digests, "downstream": downstream, "purged": purged}
+    return {
+        "dataset": new.ref,
+        "digest": new.digest,
+        "from": art.ref,
+        "removed": int(chosen.sum()),
+        "near_duplicates": int(near.sum()),
+        "row_sha256": digests,
+        "downstream": downstream,
+        "purged": purged,
+    }
 
 
-def _write_version(folder: Path, info: dict, tables: dict, where_from: list, gone: np.ndarray, out: Path,
-                   n_chosen: int, n_near: int, art) -> dict:
+def _write_version(
+    folder: Path,
+    info: dict,
+    tables: dict,
+    where_from: list,
+    gone: np.ndarray,
+    out: Path,
+    n_chosen: int,
+    n_near: int,
+    art,
+) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -144,11 +205,18 @@ def _write_version(folder: Path, info: dict, tables: dict, where_from: list, gon
     write_text(dest / "dataset.json", json.dumps(new, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     sheet = json.loads((folder / "datasheet.json").read_text(encoding="utf-8"))
     measured = dict(sheet.get("measured") or {})
-    measured.update({"rows_out": new["rows_out"], "splits": new["counts"],
-                     "erasure": f"{n_chosen} rows erased on request and {n_near} near-duplicates of them, "
-                                f"from {art.ref} ({art.digest})"})
+    measured.update(
+        {
+            "rows_out": new["rows_out"],
+            "splits": new["counts"],
+            "erasure": f"{n_chosen} rows erased on request and {n_near} near-duplicates of them, "
+            f"from {art.ref} ({art.digest})",
+        }
+    )
     sheet["measured"] = measured
-    write_text(dest / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    write_text(
+        dest / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    )
     return new
 
 
@@ -175,8 +243,9 @@ def _purge(ws: Workspace, art, new_digest: str, run_id: str | None) -> list[str]
     if art.run_id:
         doomed += list(ws.ledger.get_run(art.run_id).inputs)
     doomed = sorted({d for d in doomed if d not in keep and ws.store.has(d)})
-    ws.ledger.append("data.purged", {"digests": doomed, "reason": "erasure", "dataset": art.digest,
-                                     "run_id": run_id}, seal=True)
+    ws.ledger.append(
+        "data.purged", {"digests": doomed, "reason": "erasure", "dataset": art.digest, "run_id": run_id}, seal=True
+    )
     for d in doomed:  # the object, and any materialised copy of the old version (hard links to it)
         ws.store.path(d).unlink(missing_ok=True)
     shutil.rmtree(ws.store.cache / art.digest.split(":", 1)[1], ignore_errors=True)

@@ -23,18 +23,35 @@ from .readers import RowError
 
 FORMATS = ("openai", "sharegpt", "alpaca", "native")
 MAPPINGS = {
-    "openai": {"schema": "chat", "messages": "messages (role, content, tool_calls, tool_call_id, name, weight)",
-               "tools": "tools (JSON)"},
-    "sharegpt": {"schema": "chat", "messages": "conversations: from -> role (human/user: user; gpt/assistant/"
-                 "model/chatgpt: assistant; system: system; tool/observation/function_response: tool; "
-                 "function_call: assistant tool call), value -> content", "tools": "tools (JSON)"},
-    "alpaca": {"schema": "completion", "prompt": "instruction + ('\\n\\n' + input if input)",
-               "completion": "output"},
+    "openai": {
+        "schema": "chat",
+        "messages": "messages (role, content, tool_calls, tool_call_id, name, weight)",
+        "tools": "tools (JSON)",
+    },
+    "sharegpt": {
+        "schema": "chat",
+        "messages": "conversations: from -> role (human/user: user; gpt/assistant/"
+        "model/chatgpt: assistant; system: system; tool/observation/function_response: tool; "
+        "function_call: assistant tool call), value -> content",
+        "tools": "tools (JSON)",
+    },
+    "alpaca": {"schema": "completion", "prompt": "instruction + ('\\n\\n' + input if input)", "completion": "output"},
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-                  "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool",
-                  "function_call": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
+    "function_call": "assistant",
+}
 TOOL_KEYS = ("tool_calls", "tool_call_id", "name", "weight", "function_call")
 DETECT_ROWS = 200
 
@@ -47,8 +64,11 @@ def detect(records: list[dict]) -> str:
         if {"instruction", "output"} <= rec.keys() and "prompt" not in rec and "completion" not in rec:
             return "alpaca"
         msgs = rec.get("messages")
-        if isinstance(msgs, list) and ("tools" in rec or "functions" in rec or any(
-                isinstance(m, dict) and (m.get("role") == "tool" or any(k in m for k in TOOL_KEYS)) for m in msgs)):
+        if isinstance(msgs, list) and (
+            "tools" in rec
+            or "functions" in rec
+            or any(isinstance(m, dict) and (m.get("role") == "tool" or any(k in m for k in TOOL_KEYS)) for m in msgs)
+        ):
             return "openai"
     return "native"
 
@@ -68,8 +88,11 @@ def _tool_calls(calls, where: str) -> tuple[str | None, RowError | None]:
     if calls is None:
         return None, None
     if not isinstance(calls, list) or not calls:
-        return None, RowError("wrong_type", f"{where}.tool_calls must be a non-empty list of "
-                              "{id, type: function, function: {name, arguments}}", "messages")
+        return None, RowError(
+            "wrong_type",
+            f"{where}.tool_calls must be a non-empty list of {{id, type: function, function: {{name, arguments}}}}",
+            "messages",
+        )
     out = []
     for j, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
@@ -80,25 +103,42 @@ def _tool_calls(calls, where: str) -> tuple[str | None, RowError | None]:
             try:
                 args = json.loads(args) if args.strip() else {}
             except json.JSONDecodeError:
-                return None, RowError("wrong_type", f"{where}.tool_calls[{j}].function.arguments is not JSON; "
-                                      "write the arguments as a JSON object (or a string holding one)", "messages")
+                return None, RowError(
+                    "wrong_type",
+                    f"{where}.tool_calls[{j}].function.arguments is not JSON; "
+                    "write the arguments as a JSON object (or a string holding one)",
+                    "messages",
+                )
         if not isinstance(args, dict):
-            return None, RowError("wrong_type", f"{where}.tool_calls[{j}].function.arguments must be a JSON "
-                                  "object", "messages")
-        out.append({"id": str(c.get("id") or f"call_{j}"), "type": "function",
-                    "function": {"name": fn["name"], "arguments": args}})
+            return None, RowError(
+                "wrong_type", f"{where}.tool_calls[{j}].function.arguments must be a JSON object", "messages"
+            )
+        out.append(
+            {
+                "id": str(c.get("id") or f"call_{j}"),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": args},
+            }
+        )
     return _canonical(out), None
 
 
 def _tools(rec: dict) -> tuple[str | None, RowError | None]:
     tools = rec.get("tools")
     if tools is None and rec.get("functions") is not None:  # the older "functions" list
-        tools = [{"type": "function", "function": f} for f in rec["functions"]] if isinstance(rec["functions"], list) else rec["functions"]
+        tools = (
+            [{"type": "function", "function": f} for f in rec["functions"]]
+            if isinstance(rec["functions"], list)
+            else rec["functions"]
+        )
     if tools is None:
         return None, None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        return None, RowError("wrong_type", "'tools' must be a list of tool objects "
-                              "({type: function, function: {name, description, parameters}})", "tools")
+        return None, RowError(
+            "wrong_type",
+            "'tools' must be a list of tool objects ({type: function, function: {name, description, parameters}})",
+            "tools",
+        )
     return _canonical(tools), None
 
 
@@ -113,9 +153,15 @@ def map_openai(rec: dict):
             return RowError("wrong_type", f"{where} must be an object with a string 'role'", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                return RowError("wrong_type", f"{where}.content parts must all be {{type: text, text: str}} "
-                                "(images and audio cannot be trained on here)", "messages")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                return RowError(
+                    "wrong_type",
+                    f"{where}.content parts must all be {{type: text, text: str}} "
+                    "(images and audio cannot be trained on here)",
+                    "messages",
+                )
             content = "".join(p["text"] for p in content)
         if content is not None and not isinstance(content, str):
             return RowError("wrong_type", f"{where}.content must be a string or null", "messages")
@@ -134,8 +180,16 @@ def map_openai(rec: dict):
         name = m.get("name")
         if (tcid is not None and not isinstance(tcid, str)) or (name is not None and not isinstance(name, str)):
             return RowError("wrong_type", f"{where}.tool_call_id and name must be strings", "messages")
-        out.append({"role": m["role"], "content": content if content is not None else "", "tool_calls": calls,
-                    "tool_call_id": tcid, "name": name, "weight": weight})
+        out.append(
+            {
+                "role": m["role"],
+                "content": content if content is not None else "",
+                "tool_calls": calls,
+                "tool_call_id": tcid,
+                "name": name,
+                "weight": weight,
+            }
+        )
     tools, err = _tools(rec)
     if err:
         return err
@@ -150,21 +204,37 @@ def map_sharegpt(rec: dict):
     if isinstance(rec.get("system"), str) and rec["system"].strip():
         msgs.append({"role": "system", "content": rec["system"]})
     for i, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
-            return RowError("wrong_type", f"conversations[{i}] must be an object with string 'from' and 'value'",
-                            "conversations")
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            return RowError(
+                "wrong_type", f"conversations[{i}] must be an object with string 'from' and 'value'", "conversations"
+            )
         role = SHAREGPT_ROLES.get(turn["from"].lower())
         if role is None:
-            return RowError("bad_role", f"conversations[{i}] has from {turn['from']!r}; known: "
-                            f"{', '.join(sorted(SHAREGPT_ROLES))}", "conversations")
+            return RowError(
+                "bad_role",
+                f"conversations[{i}] has from {turn['from']!r}; known: {', '.join(sorted(SHAREGPT_ROLES))}",
+                "conversations",
+            )
         if turn["from"].lower() == "function_call":
             try:
                 call = json.loads(turn["value"])
             except json.JSONDecodeError:
-                return RowError("wrong_type", f"conversations[{i}] (function_call) value must be JSON "
-                                "{name, arguments}", "conversations")
-            msgs.append({"role": "assistant", "content": None,
-                         "tool_calls": [{"id": f"call_{i}", "type": "function", "function": call}]})
+                return RowError(
+                    "wrong_type",
+                    f"conversations[{i}] (function_call) value must be JSON {{name, arguments}}",
+                    "conversations",
+                )
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": f"call_{i}", "type": "function", "function": call}],
+                }
+            )
         else:
             msgs.append({"role": role, "content": turn["value"]})
     tools = rec.get("tools")
@@ -179,8 +249,7 @@ def map_sharegpt(rec: dict):
 def map_alpaca(rec: dict):
     for f in ("instruction", "output"):
         if not isinstance(rec.get(f), str):
-            return RowError("missing_field" if rec.get(f) is None else "wrong_type",
-                            f"'{f}' must be a string", f)
+            return RowError("missing_field" if rec.get(f) is None else "wrong_type", f"'{f}' must be a string", f)
     inp = rec.get("input")
     if inp is not None and not isinstance(inp, str):
         return RowError("wrong_type", "'input' must be a string", "input")

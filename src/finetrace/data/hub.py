@@ -31,8 +31,11 @@ def resolve(spec: str) -> tuple[list[Path], Path | None, dict]:
     """``ID[@revision]`` -> (data files, test file or None, {"id", "revision", "commit"})."""
     repo_id, _, revision = spec.partition("@")
     if not _REPO.match(repo_id):
-        raise ConfigError(f"bad --from-hub {spec!r}", field="--from-hub",
-                          hint="write ORG/NAME or ORG/NAME@REVISION (a branch, tag or commit)")
+        raise ConfigError(
+            f"bad --from-hub {spec!r}",
+            field="--from-hub",
+            hint="write ORG/NAME or ORG/NAME@REVISION (a branch, tag or commit)",
+        )
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -40,25 +43,34 @@ def resolve(spec: str) -> tuple[list[Path], Path | None, dict]:
         raise NotFoundError("--from-hub needs huggingface_hub", hint="pip install huggingface_hub") from None
     cache = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"))
     try:
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision or None,
-                                        cache_dir=cache or None))
+        folder = Path(
+            snapshot_download(repo_id, repo_type="dataset", revision=revision or None, cache_dir=cache or None)
+        )
     except LocalEntryNotFoundError:
-        raise NotFoundError(f"the Hub dataset {spec} is not in the local cache and the Hub cannot be reached "
-                            "(offline)", hint="download it once with network access (huggingface-cli download "
-                            f"--repo-type dataset {repo_id}), or unset HF_HUB_OFFLINE") from None
+        raise NotFoundError(
+            f"the Hub dataset {spec} is not in the local cache and the Hub cannot be reached (offline)",
+            hint="download it once with network access (huggingface-cli download "
+            f"--repo-type dataset {repo_id}), or unset HF_HUB_OFFLINE",
+        ) from None
     except (HfHubHTTPError, ValueError, OSError) as exc:
-        raise NotFoundError(f"cannot fetch the Hub dataset {spec}: {exc}",
-                            hint="check the id and revision (a branch, tag or 40-hex commit)") from None
+        raise NotFoundError(
+            f"cannot fetch the Hub dataset {spec}: {exc}",
+            hint="check the id and revision (a branch, tag or 40-hex commit)",
+        ) from None
     commit = folder.name if _COMMIT.match(folder.name) else None
     files = sorted(p for p in folder.rglob("*") if p.is_file() and _is_data(p))
     if not files:
-        raise NotFoundError(f"the Hub dataset {spec} holds no data files (.parquet, .jsonl, .json, .csv, .tsv)",
-                            hint="a dataset built by a loading script cannot be imported: export it to files")
+        raise NotFoundError(
+            f"the Hub dataset {spec} holds no data files (.parquet, .jsonl, .json, .csv, .tsv)",
+            hint="a dataset built by a loading script cannot be imported: export it to files",
+        )
     tests = [p for p in files if "test" in p.relative_to(folder).as_posix().lower()]
     data = [p for p in files if p not in tests]
     if not data:
         data, tests = tests, []
     if len(tests) > 1:  # one held-out file only: the rest of the test shards are refused, not dropped
-        raise ConfigError(f"the Hub dataset {spec} has {len(tests)} test files",
-                          hint="import them with --test-file after merging, or give the data files explicitly")
+        raise ConfigError(
+            f"the Hub dataset {spec} has {len(tests)} test files",
+            hint="import them with --test-file after merging, or give the data files explicitly",
+        )
     return data, (tests[0] if tests else None), {"id": repo_id, "revision": revision or "main", "commit": commit}

@@ -89,8 +89,15 @@ class _Pass1:
     spills: list = field(default_factory=list)  # Arrow files of the kept rows, in row order
 
 
-def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: ImportOptions | dict | None = None,
-                   *, progress: Callable[[int], None] | None = None, **overrides) -> Artifact:
+def import_dataset(
+    ws: Workspace,
+    files: list[str | Path],
+    name: str,
+    options: ImportOptions | dict | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    **overrides,
+) -> Artifact:
     """Import ``files`` as a new version of dataset ``name``; return the ``dataset`` artifact.
 
     ``options`` (an ``ImportOptions``; its fields say what each does) with ``overrides`` applied, e.g.
@@ -108,39 +115,105 @@ def import_dataset(ws: Workspace, files: list[str | Path], name: str, options: I
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
         sources, layout, fmap, fractions, p1, schema, dropped, decisions = _read_and_decide(
-            files, opts, detectors, scratch, minhasher, progress)
+            files, opts, detectors, scratch, minhasher, progress
+        )
 
-        transforms = _transforms(sources, fmap, schema, opts.on_error, opts.pii, detectors, opts.near_dup_threshold,
-                                 opts.near_dup, opts.seed, fractions, test_file is not None, opts.split_unit)
+        transforms = _transforms(
+            sources,
+            fmap,
+            schema,
+            opts.on_error,
+            opts.pii,
+            detectors,
+            opts.near_dup_threshold,
+            opts.near_dup,
+            opts.seed,
+            fractions,
+            test_file is not None,
+            opts.split_unit,
+        )
         if layout.fmt != "native":  # the mapping from the file's layout onto the schema, recorded
-            transforms.insert(1, {"op": "format", "format": layout.fmt, "detected": layout.detected,
-                                  "mapping": formats.MAPPINGS[layout.fmt]})
-        config = {"name": name, "schema": schema, "mapping": fmap, "on_error": opts.on_error, "pii": opts.pii,
-                  "seed": opts.seed, "splits": list(fractions), "test_file": str(test_file) if test_file else None,
-                  "tokenizer": opts.tokenizer, "near_dup_threshold": opts.near_dup_threshold,
-                  "near_dup": opts.near_dup, "split_unit": opts.split_unit, "max_row_bytes": opts.max_row_bytes,
-                  "transforms": transforms, "finetrace_version": FINETRACE_VERSION,
-                  "input_format": layout.fmt, **({"from_hub": opts.from_hub} if opts.from_hub else {})}
+            transforms.insert(
+                1,
+                {
+                    "op": "format",
+                    "format": layout.fmt,
+                    "detected": layout.detected,
+                    "mapping": formats.MAPPINGS[layout.fmt],
+                },
+            )
+        config = {
+            "name": name,
+            "schema": schema,
+            "mapping": fmap,
+            "on_error": opts.on_error,
+            "pii": opts.pii,
+            "seed": opts.seed,
+            "splits": list(fractions),
+            "test_file": str(test_file) if test_file else None,
+            "tokenizer": opts.tokenizer,
+            "near_dup_threshold": opts.near_dup_threshold,
+            "near_dup": opts.near_dup,
+            "split_unit": opts.split_unit,
+            "max_row_bytes": opts.max_row_bytes,
+            "transforms": transforms,
+            "finetrace_version": FINETRACE_VERSION,
+            "input_format": layout.fmt,
+            **({"from_hub": opts.from_hub} if opts.from_hub else {}),
+        }
         src_digests = []
         for s in sources:  # only now, after every row was accepted, does anything enter the workspace
             digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
-            ws.ledger.add_artifact("source", digest, metadata={"filename": s.path.name, "format": s.fmt,
-                                                               "bytes": ws.store.size(digest)})
+            ws.ledger.add_artifact(
+                "source", digest, metadata={"filename": s.path.name, "format": s.fmt, "bytes": ws.store.size(digest)}
+            )
             s.digest = digest
             src_digests.append(digest)
         with ws.ledger.run("import", config=config, inputs=src_digests, seed=opts.seed) as run:
             out = scratch / "dataset"
-            info = _write(out, p1, decisions, sources, schema, dropped, given,
-                          transforms, fractions, opts.seed, opts.pii, opts.near_dup_threshold, ws, opts.tokenizer)
-            run.metrics.update({"rows_in": info["rows_in"], "rows_out": info["rows_out"],
-                                "skipped": info["skipped"], "dropped": info["dropped"],
-                                "counts": info["counts"], "pii": info["pii"]["counts"],
-                                "exact_duplicates": info["duplicates"]["exact"],
-                                "near_duplicates": info["duplicates"]["near"]})
+            info = _write(
+                out,
+                p1,
+                decisions,
+                sources,
+                schema,
+                dropped,
+                given,
+                transforms,
+                fractions,
+                opts.seed,
+                opts.pii,
+                opts.near_dup_threshold,
+                ws,
+                opts.tokenizer,
+            )
+            run.metrics.update(
+                {
+                    "rows_in": info["rows_in"],
+                    "rows_out": info["rows_out"],
+                    "skipped": info["skipped"],
+                    "dropped": info["dropped"],
+                    "counts": info["counts"],
+                    "pii": info["pii"]["counts"],
+                    "exact_duplicates": info["duplicates"]["exact"],
+                    "near_duplicates": info["duplicates"]["near"],
+                }
+            )
             digest = ws.store.put_dir(out)
-            art = run.output("dataset", digest, name=name, metadata={
-                "schema": schema, "input_format": layout.fmt, "counts": info["counts"], "rows_in": info["rows_in"],
-                "rows_out": info["rows_out"], "labels": info.get("labels"), "gaps": info["gaps"]})
+            art = run.output(
+                "dataset",
+                digest,
+                name=name,
+                metadata={
+                    "schema": schema,
+                    "input_format": layout.fmt,
+                    "counts": info["counts"],
+                    "rows_in": info["rows_in"],
+                    "rows_out": info["rows_out"],
+                    "labels": info.get("labels"),
+                    "gaps": info["gaps"],
+                },
+            )
         return art
     finally:
         minhasher.close()
@@ -177,8 +250,11 @@ def planned_counts(files: list[str | Path], options: ImportOptions | dict | None
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
         sources, _, _, _, _, _, _, d = _read_and_decide(files, opts, piimod.detectors(), scratch, minhasher, None)
-        return {"rows_in": sum(s.rows_read for s in sources), "dropped": d.dropped,
-                "counts": {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}}
+        return {
+            "rows_in": sum(s.rows_read for s in sources),
+            "dropped": d.dropped,
+            "counts": {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()},
+        }
     finally:
         minhasher.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -187,10 +263,10 @@ def planned_counts(files: list[str | Path], options: ImportOptions | dict | None
 # -- pass 1 -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
-    fmt: str             # openai | sharegpt | alpaca | native
-    detected: bool       # found by content (not named by --format)
-    schema: str | None   # the schema the format maps to (None: native, detect from the columns)
-    tools: bool          # chat rows carry tool calls / tool role / weights
+    fmt: str  # openai | sharegpt | alpaca | native
+    detected: bool  # found by content (not named by --format)
+    schema: str | None  # the schema the format maps to (None: native, detect from the columns)
+    tools: bool  # chat rows carry tool calls / tool role / weights
 
 
 def _layout(src: _Source, opts: ImportOptions, fmap: dict) -> _Layout:
@@ -208,11 +284,18 @@ def _layout(src: _Source, opts: ImportOptions, fmap: dict) -> _Layout:
         return _Layout("native", detected, opts.schema, False)
     schema = formats.MAPPINGS[fmt]["schema"]
     if opts.schema not in (None, schema):
-        raise InputError(f"the {fmt} format maps to the {schema} schema, not {opts.schema}",
-                         file=src.display, field="--schema", hint="drop --schema, or pass --format native")
+        raise InputError(
+            f"the {fmt} format maps to the {schema} schema, not {opts.schema}",
+            file=src.display,
+            field="--schema",
+            hint="drop --schema, or pass --format native",
+        )
     if fmap:
-        raise InputError(f"--map does not apply to the {fmt} format (its fields are fixed)", file=src.display,
-                         hint="drop --map, or pass --format native and map the columns yourself")
+        raise InputError(
+            f"--map does not apply to the {fmt} format (its fields are fixed)",
+            file=src.display,
+            hint="drop --map, or pass --format native and map the columns yourself",
+        )
     return _Layout(fmt, detected, schema, schema == "chat")
 
 
@@ -247,10 +330,20 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
                     src.rows_read += 1
                     bad(src, line, err)
             else:
-                ctx = Ctx(schema, fmap, opts.pii, opts.near_dup_threshold, opts.max_row_bytes,
-                          [k for k, d in piimod.DETECTORS.items() if d in detectors], formats.mapper(layout.fmt),
-                          layout.tools, str(spill))
-                for res in pool.map(workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx):
+                ctx = Ctx(
+                    schema,
+                    fmap,
+                    opts.pii,
+                    opts.near_dup_threshold,
+                    opts.max_row_bytes,
+                    [k for k, d in piimod.DETECTORS.items() if d in detectors],
+                    formats.mapper(layout.fmt),
+                    layout.tools,
+                    str(spill),
+                )
+                for res in pool.map(
+                    workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx
+                ):
                     src.rows_read += res.rows_read
                     total_read += res.rows_read
                     for line, err in res.errors:
@@ -271,19 +364,25 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
     if p1.n_errors:
         file, line, err = p1.errors[0]
         more = p1.n_errors - 1
-        others = "; ".join(f"{f}:{ln}" + (f" '{e.field}'" if e.field else "") + f" {e.message}"
-                           for f, ln, e in p1.errors[1:])
+        others = "; ".join(
+            f"{f}:{ln}" + (f" '{e.field}'" if e.field else "") + f" {e.message}" for f, ln, e in p1.errors[1:]
+        )
         msg = err.message + (f" — and {more} more invalid row{'s' if more > 1 else ''}" if more else "")
         if others:
             msg += f" ({others}{', …' if more > len(p1.errors) - 1 else ''})"
-        raise InputError(msg, file=file, line=line, field=err.field,
-                         hint="fix the file, or pass --on-error skip to import without invalid rows "
-                              "(each is counted by reason)")
+        raise InputError(
+            msg,
+            file=file,
+            line=line,
+            field=err.field,
+            hint="fix the file, or pass --on-error skip to import without invalid rows (each is counted by reason)",
+        )
     if progress:
         progress(total_read)
     if n == 0:
-        raise InputError("no valid rows to import" + (f" (skipped: {p1.skipped})" if p1.skipped else ""),
-                         file=sources[0].display)
+        raise InputError(
+            "no valid rows to import" + (f" (skipped: {p1.skipped})" if p1.skipped else ""), file=sources[0].display
+        )
     return p1, schema, dropped, n
 
 
@@ -355,16 +454,17 @@ def _release_memory() -> None:
 # -- decisions ----------------------------------------------------------------------------------
 @dataclass
 class _Decisions:
-    split: np.ndarray           # per row: TRAIN/VALIDATION/TEST or DROP
-    dropped: dict               # reason -> count
+    split: np.ndarray  # per row: TRAIN/VALIDATION/TEST or DROP
+    dropped: dict  # reason -> count
     dup_examples: list
     near_pairs: int
     near_clusters: int
     near_examples: list
 
 
-def _decide(p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, near_dup, schema,
-            split_unit: str = "row") -> _Decisions:
+def _decide(
+    p1: _Pass1, n: int, minhasher: MinHasher, sources, fractions, seed, near_dup, schema, split_unit: str = "row"
+) -> _Decisions:
     keys = np.frombuffer(p1.keys, np.uint64) if n else np.zeros(0, np.uint64)
     src = np.frombuffer(p1.source, np.uint16)
     lines = np.frombuffer(p1.line, np.int64)
@@ -444,8 +544,22 @@ def _contiguous(table):
     return table.combine_chunks() if any(c.num_chunks > 1 for c in table.columns) else table
 
 
-def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given,
-           transforms, fractions, seed, pii, threshold, ws, tokenizer) -> dict:
+def _write(
+    out: Path,
+    p1: _Pass1,
+    d: _Decisions,
+    sources,
+    schema,
+    dropped,
+    given,
+    transforms,
+    fractions,
+    seed,
+    pii,
+    threshold,
+    ws,
+    tokenizer,
+) -> dict:
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True)
@@ -457,7 +571,7 @@ def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given
     counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
     offset = 0
     for table in _kept_rows(p1.spills, CHUNK_ROWS):
-        codes = d.split[offset: offset + table.num_rows]
+        codes = d.split[offset : offset + table.num_rows]
         offset += table.num_rows
         table = table.select(keep_cols)
         for code, name in SPLIT_NAMES.items():
@@ -481,33 +595,76 @@ def _write(out: Path, p1: _Pass1, d: _Decisions, sources, schema, dropped, given
             label_counts[name] = {names_by_idx[i]: int(c) for i, c in enumerate(bc) if c}
     rows_in = sum(s.rows_read for s in sources)
     rows_out = sum(counts.values())
-    dup = {"exact": int(d.dropped.get("exact_duplicate", 0) + d.dropped.get("duplicate_of_test", 0)),
-           "near": d.near_pairs, "near_clusters": d.near_clusters, "threshold": threshold,
-           "exact_examples": d.dup_examples, "near_examples": d.near_examples}
-    pii_info = {"mode": pii, "counts": dict(sorted(p1.pii_counts.items())), "rows": p1.pii_rows,
-                "examples": p1.pii_examples}
+    dup = {
+        "exact": int(d.dropped.get("exact_duplicate", 0) + d.dropped.get("duplicate_of_test", 0)),
+        "near": d.near_pairs,
+        "near_clusters": d.near_clusters,
+        "threshold": threshold,
+        "exact_examples": d.dup_examples,
+        "near_examples": d.near_examples,
+    }
+    pii_info = {
+        "mode": pii,
+        "counts": dict(sorted(p1.pii_counts.items())),
+        "rows": p1.pii_rows,
+        "examples": p1.pii_examples,
+    }
     token_lengths = _token_lengths(ws, tokenizer, out, schema, labels) if tokenizer else None
-    measured = {"schema": schema, "rows_in": rows_in, "rows_out": rows_out, "splits": counts,
-                "labels": label_counts, "skipped": p1.skipped, "dropped": d.dropped, "duplicates": dup,
-                "pii": pii_info, "normalized_rows": p1.normalized,
-                "dropped_columns": sorted(map(str, dropped)), "token_lengths": token_lengths}
+    measured = {
+        "schema": schema,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "splits": counts,
+        "labels": label_counts,
+        "skipped": p1.skipped,
+        "dropped": d.dropped,
+        "duplicates": dup,
+        "pii": pii_info,
+        "normalized_rows": p1.normalized,
+        "dropped_columns": sorted(map(str, dropped)),
+        "token_lengths": token_lengths,
+    }
     sheet = build_sheet(given, measured)
     info = {
-        "format": DATASET_FORMAT, "schema": schema, "columns": keep_cols, "labels": labels,
-        "counts": counts, "label_counts": label_counts, "rows_in": rows_in, "rows_out": rows_out,
+        "format": DATASET_FORMAT,
+        "schema": schema,
+        "columns": keep_cols,
+        "labels": labels,
+        "counts": counts,
+        "label_counts": label_counts,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
         "rows_valid": sum(s.rows_valid for s in sources),
-        "skipped": p1.skipped, "skipped_examples": p1.skipped_examples, "dropped": d.dropped,
-        "duplicates": dup, "pii": pii_info, "normalized_rows": p1.normalized,
-        "dropped_columns": measured["dropped_columns"], "seed": seed, "fractions": list(fractions),
-        "sources": [{"file": s.path.name, "digest": s.digest, "format": s.fmt, "role": "test" if s.test else "data",
-                     "rows_read": s.rows_read, "rows_valid": s.rows_valid} for s in sources],
-        "transforms": transforms, "gaps": sheet["gaps"],
+        "skipped": p1.skipped,
+        "skipped_examples": p1.skipped_examples,
+        "dropped": d.dropped,
+        "duplicates": dup,
+        "pii": pii_info,
+        "normalized_rows": p1.normalized,
+        "dropped_columns": measured["dropped_columns"],
+        "seed": seed,
+        "fractions": list(fractions),
+        "sources": [
+            {
+                "file": s.path.name,
+                "digest": s.digest,
+                "format": s.fmt,
+                "role": "test" if s.test else "data",
+                "rows_read": s.rows_read,
+                "rows_valid": s.rows_valid,
+            }
+            for s in sources
+        ],
+        "transforms": transforms,
+        "gaps": sheet["gaps"],
     }
     if layout.fmt != "native":  # native imports keep exactly the fields (and digests) they always had
         info["input_format"] = layout.fmt
         info["tools"] = layout.tools
     write_text(out / "dataset.json", json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    write_text(out / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    write_text(
+        out / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    )
     return info
 
 
@@ -537,6 +694,7 @@ def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dic
 
         def encode(texts):
             return tok(texts, add_special_tokens=False)["input_ids"]
+
     lengths = []
     for name in SPLITS:
         f = folder / f"{name}.parquet"
@@ -551,29 +709,72 @@ def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dic
     arr = np.asarray(lengths)
     edges = TOKEN_BINS + [np.inf]
     hist, _ = np.histogram(arr, bins=edges)
-    return {"tokenizer": tokenizer, "count": int(len(arr)), "min": int(arr.min()), "max": int(arr.max()),
-            "mean": round(float(arr.mean()), 2), "p50": int(np.percentile(arr, 50)),
-            "p95": int(np.percentile(arr, 95)),
-            "histogram": {f"{lo}-{hi - 1 if hi != np.inf else 'inf'}": int(c)
-                          for lo, hi, c in zip(edges[:-1], edges[1:], hist)}}
+    return {
+        "tokenizer": tokenizer,
+        "count": int(len(arr)),
+        "min": int(arr.min()),
+        "max": int(arr.max()),
+        "mean": round(float(arr.mean()), 2),
+        "p50": int(np.percentile(arr, 50)),
+        "p95": int(np.percentile(arr, 95)),
+        "histogram": {
+            f"{lo}-{hi - 1 if hi != np.inf else 'inf'}": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], hist)
+        },
+    }
 
 
-def _transforms(sources, fmap, schema, on_error, pii, detectors, threshold, near_dup, seed, fractions,
-                has_test, split_unit: str = "row") -> list[dict]:
+def _transforms(
+    sources,
+    fmap,
+    schema,
+    on_error,
+    pii,
+    detectors,
+    threshold,
+    near_dup,
+    seed,
+    fractions,
+    has_test,
+    split_unit: str = "row",
+) -> list[dict]:
     """The exact, ordered list of transforms applied (recorded in the run config and dataset.json)."""
     bands, rows = lsh_params(threshold)
     return [
-        {"op": "read", "files": [{"file": s.path.name, "format": s.fmt, "role": "test" if s.test else "data"}
-                                 for s in sources], "encoding": "utf-8 (BOM skipped)"},
+        {
+            "op": "read",
+            "files": [{"file": s.path.name, "format": s.fmt, "role": "test" if s.test else "data"} for s in sources],
+            "encoding": "utf-8 (BOM skipped)",
+        },
         {"op": "map", "mapping": fmap},
-        {"op": "validate", "schema": schema, "on_error": on_error, "keep": list(SCHEMAS[schema]) + list(OPTIONAL_COLUMNS)},
+        {
+            "op": "validate",
+            "schema": schema,
+            "on_error": on_error,
+            "keep": list(SCHEMAS[schema]) + list(OPTIONAL_COLUMNS),
+        },
         {"op": "normalize", "unicode": "NFC", "newlines": "LF", "strip": True},
         {"op": "pii", "mode": pii, "detectors": sorted({d.name for d in detectors})},
         {"op": "dedup_exact", "key": "blake2b-64 of the schema fields", "keep": "first"},
-        {"op": "near_duplicates", "method": "minhash-lsh", "shingle": "char-5", "num_perm": 64,
-         "bands": bands, "rows": rows, "threshold": threshold, "action": near_dup},
-        {"op": "split", "seed": seed, "fractions": list(fractions),
-         "stratify": "label" if schema == "classification" else None,
-         "unit": ("group, else near-duplicate cluster, else row" if split_unit == "group"
-                  else "near-duplicate cluster, else row"), "test": "test_file" if has_test else "sampled"},
+        {
+            "op": "near_duplicates",
+            "method": "minhash-lsh",
+            "shingle": "char-5",
+            "num_perm": 64,
+            "bands": bands,
+            "rows": rows,
+            "threshold": threshold,
+            "action": near_dup,
+        },
+        {
+            "op": "split",
+            "seed": seed,
+            "fractions": list(fractions),
+            "stratify": "label" if schema == "classification" else None,
+            "unit": (
+                "group, else near-duplicate cluster, else row"
+                if split_unit == "group"
+                else "near-duplicate cluster, else row"
+            ),
+            "test": "test_file" if has_test else "sampled",
+        },
     ]

@@ -28,16 +28,23 @@ from .datasheet import OPTIONAL, REQUIRED
 from .readers import ReadOptions, detect_format, read_rows
 from .validate import detect_schema
 
-CPU_TOKENS_PER_S = 220.0   # SmolLM2-135M LoRA r=8..16, 2 CPU cores (docs/train.md, bench/train_throughput.py)
+CPU_TOKENS_PER_S = 220.0  # SmolLM2-135M LoRA r=8..16, 2 CPU cores (docs/train.md, bench/train_throughput.py)
 CPU_PEAK_GB = 2.8
 BATCH = 8
 EPOCHS = 1.5
-TEMPLATE_TOKENS = 24       # chat-template tokens around each example
-SPLITS = (0.8, 0.1, 0.1)          # the pipeline's data.splits without, and with, a test file
+TEMPLATE_TOKENS = 24  # chat-template tokens around each example
+SPLITS = (0.8, 0.1, 0.1)  # the pipeline's data.splits without, and with, a test file
 SPLITS_WITH_TEST = (0.9, 0.1, 0.0)
-MIN_PER_GROUP = 20         # evaluated examples the smallest group needs before a group-gap gate means anything
-INTENDED_USE_KEYS = ("intended_use", "intended_users", "out_of_scope_use", "limitations", "provider", "license",
-                     "human_oversight")
+MIN_PER_GROUP = 20  # evaluated examples the smallest group needs before a group-gap gate means anything
+INTENDED_USE_KEYS = (
+    "intended_use",
+    "intended_users",
+    "out_of_scope_use",
+    "limitations",
+    "provider",
+    "license",
+    "human_oversight",
+)
 
 
 def _survey(path: Path) -> dict:
@@ -55,8 +62,11 @@ def _survey(path: Path) -> dict:
         if len(first) < formats.DETECT_ROWS:
             first.append(rec)
     if not n:
-        raise InputError("no row of the file could be read", file=str(path), hint="`finetrace data import` names "
-                         "the problem of each row")
+        raise InputError(
+            "no row of the file could be read",
+            file=str(path),
+            hint="`finetrace data import` names the problem of each row",
+        )
     layout = formats.detect(first)
     schema = formats.MAPPINGS[layout]["schema"] if layout != "native" else None
     if schema is None:
@@ -64,13 +74,31 @@ def _survey(path: Path) -> dict:
             schema = detect_schema(sorted(first[0]))
         except InputError as exc:
             raise InputError(exc.message, file=str(path), line=1, hint=exc.hint) from None
-    labels = sorted({str(r.get("label")) for r in first if r.get("label") is not None}) if schema == "classification" else []
-    return {"format": fmt, "layout": layout, "schema": schema, "rows": n, "chars": chars / n, "columns": sorted(cols),
-            "groups": groups, "labels": labels, "first": first[0]}
+    labels = (
+        sorted({str(r.get("label")) for r in first if r.get("label") is not None}) if schema == "classification" else []
+    )
+    return {
+        "format": fmt,
+        "layout": layout,
+        "schema": schema,
+        "rows": n,
+        "chars": chars / n,
+        "columns": sorted(cols),
+        "groups": groups,
+        "labels": labels,
+        "first": first[0],
+    }
 
 
-def new_task(folder: str | Path, data: str | Path, test: str | Path | None = None, model: str = "smollm2-135m-instruct",
-             name: str | None = None, max_steps: int | None = None, eval_limit: int | None = None) -> dict:
+def new_task(
+    folder: str | Path,
+    data: str | Path,
+    test: str | Path | None = None,
+    model: str = "smollm2-135m-instruct",
+    name: str | None = None,
+    max_steps: int | None = None,
+    eval_limit: int | None = None,
+) -> dict:
     """Write the task folder (refusing to overwrite one that exists); return what was detected and planned.
 
     ``max_steps`` caps the planned steps and ``eval_limit`` the evaluated test examples (a quick trial
@@ -100,11 +128,23 @@ def new_task(folder: str | Path, data: str | Path, test: str | Path | None = Non
     files = {"data": _copy(Path(data), folder)}
     if test:
         files["test"] = _copy(Path(test), folder, avoid=files["data"])
-    plan = {"task": name, "folder": str(folder), **{k: survey[k] for k in ("format", "layout", "schema", "rows")},
-            "test_rows": tsurvey["rows"] if tsurvey else None, "train_rows": n_train, "steps": steps, "batch_size": BATCH,
-            "epochs": round(steps * BATCH / max(n_train, 1), 2), "tokens_per_example": round(tokens),
-            "expected_train_minutes_cpu": round(seconds / 60, 1), "peak_memory_gb_cpu": CPU_PEAK_GB,
-            "max_length": max_length, "group_gap_gate": has_group, "files": files, "eval_limit": eval_limit}
+    plan = {
+        "task": name,
+        "folder": str(folder),
+        **{k: survey[k] for k in ("format", "layout", "schema", "rows")},
+        "test_rows": tsurvey["rows"] if tsurvey else None,
+        "train_rows": n_train,
+        "steps": steps,
+        "batch_size": BATCH,
+        "epochs": round(steps * BATCH / max(n_train, 1), 2),
+        "tokens_per_example": round(tokens),
+        "expected_train_minutes_cpu": round(seconds / 60, 1),
+        "peak_memory_gb_cpu": CPU_PEAK_GB,
+        "max_length": max_length,
+        "group_gap_gate": has_group,
+        "files": files,
+        "eval_limit": eval_limit,
+    }
     _write(folder, name, model, plan, survey, test is not None)
     return plan
 
@@ -114,8 +154,12 @@ def _train_rows(data: Path, test: Path | None, survey: dict) -> int:
     decisions and split, run without a workspace (so steps fit the data that is trained on)."""
     from .importer import planned_counts
 
-    opts = {"splits": SPLITS_WITH_TEST if test else SPLITS, "test_file": str(test) if test else None,
-            "on_error": "skip", **({"schema": survey["schema"]} if survey["layout"] == "native" else {})}
+    opts = {
+        "splits": SPLITS_WITH_TEST if test else SPLITS,
+        "test_file": str(test) if test else None,
+        "on_error": "skip",
+        **({"schema": survey["schema"]} if survey["layout"] == "native" else {}),
+    }
     return planned_counts([data], opts)["counts"]["train"]
 
 
@@ -140,30 +184,54 @@ def _write(folder: Path, name: str, model: str, plan: dict, survey: dict, has_te
         data["splits"] = list(SPLITS)
     if survey["layout"] == "native":
         data["schema"] = schema
-    pipeline = {"name": name, "model": {"source": model}, "data": data, "train": {"config": "train.yaml"},
-                "evaluate": {"suite": "suite.yaml"}, "docs": {"intended_use": "intended_use.yaml"},
-                "deploy": {"mode": "record"}}
-    head = (f"# finetrace run {folder.name}/pipeline.yaml   (written by `finetrace new`)\n"
-            f"# data: {plan['files']['data']}: {survey['format']} file, {survey['layout']} layout, {schema} schema, "
-            f"{plan['rows']} rows\n# approve: add `approve: {{by: YOUR NAME, note: WHAT YOU CHECKED}}` to sign it;\n"
-            "# deploy: `mode: serve` starts the server and asks the first test example.\n")
+    pipeline = {
+        "name": name,
+        "model": {"source": model},
+        "data": data,
+        "train": {"config": "train.yaml"},
+        "evaluate": {"suite": "suite.yaml"},
+        "docs": {"intended_use": "intended_use.yaml"},
+        "deploy": {"mode": "record"},
+    }
+    head = (
+        f"# finetrace run {folder.name}/pipeline.yaml   (written by `finetrace new`)\n"
+        f"# data: {plan['files']['data']}: {survey['format']} file, {survey['layout']} layout, {schema} schema, "
+        f"{plan['rows']} rows\n# approve: add `approve: {{by: YOUR NAME, note: WHAT YOU CHECKED}}` to sign it;\n"
+        "# deploy: `mode: serve` starts the server and asks the first test example.\n"
+    )
     (folder / "pipeline.yaml").write_text(head + yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
-    train = {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-             "lr": 1.0e-3, "schedule": "cosine", "warmup_steps": max(1, plan["steps"] // 20),
-             "max_steps": plan["steps"], "batch_size": BATCH, "max_length": plan["max_length"],
-             "checkpoint_every": max(10, plan["steps"] // 5), "seed": 0}
+    train = {
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "lr": 1.0e-3,
+        "schedule": "cosine",
+        "warmup_steps": max(1, plan["steps"] // 20),
+        "max_steps": plan["steps"],
+        "batch_size": BATCH,
+        "max_length": plan["max_length"],
+        "checkpoint_every": max(10, plan["steps"] // 5),
+        "seed": 0,
+    }
     (folder / "train.yaml").write_text(
         f"# {plan['steps']} steps of {BATCH} = ~{plan['epochs']} epochs of the training split "
         f"(~{plan['tokens_per_example']} tokens per example).\n# Expected on 2 CPU cores with SmolLM2-135M: "
         f"~{plan['expected_train_minutes_cpu']} min at ~{CPU_TOKENS_PER_S:.0f} tokens/s, peak memory "
-        f"~{CPU_PEAK_GB} GB (a GPU is far faster).\n" + yaml.safe_dump(train, sort_keys=False), encoding="utf-8")
+        f"~{CPU_PEAK_GB} GB (a GPU is far faster).\n" + yaml.safe_dump(train, sort_keys=False),
+        encoding="utf-8",
+    )
     suite = _suite(name, schema, plan["group_gap_gate"])
     if plan["eval_limit"]:
         suite["limit"] = plan["eval_limit"]
-    (folder / "suite.yaml").write_text("# Base vs tuned on the test split, with gates (edit the thresholds to your "
-                                       "needs).\n" + yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
-    sheet = [f"# Facts a person must supply about {plan['files']['data']}; each line left commented out is "
-             "reported as a gap in the datasheet and documents.", f"title: {name}"]
+    (folder / "suite.yaml").write_text(
+        "# Base vs tuned on the test split, with gates (edit the thresholds to your "
+        "needs).\n" + yaml.safe_dump(suite, sort_keys=False),
+        encoding="utf-8",
+    )
+    sheet = [
+        f"# Facts a person must supply about {plan['files']['data']}; each line left commented out is "
+        "reported as a gap in the datasheet and documents.",
+        f"title: {name}",
+    ]
     sheet += [f"# {k}: FILL IN ({v})" for k, v in REQUIRED.items()]
     sheet += [f"# {k}: ({v})" for k, v in OPTIONAL.items() if k != "title"]
     (folder / "datasheet.yaml").write_text("\n".join(sheet) + "\n", encoding="utf-8")
@@ -177,10 +245,25 @@ def _suite(name: str, schema: str, group_gap: bool) -> dict:
         gates = {"min_gain": {"accuracy": 0.0}, "max_flip_rate": 0.10}
         if group_gap:
             gates["max_group_gap"] = 0.20
-        return {"name": name, "split": "test", "metrics": ["accuracy", "macro_f1"], "scoring": "constrained",
-                "batch_size": 16, "bootstrap": {"samples": 500, "seed": 0, "confidence": 0.95},
-                "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 24},
-                "forgetting": {"enabled": False}, "gates": gates}
-    return {"name": name, "split": "test", "metrics": ["exact_match"], "batch_size": 8, "limit": 100,
-            "bootstrap": {"samples": 500, "seed": 0, "confidence": 0.95}, "bias": {"enabled": False},
-            "forgetting": {"enabled": False}, "gates": {"min_gain": {"exact_match": 0.0}}}
+        return {
+            "name": name,
+            "split": "test",
+            "metrics": ["accuracy", "macro_f1"],
+            "scoring": "constrained",
+            "batch_size": 16,
+            "bootstrap": {"samples": 500, "seed": 0, "confidence": 0.95},
+            "bias": {"enabled": True, "categories": ["gender_names"], "max_examples": 24},
+            "forgetting": {"enabled": False},
+            "gates": gates,
+        }
+    return {
+        "name": name,
+        "split": "test",
+        "metrics": ["exact_match"],
+        "batch_size": 8,
+        "limit": 100,
+        "bootstrap": {"samples": 500, "seed": 0, "confidence": 0.95},
+        "bias": {"enabled": False},
+        "forgetting": {"enabled": False},
+        "gates": {"min_gain": {"exact_match": 0.0}},
+    }

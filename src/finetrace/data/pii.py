@@ -125,19 +125,38 @@ _IBAN_START = re.compile(r"[A-Z]{2}\d\d")
 
 
 BUILTIN = [
-    RegexDetector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
-                  precheck=lambda t: "@" in t),
+    RegexDetector(
+        "email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", precheck=lambda t: "@" in t
+    ),
     RegexDetector("credit_card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", luhn_ok, precheck=_min_digits(13)),
-    RegexDetector("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban_ok,
-                  precheck=lambda t: digit_count(t) >= 6 and _IBAN_START.search(t) is not None),
-    RegexDetector("us_ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
-                  precheck=_min_digits(9)),
-    RegexDetector("ip_address", r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])", precheck=_min_digits(4, dots=3)),
-    RegexDetector("ip_address", r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])",
-                  ipv6_ok, precheck=lambda t: "::" in t or t.count(":") >= 3),
-    RegexDetector("phone", r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
-                  r"|(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?![\w])", phone_ok, precheck=_min_digits(8)),
+    RegexDetector(
+        "iban",
+        r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b",
+        iban_ok,
+        precheck=lambda t: digit_count(t) >= 6 and _IBAN_START.search(t) is not None,
+    ),
+    RegexDetector(
+        "us_ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])", precheck=_min_digits(9)
+    ),
+    RegexDetector(
+        "ip_address",
+        r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+        r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])",
+        precheck=_min_digits(4, dots=3),
+    ),
+    RegexDetector(
+        "ip_address",
+        r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])",
+        ipv6_ok,
+        precheck=lambda t: "::" in t or t.count(":") >= 3,
+    ),
+    RegexDetector(
+        "phone",
+        r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
+        r"|(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?![\w])",
+        phone_ok,
+        precheck=_min_digits(8),
+    ),
 ]
 
 DETECTORS: dict[str, Detector] = {}
@@ -162,8 +181,15 @@ def _gates(data, offs) -> list:
     colon = data == 58
     iban = rows_with(upper[:-3] & upper[1:-2] & digit[2:-1] & digit[3:], offs) if len(data) > 3 else digits < 0
     ipv6 = (count_per_row(colon, offs) >= 3) | (rows_with(colon[:-1] & colon[1:], offs) if len(data) > 1 else False)
-    return [rows_with(data == 64, offs), digits >= 13, (digits >= 6) & iban, digits >= 9,
-            (digits >= 4) & (count_per_row(data == 46, offs) >= 3), ipv6, digits >= 8]
+    return [
+        rows_with(data == 64, offs),
+        digits >= 13,
+        (digits >= 6) & iban,
+        digits >= 9,
+        (digits >= 4) & (count_per_row(data == 46, offs) >= 3),
+        ipv6,
+        digits >= 8,
+    ]
 
 
 def _table(chars: str):
@@ -181,13 +207,15 @@ _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # per built-in detector (BUILTIN order), on ASCII text: the characters any of its matches consists of,
 # the ones it counts, and the fewest of those an accepted match holds. Every match lies inside one run
 # of such characters; its lookarounds see at most one character beyond the match.
-_RUNS = [(_UPPER + _UPPER.lower() + _DIGITS + "._%+-@", "@", 1),   # email
-         (_DIGITS + " -", _DIGITS, 13),                             # credit_card
-         (_UPPER + _DIGITS + " ", _DIGITS, 2),                      # iban
-         (_DIGITS + "-", _DIGITS, 9),                               # us_ssn
-         (_DIGITS + ".", _DIGITS, 4),                               # ipv4
-         (_HEX + ":", ":", 2),                                      # ipv6
-         (_DIGITS + " .()+-", _DIGITS, 8)]                          # phone
+_RUNS = [
+    (_UPPER + _UPPER.lower() + _DIGITS + "._%+-@", "@", 1),  # email
+    (_DIGITS + " -", _DIGITS, 13),  # credit_card
+    (_UPPER + _DIGITS + " ", _DIGITS, 2),  # iban
+    (_DIGITS + "-", _DIGITS, 9),  # us_ssn
+    (_DIGITS + ".", _DIGITS, 4),  # ipv4
+    (_HEX + ":", ":", 2),  # ipv6
+    (_DIGITS + " .()+-", _DIGITS, 8),
+]  # phone
 _RUN_TABLES: list = []
 
 
@@ -253,8 +281,10 @@ def detectors(names: list[str] | None = None) -> list[Detector]:
         return list(DETECTORS.values())
     unknown = [n for n in names if n not in {d.name for d in DETECTORS.values()}]
     if unknown:
-        raise InputError(f"unknown PII detector(s) {', '.join(unknown)}",
-                         hint=f"known: {', '.join(sorted({d.name for d in DETECTORS.values()}))}")
+        raise InputError(
+            f"unknown PII detector(s) {', '.join(unknown)}",
+            hint=f"known: {', '.join(sorted({d.name for d in DETECTORS.values()}))}",
+        )
     return [d for d in DETECTORS.values() if d.name in names]
 
 
@@ -276,7 +306,7 @@ def merge(found) -> list[Span]:
 def redact(text: str, spans: list[Span]) -> str:
     out, last = [], 0
     for s in spans:
-        out.append(text[last:s.start])
+        out.append(text[last : s.start])
         out.append(f"[{s.type.upper()}]")
         last = s.end
     out.append(text[last:])
@@ -286,8 +316,8 @@ def redact(text: str, spans: list[Span]) -> str:
 class PresidioDetector:
     """Microsoft Presidio's analyzer as a detector (``pip install presidio-analyzer`` and a spaCy model).
 
-        from finetrace.data.pii import PresidioDetector, register_detector
-        register_detector(PresidioDetector(entities=["PERSON", "LOCATION"]))
+    from finetrace.data.pii import PresidioDetector, register_detector
+    register_detector(PresidioDetector(entities=["PERSON", "LOCATION"]))
     """
 
     name = "presidio"
@@ -296,8 +326,10 @@ class PresidioDetector:
         try:
             from presidio_analyzer import AnalyzerEngine
         except ImportError:
-            raise DependencyError("the Presidio detector needs presidio-analyzer",
-                                  hint="pip install presidio-analyzer && python -m spacy download en_core_web_lg") from None
+            raise DependencyError(
+                "the Presidio detector needs presidio-analyzer",
+                hint="pip install presidio-analyzer && python -m spacy download en_core_web_lg",
+            ) from None
         self.engine = AnalyzerEngine()
         self.entities, self.language, self.score = entities, language, score
 

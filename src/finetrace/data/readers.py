@@ -82,9 +82,12 @@ class _Guarded(io.RawIOBase):
         except Exception as exc:  # noqa: BLE001 - every decoder error means the same to the user
             if isinstance(exc, InputError):
                 raise
-            raise InputError(f"the {self.comp} data is truncated or corrupt after {self.done:,} decompressed bytes "
-                             f"({type(exc).__name__}: {exc})", file=self.display,
-                             hint="re-create or re-download the file; `gzip -t FILE` / `zstd -t FILE` checks it") from None
+            raise InputError(
+                f"the {self.comp} data is truncated or corrupt after {self.done:,} decompressed bytes "
+                f"({type(exc).__name__}: {exc})",
+                file=self.display,
+                hint="re-create or re-download the file; `gzip -t FILE` / `zstd -t FILE` checks it",
+            ) from None
         self.done += n or 0
         return n
 
@@ -114,18 +117,29 @@ def _check_start(fh, display: str) -> int:
         fh.read(3)
         return 3
     if head[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
-        raise InputError("the file is UTF-32 encoded (it starts with a UTF-32 byte order mark)",
-                         file=display, line=1, hint="re-save it as UTF-8")
+        raise InputError(
+            "the file is UTF-32 encoded (it starts with a UTF-32 byte order mark)",
+            file=display,
+            line=1,
+            hint="re-save it as UTF-8",
+        )
     elif head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-        raise InputError("the file is UTF-16 encoded (it starts with a UTF-16 byte order mark)",
-                         file=display, line=1, hint="re-save it as UTF-8")
+        raise InputError(
+            "the file is UTF-16 encoded (it starts with a UTF-16 byte order mark)",
+            file=display,
+            line=1,
+            hint="re-save it as UTF-8",
+        )
     return 0
 
 
 def _decode_error(exc: UnicodeDecodeError, line_offset: int, chunk: bytes) -> RowError:
     bad = chunk[exc.start]
-    return RowError("encoding", f"byte offset {line_offset + exc.start} (0x{bad:02x}) is not valid UTF-8; "
-                    "the file looks Latin-1/Windows-1252 encoded: re-save it as UTF-8")
+    return RowError(
+        "encoding",
+        f"byte offset {line_offset + exc.start} (0x{bad:02x}) is not valid UTF-8; "
+        "the file looks Latin-1/Windows-1252 encoded: re-save it as UTF-8",
+    )
 
 
 def _skip_rest_of_line(fh, n: int) -> int:
@@ -155,8 +169,11 @@ def _lines(fh, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
 
 
 def _too_long(n: int, limit: int) -> RowError:
-    return RowError("row_too_long", f"the line is {n / 1e6:.1f} MB, longer than the limit of "
-                    f"{limit / 1e6:.1f} MB per row; split it or raise max_row_bytes")
+    return RowError(
+        "row_too_long",
+        f"the line is {n / 1e6:.1f} MB, longer than the limit of "
+        f"{limit / 1e6:.1f} MB per row; split it or raise max_row_bytes",
+    )
 
 
 # -- readers ------------------------------------------------------------------------------------
@@ -182,8 +199,11 @@ class DuplicateKey(ValueError):
 
 
 def duplicate_key_error(exc: DuplicateKey) -> RowError:
-    return RowError("duplicate_key", f"the key {exc.key!r} appears twice in one object (JSON keeps only the "
-                    "last one, silently); keep one of them", str(exc.key))
+    return RowError(
+        "duplicate_key",
+        f"the key {exc.key!r} appears twice in one object (JSON keeps only the last one, silently); keep one of them",
+        str(exc.key),
+    )
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
@@ -222,7 +242,9 @@ def jsonl_rows(fh, opts: ReadOptions, first_line: int = 1, base_offset: int = 0)
         yield lineno, value, None
 
 
-def jsonl_chunks(path: Path, opts: ReadOptions, size: int = 4 << 20) -> Iterator[tuple[int, int, bytes | None, Row | None]]:
+def jsonl_chunks(
+    path: Path, opts: ReadOptions, size: int = 4 << 20
+) -> Iterator[tuple[int, int, bytes | None, Row | None]]:
     """``(first line, byte offset, block of whole lines, None)`` of a JSONL file (decompressed); a line
     longer than ``opts.max_row_bytes`` that would straddle two blocks comes as ``(line, offset, None,
     row error)`` and is never held whole."""
@@ -261,8 +283,15 @@ def _json_problem(exc: json.JSONDecodeError, text: str) -> str:
 
 
 def _jtype(v) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(v), type(v).__name__)
 
 
 def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
@@ -283,9 +312,13 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
             try:
                 buf += udec.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
-                raise InputError(f"byte offset {consumed + exc.start} is not valid UTF-8; the file looks "
-                                 "Latin-1/Windows-1252 encoded", file=opts.display,
-                                 line=line + buf[pos:].count("\n"), hint="re-save it as UTF-8") from None
+                raise InputError(
+                    f"byte offset {consumed + exc.start} is not valid UTF-8; the file looks "
+                    "Latin-1/Windows-1252 encoded",
+                    file=opts.display,
+                    line=line + buf[pos:].count("\n"),
+                    hint="re-save it as UTF-8",
+                ) from None
             consumed += len(raw)
             eof = not raw
             return True
@@ -304,8 +337,11 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
 
         first = skip_ws()
         if first != "[":
-            raise InputError("expected a JSON array ('[' …)" + (" but the file is empty" if first is None else
-                             f", found {first!r}"), file=opts.display, line=line)
+            raise InputError(
+                "expected a JSON array ('[' …)" + (" but the file is empty" if first is None else f", found {first!r}"),
+                file=opts.display,
+                line=line,
+            )
         pos += 1
         expect_value, after_comma = True, False
         while True:
@@ -315,8 +351,14 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
                 return
             if c == "]":  # closes the array, unless a comma promised one more element
                 if after_comma:
-                    yield line, None, RowError("invalid_json", "invalid JSON: a trailing comma before ']'; "
-                                               "remove the comma after the last element")
+                    yield (
+                        line,
+                        None,
+                        RowError(
+                            "invalid_json",
+                            "invalid JSON: a trailing comma before ']'; remove the comma after the last element",
+                        ),
+                    )
                 return
             if c == "," and not expect_value:
                 pos += 1
@@ -346,8 +388,14 @@ def read_json_array(path: Path, opts: ReadOptions) -> Iterator[Row]:
                         return
                     if more():
                         continue
-                    yield start_line, None, RowError("invalid_json", f"{_json_problem(exc, buf)}: {exc.msg} "
-                                                     f"(element starting at line {start_line})")
+                    yield (
+                        start_line,
+                        None,
+                        RowError(
+                            "invalid_json",
+                            f"{_json_problem(exc, buf)}: {exc.msg} (element starting at line {start_line})",
+                        ),
+                    )
                     return
             line += buf.count("\n", pos, end)
             pos = end
@@ -412,13 +460,23 @@ def _read_delimited(path: Path, opts: ReadOptions, delimiter: str) -> Iterator[R
                 header = [h.strip() for h in row]
                 dupes = sorted({h for h in header if header.count(h) > 1})
                 if dupes or any(not h for h in header):
-                    raise InputError(f"the header row has {'duplicate' if dupes else 'empty'} column names "
-                                     f"({', '.join(dupes) or 'an empty name'})", file=opts.display, line=start,
-                                     hint="give every column a unique name")
+                    raise InputError(
+                        f"the header row has {'duplicate' if dupes else 'empty'} column names "
+                        f"({', '.join(dupes) or 'an empty name'})",
+                        file=opts.display,
+                        line=start,
+                        hint="give every column a unique name",
+                    )
                 continue
             if len(row) != len(header):
-                yield start, None, RowError("ragged_row", f"the row has {len(row)} fields but the header has "
-                                            f"{len(header)} ({', '.join(header)})")
+                yield (
+                    start,
+                    None,
+                    RowError(
+                        "ragged_row",
+                        f"the row has {len(row)} fields but the header has {len(header)} ({', '.join(header)})",
+                    ),
+                )
                 continue
             yield start, dict(zip(header, row)), None
         for ln, err in lines.errors:
@@ -455,14 +513,16 @@ def parquet_tables(path: Path, opts: ReadOptions, batch_rows: int = BATCH_ROWS):
         try:
             pf = pq.ParquetFile(plain, pre_buffer=False, buffer_size=1 << 20)
         except Exception as exc:  # pyarrow raises ArrowInvalid for a damaged footer
-            raise InputError(f"not a readable Parquet file: {exc}", file=opts.display,
-                             hint="re-export it, or convert it to JSONL") from None
+            raise InputError(
+                f"not a readable Parquet file: {exc}", file=opts.display, hint="re-export it, or convert it to JSONL"
+            ) from None
         try:
             for batch in pf.iter_batches(batch_size=batch_rows):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as exc:  # a damaged page or column chunk
-            raise InputError(f"the Parquet file is damaged: {exc}", file=opts.display,
-                             hint="re-export it, or convert it to JSONL") from None
+            raise InputError(
+                f"the Parquet file is damaged: {exc}", file=opts.display, hint="re-export it, or convert it to JSONL"
+            ) from None
 
 
 def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Row]:
@@ -513,8 +573,16 @@ READERS: dict[str, Reader] = {
     "parquet": read_parquet,
     "hf_disk": read_hf_disk,
 }
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-              ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
 
 
@@ -531,8 +599,11 @@ def detect_format(path: Path, display: str | None = None) -> str:
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return "hf_disk"
-        raise InputError("a folder that is not a `datasets` save_to_disk folder", file=display,
-                         hint="give the data files themselves, or a folder written by Dataset.save_to_disk")
+        raise InputError(
+            "a folder that is not a `datasets` save_to_disk folder",
+            file=display,
+            hint="give the data files themselves, or a folder written by Dataset.save_to_disk",
+        )
     if not path.is_file():
         raise InputError("no such file", file=display)
     if path.stat().st_size == 0:
@@ -555,8 +626,11 @@ def detect_format(path: Path, display: str | None = None) -> str:
         return "json"
     if first == b"{":
         return "jsonl"
-    raise InputError("cannot tell the file's format", file=display,
-                     hint="name it .jsonl, .json, .csv, .tsv or .parquet (optionally .gz/.zst)")
+    raise InputError(
+        "cannot tell the file's format",
+        file=display,
+        hint="name it .jsonl, .json, .csv, .tsv or .parquet (optionally .gz/.zst)",
+    )
 
 
 def read_rows(path: Path, fmt: str, opts: ReadOptions) -> Iterator[Row]:

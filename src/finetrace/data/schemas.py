@@ -37,7 +37,7 @@ SPLITS = ("train", "validation", "test")
 @dataclass(frozen=True)
 class Example:
     messages: list[dict]  # the prompt, as chat messages, ending with a user turn
-    target: str           # the assistant's answer to learn / to compare with
+    target: str  # the assistant's answer to learn / to compare with
     rejected: str | None = None  # preference data only
     group: str | None = None
     id: str | None = None
@@ -56,8 +56,13 @@ def to_example(row: dict, schema: str, labels: list[str] | None = None) -> Examp
     if schema == "classification":
         if not labels:
             raise ValueError("classification rows need the dataset's label set")
-        return Example([{"role": "user", "content": classification_prompt(row["text"], labels)}],
-                       str(row["label"]), None, group, rid)
+        return Example(
+            [{"role": "user", "content": classification_prompt(row["text"], labels)}],
+            str(row["label"]),
+            None,
+            group,
+            rid,
+        )
     if schema == "preference":
         return Example([{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"], group, rid)
     if schema == "chat":

@@ -27,8 +27,10 @@ def check_fractions(splits) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         raise ConfigError(f"bad split fractions {splits!r}", hint="three numbers: train, validation, test") from None
     if len(fr) != 3 or any(x < 0 for x in fr) or abs(sum(fr) - 1) > 1e-6 or fr[0] <= 0:
-        raise ConfigError(f"bad split fractions {splits!r}",
-                          hint="three non-negative numbers (train > 0) that sum to 1, e.g. 0.8,0.1,0.1")
+        raise ConfigError(
+            f"bad split fractions {splits!r}",
+            hint="three non-negative numbers (train > 0) that sum to 1, e.g. 0.8,0.1,0.1",
+        )
     return fr  # type: ignore[return-value]
 
 
@@ -41,8 +43,14 @@ def _mix(x: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def assign(units: np.ndarray, unit_keys: np.ndarray, strata: np.ndarray, fractions: tuple[float, float, float],
-           seed: int, forced_test: np.ndarray | None = None) -> np.ndarray:
+def assign(
+    units: np.ndarray,
+    unit_keys: np.ndarray,
+    strata: np.ndarray,
+    fractions: tuple[float, float, float],
+    seed: int,
+    forced_test: np.ndarray | None = None,
+) -> np.ndarray:
     """Split code per row (TRAIN/VALIDATION/TEST).
 
     units[i]      the unit (root row index) of row i; rows of a unit share its split

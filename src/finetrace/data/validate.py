@@ -53,15 +53,20 @@ def detect_schema(columns: list[str]) -> str:
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise InputError(f"the columns ({', '.join(sorted(cols))}) fit several schemas: {', '.join(matches)}",
-                         hint="choose one with --schema")
+        raise InputError(
+            f"the columns ({', '.join(sorted(cols))}) fit several schemas: {', '.join(matches)}",
+            hint="choose one with --schema",
+        )
     need = "; ".join(f"{s}: {', '.join(SCHEMAS[s])}" for s in SCHEMAS)
     hint = "pass --schema and map columns with --map FIELD=COLUMN"
     guess = suggest_mapping(cols)
     if guess:
         hint += f" (e.g. --schema {guess[0]} " + " ".join(f"--map {f}={c}" for f, c in guess[1].items()) + ")"
-    raise InputError(f"cannot tell the schema from the columns {', '.join(sorted(cols)) or '(none)'}; "
-                     f"the schemas need {need}", field=None, hint=hint)
+    raise InputError(
+        f"cannot tell the schema from the columns {', '.join(sorted(cols)) or '(none)'}; the schemas need {need}",
+        field=None,
+        hint=hint,
+    )
 
 
 SYNONYMS = {
@@ -109,8 +114,12 @@ def _is_text(value: str) -> bool:
 
 
 def _surrogate(what: str, field: str) -> RowError:
-    return RowError("encoding", f"{what} holds a NUL character or a lone UTF-16 surrogate (a \\ud800-\\udfff "
-                    "escape without its pair), which is not text (binary or UTF-16 data?); fix or remove it", field)
+    return RowError(
+        "encoding",
+        f"{what} holds a NUL character or a lone UTF-16 surrogate (a \\ud800-\\udfff "
+        "escape without its pair), which is not text (binary or UTF-16 data?); fix or remove it",
+        field,
+    )
 
 
 class RowValidator:
@@ -138,8 +147,11 @@ class RowValidator:
                 if err:
                     return None, err
             elif not isinstance(value, str):
-                return None, RowError("wrong_type", f"'{field}' must be a string, got "
-                                      f"{type(value).__name__} {json.dumps(value, default=str)[:60]}", field)
+                return None, RowError(
+                    "wrong_type",
+                    f"'{field}' must be a string, got {type(value).__name__} {json.dumps(value, default=str)[:60]}",
+                    field,
+                )
             elif not value.strip():
                 return None, RowError("empty_field", f"'{field}' is empty", field)
             elif not _is_text(value):
@@ -170,28 +182,30 @@ class RowValidator:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                return None, RowError("wrong_type", "'messages' must be a list of {role, content} objects "
-                                      "(a string that is not JSON was given)", "messages")
+                return None, RowError(
+                    "wrong_type",
+                    "'messages' must be a list of {role, content} objects (a string that is not JSON was given)",
+                    "messages",
+                )
         if not isinstance(value, list) or not value:
-            return None, RowError("wrong_type", "'messages' must be a non-empty list of {role, content}",
-                                  "messages")
+            return None, RowError("wrong_type", "'messages' must be a non-empty list of {role, content}", "messages")
         out = []
         for i, m in enumerate(value):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return None, RowError("wrong_type", f"messages[{i}] must be an object with string 'role' and "
-                                      "'content'", "messages")
+                return None, RowError(
+                    "wrong_type", f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
+                )
             if m["role"] not in ROLES:
-                return None, RowError("bad_role", f"messages[{i}] has role {m['role']!r}; roles are "
-                                      f"{', '.join(ROLES)}", "messages")
+                return None, RowError(
+                    "bad_role", f"messages[{i}] has role {m['role']!r}; roles are {', '.join(ROLES)}", "messages"
+                )
             if m["role"] == "system" and i != 0:
-                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
-                                      "messages")
+                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first", "messages")
             if not _is_text(m["content"]):
                 return None, _surrogate(f"messages[{i}].content", "messages")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
-            return None, RowError("bad_role", "the conversation has no assistant message to learn from",
-                                  "messages")
+            return None, RowError("bad_role", "the conversation has no assistant message to learn from", "messages")
         return out, None
 
     def _tool_messages(self, value) -> tuple[list | None, RowError | None]:
@@ -201,21 +215,22 @@ class RowValidator:
         for i, m in enumerate(value):
             role = m["role"]
             if role not in ROLES + ("tool",):
-                return None, RowError("bad_role", f"messages[{i}] has role {role!r}; roles are "
-                                      f"{', '.join(ROLES + ('tool',))}", "messages")
+                return None, RowError(
+                    "bad_role", f"messages[{i}] has role {role!r}; roles are {', '.join(ROLES + ('tool',))}", "messages"
+                )
             if role == "system" and i != 0:
-                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first",
-                                      "messages")
+                return None, RowError("bad_role", f"messages[{i}]: a system message may only come first", "messages")
             if m.get("tool_calls") and role != "assistant":
-                return None, RowError("bad_role", f"messages[{i}]: only assistant messages make tool calls",
-                                      "messages")
+                return None, RowError("bad_role", f"messages[{i}]: only assistant messages make tool calls", "messages")
             if not all(_is_text(m.get(k) or "") for k in ("content", "tool_calls", "tool_call_id", "name")):
                 return None, _surrogate(f"messages[{i}]", "messages")
             if not m["content"].strip() and not m.get("tool_calls") and role != "tool":
-                return None, RowError("empty_field", f"messages[{i}] has neither content nor tool calls",
-                                      "messages")
+                return None, RowError("empty_field", f"messages[{i}] has neither content nor tool calls", "messages")
             out.append(dict(m))
         if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in out):
-            return None, RowError("bad_role", "the conversation has no assistant message to learn from (none, "
-                                  "or all with weight 0)", "messages")
+            return None, RowError(
+                "bad_role",
+                "the conversation has no assistant message to learn from (none, or all with weight 0)",
+                "messages",
+            )
         return out, None

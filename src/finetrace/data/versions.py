@@ -30,10 +30,18 @@ def list_datasets(ws: Workspace) -> list[dict]:
     out = []
     for art in ws.ledger.artifacts("dataset"):
         for alias in art.aliases or [art.digest]:
-            out.append({"ref": alias, "digest": art.digest, "schema": art.metadata.get("schema"),
-                        "counts": art.metadata.get("counts"), "rows_in": art.metadata.get("rows_in"),
-                        "gaps": len(art.metadata.get("gaps") or []), "created": art.created,
-                        "run_id": art.run_id})
+            out.append(
+                {
+                    "ref": alias,
+                    "digest": art.digest,
+                    "schema": art.metadata.get("schema"),
+                    "counts": art.metadata.get("counts"),
+                    "rows_in": art.metadata.get("rows_in"),
+                    "gaps": len(art.metadata.get("gaps") or []),
+                    "created": art.created,
+                    "run_id": art.run_id,
+                }
+            )
     return out
 
 
@@ -89,8 +97,24 @@ def head(ws: Workspace, ref: str, split: str = "train", n: int = 5) -> list[dict
 def stats(ws: Workspace, ref: str) -> dict:
     folder, info, art = open_dataset(ws, ref)
     sheet = json.loads((folder / "datasheet.json").read_text(encoding="utf-8"))
-    keys = ("schema", "counts", "labels", "label_counts", "rows_in", "rows_valid", "rows_out", "skipped",
-            "dropped", "duplicates", "pii", "normalized_rows", "dropped_columns", "seed", "fractions", "sources")
+    keys = (
+        "schema",
+        "counts",
+        "labels",
+        "label_counts",
+        "rows_in",
+        "rows_valid",
+        "rows_out",
+        "skipped",
+        "dropped",
+        "duplicates",
+        "pii",
+        "normalized_rows",
+        "dropped_columns",
+        "seed",
+        "fractions",
+        "sources",
+    )
     out = {"ref": art.ref, "digest": art.digest, **{k: info.get(k) for k in keys}}
     out["token_lengths"] = sheet.get("measured", {}).get("token_lengths")
     out["gaps"] = sheet.get("gaps", [])
@@ -122,20 +146,33 @@ def diff(ws: Workspace, ref_a: str, ref_b: str) -> dict:
     """What changed from ``ref_a`` to ``ref_b``: counts per split, rows added/removed, labels, sources."""
     fa, ia, aa = open_dataset(ws, ref_a)
     fb, ib, ab = open_dataset(ws, ref_b)
-    out: dict = {"from": aa.ref, "to": ab.ref, "same": aa.digest == ab.digest,
-                 "schema": [ia["schema"], ib["schema"]] if ia["schema"] != ib["schema"] else ia["schema"],
-                 "splits": {}}
+    out: dict = {
+        "from": aa.ref,
+        "to": ab.ref,
+        "same": aa.digest == ab.digest,
+        "schema": [ia["schema"], ib["schema"]] if ia["schema"] != ib["schema"] else ia["schema"],
+        "splits": {},
+    }
     columns = [c for c in ia["columns"] if c in ib["columns"] and c not in ("id", "group")]
     all_a, all_b = [], []
     for split in SPLITS:
         ka, kb = _row_keys(fa, split, columns), _row_keys(fb, split, columns)
         all_a.append(ka)
         all_b.append(kb)
-        out["splits"][split] = {"from": int(len(ka)), "to": int(len(kb)),
-                                "added": int(len(np.setdiff1d(kb, ka))), "removed": int(len(np.setdiff1d(ka, kb)))}
+        out["splits"][split] = {
+            "from": int(len(ka)),
+            "to": int(len(kb)),
+            "added": int(len(np.setdiff1d(kb, ka))),
+            "removed": int(len(np.setdiff1d(ka, kb))),
+        }
     ta, tb = np.concatenate(all_a), np.concatenate(all_b)
-    out["rows"] = {"from": int(len(ta)), "to": int(len(tb)), "added": int(len(np.setdiff1d(tb, ta))),
-                   "removed": int(len(np.setdiff1d(ta, tb))), "common": int(len(np.intersect1d(ta, tb)))}
+    out["rows"] = {
+        "from": int(len(ta)),
+        "to": int(len(tb)),
+        "added": int(len(np.setdiff1d(tb, ta))),
+        "removed": int(len(np.setdiff1d(ta, tb))),
+        "common": int(len(np.intersect1d(ta, tb))),
+    }
     if ia.get("labels") or ib.get("labels"):
         la, lb = set(ia.get("labels") or []), set(ib.get("labels") or [])
         out["labels"] = {"added": sorted(lb - la), "removed": sorted(la - lb)}

@@ -80,9 +80,19 @@ class Pool:
             import subprocess
             import sys
 
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_src_root(), os.environ.get("PYTHONPATH")]))}
-            self.procs = [subprocess.Popen([sys.executable, "-c", "from finetrace.data.workers import _serve; _serve()"], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, env=env) for _ in range(self.workers)]
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [_src_root(), os.environ.get("PYTHONPATH")])),
+            }
+            self.procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", "from finetrace.data.workers import _serve; _serve()"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=env,
+                )
+                for _ in range(self.workers)
+            ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,8 +133,10 @@ class Pool:
         if not ok:
             from ..errors import FinetraceError
 
-            raise FinetraceError(f"a data worker process failed: {value}",
-                                 hint="run the import again with --workers 1 to see the error in this process")
+            raise FinetraceError(
+                f"a data worker process failed: {value}",
+                hint="run the import again with --workers 1 to see the error in this process",
+            )
         return value
 
 
@@ -155,10 +167,14 @@ class _Frames:
 
         class Restricted(pickle.Unpickler):
             def find_class(self, module: str, name: str):
-                if (module == "builtins" and name in cls.ALLOWED_BUILTINS) or module == "collections" \
-                        or module.startswith(cls.ALLOWED_MODULES):
+                if (
+                    (module == "builtins" and name in cls.ALLOWED_BUILTINS)
+                    or module == "collections"
+                    or module.startswith(cls.ALLOWED_MODULES)
+                ):
                     return super().find_class(module, name)
                 raise pickle.UnpicklingError(f"a data worker frame may not hold {module}.{name}")
+
         return Restricted(io.BytesIO(data)).load()
 
 

@@ -17,5 +17,17 @@ from .chat import encode_chat, encode_text, end_ids, render, turn_end_id
 from .labels import best_label, score_prompts
 from .text import cut_at_stop, normalise_answer
 
-__all__ = ["BASE", "Decoder", "Seq", "best_label", "cut_at_stop", "encode_chat", "encode_text", "end_ids",
-           "normalise_answer", "render", "score_prompts", "turn_end_id"]
+__all__ = [
+    "BASE",
+    "Decoder",
+    "Seq",
+    "best_label",
+    "cut_at_stop",
+    "encode_chat",
+    "encode_text",
+    "end_ids",
+    "normalise_answer",
+    "render",
+    "score_prompts",
+    "turn_end_id",
+]

@@ -42,16 +42,16 @@ class Seq:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None          # None: no logprobs; k >= 0: chosen token + top k
-    normalise: bool = True               # a chat answer: streamed and returned as normalise_answer(text)
+    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top k
+    normalise: bool = True  # a chat answer: streamed and returned as normalise_answer(text)
     on_delta: Callable[[str], None] | None = None
-    owner: object = None                 # the caller's request object
-    constraint: object = None            # a sampling.TokenConstraint (JSON schema): masks each step's tokens
+    owner: object = None  # the caller's request object
+    constraint: object = None  # a sampling.TokenConstraint (JSON schema): masks each step's tokens
     # progress
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish: str | None = None            # "stop" | "length" | "cancelled"
-    end_token: int | None = None         # the end-of-turn id that ended it, if one did (not in ids)
+    finish: str | None = None  # "stop" | "length" | "cancelled"
+    end_token: int | None = None  # the end-of-turn id that ended it, if one did (not in ids)
     token_logprobs: list = field(default_factory=list)
     cancelled: bool = False
     pos: int = 0
@@ -73,8 +73,8 @@ class _Group:
         self.ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         self.mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            self.ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, dtype=torch.long)
-            self.mask[i, width - len(s.prompt_ids):] = 1
+            self.ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            self.mask[i, width - len(s.prompt_ids) :] = 1
         self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.done = 0
         self.cache = slab_cache(n_layers)
@@ -92,9 +92,9 @@ class Decoder:
         self.waiting: list[Seq] = []
         self.groups: list[_Group] = []
         self.cache = None
-        self.mask = None                            # (b, t) over the cache
+        self.mask = None  # (b, t) over the cache
         if adapters is None:
-            self.adapters = active_adapter(model)   # a PeftModel given no selector: its active adapter
+            self.adapters = active_adapter(model)  # a PeftModel given no selector: its active adapter
         fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else type(model).forward
         self._cache_kw = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
         self._lean_key: tuple = ()
@@ -158,8 +158,9 @@ class Decoder:
         if lean is not None and not kwargs:
             return lean.forward(ids, mask, positions, cache.layers)
         kwargs[self._cache_kw] = cache
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **kwargs)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
+        )
         return out.logits[:, -1, :]
 
     def _prefill(self, g: _Group) -> list[Seq]:
@@ -169,8 +170,9 @@ class Decoder:
                 s.finish = "cancelled"
             return list(g.seqs)
         end = min(g.done + self.prefill_chunk, g.ids.shape[1])
-        logits = self.forward(g.ids[:, g.done:end], g.mask[:, :end], g.pos[:, g.done:end], g.cache,
-                              [s.adapter for s in g.seqs])
+        logits = self.forward(
+            g.ids[:, g.done : end], g.mask[:, :end], g.pos[:, g.done : end], g.cache, [s.adapter for s in g.seqs]
+        )
         g.done = end
         if end < g.ids.shape[1]:
             return []
@@ -186,14 +188,15 @@ class Decoder:
         for mine, theirs in zip(self.cache.layers, g.cache.layers):
             mine.append(theirs)
         t = max(ta, tn)
-        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (t - ta, 0)),
-                               torch.nn.functional.pad(g.mask, (t - tn, 0))], dim=0)
+        self.mask = torch.cat(
+            [torch.nn.functional.pad(self.mask, (t - ta, 0)), torch.nn.functional.pad(g.mask, (t - tn, 0))], dim=0
+        )
         self.rows = self.rows + list(g.seqs)
 
     def _decode(self) -> list[Seq]:
         rows = self.rows
-        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)          # (b, 1)
-        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long)           # (b, 1)
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)  # (b, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long)  # (b, 1)
         self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         logits = self.forward(ids, self.mask, positions, self.cache, [r.adapter for r in rows])
         for r in rows:
@@ -220,7 +223,7 @@ class Decoder:
                     if r.constraint.finished:
                         r.finish = "stop"
                 if lps is not None and r.logprobs is not None:
-                    r.token_logprobs.append((t, lps[i][0], lps[i][1][:r.logprobs]))
+                    r.token_logprobs.append((t, lps[i][0], lps[i][1][: r.logprobs]))
             text = self.tok.decode(r.ids, skip_special_tokens=True)
             cut = find_stop(text, r.stop)
             if cut >= 0:
@@ -230,9 +233,9 @@ class Decoder:
             r.text = text
             # what may be streamed: a prefix of the final answer (chat: surrounding whitespace held back)
             view = normalise_answer(text) if r.normalise else text
-            safe = view if r.finish else view[:len(view) - holdback(view, r.stop)]
+            safe = view if r.finish else view[: len(view) - holdback(view, r.stop)]
             if r.on_delta is not None and len(safe) > r.sent:
-                r.on_delta(safe[r.sent:])
+                r.on_delta(safe[r.sent :])
             r.sent = max(r.sent, len(safe))
         done = [r for r in rows if r.finish]
         if done:

@@ -34,15 +34,22 @@ def render(tok, prompt, tools: Sequence[dict] | None = None) -> str:
 
     messages = _as_messages(prompt)
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                       **({"tools": list(tools)} if tools else {}))
+        text = tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **({"tools": list(tools)} if tools else {})
+        )
     except (TemplateError, TypeError, KeyError, ValueError) as exc:  # raise_exception() in the template, ...
-        raise InputError(f"the model's chat template cannot render these messages: {exc}", field="messages",
-                         hint="send the roles and fields this model's template expects") from None
+        raise InputError(
+            f"the model's chat template cannot render these messages: {exc}",
+            field="messages",
+            hint="send the roles and fields this model's template expects",
+        ) from None
     if tools and text == render(tok, messages):
-        raise InputError("the model's chat template does not render tools (the prompt is the same without them)",
-                         hint="serve a model whose chat template takes `tools` (Hermes, Qwen, Llama 3.1 style), "
-                              "or describe the functions in a system message", field="tools")
+        raise InputError(
+            "the model's chat template does not render tools (the prompt is the same without them)",
+            hint="serve a model whose chat template takes `tools` (Hermes, Qwen, Llama 3.1 style), "
+            "or describe the functions in a system message",
+            field="tools",
+        )
     return text
 
 
@@ -71,9 +78,10 @@ def template_turn_end(tok) -> int | None:
         return cache
     found = None
     try:
-        text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
-                                       tokenize=False)
-        tail = text[text.index(_MARK) + len(_MARK):]
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}], tokenize=False
+        )
+        tail = text[text.index(_MARK) + len(_MARK) :]
         special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         for t in tok(tail, add_special_tokens=False)["input_ids"]:
             if t in special:

@@ -22,8 +22,8 @@ class SlabLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.kbuf: torch.Tensor | None = None
         self.vbuf: torch.Tensor | None = None
-        self.b = 0   # live rows
-        self.t = 0   # live columns
+        self.b = 0  # live rows
+        self.t = 0  # live columns
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, q, d = key_states.shape
@@ -36,8 +36,8 @@ class SlabLayer(DynamicLayer):
         k = torch.zeros((rows, h, t, d), dtype=dtype, device=self.device)
         v = torch.zeros_like(k)
         if self.kbuf is not None:
-            k[:self.b, :, :self.t] = self.kbuf[:self.b, :, :self.t]
-            v[:self.b, :, :self.t] = self.vbuf[:self.b, :, :self.t]
+            k[: self.b, :, : self.t] = self.kbuf[: self.b, :, : self.t]
+            v[: self.b, :, : self.t] = self.vbuf[: self.b, :, : self.t]
         self.kbuf, self.vbuf = k, v
 
     def reserve(self, rows: int, t: int) -> None:
@@ -49,16 +49,16 @@ class SlabLayer(DynamicLayer):
             self._alloc(max(R, rows), H, max(T, t) if t <= T else max(2 * T, t), D, self.kbuf.dtype)
 
     def _views(self) -> None:
-        self.keys = self.kbuf[:self.b, :, :self.t]
-        self.values = self.vbuf[:self.b, :, :self.t]
+        self.keys = self.kbuf[: self.b, :, : self.t]
+        self.values = self.vbuf[: self.b, :, : self.t]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         self.reserve(self.b, self.t + q)
-        self.kbuf[:self.b, :, self.t:self.t + q] = key_states
-        self.vbuf[:self.b, :, self.t:self.t + q] = value_states
+        self.kbuf[: self.b, :, self.t : self.t + q] = key_states
+        self.vbuf[: self.b, :, self.t : self.t + q] = value_states
         self.t += q
         self._views()
         return self.keys, self.values
@@ -75,8 +75,8 @@ class SlabLayer(DynamicLayer):
             return
         if idx != list(range(len(idx))):
             sel = torch.tensor(idx, dtype=torch.long, device=self.device)
-            self.kbuf[:len(idx), :, :self.t] = self.kbuf.index_select(0, sel)[:, :, :self.t]
-            self.vbuf[:len(idx), :, :self.t] = self.vbuf.index_select(0, sel)[:, :, :self.t]
+            self.kbuf[: len(idx), :, : self.t] = self.kbuf.index_select(0, sel)[:, :, : self.t]
+            self.vbuf[: len(idx), :, : self.t] = self.vbuf.index_select(0, sel)[:, :, : self.t]
         self.b = len(idx)
         self._views()
 
@@ -85,8 +85,8 @@ class SlabLayer(DynamicLayer):
         if self.kbuf is None or n <= 0:
             return
         live = self.t - n
-        self.kbuf[:self.b, :, :live] = self.kbuf[:self.b, :, n:self.t].clone()
-        self.vbuf[:self.b, :, :live] = self.vbuf[:self.b, :, n:self.t].clone()
+        self.kbuf[: self.b, :, :live] = self.kbuf[: self.b, :, n : self.t].clone()
+        self.vbuf[: self.b, :, :live] = self.vbuf[: self.b, :, n : self.t].clone()
         self.t = live
         self._views()
 
@@ -100,13 +100,13 @@ class SlabLayer(DynamicLayer):
         if other.t > self.t:
             d = other.t - self.t
             self.reserve(self.b, other.t + 1)
-            self.kbuf[:self.b, :, d:other.t] = self.kbuf[:self.b, :, :self.t].clone()
-            self.vbuf[:self.b, :, d:other.t] = self.vbuf[:self.b, :, :self.t].clone()
+            self.kbuf[: self.b, :, d : other.t] = self.kbuf[: self.b, :, : self.t].clone()
+            self.vbuf[: self.b, :, d : other.t] = self.vbuf[: self.b, :, : self.t].clone()
             self.t = other.t
         self.reserve(self.b + other.b, self.t + 1)
         s = self.t - other.t
-        self.kbuf[self.b:self.b + other.b, :, s:self.t] = other.kbuf[:other.b, :, :other.t]
-        self.vbuf[self.b:self.b + other.b, :, s:self.t] = other.vbuf[:other.b, :, :other.t]
+        self.kbuf[self.b : self.b + other.b, :, s : self.t] = other.kbuf[: other.b, :, : other.t]
+        self.vbuf[self.b : self.b + other.b, :, s : self.t] = other.vbuf[: other.b, :, : other.t]
         self.b += other.b
         self._views()
 

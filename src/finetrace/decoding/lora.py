@@ -36,9 +36,9 @@ class GatheredLoRA:
         from peft.tuners.lora.layer import Linear
 
         self.modules = [m for m in model.modules() if isinstance(m, Linear)]
-        self.slots: dict[str, int] = {}   # peft adapter name -> slot (1..); 0 is the base
+        self.slots: dict[str, int] = {}  # peft adapter name -> slot (1..); 0 is the base
         self.rows: torch.Tensor | None = None  # (B,) slot per row for the current forward
-        self.single: int | None = None         # the one slot every row uses, if so
+        self.single: int | None = None  # the one slot every row uses, if so
         for m in self.modules:
             if not hasattr(m, "_ft_forward"):
                 m._ft_forward = m.forward
@@ -141,17 +141,16 @@ def lora_delta(m, x: torch.Tensor, g: GatheredLoRA) -> torch.Tensor | None:
             return None
         h = torch.nn.functional.linear(xa, m._ft_A[g.single]) * m._ft_S[g.single]
         return h @ m._ft_B[g.single]
-    x3 = xa.reshape(x.shape[0], -1, x.shape[-1])                                   # (B, T, in)
-    h = torch.bmm(m._ft_A.index_select(0, g.rows), x3.transpose(1, 2))            # (B, r, T)
+    x3 = xa.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    h = torch.bmm(m._ft_A.index_select(0, g.rows), x3.transpose(1, 2))  # (B, r, T)
     h = h * m._ft_S.index_select(0, g.rows).view(-1, 1, 1)
-    delta = torch.bmm(h.transpose(1, 2), m._ft_B.index_select(0, g.rows))         # (B, T, out)
+    delta = torch.bmm(h.transpose(1, 2), m._ft_B.index_select(0, g.rows))  # (B, T, out)
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     g: GatheredLoRA = self._ft_gather
-    if (g.rows is None and g.single is None) or kwargs.get("adapter_names") is not None \
-            or not hasattr(self, "_ft_A"):
+    if (g.rows is None and g.single is None) or kwargs.get("adapter_names") is not None or not hasattr(self, "_ft_A"):
         return self._ft_forward(x, *args, **kwargs)
     out = self.base_layer(x, *args, **kwargs)  # (B, T, out)
     delta = lora_delta(self, x, g)

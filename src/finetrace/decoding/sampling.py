@@ -45,7 +45,7 @@ def constrain_logits(logits: torch.Tensor, constraints: Sequence[TokenConstraint
         c = constraints[i]
         assert c is not None
         a = c.allowed()
-        allow[j, :min(len(a), logits.shape[-1])] = a[:logits.shape[-1]]
+        allow[j, : min(len(a), logits.shape[-1])] = a[: logits.shape[-1]]
     out = logits.clone()
     idx = torch.tensor(rows, dtype=torch.long)
     out[idx] = out[idx].masked_fill(~allow, float("-inf"))
@@ -61,24 +61,25 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def pick_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-                generators: list[torch.Generator | None]) -> list[int]:
+def pick_tokens(
+    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None]
+) -> list[int]:
     """``logits``: (B, V) for the last position of each row; returns one token id per row."""
     out = logits.argmax(dim=-1)  # (B,)
     sampled = [i for i, t in enumerate(temperatures) if t > 1e-5]
     if not sampled:
         return out.tolist()
     idx = torch.tensor(sampled, dtype=torch.long)
-    temp = torch.tensor([temperatures[i] for i in sampled], dtype=torch.float32)[:, None]   # (S, 1)
-    top_p = torch.tensor([top_ps[i] for i in sampled], dtype=torch.float32)[:, None]       # (S, 1)
-    probs = torch.softmax(logits.index_select(0, idx).float() / temp, dim=-1)              # (S, V)
+    temp = torch.tensor([temperatures[i] for i in sampled], dtype=torch.float32)[:, None]  # (S, 1)
+    top_p = torch.tensor([top_ps[i] for i in sampled], dtype=torch.float32)[:, None]  # (S, 1)
+    probs = torch.softmax(logits.index_select(0, idx).float() / temp, dim=-1)  # (S, V)
     sp, order = torch.sort(probs, dim=-1, descending=True)
     cum = sp.cumsum(-1)
-    sp = sp.masked_fill(cum - sp > top_p, 0.0)           # keep the smallest prefix reaching top_p (>= 1 token)
-    cum = sp.cumsum(-1)                                   # (S, V)
+    sp = sp.masked_fill(cum - sp > top_p, 0.0)  # keep the smallest prefix reaching top_p (>= 1 token)
+    cum = sp.cumsum(-1)  # (S, V)
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled])[:, None] * cum[:, -1:]
-    k = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[-1] - 1)   # (S, 1)
-    k = torch.minimum(k, (sp > 0).sum(-1, keepdim=True) - 1)                  # never past the kept set
+    k = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[-1] - 1)  # (S, 1)
+    k = torch.minimum(k, (sp > 0).sum(-1, keepdim=True) - 1)  # never past the kept set
     out[idx] = order.gather(-1, k).squeeze(-1)
     return out.tolist()
 

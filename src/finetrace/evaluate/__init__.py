@@ -29,4 +29,5 @@ def __getattr__(name: str):
         return getattr(runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["EvalReport", "ModelResult", "Suite", "compare", "evaluate", "load_report", "load_suite", "read_report"]

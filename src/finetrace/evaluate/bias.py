@@ -49,8 +49,10 @@ class Category:
         if len(self.groups) < 2:
             raise InputError(f"word-list category {self.name!r} needs at least two groups")
         if len(set(lengths.values())) != 1 or 0 in lengths.values():
-            raise InputError(f"word-list category {self.name!r}: every group needs the same, non-zero "
-                             f"number of terms (entry i is swapped for entry i); got {lengths}")
+            raise InputError(
+                f"word-list category {self.name!r}: every group needs the same, non-zero "
+                f"number of terms (entry i is swapped for entry i); got {lengths}"
+            )
 
     @property
     def pattern(self) -> re.Pattern:
@@ -92,14 +94,21 @@ def swap(text: str, category: Category, group: str) -> tuple[str, int]:
 
 def load_wordlists(extra: Sequence[str | Path] = ()) -> dict[str, Category]:
     """The shipped categories, with each extra JSON file's groups added (or replacing same-named ones)."""
-    docs = [("wordlists.json (shipped)", json.loads(
-        resources.files(__package__).joinpath("resources/wordlists.json").read_text("utf-8")))]
+    docs = [
+        (
+            "wordlists.json (shipped)",
+            json.loads(resources.files(__package__).joinpath("resources/wordlists.json").read_text("utf-8")),
+        )
+    ]
     for path in extra:
         try:
             docs.append((str(path), json.loads(Path(path).read_text("utf-8"))))
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read word list: {exc}", file=str(path),
-                             hint="a JSON file {\"categories\": {NAME: {\"groups\": {GROUP: [terms]}}}}") from exc
+            raise InputError(
+                f"cannot read word list: {exc}",
+                file=str(path),
+                hint='a JSON file {"categories": {NAME: {"groups": {GROUP: [terms]}}}}',
+            ) from exc
     merged: dict[str, dict] = {}
     for src, doc in docs:
         cats = doc.get("categories")
@@ -107,8 +116,9 @@ def load_wordlists(extra: Sequence[str | Path] = ()) -> dict[str, Category]:
             raise InputError("no 'categories' object", file=src, field="categories")
         for name, c in cats.items():
             if not isinstance(c.get("groups"), dict):
-                raise InputError("a category needs 'groups': {GROUP: [terms]}", file=src,
-                                 field=f"categories.{name}.groups")
+                raise InputError(
+                    "a category needs 'groups': {GROUP: [terms]}", file=src, field=f"categories.{name}.groups"
+                )
             cur = merged.setdefault(name, {"groups": {}, "template": None, "description": ""})
             cur["groups"].update({g: [str(t) for t in ts] for g, ts in c["groups"].items()})
             cur["template"] = c.get("template", cur["template"])
@@ -120,13 +130,17 @@ def _user_texts(ex: Example) -> str:
     return "\n".join(m["content"] for m in ex.messages if m["role"] == "user")
 
 
-def variants(ex: Example, position: int, category: Category, templates: bool = True) -> tuple[str, dict[str, Example]] | None:
+def variants(
+    ex: Example, position: int, category: Category, templates: bool = True
+) -> tuple[str, dict[str, Example]] | None:
     """``("swap"|"template", {group: variant example})``, or None when the category does not apply."""
     if category.pattern.search(_user_texts(ex)):
         out = {}
         for g in category.groups:
-            msgs = [dict(m, content=swap(m["content"], category, g)[0]) if m["role"] == "user" else dict(m)
-                    for m in ex.messages]
+            msgs = [
+                dict(m, content=swap(m["content"], category, g)[0]) if m["role"] == "user" else dict(m)
+                for m in ex.messages
+            ]
             out[g] = replace(ex, messages=msgs)
         return "swap", out
     if not templates or not category.template:
@@ -142,10 +156,16 @@ def variants(ex: Example, position: int, category: Category, templates: bool = T
     return "template", out
 
 
-def counterfactual_suite(examples: Sequence[Example], predict: Predict, score: Score,
-                         categories: dict[str, Category], templates: bool = True,
-                         max_examples: int | None = None, max_flip_examples: int = 3,
-                         top_pairs: int = 5) -> dict:
+def counterfactual_suite(
+    examples: Sequence[Example],
+    predict: Predict,
+    score: Score,
+    categories: dict[str, Category],
+    templates: bool = True,
+    max_examples: int | None = None,
+    max_flip_examples: int = 3,
+    top_pairs: int = 5,
+) -> dict:
     """Run the counterfactual suite; see the module docstring for what is measured."""
     examples = list(examples)[:max_examples] if max_examples else list(examples)
     plan: list[tuple[str, int, str, dict[str, Example]]] = []
@@ -170,12 +190,21 @@ def counterfactual_suite(examples: Sequence[Example], predict: Predict, score: S
         rows = [(pos, kind, vs) for c, pos, kind, vs in plan if c == cname]
         groups = list(cat.groups)
         if not rows:
-            report["categories"][cname] = {"n_examples": 0, "flip_rate": 0.0, "gap": 0.0, "groups": {},
-                                           "pairs": [], "n_swapped": 0, "n_templated": 0}
+            report["categories"][cname] = {
+                "n_examples": 0,
+                "flip_rate": 0.0,
+                "gap": 0.0,
+                "groups": {},
+                "pairs": [],
+                "n_swapped": 0,
+                "n_templated": 0,
+            }
             continue
         flips = 0
         group_scores = {g: [] for g in groups}
-        pair_stats = {(a, b): {"a": a, "b": b, "flips": 0, "examples": []} for a, b in itertools.combinations(groups, 2)}
+        pair_stats = {
+            (a, b): {"a": a, "b": b, "flips": 0, "examples": []} for a, b in itertools.combinations(groups, 2)
+        }
         for pos, kind, vs in rows:
             ans = {g: answer(vs[g]) for g in groups}
             gold = examples[pos].target
@@ -187,24 +216,50 @@ def counterfactual_suite(examples: Sequence[Example], predict: Predict, score: S
                 if ans[a] != ans[b]:
                     st["flips"] += 1
                     if len(st["examples"]) < max_flip_examples:
-                        st["examples"].append({
-                            "example": pos, "id": examples[pos].id, "kind": kind, "gold": gold,
-                            "input_a": _user_texts(vs[a]), "answer_a": ans[a],
-                            "input_b": _user_texts(vs[b]), "answer_b": ans[b]})
+                        st["examples"].append(
+                            {
+                                "example": pos,
+                                "id": examples[pos].id,
+                                "kind": kind,
+                                "gold": gold,
+                                "input_a": _user_texts(vs[a]),
+                                "answer_a": ans[a],
+                                "input_b": _user_texts(vs[b]),
+                                "answer_b": ans[b],
+                            }
+                        )
         n = len(rows)
         per_group = {g: {"value": sum(s) / n, "n": n} for g, s in group_scores.items()}
         vals = [v["value"] for v in per_group.values()]
-        pairs = sorted(({"category": cname, "a": st["a"], "b": st["b"], "flip_rate": st["flips"] / n,
-                         "flips": st["flips"], "n": n, "examples": st["examples"]}
-                        for st in pair_stats.values()), key=lambda p: (-p["flip_rate"], p["a"], p["b"]))
+        pairs = sorted(
+            (
+                {
+                    "category": cname,
+                    "a": st["a"],
+                    "b": st["b"],
+                    "flip_rate": st["flips"] / n,
+                    "flips": st["flips"],
+                    "n": n,
+                    "examples": st["examples"],
+                }
+                for st in pair_stats.values()
+            ),
+            key=lambda p: (-p["flip_rate"], p["a"], p["b"]),
+        )
         report["categories"][cname] = {
-            "n_examples": n, "n_swapped": sum(k == "swap" for _, k, _ in rows),
+            "n_examples": n,
+            "n_swapped": sum(k == "swap" for _, k, _ in rows),
             "n_templated": sum(k == "template" for _, k, _ in rows),
-            "flip_rate": flips / n, "groups": per_group, "gap": max(vals) - min(vals),
-            "pairs": pairs[:top_pairs]}
+            "flip_rate": flips / n,
+            "groups": per_group,
+            "gap": max(vals) - min(vals),
+            "pairs": pairs[:top_pairs],
+        }
     cats = report["categories"].values()
     report["flip_rate"] = max((c["flip_rate"] for c in cats), default=0.0)
     report["group_gap"] = max((c["gap"] for c in cats), default=0.0)
-    report["worst_pairs"] = sorted((p for c in cats for p in c["pairs"] if p["flips"]),
-                                   key=lambda p: (-p["flip_rate"], p["category"], p["a"], p["b"]))[:top_pairs]
+    report["worst_pairs"] = sorted(
+        (p for c in cats for p in c["pairs"] if p["flips"]),
+        key=lambda p: (-p["flip_rate"], p["category"], p["a"], p["b"]),
+    )[:top_pairs]
     return report

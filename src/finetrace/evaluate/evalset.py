@@ -39,7 +39,7 @@ class EvalSet:
 
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``("name@2", "test")`` from ``"name@2:test"``; a bare digest keeps its ``sha256:`` prefix."""
-    body = ref[len("sha256:"):] if ref.startswith("sha256:") else ref
+    body = ref[len("sha256:") :] if ref.startswith("sha256:") else ref
     prefix = ref[: len(ref) - len(body)]
     if ":" in body:
         name, split = body.rsplit(":", 1)
@@ -66,8 +66,10 @@ def load_eval_set(ws: Workspace, ref: str, split: str | None = None, limit: int 
     path = folder / f"{split}.parquet"
     if not path.exists():
         have = sorted(p.stem for p in folder.glob("*.parquet"))
-        raise NotFoundError(f"dataset {art.ref} has no split {split!r}",
-                            hint=f"splits: {', '.join(have) or 'none'}; use {name}:{have[0] if have else 'test'}")
+        raise NotFoundError(
+            f"dataset {art.ref} has no split {split!r}",
+            hint=f"splits: {', '.join(have) or 'none'}; use {name}:{have[0] if have else 'test'}",
+        )
     labels = meta.get("labels") or None
     rows = pq.read_table(path).to_pylist()
     if limit:

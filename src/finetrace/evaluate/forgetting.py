@@ -18,8 +18,11 @@ from .metrics import perplexity
 
 def general_text(path: str | Path | None = None) -> list[str]:
     """The shipped sample (or the passages of ``path``, same format)."""
-    raw = Path(path).read_text("utf-8") if path else \
-        resources.files(__package__).joinpath("resources/general_text.txt").read_text("utf-8")
+    raw = (
+        Path(path).read_text("utf-8")
+        if path
+        else resources.files(__package__).joinpath("resources/general_text.txt").read_text("utf-8")
+    )
     return [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -30,6 +33,10 @@ def text_perplexity(model, tok, texts: list[str], batch_size: int = 8) -> dict:
 
 def forgetting(base: dict, tuned: dict) -> dict:
     """Compare two ``text_perplexity`` results."""
-    return {"base_perplexity": base["perplexity"], "tuned_perplexity": tuned["perplexity"],
-            "increase": tuned["perplexity"] / base["perplexity"] - 1, "tokens": base["tokens"],
-            "passages": base["passages"]}
+    return {
+        "base_perplexity": base["perplexity"],
+        "tuned_perplexity": tuned["perplexity"],
+        "increase": tuned["perplexity"] / base["perplexity"] - 1,
+        "tokens": base["tokens"],
+        "passages": base["passages"],
+    }

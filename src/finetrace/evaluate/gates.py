@@ -13,8 +13,14 @@ from .suite import Gates
 
 def _row(name: str, value: float | None, threshold: float, op: str, note: str = "") -> dict:
     if value is None:
-        return {"name": name, "value": None, "threshold": threshold, "op": op, "passed": False,
-                "note": note or "not measured"}
+        return {
+            "name": name,
+            "value": None,
+            "threshold": threshold,
+            "op": op,
+            "passed": False,
+            "note": note or "not measured",
+        }
     ok = value >= threshold if op == ">=" else value <= threshold
     return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(ok), "note": note}
 
@@ -30,8 +36,15 @@ def apply_gates(gates: Gates, result: dict, primary: str) -> list[dict]:
         rows.append(_row(f"min_gain:{m}", v, thr, ">=", "" if v is not None else "no base comparison"))
     bias = result.get("bias")
     if gates.max_flip_rate is not None:
-        rows.append(_row("max_flip_rate", bias["flip_rate"] if bias else None, gates.max_flip_rate, "<=",
-                         "" if bias else "bias suite not run"))
+        rows.append(
+            _row(
+                "max_flip_rate",
+                bias["flip_rate"] if bias else None,
+                gates.max_flip_rate,
+                "<=",
+                "" if bias else "bias suite not run",
+            )
+        )
     if gates.max_group_gap is not None:
         gaps = []
         grp = (result.get("groups") or {}).get(primary)
@@ -39,12 +52,26 @@ def apply_gates(gates: Gates, result: dict, primary: str) -> list[dict]:
             gaps.append(grp["gap"])
         if bias:
             gaps.append(bias["group_gap"])
-        rows.append(_row("max_group_gap", max(gaps) if gaps else None, gates.max_group_gap, "<=",
-                         "" if gaps else "no group column and no bias suite"))
+        rows.append(
+            _row(
+                "max_group_gap",
+                max(gaps) if gaps else None,
+                gates.max_group_gap,
+                "<=",
+                "" if gaps else "no group column and no bias suite",
+            )
+        )
     if gates.max_perplexity_increase is not None:
         fg = result.get("forgetting")
-        rows.append(_row("max_perplexity_increase", fg["increase"] if fg else None,
-                         gates.max_perplexity_increase, "<=", "" if fg else "no forgetting check"))
+        rows.append(
+            _row(
+                "max_perplexity_increase",
+                fg["increase"] if fg else None,
+                gates.max_perplexity_increase,
+                "<=",
+                "" if fg else "no forgetting check",
+            )
+        )
     return rows
 
 

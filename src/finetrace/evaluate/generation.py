@@ -42,14 +42,23 @@ def _left_pad(rows: list[list[int]], pad: int):
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def generate_seqs(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, stop: Sequence[str] = (),
-                  batch_size: int = 8, progress: Progress | None = None, description: str = "generate",
-                  adapters=None, adapter: str = BASE) -> list[Seq]:
+def generate_seqs(
+    model,
+    tok,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    description: str = "generate",
+    adapters=None,
+    adapter: str = BASE,
+) -> list[Seq]:
     """Greedy generations for ``prompts`` (in input order) through the serving decoder."""
     seqs = [Seq(encode_chat(tok, p), adapter, max_new_tokens, stop=list(stop)) for p in prompts]
     with Counter(progress, description, len(seqs)) as bar:
@@ -57,17 +66,38 @@ def generate_seqs(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 6
     return seqs
 
 
-def generate(model, tok, prompts: Sequence[Prompt], max_new_tokens: int = 64, stop: Sequence[str] = (),
-             batch_size: int = 8, progress: Progress | None = None, description: str = "generate",
-             adapters=None, adapter: str = BASE) -> list[str]:
+def generate(
+    model,
+    tok,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    description: str = "generate",
+    adapters=None,
+    adapter: str = BASE,
+) -> list[str]:
     """Greedy answers for ``prompts`` (normalised), in input order."""
-    return [s.answer for s in generate_seqs(model, tok, prompts, max_new_tokens, stop, batch_size, progress,
-                                            description, adapters, adapter)]
+    return [
+        s.answer
+        for s in generate_seqs(
+            model, tok, prompts, max_new_tokens, stop, batch_size, progress, description, adapters, adapter
+        )
+    ]
 
 
-def score_labels(model, tok, prompts: Sequence[Prompt], labels: Sequence[str], batch_size: int = 8,
-                 progress: Progress | None = None, description: str = "score labels", adapters=None,
-                 adapter: str | Sequence[str] = BASE) -> tuple[list[str], list[list[float]]]:
+def score_labels(
+    model,
+    tok,
+    prompts: Sequence[Prompt],
+    labels: Sequence[str],
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    description: str = "score labels",
+    adapters=None,
+    adapter: str | Sequence[str] = BASE,
+) -> tuple[list[str], list[list[float]]]:
     """Constrained classification: each prompt's label with the highest summed log-probability.
     ``adapter``: one adapter name for all prompts, or one per prompt (a batch may mix them)."""
     if not labels:
@@ -87,7 +117,7 @@ def text_nll(model, tok, texts: Sequence[str], batch_size: int = 8) -> tuple[flo
     total, count = 0.0, 0
     with torch.inference_mode():
         for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
+            chunk = rows[s : s + batch_size]
             ids, mask, pos = _left_pad(chunk, pad_id(tok))
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

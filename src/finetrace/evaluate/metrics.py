@@ -124,8 +124,12 @@ def label_report(preds: Sequence[str | None], golds: Sequence[str], labels: Sequ
         tp, fp, fn = _class_counts(preds, golds, c)
         prec = tp / (tp + fp) if tp + fp else None
         rec = tp / (tp + fn) if tp + fn else None
-        per[c] = {"precision": prec, "recall": rec, "support": tp + fn,
-                  "f1": 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)}
+        per[c] = {
+            "precision": prec,
+            "recall": rec,
+            "support": tp + fn,
+            "f1": 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn),
+        }
     return {"classes": classes, "columns": cols, "confusion": confusion, "per_class": per}
 
 
@@ -174,7 +178,9 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 
 
 _TEXT_FN: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l,
+    "exact_match": exact_match,
+    "token_f1": token_f1,
+    "rouge_l": rouge_l,
 }
 
 
@@ -185,8 +191,13 @@ class Scored:
     per-example text scores are cached so resampling costs only a mean.
     """
 
-    def __init__(self, texts: Sequence[str], golds: Sequence[str], label_set: Sequence[str] | None = None,
-                 preds: Sequence[str | None] | None = None):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        golds: Sequence[str],
+        label_set: Sequence[str] | None = None,
+        preds: Sequence[str | None] | None = None,
+    ):
         self.texts = list(texts)
         self.golds = list(golds)
         self.label_set = list(label_set) if label_set else None

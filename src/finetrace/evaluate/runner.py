@@ -54,8 +54,11 @@ def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
     if suite.metrics:
         bad = [m for m in suite.metrics if METRICS[m] == "label" and es.task != "classification"]
         if bad:
-            raise InputError(f"metrics {bad} need a classification dataset; {es.artifact.ref} is {es.schema}",
-                             field="metrics", hint="use exact_match, token_f1 or rouge_l")
+            raise InputError(
+                f"metrics {bad} need a classification dataset; {es.artifact.ref} is {es.schema}",
+                field="metrics",
+                hint="use exact_match, token_f1 or rouge_l",
+            )
         return list(suite.metrics)
     return ["accuracy", "macro_f1"] if es.task == "classification" else ["exact_match", "token_f1", "rouge_l"]
 
@@ -64,7 +67,9 @@ class _Answerer:
     """How one model answers a list of prompts for this task (labels, or free text), through the serving
     decoder with every row on LoRA slot ``adapter`` (``decoding.BASE`` for the base)."""
 
-    def __init__(self, model, tok, suite: Suite, es: EvalSet, progress: Progress | None, adapters=None, adapter: str = BASE):
+    def __init__(
+        self, model, tok, suite: Suite, es: EvalSet, progress: Progress | None, adapters=None, adapter: str = BASE
+    ):
         self.model, self.tok, self.suite, self.es, self.progress = model, tok, suite, es, progress
         self.adapters, self.adapter = adapters, adapter
         self.last_tokens: list[list[int]] | None = None
@@ -72,53 +77,88 @@ class _Answerer:
     def __call__(self, prompts: list, description: str) -> tuple[list[str], list[str] | None]:
         s, es = self.suite, self.es
         if es.task == "classification" and s.scoring == "constrained":
-            preds, _ = score_labels(self.model, self.tok, prompts, es.labels, batch_size=s.batch_size,
-                                    progress=self.progress, description=description, adapters=self.adapters,
-                                    adapter=self.adapter)
+            preds, _ = score_labels(
+                self.model,
+                self.tok,
+                prompts,
+                es.labels,
+                batch_size=s.batch_size,
+                progress=self.progress,
+                description=description,
+                adapters=self.adapters,
+                adapter=self.adapter,
+            )
             self.last_tokens = None
             return preds, preds
-        seqs = generate_seqs(self.model, self.tok, prompts, max_new_tokens=s.max_new_tokens, stop=s.stop,
-                             batch_size=s.batch_size, progress=self.progress, description=description,
-                             adapters=self.adapters, adapter=self.adapter)
+        seqs = generate_seqs(
+            self.model,
+            self.tok,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            stop=s.stop,
+            batch_size=s.batch_size,
+            progress=self.progress,
+            description=description,
+            adapters=self.adapters,
+            adapter=self.adapter,
+        )
         self.last_tokens = [list(q.ids) for q in seqs]
         return [q.answer for q in seqs], None
 
 
 def _bias_score(primary: str) -> Callable[[str, str], float]:
-    return {"accuracy": lambda a, g: float(a == g), "macro_f1": lambda a, g: float(a == g),
-            "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}[primary]
+    return {
+        "accuracy": lambda a, g: float(a == g),
+        "macro_f1": lambda a, g: float(a == g),
+        "exact_match": exact_match,
+        "token_f1": token_f1,
+        "rouge_l": rouge_l,
+    }[primary]
 
 
-def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, metrics: list[str],
-                      base: Scored | None, categories) -> tuple[dict, Scored]:
+def _evaluate_subject(
+    name: str, answer: _Answerer, es: EvalSet, suite: Suite, metrics: list[str], base: Scored | None, categories
+) -> tuple[dict, Scored]:
     bs = suite.bootstrap
     texts, preds = answer([e.messages for e in es.examples], f"{name}: {len(es.examples)} examples")
     scored = Scored(texts, [e.target for e in es.examples], es.labels, preds)
     n = len(es.examples)
     res: dict = {"name": name, "metrics": {}, "answers": texts}
     # per example: right (score 1) or not, by accuracy for labels, else by the primary text metric
-    res["correct"] = [x >= 1.0 for x in scored.per_example(
-        "accuracy" if es.task == "classification" else metrics[0])]
+    res["correct"] = [x >= 1.0 for x in scored.per_example("accuracy" if es.task == "classification" else metrics[0])]
     if es.task == "classification":
         res["labels"] = label_report(scored.preds, scored.golds, es.labels)
     if answer.last_tokens is not None:
         res["answer_tokens"] = answer.last_tokens  # what parity replays token for token
     for m in metrics:
-        res["metrics"][m] = {"value": scored.metric(m), "ci": list(bootstrap_ci(
-            lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed, bs.confidence)), "n": n}
+        res["metrics"][m] = {
+            "value": scored.metric(m),
+            "ci": list(bootstrap_ci(lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed, bs.confidence)),
+            "n": n,
+        }
     if es.has_groups:
         res["groups"] = {m: by_group(lambda idx, m=m: scored.metric(m, idx), es.groups) for m in metrics}
         if es.task == "classification":
             res["fairness"] = {
                 "demographic_parity_difference": demographic_parity_difference(scored.preds, scored.golds, es.groups),
-                "equalized_odds_difference": equalized_odds_difference(scored.preds, scored.golds, es.groups)}
+                "equalized_odds_difference": equalized_odds_difference(scored.preds, scored.golds, es.groups),
+            }
     if base is not None:
-        res["vs_base"] = {m: paired_bootstrap(lambda idx, m=m: base.metric(m, idx),
-                                              lambda idx, m=m: scored.metric(m, idx), n, bs.samples, bs.seed,
-                                              bs.confidence) for m in metrics}
+        res["vs_base"] = {
+            m: paired_bootstrap(
+                lambda idx, m=m: base.metric(m, idx),
+                lambda idx, m=m: scored.metric(m, idx),
+                n,
+                bs.samples,
+                bs.seed,
+                bs.confidence,
+            )
+            for m in metrics
+        }
         if es.task == "classification":
-            res["vs_base"]["mcnemar"] = mcnemar_exact([p == g for p, g in zip(base.preds, base.golds)],
-                                                      [p == g for p, g in zip(scored.preds, scored.golds)])
+            res["vs_base"]["mcnemar"] = mcnemar_exact(
+                [p == g for p, g in zip(base.preds, base.golds)], [p == g for p, g in zip(scored.preds, scored.golds)]
+            )
     if categories is not None:
         is_label = es.task == "classification"
         # a variant equal to its example (a swap to the example's own group) is not answered twice
@@ -133,8 +173,13 @@ def _evaluate_subject(name: str, answer: _Answerer, es: EvalSet, suite: Suite, m
             return [known[k] if is_label else normalize(known[k]) for k in keys]
 
         res["bias"] = bias_mod.counterfactual_suite(
-            es.examples, predict, _bias_score(metrics[0]), categories, templates=suite.bias.templates,
-            max_examples=suite.bias.max_examples)
+            es.examples,
+            predict,
+            _bias_score(metrics[0]),
+            categories,
+            templates=suite.bias.templates,
+            max_examples=suite.bias.max_examples,
+        )
     return res, scored
 
 
@@ -159,9 +204,16 @@ def _select(sel, name: str) -> None:
         sel.select([name])
 
 
-def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
-            suite: Suite | str | Path | None = None, name: str | None = None,
-            progress: Progress | None = None, quantized_base: bool = True) -> Artifact:
+def compare(
+    ws: Workspace,
+    model_ref: str,
+    adapters: list[str],
+    data_ref: str,
+    suite: Suite | str | Path | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+    quantized_base: bool = True,
+) -> Artifact:
     """Evaluate the base and each adapter on the same examples; one report, one verdict per adapter.
 
     Adapters trained on a quantised base (QLoRA, 8-bit) are evaluated on that base unless
@@ -176,8 +228,10 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
     for a in ad_arts:
         want = (a.metadata or {}).get("base_model")
         if want and want != base_art.digest:
-            raise InputError(f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
-                             hint="pass --model with the adapter's base model")
+            raise InputError(
+                f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
+                hint="pass --model with the adapter's base model",
+            )
     quant = adapters_quantization(ad_arts) if quantized_base else None  # the base they were trained on
     es = load_eval_set(ws, data_ref, suite.split, suite.limit)
     metrics = _metrics_for(suite, es)
@@ -187,13 +241,21 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
         wanted = suite.bias.categories or list(allc)
         unknown = [c for c in wanted if c not in allc]
         if unknown:
-            raise InputError(f"unknown word-list categories {unknown}", field="bias.categories",
-                             hint=f"one of {', '.join(allc)}")
+            raise InputError(
+                f"unknown word-list categories {unknown}", field="bias.categories", hint=f"one of {', '.join(allc)}"
+            )
         categories = {c: allc[c] for c in wanted}
     suite_digest = ws.store.put_bytes(suite.canonical())
-    config = {"suite": suite.to_dict(), "suite_digest": suite_digest, "model": base_art.digest,
-              "adapters": [a.digest for a in ad_arts], "dataset": es.artifact.digest, "split": es.split,
-              "metrics": metrics, **({"base_quantization": quant} if quant else {})}
+    config = {
+        "suite": suite.to_dict(),
+        "suite_digest": suite_digest,
+        "model": base_art.digest,
+        "adapters": [a.digest for a in ad_arts],
+        "dataset": es.artifact.digest,
+        "split": es.split,
+        "metrics": metrics,
+        **({"base_quantization": quant} if quant else {}),
+    }
     inputs = [base_art.digest, *[a.digest for a in ad_arts], es.artifact.digest, suite_digest]
     with ws.ledger.run("evaluate", config, inputs=inputs, seed=suite.bootstrap.seed) as run:
         model, tok, _ = load_model(ws, base_art.digest, quantization=quant)
@@ -204,16 +266,24 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
         answer = _Answerer(lm, tok, suite, es, progress, sel, BASE)
         subjects = []
         base_res, base_scored = _evaluate_subject(
-            "base", answer, es, suite, metrics, None, categories if not ad_arts else None)
-        with (peft.disable_adapter() if peft is not None else contextlib.nullcontext()):
+            "base", answer, es, suite, metrics, None, categories if not ad_arts else None
+        )
+        with peft.disable_adapter() if peft is not None else contextlib.nullcontext():
             _select(sel, BASE)
             base_ppl = text_perplexity(model, tok, fg_texts, suite.batch_size) if fg_texts else None
         base_res.update(model=base_art.digest, adapter=None, ref=base_art.ref)
         subjects.append(base_res)
         for i, art in enumerate(ad_arts):
             peft.set_adapter(f"a{i}")
-            res, _ = _evaluate_subject(art.ref, _Answerer(peft, tok, suite, es, progress, sel, f"a{i}"), es, suite,
-                                       metrics, base_scored, categories)
+            res, _ = _evaluate_subject(
+                art.ref,
+                _Answerer(peft, tok, suite, es, progress, sel, f"a{i}"),
+                es,
+                suite,
+                metrics,
+                base_scored,
+                categories,
+            )
             _select(sel, f"a{i}")
             if fg_texts:
                 res["forgetting"] = forgetting(base_ppl, text_perplexity(peft, tok, fg_texts, suite.batch_size))
@@ -224,26 +294,48 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
             res["gates"] = rows
             res["passed"] = verdict(rows)
         report = {
-            "format": REPORT_FORMAT, "run_id": run.id, "date": run_date(run.id), "suite": suite.to_dict(),
+            "format": REPORT_FORMAT,
+            "run_id": run.id,
+            "date": run_date(run.id),
+            "suite": suite.to_dict(),
             "suite_digest": suite_digest,
-            "dataset": {"digest": es.artifact.digest, "ref": es.artifact.ref, "split": es.split,
-                        "schema": es.schema, "labels": es.labels, "n": len(es.examples)},
+            "dataset": {
+                "digest": es.artifact.digest,
+                "ref": es.artifact.ref,
+                "split": es.split,
+                "schema": es.schema,
+                "labels": es.labels,
+                "n": len(es.examples),
+            },
             "base_model": {"digest": base_art.digest, "ref": base_art.ref, "quantization": quant},
-            "metrics": metrics, "primary_metric": metrics[0], "task": es.task,
+            "metrics": metrics,
+            "primary_metric": metrics[0],
+            "task": es.task,
             "models": subjects,
-            "examples": [{"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"],
-                          "gold": e.target} for i, e in enumerate(es.examples)],
+            "examples": [
+                {"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"], "gold": e.target}
+                for i, e in enumerate(es.examples)
+            ],
         }
         with tempfile.TemporaryDirectory() as tmp:
             write_report(report, Path(tmp))
             digest = ws.store.put_dir(tmp)
         gated = [s for s in subjects if s.get("adapter")]
-        art = run.output("eval_report", digest, name=name or f"eval-{(es.artifact.name or 'dataset')}",
-                         metadata={"format": REPORT_FORMAT, "dataset": es.artifact.digest, "split": es.split,
-                                   "base_model": base_art.digest, "adapters": [a.digest for a in ad_arts],
-                                   "suite": suite_digest, "passed": {s["ref"]: s.get("passed") for s in gated},
-                                   "metrics": {s["ref"]: {m: s["metrics"][m]["value"] for m in metrics}
-                                               for s in subjects}})
+        art = run.output(
+            "eval_report",
+            digest,
+            name=name or f"eval-{(es.artifact.name or 'dataset')}",
+            metadata={
+                "format": REPORT_FORMAT,
+                "dataset": es.artifact.digest,
+                "split": es.split,
+                "base_model": base_art.digest,
+                "adapters": [a.digest for a in ad_arts],
+                "suite": suite_digest,
+                "passed": {s["ref"]: s.get("passed") for s in gated},
+                "metrics": {s["ref"]: {m: s["metrics"][m]["value"] for m in metrics} for s in subjects},
+            },
+        )
         for s in subjects:
             for m in metrics:
                 run.metrics[f"{s['ref']}/{m}"] = s["metrics"][m]["value"]
@@ -252,12 +344,18 @@ def compare(ws: Workspace, model_ref: str, adapters: list[str], data_ref: str,
     return art
 
 
-def evaluate(ws: Workspace, model_ref: str, data_ref: str, adapter_ref: str | None = None,
-             suite: Suite | str | Path | None = None, name: str | None = None, progress: Progress | None = None,
-             quantized_base: bool = True) -> Artifact:
+def evaluate(
+    ws: Workspace,
+    model_ref: str,
+    data_ref: str,
+    adapter_ref: str | None = None,
+    suite: Suite | str | Path | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+    quantized_base: bool = True,
+) -> Artifact:
     """Evaluate ``model_ref`` (and ``adapter_ref`` against it) on ``data_ref``; returns the eval_report."""
-    return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress,
-                   quantized_base)
+    return compare(ws, model_ref, [adapter_ref] if adapter_ref else [], data_ref, suite, name, progress, quantized_base)
 
 
 def load_report(ws: Workspace, ref: str) -> dict:

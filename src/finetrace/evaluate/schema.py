@@ -175,8 +175,12 @@ class EvalReport(_Part):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or None
-            raise InputError(f"not an eval report: {err['msg']} ({len(exc.errors())} problem(s))", file=source,
-                             field=field, hint="pass the report.json an evaluate run wrote") from None
+            raise InputError(
+                f"not an eval report: {err['msg']} ({len(exc.errors())} problem(s))",
+                file=source,
+                field=field,
+                hint="pass the report.json an evaluate run wrote",
+            ) from None
 
     @property
     def base(self) -> ModelResult | None:

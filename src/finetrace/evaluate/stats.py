@@ -36,8 +36,9 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def bootstrap_ci(fn: IndexFn, n: int, samples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    fn: IndexFn, n: int, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the statistic ``fn(indices)`` over ``n`` examples."""
     if n == 0:
         return (0.0, 0.0)
@@ -46,8 +47,9 @@ def bootstrap_ci(fn: IndexFn, n: int, samples: int = 1000, seed: int = 0,
     return (_percentile(vals, alpha), _percentile(vals, 1 - alpha))
 
 
-def paired_bootstrap(fn_a: IndexFn, fn_b: IndexFn, n: int, samples: int = 1000, seed: int = 0,
-                     confidence: float = 0.95) -> dict:
+def paired_bootstrap(
+    fn_a: IndexFn, fn_b: IndexFn, n: int, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict:
     """Paired bootstrap of ``delta = fn_b - fn_a``: both metrics on the same resampled examples.
 
     The p-value is two-sided: twice the smaller share of resamples on either side of zero (with the
@@ -62,8 +64,13 @@ def paired_bootstrap(fn_a: IndexFn, fn_b: IndexFn, n: int, samples: int = 1000, 
     ge = sum(d >= 0 for d in deltas)
     p = min(1.0, 2 * (min(le, ge) + 1) / (samples + 1))
     alpha = (1 - confidence) / 2
-    return {"delta": delta, "ci": [_percentile(deltas, alpha), _percentile(deltas, 1 - alpha)],
-            "p_value": p, "test": "paired_bootstrap", "samples": samples}
+    return {
+        "delta": delta,
+        "ci": [_percentile(deltas, alpha), _percentile(deltas, 1 - alpha)],
+        "p_value": p,
+        "test": "paired_bootstrap",
+        "samples": samples,
+    }
 
 
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
@@ -74,7 +81,7 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     if n == 0:
         return {"b": 0, "c": 0, "p_value": 1.0, "test": "mcnemar_exact"}
     k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return {"b": b, "c": c, "p_value": min(1.0, 2 * tail), "test": "mcnemar_exact"}
 
 
@@ -103,8 +110,9 @@ def _classes(preds, golds, positive):
     return sorted({g for g in golds} | {p for p in preds if p is not None})
 
 
-def demographic_parity_difference(preds: Sequence[str | None], golds: Sequence[str],
-                                  groups: Sequence[str | None], positive: str | None = None) -> float:
+def demographic_parity_difference(
+    preds: Sequence[str | None], golds: Sequence[str], groups: Sequence[str | None], positive: str | None = None
+) -> float:
     """Largest gap between groups in the rate of predicting a class (max over classes, or ``positive``)."""
     gi = group_indices(groups)
     if len(gi) < 2:
@@ -116,8 +124,9 @@ def demographic_parity_difference(preds: Sequence[str | None], golds: Sequence[s
     return worst
 
 
-def equalized_odds_difference(preds: Sequence[str | None], golds: Sequence[str],
-                              groups: Sequence[str | None], positive: str | None = None) -> float:
+def equalized_odds_difference(
+    preds: Sequence[str | None], golds: Sequence[str], groups: Sequence[str | None], positive: str | None = None
+) -> float:
     """max over classes (one-vs-rest) of max(TPR gap, FPR gap) between groups; groups with no
     positives (negatives) of a class are left out of that class's TPR (FPR) gap."""
     gi = group_indices(groups)

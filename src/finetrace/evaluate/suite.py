@@ -36,7 +36,9 @@ class _Strict(BaseModel):
 
 
 class BootstrapConfig(_Strict):
-    samples: int = Field(1000, ge=10, le=1_000_000, description="Bootstrap resamples for every interval and paired test.")
+    samples: int = Field(
+        1000, ge=10, le=1_000_000, description="Bootstrap resamples for every interval and paired test."
+    )
     seed: int = Field(0, ge=0, le=2**64 - 1, description="Seed of the resampling RNG (same seed, same intervals).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
 
@@ -46,7 +48,9 @@ class BiasConfig(_Strict):
     categories: list[str] | None = Field(None, description="Word-list categories to use (default: all).")
     wordlists: list[str] = Field(default_factory=list, description="Extra word-list JSON files to merge in.")
     templates: bool = Field(True, description="Wrap inputs that mention no term in the category's template.")
-    max_examples: int | None = Field(20, ge=1, le=10_000_000, description="Examples to perturb (the first N of the split).")
+    max_examples: int | None = Field(
+        20, ge=1, le=10_000_000, description="Examples to perturb (the first N of the split)."
+    )
 
 
 class ForgettingConfig(_Strict):
@@ -58,10 +62,14 @@ class Gates(_Strict):
     min_metric: dict[str, float] = Field(default_factory=dict, description="metric -> minimum value.")
     min_gain: dict[str, float] = Field(default_factory=dict, description="metric -> minimum tuned - base.")
     max_flip_rate: float | None = Field(None, ge=0, le=1, description="Maximum counterfactual answer flip rate.")
-    max_group_gap: float | None = Field(None, ge=0, le=1, description="Maximum max-min of the primary metric across "
-                                        "the dataset's groups and across counterfactual groups.")
-    max_perplexity_increase: float | None = Field(None, ge=0, le=1e6, description="Maximum relative perplexity "
-                                                  "rise.")
+    max_group_gap: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Maximum max-min of the primary metric across "
+        "the dataset's groups and across counterfactual groups.",
+    )
+    max_perplexity_increase: float | None = Field(None, ge=0, le=1e6, description="Maximum relative perplexity rise.")
 
     @field_validator("min_metric", "min_gain")
     @classmethod
@@ -74,15 +82,23 @@ class Gates(_Strict):
         return v
 
     def empty(self) -> bool:
-        return not (self.min_metric or self.min_gain or self.max_flip_rate is not None
-                    or self.max_group_gap is not None or self.max_perplexity_increase is not None)
+        return not (
+            self.min_metric
+            or self.min_gain
+            or self.max_flip_rate is not None
+            or self.max_group_gap is not None
+            or self.max_perplexity_increase is not None
+        )
 
 
 class Suite(_Strict):
     name: str = Field("default", description="A name for reports.")
     split: str = Field("test", description="Dataset split to evaluate.")
-    metrics: list[str] | None = Field(None, description="Metrics; default by schema (classification: "
-                                      "accuracy, macro_f1; others: exact_match, token_f1, rouge_l).")
+    metrics: list[str] | None = Field(
+        None,
+        description="Metrics; default by schema (classification: "
+        "accuracy, macro_f1; others: exact_match, token_f1, rouge_l).",
+    )
     scoring: Literal["constrained", "generate"] = Field("constrained", description="Classification scoring.")
     max_new_tokens: int = Field(64, ge=1, le=100_000, description="Generation budget per answer.")
     stop: list[str] = Field(default_factory=lambda: ["\n\n"], description="Stop strings (cut from answers).")
@@ -108,13 +124,19 @@ class Suite(_Strict):
         return canonical_json(self.to_dict())
 
 
-def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None,
-                prefix: str = "") -> Suite:
+def parse_suite(doc: dict, source: str = "<suite>", lines: dict[str, int] | None = None, prefix: str = "") -> Suite:
     """Validate a mapping as a suite; errors name the key (``prefix`` + key, with file and line when known).
 
     ``lines`` are the dotted-key lines of ``source``, where the suite sits at ``prefix``."""
-    return validate_model(Suite, doc or {}, "suite", file=source, lines=lines, prefix=prefix,
-                          reference="see the suite keys in docs/config-reference.md")
+    return validate_model(
+        Suite,
+        doc or {},
+        "suite",
+        file=source,
+        lines=lines,
+        prefix=prefix,
+        reference="see the suite keys in docs/config-reference.md",
+    )
 
 
 def load_suite(path: str | Path | None) -> Suite:

@@ -16,7 +16,7 @@ from .log import Ledger
 
 @dataclass(frozen=True)
 class Clearance:
-    status: str          # "passed" | "failed" | "overridden" | "unevaluated"
+    status: str  # "passed" | "failed" | "overridden" | "unevaluated"
     detail: str
     report: str | None = None  # digest of the eval report behind the latest verdict
 
@@ -25,17 +25,21 @@ class Clearance:
         return self.status in ("passed", "overridden")
 
 
-def record_verdict(ledger: Ledger, adapter: str, report: str | None, passed: bool, gates: list[dict],
-                   run_id: str | None = None) -> None:
+def record_verdict(
+    ledger: Ledger, adapter: str, report: str | None, passed: bool, gates: list[dict], run_id: str | None = None
+) -> None:
     """``gates``: ``[{"name", "value", "threshold", "op", "passed"}, ...]``."""
-    ledger.append("gate.verdict", {"adapter": adapter, "report": report, "passed": bool(passed),
-                                   "gates": gates, "run_id": run_id})
+    ledger.append(
+        "gate.verdict", {"adapter": adapter, "report": report, "passed": bool(passed), "gates": gates, "run_id": run_id}
+    )
 
 
 def record_override(ledger: Ledger, adapter: str, by: str, reason: str) -> None:
     if not by.strip() or not reason.strip():
-        raise InputError("an override needs the name of the person taking responsibility and a reason",
-                         hint="--as 'Full Name' --reason '...'")
+        raise InputError(
+            "an override needs the name of the person taking responsibility and a reason",
+            hint="--as 'Full Name' --reason '...'",
+        )
     ledger.append("gate.override", {"adapter": adapter, "by": by, "reason": reason}, who=by, seal=True)
 
 
@@ -56,6 +60,9 @@ def clearance(ledger: Ledger, adapter: str) -> Clearance:
         return Clearance("passed", "all eval gates passed", verdict.data.get("report"))
     failed = [g["name"] for g in verdict.data.get("gates", []) if not g.get("passed")]
     if override is not None:
-        return Clearance("overridden", f"gates {', '.join(failed)} failed; overridden by "
-                         f"{override.data['by']}: {override.data['reason']}", verdict.data.get("report"))
+        return Clearance(
+            "overridden",
+            f"gates {', '.join(failed)} failed; overridden by {override.data['by']}: {override.data['reason']}",
+            verdict.data.get("report"),
+        )
     return Clearance("failed", f"eval gates failed: {', '.join(failed) or 'unknown'}", verdict.data.get("report"))

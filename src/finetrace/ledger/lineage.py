@@ -32,8 +32,14 @@ def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 5
     def add_run(rid: str) -> dict:
         if rid not in runs:
             r = ledger.get_run(rid)
-            runs[rid] = {"kind": r.kind, "status": r.status, "started": r.started, "actor": r.actor,
-                         "inputs": r.inputs, "outputs": r.outputs}
+            runs[rid] = {
+                "kind": r.kind,
+                "status": r.status,
+                "started": r.started,
+                "actor": r.actor,
+                "inputs": r.inputs,
+                "outputs": r.outputs,
+            }
         return runs[rid]
 
     add_artifact(digest)

@@ -36,10 +36,33 @@ from . import merkle, witness
 from .schema import INDEX_TABLES, migrate
 from .signing import KeyPair
 
-ARTIFACT_KINDS = ("source", "dataset", "base_model", "adapter", "eval_report", "document", "bundle",
-                  "checkpoint", "model")
-RUN_KINDS = ("import", "convert", "train", "evaluate", "document", "approve", "publish", "pull",
-             "deploy", "reproduce", "export", "pipeline", "parity", "erasure")
+ARTIFACT_KINDS = (
+    "source",
+    "dataset",
+    "base_model",
+    "adapter",
+    "eval_report",
+    "document",
+    "bundle",
+    "checkpoint",
+    "model",
+)
+RUN_KINDS = (
+    "import",
+    "convert",
+    "train",
+    "evaluate",
+    "document",
+    "approve",
+    "publish",
+    "pull",
+    "deploy",
+    "reproduce",
+    "export",
+    "pipeline",
+    "parity",
+    "erasure",
+)
 
 
 def now() -> str:
@@ -75,12 +98,24 @@ class Checkpoint:
 
     def message(self) -> bytes:
         """The exact bytes that are signed."""
-        return canonical_json({"format": "finetrace-checkpoint/1", "size": self.size,
-                               "root": self.root, "time": self.time, "key_id": self.key_id})
+        return canonical_json(
+            {
+                "format": "finetrace-checkpoint/1",
+                "size": self.size,
+                "root": self.root,
+                "time": self.time,
+                "key_id": self.key_id,
+            }
+        )
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "root": self.root, "time": self.time, "key_id": self.key_id,
-                "signature": self.signature}
+        return {
+            "size": self.size,
+            "root": self.root,
+            "time": self.time,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
 
 
 @dataclass
@@ -106,8 +141,14 @@ class Artifact:
         return int(self.aliases[-1].rsplit("@", 1)[1]) if self.aliases else None
 
     def to_dict(self) -> dict:
-        return {"digest": self.digest, "kind": self.kind, "aliases": self.aliases,
-                "metadata": self.metadata, "run_id": self.run_id, "created": self.created}
+        return {
+            "digest": self.digest,
+            "kind": self.kind,
+            "aliases": self.aliases,
+            "metadata": self.metadata,
+            "run_id": self.run_id,
+            "created": self.created,
+        }
 
 
 @dataclass
@@ -132,9 +173,17 @@ class Run:
 # -- index handlers: one per entry type; the same code runs on append and on rebuild --------------
 def _ix_artifact(conn: sqlite3.Connection, e: dict) -> None:
     d = e["data"]
-    conn.execute("INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?)",
-                 (d["digest"], d["kind"], canonical_json(d.get("metadata") or {}).decode(),
-                  d.get("run_id"), e["seq"], e["time"]))
+    conn.execute(
+        "INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?)",
+        (
+            d["digest"],
+            d["kind"],
+            canonical_json(d.get("metadata") or {}).decode(),
+            d.get("run_id"),
+            e["seq"],
+            e["time"],
+        ),
+    )
     if d.get("name"):
         conn.execute("INSERT INTO aliases VALUES (?,?,?,?)", (d["name"], d["version"], d["digest"], e["seq"]))
     if d.get("run_id"):
@@ -143,19 +192,29 @@ def _ix_artifact(conn: sqlite3.Connection, e: dict) -> None:
 
 def _ix_run_started(conn: sqlite3.Connection, e: dict) -> None:
     d = e["data"]
-    conn.execute("INSERT INTO runs (id, kind, status, actor, config, environment, started, seq) "
-                 "VALUES (?,?,?,?,?,?,?,?)",
-                 (d["id"], d["kind"], "running", e["actor"], canonical_json(d["config"]).decode(),
-                  canonical_json(d["environment"]).decode(), e["time"], e["seq"]))
+    conn.execute(
+        "INSERT INTO runs (id, kind, status, actor, config, environment, started, seq) VALUES (?,?,?,?,?,?,?,?)",
+        (
+            d["id"],
+            d["kind"],
+            "running",
+            e["actor"],
+            canonical_json(d["config"]).decode(),
+            canonical_json(d["environment"]).decode(),
+            e["time"],
+            e["seq"],
+        ),
+    )
     for digest in d.get("inputs", []):
         conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'input')", (d["id"], digest))
 
 
 def _ix_run_finished(conn: sqlite3.Connection, e: dict) -> None:
     d = e["data"]
-    conn.execute("UPDATE runs SET status=?, metrics=?, error=?, ended=? WHERE id=?",
-                 (d["status"], canonical_json(d.get("metrics") or {}).decode(), d.get("error"),
-                  e["time"], d["id"]))
+    conn.execute(
+        "UPDATE runs SET status=?, metrics=?, error=?, ended=? WHERE id=?",
+        (d["status"], canonical_json(d.get("metrics") or {}).decode(), d.get("error"), e["time"], d["id"]),
+    )
     for digest in d.get("inputs", []):
         conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'input')", (d["id"], digest))
 
@@ -201,9 +260,11 @@ class Ledger:
             size = f"{self.path.stat().st_size} bytes"
         except OSError:
             size = "unreadable"
-        return IntegrityError(f"the ledger database {self.path} is damaged ({size}; SQLite: {exc})",
-                              hint="restore ledger.db from a backup, then check it with `finetrace verify "
-                                   "--checkpoint` against a checkpoint kept outside the workspace")
+        return IntegrityError(
+            f"the ledger database {self.path} is damaged ({size}; SQLite: {exc})",
+            hint="restore ledger.db from a backup, then check it with `finetrace verify "
+            "--checkpoint` against a checkpoint kept outside the workspace",
+        )
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
@@ -246,8 +307,9 @@ class Ledger:
             raise
 
     # -- the log ------------------------------------------------------------------------------
-    def append(self, type: str, data: dict | Callable[[sqlite3.Connection], dict],
-               who: str | None = None, seal: bool = False) -> Entry:
+    def append(
+        self, type: str, data: dict | Callable[[sqlite3.Connection], dict], who: str | None = None, seal: bool = False
+    ) -> Entry:
         """Append one event. ``data`` may be a function of the locked connection (to number versions).
         ``seal``: sign a checkpoint at once (an event outside any run; runs seal when they end)."""
         with self._tx() as conn:
@@ -272,8 +334,9 @@ class Ledger:
         (size,) = conn.execute("SELECT COUNT(*) FROM entries").fetchone()
         (top,) = conn.execute("SELECT COALESCE(MAX(seq), -1) FROM entries").fetchone()
         if top != size - 1:
-            raise WorkspaceError(f"the ledger has a gap (size {size}, last entry {top})",
-                                 hint="run `finetrace verify` to find it")
+            raise WorkspaceError(
+                f"the ledger has a gap (size {size}, last entry {top})", hint="run `finetrace verify` to find it"
+            )
         body = {"seq": size, "type": type, "time": now(), "actor": who or actor(), "data": payload}
         raw = canonical_json(body)
         leaf = merkle.leaf_hash(raw)
@@ -340,19 +403,22 @@ class Ledger:
             for path in self._witness_files():
                 old = witness.load(path)
                 if old is not None and old.key_id == self.keys.key_id and not witness.extends(old, leaves, roots):
-                    raise IntegrityError(f"the ledger no longer extends the checkpoint (size {old.size}) in "
-                                         f"{path}: entries were removed or rewritten; no new checkpoint signed",
-                                         hint="run `finetrace verify` to see what changed")
-            last = conn.execute("SELECT size, root, time, key_id, signature FROM checkpoints "
-                                "ORDER BY size DESC LIMIT 1").fetchone()
+                    raise IntegrityError(
+                        f"the ledger no longer extends the checkpoint (size {old.size}) in "
+                        f"{path}: entries were removed or rewritten; no new checkpoint signed",
+                        hint="run `finetrace verify` to see what changed",
+                    )
+            last = conn.execute(
+                "SELECT size, root, time, key_id, signature FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
             if last and last[0] == size:
                 cp = Checkpoint(*last)
             else:
                 unsigned = Checkpoint(size, roots[size], now(), self.keys.key_id, "")
-                cp = Checkpoint(size, unsigned.root, unsigned.time, unsigned.key_id,
-                                self.keys.sign(unsigned.message()))
-                conn.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?)",
-                             (cp.size, cp.root, cp.time, cp.key_id, cp.signature))
+                cp = Checkpoint(size, unsigned.root, unsigned.time, unsigned.key_id, self.keys.sign(unsigned.message()))
+                conn.execute(
+                    "INSERT INTO checkpoints VALUES (?,?,?,?,?)", (cp.size, cp.root, cp.time, cp.key_id, cp.signature)
+                )
             conn.execute("COMMIT")  # stored first: a witness never names a checkpoint that is not stored
             conn.execute("BEGIN")  # (the context manager's COMMIT closes this empty transaction)
             # still under the witness lock, so concurrent checkpoints reach the witnesses in order
@@ -377,12 +443,15 @@ class Ledger:
         return [self.witness] + ([self.external_witness] if self.external_witness is not None else [])
 
     def checkpoints(self) -> list[Checkpoint]:
-        return [Checkpoint(*r) for r in self.conn.execute(
-            "SELECT size, root, time, key_id, signature FROM checkpoints ORDER BY size")]
+        return [
+            Checkpoint(*r)
+            for r in self.conn.execute("SELECT size, root, time, key_id, signature FROM checkpoints ORDER BY size")
+        ]
 
     # -- artifacts ----------------------------------------------------------------------------
-    def add_artifact(self, kind: str, digest: str, name: str | None = None,
-                     metadata: dict | None = None, run_id: str | None = None) -> Artifact:
+    def add_artifact(
+        self, kind: str, digest: str, name: str | None = None, metadata: dict | None = None, run_id: str | None = None
+    ) -> Artifact:
         """Record an artifact; with ``name``, give it the next version ``name@N``.
 
         Adding the same digest under the same name as that name's latest version is a no-op that
@@ -400,12 +469,17 @@ class Ledger:
                 raise InputError(f"{digest} is already recorded as a {existing[0]}, not a {kind}")
             latest = None
             if name:
-                latest = conn.execute("SELECT version, digest FROM aliases WHERE name=? "
-                                      "ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                latest = conn.execute(
+                    "SELECT version, digest FROM aliases WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
             if existing and (not name or (latest and latest[1] == digest)):
                 # Known artifact, no new alias. A new run producing the same bytes still links to it.
-                if run_id and not conn.execute("SELECT 1 FROM edges WHERE run_id=? AND digest=? AND "
-                                                "role='output'", (run_id, digest)).fetchone():
+                if (
+                    run_id
+                    and not conn.execute(
+                        "SELECT 1 FROM edges WHERE run_id=? AND digest=? AND role='output'", (run_id, digest)
+                    ).fetchone()
+                ):
                     self._append_locked(conn, "run.output", {"run_id": run_id, "digest": digest}, None)
             else:
                 version = (latest[0] + 1) if latest else 1
@@ -420,12 +494,15 @@ class Ledger:
         return self.conn.execute("SELECT 1 FROM artifacts WHERE digest=?", (digest,)).fetchone() is not None
 
     def artifact(self, digest: str) -> Artifact:
-        row = self.conn.execute("SELECT digest, kind, metadata, run_id, created FROM artifacts "
-                                "WHERE digest=?", (digest,)).fetchone()
+        row = self.conn.execute(
+            "SELECT digest, kind, metadata, run_id, created FROM artifacts WHERE digest=?", (digest,)
+        ).fetchone()
         if not row:
             raise NotFoundError(f"no artifact {digest}")
-        aliases = [f"{n}@{v}" for n, v in self.conn.execute(
-            "SELECT name, version FROM aliases WHERE digest=? ORDER BY seq", (digest,))]
+        aliases = [
+            f"{n}@{v}"
+            for n, v in self.conn.execute("SELECT name, version FROM aliases WHERE digest=? ORDER BY seq", (digest,))
+        ]
         return Artifact(row[0], row[1], json.loads(row[2]), row[3], row[4], aliases)
 
     def resolve(self, ref: str, kind: str | None = None) -> Artifact:
@@ -434,27 +511,36 @@ class Ledger:
         digest = None
         if ref.startswith("sha256:") or (len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref)):
             hexpart = ref.split(":", 1)[-1]
-            rows = self.conn.execute("SELECT digest FROM artifacts WHERE digest LIKE ?",
-                                     (f"sha256:{hexpart}%",)).fetchall()
+            rows = self.conn.execute(
+                "SELECT digest FROM artifacts WHERE digest LIKE ?", (f"sha256:{hexpart}%",)
+            ).fetchall()
             if len(rows) > 1:
-                raise InputError(f"digest prefix {ref!r} is ambiguous ({len(rows)} artifacts)",
-                                 hint="give more characters")
+                raise InputError(
+                    f"digest prefix {ref!r} is ambiguous ({len(rows)} artifacts)", hint="give more characters"
+                )
             digest = rows[0][0] if rows else None
         if digest is None:
             name, _, version = ref.partition("@")
             if version and version != "latest":
                 if not version.isdigit():
                     raise InputError(f"bad version in {ref!r}", hint="use NAME@N with N a number, or NAME@latest")
-                row = self.conn.execute("SELECT digest FROM aliases WHERE name=? AND version=?",
-                                        (name, int(version))).fetchone()
+                row = self.conn.execute(
+                    "SELECT digest FROM aliases WHERE name=? AND version=?", (name, int(version))
+                ).fetchone()
             else:
-                row = self.conn.execute("SELECT digest FROM aliases WHERE name=? ORDER BY version DESC "
-                                        "LIMIT 1", (name,)).fetchone()
+                row = self.conn.execute(
+                    "SELECT digest FROM aliases WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
             digest = row[0] if row else None
         if digest is None:
-            known = [r[0] for r in self.conn.execute(
-                "SELECT DISTINCT a.name FROM aliases a JOIN artifacts t ON a.digest=t.digest"
-                + (" WHERE t.kind=?" if kind else ""), (kind,) if kind else ())]
+            known = [
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT DISTINCT a.name FROM aliases a JOIN artifacts t ON a.digest=t.digest"
+                    + (" WHERE t.kind=?" if kind else ""),
+                    (kind,) if kind else (),
+                )
+            ]
             hint = f"known: {', '.join(sorted(known)[:10])}" if known else "nothing of that kind is recorded yet"
             raise NotFoundError(f"no {kind or 'artifact'} named {ref!r} in this workspace", hint=hint)
         art = self.artifact(digest)
@@ -468,8 +554,14 @@ class Ledger:
 
     # -- runs ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def run(self, kind: str, config: dict, inputs: list[str] = (), seed: int | None = None,
-            environment_extra: dict | None = None) -> Iterator[RunRecorder]:
+    def run(
+        self,
+        kind: str,
+        config: dict,
+        inputs: list[str] = (),
+        seed: int | None = None,
+        environment_extra: dict | None = None,
+    ) -> Iterator[RunRecorder]:
         """Record a run around a block: ``run.started`` now, ``run.finished`` (ok or failed) at exit,
         then a signed checkpoint covering the whole run (:meth:`seal`).
 
@@ -479,8 +571,7 @@ class Ledger:
         """
         if kind not in RUN_KINDS:
             raise InputError(f"unknown run kind {kind!r}", hint=f"one of {', '.join(RUN_KINDS)}")
-        rec = RunRecorder(self, f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
-                          list(inputs))
+        rec = RunRecorder(self, f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", list(inputs))
         debris.run_started(self.path.parent, rec.id)  # so a SIGKILLed run is found and marked interrupted
         try:
             yield from self._recorded(rec, kind, config, seed, environment_extra)
@@ -488,37 +579,81 @@ class Ledger:
             debris.run_ended(self.path.parent, rec.id)
 
     def _recorded(self, rec: RunRecorder, kind: str, config: dict, seed, environment_extra):
-        self.append("run.started", {"id": rec.id, "kind": kind, "config": config, "inputs": rec.inputs,
-                                    "environment": environment.capture(seed, environment_extra)})
+        self.append(
+            "run.started",
+            {
+                "id": rec.id,
+                "kind": kind,
+                "config": config,
+                "inputs": rec.inputs,
+                "environment": environment.capture(seed, environment_extra),
+            },
+        )
         try:
             yield rec
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
-            msg = str(exc) if isinstance(exc, FinetraceError) else "".join(
-                traceback.format_exception_only(type(exc), exc)).strip()
-            self.append("run.finished", {"id": rec.id, "status": status, "metrics": rec.metrics,
-                                         "error": msg[:2000], "inputs": rec.late_inputs})
+            msg = (
+                str(exc)
+                if isinstance(exc, FinetraceError)
+                else "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            )
+            self.append(
+                "run.finished",
+                {
+                    "id": rec.id,
+                    "status": status,
+                    "metrics": rec.metrics,
+                    "error": msg[:2000],
+                    "inputs": rec.late_inputs,
+                },
+            )
             try:
                 self.seal()
             except (FinetraceError, OSError, sqlite3.Error) as bad:  # the run's own error matters more
                 exc.add_note(f"finetrace: no checkpoint was signed after the failed run: {bad}")
             raise
-        self.append("run.finished", {"id": rec.id, "status": "succeeded", "metrics": rec.metrics,
-                                     "inputs": rec.late_inputs})
+        self.append(
+            "run.finished", {"id": rec.id, "status": "succeeded", "metrics": rec.metrics, "inputs": rec.late_inputs}
+        )
         self.seal()
 
     def get_run(self, run_id: str) -> Run:
-        row = self.conn.execute("SELECT id, kind, status, actor, config, environment, metrics, error, "
-                                "started, ended FROM runs WHERE id=? OR id LIKE ?",
-                                (run_id, f"%{run_id}")).fetchone()
+        row = self.conn.execute(
+            "SELECT id, kind, status, actor, config, environment, metrics, error, "
+            "started, ended FROM runs WHERE id=? OR id LIKE ?",
+            (run_id, f"%{run_id}"),
+        ).fetchone()
         if not row:
             raise NotFoundError(f"no run {run_id!r}", hint="`finetrace log` lists runs")
-        ins = [r[0] for r in self.conn.execute("SELECT digest FROM edges WHERE run_id=? AND role='input' ORDER BY rowid", (row[0],))]
-        outs = [r[0] for r in self.conn.execute(
-            "SELECT e.digest FROM edges e JOIN artifacts a ON a.digest=e.digest "
-            "WHERE e.run_id=? AND e.role='output' ORDER BY a.seq", (row[0],))]
-        return Run(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]),
-                   json.loads(row[6]) if row[6] else None, row[7], row[8], row[9], ins, outs)
+        ins = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT digest FROM edges WHERE run_id=? AND role='input' ORDER BY rowid", (row[0],)
+            )
+        ]
+        outs = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT e.digest FROM edges e JOIN artifacts a ON a.digest=e.digest "
+                "WHERE e.run_id=? AND e.role='output' ORDER BY a.seq",
+                (row[0],),
+            )
+        ]
+        return Run(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            json.loads(row[4]),
+            json.loads(row[5]),
+            json.loads(row[6]) if row[6] else None,
+            row[7],
+            row[8],
+            row[9],
+            ins,
+            outs,
+        )
 
     def runs(self, kind: str | None = None) -> list[Run]:
         sql = "SELECT id FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY seq"
@@ -529,9 +664,14 @@ class Ledger:
         return row[0] if row else None
 
     def consumers(self, digest: str) -> list[str]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT e.run_id FROM edges e JOIN runs r ON r.id=e.run_id WHERE e.digest=? AND e.role='input' "
-            "ORDER BY r.seq", (digest,))]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT e.run_id FROM edges e JOIN runs r ON r.id=e.run_id WHERE e.digest=? AND e.role='input' "
+                "ORDER BY r.seq",
+                (digest,),
+            )
+        ]
 
     # -- index --------------------------------------------------------------------------------
     def index_snapshot(self, conn: sqlite3.Connection | None = None) -> dict[str, list[tuple]]:
@@ -595,6 +735,7 @@ def check_name(name: str) -> str:
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", name) or ".." in name:
-        raise InputError(f"bad name {name!r}",
-                         hint="use letters, digits, '.', '_', '-', '/', starting with a letter or digit")
+        raise InputError(
+            f"bad name {name!r}", hint="use letters, digits, '.', '_', '-', '/', starting with a letter or digit"
+        )
     return name

@@ -100,8 +100,7 @@ def consistency_proof(m: int, leaves: list[bytes]) -> list[bytes]:
     return subproof(m, leaves, True)
 
 
-def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes,
-                       proof: list[bytes]) -> bool:
+def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes, proof: list[bytes]) -> bool:
     """RFC 9162 §2.1.4.2 (its inner loop is the twin of ``verify_inclusion``'s, as in the RFC)."""
     if first > second or first == 0:
         return False

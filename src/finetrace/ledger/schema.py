@@ -10,7 +10,9 @@ import sqlite3
 from datetime import UTC, datetime
 
 MIGRATIONS: list[tuple[str, str]] = [
-    ("0001_log", """
+    (
+        "0001_log",
+        """
         CREATE TABLE entries (
             seq   INTEGER PRIMARY KEY,
             type  TEXT NOT NULL,
@@ -25,8 +27,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             key_id    TEXT NOT NULL,
             signature TEXT NOT NULL
         );
-    """),
-    ("0002_index", """
+    """,
+    ),
+    (
+        "0002_index",
+        """
         CREATE TABLE artifacts (
             digest   TEXT PRIMARY KEY,
             kind     TEXT NOT NULL,
@@ -63,7 +68,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (run_id, digest, role)
         );
         CREATE INDEX edges_digest ON edges(digest);
-    """),
+    """,
+    ),
 ]
 
 INDEX_TABLES = ("artifacts", "aliases", "runs", "edges")
@@ -83,8 +89,7 @@ def migrate(conn: sqlite3.Connection) -> None:
             for stmt in sql.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
-            conn.execute("INSERT INTO migrations VALUES (?, ?)",
-                         (name, datetime.now(UTC).isoformat()))
+            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, datetime.now(UTC).isoformat()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

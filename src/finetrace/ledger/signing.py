@@ -47,11 +47,17 @@ class KeyPair:
     def create(cls, folder: Path) -> KeyPair:
         priv = Ed25519PrivateKey.generate()
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes(folder / "workspace.key", priv.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), mode=0o600)
-        write_bytes(folder / "workspace.pub", priv.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        write_bytes(
+            folder / "workspace.key",
+            priv.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            mode=0o600,
+        )
+        write_bytes(
+            folder / "workspace.pub",
+            priv.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        )
         return cls(priv)
 
     @classmethod
@@ -60,8 +66,10 @@ class KeyPair:
         try:
             priv = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError:
-            raise WorkspaceError(f"the workspace key {path} is missing",
-                                 hint="restore it from backup; without it nothing new can be signed") from None
+            raise WorkspaceError(
+                f"the workspace key {path} is missing",
+                hint="restore it from backup; without it nothing new can be signed",
+            ) from None
         if not isinstance(priv, Ed25519PrivateKey):
             raise WorkspaceError(f"{path} is not an Ed25519 key")
         return cls(priv)

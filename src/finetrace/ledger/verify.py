@@ -45,8 +45,13 @@ class VerifyReport:
         self.guarantees.append({"guarantee": name, "status": status, "detail": detail})
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "key_id": self.key_id, "checks": self.checks, "problems": self.problems,
-                "guarantees": self.guarantees}
+        return {
+            "ok": self.ok,
+            "key_id": self.key_id,
+            "checks": self.checks,
+            "problems": self.problems,
+            "guarantees": self.guarantees,
+        }
 
 
 def _held(report: VerifyReport, before: int) -> str:
@@ -68,20 +73,23 @@ def verify_entries(ledger: Ledger, report: VerifyReport) -> list[bytes]:
         try:
             doc = json.loads(body)
             if doc.get("seq") != seq or doc.get("type") != typ:
-                report.problems.append(f"ledger entry {seq} was moved or retyped (it says seq {doc.get('seq')}, "
-                                       f"type {doc.get('type')!r})")
+                report.problems.append(
+                    f"ledger entry {seq} was moved or retyped (it says seq {doc.get('seq')}, type {doc.get('type')!r})"
+                )
         except ValueError:
             report.problems.append(f"ledger entry {seq} is not valid JSON")
         leaves.append(merkle.leaf_hash(body))
         expected += 1
     report.checks["entries"] = len(leaves)
-    report.guarantee("entries", _held(report, before),
-                     f"{len(leaves)} entries hash to their stored leaves, numbered without gaps")
+    report.guarantee(
+        "entries", _held(report, before), f"{len(leaves)} entries hash to their stored leaves, numbered without gaps"
+    )
     return leaves
 
 
-def _check_checkpoint(ledger: Ledger, cp: Checkpoint, leaves: list[bytes], public_key, what: str,
-                      report: VerifyReport) -> bool:
+def _check_checkpoint(
+    ledger: Ledger, cp: Checkpoint, leaves: list[bytes], public_key, what: str, report: VerifyReport
+) -> bool:
     kid = key_id(public_key)
     if cp.key_id != kid:
         report.problems.append(f"{what} was signed by another key ({cp.key_id}, the workspace key is {kid})")
@@ -92,20 +100,21 @@ def _check_checkpoint(ledger: Ledger, cp: Checkpoint, leaves: list[bytes], publi
         report.problems.append(str(exc))
         return False
     if cp.size > len(leaves):
-        report.problems.append(f"the ledger was truncated: {what} covers {cp.size} entries, "
-                               f"the log has {len(leaves)}")
+        report.problems.append(f"the ledger was truncated: {what} covers {cp.size} entries, the log has {len(leaves)}")
         return False
-    if merkle.root(leaves[:cp.size]).hex() != cp.root:
+    if merkle.root(leaves[: cp.size]).hex() != cp.root:
         first = _first_changed(ledger, cp.size)
-        report.problems.append(f"the ledger no longer matches its signed {what}" +
-                               (f": entry {first} differs" if first is not None else
-                                ": the log was rewritten and its leaves recomputed"))
+        report.problems.append(
+            f"the ledger no longer matches its signed {what}"
+            + (f": entry {first} differs" if first is not None else ": the log was rewritten and its leaves recomputed")
+        )
         return False
     return True
 
 
-def verify_log(ledger: Ledger, public_key, report: VerifyReport,
-               external: list[tuple[Checkpoint, str]] = ()) -> list[bytes]:
+def verify_log(
+    ledger: Ledger, public_key, report: VerifyReport, external: list[tuple[Checkpoint, str]] = ()
+) -> list[bytes]:
     """Entries, stored checkpoints, witness.json and external checkpoints ``[(checkpoint, where)]``."""
     leaves = verify_entries(ledger, report)
     kid = key_id(public_key)
@@ -115,40 +124,53 @@ def verify_log(ledger: Ledger, public_key, report: VerifyReport,
     cps = ledger.checkpoints()
     for cp in cps:
         _check_checkpoint(ledger, cp, leaves, public_key, f"checkpoint at size {cp.size}", report)
-    report.guarantee("stored checkpoints", _held(report, before),
-                     f"the log matches all {len(cps)} checkpoints stored in the workspace, signed by {kid}: "
-                     "an entry edited by anyone without the workspace key is caught")
+    report.guarantee(
+        "stored checkpoints",
+        _held(report, before),
+        f"the log matches all {len(cps)} checkpoints stored in the workspace, signed by {kid}: "
+        "an entry edited by anyone without the workspace key is caught",
+    )
 
     before = len(report.problems)
     _verify_local_witness(ledger, cps, leaves, report)
-    report.guarantee("witness.json", _held(report, before),
-                     "witness.json is present and is one of the signed checkpoints")
+    report.guarantee(
+        "witness.json", _held(report, before), "witness.json is present and is one of the signed checkpoints"
+    )
 
     before = len(report.problems)
     covered = 0
     for cp, where in external:
-        if _check_checkpoint(ledger, cp, leaves, public_key, f"external checkpoint at size {cp.size} ({where})",
-                             report):
+        if _check_checkpoint(
+            ledger, cp, leaves, public_key, f"external checkpoint at size {cp.size} ({where})", report
+        ):
             covered = max(covered, cp.size)
     report.checks["checkpoints"] = len(cps) + len(external)
     if not external:
-        report.guarantee("external checkpoint", NOT_CHECKED,
-                         "no checkpoint kept outside the workspace was found (external witness or --checkpoint): "
-                         "removing the last entries together with their checkpoints and witness.json, or "
-                         "rewriting the log and re-signing it with the workspace key, would not be caught")
+        report.guarantee(
+            "external checkpoint",
+            NOT_CHECKED,
+            "no checkpoint kept outside the workspace was found (external witness or --checkpoint): "
+            "removing the last entries together with their checkpoints and witness.json, or "
+            "rewriting the log and re-signing it with the workspace key, would not be caught",
+        )
     else:
-        report.guarantee("external checkpoint", _held(report, before),
-                         f"the log extends {len(external)} checkpoint(s) kept outside the workspace "
-                         f"({', '.join(w for _, w in external)}): removing or rewriting any of the first {covered} "
-                         "entries, even re-signed with the workspace key, is caught while that copy is out of "
-                         "the rewriter's reach")
+        report.guarantee(
+            "external checkpoint",
+            _held(report, before),
+            f"the log extends {len(external)} checkpoint(s) kept outside the workspace "
+            f"({', '.join(w for _, w in external)}): removing or rewriting any of the first {covered} "
+            "entries, even re-signed with the workspace key, is caught while that copy is out of "
+            "the rewriter's reach",
+        )
     return leaves
 
 
 def _verify_local_witness(ledger: Ledger, cps: list[Checkpoint], leaves: list[bytes], report: VerifyReport) -> None:
     if not ledger.witness.exists():
-        report.problems.append(f"the witness file {ledger.witness.name} is missing: checkpoints and the last "
-                               "entries may have been removed with it (check against an exported checkpoint)")
+        report.problems.append(
+            f"the witness file {ledger.witness.name} is missing: checkpoints and the last "
+            "entries may have been removed with it (check against an exported checkpoint)"
+        )
         return
     try:
         w = witness.parse_checkpoint(json.loads(ledger.witness.read_bytes()), ledger.witness.name)
@@ -156,8 +178,10 @@ def _verify_local_witness(ledger: Ledger, cps: list[Checkpoint], leaves: list[by
         report.problems.append(f"the witness file {ledger.witness.name} is damaged: {exc}")
         return
     if not any(c.size == w.size and c.root == w.root and c.signature == w.signature for c in cps):
-        report.problems.append(f"the witness checkpoint (size {w.size}) is not among the stored "
-                               "checkpoints: checkpoints were deleted or the log rewritten")
+        report.problems.append(
+            f"the witness checkpoint (size {w.size}) is not among the stored "
+            "checkpoints: checkpoints were deleted or the log rewritten"
+        )
     elif w.size > len(leaves):
         report.problems.append(f"the ledger was truncated below its witness checkpoint (size {w.size})")
 
@@ -165,8 +189,9 @@ def _verify_local_witness(ledger: Ledger, cps: list[Checkpoint], leaves: list[by
 def _first_changed(ledger: Ledger, size: int) -> int | None:
     """Entries whose stored leaf no longer matches their content, or gaps, point at the change."""
     expected = 0
-    for seq, leaf, body in ledger.conn.execute("SELECT seq, leaf, body FROM entries WHERE seq < ? ORDER BY seq",
-                                               (size,)):
+    for seq, leaf, body in ledger.conn.execute(
+        "SELECT seq, leaf, body FROM entries WHERE seq < ? ORDER BY seq", (size,)
+    ):
         if seq != expected or merkle.leaf_hash(bytes(body)) != bytes(leaf):
             return expected
         expected += 1
@@ -181,9 +206,11 @@ def verify_index(ledger: Ledger, report: VerifyReport) -> None:
             extra = set(live[table]) - set(replay[table])
             missing = set(replay[table]) - set(live[table])
             sample = next(iter(extra or missing))
-            report.problems.append(f"index table '{table}' does not match the log ({len(extra)} extra, "
-                                   f"{len(missing)} missing rows, e.g. {sample[:2]}); "
-                                   "`finetrace verify --rebuild-index` rebuilds it from the log")
+            report.problems.append(
+                f"index table '{table}' does not match the log ({len(extra)} extra, "
+                f"{len(missing)} missing rows, e.g. {sample[:2]}); "
+                "`finetrace verify --rebuild-index` rebuilds it from the log"
+            )
     report.checks["index_rows"] = sum(len(v) for v in live.values())
     report.guarantee("index", _held(report, before), "the runs/artifacts index equals a replay of the log")
 
@@ -212,8 +239,9 @@ def verify_objects(store, ledger: Ledger, report: VerifyReport) -> None:
             for e in store.tree(digest):
                 if not store.has(e.digest) and e.digest not in purged:
                     report.problems.append(f"file {e.path} of folder {digest} is missing from the store")
-    report.guarantee("objects", _held(report, before),
-                     f"{n} stored objects hash to their names; every recorded artifact is present")
+    report.guarantee(
+        "objects", _held(report, before), f"{n} stored objects hash to their names; every recorded artifact is present"
+    )
 
 
 def verify_reports(ws, report: VerifyReport) -> None:
@@ -230,12 +258,15 @@ def verify_reports(ws, report: VerifyReport) -> None:
                 report.problems.append(f"{p.relative_to(ws.root)} names no folder in the store: it was edited")
             continue
         if not ws.store.has(sha256_file(p)):
-            report.problems.append(f"{p.relative_to(ws.root)} is not a copy of anything in the store: it was "
-                                   "edited after it was written (the verified originals are the document and "
-                                   "eval_report artifacts: `finetrace show`)")
+            report.problems.append(
+                f"{p.relative_to(ws.root)} is not a copy of anything in the store: it was "
+                "edited after it was written (the verified originals are the document and "
+                "eval_report artifacts: `finetrace show`)"
+            )
     report.checks["report_copies"] = n
-    report.guarantee("report copies", _held(report, before),
-                     f"{n} files under reports/ are exact copies of stored objects")
+    report.guarantee(
+        "report copies", _held(report, before), f"{n} files under reports/ are exact copies of stored objects"
+    )
 
 
 def load_external(paths: list[Path]) -> list[tuple[Checkpoint, str]]:

@@ -54,11 +54,14 @@ def parse_checkpoint(doc: object, where: str):
         doc = doc.get("checkpoint")
     try:
         assert isinstance(doc, dict)
-        return Checkpoint(int(doc["size"]), str(doc["root"]), str(doc["time"]), str(doc["key_id"]),
-                          str(doc["signature"]))
+        return Checkpoint(
+            int(doc["size"]), str(doc["root"]), str(doc["time"]), str(doc["key_id"]), str(doc["signature"])
+        )
     except (AssertionError, KeyError, TypeError, ValueError):
-        raise IntegrityError(f"{where} is not a finetrace checkpoint (size, root, time, key_id, signature)",
-                             hint="pass the file written by `finetrace checkpoint --export`") from None
+        raise IntegrityError(
+            f"{where} is not a finetrace checkpoint (size, root, time, key_id, signature)",
+            hint="pass the file written by `finetrace checkpoint --export`",
+        ) from None
 
 
 def load(path: Path):
@@ -82,7 +85,7 @@ def extends(cp, leaves: list[bytes], roots: dict[int, str] | None = None) -> boo
         return False
     roots = {} if roots is None else roots
     if cp.size not in roots:
-        roots[cp.size] = merkle.root(leaves[:cp.size]).hex()
+        roots[cp.size] = merkle.root(leaves[: cp.size]).hex()
     return roots[cp.size] == cp.root
 
 
@@ -96,18 +99,23 @@ def record(path: Path, cp, leaves: list[bytes], workspace: Path, roots: dict[int
     old = load(path)
     if old is not None:
         if old.key_id != cp.key_id:
-            raise WorkspaceError(f"the external witness {path} belongs to another workspace key ({old.key_id})",
-                                 hint="set FINETRACE_WITNESS or workspace.json 'witness' to a file of this "
-                                      "workspace's own")
+            raise WorkspaceError(
+                f"the external witness {path} belongs to another workspace key ({old.key_id})",
+                hint="set FINETRACE_WITNESS or workspace.json 'witness' to a file of this workspace's own",
+            )
         if old.size > cp.size or not extends(old, leaves, roots):
-            raise IntegrityError(f"the ledger no longer extends the checkpoint (size {old.size}) in the external "
-                                 f"witness {path}: entries were removed or rewritten; refusing to overwrite it",
-                                 hint="run `finetrace verify` to see what changed")
+            raise IntegrityError(
+                f"the ledger no longer extends the checkpoint (size {old.size}) in the external "
+                f"witness {path}: entries were removed or rewritten; refusing to overwrite it",
+                hint="run `finetrace verify` to see what changed",
+            )
         if old.size == cp.size:
             return
     body = canonical_json({"format": FORMAT, "workspace": str(workspace), "checkpoint": cp.to_dict()}) + b"\n"
     try:
         write_bytes(path, body)
     except OSError as exc:
-        warnings.warn(f"could not write the external witness {path}: {exc}; `finetrace verify` will say it "
-                      "is behind", stacklevel=2)
+        warnings.warn(
+            f"could not write the external witness {path}: {exc}; `finetrace verify` will say it is behind",
+            stacklevel=2,
+        )

@@ -38,18 +38,30 @@ class Refused(InputError):
 class Limits:
     """Caps the server enforces on every package."""
 
-    max_file_bytes: int = 512 << 20          # one file
-    max_package_bytes: int = 1 << 30         # all files together
-    max_header_bytes: int = 1 << 20          # safetensors JSON header
+    max_file_bytes: int = 512 << 20  # one file
+    max_package_bytes: int = 1 << 30  # all files together
+    max_header_bytes: int = 1 << 20  # safetensors JSON header
     max_tensors: int = 10_000
-    max_rank: int = 256                      # LoRA r
-    max_alpha: float = 4096.0                # lora_alpha and every alpha_pattern value
-    allow_modules_to_save: bool = False      # full layers inside an adapter
-    max_text_bytes: int = 4 << 20            # documents, JSON, markdown
+    max_rank: int = 256  # LoRA r
+    max_alpha: float = 4096.0  # lora_alpha and every alpha_pattern value
+    allow_modules_to_save: bool = False  # full layers inside an adapter
+    max_text_bytes: int = 4 << 20  # documents, JSON, markdown
 
 
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 # path in the package -> kind of content that must be there. Everything else is refused.
 ALLOWED_FILES = {
@@ -67,19 +79,31 @@ DOCUMENT_KINDS = ("model_card", "annex_iv", "ab2013", "datasheet")
 DOCUMENT_EXTS = {"md": "text", "txt": "text", "json": "json", "html": "html"}
 # The one place that says which documents a package must carry (the audit stage produces them).
 REQUIRED_DOCUMENTS = ("model_card", "annex_iv", "ab2013")
-REQUIRED_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                  "adapter/finetrace_adapter.json")
+REQUIRED_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/finetrace_adapter.json")
 
 _MAGIC = [
-    (b"PK\x03\x04", "zip archive"), (b"PK\x05\x06", "zip archive"), (b"PK\x07\x08", "zip archive"),
-    (b"\x1f\x8b", "gzip archive"), (b"BZh", "bzip2 archive"), (b"\xfd7zXZ\x00", "xz archive"),
-    (b"7z\xbc\xaf\x27\x1c", "7z archive"), (b"\x28\xb5\x2f\xfd", "zstd archive"), (b"Rar!", "rar archive"),
-    (b"\x7fELF", "ELF executable"), (b"MZ", "Windows executable"), (b"\xca\xfe\xba\xbe", "Mach-O/Java class"),
-    (b"\xcf\xfa\xed\xfe", "Mach-O executable"), (b"#!", "script"), (b"\x00asm", "WebAssembly"),
-    (b"GGUF", "GGUF model"), (b"\x93NUMPY", "numpy array"), (b"\x89HDF", "HDF5 file"),
+    (b"PK\x03\x04", "zip archive"),
+    (b"PK\x05\x06", "zip archive"),
+    (b"PK\x07\x08", "zip archive"),
+    (b"\x1f\x8b", "gzip archive"),
+    (b"BZh", "bzip2 archive"),
+    (b"\xfd7zXZ\x00", "xz archive"),
+    (b"7z\xbc\xaf\x27\x1c", "7z archive"),
+    (b"\x28\xb5\x2f\xfd", "zstd archive"),
+    (b"Rar!", "rar archive"),
+    (b"\x7fELF", "ELF executable"),
+    (b"MZ", "Windows executable"),
+    (b"\xca\xfe\xba\xbe", "Mach-O/Java class"),
+    (b"\xcf\xfa\xed\xfe", "Mach-O executable"),
+    (b"#!", "script"),
+    (b"\x00asm", "WebAssembly"),
+    (b"GGUF", "GGUF model"),
+    (b"\x93NUMPY", "numpy array"),
+    (b"\x89HDF", "HDF5 file"),
 ]
-_CODE_RE = re.compile(rb"^\s*(import |from \S+ import |def |class |#include|<\?php|function |const |var )",
-                      re.MULTILINE)
+_CODE_RE = re.compile(
+    rb"^\s*(import |from \S+ import |def |class |#include|<\?php|function |const |var )", re.MULTILINE
+)
 
 
 def refuse(message: str, path: str | None = None, hint: str | None = None) -> Refused:
@@ -101,8 +125,14 @@ def sniff(data: bytes) -> str | None:
 def check_path(path: str) -> str:
     """A package path: relative, no '..', no backslashes or control characters, and on the allow-list."""
     p = PurePosixPath(path)
-    if (not path or path.startswith("/") or "\\" in path or ".." in p.parts or any(ord(c) < 32 for c in path)
-            or p.as_posix() != path):
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or ".." in p.parts
+        or any(ord(c) < 32 for c in path)
+        or p.as_posix() != path
+    ):
         raise refuse(f"unsafe file name {path!r}", hint="package paths are relative, without '..' or '\\'")
     return expected_kind(path)
 
@@ -113,8 +143,10 @@ def expected_kind(path: str) -> str:
     p = PurePosixPath(path)
     if len(p.parts) == 2 and p.parts[0] == "documents" and p.stem in DOCUMENT_KINDS and p.suffix[1:] in DOCUMENT_EXTS:
         return DOCUMENT_EXTS[p.suffix[1:]]
-    raise refuse(f"file {path!r} is not allowed in a package",
-                 hint=f"allowed: {', '.join(ALLOWED_FILES)}, documents/<{'|'.join(DOCUMENT_KINDS)}>.<md|txt|json|html>")
+    raise refuse(
+        f"file {path!r} is not allowed in a package",
+        hint=f"allowed: {', '.join(ALLOWED_FILES)}, documents/<{'|'.join(DOCUMENT_KINDS)}>.<md|txt|json|html>",
+    )
 
 
 # -- safetensors ---------------------------------------------------------------------------------
@@ -142,7 +174,7 @@ def parse_safetensors(data: bytes, where: str, max_header: int = 1 << 20, max_te
         raise refuse(f"safetensors header of {n} bytes exceeds the {max_header}-byte cap", where)
     if 8 + n > len(data):
         raise refuse(f"safetensors header length {n} runs past the end of the file ({len(data)} bytes)", where)
-    raw = data[8:8 + n]
+    raw = data[8 : 8 + n]
     if not raw.lstrip().startswith(b"{"):
         raise refuse("not a safetensors file: the header is not a JSON object", where)
     try:
@@ -152,8 +184,9 @@ def parse_safetensors(data: bytes, where: str, max_header: int = 1 << 20, max_te
     if not isinstance(header, dict):
         raise refuse("safetensors header is not a JSON object", where)
     meta = header.pop("__metadata__", None)
-    if meta is not None and (not isinstance(meta, dict) or
-                             not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+    if meta is not None and (
+        not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
         raise refuse("safetensors __metadata__ must map strings to strings", where)
     if len(header) > max_tensors:
         raise refuse(f"{len(header)} tensors exceed the cap of {max_tensors}", where)
@@ -167,33 +200,44 @@ def parse_safetensors(data: bytes, where: str, max_header: int = 1 << 20, max_te
             raise refuse(f"tensor {name!r}: unknown dtype {dtype!r}", where, hint=f"one of {', '.join(DTYPE_SIZES)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise refuse(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", where)
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise refuse(f"tensor {name!r}: data_offsets {offs!r} out of bounds (data section is "
-                         f"{data_len} bytes)", where)
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise refuse(
+                f"tensor {name!r}: data_offsets {offs!r} out of bounds (data section is {data_len} bytes)", where
+            )
         need = math.prod(shape) * DTYPE_SIZES[dtype]
         if offs[1] - offs[0] != need:
-            raise refuse(f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} "
-                         f"(needs {need})", where)
+            raise refuse(f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} (needs {need})", where)
         spans.append((offs[0], offs[1], name))
         out[name] = {"dtype": dtype, "shape": shape, "start": 8 + n + offs[0], "end": 8 + n + offs[1]}
     pos = 0
     for b, e, name in sorted(spans):
         if b < pos:
-            raise refuse(f"tensor {name!r} overlaps the previous tensor (starts at {b}, previous ends at {pos})",
-                         where)
+            raise refuse(f"tensor {name!r} overlaps the previous tensor (starts at {b}, previous ends at {pos})", where)
         if b > pos:
             raise refuse(f"gap of {b - pos} unreferenced bytes before tensor {name!r}", where)
         pos = e
     if pos != data_len:
-        raise refuse(f"{data_len - pos} trailing bytes after the last tensor", where,
-                     hint="a safetensors file must end where its last tensor ends")
+        raise refuse(
+            f"{data_len - pos} trailing bytes after the last tensor",
+            where,
+            hint="a safetensors file must end where its last tensor ends",
+        )
     return out
 
 
 # (unsigned view, exponent mask, mantissa mask): a value is NaN or infinite when all exponent bits are set
-_FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("<u4", 0x7F800000, 0x007FFFFF),
-               "F16": ("<u2", 0x7C00, 0x03FF), "BF16": ("<u2", 0x7F80, 0x007F), "F8_E5M2": ("u1", 0x7C, 0x03)}
+_FLOAT_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
+    "F32": ("<u4", 0x7F800000, 0x007FFFFF),
+    "F16": ("<u2", 0x7C00, 0x03FF),
+    "BF16": ("<u2", 0x7F80, 0x007F),
+    "F8_E5M2": ("u1", 0x7C, 0x03),
+}
 
 
 def check_finite(data: bytes, tensors: dict, where: str) -> None:
@@ -213,8 +257,11 @@ def check_finite(data: bytes, tensors: dict, where: str) -> None:
         else:
             continue
         if bad:
-            raise refuse(f"tensor {name!r} holds {bad} NaN or infinite value(s) of {math.prod(info['shape'])}",
-                         where, hint="the training diverged; publish a finite adapter")
+            raise refuse(
+                f"tensor {name!r} holds {bad} NaN or infinite value(s) of {math.prod(info['shape'])}",
+                where,
+                hint="the training diverged; publish a finite adapter",
+            )
 
 
 # -- per file ------------------------------------------------------------------------------------
@@ -225,8 +272,12 @@ def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
         raise refuse(f"{len(data)} bytes exceed the per-file cap of {limits.max_file_bytes}", path)
     bad = sniff(data)
     if bad:
-        raise refuse(f"content is a {bad}, not {kind}", path, hint="only safetensors weights, JSON, "
-                     "markdown/text and PNG are accepted; pickles, archives and code never are")
+        raise refuse(
+            f"content is a {bad}, not {kind}",
+            path,
+            hint="only safetensors weights, JSON, "
+            "markdown/text and PNG are accepted; pickles, archives and code never are",
+        )
     if kind == "safetensors":
         tensors = parse_safetensors(data, path, limits.max_header_bytes, limits.max_tensors)
         check_finite(data, tensors, path)
@@ -272,12 +323,19 @@ def check_file(path: str, data: bytes, limits: Limits = Limits()) -> dict:
 
 
 # -- across files --------------------------------------------------------------------------------
-_LORA_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
-                      r"lora_embedding_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+_LORA_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
+    r"lora_embedding_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$"
+)
 
 
-def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits: Limits = Limits(),
-                  where: str = "adapter/adapter_model.safetensors") -> dict:
+def check_adapter(
+    adapter_config: dict,
+    tensors: dict,
+    base_shapes: dict,
+    limits: Limits = Limits(),
+    where: str = "adapter/adapter_model.safetensors",
+) -> dict:
     """Every tensor maps to a module of the base with the right shape; rank and full-layer caps.
 
     ``base_shapes``: ``{base tensor name: shape}`` of the declared base model. Returns
@@ -289,8 +347,11 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
     if r > limits.max_rank:
         raise refuse(f"rank r={r} exceeds the registry's cap of {limits.max_rank}", "adapter/adapter_config.json")
     if adapter_config.get("modules_to_save") and not limits.allow_modules_to_save:
-        raise refuse(f"modules_to_save {adapter_config['modules_to_save']} would ship full layers",
-                     "adapter/adapter_config.json", hint="this registry accepts adapter weights only")
+        raise refuse(
+            f"modules_to_save {adapter_config['modules_to_save']} would ship full layers",
+            "adapter/adapter_config.json",
+            hint="this registry accepts adapter weights only",
+        )
     rank_pattern = check_config_values(adapter_config, limits)
     modules, params = set(), 0
     for name, info in tensors.items():
@@ -304,8 +365,11 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
         module, part = m.group("module"), m.group("part")
         base = base_shapes.get(f"{module}.weight")
         if base is None:
-            raise refuse(f"tensor {name!r} targets module {module!r}, which the declared base model does not have",
-                         where, hint="was this adapter trained on a different base model?")
+            raise refuse(
+                f"tensor {name!r} targets module {module!r}, which the declared base model does not have",
+                where,
+                hint="was this adapter trained on a different base model?",
+            )
         rank_here = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
         if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") and len(shape) != 2:
             raise refuse(f"tensor {name!r} has shape {shape}, expected 2 dimensions", where)
@@ -325,9 +389,12 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
             ok = shape == [base[0]]
             want = f"[{base[0]}]"
         if not ok:
-            raise refuse(f"tensor {name!r} has shape {shape}; module {module!r} of the declared base "
-                         f"(weight {base}) needs {want}", where,
-                         hint="the adapter does not fit the declared base model")
+            raise refuse(
+                f"tensor {name!r} has shape {shape}; module {module!r} of the declared base "
+                f"(weight {base}) needs {want}",
+                where,
+                hint="the adapter does not fit the declared base model",
+            )
         if part in ("lora_A", "lora_embedding_A") and shape[0] != rank_here:
             raise refuse(f"tensor {name!r} has rank {shape[0]} but adapter_config.json declares r={rank_here}", where)
         modules.add(module)
@@ -335,9 +402,12 @@ def check_adapter(adapter_config: dict, tensors: dict, base_shapes: dict, limits
         raise refuse("the adapter holds no LoRA tensors", where)
     dora = any(_LORA_RE.match(n).group("part") == "lora_magnitude_vector" for n in tensors if _LORA_RE.match(n))
     if dora != bool(adapter_config.get("use_dora")):
-        raise refuse(f"adapter_config.json says use_dora={adapter_config.get('use_dora')!r} but the tensors "
-                     f"{'are' if dora else 'are not'} DoRA (lora_magnitude_vector)", "adapter/adapter_config.json",
-                     hint="the config must describe the weights it ships with")
+        raise refuse(
+            f"adapter_config.json says use_dora={adapter_config.get('use_dora')!r} but the tensors "
+            f"{'are' if dora else 'are not'} DoRA (lora_magnitude_vector)",
+            "adapter/adapter_config.json",
+            hint="the config must describe the weights it ships with",
+        )
     return {"r": r, "modules": sorted(modules), "parameters": params}
 
 
@@ -357,33 +427,58 @@ def check_config_values(cfg: dict, limits: Limits = Limits()) -> dict:
     [1, max_rank]; ``base_model_name_or_path`` a name, digest or local path, never a URL or a ``..`` path.
     """
     if cfg.get("peft_type") != "LORA":
-        raise Refused(f"is {cfg.get('peft_type')!r}; the tensors are LoRA weights, so it must be 'LORA'",
-                      file=_CFG, field="peft_type", hint="publish the adapter_config.json PEFT saved with it")
+        raise Refused(
+            f"is {cfg.get('peft_type')!r}; the tensors are LoRA weights, so it must be 'LORA'",
+            file=_CFG,
+            field="peft_type",
+            hint="publish the adapter_config.json PEFT saved with it",
+        )
     alpha = cfg.get("lora_alpha", 8)
     if not _number(alpha) or not 0 < alpha <= limits.max_alpha:
-        raise Refused(f"is {alpha!r}; it must be a finite number in (0, {limits.max_alpha:g}]",
-                      file=_CFG, field="lora_alpha")
-    for key, cap, ok in (("alpha_pattern", limits.max_alpha, lambda v: _number(v) and 0 < v <= limits.max_alpha),
-                         ("rank_pattern", limits.max_rank, lambda v: type(v) is int and 0 < v <= limits.max_rank)):
+        raise Refused(
+            f"is {alpha!r}; it must be a finite number in (0, {limits.max_alpha:g}]", file=_CFG, field="lora_alpha"
+        )
+    for key, cap, ok in (
+        ("alpha_pattern", limits.max_alpha, lambda v: _number(v) and 0 < v <= limits.max_alpha),
+        ("rank_pattern", limits.max_rank, lambda v: type(v) is int and 0 < v <= limits.max_rank),
+    ):
         pattern = cfg.get(key)
         if pattern is None:
             continue
         if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
-            raise Refused(f"must be a mapping of module name patterns to values, not {type(pattern).__name__}",
-                          file=_CFG, field=key, hint='e.g. {"q_proj": 8}')
+            raise Refused(
+                f"must be a mapping of module name patterns to values, not {type(pattern).__name__}",
+                file=_CFG,
+                field=key,
+                hint='e.g. {"q_proj": 8}',
+            )
         bad = next(((k, v) for k, v in pattern.items() if not ok(v)), None)
         if bad:
-            raise Refused(f"{bad[0]!r}: {bad[1]!r} is not a {'finite number' if key == 'alpha_pattern' else 'rank'}"
-                          f" in (0, {cap:g}]", file=_CFG, field=key)
+            raise Refused(
+                f"{bad[0]!r}: {bad[1]!r} is not a {'finite number' if key == 'alpha_pattern' else 'rank'}"
+                f" in (0, {cap:g}]",
+                file=_CFG,
+                field=key,
+            )
     path = cfg.get("base_model_name_or_path")
     if path is not None:
         text = path if isinstance(path, str) else ""
         parts = re.split(r"[/\\]", text)
-        if (not isinstance(path, str) or len(text) > 512 or ".." in parts or "\\" in text or text.startswith("~")
-                or any(ord(c) < 32 for c in text) or (_SCHEME_RE.match(text) and not text.startswith("sha256:"))):
-            raise Refused(f"{path!r} is not a model name, digest or local path (no URL, '~' or '..')",
-                          file=_CFG, field="base_model_name_or_path",
-                          hint="a loader would fetch or read from there; name the base model instead")
+        if (
+            not isinstance(path, str)
+            or len(text) > 512
+            or ".." in parts
+            or "\\" in text
+            or text.startswith("~")
+            or any(ord(c) < 32 for c in text)
+            or (_SCHEME_RE.match(text) and not text.startswith("sha256:"))
+        ):
+            raise Refused(
+                f"{path!r} is not a model name, digest or local path (no URL, '~' or '..')",
+                file=_CFG,
+                field="base_model_name_or_path",
+                hint="a loader would fetch or read from there; name the base model instead",
+            )
     return cfg.get("rank_pattern") or {}
 
 

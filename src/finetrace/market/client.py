@@ -102,7 +102,9 @@ def _find_documents(ws: Workspace, adapter: str) -> dict[str, Path]:
         if adapter not in (md.get("adapter"), md.get("subject")):
             continue
         kind = str(md.get("document") or md.get("doc_kind") or md.get("type") or "").lower().replace("-", "_")
-        kind = {"card": "model_card", "annex4": "annex_iv", "ab_2013": "ab2013", "attestation": "attestation"}.get(kind, kind)
+        kind = {"card": "model_card", "annex4": "annex_iv", "ab_2013": "ab2013", "attestation": "attestation"}.get(
+            kind, kind
+        )
         if kind not in (*DOCUMENT_KINDS, "attestation"):
             continue
         if ws.store.is_tree(art.digest):
@@ -148,10 +150,20 @@ def _eval_facts(ws: Workspace, report_digest: str | None, adapter: str) -> tuple
     return files, facts, {"eval_report": report_digest}
 
 
-def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: str = "Apache-2.0",
-                  license_terms: str | None = None, domain: list[str] = (), task: list[str] = (),
-                  description: str = "", documents: dict[str, str | Path] | None = None,
-                  attestation: str | Path | None = None, min_serve_agreement: float | None = None) -> Package:
+def build_package(
+    ws: Workspace,
+    adapter_ref: str,
+    target: str,
+    *,
+    license_id: str = "Apache-2.0",
+    license_terms: str | None = None,
+    domain: list[str] = (),
+    task: list[str] = (),
+    description: str = "",
+    documents: dict[str, str | Path] | None = None,
+    attestation: str | Path | None = None,
+    min_serve_agreement: float | None = None,
+) -> Package:
     """Collect an adapter, its evidence and metadata into a signed package (nothing is sent).
 
     Refused when the gates did not pass, and (``serve.parity.publish_gate``) when the eval set replayed
@@ -163,8 +175,10 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     art = ws.ledger.resolve(adapter_ref, kind="adapter")
     clr = clearance(ws.ledger, art.digest)
     if not clr.allowed:
-        raise refuse(f"{art.ref} may not be published: {clr.detail}",
-                     hint="evaluate it with gates (`finetrace eval`), or record an override")
+        raise refuse(
+            f"{art.ref} may not be published: {clr.detail}",
+            hint="evaluate it with gates (`finetrace eval`), or record an override",
+        )
     from ..serve.parity import publish_gate
 
     publish_gate(ws, art.digest, clr.report, min_serve_agreement)
@@ -176,8 +190,10 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     rec = adapter_record(ws, art.digest)
     ameta, base_digest, run = rec.meta, rec.base_digest, rec.run
     if rec.base is None:
-        raise NotFoundError(f"{art.ref}: its base model {base_digest} is not recorded in this workspace",
-                            hint="acquire the base model it was trained on (`finetrace models add`)")
+        raise NotFoundError(
+            f"{art.ref}: its base model {base_digest} is not recorded in this workspace",
+            hint="acquire the base model it was trained on (`finetrace models add`)",
+        )
     base_art = rec.base
     base_dir = ws.store.materialize(base_digest)
     eval_files, facts, eval_lineage = _eval_facts(ws, clr.report, art.digest)
@@ -185,8 +201,10 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     docs = _find_documents(ws, art.digest)
     missing = _intended_use_missing(ws, art.digest)
     if missing and not documents:
-        raise InputError(f"{art.ref}: its documents lack the intended use and limitations ({', '.join(missing)})",
-                         hint="run `finetrace docs ADAPTER@V --intended-use FILE.yaml`, then publish again")
+        raise InputError(
+            f"{art.ref}: its documents lack the intended use and limitations ({', '.join(missing)})",
+            hint="run `finetrace docs ADAPTER@V --intended-use FILE.yaml`, then publish again",
+        )
     for kind, p in (documents or {}).items():
         docs[kind] = Path(p)
     if attestation:
@@ -199,11 +217,18 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
         else:
             ext = Path(p).suffix[1:].lower() if Path(p).suffix[1:].lower() in DOCUMENT_EXTS else "md"
             files[f"documents/{kind}.{ext}"] = Path(p)
-    lineage = {"adapter": art.digest, "adapter_ref": art.ref, "producer_run": run.id if run else None,
-               "run_kind": run.kind if run else None, "base_model": base_digest, "base_model_ref": base_art.ref,
-               "dataset": ameta.get("dataset") or next((d.digest for d in rec.datasets), None),
-               "dataset_ref": ameta.get("dataset_ref"), "parent": art.metadata.get("parent") or ameta.get("parent"),
-               **eval_lineage}
+    lineage = {
+        "adapter": art.digest,
+        "adapter_ref": art.ref,
+        "producer_run": run.id if run else None,
+        "run_kind": run.kind if run else None,
+        "base_model": base_digest,
+        "base_model_ref": base_art.ref,
+        "dataset": ameta.get("dataset") or next((d.digest for d in rec.datasets), None),
+        "dataset_ref": ameta.get("dataset_ref"),
+        "parent": art.metadata.get("parent") or ameta.get("parent"),
+        **eval_lineage,
+    }
     lineage = {k: v for k, v in lineage.items() if v is not None}
     keys = ws.keys
     tmp_att = None
@@ -220,8 +245,11 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
     cp = next((c for c in ws.ledger.checkpoints() if seq is not None and c.size > seq), None) or ws.checkpoint()
     entry = {}
     if seq is not None:
-        entry = {"seq": seq, "body": base64.b64encode(ws.ledger.raw_entry(seq)).decode(),
-                 "proof": [h.hex() for h in ws.ledger.inclusion_proof(seq, cp.size)]}
+        entry = {
+            "seq": seq,
+            "body": base64.b64encode(ws.ledger.raw_entry(seq)).decode(),
+            "proof": [h.hex() for h in ws.ledger.inclusion_proof(seq, cp.size)],
+        }
     lic = {"id": license_id}
     if license_terms:
         lic["terms"] = license_terms
@@ -229,26 +257,49 @@ def build_package(ws: Workspace, adapter_ref: str, target: str, *, license_id: s
         "format": FORMAT,
         "package": {"namespace": ns, "name": name, "version": version},
         "description": description,
-        "domain": sorted({d.lower() for d in domain}), "task": sorted({t.lower() for t in task}),
+        "domain": sorted({d.lower() for d in domain}),
+        "task": sorted({t.lower() for t in task}),
         "license": lic,
-        "files": sorted(({"path": p, "size": f.stat().st_size, "digest": sha256_file(f)} for p, f in files.items()),
-                        key=lambda f: f["path"]),
-        "adapter": {"digest": art.digest, **{k: art.metadata.get(k) for k in
-                    ("method", "r", "target_modules", "tokenizer_sha256", "chat_template_sha256", "eos_token",
-                     "eos_token_id") if k in art.metadata}},
+        "files": sorted(
+            ({"path": p, "size": f.stat().st_size, "digest": sha256_file(f)} for p, f in files.items()),
+            key=lambda f: f["path"],
+        ),
+        "adapter": {
+            "digest": art.digest,
+            **{
+                k: art.metadata.get(k)
+                for k in (
+                    "method",
+                    "r",
+                    "target_modules",
+                    "tokenizer_sha256",
+                    "chat_template_sha256",
+                    "eos_token",
+                    "eos_token_id",
+                )
+                if k in art.metadata
+            },
+        },
         "base_model": {"name": base_art.ref, "digest": base_digest, "shapes": base_shapes_from_folder(base_dir)},
         "gate": {"status": clr.status, "detail": clr.detail, "report": clr.report},
-        "metrics": facts.get("metrics", {}), "base_metrics": facts.get("base_metrics", {}),
+        "metrics": facts.get("metrics", {}),
+        "base_metrics": facts.get("base_metrics", {}),
         "primary_metric": facts.get("primary_metric") or (sorted(facts.get("metrics", {})) or [None])[0],
         "bias": facts.get("bias", {}),
         "lineage": lineage,
-        "publisher": {"key_id": keys.key_id, "public_key": public_to_b64(keys.public), "checkpoint": cp.to_dict(),
-                      "entry": entry},
+        "publisher": {
+            "key_id": keys.key_id,
+            "public_key": public_to_b64(keys.public),
+            "checkpoint": cp.to_dict(),
+            "entry": entry,
+        },
     }
     missing = documents_present(manifest)
     if missing:
-        raise refuse(f"required documents missing: {', '.join(missing)}",
-                     hint="generate them with the audit stage, or pass --document KIND=PATH")
+        raise refuse(
+            f"required documents missing: {', '.join(missing)}",
+            hint="generate them with the audit stage, or pass --document KIND=PATH",
+        )
     return Package(manifest, sign(manifest, keys), files)
 
 
@@ -270,16 +321,23 @@ def upload(pkg: Package, registry: str, token: str) -> dict:
 def publish(ws: Workspace, adapter_ref: str, target: str, registry: str, token: str, **options) -> dict:
     """Build, sign and upload ``adapter_ref`` as ``target`` (``ns/name@version``); records a publish run."""
     pkg = build_package(ws, adapter_ref, target, **options)
-    with ws.ledger.run("publish", config={"registry": registry, "package": target, "manifest": pkg.digest},
-                       inputs=[pkg.manifest["adapter"]["digest"]]) as run:
+    with ws.ledger.run(
+        "publish",
+        config={"registry": registry, "package": target, "manifest": pkg.digest},
+        inputs=[pkg.manifest["adapter"]["digest"]],
+    ) as run:
         res = upload(pkg, registry, token)
         run.metrics.update({"uploaded_objects": res["uploaded"], "status": res["status"]})
     return res
 
 
 def search(registry: str, query: str = "", **filters) -> dict:
-    params = {"q": query, **{k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items()
-                             if v not in (None, "", [], ())}}
+    params = {
+        "q": query,
+        **{
+            k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items() if v not in (None, "", [], ())
+        },
+    }
     with _http(registry) as http:
         return _check(http.get("/api/v1/search", params=params))
 
@@ -310,42 +368,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), accept_license: bool = False,
-         name: str | None = None, allow_yanked: bool = False, allow_template_change: bool = False) -> Artifact:
+def pull(
+    ws: Workspace,
+    ref: str,
+    registry: str,
+    trust_keys: list[str] = (),
+    accept_license: bool = False,
+    name: str | None = None,
+    allow_yanked: bool = False,
+    allow_template_change: bool = False,
+) -> Artifact:
     """Download, verify and record package ``ref`` as an ``adapter`` artifact (see the module docstring)."""
     ns, pname, version = parse_ref(ref)
     with _http(registry) as http:
-        info = _check(http.get(f"/api/v1/packages/{ns}/{pname}" + (f"/{version}" if version else ""),
-                               params={"pull": 1}))
+        info = _check(
+            http.get(f"/api/v1/packages/{ns}/{pname}" + (f"/{version}" if version else ""), params={"pull": 1})
+        )
         manifest, signature = info["manifest"], info["signature"]
         if info.get("yanked") and not allow_yanked:
-            raise InputError(f"{info['ref']} was yanked by its publisher: {info.get('yanked_reason') or 'no reason given'}",
-                             hint="pull another version (without @VERSION: the latest not yanked), or pass "
-                                  "--allow-yanked if you need exactly this one")
+            raise InputError(
+                f"{info['ref']} was yanked by its publisher: {info.get('yanked_reason') or 'no reason given'}",
+                hint="pull another version (without @VERSION: the latest not yanked), or pass "
+                "--allow-yanked if you need exactly this one",
+            )
         if manifest_digest(manifest) != info["digest"]:
             raise IntegrityError(f"{info['ref']}: the manifest does not hash to the digest the registry states")
         facts = verify(manifest, signature)
         if facts["key_id"] not in set(trust_keys):
-            raise IntegrityError(f"{info['ref']} is signed by {facts['key_id']}, which is not a trusted key",
-                                 hint=f"if you trust this publisher, pass --trust-key {facts['key_id']}")
+            raise IntegrityError(
+                f"{info['ref']} is signed by {facts['key_id']}, which is not a trusted key",
+                hint=f"if you trust this publisher, pass --trust-key {facts['key_id']}",
+            )
         lic = manifest["license"]
         if license_needs_acceptance(lic) and not accept_license:
             terms = lic.get("terms") or f"licence {lic['id']}"
-            raise InputError(f"{info['ref']} is under terms that must be accepted:\n{terms}",
-                             hint="read them, then pass --accept-license")
+            raise InputError(
+                f"{info['ref']} is under terms that must be accepted:\n{terms}",
+                hint="read them, then pass --accept-license",
+            )
         base_digest = manifest["base_model"]["digest"]
         try:
             base_art = ws.ledger.artifact(base_digest)
         except NotFoundError:
-            raise NotFoundError(f"{info['ref']} needs base model {manifest['base_model'].get('name')} "
-                                f"({base_digest}), which is not in this workspace",
-                                hint="add that exact base model first (`finetrace models add`)") from None
+            raise NotFoundError(
+                f"{info['ref']} needs base model {manifest['base_model'].get('name')} "
+                f"({base_digest}), which is not in this workspace",
+                hint="add that exact base model first (`finetrace models add`)",
+            ) from None
         if base_art.kind != "base_model":
             raise InputError(f"{base_digest} is a {base_art.kind} here, not a base model")
         from . import template_check  # the adapter's chat template must be the local base's known-good one
 
-        template_check.check(template_check.compare_identity(manifest["adapter"], ws.store.materialize(base_digest)),
-                             info["ref"], allow_template_change)
+        template_check.check(
+            template_check.compare_identity(manifest["adapter"], ws.store.materialize(base_digest)),
+            info["ref"],
+            allow_template_change,
+        )
         tmp = _pull_scratch(ws)
         try:
             for f in manifest["files"]:
@@ -365,24 +443,38 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
                             h.update(chunk)
                             out.write(chunk)
                 if "sha256:" + h.hexdigest() != f["digest"] or size != f["size"]:
-                    raise IntegrityError(f"{f['path']}: downloaded bytes hash to sha256:{h.hexdigest()}, "
-                                         f"the signed manifest says {f['digest']}")
+                    raise IntegrityError(
+                        f"{f['path']}: downloaded bytes hash to sha256:{h.hexdigest()}, "
+                        f"the signed manifest says {f['digest']}"
+                    )
             parsed = {f["path"]: check_file(f["path"], (tmp / f["path"]).read_bytes()) for f in manifest["files"]}
-            check_adapter(parsed["adapter/adapter_config.json"]["json"],
-                          parsed["adapter/adapter_model.safetensors"]["tensors"],
-                          base_shapes_from_folder(ws.store.materialize(base_digest)))
+            check_adapter(
+                parsed["adapter/adapter_config.json"]["json"],
+                parsed["adapter/adapter_model.safetensors"]["tensors"],
+                base_shapes_from_folder(ws.store.materialize(base_digest)),
+            )
             if ATTESTATION in parsed:
                 verify_attestation(parsed[ATTESTATION]["json"], manifest["publisher"]["public_key"], manifest)
             adapter_digest = ws.store.put_dir(tmp / "adapter")
             if adapter_digest != manifest["adapter"]["digest"]:
-                raise IntegrityError(f"the pulled adapter folder hashes to {adapter_digest}, the publisher "
-                                     f"signed {manifest['adapter']['digest']}")
-            doc_digests = {f["path"]: ws.store.put_file(tmp / f["path"]) for f in manifest["files"]
-                           if f["path"].startswith(("documents/", "attestation/"))}
+                raise IntegrityError(
+                    f"the pulled adapter folder hashes to {adapter_digest}, the publisher "
+                    f"signed {manifest['adapter']['digest']}"
+                )
+            doc_digests = {
+                f["path"]: ws.store.put_file(tmp / f["path"])
+                for f in manifest["files"]
+                if f["path"].startswith(("documents/", "attestation/"))
+            }
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    market = {"registry": registry, "package": info["ref"], "manifest": info["digest"], "key_id": facts["key_id"],
-              "license": lic["id"]}
+    market = {
+        "registry": registry,
+        "package": info["ref"],
+        "manifest": info["digest"],
+        "key_id": facts["key_id"],
+        "license": lic["id"],
+    }
     meta = {k: v for k, v in manifest["adapter"].items() if k != "digest"}
     meta.update(base_model=base_digest, market=market)
     config = {**market, "accepted_license": bool(accept_license and license_needs_acceptance(lic))}
@@ -391,8 +483,11 @@ def pull(ws: Workspace, ref: str, registry: str, trust_keys: list[str] = (), acc
         for path, d in doc_digests.items():
             kind = Path(path).stem.split(".")[0]
             try:
-                run.output("document", d, metadata={"adapter": adapter_digest, "document": kind,
-                                                    "package": info["ref"], "path": path})
+                run.output(
+                    "document",
+                    d,
+                    metadata={"adapter": adapter_digest, "document": kind, "package": info["ref"], "path": path},
+                )
             except InputError:
                 pass  # the same bytes are already recorded as another kind of artifact here
         run.metrics["files"] = len(manifest["files"])

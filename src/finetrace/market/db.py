@@ -58,6 +58,7 @@ class Namespace(Base):
 
 class NamespaceKey(Base):
     """Publisher keys pinned to a namespace (the first key that publishes is pinned: trust on first use)."""
+
     __tablename__ = "namespace_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
@@ -104,9 +105,14 @@ class Version(Base):
     downloads: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # pulls of this version
     # digest of adapter/adapter_model.safetensors: serving it is what counts a download (migration 007)
     weights_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
-    __table_args__ = (UniqueConstraint("package_id", "version"), Index("ix_versions_created", "created"),
-                      Index("ix_versions_base", "base_digest"), Index("ix_versions_license", "license_id"),
-                      Index("ix_versions_score", "score"), Index("ix_versions_weights", "weights_digest"))
+    __table_args__ = (
+        UniqueConstraint("package_id", "version"),
+        Index("ix_versions_created", "created"),
+        Index("ix_versions_base", "base_digest"),
+        Index("ix_versions_license", "license_id"),
+        Index("ix_versions_score", "score"),
+        Index("ix_versions_weights", "weights_digest"),
+    )
 
 
 class Metric(Base):
@@ -119,6 +125,7 @@ class Metric(Base):
 
 class Upload(Base):
     """A publish in progress: visible to nobody until its commit succeeds."""
+
     __tablename__ = "uploads"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
@@ -132,6 +139,7 @@ class Upload(Base):
 
 class BaseModelShapes(Base):
     """Base models the registry knows: their tensor shape maps, which take precedence over a publisher's."""
+
     __tablename__ = "base_models"
     digest: Mapped[str] = mapped_column(String(80), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -156,6 +164,7 @@ def connect(url: str) -> tuple[Engine, sessionmaker]:
         kwargs["connect_args"] = {"options": "-c plan_cache_mode=force_custom_plan"}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
+
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _rec):
             cur = dbapi_conn.cursor()
@@ -163,6 +172,7 @@ def connect(url: str) -> tuple[Engine, sessionmaker]:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
     migrate(engine)
     analyze(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
@@ -192,5 +202,7 @@ def analyze(engine: Engine) -> None:
 def index_text(session, version: Version) -> None:
     """Put a version's search text into the full-text index (same transaction as the version row)."""
     if session.get_bind().dialect.name == "sqlite":
-        session.execute(text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"),
-                        {"id": version.id, "t": version.search_text})
+        session.execute(
+            text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"),
+            {"id": version.id, "t": version.search_text},
+        )

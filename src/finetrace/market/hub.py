@@ -44,7 +44,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "finetrace_
 def hub_path(package_path: str) -> str:
     """Where a package file lives in the Hub folder: the adapter at the top, the evidence under finetrace/."""
     if package_path.startswith("adapter/") and package_path != "adapter/README.md":  # README.md is the card
-        return package_path[len("adapter/"):]
+        return package_path[len("adapter/") :]
     return f"finetrace/{package_path}"
 
 
@@ -53,11 +53,18 @@ def card_metadata(manifest: dict) -> dict:
     pkg, lic = manifest["package"], manifest["license"]
     lineage = manifest.get("lineage") or {}
     datasets = [d for d in (lineage.get("dataset_ref"), lineage.get("eval_dataset")) if d]
-    results = [{"task": {"type": "text-classification" if "classification" in (manifest.get("task") or [])
-                         else "text-generation"},
-                "dataset": {"name": lineage.get("eval_dataset") or "eval", "type": lineage.get("eval_dataset") or "eval"},
-                "metrics": [{"type": k, "value": v, "name": k,
-                             "verified": False} for k, v in sorted((manifest.get("metrics") or {}).items())]}]
+    results = [
+        {
+            "task": {
+                "type": "text-classification" if "classification" in (manifest.get("task") or []) else "text-generation"
+            },
+            "dataset": {"name": lineage.get("eval_dataset") or "eval", "type": lineage.get("eval_dataset") or "eval"},
+            "metrics": [
+                {"type": k, "value": v, "name": k, "verified": False}
+                for k, v in sorted((manifest.get("metrics") or {}).items())
+            ],
+        }
+    ]
     return {
         "base_model": manifest["base_model"].get("name") or manifest["base_model"]["digest"],
         "base_model_relation": "adapter",
@@ -66,18 +73,26 @@ def card_metadata(manifest: dict) -> dict:
         "datasets": datasets,
         "tags": sorted({"finetrace", "lora", *manifest.get("domain", []), *manifest.get("task", [])}),
         "model-index": [{"name": f"{pkg['namespace']}/{pkg['name']}", "results": results}],
-        "finetrace": {"package": f"{pkg['namespace']}/{pkg['name']}@{pkg['version']}",
-                      "manifest_digest": manifest_digest(manifest), "base_model_digest": manifest["base_model"]["digest"],
-                      "adapter_digest": manifest["adapter"]["digest"]},
+        "finetrace": {
+            "package": f"{pkg['namespace']}/{pkg['name']}@{pkg['version']}",
+            "manifest_digest": manifest_digest(manifest),
+            "base_model_digest": manifest["base_model"]["digest"],
+            "adapter_digest": manifest["adapter"]["digest"],
+        },
     }
 
 
 def _eval_results(manifest: dict) -> dict[str, list[dict]]:
     lineage = manifest.get("lineage") or {}
     ds = lineage.get("eval_dataset") or "eval"
-    entries = [{"dataset": {"id": ds, "task_id": k}, "value": round(float(v) * 100, 2),
-                "source": {"name": f"finetrace eval report {lineage.get('eval_report', '')}".strip()}}
-               for k, v in sorted((manifest.get("metrics") or {}).items())]
+    entries = [
+        {
+            "dataset": {"id": ds, "task_id": k},
+            "value": round(float(v) * 100, 2),
+            "source": {"name": f"finetrace eval report {lineage.get('eval_report', '')}".strip()},
+        }
+        for k, v in sorted((manifest.get("metrics") or {}).items())
+    ]
     return {"finetrace.yaml": entries} if entries else {}
 
 
@@ -107,8 +122,11 @@ def export_hub(ws: Workspace, adapter_ref: str, folder: str | Path, target: str,
     body = card.read_text("utf-8") if card else f"# {m['package']['name']}\n\n{m.get('description', '')}\n"
     front = yaml.safe_dump(card_metadata(m), sort_keys=False, allow_unicode=True)
     write_text(out / "README.md", f"---\n{front}---\n\n{body}")
-    return {"folder": str(out), "files": sorted([*written, "README.md", "finetrace/manifest.json",
-                                                 "finetrace/signature.json"]), "manifest_digest": pkg.digest}
+    return {
+        "folder": str(out),
+        "files": sorted([*written, "README.md", "finetrace/manifest.json", "finetrace/signature.json"]),
+        "manifest_digest": pkg.digest,
+    }
 
 
 def _read_card(folder: Path) -> dict:
@@ -128,12 +146,19 @@ def _check_files(folder: Path, manifest: dict) -> None:
             raise IntegrityError(f"{hub_path(f['path'])}: listed in the signed manifest, missing from {folder}")
         got = sha256_file(p)
         if got != f["digest"] or p.stat().st_size != f["size"]:
-            raise IntegrityError(f"{hub_path(f['path'])}: hashes to {got}, the signed manifest says {f['digest']}",
-                                 hint="the folder was changed after export; fetch it again")
+            raise IntegrityError(
+                f"{hub_path(f['path'])}: hashes to {got}, the signed manifest says {f['digest']}",
+                hint="the folder was changed after export; fetch it again",
+            )
 
 
-def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), name: str | None = None,
-               allow_template_change: bool = False) -> tuple[Artifact, dict]:
+def import_hub(
+    ws: Workspace,
+    folder: str | Path,
+    trust_keys: list[str] = (),
+    name: str | None = None,
+    allow_template_change: bool = False,
+) -> tuple[Artifact, dict]:
     """Record the adapter of a Hub folder (see the module docstring); returns it and the facts checked.
     Tokenizer files or a chat template that differ from the base's are refused (``template_check``)
     unless ``allow_template_change``."""
@@ -145,20 +170,27 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
         manifest, signature = json.loads(man_path.read_text("utf-8")), json.loads(sig_path.read_text("utf-8"))
         key = verify(manifest, signature)["key_id"]
         if key not in set(trust_keys):
-            raise IntegrityError(f"{folder} is signed by {key}, which is not a trusted key",
-                                 hint=f"if you trust this publisher, pass --trust-key {key}")
+            raise IntegrityError(
+                f"{folder} is signed by {key}, which is not a trusted key",
+                hint=f"if you trust this publisher, pass --trust-key {key}",
+            )
         _check_files(folder, manifest)
         att = folder / "finetrace" / "attestation" / "attestation.dsse.json"
         if att.is_file():
             verify_attestation(json.loads(att.read_text("utf-8")), manifest["publisher"]["public_key"], manifest)
         base_digest, want = manifest["base_model"]["digest"], manifest["adapter"]["digest"]
         adapter_meta = {k: v for k, v in manifest["adapter"].items() if k != "digest"}
-        facts.update(verified=True, key_id=key, manifest_digest=manifest_digest(manifest),
-                     package="{namespace}/{name}@{version}".format(**manifest["package"]),
-                     attestation=att.is_file(), unverified=[])
+        facts.update(
+            verified=True,
+            key_id=key,
+            manifest_digest=manifest_digest(manifest),
+            package="{namespace}/{name}@{version}".format(**manifest["package"]),
+            attestation=att.is_file(),
+            unverified=[],
+        )
         default_name = "{namespace}/{name}".format(**manifest["package"])
     else:
-        base_digest = ((meta.get("finetrace") or {}).get("base_model_digest") or "")
+        base_digest = (meta.get("finetrace") or {}).get("base_model_digest") or ""
         want, adapter_meta, default_name = None, {}, folder.name
         facts.update(verified=False, unverified=["signature", "file digests", "attestation", "lineage"])
     base = _local_base(ws, base_digest, meta.get("base_model"))
@@ -168,12 +200,17 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
         declared = json.loads((folder / "finetrace_adapter.json").read_text("utf-8"))
     facts["template_differences"] = template_check.check(
         template_check.compare_files(folder, base_dir) + template_check.compare_identity(declared, base_dir),
-        str(folder), allow_template_change)
+        str(folder),
+        allow_template_change,
+    )
     tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".hub-"))
     try:
         parsed = {}
-        names = ([f["path"][len("adapter/"):] for f in manifest["files"] if f["path"].startswith("adapter/")]
-                 if facts["verified"] else [n for n in ADAPTER_FILES if (folder / n).is_file()])
+        names = (
+            [f["path"][len("adapter/") :] for f in manifest["files"] if f["path"].startswith("adapter/")]
+            if facts["verified"]
+            else [n for n in ADAPTER_FILES if (folder / n).is_file()]
+        )
         for rel in names:
             src = folder / hub_path(f"adapter/{rel}")
             parsed[rel] = check_file(f"adapter/{rel}", src.read_bytes())
@@ -181,8 +218,11 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
             shutil.copyfile(src, tmp / rel)
         if "adapter_config.json" not in parsed or "adapter_model.safetensors" not in parsed:
             raise InputError(f"{folder} has no PEFT adapter (adapter_config.json, adapter_model.safetensors)")
-        check_adapter(parsed["adapter_config.json"]["json"], parsed["adapter_model.safetensors"]["tensors"],
-                      base_shapes_from_folder(base_dir))
+        check_adapter(
+            parsed["adapter_config.json"]["json"],
+            parsed["adapter_model.safetensors"]["tensors"],
+            base_shapes_from_folder(base_dir),
+        )
         digest = ws.store.put_dir(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,18 +231,45 @@ def import_hub(ws: Workspace, folder: str | Path, trust_keys: list[str] = (), na
     facts["adapter_digest"] = digest
     docs = {}
     if facts["verified"]:  # the evidence, recorded like a pull's (the same digests the publisher signed)
-        docs = {f["path"]: ws.store.put_file(folder / hub_path(f["path"])) for f in manifest["files"]
-                if f["path"].startswith(("documents/", "attestation/"))}
-    with ws.ledger.run("pull", config={"hub_folder": str(folder.resolve()), **{k: facts.get(k) for k in
-                       ("package", "manifest_digest", "key_id", "verified")}}, inputs=[base.digest]) as run:
-        art = run.output("adapter", digest, name=name or default_name,
-                         metadata={**adapter_meta, "base_model": base.digest,
-                                   "market": {"hub": facts.get("package") or folder.name,
-                                              "verified": facts["verified"], "unverified": facts["unverified"]}})
+        docs = {
+            f["path"]: ws.store.put_file(folder / hub_path(f["path"]))
+            for f in manifest["files"]
+            if f["path"].startswith(("documents/", "attestation/"))
+        }
+    with ws.ledger.run(
+        "pull",
+        config={
+            "hub_folder": str(folder.resolve()),
+            **{k: facts.get(k) for k in ("package", "manifest_digest", "key_id", "verified")},
+        },
+        inputs=[base.digest],
+    ) as run:
+        art = run.output(
+            "adapter",
+            digest,
+            name=name or default_name,
+            metadata={
+                **adapter_meta,
+                "base_model": base.digest,
+                "market": {
+                    "hub": facts.get("package") or folder.name,
+                    "verified": facts["verified"],
+                    "unverified": facts["unverified"],
+                },
+            },
+        )
         for path, d in docs.items():
             try:
-                run.output("document", d, metadata={"adapter": digest, "document": Path(path).stem.split(".")[0],
-                                                    "package": facts["package"], "path": path})
+                run.output(
+                    "document",
+                    d,
+                    metadata={
+                        "adapter": digest,
+                        "document": Path(path).stem.split(".")[0],
+                        "package": facts["package"],
+                        "path": path,
+                    },
+                )
             except InputError:
                 pass  # the same bytes are already recorded here as another kind of artifact
         facts["documents"] = docs
@@ -218,9 +285,10 @@ def _local_base(ws: Workspace, digest: str, name: str | None) -> Artifact:
         else:
             raise NotFoundError("the card names no base model")
     except NotFoundError:
-        raise NotFoundError(f"the adapter needs base model {name or ''} ({digest or 'digest unknown'}), which is "
-                            "not in this workspace", hint="add that exact base model first (`finetrace models add`)"
-                            ) from None
+        raise NotFoundError(
+            f"the adapter needs base model {name or ''} ({digest or 'digest unknown'}), which is not in this workspace",
+            hint="add that exact base model first (`finetrace models add`)",
+        ) from None
     if art.kind != "base_model":
         raise InputError(f"{art.digest} is a {art.kind} here, not a base model")
     return art

@@ -63,14 +63,35 @@ def versions(reg, ns: str, name: str) -> list[dict]:
     """Every version of ``ns/name``, newest first: version, digest, created, yanked, reason, downloads."""
     V, P, N = db.Version, db.Package, db.Namespace
     with reg.Session() as s:
-        rows = s.execute(select(V.version, V.manifest_digest, V.created, V.yanked, V.yanked_reason, V.downloads,
-                                V.id == P.latest_version_id)
-                         .join(P, P.id == V.package_id).join(N, N.id == P.namespace_id)
-                         .where(N.name == ns, P.name == name).order_by(V.id.desc())).all()
+        rows = s.execute(
+            select(
+                V.version,
+                V.manifest_digest,
+                V.created,
+                V.yanked,
+                V.yanked_reason,
+                V.downloads,
+                V.id == P.latest_version_id,
+            )
+            .join(P, P.id == V.package_id)
+            .join(N, N.id == P.namespace_id)
+            .where(N.name == ns, P.name == name)
+            .order_by(V.id.desc())
+        ).all()
     if not rows:
         raise NotFoundError(f"no package {ns}/{name}")
-    return [{"version": v, "digest": d, "created": c.isoformat(), "yanked": bool(y), "yanked_reason": r or "",
-             "downloads": int(dl or 0), "latest": bool(latest)} for v, d, c, y, r, dl, latest in rows]
+    return [
+        {
+            "version": v,
+            "digest": d,
+            "created": c.isoformat(),
+            "yanked": bool(y),
+            "yanked_reason": r or "",
+            "downloads": int(dl or 0),
+            "latest": bool(latest),
+        }
+        for v, d, c, y, r, dl, latest in rows
+    ]
 
 
 def yank(reg, token: str | None, ref: str, reason: str = "", undo: bool = False) -> dict:
@@ -86,21 +107,27 @@ def yank(reg, token: str | None, ref: str, reason: str = "", undo: bool = False)
         raise NotFoundError(f"yank needs a version: {ref}@<version>")
     V, P, N = db.Version, db.Package, db.Namespace
     with reg.Session.begin() as s:
-        row = s.execute(select(V, P, N).join(P, P.id == V.package_id).join(N, N.id == P.namespace_id)
-                        .where(N.name == ns, P.name == name, V.version == version)).first()
+        row = s.execute(
+            select(V, P, N)
+            .join(P, P.id == V.package_id)
+            .join(N, N.id == P.namespace_id)
+            .where(N.name == ns, P.name == name, V.version == version)
+        ).first()
         if row is None:
             raise NotFoundError(f"no package {ns}/{name}@{version}")
         v, p, n = row
         if n.owner_id != acct.id and not acct.is_admin:
-            raise Forbidden(f"account {acct.name!r} may not yank in namespace {ns!r}",
-                            hint="use a token of that namespace's owner")
+            raise Forbidden(
+                f"account {acct.name!r} may not yank in namespace {ns!r}", hint="use a token of that namespace's owner"
+            )
         v.yanked, v.yanked_reason = (not undo), ("" if undo else reason)
         s.flush()
         p.latest_version_id = s.scalar(select(func.max(V.id)).where(V.package_id == p.id, V.yanked.is_(False)))
         digest, latest = v.manifest_digest, p.latest_version_id
-    registry_ledger(reg).append("market.unyank" if undo else "market.yank",
-                                {"ref": f"{ns}/{name}@{version}", "digest": digest, "reason": reason,
-                                 "by": acct.name})
+    registry_ledger(reg).append(
+        "market.unyank" if undo else "market.yank",
+        {"ref": f"{ns}/{name}@{version}", "digest": digest, "reason": reason, "by": acct.name},
+    )
     return {"ref": f"{ns}/{name}@{version}", "yanked": not undo, "digest": digest, "latest_version_id": latest}
 
 
@@ -116,16 +143,27 @@ def gc_staging(reg, max_age_s: float = STAGING_MAX_AGE_S, now: datetime | None =
     now = now or db.utcnow()
     cutoff = now - timedelta(seconds=max_age_s)
     with reg.Session() as s:
-        stale = s.execute(select(db.Upload.id, db.Upload.ref, db.Upload.manifest_digest, db.Upload.created)
-                          .where(db.Upload.created < cutoff)).all()
+        stale = s.execute(
+            select(db.Upload.id, db.Upload.ref, db.Upload.manifest_digest, db.Upload.created).where(
+                db.Upload.created < cutoff
+            )
+        ).all()
         live = set(s.scalars(select(db.Upload.id)))
     removed = []
     for uid, ref, digest, created in stale:
         folder = reg.staging / uid
         files, size = _tree_size(folder) if folder.is_dir() else (0, 0)
         reg.abort(uid)
-        removed.append({"upload": uid, "ref": ref, "digest": digest, "age_s": int((now - created).total_seconds()),
-                        "files": files, "bytes": size})
+        removed.append(
+            {
+                "upload": uid,
+                "ref": ref,
+                "digest": digest,
+                "age_s": int((now - created).total_seconds()),
+                "files": files,
+                "bytes": size,
+            }
+        )
     if reg.staging.is_dir():
         wall_cutoff = time.time() - max_age_s
         for folder in reg.staging.iterdir():
@@ -134,8 +172,17 @@ def gc_staging(reg, max_age_s: float = STAGING_MAX_AGE_S, now: datetime | None =
             files, size = _tree_size(folder)
             age = int(time.time() - folder.stat().st_mtime)
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append({"upload": None, "folder": folder.name, "ref": None, "digest": None, "age_s": age,
-                            "files": files, "bytes": size})
+            removed.append(
+                {
+                    "upload": None,
+                    "folder": folder.name,
+                    "ref": None,
+                    "digest": None,
+                    "age_s": age,
+                    "files": files,
+                    "bytes": size,
+                }
+            )
     if removed:
         registry_ledger(reg).append_many("market.staging_gc", removed, who="registry")
     return removed

@@ -27,11 +27,22 @@ from .checks import REQUIRED_DOCUMENTS, REQUIRED_FILES, Refused, check_path, ref
 
 FORMAT = "finetrace-package/1"
 DSSE_TYPE = IN_TOTO
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")     # fullmatch: ASCII only, so no Unicode look-alikes
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # fullmatch: ASCII only, so no Unicode look-alikes
 VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}")
 # Licences a buyer may use without an explicit acceptance step (SPDX ids of common open licences).
-OPEN_LICENSES = {"Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC-BY-4.0", "CC0-1.0", "MPL-2.0",
-                 "ISC", "Unlicense", "CC-BY-SA-4.0", "OpenRAIL-M"}
+OPEN_LICENSES = {
+    "Apache-2.0",
+    "MIT",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "CC-BY-4.0",
+    "CC0-1.0",
+    "MPL-2.0",
+    "ISC",
+    "Unlicense",
+    "CC-BY-SA-4.0",
+    "OpenRAIL-M",
+}
 
 
 def parse_ref(ref: str) -> tuple[str, str, str | None]:
@@ -39,8 +50,10 @@ def parse_ref(ref: str) -> tuple[str, str, str | None]:
     body, _, version = ref.partition("@")
     ns, sep, name = body.partition("/")
     if not sep or not NAME_RE.fullmatch(ns) or not NAME_RE.fullmatch(name):
-        raise refuse(f"bad package reference {ref!r}", hint="use namespace/name@version, lower-case letters, "
-                     "digits, '.', '_', '-'")
+        raise refuse(
+            f"bad package reference {ref!r}",
+            hint="use namespace/name@version, lower-case letters, digits, '.', '_', '-'",
+        )
     if version and not VERSION_RE.fullmatch(version):
         raise refuse(f"bad version {version!r} in {ref!r}", hint="e.g. 1.0.0")
     return ns, name, version or None
@@ -65,8 +78,11 @@ def license_needs_acceptance(lic: dict) -> bool:
 # -- DSSE attestations ---------------------------------------------------------------------------
 def adapter_files(manifest: dict) -> list[dict]:
     """The adapter folder as the manifest lists it: ``[{"path" (inside adapter/), "size", "digest"}]``."""
-    return [{"path": f["path"][len("adapter/"):], "size": f["size"], "digest": f["digest"]}
-            for f in manifest["files"] if f["path"].startswith("adapter/")]
+    return [
+        {"path": f["path"][len("adapter/") :], "size": f["size"], "digest": f["digest"]}
+        for f in manifest["files"]
+        if f["path"].startswith("adapter/")
+    ]
 
 
 def check_adapter_digest(manifest: dict) -> None:
@@ -79,9 +95,12 @@ def check_adapter_digest(manifest: dict) -> None:
 
     got = sha256_bytes(ObjectStore.manifest_bytes(adapter_files(manifest)))
     if got != manifest["adapter"].get("digest"):
-        raise Refused(f"the adapter/ files listed hash to folder digest {got}, not to the signed adapter digest "
-                      f"{manifest['adapter'].get('digest')}", field="manifest.adapter.digest",
-                      hint="list every file of the adapter folder, unchanged, with its size and digest")
+        raise Refused(
+            f"the adapter/ files listed hash to folder digest {got}, not to the signed adapter digest "
+            f"{manifest['adapter'].get('digest')}",
+            field="manifest.adapter.digest",
+            hint="list every file of the adapter folder, unchanged, with its size and digest",
+        )
 
 
 def attestation_subjects(manifest: dict) -> dict[str, str]:
@@ -90,13 +109,20 @@ def attestation_subjects(manifest: dict) -> dict[str, str]:
     return {f["path"]: f["digest"].split(":", 1)[1] for f in adapter_files(manifest)}
 
 
-def make_attestation(keys: KeyPair, manifest_files: list[dict], predicate: dict,
-                     predicate_type: str = "https://finetrace.dev/attestation/training/v1") -> dict:
+def make_attestation(
+    keys: KeyPair,
+    manifest_files: list[dict],
+    predicate: dict,
+    predicate_type: str = "https://finetrace.dev/attestation/training/v1",
+) -> dict:
     """A DSSE envelope around an in-toto v1 statement about the adapter files (used when audit has none)."""
     subjects = attestation_subjects({"files": manifest_files})
-    statement = {"_type": "https://in-toto.io/Statement/v1",
-                 "subject": [{"name": n, "digest": {"sha256": d}} for n, d in sorted(subjects.items())],
-                 "predicateType": predicate_type, "predicate": predicate}
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": n, "digest": {"sha256": d}} for n, d in sorted(subjects.items())],
+        "predicateType": predicate_type,
+        "predicate": predicate,
+    }
     return sign_envelope(canonical_json(statement), keys, DSSE_TYPE)
 
 
@@ -114,13 +140,17 @@ def verify_attestation(envelope: dict, public_key_b64: str, manifest: dict) -> N
     want = attestation_subjects(manifest)
     if subjects != want:
         diff = sorted(set(subjects.items()) ^ set(want.items()))
-        raise IntegrityError(f"attestation/attestation.dsse.json does not attest the adapter files "
-                             f"(first difference: adapter/{diff[0][0]})")
+        raise IntegrityError(
+            f"attestation/attestation.dsse.json does not attest the adapter files "
+            f"(first difference: adapter/{diff[0][0]})"
+        )
     pred = statement.get("predicate") if isinstance(statement.get("predicate"), dict) else {}
     named = ((pred.get("buildDefinition") or {}).get("externalParameters") or {}).get("adapter") or pred.get("adapter")
     if named is not None and named != manifest["adapter"].get("digest"):
-        raise IntegrityError(f"attestation/attestation.dsse.json is about adapter {named}, the manifest about "
-                             f"{manifest['adapter'].get('digest')}")
+        raise IntegrityError(
+            f"attestation/attestation.dsse.json is about adapter {named}, the manifest about "
+            f"{manifest['adapter'].get('digest')}"
+        )
 
 
 # -- the manifest --------------------------------------------------------------------------------
@@ -141,17 +171,20 @@ def check_shape(manifest: dict) -> None:
         if f["path"] in seen:
             raise refuse(f"file {f['path']!r} listed twice")
         seen.add(f["path"])
-        if type(f.get("size")) is not int or f["size"] < 0 or not re.fullmatch(r"sha256:[0-9a-f]{64}",
-                                                                                 str(f.get("digest"))):
+        if (
+            type(f.get("size")) is not int
+            or f["size"] < 0
+            or not re.fullmatch(r"sha256:[0-9a-f]{64}", str(f.get("digest")))
+        ):
             raise refuse(f"file {f['path']!r}: size must be an integer and digest sha256:<64 hex>")
     missing = [p for p in REQUIRED_FILES if p not in seen]
     if missing:
-        raise refuse(f"the package lacks {', '.join(missing)}", hint="an adapter needs its PEFT files and "
-                     "finetrace_adapter.json")
+        raise refuse(
+            f"the package lacks {', '.join(missing)}", hint="an adapter needs its PEFT files and finetrace_adapter.json"
+        )
     lic = manifest["license"]
     if not isinstance(lic.get("id"), str) or (lic["id"] == "custom" and not str(lic.get("terms", "")).strip()):
-        raise Refused("needs an SPDX id, or id 'custom' with the terms a buyer must accept",
-                      field="manifest.license")
+        raise Refused("needs an SPDX id, or id 'custom' with the terms a buyer must accept", field="manifest.license")
     base = manifest["base_model"]
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", str(base.get("digest"))):
         raise Refused("must be the sha256 digest of the base model", field="manifest.base_model.digest")
@@ -159,16 +192,27 @@ def check_shape(manifest: dict) -> None:
     check_adapter_digest(manifest)
 
 
-_OPTIONAL = {"description": str, "domain": list, "task": list, "metrics": dict, "base_metrics": dict, "bias": dict,
-             "gate": dict, "lineage": dict, "primary_metric": (str, type(None))}
+_OPTIONAL = {
+    "description": str,
+    "domain": list,
+    "task": list,
+    "metrics": dict,
+    "base_metrics": dict,
+    "bias": dict,
+    "gate": dict,
+    "lineage": dict,
+    "primary_metric": (str, type(None)),
+}
 
 
 def _check_types(manifest: dict) -> None:
     """Every optional field has its type, so nothing later trips over a list where a dict belongs."""
     for key, typ in _OPTIONAL.items():
         if key in manifest and not isinstance(manifest[key], typ):
-            raise Refused(f"must be a {getattr(typ, '__name__', 'string or null')}, not "
-                          f"{type(manifest[key]).__name__}", field=f"manifest.{key}")
+            raise Refused(
+                f"must be a {getattr(typ, '__name__', 'string or null')}, not {type(manifest[key]).__name__}",
+                field=f"manifest.{key}",
+            )
     for key in ("domain", "task"):
         if not all(isinstance(v, str) and len(v) <= 64 for v in manifest.get(key) or []):
             raise Refused("must be a list of short strings", field=f"manifest.{key}")
@@ -186,8 +230,9 @@ def _check_types(manifest: dict) -> None:
 
 def documents_present(manifest: dict) -> list[str]:
     """Required document kinds that the package lacks."""
-    kinds = {f["path"].split("/", 1)[1].rsplit(".", 1)[0] for f in manifest["files"]
-             if f["path"].startswith("documents/")}
+    kinds = {
+        f["path"].split("/", 1)[1].rsplit(".", 1)[0] for f in manifest["files"] if f["path"].startswith("documents/")
+    }
     return [k for k in REQUIRED_DOCUMENTS if k not in kinds]
 
 
@@ -218,9 +263,13 @@ def verify(manifest: dict, signature: dict) -> dict:
                 body = base64.b64decode(entry.get("body", ""))
                 proof = [bytes.fromhex(h) for h in entry.get("proof", [])]
                 doc = json.loads(body) if body else {}
-                if (doc.get("type") == "artifact.added" and doc.get("data", {}).get("digest") == manifest["adapter"].get("digest")
-                        and merkle.verify_inclusion(int(entry.get("seq", -1)), c.size, merkle.leaf_hash(body),
-                                                    proof, bytes.fromhex(c.root))):
+                if (
+                    doc.get("type") == "artifact.added"
+                    and doc.get("data", {}).get("digest") == manifest["adapter"].get("digest")
+                    and merkle.verify_inclusion(
+                        int(entry.get("seq", -1)), c.size, merkle.leaf_hash(body), proof, bytes.fromhex(c.root)
+                    )
+                ):
                     facts["inclusion"] = True
         except (KeyError, ValueError, TypeError, IntegrityError):
             pass

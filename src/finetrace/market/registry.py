@@ -57,10 +57,10 @@ class Conflict(Refused):
 class Settings:
     """How a registry runs."""
 
-    db_url: str = "sqlite:///registry.db"      # SQLAlchemy URL (sqlite:///path or postgresql+psycopg://...)
-    store: str = "registry-objects"             # folder of the content-addressed object store
+    db_url: str = "sqlite:///registry.db"  # SQLAlchemy URL (sqlite:///path or postgresql+psycopg://...)
+    store: str = "registry-objects"  # folder of the content-addressed object store
     limits: Limits = field(default_factory=Limits)
-    allow_unknown_bases: bool = True            # accept the publisher's shape map for bases not registered here
+    allow_unknown_bases: bool = True  # accept the publisher's shape map for bases not registered here
     title: str = "finetrace market"
 
 
@@ -107,8 +107,10 @@ class Registry:
                     raise Conflict(f"namespace {ns!r} is already owned")
                 twin = confusable_with(ns, taken)
                 if twin:
-                    raise Conflict(f"namespace {ns!r} looks like the existing namespace {twin!r}",
-                                   hint="choose a name a reader cannot mistake for another publisher's")
+                    raise Conflict(
+                        f"namespace {ns!r} looks like the existing namespace {twin!r}",
+                        hint="choose a name a reader cannot mistake for another publisher's",
+                    )
                 s.add(db.Namespace(name=ns, owner_id=acct.id))
         return token
 
@@ -143,43 +145,73 @@ class Registry:
         with self.Session() as s:
             ns = s.scalar(select(db.Namespace).where(db.Namespace.name == pkg["namespace"]))
             if ns is None:
-                raise Forbidden(f"namespace {pkg['namespace']!r} does not exist on this registry",
-                                hint="ask the admin to create it for your account")
+                raise Forbidden(
+                    f"namespace {pkg['namespace']!r} does not exist on this registry",
+                    hint="ask the admin to create it for your account",
+                )
             if ns.owner_id != acct.id:
-                raise Forbidden(f"account {acct.name!r} may not publish into namespace {ns.name!r}",
-                                hint="use a token of that namespace's owner")
-            existing = s.scalar(select(db.Version).join(db.Package, db.Package.id == db.Version.package_id)
-                                .where(db.Package.namespace_id == ns.id, db.Package.name == pkg["name"],
-                                       db.Version.version == pkg["version"]))
+                raise Forbidden(
+                    f"account {acct.name!r} may not publish into namespace {ns.name!r}",
+                    hint="use a token of that namespace's owner",
+                )
+            existing = s.scalar(
+                select(db.Version)
+                .join(db.Package, db.Package.id == db.Version.package_id)
+                .where(
+                    db.Package.namespace_id == ns.id,
+                    db.Package.name == pkg["name"],
+                    db.Version.version == pkg["version"],
+                )
+            )
             if existing is not None:
                 if existing.manifest_digest == mdigest:
                     return {"status": "exists", "ref": ref, "digest": mdigest, "missing": []}
-                raise Conflict(f"{ref} is already published with a different digest ({existing.manifest_digest})",
-                               hint="versions are immutable: publish under a new version number")
+                raise Conflict(
+                    f"{ref} is already published with a different digest ({existing.manifest_digest})",
+                    hint="versions are immutable: publish under a new version number",
+                )
             pinned = {k.key_id for k in s.scalars(select(db.NamespaceKey).where(db.NamespaceKey.namespace_id == ns.id))}
             self._check_lookalike(s, ns, pkg["name"])
         self._check_manifest(manifest, signature, pinned)
         with self.Session.begin() as s:
             up = s.scalar(select(db.Upload).where(db.Upload.ref == ref, db.Upload.manifest_digest == mdigest))
             if up is None:
-                up = db.Upload(id=secrets.token_hex(16), account_id=acct.id, ref=ref, manifest_digest=mdigest,
-                               manifest=manifest, signature=signature)
+                up = db.Upload(
+                    id=secrets.token_hex(16),
+                    account_id=acct.id,
+                    ref=ref,
+                    manifest_digest=mdigest,
+                    manifest=manifest,
+                    signature=signature,
+                )
                 s.add(up)
             upload_id = up.id
-        return {"status": "pending", "upload": upload_id, "ref": ref, "digest": mdigest,
-                "missing": self.missing(upload_id, manifest)}
+        return {
+            "status": "pending",
+            "upload": upload_id,
+            "ref": ref,
+            "digest": mdigest,
+            "missing": self.missing(upload_id, manifest),
+        }
 
     def _check_lookalike(self, s, ns: db.Namespace, name: str) -> None:
         """Refuse a new package whose ``ns/name`` looks like another account's package (``names.py``)."""
         if s.scalar(select(db.Package.id).where(db.Package.namespace_id == ns.id, db.Package.name == name)):
             return  # a new version of an existing package
-        others = [f"{a}/{b}" for a, b in s.execute(
-            select(db.Namespace.name, db.Package.name).join(db.Package, db.Package.namespace_id == db.Namespace.id)
-            .where(db.Namespace.owner_id != ns.owner_id))]
+        others = [
+            f"{a}/{b}"
+            for a, b in s.execute(
+                select(db.Namespace.name, db.Package.name)
+                .join(db.Package, db.Package.namespace_id == db.Namespace.id)
+                .where(db.Namespace.owner_id != ns.owner_id)
+            )
+        ]
         twin = confusable_with(f"{ns.name}/{name}", others)
         if twin:
-            raise Conflict(f"{ns.name}/{name} looks like {twin}, published by another account",
-                           hint="publish under a name a buyer cannot mistake for another publisher's adapter")
+            raise Conflict(
+                f"{ns.name}/{name} looks like {twin}, published by another account",
+                hint="publish under a name a buyer cannot mistake for another publisher's adapter",
+            )
 
     def _check_manifest(self, manifest: dict, signature: dict, pinned: set[str]) -> None:
         lim = self.settings.limits
@@ -192,19 +224,27 @@ class Registry:
         try:
             facts = verify(manifest, signature)
         except IntegrityError as exc:
-            raise Refused(f"signature check failed: {exc.message}", hint="sign the manifest with the "
-                          "publisher's workspace key; any change after signing breaks it") from None
+            raise Refused(
+                f"signature check failed: {exc.message}",
+                hint="sign the manifest with the publisher's workspace key; any change after signing breaks it",
+            ) from None
         if pinned and facts["key_id"] not in pinned:
-            raise Forbidden(f"the namespace is pinned to other publisher keys; {facts['key_id']} is not one",
-                            hint="publish with the workspace key that first published here")
+            raise Forbidden(
+                f"the namespace is pinned to other publisher keys; {facts['key_id']} is not one",
+                hint="publish with the workspace key that first published here",
+            )
         gate = manifest.get("gate") or {}
         if gate.get("status") not in ("passed", "overridden"):
-            raise refuse(f"eval gates not passed (status {gate.get('status', 'unknown')!r}: "
-                         f"{gate.get('detail', 'no verdict')})", hint="evaluate with gates, or record an override")
+            raise refuse(
+                f"eval gates not passed (status {gate.get('status', 'unknown')!r}: {gate.get('detail', 'no verdict')})",
+                hint="evaluate with gates, or record an override",
+            )
         missing_docs = documents_present(manifest)
         if missing_docs:
-            raise refuse(f"required documents missing: {', '.join(missing_docs)}",
-                         hint="generate them with the audit stage and publish again")
+            raise refuse(
+                f"required documents missing: {', '.join(missing_docs)}",
+                hint="generate them with the audit stage and publish again",
+            )
 
     def _upload(self, upload_id: str) -> db.Upload:
         with self.Session() as s:
@@ -240,16 +280,20 @@ class Registry:
                 while chunk := stream.read(CHUNK):
                     size += len(chunk)
                     if size > limit:
-                        raise refuse(f"object {digest} is larger than the {limit} bytes the manifest declares",
-                                     paths[0]["path"])
+                        raise refuse(
+                            f"object {digest} is larger than the {limit} bytes the manifest declares", paths[0]["path"]
+                        )
                     h.update(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             actual = "sha256:" + h.hexdigest()
             if actual != digest:
-                raise Refused(f"object {digest}: the bytes received hash to {actual}", file=paths[0]["path"],
-                              hint="wrong digest, or the upload was corrupted; send it again")
+                raise Refused(
+                    f"object {digest}: the bytes received hash to {actual}",
+                    file=paths[0]["path"],
+                    hint="wrong digest, or the upload was corrupted; send it again",
+                )
             data = tmp.read_bytes()
             try:
                 for f in paths:
@@ -273,8 +317,10 @@ class Registry:
         manifest = up.manifest
         missing = self.missing(upload_id, manifest)
         if missing:
-            raise refuse(f"{len(missing)} object(s) not received yet: {', '.join(missing[:3])}",
-                         hint="PUT them, then commit again")
+            raise refuse(
+                f"{len(missing)} object(s) not received yet: {', '.join(missing[:3])}",
+                hint="PUT them, then commit again",
+            )
         try:  # any failure, not only a refusal, drops the upload and its staged objects
             parsed = self._verify_objects(upload_id, manifest)
             self._check_contents(manifest, parsed)
@@ -304,8 +350,11 @@ class Registry:
             if hashlib.sha256(data).hexdigest() != f["digest"].split(":", 1)[1]:
                 raise IntegrityError(f"object {f['digest']} ({f['path']}) no longer matches its digest")
             if len(data) != f["size"]:  # also for objects already stored, which were never PUT again
-                raise refuse(f"the manifest declares {f['size']} bytes, the object {f['digest']} has {len(data)}",
-                             f["path"], hint="declare each file's real size")
+                raise refuse(
+                    f"the manifest declares {f['size']} bytes, the object {f['digest']} has {len(data)}",
+                    f["path"],
+                    hint="declare each file's real size",
+                )
             parsed[f["path"]] = (check_file(f["path"], data, self.settings.limits), data)
         return parsed
 
@@ -317,15 +366,19 @@ class Registry:
         if not isinstance(cfg, dict) or not isinstance(meta, dict):
             raise refuse("adapter_config.json and finetrace_adapter.json must be JSON objects")
         if meta.get("base_model") != base["digest"]:
-            raise refuse(f"finetrace_adapter.json names base {meta.get('base_model')}, the manifest declares "
-                         f"{base['digest']}", "adapter/finetrace_adapter.json")
+            raise refuse(
+                f"finetrace_adapter.json names base {meta.get('base_model')}, the manifest declares {base['digest']}",
+                "adapter/finetrace_adapter.json",
+            )
         with self.Session() as s:
             known = s.get(db.BaseModelShapes, base["digest"])
         shapes = known.shapes if known else None
         if shapes is None:
             if not self.settings.allow_unknown_bases:
-                raise refuse(f"base model {base['digest']} is not known to this registry",
-                             hint="ask the admin to register it (`finetrace market add-base`)")
+                raise refuse(
+                    f"base model {base['digest']} is not known to this registry",
+                    hint="ask the admin to register it (`finetrace market add-base`)",
+                )
             shapes = base.get("shapes")
             if not isinstance(shapes, dict) or not shapes:
                 raise Refused("the base model's tensor shape map is needed", field="manifest.base_model.shapes")
@@ -334,24 +387,38 @@ class Registry:
         check_adapter(cfg, tensors, shapes, self.settings.limits)
         if "attestation/attestation.dsse.json" in parsed:
             try:
-                verify_attestation(parsed["attestation/attestation.dsse.json"][0]["json"],
-                                   manifest["publisher"]["public_key"], manifest)
+                verify_attestation(
+                    parsed["attestation/attestation.dsse.json"][0]["json"],
+                    manifest["publisher"]["public_key"],
+                    manifest,
+                )
             except IntegrityError as exc:
                 raise Refused(f"attestation check failed: {exc.message}") from None
 
     def _make_visible(self, up: db.Upload, acct: db.Account) -> dict:
         m = up.manifest
         pkg = m["package"]
-        metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            k: float(v)
+            for k, v in (m.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         primary = m.get("primary_metric")
         card = ""
         for f in m["files"]:
             if f["path"].startswith("documents/model_card"):
                 card = self.store.path(f["digest"]).read_bytes().decode("utf-8", "replace")[:20000]
-        search_text = " ".join([pkg["namespace"], pkg["name"], m.get("description", ""),
-                                " ".join(m.get("domain") or []), " ".join(m.get("task") or []),
-                                m["base_model"].get("name", ""), card])
+        search_text = " ".join(
+            [
+                pkg["namespace"],
+                pkg["name"],
+                m.get("description", ""),
+                " ".join(m.get("domain") or []),
+                " ".join(m.get("task") or []),
+                m["base_model"].get("name", ""),
+                card,
+            ]
+        )
         try:
             with self.Session.begin() as s:
                 ns = s.scalar(select(db.Namespace).where(db.Namespace.name == pkg["namespace"]))
@@ -360,26 +427,44 @@ class Registry:
                     p = db.Package(namespace_id=ns.id, name=pkg["name"], downloads=0)
                     s.add(p)
                     s.flush()
-                v = db.Version(package_id=p.id, version=pkg["version"], ref=up.ref, manifest_digest=up.manifest_digest,
-                               manifest=m, signature=up.signature, key_id=up.signature["key_id"],
-                               description=m.get("description", ""), license_id=m["license"]["id"],
-                               base_name=m["base_model"].get("name", ""), base_digest=m["base_model"]["digest"],
-                               domains=_csv(m.get("domain")), tasks=_csv(m.get("task")),
-                               score=metrics.get(primary) if primary else None, search_text=search_text,
-                               publisher=acct.name, weights_digest=next(
-                                   (f["digest"] for f in m["files"] if f["path"] == WEIGHTS), None))
+                v = db.Version(
+                    package_id=p.id,
+                    version=pkg["version"],
+                    ref=up.ref,
+                    manifest_digest=up.manifest_digest,
+                    manifest=m,
+                    signature=up.signature,
+                    key_id=up.signature["key_id"],
+                    description=m.get("description", ""),
+                    license_id=m["license"]["id"],
+                    base_name=m["base_model"].get("name", ""),
+                    base_digest=m["base_model"]["digest"],
+                    domains=_csv(m.get("domain")),
+                    tasks=_csv(m.get("task")),
+                    score=metrics.get(primary) if primary else None,
+                    search_text=search_text,
+                    publisher=acct.name,
+                    weights_digest=next((f["digest"] for f in m["files"] if f["path"] == WEIGHTS), None),
+                )
                 s.add(v)
                 s.flush()
                 for k, val in metrics.items():
                     s.add(db.Metric(version_id=v.id, name=k, value=val))
                 db.index_text(s, v)
                 p.latest_version_id = v.id
-                if not s.scalar(select(db.NamespaceKey).where(db.NamespaceKey.namespace_id == ns.id,
-                                                               db.NamespaceKey.key_id == v.key_id)):
-                    if not s.scalar(select(func.count()).select_from(db.NamespaceKey)
-                                    .where(db.NamespaceKey.namespace_id == ns.id)):
-                        s.add(db.NamespaceKey(namespace_id=ns.id, key_id=v.key_id,
-                                              public_key=m["publisher"]["public_key"]))
+                if not s.scalar(
+                    select(db.NamespaceKey).where(
+                        db.NamespaceKey.namespace_id == ns.id, db.NamespaceKey.key_id == v.key_id
+                    )
+                ):
+                    if not s.scalar(
+                        select(func.count()).select_from(db.NamespaceKey).where(db.NamespaceKey.namespace_id == ns.id)
+                    ):
+                        s.add(
+                            db.NamespaceKey(
+                                namespace_id=ns.id, key_id=v.key_id, public_key=m["publisher"]["public_key"]
+                            )
+                        )
         except DBIntegrityError:
             # a concurrent commit of the same version won the race
             existing = self.version(pkg["namespace"], pkg["name"], pkg["version"])
@@ -398,10 +483,17 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------------
     def _version_row(self, s, ns: str, name: str, version: str | None):
-        q = (select(db.Version, db.Package).join(db.Package, db.Package.id == db.Version.package_id)
-             .join(db.Namespace, db.Namespace.id == db.Package.namespace_id)
-             .where(db.Namespace.name == ns, db.Package.name == name))
-        q = q.where(db.Version.version == version) if version else q.where(db.Version.id == db.Package.latest_version_id)
+        q = (
+            select(db.Version, db.Package)
+            .join(db.Package, db.Package.id == db.Version.package_id)
+            .join(db.Namespace, db.Namespace.id == db.Package.namespace_id)
+            .where(db.Namespace.name == ns, db.Package.name == name)
+        )
+        q = (
+            q.where(db.Version.version == version)
+            if version
+            else q.where(db.Version.id == db.Package.latest_version_id)
+        )
         row = s.execute(q).first()
         if row is None:
             raise NotFoundError(f"no package {ns}/{name}" + (f"@{version}" if version else ""))
@@ -412,12 +504,27 @@ class Registry:
         counts no download: serving its weights does (``lifecycle.count_download``)."""
         with self.Session() as s:
             v, p = self._version_row(s, ns, name, version)
-            versions = [r[0] for r in s.execute(select(db.Version.version).where(db.Version.package_id == p.id)
-                                                 .order_by(db.Version.id))]
-            return {"ref": v.ref, "namespace": ns, "name": name, "version": v.version, "digest": v.manifest_digest,
-                    "manifest": v.manifest, "signature": v.signature, "downloads": p.downloads,
-                    "publisher": v.publisher, "created": v.created.isoformat(), "versions": versions,
-                    "yanked": bool(v.yanked), "yanked_reason": v.yanked_reason or ""}
+            versions = [
+                r[0]
+                for r in s.execute(
+                    select(db.Version.version).where(db.Version.package_id == p.id).order_by(db.Version.id)
+                )
+            ]
+            return {
+                "ref": v.ref,
+                "namespace": ns,
+                "name": name,
+                "version": v.version,
+                "digest": v.manifest_digest,
+                "manifest": v.manifest,
+                "signature": v.signature,
+                "downloads": p.downloads,
+                "publisher": v.publisher,
+                "created": v.created.isoformat(),
+                "versions": versions,
+                "yanked": bool(v.yanked),
+                "yanked_reason": v.yanked_reason or "",
+            }
 
     def object_path(self, digest: str) -> Path:
         """A stored object (only committed objects are ever served), re-hashed now."""
@@ -429,9 +536,15 @@ class Registry:
     def badge(self, info: dict) -> dict:
         """The verification badge, computed now from the stored manifest, signature and attestation."""
         m, sig = info["manifest"], info["signature"]
-        out = {"signature": False, "checkpoint": False, "inclusion": False, "attestation": False,
-               "documents": not documents_present(m), "gates": (m.get("gate") or {}).get("status", "unknown"),
-               "key_id": sig.get("key_id")}
+        out = {
+            "signature": False,
+            "checkpoint": False,
+            "inclusion": False,
+            "attestation": False,
+            "documents": not documents_present(m),
+            "gates": (m.get("gate") or {}).get("status", "unknown"),
+            "key_id": sig.get("key_id"),
+        }
         try:
             facts = verify(m, sig)
             out.update(signature=True, checkpoint=facts["checkpoint"], inclusion=facts["inclusion"])
@@ -446,8 +559,13 @@ class Registry:
             except (FinetraceError, ValueError):
                 pass
         out["provenance"] = out["checkpoint"] and out["inclusion"] and out["attestation"]
-        out["level"] = ("verified" if out["signature"] and out["provenance"] and out["documents"]
-                        else "partial" if out["signature"] else "unverified")
+        out["level"] = (
+            "verified"
+            if out["signature"] and out["provenance"] and out["documents"]
+            else "partial"
+            if out["signature"]
+            else "unverified"
+        )
         return out
 
     def read_text(self, manifest: dict, path: str, limit: int = 200_000) -> str | None:
@@ -457,9 +575,20 @@ class Registry:
         return self.store.path(f["digest"]).read_bytes()[:limit].decode("utf-8", "replace")
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, query: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
-               license: str | None = None, min_metric: list[str] = (), sort: str | None = None,
-               limit: int = 20, offset: int = 0, verified: bool | None = None, cursor: str | None = None) -> dict:
+    def search(
+        self,
+        query: str = "",
+        domain: str | None = None,
+        task: str | None = None,
+        base: str | None = None,
+        license: str | None = None,
+        min_metric: list[str] = (),
+        sort: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        verified: bool | None = None,
+        cursor: str | None = None,
+    ) -> dict:
         """Packages matching the text and filters: ``finetrace.market.search.search``."""
         from .search import search
 

@@ -46,8 +46,23 @@ from .checks import Refused
 CANDIDATES = 200  # matches ranked per relevance query (bounded candidate set)
 DENSE = 2000  # SQLite: a text match with more rows than this walks the sort index instead of sorting them
 SORTS = ("relevance", "downloads", "recent", "score")
-KEYS = ("ref", "namespace", "name", "version", "description", "license", "domains", "tasks", "base_name",
-        "base_digest", "score", "downloads", "created", "publisher", "verified")
+KEYS = (
+    "ref",
+    "namespace",
+    "name",
+    "version",
+    "description",
+    "license",
+    "domains",
+    "tasks",
+    "base_name",
+    "base_digest",
+    "score",
+    "downloads",
+    "created",
+    "publisher",
+    "verified",
+)
 
 
 def parse_metric_filter(cond: str) -> tuple[str, str, float]:
@@ -64,21 +79,39 @@ def encode_cursor(sort: str, values: list) -> str:
 def decode_cursor(cursor: str, sort: str) -> list:
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(raw, list) or raw[0] != sort or len(raw) != {"relevance": 3, "downloads": 3,
-                                                                         "recent": 2, "score": 3}[sort]:
+        if (
+            not isinstance(raw, list)
+            or raw[0] != sort
+            or len(raw) != {"relevance": 3, "downloads": 3, "recent": 2, "score": 3}[sort]
+        ):
             raise ValueError
         return raw[1:]
     except (ValueError, TypeError, KeyError, IndexError):
-        raise Refused(f"bad cursor {cursor[:40]!r} for sort {sort!r}", field="cursor",
-                      hint="pass the `next` value of the previous page, with the same query and sort") from None
+        raise Refused(
+            f"bad cursor {cursor[:40]!r} for sort {sort!r}",
+            field="cursor",
+            hint="pass the `next` value of the previous page, with the same query and sort",
+        ) from None
 
 
 OPS = (">=", ">", "<=", "<", "=")
 
 
-def _plan(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
-          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
-          dense: bool = False) -> tuple[tuple, dict, str, int]:
+def _plan(
+    dialect: str,
+    query: str = "",
+    domain=None,
+    task=None,
+    base=None,
+    license=None,
+    min_metric=(),
+    sort=None,
+    limit: int = 20,
+    offset: int = 0,
+    verified=None,
+    cursor: str | None = None,
+    dense: bool = False,
+) -> tuple[tuple, dict, str, int]:
     """(shape, bound values, sort, limit) of a search: the shape decides the SQL (one statement per shape,
     built once: ``_compose``), the values are bound to it. Raises ``Refused`` on a bad sort, filter or cursor."""
     sort = sort or ("relevance" if query.strip() else "recent")
@@ -125,9 +158,20 @@ def _plan(dialect: str, query: str = "", domain=None, task=None, base=None, lice
             values["lim_page"] = limit + 1 + int(offset)
     elif sort == "relevance":
         values["lim_page"] = limit + 1
-    shape = (dialect, sort, len(terms) if dialect not in ("sqlite", "postgresql") else bool(terms), bool(domain),
-             bool(task), base_kind, bool(license), verified, tuple(ops), after_kind, use_offset,
-             bool(dense) and dialect == "sqlite")
+    shape = (
+        dialect,
+        sort,
+        len(terms) if dialect not in ("sqlite", "postgresql") else bool(terms),
+        bool(domain),
+        bool(task),
+        base_kind,
+        bool(license),
+        verified,
+        tuple(ops),
+        after_kind,
+        use_offset,
+        bool(dense) and dialect == "sqlite",
+    )
     return shape, values, sort, limit
 
 
@@ -176,8 +220,23 @@ def _compose(shape: tuple):
     dialect, sort = shape[0], shape[1]
     after_kind, use_offset, dense = shape[-3], shape[-2], shape[-1]
     V, P, N = db.Version, db.Package, db.Namespace
-    cols = [V.ref, N.name, P.name, V.version, V.description, V.license_id, V.domains, V.tasks, V.base_name,
-            V.base_digest, V.score, P.downloads, V.created, V.publisher, V.verified]
+    cols = [
+        V.ref,
+        N.name,
+        P.name,
+        V.version,
+        V.description,
+        V.license_id,
+        V.domains,
+        V.tasks,
+        V.base_name,
+        V.base_digest,
+        V.score,
+        P.downloads,
+        V.created,
+        V.publisher,
+        V.verified,
+    ]
     conds = _filters(shape)
     match, rank = _text(shape)
     a1 = bindparam("a1", type_=Integer)
@@ -197,11 +256,16 @@ def _compose(shape: tuple):
         if after_kind:
             page = page.where(tuple_(key, cand.c.id) > tuple_(bindparam("a0", type_=Float), a1))
         page = page.order_by(key, cand.c.id).limit(bindparam("lim_page", type_=Integer)).subquery("page")
-        q = (select(*cols, page.c.k, V.id).select_from(page).join(V, V.id == page.c.id)
-             .join(P, P.id == page.c.pid).join(N, N.id == P.namespace_id).order_by(page.c.k, V.id))
+        q = (
+            select(*cols, page.c.k, V.id)
+            .select_from(page)
+            .join(V, V.id == page.c.id)
+            .join(P, P.id == page.c.pid)
+            .join(N, N.id == P.namespace_id)
+            .order_by(page.c.k, V.id)
+        )
     else:
-        q = (select(*cols, P.id, V.id).join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id)
-             .where(*conds))
+        q = select(*cols, P.id, V.id).join(P, P.latest_version_id == V.id).join(N, N.id == P.namespace_id).where(*conds)
         if match is not None:
             if dialect == "sqlite":
                 ids = select(literal_column("rowid", Integer)).select_from(table("versions_fts")).where(match)
@@ -233,24 +297,52 @@ def _compose(shape: tuple):
 
 
 # a row's cursor key, by sort: (rank, id), (downloads, package id), (version id), (score, id)
-CURSOR_KEY = {"relevance": lambda r: [r[-2], r[-1]], "downloads": lambda r: [r[11], r[-2]],
-              "recent": lambda r: [r[-1]], "score": lambda r: [r[10], r[-1]]}
+CURSOR_KEY = {
+    "relevance": lambda r: [r[-2], r[-1]],
+    "downloads": lambda r: [r[11], r[-2]],
+    "recent": lambda r: [r[-1]],
+    "score": lambda r: [r[10], r[-1]],
+}
 
 
-def build(dialect: str, query: str = "", domain=None, task=None, base=None, license=None, min_metric=(),
-          sort=None, limit: int = 20, offset: int = 0, verified=None, cursor: str | None = None,
-          dense: bool = False):
+def build(
+    dialect: str,
+    query: str = "",
+    domain=None,
+    task=None,
+    base=None,
+    license=None,
+    min_metric=(),
+    sort=None,
+    limit: int = 20,
+    offset: int = 0,
+    verified=None,
+    cursor: str | None = None,
+    dense: bool = False,
+):
     """(SQL statement, bound values, sort, limit, cursor key of a row) for a search; see ``search``.
     ``dense``: on SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a
     virtual table). The statement is built once per shape of query and reused with new values."""
-    shape, values, sort, limit = _plan(dialect, query, domain, task, base, license, min_metric, sort, limit,
-                                       offset, verified, cursor, dense)
+    shape, values, sort, limit = _plan(
+        dialect, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor, dense
+    )
     return _compose(shape), values, sort, limit, CURSOR_KEY[sort]
 
 
-def search(reg, query: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
-           license: str | None = None, min_metric: list[str] = (), sort: str | None = None, limit: int = 20,
-           offset: int = 0, verified: bool | None = None, cursor: str | None = None) -> dict:
+def search(
+    reg,
+    query: str = "",
+    domain: str | None = None,
+    task: str | None = None,
+    base: str | None = None,
+    license: str | None = None,
+    min_metric: list[str] = (),
+    sort: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+    verified: bool | None = None,
+    cursor: str | None = None,
+) -> dict:
     """Packages (their latest version that is not yanked) matching the text and filters.
 
     ``query``: words, each matched as a prefix; ``domain``/``task``: one tag; ``base``: base model name or
@@ -262,8 +354,9 @@ def search(reg, query: str = "", domain: str | None = None, task: str | None = N
     if verified is not None:
         fill_verified(reg)
     dense = reg.dialect == "sqlite" and _dense(reg, query, sort)
-    q, values, sort, limit, extra = build(reg.dialect, query, domain, task, base, license, min_metric, sort,
-                                          limit, offset, verified, cursor, dense)
+    q, values, sort, limit, extra = build(
+        reg.dialect, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor, dense
+    )
     with _reader(reg).connect() as conn:
         rows = conn.execute(q, values).all()
     results = []
@@ -294,8 +387,13 @@ def _dense(reg, query: str, sort: str | None) -> bool:
     if not terms or (sort or "relevance") == "relevance":
         return False
     match, _ = _text(("sqlite", None, True))
-    inner = (select(literal_column("1")).select_from(table("versions_fts")).where(match)
-             .limit(bindparam("lim", type_=Integer)).subquery())
+    inner = (
+        select(literal_column("1"))
+        .select_from(table("versions_fts"))
+        .where(match)
+        .limit(bindparam("lim", type_=Integer))
+        .subquery()
+    )
     values = {"match": " ".join(f'"{t}"*' for t in terms), "lim": DENSE + 1}
     with _reader(reg).connect() as conn:
         return conn.scalar(select(func.count()).select_from(inner), values) > DENSE

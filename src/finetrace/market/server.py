@@ -50,8 +50,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.exception_handler(FinetraceError)
     async def _err(request: Request, exc: FinetraceError):
-        return JSONResponse({"error": exc.message, "hint": exc.hint, "type": type(exc).__name__},
-                            status_code=_status(exc))
+        return JSONResponse(
+            {"error": exc.message, "hint": exc.hint, "type": type(exc).__name__}, status_code=_status(exc)
+        )
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -60,9 +61,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         import logging
 
         logging.getLogger("finetrace.market").error("unhandled error on %s", request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); nothing was stored",
-                             "hint": "report this to the registry operator", "type": "InternalError"},
-                            status_code=500)
+        return JSONResponse(
+            {
+                "error": f"internal error ({type(exc).__name__}); nothing was stored",
+                "hint": "report this to the registry operator",
+                "type": "InternalError",
+            },
+            status_code=500,
+        )
 
     @app.get("/api/v1/health")
     def health():
@@ -112,14 +118,26 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     def get_object(digest: str):
         path = reg.object_path(digest)
         lifecycle.count_download(reg, digest)  # a pull asks for the weights only once its own checks passed
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": "attachment", "X-Content-Type-Options": "nosniff"},
+        )
 
     @app.get("/api/v1/search")
-    def search(q: str = "", domain: str | None = None, task: str | None = None, base: str | None = None,
-               license: str | None = None, min_metric: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies it)
-               sort: str | None = None, limit: int = 20, offset: int = 0, verified: bool | None = None,
-               cursor: str | None = None):
+    def search(
+        q: str = "",
+        domain: str | None = None,
+        task: str | None = None,
+        base: str | None = None,
+        license: str | None = None,
+        min_metric: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies it)
+        sort: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        verified: bool | None = None,
+        cursor: str | None = None,
+    ):
         return reg.search(q, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
 
     @app.get("/api/v1/versions/{ns}/{name}")
@@ -129,8 +147,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     @app.post("/api/v1/packages/{ns}/{name}/{version}/yank")
     async def yank(ns: str, name: str, version: str, request: Request, authorization: Auth = None):
         body = await request.json() if await request.body() else {}
-        return lifecycle.yank(reg, bearer_token(authorization), f"{ns}/{name}@{version}", str(body.get("reason", "")),
-                              undo=bool(body.get("undo")))
+        return lifecycle.yank(
+            reg,
+            bearer_token(authorization),
+            f"{ns}/{name}@{version}",
+            str(body.get("reason", "")),
+            undo=bool(body.get("undo")),
+        )
 
     lifecycle.gc_staging(reg)  # uploads abandoned while the registry was down
 
@@ -157,5 +180,9 @@ class BackgroundServer(_BackgroundServer):
 
         self.app = create_app(settings, registry)
         self.registry: Registry = self.app.state.registry
-        super().__init__(uvicorn.Server(uvicorn.Config(self.app, log_level="warning")), name="finetrace-market",
-                         start_timeout=20, stop_timeout=20)
+        super().__init__(
+            uvicorn.Server(uvicorn.Config(self.app, log_level="warning")),
+            name="finetrace-market",
+            start_timeout=20,
+            stop_timeout=20,
+        )

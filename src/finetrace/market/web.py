@@ -36,8 +36,16 @@ def metric_chart(metrics: dict, base_metrics: dict) -> dict:
     bars = []
     for i, k in enumerate(names):
         b = base_metrics.get(k)
-        bars.append({"name": k, "y": 20 + i * 34, "tuned": metrics[k], "tuned_w": 300 * metrics[k] / top,
-                     "base": b, "base_w": 300 * b / top if isinstance(b, (int, float)) else None})
+        bars.append(
+            {
+                "name": k,
+                "y": 20 + i * 34,
+                "tuned": metrics[k],
+                "tuned_w": 300 * metrics[k] / top,
+                "base": b,
+                "base_w": 300 * b / top if isinstance(b, (int, float)) else None,
+            }
+        )
     return {"bars": bars, "height": 30 + 34 * len(names)}
 
 
@@ -48,13 +56,35 @@ def register_pages(app: FastAPI, reg, settings) -> None:
         return HTMLResponse(env.get_template(name).render(title=settings.title, **ctx), status_code=status)
 
     @app.get("/", response_class=HTMLResponse)
-    def search_page(q: str = "", domain: str = "", task: str = "", base: str = "", license: str = "",
-                    min_metric: str = "", sort: str = ""):
-        form = {"q": q, "domain": domain, "task": task, "base": base, "license": license,
-                "min_metric": min_metric, "sort": sort}
+    def search_page(
+        q: str = "",
+        domain: str = "",
+        task: str = "",
+        base: str = "",
+        license: str = "",
+        min_metric: str = "",
+        sort: str = "",
+    ):
+        form = {
+            "q": q,
+            "domain": domain,
+            "task": task,
+            "base": base,
+            "license": license,
+            "min_metric": min_metric,
+            "sort": sort,
+        }
         try:
-            res = reg.search(q, domain or None, task or None, base or None, license or None,
-                             [min_metric] if min_metric.strip() else [], sort or None, limit=50)
+            res = reg.search(
+                q,
+                domain or None,
+                task or None,
+                base or None,
+                license or None,
+                [min_metric] if min_metric.strip() else [],
+                sort or None,
+                limit=50,
+            )
             return page("search.html", form=form, results=res["results"], error=None)
         except FinetraceError as exc:
             return page("search.html", 400, form=form, results=[], error=str(exc))
@@ -66,12 +96,24 @@ def register_pages(app: FastAPI, reg, settings) -> None:
             return page("error.html", 404, error=str(exc))
         m = info["manifest"]
         badge = reg.badge(info)
-        card = reg.read_text(m, next((f["path"] for f in m["files"] if f["path"].startswith("documents/model_card")),
-                                     "documents/model_card.md"))
+        card = reg.read_text(
+            m,
+            next(
+                (f["path"] for f in m["files"] if f["path"].startswith("documents/model_card")),
+                "documents/model_card.md",
+            ),
+        )
         docs = [f for f in m["files"] if f["path"].startswith("documents/")]
-        return page("package.html", info=info, m=m, badge=badge, card=render_card(card) if card else None, docs=docs,
-                    chart=metric_chart(m.get("metrics") or {}, m.get("base_metrics") or {}),
-                    needs_acceptance=license_needs_acceptance(m["license"]))
+        return page(
+            "package.html",
+            info=info,
+            m=m,
+            badge=badge,
+            card=render_card(card) if card else None,
+            docs=docs,
+            chart=metric_chart(m.get("metrics") or {}, m.get("base_metrics") or {}),
+            needs_acceptance=license_needs_acceptance(m["license"]),
+        )
 
     @app.get("/p/{ns}/{name}", response_class=HTMLResponse)
     def latest_page(ns: str, name: str):

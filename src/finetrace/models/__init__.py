@@ -22,8 +22,14 @@ from ..workspace import Workspace
 from .acquire import add_model
 
 
-def add_folder(ws: Workspace, folder: str | Path, name: str, metadata: dict | None = None,
-               inputs: list[str] = (), config: dict | None = None) -> Artifact:
+def add_folder(
+    ws: Workspace,
+    folder: str | Path,
+    name: str,
+    metadata: dict | None = None,
+    inputs: list[str] = (),
+    config: dict | None = None,
+) -> Artifact:
     """Store a Hugging Face model folder (safetensors + tokenizer) as a ``base_model`` artifact.
 
     Low level: the folder is stored as is, with the given metadata. ``add_model`` checks and describes it.

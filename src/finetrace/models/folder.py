@@ -23,9 +23,20 @@ from ..errors import InputError, NotFoundError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 KEEP_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
-          "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
-          "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -38,16 +49,18 @@ def read_safetensors_header(path: Path) -> dict:
             raise InputError("truncated safetensors file (no header)", file=file)
         (n,) = struct.unpack("<Q", head)
         if n > 100 << 20 or 8 + n > size:
-            raise InputError(f"corrupt or truncated safetensors header (claims {n} bytes, file has {size})",
-                             file=file)
+            raise InputError(f"corrupt or truncated safetensors header (claims {n} bytes, file has {size})", file=file)
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"corrupt safetensors header: {exc}", file=file) from None
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise InputError(f"truncated safetensors file: data ends at byte {8 + n + end}, the file has {size}",
-                         file=file, hint="download or copy the file again")
+        raise InputError(
+            f"truncated safetensors file: data ends at byte {8 + n + end}, the file has {size}",
+            file=file,
+            hint="download or copy the file again",
+        )
     return header
 
 
@@ -64,21 +77,26 @@ def select_files(folder: Path) -> list[Path]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"config.json is not valid JSON: {exc}", file=str(config)) from None
     if cfg.get("auto_map"):
-        raise InputError("the model needs its own Python code (auto_map in config.json); finetrace never runs "
-                         "remote code", file=str(config), hint="use a model whose architecture transformers ships")
+        raise InputError(
+            "the model needs its own Python code (auto_map in config.json); finetrace never runs remote code",
+            file=str(config),
+            hint="use a model whose architecture transformers ships",
+        )
     weights = [p for p in top if p.suffix == ".safetensors"]
     if not weights:
         pickled = [p.name for p in top if p.suffix in PICKLE_SUFFIXES]
         if pickled:
-            raise InputError(f"weights are in pickle format ({', '.join(pickled[:3])}), which can run code when "
-                             "loaded; finetrace reads safetensors only", file=str(folder),
-                             hint="convert them with `safetensors` (or save_pretrained(safe_serialization=True))")
+            raise InputError(
+                f"weights are in pickle format ({', '.join(pickled[:3])}), which can run code when "
+                "loaded; finetrace reads safetensors only",
+                file=str(folder),
+                hint="convert them with `safetensors` (or save_pretrained(safe_serialization=True))",
+            )
         raise InputError("no *.safetensors weights in the folder", file=str(folder))
     for w in weights:
         read_safetensors_header(w)
     if not any((folder / t).is_file() for t in TOKENIZER_FILES):
-        raise InputError(f"no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})",
-                         file=str(folder))
+        raise InputError(f"no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})", file=str(folder))
     return [p for p in top if p.suffix in KEEP_SUFFIXES and not p.name.startswith(".")]
 
 

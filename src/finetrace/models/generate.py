@@ -37,8 +37,9 @@ def apply_adapter(model, adapter: str | Path):
     if not (adapter / "adapter_config.json").is_file():
         raise NotFoundError(f"no PEFT adapter at {adapter} (adapter_config.json missing)")
     if not (adapter / "adapter_model.safetensors").is_file():
-        raise InputError("the adapter has no adapter_model.safetensors; finetrace loads safetensors only",
-                         file=str(adapter))
+        raise InputError(
+            "the adapter has no adapter_model.safetensors; finetrace loads safetensors only", file=str(adapter)
+        )
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
@@ -69,9 +70,17 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def stream_chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
-                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                stats: ChatStats | None = None) -> Iterator[str]:
+def stream_chat(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stats: ChatStats | None = None,
+) -> Iterator[str]:
     """Yield the model's reply to ``messages`` as text pieces, as they are decoded.
 
     Greedy when ``temperature`` is 0; otherwise sampling with ``temperature``/``top_p`` (seeded by ``seed``).
@@ -84,8 +93,14 @@ def stream_chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int =
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", field="max_new_tokens")
     stats = stats if stats is not None else ChatStats()
     pieces: list[str] = []
-    seq = Seq(encode_chat(tokenizer, messages), max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-              seed=seed, on_delta=pieces.append)
+    seq = Seq(
+        encode_chat(tokenizer, messages),
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        on_delta=pieces.append,
+    )
     stats.prompt_tokens = len(seq.prompt_ids)
     dec = Decoder(model, tokenizer, max_batch=1)
     dec.add(seq)
@@ -101,10 +116,26 @@ def stream_chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int =
     stats.finish_reason = seq.finish
 
 
-def generate(ws: Workspace, model_ref: str, prompt: str, *, max_new_tokens: int = 256,
-             system: str | None = None, adapter: str | Path | None = None, temperature: float = 0.0,
-             seed: int | None = None, stats: ChatStats | None = None) -> Iterator[str]:
+def generate(
+    ws: Workspace,
+    model_ref: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    system: str | None = None,
+    adapter: str | Path | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    stats: ChatStats | None = None,
+) -> Iterator[str]:
     """Load ``model_ref`` (+ ``adapter``) from the workspace and stream its reply to ``prompt``."""
     model, tok, _ = load_for_chat(ws, model_ref, adapter)
-    yield from stream_chat(model, tok, chat_messages(prompt, system), max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, stats=stats)
+    yield from stream_chat(
+        model,
+        tok,
+        chat_messages(prompt, system),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        stats=stats,
+    )

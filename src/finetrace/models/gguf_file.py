@@ -75,7 +75,7 @@ class _Cursor:
         n = self.take("<Q", what)
         if self.pos + n > self.size:
             raise _Truncated(self.pos, what)
-        raw = bytes(self.buf[self.pos:self.pos + n])
+        raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -116,8 +116,11 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
     cur.pos = 4
     version = cur.take("<I", "the version")
     if version not in (2, 3):
-        raise InputError(f"unsupported GGUF version {version} (this reads versions 2 and 3)", file=file,
-                         hint="re-export the model with a current llama.cpp")
+        raise InputError(
+            f"unsupported GGUF version {version} (this reads versions 2 and 3)",
+            file=file,
+            hint="re-export the model with a current llama.cpp",
+        )
     n_tensors = cur.take("<Q", "the tensor count")
     n_kv = cur.take("<Q", "the metadata count")
     if n_tensors > 1_000_000 or n_kv > 1_000_000:
@@ -153,14 +156,19 @@ def _parse(path: Path, buf, size: int) -> GGUFInfo:
         for d in dims:
             n *= d
         if n % block:
-            raise InputError(f"corrupt header: tensor {name!r} of shape {dims} is not a whole number of "
-                             f"{qtype.name} blocks", file=file)
+            raise InputError(
+                f"corrupt header: tensor {name!r} of shape {dims} is not a whole number of {qtype.name} blocks",
+                file=file,
+            )
         nbytes = n // block * type_size
         start = data_start + offset
         if start + nbytes > size:
-            raise InputError(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes}, the file has "
-                             f"{size} (at least {start + nbytes - size} bytes missing)", file=file,
-                             hint="download or copy the file again")
+            raise InputError(
+                f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes}, the file has "
+                f"{size} (at least {start + nbytes - size} bytes missing)",
+                file=file,
+                hint="download or copy the file again",
+            )
         # GGUF stores shapes fastest-varying first; report them the way PyTorch sees them
         info.tensors.append((name, tuple(reversed(dims)), qtype.name, start, nbytes))
     return info
@@ -178,8 +186,11 @@ def check_gguf(path: str | Path) -> GGUFInfo:
         try:
             info = _parse(path, buf, size)
         except _Truncated as exc:
-            raise InputError(f"truncated: the file ends at byte {size}, inside {exc.what} (byte {exc.pos})",
-                             file=str(path), hint="download or copy the file again") from None
+            raise InputError(
+                f"truncated: the file ends at byte {size}, inside {exc.what} (byte {exc.pos})",
+                file=str(path),
+                hint="download or copy the file again",
+            ) from None
     if not info.tensors:
         raise InputError("the GGUF file holds no tensors", file=str(path))
     return info
@@ -194,11 +205,17 @@ def check_convertible(info: GGUFInfo) -> None:
     if not arch:
         raise InputError("the GGUF file names no architecture (general.architecture)", file=file)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise InputError(f"architecture {arch!r} cannot be converted by transformers' GGUF loader", file=file,
-                         hint=f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+        raise InputError(
+            f"architecture {arch!r} cannot be converted by transformers' GGUF loader",
+            file=file,
+            hint=f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}",
+        )
     if "tokenizer.ggml.tokens" not in info.metadata:
-        raise InputError("the GGUF file carries no tokenizer (tokenizer.ggml.tokens)", file=file,
-                         hint="add the model as a Hugging Face folder with its tokenizer instead")
+        raise InputError(
+            "the GGUF file carries no tokenizer (tokenizer.ggml.tokens)",
+            file=file,
+            hint="add the model as a Hugging Face folder with its tokenizer instead",
+        )
 
 
 def convert_gguf(path: str | Path, out_dir: str | Path) -> Path:
@@ -214,14 +231,13 @@ def convert_gguf(path: str | Path, out_dir: str | Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded, loading = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=False)
+            path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True, trust_remote_code=False
+        )
     except (ValueError, KeyError, RuntimeError, OSError, IndexError, TypeError) as exc:
         raise InputError(f"transformers could not load the GGUF file: {exc}", file=file) from exc
     missing = sorted(loading.get("missing_keys") or ())
     if missing:
-        raise InputError(f"the GGUF file lacks weights for {len(missing)} parameters, e.g. {missing[:3]}",
-                         file=file)
+        raise InputError(f"the GGUF file lacks weights for {len(missing)} parameters, e.g. {missing[:3]}", file=file)
 
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of the same config.
     config = loaded.config

@@ -29,13 +29,15 @@ def require_bitsandbytes(what: str = "a quantised base") -> str:
 
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise DependencyError(f"{what} needs bitsandbytes, which is not installed (extra finetrace[quant])",
-                              hint=EXTRA_HINT) from None
+        raise DependencyError(
+            f"{what} needs bitsandbytes, which is not installed (extra finetrace[quant])", hint=EXTRA_HINT
+        ) from None
     return metadata.version("bitsandbytes")
 
 
-def make_spec(bits: int, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
-              device_type: str = "cpu") -> dict:
+def make_spec(
+    bits: int, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto", device_type: str = "cpu"
+) -> dict:
     """The recorded description of a bitsandbytes quantisation (compute dtype resolved for the device)."""
     version = require_bitsandbytes(f"a {bits}-bit base")
     if compute_dtype == "auto":
@@ -53,9 +55,12 @@ def bnb_config(spec: dict):
 
     require_bitsandbytes()
     if spec["bits"] == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec["quant_type"],
-                                  bnb_4bit_use_double_quant=spec["double_quant"],
-                                  bnb_4bit_compute_dtype=getattr(torch, spec["compute_dtype"]))
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec["quant_type"],
+            bnb_4bit_use_double_quant=spec["double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, spec["compute_dtype"]),
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -69,8 +74,13 @@ def weight_bytes(spec: dict | None, dtype: str = "float32") -> float:
     return 0.5 + (1.0 + 4.0 / 256) / 64 if spec.get("double_quant", True) else 0.5 + 4.0 / 64
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", quantization: dict | None = None, device=None,
-                   attn_implementation: str | None = None):
+def load_causal_lm(
+    path: Path,
+    dtype: str = "float32",
+    quantization: dict | None = None,
+    device=None,
+    attn_implementation: str | None = None,
+):
     """A causal LM from a safetensors folder (no remote code), quantised by bitsandbytes when a spec is given.
 
     A quantised model is placed on ``device`` as it loads, one tensor at a time (read with ``pread``, not
@@ -84,16 +94,18 @@ def load_causal_lm(path: Path, dtype: str = "float32", quantization: dict | None
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantization is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                    trust_remote_code=False, **kw)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False, **kw
+        )
     dev = torch.device(device or "cpu")
     kw.update(quantization_config=bnb_config(quantization), device_map={"": dev.index if dev.type == "cuda" else "cpu"})
     compute = getattr(torch, quantization["compute_dtype"])
     with _LOAD_LOCK, _quantised_loading(path, compute):
         _mmap_threshold(1 << 20)  # each tensor's read buffer and fp32 copy go back to the system when freed
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, use_safetensors=True,
-                                                         trust_remote_code=False, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=compute, use_safetensors=True, trust_remote_code=False, **kw
+            )
         finally:
             _mmap_threshold(32 << 20)  # glibc's own ceiling for its dynamic threshold
     keep_stored_embeddings(model, compute)
@@ -123,8 +135,9 @@ class _quantised_loading:
         import torch
 
         stored = stored_dtypes(folder)
-        self.narrow = {k: getattr(torch, _NARROW[d]) for k, d in stored.items()
-                       if d in _NARROW and compute == torch.float32}
+        self.narrow = {
+            k: getattr(torch, _NARROW[d]) for k, d in stored.items() if d in _NARROW and compute == torch.float32
+        }
 
     def __enter__(self):
         import re
@@ -193,8 +206,8 @@ def widened_linear(x, weight, bias=None):
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     for s in range(0, weight.shape[0], VOCAB_BLOCK):
-        w = weight[s:s + VOCAB_BLOCK].to(x.dtype)
-        o2[:, s:s + VOCAB_BLOCK] = x2 @ w.t()  # (n, block)
+        w = weight[s : s + VOCAB_BLOCK].to(x.dtype)
+        o2[:, s : s + VOCAB_BLOCK] = x2 @ w.t()  # (n, block)
     if bias is not None:
         out += bias.to(x.dtype)
     return out
@@ -206,7 +219,7 @@ def widened_matmul(dz, weight):
         return dz @ weight
     out = dz.new_zeros(dz.shape[0], weight.shape[1])
     for s in range(0, weight.shape[0], VOCAB_BLOCK):
-        out.addmm_(dz[:, s:s + VOCAB_BLOCK], weight[s:s + VOCAB_BLOCK].to(dz.dtype))
+        out.addmm_(dz[:, s : s + VOCAB_BLOCK], weight[s : s + VOCAB_BLOCK].to(dz.dtype))
     return out
 
 
@@ -245,11 +258,15 @@ def adapters_quantization(adapters, device_type: str = "cpu") -> dict | None:
     """
     from ..errors import InputError
 
-    specs = {(q["bits"], q.get("quant_type"), q.get("double_quant")) if q else None
-             for q in ((a.metadata or {}).get("quantization") for a in adapters)}
+    specs = {
+        (q["bits"], q.get("quant_type"), q.get("double_quant")) if q else None
+        for q in ((a.metadata or {}).get("quantization") for a in adapters)
+    }
     if len(specs) > 1:
-        raise InputError("these adapters were trained on differently quantised bases: "
-                         f"{', '.join(a.ref for a in adapters)}", hint="evaluate them in separate runs")
+        raise InputError(
+            f"these adapters were trained on differently quantised bases: {', '.join(a.ref for a in adapters)}",
+            hint="evaluate them in separate runs",
+        )
     spec = next(iter(specs), None)
     if spec is None:
         return None

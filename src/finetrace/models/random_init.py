@@ -23,19 +23,50 @@ from pathlib import Path
 
 # Llama-3.2-1B's published config (hidden 2048, 16 layers, 32/8 heads, vocab 128256, tied embeddings)
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
     # small shapes of the same family, for tests and quick benchmark runs
-    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
-                       tie_word_embeddings=True),
-    "llama-60m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
-                      tie_word_embeddings=True),
-    "llama-8m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=8192, max_position_embeddings=2048,
-                     tie_word_embeddings=True),
+    "llama-100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "llama-60m": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "llama-8m": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -65,8 +96,14 @@ def _init(name: str, shape, dtype, std: float, seed: int):
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
 
 
-def write_random_model(out_dir: str | Path, shape: str | dict = "llama-3.2-1b", seed: int = 0,
-                       dtype: str = "bfloat16", shard_bytes: int = 1 << 30, tokenizer=None) -> Path:
+def write_random_model(
+    out_dir: str | Path,
+    shape: str | dict = "llama-3.2-1b",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 1 << 30,
+    tokenizer=None,
+) -> Path:
     """Write a seeded random model of ``shape`` (a name in SHAPES or LlamaConfig keyword arguments) to
     ``out_dir`` as sharded safetensors with an index; returns the folder.
 
@@ -83,13 +120,17 @@ def write_random_model(out_dir: str | Path, shape: str | dict = "llama-3.2-1b", 
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or build_tokenizer()
     kw = dict(SHAPES[shape] if isinstance(shape, str) else shape)
-    cfg = LlamaConfig(**kw, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      dtype=dtype)
+    cfg = LlamaConfig(
+        **kw, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype=dtype
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()
-              if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    shapes = {
+        n: tuple(p.shape)
+        for n, p in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    }
     tdtype = getattr(torch, dtype)
     shards = plan_shards(shapes, torch.empty((), dtype=tdtype).element_size(), shard_bytes)
     weight_map, total = {}, 0

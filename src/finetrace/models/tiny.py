@@ -32,8 +32,9 @@ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ
 """
 
 
-def build_tokenizer(vocab_size: int = 1000, special: list[str] | None = None, eos: str = "<|im_end|>",
-                    template: str = CHATML):
+def build_tokenizer(
+    vocab_size: int = 1000, special: list[str] | None = None, eos: str = "<|im_end|>", template: str = CHATML
+):
     """A byte-level BPE tokenizer trained on a built-in corpus (deterministic), wrapped for transformers.
     ``special``/``eos``/``template`` give a model another chat format (special tokens get ids 0, 1, ...)."""
     special = special or SPECIAL
@@ -43,17 +44,28 @@ def build_tokenizer(vocab_size: int = 1000, special: list[str] | None = None, eo
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token=eos, pad_token=eos,
-                                   unk_token=None, additional_special_tokens=[t for t in special if t != eos])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token=eos,
+        pad_token=eos,
+        unk_token=None,
+        additional_special_tokens=[t for t in special if t != eos],
+    )
     fast.chat_template = template
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                     vocab_size: int = 1000, tokenizer=None) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, vocab_size: int = 1000, tokenizer=None
+) -> Path:
     """Write a tiny Llama model + tokenizer folder to ``out_dir`` and return it (``tokenizer``: another
     ``build_tokenizer(...)`` than the ChatML default)."""
     import torch
@@ -62,10 +74,19 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or build_tokenizer(vocab_size)
-    cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -75,8 +96,15 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     return out
 
 
-def random_lora(base_dir: str | Path, out_dir: str | Path, seed: int, r: int = 4,
-                target_modules: tuple[str, ...] = ("q_proj", "v_proj"), b_std: float = 0.5, **lora_kw) -> Path:
+def random_lora(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    r: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    b_std: float = 0.5,
+    **lora_kw,
+) -> Path:
     """A PEFT LoRA adapter folder for the model in ``base_dir``, with B drawn from N(0, b_std) (0: peft's
     zero B, a no-op adapter), seeded: adapters that change outputs without training one."""
     import torch
@@ -85,8 +113,17 @@ def random_lora(base_dir: str | Path, out_dir: str | Path, seed: int, r: int = 4
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kw))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(target_modules),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            **lora_kw,
+        ),
+    )
     if b_std:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():

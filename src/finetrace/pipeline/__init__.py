@@ -20,5 +20,12 @@ from .config import STAGES, PipelineConfig, load_pipeline
 from .runner import PipelineResult, StageResult, run_pipeline
 from .stages import GateFailedError
 
-__all__ = ["STAGES", "GateFailedError", "PipelineConfig", "PipelineResult", "StageResult", "load_pipeline",
-           "run_pipeline"]
+__all__ = [
+    "STAGES",
+    "GateFailedError",
+    "PipelineConfig",
+    "PipelineResult",
+    "StageResult",
+    "load_pipeline",
+    "run_pipeline",
+]

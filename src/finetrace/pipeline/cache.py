@@ -29,8 +29,7 @@ KEY_FORMAT = 1
 
 def cache_key(stage: str, config: dict, inputs: dict[str, str]) -> str:
     """The key of one stage: its resolved config and its inputs' digests (name -> digest)."""
-    return sha256_bytes(canonical_json({"format": KEY_FORMAT, "stage": stage, "config": config,
-                                        "inputs": inputs}))
+    return sha256_bytes(canonical_json({"format": KEY_FORMAT, "stage": stage, "config": config, "inputs": inputs}))
 
 
 def file_digest(path: Path) -> str:
@@ -76,5 +75,8 @@ def was_interrupted(ws: Workspace, stage: str, key: str) -> bool:
 
 def stage_events(ws: Workspace, pipeline_run: str) -> list[dict]:
     """The finished stage events (ran, cached, failed) of one pipeline run, in order."""
-    return [e.data for e in ws.ledger.entries(type=EVENT)
-            if e.data.get("run_id") == pipeline_run and e.data.get("status") != "started"]
+    return [
+        e.data
+        for e in ws.ledger.entries(type=EVENT)
+        if e.data.get("run_id") == pipeline_run and e.data.get("status") != "started"
+    ]

@@ -29,18 +29,23 @@ class _Strict(BaseModel):
 class ModelStage(_Strict):
     """The base model: a catalog name, a Hugging Face folder, a ``.gguf`` file or an alias already recorded."""
 
-    source: str = Field(..., description="Catalog name (smollm2-135m-instruct), path of an HF folder or a "
-                                         ".gguf file (relative to the pipeline file), or a hub id org/name.")
-    name: str | None = Field(None, description="Alias to record the base model under (default: derived from "
-                                               "the source).")
+    source: str = Field(
+        ...,
+        description="Catalog name (smollm2-135m-instruct), path of an HF folder or a "
+        ".gguf file (relative to the pipeline file), or a hub id org/name.",
+    )
+    name: str | None = Field(
+        None, description="Alias to record the base model under (default: derived from the source)."
+    )
 
 
 class DataStage(ImportOptions):
     """The data import (``finetrace data import``): ``name``, ``files`` and every ``ImportOptions`` key."""
 
     name: str = Field(..., description="Dataset name; each distinct import is a new version name@N.")
-    files: list[str] = Field(..., min_length=1, description="Input files (CSV, TSV, JSONL, JSON, Parquet), "
-                                                           "relative to the pipeline file.")
+    files: list[str] = Field(
+        ..., min_length=1, description="Input files (CSV, TSV, JSONL, JSON, Parquet), relative to the pipeline file."
+    )
 
     def options(self) -> ImportOptions:
         return ImportOptions.model_validate(self.model_dump(exclude={"name", "files"}, by_alias=True))
@@ -55,25 +60,32 @@ class TrainStage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    config: str | None = Field(None, description="A train YAML file (finetrace train --print-config shows "
-                                                 "every key), relative to the pipeline file.")
+    config: str | None = Field(
+        None,
+        description="A train YAML file (finetrace train --print-config shows "
+        "every key), relative to the pipeline file.",
+    )
 
 
 class EvaluateStage(_Strict):
     """Evaluation of the base model and the tuned adapter on the same examples, with gates."""
 
-    suite: str | dict[str, Any] | None = Field(None, description="An eval suite YAML file (relative to the "
-                                               "pipeline file) or the suite inline; null: the defaults.")
+    suite: str | dict[str, Any] | None = Field(
+        None,
+        description="An eval suite YAML file (relative to the pipeline file) or the suite inline; null: the defaults.",
+    )
     name: str | None = Field(None, description="Name of the eval report artifact (default <pipeline>-eval).")
 
 
 class DocsStage(_Strict):
     """The audit documents: model card, Annex IV, AB 2013, EU summary, ML-BOM, attestation."""
 
-    intended_use: str | None = Field(None, description="YAML with intended_use, limitations, provider... "
-                                                       "(relative to the pipeline file).")
-    formats: list[Literal["md", "html", "pdf"]] = Field(["md", "html"], description="Document formats "
-                                                         "(pdf needs Chromium).")
+    intended_use: str | None = Field(
+        None, description="YAML with intended_use, limitations, provider... (relative to the pipeline file)."
+    )
+    formats: list[Literal["md", "html", "pdf"]] = Field(
+        ["md", "html"], description="Document formats (pdf needs Chromium)."
+    )
 
 
 class ApproveStage(_Strict):
@@ -88,17 +100,29 @@ class DeployStage(_Strict):
     answer's provenance and stops; 'record' only records a deploy run; 'none' skips the stage."""
 
     mode: Literal["serve", "record", "none"] = Field("serve", description="serve | record | none.")
-    ask: str | None = Field(None, description="The input to send (for classification data: a text to "
-                                              "classify, wrapped in the dataset's prompt). Default: the "
-                                              "first test example.")
+    ask: str | None = Field(
+        None,
+        description="The input to send (for classification data: a text to "
+        "classify, wrapped in the dataset's prompt). Default: the "
+        "first test example.",
+    )
     max_tokens: int = Field(16, ge=1, le=100_000, description="Answer length budget.")
-    parity: bool = Field(True, description="Replay the eval set's prompts through the serving path first "
-                                           "(`finetrace parity`) and refuse to deploy below min_serve_agreement.")
-    min_serve_agreement: float | None = Field(None, ge=0, le=1, description="Share of eval answers the served "
-                                              "answers must equal (default 1.0: token-exact on the native engine; "
-                                              "0.95 on llamacpp and vllm).")
-    engine: Literal["native", "llamacpp", "vllm"] = Field("native", description="The engine behind the gateway "
-                                                          "(`finetrace serve --engine`); parity runs on it too.")
+    parity: bool = Field(
+        True,
+        description="Replay the eval set's prompts through the serving path first "
+        "(`finetrace parity`) and refuse to deploy below min_serve_agreement.",
+    )
+    min_serve_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of eval answers the served "
+        "answers must equal (default 1.0: token-exact on the native engine; "
+        "0.95 on llamacpp and vllm).",
+    )
+    engine: Literal["native", "llamacpp", "vllm"] = Field(
+        "native", description="The engine behind the gateway (`finetrace serve --engine`); parity runs on it too."
+    )
     upstream: str | None = Field(None, description="With engine: vllm, the URL of a running vLLM to attach to.")
 
 
@@ -109,8 +133,7 @@ class PipelineConfig(_Strict):
     model: ModelStage = Field(..., description="The base model.")
     data: DataStage = Field(..., description="The data import.")
     train: TrainStage = Field(default_factory=TrainStage, description="The training run.")
-    evaluate: EvaluateStage = Field(default_factory=EvaluateStage, description="Base vs tuned evaluation "
-                                                                               "with gates.")
+    evaluate: EvaluateStage = Field(default_factory=EvaluateStage, description="Base vs tuned evaluation with gates.")
     docs: DocsStage | None = Field(default_factory=DocsStage, description="Audit documents (null: skip).")
     approve: ApproveStage | None = Field(None, description="Optional named approval.")
     deploy: DeployStage = Field(default_factory=DeployStage, description="Deployment.")
@@ -138,13 +161,15 @@ class PipelineConfig(_Strict):
         """The train keys: the ``config`` file's keys, then inline keys over them (no base_model/dataset)."""
         doc: dict = {}
         if self.train.config:
-            doc = yamlfile.read_config(self.path(self.train.config), "train config (train.config)",
-                                       missing_hint="give a path relative to the pipeline file")[0]
+            doc = yamlfile.read_config(
+                self.path(self.train.config),
+                "train config (train.config)",
+                missing_hint="give a path relative to the pipeline file",
+            )[0]
         doc.update({k: v for k, v in (self.train.model_extra or {}).items()})
         for k in ("base_model", "dataset"):
             if k in doc:
-                raise ConfigError("set by the pipeline (from the model and data stages); remove it",
-                                  field=f"train.{k}")
+                raise ConfigError("set by the pipeline (from the model and data stages); remove it", field=f"train.{k}")
         doc.setdefault("output_name", f"{self.name}-lora")
         return doc
 
@@ -162,15 +187,23 @@ def validate_train(cfg: PipelineConfig, file: str | None = None, lines: dict[str
             return str(tfile), yamlfile.read_config(tfile, "train config")[1].get(key), key
         return file, (lines or {}).get(f"train.{key}"), f"train.{key}"
 
-    return yamlfile.validate_model(TrainConfig, doc, "train config", prefix="train.", locate=locate,
-                                   reference="see docs/config-reference.md (train config)", aliases=ALIASES)
+    return yamlfile.validate_model(
+        TrainConfig,
+        doc,
+        "train config",
+        prefix="train.",
+        locate=locate,
+        reference="see docs/config-reference.md (train config)",
+        aliases=ALIASES,
+    )
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML file; errors name the file, line and key."""
     p = Path(path)
-    doc, lines = yamlfile.read_config(p, "pipeline file", missing_hint="give the path of a pipeline YAML, "
-                                      "e.g. examples/clauses/pipeline.yaml")
+    doc, lines = yamlfile.read_config(
+        p, "pipeline file", missing_hint="give the path of a pipeline YAML, e.g. examples/clauses/pipeline.yaml"
+    )
     cfg = parse_pipeline(doc, file=str(p), lines=lines)
     cfg._base_dir = p.resolve().parent
     validate_train(cfg, str(p), lines)
@@ -183,8 +216,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
 
 def parse_pipeline(doc: Any, file: str | None = None, lines: dict[str, int] | None = None) -> PipelineConfig:
     """Validate a mapping as a pipeline config (errors name the key, with file and line when known)."""
-    return yamlfile.validate_model(PipelineConfig, doc, "pipeline", file=file, lines=lines,
-                                   reference="see docs/config-reference.md (pipeline)")
+    return yamlfile.validate_model(
+        PipelineConfig, doc, "pipeline", file=file, lines=lines, reference="see docs/config-reference.md (pipeline)"
+    )
 
 
 def check_files(cfg: PipelineConfig) -> None:
@@ -216,6 +250,9 @@ def check_files(cfg: PipelineConfig) -> None:
 def _must_exist(cfg: PipelineConfig, rel: str, key: str, folder: bool = True) -> Path:
     p = cfg.path(rel)
     if not (p.is_file() or (folder and p.is_dir())):
-        raise ConfigError(f"no such file: {p}", field=key, hint="paths are relative to the pipeline file "
-                          f"({cfg.base_dir}); nothing has run yet")
+        raise ConfigError(
+            f"no such file: {p}",
+            field=key,
+            hint=f"paths are relative to the pipeline file ({cfg.base_dir}); nothing has run yet",
+        )
     return p

@@ -28,7 +28,7 @@ from .stages import STAGE_TABLE, Context, check_gates, enabled, export_files
 @dataclass
 class StageResult:
     stage: str
-    status: str                 # ran | cached | skipped | failed | interrupted | not reached
+    status: str  # ran | cached | skipped | failed | interrupted | not reached
     seconds: float = 0.0
     cache_key: str | None = None
     metrics: dict = field(default_factory=dict)
@@ -51,9 +51,15 @@ class PipelineResult:
         return next(s for s in self.stages if s.stage == name)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "run_id": self.run_id, "seconds": round(self.seconds, 2),
-                "error": self.error, "state": self.state, "paths": {k: str(v) for k, v in self.paths.items()},
-                "stages": [s.__dict__ for s in self.stages]}
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "seconds": round(self.seconds, 2),
+            "error": self.error,
+            "state": self.state,
+            "paths": {k: str(v) for k, v in self.paths.items()},
+            "stages": [s.__dict__ for s in self.stages],
+        }
 
 
 def _check_stages(names, what: str) -> list[str]:
@@ -68,9 +74,14 @@ def _check_stages(names, what: str) -> list[str]:
     return out
 
 
-def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: list[str] = (),
-                 until: str | None = None, progress: Progress | None = None,
-                 echo: Callable[[str], None] = print) -> PipelineResult:
+def run_pipeline(
+    ws: Workspace,
+    pipeline: str | Path | PipelineConfig,
+    force: list[str] = (),
+    until: str | None = None,
+    progress: Progress | None = None,
+    echo: Callable[[str], None] = print,
+) -> PipelineResult:
     """Run ``pipeline`` (a YAML path or a loaded config) in ``ws``; return what each stage did.
 
     ``force``: stages to run even when cached ("all" for every stage). ``until``: stop after this stage.
@@ -84,9 +95,12 @@ def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: li
     ctx = Context(ws, cfg, progress=progress, echo=echo)
     result = PipelineResult(cfg.name)
     t_start = time.monotonic()
-    run_config = {"pipeline": cfg.model_dump(mode="json", by_alias=True),
-                  "file": str(pipeline) if not isinstance(pipeline, PipelineConfig) else None,
-                  "force": sorted(forced), "until": until}
+    run_config = {
+        "pipeline": cfg.model_dump(mode="json", by_alias=True),
+        "file": str(pipeline) if not isinstance(pipeline, PipelineConfig) else None,
+        "force": sorted(forced),
+        "until": until,
+    }
     current = None
     try:
         with ws.ledger.run("pipeline", config=run_config) as prun:
@@ -105,9 +119,13 @@ def run_pipeline(ws: Workspace, pipeline: str | Path | PipelineConfig, force: li
                         result.stage(name).metrics["gates"] = check_gates(ctx)
                 if name == last:
                     reached = False
-            prun.metrics.update({"ran": [s.stage for s in result.stages if s.status == "ran"],
-                                 "cached": [s.stage for s in result.stages if s.status == "cached"],
-                                 "seconds": round(time.monotonic() - t_start, 2)})
+            prun.metrics.update(
+                {
+                    "ran": [s.stage for s in result.stages if s.status == "ran"],
+                    "cached": [s.stage for s in result.stages if s.status == "cached"],
+                    "seconds": round(time.monotonic() - t_start, 2),
+                }
+            )
             result.paths = export_files(ctx)
     except (FinetraceError, KeyboardInterrupt) as exc:
         result.error = str(exc) or type(exc).__name__
@@ -137,11 +155,27 @@ def _run_stage(ctx: Context, prun, name: str, forced: bool) -> StageResult:
     base = {"stage": name, "cache_key": key, "inputs": inputs}
     if hit is not None:
         stage.absorb(ctx, hit["outputs"])
-        res = StageResult(name, "cached", time.monotonic() - t0, key, dict(hit.get("metrics") or {}),
-                          hit["outputs"], list(hit.get("stage_runs") or []))
-        prun.event(cache.EVENT, {**base, "status": "cached", "reused_from": hit.get("run_id"),
-                                 "outputs": hit["outputs"], "metrics": res.metrics,
-                                 "stage_runs": res.stage_runs, "seconds": round(res.seconds, 3)})
+        res = StageResult(
+            name,
+            "cached",
+            time.monotonic() - t0,
+            key,
+            dict(hit.get("metrics") or {}),
+            hit["outputs"],
+            list(hit.get("stage_runs") or []),
+        )
+        prun.event(
+            cache.EVENT,
+            {
+                **base,
+                "status": "cached",
+                "reused_from": hit.get("run_id"),
+                "outputs": hit["outputs"],
+                "metrics": res.metrics,
+                "stage_runs": res.stage_runs,
+                "seconds": round(res.seconds, 3),
+            },
+        )
         ctx.echo(f"{name}: cached (key {key[7:19]}, from {hit.get('run_id')})")
         return res
     resume = name == "train" and cache.was_interrupted(ws, name, key)
@@ -153,11 +187,21 @@ def _run_stage(ctx: Context, prun, name: str, forced: bool) -> StageResult:
         raise  # the "started" event stays the last one for this key: the next run resumes
     except BaseException as exc:
         msg = str(exc) if isinstance(exc, FinetraceError) else f"{type(exc).__name__}: {exc}"
-        prun.event(cache.EVENT, {**base, "status": "failed", "error": msg[:2000],
-                                 "seconds": round(time.monotonic() - t0, 3)})
+        prun.event(
+            cache.EVENT, {**base, "status": "failed", "error": msg[:2000], "seconds": round(time.monotonic() - t0, 3)}
+        )
         raise
     stage.absorb(ctx, out.outputs)
     res = StageResult(name, "ran", time.monotonic() - t0, key, out.metrics, out.outputs, out.stage_runs)
-    prun.event(cache.EVENT, {**base, "status": "ran", "outputs": out.outputs, "metrics": out.metrics,
-                             "stage_runs": out.stage_runs, "seconds": round(res.seconds, 3)})
+    prun.event(
+        cache.EVENT,
+        {
+            **base,
+            "status": "ran",
+            "outputs": out.outputs,
+            "metrics": out.metrics,
+            "stage_runs": out.stage_runs,
+            "seconds": round(res.seconds, 3),
+        },
+    )
     return res

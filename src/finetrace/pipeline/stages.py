@@ -32,9 +32,9 @@ class GateFailedError(FinetraceError):
 class Context:
     ws: Workspace
     cfg: PipelineConfig
-    progress: Progress | None = None    # a finetrace.progress callback (the CLI draws it)
+    progress: Progress | None = None  # a finetrace.progress callback (the CLI draws it)
     echo: Callable[[str], None] = print
-    state: dict = field(default_factory=dict)   # stage outputs, as digests and small facts
+    state: dict = field(default_factory=dict)  # stage outputs, as digests and small facts
 
     @property
     def out_dir(self) -> Path:
@@ -44,8 +44,8 @@ class Context:
 
 @dataclass
 class StageOutput:
-    outputs: dict                                  # JSON-able; "artifacts": digests recorded by the stage
-    metrics: dict = field(default_factory=dict)    # the key figures shown in the summary
+    outputs: dict  # JSON-able; "artifacts": digests recorded by the stage
+    metrics: dict = field(default_factory=dict)  # the key figures shown in the summary
     stage_runs: list[str] = field(default_factory=list)
 
 
@@ -78,8 +78,9 @@ def execute_model(ctx: Context, resume: bool) -> StageOutput:
 
     src, _ = _model_source(ctx)
     art = add_model(ctx.ws, src, name=ctx.cfg.model.name)
-    return StageOutput({"artifacts": [art.digest], "base_model": art.digest},
-                       stage_runs=[art.run_id] if art.run_id else [])
+    return StageOutput(
+        {"artifacts": [art.digest], "base_model": art.digest}, stage_runs=[art.run_id] if art.run_id else []
+    )
 
 
 def absorb_model(ctx: Context, out: dict) -> None:
@@ -96,13 +97,17 @@ def _data_paths(ctx: Context) -> dict[str, Path]:
         paths[f"datasheet:{d.datasheet}"] = ctx.cfg.path(d.datasheet)
     for key, p in paths.items():
         if not p.is_file():
-            raise NotFoundError(f"data.{key.split(':', 1)[0]}: no such file: {p}",
-                                hint="paths in a pipeline file are relative to the pipeline file's folder")
+            raise NotFoundError(
+                f"data.{key.split(':', 1)[0]}: no such file: {p}",
+                hint="paths in a pipeline file are relative to the pipeline file's folder",
+            )
     return paths
 
 
-PIPELINE_DATA_HINT = ("in the pipeline file: data.mapping: {label: YOUR_COLUMN} renames a column, "
-                      "data.on_error: skip drops invalid rows, data.schema sets the schema")
+PIPELINE_DATA_HINT = (
+    "in the pipeline file: data.mapping: {label: YOUR_COLUMN} renames a column, "
+    "data.on_error: skip drops invalid rows, data.schema sets the schema"
+)
 
 
 def plan_data(ctx: Context):
@@ -117,16 +122,23 @@ def execute_data(ctx: Context, resume: bool) -> StageOutput:
 
     d = ctx.cfg.data
     try:
-        art = import_dataset(ctx.ws, [ctx.cfg.path(f) for f in d.files], d.name, d.options(),
-                             datasheet=ctx.cfg.path(d.datasheet), test_file=ctx.cfg.path(d.test_file))
+        art = import_dataset(
+            ctx.ws,
+            [ctx.cfg.path(f) for f in d.files],
+            d.name,
+            d.options(),
+            datasheet=ctx.cfg.path(d.datasheet),
+            test_file=ctx.cfg.path(d.test_file),
+        )
     except InputError as exc:  # the importer speaks in CLI flags; say it in pipeline keys too
         exc.hint = "; ".join(filter(None, [exc.hint, PIPELINE_DATA_HINT]))
         raise
     counts = (art.metadata or {}).get("counts") or {}
-    metrics = {"rows": (art.metadata or {}).get("rows_out"),
-               **{f"n_{k}": v for k, v in counts.items() if isinstance(v, int)}}
-    return StageOutput({"artifacts": [art.digest], "dataset": art.digest}, metrics,
-                       [art.run_id] if art.run_id else [])
+    metrics = {
+        "rows": (art.metadata or {}).get("rows_out"),
+        **{f"n_{k}": v for k, v in counts.items() if isinstance(v, int)},
+    }
+    return StageOutput({"artifacts": [art.digest], "dataset": art.digest}, metrics, [art.run_id] if art.run_id else [])
 
 
 def absorb_data(ctx: Context, out: dict) -> None:
@@ -160,8 +172,7 @@ def execute_train(ctx: Context, resume: bool) -> StageOutput:
             art = train(ctx.ws, cfg, resume=False, progress=ctx.progress)
     else:
         art = train(ctx.ws, cfg, resume=False, progress=ctx.progress)
-    metrics = _run_metrics(ctx.ws, art.run_id, ("steps", "final_loss", "val_loss", "tokens_per_s",
-                                                  "resumed_from_step"))
+    metrics = _run_metrics(ctx.ws, art.run_id, ("steps", "final_loss", "val_loss", "tokens_per_s", "resumed_from_step"))
     return StageOutput({"artifacts": [art.digest], "adapter": art.digest}, metrics, [art.run_id])
 
 
@@ -183,9 +194,10 @@ def plan_evaluate(ctx: Context):
     import json
 
     suite = load_suite_of(ctx)
-    return ({"suite": json.loads(suite.canonical()), "name": ctx.cfg.evaluate.name},
-            {"base_model": ctx.state["base_model"], "adapter": ctx.state["adapter"],
-             "dataset": ctx.state["dataset"]})
+    return (
+        {"suite": json.loads(suite.canonical()), "name": ctx.cfg.evaluate.name},
+        {"base_model": ctx.state["base_model"], "adapter": ctx.state["adapter"], "dataset": ctx.state["dataset"]},
+    )
 
 
 def execute_evaluate(ctx: Context, resume: bool) -> StageOutput:
@@ -193,10 +205,16 @@ def execute_evaluate(ctx: Context, resume: bool) -> StageOutput:
 
     ws = ctx.ws
     data_ref = ws.ledger.artifact(ctx.state["dataset"]).ref
-    rep = compare(ws, ctx.state["base_model"], [ctx.state["adapter"]], data_ref, load_suite_of(ctx),
-                  name=ctx.cfg.evaluate.name or f"{ctx.cfg.name}-eval", progress=ctx.progress)
-    return StageOutput({"artifacts": [rep.digest], "report": rep.digest}, report_metrics(ws, rep.digest),
-                       [rep.run_id])
+    rep = compare(
+        ws,
+        ctx.state["base_model"],
+        [ctx.state["adapter"]],
+        data_ref,
+        load_suite_of(ctx),
+        name=ctx.cfg.evaluate.name or f"{ctx.cfg.name}-eval",
+        progress=ctx.progress,
+    )
+    return StageOutput({"artifacts": [rep.digest], "report": rep.digest}, report_metrics(ws, rep.digest), [rep.run_id])
 
 
 def report_metrics(ws: Workspace, digest: str) -> dict:
@@ -235,7 +253,8 @@ def check_gates(ctx: Context) -> str:
     raise GateFailedError(
         f"the tuned adapter {tuned.ref} failed {len(rows)} eval gate(s): {lines}. Report: {html}",
         hint="improve the data or training and run again, relax the gate in the suite, or record a named "
-             f"override: finetrace override {tuned.ref} --as 'Full Name' --reason '...'")
+        f"override: finetrace override {tuned.ref} --as 'Full Name' --reason '...'",
+    )
 
 
 def _fmt(v) -> str:
@@ -251,8 +270,10 @@ def plan_docs(ctx: Context):
     if d.intended_use:
         p = ctx.cfg.path(d.intended_use)
         if not p.is_file():
-            raise NotFoundError(f"docs.intended_use: no such file: {p}",
-                                hint="paths in a pipeline file are relative to the pipeline file's folder")
+            raise NotFoundError(
+                f"docs.intended_use: no such file: {p}",
+                hint="paths in a pipeline file are relative to the pipeline file's folder",
+            )
         inputs["intended_use"] = file_digest(p)
     return {"formats": list(d.formats)}, inputs
 
@@ -261,13 +282,16 @@ def execute_docs(ctx: Context, resume: bool) -> StageOutput:
     from ..audit import generate_documents
 
     d = ctx.cfg.docs
-    arts = generate_documents(ctx.ws, ctx.state["adapter"], intended_use=ctx.cfg.path(d.intended_use),
-                              formats=tuple(d.formats))
+    arts = generate_documents(
+        ctx.ws, ctx.state["adapter"], intended_use=ctx.cfg.path(d.intended_use), formats=tuple(d.formats)
+    )
     docs = {(a.metadata or {}).get("document", a.ref): a.digest for a in arts}
     missing = any((a.metadata or {}).get("intended_use_missing") for a in arts)
-    return StageOutput({"artifacts": [a.digest for a in arts], "documents": docs},
-                       {"documents": len(arts), "intended_use_missing": missing},
-                       sorted({a.run_id for a in arts if a.run_id}))
+    return StageOutput(
+        {"artifacts": [a.digest for a in arts], "documents": docs},
+        {"documents": len(arts), "intended_use_missing": missing},
+        sorted({a.run_id for a in arts if a.run_id}),
+    )
 
 
 def absorb_docs(ctx: Context, out: dict) -> None:
@@ -315,9 +339,10 @@ def absorb_approve(ctx: Context, out: dict) -> None:
 # -- deploy -----------------------------------------------------------------------------------------
 def plan_deploy(ctx: Context):
     d = ctx.cfg.deploy
-    return ({"mode": d.mode, "ask": d.ask, "max_tokens": d.max_tokens},
-            {"base_model": ctx.state["base_model"], "adapter": ctx.state["adapter"],
-             "dataset": ctx.state["dataset"]})
+    return (
+        {"mode": d.mode, "ask": d.ask, "max_tokens": d.max_tokens},
+        {"base_model": ctx.state["base_model"], "adapter": ctx.state["adapter"], "dataset": ctx.state["dataset"]},
+    )
 
 
 def question_messages(ctx: Context) -> list[dict]:
@@ -342,14 +367,23 @@ def question_messages(ctx: Context) -> list[dict]:
     return [{"role": "user", "content": ask}]
 
 
-def parity_gate(ws: Workspace, adapter_ref: str, report: str | None, min_agreement: float | None, echo,
-                engine: str = "native", upstream: str | None = None):
+def parity_gate(
+    ws: Workspace,
+    adapter_ref: str,
+    report: str | None,
+    min_agreement: float | None,
+    echo,
+    engine: str = "native",
+    upstream: str | None = None,
+):
     """Replay the eval set through the serving path (``serve.parity``) on ``engine``; refuse below ``min_agreement``."""
     from ..serve.parity import require_parity
 
     res = require_parity(ws, adapter_ref, min_agreement, engine, report_ref=report, upstream=upstream)
-    echo(f"deploy: parity {res.agreeing}/{res.n} served answers equal the evaluated ones "
-         f"({'token-exact' if res.exact else f'{res.agreement:.1%}'}; run {res.run_id})")
+    echo(
+        f"deploy: parity {res.agreeing}/{res.n} served answers equal the evaluated ones "
+        f"({'token-exact' if res.exact else f'{res.agreement:.1%}'}; run {res.run_id})"
+    )
     return res
 
 
@@ -357,13 +391,17 @@ def execute_deploy(ctx: Context, resume: bool) -> StageOutput:
     ws, d = ctx.ws, ctx.cfg.deploy
     adapter_ref = ws.ledger.artifact(ctx.state["adapter"]).ref
     base_ref = ws.ledger.artifact(ctx.state["base_model"]).ref
-    par = parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo, d.engine,
-                      d.upstream) \
-        if d.parity else None
+    par = (
+        parity_gate(ws, adapter_ref, ctx.state.get("report"), d.min_serve_agreement, ctx.echo, d.engine, d.upstream)
+        if d.parity
+        else None
+    )
     if d.mode == "record":
-        with ws.ledger.run("deploy", config={"base": base_ref, "adapters": [adapter_ref], "mode": "record",
-                                             "pipeline": ctx.cfg.name},
-                           inputs=[ctx.state["base_model"], ctx.state["adapter"]]) as run:
+        with ws.ledger.run(
+            "deploy",
+            config={"base": base_ref, "adapters": [adapter_ref], "mode": "record", "pipeline": ctx.cfg.name},
+            inputs=[ctx.state["base_model"], ctx.state["adapter"]],
+        ) as run:
             pass
         out = StageOutput({"artifacts": [], "deploy_run": run.id}, {"mode": "record"}, [run.id])
     else:
@@ -380,8 +418,10 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     except ImportError:
         from ..errors import DependencyError
 
-        raise DependencyError("deploy.mode: serve asks its question through the openai client, which is not "
-                              "installed", hint="pip install 'openai>=1.40', or set deploy.mode: record") from None
+        raise DependencyError(
+            "deploy.mode: serve asks its question through the openai client, which is not installed",
+            hint="pip install 'openai>=1.40', or set deploy.mode: record",
+        ) from None
 
     from ..serve.provenance import render, resolve
     from ..serve.server import BackgroundServer, build_engine
@@ -391,13 +431,16 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     messages = question_messages(ctx)
     settings = ServeSettings(port=0, require_eval=True)
     engine = build_engine(ws, base_ref, [adapter_ref], settings, d.engine, d.upstream)
-    ctx.echo(f"deploy: serving {adapter_ref} on {base_ref} ({d.engine} engine behind the OpenAI-compatible "
-             f"gateway on 127.0.0.1)")
+    ctx.echo(
+        f"deploy: serving {adapter_ref} on {base_ref} ({d.engine} engine behind the OpenAI-compatible "
+        f"gateway on 127.0.0.1)"
+    )
     with BackgroundServer(engine, settings) as srv:
         deploy_run = engine.deployment  # stop() below closes the run (failed if this block raises)
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=600)
-        reply = client.chat.completions.create(model=adapter_ref, messages=messages, max_tokens=d.max_tokens,
-                                               temperature=0)
+        reply = client.chat.completions.create(
+            model=adapter_ref, messages=messages, max_tokens=d.max_tokens, temperature=0
+        )
         answer = reply.choices[0].message.content
         pid = (reply.model_extra or {}).get("provenance_id")
         ctx.echo(f"deploy: asked  {messages[-1]['content']!r}")
@@ -406,9 +449,11 @@ def _serve_and_ask(ctx: Context, base_ref: str, adapter_ref: str) -> StageOutput
     for line in render(doc):
         ctx.echo(f"  {line}")
     train_run = ((doc.get("training_run") or doc.get("train_run") or {}) or {}).get("id")
-    return StageOutput({"artifacts": [], "deploy_run": deploy_run, "provenance_id": pid, "answer": answer},
-                       {"answer": answer, "provenance_id": pid, **({"train_run": train_run} if train_run else {})},
-                       [r for r in (deploy_run,) if r])
+    return StageOutput(
+        {"artifacts": [], "deploy_run": deploy_run, "provenance_id": pid, "answer": answer},
+        {"answer": answer, "provenance_id": pid, **({"train_run": train_run} if train_run else {})},
+        [r for r in (deploy_run,) if r],
+    )
 
 
 def absorb_deploy(ctx: Context, out: dict) -> None:

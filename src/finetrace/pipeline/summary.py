@@ -29,19 +29,29 @@ def key_figures(stage: str, metrics: dict) -> str:
 
 def render(result: PipelineResult) -> list[str]:
     """The summary as lines of text (the CLI prints them; ``--json`` prints ``result.to_dict()``)."""
-    lines = [f"pipeline {result.name}  run {result.run_id}  {result.seconds:.1f}s", "",
-             f"{'stage':<9} {'status':<11} {'time':>8}  key figures", f"{'-' * 9} {'-' * 11} {'-' * 8}  {'-' * 40}"]
+    lines = [
+        f"pipeline {result.name}  run {result.run_id}  {result.seconds:.1f}s",
+        "",
+        f"{'stage':<9} {'status':<11} {'time':>8}  key figures",
+        f"{'-' * 9} {'-' * 11} {'-' * 8}  {'-' * 40}",
+    ]
     for s in result.stages:
         t = f"{s.seconds:.1f}s" if s.status in ("ran", "cached", "failed") else ""
         lines.append(f"{s.stage:<9} {s.status:<11} {t:>8}  {key_figures(s.stage, s.metrics)}")
     dep = result.state.get("deploy") or {}
     if dep.get("answer") is not None:
-        lines += ["", f"answer: {dep['answer']!r}", f"provenance id: {dep.get('provenance_id')} "
-                  f"(finetrace provenance {dep.get('provenance_id')})"]
+        lines += [
+            "",
+            f"answer: {dep['answer']!r}",
+            f"provenance id: {dep.get('provenance_id')} (finetrace provenance {dep.get('provenance_id')})",
+        ]
     if result.paths:
         lines.append("")
-        for label, key in (("HTML eval report", "eval_report"), ("model card", "model_card"),
-                           ("documents", "documents")):
+        for label, key in (
+            ("HTML eval report", "eval_report"),
+            ("model card", "model_card"),
+            ("documents", "documents"),
+        ):
             if key in result.paths:
                 lines.append(f"{label + ':':<18} {result.paths[key]}")
     if result.error:

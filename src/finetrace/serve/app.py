@@ -65,16 +65,25 @@ class _BodyLimit:
                 if seen > self.limit:
                     raise _TooLarge
             return msg
+
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
             await self._refuse(send)
 
     async def _refuse(self, send):
-        body = json.dumps(error_body(f"the request body is larger than {self.limit} bytes", "invalid_request_error",
-                                     "request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            error_body(
+                f"the request body is larger than {self.limit} bytes", "invalid_request_error", "request_too_large"
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -90,8 +99,11 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     """The app: lifespan (engine start/stop), body limit, error translation, then each group of routes."""
     settings = settings or engine.settings
     if not settings.api_keys:
-        log.warning("no API key configured: the /v1 endpoints are open to anyone who can reach %s:%s",
-                    settings.host, settings.port)
+        log.warning(
+            "no API key configured: the /v1 endpoints are open to anyone who can reach %s:%s",
+            settings.host,
+            settings.port,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -122,8 +134,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FinetraceError)
     async def _ft_error(request: Request, exc: FinetraceError):
-        err = ApiError(503, str(exc), "server_error", "engine_unavailable", headers={"Retry-After": "1"}) \
-            if isinstance(exc, EngineUnavailable) else _translate(exc)
+        err = (
+            ApiError(503, str(exc), "server_error", "engine_unavailable", headers={"Retry-After": "1"})
+            if isinstance(exc, EngineUnavailable)
+            else _translate(exc)
+        )
         return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
@@ -134,15 +149,19 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), type_, "not_found" if exc.status_code == 404 else None),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), type_, "not_found" if exc.status_code == 404 else None),
+            status_code=exc.status_code,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"invalid request: {first.get('msg', exc)}", "invalid_request_error",
-                                       "invalid_value", param), status_code=400)
+        return JSONResponse(
+            error_body(f"invalid request: {first.get('msg', exc)}", "invalid_request_error", "invalid_value", param),
+            status_code=400,
+        )
 
 
 def bearer(request: Request) -> str | None:
@@ -161,13 +180,21 @@ class Keys:
             return
         key = bearer(request)
         if not key or not any(hmac.compare_digest(key, k) for k in self.settings.api_keys):
-            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
-                           "invalid_request_error", "invalid_api_key")
+            raise ApiError(
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
 
     def require_admin(self, request: Request) -> None:
         if not self.settings.admin_key:
-            raise ApiError(403, "admin endpoints are disabled: start the server with --admin-key",
-                           "permission_error", "admin_disabled")
+            raise ApiError(
+                403,
+                "admin endpoints are disabled: start the server with --admin-key",
+                "permission_error",
+                "admin_disabled",
+            )
         key = bearer(request)
         if not key or not hmac.compare_digest(key, self.settings.admin_key):
             raise ApiError(401, "Incorrect or missing admin key", "invalid_request_error", "invalid_api_key")
@@ -179,17 +206,24 @@ def add_operational_routes(app: FastAPI, engine, require_key) -> None:
     @app.get("/health")
     def health():
         ok = getattr(engine, "healthy", True)  # a gateway engine reports its engine process
-        body = {"status": "ok" if ok else "engine_down", "base": engine.base_id, "deployment": engine.deployment,
-                **engine.stats()}
+        body = {
+            "status": "ok" if ok else "engine_down",
+            "base": engine.base_id,
+            "deployment": engine.deployment,
+            **engine.stats(),
+        }
         return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(require_key)])
     def metrics():
         s = engine.stats()
-        text = engine.metrics.render({
-            "finetrace_queue_depth": ("Requests waiting for a batch slot.", s["queued"]),
-            "finetrace_active_rows": ("Rows in the running batch.", s["active"]),
-            "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"])})
+        text = engine.metrics.render(
+            {
+                "finetrace_queue_depth": ("Requests waiting for a batch slot.", s["queued"]),
+                "finetrace_active_rows": ("Rows in the running batch.", s["active"]),
+                "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"]),
+            }
+        )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
@@ -206,8 +240,12 @@ def add_admin_routes(app: FastAPI, engine, require_admin) -> None:
     @app.post("/admin/adapters", dependencies=[Depends(require_admin)], status_code=201)
     def load_adapter(body: LoadAdapter):
         info = engine.load_adapter(body.adapter)
-        return {"id": info.ref, "digest": info.digest, "clearance": info.clearance.status,
-                "detail": info.clearance.detail}
+        return {
+            "id": info.ref,
+            "digest": info.digest,
+            "clearance": info.clearance.status,
+            "detail": info.clearance.detail,
+        }
 
     @app.delete("/admin/adapters/{model:path}", dependencies=[Depends(require_admin)])
     def unload_adapter(model: str):

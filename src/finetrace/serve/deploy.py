@@ -35,10 +35,14 @@ def stop_engine(engine, timeout: float | None, interrupted: bool, error: BaseExc
 def close_deploy(engine, interrupted: bool, error: BaseException | None) -> None:
     """Close ``engine.deploy_run`` (entered on ``engine._exit``); never raises for a ledger failure."""
     run, logged, m = engine.deploy_run, engine.request_log, engine.metrics
-    run.metrics.update({
-        "requests": int(sum(m.requests.values())), "rejected": m.rejected,
-        "completion_tokens": int(sum(v for (_, k), v in m.tokens.items() if k == "completion")),
-        "unlogged": logged.spilled if logged is not None else 0})
+    run.metrics.update(
+        {
+            "requests": int(sum(m.requests.values())),
+            "rejected": m.rejected,
+            "completion_tokens": int(sum(v for (_, k), v in m.tokens.items() if k == "completion")),
+            "unlogged": logged.spilled if logged is not None else 0,
+        }
+    )
     if interrupted:
         error = KeyboardInterrupt("a second signal: stopped without draining")
     exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
@@ -50,9 +54,19 @@ def close_deploy(engine, interrupted: bool, error: BaseException | None) -> None
             engine._exit.__exit__(*exc_info)  # the ledger records interrupted / failed / succeeded, and signs
         except Exception as exc:
             status = "interrupted" if interrupted else ("failed" if error is not None else "succeeded")
-            spill(ws.ledger.path.parent, "run.finished", [{
-                "id": run.id, "status": status, "metrics": run.metrics,
-                "error": str(error) if error is not None else None}], f"ledger write failed: {exc}")
+            spill(
+                ws.ledger.path.parent,
+                "run.finished",
+                [
+                    {
+                        "id": run.id,
+                        "status": status,
+                        "metrics": run.metrics,
+                        "error": str(error) if error is not None else None,
+                    }
+                ],
+                f"ledger write failed: {exc}",
+            )
         finally:
             conn.execute("PRAGMA busy_timeout=60000")
             engine._exit = ExitStack()

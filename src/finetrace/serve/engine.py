@@ -71,14 +71,14 @@ class ShuttingDown(FinetraceError):
 @dataclass
 class Result:
     text: str
-    finish_reason: str          # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
     provenance_id: str
     model: str
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list | None = None      # [(token id, log p, [(id, log p) top-k])] when asked for
+    logprobs: list | None = None  # [(token id, log p, [(id, log p) top-k])] when asked for
 
 
 @dataclass
@@ -87,20 +87,20 @@ class GenRequest:
     ``("delta", str)`` for each new piece of text, then ``("done", Result)`` or ``("error", Exception)``."""
 
     prompt_ids: list[int]
-    model: str                          # public model id (base name or adapter NAME@V)
+    model: str  # public model id (base name or adapter NAME@V)
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     on_event: Callable[[str, object], None] | None = None
-    input_payload: object = None        # what the client sent (messages or prompt): hashed into the log
+    input_payload: object = None  # what the client sent (messages or prompt): hashed into the log
     endpoint: str = "engine"
     provenance_id: str = field(default_factory=lambda: "ftp-" + secrets.token_hex(12))
-    logprobs: int | None = None         # None: none; k: the chosen token's log p and the top k
-    labels: list[str] | None = None     # classification: the answer is the best-scoring label
-    chat: bool = False                  # a chat turn: the answer is normalised (decoding.text) like in evaluation
-    grammar: str | None = None          # a compiled JSON schema (``compile_schema``): the answer is constrained to it
+    logprobs: int | None = None  # None: none; k: the chosen token's log p and the top k
+    labels: list[str] | None = None  # classification: the answer is the best-scoring label
+    chat: bool = False  # a chat turn: the answer is normalised (decoding.text) like in evaluation
+    grammar: str | None = None  # a compiled JSON schema (``compile_schema``): the answer is constrained to it
     cancelled: bool = False
     # set by the engine
     adapter_name: str = BASE
@@ -128,10 +128,10 @@ class Engine:
         self.base_id = self.base.name or self.base.digest
         self.metrics = Metrics()
         self._torch = torch
-        self._slots: dict[str, _Slot] = {}          # public id NAME@V -> slot
+        self._slots: dict[str, _Slot] = {}  # public id NAME@V -> slot
         self._counter = 0
-        self._lock = threading.RLock()              # guards _slots
-        self.ledger_lock = threading.RLock()        # guards the workspace's (shared) ledger connection
+        self._lock = threading.RLock()  # guards _slots
+        self.ledger_lock = threading.RLock()  # guards the workspace's (shared) ledger connection
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=self.settings.max_queue)
         self._controls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -139,8 +139,9 @@ class Engine:
         self._exit = ExitStack()
         self.deploy_run = None
         self.request_log: RequestLog | None = None
-        self.decoder = Decoder(self.model, self.tokenizer, None, self.settings.max_batch,
-                               getattr(self.settings, "prefill_chunk", 256))
+        self.decoder = Decoder(
+            self.model, self.tokenizer, None, self.settings.max_batch, getattr(self.settings, "prefill_chunk", 256)
+        )
         self.eos_ids = set(self.decoder.end)
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         for ref in adapters:
@@ -153,8 +154,15 @@ class Engine:
             out = [{"id": self.base_id, "digest": self.base.digest, "kind": "base_model", "ref": self.base.ref}]
             for mid, s in self._slots.items():
                 if not s.unloading:
-                    out.append({"id": mid, "digest": s.info.digest, "kind": "adapter",
-                                "base": self.base.digest, "clearance": s.info.clearance.status})
+                    out.append(
+                        {
+                            "id": mid,
+                            "digest": s.info.digest,
+                            "kind": "adapter",
+                            "base": self.base.digest,
+                            "clearance": s.info.clearance.status,
+                        }
+                    )
         return out
 
     def resolve_model(self, model: str) -> tuple[str, str, str | None]:
@@ -171,13 +179,16 @@ class Engine:
             hits = [(k, s) for k, s in live.items() if s.info.digest.split(":", 1)[1].startswith(hexpart)]
             if len(hits) == 1:
                 return hits[0][0], hits[0][1].peft_name, hits[0][1].info.digest
-        named = sorted(((s.info.artifact.version or 0, k, s) for k, s in live.items()
-                        if s.info.artifact.name == m), key=lambda t: t[0])
+        named = sorted(
+            ((s.info.artifact.version or 0, k, s) for k, s in live.items() if s.info.artifact.name == m),
+            key=lambda t: t[0],
+        )
         if named:
             _, k, s = named[-1]
             return k, s.peft_name, s.info.digest
-        raise NotFoundError(f"The model `{model}` does not exist",
-                            hint=f"served here: {', '.join(x['id'] for x in self.models())}")
+        raise NotFoundError(
+            f"The model `{model}` does not exist", hint=f"served here: {', '.join(x['id'] for x in self.models())}"
+        )
 
     def _load(self, ref: str) -> AdapterInfo:
         """Verify and load an adapter (call from the scheduler thread, or before ``start``)."""
@@ -243,6 +254,7 @@ class Engine:
             while not self._try_unload(mid, slot):
                 self._step()
             return mid
+
         return self._control(op, timeout)
 
     def _control(self, fn: Callable[[], object], timeout: float):
@@ -259,11 +271,14 @@ class Engine:
             return
         with self.ledger_lock:
             inputs = [self.base.digest] + [s.info.digest for s in self._slots.values()]
-            self.deploy_run = self._exit.enter_context(self.ws.ledger.run(
-                "deploy", config={"base": self.base.ref, "adapters": list(self._slots),
-                                  "settings": self.settings.public()}, inputs=inputs))
-        self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s,
-                                      self.settings.ledger_timeout_s)
+            self.deploy_run = self._exit.enter_context(
+                self.ws.ledger.run(
+                    "deploy",
+                    config={"base": self.base.ref, "adapters": list(self._slots), "settings": self.settings.public()},
+                    inputs=inputs,
+                )
+            )
+        self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s, self.settings.ledger_timeout_s)
         self._stopping, self._drain_deadline = False, None
         self._thread = threading.Thread(target=self._loop, name="finetrace-scheduler", daemon=True)
         self._thread.start()
@@ -275,8 +290,9 @@ class Engine:
         self._drain_deadline = min(deadline, self._drain_deadline or deadline)  # a later call only shortens it
         self._stopping = True
 
-    def stop(self, timeout: float | None = None, *, interrupted: bool = False,
-             error: BaseException | None = None) -> None:
+    def stop(
+        self, timeout: float | None = None, *, interrupted: bool = False, error: BaseException | None = None
+    ) -> None:
         """Drain within ``timeout`` (default ``drain_s``), flush the request log, close the deploy run
         (succeeded, ``interrupted`` or failed with ``error``); see deploy.py."""
         stop_engine(self, timeout, interrupted, error)
@@ -315,20 +331,34 @@ class Engine:
         if not req.prompt_ids:
             raise InputError("the prompt is empty", field="prompt")
         if len(req.prompt_ids) + req.max_tokens > self.context_len:
-            raise InputError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                             f"context length {self.context_len}", field="max_tokens")
+            raise InputError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                f"context length {self.context_len}",
+                field="max_tokens",
+            )
         req.submitted = time.perf_counter()
         try:
             self._queue.put_nowait(req)
         except queue.Full:
             self.metrics.reject()
-            raise QueueFull(f"the request queue is full ({self.settings.max_queue} waiting)",
-                            hint="retry after a short wait") from None
+            raise QueueFull(
+                f"the request queue is full ({self.settings.max_queue} waiting)", hint="retry after a short wait"
+            ) from None
         return req
 
-    def generate(self, model: str, *, messages: list[dict] | None = None, prompt: str | None = None,
-                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] = (), timeout: float = 600) -> Result:
+    def generate(
+        self,
+        model: str,
+        *,
+        messages: list[dict] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] = (),
+        timeout: float = 600,
+    ) -> Result:
         """Blocking convenience: submit one request and wait for its result."""
         ids = self.encode_chat(messages) if messages is not None else self.encode_text(prompt or "")
         fut: Future = Future()
@@ -338,8 +368,21 @@ class Engine:
                 fut.set_result(value)
             elif kind == "error":
                 fut.set_exception(value)
-        self.submit(GenRequest(ids, model, max_tokens, temperature, top_p, seed, list(stop), on_event,
-                               messages if messages is not None else prompt, chat=messages is not None))
+
+        self.submit(
+            GenRequest(
+                ids,
+                model,
+                max_tokens,
+                temperature,
+                top_p,
+                seed,
+                list(stop),
+                on_event,
+                messages if messages is not None else prompt,
+                chat=messages is not None,
+            )
+        )
         return fut.result(timeout)
 
     # -- the scheduler ------------------------------------------------------------------------
@@ -347,8 +390,11 @@ class Engine:
         while True:
             self._run_controls()
             if self._stopping and self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                self._answer_all(ShuttingDown("the server is shutting down and could not finish this request",
-                                              hint="retry on another replica"))
+                self._answer_all(
+                    ShuttingDown(
+                        "the server is shutting down and could not finish this request", hint="retry on another replica"
+                    )
+                )
             if self._stopping and not self.decoder.busy and self._queue.empty() and self._controls.empty():
                 return
             try:
@@ -412,11 +458,14 @@ class Engine:
     def classify(self, prompt_rows: list[list[int]], labels: list[str], adapter_name: str = BASE) -> list[str]:
         """The best-scoring label for each prompt (``decoding.labels``, as evaluation scores); call from the
         scheduler thread or before ``start``."""
-        return [best_label(labels, s) for s in self.label_scores(prompt_rows, labels, [adapter_name] * len(prompt_rows))]
+        return [
+            best_label(labels, s) for s in self.label_scores(prompt_rows, labels, [adapter_name] * len(prompt_rows))
+        ]
 
     def label_scores(self, prompt_rows: list[list[int]], labels: list[str], names: list[str]) -> list[list[float]]:
-        return score_prompts(self.model, self.tokenizer, prompt_rows, labels, self.decoder.adapters, names,
-                             self.settings.max_batch)
+        return score_prompts(
+            self.model, self.tokenizer, prompt_rows, labels, self.decoder.adapters, names, self.settings.max_batch
+        )
 
     def _classify_requests(self, reqs: list[GenRequest]) -> None:
         """Label-constrained requests: scored together per label set; the answer is always one label."""
@@ -435,8 +484,13 @@ class Engine:
                 ids = self.tokenizer(best, add_special_tokens=False)["input_ids"]
                 seq = Seq(r.prompt_ids, r.adapter_name, ids=ids, text=best, finish="stop")
                 if r.logprobs is not None:  # the label's scored log p (label tokens + end of turn), and the others
-                    seq.token_logprobs = [(best, row[labels.index(best)],
-                                           sorted(zip(labels, row), key=lambda t: -t[1])[:max(r.logprobs, 1)])]
+                    seq.token_logprobs = [
+                        (
+                            best,
+                            row[labels.index(best)],
+                            sorted(zip(labels, row), key=lambda t: -t[1])[: max(r.logprobs, 1)],
+                        )
+                    ]
                 self._finish_request(r, best, "stop", len(ids), seq)
 
     def _seq(self, req: GenRequest) -> Seq:
@@ -445,9 +499,20 @@ class Engine:
             from ..decoding.constrain import JsonConstraint
 
             constraint = JsonConstraint(self.tokenizer, req.grammar, self._vocab_size(), self.decoder.end)
-        return Seq(req.prompt_ids, req.adapter_name, req.max_tokens, req.temperature, req.top_p, req.seed,
-                   list(req.stop), req.logprobs, req.chat, on_delta=lambda text, req=req: self._emit(req, "delta", text),
-                   owner=req, constraint=constraint)
+        return Seq(
+            req.prompt_ids,
+            req.adapter_name,
+            req.max_tokens,
+            req.temperature,
+            req.top_p,
+            req.seed,
+            list(req.stop),
+            req.logprobs,
+            req.chat,
+            on_delta=lambda text, req=req: self._emit(req, "delta", text),
+            owner=req,
+            constraint=constraint,
+        )
 
     def _take(self, wait: float) -> GenRequest | None:
         """The next waiting request (waiting up to ``wait`` s for one), or None while a control is pending.
@@ -494,15 +559,35 @@ class Engine:
 
     def _finish_request(self, req: GenRequest, text: str, finish: str, n_out: int, seq: Seq | None = None) -> None:
         latency = time.perf_counter() - req.submitted
-        res = Result(text, finish, len(req.prompt_ids), n_out, latency, req.provenance_id, req.model,
-                     list(seq.ids) if seq is not None else [], seq.token_logprobs if seq is not None else None)
+        res = Result(
+            text,
+            finish,
+            len(req.prompt_ids),
+            n_out,
+            latency,
+            req.provenance_id,
+            req.model,
+            list(seq.ids) if seq is not None else [],
+            seq.token_logprobs if seq is not None else None,
+        )
         self.metrics.observe(req.model, finish, len(req.prompt_ids), n_out, latency)
         self._log_request(req, text, finish, n_out, latency)
         self._emit(req, "done", res)
 
-    def _log_request(self, req: GenRequest, text: str, finish: str, n_out: int, latency: float,
-                     error: str | None = None) -> None:
+    def _log_request(
+        self, req: GenRequest, text: str, finish: str, n_out: int, latency: float, error: str | None = None
+    ) -> None:
         if self.request_log is not None:
-            self.request_log.add(request_event(req, self.deployment, self.base.digest, text, finish, n_out,
-                                               latency, error, self.settings.log_content))
-
+            self.request_log.add(
+                request_event(
+                    req,
+                    self.deployment,
+                    self.base.digest,
+                    text,
+                    finish,
+                    n_out,
+                    latency,
+                    error,
+                    self.settings.log_content,
+                )
+            )

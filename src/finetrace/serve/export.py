@@ -34,8 +34,9 @@ from ..workspace import Workspace
 from .registry import check_adapter
 
 
-def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval: bool = False,
-                  gguf: str | None = None) -> dict:
+def export_merged(
+    ws: Workspace, adapter: str, out_dir: str | Path, require_eval: bool = False, gguf: str | None = None
+) -> dict:
     """Write the merged model of ``adapter`` (NAME@V, NAME or digest) to ``out_dir``; return a summary.
 
     ``gguf`` ("f32" or "q8_0") also writes ``model.gguf`` for llama.cpp / Ollama (see gguf_export.py).
@@ -64,10 +65,23 @@ def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval
         tok.save_pretrained(build)
         if gguf:
             from .gguf_export import write_gguf
+
             write_gguf(build, build / "model.gguf", name=f"{art.ref} merged on {base.ref}", qtype=gguf)
-        (build / "finetrace_export.json").write_text(json.dumps(
-            {"format": "finetrace-export/1", "kind": "merged", "base_model": base.digest, "base_ref": base.ref,
-             "adapter": art.digest, "adapter_ref": art.ref}, indent=2, sort_keys=True) + "\n")
+        (build / "finetrace_export.json").write_text(
+            json.dumps(
+                {
+                    "format": "finetrace-export/1",
+                    "kind": "merged",
+                    "base_model": base.digest,
+                    "base_ref": base.ref,
+                    "adapter": art.digest,
+                    "adapter_ref": art.ref,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
         if out.exists():
             out.rmdir()
         build.rename(out)
@@ -75,10 +89,20 @@ def export_merged(ws: Workspace, adapter: str, out_dir: str | Path, require_eval
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
-    with ws.ledger.run("export", config={"kind": "merged", "adapter": art.ref, "gguf": gguf},
-                       inputs=[base.digest, art.digest]) as run:
-        model_art = run.output("model", ws.store.put_dir(out), name=f"{art.name or 'adapter'}-merged",
-                               metadata={"base_model": base.digest, "adapter": art.digest, "merged": True,
-                                         **text_identity(tok)})
-    return {"path": str(out), "digest": model_art.digest, "ref": model_art.ref, "adapter": art.digest,
-            "base_model": base.digest, "run": run.id}
+    with ws.ledger.run(
+        "export", config={"kind": "merged", "adapter": art.ref, "gguf": gguf}, inputs=[base.digest, art.digest]
+    ) as run:
+        model_art = run.output(
+            "model",
+            ws.store.put_dir(out),
+            name=f"{art.name or 'adapter'}-merged",
+            metadata={"base_model": base.digest, "adapter": art.digest, "merged": True, **text_identity(tok)},
+        )
+    return {
+        "path": str(out),
+        "digest": model_art.digest,
+        "ref": model_art.ref,
+        "adapter": art.digest,
+        "base_model": base.digest,
+        "run": run.id,
+    }

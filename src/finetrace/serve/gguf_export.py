@@ -67,15 +67,21 @@ def write_gguf(folder: str | Path, path: str | Path, name: str = "finetrace expo
     folder, path = Path(folder), Path(path)
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("model_type") != "llama":
-        raise InputError(f"GGUF export supports Llama-family models, not {cfg.get('model_type')!r}",
-                         file=str(folder / "config.json"), field="model_type")
+        raise InputError(
+            f"GGUF export supports Llama-family models, not {cfg.get('model_type')!r}",
+            file=str(folder / "config.json"),
+            field="model_type",
+        )
     if qtype not in ("f32", "q8_0"):
         raise InputError(f"unknown GGUF type {qtype!r}", hint="f32 or q8_0", field="--gguf-type")
     tj = json.loads((folder / "tokenizer.json").read_text())
     if tj.get("model", {}).get("type") != "BPE":
         raise InputError("GGUF export supports BPE tokenizers only", file=str(folder / "tokenizer.json"))
-    tcfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() \
+    tcfg = (
+        json.loads((folder / "tokenizer_config.json").read_text())
+        if (folder / "tokenizer_config.json").is_file()
         else {}
+    )
     vocab = dict(tj["model"]["vocab"])
     for added in tj.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
@@ -107,8 +113,11 @@ def write_gguf(folder: str | Path, path: str | Path, name: str = "finetrace expo
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     w.add_token_merges(merges)
-    for key, adder in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
-                       ("pad_token", w.add_pad_token_id)):
+    for key, adder in (
+        ("bos_token", w.add_bos_token_id),
+        ("eos_token", w.add_eos_token_id),
+        ("pad_token", w.add_pad_token_id),
+    ):
         tok = tcfg.get(key)
         tok = tok.get("content") if isinstance(tok, dict) else tok
         if tok in vocab:
@@ -118,8 +127,11 @@ def write_gguf(folder: str | Path, path: str | Path, name: str = "finetrace expo
         w.add_chat_template(template)
     for tname, tensor in _tensors(folder, cfg).items():
         if qtype == "q8_0" and tensor.ndim == 2 and tensor.shape[-1] % 32 == 0:
-            w.add_tensor(tname, gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                tname,
+                gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(tname, tensor)
     w.write_header_to_file()
@@ -152,12 +164,20 @@ def lora_tensors(adapter_dir: str | Path, base_cfg: dict) -> tuple[dict[str, np.
     adapter_dir = Path(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     where = str(adapter_dir / "adapter_config.json")
-    for key, why in (("use_rslora", "rsLoRA scales by alpha/sqrt(r)"), ("use_dora", "DoRA has magnitude vectors"),
-                     ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
-                     ("modules_to_save", "fully trained modules")):
+    for key, why in (
+        ("use_rslora", "rsLoRA scales by alpha/sqrt(r)"),
+        ("use_dora", "DoRA has magnitude vectors"),
+        ("rank_pattern", "per-module ranks"),
+        ("alpha_pattern", "per-module alphas"),
+        ("modules_to_save", "fully trained modules"),
+    ):
         if cfg.get(key):
-            raise InputError(f"this adapter cannot be written as a llama.cpp LoRA: {why} ({key})", file=where,
-                             field=key, hint="serve it with --engine native, or train it without this option")
+            raise InputError(
+                f"this adapter cannot be written as a llama.cpp LoRA: {why} ({key})",
+                file=where,
+                field=key,
+                hint="serve it with --engine native, or train it without this option",
+            )
     if cfg.get("fan_in_fan_out"):
         raise InputError("fan_in_fan_out adapters are not supported", file=where, field="fan_in_fan_out")
     weights = load_file(adapter_dir / "adapter_model.safetensors")
@@ -166,14 +186,20 @@ def lora_tensors(adapter_dir: str | Path, base_cfg: dict) -> tuple[dict[str, np.
         parts = key.split(".")
         try:
             i = int(parts[parts.index("layers") + 1])
-            module = ".".join(parts[parts.index("layers") + 2:-2])
+            module = ".".join(parts[parts.index("layers") + 2 : -2])
             which = parts[-2]
         except (ValueError, IndexError):
-            raise InputError(f"adapter tensor {key!r} is not a LoRA weight of a decoder layer", file=where,
-                             hint="only LoRA on the attention and MLP projections converts to GGUF") from None
+            raise InputError(
+                f"adapter tensor {key!r} is not a LoRA weight of a decoder layer",
+                file=where,
+                hint="only LoRA on the attention and MLP projections converts to GGUF",
+            ) from None
         if module not in LORA_TARGETS or which not in ("lora_A", "lora_B"):
-            raise InputError(f"adapter tensor {key!r} has no llama.cpp LoRA form", file=where,
-                             hint=f"LoRA targets that convert: {', '.join(sorted(LORA_TARGETS))}")
+            raise InputError(
+                f"adapter tensor {key!r} has no llama.cpp LoRA form",
+                file=where,
+                hint=f"LoRA targets that convert: {', '.join(sorted(LORA_TARGETS))}",
+            )
         pairs.setdefault(f"blk.{i}.{LORA_TARGETS[module]}.weight", {})[which] = np.asarray(w, dtype=np.float32)
     out: dict[str, np.ndarray] = {}
     for name, ab in sorted(pairs.items()):
@@ -186,8 +212,13 @@ def lora_tensors(adapter_dir: str | Path, base_cfg: dict) -> tuple[dict[str, np.
     return out, float(cfg.get("lora_alpha", cfg.get("r", 8)))
 
 
-def write_gguf_lora(adapter_dir: str | Path, base_dir: str | Path | None, path: str | Path, name: str = "adapter",
-                    base_cfg: dict | None = None) -> Path:
+def write_gguf_lora(
+    adapter_dir: str | Path,
+    base_dir: str | Path | None,
+    path: str | Path,
+    name: str = "adapter",
+    base_cfg: dict | None = None,
+) -> Path:
     """Write the PEFT LoRA folder ``adapter_dir`` (trained on the HF Llama folder ``base_dir``) as a GGUF
     LoRA adapter (F32) at ``path``: ``general.type = adapter``, ``adapter.type = lora``,
     ``adapter.lora.alpha``, tensors as ``lora_tensors`` describes. llama.cpp loads it with

@@ -32,13 +32,13 @@ class ParityRefused(FinetraceError):
 
 @dataclass
 class ParityResult:
-    adapter: str                    # digest served
-    report: str                     # eval report digest replayed
-    evaluated_adapter: str          # digest the report evaluated
+    adapter: str  # digest served
+    report: str  # eval report digest replayed
+    evaluated_adapter: str  # digest the report evaluated
     engine: str
     n: int
     agreeing: int
-    differing: list[dict] = field(default_factory=list)   # [{"i", "id", "eval", "served"}]
+    differing: list[dict] = field(default_factory=list)  # [{"i", "id", "eval", "served"}]
     run_id: str | None = None
 
     @property
@@ -50,26 +50,42 @@ class ParityResult:
         return self.agreeing == self.n
 
     def to_dict(self) -> dict:
-        return {"adapter": self.adapter, "report": self.report, "evaluated_adapter": self.evaluated_adapter,
-                "engine": self.engine, "n": self.n, "agreeing": self.agreeing, "agreement": self.agreement,
-                "exact": self.exact, "differing": self.differing[:50], "run_id": self.run_id}
+        return {
+            "adapter": self.adapter,
+            "report": self.report,
+            "evaluated_adapter": self.evaluated_adapter,
+            "engine": self.engine,
+            "n": self.n,
+            "agreeing": self.agreeing,
+            "agreement": self.agreement,
+            "exact": self.exact,
+            "differing": self.differing[:50],
+            "run_id": self.run_id,
+        }
 
 
-def find_report(ws: Workspace, adapter: Artifact,
-                report_ref: str | None = None) -> tuple[Artifact, EvalReport, ModelResult]:
+def find_report(
+    ws: Workspace, adapter: Artifact, report_ref: str | None = None
+) -> tuple[Artifact, EvalReport, ModelResult]:
     """(report artifact, report, subject) for ``adapter``: the given report, else the latest eval report
     that evaluated this digest, else the latest that evaluated an adapter of the same name."""
-    cands = [ws.ledger.resolve(report_ref, kind="eval_report")] if report_ref else \
-        list(reversed(ws.ledger.artifacts("eval_report")))
+    cands = (
+        [ws.ledger.resolve(report_ref, kind="eval_report")]
+        if report_ref
+        else list(reversed(ws.ledger.artifacts("eval_report")))
+    )
     for want in ("digest", "name"):
         for art in cands:
             rep = read_report(ws, art.digest)
             for s in rep.tuned:
-                if s.adapter == adapter.digest or (want == "name" and adapter.name
-                                                   and s.ref.split("@")[0] == adapter.name):
+                if s.adapter == adapter.digest or (
+                    want == "name" and adapter.name and s.ref.split("@")[0] == adapter.name
+                ):
                     return art, rep, s
-    raise NotFoundError(f"no eval report covers adapter {adapter.ref} ({adapter.digest})",
-                        hint=f"run `finetrace eval --adapter {adapter.ref}` first")
+    raise NotFoundError(
+        f"no eval report covers adapter {adapter.ref} ({adapter.digest})",
+        hint=f"run `finetrace eval --adapter {adapter.ref}` first",
+    )
 
 
 def _replay(engine, peft_name: str, rep: EvalReport, examples) -> list:
@@ -86,8 +102,14 @@ def _replay(engine, peft_name: str, rep: EvalReport, examples) -> list:
     return [list(s.ids) for s in seqs]
 
 
-def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: str | None = None,
-           base_ref: str | None = None, upstream: str | None = None) -> ParityResult:
+def parity(
+    ws: Workspace,
+    adapter_ref: str,
+    engine: str = "native",
+    report_ref: str | None = None,
+    base_ref: str | None = None,
+    upstream: str | None = None,
+) -> ParityResult:
     """Replay the eval report's prompts through the serving engine and compare; records a ``parity`` run."""
     from ..evaluate.evalset import load_eval_set
     from .engine import Engine
@@ -99,8 +121,12 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     rep_art, rep, subject = find_report(ws, adapter, report_ref)
     base = base_ref or rep.base_model.digest
     es = load_eval_set(ws, rep.dataset.digest, rep.dataset.split, rep.suite.limit)
-    config = {"engine": engine, "adapter": adapter.digest, "report": rep_art.digest,
-              "evaluated_adapter": subject.adapter}
+    config = {
+        "engine": engine,
+        "adapter": adapter.digest,
+        "report": rep_art.digest,
+        "evaluated_adapter": subject.adapter,
+    }
     if engine != "native":
         return _parity_gateway(ws, adapter, engine, rep_art, rep, subject, base, es, config, upstream)
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
@@ -121,8 +147,9 @@ def parity(ws: Workspace, adapter_ref: str, engine: str = "native", report_ref: 
     return res
 
 
-def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict,
-                    upstream: str | None = None) -> ParityResult:
+def _parity_gateway(
+    ws, adapter, engine: str, rep_art, rep, subject, base: str, es, config: dict, upstream: str | None = None
+) -> ParityResult:
     """Parity on an engine behind the gateway (llama.cpp, vLLM): the same rendered prompt tokens forwarded
     greedy to the engine, its answers compared as normalised text with the recorded ones (token ids do not
     come back from every engine); an agreement rate, never silence."""
@@ -132,8 +159,10 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
     from .settings import ServeSettings
 
     if rep.task == "classification":
-        raise NotFoundError(f"parity of a classification report needs label scoring: engine {engine!r} has none",
-                            hint="run parity with --engine native")
+        raise NotFoundError(
+            f"parity of a classification report needs label scoring: engine {engine!r} has none",
+            hint="run parity with --engine native",
+        )
     suite = rep.suite
     with ws.ledger.run("parity", config, inputs=[base, adapter.digest, rep_art.digest]) as run:
         eng = open_engine(ws, base, [adapter.digest], ServeSettings(), engine, upstream)
@@ -142,14 +171,21 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
             run.event("parity.engine", eng.backend.describe())
             mid = eng.resolve_model(adapter.digest)[0]
             stop = list(suite.stop or [])
-            served = replay_texts(eng, [eng.encode_chat(e.messages) for e in es.examples], mid,
-                                  suite.max_new_tokens, stop, token_ids=bool(subject.answer_tokens))
+            served = replay_texts(
+                eng,
+                [eng.encode_chat(e.messages) for e in es.examples],
+                mid,
+                suite.max_new_tokens,
+                stop,
+                token_ids=bool(subject.answer_tokens),
+            )
         finally:
             eng.backend.stop()
         tokens = bool(served) and isinstance(served[0], list)
 
         def as_text(ids):  # both sides decoded by ONE tokenizer, cut at the suite's stops, normalised
             return normalise_answer(cut_at_stop(eng.tokenizer.decode(ids, skip_special_tokens=True), stop))
+
         if tokens:
             recorded, served = [as_text(t) for t in subject.answer_tokens], [as_text(t) for t in served]
         else:
@@ -162,8 +198,10 @@ def _parity_gateway(ws, adapter, engine: str, rep_art, rep, subject, base: str, 
             else:
                 res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
         run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
-        run.event("parity.result", {**res.to_dict(), "engine_version": eng.backend.describe().get("version"),
-                                    "compared": config["compared"]})
+        run.event(
+            "parity.result",
+            {**res.to_dict(), "engine_version": eng.backend.describe().get("version"), "compared": config["compared"]},
+        )
     return res
 
 
@@ -176,8 +214,14 @@ def latest_parity(ws: Workspace, adapter_digest: str) -> dict | None:
     return found
 
 
-def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None = None, engine: str = "native",
-                   report_ref: str | None = None, upstream: str | None = None) -> ParityResult:
+def require_parity(
+    ws: Workspace,
+    adapter_ref: str,
+    min_agreement: float | None = None,
+    engine: str = "native",
+    report_ref: str | None = None,
+    upstream: str | None = None,
+) -> ParityResult:
     """Run parity and refuse (``ParityRefused``) below ``min_agreement`` (default: 1.0 on native)."""
     res = parity(ws, adapter_ref, engine, report_ref, upstream=upstream)
     floor = DEFAULT_MIN_AGREEMENT.get(engine, 0.95) if min_agreement is None else min_agreement
@@ -187,7 +231,8 @@ def require_parity(ws: Workspace, adapter_ref: str, min_agreement: float | None 
             f"served answers agree with the evaluated ones on {res.agreeing}/{res.n} examples "
             f"({res.agreement:.1%}), below min_serve_agreement {floor:g} (first difference: example {first})",
             hint="the adapter served is not the one evaluated, or the decoders differ: re-evaluate the adapter "
-                 "being deployed")
+            "being deployed",
+        )
     return res
 
 
@@ -200,8 +245,9 @@ def _replayable(ws: Workspace, report_digest: str) -> bool:
         return False
 
 
-def publish_gate(ws: Workspace, adapter_digest: str, report_digest: str | None,
-                 min_agreement: float | None = None) -> dict | None:
+def publish_gate(
+    ws: Workspace, adapter_digest: str, report_digest: str | None, min_agreement: float | None = None
+) -> dict | None:
     """The parity figure a publish relies on; raises ``ParityRefused`` below ``min_agreement`` (default 1.0).
 
     The latest recorded result for this adapter against its gating report is used; without one, the
@@ -217,5 +263,6 @@ def publish_gate(ws: Workspace, adapter_digest: str, report_digest: str | None,
         raise ParityRefused(
             f"served answers agree with the evaluated ones on {rec['agreeing']}/{rec['n']} examples "
             f"({rec['agreement']:.1%}; parity run {rec.get('run_id')}), below min_serve_agreement {floor:g}",
-            hint="publish the adapter that was evaluated, or re-evaluate this one (then `finetrace parity`)")
+            hint="publish the adapter that was evaluated, or re-evaluate this one (then `finetrace parity`)",
+        )
     return rec

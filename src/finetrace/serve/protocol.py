@@ -28,8 +28,11 @@ def _check_text(value: Any, path: str) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InputError(f"text is not valid Unicode (a lone surrogate at character {exc.start})", hint="send UTF-8 text; escape pairs like \\ud83d\\ude00 must "
-                             "come in pairs", field=path or None) from None
+            raise InputError(
+                f"text is not valid Unicode (a lone surrogate at character {exc.start})",
+                hint="send UTF-8 text; escape pairs like \\ud83d\\ude00 must come in pairs",
+                field=path or None,
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_text(k, path)
@@ -60,8 +63,7 @@ class _Params(BaseModel):
 
     def checked(self, default_max: int, limit: int) -> dict:
         """Sampling parameters, validated; raises InputError naming the field."""
-        max_tokens = self.max_tokens if self.max_tokens is not None else getattr(self, "max_completion_tokens",
-                                                                                 None)
+        max_tokens = self.max_tokens if self.max_tokens is not None else getattr(self, "max_completion_tokens", None)
         if max_tokens is None:
             max_tokens = default_max
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
@@ -86,17 +88,18 @@ class _Params(BaseModel):
             raise InputError("n > 1 is not supported with stream: true", field="n")
         extra = self.model_extra or {}
         lp, top = extra.get("logprobs"), extra.get("top_logprobs")
-        if isinstance(lp, bool) or lp is None:      # chat: logprobs: bool, top_logprobs: int
-            k = (int(top or 0) if lp else None)
-        elif isinstance(lp, int):                  # completions: logprobs: int
+        if isinstance(lp, bool) or lp is None:  # chat: logprobs: bool, top_logprobs: int
+            k = int(top or 0) if lp else None
+        elif isinstance(lp, int):  # completions: logprobs: int
             k = lp
         else:
             raise InputError("logprobs must be a boolean (chat) or an integer (completions)", field="logprobs")
         if k is not None and not 0 <= k <= 20:
             raise InputError(f"top_logprobs must be between 0 and 20, got {k}", field="top_logprobs")
         labels = extra.get("labels")
-        if labels is not None and (not isinstance(labels, list) or not labels
-                                   or not all(isinstance(x, str) and x for x in labels)):
+        if labels is not None and (
+            not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels)
+        ):
             raise InputError("labels must be a non-empty list of non-empty strings", field="labels")
         return {"n": n, "logprobs": k, "labels": labels, "return_token_ids": bool(extra.get("return_token_ids"))}
 

@@ -28,8 +28,10 @@ def find_request(ws: Workspace, provenance_id: str):
     for e in ws.ledger.entries(type=EVENT):
         if e.data.get("provenance_id") == provenance_id:
             return e
-    raise NotFoundError(f"no served answer with provenance id {provenance_id!r} in this workspace",
-                        hint="check the id, and that you are in the workspace the server used (--workspace)")
+    raise NotFoundError(
+        f"no served answer with provenance id {provenance_id!r} in this workspace",
+        hint="check the id, and that you are in the workspace the server used (--workspace)",
+    )
 
 
 def _artifact(ws: Workspace, digest: str | None) -> dict | None:
@@ -71,29 +73,45 @@ def resolve(ws: Workspace, provenance_id: str) -> dict:
                 if a and a.get("kind") == "dataset":
                     out["datasets"].append({**a, "datasheet": _datasheet(ws, d)})
         clear = clearance(ws.ledger, adapter)
-        verdicts = [{"seq": e.seq, "time": e.time, **e.data} for e in ws.ledger.entries(type="gate.verdict")
-                    if e.data.get("adapter") == adapter]
+        verdicts = [
+            {"seq": e.seq, "time": e.time, **e.data}
+            for e in ws.ledger.entries(type="gate.verdict")
+            if e.data.get("adapter") == adapter
+        ]
         reports = [_artifact(ws, v["report"]) for v in verdicts if v.get("report")]
-        out["evaluation"] = {"status": clear.status, "detail": clear.detail, "report": clear.report,
-                             "verdicts": verdicts, "reports": reports}
+        out["evaluation"] = {
+            "status": clear.status,
+            "detail": clear.detail,
+            "report": clear.report,
+            "verdicts": verdicts,
+            "reports": reports,
+        }
         for kind in ("approval", "gate.override"):
-            out["approvals"] += [{"type": kind, "seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
-                                 for e in ws.ledger.entries(type=kind) if _mentions(e.data, adapter)]
+            out["approvals"] += [
+                {"type": kind, "seq": e.seq, "time": e.time, "actor": e.actor, **e.data}
+                for e in ws.ledger.entries(type=kind)
+                if _mentions(e.data, adapter)
+            ]
         out["lineage"] = lineage(ws.ledger, adapter, "up")
         from .parity import latest_parity
+
         par = latest_parity(ws, adapter)
-        out["parity"] = {k: par[k] for k in ("agreement", "agreeing", "n", "exact", "engine", "report", "run_id")} \
-            if par else None
+        out["parity"] = (
+            {k: par[k] for k in ("agreement", "agreeing", "n", "exact", "engine", "report", "run_id")} if par else None
+        )
     return out
 
 
 def render(doc: dict) -> list[str]:
     """Human-readable lines for ``finetrace provenance ID``."""
     r = doc["request"]
-    lines = [f"answer      {doc['provenance_id']} (ledger entry {doc['ledger_seq']}, {doc['time']})",
-             f"model       {r['model']}  tokens in/out {r['prompt_tokens']}/{r['completion_tokens']}  "
-             f"latency {r['latency_ms']} ms",
-             f"input       {r['input_sha256']}", f"output      {r['output_sha256']}"]
+    lines = [
+        f"answer      {doc['provenance_id']} (ledger entry {doc['ledger_seq']}, {doc['time']})",
+        f"model       {r['model']}  tokens in/out {r['prompt_tokens']}/{r['completion_tokens']}  "
+        f"latency {r['latency_ms']} ms",
+        f"input       {r['input_sha256']}",
+        f"output      {r['output_sha256']}",
+    ]
     if doc.get("deployment"):
         d = doc["deployment"]
         lines.append(f"deployment  {d['id']} [{d['status']}] started {d['started']}")
@@ -112,11 +130,15 @@ def render(doc: dict) -> list[str]:
         lines.append(f"dataset     {(ds.get('aliases') or [ds['digest']])[-1]} {ds['digest']} ({sheet})")
     if doc.get("evaluation"):
         ev = doc["evaluation"]
-        lines.append(f"evaluation  {ev['status']}: {ev['detail']}" + (f" report {ev['report']}" if ev["report"] else ""))
+        lines.append(
+            f"evaluation  {ev['status']}: {ev['detail']}" + (f" report {ev['report']}" if ev["report"] else "")
+        )
     if doc.get("parity"):
         p = doc["parity"]
-        lines.append(f"parity      {p['agreeing']}/{p['n']} served answers equal the evaluated ones "
-                     f"({'token-exact' if p['exact'] else format(p['agreement'], '.1%')}, {p['engine']}, run {p['run_id']})")
+        lines.append(
+            f"parity      {p['agreeing']}/{p['n']} served answers equal the evaluated ones "
+            f"({'token-exact' if p['exact'] else format(p['agreement'], '.1%')}, {p['engine']}, run {p['run_id']})"
+        )
     elif doc.get("adapter"):
         lines.append("parity      not checked (`finetrace parity ADAPTER`)")
     for ap in doc.get("approvals", []):

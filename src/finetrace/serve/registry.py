@@ -65,42 +65,67 @@ def recorded_identity(meta: dict, folder: Path | None = None) -> dict:
     return found
 
 
-def check_adapter(ws: Workspace, ref: str, base: Artifact, base_identity: dict,
-                  require_eval: bool = False, allow_template_change: bool = False) -> AdapterInfo:
+def check_adapter(
+    ws: Workspace,
+    ref: str,
+    base: Artifact,
+    base_identity: dict,
+    require_eval: bool = False,
+    allow_template_change: bool = False,
+) -> AdapterInfo:
     """Resolve ``ref`` (NAME, NAME@V or digest) to a verified adapter servable on ``base``, or refuse.
     ``allow_template_change``: serve it although its tokenizer or chat template differs from the base's
     (logged with the difference)."""
     art = ws.ledger.resolve(ref, kind="adapter")
     folder = ws.store.materialize(art.digest)
     if not (folder / "adapter_model.safetensors").is_file() or not (folder / "adapter_config.json").is_file():
-        raise DeploymentRefused(f"adapter {art.ref} ({art.digest}) has no adapter_model.safetensors + "
-                                "adapter_config.json", hint="only PEFT adapters in safetensors format are served")
+        raise DeploymentRefused(
+            f"adapter {art.ref} ({art.digest}) has no adapter_model.safetensors + adapter_config.json",
+            hint="only PEFT adapters in safetensors format are served",
+        )
     meta = art.metadata
     recorded_base = meta.get("base_model")
     if recorded_base != base.digest:
         raise DeploymentRefused(
             f"adapter {art.ref} was trained on base {recorded_base or '(not recorded)'}, not on the running "
-            f"base {base.ref} ({base.digest})", hint="serve it with --base set to the base it was trained on")
+            f"base {base.ref} ({base.digest})",
+            hint="serve it with --base set to the base it was trained on",
+        )
     expected = recorded_identity(meta, folder)
     if not expected:
-        raise DeploymentRefused(f"adapter {art.ref} records no tokenizer/chat-template identity",
-                                hint="retrain it with this finetrace, which records the identity")
+        raise DeploymentRefused(
+            f"adapter {art.ref} records no tokenizer/chat-template identity",
+            hint="retrain it with this finetrace, which records the identity",
+        )
     diffs = template_check.check_serving(
-        folder, template_check.base_files(ws.store, base.digest), expected, base_identity, allow=allow_template_change,
-        what=f"adapter {art.ref} ({art.digest})", error=DeploymentRefused,
+        folder,
+        template_check.base_files(ws.store, base.digest),
+        expected,
+        base_identity,
+        allow=allow_template_change,
+        what=f"adapter {art.ref} ({art.digest})",
+        error=DeploymentRefused,
         hint="retrain the adapter on this base, or, if the change is intended, allow it explicitly "
-             "(allow_template_change)")
+        "(allow_template_change)",
+    )
     if diffs:
-        log.warning("serving adapter %s (%s) with a tokenizer/chat template unlike the base's (allowed):\n%s",
-                    art.ref, art.digest, "\n".join(f"{d['file']}:\n{d['diff']}" for d in diffs))
+        log.warning(
+            "serving adapter %s (%s) with a tokenizer/chat template unlike the base's (allowed):\n%s",
+            art.ref,
+            art.digest,
+            "\n".join(f"{d['file']}:\n{d['diff']}" for d in diffs),
+        )
     clear = clearance(ws.ledger, art.digest)
     if clear.status == "failed":
-        raise DeploymentRefused(f"adapter {art.ref} is refused: {clear.detail}",
-                                hint="fix and re-evaluate it, or record an override: "
-                                     "`finetrace override ADAPTER@V --as NAME --reason ...`")
+        raise DeploymentRefused(
+            f"adapter {art.ref} is refused: {clear.detail}",
+            hint="fix and re-evaluate it, or record an override: `finetrace override ADAPTER@V --as NAME --reason ...`",
+        )
     if clear.status == "unevaluated":
         if require_eval:
-            raise DeploymentRefused(f"adapter {art.ref} has no eval verdict and --require-eval is set",
-                                    hint="run `finetrace eval` on it first")
+            raise DeploymentRefused(
+                f"adapter {art.ref} has no eval verdict and --require-eval is set",
+                hint="run `finetrace eval` on it first",
+            )
         log.warning("serving unevaluated adapter %s (%s): %s", art.ref, art.digest, clear.detail)
     return AdapterInfo(art, folder, clear)

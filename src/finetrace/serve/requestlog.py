@@ -30,18 +30,41 @@ log = logging.getLogger("finetrace.serve")
 EVENT = "serve.request"
 
 
-def request_event(req, deployment: str | None, base_digest: str, text: str, finish: str, n_out: int,
-                  latency: float, error: str | None = None, log_content: bool = False) -> dict:
+def request_event(
+    req,
+    deployment: str | None,
+    base_digest: str,
+    text: str,
+    finish: str,
+    n_out: int,
+    latency: float,
+    error: str | None = None,
+    log_content: bool = False,
+) -> dict:
     """The ``serve.request`` payload for one answered (or failed, or abandoned) ``GenRequest``."""
-    event = {"provenance_id": req.provenance_id, "deployment": deployment, "time": now(),
-             "model": req.model, "base_model": base_digest, "adapter": req.adapter_digest,
-             "endpoint": req.endpoint, "time_submitted_unix": time.time() - latency,
-             "input_sha256": sha256_bytes(canonical_json(req.input_payload)),
-             "output_sha256": sha256_bytes(text.encode("utf-8")),
-             "prompt_tokens": len(req.prompt_ids), "completion_tokens": n_out,
-             "latency_ms": round(latency * 1000, 3), "finish_reason": finish,
-             "params": {"max_tokens": req.max_tokens, "temperature": req.temperature,
-                        "top_p": req.top_p, "seed": req.seed, "stop": req.stop}}
+    event = {
+        "provenance_id": req.provenance_id,
+        "deployment": deployment,
+        "time": now(),
+        "model": req.model,
+        "base_model": base_digest,
+        "adapter": req.adapter_digest,
+        "endpoint": req.endpoint,
+        "time_submitted_unix": time.time() - latency,
+        "input_sha256": sha256_bytes(canonical_json(req.input_payload)),
+        "output_sha256": sha256_bytes(text.encode("utf-8")),
+        "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": n_out,
+        "latency_ms": round(latency * 1000, 3),
+        "finish_reason": finish,
+        "params": {
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "seed": req.seed,
+            "stop": req.stop,
+        },
+    }
     if finish in ("cancelled", "error"):  # the answer never reached the client in full
         event["delivered"] = False
     if error is not None:
@@ -57,8 +80,7 @@ def spill(root: str | Path, type_: str, records: list[dict], reason: str) -> Pat
     path = Path(root) / "spill" / f"{type_}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}.jsonl"
     lines = [json.dumps({"type": type_, "data": r, "reason": reason}, sort_keys=True, default=str) for r in records]
     write_text(path, "\n".join(lines) + "\n")
-    log.warning("%d %s event(s) could not be written to the ledger (%s): kept in %s", len(records), type_,
-                reason, path)
+    log.warning("%d %s event(s) could not be written to the ledger (%s): kept in %s", len(records), type_, reason, path)
     return path
 
 
@@ -72,10 +94,10 @@ class RequestLog:
         self._retry_s = retry_s
         self._pending: list[dict] = []
         self._writing: list[dict] = []  # the batch the writer holds right now
-        self._added = 0    # events handed to us
+        self._added = 0  # events handed to us
         self._written = 0  # events in the ledger
-        self._done = 0     # events written or spilled
-        self.spilled = 0   # events that went to a spill file instead
+        self._done = 0  # events written or spilled
+        self.spilled = 0  # events that went to a spill file instead
         self.spill_files: list[Path] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -114,8 +136,11 @@ class RequestLog:
                 self._abandoned = True
                 left, self._pending = self._writing + self._pending, []
             if left:
-                self._spill(left, f"not written within the {timeout:g} s shutdown bound (the first "
-                                  f"{len(self._writing)} may also have reached the ledger)")
+                self._spill(
+                    left,
+                    f"not written within the {timeout:g} s shutdown bound (the first "
+                    f"{len(self._writing)} may also have reached the ledger)",
+                )
             return  # the writer is a daemon thread; its connection goes with the process
         self._ledger.close()
 
@@ -159,8 +184,11 @@ class RequestLog:
         try:
             path = spill(self._root, EVENT, batch, reason)
         except OSError:  # the disk is gone too: the log line is all that is left
-            log.exception("could not spill %d serve.request events either: %s", len(batch),
-                          [e.get("provenance_id") for e in batch])
+            log.exception(
+                "could not spill %d serve.request events either: %s",
+                len(batch),
+                [e.get("provenance_id") for e in batch],
+            )
             return
         with self._cond:
             self.spilled += len(batch)

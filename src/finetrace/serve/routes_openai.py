@@ -32,8 +32,15 @@ RETRY_AFTER_S = 1  # what a 429 (queue full) and a 503 (shutting down) tell the 
 class ApiError(Exception):
     """An error answered as an OpenAI error body with ``status`` (and ``headers``)."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(message, type_, code, param), headers
 
@@ -61,16 +68,31 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     def models():
         created = int(time.time())
-        return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": created,
-                                            "owned_by": "finetrace", **{k: v for k, v in m.items() if k != "id"}}
-                                           for m in engine.models()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m["id"],
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "finetrace",
+                    **{k: v for k, v in m.items() if k != "id"},
+                }
+                for m in engine.models()
+            ],
+        }
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
     def model_info(model: str):
         mid = engine.resolve_model(model)[0]
         m = next(x for x in engine.models() if x["id"] == mid)
-        return {"id": mid, "object": "model", "created": int(time.time()), "owned_by": "finetrace",
-                **{k: v for k, v in m.items() if k != "id"}}
+        return {
+            "id": mid,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "finetrace",
+            **{k: v for k, v in m.items() if k != "id"},
+        }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat(body: ChatRequest, request: Request):
@@ -80,27 +102,56 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
         tools, grammar = await _structure(engine, body, ext)
         # a huge prompt must not stall the loop
         ids = await asyncio.to_thread(engine.encode_chat, messages, tools)
-        req = GenRequest(ids, body.model, endpoint="chat.completions", input_payload={"messages": messages},
-                         chat=True, logprobs=ext["logprobs"], labels=ext["labels"], grammar=grammar, **params)
+        req = GenRequest(
+            ids,
+            body.model,
+            endpoint="chat.completions",
+            input_payload={"messages": messages},
+            chat=True,
+            logprobs=ext["logprobs"],
+            labels=ext["labels"],
+            grammar=grammar,
+            **params,
+        )
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if _needs_choices(ext, body.stream):
             return await _many(engine, req, ext, "chat.completion", cid, created)
 
         def final(res: Result) -> dict:
             message, called = assistant_message(res.text, tools)
-            return {"id": cid, "object": "chat.completion", "created": created, "model": res.model,
-                    "choices": [{"index": 0, "message": message,
-                                 "finish_reason": "tool_calls" if called else _finish(res), "logprobs": None}],
-                    "usage": _usage(res), "provenance_id": res.provenance_id,
-                    "system_fingerprint": engine.deployment}
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": res.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": "tool_calls" if called else _finish(res),
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(res),
+                "provenance_id": res.provenance_id,
+                "system_fingerprint": engine.deployment,
+            }
 
         def chunk(delta: str | None, res: Result | None) -> dict:
-            d = {"role": "assistant", "content": ""} if delta is None and res is None else \
-                ({} if res is not None else {"content": delta})
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": d, "finish_reason": _finish(res) if res else None,
-                                 "logprobs": None}],
-                    "provenance_id": req.provenance_id, "system_fingerprint": engine.deployment}
+            d = (
+                {"role": "assistant", "content": ""}
+                if delta is None and res is None
+                else ({} if res is not None else {"content": delta})
+            )
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": [{"index": 0, "delta": d, "finish_reason": _finish(res) if res else None, "logprobs": None}],
+                "provenance_id": req.provenance_id,
+                "system_fingerprint": engine.deployment,
+            }
 
         return await _respond(engine, req, body, chunk, final, request)
 
@@ -112,31 +163,52 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
             raise InputError("prompt must not be empty", field="prompt")
         ids = await asyncio.to_thread(engine.encode_text, prompt)  # a huge prompt must not stall the loop
         ext = body.extras()
-        req = GenRequest(ids, body.model, endpoint="completions",
-                         input_payload={"prompt": prompt}, logprobs=ext["logprobs"], labels=ext["labels"], **params)
+        req = GenRequest(
+            ids,
+            body.model,
+            endpoint="completions",
+            input_payload={"prompt": prompt},
+            logprobs=ext["logprobs"],
+            labels=ext["labels"],
+            **params,
+        )
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if _needs_choices(ext, body.stream):
             return await _many(engine, req, ext, "text_completion", cid, created)
 
         def final(res: Result) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created, "model": res.model,
-                    "choices": [{"index": 0, "text": res.text, "finish_reason": _finish(res), "logprobs": None}],
-                    "usage": _usage(res), "provenance_id": res.provenance_id,
-                    "system_fingerprint": engine.deployment}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": res.model,
+                "choices": [{"index": 0, "text": res.text, "finish_reason": _finish(res), "logprobs": None}],
+                "usage": _usage(res),
+                "provenance_id": res.provenance_id,
+                "system_fingerprint": engine.deployment,
+            }
 
         def chunk(delta: str | None, res: Result | None):
             if delta is None and res is None:
                 return None
-            return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "text": delta or "", "finish_reason": _finish(res) if res else None,
-                                 "logprobs": None}],
-                    "provenance_id": req.provenance_id, "system_fingerprint": engine.deployment}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {"index": 0, "text": delta or "", "finish_reason": _finish(res) if res else None, "logprobs": None}
+                ],
+                "provenance_id": req.provenance_id,
+                "system_fingerprint": engine.deployment,
+            }
 
         return await _respond(engine, req, body, chunk, final, request)
 
 
-async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_final, request: Request,
-               include_usage: bool = False):
+async def _run(
+    engine: Engine, req: GenRequest, stream: bool, make_chunk, make_final, request: Request, include_usage: bool = False
+):
     """Submit ``req`` and answer it: one JSON body, or (``stream``) an SSE response of chunks; a final usage
     chunk too when ``include_usage``."""
     loop = asyncio.get_running_loop()
@@ -174,13 +246,16 @@ async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_f
                     yield f"data: {json.dumps(make_chunk('', value))}\n\n"
                     usage = make_final(value).get("usage")
                     if include_usage:
-                        chunk = make_chunk('', None)
+                        chunk = make_chunk("", None)
                         chunk["choices"], chunk["usage"] = [], usage
                         yield f"data: {json.dumps(chunk)}\n\n"
                     break
                 else:
-                    err = translate(value) if isinstance(value, FinetraceError) else \
-                        ApiError(500, f"generation failed: {value}", "server_error")
+                    err = (
+                        translate(value)
+                        if isinstance(value, FinetraceError)
+                        else ApiError(500, f"generation failed: {value}", "server_error")
+                    )
                     yield f"data: {json.dumps(err.body)}\n\n"
                     break
             yield "data: [DONE]\n\n"
@@ -191,23 +266,36 @@ async def _run(engine: Engine, req: GenRequest, stream: bool, make_chunk, make_f
 
 
 def _usage(res: Result) -> dict:
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-            "total_tokens": res.prompt_tokens + res.completion_tokens}
+    return {
+        "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": res.completion_tokens,
+        "total_tokens": res.prompt_tokens + res.completion_tokens,
+    }
 
 
 async def _many(engine: Engine, req: GenRequest, ext: dict, obj: str, cid: str, created: int):
     """n choices (each its own request, seeds seed, seed+1, ...), logprobs, labels, token ids."""
-    reqs = [req] + [dataclasses.replace(req, provenance_id="ftp-" + secrets.token_hex(12),
-                                        seed=None if req.seed is None else req.seed + i)
-                    for i in range(1, ext["n"])]
+    reqs = [req] + [
+        dataclasses.replace(
+            req, provenance_id="ftp-" + secrets.token_hex(12), seed=None if req.seed is None else req.seed + i
+        )
+        for i in range(1, ext["n"])
+    ]
     results = await _gather(engine, reqs)
     choices = [_choice(engine, obj, i, res, ext) for i, res in enumerate(results)]
-    usage = {"prompt_tokens": results[0].prompt_tokens,
-             "completion_tokens": sum(r.completion_tokens for r in results)}
+    usage = {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    body = {"id": cid, "object": obj, "created": created, "model": results[0].model, "choices": choices,
-            "usage": usage, "provenance_id": results[0].provenance_id,
-            "provenance_ids": [r.provenance_id for r in results], "system_fingerprint": engine.deployment}
+    body = {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": results[0].model,
+        "choices": choices,
+        "usage": usage,
+        "provenance_id": results[0].provenance_id,
+        "provenance_ids": [r.provenance_id for r in results],
+        "system_fingerprint": engine.deployment,
+    }
     return JSONResponse(body, headers={HEADER: results[0].provenance_id})
 
 
@@ -221,11 +309,16 @@ async def _gather(engine: Engine, reqs: list[GenRequest]) -> list[Result]:
         if kind == "done":
             f.set_result(value)
         else:
-            f.set_exception(value if isinstance(value, FinetraceError)
-                            else ApiError(500, f"generation failed: {value}", "server_error"))
+            f.set_exception(
+                value
+                if isinstance(value, FinetraceError)
+                else ApiError(500, f"generation failed: {value}", "server_error")
+            )
+
     for r, f in zip(reqs, futs):
-        r.on_event = (lambda kind, value, f=f: loop.call_soon_threadsafe(settle, f, kind, value)
-                      if kind in ("done", "error") else None)
+        r.on_event = lambda kind, value, f=f: (
+            loop.call_soon_threadsafe(settle, f, kind, value) if kind in ("done", "error") else None
+        )
     try:
         for r in reqs:
             engine.submit(r)
@@ -273,17 +366,23 @@ def _piece(engine: Engine, t) -> str:
 def _logprobs(engine: Engine, res: Result, obj: str) -> dict:
     rows = res.logprobs or []
     if obj == "chat.completion":
+
         def one(t, v):
             text = _piece(engine, t)
             return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+
         return {"content": [{**one(t, v), "top_logprobs": [one(a, b) for a, b in top]} for t, v, top in rows]}
     tokens = [_piece(engine, t) for t, _, _ in rows]
     offsets, at = [], 0
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in rows],
-            "top_logprobs": [{_piece(engine, a): b for a, b in top} for _, _, top in rows], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [v for _, v, _ in rows],
+        "top_logprobs": [{_piece(engine, a): b for a, b in top} for _, _, top in rows],
+        "text_offset": offsets,
+    }
 
 
 async def _respond(engine: Engine, req, body, chunk, final, request):

@@ -29,8 +29,16 @@ from .settings import ServeSettings
 log = logging.getLogger("finetrace.serve")
 
 
-def build_engine(ws: Workspace, base: str, adapters: list[str], settings: ServeSettings, engine: str = "native",
-                 upstream: str | None = None, upstream_key: str | None = None, threads: int = 2) -> Engine:
+def build_engine(
+    ws: Workspace,
+    base: str,
+    adapters: list[str],
+    settings: ServeSettings,
+    engine: str = "native",
+    upstream: str | None = None,
+    upstream_key: str | None = None,
+    threads: int = 2,
+) -> Engine:
     """The one entry point that CLI, tests and the benchmark share: base + verified adapters, on the
     native engine or behind the gateway on llama.cpp / vLLM (``serve/engines``)."""
     from .engines import open_engine
@@ -61,8 +69,12 @@ class _Server(uvicorn.Server):
 
 def _config(engine: Engine, settings: ServeSettings, log_level: str) -> uvicorn.Config:
     # uvicorn's own wait is only a backstop: the engine answers everything by drain_s
-    return uvicorn.Config(create_app(engine, settings), log_level=log_level, limit_concurrency=None,
-                          timeout_graceful_shutdown=settings.drain_s + 5)
+    return uvicorn.Config(
+        create_app(engine, settings),
+        log_level=log_level,
+        limit_concurrency=None,
+        timeout_graceful_shutdown=settings.drain_s + 5,
+    )
 
 
 def serve(engine: Engine, settings: ServeSettings) -> None:
@@ -70,9 +82,11 @@ def serve(engine: Engine, settings: ServeSettings) -> None:
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
-        err = InputError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
-                         hint="give --host an address of this machine (127.0.0.1, 0.0.0.0) and a free --port",
-                         field="--host")
+        err = InputError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+            hint="give --host an address of this machine (127.0.0.1, 0.0.0.0) and a free --port",
+            field="--host",
+        )
         engine.start()  # record the attempt: a deploy run that failed, with the reason
         engine.stop(0, error=err)
         raise err from None
@@ -90,8 +104,9 @@ class BackgroundServer(_BackgroundServer):
 
     def __init__(self, engine: Engine, settings: ServeSettings | None = None):
         self.settings, self.engine = settings or engine.settings, engine
-        super().__init__(_Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s),
-                         name="finetrace-uvicorn")
+        super().__init__(
+            _Server(_config(engine, self.settings, "warning"), engine, self.settings.drain_s), name="finetrace-uvicorn"
+        )
 
     @property
     def base_url(self) -> str:

@@ -49,23 +49,35 @@ class ServeSettings:
         if self.max_batch < 1:
             raise ConfigError("must be at least 1", field="--max-batch")
         if self.lora_kernel not in ("gathered", "peft"):
-            raise ConfigError(f"unknown LoRA kernel {self.lora_kernel!r}; use 'gathered' or 'peft'",
-                              field="--lora-kernel")
+            raise ConfigError(
+                f"unknown LoRA kernel {self.lora_kernel!r}; use 'gathered' or 'peft'", field="--lora-kernel"
+            )
         for name, flag in (("drain_s", "--drain-s"), ("ledger_timeout_s", "--ledger-timeout-s")):
             v = getattr(self, name)
             if not 0 <= v <= 3600:
                 raise ConfigError(f"must be between 0 and 3600 seconds, got {v}", field=flag)
         if not 1024 <= self.max_request_bytes <= 2**31:
-            raise ConfigError(f"must be between 1024 and 2**31 bytes, got {self.max_request_bytes}",
-                              field="--max-request-bytes")
+            raise ConfigError(
+                f"must be between 1024 and 2**31 bytes, got {self.max_request_bytes}", field="--max-request-bytes"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range", field="--port")
 
     def public(self) -> dict:
         """The settings as recorded in the deploy run: everything except the secrets."""
-        return {"host": self.host, "port": self.port, "auth": bool(self.api_keys), "admin": bool(self.admin_key),
-                "log_content": self.log_content, "max_queue": self.max_queue, "max_batch": self.max_batch,
-                "require_eval": self.require_eval, "default_max_tokens": self.default_max_tokens,
-                "max_tokens_limit": self.max_tokens_limit, "lora_kernel": self.lora_kernel,
-                "drain_s": self.drain_s, "ledger_timeout_s": self.ledger_timeout_s,
-                "max_request_bytes": self.max_request_bytes}
+        return {
+            "host": self.host,
+            "port": self.port,
+            "auth": bool(self.api_keys),
+            "admin": bool(self.admin_key),
+            "log_content": self.log_content,
+            "max_queue": self.max_queue,
+            "max_batch": self.max_batch,
+            "require_eval": self.require_eval,
+            "default_max_tokens": self.default_max_tokens,
+            "max_tokens_limit": self.max_tokens_limit,
+            "lora_kernel": self.lora_kernel,
+            "drain_s": self.drain_s,
+            "ledger_timeout_s": self.ledger_timeout_s,
+            "max_request_bytes": self.max_request_bytes,
+        }

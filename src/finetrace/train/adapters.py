@@ -56,8 +56,11 @@ def linear_targets(model) -> list[str]:
     import torch
 
     head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.base_model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and mod is not head}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.base_model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and mod is not head
+    }
     return sorted(names)
 
 
@@ -68,8 +71,9 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
     torch.manual_seed(cfg.seed)
     if cfg.method == "full":
         if parent_path is not None:
-            raise ConfigError("init_from continues an adapter; it cannot be combined with method: full",
-                              field="init_from")
+            raise ConfigError(
+                "init_from continues an adapter; it cannot be combined with method: full", field="init_from"
+            )
         for p in model.parameters():
             p.requires_grad_(True)
         return model, {"method": "full"}
@@ -79,22 +83,41 @@ def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
         model = PeftModel.from_pretrained(model, str(parent_path), is_trainable=True)
         fuse_lora(model)
         pc = model.peft_config["default"]
-        method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else \
-            "qlora" if cfg.method == "qlora" else "lora"
-        return model, {"method": method, "r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
-                       "target_modules": sorted(pc.target_modules)}
+        method = "dora" if pc.use_dora else "rslora" if pc.use_rslora else "qlora" if cfg.method == "qlora" else "lora"
+        return model, {
+            "method": method,
+            "r": pc.r,
+            "alpha": pc.lora_alpha,
+            "dropout": pc.lora_dropout,
+            "target_modules": sorted(pc.target_modules),
+        }
     targets = linear_targets(model) if cfg.lora.target_modules == "all-linear" else list(cfg.lora.target_modules)
-    pc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                    target_modules=targets, use_rslora=cfg.method == "rslora", use_dora=cfg.method == "dora",
-                    bias="none", task_type="CAUSAL_LM")
+    pc = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        use_rslora=cfg.method == "rslora",
+        use_dora=cfg.method == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         model = get_peft_model(model, pc)
     except ValueError as exc:
-        raise ConfigError(f"cannot apply LoRA: {exc}", field="lora.target_modules",
-                          hint=f"linear layers of this model: {', '.join(linear_targets(model))}") from None
+        raise ConfigError(
+            f"cannot apply LoRA: {exc}",
+            field="lora.target_modules",
+            hint=f"linear layers of this model: {', '.join(linear_targets(model))}",
+        ) from None
     fuse_lora(model)
-    return model, {"method": cfg.method, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                   "dropout": cfg.lora.dropout, "target_modules": targets}
+    return model, {
+        "method": cfg.method,
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "target_modules": targets,
+    }
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -121,14 +144,22 @@ def load_adapter_weights(model, adapter_dir: Path):
     from safetensors.torch import load_file
 
     meta = read_adapter_meta(adapter_dir)
-    pc = LoraConfig(r=meta["r"], lora_alpha=meta["alpha"], lora_dropout=meta["dropout"],
-                    target_modules=meta["target_modules"], use_rslora=meta["method"] == "rslora",
-                    use_dora=meta["method"] == "dora", bias="none", task_type="CAUSAL_LM")
+    pc = LoraConfig(
+        r=meta["r"],
+        lora_alpha=meta["alpha"],
+        lora_dropout=meta["dropout"],
+        target_modules=meta["target_modules"],
+        use_rslora=meta["method"] == "rslora",
+        use_dora=meta["method"] == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, pc)
     state = load_file(adapter_dir / "adapter_model.safetensors")
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
-        raise ConfigError(f"adapter {adapter_dir} holds weights this model has no place for: "
-                          f"{result.unexpected_keys[:3]}")
+        raise ConfigError(
+            f"adapter {adapter_dir} holds weights this model has no place for: {result.unexpected_keys[:3]}"
+        )
     model.eval()
     return model

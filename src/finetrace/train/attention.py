@@ -20,9 +20,9 @@ import contextlib
 from collections.abc import Iterator
 
 NAME = "finetrace_varlen"
-PER_EXAMPLE_DEVICES = {"cpu"}   # device types that loop over examples; others use one masked call
-MASKED_MAX_TOKENS = 8192        # the (T x T) boolean mask stays under 64 MiB
-_MASK: dict = {}                # the last block-diagonal mask built: {(cu_seqlens, device): mask}
+PER_EXAMPLE_DEVICES = {"cpu"}  # device types that loop over examples; others use one masked call
+MASKED_MAX_TOKENS = 8192  # the (T x T) boolean mask stays under 64 MiB
+_MASK: dict = {}  # the last block-diagonal mask built: {(cu_seqlens, device): mask}
 # A plain module global, not a ContextVar: activation recomputation (gradient checkpointing) runs inside
 # backward(), which must see the same boundaries as the forward pass it repeats.
 _STACK: list[list[int] | None] = [None]
@@ -43,29 +43,32 @@ def segments(cu_seqlens: list[int] | None) -> Iterator[None]:
         _STACK.pop()
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     **kwargs):
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D); per-example causal SDPA."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = _current()
     if cu is None or attention_mask is not None or query.shape[2] != cu[-1] or key.shape[2] != cu[-1]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
     if query.device.type not in PER_EXAMPLE_DEVICES and cu[-1] <= MASKED_MAX_TOKENS:
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=block_causal_mask(cu, query.device), dropout_p=p, scale=scaling,
-            enable_gqa=gqa)
+            query, key, value, attn_mask=block_causal_mask(cu, query.device), dropout_p=p, scale=scaling, enable_gqa=gqa
+        )
         return out.transpose(1, 2).contiguous(), None
     # One split per tensor (its backward is one concatenation; slicing would allocate a zero-filled
     # full-size gradient per example), and grouped-query heads shared by SDPA, not copied (enable_gqa).
     lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
-    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scaling, is_causal=True,
-                                                             enable_gqa=gqa)
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa
+        )
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -37,8 +37,8 @@ from ..errors import ConfigError, IntegrityError, NotFoundError
 
 FORMAT = "finetrace-train-checkpoint/1"
 MARKER = "COMPLETE"
-OWNER = ".finetrace-checkpoints"    # marks a folder finetrace created and may prune
-SUBFOLDER = "finetrace-train"       # what finetrace owns inside a user-given checkpoint_dir
+OWNER = ".finetrace-checkpoints"  # marks a folder finetrace created and may prune
+SUBFOLDER = "finetrace-train"  # what finetrace owns inside a user-given checkpoint_dir
 _OURS = re.compile(r"^(step-\d{8}|\.build-.*)$")
 
 
@@ -85,8 +85,9 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not self.folder.is_dir():
             return []
-        dirs = [d for d in self.folder.iterdir() if d.is_dir() and d.name.startswith("step-")
-                and (d / MARKER).is_file()]
+        dirs = [
+            d for d in self.folder.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / MARKER).is_file()
+        ]
         return sorted(dirs, key=lambda d: int(d.name.split("-", 1)[1]))
 
     def latest(self) -> Path | None:
@@ -105,10 +106,12 @@ class Checkpointer:
         """Create (or adopt) the folder and mark it; ConfigError if it holds anything finetrace did not write."""
         alien = self.foreign()
         if alien:
-            raise ConfigError(f"checkpoint folder {self.folder} already holds files finetrace did not write "
-                              f"({', '.join(alien[:3])}{', ...' if len(alien) > 3 else ''})",
-                              field="checkpoint_dir", hint="give an empty or new folder; finetrace never "
-                              "deletes what it did not create")
+            raise ConfigError(
+                f"checkpoint folder {self.folder} already holds files finetrace did not write "
+                f"({', '.join(alien[:3])}{', ...' if len(alien) > 3 else ''})",
+                field="checkpoint_dir",
+                hint="give an empty or new folder; finetrace never deletes what it did not create",
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / OWNER).is_file():
             write_bytes(self.folder / OWNER, canonical_json({"format": FORMAT}))
@@ -141,16 +144,21 @@ class Checkpointer:
                 "weights.safetensors": save({k: v.detach().cpu().contiguous() for k, v in weights.items()}),
                 "optimizer.safetensors": save(optimizer_tensors(weights, optimizer)),
                 "rng.safetensors": save({"torch_cpu": torch.get_rng_state(), **cuda_rng_state(weights)}),
-                "state.json": canonical_json({**state, "step": step, "config_digest": self.config_digest,
-                                              "python_rng": python_rng_state(),
-                                              "numpy_rng": numpy_rng_state()}),
+                "state.json": canonical_json(
+                    {
+                        **state,
+                        "step": step,
+                        "config_digest": self.config_digest,
+                        "python_rng": python_rng_state(),
+                        "numpy_rng": numpy_rng_state(),
+                    }
+                ),
             }
             if best is not None:
                 files["best.safetensors"] = save({k: v.cpu().contiguous() for k, v in best.items()})
             for name, data in files.items():
                 write_bytes(build / name, data)
-            marker = {"format": FORMAT, "step": step,
-                      "files": {n: sha256_file(build / n) for n in sorted(files)}}
+            marker = {"format": FORMAT, "step": step, "files": {n: sha256_file(build / n) for n in sorted(files)}}
             write_bytes(build / MARKER, canonical_json(marker))  # last: the folder is now complete
             final = self.folder / f"step-{step:08d}"
             if final.exists():
@@ -160,7 +168,7 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        for old in self.complete()[:-self.keep]:
+        for old in self.complete()[: -self.keep]:
             self._discard(old)
         return final
 
@@ -177,8 +185,9 @@ class Checkpointer:
 
         path = path or self.latest()
         if path is None:
-            raise NotFoundError(f"no complete checkpoint in {self.folder} to resume from",
-                                hint="run without --resume to start fresh")
+            raise NotFoundError(
+                f"no complete checkpoint in {self.folder} to resume from", hint="run without --resume to start fresh"
+            )
         try:
             marker = json.loads((path / MARKER).read_text())
         except (OSError, ValueError) as exc:
@@ -190,20 +199,27 @@ class Checkpointer:
             if not f.is_file():
                 raise IntegrityError(f"checkpoint {path} is missing {name}", hint="delete it or resume from another")
             if sha256_file(f) != digest:
-                raise IntegrityError(f"checkpoint file {f} is corrupt (its SHA-256 does not match {MARKER})",
-                                     hint="delete that checkpoint folder to resume from an older one")
+                raise IntegrityError(
+                    f"checkpoint file {f} is corrupt (its SHA-256 does not match {MARKER})",
+                    hint="delete that checkpoint folder to resume from an older one",
+                )
         try:
             state = json.loads((path / "state.json").read_text())
-            out = {"path": path, "state": state,
-                   "weights": load_file(path / "weights.safetensors"),
-                   "optimizer": load_file(path / "optimizer.safetensors"),
-                   "rng": load_file(path / "rng.safetensors"),
-                   "best": load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None}
+            out = {
+                "path": path,
+                "state": state,
+                "weights": load_file(path / "weights.safetensors"),
+                "optimizer": load_file(path / "optimizer.safetensors"),
+                "rng": load_file(path / "rng.safetensors"),
+                "best": load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None,
+            }
         except Exception as exc:  # unreadable despite matching hashes: still never a silent fresh start
             raise IntegrityError(f"checkpoint {path} cannot be read: {exc}") from None
         if state.get("config_digest") != self.config_digest:
-            raise IntegrityError(f"checkpoint {path} was written by a different training config",
-                                 hint="resume with the same config, or run without --resume")
+            raise IntegrityError(
+                f"checkpoint {path} was written by a different training config",
+                hint="resume with the same config, or run without --resume",
+            )
         return out
 
 
@@ -242,8 +258,11 @@ def restore(loaded: dict, weights: dict, optimizer) -> dict:
     opt = loaded["optimizer"]
     for name, p in weights.items():
         # AdamW keeps its step counter on the CPU, the moments beside the parameter
-        st = {k.split("::", 1)[1]: v.clone() if k.endswith("::step") else v.to(p.device)
-              for k, v in opt.items() if k.split("::", 1)[0] == name}
+        st = {
+            k.split("::", 1)[1]: v.clone() if k.endswith("::step") else v.to(p.device)
+            for k, v in opt.items()
+            if k.split("::", 1)[0] == name
+        }
         if st:
             optimizer.state[p] = st
     torch.set_rng_state(loaded["rng"]["torch_cpu"])

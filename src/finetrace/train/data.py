@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # torch loads lazily, inside the functions that need it
 
 @dataclass(frozen=True)
 class Encoded:
-    ids: list[int]   # prompt + target + eos (or a whole rendered conversation)
-    n_prompt: int    # tokens before the first one that carries loss
+    ids: list[int]  # prompt + target + eos (or a whole rendered conversation)
+    n_prompt: int  # tokens before the first one that carries loss
     loss_at: tuple[int, ...] | None = None  # positions that carry loss (multi-turn); None: all from n_prompt
 
     @property
@@ -46,13 +46,13 @@ class Encoded:
 class Batch:
     """One forward pass. Packed: B == 1 and ``cu_seqlens`` marks examples; padded: ``attention_mask``."""
 
-    input_ids: torch.Tensor        # (B, T)
-    position_ids: torch.Tensor     # (B, T), restarting at 0 for each packed example
-    loss_index: torch.Tensor       # (n,) flat indices into B*T of the positions that predict a target
-    targets: torch.Tensor          # (n,) the token each of those positions must predict
-    cu_seqlens: list[int] | None     # packed: example boundaries [0, l0, l0+l1, ...]
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T), restarting at 0 for each packed example
+    loss_index: torch.Tensor  # (n,) flat indices into B*T of the positions that predict a target
+    targets: torch.Tensor  # (n,) the token each of those positions must predict
+    cu_seqlens: list[int] | None  # packed: example boundaries [0, l0, l0+l1, ...]
     attention_mask: torch.Tensor | None  # padded: (B, T) 1 for real tokens
-    n_tokens: int                    # real (non-pad) tokens
+    n_tokens: int  # real (non-pad) tokens
 
     @property
     def n_targets(self) -> int:
@@ -65,8 +65,15 @@ class Batch:
         if self.input_ids.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), move(self.loss_index), move(self.targets),
-                     self.cu_seqlens, move(self.attention_mask), self.n_tokens)
+        return Batch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.loss_index),
+            move(self.targets),
+            self.cu_seqlens,
+            move(self.attention_mask),
+            self.n_tokens,
+        )
 
 
 def read_dataset(folder: Path, split: str) -> tuple[dict, list[dict]]:
@@ -80,8 +87,9 @@ def read_dataset(folder: Path, split: str) -> tuple[dict, list[dict]]:
     part = folder / f"{split}.parquet"
     if not part.is_file():
         have = sorted(p.stem for p in folder.glob("*.parquet"))
-        raise InputError(f"the dataset has no split {split!r}", field="split",
-                         hint=f"splits present: {', '.join(have) or 'none'}")
+        raise InputError(
+            f"the dataset has no split {split!r}", field="split", hint=f"splits present: {', '.join(have) or 'none'}"
+        )
     return meta, pq.read_table(part).to_pylist()
 
 
@@ -96,8 +104,9 @@ def encode(tokenizer, messages: list[dict], target: str) -> Encoded:
     return Encoded(list(p_ids) + list(t_ids) + [eos], len(p_ids))
 
 
-def encode_rows(tokenizer, rows: list[dict], schema: str, labels: list[str] | None,
-                max_length: int, turns: str = "auto") -> tuple[list[Encoded], int]:
+def encode_rows(
+    tokenizer, rows: list[dict], schema: str, labels: list[str] | None, max_length: int, turns: str = "auto"
+) -> tuple[list[Encoded], int]:
     """Encode rows; returns (examples, number skipped for being longer than ``max_length``).
 
     ``turns`` (chat rows): "last" puts the loss on the last assistant turn only (its prompt is every
@@ -143,16 +152,18 @@ def encode_conversation(tokenizer, messages: list[dict], tools, trainable: list[
     full, spans = turn_spans(tokenizer, messages, tools, trainable)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    loss_at = tuple(t for t, (s, e) in enumerate(offsets)
-                    if t > 0 and e > s and any(a <= s and e <= b for a, b in spans))
+    loss_at = tuple(
+        t for t, (s, e) in enumerate(offsets) if t > 0 and e > s and any(a <= s and e <= b for a, b in spans)
+    )
     if not loss_at:
         raise ValueError("no token of the assistant turns survived tokenisation")
     return Encoded(ids, loss_at[0], loss_at)
 
 
 # -- data order ----------------------------------------------------------------------------------
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int], global_batch: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The global batches (lists of example indices) of one epoch, a pure function of its arguments."""
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch])
@@ -163,17 +174,24 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
         window = global_batch * 64
         grouped = []
         for s in range(0, n, window):
-            grouped += sorted(order[s:s + window], key=lambda i: -lengths[i])
+            grouped += sorted(order[s : s + window], key=lambda i: -lengths[i])
         order = grouped
-    steps = [order[s:s + global_batch] for s in range(0, n, global_batch)]
+    steps = [order[s : s + global_batch] for s in range(0, n, global_batch)]
     if group_by_length:
         perm = rng.permutation(len(steps)).tolist()
         steps = [steps[i] for i in perm]
     return steps
 
 
-def plan(lengths: list[int], batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
-         seed: int, group_by_length: bool) -> list[list[int]]:
+def plan(
+    lengths: list[int],
+    batch_size: int,
+    grad_accum: int,
+    epochs: float,
+    max_steps: int | None,
+    seed: int,
+    group_by_length: bool,
+) -> list[list[int]]:
     """Every optimiser step's example indices for the whole run."""
     if not lengths:
         raise InputError("no training examples left", hint="check the split and max_length")
@@ -188,12 +206,11 @@ def plan(lengths: list[int], batch_size: int, grad_accum: int, epochs: float, ma
     return steps[:total]
 
 
-def micro_batches(step: list[int], batch_size: int, lengths: list[int],
-                  token_budget: int | None) -> list[list[int]]:
+def micro_batches(step: list[int], batch_size: int, lengths: list[int], token_budget: int | None) -> list[list[int]]:
     """Split a step's examples into micro-batches of ``batch_size`` (then by ``token_budget``)."""
     out = []
     for s in range(0, len(step), batch_size):
-        mb = step[s:s + batch_size]
+        mb = step[s : s + batch_size]
         if token_budget is None:
             out.append(mb)
             continue
@@ -224,8 +241,9 @@ def collate_packed(examples: list[Encoded]) -> Batch:
         loss_index += [off + t - 1 for t in at]
         targets += [ex.ids[t] for t in at]
         cu.append(len(ids))
-    return Batch(torch.tensor([ids]), torch.tensor([pos]), torch.tensor(loss_index), torch.tensor(targets),
-                 cu, None, len(ids))
+    return Batch(
+        torch.tensor([ids]), torch.tensor([pos]), torch.tensor(loss_index), torch.tensor(targets), cu, None, len(ids)
+    )
 
 
 def collate_padded(examples: list[Encoded], pad_id: int) -> Batch:
@@ -237,14 +255,13 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> Batch:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     loss_index, targets = [], []
     for b, ex in enumerate(examples):
-        ids[b, :len(ex.ids)] = torch.tensor(ex.ids)
-        mask[b, :len(ex.ids)] = 1
+        ids[b, : len(ex.ids)] = torch.tensor(ex.ids)
+        mask[b, : len(ex.ids)] = 1
         at = ex.targets()
         loss_index += [b * width + t - 1 for t in at]
         targets += [ex.ids[t] for t in at]
     pos = torch.arange(width).unsqueeze(0).expand(len(examples), -1)
-    return Batch(ids, pos, torch.tensor(loss_index), torch.tensor(targets), None, mask,
-                 int(mask.sum()))
+    return Batch(ids, pos, torch.tensor(loss_index), torch.tensor(targets), None, mask, int(mask.sum()))
 
 
 def collate(examples: list[Encoded], packing: bool, pad_id: int) -> Batch:

@@ -27,12 +27,17 @@ from ..errors import ConfigError
 def check_supported(cfg) -> None:
     """Refuse the combinations FSDP does not drive yet (ConfigError naming ``parallel``)."""
     if cfg.quantization.bits is not None:
-        raise ConfigError("parallel: fsdp does not shard bitsandbytes-quantised bases yet", field="parallel",
-                          hint="use parallel: ddp with method: qlora (a 4-bit base is small), or fsdp on the "
-                               "unquantised base")
+        raise ConfigError(
+            "parallel: fsdp does not shard bitsandbytes-quantised bases yet",
+            field="parallel",
+            hint="use parallel: ddp with method: qlora (a 4-bit base is small), or fsdp on the unquantised base",
+        )
     if cfg.objective == "dpo":
-        raise ConfigError("parallel: fsdp does not run the DPO reference pass yet", field="parallel",
-                          hint="use parallel: ddp for objective: dpo")
+        raise ConfigError(
+            "parallel: fsdp does not run the DPO reference pass yet",
+            field="parallel",
+            hint="use parallel: ddp for objective: dpo",
+        )
 
 
 def shard(model) -> int:
@@ -45,8 +50,11 @@ def shard(model) -> int:
     backbone, _ = parts(model)
     layers = getattr(backbone, "layers", None)
     if layers is None:
-        raise ConfigError(f"parallel: fsdp needs a decoder with .layers; {type(backbone).__name__} has none",
-                          field="parallel", hint="use parallel: ddp for this model")
+        raise ConfigError(
+            f"parallel: fsdp needs a decoder with .layers; {type(backbone).__name__} has none",
+            field="parallel",
+            hint="use parallel: ddp for this model",
+        )
     mods = list(layers) + [backbone]
     for mod in mods:
         fully_shard(mod)

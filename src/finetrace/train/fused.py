@@ -91,8 +91,15 @@ def _eligible(module) -> bool:
 def _fused_forward(self, x, *args, **kwargs):
     """peft's LoRA Linear forward, fused when only one plain LoRA adapter is active."""
     active = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})):
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(active) != 1
+        or active[0] not in self.lora_A
+        or active[0] in getattr(self, "lora_variant", {})
+    ):
         return self._peft_forward(x, *args, **kwargs)
     name = active[0]
     drop = self.lora_dropout[name]
@@ -101,8 +108,9 @@ def _fused_forward(self, x, *args, **kwargs):
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     dequant = None
     if _is_4bit(base):
-        if base.weight.quant_state.dtype != x.dtype or getattr(base.weight.quant_state, "packing_format_for_cpu",
-                                                               False):
+        if base.weight.quant_state.dtype != x.dtype or getattr(
+            base.weight.quant_state, "packing_format_for_cpu", False
+        ):
             return self._peft_forward(x, *args, **kwargs)
         dequant = _dequantizer(base, x.dtype)
     elif base.weight.dtype != x.dtype:

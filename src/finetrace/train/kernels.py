@@ -61,8 +61,9 @@ def compiled(name: str, fn, *key):
         return None
     k = (name, *key)
     if k not in _COMPILED:
-        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"{fn.__name__}_{len(_COMPILED)}",
-                                  fn.__defaults__, fn.__closure__)
+        copy = types.FunctionType(
+            fn.__code__.replace(), fn.__globals__, f"{fn.__name__}_{len(_COMPILED)}", fn.__defaults__, fn.__closure__
+        )
         _COMPILED[k] = torch.compile(copy, dynamic=True)
     return _COMPILED[k]
 
@@ -82,8 +83,9 @@ def run(name: str, fn, key: tuple, *args):
 def _disable(exc: BaseException) -> None:
     if not _BROKEN:
         _BROKEN.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        warnings.warn(f"finetrace: compiled kernels unavailable, training runs eager ({_BROKEN[0]})",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"finetrace: compiled kernels unavailable, training runs eager ({_BROKEN[0]})", RuntimeWarning, stacklevel=3
+        )
 
 
 def _probe_rng() -> torch.Generator:
@@ -122,14 +124,21 @@ def _close(a, b) -> bool:
 
 
 def _is_rms_norm(module) -> bool:
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and isinstance(getattr(module, "variance_epsilon", None), float) and module.weight.dim() == 1)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and module.weight.dim() == 1
+    )
 
 
 def _is_gated_mlp(module) -> bool:
-    return (all(isinstance(getattr(module, a, None), torch.nn.Module) for a in ("gate_proj", "up_proj", "down_proj"))
-            and (isinstance(getattr(module, "act_fn", None), torch.nn.SiLU)
-                 or type(getattr(module, "act_fn", None)).__name__ == "SiLUActivation"))
+    return all(
+        isinstance(getattr(module, a, None), torch.nn.Module) for a in ("gate_proj", "up_proj", "down_proj")
+    ) and (
+        isinstance(getattr(module, "act_fn", None), torch.nn.SiLU)
+        or type(getattr(module, "act_fn", None)).__name__ == "SiLUActivation"
+    )
 
 
 def fuse_elementwise(model) -> dict[str, int]:
@@ -143,6 +152,7 @@ def fuse_elementwise(model) -> dict[str, int]:
     first = next(model.parameters())
     norms = [m for m in model.modules() if _is_rms_norm(m) and "forward" not in m.__dict__]
     if norms:
+
         def norm_forward(self, x):
             key = (torch.is_grad_enabled(), x.dtype, x.shape[-1], self.weight.requires_grad)
             return run("rms_norm", rms_norm, key, x, self.weight, self.variance_epsilon)
@@ -155,15 +165,18 @@ def fuse_elementwise(model) -> dict[str, int]:
             counts["rms_norm"] = len(norms)
     mlps = [m for m in model.modules() if _is_gated_mlp(m) and "forward" not in m.__dict__]
     if mlps and not _BROKEN:
+
         def mlp_forward(self, x):
             g, u = self.gate_proj(x), self.up_proj(x)
             return self.down_proj(run("silu_gate", silu_gate, (torch.is_grad_enabled(), g.dtype, g.shape[-1]), g, u))
 
         probe = mlps[0]
-        hidden = probe.gate_proj.in_features if hasattr(probe.gate_proj, "in_features") else \
-            probe.gate_proj.base_layer.in_features
-        if _check(probe, types.MethodType(mlp_forward, probe), lambda: _noise((1, 7, hidden), first)) \
-                and not _BROKEN:
+        hidden = (
+            probe.gate_proj.in_features
+            if hasattr(probe.gate_proj, "in_features")
+            else probe.gate_proj.base_layer.in_features
+        )
+        if _check(probe, types.MethodType(mlp_forward, probe), lambda: _noise((1, 7, hidden), first)) and not _BROKEN:
             for m in mlps:
                 m.forward = types.MethodType(mlp_forward, m)
             counts["mlp"] = len(mlps)

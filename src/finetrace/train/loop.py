@@ -58,8 +58,10 @@ def resolve_device(name: str):
         name = "cuda" if gpu_per_process() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DependencyError(f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
-                                  hint="set device: cpu (or auto), or install a CUDA build of torch")
+            raise DependencyError(
+                f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
+                hint="set device: cpu (or auto), or install a CUDA build of torch",
+            )
         if name == "cuda":
             name = f"cuda:{torch.cuda.current_device()}"
     return torch.device(name)
@@ -158,14 +160,20 @@ def resolve_inputs(ws: Workspace, cfg: TrainConfig, world) -> Inputs:
         parent_dir = ws.store.materialize(parent_art.digest)
         pmeta = read_adapter_meta(parent_dir)
         if pmeta.get("base_model") != base_art.digest:
-            raise ConfigError(f"adapter {cfg.init_from} was trained on base {pmeta.get('base_model')}, "
-                              f"not on {cfg.base_model} ({base_art.digest})", field="init_from",
-                              hint="set base_model to the adapter's base")
+            raise ConfigError(
+                f"adapter {cfg.init_from} was trained on base {pmeta.get('base_model')}, "
+                f"not on {cfg.base_model} ({base_art.digest})",
+                field="init_from",
+                hint="set base_model to the adapter's base",
+            )
     if world.main:
         barrier(world)
     resolved = cfg.model_dump(mode="json")
-    resolved["resolved"] = {"base_model": base_art.digest, "dataset": ds_art.digest,
-                            "init_from": parent_art.digest if parent_art else None}
+    resolved["resolved"] = {
+        "base_model": base_art.digest,
+        "dataset": ds_art.digest,
+        "init_from": parent_art.digest if parent_art else None,
+    }
     digests = [base_art.digest, ds_art.digest] + ([parent_art.digest] if parent_art else [])
     return Inputs(base_dir, base_art, ds_dir, ds_art, parent_dir, parent_art, resolved, digests)
 
@@ -221,10 +229,9 @@ def build_data(cfg: TrainConfig, tok, ds_dir: Path, pad_id: int):
     val_ex: list = []
     if cfg.validation_split and (ds_dir / f"{cfg.validation_split}.parquet").is_file():
         _, vrows = D.read_dataset(ds_dir, cfg.validation_split)
-        val_ex, _ = obj.encode(vrows[:cfg.eval_max_examples])
+        val_ex, _ = obj.encode(vrows[: cfg.eval_max_examples])
     lengths = [obj.length(e) for e in train_ex]
-    steps = D.plan(lengths, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
-                   cfg.group_by_length)
+    steps = D.plan(lengths, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.group_by_length)
     return obj, train_ex, val_ex, skipped, lengths, steps
 
 
@@ -264,7 +271,7 @@ class Loop:
         step = self.obj.start_step(idx)
         step_loss = 0.0
         mbs = D.micro_batches(idx, cfg.batch_size, self.lengths, cfg.micro_batch_tokens)
-        mine = mbs[world.rank::world.size]  # this process's share of the step
+        mine = mbs[world.rank :: world.size]  # this process's share of the step
         for mb in mine:
             step_loss += self.obj.micro_batch(self.model, step, mb)
         if self.sharded:  # FSDP: every process makes as many passes as the busiest one (weight 0: no effect)
@@ -272,22 +279,25 @@ class Loop:
                 self.obj.micro_batch(self.model, step, mbs[0], weight=0.0)
         params = list(self.weights.values())
         all_reduce_grads(fsdp.replicated(params) if self.sharded else params, world)
-        loss, extra = self.obj.summary(step, all_sum(step_loss, world),
-                                       {k: all_sum(v, world) for k, v in step.stats.items()})
+        loss, extra = self.obj.summary(
+            step, all_sum(step_loss, world), {k: all_sum(v, world) for k, v in step.stats.items()}
+        )
         if cfg.max_grad_norm is not None:
             gnorm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         else:
             gnorm = float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
         if not math.isfinite(loss):
-            raise InputError(f"the loss became {loss} at step {st.step + 1}",
-                             hint="lower lr, or check the data for empty targets")
+            raise InputError(
+                f"the loss became {loss} at step {st.step + 1}", hint="lower lr, or check the data for empty targets"
+            )
         self.opt.step()
         n_tok = sum(self.lengths[i] for i in idx)
         st.step += 1
         st.tokens += n_tok
         st.target_tokens += step.n_target
-        st.flops += step_flops(self.counts, [n for i in idx for n in self.obj.seq_lengths(self.obj.train_ex[i])],
-                               step.n_target)
+        st.flops += step_flops(
+            self.counts, [n for i in idx for n in self.obj.seq_lengths(self.obj.train_ex[i])], step.n_target
+        )
         return loss, lr, gnorm, extra
 
 
@@ -340,10 +350,20 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
     total = len(steps)
 
     weights = trainable(model)
-    opt = torch.optim.AdamW(list(weights.values()), lr=lr_at(cfg, 0, total), betas=tuple(cfg.betas),
-                            eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
-    ckpt = Checkpointer(checkpoint_folder(ws.root, cfg.checkpoint_dir, cfg.output_name),
-                        config_digest(inp.resolved), cfg.keep_checkpoints, ws.root)
+    opt = torch.optim.AdamW(
+        list(weights.values()),
+        lr=lr_at(cfg, 0, total),
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=False,
+    )
+    ckpt = Checkpointer(
+        checkpoint_folder(ws.root, cfg.checkpoint_dir, cfg.output_name),
+        config_digest(inp.resolved),
+        cfg.keep_checkpoints,
+        ws.root,
+    )
     # every rank decides alike (read-only); a checkpoint is verified before any work
     recorded, loaded = resume_point(ws, ckpt) if resume else (None, None)
     if recorded is not None:
@@ -366,14 +386,24 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
     resumed_from = st.step if loaded is not None else None
     lp = Loop(cfg, model, obj, weights, opt, lengths, steps, model_counts(model), world, sharded)
 
-    recording = ws.ledger.run("train", config=inp.resolved, inputs=inp.digests, seed=cfg.seed,
-                              environment_extra={"torch_threads": torch.get_num_threads(),
-                                                 "compiled_kernels": kernel_counts,
-                                                 "device": str(device),
-                                                 "device_name": device_name(device),
-                                                 "world_size": world.size,
-                                                 "quantization": method["quantization"]}) \
-        if world.main else contextlib.nullcontext(None)
+    recording = (
+        ws.ledger.run(
+            "train",
+            config=inp.resolved,
+            inputs=inp.digests,
+            seed=cfg.seed,
+            environment_extra={
+                "torch_threads": torch.get_num_threads(),
+                "compiled_kernels": kernel_counts,
+                "device": str(device),
+                "device_name": device_name(device),
+                "world_size": world.size,
+                "quantization": method["quantization"],
+            },
+        )
+        if world.main
+        else contextlib.nullcontext(None)
+    )
     with recording as run, _Signals() as sigs:
         bar = callback(progress) if world.main else None
         if bar is not None:
@@ -386,8 +416,17 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
                 st.elapsed += time.perf_counter() - t0
                 session_tokens += st.tokens - tokens0
                 if st.step % cfg.log_every == 0 or st.step == total:
-                    st.history.append({"step": st.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                                       "tokens": st.tokens, "target_tokens": st.target_tokens, **extra})
+                    st.history.append(
+                        {
+                            "step": st.step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": gnorm,
+                            "tokens": st.tokens,
+                            "target_tokens": st.target_tokens,
+                            **extra,
+                        }
+                    )
                 if val_ex and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
                     best = _validate(lp, st, best)
                 if bar is not None:
@@ -407,9 +446,25 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
         if not world.main:  # rank 0 writes the adapter and the run
             barrier(world)
             return ws.ledger.resolve(cfg.output_name)
-        art = _record(ws, run, lp, st, final_eval, state, inp, tok, method, text_identity(tok),
-                      {"examples": len(train_ex), "skipped_too_long": skipped, "resumed_from_step": resumed_from,
-                       "memory_plan": plan.to_json(), **measured_peak(device)})
+        art = _record(
+            ws,
+            run,
+            lp,
+            st,
+            final_eval,
+            state,
+            inp,
+            tok,
+            method,
+            text_identity(tok),
+            {
+                "examples": len(train_ex),
+                "skipped_too_long": skipped,
+                "resumed_from_step": resumed_from,
+                "memory_plan": plan.to_json(),
+                **measured_peak(device),
+            },
+        )
     ckpt.clear()
     if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
         from ..tracking import track_run
@@ -430,40 +485,88 @@ def _final(lp: Loop, best: dict | None) -> dict:
     return lp.obj.evaluate(lp.model) if lp.obj.val_ex else {}
 
 
-def _record(ws: Workspace, run, lp: Loop, st: State, final_eval: dict, state: dict | None, inp: Inputs, tok,
-            method: dict, ident: dict, counts: dict) -> Artifact:
+def _record(
+    ws: Workspace,
+    run,
+    lp: Loop,
+    st: State,
+    final_eval: dict,
+    state: dict | None,
+    inp: Inputs,
+    tok,
+    method: dict,
+    ident: dict,
+    counts: dict,
+) -> Artifact:
     """Write the adapter (from ``state`` when given: gathered FSDP tensors) and the run's metrics; rank 0."""
     cfg = lp.cfg
     train_losses = [r["loss"] for r in st.history if "loss" in r]
     val_loss = final_eval.get("val_loss")
     base_art, ds_art, parent_art = inp.base_art, inp.ds_art, inp.parent_art
-    facts = {"format": "finetrace-adapter/1", "base_model": base_art.digest, "base_model_ref": base_art.ref,
-             "dataset": ds_art.digest, "dataset_ref": ds_art.ref, "split": cfg.split,
-             "parent": parent_art.digest if parent_art else None, **method, **ident,
-             "objective": cfg.objective, "seed": cfg.seed, "steps": st.step,
-             "final_loss": train_losses[-1] if train_losses else None, "val_loss": val_loss,
-             "config": inp.resolved}
+    facts = {
+        "format": "finetrace-adapter/1",
+        "base_model": base_art.digest,
+        "base_model_ref": base_art.ref,
+        "dataset": ds_art.digest,
+        "dataset_ref": ds_art.ref,
+        "split": cfg.split,
+        "parent": parent_art.digest if parent_art else None,
+        **method,
+        **ident,
+        "objective": cfg.objective,
+        "seed": cfg.seed,
+        "steps": st.step,
+        "final_loss": train_losses[-1] if train_losses else None,
+        "val_loss": val_loss,
+        "config": inp.resolved,
+    }
     with tempfile.TemporaryDirectory(dir=ws.root / "cache", prefix=scratch_prefix(ws.root, ".train-")) as tmp:
         out = Path(tmp) / "adapter"
         write_output(lp.model, tok, out, facts, base_art.digest, state)
         write_metrics(out / "metrics.jsonl", st.history)
-        plot_loss(out / "loss_curve.png", st.history, f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
-                  lp.obj.loss_label)
+        plot_loss(
+            out / "loss_curve.png",
+            st.history,
+            f"{cfg.output_name}: {method['method']} on {ds_art.ref}",
+            lp.obj.loss_label,
+        )
         digest = ws.store.put_dir(out)
     kind = "model" if method["method"] == "full" else "adapter"
-    art = run.output(kind, digest, name=cfg.output_name, metadata={
-        "base_model": base_art.digest, "method": method["method"], "r": method.get("r"),
-        "quantization": method.get("quantization"),
-        "target_modules": method.get("target_modules"), "parent": facts["parent"], **ident})
+    art = run.output(
+        kind,
+        digest,
+        name=cfg.output_name,
+        metadata={
+            "base_model": base_art.digest,
+            "method": method["method"],
+            "r": method.get("r"),
+            "quantization": method.get("quantization"),
+            "target_modules": method.get("target_modules"),
+            "parent": facts["parent"],
+            **ident,
+        },
+    )
     wall = st.elapsed
-    run.metrics.update({
-        "steps": st.step, "tokens": st.tokens, "target_tokens": st.target_tokens, **counts,
-        "wall_time_s": round(wall, 3), "tokens_per_s": round(st.tokens / wall, 2) if wall else None,
-        "final_loss": facts["final_loss"], "val_loss": val_loss, "best_val_loss": st.best_val,
-        "best_step": st.best_step, "stopped_early": st.stopped_early,
-        "flops_estimate": st.flops, "achieved_flops_per_s": round(st.flops / wall, 1) if wall else None,
-        "energy_wh_estimate": round(wall * cfg.assumed_watts / 3600, 6), "assumed_watts": cfg.assumed_watts,
-        **lp.obj.run_metrics(st.history, final_eval)})
+    run.metrics.update(
+        {
+            "steps": st.step,
+            "tokens": st.tokens,
+            "target_tokens": st.target_tokens,
+            **counts,
+            "wall_time_s": round(wall, 3),
+            "tokens_per_s": round(st.tokens / wall, 2) if wall else None,
+            "final_loss": facts["final_loss"],
+            "val_loss": val_loss,
+            "best_val_loss": st.best_val,
+            "best_step": st.best_step,
+            "stopped_early": st.stopped_early,
+            "flops_estimate": st.flops,
+            "achieved_flops_per_s": round(st.flops / wall, 1) if wall else None,
+            "energy_wh_estimate": round(wall * cfg.assumed_watts / 3600, 6),
+            "assumed_watts": cfg.assumed_watts,
+            **lp.obj.run_metrics(st.history, final_eval),
+        }
+    )
     return art
 
 

@@ -35,21 +35,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
         for s in range(0, h.shape[0], chunk):
-            hc, yc = h[s:s + chunk], targets[s:s + chunk]
+            hc, yc = h[s : s + chunk], targets[s : s + chunk]
             z = widened_linear(hc, weight, bias).float()  # (c, V); a bf16-stored head is widened in blocks
             rows = torch.arange(len(yc), device=z.device)
             # logsumexp by hand, in place: 4 passes over the (c, V) block and no second block allocated
             z_y = z[rows, yc]
             m = z.amax(dim=-1)
-            z.sub_(m[:, None]).exp_()             # exp(z - max)
+            z.sub_(m[:, None]).exp_()  # exp(z - max)
             se = z.sum(dim=-1)
-            total += (m + se.log() - z_y).sum()   # lse - z_y
+            total += (m + se.log() - z_y).sum()  # lse - z_y
             if need_h or need_w or need_b:
-                dz = z.div_(se[:, None])          # softmax, in place
+                dz = z.div_(se[:, None])  # softmax, in place
                 dz[rows, yc] -= 1.0
                 dz = dz.to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = widened_matmul(dz, weight)
+                    grad_h[s : s + chunk] = widened_matmul(dz, weight)
                 if need_w:
                     grad_w.addmm_(dz.t(), hc)
                 if grad_b is not None:
@@ -82,8 +82,12 @@ def loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
     backbone, head = parts(model)
     batch = batch.to(head.weight.device)
     with segments(batch.cu_seqlens):
-        hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                          attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = backbone(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)  # (n, H)
     return LinearCrossEntropy.apply(h, head.weight, head.bias, batch.targets, chunk)
 
@@ -91,7 +95,11 @@ def loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
 def reference_loss_sum(model, batch) -> torch.Tensor:
     """The textbook computation (full logits, standard cross-entropy) that ``loss_sum`` must equal."""
     with segments(batch.cu_seqlens):
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask, use_cache=False).logits  # (B, T, V)
+        logits = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+        ).logits  # (B, T, V)
     flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.loss_index)
     return torch.nn.functional.cross_entropy(flat.float(), batch.targets, reduction="sum")

@@ -46,7 +46,7 @@ def evaluate_loss(model, examples: list[D.Encoded], cfg, pad_id: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(examples), cfg.batch_size):
-            batch = D.collate(examples[s:s + cfg.batch_size], cfg.packing, pad_id)
+            batch = D.collate(examples[s : s + cfg.batch_size], cfg.packing, pad_id)
             total += float(loss_sum(model, batch, cfg.loss_chunk))
             n += batch.n_targets
     model.train(was)
@@ -136,15 +136,30 @@ class DPO(SFT):
         return self.ref_seconds
 
     def start_step(self, indices):
-        return Step(indices, sum(self.train_ex[i].n_target for i in indices),
-                    sum(self.train_ex[i].chosen.n_target for i in indices), P.new_stats())
+        return Step(
+            indices,
+            sum(self.train_ex[i].n_target for i in indices),
+            sum(self.train_ex[i].chosen.n_target for i in indices),
+            P.new_stats(),
+        )
 
     def micro_batch(self, model, step, mb, weight: float = 1.0):
         # the loss is already divided by the pairs of the whole step; weight 0 scales the stats away too
         stats = P.new_stats()
         cfg = self.cfg
-        loss = P.micro_batch(model, [self.train_ex[i] for i in mb], self.train_ref[mb], cfg.dpo, len(step.indices),
-                             step.n_chosen, cfg.packing, self.pad_id, cfg.loss_chunk, stats, weight)
+        loss = P.micro_batch(
+            model,
+            [self.train_ex[i] for i in mb],
+            self.train_ref[mb],
+            cfg.dpo,
+            len(step.indices),
+            step.n_chosen,
+            cfg.packing,
+            self.pad_id,
+            cfg.loss_chunk,
+            stats,
+            weight,
+        )
         for k, v in stats.items():
             step.stats[k] += v * weight
         return loss
@@ -160,10 +175,14 @@ class DPO(SFT):
 
     def run_metrics(self, history, final_eval):
         last = next((r for r in reversed(history) if "reward_accuracy" in r), {})
-        return {"pairs": len(self.train_ex), "final_reward_accuracy": last.get("reward_accuracy"),
-                "final_reward_margin": last.get("reward_margin"),
-                "val_reward_accuracy": final_eval.get("val_reward_accuracy"),
-                "val_reward_margin": final_eval.get("val_reward_margin"), "reference_pass_s": self.ref_seconds}
+        return {
+            "pairs": len(self.train_ex),
+            "final_reward_accuracy": last.get("reward_accuracy"),
+            "final_reward_margin": last.get("reward_margin"),
+            "val_reward_accuracy": final_eval.get("val_reward_accuracy"),
+            "val_reward_margin": final_eval.get("val_reward_margin"),
+            "reference_pass_s": self.ref_seconds,
+        }
 
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO}

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..models.folder import read_safetensors_header
 from ..models.quant import VOCAB_BLOCK, loss_rows, weight_bytes
 
-MB = 2 ** 20
+MB = 2**20
 RUNTIME_MB = {"cpu": 520.0, "cuda": 0.0}  # import torch + transformers + peft, tokenizer, allocator slack
 K_H, K_I = 8.0, 4.0  # values saved per token and layer: k_h per hidden unit, k_i per intermediate unit
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
@@ -52,15 +52,15 @@ class MemoryPlanError(ConfigError):
 class ModelShape:
     """What the plan needs from a model folder (headers and config only)."""
 
-    linear: list[tuple[str, int, int]]   # decoder linear layers: (name, out, in)
-    other: int                            # every other parameter (embeddings, norms, untied head)
-    largest_shard: int                    # bytes
-    stored_bytes: int                     # bytes per stored element (mode over tensors)
+    linear: list[tuple[str, int, int]]  # decoder linear layers: (name, out, in)
+    other: int  # every other parameter (embeddings, norms, untied head)
+    largest_shard: int  # bytes
+    stored_bytes: int  # bytes per stored element (mode over tensors)
     hidden: int
     intermediate: int
     layers: int
     vocab: int
-    largest_linear: int = 0               # elements of the largest decoder linear weight
+    largest_linear: int = 0  # elements of the largest decoder linear weight
 
 
 def read_shape(folder: Path) -> ModelShape:
@@ -78,13 +78,21 @@ def read_shape(folder: Path) -> ModelShape:
                 n *= d
             counts[t["dtype"]] = counts.get(t["dtype"], 0) + n
             if len(t["shape"]) == 2 and ".layers." in name and name.endswith(".weight"):
-                linear.append((name[:-len(".weight")], t["shape"][0], t["shape"][1]))
+                linear.append((name[: -len(".weight")], t["shape"][0], t["shape"][1]))
             else:
                 other += n
     stored = DTYPE_BYTES.get(max(counts, key=counts.get), 4) if counts else 4
-    return ModelShape(linear, other, largest, stored, text["hidden_size"], text.get("intermediate_size") or
-                      4 * text["hidden_size"], text["num_hidden_layers"], text["vocab_size"],
-                      max((o * i for _, o, i in linear), default=0))
+    return ModelShape(
+        linear,
+        other,
+        largest,
+        stored,
+        text["hidden_size"],
+        text.get("intermediate_size") or 4 * text["hidden_size"],
+        text["num_hidden_layers"],
+        text["vocab_size"],
+        max((o * i for _, o, i in linear), default=0),
+    )
 
 
 @dataclass
@@ -108,18 +116,26 @@ class Plan:
         return self.available_mb is None or self.peak_mb <= self.available_mb
 
     def to_json(self) -> dict:
-        return {"peak_mb": round(self.peak_mb, 1), "parts_mb": {k: round(v, 1) for k, v in self.parts.items()},
-                "device": self.device, "available_mb": None if self.available_mb is None else
-                round(self.available_mb, 1), "fits": self.fits, **self.settings,
-                **({"suggestion": self.suggestion} if self.suggestion else {})}
+        return {
+            "peak_mb": round(self.peak_mb, 1),
+            "parts_mb": {k: round(v, 1) for k, v in self.parts.items()},
+            "device": self.device,
+            "available_mb": None if self.available_mb is None else round(self.available_mb, 1),
+            "fits": self.fits,
+            **self.settings,
+            **({"suggestion": self.suggestion} if self.suggestion else {}),
+        }
 
     def render(self) -> str:
-        lines = [f"memory plan ({self.device}, per process): " + ", ".join(f"{k}={v}" for k, v in self.settings.items())]
+        lines = [
+            f"memory plan ({self.device}, per process): " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        ]
         for k, v in self.parts.items():
             lines.append(f"  {k:<12} {v:10.1f} MiB")
         avail = "unknown" if self.available_mb is None else f"{self.available_mb:,.0f} MiB"
-        lines.append(f"  {'peak':<12} {self.peak_mb:10.1f} MiB   available {avail}: "
-                     + ("fits" if self.fits else "does NOT fit"))
+        lines.append(
+            f"  {'peak':<12} {self.peak_mb:10.1f} MiB   available {avail}: " + ("fits" if self.fits else "does NOT fit")
+        )
         if self.suggestion:
             lines.append(f"  cheapest change that fits: {self.suggestion}")
         return "\n".join(lines) + "\n"
@@ -152,19 +168,37 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     if spec:  # a quantised layer's weight is dequantised where used (forward and backward: two at a time)
         acts += 2 * shape.largest_linear * compute
     widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
-    loss = 1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0 \
-        + 2 * tokens * h * 4.0 + (2 * VOCAB_BLOCK * h * 4.0 if widened else 0.0)
+    loss = (
+        1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0
+        + 2 * tokens * h * 4.0
+        + (2 * VOCAB_BLOCK * h * 4.0 if widened else 0.0)
+    )
     loading = shape.largest_linear * (shape.stored_bytes + 2 * compute) if spec else shape.largest_shard
-    return {"runtime": RUNTIME_MB.get(device, 0.0), "weights": weights / MB, "adapter": adapter / MB,
-            "activations": acts / MB, "loss": loss / MB, "loading": loading / MB}
+    return {
+        "runtime": RUNTIME_MB.get(device, 0.0),
+        "weights": weights / MB,
+        "adapter": adapter / MB,
+        "activations": acts / MB,
+        "loss": loss / MB,
+        "loading": loading / MB,
+    }
 
 
 def settings_of(cfg, tokens: int, world: int) -> dict:
     q = cfg.quantization
     dtype = cfg.dtype if q.bits is None or q.compute_dtype == "auto" else q.compute_dtype
-    return {"method": cfg.method, "bits": q.bits, "dtype": dtype, "r": cfg.lora.r,
-            "target_modules": cfg.lora.target_modules, "tokens": tokens, "checkpointing": cfg.gradient_checkpointing,
-            "loss_chunk": cfg.loss_chunk, "world": world, "fsdp": cfg.parallel == "fsdp" and world > 1}
+    return {
+        "method": cfg.method,
+        "bits": q.bits,
+        "dtype": dtype,
+        "r": cfg.lora.r,
+        "target_modules": cfg.lora.target_modules,
+        "tokens": tokens,
+        "checkpointing": cfg.gradient_checkpointing,
+        "loss_chunk": cfg.loss_chunk,
+        "world": world,
+        "fsdp": cfg.parallel == "fsdp" and world > 1,
+    }
 
 
 def available_mb(device) -> float | None:
@@ -219,8 +253,12 @@ def make_plan(cfg, folder: Path, tokens: int, device, world: int) -> Plan:
     avail = available_mb(device)
     if env_limit_mb() is not None:
         avail = env_limit_mb() if avail is None else min(avail, env_limit_mb())
-    plan = Plan(estimate(shape, s, dev), dev, avail,
-                {k: s[k] for k in ("method", "bits", "dtype", "tokens", "checkpointing", "world")})
+    plan = Plan(
+        estimate(shape, s, dev),
+        dev,
+        avail,
+        {k: s[k] for k in ("method", "bits", "dtype", "tokens", "checkpointing", "world")},
+    )
     if not plan.fits:
         plan.suggestion = cheapest_fix(shape, s, dev, plan.available_mb)
     return plan
@@ -228,6 +266,7 @@ def make_plan(cfg, folder: Path, tokens: int, device, world: int) -> Plan:
 
 def cheapest_fix(shape: ModelShape, s: dict, device: str, avail: float) -> str:
     """The first change, cheapest first, whose estimate fits in ``avail`` MiB."""
+
     def peak(**kw) -> float:
         return Plan(estimate(shape, {**s, **kw}, device), device, None).peak_mb
 
@@ -246,20 +285,26 @@ def cheapest_fix(shape: ModelShape, s: dict, device: str, avail: float) -> str:
                     return f"{what}{extra} (estimated peak {peak(bits=bits, checkpointing=ck):,.0f} MiB)"
     for n in (2, 4, 8, 16, 32, 64):
         if n > s["world"] and peak(world=n, fsdp=True, checkpointing=True) <= avail:
-            return (f"parallel: fsdp on {n} processes with gradient_checkpointing: true (torchrun "
-                    f"--nproc_per_node={n}; estimated {peak(world=n, fsdp=True, checkpointing=True):,.0f} MiB each)")
-    return "none of micro_batch_tokens, gradient checkpointing, quantisation or up to 64 FSDP ranks fits: use a " \
-           "smaller model or a machine with more memory"
+            return (
+                f"parallel: fsdp on {n} processes with gradient_checkpointing: true (torchrun "
+                f"--nproc_per_node={n}; estimated {peak(world=n, fsdp=True, checkpointing=True):,.0f} MiB each)"
+            )
+    return (
+        "none of micro_batch_tokens, gradient checkpointing, quantisation or up to 64 FSDP ranks fits: use a "
+        "smaller model or a machine with more memory"
+    )
 
 
 def check(plan: Plan) -> None:
     """Refuse a plan that does not fit (MemoryPlanError naming estimate, available and the cheapest fix)."""
     if plan.fits:
         return
-    raise MemoryPlanError(f"this run needs an estimated {plan.peak_mb:,.0f} MiB per process ("
-                          + ", ".join(f"{k} {v:,.0f}" for k, v in plan.parts.items() if v >= 1)
-                          + f") but {plan.available_mb:,.0f} MiB are available on {plan.device}; nothing was loaded",
-                          hint=f"set {plan.suggestion}" if plan.suggestion else None)
+    raise MemoryPlanError(
+        f"this run needs an estimated {plan.peak_mb:,.0f} MiB per process ("
+        + ", ".join(f"{k} {v:,.0f}" for k, v in plan.parts.items() if v >= 1)
+        + f") but {plan.available_mb:,.0f} MiB are available on {plan.device}; nothing was loaded",
+        hint=f"set {plan.suggestion}" if plan.suggestion else None,
+    )
 
 
 def env_limit_mb() -> float | None:

@@ -48,15 +48,19 @@ STATS = ("loss", "nll", "correct", "margin", "reward_chosen", "reward_rejected")
 def check_objective(objective: str, schema: str | None) -> None:
     """Refuse a dataset that does not fit the objective (ConfigError naming ``objective``)."""
     if objective == "dpo" and schema != "preference":
-        raise ConfigError(f"objective dpo needs a preference dataset (prompt, chosen, rejected), and this one "
-                          f"is a {schema} dataset", field="objective",
-                          hint="import pairs with `finetrace data import PAIRS.jsonl --schema preference`, or "
-                               "set objective: sft for this dataset")
+        raise ConfigError(
+            f"objective dpo needs a preference dataset (prompt, chosen, rejected), and this one is a {schema} dataset",
+            field="objective",
+            hint="import pairs with `finetrace data import PAIRS.jsonl --schema preference`, or "
+            "set objective: sft for this dataset",
+        )
     if objective == "sft" and schema == "preference":
-        raise ConfigError("this is a preference dataset (prompt, chosen, rejected): set objective: dpo to learn "
-                          "from the pairs", field="objective",
-                          hint="for SFT on the chosen answers, import the same file as a completion dataset: "
-                               "`finetrace data import PAIRS.jsonl --schema completion --map completion=chosen`")
+        raise ConfigError(
+            "this is a preference dataset (prompt, chosen, rejected): set objective: dpo to learn from the pairs",
+            field="objective",
+            hint="for SFT on the chosen answers, import the same file as a completion dataset: "
+            "`finetrace data import PAIRS.jsonl --schema completion --map completion=chosen`",
+        )
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,9 @@ class TokenLogProbs(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
         chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
         for s in range(0, n, chunk):
-            z = widened_linear(h[s:s + chunk], weight, bias).float()  # (c, V)
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            z = widened_linear(h[s : s + chunk], weight, bias).float()  # (c, V)
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
@@ -133,13 +137,13 @@ class TokenLogProbs(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         g = g.float()
         for s in range(0, h.shape[0], ctx.chunk):
-            hc, yc, gc = h[s:s + ctx.chunk], targets[s:s + ctx.chunk], g[s:s + ctx.chunk]
+            hc, yc, gc = h[s : s + ctx.chunk], targets[s : s + ctx.chunk], g[s : s + ctx.chunk]
             z = widened_linear(hc, weight, bias).float()  # (c, V), recomputed
-            dz = torch.exp(z.sub_(lse[s:s + ctx.chunk, None])).mul_(-gc[:, None])  # -g softmax(z), in place
+            dz = torch.exp(z.sub_(lse[s : s + ctx.chunk, None])).mul_(-gc[:, None])  # -g softmax(z), in place
             dz[torch.arange(len(yc), device=dz.device), yc] += gc
             dz = dz.to(h.dtype)
             if need_h:
-                grad_h[s:s + ctx.chunk] = widened_matmul(dz, weight)
+                grad_h[s : s + ctx.chunk] = widened_matmul(dz, weight)
             if need_w:
                 grad_w.addmm_(dz.t(), hc)
             if grad_b is not None:
@@ -152,8 +156,9 @@ def sequence_logps(model, batch: D.Batch, seq: torch.Tensor, n_seqs: int, chunk:
     backbone, head = parts(model)
     batch = batch.to(head.weight.device)
     seq = seq.to(head.weight.device)
-    hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = backbone(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)  # (n, H)
     tok = TokenLogProbs.apply(h, head.weight, head.bias, batch.targets, chunk)  # (n,)
     return torch.zeros(n_seqs, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
@@ -186,8 +191,19 @@ def new_stats() -> dict[str, float]:
     return {k: 0.0 for k in STATS}
 
 
-def micro_batch(model, pairs: list[Pair], ref: torch.Tensor, params, n_pairs: int, n_chosen_tokens: int,
-                packing: bool, pad_id: int, chunk: int, stats: dict[str, float], weight: float = 1.0) -> float:
+def micro_batch(
+    model,
+    pairs: list[Pair],
+    ref: torch.Tensor,
+    params,
+    n_pairs: int,
+    n_chosen_tokens: int,
+    packing: bool,
+    pad_id: int,
+    chunk: int,
+    stats: dict[str, float],
+    weight: float = 1.0,
+) -> float:
     """Forward and backward of one micro-batch of pairs; adds to ``stats``, returns its share of the step loss.
 
     ``ref`` (k, 2) holds the reference log-probabilities of ``pairs``; ``n_pairs`` and ``n_chosen_tokens``
@@ -219,9 +235,12 @@ def _add_stats(stats: dict, losses, nll, r_w, r_l) -> None:
 
 def step_metrics(stats: dict[str, float], n_pairs: int, n_chosen_tokens: int, params, prefix: str = "") -> dict:
     """Means over the pairs of a step (or of the validation set) for the metrics history."""
-    out = {f"{prefix}reward_accuracy": stats["correct"] / n_pairs, f"{prefix}reward_margin": stats["margin"] / n_pairs,
-           f"{prefix}reward_chosen": stats["reward_chosen"] / n_pairs,
-           f"{prefix}reward_rejected": stats["reward_rejected"] / n_pairs}
+    out = {
+        f"{prefix}reward_accuracy": stats["correct"] / n_pairs,
+        f"{prefix}reward_margin": stats["margin"] / n_pairs,
+        f"{prefix}reward_chosen": stats["reward_chosen"] / n_pairs,
+        f"{prefix}reward_rejected": stats["reward_rejected"] / n_pairs,
+    }
     if params.sft_weight:
         out[f"{prefix}dpo_loss"] = stats["loss"] / n_pairs
         out[f"{prefix}nll"] = stats["nll"] / max(1, n_chosen_tokens)
@@ -244,7 +263,7 @@ def reference_logps(model, pairs: list[Pair], indices, cfg, pad_id: int, world) 
     was = model.training
     model.eval()
     with torch.no_grad():
-        for g in groups[world.rank::world.size]:
+        for g in groups[world.rank :: world.size]:
             batch, seq = collate_pairs([pairs[i] for i in g], cfg.packing, pad_id)
             with segments(batch.cu_seqlens):
                 vals[g] = sequence_logps(model, batch, seq, 2 * len(g), cfg.loss_chunk).view(-1, 2).float().cpu()
@@ -270,12 +289,12 @@ def evaluate(model, pairs: list[Pair], ref: torch.Tensor, cfg, pad_id: int) -> d
     stats = new_stats()
     with torch.no_grad():
         for s in range(0, len(pairs), cfg.batch_size):
-            chunk = pairs[s:s + cfg.batch_size]
+            chunk = pairs[s : s + cfg.batch_size]
             batch, seq = collate_pairs(chunk, cfg.packing, pad_id)
             n_tok = torch.tensor([[p.chosen.n_target, p.rejected.n_target] for p in chunk], dtype=torch.float32)
             with segments(batch.cu_seqlens):
                 logps = sequence_logps(model, batch, seq, 2 * len(chunk), cfg.loss_chunk).view(-1, 2)
-            losses, r_w, r_l = pair_losses(logps, ref[s:s + cfg.batch_size], n_tok, cfg.dpo)
+            losses, r_w, r_l = pair_losses(logps, ref[s : s + cfg.batch_size], n_tok, cfg.dpo)
             _add_stats(stats, losses, -logps[:, 0].sum(), r_w, r_l)
     model.train(was)
     n, n_chosen = max(1, len(pairs)), sum(p.chosen.n_target for p in pairs)

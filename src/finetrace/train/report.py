@@ -42,10 +42,14 @@ def model_counts(model) -> dict:
     body = sum(p.numel() for p in lm.parameters() if id(p) not in skip)
     train = sum(p.numel() for p in lm.parameters() if p.requires_grad and id(p) not in skip)
     cfg = lm.config
-    return {"body": body, "trainable_body": train, "head": head.weight.numel(),
-            "head_trains": bool(head.weight.requires_grad),
-            "layers": getattr(cfg, "num_hidden_layers", 0),
-            "hidden": getattr(cfg, "hidden_size", 0)}
+    return {
+        "body": body,
+        "trainable_body": train,
+        "head": head.weight.numel(),
+        "head_trains": bool(head.weight.requires_grad),
+        "layers": getattr(cfg, "num_hidden_layers", 0),
+        "hidden": getattr(cfg, "hidden_size", 0),
+    }
 
 
 def step_flops(counts: dict, lengths: list[int], n_targets: int) -> float:
@@ -61,8 +65,7 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode())
 
 
-def plot_loss(path: Path, history: list[dict], title: str,
-              ylabel: str = "loss (nats / target token)") -> None:
+def plot_loss(path: Path, history: list[dict], title: str, ylabel: str = "loss (nats / target token)") -> None:
     """Training loss per step (and validation loss where measured) as a PNG."""
     import io
 

@@ -39,12 +39,18 @@ def resume_point(ws: Workspace, ckpt: Checkpointer) -> tuple[Artifact | None, di
     done = recorded_output(ws, ckpt.config_digest)
     if done is not None:
         art, run_id = done
-        warnings.warn(f"nothing to resume: run {run_id} of this config already recorded {art.kind} {art.ref}",
-                      ResumeWarning, stacklevel=3)
+        warnings.warn(
+            f"nothing to resume: run {run_id} of this config already recorded {art.kind} {art.ref}",
+            ResumeWarning,
+            stacklevel=3,
+        )
         return art, None
     if ckpt.latest() is None:
-        warnings.warn(f"no complete checkpoint in {ckpt.folder} (killed before the first one): "
-                      f"starting fresh", ResumeWarning, stacklevel=3)
+        warnings.warn(
+            f"no complete checkpoint in {ckpt.folder} (killed before the first one): starting fresh",
+            ResumeWarning,
+            stacklevel=3,
+        )
         return None, None
     return None, ckpt.load()
 

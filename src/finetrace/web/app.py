@@ -45,15 +45,17 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, token: str | None) -> None:
     """Refuse a non-loopback ``host`` without a token (the console shows the whole audit record)."""
     if not is_loopback(host) and not token:
-        raise InputError(f"refusing to serve the console on {host}, a non-loopback address, without a token: "
-                         f"anyone who can reach it could read the workspace's record",
-                         field="--host", hint="pass --token SECRET (or set FINETRACE_UI_TOKEN), "
-                                              "or bind to 127.0.0.1")
+        raise InputError(
+            f"refusing to serve the console on {host}, a non-loopback address, without a token: "
+            f"anyone who can reach it could read the workspace's record",
+            field="--host",
+            hint="pass --token SECRET (or set FINETRACE_UI_TOKEN), or bind to 127.0.0.1",
+        )
 
 
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("finetrace.web", "templates"), autoescape=select_autoescape(["html"]))
-    env.filters["short"] = lambda d: (d[:7 + 12] + "…") if isinstance(d, str) and d.startswith("sha256:") else d
+    env.filters["short"] = lambda d: (d[: 7 + 12] + "…") if isinstance(d, str) and d.startswith("sha256:") else d
     env.filters["fmt"] = lambda v: f"{v:.4g}" if isinstance(v, float) else ("n/a" if v is None else v)
     env.filters["json"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
     env.globals.update(loss_svg=svg.loss_svg, quote=quote)
@@ -87,16 +89,21 @@ def create_app(root: str | Path, token: str | None = None) -> FastAPI:
                 return resp
             presented = bearer_token(request.headers.get("authorization")) or request.cookies.get(COOKIE, "")
             if not hmac.compare_digest(presented.encode(), token.encode()):
-                return page("error.html", 401, title="token needed",
-                            error="this console needs its token: open the address `finetrace ui` printed "
-                                  "(it ends in ?token=...), or send Authorization: Bearer TOKEN")
+                return page(
+                    "error.html",
+                    401,
+                    title="token needed",
+                    error="this console needs its token: open the address `finetrace ui` printed "
+                    "(it ends in ?token=...), or send Authorization: Bearer TOKEN",
+                )
         return await call_next(request)
 
     @app.exception_handler(FinetraceError)
     async def finetrace_error(request: Request, exc: FinetraceError):
         not_found = isinstance(exc, NotFoundError)
-        return page("error.html", 404 if not_found else 400, title="not found" if not_found else "error",
-                    error=str(exc))
+        return page(
+            "error.html", 404 if not_found else 400, title="not found" if not_found else "error", error=str(exc)
+        )
 
     register_pages(app, page, workspace)
     return app
@@ -124,24 +131,42 @@ def register_pages(app: FastAPI, page, workspace) -> None:
         art = ws.ledger.resolve(ref)
         name, data = views.read_file(ws, art.digest, path)
         if name.endswith(".html"):
-            return Response(data, media_type="text/html; charset=utf-8",
-                            headers={"Content-Security-Policy": STORED_HTML_CSP})
+            return Response(
+                data, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": STORED_HTML_CSP}
+            )
         media = {".png": "image/png", ".pdf": "application/pdf"}.get(Path(name).suffix, "text/plain; charset=utf-8")
-        return Response(data, media_type=media, headers={"Content-Security-Policy": STORED_HTML_CSP,
-                                                         "X-Content-Type-Options": "nosniff"})
+        return Response(
+            data,
+            media_type=media,
+            headers={"Content-Security-Policy": STORED_HTML_CSP, "X-Content-Type-Options": "nosniff"},
+        )
 
     @app.get("/a/{ref:path}/view/{path:path}", response_class=HTMLResponse)
     def view_file(ref: str, path: str, ws: Workspace = ws_dep):
         art = ws.ledger.resolve(ref)
         name, data = views.read_file(ws, art.digest, path)
         if not name.endswith(views.TEXT_SUFFIXES):
-            return page("document.html", title=f"{art.ref}: {name}", art=art, path=name, front=None, rendered=None,
-                        text=f"({len(data)} bytes, not text: open the raw file)")
+            return page(
+                "document.html",
+                title=f"{art.ref}: {name}",
+                art=art,
+                path=name,
+                front=None,
+                rendered=None,
+                text=f"({len(data)} bytes, not text: open the raw file)",
+            )
         text = data.decode("utf-8", errors="replace")
-        front, body = (split_front_matter(text) if name.endswith(".md") else (None, text))
+        front, body = split_front_matter(text) if name.endswith(".md") else (None, text)
         rendered = Markup(markdown_body(body)) if name.endswith(".md") else None
-        return page("document.html", title=f"{art.ref}: {name}", art=art, path=name, front=front,
-                    rendered=rendered, text=None if rendered is not None else text)
+        return page(
+            "document.html",
+            title=f"{art.ref}: {name}",
+            art=art,
+            path=name,
+            front=front,
+            rendered=rendered,
+            text=None if rendered is not None else text,
+        )
 
     @app.get("/a/{ref:path}", response_class=HTMLResponse)
     def artifact_page(ref: str, ws: Workspace = ws_dep):

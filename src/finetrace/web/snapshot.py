@@ -24,8 +24,12 @@ def serve_in_thread(app, timeout: float = 20.0) -> Iterator[str]:
     """Run ``app`` under uvicorn on a free 127.0.0.1 port (``asgi.BackgroundServer``); yields the base URL."""
     import uvicorn
 
-    server = BackgroundServer(uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")),
-                              name="finetrace-console", start_timeout=timeout, stop_timeout=timeout)
+    server = BackgroundServer(
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")),
+        name="finetrace-console",
+        start_timeout=timeout,
+        stop_timeout=timeout,
+    )
     server.what = "the console"
     with server:
         yield server.url

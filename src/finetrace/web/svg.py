@@ -56,6 +56,7 @@ def order_columns(col: dict[str, int], edges: list[tuple[str, str]], key) -> dic
         columns.setdefault(col[n], []).append(n)
     row: dict[str, float] = {}
     for c in sorted(columns):
+
         def bary(n: str) -> float:
             rows = [row[p] for p in preds.get(n, []) if p in row]
             return sum(rows) / len(rows) if rows else float("inf")
@@ -85,8 +86,24 @@ def lineage_svg(graph: dict, root: str, hrefs: dict[str, str]) -> Markup:
     pos = {n: (pad + c * (nw + gx), pad + i * (nh + gy)) for c, ns in columns.items() for i, n in enumerate(ns)}
     width = pad * 2 + (max(columns) + 1) * (nw + gx) - gx if columns else 100
     height = pad * 2 + max(len(ns) for ns in columns.values()) * (nh + gy) - gy if columns else 60
-    lines = [{"x1": pos[a][0] + nw, "y1": pos[a][1] + nh / 2, "x2": pos[b][0], "y2": pos[b][1] + nh / 2}
-             for a, b in edges if a in pos and b in pos]
-    nodes = [{"id": n, "kind": labels[n][0], "l1": labels[n][1], "l2": labels[n][2], "x": x, "y": y, "w": nw,
-              "h": nh, "root": n == root, "href": hrefs.get(n)} for n, (x, y) in pos.items()]
+    lines = [
+        {"x1": pos[a][0] + nw, "y1": pos[a][1] + nh / 2, "x2": pos[b][0], "y2": pos[b][1] + nh / 2}
+        for a, b in edges
+        if a in pos and b in pos
+    ]
+    nodes = [
+        {
+            "id": n,
+            "kind": labels[n][0],
+            "l1": labels[n][1],
+            "l2": labels[n][2],
+            "x": x,
+            "y": y,
+            "w": nw,
+            "h": nh,
+            "root": n == root,
+            "href": hrefs.get(n),
+        }
+        for n, (x, y) in pos.items()
+    ]
     return charts.graph(nodes, lines, width, height)

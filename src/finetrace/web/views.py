@@ -38,8 +38,11 @@ def human_duration(seconds: float | None) -> str:
 
 def key_metrics(metrics: dict | None, limit: int = 4) -> list[tuple[str, object]]:
     """The first few scalar metrics of a run, in a stable order (loss and accuracy first)."""
-    items = [(k, v) for k, v in sorted((metrics or {}).items()) if isinstance(v, (int, float)) and v is not None
-             and not isinstance(v, bool)]
+    items = [
+        (k, v)
+        for k, v in sorted((metrics or {}).items())
+        if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)
+    ]
     first = [kv for kv in items if any(w in kv[0] for w in ("loss", "accuracy", "f1"))]
     return (first + [kv for kv in items if kv not in first])[:limit]
 
@@ -52,20 +55,37 @@ def runs_timeline(ws: Workspace, kind: str | None = None) -> list[dict]:
         for digest in r.outputs:
             a = ws.ledger.artifact(digest)
             outs.append({"digest": digest, "ref": a.ref, "kind": a.kind})
-        out.append({"id": r.id, "kind": r.kind, "status": r.status, "actor": r.actor, "started": r.started,
-                    "ended": r.ended, "duration": d, "duration_text": human_duration(d),
-                    "metrics": key_metrics(r.metrics), "outputs": outs, "error": r.error,
-                    "history": step_history(ws, r) if r.kind == "train" else []})
+        out.append(
+            {
+                "id": r.id,
+                "kind": r.kind,
+                "status": r.status,
+                "actor": r.actor,
+                "started": r.started,
+                "ended": r.ended,
+                "duration": d,
+                "duration_text": human_duration(d),
+                "metrics": key_metrics(r.metrics),
+                "outputs": outs,
+                "error": r.error,
+                "history": step_history(ws, r) if r.kind == "train" else [],
+            }
+        )
     return out
 
 
 def run_view(ws: Workspace, run_id: str) -> dict:
     r = ws.ledger.get_run(run_id)
     arts = {d: ws.ledger.artifact(d) for d in r.inputs + r.outputs if ws.ledger.has_artifact(d)}
-    return {"run": r, "duration_text": human_duration(duration_s(r)), "artifacts": arts,
-            "history": step_history(ws, r), "config": json.dumps(r.config, indent=2, sort_keys=True),
-            "environment": json.dumps(r.environment, indent=2, sort_keys=True),
-            "metrics": sorted((r.metrics or {}).items())}
+    return {
+        "run": r,
+        "duration_text": human_duration(duration_s(r)),
+        "artifacts": arts,
+        "history": step_history(ws, r),
+        "config": json.dumps(r.config, indent=2, sort_keys=True),
+        "environment": json.dumps(r.environment, indent=2, sort_keys=True),
+        "metrics": sorted((r.metrics or {}).items()),
+    }
 
 
 def alias_history(ws: Workspace, names: list[str]) -> list[dict]:
@@ -73,7 +93,8 @@ def alias_history(ws: Workspace, names: list[str]) -> list[dict]:
     out = []
     for name in names:
         for n, v, d, seq in ws.ledger.conn.execute(
-                "SELECT name, version, digest, seq FROM aliases WHERE name=? ORDER BY version", (name,)):
+            "SELECT name, version, digest, seq FROM aliases WHERE name=? ORDER BY version", (name,)
+        ):
             out.append({"name": n, "version": v, "digest": d, "seq": seq, "time": ws.ledger.entry(seq).time})
     return out
 
@@ -91,27 +112,37 @@ def read_file(ws: Workspace, digest: str, path: str) -> tuple[str, bytes]:
     if entry is None:
         raise NotFoundError(f"{digest} has no file {path!r}")
     if entry.size > MAX_FILE_BYTES:
-        raise NotFoundError(f"{path} is {entry.size} bytes; the console shows files up to {MAX_FILE_BYTES}",
-                            hint="materialise it with `finetrace show` and read it from the workspace")
+        raise NotFoundError(
+            f"{path} is {entry.size} bytes; the console shows files up to {MAX_FILE_BYTES}",
+            hint="materialise it with `finetrace show` and read it from the workspace",
+        )
     return entry.path, ws.store.read_bytes(entry.digest)
 
 
 def artifact_view(ws: Workspace, ref: str) -> dict:
     a = ws.ledger.resolve(ref)
     names = sorted({al.rsplit("@", 1)[0] for al in a.aliases})
-    view = {"artifact": a, "aliases": alias_history(ws, names), "files": files_of(ws, a.digest),
-            "producer": ws.ledger.get_run(a.run_id) if a.run_id else None,
-            "consumers": [ws.ledger.get_run(rid) for rid in ws.ledger.consumers(a.digest)],
-            "metadata": json.dumps(a.metadata, indent=2, sort_keys=True), "clearance": None,
-            "approvals": [], "datasheet": None, "report": None}
+    view = {
+        "artifact": a,
+        "aliases": alias_history(ws, names),
+        "files": files_of(ws, a.digest),
+        "producer": ws.ledger.get_run(a.run_id) if a.run_id else None,
+        "consumers": [ws.ledger.get_run(rid) for rid in ws.ledger.consumers(a.digest)],
+        "metadata": json.dumps(a.metadata, indent=2, sort_keys=True),
+        "clearance": None,
+        "approvals": [],
+        "datasheet": None,
+        "report": None,
+    }
     if a.kind in ("adapter", "model"):
         view["clearance"] = clearance(ws.ledger, a.digest)
         view["approvals"] = [e for e in ws.ledger.entries(type="approval") if e.data.get("adapter") == a.digest]
     if a.kind == "dataset" and any(f["path"] == "datasheet.json" for f in view["files"]):
         view["datasheet"] = json.loads(read_file(ws, a.digest, "datasheet.json")[1])
     if a.kind == "eval_report" and any(f["path"] == "report.json" for f in view["files"]):
-        view["report"] = EvalReport.parse(json.loads(read_file(ws, a.digest, "report.json")[1]),
-                                          source=f"{a.ref}/report.json").to_dict()
+        view["report"] = EvalReport.parse(
+            json.loads(read_file(ws, a.digest, "report.json")[1]), source=f"{a.ref}/report.json"
+        ).to_dict()
     return view
 
 
@@ -173,9 +204,13 @@ def eval_reports(ws: Workspace) -> list[dict]:
 
 
 def documents(ws: Workspace) -> list[dict]:
-    return [{"artifact": a, "files": [f for f in files_of(ws, a.digest)
-                                      if f["path"].endswith((".md", ".json", ".html", ".pdf"))]}
-            for a in reversed(ws.ledger.artifacts("document"))]
+    return [
+        {
+            "artifact": a,
+            "files": [f for f in files_of(ws, a.digest) if f["path"].endswith((".md", ".json", ".html", ".pdf"))],
+        }
+        for a in reversed(ws.ledger.artifacts("document"))
+    ]
 
 
 def needs_person(ws: Workspace) -> dict:
@@ -188,18 +223,31 @@ def needs_person(ws: Workspace) -> dict:
     awaiting, failed = [], []
     for a in ws.ledger.artifacts("adapter") + ws.ledger.artifacts("model"):
         c = clearance(ws.ledger, a.digest)
-        covered = [ap for ap in approvals if ap.get("adapter") == a.digest
-                   and (c.report is None or ap.get("report") == c.report)]
+        covered = [
+            ap
+            for ap in approvals
+            if ap.get("adapter") == a.digest and (c.report is None or ap.get("report") == c.report)
+        ]
         if c.status == "failed":
             failed.append({"artifact": a, "clearance": c})
         elif not covered:
-            awaiting.append({"artifact": a, "clearance": c,
-                             "approved_before": any(ap.get("adapter") == a.digest for ap in approvals)})
+            awaiting.append(
+                {
+                    "artifact": a,
+                    "clearance": c,
+                    "approved_before": any(ap.get("adapter") == a.digest for ap in approvals),
+                }
+            )
     overrides = [e for e in ws.ledger.entries(type="gate.override")]
     erasures = [e for e in ws.ledger.entries() if "erase" in e.type or "erasure" in e.type]
     erasure_runs = [r for r in ws.ledger.runs() if "eras" in r.kind or (r.config or {}).get("erase")]
-    return {"awaiting": awaiting[::-1], "failed": failed[::-1], "overrides": overrides[::-1],
-            "erasures": erasures[::-1], "erasure_runs": erasure_runs[::-1]}
+    return {
+        "awaiting": awaiting[::-1],
+        "failed": failed[::-1],
+        "overrides": overrides[::-1],
+        "erasures": erasures[::-1],
+        "erasure_runs": erasure_runs[::-1],
+    }
 
 
 def ledger_state(ws: Workspace) -> dict:
@@ -207,7 +255,14 @@ def ledger_state(ws: Workspace) -> dict:
     cps = led.checkpoints()
     witness = json.loads(led.witness.read_text()) if led.witness.is_file() else None
     types: dict[str, int] = {}
-    for (t, n) in led.conn.execute("SELECT type, COUNT(*) FROM entries GROUP BY type ORDER BY type"):
+    for t, n in led.conn.execute("SELECT type, COUNT(*) FROM entries GROUP BY type ORDER BY type"):
         types[t] = n
-    return {"size": led.size(), "root": led.root().hex(), "checkpoint": cps[-1] if cps else None,
-            "checkpoints": len(cps), "witness": witness, "types": types, "root_path": str(ws.root)}
+    return {
+        "size": led.size(),
+        "root": led.root().hex(),
+        "checkpoint": cps[-1] if cps else None,
+        "checkpoints": len(cps),
+        "witness": witness,
+        "types": types,
+        "root_path": str(ws.root),
+    }
