@@ -150,6 +150,57 @@ def _eval_facts(ws: Workspace, report_digest: str | None, adapter: str) -> tuple
     return files, facts, {"eval_report": report_digest}
 
 
+def _add_documents(ws: Workspace, art, files: dict[str, Path], documents, attestation) -> None:
+    """Add the adapter's documents (recorded, then ``documents``, then ``attestation``) to ``files``;
+    refused when the intended use and limitations are missing and no documents are given."""
+    docs = _find_documents(ws, art.digest)
+    missing = _intended_use_missing(ws, art.digest)
+    if missing and not documents:
+        raise InputError(
+            f"{art.ref}: its documents lack the intended use and limitations ({', '.join(missing)})",
+            hint="run `finetrace docs ADAPTER@V --intended-use FILE.yaml`, then publish again",
+        )
+    for kind, p in (documents or {}).items():
+        docs[kind] = Path(p)
+    if attestation:
+        docs["attestation"] = Path(attestation)
+    for kind, p in docs.items():
+        if not Path(p).is_file():
+            raise InputError(f"no such file: {p}", field=f"document {kind}")
+        if kind == "attestation":
+            files[ATTESTATION] = Path(p)
+        else:
+            ext = Path(p).suffix[1:].lower() if Path(p).suffix[1:].lower() in DOCUMENT_EXTS else "md"
+            files[f"documents/{kind}.{ext}"] = Path(p)
+
+
+def _self_attestation(ws: Workspace, adapter_digest: str, files: dict[str, Path], lineage: dict) -> Path:
+    """Fallback until the audit stage's attestation exists: the publisher attests the lineage itself."""
+    tmp_att = ws.root / "cache" / "market" / f"attestation-{adapter_digest.split(':')[1][:16]}.json"
+    tmp_att.parent.mkdir(parents=True, exist_ok=True)
+    listed = [{"path": p, "size": f.stat().st_size, "digest": sha256_file(f)} for p, f in files.items()]
+    tmp_att.write_text(json.dumps(make_attestation(ws.keys, listed, {"adapter": adapter_digest, "lineage": lineage})))
+    return tmp_att
+
+
+def _ledger_proof(ws: Workspace, adapter_digest: str):
+    """The signed checkpoint and the adapter's ledger entry with its inclusion proof (``{}`` if unrecorded)."""
+    seq = next(
+        (e.seq for e in ws.ledger.entries(type="artifact.added") if e.data.get("digest") == adapter_digest), None
+    )
+    # the earliest signed checkpoint covering the adapter's entry: rebuilding the package later gives the
+    # same manifest (so a re-publish is a no-op), however much the ledger has grown since
+    cp = next((c for c in ws.ledger.checkpoints() if seq is not None and c.size > seq), None) or ws.checkpoint()
+    entry = {}
+    if seq is not None:
+        entry = {
+            "seq": seq,
+            "body": base64.b64encode(ws.ledger.raw_entry(seq)).decode(),
+            "proof": [h.hex() for h in ws.ledger.inclusion_proof(seq, cp.size)],
+        }
+    return cp, entry
+
+
 def build_package(
     ws: Workspace,
     adapter_ref: str,
@@ -198,25 +249,7 @@ def build_package(
     base_dir = ws.store.materialize(base_digest)
     eval_files, facts, eval_lineage = _eval_facts(ws, clr.report, art.digest)
     files.update(eval_files)
-    docs = _find_documents(ws, art.digest)
-    missing = _intended_use_missing(ws, art.digest)
-    if missing and not documents:
-        raise InputError(
-            f"{art.ref}: its documents lack the intended use and limitations ({', '.join(missing)})",
-            hint="run `finetrace docs ADAPTER@V --intended-use FILE.yaml`, then publish again",
-        )
-    for kind, p in (documents or {}).items():
-        docs[kind] = Path(p)
-    if attestation:
-        docs["attestation"] = Path(attestation)
-    for kind, p in docs.items():
-        if not Path(p).is_file():
-            raise InputError(f"no such file: {p}", field=f"document {kind}")
-        if kind == "attestation":
-            files[ATTESTATION] = Path(p)
-        else:
-            ext = Path(p).suffix[1:].lower() if Path(p).suffix[1:].lower() in DOCUMENT_EXTS else "md"
-            files[f"documents/{kind}.{ext}"] = Path(p)
+    _add_documents(ws, art, files, documents, attestation)
     lineage = {
         "adapter": art.digest,
         "adapter_ref": art.ref,
@@ -231,25 +264,9 @@ def build_package(
     }
     lineage = {k: v for k, v in lineage.items() if v is not None}
     keys = ws.keys
-    tmp_att = None
     if ATTESTATION not in files:
-        # Fallback until the audit stage's attestation exists: the publisher attests the lineage itself.
-        tmp_att = ws.root / "cache" / "market" / f"attestation-{art.digest.split(':')[1][:16]}.json"
-        tmp_att.parent.mkdir(parents=True, exist_ok=True)
-        listed = [{"path": p, "size": f.stat().st_size, "digest": sha256_file(f)} for p, f in files.items()]
-        tmp_att.write_text(json.dumps(make_attestation(keys, listed, {"adapter": art.digest, "lineage": lineage})))
-        files[ATTESTATION] = tmp_att
-    seq = next((e.seq for e in ws.ledger.entries(type="artifact.added") if e.data.get("digest") == art.digest), None)
-    # the earliest signed checkpoint covering the adapter's entry: rebuilding the package later gives the
-    # same manifest (so a re-publish is a no-op), however much the ledger has grown since
-    cp = next((c for c in ws.ledger.checkpoints() if seq is not None and c.size > seq), None) or ws.checkpoint()
-    entry = {}
-    if seq is not None:
-        entry = {
-            "seq": seq,
-            "body": base64.b64encode(ws.ledger.raw_entry(seq)).decode(),
-            "proof": [h.hex() for h in ws.ledger.inclusion_proof(seq, cp.size)],
-        }
+        files[ATTESTATION] = _self_attestation(ws, art.digest, files, lineage)
+    cp, entry = _ledger_proof(ws, art.digest)
     lic = {"id": license_id}
     if license_terms:
         lic["terms"] = license_terms
@@ -368,6 +385,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _download(http, f: dict, tmp: Path) -> None:
+    """Stream the manifest's file ``f`` into ``tmp``, checking its size and digest against the signed ones."""
+    check_path(f["path"])
+    dest = tmp / f["path"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h, size = hashlib.sha256(), 0
+    with http.stream("GET", f"/api/v1/objects/{f['digest']}") as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        with open(dest, "wb") as out:
+            for chunk in resp.iter_bytes(CHUNK):
+                size += len(chunk)
+                if size > f["size"]:
+                    raise IntegrityError(f"{f['path']}: more bytes than the {f['size']} signed")
+                h.update(chunk)
+                out.write(chunk)
+    if "sha256:" + h.hexdigest() != f["digest"] or size != f["size"]:
+        raise IntegrityError(
+            f"{f['path']}: downloaded bytes hash to sha256:{h.hexdigest()}, the signed manifest says {f['digest']}"
+        )
+
+
 def pull(
     ws: Workspace,
     ref: str,
@@ -427,26 +467,7 @@ def pull(
         tmp = _pull_scratch(ws)
         try:
             for f in manifest["files"]:
-                check_path(f["path"])
-                dest = tmp / f["path"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                h, size = hashlib.sha256(), 0
-                with http.stream("GET", f"/api/v1/objects/{f['digest']}") as resp:
-                    if resp.status_code >= 400:
-                        resp.read()
-                        _check(resp)
-                    with open(dest, "wb") as out:
-                        for chunk in resp.iter_bytes(CHUNK):
-                            size += len(chunk)
-                            if size > f["size"]:
-                                raise IntegrityError(f"{f['path']}: more bytes than the {f['size']} signed")
-                            h.update(chunk)
-                            out.write(chunk)
-                if "sha256:" + h.hexdigest() != f["digest"] or size != f["size"]:
-                    raise IntegrityError(
-                        f"{f['path']}: downloaded bytes hash to sha256:{h.hexdigest()}, "
-                        f"the signed manifest says {f['digest']}"
-                    )
+                _download(http, f, tmp)
             parsed = {f["path"]: check_file(f["path"], (tmp / f["path"]).read_bytes()) for f in manifest["files"]}
             check_adapter(
                 parsed["adapter/adapter_config.json"]["json"],

@@ -203,29 +203,12 @@ def import_hub(
         str(folder),
         allow_template_change,
     )
-    tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".hub-"))
-    try:
-        parsed = {}
-        names = (
-            [f["path"][len("adapter/") :] for f in manifest["files"] if f["path"].startswith("adapter/")]
-            if facts["verified"]
-            else [n for n in ADAPTER_FILES if (folder / n).is_file()]
-        )
-        for rel in names:
-            src = folder / hub_path(f"adapter/{rel}")
-            parsed[rel] = check_file(f"adapter/{rel}", src.read_bytes())
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
-        if "adapter_config.json" not in parsed or "adapter_model.safetensors" not in parsed:
-            raise InputError(f"{folder} has no PEFT adapter (adapter_config.json, adapter_model.safetensors)")
-        check_adapter(
-            parsed["adapter_config.json"]["json"],
-            parsed["adapter_model.safetensors"]["tensors"],
-            base_shapes_from_folder(base_dir),
-        )
-        digest = ws.store.put_dir(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    names = (
+        [f["path"][len("adapter/") :] for f in manifest["files"] if f["path"].startswith("adapter/")]
+        if facts["verified"]
+        else [n for n in ADAPTER_FILES if (folder / n).is_file()]
+    )
+    digest = _store_adapter(ws, folder, names, base_dir)
     if want is not None and digest != want:
         raise IntegrityError(f"the adapter files hash to {digest}, the publisher signed {want}")
     facts["adapter_digest"] = digest
@@ -274,6 +257,28 @@ def import_hub(
                 pass  # the same bytes are already recorded here as another kind of artifact
         facts["documents"] = docs
     return art, facts
+
+
+def _store_adapter(ws: Workspace, folder: Path, names: list[str], base_dir: Path) -> str:
+    """Check the adapter files ``names`` of ``folder`` against the base and put them in the store; their digest."""
+    tmp = Path(tempfile.mkdtemp(dir=ws.root / "cache", prefix=".hub-"))
+    try:
+        parsed = {}
+        for rel in names:
+            src = folder / hub_path(f"adapter/{rel}")
+            parsed[rel] = check_file(f"adapter/{rel}", src.read_bytes())
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+        if "adapter_config.json" not in parsed or "adapter_model.safetensors" not in parsed:
+            raise InputError(f"{folder} has no PEFT adapter (adapter_config.json, adapter_model.safetensors)")
+        check_adapter(
+            parsed["adapter_config.json"]["json"],
+            parsed["adapter_model.safetensors"]["tensors"],
+            base_shapes_from_folder(base_dir),
+        )
+        return ws.store.put_dir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _local_base(ws: Workspace, digest: str, name: str | None) -> Artifact:

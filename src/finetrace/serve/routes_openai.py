@@ -67,143 +67,163 @@ def add_openai_routes(app: FastAPI, engine: Engine, settings: ServeSettings, req
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     def models():
-        created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m["id"],
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "finetrace",
-                    **{k: v for k, v in m.items() if k != "id"},
-                }
-                for m in engine.models()
-            ],
-        }
+        return _list_models(engine)
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(require_key)])
     def model_info(model: str):
-        mid = engine.resolve_model(model)[0]
-        m = next(x for x in engine.models() if x["id"] == mid)
-        return {
-            "id": mid,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "finetrace",
-            **{k: v for k, v in m.items() if k != "id"},
-        }
+        return _model_info(engine, model)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat(body: ChatRequest, request: Request):
-        params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
-        messages = body.plain_messages()
-        ext = body.extras()
-        tools, grammar = await _structure(engine, body, ext)
-        # a huge prompt must not stall the loop
-        ids = await asyncio.to_thread(engine.encode_chat, messages, tools)
-        req = GenRequest(
-            ids,
-            body.model,
-            endpoint="chat.completions",
-            input_payload={"messages": messages},
-            chat=True,
-            logprobs=ext["logprobs"],
-            labels=ext["labels"],
-            grammar=grammar,
-            **params,
-        )
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if _needs_choices(ext, body.stream):
-            return await _many(engine, req, ext, "chat.completion", cid, created)
-
-        def final(res: Result) -> dict:
-            message, called = assistant_message(res.text, tools)
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": res.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": "tool_calls" if called else _finish(res),
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(res),
-                "provenance_id": res.provenance_id,
-                "system_fingerprint": engine.deployment,
-            }
-
-        def chunk(delta: str | None, res: Result | None) -> dict:
-            d = (
-                {"role": "assistant", "content": ""}
-                if delta is None and res is None
-                else ({} if res is not None else {"content": delta})
-            )
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-                "choices": [{"index": 0, "delta": d, "finish_reason": _finish(res) if res else None, "logprobs": None}],
-                "provenance_id": req.provenance_id,
-                "system_fingerprint": engine.deployment,
-            }
-
-        return await _respond(engine, req, body, chunk, final, request)
+        return await _chat(engine, settings, body, request)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):
-        params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
-        prompt = body.text()
-        if not prompt:
-            raise InputError("prompt must not be empty", field="prompt")
-        ids = await asyncio.to_thread(engine.encode_text, prompt)  # a huge prompt must not stall the loop
-        ext = body.extras()
-        req = GenRequest(
-            ids,
-            body.model,
-            endpoint="completions",
-            input_payload={"prompt": prompt},
-            logprobs=ext["logprobs"],
-            labels=ext["labels"],
-            **params,
+        return await _completions(engine, settings, body, request)
+
+
+def _list_models(engine: Engine) -> dict:
+    """The body of GET /v1/models."""
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m["id"],
+                "object": "model",
+                "created": created,
+                "owned_by": "finetrace",
+                **{k: v for k, v in m.items() if k != "id"},
+            }
+            for m in engine.models()
+        ],
+    }
+
+
+def _model_info(engine: Engine, model: str) -> dict:
+    """The body of GET /v1/models/{model}."""
+    mid = engine.resolve_model(model)[0]
+    m = next(x for x in engine.models() if x["id"] == mid)
+    return {
+        "id": mid,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "finetrace",
+        **{k: v for k, v in m.items() if k != "id"},
+    }
+
+
+async def _chat(engine: Engine, settings: ServeSettings, body: ChatRequest, request: Request):
+    """Handle POST /v1/chat/completions."""
+    params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
+    messages = body.plain_messages()
+    ext = body.extras()
+    tools, grammar = await _structure(engine, body, ext)
+    # a huge prompt must not stall the loop
+    ids = await asyncio.to_thread(engine.encode_chat, messages, tools)
+    req = GenRequest(
+        ids,
+        body.model,
+        endpoint="chat.completions",
+        input_payload={"messages": messages},
+        chat=True,
+        logprobs=ext["logprobs"],
+        labels=ext["labels"],
+        grammar=grammar,
+        **params,
+    )
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if _needs_choices(ext, body.stream):
+        return await _many(engine, req, ext, "chat.completion", cid, created)
+
+    def final(res: Result) -> dict:
+        message, called = assistant_message(res.text, tools)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": res.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if called else _finish(res),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(res),
+            "provenance_id": res.provenance_id,
+            "system_fingerprint": engine.deployment,
+        }
+
+    def chunk(delta: str | None, res: Result | None) -> dict:
+        d = (
+            {"role": "assistant", "content": ""}
+            if delta is None and res is None
+            else ({} if res is not None else {"content": delta})
         )
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if _needs_choices(ext, body.stream):
-            return await _many(engine, req, ext, "text_completion", cid, created)
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": 0, "delta": d, "finish_reason": _finish(res) if res else None, "logprobs": None}],
+            "provenance_id": req.provenance_id,
+            "system_fingerprint": engine.deployment,
+        }
 
-        def final(res: Result) -> dict:
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": res.model,
-                "choices": [{"index": 0, "text": res.text, "finish_reason": _finish(res), "logprobs": None}],
-                "usage": _usage(res),
-                "provenance_id": res.provenance_id,
-                "system_fingerprint": engine.deployment,
-            }
+    return await _respond(engine, req, body, chunk, final, request)
 
-        def chunk(delta: str | None, res: Result | None):
-            if delta is None and res is None:
-                return None
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {"index": 0, "text": delta or "", "finish_reason": _finish(res) if res else None, "logprobs": None}
-                ],
-                "provenance_id": req.provenance_id,
-                "system_fingerprint": engine.deployment,
-            }
 
-        return await _respond(engine, req, body, chunk, final, request)
+async def _completions(engine: Engine, settings: ServeSettings, body: CompletionRequest, request: Request):
+    """Handle POST /v1/completions."""
+    params = body.checked(settings.default_max_tokens, settings.max_tokens_limit)
+    prompt = body.text()
+    if not prompt:
+        raise InputError("prompt must not be empty", field="prompt")
+    ids = await asyncio.to_thread(engine.encode_text, prompt)  # a huge prompt must not stall the loop
+    ext = body.extras()
+    req = GenRequest(
+        ids,
+        body.model,
+        endpoint="completions",
+        input_payload={"prompt": prompt},
+        logprobs=ext["logprobs"],
+        labels=ext["labels"],
+        **params,
+    )
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if _needs_choices(ext, body.stream):
+        return await _many(engine, req, ext, "text_completion", cid, created)
+
+    def final(res: Result) -> dict:
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": res.model,
+            "choices": [{"index": 0, "text": res.text, "finish_reason": _finish(res), "logprobs": None}],
+            "usage": _usage(res),
+            "provenance_id": res.provenance_id,
+            "system_fingerprint": engine.deployment,
+        }
+
+    def chunk(delta: str | None, res: Result | None):
+        if delta is None and res is None:
+            return None
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {"index": 0, "text": delta or "", "finish_reason": _finish(res) if res else None, "logprobs": None}
+            ],
+            "provenance_id": req.provenance_id,
+            "system_fingerprint": engine.deployment,
+        }
+
+    return await _respond(engine, req, body, chunk, final, request)
 
 
 async def _run(

@@ -408,63 +408,21 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
         bar = callback(progress) if world.main else None
         if bar is not None:
             bar("train", st.step, total, "")
-        session_t0, session_tokens = time.perf_counter(), 0
-        try:
-            while st.step < total and not st.stopped_early:
-                t0, tokens0 = time.perf_counter(), st.tokens
-                loss, lr, gnorm, extra = lp.step(st)
-                st.elapsed += time.perf_counter() - t0
-                session_tokens += st.tokens - tokens0
-                if st.step % cfg.log_every == 0 or st.step == total:
-                    st.history.append(
-                        {
-                            "step": st.step,
-                            "loss": loss,
-                            "lr": lr,
-                            "grad_norm": gnorm,
-                            "tokens": st.tokens,
-                            "target_tokens": st.target_tokens,
-                            **extra,
-                        }
-                    )
-                if val_ex and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-                    best = _validate(lp, st, best)
-                if bar is not None:
-                    tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
-                    bar("train", st.step, total, f"loss {loss:.4f}{obj.progress(extra)}  {tps:,.0f} tok/s")
-                if any_flag(sigs.received is not None, world):
-                    lp.save(ckpt, st, best)
-                    raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; resume with --resume")
-                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
-                    lp.save(ckpt, st, best)
-        finally:  # the last step reached, also when a signal or an error ends the loop
-            if bar is not None:
-                bar("train", st.step, total, "")
+        best = _run_steps(lp, st, best, ckpt, sigs, bar, total, bool(val_ex))
 
         final_eval = _final(lp, best)  # on every process: FSDP's forward is a collective
         state = {n: fsdp.full(p.detach()) for n, p in weights.items()} if sharded else None
         if not world.main:  # rank 0 writes the adapter and the run
             barrier(world)
             return ws.ledger.resolve(cfg.output_name)
-        art = _record(
-            ws,
-            run,
-            lp,
-            st,
-            final_eval,
-            state,
-            inp,
-            tok,
-            method,
-            text_identity(tok),
-            {
-                "examples": len(train_ex),
-                "skipped_too_long": skipped,
-                "resumed_from_step": resumed_from,
-                "memory_plan": plan.to_json(),
-                **measured_peak(device),
-            },
-        )
+        counts = {
+            "examples": len(train_ex),
+            "skipped_too_long": skipped,
+            "resumed_from_step": resumed_from,
+            "memory_plan": plan.to_json(),
+            **measured_peak(device),
+        }
+        art = _record(ws, run, lp, st, final_eval, state, inp, tok, method, text_identity(tok), counts)
     ckpt.clear()
     if cfg.tracking is not None:  # MLflow / TensorBoard, read back from what the ledger now holds
         from ..tracking import track_run
@@ -472,6 +430,44 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
         track_run(ws, run.id, cfg.tracking)
     barrier(world)
     return art
+
+
+def _run_steps(lp: Loop, st: State, best: dict | None, ckpt: Checkpointer, sigs, bar, total: int, has_val: bool):
+    """The training steps from ``st.step`` to ``total`` (or early stopping): history, validation, progress,
+    checkpoints; a signal saves a checkpoint and raises KeyboardInterrupt. Returns the best weights."""
+    session_t0, session_tokens = time.perf_counter(), 0
+    try:
+        while st.step < total and not st.stopped_early:
+            t0, tokens0 = time.perf_counter(), st.tokens
+            loss, lr, gnorm, extra = lp.step(st)
+            st.elapsed += time.perf_counter() - t0
+            session_tokens += st.tokens - tokens0
+            if st.step % lp.cfg.log_every == 0 or st.step == total:
+                st.history.append(
+                    {
+                        "step": st.step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "tokens": st.tokens,
+                        "target_tokens": st.target_tokens,
+                        **extra,
+                    }
+                )
+            if has_val and lp.cfg.eval_every and (st.step % lp.cfg.eval_every == 0 or st.step == total):
+                best = _validate(lp, st, best)
+            if bar is not None:
+                tps = session_tokens / max(1e-9, time.perf_counter() - session_t0)
+                bar("train", st.step, total, f"loss {loss:.4f}{lp.obj.progress(extra)}  {tps:,.0f} tok/s")
+            if any_flag(sigs.received is not None, lp.world):
+                lp.save(ckpt, st, best)
+                raise KeyboardInterrupt(f"stopped by a signal after step {st.step}; resume with --resume")
+            if lp.cfg.checkpoint_every and st.step % lp.cfg.checkpoint_every == 0 and st.step < total:
+                lp.save(ckpt, st, best)
+    finally:  # the last step reached, also when a signal or an error ends the loop
+        if bar is not None:
+            bar("train", st.step, total, "")
+    return best
 
 
 def _final(lp: Loop, best: dict | None) -> dict:
