@@ -53,13 +53,8 @@ def _tree_props(digest: str) -> list[dict]:
     ]
 
 
-def build(facts: Facts) -> dict:
-    """The ML-BOM as a dict (serialise with ``json.dumps``)."""
-    ad, base = facts.adapter, facts.base
-    tr = facts.train_run or {}
-    metrics = tr.get("metrics") or {}
-    ds_refs = [{"ref": d["digest"]} for d in facts.datasets]
-
+def _performance_and_fairness(facts: Facts) -> tuple[list[dict], list[dict]]:
+    """The model card's performance metrics (overall and per group) and its fairness assessments."""
     perf = []
     fairness = []
     for ev in facts.evaluations:
@@ -84,7 +79,11 @@ def build(facts: Facts) -> dict:
                     "mitigationStrategy": "eval gates (max_flip_rate, max_group_gap) before release",
                 }
             )
+    return perf, fairness
 
+
+def _considerations(facts: Facts, fairness: list[dict], metrics: dict) -> dict:
+    """The model card's considerations: intended use, limitations, fairness, fine-tuning energy."""
     considerations: dict = {}
     it = facts.intended
     if it.get("intended_users"):
@@ -116,7 +115,17 @@ def build(facts: Facts) -> dict:
             ],
             "properties": [{"name": "finetrace:flops_estimate", "value": str(metrics.get("flops_estimate"))}],
         }
+    return considerations
 
+
+def _model_card(facts: Facts) -> dict:
+    """The adapter's CycloneDX modelCard: parameters, quantitative analysis, considerations."""
+    ad, base = facts.adapter, facts.base
+    tr = facts.train_run or {}
+    metrics = tr.get("metrics") or {}
+    ds_refs = [{"ref": d["digest"]} for d in facts.datasets]
+    perf, fairness = _performance_and_fairness(facts)
+    considerations = _considerations(facts, fairness, metrics)
     task = (
         "text-classification"
         if any(d.get("info", {}).get("schema") == "classification" for d in facts.datasets)
@@ -137,7 +146,12 @@ def build(facts: Facts) -> dict:
         model_card["quantitativeAnalysis"] = {"performanceMetrics": perf}
     if considerations:
         model_card["considerations"] = considerations
+    return model_card
 
+
+def _adapter_component(facts: Facts) -> dict:
+    """The adapter's machine-learning-model component, with its model card and files."""
+    ad, base = facts.adapter, facts.base
     adapter_comp = {
         "type": "machine-learning-model",
         "bom-ref": ad["digest"],
@@ -145,53 +159,67 @@ def build(facts: Facts) -> dict:
         "version": str(ad.get("version") or "0"),
         "hashes": _hashes(ad["digest"]),
         "description": f"{ad['metadata'].get('method', 'lora')} adapter of {(base or {}).get('ref')}",
-        "modelCard": model_card,
+        "modelCard": _model_card(facts),
         "properties": _tree_props(ad["digest"]),
         "components": _files(ad["digest"], ad.get("files") or []),
     }
-    if it.get("license"):
-        adapter_comp["licenses"] = [{"license": {"name": str(it["license"])}}]
-    comps = [adapter_comp]
+    if facts.intended.get("license"):
+        adapter_comp["licenses"] = [{"license": {"name": str(facts.intended["license"])}}]
+    return adapter_comp
+
+
+def _base_component(base: dict) -> dict:
+    """The frozen base model's machine-learning-model component."""
+    return {
+        "type": "machine-learning-model",
+        "bom-ref": base["digest"],
+        "name": base.get("name") or base["digest"],
+        "version": str(base.get("version") or "0"),
+        "hashes": _hashes(base["digest"]),
+        "description": "pre-trained base model (frozen)",
+        "properties": _tree_props(base["digest"]),
+        "components": _files(base["digest"], base.get("files") or []),
+    }
+
+
+def _dataset_component(d: dict) -> dict:
+    """A training dataset's data component, with its datasheet as properties."""
+    g = d.get("given") or {}
+    data_entry: dict = {
+        "type": "dataset",
+        "name": d.get("ref") or d["digest"],
+        "description": str(g.get("description") or g.get("title") or d.get("info", {}).get("schema", "")),
+    }
+    if g.get("personal_data") is not None:
+        data_entry["sensitiveData"] = [f"personal data: {g.get('personal_data')}"]
+    if g.get("owner"):
+        data_entry["governance"] = {"owners": [{"organization": {"name": str(g["owner"])}}]}
+    comp = {
+        "type": "data",
+        "bom-ref": d["digest"],
+        "name": d.get("name") or d["digest"],
+        "version": str(d.get("version") or "0"),
+        "hashes": _hashes(d["digest"]),
+        "data": [data_entry],
+        "properties": _tree_props(d["digest"])
+        + [{"name": f"finetrace:datasheet:{k}", "value": str(v)} for k, v in sorted(g.items())],
+        "components": _files(d["digest"], d.get("files") or []),
+    }
+    if g.get("license"):
+        comp["licenses"] = [{"license": {"name": str(g["license"])}}]
+    return comp
+
+
+def build(facts: Facts) -> dict:
+    """The ML-BOM as a dict (serialise with ``json.dumps``)."""
+    ad, base = facts.adapter, facts.base
+    comps = [_adapter_component(facts)]
     deps = [d["digest"] for d in facts.datasets]
     if base:
-        comps.append(
-            {
-                "type": "machine-learning-model",
-                "bom-ref": base["digest"],
-                "name": base.get("name") or base["digest"],
-                "version": str(base.get("version") or "0"),
-                "hashes": _hashes(base["digest"]),
-                "description": "pre-trained base model (frozen)",
-                "properties": _tree_props(base["digest"]),
-                "components": _files(base["digest"], base.get("files") or []),
-            }
-        )
+        comps.append(_base_component(base))
         deps.insert(0, base["digest"])
     for d in facts.datasets:
-        g = d.get("given") or {}
-        data_entry: dict = {
-            "type": "dataset",
-            "name": d.get("ref") or d["digest"],
-            "description": str(g.get("description") or g.get("title") or d.get("info", {}).get("schema", "")),
-        }
-        if g.get("personal_data") is not None:
-            data_entry["sensitiveData"] = [f"personal data: {g.get('personal_data')}"]
-        if g.get("owner"):
-            data_entry["governance"] = {"owners": [{"organization": {"name": str(g["owner"])}}]}
-        comp = {
-            "type": "data",
-            "bom-ref": d["digest"],
-            "name": d.get("name") or d["digest"],
-            "version": str(d.get("version") or "0"),
-            "hashes": _hashes(d["digest"]),
-            "data": [data_entry],
-            "properties": _tree_props(d["digest"])
-            + [{"name": f"finetrace:datasheet:{k}", "value": str(v)} for k, v in sorted(g.items())],
-            "components": _files(d["digest"], d.get("files") or []),
-        }
-        if g.get("license"):
-            comp["licenses"] = [{"license": {"name": str(g["license"])}}]
-        comps.append(comp)
+        comps.append(_dataset_component(d))
     return {
         "$schema": "http://cyclonedx.org/schema/bom-1.6.schema.json",
         "bomFormat": "CycloneDX",

@@ -204,6 +204,68 @@ def _select(sel, name: str) -> None:
         sel.select([name])
 
 
+def _check_bases(base_art: Artifact, ad_arts: list[Artifact]) -> None:
+    """InputError unless every adapter was trained on ``base_art`` (or does not say)."""
+    for a in ad_arts:
+        want = (a.metadata or {}).get("base_model")
+        if want and want != base_art.digest:
+            raise InputError(
+                f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
+                hint="pass --model with the adapter's base model",
+            )
+
+
+def _bias_categories(suite: Suite) -> dict | None:
+    """The bias suite's word-list categories (None when the bias suite is off); InputError on unknown ones."""
+    if not suite.bias.enabled:
+        return None
+    allc = bias_mod.load_wordlists(suite.bias.wordlists)
+    wanted = suite.bias.categories or list(allc)
+    unknown = [c for c in wanted if c not in allc]
+    if unknown:
+        raise InputError(
+            f"unknown word-list categories {unknown}", field="bias.categories", hint=f"one of {', '.join(allc)}"
+        )
+    return {c: allc[c] for c in wanted}
+
+
+def _report(
+    run_id: str,
+    suite: Suite,
+    suite_digest: str,
+    es: EvalSet,
+    base_art: Artifact,
+    quant,
+    metrics: list[str],
+    subjects: list[dict],
+) -> dict:
+    """The ``report.json`` document of a compare run."""
+    return {
+        "format": REPORT_FORMAT,
+        "run_id": run_id,
+        "date": run_date(run_id),
+        "suite": suite.to_dict(),
+        "suite_digest": suite_digest,
+        "dataset": {
+            "digest": es.artifact.digest,
+            "ref": es.artifact.ref,
+            "split": es.split,
+            "schema": es.schema,
+            "labels": es.labels,
+            "n": len(es.examples),
+        },
+        "base_model": {"digest": base_art.digest, "ref": base_art.ref, "quantization": quant},
+        "metrics": metrics,
+        "primary_metric": metrics[0],
+        "task": es.task,
+        "models": subjects,
+        "examples": [
+            {"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"], "gold": e.target}
+            for i, e in enumerate(es.examples)
+        ],
+    }
+
+
 def compare(
     ws: Workspace,
     model_ref: str,
@@ -225,26 +287,11 @@ def compare(
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     base_art = ws.ledger.resolve(model_ref, kind="base_model")
     ad_arts = [ws.ledger.resolve(a, kind="adapter") for a in adapters]
-    for a in ad_arts:
-        want = (a.metadata or {}).get("base_model")
-        if want and want != base_art.digest:
-            raise InputError(
-                f"adapter {a.ref} was trained on {want}, not on {base_art.ref} ({base_art.digest})",
-                hint="pass --model with the adapter's base model",
-            )
+    _check_bases(base_art, ad_arts)
     quant = adapters_quantization(ad_arts) if quantized_base else None  # the base they were trained on
     es = load_eval_set(ws, data_ref, suite.split, suite.limit)
     metrics = _metrics_for(suite, es)
-    categories = None
-    if suite.bias.enabled:
-        allc = bias_mod.load_wordlists(suite.bias.wordlists)
-        wanted = suite.bias.categories or list(allc)
-        unknown = [c for c in wanted if c not in allc]
-        if unknown:
-            raise InputError(
-                f"unknown word-list categories {unknown}", field="bias.categories", hint=f"one of {', '.join(allc)}"
-            )
-        categories = {c: allc[c] for c in wanted}
+    categories = _bias_categories(suite)
     suite_digest = ws.store.put_bytes(suite.canonical())
     config = {
         "suite": suite.to_dict(),
@@ -293,30 +340,7 @@ def compare(
             rows = apply_gates(suite.gates, res, metrics[0]) if not suite.gates.empty() else []
             res["gates"] = rows
             res["passed"] = verdict(rows)
-        report = {
-            "format": REPORT_FORMAT,
-            "run_id": run.id,
-            "date": run_date(run.id),
-            "suite": suite.to_dict(),
-            "suite_digest": suite_digest,
-            "dataset": {
-                "digest": es.artifact.digest,
-                "ref": es.artifact.ref,
-                "split": es.split,
-                "schema": es.schema,
-                "labels": es.labels,
-                "n": len(es.examples),
-            },
-            "base_model": {"digest": base_art.digest, "ref": base_art.ref, "quantization": quant},
-            "metrics": metrics,
-            "primary_metric": metrics[0],
-            "task": es.task,
-            "models": subjects,
-            "examples": [
-                {"i": i, "id": e.id, "group": e.group, "prompt": e.messages[-1]["content"], "gold": e.target}
-                for i, e in enumerate(es.examples)
-            ],
-        }
+        report = _report(run.id, suite, suite_digest, es, base_art, quant, metrics, subjects)
         with tempfile.TemporaryDirectory() as tmp:
             write_report(report, Path(tmp))
             digest = ws.store.put_dir(tmp)

@@ -11,19 +11,18 @@ an entry changes the root of every checkpoint that covers it. Each checkpoint is
 ``witness.json`` beside the database and to the external witness outside the workspace folder
 (``witness.py``): removing entries together with their checkpoints, or re-signing a rewritten log with
 the workspace key, is detectable only against a checkpoint kept outside (see ``docs/ledger.md``).
+
+The record types live in ``records.py`` and the index handlers in ``index.py``; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
-import os
 import secrets
 import sqlite3
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,202 +32,25 @@ from ..atomic import write_bytes
 from ..canonical import DIGEST_RE, canonical_json
 from ..errors import FinetraceError, InputError, IntegrityError, NotFoundError, WorkspaceError
 from . import merkle, witness
+from .index import INDEXERS
+from .records import ARTIFACT_KINDS, RUN_KINDS, Artifact, Checkpoint, Entry, Run, actor, now
 from .schema import INDEX_TABLES, migrate
 from .signing import KeyPair
 
-ARTIFACT_KINDS = (
-    "source",
-    "dataset",
-    "base_model",
-    "adapter",
-    "eval_report",
-    "document",
-    "bundle",
-    "checkpoint",
-    "model",
-)
-RUN_KINDS = (
-    "import",
-    "convert",
-    "train",
-    "evaluate",
-    "document",
-    "approve",
-    "publish",
-    "pull",
-    "deploy",
-    "reproduce",
-    "export",
-    "pipeline",
-    "parity",
-    "erasure",
-)
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def actor() -> str:
-    return os.environ.get("FINETRACE_ACTOR") or getpass.getuser()
-
-
-@dataclass(frozen=True)
-class Entry:
-    seq: int
-    type: str
-    time: str
-    actor: str
-    data: dict
-    leaf: bytes
-
-    @classmethod
-    def from_row(cls, seq: int, leaf: bytes, body: bytes) -> Entry:
-        doc = json.loads(body)
-        return cls(seq, doc["type"], doc["time"], doc["actor"], doc["data"], leaf)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    size: int
-    root: str  # hex
-    time: str
-    key_id: str
-    signature: str
-
-    def message(self) -> bytes:
-        """The exact bytes that are signed."""
-        return canonical_json(
-            {
-                "format": "finetrace-checkpoint/1",
-                "size": self.size,
-                "root": self.root,
-                "time": self.time,
-                "key_id": self.key_id,
-            }
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "size": self.size,
-            "root": self.root,
-            "time": self.time,
-            "key_id": self.key_id,
-            "signature": self.signature,
-        }
-
-
-@dataclass
-class Artifact:
-    digest: str
-    kind: str
-    metadata: dict
-    run_id: str | None
-    created: str
-    aliases: list[str] = field(default_factory=list)  # "name@version", oldest first
-
-    @property
-    def ref(self) -> str:
-        """The most recent ``name@version`` of this artifact, else its digest."""
-        return self.aliases[-1] if self.aliases else self.digest
-
-    @property
-    def name(self) -> str | None:
-        return self.aliases[-1].rsplit("@", 1)[0] if self.aliases else None
-
-    @property
-    def version(self) -> int | None:
-        return int(self.aliases[-1].rsplit("@", 1)[1]) if self.aliases else None
-
-    def to_dict(self) -> dict:
-        return {
-            "digest": self.digest,
-            "kind": self.kind,
-            "aliases": self.aliases,
-            "metadata": self.metadata,
-            "run_id": self.run_id,
-            "created": self.created,
-        }
-
-
-@dataclass
-class Run:
-    id: str
-    kind: str
-    status: str
-    actor: str | None
-    config: dict
-    environment: dict
-    metrics: dict | None
-    error: str | None
-    started: str
-    ended: str | None
-    inputs: list[str]
-    outputs: list[str]
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-# -- index handlers: one per entry type; the same code runs on append and on rebuild --------------
-def _ix_artifact(conn: sqlite3.Connection, e: dict) -> None:
-    d = e["data"]
-    conn.execute(
-        "INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?)",
-        (
-            d["digest"],
-            d["kind"],
-            canonical_json(d.get("metadata") or {}).decode(),
-            d.get("run_id"),
-            e["seq"],
-            e["time"],
-        ),
-    )
-    if d.get("name"):
-        conn.execute("INSERT INTO aliases VALUES (?,?,?,?)", (d["name"], d["version"], d["digest"], e["seq"]))
-    if d.get("run_id"):
-        conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'output')", (d["run_id"], d["digest"]))
-
-
-def _ix_run_started(conn: sqlite3.Connection, e: dict) -> None:
-    d = e["data"]
-    conn.execute(
-        "INSERT INTO runs (id, kind, status, actor, config, environment, started, seq) VALUES (?,?,?,?,?,?,?,?)",
-        (
-            d["id"],
-            d["kind"],
-            "running",
-            e["actor"],
-            canonical_json(d["config"]).decode(),
-            canonical_json(d["environment"]).decode(),
-            e["time"],
-            e["seq"],
-        ),
-    )
-    for digest in d.get("inputs", []):
-        conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'input')", (d["id"], digest))
-
-
-def _ix_run_finished(conn: sqlite3.Connection, e: dict) -> None:
-    d = e["data"]
-    conn.execute(
-        "UPDATE runs SET status=?, metrics=?, error=?, ended=? WHERE id=?",
-        (d["status"], canonical_json(d.get("metrics") or {}).decode(), d.get("error"), e["time"], d["id"]),
-    )
-    for digest in d.get("inputs", []):
-        conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'input')", (d["id"], digest))
-
-
-def _ix_run_output(conn: sqlite3.Connection, e: dict) -> None:
-    conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'output')", (e["data"]["run_id"], e["data"]["digest"]))
-
-
-INDEXERS: dict[str, Callable[[sqlite3.Connection, dict], None]] = {
-    "artifact.added": _ix_artifact,
-    "run.output": _ix_run_output,
-    "run.started": _ix_run_started,
-    "run.finished": _ix_run_finished,
-}
+__all__ = [
+    "ARTIFACT_KINDS",
+    "INDEXERS",
+    "RUN_KINDS",
+    "Artifact",
+    "Checkpoint",
+    "Entry",
+    "Ledger",
+    "Run",
+    "RunRecorder",
+    "actor",
+    "check_name",
+    "now",
+]
 
 
 class Ledger:
