@@ -12,6 +12,7 @@ File structure::
 
     schemas.py     layout of a dataset artifact; to_example (the data/train/evaluate contract)
     readers.py     one streaming reader per format (JSONL, JSON, CSV, TSV, Parquet, datasets folder)
+    compressed.py  opening a file as its decompressed bytes (gzip/zstd by magic), corruption reported
     validate.py    column mapping, schema detection, per-row checks
     clean.py       NFC normalisation, exact keys, MinHash/LSH near-duplicates
     pii.py         PII detectors (registry), redaction
@@ -27,6 +28,7 @@ File structure::
     newtask.py     `finetrace new`: a task folder sized to the data
     erasure.py     `finetrace data forget`: erasure runs, downstream lineage, purge
     importer.py    import_dataset: the two streaming passes and the ledger records
+    writer.py      pass 2: the dataset folder written (splits, dataset.json, datasheet), the transform list
     versions.py    reading recorded versions
 """
 

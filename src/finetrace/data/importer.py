@@ -13,11 +13,13 @@ Two streaming passes, so that a file of any size is never held in memory:
    Parquet files, the datasheet is measured, and the folder is stored as a ``dataset`` artifact
    ``name@N`` by an ``import`` run whose inputs are the ``source`` artifacts (one per input file) and
    whose config holds the exact transform list.
+
+This module holds the entry point, pass 1 and the decisions; the writing of pass 2 and the transform
+list are in ``writer``.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from array import array
@@ -28,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__ as FINETRACE_VERSION
-from ..atomic import write_text
 from ..debris import scratch_prefix
 from ..errors import InputError
 from ..ledger import Artifact
@@ -36,19 +37,16 @@ from ..ledger.log import check_name
 from ..workspace import Workspace
 from . import formats, workers
 from . import pii as piimod
-from .arrowtext import np_bools
 from .batches import Ctx
-from .clean import MinHasher, lsh_params, union_find_roots
-from .datasheet import build as build_sheet
+from .clean import MinHasher, union_find_roots
 from .datasheet import load_given
 from .options import ImportOptions, build_options
 from .readers import ReadOptions, RowError, detect_format, read_rows
-from .schemas import OPTIONAL_COLUMNS, SCHEMAS, SPLITS, to_example
 from .split import DROP, SPLIT_NAMES, assign, check_fractions
 from .validate import detect_schema
+from .writer import transform_list, write_dataset
 
-DATASET_FORMAT = "finetrace-dataset/1"
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 4096  # rows per Parquet row group written (pass 2)
 MAX_REPORTED = 5  # errors shown when an import is refused
 MAX_EXAMPLES = 20  # locations kept per skip reason / duplicate kind
 
@@ -109,7 +107,6 @@ def import_dataset(
     check_name(name)
     given = load_given(opts.datasheet)
     detectors = piimod.detectors()
-    test_file = opts.test_file
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(ws.root, "import-"), dir=ws.cache))  # see debris.py
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
@@ -118,60 +115,13 @@ def import_dataset(
             files, opts, detectors, scratch, minhasher, progress
         )
 
-        transforms = _transforms(
-            sources,
-            fmap,
-            schema,
-            opts.on_error,
-            opts.pii,
-            detectors,
-            opts.near_dup_threshold,
-            opts.near_dup,
-            opts.seed,
-            fractions,
-            test_file is not None,
-            opts.split_unit,
-        )
-        if layout.fmt != "native":  # the mapping from the file's layout onto the schema, recorded
-            transforms.insert(
-                1,
-                {
-                    "op": "format",
-                    "format": layout.fmt,
-                    "detected": layout.detected,
-                    "mapping": formats.MAPPINGS[layout.fmt],
-                },
-            )
-        config = {
-            "name": name,
-            "schema": schema,
-            "mapping": fmap,
-            "on_error": opts.on_error,
-            "pii": opts.pii,
-            "seed": opts.seed,
-            "splits": list(fractions),
-            "test_file": str(test_file) if test_file else None,
-            "tokenizer": opts.tokenizer,
-            "near_dup_threshold": opts.near_dup_threshold,
-            "near_dup": opts.near_dup,
-            "split_unit": opts.split_unit,
-            "max_row_bytes": opts.max_row_bytes,
-            "transforms": transforms,
-            "finetrace_version": FINETRACE_VERSION,
-            "input_format": layout.fmt,
-            **({"from_hub": opts.from_hub} if opts.from_hub else {}),
-        }
-        src_digests = []
-        for s in sources:  # only now, after every row was accepted, does anything enter the workspace
-            digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
-            ws.ledger.add_artifact(
-                "source", digest, metadata={"filename": s.path.name, "format": s.fmt, "bytes": ws.store.size(digest)}
-            )
-            s.digest = digest
-            src_digests.append(digest)
+        transforms = _transforms(sources, fmap, schema, opts, detectors, fractions, layout)
+        config = _config(name, opts, schema, fmap, fractions, transforms, layout)
+        # only now, after every row was accepted, does anything enter the workspace
+        src_digests = _store_sources(ws, sources)
         with ws.ledger.run("import", config=config, inputs=src_digests, seed=opts.seed) as run:
             out = scratch / "dataset"
-            info = _write(
+            info = write_dataset(
                 out,
                 p1,
                 decisions,
@@ -186,6 +136,7 @@ def import_dataset(
                 opts.near_dup_threshold,
                 ws,
                 opts.tokenizer,
+                CHUNK_ROWS,
             )
             run.metrics.update(
                 {
@@ -218,6 +169,72 @@ def import_dataset(
     finally:
         minhasher.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _transforms(sources, fmap, schema, opts: ImportOptions, detectors, fractions, layout) -> list[dict]:
+    """The transform list recorded for this import, with the format mapping when the layout is not native."""
+    transforms = transform_list(
+        sources,
+        fmap,
+        schema,
+        opts.on_error,
+        opts.pii,
+        detectors,
+        opts.near_dup_threshold,
+        opts.near_dup,
+        opts.seed,
+        fractions,
+        opts.test_file is not None,
+        opts.split_unit,
+    )
+    if layout.fmt != "native":  # the mapping from the file's layout onto the schema, recorded
+        transforms.insert(
+            1,
+            {
+                "op": "format",
+                "format": layout.fmt,
+                "detected": layout.detected,
+                "mapping": formats.MAPPINGS[layout.fmt],
+            },
+        )
+    return transforms
+
+
+def _config(name: str, opts: ImportOptions, schema, fmap, fractions, transforms, layout) -> dict:
+    """The ``import`` run's config: every option that shaped the dataset, and the exact transform list."""
+    test_file = opts.test_file
+    return {
+        "name": name,
+        "schema": schema,
+        "mapping": fmap,
+        "on_error": opts.on_error,
+        "pii": opts.pii,
+        "seed": opts.seed,
+        "splits": list(fractions),
+        "test_file": str(test_file) if test_file else None,
+        "tokenizer": opts.tokenizer,
+        "near_dup_threshold": opts.near_dup_threshold,
+        "near_dup": opts.near_dup,
+        "split_unit": opts.split_unit,
+        "max_row_bytes": opts.max_row_bytes,
+        "transforms": transforms,
+        "finetrace_version": FINETRACE_VERSION,
+        "input_format": layout.fmt,
+        **({"from_hub": opts.from_hub} if opts.from_hub else {}),
+    }
+
+
+def _store_sources(ws: Workspace, sources) -> list[str]:
+    """Store each input file (or folder) as a ``source`` artifact; return their digests, in order."""
+    src_digests = []
+    for s in sources:
+        digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
+        ws.ledger.add_artifact(
+            "source", digest, metadata={"filename": s.path.name, "format": s.fmt, "bytes": ws.store.size(digest)}
+        )
+        s.digest = digest
+        src_digests.append(digest)
+    return src_digests
 
 
 def _read_and_decide(files, opts: ImportOptions, detectors, scratch: Path, minhasher: MinHasher, progress):
@@ -515,266 +532,3 @@ def _decide(
     names = {1: "exact_duplicate", 2: "duplicate_of_test", 3: "near_duplicate", 4: "overlaps_test"}
     dropped = {names[k]: int((reason == k).sum()) for k in names if (reason == k).any()}
     return _Decisions(split, dropped, dup_examples, len(pairs), len(near_roots), near_examples)
-
-
-# -- pass 2 -------------------------------------------------------------------------------------
-def _kept_rows(spills: list, rows: int):
-    """The kept rows of pass 1 as tables of ``rows`` rows (the last one shorter), read back from the
-    spill files one at a time (memory-mapped), so the written row groups do not depend on chunking."""
-    import pyarrow as pa
-
-    carry = None
-    for path in spills:
-        table = pa.ipc.open_file(pa.memory_map(path)).read_all()  # the map lives as long as its buffers
-        if carry is not None:
-            table = pa.concat_tables([carry, table])
-        start = 0
-        while table.num_rows - start >= rows:
-            yield _contiguous(table.slice(start, rows))
-            start += rows
-        carry = table.slice(start) if start < table.num_rows else None
-        Path(path).unlink()  # read: its pages need not stay in the page cache's dirty set
-    if carry is not None and carry.num_rows:
-        yield _contiguous(carry)
-
-
-def _contiguous(table):
-    """One chunk per column, as a batch read from Parquet was: the pages written (so the bytes and the
-    dataset digest) depend on it."""
-    return table.combine_chunks() if any(c.num_chunks > 1 for c in table.columns) else table
-
-
-def _write(
-    out: Path,
-    p1: _Pass1,
-    d: _Decisions,
-    sources,
-    schema,
-    dropped,
-    given,
-    transforms,
-    fractions,
-    seed,
-    pii,
-    threshold,
-    ws,
-    tokenizer,
-) -> dict:
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True)
-    keep_cols = list(SCHEMAS[schema]) + [c for c, has in (("id", p1.has_id), ("group", p1.has_group)) if has]
-    layout = p1.layout
-    if layout.tools:
-        keep_cols.insert(1, "tools")
-    writers: dict[int, pq.ParquetWriter] = {}
-    counts = {name: int((d.split == code).sum()) for code, name in SPLIT_NAMES.items()}
-    offset = 0
-    for table in _kept_rows(p1.spills, CHUNK_ROWS):
-        codes = d.split[offset : offset + table.num_rows]
-        offset += table.num_rows
-        table = table.select(keep_cols)
-        for code, name in SPLIT_NAMES.items():
-            mask = codes == code
-            if not mask.any():
-                continue
-            if code not in writers:
-                writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
-            writers[code].write_table(table.filter(np_bools(mask)))
-    for w in writers.values():
-        w.close()
-
-    labels = sorted(p1.labels) if schema == "classification" else None
-    label_counts = None
-    if labels is not None:
-        lab = np.frombuffer(p1.label, np.int64)
-        names_by_idx = {v: k for k, v in p1.labels.items()}
-        label_counts = {}
-        for code, name in SPLIT_NAMES.items():
-            bc = np.bincount(lab[d.split == code], minlength=len(p1.labels))
-            label_counts[name] = {names_by_idx[i]: int(c) for i, c in enumerate(bc) if c}
-    rows_in = sum(s.rows_read for s in sources)
-    rows_out = sum(counts.values())
-    dup = {
-        "exact": int(d.dropped.get("exact_duplicate", 0) + d.dropped.get("duplicate_of_test", 0)),
-        "near": d.near_pairs,
-        "near_clusters": d.near_clusters,
-        "threshold": threshold,
-        "exact_examples": d.dup_examples,
-        "near_examples": d.near_examples,
-    }
-    pii_info = {
-        "mode": pii,
-        "counts": dict(sorted(p1.pii_counts.items())),
-        "rows": p1.pii_rows,
-        "examples": p1.pii_examples,
-    }
-    token_lengths = _token_lengths(ws, tokenizer, out, schema, labels) if tokenizer else None
-    measured = {
-        "schema": schema,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "splits": counts,
-        "labels": label_counts,
-        "skipped": p1.skipped,
-        "dropped": d.dropped,
-        "duplicates": dup,
-        "pii": pii_info,
-        "normalized_rows": p1.normalized,
-        "dropped_columns": sorted(map(str, dropped)),
-        "token_lengths": token_lengths,
-    }
-    sheet = build_sheet(given, measured)
-    info = {
-        "format": DATASET_FORMAT,
-        "schema": schema,
-        "columns": keep_cols,
-        "labels": labels,
-        "counts": counts,
-        "label_counts": label_counts,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_valid": sum(s.rows_valid for s in sources),
-        "skipped": p1.skipped,
-        "skipped_examples": p1.skipped_examples,
-        "dropped": d.dropped,
-        "duplicates": dup,
-        "pii": pii_info,
-        "normalized_rows": p1.normalized,
-        "dropped_columns": measured["dropped_columns"],
-        "seed": seed,
-        "fractions": list(fractions),
-        "sources": [
-            {
-                "file": s.path.name,
-                "digest": s.digest,
-                "format": s.fmt,
-                "role": "test" if s.test else "data",
-                "rows_read": s.rows_read,
-                "rows_valid": s.rows_valid,
-            }
-            for s in sources
-        ],
-        "transforms": transforms,
-        "gaps": sheet["gaps"],
-    }
-    if layout.fmt != "native":  # native imports keep exactly the fields (and digests) they always had
-        info["input_format"] = layout.fmt
-        info["tools"] = layout.tools
-    write_text(out / "dataset.json", json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    write_text(
-        out / "datasheet.json", json.dumps(sheet, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-    )
-    return info
-
-
-TOKEN_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-
-
-def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dict:
-    """Histogram of prompt+target token counts (text only; chat-template tokens excluded)."""
-    import pyarrow.parquet as pq
-
-    path = Path(tokenizer)
-    if not path.is_dir():
-        from ..models import model_path
-
-        path, _ = model_path(ws, tokenizer)
-    if (path / "tokenizer.json").is_file():  # the fast path: the tokenizers library alone
-        from tokenizers import Tokenizer
-
-        raw = Tokenizer.from_file(str(path / "tokenizer.json"))
-
-        def encode(texts):
-            return [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-
-        def encode(texts):
-            return tok(texts, add_special_tokens=False)["input_ids"]
-
-    lengths = []
-    for name in SPLITS:
-        f = folder / f"{name}.parquet"
-        if not f.exists():
-            continue
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-            texts = []
-            for row in batch.to_pylist():
-                ex = to_example(row, schema, labels)
-                texts.append("\n".join(m["content"] for m in ex.messages) + "\n" + ex.target)
-            lengths.extend(len(ids) for ids in encode(texts))
-    arr = np.asarray(lengths)
-    edges = TOKEN_BINS + [np.inf]
-    hist, _ = np.histogram(arr, bins=edges)
-    return {
-        "tokenizer": tokenizer,
-        "count": int(len(arr)),
-        "min": int(arr.min()),
-        "max": int(arr.max()),
-        "mean": round(float(arr.mean()), 2),
-        "p50": int(np.percentile(arr, 50)),
-        "p95": int(np.percentile(arr, 95)),
-        "histogram": {
-            f"{lo}-{hi - 1 if hi != np.inf else 'inf'}": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], hist)
-        },
-    }
-
-
-def _transforms(
-    sources,
-    fmap,
-    schema,
-    on_error,
-    pii,
-    detectors,
-    threshold,
-    near_dup,
-    seed,
-    fractions,
-    has_test,
-    split_unit: str = "row",
-) -> list[dict]:
-    """The exact, ordered list of transforms applied (recorded in the run config and dataset.json)."""
-    bands, rows = lsh_params(threshold)
-    return [
-        {
-            "op": "read",
-            "files": [{"file": s.path.name, "format": s.fmt, "role": "test" if s.test else "data"} for s in sources],
-            "encoding": "utf-8 (BOM skipped)",
-        },
-        {"op": "map", "mapping": fmap},
-        {
-            "op": "validate",
-            "schema": schema,
-            "on_error": on_error,
-            "keep": list(SCHEMAS[schema]) + list(OPTIONAL_COLUMNS),
-        },
-        {"op": "normalize", "unicode": "NFC", "newlines": "LF", "strip": True},
-        {"op": "pii", "mode": pii, "detectors": sorted({d.name for d in detectors})},
-        {"op": "dedup_exact", "key": "blake2b-64 of the schema fields", "keep": "first"},
-        {
-            "op": "near_duplicates",
-            "method": "minhash-lsh",
-            "shingle": "char-5",
-            "num_perm": 64,
-            "bands": bands,
-            "rows": rows,
-            "threshold": threshold,
-            "action": near_dup,
-        },
-        {
-            "op": "split",
-            "seed": seed,
-            "fractions": list(fractions),
-            "stratify": "label" if schema == "classification" else None,
-            "unit": (
-                "group, else near-duplicate cluster, else row"
-                if split_unit == "group"
-                else "near-duplicate cluster, else row"
-            ),
-            "test": "test_file" if has_test else "sampled",
-        },
-    ]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
-import gzip
-import io
 import json
 import shutil
 import tempfile
@@ -26,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .compressed import compression_of, open_binary
 
 MAX_ROW_BYTES = 16 << 20  # a row (line) longer than this is refused, never loaded whole
 BATCH_ROWS = 2048
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 UTF8_BOM = codecs.BOM_UTF8
 
 
@@ -54,62 +51,6 @@ class ReadOptions:
 
 
 # -- opening ------------------------------------------------------------------------------------
-def compression_of(path: Path) -> str | None:
-    if path.is_dir():
-        return None
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return None
-
-
-class _Guarded(io.RawIOBase):
-    """A decompressing stream whose truncation or corruption is an InputError naming the file and how
-    far it decompressed (gzip, zlib and zstd raise EOFError, OSError or their own errors)."""
-
-    def __init__(self, inner, comp: str, display: str):
-        self.inner, self.comp, self.display, self.done = inner, comp, display, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        try:
-            n = self.inner.readinto(b)
-        except Exception as exc:  # noqa: BLE001 - every decoder error means the same to the user
-            if isinstance(exc, InputError):
-                raise
-            raise InputError(
-                f"the {self.comp} data is truncated or corrupt after {self.done:,} decompressed bytes "
-                f"({type(exc).__name__}: {exc})",
-                file=self.display,
-                hint="re-create or re-download the file; `gzip -t FILE` / `zstd -t FILE` checks it",
-            ) from None
-        self.done += n or 0
-        return n
-
-
-@contextlib.contextmanager
-def open_binary(path: Path, display: str | None = None) -> Iterator[io.BufferedIOBase]:
-    """The decompressed bytes of ``path`` as a buffered stream (gzip/zstd recognised by magic)."""
-    comp = compression_of(path)
-    display = display or str(path)
-    with open(path, "rb") as raw:
-        if comp == "gzip":
-            with gzip.GzipFile(fileobj=raw) as fh:
-                yield io.BufferedReader(_Guarded(fh, comp, display), 1 << 20)
-        elif comp == "zstd":
-            import zstandard
-
-            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as fh:
-                yield io.BufferedReader(_Guarded(fh, comp, display), 1 << 20)
-        else:
-            yield io.BufferedReader(raw, 1 << 20) if not isinstance(raw, io.BufferedReader) else raw
-
-
 def _check_start(fh, display: str) -> int:
     """Skip a UTF-8 BOM (return its length); refuse UTF-16/32 byte order marks, naming the encoding."""
     head = fh.peek(4)[:4]
