@@ -11,11 +11,12 @@ import time
 import httpx
 import openai
 import pytest
-from serve_support import logged_events, make_adapter
 
 from finetrace.serve.engines import open_engine
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
+
+from .serve_support import logged_events, make_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'finetrace[llamacpp]'")
 
