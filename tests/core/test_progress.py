@@ -28,7 +28,7 @@ def test_counter_reports_counts_totals_and_a_rate():
 def test_bars_draw_each_task_and_keep_the_last_note(capsys):
     from finetrace.cli.progress import Bars
 
-    with Bars() as bars:
+    with Bars(plain=False) as bars:
         bars("train", 0, 4, "")
         bars("train", 4, 4, "loss 1.2345")
         bars("train", 4, 4, "")
@@ -47,3 +47,16 @@ def test_only_the_cli_draws():
     src = pathlib.Path(finetrace.__file__).parent
     drawing = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "rich.progress" in p.read_text("utf-8"))
     assert drawing == ["cli/progress.py"]
+
+
+def test_off_a_terminal_bars_write_plain_lines_throttled_and_the_last_one(capsys, monkeypatch):
+    import finetrace.cli.progress as progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 3600.0)
+    with progress.Bars(plain=True) as bars:
+        for step in range(1, 6):
+            bars("train", step, 10, f"loss {step}")  # only the first falls outside the interval
+        bars("data", 7, None, "rows/s 12")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["train: 1/10  loss 1", "data: 7  rows/s 12", "train: 5/10  loss 5"]
+    assert bars._prog is None  # rich never started: nothing live is drawn into a log
