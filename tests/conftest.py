@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny random Llama model (built once per session), a fresh workspace per test."""
+"""Shared fixtures: a tiny random Llama model (built once per session), a fresh workspace per test.
+
+Torch runs one thread per test process (``OMP_NUM_THREADS=1``, inherited by the CLI and training children the
+tests start, and honoured by ``train()`` when a config sets no ``threads``): the tiny models are far too
+small to gain from a second thread, and on a shared 2-core machine two spinning OpenMP threads per process
+made training tests 3-4x slower. A test that needs more threads sets them itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import os
 
 import pytest
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -7,9 +7,12 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
+
 from finetrace.cli import main
 
 
+@pytest.mark.slow
 def test_a_documented_adapter_publishes_and_pulls_verified(audit_env, tiny_model_dir, tmp_path, capsys):
     from finetrace.market import client
     from finetrace.market.registry import Settings

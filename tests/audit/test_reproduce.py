@@ -56,6 +56,7 @@ def test_runs_that_cannot_be_replayed_are_refused(audit_env):
         reproduce(ws, convert)
 
 
+@pytest.mark.slow
 def test_cli_reproduce_reports_and_records(audit_env, capsys):
     import json
 

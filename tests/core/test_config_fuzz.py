@@ -58,6 +58,7 @@ VALUES = st.recursive(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(int(os.environ.get("FINETRACE_FUZZ_TIMEOUT", "120")))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fuzz_raw_bytes_and_yamlish_text(tmp_path, kind):
@@ -93,6 +94,7 @@ def test_fuzz_mutations_of_a_valid_file(tmp_path, kind):
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(int(os.environ.get("FINETRACE_FUZZ_TIMEOUT", "120")))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fuzz_typed_values_at_real_keys(tmp_path, kind):

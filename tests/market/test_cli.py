@@ -24,6 +24,7 @@ def test_add_user_prints_a_token_once_and_stores_its_hash(tmp_path, capsys):
     assert "account 'bob' exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_publish_search_pull_from_the_command_line(market, server, capsys):
     if server.kind != "sqlite":
         pytest.skip("the CLI path is the same for every database; it runs against SQLite")

@@ -94,6 +94,7 @@ def test_yank_versions_and_downloads(market, server):
     }
 
 
+@pytest.mark.slow
 def test_a_refused_pull_counts_no_download(market, server):
     offset = {"sqlite": 0, "postgresql": 10}[server.kind]  # the publisher is shared by both servers
     art = make_adapter(

@@ -18,6 +18,7 @@ def _publish(market, server, target, **kw):
     return client.publish(market.pub, "legal-lora", target, server.url, server.tokens["acme"], **kw)
 
 
+@pytest.mark.slow
 def test_publish_search_pull_roundtrip(market, server):
     import torch
     from peft import PeftModel

@@ -28,6 +28,7 @@ def test_tiny_gguf_header_is_read_like_llama_cpp_wrote_it(tiny_gguf, tiny_model_
     assert info.metadata["tokenizer.ggml.model"] == "gpt2"
 
 
+@pytest.mark.slow
 def test_add_gguf_converts_to_a_model_with_the_written_logits(workspace, tiny_gguf, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -34,6 +34,7 @@ def sharded_dir(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_sharded_folder_is_added_once_with_every_shard(workspace, sharded_dir):
     shards = sorted(p.name for p in sharded_dir.glob("model-*.safetensors"))
     assert len(shards) >= 4 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -49,6 +50,7 @@ def test_sharded_folder_is_added_once_with_every_shard(workspace, sharded_dir):
     assert len(workspace.ledger.artifacts("base_model")) == 1
 
 
+@pytest.mark.slow
 def test_sharded_load_peaks_under_1_3x_one_copy(sharded_dir):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(

@@ -179,6 +179,7 @@ def test_pipeline_runs_caches_and_reruns_on_data_change(workspace, tiny_model_di
     assert verify_workspace(ws).ok
 
 
+@pytest.mark.slow
 def test_failed_gate_stops_the_pipeline(workspace, tiny_model_dir, tmp_path):
     ws = workspace
     gates = {
@@ -201,6 +202,7 @@ def test_failed_gate_stops_the_pipeline(workspace, tiny_model_dir, tmp_path):
     assert runs_by_kind(ws)["train"] == 1 and runs_by_kind(ws)["evaluate"] == 1
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes(workspace, tiny_model_dir, tmp_path, monkeypatch):
     """An interrupt during train leaves a `started` event; the next run calls train(resume=True)."""
     import finetrace.train as train_mod

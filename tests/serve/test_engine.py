@@ -45,6 +45,7 @@ def reference(ws, adapter: str | None, prompt: str, n: int) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_mixed_burst_equals_each_model_alone(served_ws, engine):
     jobs = [(m, p) for m in ("tiny", "alpha@1", "beta@1") for p in PROMPTS]
     results: dict = {}

@@ -147,6 +147,7 @@ def test_parity_exact_then_swapped_adapter_blocks_deploy(served_ws, evaluated, c
     assert parity_gate(served_ws, "alpha@1", None, 1.0, print).exact
 
 
+@pytest.mark.slow  # uses alpha@2, made by the slow test above
 def test_publish_is_refused_below_min_serve_agreement(served_ws, evaluated):
     """alpha@2 (swapped under the evaluated name) given the evaluated report's passing verdict: publishing
     it is refused by parity; alpha@1, the adapter evaluated, passes the same gate."""

@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from finetrace.serve.engine import Engine
 from finetrace.serve.requestlog import RequestLog
@@ -39,6 +40,7 @@ def _wait(cond, timeout: float = 30, what: str = "condition") -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_drain_is_bounded_and_the_rest_get_503(served_ws):
     """Two requests decoding and one queued when the shutdown starts; nothing finishes within drain_s:
     all three are answered 503 `shutting_down` (OpenAI error shape), logged as not delivered, and the

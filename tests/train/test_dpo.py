@@ -164,6 +164,7 @@ def textbook(model, tok, pairs, ref, params):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [
@@ -242,6 +243,7 @@ def test_token_logprobs_function_passes_gradcheck_with_a_bias():
 
 
 # -- 3. accumulation ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_batch_8_equals_batch_4_with_accumulation_2(prefs):
     ws = prefs
     kw = dict(max_steps=3, lr=1e-2, eval_every=3)
@@ -337,6 +339,7 @@ def test_dpo_config_keys_are_checked(tmp_path):
 
 
 # -- 6. resume ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_uninterrupted(prefs, monkeypatch):
     ws = prefs
     cfg = dpo_config(

@@ -50,6 +50,7 @@ def test_layer_matches_the_textbook_formula():
     assert torch.allclose(LoraLinearFn.apply(x, w, b, a, bb, 0.5), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_fused_model_equals_peft_model(tiny_model_dir, use_rslora):
     model, tok = _peft_model(tiny_model_dir, use_rslora=use_rslora)

@@ -64,6 +64,7 @@ def test_compiled_kernels_match_eager(tiny_model_dir):
         assert torch.allclose(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_a_different_norm_is_left_alone():
     class GemmaLikeRMSNorm(torch.nn.Module):  # x * rsqrt(mean x^2) * (1 + w): not Llama's formula
         def __init__(self):

@@ -77,6 +77,7 @@ def test_packed_equals_unpacked_and_chunked_equals_full_logits(model_tok):
     assert abs(float(leak) - float(lu)) > 1e-3
 
 
+@pytest.mark.slow
 def test_chunked_gradients_match_full_logits(model_tok):
     model, tok = model_tok
     ex = examples(tok)

@@ -49,6 +49,7 @@ def test_qlora_loss_falls_and_the_quantisation_is_recorded(tiny_setup):
     assert facts["method"] == "qlora" and ws.ledger.get_run(art.run_id).config["quantization"]["bits"] == 4
 
 
+@pytest.mark.slow
 def test_qlora_adapter_loads_with_peft_on_the_unquantised_base(tiny_setup, learnable_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -71,6 +72,7 @@ def test_qlora_adapter_loads_with_peft_on_the_unquantised_base(tiny_setup, learn
     assert (on_full - on_nf4).abs().max() < 0.25 * (on_full - before).abs().max() + 0.05
 
 
+@pytest.mark.slow
 def test_eight_bit_base_trains(tiny_setup):
     ws, _, _ = tiny_setup
     art = train(
@@ -85,6 +87,7 @@ def test_eight_bit_base_trains(tiny_setup):
     assert art.metadata["quantization"]["bits"] == 8 and art.metadata["method"] == "lora"
 
 
+@pytest.mark.slow
 def test_fused_nf4_layer_equals_peft_forward_and_gradients(learnable_model_dir):
     from peft import LoraConfig, get_peft_model
 

@@ -66,6 +66,7 @@ def test_loss_falls_and_adapter_is_recorded(tiny_setup):
     assert run.config["lora"]["r"] == 16 and run.config["resolved"]["base_model"] == base_art.digest
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_peft_and_matches_own_loading(tiny_setup, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -256,7 +256,12 @@ class TrainConfig(BaseModel):
         "GPU when CUDA sees one, else the CPU), cpu, cuda or cuda:N; under torchrun each process "
         "takes the GPU of its LOCAL_RANK.",
     )
-    threads: int | None = Field(None, ge=1, le=4096, description="Torch threads (default: physical cores available).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Torch threads (default: OMP_NUM_THREADS if set, else the physical cores available).",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp (every process holds the whole model; gradients summed) or fsdp "

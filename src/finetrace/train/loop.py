@@ -41,7 +41,7 @@ from .kernels import fuse_elementwise
 from .objective import make_objective
 from .plan import check as check_plan
 from .plan import make_plan, measured_peak
-from .report import model_counts, physical_cores, plot_loss, step_flops, write_metrics
+from .report import default_threads, model_counts, plot_loss, step_flops, write_metrics
 from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
@@ -339,7 +339,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
 
     cfg = config
     world = setup()
-    torch.set_num_threads(cfg.threads or max(1, physical_cores() // world.size))
+    torch.set_num_threads(cfg.threads or default_threads(world.size))
     inp, device, tok, pad_id, data, plan = prepare(ws, cfg, world)
     check_plan(plan)
     obj, train_ex, val_ex, skipped, lengths, steps = data

@@ -33,6 +33,15 @@ def physical_cores() -> int:
     return max(1, avail // per_core)
 
 
+def default_threads(world_size: int = 1) -> int:
+    """Torch threads for a run whose config sets none: ``OMP_NUM_THREADS`` where it is set (the usual way to
+    cap a process on a shared machine; the test suite sets 1), else the physical cores shared among the ranks."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, physical_cores() // world_size)
+
+
 def model_counts(model) -> dict:
     """Parameter counts that the FLOPs estimate needs."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
