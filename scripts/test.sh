@@ -15,4 +15,8 @@ if [ -z "${FINETRACE_TEST_PG_URL:-}" ] && [ "${FINETRACE_NO_POSTGRES:-0}" != 1 ]
     echo "warning: PostgreSQL could not be started; its registry tests will be skipped" >&2
   fi
 fi
-.venv/bin/python -m pytest "$@"
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py sets OMP_NUM_THREADS=1): on 2 cores this
+# keeps both busy while a test waits on a child process or a socket. Each test file stays on one worker
+# (loadfile: module fixtures and tests that build on the one before are kept together).
+# FINETRACE_TEST_WORKERS=0 runs in one process.
+.venv/bin/python -m pytest -n "${FINETRACE_TEST_WORKERS:-2}" --dist loadfile "$@"

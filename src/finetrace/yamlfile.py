@@ -251,6 +251,22 @@ def load_yaml(
     return parse_text(decode(raw, str(p), what, error), str(p), error)
 
 
+def load_mapping(
+    path: str | Path, what: str, missing_hint: str | None = None, error: type[InputError] = InputError
+) -> tuple[dict | None, dict[str, int]]:
+    """``load_yaml`` of a file that must hold a mapping (None: the file is empty); ``error`` otherwise.
+    The one check of facts files (``read_mapping``) and typed configs (``read_config``)."""
+    doc, lines = load_yaml(path, what, missing_hint, error)
+    if doc is not None and not isinstance(doc, dict):
+        raise error(
+            f"the {what} must be a mapping of key: value, not a {_kind(doc)}",
+            file=str(path),
+            line=1,
+            hint="write one 'key: value' per line",
+        )
+    return doc, lines
+
+
 def key_lines(text: str) -> dict[str, int]:
     """1-based line number of each dotted key (``lora.r``) of a YAML mapping; {} if it does not parse."""
     try:
@@ -273,16 +289,9 @@ def read_mapping(
     ``what`` names the file's role in messages ("datasheet", "intended-use file"). With ``known``, any
     other key (after ``aliases``) is refused ("unknown <noun> 'x'"), naming its line and the closest one.
     """
-    doc, lines = load_yaml(path, what, missing_hint, error)
+    doc, lines = load_mapping(path, what, missing_hint, error)
     if doc is None:
         return {}
-    if not isinstance(doc, dict):
-        raise error(
-            f"the {what} must be a mapping of key: value, not a {_kind(doc)}",
-            file=str(path),
-            line=1,
-            hint="write one 'key: value' per line",
-        )
     out = {}
     for key, value in doc.items():
         if not isinstance(key, str) or not key.strip():
@@ -363,16 +372,9 @@ def read_config(path: str | Path, what: str, missing_hint: str | None = None) ->
     """(mapping, {dotted key: line}) of YAML config file ``path`` (empty file: {}); ConfigError otherwise."""
     from .errors import ConfigError
 
-    doc, lines = load_yaml(path, what, missing_hint, ConfigError)
+    doc, lines = load_mapping(path, what, missing_hint, ConfigError)
     if doc is None:
         return {}, lines
-    if not isinstance(doc, dict):
-        raise ConfigError(
-            f"a {what} must be a mapping of key: value, not a {_kind(doc)}",
-            file=str(path),
-            line=1,
-            hint="write one 'key: value' per line",
-        )
     return doc, lines
 
 

@@ -96,4 +96,4 @@ def test_bad_values_and_missing_keys_read_the_same(tmp_path):
     )
     for load, p in ((load_config, t), (load_suite, s)):
         p.write_text("- a\n")
-        assert f"{p.name}:1: a " in _err(load, p) and "must be a mapping of key: value, not a list" in _err(load, p)
+        assert f"{p.name}:1: the " in _err(load, p) and "must be a mapping of key: value, not a list" in _err(load, p)

@@ -149,6 +149,7 @@ def _model_card(facts: Facts) -> dict:
     return model_card
 
 
+# duplicates: alike _dataset_component on purpose (CycloneDX components of two types, each written out field by field).
 def _adapter_component(facts: Facts) -> dict:
     """The adapter's machine-learning-model component, with its model card and files."""
     ad, base = facts.adapter, facts.base
@@ -182,6 +183,7 @@ def _base_component(base: dict) -> dict:
     }
 
 
+# duplicates: alike _adapter_component on purpose (CycloneDX components of two types, each written out field by field).
 def _dataset_component(d: dict) -> dict:
     """A training dataset's data component, with its datasheet as properties."""
     g = d.get("given") or {}

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _import_command(data: typer.Typer) -> None:
+    # duplicates: alike cli/serve.py:serve_cmd on purpose (typer options passed on to the settings object, then the workspace opened).
     @data.command("import")
     def import_(
         files: list[str] = typer.Argument(

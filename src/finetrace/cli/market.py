@@ -90,6 +90,7 @@ def add_base_cmd(
     typer.echo(f"registered {art.ref} ({art.digest})")
 
 
+# duplicates: alike export_hub_cmd on purpose (the --json or text output of two commands).
 def publish_cmd(
     adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest) in this workspace."),
     to: str = typer.Option(..., "--to", help="Target namespace/name@version."),
@@ -270,6 +271,7 @@ def gc_cmd(
         typer.echo(f"removed {len(removed)} stale upload(s), {sum(r['bytes'] for r in removed)} bytes")
 
 
+# duplicates: alike publish_cmd on purpose (the --json or text output of two commands).
 def export_hub_cmd(
     adapter: str = typer.Argument(..., help="Adapter NAME@V (or digest) in this workspace."),
     folder: str = typer.Argument(..., help="New or empty folder to write."),

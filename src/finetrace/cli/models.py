@@ -102,6 +102,7 @@ def register(app: typer.Typer) -> None:
             )
         console().print(t)
 
+    # duplicates: alike models/generate.py:generate on purpose (the CLI loads and streams itself to time the load and the reply apart).
     @app.command("generate")
     def generate(
         prompt: str = typer.Argument(..., help="The user message."),

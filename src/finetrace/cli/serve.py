@@ -20,6 +20,9 @@ def _read_keys(path: str | None) -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
+    # duplicates: alike cli/data.py:import_ on purpose (typer options passed on to the settings object, then the workspace opened).
+    # duplicates: alike cli/train.py:train_cmd on purpose (typer option declarations).
+    # duplicates: alike cli/ui.py:ui_cmd on purpose (typer option declarations of a secret taken from the environment).
     @app.command("serve")
     def serve_cmd(
         base: str = typer.Option(..., "--base", help="Base model (name, name@N or digest)."),

@@ -17,6 +17,7 @@ class Interrupted(FinetraceError):
 
 
 def register(app: typer.Typer) -> None:
+    # duplicates: alike cli/serve.py:serve_cmd on purpose (typer option declarations).
     @app.command("train")
     def train_cmd(
         config: str = typer.Argument(None, help="YAML training config (see --print-config)."),

@@ -10,6 +10,7 @@ from .common import STATE
 
 
 def register(app: typer.Typer) -> None:
+    # duplicates: alike cli/serve.py:serve_cmd on purpose (typer option declarations of a secret taken from the environment).
     @app.command("ui")
     def ui_cmd(
         host: str = typer.Option(

@@ -87,6 +87,7 @@ class _Pass1:
     spills: list = field(default_factory=list)  # Arrow files of the kept rows, in row order
 
 
+# duplicates: alike data/writer.py:write_dataset on purpose (a call of write_dataset and its signature).
 def import_dataset(
     ws: Workspace,
     files: list[str | Path],

@@ -22,6 +22,7 @@ SCHEMA_NAMES = ("classification", "completion", "chat", "preference")
 FORMAT_NAMES = ("auto", "openai", "sharegpt", "alpaca", "native")
 
 
+# duplicates: alike train/config.py:TrainConfig on purpose (pydantic field declarations).
 class ImportOptions(BaseModel):
     """How files are read, checked, cleaned and split (every key of ``data:`` but ``name``/``files``)."""
 

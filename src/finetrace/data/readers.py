@@ -51,6 +51,7 @@ class ReadOptions:
 
 
 # -- opening ------------------------------------------------------------------------------------
+# duplicates: alike within on purpose (the UTF-32 and UTF-16 byte order mark refusals).
 def _check_start(fh, display: str) -> int:
     """Skip a UTF-8 BOM (return its length); refuse UTF-16/32 byte order marks, naming the encoding."""
     head = fh.peek(4)[:4]

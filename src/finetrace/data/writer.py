@@ -83,6 +83,7 @@ def _label_counts(p1: _Pass1, split: np.ndarray) -> dict:
     return label_counts
 
 
+# duplicates: alike data/importer.py:import_dataset on purpose (a call of write_dataset and its signature).
 def write_dataset(
     out: Path,
     p1: _Pass1,

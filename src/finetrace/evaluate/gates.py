@@ -25,6 +25,7 @@ def _row(name: str, value: float | None, threshold: float, op: str, note: str = 
     return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(ok), "note": note}
 
 
+# duplicates: alike within on purpose (one gate row per threshold).
 def apply_gates(gates: Gates, result: dict, primary: str) -> list[dict]:
     """``result`` is one entry of a report's ``models`` list (see ``runner``)."""
     rows = []

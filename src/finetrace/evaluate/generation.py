@@ -47,6 +47,7 @@ def _left_pad(rows: list[list[int]], pad: int):
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# duplicates: alike generate on purpose (generate() is generate_seqs() reduced to the answers; the public signature is spelled out in both).
 def generate_seqs(
     model,
     tok,
@@ -66,6 +67,7 @@ def generate_seqs(
     return seqs
 
 
+# duplicates: alike generate_seqs on purpose (generate() is generate_seqs() reduced to the answers; the public signature is spelled out in both).
 def generate(
     model,
     tok,

@@ -4,6 +4,7 @@ from .lineage import lineage
 from .log import Artifact, Checkpoint, Entry, Ledger, Run, RunRecorder
 from .verify import VerifyReport, verify_workspace
 
+# duplicates: alike ledger/log.py:__all__ on purpose (the package re-exports the names of ledger.log).
 __all__ = [
     "Artifact",
     "Checkpoint",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ..canonical import canonical_json
 
 
+# duplicates: alike _ix_run_started on purpose (one index writer per ledger event kind).
 def _ix_artifact(conn: sqlite3.Connection, e: dict) -> None:
     d = e["data"]
     conn.execute(
@@ -30,6 +31,7 @@ def _ix_artifact(conn: sqlite3.Connection, e: dict) -> None:
         conn.execute("INSERT OR IGNORE INTO edges VALUES (?,?,'output')", (d["run_id"], d["digest"]))
 
 
+# duplicates: alike _ix_artifact on purpose (one index writer per ledger event kind).
 def _ix_run_started(conn: sqlite3.Connection, e: dict) -> None:
     d = e["data"]
     conn.execute(

@@ -12,6 +12,7 @@ from ..errors import NotFoundError
 from .log import Ledger
 
 
+# duplicates: alike within on purpose (the upstream and downstream walks are mirror images, each readable on its own).
 def lineage(ledger: Ledger, digest: str, direction: str = "both", depth: int = 50) -> dict:
     """Return ``{"root", "artifacts": {digest: ...}, "runs": {id: ...}, "edges": [[src, dst], ...]}``.
 

@@ -37,6 +37,7 @@ from .records import ARTIFACT_KINDS, RUN_KINDS, Artifact, Checkpoint, Entry, Run
 from .schema import INDEX_TABLES, migrate
 from .signing import KeyPair
 
+# duplicates: alike ledger/__init__.py:__all__ on purpose (the package re-exports the names of ledger.log).
 __all__ = [
     "ARTIFACT_KINDS",
     "INDEXERS",

@@ -58,6 +58,7 @@ def inclusion_proof(index: int, leaves: list[bytes]) -> list[bytes]:
     return inclusion_proof(index - k, leaves[k:]) + [root(leaves[:k])]
 
 
+# duplicates: alike verify_consistency on purpose (RFC 9162's inclusion and consistency proof walks, each kept as the RFC writes it).
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: list[bytes], expected_root: bytes) -> bool:
     """RFC 9162 §2.1.3.2. Its loop has the same shape as ``verify_consistency``'s (§2.1.4.2) by the RFC's
     design: kept as two literal transcriptions of the RFC rather than one clever function."""
@@ -100,6 +101,7 @@ def consistency_proof(m: int, leaves: list[bytes]) -> list[bytes]:
     return subproof(m, leaves, True)
 
 
+# duplicates: alike verify_inclusion on purpose (RFC 9162's inclusion and consistency proof walks, each kept as the RFC writes it).
 def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes, proof: list[bytes]) -> bool:
     """RFC 9162 §2.1.4.2 (its inner loop is the twin of ``verify_inclusion``'s, as in the RFC)."""
     if first > second or first == 0:

@@ -86,6 +86,9 @@ class Checkpoint:
             }
         )
 
+    # duplicates: alike ledger/verify.py:to_dict on purpose (to_dict of a record type).
+    # duplicates: alike serve/parity.py:to_dict on purpose (to_dict of a record type).
+    # duplicates: alike within on purpose (to_dict of a record type).
     def to_dict(self) -> dict:
         return {
             "size": self.size,
@@ -118,6 +121,7 @@ class Artifact:
     def version(self) -> int | None:
         return int(self.aliases[-1].rsplit("@", 1)[1]) if self.aliases else None
 
+    # duplicates: alike within on purpose (to_dict of a record type).
     def to_dict(self) -> dict:
         return {
             "digest": self.digest,

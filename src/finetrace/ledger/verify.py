@@ -44,6 +44,8 @@ class VerifyReport:
     def guarantee(self, name: str, status: str, detail: str) -> None:
         self.guarantees.append({"guarantee": name, "status": status, "detail": detail})
 
+    # duplicates: alike ledger/records.py:to_dict on purpose (to_dict of a record type).
+    # duplicates: alike serve/parity.py:to_dict on purpose (to_dict of a record type).
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,

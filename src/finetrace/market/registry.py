@@ -36,6 +36,7 @@ from .checks import Limits, Refused, check_adapter, check_file, refuse
 from .migrations import WEIGHTS
 from .names import confusable_with
 from .package import check_shape, documents_present, manifest_digest, parse_ref, verify, verify_attestation
+from .search import search as _search
 
 
 class AuthError(FinetraceError):
@@ -213,6 +214,7 @@ class Registry:
                 hint="publish under a name a buyer cannot mistake for another publisher's adapter",
             )
 
+    # duplicates: alike train/adapters.py:apply_method on purpose (a library error turned into a finetrace error with a hint).
     def _check_manifest(self, manifest: dict, signature: dict, pinned: set[str]) -> None:
         lim = self.settings.limits
         total = sum(f["size"] for f in manifest["files"])
@@ -575,24 +577,8 @@ class Registry:
         return self.store.path(f["digest"]).read_bytes()[:limit].decode("utf-8", "replace")
 
     # -- search ----------------------------------------------------------------------------------
-    def search(
-        self,
-        query: str = "",
-        domain: str | None = None,
-        task: str | None = None,
-        base: str | None = None,
-        license: str | None = None,
-        min_metric: list[str] = (),
-        sort: str | None = None,
-        limit: int = 20,
-        offset: int = 0,
-        verified: bool | None = None,
-        cursor: str | None = None,
-    ) -> dict:
-        """Packages matching the text and filters: ``finetrace.market.search.search``."""
-        from .search import search
-
-        return search(self, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor)
+    # ``Registry.search`` is ``finetrace.market.search.search`` itself (its signature and docstring are there).
+    search = _search
 
 
 from .search import parse_metric_filter  # noqa: E402,F401  (one copy, in search.py; re-exported)

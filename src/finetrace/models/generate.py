@@ -116,6 +116,7 @@ def stream_chat(
     stats.finish_reason = seq.finish
 
 
+# duplicates: alike cli/models.py:generate on purpose (the CLI loads and streams itself to time the load and the reply apart).
 def generate(
     ws: Workspace,
     model_ref: str,

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 # Llama-3.2-1B's published config (hidden 2048, 16 layers, 32/8 heads, vocab 128256, tied embeddings)
+# duplicates: alike within on purpose (a table of model shapes: alike by nature, one entry per shape).
 SHAPES = {
     "llama-3.2-1b": dict(
         hidden_size=2048,

@@ -54,7 +54,7 @@ from ..workspace import Workspace
 from .deploy import stop_engine
 from .metrics import Metrics
 from .registry import AdapterInfo, check_adapter
-from .requestlog import RequestLog, request_event
+from .requestlog import RequestLog, log_request
 from .settings import ServeSettings
 
 log = logging.getLogger("finetrace.serve")
@@ -113,6 +113,20 @@ class _Slot:
     info: AdapterInfo
     peft_name: str
     unloading: bool = False
+
+
+def bind_request(engine, req: GenRequest) -> None:
+    """Resolve ``req.model`` on ``engine`` (NotFoundError) and check the prompt and ``max_tokens`` fit its
+    context (InputError): the one admission check of the native engine and the gateway (``GatewayEngine``)."""
+    req.model, req.adapter_name, req.adapter_digest = engine.resolve_model(req.model)
+    if not req.prompt_ids:
+        raise InputError("the prompt is empty", field="prompt")
+    if len(req.prompt_ids) + req.max_tokens > engine.context_len:
+        raise InputError(
+            f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+            f"context length {engine.context_len}",
+            field="max_tokens",
+        )
 
 
 class Engine:
@@ -326,16 +340,7 @@ class Engine:
             raise ShuttingDown("the engine is not running", hint="call Engine.start() first")
         if self._stopping:
             raise ShuttingDown("the server is shutting down", hint="retry on another replica")
-        mid, peft_name, digest = self.resolve_model(req.model)
-        req.model, req.adapter_name, req.adapter_digest = mid, peft_name, digest
-        if not req.prompt_ids:
-            raise InputError("the prompt is empty", field="prompt")
-        if len(req.prompt_ids) + req.max_tokens > self.context_len:
-            raise InputError(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                f"context length {self.context_len}",
-                field="max_tokens",
-            )
+        bind_request(self, req)
         req.submitted = time.perf_counter()
         try:
             self._queue.put_nowait(req)
@@ -577,17 +582,4 @@ class Engine:
     def _log_request(
         self, req: GenRequest, text: str, finish: str, n_out: int, latency: float, error: str | None = None
     ) -> None:
-        if self.request_log is not None:
-            self.request_log.add(
-                request_event(
-                    req,
-                    self.deployment,
-                    self.base.digest,
-                    text,
-                    finish,
-                    n_out,
-                    latency,
-                    error,
-                    self.settings.log_content,
-                )
-            )
+        log_request(self, req, text, finish, n_out, latency, error)

@@ -41,6 +41,7 @@ class Metrics:
         with self._lock:
             self.rejected += 1
 
+    # duplicates: alike within on purpose (one Prometheus metric family after another).
     def render(self, gauges: dict[str, tuple[str, float]] | None = None) -> str:
         """The exposition text; ``gauges``: name -> (help, value)."""
         with self._lock:

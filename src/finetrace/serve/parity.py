@@ -49,6 +49,8 @@ class ParityResult:
     def exact(self) -> bool:
         return self.agreeing == self.n
 
+    # duplicates: alike ledger/records.py:to_dict on purpose (to_dict of a record type).
+    # duplicates: alike ledger/verify.py:to_dict on purpose (to_dict of a record type).
     def to_dict(self) -> dict:
         return {
             "adapter": self.adapter,
@@ -136,14 +138,20 @@ def parity(
         recorded = subject.answer_tokens or subject.answers
         if subject.answer_tokens is None and rep.task != "classification":
             served = [eng.tokenizer.decode(s, skip_special_tokens=True).strip() for s in served]
-        res = ParityResult(adapter.digest, rep_art.digest, str(subject.adapter), engine, len(served), 0, run_id=run.id)
-        for i, (a, b) in enumerate(zip(recorded, served)):
-            if a == b:
-                res.agreeing += 1
-            else:
-                res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
-        run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
+        res = _compare(run, adapter, rep_art, subject, engine, es, recorded, served)
         run.event("parity.result", res.to_dict())
+    return res
+
+
+def _compare(run, adapter, rep_art, subject, engine: str, es, recorded: list, served: list) -> ParityResult:
+    """Answer by answer, the recorded eval answers against the served ones, as ``run``'s metrics (both engines)."""
+    res = ParityResult(adapter.digest, rep_art.digest, str(subject.adapter), engine, len(served), 0, run_id=run.id)
+    for i, (a, b) in enumerate(zip(recorded, served)):
+        if a == b:
+            res.agreeing += 1
+        else:
+            res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
+    run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
     return res
 
 
@@ -191,13 +199,7 @@ def _parity_gateway(
         else:
             recorded = subject.answers or [as_text(t) for t in subject.answer_tokens]
         config["compared"] = "token ids, decoded by the base's tokenizer" if tokens else "the engine's text"
-        res = ParityResult(adapter.digest, rep_art.digest, str(subject.adapter), engine, len(served), 0, run_id=run.id)
-        for i, (a, b) in enumerate(zip(recorded, served)):
-            if a == b:
-                res.agreeing += 1
-            else:
-                res.differing.append({"i": i, "id": es.examples[i].id, "eval": a, "served": b})
-        run.metrics.update({"agreement": res.agreement, "n": res.n, "differing": len(res.differing)})
+        res = _compare(run, adapter, rep_art, subject, engine, es, recorded, served)
         run.event(
             "parity.result",
             {**res.to_dict(), "engine_version": eng.backend.describe().get("version"), "compared": config["compared"]},

@@ -74,6 +74,26 @@ def request_event(
     return event
 
 
+def log_request(engine, req, text: str, finish: str, n_out: int, latency: float, error: str | None = None) -> None:
+    """Add ``req``'s ``serve.request`` event to ``engine.request_log`` (None: nothing is logged). The one
+    bookkeeping of the native engine (``Engine._log_request``) and the gateway (``GatewayEngine._log``):
+    both hold ``request_log``, ``deployment``, ``base`` and ``settings``."""
+    if engine.request_log is not None:
+        engine.request_log.add(
+            request_event(
+                req,
+                engine.deployment,
+                engine.base.digest,
+                text,
+                finish,
+                n_out,
+                latency,
+                error,
+                engine.settings.log_content,
+            )
+        )
+
+
 def spill(root: str | Path, type_: str, records: list[dict], reason: str) -> Path:
     """Write ``records`` (ledger event payloads of ``type_``) that could not reach the ledger to a new
     file ``ROOT/spill/TYPE-TIME-RAND.jsonl`` (atomically), log a warning naming it, and return its path."""

@@ -64,6 +64,7 @@ def linear_targets(model) -> list[str]:
     return sorted(names)
 
 
+# duplicates: alike market/registry.py:_check_manifest on purpose (a library error turned into a finetrace error with a hint).
 def apply_method(model, cfg: TrainConfig, parent_path: Path | None):
     """Wrap ``model`` for training; returns (model, method facts recorded with the adapter)."""
     import torch

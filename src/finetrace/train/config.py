@@ -34,6 +34,7 @@ def _no_bool(v):
     return v
 
 
+# duplicates: alike DpoParams on purpose (pydantic field declarations).
 class LoraParams(BaseModel):
     """Parameters of the LoRA family (``x -> W0 x + (alpha/r) B A x``; rsLoRA scales by alpha/sqrt(r))."""
 
@@ -58,6 +59,7 @@ class LoraParams(BaseModel):
     _number = field_validator("r", "alpha", "dropout", mode="before")(lambda v: _no_bool(v))
 
 
+# duplicates: alike LoraParams on purpose (pydantic field declarations).
 class DpoParams(BaseModel):
     """Parameters of the DPO objective (Rafailov et al. 2023; names as in TRL).
 
@@ -134,6 +136,7 @@ class QuantParams(BaseModel):
 PARALLEL = ("ddp", "fsdp")
 
 
+# duplicates: alike data/options.py:ImportOptions on purpose (pydantic field declarations).
 class TrainConfig(BaseModel):
     """Everything a training run depends on; stored resolved with the run in the ledger."""
 

@@ -77,6 +77,7 @@ def parts(model):
     return lm.base_model, lm.get_output_embeddings()
 
 
+# duplicates: alike reference_loss_sum on purpose (the hidden-state and the logits forward of the same packed batch).
 def loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
     """Sum of the per-target-token cross-entropy of one micro-batch (divide by the step's token count)."""
     backbone, head = parts(model)
@@ -92,6 +93,7 @@ def loss_sum(model, batch, chunk: int = 1024) -> torch.Tensor:
     return LinearCrossEntropy.apply(h, head.weight, head.bias, batch.targets, chunk)
 
 
+# duplicates: alike loss_sum on purpose (the hidden-state and the logits forward of the same packed batch).
 def reference_loss_sum(model, batch) -> torch.Tensor:
     """The textbook computation (full logits, standard cross-entropy) that ``loss_sum`` must equal."""
     with segments(batch.cu_seqlens):

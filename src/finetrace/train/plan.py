@@ -63,6 +63,7 @@ class ModelShape:
     largest_linear: int = 0  # elements of the largest decoder linear weight
 
 
+# duplicates: alike models/folder.py:describe on purpose (per-layer module shapes listed in the same order).
 def read_shape(folder: Path) -> ModelShape:
     """Shapes of a model folder's tensors from its safetensors headers and config.json."""
     cfg = json.loads((folder / "config.json").read_text())

@@ -33,10 +33,10 @@ from ...models import model_path
 from ...models.identity import text_identity
 from ...workspace import Workspace
 from ..deploy import close_deploy
-from ..engine import GenRequest, QueueFull, Result, ShuttingDown
+from ..engine import GenRequest, QueueFull, Result, ShuttingDown, bind_request
 from ..metrics import Metrics
 from ..registry import AdapterInfo, check_adapter
-from ..requestlog import RequestLog, request_event
+from ..requestlog import RequestLog, log_request
 from ..settings import ServeSettings
 from .process import EngineUnavailable
 
@@ -249,16 +249,7 @@ class GatewayEngine:
                 f"logprobs and labels are served by the native engine only, not {self.backend.name}",
                 field="logprobs" if req.logprobs is not None else "labels",
             )
-        mid, name, digest = self.resolve_model(req.model)
-        req.model, req.adapter_name, req.adapter_digest = mid, name, digest
-        if not req.prompt_ids:
-            raise InputError("the prompt is empty", field="prompt")
-        if len(req.prompt_ids) + req.max_tokens > self.context_len:
-            raise InputError(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                f"context length {self.context_len}",
-                field="max_tokens",
-            )
+        bind_request(self, req)
         if not self.healthy:
             raise EngineUnavailable(
                 f"the {self.backend.name} engine is not answering ({self._state})",
@@ -353,20 +344,7 @@ class GatewayEngine:
         self._emit(req, "error", exc)
 
     def _log(self, req, text, finish, n_out, latency, error=None) -> None:
-        if self.request_log is not None:
-            self.request_log.add(
-                request_event(
-                    req,
-                    self.deployment,
-                    self.base.digest,
-                    text,
-                    finish,
-                    n_out,
-                    latency,
-                    error,
-                    self.settings.log_content,
-                )
-            )
+        log_request(self, req, text, finish, n_out, latency, error)
 
     @staticmethod
     def _emit(req: GenRequest, kind: str, value) -> None:

@@ -13,7 +13,7 @@ import httpx
 
 from ...errors import DependencyError
 from ..gguf_export import publish, write_gguf, write_gguf_lora
-from .process import EngineProcess, EngineUnavailable, free_port, python_module
+from .process import EngineProcess, EngineUnavailable, LaunchedEngine, free_port, python_module
 
 WORKER = "finetrace.serve.engines.llamacpp_worker"
 
@@ -26,7 +26,7 @@ def _sha256(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(LaunchedEngine):
     name = "llamacpp"
     supervised = True
 
@@ -45,13 +45,6 @@ class LlamaCppBackend:
         self.files: dict[str, dict] = {}  # what was converted: {ref: {"gguf": path, "gguf_sha256": ...}}
         self.base_dir: Path | None = None
         self.base_id = ""
-
-    @property
-    def process(self) -> EngineProcess:
-        """The engine process (EngineUnavailable before ``start``)."""
-        if self.proc is None:
-            raise EngineUnavailable(f"the {self.name} engine has not been started")
-        return self.proc
 
     # -- conversion ---------------------------------------------------------------------------
     def base_gguf(self, base_dir: Path, base_digest: str) -> Path:
@@ -93,20 +86,8 @@ class LlamaCppBackend:
         )
         self.process.start()
 
-    def restart(self) -> None:
-        self.process.kill()
-        self.process.start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.process.kill()
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
-
-    @property
-    def returncode(self):
-        return self.proc.returncode if self.proc else None
 
     @property
     def url(self) -> str:

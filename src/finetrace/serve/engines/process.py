@@ -29,6 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LaunchedEngine:
+    """The lifecycle shared by the backends that launch their engine as an ``EngineProcess`` (llama.cpp, and
+    vLLM in launch mode): ``proc`` is None until ``start`` (and stays None when vLLM is attached to)."""
+
+    name: str
+    proc: EngineProcess | None
+
+    @property
+    def process(self) -> EngineProcess:
+        """The engine process (EngineUnavailable before ``start``)."""
+        if self.proc is None:
+            raise EngineUnavailable(f"the {self.name} engine has not been started")
+        return self.proc
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    def restart(self) -> None:
+        self.process.kill()
+        self.process.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.process.kill()
+
+
 class EngineProcess:
     def __init__(self, argv: list[str], port: int, log_path: Path, start_timeout_s: float = 120):
         self.argv, self.port, self.log_path, self.start_timeout_s = argv, port, Path(log_path), start_timeout_s

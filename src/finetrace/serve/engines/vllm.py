@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from ...errors import DependencyError, InputError
-from .process import EngineProcess, EngineUnavailable, free_port
+from .process import EngineProcess, EngineUnavailable, LaunchedEngine, free_port
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -83,7 +83,7 @@ def vllm_command(
     return argv
 
 
-class VllmBackend:
+class VllmBackend(LaunchedEngine):
     name = "vllm"
 
     def __init__(self, upstream: str | None = None, api_key: str | None = None):
@@ -93,13 +93,6 @@ class VllmBackend:
         self.version: str | None = None
         self.real_max_rank = 0
         self.base_id = ""
-
-    @property
-    def process(self) -> EngineProcess:
-        """The engine process (EngineUnavailable before ``start``)."""
-        if self.proc is None:
-            raise EngineUnavailable(f"the {self.name} engine has not been started")
-        return self.proc
 
     def start(self, base_dir: Path, base, adapters: list) -> None:
         self.base_id = base.name or base.digest
@@ -156,18 +149,6 @@ class VllmBackend:
             return httpx.get(self.url + "/health", headers=self.headers(), timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
-
-    @property
-    def returncode(self):
-        return self.proc.returncode if self.proc else None
-
-    def restart(self) -> None:
-        self.process.kill()
-        self.process.start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.process.kill()
 
     def describe(self) -> dict:
         return {
