@@ -3,12 +3,15 @@ numbers as transformers' fp32 copy, half the memory; the NF4 weights are the one
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import pytest
 import torch
 
 from finetrace.models.random_init import write_random_model
 
-pytest.importorskip("bitsandbytes")
+# checked, not imported, at collection (importing bitsandbytes takes seconds): the tests that use it import it
+pytestmark = pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs the quant extra (bitsandbytes)")
 
 
 @pytest.fixture(scope="module")

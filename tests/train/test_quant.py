@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from finetrace.train import load_config, train
 
 from .train_support import make_config
 
-pytest.importorskip("bitsandbytes")
+# checked, not imported, at collection (importing bitsandbytes takes seconds): the tests that use it import it
+pytestmark = pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs the quant extra (bitsandbytes)")
 
 
 def _losses(ws, art):
