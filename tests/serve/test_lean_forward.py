@@ -35,8 +35,8 @@ def two_adapters(tiny_model_dir):
     return peft.eval(), tok
 
 
-def _decode(model, tok, sel, names, lean: bool, chunk: int = 7):
-    dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk)
+def _decode(model, tok, sel, names, lean: bool, chunk: int = 7, weights: str = "fp32"):
+    dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk, weights=weights)
     if not lean:  # force the model's own forward
         dec._lean_key, dec._lean = (model, sel), None
     seqs = [Seq(encode_chat(tok, p), n, max_tokens=10) for p, n in zip(PROMPTS, names)]
@@ -63,7 +63,7 @@ def test_lean_logits_match_for_prefill_and_decode(two_adapters):
 
     model, tok = two_adapters
     sel = adapter_selector(model, "gathered", ["alpha", "beta"])
-    dec = Decoder(model, tok, sel)
+    dec = Decoder(model, tok, sel, weights="fp32")
     lean = dec.lean()
     rows = [encode_chat(tok, PROMPTS[i]) for i in (0, 3)]
     width = max(map(len, rows))
@@ -117,8 +117,55 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
         ids = list(prompt)
         for _ in range(8):
             ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    dec = Decoder(peft, tok, max_batch=1)
+    dec = Decoder(peft, tok, max_batch=1, weights="fp32")
     assert dec.lean() is not None
     seq = Seq(prompt, max_tokens=8, normalise=False)
     dec.run([seq])
     assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
+
+
+def _rounded_copy(model):
+    """A copy of ``model`` with its base Linear weights and embedding rounded to fp16 (kept fp32, norms
+    untouched): what fp16 storage computes."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_" not in n and "norm" not in n:
+                p.copy_(p.half().float())
+    return twin
+
+
+@pytest.mark.skipif(not __import__("finetrace.decoding.packed", fromlist=["x"]).fp16_kernels(), reason="no fbgemm")
+def test_fp16_weights_compute_the_fp32_model_with_fp16_rounded_weights(two_adapters):
+    from finetrace.decoding.kvcache import slab_cache
+    from finetrace.decoding.lora import adapter_selector as selector
+
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel, weights="fp16")
+    assert dec.weights == "fp16" and dec.lean().packed() is not None
+    twin = _rounded_copy(model)
+    tsel = selector(twin, "gathered", ["alpha", "beta"])
+    rows = [encode_chat(tok, PROMPTS[i]) for i in (1, 4, 6)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        sel.select(["alpha", BASE, "beta"])
+        tsel.select(["alpha", BASE, "beta"])
+        got = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
+        want = twin(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True).logits
+        torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
+        full = Decoder(model, tok, sel, weights="fp32").lean().forward(ids, mask, pos, slab_cache(2).layers)
+        assert not torch.equal(got, full)  # the fp16 path is really taken
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
+    fp16_ids, _ = _decode(model, tok, sel, names, lean=True, weights="fp16")
+    twin_ids, _ = _decode(twin, tok, tsel, names, lean=False)
+    assert fp16_ids == twin_ids
+    packed = dec.lean().packed()
+    with torch.no_grad():  # a changed base weight is repacked, not served stale
+        model.get_base_model().lm_head.weight.mul_(1.0)
+    assert dec.lean().packed() is not packed

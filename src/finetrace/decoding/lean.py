@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import GatheredLoRA, lora_delta
+from .packed import Packed, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -85,8 +86,9 @@ def covers(model, adapters) -> bool:
 class LeanLlama:
     """The lean forward over a Llama model's own parameters (no copies); see the module docstring."""
 
-    def __init__(self, model, adapters: GatheredLoRA | None):
+    def __init__(self, model, adapters: GatheredLoRA | None, weights: str = "fp32"):
         base = _base_of(model)
+        self.base, self.weights = base, weights
         cfg = base.config
         inner = base.model
         self.adapters = adapters
@@ -109,14 +111,36 @@ class LeanLlama:
                 )
             )
 
-    def _lin(self, x, proj) -> torch.Tensor:
+    def _lin(self, x, proj, packed=None) -> torch.Tensor:
         lin, lora = proj
-        out = F.linear(x, lin.weight, lin.bias)
+        out = F.linear(x, lin.weight, lin.bias) if packed is None else linear16(x, packed)
+        return self._lora(out, x, lora)
+
+    def _lora(self, out, x, lora) -> torch.Tensor:
         if lora is not None and self.adapters is not None:
             d = lora_delta(lora, x, self.adapters)
             if d is not None:
                 out = out + d.to(out.dtype)
         return out
+
+    def packed(self) -> Packed | None:
+        """The fp16 packed weights (``packed.py``) when decoding with ``weights="fp16"``, else None."""
+        if self.weights != "fp16":
+            return None
+        return packed_for(self.base, [[lin for lin, _ in p] for _, _, p in self.layers], self.head, self.embed)
+
+    def _qkv(self, h, p, pk):
+        if pk is None:
+            return self._lin(h, p[0]), self._lin(h, p[1]), self._lin(h, p[2])
+        qkv = linear16(h, pk[0]).split(self._splits[0], -1)  # one GEMM over the fused [Wq; Wk; Wv]
+        return tuple(self._lora(o, h, p[i][1]) for i, o in enumerate(qkv))
+
+    def _mlp(self, h, p, pk):
+        if pk is None:
+            return self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
+        g, u = linear16(h, pk[2]).split(self._splits[1], -1)  # one GEMM over the fused [Wg; Wu]
+        g, u = self._lora(g, h, p[4][1]), self._lora(u, h, p[5][1])
+        return self._lin(F.silu(g) * u, p[6], pk[3])
 
     @staticmethod
     def _rms(norm, x) -> torch.Tensor:  # LlamaRMSNorm.forward, as written there
@@ -129,7 +153,8 @@ class LeanLlama:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
         cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
         B, q = ids.shape
-        x = self.embed(ids)  # (B, q, d)
+        packed = self.packed()
+        x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
         cos, sin = cos[:, None], sin[:, None]
         t = mask.shape[1]
@@ -139,11 +164,15 @@ class LeanLlama:
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
         g = self.kv_heads and self.heads // self.kv_heads
-        for (n_in, n_post, p), cache in zip(self.layers, layers):
+        if packed is not None:
+            self._splits = packed.splits
+        for i, ((n_in, n_post, p), cache) in enumerate(zip(self.layers, layers)):
+            pk = packed.layers[i] if packed is not None else None
             h = self._rms(n_in, x)
-            qs = self._lin(h, p[0]).view(B, q, self.heads, self.head_dim).transpose(1, 2)
-            ks = self._lin(h, p[1]).view(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            vs = self._lin(h, p[2]).view(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            qs, ks, vs = self._qkv(h, p, pk)
+            qs = qs.reshape(B, q, self.heads, self.head_dim).transpose(1, 2)
+            ks = ks.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            vs = vs.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
             K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
@@ -156,10 +185,12 @@ class LeanLlama:
                 K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
                 o = F.scaled_dot_product_attention(qs, K, V, attn_mask=keep, scale=self.scale)
                 o = o.transpose(1, 2).reshape(B, q, -1)
-            x = x + self._lin(o, p[3])
+            x = x + self._lin(o, p[3], None if pk is None else pk[1])
             h = self._rms(n_post, x)
-            x = x + self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
+            x = x + self._mlp(h, p, pk)
         last = self._rms(self.norm, x[:, -1:])
+        if packed is not None:
+            return linear16(last, packed.head)[:, -1]
         return F.linear(last, self.head.weight, self.head.bias)[:, -1]
 
 
@@ -168,9 +199,10 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def lean_forward(model, adapters) -> LeanLlama | None:
-    """A ``LeanLlama`` for ``model`` with ``adapters`` when it covers them exactly, else None."""
+def lean_forward(model, adapters, weights: str = "fp32") -> LeanLlama | None:
+    """A ``LeanLlama`` for ``model`` with ``adapters`` when it covers them exactly, else None; ``weights``:
+    ``"fp32"`` (the model's own weights) or ``"fp16"`` (``packed.py``: fp16 storage, fp32 compute)."""
     try:
-        return LeanLlama(model, adapters) if covers(model, adapters) else None
+        return LeanLlama(model, adapters, weights) if covers(model, adapters) else None
     except (AttributeError, TypeError):
         return None
