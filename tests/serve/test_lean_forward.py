@@ -159,6 +159,13 @@ def test_fp16_weights_compute_the_fp32_model_with_fp16_rounded_weights(two_adapt
         got = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
         want = twin(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True).logits
         torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
+        for one in ("alpha", "beta"):  # all rows on one adapter: the fused q/k/v and gate/up LoRA pairs
+            sel.select([one] * 3)
+            tsel.select([one] * 3)
+            alone = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
+            want1 = twin(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True)
+            torch.testing.assert_close(alone, want1.logits[:, -1], atol=1e-5, rtol=1e-5)
+        sel.select(["alpha", BASE, "beta"])
         full = Decoder(model, tok, sel, weights="fp32").lean().forward(ids, mask, pos, slab_cache(2).layers)
         assert not torch.equal(got, full)  # the fp16 path is really taken
     names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import GatheredLoRA, lora_delta
-from .packed import Packed, linear16, packed_for
+from .packed import Packed, fused_lora, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -92,6 +92,7 @@ class LeanLlama:
         cfg = base.config
         inner = base.model
         self.adapters = adapters
+        self._fused_cache: dict = {}  # packed.fused_lora's per-slot pairs
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
@@ -129,17 +130,24 @@ class LeanLlama:
             return None
         return packed_for(self.base, [[lin for lin, _ in p] for _, _, p in self.layers], self.head, self.embed)
 
-    def _qkv(self, h, p, pk):
+    def _fused(self, out, h, p, group: tuple, key) -> tuple:
+        """``out``, one GEMM over projections ``group`` fused, plus their LoRA terms, split per projection:
+        one fused LoRA pair (``packed.fused_lora``) when every row is on one adapter, else one per projection."""
+        sizes, mods, g = [p[j][0].out_features for j in group], [p[j][1] for j in group], self.adapters
+        if g is not None and g.single and any(m is not None for m in mods):
+            a, b = fused_lora(self._fused_cache, key, mods, sizes, g.single)
+            return (out + F.linear(h, a) @ b).split(sizes, -1)
+        return tuple(self._lora(o, h, m) for o, m in zip(out.split(sizes, -1), mods))
+
+    def _qkv(self, h, p, pk, i):
         if pk is None:
             return self._lin(h, p[0]), self._lin(h, p[1]), self._lin(h, p[2])
-        qkv = linear16(h, pk[0]).split(self._splits[0], -1)  # one GEMM over the fused [Wq; Wk; Wv]
-        return tuple(self._lora(o, h, p[i][1]) for i, o in enumerate(qkv))
+        return self._fused(linear16(h, pk[0]), h, p, (0, 1, 2), (i, 0))  # one GEMM over [Wq; Wk; Wv]
 
-    def _mlp(self, h, p, pk):
+    def _mlp(self, h, p, pk, i):
         if pk is None:
             return self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
-        g, u = linear16(h, pk[2]).split(self._splits[1], -1)  # one GEMM over the fused [Wg; Wu]
-        g, u = self._lora(g, h, p[4][1]), self._lora(u, h, p[5][1])
+        g, u = self._fused(linear16(h, pk[2]), h, p, (4, 5), (i, 1))  # one GEMM over [Wg; Wu]
         return self._lin(F.silu(g) * u, p[6], pk[3])
 
     @staticmethod
@@ -164,12 +172,10 @@ class LeanLlama:
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
         g = self.kv_heads and self.heads // self.kv_heads
-        if packed is not None:
-            self._splits = packed.splits
         for i, ((n_in, n_post, p), cache) in enumerate(zip(self.layers, layers)):
             pk = packed.layers[i] if packed is not None else None
             h = self._rms(n_in, x)
-            qs, ks, vs = self._qkv(h, p, pk)
+            qs, ks, vs = self._qkv(h, p, pk, i)
             qs = qs.reshape(B, q, self.heads, self.head_dim).transpose(1, 2)
             ks = ks.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
             vs = vs.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -187,7 +193,7 @@ class LeanLlama:
                 o = o.transpose(1, 2).reshape(B, q, -1)
             x = x + self._lin(o, p[3], None if pk is None else pk[1])
             h = self._rms(n_post, x)
-            x = x + self._mlp(h, p, pk)
+            x = x + self._mlp(h, p, pk, i)
         last = self._rms(self.norm, x[:, -1:])
         if packed is not None:
             return linear16(last, packed.head)[:, -1]
