@@ -124,55 +124,38 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
     assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
 
 
-def _rounded_copy(model):
-    """A copy of ``model`` with its base Linear weights and embedding rounded to fp16 (kept fp32, norms
-    untouched): what fp16 storage computes."""
+@pytest.mark.skipif(not __import__("finetrace.decoding.packed", fromlist=["x"]).fp16_kernels(), reason="no fbgemm")
+def test_fp16_weights_are_the_models_own_weights_rounded_and_every_path_agrees(two_adapters):
     import copy
 
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in twin.named_parameters():
-            if "lora_" not in n and "norm" not in n:
-                p.copy_(p.half().float())
-    return twin
-
-
-@pytest.mark.skipif(not __import__("finetrace.decoding.packed", fromlist=["x"]).fp16_kernels(), reason="no fbgemm")
-def test_fp16_weights_compute_the_fp32_model_with_fp16_rounded_weights(two_adapters):
     from finetrace.decoding.kvcache import slab_cache
-    from finetrace.decoding.lora import adapter_selector as selector
 
     model, tok = two_adapters
+    original = copy.deepcopy(model.get_base_model())
     sel = adapter_selector(model, "gathered", ["alpha", "beta"])
-    dec = Decoder(model, tok, sel, weights="fp16")
+    dec = Decoder(model, tok, sel, weights="fp16")  # rounds the model's base weights in place
     assert dec.weights == "fp16" and dec.lean().packed() is not None
-    twin = _rounded_copy(model)
-    tsel = selector(twin, "gathered", ["alpha", "beta"])
+    base = model.get_base_model()
+    q = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q, q.half().float()) and not torch.equal(q, original.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(base.model.norm.weight, original.model.norm.weight)  # norms untouched
     rows = [encode_chat(tok, PROMPTS[i]) for i in (1, 4, 6)]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        sel.select(["alpha", BASE, "beta"])
-        tsel.select(["alpha", BASE, "beta"])
-        got = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
-        want = twin(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True).logits
-        torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
-        for one in ("alpha", "beta"):  # all rows on one adapter: the fused q/k/v and gate/up LoRA pairs
-            sel.select([one] * 3)
-            tsel.select([one] * 3)
-            alone = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
-            want1 = twin(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True)
-            torch.testing.assert_close(alone, want1.logits[:, -1], atol=1e-5, rtol=1e-5)
-        sel.select(["alpha", BASE, "beta"])
-        full = Decoder(model, tok, sel, weights="fp32").lean().forward(ids, mask, pos, slab_cache(2).layers)
-        assert not torch.equal(got, full)  # the fp16 path is really taken
+        # mixed rows, then all rows on one adapter (the fused q/k/v and gate/up LoRA pairs)
+        for names in (["alpha", BASE, "beta"], ["alpha"] * 3, ["beta"] * 3):
+            sel.select(names)
+            got = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
+            want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True)
+            torch.testing.assert_close(got, want.logits[:, -1], atol=1e-5, rtol=1e-5)
     names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
     fp16_ids, _ = _decode(model, tok, sel, names, lean=True, weights="fp16")
-    twin_ids, _ = _decode(twin, tok, tsel, names, lean=False)
-    assert fp16_ids == twin_ids
+    model_ids, _ = _decode(model, tok, sel, names, lean=False, weights="fp16")
+    assert fp16_ids == model_ids  # the lean fp16 path == the model's own forward on its (rounded) weights
     packed = dec.lean().packed()
     with torch.no_grad():  # a changed base weight is repacked, not served stale
-        model.get_base_model().lm_head.weight.mul_(1.0)
+        base.lm_head.weight.mul_(1.0)
     assert dec.lean().packed() is not packed
