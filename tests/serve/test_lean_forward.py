@@ -1,6 +1,7 @@
 """The lean decode forward (decoding/lean.py) computes what the model's own forward computes: same logits,
 same tokens over mixed-adapter continuous batches with chunked prefill; anything it does not cover falls
-back to the model's forward; a PeftModel decoded without a selector runs its active adapter."""
+back to the model's forward; a PeftModel decoded without a selector runs its active adapter; fp16 decode
+weights (decoding/packed.py) are the model's own weights rounded, and every path agrees on them."""
 
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
     assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("finetrace.decoding.packed", fromlist=["x"]).fp16_kernels(), reason="no fbgemm")
 def test_fp16_weights_are_the_models_own_weights_rounded_and_every_path_agrees(two_adapters):
     import copy
