@@ -52,24 +52,55 @@ def _contiguous(table):
 
 
 def _write_splits(out: Path, p1: _Pass1, split: np.ndarray, keep_cols: list[str], chunk_rows: int) -> None:
-    """Stream the kept rows into one zstd Parquet file per split, ``chunk_rows`` rows per row group."""
-    import pyarrow.parquet as pq
-
-    writers: dict[int, pq.ParquetWriter] = {}
+    """Stream the kept rows into one zstd Parquet file per split, ``chunk_rows`` rows per row group.
+    Each split's file is encoded in a thread of its own (Parquet encoding releases the GIL), fed in
+    row order, so the bytes are those of writing them one after the other."""
+    writers: dict[int, _SplitWriter] = {}
     offset = 0
-    for table in _kept_rows(p1.spills, chunk_rows):
-        codes = split[offset : offset + table.num_rows]
-        offset += table.num_rows
-        table = table.select(keep_cols)
-        for code, name in SPLIT_NAMES.items():
-            mask = codes == code
-            if not mask.any():
-                continue
-            if code not in writers:
-                writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
-            writers[code].write_table(table.filter(np_bools(mask)))
-    for w in writers.values():
-        w.close()
+    try:
+        for table in _kept_rows(p1.spills, chunk_rows):
+            codes = split[offset : offset + table.num_rows]
+            offset += table.num_rows
+            table = table.select(keep_cols)
+            for code, name in SPLIT_NAMES.items():
+                mask = codes == code
+                if not mask.any():
+                    continue
+                if code not in writers:
+                    writers[code] = _SplitWriter(out / f"{name}.parquet", table.schema)
+                writers[code].write(table.filter(np_bools(mask)))
+    finally:
+        for w in writers.values():
+            w.close()
+
+
+class _SplitWriter:
+    """A ``ParquetWriter`` whose ``write_table`` calls run in order in one thread, a few tables ahead."""
+
+    AHEAD = 3  # tables queued per split: memory stays a few row groups
+
+    def __init__(self, path: Path, schema):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="finetrace-parquet")
+        self.pending: deque = deque()
+
+    def write(self, table) -> None:
+        while len(self.pending) >= self.AHEAD:
+            self.pending.popleft().result()  # re-raises a failed write here
+        self.pending.append(self.pool.submit(self.writer.write_table, table))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+            self.writer.close()
 
 
 def _label_counts(p1: _Pass1, split: np.ndarray) -> dict:
