@@ -391,7 +391,7 @@ def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets):
     idx = np.flatnonzero(cand)
     sub = col.take(np_ints(idx))
     vals = sub.to_pylist()
-    win = piimod.windows(sub, dets)
+    win = piimod.windows(sub, dets, [bool(g[idx].any()) for g in gates])
     pos = {r: k for k, r in enumerate(idx.tolist())}
     cuts = None
     if win is not None:
