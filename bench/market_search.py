@@ -163,6 +163,7 @@ def generate(reg, n: int, seed: int = 0, chunk: int = 50_000) -> None:
             _load_chunk(c, reg.dialect, *_rows(rng, vocab, cum, start, min(n, start + chunk), created))
         if reg.dialect == "postgresql":
             c.execute(text(db.PG_TSV_INDEX))
+            c.execute(text(db.PG_LEXEMES_FILL))
             for t in ("accounts", "namespaces", "packages", "versions"):  # COPY with explicit ids: move serials on
                 c.execute(text(f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), (SELECT max(id) FROM {t}))"))
         c.execute(text("ANALYZE"))  # what a registry does on start (finetrace.market.db.analyze)

@@ -15,13 +15,16 @@ What is compared (all in one process, greedy decoding, the same prompts and ``ma
 
 - ``single_stream``: one client, one adapter, on the same engine (decode reads every weight once per
   token, so it is bound by memory bandwidth: ``bandwidth_bound_single_tokens_per_s`` = measured copy
-  bandwidth / weight bytes).
+  bandwidth / the bytes the decode path reads a token, ``decode_weight_bytes``: fp16 storage when
+  ``decode_weights`` is ``fp16`` (decoding/packed.py; evaluation decodes on the same weights), and
+  ``bandwidth_bound_fp32_tokens_per_s`` for the fp32 weights beside it).
 - ``llamacpp_single_stream``: llama.cpp (llama-cpp-python, ``pip install 'finetrace[llamacpp]'``) on the
   same model as GGUF (SmolLM2's Q4_1 file), the same prompts and ``max_tokens``, one client: the anchor.
 
 Roofline: ``roofline_fraction_K`` = tokens/s x FLOPs per token (2 x parameters, output layer included) /
 the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``).
 
+``decode_weights``: the lean forward's weight precision (``fp16``: fp16 storage, fp32 compute).
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
 model's own forward (an architecture the lean forward does not cover).
 
@@ -255,7 +258,7 @@ class SwappingServer:
         return done.get()
 
 
-def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
+def figures(ws, base, results: dict, ceiling: float, bandwidth: float, decode_weights: str = "fp32") -> dict:
     """Tokens/s per configuration, their roofline fractions and the single-stream bounds."""
     from finetrace.models import load_model
 
@@ -265,6 +268,7 @@ def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
     emb = m.get_input_embeddings().weight.numel()
     flops_tok = 2 * (n_params if m.config.tie_word_embeddings else n_params - emb)
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    decode_bytes = weight_bytes // 2 if decode_weights == "fp16" else weight_bytes  # fp32 -> fp16 storage
     del m
     lc = tps.get("llamacpp_single_stream")
     return {
@@ -272,7 +276,9 @@ def figures(ws, base, results: dict, ceiling: float, bandwidth: float) -> dict:
         "copy_bandwidth_gbps": round(bandwidth / 1e9, 1),
         "flops_per_token": flops_tok,
         "weight_bytes": weight_bytes,
-        "bandwidth_bound_single_tokens_per_s": round(bandwidth / weight_bytes, 1),
+        "decode_weight_bytes": decode_bytes,
+        "bandwidth_bound_single_tokens_per_s": round(bandwidth / decode_bytes, 1),
+        "bandwidth_bound_fp32_tokens_per_s": round(bandwidth / weight_bytes, 1),
         "single_stream_tokens_per_s": tps["single_stream"],
         "llamacpp_single_stream_tokens_per_s": lc,
         "single_vs_llamacpp": round(tps["single_stream"] / lc, 3) if lc else None,
@@ -380,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
                 storages[st.data_ptr()] = st.nbytes()
             results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
             results["decode_forward"] = "lean" if eng.decoder.lean() is not None else "model"
+            results["decode_weights"] = eng.decoder.weights if eng.decoder.lean() is not None else "fp32"
         eng.start()
         try:
 
@@ -423,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     memory = results.pop("memory_per_adapter_bytes")
     forward = results.pop("decode_forward")
+    weights = results.pop("decode_weights")
     summary = {
         "bench": "serve_throughput",
         "model": base.ref,
@@ -433,10 +441,11 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_bytes": adapter_bytes,
         "memory_per_adapter_bytes": memory,
         "decode_forward": forward,
+        "decode_weights": weights,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "results": results,
-        **figures(ws, base, results, ceiling, bandwidth),
+        **figures(ws, base, results, ceiling, bandwidth, weights),
     }
     print(json.dumps(summary))
     return summary

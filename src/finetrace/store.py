@@ -92,6 +92,12 @@ class ObjectStore:
 
     def put_file(self, src: str | Path) -> str:
         """Copy ``src`` into the store (hashing while copying) and return its digest."""
+        return self.place(*self.stage_file(src))
+
+    def stage_file(self, src: str | Path) -> tuple[str, str]:
+        """Copy ``src`` to a temp file inside the store, hashing while copying (fsynced): ``(temp path,
+        digest)``. Nothing is stored under a digest until ``place(temp, digest)``; a caller that decides
+        not to store it calls ``discard(temp)`` (a temp left by a killed process is debris)."""
         src = Path(src)
         if not src.exists() or src.is_dir():  # a pipe or device streams in fine
             raise NotFoundError(f"no such file: {src}")
@@ -105,12 +111,23 @@ class ObjectStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            digest = "sha256:" + h.hexdigest()
+        except BaseException:
+            self.discard(tmp)
+            raise
+        return tmp, "sha256:" + h.hexdigest()
+
+    def place(self, tmp: str, digest: str) -> str:
+        """Store a temp file from ``stage_file`` under its digest; return the digest."""
+        try:
             self._place(tmp, digest)
             return digest
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            self.discard(tmp)
+
+    @staticmethod
+    def discard(tmp: str) -> None:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
     def put_dir(self, src: str | Path) -> str:
         """Store every regular file under ``src`` and a manifest; return the manifest's digest."""

@@ -107,6 +107,7 @@ def test_bad_file_is_refused_precisely_and_changes_nothing(workspace, tmp_path, 
         assert info.value.field == field and f"field '{field}'" in msg
     assert snapshot(workspace) == before  # no ledger entry, no object, no artifact
     assert list(workspace.cache.glob("import-*")) == []  # scratch removed
+    assert list(workspace.store.tmp.glob("*")) == []  # the source's staged copy was discarded
     assert verify_workspace(workspace).ok
 
 

@@ -120,6 +120,10 @@ def test_the_written_report_reads_back_typed_and_unchanged(compared, env):
     assert [m.ref for m in typed.tuned] == ["lora-rand@1", "lora-noop@1"] and typed.base.ref == "tiny@1"
     assert typed.subject(env["noop"].digest).passed is True and typed.primary_metric == "accuracy"
     assert typed.base.metrics["accuracy"].value == pytest.approx(5 / 8)
+    from finetrace.decoding.packed import fp16_kernels
+
+    # the precision the answers were computed with is recorded (fp16 storage on a CPU with fbgemm)
+    assert typed.base_model.decode_weights == ("fp16" if fp16_kernels() else "fp32")
 
 
 def test_noop_adapter_equals_base_exactly(compared):

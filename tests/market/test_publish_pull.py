@@ -36,6 +36,14 @@ def test_publish_search_pull_roundtrip(market, server):
     assert client.search(server.url, "contract", domain="medical")["results"] == []
     assert client.search(server.url, "", base=market.base.digest)["results"][0]["name"] == "legal-clauses"
     assert client.search(server.url, "termination liability")["results"][0]["name"] == "legal-clauses"
+    # the last word is a prefix (search as you type); the others are whole words
+    assert client.search(server.url, "termination liab")["results"][0]["name"] == "legal-clauses"
+    assert client.search(server.url, "liab termination")["results"] == []
+    if server.kind == "postgresql":  # the publish put its lexemes where prefixes are expanded from
+        from finetrace.market.search import pg_tsquery
+
+        with server.registry.engine.connect() as conn:
+            assert pg_tsquery(conn, "termination & liab:*") == "'termin' & ( 'liabil' )"
     with pytest.raises(RegistryError, match="bad metric filter"):
         client.search(server.url, "x", min_metric=["accuracy>>1"])
 

@@ -110,6 +110,27 @@ def test_keyset_pages_neither_repeat_nor_skip(catalog):
         reg.search(sort="downloads", cursor=first["next"])  # a relevance cursor for another sort
 
 
+def test_a_prefix_finds_what_the_full_text_index_finds(catalog, monkeypatch):
+    """PostgreSQL expands the last word's prefix into the lexemes it begins; the answers are those of the
+    GIN partial match it replaces (forced here with PREFIX_LEXEMES = 0), page by page."""
+    from finetrace.market import search
+
+    reg = catalog
+    queries = ["contr", "invoice paym", "t90", "radiolog", "zzqx", "ledger t1"]
+    expanded = {q: _all_pages(reg, query=q) for q in queries}
+    assert all(expanded[q] for q in ("contr", "invoice paym", "t90", "radiolog")) and expanded["zzqx"] == []
+    if reg.dialect == "postgresql":
+        with reg.engine.connect() as conn:
+            assert pg_tsquery_has_alternatives(search.pg_tsquery(conn, "invoice & paym:*"))
+            assert search.pg_tsquery(conn, "zzqx:*") == "'zzqx':*"  # no such lexeme: a partial match
+        monkeypatch.setattr(search, "PREFIX_LEXEMES", 0)
+        assert {q: _all_pages(reg, query=q) for q in queries} == expanded
+
+
+def pg_tsquery_has_alternatives(tsq: str) -> bool:
+    return tsq.startswith("'invoic' & ( ") and "'payment'" in tsq and ":*" not in tsq
+
+
 def test_verified_filter_matches_the_flags(catalog):
     reg = catalog
     with reg.Session() as s:

@@ -1,6 +1,7 @@
 """The lean decode forward (decoding/lean.py) computes what the model's own forward computes: same logits,
 same tokens over mixed-adapter continuous batches with chunked prefill; anything it does not cover falls
-back to the model's forward; a PeftModel decoded without a selector runs its active adapter."""
+back to the model's forward; a PeftModel decoded without a selector runs its active adapter; fp16 decode
+weights (decoding/packed.py) are the model's own weights rounded, and every path agrees on them."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def two_adapters(tiny_model_dir):
     return peft.eval(), tok
 
 
-def _decode(model, tok, sel, names, lean: bool, chunk: int = 7):
-    dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk)
+def _decode(model, tok, sel, names, lean: bool, chunk: int = 7, weights: str = "fp32"):
+    dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk, weights=weights)
     if not lean:  # force the model's own forward
         dec._lean_key, dec._lean = (model, sel), None
     seqs = [Seq(encode_chat(tok, p), n, max_tokens=10) for p, n in zip(PROMPTS, names)]
@@ -63,7 +64,7 @@ def test_lean_logits_match_for_prefill_and_decode(two_adapters):
 
     model, tok = two_adapters
     sel = adapter_selector(model, "gathered", ["alpha", "beta"])
-    dec = Decoder(model, tok, sel)
+    dec = Decoder(model, tok, sel, weights="fp32")
     lean = dec.lean()
     rows = [encode_chat(tok, PROMPTS[i]) for i in (0, 3)]
     width = max(map(len, rows))
@@ -117,8 +118,46 @@ def test_a_peft_model_without_selector_decodes_its_active_adapter(tiny_model_dir
         ids = list(prompt)
         for _ in range(8):
             ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    dec = Decoder(peft, tok, max_batch=1)
+    dec = Decoder(peft, tok, max_batch=1, weights="fp32")
     assert dec.lean() is not None
     seq = Seq(prompt, max_tokens=8, normalise=False)
     dec.run([seq])
     assert seq.ids == ids[len(prompt) : len(prompt) + len(seq.ids)] and len(seq.ids) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("finetrace.decoding.packed", fromlist=["x"]).fp16_kernels(), reason="no fbgemm")
+def test_fp16_weights_are_the_models_own_weights_rounded_and_every_path_agrees(two_adapters):
+    import copy
+
+    from finetrace.decoding.kvcache import slab_cache
+
+    model, tok = two_adapters
+    original = copy.deepcopy(model.get_base_model())
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel, weights="fp16")  # rounds the model's base weights in place
+    assert dec.weights == "fp16" and dec.lean().packed() is not None
+    base = model.get_base_model()
+    q = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q, q.half().float()) and not torch.equal(q, original.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(base.model.norm.weight, original.model.norm.weight)  # norms untouched
+    rows = [encode_chat(tok, PROMPTS[i]) for i in (1, 4, 6)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        # mixed rows, then all rows on one adapter (the fused q/k/v and gate/up LoRA pairs)
+        for names in (["alpha", BASE, "beta"], ["alpha"] * 3, ["beta"] * 3):
+            sel.select(names)
+            got = dec.lean().forward(ids, mask, pos, slab_cache(2).layers)
+            want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=slab_cache(), use_cache=True)
+            torch.testing.assert_close(got, want.logits[:, -1], atol=1e-5, rtol=1e-5)
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
+    fp16_ids, _ = _decode(model, tok, sel, names, lean=True, weights="fp16")
+    model_ids, _ = _decode(model, tok, sel, names, lean=False, weights="fp16")
+    assert fp16_ids == model_ids  # the lean fp16 path == the model's own forward on its (rounded) weights
+    packed = dec.lean().packed()
+    with torch.no_grad():  # a changed base weight is repacked, not served stale
+        base.lm_head.weight.mul_(1.0)
+    assert dec.lean().packed() is not packed

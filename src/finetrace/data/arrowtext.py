@@ -141,9 +141,42 @@ def _prepare_one(t: str) -> bytes:
 
 def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
     """MinHash input per row: lower-cased, whitespace runs collapsed to one space, trimmed, at least
-    ``SHINGLE`` bytes (space-padded), as ``_prepare_one``; ASCII rows in numpy, the rest in Python."""
+    ``SHINGLE`` bytes (space-padded), as ``_prepare_one``.
+
+    One ``bytes.translate`` lower-cases the batch and turns ASCII whitespace into spaces; rows that
+    need more (a non-ASCII byte, whitespace at an edge, a short row, and, when they are few, rows with
+    a run of spaces) go through ``_prepare_one``; many rows with runs are collapsed in numpy."""
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     data, offs = str_buffers(arr)
+    data, offs = data[offs[0] : offs[-1]], offs - offs[0]
+    n = len(offs) - 1
+    raw = data.tobytes()
+    low = raw.translate(_LOWER_TABLE)
+    lens = np.diff(offs)
+    fix = (lens < SHINGLE) | edge_bytes(data, offs, IS_WS)
+    if not raw.isascii():
+        fix |= rows_with(data >= 0x80, offs)
+    out_data = np.frombuffer(low, np.uint8)
+    sp = out_data == 32
+    runs = np.flatnonzero(sp[1:] & sp[:-1])  # the first space of each pair of spaces
+    if len(runs):
+        run_rows = np.zeros(n, bool)
+        run_rows[np.searchsorted(offs, runs, side="right") - 1] = True
+        run_rows &= ~fix
+        if run_rows.sum() > max(16, n // 8):  # many: collapse in numpy, not row by row in Python
+            return _collapse(data, offs)
+        fix |= run_rows
+    if not fix.any():
+        return out_data, offs
+    out = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offs), pa.py_buffer(low)])
+    vals = arr.filter(np_bools(fix)).to_pylist()
+    out = pc.replace_with_mask(out, np_bools(fix), pa_strings([_prepare_one(v) for v in vals], pa.large_binary()))
+    return str_buffers(out)
+
+
+def _collapse(data: np.ndarray, offs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``prepare_texts`` with whitespace runs collapsed in numpy (offsets from 0), for batches where
+    many rows hold runs; rows it cannot settle (non-ASCII, short, whitespace at an edge) in Python."""
     n = len(offs) - 1
     ws = IS_WS[data]
     # a whitespace byte survives only after a non-space of its row; rows ending in a space go to Python
@@ -161,7 +194,8 @@ def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
     if not fix.any():
         return out_data, new_offs
     out = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(new_offs), pa.py_buffer(out_data)])
-    vals = arr.filter(np_bools(fix)).to_pylist()
+    texts = pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offs), pa.py_buffer(data)])
+    vals = texts.filter(np_bools(fix)).to_pylist()
     out = pc.replace_with_mask(out, np_bools(fix), pa_strings([_prepare_one(v) for v in vals], pa.large_binary()))
     return str_buffers(out)
 
@@ -169,6 +203,7 @@ def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
 _LOWER = np.arange(256, dtype=np.uint8)
 _LOWER[65:91] += 32
 _LOWER[IS_WS] = 32
+_LOWER_TABLE = _LOWER.tobytes()  # the same mapping for bytes.translate
 
 
 def signatures(

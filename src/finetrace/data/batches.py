@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InputError
 from . import pii as piimod
 from .arrowtext import (
     WS_OR_HIGH,
@@ -63,6 +64,24 @@ class Chunk:
     offset: int
     payload: object
     seq: int = 0  # position among all chunks of an import (names its spill file)
+    source: str | None = None  # a plain (uncompressed) file holding ``payload`` at ``offset``
+    size: int = 0  # bytes of ``payload``
+
+    def by_reference(self) -> Chunk:
+        """This chunk without its bytes when they can be read back from ``source`` (a worker process
+        reads them from the page cache instead of through a pipe)."""
+        if self.kind != "jsonl" or self.source is None:
+            return self
+        return Chunk(self.kind, self.first_line, self.offset, None, self.seq, self.source, self.size)
+
+    def bytes(self) -> bytes:
+        if self.payload is None:  # sent by reference
+            with open(self.source, "rb") as fh:  # type: ignore[arg-type]
+                fh.seek(self.offset)
+                self.payload = fh.read(self.size)
+            if len(self.payload) != self.size:
+                raise InputError(f"the file changed while it was read ({self.size} bytes expected)", file=self.source)
+        return self.payload
 
 
 @dataclass
@@ -176,7 +195,7 @@ def _records(items, validator: RowValidator, ctx: Ctx):
 def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
     """A block of whole JSONL lines: parsed by Arrow when every line is a plain object of consistent
     types, else line by line (the reference reader), which also names each bad line."""
-    buf: bytes = chunk.payload
+    buf: bytes = chunk.bytes()
     arr = np.frombuffer(buf, np.uint8)
     nl = np.flatnonzero(arr == 10)
     starts = np.concatenate([[0], nl + 1])
@@ -391,7 +410,7 @@ def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets):
     idx = np.flatnonzero(cand)
     sub = col.take(np_ints(idx))
     vals = sub.to_pylist()
-    win = piimod.windows(sub, dets)
+    win = piimod.windows(sub, dets, [bool(g[idx].any()) for g in gates])
     pos = {r: k for k, r in enumerate(idx.tolist())}
     cuts = None
     if win is not None:

@@ -159,9 +159,8 @@ class MinHasher:
         sigs = sigs.reshape(self.n, self.num_perm)
         all_active = bool(active.all())
         idx_active = np.arange(self.n) if all_active else np.flatnonzero(active)
-        confirmed: dict[tuple[int, int], float] = {}
-        checked = 0
-        for band in range(self.bands):
+
+        def band_pairs(band: int) -> tuple[dict, int]:
             col = np.fromfile(self.scratch / f"band{band}.u64", np.uint64, count=self.n)
             if not all_active:
                 col = col[idx_active]
@@ -170,7 +169,7 @@ class MinHasher:
             del col
             same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1  # positions equal to previous
             if not len(same):
-                continue
+                return {}, 0
             starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
             del sorted_keys
             run_start = starts[np.searchsorted(starts, same, side="right") - 1]
@@ -180,13 +179,24 @@ class MinHasher:
             j = idx_active[order[same]]
             del order, same, run_start
             lo, hi = np.minimum(i, j), np.maximum(i, j)
+            found: dict[tuple[int, int], float] = {}
             for k in range(0, len(lo), 4096):  # estimated Jaccard = fraction of equal signature slots
                 a, b = lo[k : k + 4096], hi[k : k + 4096]
                 est = (sigs[a] == sigs[b]).mean(axis=1)
                 ok = est >= self.threshold
-                for a_, b_, e in zip(a[ok].tolist(), b[ok].tolist(), est[ok].tolist()):
-                    confirmed[(a_, b_)] = e
-                checked += len(a)
+                found.update(zip(zip(a[ok].tolist(), b[ok].tolist()), est[ok].tolist()))
+            return found, len(lo)
+
+        # bands are independent, and sorting releases the GIL: two threads (a pair found in several
+        # bands has one estimate, so the result does not depend on which band found it first)
+        from concurrent.futures import ThreadPoolExecutor
+
+        confirmed: dict[tuple[int, int], float] = {}
+        checked = 0
+        with ThreadPoolExecutor(2, thread_name_prefix="finetrace-lsh") as pool:
+            for found, n_checked in pool.map(band_pairs, range(self.bands)):
+                confirmed.update(found)
+                checked += n_checked
         self.candidates_checked = checked
         out = [(a, b, e) for (a, b), e in confirmed.items()]
         out.sort()

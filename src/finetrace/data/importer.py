@@ -107,18 +107,20 @@ def import_dataset(
     check_name(name)
     given = load_given(opts.datasheet)
     detectors = piimod.detectors()
+    sources = _sources(files, opts)
     ws.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(ws.root, "import-"), dir=ws.cache))  # see debris.py
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
+    staging = _Staging(ws, sources)  # sources are copied into the store's temp folder during pass 1
     try:
-        sources, layout, fmap, fractions, p1, schema, dropped, decisions = _read_and_decide(
-            files, opts, detectors, scratch, minhasher, progress
+        layout, fmap, fractions, p1, schema, dropped, decisions = _read_and_decide(
+            sources, opts, detectors, scratch, minhasher, progress
         )
 
         transforms = _transforms(sources, fmap, schema, opts, detectors, fractions, layout)
         config = _config(name, opts, schema, fmap, fractions, transforms, layout)
         # only now, after every row was accepted, does anything enter the workspace
-        src_digests = _store_sources(ws, sources)
+        src_digests = _store_sources(ws, sources, staging)
         with ws.ledger.run("import", config=config, inputs=src_digests, seed=opts.seed) as run:
             out = scratch / "dataset"
             info = write_dataset(
@@ -167,6 +169,7 @@ def import_dataset(
             )
         return art
     finally:
+        staging.close()
         minhasher.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -224,11 +227,39 @@ def _config(name: str, opts: ImportOptions, schema, fmap, fractions, transforms,
     }
 
 
-def _store_sources(ws: Workspace, sources) -> list[str]:
+class _Staging:
+    """Copies each input file into the store's temp folder in a thread while pass 1 reads it (hashing
+    and writing release the GIL), so storing the sources after the import is accepted is a rename.
+    Folders (a Hub snapshot) are stored at the end as before; ``close`` discards what was not placed."""
+
+    def __init__(self, ws: Workspace, sources: list[_Source]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = ws.store
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="finetrace-stage")
+        self.futures = {id(s): self.pool.submit(self.store.stage_file, s.path) for s in sources if s.path.is_file()}
+
+    def put(self, src: _Source) -> str:
+        fut = self.futures.pop(id(src), None)
+        if fut is None:
+            return self.store.put_dir(src.path) if src.path.is_dir() else self.store.put_file(src.path)
+        return self.store.place(*fut.result())
+
+    def close(self) -> None:
+        for fut in self.futures.values():
+            if not fut.cancel():
+                try:
+                    self.store.discard(fut.result()[0])
+                except Exception:  # the copy itself failed: nothing to discard
+                    pass
+        self.pool.shutdown(wait=True)
+
+
+def _store_sources(ws: Workspace, sources, staging: _Staging) -> list[str]:
     """Store each input file (or folder) as a ``source`` artifact; return their digests, in order."""
     src_digests = []
     for s in sources:
-        digest = ws.store.put_dir(s.path) if s.path.is_dir() else ws.store.put_file(s.path)
+        digest = staging.put(s)
         ws.ledger.add_artifact(
             "source", digest, metadata={"filename": s.path.name, "format": s.fmt, "bytes": ws.store.size(digest)}
         )
@@ -237,25 +268,30 @@ def _store_sources(ws: Workspace, sources) -> list[str]:
     return src_digests
 
 
-def _read_and_decide(files, opts: ImportOptions, detectors, scratch: Path, minhasher: MinHasher, progress):
-    """Pass 1 over every file and the keep/split decisions (nothing enters a workspace)."""
+def _sources(files, opts: ImportOptions) -> list[_Source]:
+    """The input files (the test file first), each with its detected file format."""
     if not files:
         raise InputError("no input files given", hint="finetrace data import FILE... --name NAME")
-    fractions = check_fractions(opts.splits)
-    fmap = dict(opts.mapping or {})
     sources = []
     if opts.test_file is not None:
         t = Path(opts.test_file)
         sources.append(_Source(t, str(opts.test_file), detect_format(t, str(opts.test_file)), True))
     for f in files:
         sources.append(_Source(Path(f), str(f), detect_format(Path(f), str(f)), False))
+    return sources
+
+
+def _read_and_decide(sources, opts: ImportOptions, detectors, scratch: Path, minhasher: MinHasher, progress):
+    """Pass 1 over every file and the keep/split decisions (nothing enters a workspace)."""
+    fractions = check_fractions(opts.splits)
+    fmap = dict(opts.mapping or {})
     layout = _layout(next(s for s in sources if not s.test), opts, fmap)
     p1, schema, dropped, n = _validate_all(sources, opts, fmap, detectors, scratch, minhasher, progress, layout)
     p1.layout = layout
     _release_memory()
     decisions = _decide(p1, n, minhasher, sources, fractions, opts.seed, opts.near_dup, schema, opts.split_unit)
     _release_memory()
-    return sources, layout, fmap, fractions, p1, schema, dropped, decisions
+    return layout, fmap, fractions, p1, schema, dropped, decisions
 
 
 def planned_counts(files: list[str | Path], options: ImportOptions | dict | None = None, **overrides) -> dict:
@@ -266,7 +302,8 @@ def planned_counts(files: list[str | Path], options: ImportOptions | dict | None
     scratch = Path(tempfile.mkdtemp(prefix="finetrace-plan-"))
     minhasher = MinHasher(opts.near_dup_threshold, scratch)
     try:
-        sources, _, _, _, _, _, _, d = _read_and_decide(files, opts, piimod.detectors(), scratch, minhasher, None)
+        sources = _sources(files, opts)
+        _, _, _, _, _, _, d = _read_and_decide(sources, opts, piimod.detectors(), scratch, minhasher, None)
         return {
             "rows_in": sum(s.rows_read for s in sources),
             "dropped": d.dropped,

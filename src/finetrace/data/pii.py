@@ -172,21 +172,40 @@ for _key, _d in zip(("email", "credit_card", "iban", "us_ssn", "ipv4", "ipv6", "
 
 
 def _gates(data, offs) -> list:
-    """Per built-in detector (same order as BUILTIN), a bool (n,) superset of the rows its precheck passes."""
-    from .arrowtext import count_per_row, rows_with
+    """Per built-in detector (same order as BUILTIN), a bool (n,) superset of the rows its precheck passes.
 
-    digit = (data >= 48) & (data <= 57)
-    digits = count_per_row(digit, offs)
-    upper = (data >= 65) & (data <= 90)
-    colon = data == 58
-    iban = rows_with(upper[:-3] & upper[1:-2] & digit[2:-1] & digit[3:], offs) if len(data) > 3 else digits < 0
-    ipv6 = (count_per_row(colon, offs) >= 3) | (rows_with(colon[:-1] & colon[1:], offs) if len(data) > 1 else False)
+    From the positions of the few bytes that matter (digits, '@', ':', '.'): one comparison pass over
+    the bytes each, then work on those positions only (an IBAN start is two capitals before two digits)."""
+    import numpy as np
+
+    n = len(offs) - 1
+
+    def where(mask):
+        return np.flatnonzero(mask)
+
+    def count(pos):
+        return np.bincount(np.searchsorted(offs, pos, side="right") - 1, minlength=n)
+
+    def rows(pos):
+        out = np.zeros(n, bool)
+        out[np.searchsorted(offs, pos, side="right") - 1] = True
+        return out
+
+    dpos = where(np.subtract(data, 48, dtype=np.uint8) < 10)
+    digits = count(dpos)
+    pair = dpos[1:][np.diff(dpos) == 1]  # the second digit of two in a row
+    pair = pair[pair >= 3]
+    up = data[pair - 2] - np.uint8(65) < 26
+    up &= data[pair - 3] - np.uint8(65) < 26
+    iban = rows(pair[up] - 3)
+    cpos = where(data == 58)
+    ipv6 = (count(cpos) >= 3) | rows(cpos[:-1][np.diff(cpos) == 1])  # the row of the first of "::"
     return [
-        rows_with(data == 64, offs),
+        rows(where(data == 64)),
         digits >= 13,
         (digits >= 6) & iban,
         digits >= 9,
-        (digits >= 4) & (count_per_row(data == 46, offs) >= 3),
+        (digits >= 4) & (count(where(data == 46)) >= 3),
         ipv6,
         digits >= 8,
     ]
@@ -219,13 +238,14 @@ _RUNS = [
 _RUN_TABLES: list = []
 
 
-def windows(arr, dets: list[Detector]) -> tuple | None:
+def windows(arr, dets: list[Detector], need: list | None = None) -> tuple | None:
     """Where each detector's matches can be, in the ASCII rows of an Arrow string array (no nulls):
     ``(ascii, per detector [(row, start, endpos)] arrays)``, char offsets within each row; ``endpos``
     keeps one character after the run, so a lookahead or ``\\b`` sees what it sees in the whole text,
     and a lookbehind sees the real text before ``start`` (``Pattern.finditer(text, start, endpos)``).
     Runs too short of the characters an accepted match needs are left out. None when a detector is not
-    a built-in one (it has to read whole texts)."""
+    a built-in one (it has to read whole texts). ``need`` (per detector, a bool): detectors marked
+    False get no windows (no row of ``arr`` passes their gate), which saves their passes over the bytes."""
     import numpy as np
 
     from .arrowtext import rows_with, str_buffers
@@ -240,7 +260,11 @@ def windows(arr, dets: list[Detector]) -> tuple | None:
     row_start = np.zeros(len(data) + 1, bool)
     row_start[offs] = True
     out = []
-    for d in dets:
+    none = np.zeros(0, np.int64)
+    for k, d in enumerate(dets):
+        if need is not None and not need[k]:
+            out.append((none, none, none))
+            continue
         cls, counted, least = _RUN_TABLES[ids.index(id(d))]
         f = cls[data]
         prev = np.empty_like(f)
@@ -251,8 +275,8 @@ def windows(arr, dets: list[Detector]) -> tuple | None:
         nxt[-1:] = False
         nxt[:-1] = f[1:]
         ends = np.flatnonzero(f & (~nxt | row_start[1:])) + 1
-        cs = np.concatenate([[0], np.cumsum(counted[data], dtype=np.int64)])
-        ok = cs[ends] - cs[starts] >= least
+        cpos = np.flatnonzero(counted[data])  # counted characters inside a run [start, end)
+        ok = np.searchsorted(cpos, ends) - np.searchsorted(cpos, starts) >= least
         starts, ends = starts[ok], ends[ok]
         row = np.searchsorted(offs, starts, side="right") - 1
         base = offs[row]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .batches import Chunk, Cleaned, Ctx, process
+from .compressed import compression_of
 from .readers import ReadOptions, jsonl_chunks, parquet_tables, read_rows
 
 AUTO_MIN_BYTES = 64 << 20  # smaller inputs: start-up of workers costs more than they save
@@ -25,8 +26,12 @@ TABLE_ROWS = 8192
 
 def chunks(path: Path, fmt: str, opts: ReadOptions) -> Iterator[Chunk]:
     if fmt == "jsonl":
+        plain = str(path) if path.is_file() and compression_of(path) is None else None
         for line, offset, block, row in jsonl_chunks(path, opts, JSONL_CHUNK_BYTES):
-            yield Chunk("jsonl", line, offset, block) if block is not None else Chunk("records", line, offset, [row])
+            if block is None:
+                yield Chunk("records", line, offset, [row])
+            else:
+                yield Chunk("jsonl", line, offset, block, source=plain, size=len(block))
     elif fmt == "parquet":
         row = 1
         for table in parquet_tables(path, opts, TABLE_ROWS):  # noqa: B007
@@ -122,7 +127,7 @@ class Pool:
             if sent - received >= 2 * w:  # the oldest chunk in flight belongs to this worker
                 yield self._receive(received % w)
                 received += 1
-            _send(self.procs[sent % w].stdin, (_ipc(chunk), ctx))
+            _send(self.procs[sent % w].stdin, (_ipc(chunk.by_reference()), ctx))
             sent += 1
         while received < sent:
             yield self._receive(received % w)

@@ -6,6 +6,7 @@
     kvcache.py  a preallocated KV cache (rows written in place, no per-step copies)
     batch.py    ``Decoder``: continuous batching with chunked prefill, rows on their own adapters
     lean.py     the decode forward for Llama-family models (the model's own forward for anything else)
+    packed.py   fp16-stored, fp32-computed weights for lean.py (fbgemm), q/k/v and gate/up fused
     lora.py     gathered LoRA: a mixed-adapter batch at one matmul pair per layer
     labels.py   label scoring (constrained classification), batched across prompts and adapters
 

@@ -25,6 +25,7 @@ from .chat import end_ids, pad_id
 from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
+from .packed import decode_weights, round_to_fp16
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 
@@ -83,8 +84,15 @@ class _Group:
 class Decoder:
     """A model + tokenizer and the rows decoding on it; not thread-safe (one scheduler calls it)."""
 
-    def __init__(self, model, tok, adapters=None, max_batch: int = 16, prefill_chunk: int = 256):
+    def __init__(
+        self, model, tok, adapters=None, max_batch: int = 16, prefill_chunk: int = 256, weights: str | None = None
+    ):
         self.model, self.tok, self.adapters = model, tok, adapters
+        # the weight precision: packed.decode_weights(model) unless pinned; "fp16" rounds the model's own
+        # weights in place on first use (packed.round_to_fp16), so every forward on it agrees
+        self.weights = weights or decode_weights(model)
+        if self.weights == "fp16":
+            round_to_fp16(model)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.end = end_ids(tok, model)
         self.pad = pad_id(tok)
@@ -148,7 +156,9 @@ class Decoder:
         """The lean forward (``lean.py``) for the current model and adapters, or None: the model's own."""
         if self._lean_key != (self.model, self.adapters):
             self._lean_key = (self.model, self.adapters)
-            self._lean = lean_forward(self.model, self.adapters)
+            if self.weights == "fp16":  # every path (lean or the model's own forward) on the same weights
+                round_to_fp16(self.model)
+            self._lean = lean_forward(self.model, self.adapters, self.weights)
         return self._lean
 
     def forward(self, ids, mask, positions, cache, names: list[str]):

@@ -23,6 +23,7 @@ import torch
 
 from .batch import BASE
 from .chat import pad_id, turn_end_id
+from .packed import decode_weights, round_to_fp16
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:
@@ -129,6 +130,8 @@ def score_prompts(
     """Summed label log-probabilities for each prompt (token ids), each on its own adapter ``names[i]``."""
     if not labels:
         raise ValueError("label scoring needs at least one label")
+    if decode_weights(model) == "fp16":  # the weights generation decodes on (packed.py): one set of numbers
+        round_to_fp16(model)
     conts = label_continuations(tok, labels, model)
     names = list(names) if names is not None else [BASE] * len(prompt_rows)
     order = sorted(range(len(prompt_rows)), key=lambda i: (-len(prompt_rows[i]), i))

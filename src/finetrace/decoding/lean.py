@@ -28,11 +28,16 @@ else (another architecture, a quantised base, DoRA, PEFT's mixed batches) return
 ``generate`` all decode through ``batch.Decoder``, which makes that choice the same way for the same
 model, so what is evaluated is what is served.
 
-Not done (measured, or not measurable here): fusing q/k/v and gate/up into one matmul each (a
-micro-benchmark under a load average of ~5 was inconclusive: 1.3x faster on one thread at batch 1,
-slower on two; it would also need a second copy of those weights); ``torch.compile`` of the step (a
-cold compile costs minutes on this 2-core machine, longer than most evaluation runs). The step is
-eager PyTorch; at batch 16 the matmuls are ~80% of its CPU time (torch.profiler).
+Weights: ``weights="fp32"`` runs on the model's own weights (exactly its forward, up to summation
+order); ``weights="fp16"`` (``packed.py``, the decoder's default on a CPU with fbgemm) runs on fp16
+copies with fp32 compute, q/k/v and gate/up fused into one GEMM each, and, when every row is on one
+adapter, their LoRA terms fused into one matmul pair each. Measured (CPU time per decode step, one
+thread, SmolLM2-135M, LoRA r=8, load ~4-5): batch 1 ~100 -> ~55 ms, batch 16 ~240 -> ~120 ms.
+
+Not done: ``torch.compile`` of the step (a cold compile costs minutes on this 2-core machine, longer
+than most evaluation runs); int8 weights (fbgemm's dynamic int8 quantises activations per tensor, so a
+row's answer would depend on the rows batched with it; ``torch._int_mm`` and ``_weight_int8pack_mm``
+measured 5-50x slower than fp32 here).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import GatheredLoRA, lora_delta
+from .packed import Packed, fused_lora, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -85,11 +91,13 @@ def covers(model, adapters) -> bool:
 class LeanLlama:
     """The lean forward over a Llama model's own parameters (no copies); see the module docstring."""
 
-    def __init__(self, model, adapters: GatheredLoRA | None):
+    def __init__(self, model, adapters: GatheredLoRA | None, weights: str = "fp32"):
         base = _base_of(model)
+        self.base, self.weights = base, weights
         cfg = base.config
         inner = base.model
         self.adapters = adapters
+        self._fused_cache: dict = {}  # packed.fused_lora's per-slot pairs
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
@@ -109,14 +117,43 @@ class LeanLlama:
                 )
             )
 
-    def _lin(self, x, proj) -> torch.Tensor:
+    def _lin(self, x, proj, packed=None) -> torch.Tensor:
         lin, lora = proj
-        out = F.linear(x, lin.weight, lin.bias)
+        out = F.linear(x, lin.weight, lin.bias) if packed is None else linear16(x, packed)
+        return self._lora(out, x, lora)
+
+    def _lora(self, out, x, lora) -> torch.Tensor:
         if lora is not None and self.adapters is not None:
             d = lora_delta(lora, x, self.adapters)
             if d is not None:
                 out = out + d.to(out.dtype)
         return out
+
+    def packed(self) -> Packed | None:
+        """The fp16 packed weights (``packed.py``) when decoding with ``weights="fp16"``, else None."""
+        if self.weights != "fp16":
+            return None
+        return packed_for(self.base, [[lin for lin, _ in p] for _, _, p in self.layers], self.head, self.embed)
+
+    def _fused(self, out, h, p, group: tuple, key) -> tuple:
+        """``out``, one GEMM over projections ``group`` fused, plus their LoRA terms, split per projection:
+        one fused LoRA pair (``packed.fused_lora``) when every row is on one adapter, else one per projection."""
+        sizes, mods, g = [p[j][0].out_features for j in group], [p[j][1] for j in group], self.adapters
+        if g is not None and g.single and any(m is not None for m in mods):
+            a, b = fused_lora(self._fused_cache, key, mods, sizes, g.single)
+            return (out + F.linear(h, a) @ b).split(sizes, -1)
+        return tuple(self._lora(o, h, m) for o, m in zip(out.split(sizes, -1), mods))
+
+    def _qkv(self, h, p, pk, i):
+        if pk is None:
+            return self._lin(h, p[0]), self._lin(h, p[1]), self._lin(h, p[2])
+        return self._fused(linear16(h, pk[0]), h, p, (0, 1, 2), (i, 0))  # one GEMM over [Wq; Wk; Wv]
+
+    def _mlp(self, h, p, pk, i):
+        if pk is None:
+            return self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
+        g, u = self._fused(linear16(h, pk[2]), h, p, (4, 5), (i, 1))  # one GEMM over [Wg; Wu]
+        return self._lin(F.silu(g) * u, p[6], pk[3])
 
     @staticmethod
     def _rms(norm, x) -> torch.Tensor:  # LlamaRMSNorm.forward, as written there
@@ -129,7 +166,8 @@ class LeanLlama:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
         cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
         B, q = ids.shape
-        x = self.embed(ids)  # (B, q, d)
+        packed = self.packed()
+        x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
         cos, sin = cos[:, None], sin[:, None]
         t = mask.shape[1]
@@ -139,11 +177,13 @@ class LeanLlama:
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
         g = self.kv_heads and self.heads // self.kv_heads
-        for (n_in, n_post, p), cache in zip(self.layers, layers):
+        for i, ((n_in, n_post, p), cache) in enumerate(zip(self.layers, layers)):
+            pk = packed.layers[i] if packed is not None else None
             h = self._rms(n_in, x)
-            qs = self._lin(h, p[0]).view(B, q, self.heads, self.head_dim).transpose(1, 2)
-            ks = self._lin(h, p[1]).view(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            vs = self._lin(h, p[2]).view(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            qs, ks, vs = self._qkv(h, p, pk, i)
+            qs = qs.reshape(B, q, self.heads, self.head_dim).transpose(1, 2)
+            ks = ks.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            vs = vs.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
             K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
@@ -156,10 +196,12 @@ class LeanLlama:
                 K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
                 o = F.scaled_dot_product_attention(qs, K, V, attn_mask=keep, scale=self.scale)
                 o = o.transpose(1, 2).reshape(B, q, -1)
-            x = x + self._lin(o, p[3])
+            x = x + self._lin(o, p[3], None if pk is None else pk[1])
             h = self._rms(n_post, x)
-            x = x + self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
+            x = x + self._mlp(h, p, pk, i)
         last = self._rms(self.norm, x[:, -1:])
+        if packed is not None:
+            return linear16(last, packed.head)[:, -1]
         return F.linear(last, self.head.weight, self.head.bias)[:, -1]
 
 
@@ -168,9 +210,10 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def lean_forward(model, adapters) -> LeanLlama | None:
-    """A ``LeanLlama`` for ``model`` with ``adapters`` when it covers them exactly, else None."""
+def lean_forward(model, adapters, weights: str = "fp32") -> LeanLlama | None:
+    """A ``LeanLlama`` for ``model`` with ``adapters`` when it covers them exactly, else None; ``weights``:
+    ``"fp32"`` (the model's own weights) or ``"fp16"`` (``packed.py``: fp16 storage, fp32 compute)."""
     try:
-        return LeanLlama(model, adapters) if covers(model, adapters) else None
+        return LeanLlama(model, adapters, weights) if covers(model, adapters) else None
     except (AttributeError, TypeError):
         return None

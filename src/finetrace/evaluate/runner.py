@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..decoding import BASE
 from ..decoding.lora import adapter_selector
+from ..decoding.packed import decode_weights
 from ..errors import InputError
 from ..ledger import Artifact
 from ..ledger.clearance import record_verdict
@@ -238,8 +239,10 @@ def _report(
     quant,
     metrics: list[str],
     subjects: list[dict],
+    weights: str,
 ) -> dict:
-    """The ``report.json`` document of a compare run."""
+    """The ``report.json`` document of a compare run. ``weights``: the precision the answers were
+    computed with (``decoding.packed.decode_weights``: fp16 storage with fp32 compute on CPUs)."""
     return {
         "format": REPORT_FORMAT,
         "run_id": run_id,
@@ -254,7 +257,12 @@ def _report(
             "labels": es.labels,
             "n": len(es.examples),
         },
-        "base_model": {"digest": base_art.digest, "ref": base_art.ref, "quantization": quant},
+        "base_model": {
+            "digest": base_art.digest,
+            "ref": base_art.ref,
+            "quantization": quant,
+            "decode_weights": weights,
+        },
         "metrics": metrics,
         "primary_metric": metrics[0],
         "task": es.task,
@@ -340,7 +348,7 @@ def compare(
             rows = apply_gates(suite.gates, res, metrics[0]) if not suite.gates.empty() else []
             res["gates"] = rows
             res["passed"] = verdict(rows)
-        report = _report(run.id, suite, suite_digest, es, base_art, quant, metrics, subjects)
+        report = _report(run.id, suite, suite_digest, es, base_art, quant, metrics, subjects, decode_weights(model))
         with tempfile.TemporaryDirectory() as tmp:
             write_report(report, Path(tmp))
             digest = ws.store.put_dir(tmp)

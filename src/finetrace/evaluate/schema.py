@@ -125,6 +125,7 @@ class BaseModelInfo(_Part):
     digest: str
     ref: str
     quantization: dict[str, Any] | None = None
+    decode_weights: str | None = None  # "fp16" (storage; fp32 compute) or "fp32": see decoding/packed.py
 
 
 class Bootstrap(_Part):

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from .migrations import MIGRATIONS, PG_TSV_INDEX, add_column, migrate  # noqa: F401  (re-exported)
+from .migrations import MIGRATIONS, PG_LEXEMES_FILL, PG_TSV_INDEX, add_column, migrate  # noqa: F401  (re-exported)
 
 
 def utcnow() -> datetime:
@@ -200,9 +200,18 @@ def analyze(engine: Engine) -> None:
 
 
 def index_text(session, version: Version) -> None:
-    """Put a version's search text into the full-text index (same transaction as the version row)."""
+    """Put a version's search text into the full-text index (same transaction as the version row); on
+    PostgreSQL (whose tsvector is a generated column) add its new lexemes to ``search_lexemes``."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(
             text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"),
             {"id": version.id, "t": version.search_text},
+        )
+    else:
+        session.execute(
+            text(
+                "INSERT INTO search_lexemes (word) SELECT unnest(tsvector_to_array(search_tsv)) FROM versions "
+                "WHERE id = :id ON CONFLICT DO NOTHING"
+            ),
+            {"id": version.id},
         )

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
+    cast,
     exists,
     func,
     literal_column,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     table,
     tuple_,
 )
+from sqlalchemy.dialects.postgresql import TSQUERY
 
 from . import db
 from .checks import Refused
@@ -97,6 +99,38 @@ def decode_cursor(cursor: str, sort: str) -> list:
 OPS = (">=", ">", "<=", "<", "=")
 
 
+PREFIX_LEXEMES = 64  # a prefix standing for more lexemes than this stays a GIN partial match
+
+
+def pg_tsquery(conn, query_text: str) -> str:
+    """The tsquery (as text) of a PostgreSQL search: ``to_tsquery('english', ...)`` of the words, with the
+    last word's prefix expanded into the lexemes of ``search_lexemes`` it begins (exact GIN terms: a GIN
+    partial match of ``word:*`` cost 12-23 ms at 100,000 packages, the exact terms about 3 ms). A prefix
+    of no known lexeme, or of more than ``PREFIX_LEXEMES``, stays a partial match (same answers)."""
+    tsq = conn.exec_driver_sql("SELECT to_tsquery('english', %(q)s)::text", {"q": query_text}).scalar() or ""
+    m = re.search(r"'((?:[^']|'')*)':\*$", tsq)
+    if not m:
+        return tsq
+    prefix = m.group(1).replace("''", "'")
+    words = (
+        conn.exec_driver_sql(
+            "SELECT word FROM search_lexemes WHERE word >= %(p)s AND word < %(hi)s ORDER BY word LIMIT %(n)s",
+            {"p": prefix, "hi": prefix + "\U0010ffff", "n": PREFIX_LEXEMES + 1},
+        )
+        .scalars()
+        .all()
+    )
+    if not words or len(words) > PREFIX_LEXEMES:
+        return tsq
+    alternatives = " | ".join("'" + w.replace("'", "''") + "'" for w in words)
+    return tsq[: m.start()] + f"( {alternatives} )"
+
+
+def fts5_match(terms: list[str]) -> str:
+    """The FTS5 query of a search's words: all of them, the last as a prefix (see ``search``)."""
+    return " ".join([*(f'"{t}"' for t in terms[:-1]), f'"{terms[-1]}"*'])
+
+
 def _plan(
     dialect: str,
     query: str = "",
@@ -141,9 +175,9 @@ def _plan(
         values[f"m{i}_name"], values[f"m{i}_value"] = name, value
     if terms:
         if dialect == "sqlite":
-            values["match"] = " ".join(f'"{t}"*' for t in terms)
-        elif dialect == "postgresql":
-            values["tsq"] = " & ".join(f"{t}:*" for t in terms)
+            values["match"] = fts5_match(terms)
+        elif dialect == "postgresql":  # to_tsquery syntax; ``pg_tsquery`` turns it into the bound tsquery
+            values["tsq"] = " & ".join([*terms[:-1], f"{terms[-1]}:*"])
         else:
             values.update({f"t{i}": f"%{t}%" for i, t in enumerate(terms)})
     after_kind = None
@@ -199,7 +233,7 @@ def _filters(shape: tuple) -> list:
 
 
 def _text(shape: tuple):
-    """(match condition, rank expression or None) for the words of the query; every word is a prefix."""
+    """(match condition, rank expression or None) for the words of the query (the last one a prefix)."""
     dialect, terms = shape[0], shape[2]
     if not terms:
         return None, None
@@ -208,7 +242,7 @@ def _text(shape: tuple):
         fts = literal_column("versions_fts")
         return fts.op("MATCH")(bindparam("match")), func.bm25(fts)
     if dialect == "postgresql":
-        tsq = func.to_tsquery("english", bindparam("tsq"))
+        tsq = cast(bindparam("tsq"), TSQUERY)  # the text of a tsquery made by ``pg_tsquery``
         vec = literal_column("versions.search_tsv")  # stored tsvector (migration 004), GIN-indexed
         return vec.op("@@")(tsq), func.ts_rank(vec, tsq)
     return and_(*[V.search_text.ilike(bindparam(f"t{i}")) for i in range(terms)]), None
@@ -345,7 +379,9 @@ def search(
 ) -> dict:
     """Packages (their latest version that is not yanked) matching the text and filters.
 
-    ``query``: words, each matched as a prefix; ``domain``/``task``: one tag; ``base``: base model name or
+    ``query``: words, all of which must match; the last is matched as a prefix (search as you type, the
+    default of search services such as Algolia: a prefix term is a partial-match scan of the full-text
+    index, 5-7x the cost of an exact term on PostgreSQL's GIN); ``domain``/``task``: one tag; ``base``: base model name or
     digest (prefix); ``license``: SPDX id; ``min_metric``: ``["accuracy>=0.9", ...]``; ``verified``: only
     packages whose badge is ``verified`` (True) or is not (False); ``sort``: relevance (default with a
     query), recent (default without), downloads or score; ``cursor``: ``next`` of the previous page.
@@ -358,6 +394,8 @@ def search(
         reg.dialect, query, domain, task, base, license, min_metric, sort, limit, offset, verified, cursor, dense
     )
     with _reader(reg).connect() as conn:
+        if "tsq" in values:
+            values["tsq"] = pg_tsquery(conn, values["tsq"])
         rows = conn.execute(q, values).all()
     results = []
     for r in rows[:limit]:
@@ -394,7 +432,7 @@ def _dense(reg, query: str, sort: str | None) -> bool:
         .limit(bindparam("lim", type_=Integer))
         .subquery()
     )
-    values = {"match": " ".join(f'"{t}"*' for t in terms), "lim": DENSE + 1}
+    values = {"match": fts5_match(terms), "lim": DENSE + 1}
     with _reader(reg).connect() as conn:
         return conn.scalar(select(func.count()).select_from(inner), values) > DENSE
 
@@ -408,6 +446,8 @@ def explain(reg, **query) -> str:
     bound = comp.construct_params(values)
     prefix = "EXPLAIN QUERY PLAN " if reg.dialect == "sqlite" else "EXPLAIN "
     with reg.engine.connect() as conn:
+        if "tsq" in bound:
+            bound["tsq"] = pg_tsquery(conn, bound["tsq"])
         params = bound if reg.dialect != "sqlite" else tuple(bound[k] for k in comp.positiontup)
         rows = conn.exec_driver_sql(prefix + str(comp), params).all()
     return "\n".join(str(r[-1]) for r in rows)

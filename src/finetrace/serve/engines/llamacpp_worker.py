@@ -36,9 +36,15 @@ class Worker:
         self.paths: dict[str, str] = {}
         self.current: str | None = BASE
         self.lock = threading.Lock()
-        import tempfile
+        self.scratch: str | None = None  # made for the first converted adapter folder; removed by ``close``
 
-        self.scratch = tempfile.mkdtemp(prefix="finetrace-llamacpp-")
+    def close(self) -> None:
+        """Remove the adapters this process converted (called when it stops, SIGTERM included)."""
+        if self.scratch is not None:
+            import shutil
+
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def load(self, name: str, path: str) -> None:
         with self.lock:
@@ -63,6 +69,10 @@ class Worker:
             "num_attention_heads": int(md["llama.attention.head_count"]),
             "num_key_value_heads": int(md.get("llama.attention.head_count_kv", md["llama.attention.head_count"])),
         }
+        if self.scratch is None:
+            import tempfile
+
+            self.scratch = tempfile.mkdtemp(prefix="finetrace-llamacpp-")
         out = Path(self.scratch) / f"{len(self.paths)}-{abs(hash(name))}.gguf"
         return str(write_gguf_lora(path, None, out, name, base_cfg=cfg))
 
@@ -252,9 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     for spec in a.lora:
         name, _, path = spec.partition("=")
         worker.load(name, path)
+    import signal
+    import sys
+
     import uvicorn
 
-    uvicorn.run(make_app(worker), host=a.host, port=a.port, log_level="warning")
+    # uvicorn shuts down on SIGTERM and then re-raises it to the handler that was there before: make that
+    # one an exit, so that ``finally`` runs (the default handler would end the process on the spot)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(make_app(worker), host=a.host, port=a.port, log_level="warning")
+    finally:
+        worker.close()
 
 
 if __name__ == "__main__":
