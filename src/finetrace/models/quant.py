@@ -108,6 +108,7 @@ def load_causal_lm(
             )
         finally:
             _mmap_threshold(32 << 20)  # glibc's own ceiling for its dynamic threshold
+            _mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: what the dynamic scheme pairs with it (see below)
     keep_stored_embeddings(model, compute)
     release_freed_memory()
     return model
@@ -197,17 +198,24 @@ def loss_rows(chunk: int, vocab: int, widened: bool) -> int:
     return max(16, min(chunk, WIDENED_LOGITS_BYTES // (4 * vocab))) if widened else chunk
 
 
-def widened_linear(x, weight, bias=None):
-    """``x @ weight.T + bias`` in ``x``'s dtype, for a weight stored narrower (widened block by block)."""
+def widened_linear(x, weight, bias=None, out=None):
+    """``x @ weight.T + bias`` in ``x``'s dtype, for a weight stored narrower (widened block by block into one
+    reused buffer); written into ``out`` (rows x out_features, ``x``'s dtype) when given."""
     import torch
 
-    if weight.dtype == x.dtype:
+    if weight.dtype == x.dtype and out is None:
         return torch.nn.functional.linear(x, weight, bias)
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    if out is None:
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
-    for s in range(0, weight.shape[0], VOCAB_BLOCK):
-        w = weight[s : s + VOCAB_BLOCK].to(x.dtype)
-        o2[:, s : s + VOCAB_BLOCK] = x2 @ w.t()  # (n, block)
+    if weight.dtype == x.dtype:
+        torch.mm(x2, weight.t(), out=o2)
+    else:
+        buf = x.new_empty((min(VOCAB_BLOCK, weight.shape[0]), weight.shape[1]))
+        for s in range(0, weight.shape[0], VOCAB_BLOCK):
+            w = buf[: min(VOCAB_BLOCK, weight.shape[0] - s)].copy_(weight[s : s + VOCAB_BLOCK])
+            torch.mm(x2, w.t(), out=o2[:, s : s + len(w)])  # (n, block)
+        del buf
     if bias is not None:
         out += bias.to(x.dtype)
     return out
@@ -218,8 +226,10 @@ def widened_matmul(dz, weight):
     if weight.dtype == dz.dtype:
         return dz @ weight
     out = dz.new_zeros(dz.shape[0], weight.shape[1])
+    buf = dz.new_empty((min(VOCAB_BLOCK, weight.shape[0]), weight.shape[1]))
     for s in range(0, weight.shape[0], VOCAB_BLOCK):
-        out.addmm_(dz[:, s : s + VOCAB_BLOCK], weight[s : s + VOCAB_BLOCK].to(dz.dtype))
+        w = buf[: min(VOCAB_BLOCK, weight.shape[0] - s)].copy_(weight[s : s + VOCAB_BLOCK])
+        out.addmm_(dz[:, s : s + len(w)], w)
     return out
 
 
@@ -244,10 +254,17 @@ def _mmap_threshold(nbytes: int) -> None:
     """glibc's M_MMAP_THRESHOLD: allocations at least this large are mapped, and unmapped when freed.
 
     While a base loads and quantises tensor by tensor, freed buffers kept on the heap would add up to a
-    transient peak of several shards; mapped ones are returned at once."""
+    transient peak of several shards; mapped ones are returned at once. Setting it turns glibc's dynamic
+    thresholds off, and with them the trim threshold's growth: left at its 128 KiB default, the top of the
+    heap is returned to the system whenever that much is free and faults back in page by page at the next
+    allocation (millions of faults per training step at 1B), so the loader sets it as well."""
+    _mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
+def _mallopt(param: int, value: int) -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        libc.mallopt(param, value)
 
 
 def adapters_quantization(adapters, device_type: str = "cpu") -> dict | None:

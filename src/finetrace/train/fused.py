@@ -13,7 +13,9 @@ accumulate) and the scaling applied to the rank-r tensor only:
 On a 4-bit bitsandbytes base (QLoRA) the same node takes the packed NF4/FP4 weight and dequantises it
 to the compute dtype where it is used (``W = dequant(Wq)``, once in forward, once in backward, one layer
 at a time), which is what bitsandbytes' own matmul does for a batch of tokens; only the packed weight is
-kept for backward. 8-bit bases keep peft's forward (bitsandbytes' int8 matmul quantises activations too,
+kept for backward. On a CPU, W is written by bitsandbytes' own kernel into a buffer reused from layer to
+layer (``models.dequant``): a fresh 64 MB tensor per use faulted in page by page and cost
+more than the dequantisation. 8-bit bases keep peft's forward (bitsandbytes' int8 matmul quantises activations too,
 so a dequantised GEMM would compute something else).
 
 The weights stay peft's own parameters (``lora_A.default.weight``...), so saving, loading and the PEFT
@@ -41,7 +43,8 @@ class LoraLinearFn(torch.autograd.Function):
         w = dequant(weight) if dequant is not None else weight  # (out, in)
         y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         y.addmm_(hs, lora_b.t())
-        del w
+        if dequant is not None:
+            dequant.release(w)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, hs)
         ctx.scale = scale
         ctx.shape = shape
@@ -60,17 +63,39 @@ class LoraLinearFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, weight).addmm_(gh, lora_a).view(ctx.shape)
+        if ctx.dequant is not None:
+            ctx.dequant.release(weight)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-def _dequantizer(base, dtype):
-    """For a bitsandbytes 4-bit layer: a function from its packed weight to W in ``dtype``; else None."""
-    state = getattr(base.weight, "quant_state", None)
-    if state is None:
-        return None
-    from bitsandbytes.functional import dequantize_4bit
+class _Dequantizer:
+    """For a bitsandbytes 4-bit layer: ``self(packed)`` is W in ``dtype`` (out, in), written into a reused
+    buffer (``models.dequant.SCRATCH``) that ``release`` gives back once the GEMMs that read it are done."""
 
-    return lambda packed: dequantize_4bit(packed, state).to(dtype)
+    def __init__(self, state, dtype):
+        self.state, self.dtype = state, dtype
+
+    def __call__(self, packed):
+        from ..models.dequant import SCRATCH, dequantize_4bit_into
+
+        if packed.device.type != "cpu" or self.dtype != torch.float32:  # CUDA: its caching allocator reuses
+            from bitsandbytes.functional import dequantize_4bit
+
+            return dequantize_4bit(packed, self.state).to(self.dtype)
+        return dequantize_4bit_into(packed, self.state, SCRATCH.take(tuple(self.state.shape), self.dtype, "cpu"))
+
+    @staticmethod
+    def release(w) -> None:
+        from ..models.dequant import SCRATCH
+
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            SCRATCH.give(w)
+
+
+def _dequantizer(base, dtype):
+    """For a bitsandbytes 4-bit layer: its ``_Dequantizer`` to ``dtype``; else None."""
+    state = getattr(base.weight, "quant_state", None)
+    return None if state is None else _Dequantizer(state, dtype)
 
 
 def _is_4bit(base) -> bool:

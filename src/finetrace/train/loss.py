@@ -34,9 +34,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
+        # one (chunk, V) logits buffer for every chunk: a fresh one per chunk faults in page by page
+        block = h.new_empty((min(chunk, h.shape[0]), weight.shape[0]))
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s : s + chunk], targets[s : s + chunk]
-            z = widened_linear(hc, weight, bias).float()  # (c, V); a bf16-stored head is widened in blocks
+            z = widened_linear(hc, weight, bias, out=block[: len(hc)]).float()  # (c, V); a bf16 head widened in blocks
             rows = torch.arange(len(yc), device=z.device)
             # logsumexp by hand, in place: 4 passes over the (c, V) block and no second block allocated
             z_y = z[rows, yc]
