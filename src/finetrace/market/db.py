@@ -202,12 +202,13 @@ def analyze(engine: Engine) -> None:
 def index_text(session, version: Version) -> None:
     """Put a version's search text into the full-text index (same transaction as the version row); on
     PostgreSQL (whose tsvector is a generated column) add its new lexemes to ``search_lexemes``."""
-    if session.get_bind().dialect.name == "sqlite":
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
         session.execute(
             text("INSERT INTO versions_fts(rowid, search_text) VALUES (:id, :t)"),
             {"id": version.id, "t": version.search_text},
         )
-    else:
+    elif dialect == "postgresql":
         session.execute(
             text(
                 "INSERT INTO search_lexemes (word) SELECT unnest(tsvector_to_array(search_tsv)) FROM versions "
