@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
+# checked, not imported, at collection (importing bitsandbytes takes seconds): the tests import it
+pytestmark = pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs the quant extra (bitsandbytes)")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -72,3 +72,11 @@ class hold_scheduler:
 def logged_events(ws, deployment: str) -> list[dict]:
     """The ``serve.request`` event payloads of one deployment, in ledger order."""
     return [e.data for e in ws.ledger.entries(type="serve.request") if e.data["deployment"] == deployment]
+
+
+def validate_json(instance, schema) -> None:
+    """``jsonschema.validate``, imported on first use: importing jsonschema (and the rfc3987 grammar it loads)
+    takes seconds, which every test worker would pay at collection."""
+    import jsonschema
+
+    jsonschema.validate(instance, schema)

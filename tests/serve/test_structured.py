@@ -7,13 +7,14 @@ import json
 import random
 import threading
 
-import jsonschema
 import openai
 import pytest
 
 from finetrace.serve.engine import Engine, GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
+
+from .serve_support import validate_json
 
 SCHEMA = {
     "type": "object",
@@ -104,7 +105,7 @@ def test_json_schema_answers_parse_and_validate_for_100_random_prompts(api):
         res = results[i]
         assert not isinstance(res, Exception), res
         assert res.finish_reason == "stop", (i, res.text)
-        jsonschema.validate(json.loads(res.text), SCHEMA)
+        validate_json(json.loads(res.text), SCHEMA)
         texts.add(res.text)
     assert len(texts) > 20  # the constraint shapes the answer, the model still chooses it
 
@@ -119,7 +120,7 @@ def test_response_format_over_the_openai_client(api):
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
     )
     assert r.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    validate_json(json.loads(r.choices[0].message.content), SCHEMA)
     s = client.chat.completions.create(
         model="alpha@1",
         messages=[{"role": "user", "content": "a person"}],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import jsonschema
 import openai
 import pytest
 
@@ -14,6 +13,8 @@ from finetrace.serve.engine import Engine
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
 from finetrace.serve.structured import parse_tool_calls
+
+from .serve_support import validate_json
 
 HERMES = (
     "{%- if tools %}{{ '<|im_start|>system\\nYou may call these functions:\\n<tools>' }}"
@@ -118,7 +119,7 @@ def test_forced_tool_call_has_valid_arguments(hermes, choice):
         spec = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
         if isinstance(choice, dict):
             assert call.function.name == "get_time"
-        jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
+        validate_json(json.loads(call.function.arguments), spec["parameters"])
         assert call.id.startswith("call_") and call.type == "function"
 
 

@@ -77,6 +77,11 @@ def learnable_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_setup(workspace, learnable_model_dir, tmp_path):
     """(workspace, base ref, dataset ref): a tiny model, a toy completion set and a routing (classification) set."""
+    return fill_workspace(workspace, learnable_model_dir, tmp_path)
+
+
+def fill_workspace(workspace, learnable_model_dir, tmp_path):
+    """What ``tiny_setup`` records: the model as ``tiny``, the datasets ``toy`` and ``routing``."""
     from finetrace.models import add_folder
 
     add_folder(workspace, learnable_model_dir, name="tiny")

@@ -1,4 +1,5 @@
-"""DPO: log 2 at step 0, chunked/packed == textbook full logits, accumulation, learning, errors, resume."""
+"""DPO: log 2 at step 0, chunked/packed == textbook full logits, accumulation, learning, errors, resume (two
+processes under torchrun: test_torchrun.py)."""
 
 from __future__ import annotations
 
@@ -385,55 +386,3 @@ def test_cli_shows_reward_accuracy(prefs, tmp_path, capsys):
     assert "adapter cli-dpo@1" in captured.out and "acc " in captured.err  # the progress bar
     run = ws.ledger.runs("train")[-1]
     assert run.config["dpo"]["beta"] == 0.2 and 0 <= run.metrics["final_reward_accuracy"] <= 1
-
-
-# -- torchrun --------------------------------------------------------------------------------------
-DDP_CONFIG = (
-    "base_model: tiny\ndataset: prefs\nobjective: dpo\noutput_name: {name}\nbatch_size: 4\ngrad_accum: 2\n"
-    "max_steps: 3\nlr: 1.0e-2\neps: 1.0e-3\neval_every: 3\ncheckpoint_every: null\nseed: 2\nthreads: 1\n"
-)
-
-
-@pytest.mark.slow
-def test_two_process_gloo_matches_single_process(prefs, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    ws = prefs
-    script = tmp_path / "cli.py"
-    script.write_text("import sys\nfrom finetrace.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    (tmp_path / "ddp.yaml").write_text(DDP_CONFIG.format(name="ddp-dpo"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            "-w",
-            str(ws.root),
-            "train",
-            str(tmp_path / "ddp.yaml"),
-            "--no-progress",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (tmp_path / "single.yaml").write_text(DDP_CONFIG.format(name="single-dpo"))
-    single = train(ws, load_config(tmp_path / "single.yaml"), progress=False)
-    ddp = ws.ledger.resolve("ddp-dpo@1")
-    assert ws.ledger.get_run(ddp.run_id).environment["world_size"] == 2
-    a, b = tensors(ws, ddp), tensors(ws, single)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
-    # every process saw its share of the pairs; the metrics are those of the whole step, validation included
-    for ra, rb in zip(history(ws, ddp), history(ws, single), strict=True):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            assert abs(ra[key] - rb[key]) < 1e-5, (key, ra, rb)

@@ -4,11 +4,15 @@ TensorBoard (event files, read back with TensorBoard's event reader) hold equals
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 
 import pytest
 
-mlflow = pytest.importorskip("mlflow", reason="the tracking extra is not installed (pip install 'finetrace[tracking]')")
-pytest.importorskip("tensorboard")
+# checked, not imported, at collection (importing mlflow takes seconds in every test worker)
+pytestmark = pytest.mark.skipif(
+    find_spec("mlflow") is None or find_spec("tensorboard") is None,
+    reason="the tracking extra is not installed (pip install 'finetrace[tracking]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +25,8 @@ def ws(console_env):
 
 
 def _search(uri: str, experiment: str):
+    import mlflow
+
     from finetrace.tracking import mlflow_uri
 
     mlflow.set_tracking_uri(mlflow_uri(uri))
