@@ -57,8 +57,9 @@ class Child:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def child():
+    """One forking child for the module (it forks per kill point, so runs share nothing but the imports)."""
     c = Child()
     yield c
     c.close()

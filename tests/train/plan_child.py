@@ -1,8 +1,17 @@
-"""Run by test_plan.py in a fresh process: train each base once and print the plan's estimate beside the
-peak resident memory measured for that run (VmHWM, reset before each run through /proc/self/clear_refs)."""
+"""Run by test_plan.py in a fresh process: train each base once per method and print the plan's estimate
+beside the peak resident memory measured for that run (VmHWM, reset before each run through
+/proc/self/clear_refs).
+
+The process imports torch, transformers and peft once, then forks one child per run, so every run starts
+from the same state as a fresh process that has just imported them (nothing a previous run left in the
+allocator is counted), and the imports are paid once for all the runs instead of once per method.
+
+    python plan_child.py WORKSPACE METHOD[,METHOD...] BASE...
+"""
 
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,39 +23,66 @@ def vm(key: str) -> float:
     raise KeyError(key)
 
 
-def main(ws_dir: str, method: str, *bases: str) -> None:
+def measure(ws_dir: str, method: str, base: str) -> None:
     from finetrace.train import TrainConfig, train
     from finetrace.workspace import Workspace
 
     ws = Workspace.open(ws_dir)
-    for base in bases:
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-        cfg = TrainConfig(
-            base_model=base,
-            dataset="long",
-            output_name=f"p-{base}-{method}",
-            method=method,
-            batch_size=8,
-            max_steps=2,
-            checkpoint_every=None,
-            validation_split=None,
-            seed=0,
-        )
-        art = train(ws, cfg, progress=False)
-        m = ws.ledger.get_run(art.run_id).metrics
-        print(
-            json.dumps(
-                {
-                    "base": base,
-                    "method": method,
-                    "estimate": m["memory_plan"]["peak_mb"],
-                    "measured": vm("VmHWM"),
-                    "parts": m["memory_plan"]["parts_mb"],
-                }
-            ),
-            flush=True,
-        )
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    cfg = TrainConfig(
+        base_model=base,
+        dataset="long",
+        output_name=f"p-{base}-{method}",
+        method=method,
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=None,
+        validation_split=None,
+        seed=0,
+    )
+    art = train(ws, cfg, progress=False)
+    m = ws.ledger.get_run(art.run_id).metrics
+    print(
+        json.dumps(
+            {
+                "base": base,
+                "method": method,
+                "estimate": m["memory_plan"]["peak_mb"],
+                "measured": vm("VmHWM"),
+                "parts": m["memory_plan"]["parts_mb"],
+            }
+        ),
+        flush=True,
+    )
+
+
+def main(ws_dir: str, methods: str, *bases: str) -> None:
+    # what every run imports anyway (importing starts no threads, so forking afterwards is safe)
+    import peft  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    import finetrace.train  # noqa: F401
+    import finetrace.workspace  # noqa: F401
+
+    for method in methods.split(","):
+        for base in bases:
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    measure(ws_dir, method, base)
+                except BaseException as exc:  # noqa: BLE001 - report, never return into the loop
+                    import traceback
+
+                    traceback.print_exc()
+                    sys.stderr.write(f"run {method} {base} failed: {exc!r}\n")
+                    code = 1
+                sys.stdout.flush()
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            if status:
+                sys.exit(f"the run of {method} on {base} ended with status {status}")
 
 
 if __name__ == "__main__":

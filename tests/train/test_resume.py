@@ -74,10 +74,10 @@ def history(ws, art):
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, tmp_path):
     ws, _, _ = tiny_setup
-    steps = 36
+    steps = 16  # two evaluations (eval_every 7); each step checkpoints, so the kill can land on any of them
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(CONFIG.format(steps=steps))
-    kill_at = random.randint(3, steps - 8)
+    kill_at = random.randint(3, steps - 6)
     proc = start_child(ws, cfg_file)
     reached = wait_for_step(proc, ws.root / "checkpoints" / "train" / "resumable", kill_at)
     proc.send_signal(signal.SIGKILL)
