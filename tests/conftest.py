@@ -25,6 +25,16 @@ if "FINETRACE_WITNESS_DIR" not in os.environ:  # external ledger witnesses of te
     atexit.register(shutil.rmtree, os.environ["FINETRACE_WITNESS_DIR"], True)
 
 
+# Fixtures that run a whole pipeline on the tiny model (import, train, evaluate, documents: ~15 s per test
+# worker): a test that needs one is slow, whatever its own body costs.
+PIPELINE_FIXTURES = {"audit_golden", "console_env"}
+
+
+def pytest_itemcollected(item):
+    if PIPELINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A folder with a tiny LlamaForCausalLM (safetensors), a BPE tokenizer and a ChatML template."""

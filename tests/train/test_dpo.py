@@ -268,6 +268,7 @@ def test_batch_8_equals_batch_4_with_accumulation_2(prefs):
 
 
 # -- 4. learning --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dpo_learns_the_preference_and_the_adapter_loads_with_peft(prefs, learnable_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
