@@ -240,9 +240,11 @@ def test_a_pulled_adapter_trains_further(market, server, tmp_path):
     pull_run = market.buyer.ledger.get_run(market.buyer.ledger.producer(pulled.digest))
     assert pull_run.kind == "pull"
     # the pulled and the further-trained adapters evaluate side by side against the base...
-    from finetrace.evaluate import compare, load_report
+    from finetrace.evaluate import Suite, compare, load_report
 
-    rep = compare(market.buyer, "tiny", [pulled.ref, child.ref], f"{data.ref}:train")
+    # the default suite without its counterfactual bias pass (thousands of decode steps; tested in tests/evaluate)
+    suite = Suite.model_validate({"bias": {"enabled": False}})
+    rep = compare(market.buyer, "tiny", [pulled.ref, child.ref], f"{data.ref}:train", suite=suite)
     doc = load_report(market.buyer, rep.digest)
     assert [m["adapter"] for m in doc["models"]] == [None, pulled.digest, child.digest]
     erun = market.buyer.ledger.get_run(rep.run_id)
