@@ -97,4 +97,14 @@ def fill_workspace(workspace, learnable_model_dir, tmp_path):
     return workspace, "tiny", "toy"
 
 
+@pytest.fixture(scope="session")
+def zygote():
+    """A process with the training stack imported that forks the ``finetrace`` commands the kill tests kill."""
+    from .train_support import Zygote
+
+    z = Zygote()
+    yield z
+    z.close()
+
+
 from .train_support import make_config  # noqa: E402,F401

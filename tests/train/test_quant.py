@@ -142,13 +142,13 @@ seed: 3
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["method: qlora", "quantization:\n  bits: 8"])
-def test_sigkill_and_resume_equals_uninterrupted(tiny_setup, tmp_path, quant):
+def test_sigkill_and_resume_equals_uninterrupted(tiny_setup, tmp_path, quant, zygote):
     from .test_resume import start_child, wait_for_step
 
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(CONFIG.format(name="killed", quant=quant))
-    proc = start_child(ws, cfg_file)
+    proc = start_child(zygote, ws, cfg_file)
     wait_for_step(proc, ws.root / "checkpoints" / "train" / "killed", 5)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,15 +33,9 @@ seed: 3
 """
 
 
-def start_child(ws, cfg_file: Path) -> subprocess.Popen:
-    code = "import sys; from finetrace.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(
-        [sys.executable, "-c", code, "-w", str(ws.root), "train", str(cfg_file), "--no-progress"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def start_child(zygote, ws, cfg_file: Path):
+    """``finetrace train CONFIG`` in a process of its own (forked from the zygote, see cli_zygote.py)."""
+    return zygote.start(["-w", str(ws.root), "train", str(cfg_file), "--no-progress"], cfg_file.parent)
 
 
 def wait_for_step(proc, folder: Path, step: int, timeout: float = 120) -> int:
@@ -72,13 +63,13 @@ def history(ws, art):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, tmp_path, zygote):
     ws, _, _ = tiny_setup
     steps = 16  # two evaluations (eval_every 7); each step checkpoints, so the kill can land on any of them
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(CONFIG.format(steps=steps))
     kill_at = random.randint(3, steps - 6)
-    proc = start_child(ws, cfg_file)
+    proc = start_child(zygote, ws, cfg_file)
     reached = wait_for_step(proc, ws.root / "checkpoints" / "train" / "resumable", kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -102,7 +93,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tiny_setup, t
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_path, zygote):
     ws, _, _ = tiny_setup
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(
@@ -111,7 +102,7 @@ def test_sigterm_writes_a_checkpoint_and_corruption_is_an_error(tiny_setup, tmp_
         .replace("early_stopping_patience: 50", "early_stopping_patience: null")
     )
     folder = ws.root / "checkpoints" / "train" / "resumable"
-    proc = start_child(ws, cfg_file)
+    proc = start_child(zygote, ws, cfg_file)
     # no periodic checkpoints: wait until the run is training, then ask it to stop
     t0 = time.time()
     while not [r for r in ws.ledger.runs("train") if r.status == "running"] and time.time() - t0 < 120:
