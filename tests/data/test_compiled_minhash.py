@@ -22,10 +22,14 @@ needs_numba = pytest.mark.skipif(not compiled.available(), reason="numba is not 
 
 @needs_numba
 @pytest.mark.parametrize("runs", [0.0, 0.9])
-def test_compiled_signatures_equal_numpy_and_the_reference(runs):
+def test_compiled_preparation_and_signatures_equal_numpy_and_the_reference(runs):
     texts = _minhash_rows(400, seed=7, runs=runs) + _awkward_texts(200)
     m = MinHasher(0.8, None)
     prepared = prepare_texts(pa_strings(texts))
+    for part in (pa_strings(texts), pa_strings(texts).slice(5, 300), pa_strings([t for t in texts if t.isascii()])):
+        want_data, want_offs = prepare_texts(part)
+        got_data, got_offs = compiled.prepare_texts(part)
+        assert np.array_equal(got_offs, want_offs) and np.array_equal(got_data, want_data)
     got = compiled.signatures(prepared, m.a32, m.b32)
     assert got.dtype == np.uint32 and got.shape == (len(texts), 64)
     assert np.array_equal(got, signatures(prepared, m.a32, m.b32))

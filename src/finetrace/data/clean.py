@@ -126,7 +126,10 @@ class MinHasher:
     def sketch_and_bands(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """(N, num_perm) uint8 sketch and (N, bands) uint64 band keys; ``texts`` a list or Arrow array."""
         arr = texts if not isinstance(texts, list) else pa_strings(texts)
-        sigs = (_compiled.signatures if self.compiled else signatures)(prepare_texts(arr), self.a32, self.b32)
+        if self.compiled:
+            sigs = _compiled.signatures(_compiled.prepare_texts(arr), self.a32, self.b32)
+        else:
+            sigs = signatures(prepare_texts(arr), self.a32, self.b32)
         with np.errstate(over="ignore"):
             used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sigs), self.bands, self.rows)
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64
