@@ -9,7 +9,9 @@ process and reads that child's peak RSS from ``resource.getrusage(RUSAGE_CHILDRE
 
 - finetrace  ``import_dataset`` (validate, NFC, PII redaction, exact + MinHash dedup, split, Parquet), in
              Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose);
-             the workers write the cleaned rows to scratch Arrow files, the main process writes the splits
+             the workers write the cleaned rows to scratch Arrow files, the main process writes the splits;
+             MinHash by the numba loop when the ``fast`` extra is installed and the input is over
+             96 MiB per process (``"minhash"`` in the JSON line says which ran)
 - datasets   ``load_dataset("json", ...)`` (parse to Arrow only; no validation/cleaning), own cache dir
 - pandas     ``read_json(lines=True)`` (parse into memory only)
 
@@ -82,8 +84,11 @@ ws = Workspace.init(sys.argv[2])
 t = time.perf_counter()
 art = import_dataset(ws, [sys.argv[1]], "bench", on_error="skip", workers=int(sys.argv[3]))
 dt = time.perf_counter() - t
+import os
+from finetrace.data import pii, workers as W
+pool = W.Pool(int(sys.argv[3]), os.path.getsize(sys.argv[1]), pii.detectors())  # what the import chose
 print(json.dumps({"seconds": dt, "rows": art.metadata["rows_in"], "rows_out": art.metadata["rows_out"],
-                  "ref": art.ref}))
+                  "ref": art.ref, "workers": pool.workers, "minhash": "numba" if pool.compiled else "numpy"}))
 """,
     "datasets": """
 import sys, time, json
@@ -133,7 +138,7 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
         "rows": inner["rows"],
         "rows_per_s": round(inner["rows"] / inner["seconds"], 1),
         "peak_rss_mb": round(res["maxrss_kb"] / 1024, 1),
-        **({"rows_out": inner["rows_out"]} if "rows_out" in inner else {}),
+        **{k: inner[k] for k in ("rows_out", "workers", "minhash") if k in inner},
     }
 
 
@@ -176,7 +181,8 @@ def main() -> None:
         "bench": "data_import",
         "file_mb": round(size_mb, 1),
         "rows": rows,
-        "workers": args.workers,
+        "workers": ft.get("workers", args.workers),
+        "minhash": ft.get("minhash"),
         "rows_per_s": ft.get("rows_per_s"),
         "peak_rss_mb": ft["peak_rss_mb"],
         "seconds": ft.get("seconds"),
