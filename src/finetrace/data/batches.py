@@ -55,7 +55,7 @@ class Ctx:
     row_hook: object = None  # a picklable callable(record) -> record | RowError (a format's mapping)
     tools: bool = False  # chat rows with tool calls, tool role and weights (formats.py)
     spill: str | None = None  # a scratch folder: kept rows go to an Arrow file there, not back over a pipe
-    compiled: bool = False  # MinHash signatures by the numba loop when installed (``compiled``): same numbers
+    compiled: bool = False  # MinHash by the numba loops when installed (``compiled``): the same numbers
 
 
 @dataclass

@@ -10,17 +10,17 @@ One pass over the bytes, no (P, shingles) temporary: ~3x faster than numpy on th
 
 ``available()`` is False when numba is not installed (or fails to load); callers then use numpy.
 The compiled code is cached on disk (``cache=True``), so a worker process loads it instead of
-compiling it (~0.1 s after numba's import, against ~2 s for the first compile on a machine).
+compiling it: ~0.3 s of CPU, plus ~0.4 s for numba's import, against ~1-2 s for the first compile on
+a machine (hence ``workers.COMPILED_MIN_BYTES``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SHINGLE = 5
-LONG_TEXT = 512  # as arrowtext.LONG_TEXT
+from .arrowtext import LONG_TEXT, SHINGLE
 
-_KERNEL: list = []  # [the compiled function] once loaded, [None] when numba is unavailable
+_KERNEL: list = []  # [(signature kernel, preparation kernel)] once loaded, [None] when numba is unavailable
 
 
 def _build():
