@@ -115,7 +115,8 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
         "import resource, subprocess, sys, json\n"
         "p = subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]], capture_output=True, text=True)\n"
         "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'maxrss_kb': ru.ru_maxrss}))\n"
+        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'maxrss_kb': ru.ru_maxrss,\n"
+        "                  'cpu_s': ru.ru_utime + ru.ru_stime}))\n"
     )
     out_dir = scratch / name
     t = time.perf_counter()
@@ -138,6 +139,9 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
         "rows": inner["rows"],
         "rows_per_s": round(inner["rows"] / inner["seconds"], 1),
         "peak_rss_mb": round(res["maxrss_kb"] / 1024, 1),
+        # CPU seconds of the contender and its workers (imports included): steadier than wall time
+        # when other processes share the CPUs
+        "cpu_s": round(res["cpu_s"], 2),
         **{k: inner[k] for k in ("rows_out", "workers", "minhash") if k in inner},
     }
 
@@ -186,9 +190,10 @@ def main() -> None:
         "rows_per_s": ft.get("rows_per_s"),
         "peak_rss_mb": ft["peak_rss_mb"],
         "seconds": ft.get("seconds"),
+        "cpu_s": ft.get("cpu_s"),
         "rows_out": ft.get("rows_out"),
         "baselines": {
-            k: {kk: v.get(kk) for kk in ("seconds", "rows_per_s", "peak_rss_mb", "failed")}
+            k: {kk: v.get(kk) for kk in ("seconds", "cpu_s", "rows_per_s", "peak_rss_mb", "failed")}
             for k, v in results.items()
             if k != "finetrace"
         },
