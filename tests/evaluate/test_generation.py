@@ -110,23 +110,24 @@ def _best_only_agrees(model, tok, prompts, labels) -> int:
     return sum(b is None for p in part for b in p)
 
 
-def test_best_only_label_scoring_finds_the_same_labels_with_fewer_scores(lm):
+def test_best_only_label_scoring_finds_the_same_labels_with_fewer_scores(lm, monkeypatch):
     """Cutting pass 2 short (a label's score is at most its first token's log p) changes no prediction.
     On the random model every label can still win after the first pass (nothing skipped); once the model
     prefers one label (its tokens' logits raised, as tuning does), the others are never scored."""
+    from finetrace.decoding.batch import Decoder
+
     model, tok = lm
     prompts = [SYSTEM + p for p in PROMPTS] + PROMPTS
     labels = ["billing", "bill", "technical", "account", "accounting", "refund request", "other"]
     _best_only_agrees(model, tok, prompts, labels)
     liked = tok("technical", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    forward = Decoder.forward
 
-    def prefer(module, args, out):
+    def prefer(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
         out[..., liked] += 12.0
         return out
 
-    hook = model.lm_head.register_forward_hook(prefer)
-    try:
-        skipped = _best_only_agrees(model, tok, prompts, labels)
-    finally:
-        hook.remove()
+    monkeypatch.setattr(Decoder, "forward", prefer)
+    skipped = _best_only_agrees(model, tok, prompts, labels)
     assert skipped >= 0.9 * len(prompts) * (len(labels) - 1)  # about one label scored per prompt
