@@ -136,7 +136,9 @@ def _score_batch(dec: Decoder, prompt_rows, names, conts, best_only: bool = Fals
     later = []
     for b in range(B):
         s, j = scores[b][top[b]], top[b]
-        later.append([k for k in range(K) if k != j and (float(bound[b, k]) > s or (float(bound[b, k]) == s and k < j))])
+        later.append(
+            [k for k in range(K) if k != j and (float(bound[b, k]) > s or (float(bound[b, k]) == s and k < j))]
+        )
     if any(later):
         run(later)
     return scores
