@@ -162,17 +162,21 @@ class LeanLlama:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * x.to(dt)
 
-    def forward(self, ids, mask, positions, layers) -> torch.Tensor:
+    def forward(self, ids, mask, positions, layers, keep=None) -> torch.Tensor:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
-        cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
+        cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer.
+        ``keep``: an explicit (B, 1, q, t + q) boolean attention mask instead of ``mask`` + causal; then the
+        logits of every position, (B, q, V) (label scoring's labels side by side)."""
         B, q = ids.shape
         packed = self.packed()
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
         cos, sin = cos[:, None], sin[:, None]
         t = mask.shape[1]
-        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
-        if q > 1:
+        every = keep is not None
+        if keep is None:
+            keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
+        if q > 1 and not every:
             cols = torch.arange(t, device=ids.device)
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
@@ -187,7 +191,7 @@ class LeanLlama:
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
             K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
-            if q == 1:  # decode: the query heads of one KV head packed as its "positions"
+            if q == 1 and not every:  # decode: the query heads of one KV head packed as its "positions"
                 o = F.scaled_dot_product_attention(
                     qs.reshape(B, self.kv_heads, g, self.head_dim), K, V, attn_mask=keep, scale=self.scale
                 )  # (B, kv, g, hd)
@@ -199,10 +203,9 @@ class LeanLlama:
             x = x + self._lin(o, p[3], None if pk is None else pk[1])
             h = self._rms(n_post, x)
             x = x + self._mlp(h, p, pk, i)
-        last = self._rms(self.norm, x[:, -1:])
-        if packed is not None:
-            return linear16(last, packed.head)[:, -1]
-        return F.linear(last, self.head.weight, self.head.bias)[:, -1]
+        last = self._rms(self.norm, x if every else x[:, -1:])
+        out = linear16(last, packed.head) if packed is not None else F.linear(last, self.head.weight, self.head.bias)
+        return out if every else out[:, -1]
 
 
 def _rotate_half(x):
