@@ -128,6 +128,14 @@ class SlabLayer(DynamicLayer):
         self._views()
 
 
+def repeat_rows(cache: Cache, idx: list[int]) -> None:
+    """Every layer's rows ``idx`` (``SlabLayer.repeat_rows``): a prefix computed once, repeated into rows."""
+    for layer in cache.layers:
+        if not isinstance(layer, SlabLayer):
+            raise TypeError(f"repeat_rows needs a slab_cache, not layers of {type(layer).__name__}")
+        layer.repeat_rows(idx)
+
+
 def slab_cache(n_layers: int | None = None) -> Cache:
     """An empty cache whose layers are ``SlabLayer``: ``n_layers`` of them made now (the lean forward
     indexes them), or one per model layer on first use."""

@@ -31,7 +31,7 @@ import torch
 
 from .batch import BASE, Decoder
 from .chat import turn_end_id
-from .kvcache import slab_cache
+from .kvcache import repeat_rows, slab_cache
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:
@@ -71,8 +71,7 @@ def _prompt_pass(dec: Decoder, prompt_rows, names):
         ones = torch.ones((len(uniq), c), dtype=torch.long)
         ids = torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long)
         dec.forward(ids, ones, torch.arange(c).expand(len(uniq), c), cache, uniq)
-        for layer in cache.layers:
-            layer.repeat_rows([uniq.index(n) for n in names])
+        repeat_rows(cache, [uniq.index(n) for n in names])
         prompt_rows = [r[c:] for r in prompt_rows]
     else:
         c = 0
@@ -81,7 +80,7 @@ def _prompt_pass(dec: Decoder, prompt_rows, names):
     return dec.forward(ids, mask, pos + c, cache, names), cache, mask
 
 
-def _label_pass(dec: Decoder, cache, mask, names, conts, picks) -> dict[tuple[int, int], float]:
+def _label_pass(dec: Decoder, cache, mask, names, conts, picks) -> dict[tuple[int, int], torch.Tensor]:
     """Pass 2 for the labels ``picks[b]`` of each row ``b``: log p of every label token after the first (its
     c_1..c_{m-1} side by side in one row after the prompt, a 4D mask letting each label see the prompt and
     itself only; rows with fewer label tokens padded with tokens that see the prompt and are not scored).
@@ -96,7 +95,7 @@ def _label_pass(dec: Decoder, cache, mask, names, conts, picks) -> dict[tuple[in
         nxt.append([conts[k][j + 1] for k, j in ins])
     T = max(len(r) for r in seg)
     if T == 0:  # every picked label is the end token alone: nothing after the first
-        return {(b, k): 0.0 for b, ks in enumerate(picks) for k in ks}
+        return {(b, k): torch.zeros(()) for b, ks in enumerate(picks) for k in ks}
     pad = [T - len(r) for r in seg]
     segs = torch.tensor([r + [-1] * n for r, n in zip(seg, pad)], dtype=torch.long)  # (B, T); -1: padding
     offs = torch.tensor([r + [0] * n for r, n in zip(off, pad)], dtype=torch.long)
