@@ -45,10 +45,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lora import GatheredLoRA, lora_delta
-from .packed import Packed, fused_lora, linear16, packed_for
+from .lora import GatheredLoRA, group_plan
+from .packed import Packed, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # projections sharing one input: one GEMM (and one LoRA pair) each
 
 
 def _base_of(model):
@@ -97,7 +98,7 @@ class LeanLlama:
         cfg = base.config
         inner = base.model
         self.adapters = adapters
-        self._fused_cache: dict = {}  # packed.fused_lora's per-slot pairs
+        self._plan_cache: dict = {}  # (adapters.version, batch composition) -> per-layer LoRA plans
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
@@ -117,97 +118,105 @@ class LeanLlama:
                 )
             )
 
-    def _lin(self, x, proj, packed=None) -> torch.Tensor:
-        lin, lora = proj
-        out = F.linear(x, lin.weight, lin.bias) if packed is None else linear16(x, packed)
-        return self._lora(out, x, lora)
-
-    def _lora(self, out, x, lora) -> torch.Tensor:
-        if lora is not None and self.adapters is not None:
-            d = lora_delta(lora, x, self.adapters)
-            if d is not None:
-                out = out + d.to(out.dtype)
-        return out
-
     def packed(self) -> Packed | None:
         """The fp16 packed weights (``packed.py``) when decoding with ``weights="fp16"``, else None."""
         if self.weights != "fp16":
             return None
         return packed_for(self.base, [[lin for lin, _ in p] for _, _, p in self.layers], self.head, self.embed)
 
-    def _fused(self, out, h, p, group: tuple, key) -> tuple:
-        """``out``, one GEMM over projections ``group`` fused, plus their LoRA terms, split per projection:
-        one fused LoRA pair (``packed.fused_lora``) when every row is on one adapter, else one per projection."""
-        sizes, mods, g = [p[j][0].out_features for j in group], [p[j][1] for j in group], self.adapters
-        if g is not None and g.single and any(m is not None for m in mods):
-            a, b = fused_lora(self._fused_cache, key, mods, sizes, g.single)
-            return (out + F.linear(h, a) @ b).split(sizes, -1)
-        return tuple(self._lora(o, h, m) for o, m in zip(out.split(sizes, -1), mods))
-
-    def _qkv(self, h, p, pk, i):
-        if pk is None:
-            return self._lin(h, p[0]), self._lin(h, p[1]), self._lin(h, p[2])
-        return self._fused(linear16(h, pk[0]), h, p, (0, 1, 2), (i, 0))  # one GEMM over [Wq; Wk; Wv]
-
-    def _mlp(self, h, p, pk, i):
-        if pk is None:
-            return self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
-        g, u = self._fused(linear16(h, pk[2]), h, p, (4, 5), (i, 1))  # one GEMM over [Wg; Wu]
-        return self._lin(F.silu(g) * u, p[6], pk[3])
+    def _plans(self) -> list | None:
+        """Per layer, the LoRA plan (``lora.group_plan``) of each group (q/k/v, o, gate/up, down) for the
+        batch composition the adapters have selected; made once per composition, not per step."""
+        g = self.adapters
+        if g is None:
+            return None
+        key = (g.version, g.key)
+        hit = self._plan_cache.get(key)
+        if hit is None:
+            if len(self._plan_cache) >= 3:  # compositions change as rows come and go: keep the latest few
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            hit = [
+                [group_plan([p[j][1] for j in grp], [p[j][0].out_features for j in grp], g.key) for grp in _GROUPS]
+                for _, _, p in self.layers
+            ]
+            self._plan_cache[key] = hit
+        return hit
 
     @staticmethod
-    def _rms(norm, x) -> torch.Tensor:  # LlamaRMSNorm.forward, as written there
-        dt = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * x.to(dt)
+    def _group(h, p, pk, grp: tuple, plan) -> torch.Tensor:
+        """One group's base projections of ``h`` (B*q, in) concatenated (one fp16 GEMM when packed), plus
+        their LoRA terms (``plan``: ``lora.group_plan``)."""
+        if pk is not None:
+            out = linear16(h, pk)
+        elif len(grp) == 1:
+            out = F.linear(h, p[grp[0]][0].weight, p[grp[0]][0].bias)
+        else:
+            out = torch.cat([F.linear(h, p[j][0].weight, p[j][0].bias) for j in grp], -1)
+        if plan is None:
+            return out
+        if plan[0] == "one":
+            return out.addmm_(F.linear(h, plan[1]), plan[2])
+        B = plan[1][0][2].shape[0]
+        h3 = h.view(B, -1, h.shape[-1])  # (B, q, in)
+        o3 = out.view(B, -1, out.shape[-1])
+        for c0, c1, a, b in plan[1]:
+            t = torch.bmm(a, h3.transpose(1, 2))  # (B, r, q)
+            o3[..., c0:c1] += torch.bmm(t.transpose(1, 2), b)  # (B, q, out_j)
+        return out
 
     def forward(self, ids, mask, positions, layers) -> torch.Tensor:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
         cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
         B, q = ids.shape
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
+        plans = self._plans()
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
+        d = x.shape[-1]
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
-        cos, sin = cos[:, None], sin[:, None]
+        # rotate_half(x) * sin == roll(x, hd/2) * [-sin_1, sin_2]: one roll instead of slices, neg and cat
+        half = hd // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]  # (B, q, 1, hd)
+        cos = cos[:, :, None]
         t = mask.shape[1]
         keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
         if q > 1:
             cols = torch.arange(t, device=ids.device)
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
-        g = self.kv_heads and self.heads // self.kv_heads
+        # the additive mask sdpa would build from the bool one, built once for all layers
+        bias = torch.zeros(keep.shape, dtype=x.dtype).masked_fill_(~keep, float("-inf"))
+        g = KV and H // KV
+        x = x.reshape(B * q, d)
         for i, ((n_in, n_post, p), cache) in enumerate(zip(self.layers, layers)):
-            pk = packed.layers[i] if packed is not None else None
-            h = self._rms(n_in, x)
-            qs, ks, vs = self._qkv(h, p, pk, i)
-            qs = qs.reshape(B, q, self.heads, self.head_dim).transpose(1, 2)
-            ks = ks.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            vs = vs.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            qs = qs * cos + _rotate_half(qs) * sin
-            ks = ks * cos + _rotate_half(ks) * sin
-            K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
+            pk = packed.layers[i] if packed is not None else (None, None, None, None)
+            pl = plans[i] if plans is not None else (None, None, None, None)
+            h = F.rms_norm(x, (d,), n_in.weight, n_in.variance_epsilon)  # LlamaRMSNorm (bit-identical on fp32)
+            qkv = self._group(h, p, pk[0], _GROUPS[0], pl[0])  # (B*q, (H + 2 KV) hd)
+            qk = qkv[:, : (H + KV) * hd].view(B, q, H + KV, hd)
+            qk = qk * cos + qk.roll(half, -1) * sin  # rope on q and k at once: (B, q, H + KV, hd)
+            K, V = cache.update(
+                qk[:, :, H:].transpose(1, 2), qkv[:, (H + KV) * hd :].view(B, q, KV, hd).transpose(1, 2)
+            )  # (B, KV, t, hd) views of the slabs
             if q == 1:  # decode: the query heads of one KV head packed as its "positions"
                 o = F.scaled_dot_product_attention(
-                    qs.reshape(B, self.kv_heads, g, self.head_dim), K, V, attn_mask=keep, scale=self.scale
-                )  # (B, kv, g, hd)
-                o = o.reshape(B, 1, -1)
+                    qk[:, 0, :H].view(B, KV, g, hd), K, V, attn_mask=bias, scale=self.scale
+                )
+                o = o.reshape(B, H * hd)
             else:
+                qs = qk[:, :, :H].transpose(1, 2)  # (B, H, q, hd)
                 K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
-                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=keep, scale=self.scale)
-                o = o.transpose(1, 2).reshape(B, q, -1)
-            x = x + self._lin(o, p[3], None if pk is None else pk[1])
-            h = self._rms(n_post, x)
-            x = x + self._mlp(h, p, pk, i)
-        last = self._rms(self.norm, x[:, -1:])
+                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=bias, scale=self.scale)
+                o = o.transpose(1, 2).reshape(B * q, H * hd)
+            x = x + self._group(o, p, pk[1], _GROUPS[1], pl[1])
+            h = F.rms_norm(x, (d,), n_post.weight, n_post.variance_epsilon)
+            gu = self._group(h, p, pk[2], _GROUPS[2], pl[2])
+            inter = gu.shape[-1] // 2
+            x = x + self._group(F.silu(gu[:, :inter]) * gu[:, inter:], p, pk[3], _GROUPS[3], pl[3])
+        last = F.rms_norm(x.view(B, q, d)[:, -1], (d,), self.norm.weight, self.norm.variance_epsilon)  # (B, d)
         if packed is not None:
-            return linear16(last, packed.head)[:, -1]
-        return F.linear(last, self.head.weight, self.head.bias)[:, -1]
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            return linear16(last, packed.head)
+        return F.linear(last, self.head.weight, self.head.bias)
 
 
 def lean_forward(model, adapters, weights: str = "fp32") -> LeanLlama | None:
