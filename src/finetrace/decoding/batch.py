@@ -11,6 +11,8 @@ batched call (``sampling.pick_tokens``), appends the new text and finishes rows 
 (``chat.end_ids``), a stop string, or ``max_tokens``. Long prompts are read a chunk per step, so they do
 not stall the running rows. Rows carry their adapter name; ``adapters.select(names)`` sets the LoRA
 slot of each row before a forward (``lora.GatheredLoRA``: one matmul pair when all rows share one).
+Each step runs on the torch thread count ``threads.ThreadTuner`` picked by timing decode steps (and
+restores the caller's count after it).
 """
 
 from __future__ import annotations

@@ -5,21 +5,23 @@ Why write our own (and only this): on this CPU a decode step of SmolLM2-135M thr
 through modules, hooks, kwargs and the ``Cache`` API, and per forward it builds a causal mask with the
 masking utilities, so that a batch-1 step costs several times what reading the weights once does (see
 ``bench/serve_throughput.py``). This module keeps everything that carries the maths from transformers
-(the same weights, its rotary-embedding module, ``F.scaled_dot_product_attention``, the RMSNorm formula
-as written there) and drops only the dispatch:
+(the same weights, its rotary-embedding module, ``F.scaled_dot_product_attention``, RMSNorm as torch's
+``rms_norm``, bit-identical to the formula written there) and drops only the dispatch:
 
-    x = E[ids]                                                    # (B, q, d)
-    for each layer:  h = rms(x) * w_in
-                     q, k, v = h Wq^T, h Wk^T, h Wv^T   (+ LoRA)  # (B, heads, q, hd) after rope
+    x = E[ids]                                                    # (B*q, d), rows flattened
+    for each layer:  h = rms_norm(x, w_in)                        # torch's fused op: bit-identical here
+                     [q|k|v] = h [Wq; Wk; Wv]^T   (+ LoRA)        # one GEMM for the three
+                     [q|k] = [q|k] cos + roll([q|k]) sin'         # rope on q and k in one pass
                      K, V = cache.update(k, v)                    # preallocated slabs (kvcache.SlabLayer)
-                     x = x + sdpa(q, K, V, mask) Wo^T   (+ LoRA)
-                     h = rms(x) * w_post
-                     x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T   (+ LoRA)
-    logits = rms(x[:, -1]) * w_norm  W_head^T                     # last position only: (B, V)
+                     x = x + sdpa(q, K, V, mask) Wo^T   (+ LoRA)  # one additive mask for all layers
+                     h = rms_norm(x, w_post)
+                     x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T   (+ LoRA, [Wg; Wu] one GEMM)
+    logits = rms_norm(x[last], w_norm) W_head^T                   # last position only: (B, V)
 
-LoRA is the gathered kernel of ``lora.py`` (the same function, so the numbers are the same ones the
-modules compute): the delta is applied only where a row's adapter is not the base, one matmul pair
-when all rows share one adapter, gathered batched matmuls where they differ.
+LoRA: per batch composition (which slot each row is on) ``lora.group_plan`` builds, once, what each
+group of projections needs: one matmul pair over the fused group when every row is on one adapter, the
+rows' own adapters gathered into batched-matmul stacks when they differ (the gather no longer runs
+every step); base rows add nothing. Per layer a decode step is then ~25 kernels instead of ~50.
 
 Covered: ``LlamaForCausalLM`` (bare or inside a ``PeftModel``) whose projections are plain
 ``nn.Linear`` (no bitsandbytes base) with SiLU MLPs, and LoRA through ``lora.GatheredLoRA``. Anything
@@ -31,8 +33,10 @@ model, so what is evaluated is what is served.
 Weights: ``weights="fp32"`` runs on the model's own weights (exactly its forward, up to summation
 order); ``weights="fp16"`` (``packed.py``, the decoder's default on a CPU with fbgemm) runs on fp16
 copies with fp32 compute, q/k/v and gate/up fused into one GEMM each, and, when every row is on one
-adapter, their LoRA terms fused into one matmul pair each. Measured (CPU time per decode step, one
-thread, SmolLM2-135M, LoRA r=8, load ~4-5): batch 1 ~100 -> ~55 ms, batch 16 ~240 -> ~120 ms.
+adapter, their LoRA terms fused into one matmul pair each. Measured (one thread, SmolLM2-135M, LoRA
+r=8, 16 adapters loaded, a shared 2-core machine at load 3-5, CPU time per decode step): batch 16 on 16
+adapters ~235 -> ~150 ms, batch 16 on one ~175 -> ~145 ms, batch 1 ~75 -> ~65-73 ms (there the fp16
+GEMMs, bound by one core's memory bandwidth, are ~2/3 of the step).
 
 Not done: ``torch.compile`` of the step (a cold compile costs minutes on this 2-core machine, longer
 than most evaluation runs); int8 weights (fbgemm's dynamic int8 quantises activations per tensor, so a
