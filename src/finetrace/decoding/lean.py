@@ -110,7 +110,7 @@ class LeanLlama:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.layers = []
+        self.layers: list = []  # (input norm, post-attention norm, [(base Linear, LoRA layer or None)] x 7)
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
