@@ -9,7 +9,9 @@ process and reads that child's peak RSS from ``resource.getrusage(RUSAGE_CHILDRE
 
 - finetrace  ``import_dataset`` (validate, NFC, PII redaction, exact + MinHash dedup, split, Parquet), in
              Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose);
-             the workers write the cleaned rows to scratch Arrow files, the main process writes the splits
+             the workers write the cleaned rows to scratch Arrow files, the main process writes the splits;
+             MinHash by the numba loop when the ``fast`` extra is installed and the input is over
+             96 MiB per process (``"minhash"`` in the JSON line says which ran)
 - datasets   ``load_dataset("json", ...)`` (parse to Arrow only; no validation/cleaning), own cache dir
 - pandas     ``read_json(lines=True)`` (parse into memory only)
 
@@ -82,8 +84,11 @@ ws = Workspace.init(sys.argv[2])
 t = time.perf_counter()
 art = import_dataset(ws, [sys.argv[1]], "bench", on_error="skip", workers=int(sys.argv[3]))
 dt = time.perf_counter() - t
+import os
+from finetrace.data import pii, workers as W
+pool = W.Pool(int(sys.argv[3]), os.path.getsize(sys.argv[1]), pii.detectors())  # what the import chose
 print(json.dumps({"seconds": dt, "rows": art.metadata["rows_in"], "rows_out": art.metadata["rows_out"],
-                  "ref": art.ref}))
+                  "ref": art.ref, "workers": pool.workers, "minhash": "numba" if pool.compiled else "numpy"}))
 """,
     "datasets": """
 import sys, time, json
@@ -110,7 +115,8 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
         "import resource, subprocess, sys, json\n"
         "p = subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]], capture_output=True, text=True)\n"
         "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'maxrss_kb': ru.ru_maxrss}))\n"
+        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-2000:], 'maxrss_kb': ru.ru_maxrss,\n"
+        "                  'cpu_s': ru.ru_utime + ru.ru_stime}))\n"
     )
     out_dir = scratch / name
     t = time.perf_counter()
@@ -133,7 +139,10 @@ def run_child(name: str, data: Path, scratch: Path, workers: int = 0) -> dict:
         "rows": inner["rows"],
         "rows_per_s": round(inner["rows"] / inner["seconds"], 1),
         "peak_rss_mb": round(res["maxrss_kb"] / 1024, 1),
-        **({"rows_out": inner["rows_out"]} if "rows_out" in inner else {}),
+        # CPU seconds of the contender and its workers (imports included): steadier than wall time
+        # when other processes share the CPUs
+        "cpu_s": round(res["cpu_s"], 2),
+        **{k: inner[k] for k in ("rows_out", "workers", "minhash") if k in inner},
     }
 
 
@@ -176,13 +185,15 @@ def main() -> None:
         "bench": "data_import",
         "file_mb": round(size_mb, 1),
         "rows": rows,
-        "workers": args.workers,
+        "workers": ft.get("workers", args.workers),
+        "minhash": ft.get("minhash"),
         "rows_per_s": ft.get("rows_per_s"),
         "peak_rss_mb": ft["peak_rss_mb"],
         "seconds": ft.get("seconds"),
+        "cpu_s": ft.get("cpu_s"),
         "rows_out": ft.get("rows_out"),
         "baselines": {
-            k: {kk: v.get(kk) for kk in ("seconds", "rows_per_s", "peak_rss_mb", "failed")}
+            k: {kk: v.get(kk) for kk in ("seconds", "cpu_s", "rows_per_s", "peak_rss_mb", "failed")}
             for k, v in results.items()
             if k != "finetrace"
         },

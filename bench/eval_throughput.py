@@ -13,8 +13,9 @@ domain set). The last line printed is one JSON object: ``examples_per_s``, ``bas
 
 Label scoring (``--label-n`` clause prompts, each with its counterfactual bias variants, for the base and
 a tuned adapter: a random LoRA, r=8): the contender is ``evaluate.generation.score_labels`` on every
-prompt of both subjects in one call (each prompt's KV cache shared by its labels, batches mixing the
-two adapters through gathered LoRA); the baseline runs one forward per (subject, prompt, label) on the
+prompt of both subjects in one call, as evaluation calls it (``best_only``: only the labels needed to know
+the best one are scored; each prompt's KV cache shared by its labels, batches mixing the two adapters
+through gathered LoRA, on the decoder's forward); the baseline runs one forward per (subject, prompt, label) on the
 full prompt + label + end-of-turn sequence. JSON: ``label_examples_per_s``,
 ``label_baseline_examples_per_s``, ``label_scoring_speedup``, ``identical_labels``. The exit status is 1
 when the labels (or the generated outputs) are not identical to the baseline's.
@@ -112,7 +113,9 @@ def bench_labels(model, tok, n: int, batch_size: int) -> dict:
     names = [BASE] * len(ps) + ["a0"] * len(ps)
     score_labels(peft, tok, ps[:1], labels, adapters=sel, adapter=BASE)  # warm-up
     t0 = time.perf_counter()
-    fast, _ = score_labels(peft, tok, rows, labels, batch_size=batch_size, adapters=sel, adapter=names)
+    fast, _ = score_labels(  # as evaluation calls it: only the labels needed to know the best one
+        peft, tok, rows, labels, batch_size=batch_size, adapters=sel, adapter=names, best_only=True
+    )
     t_fast = time.perf_counter() - t0
     end = turn_end_id(tok, model)
     conts = [tok(lab, add_special_tokens=False)["input_ids"] + [end] for lab in labels]
@@ -150,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=32, help="prompts")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--label-n", type=int, default=6, help="clause prompts for label scoring (0: skip)")
+    ap.add_argument(
+        "--label-n",
+        type=int,
+        default=2,
+        help="clause prompts for label scoring (0: skip; the one-at-a-time side takes minutes each)",
+    )
     ap.add_argument("--skip-generation", action="store_true", help="only the label-scoring comparison")
     args = ap.parse_args(argv)
 

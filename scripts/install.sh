@@ -14,9 +14,10 @@ fi
 stamp=.venv/.finetrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   # tracking: MLflow/TensorBoard tests; quant: bitsandbytes, for method: qlora; structured: llguidance, for
-  # response_format; llamacpp: llama-cpp-python, built from source by pip the first time (~4-7 CPU-minutes; pip
-  # caches the wheel, so later installs take seconds)
-  extras="dev,tracking,quant,structured"
+  # response_format; fast: numba, the compiled MinHash loop of large data imports; llamacpp:
+  # llama-cpp-python, built from source by pip the first time (~4-7 CPU-minutes; pip caches the wheel, so
+  # later installs take seconds)
+  extras="dev,tracking,quant,structured,fast"
   if [ "${FINETRACE_NO_LLAMACPP:-0}" != 1 ]; then
     if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ "${FINETRACE_NO_APT:-0}" != 1 ]; then
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential >/dev/null) \

@@ -96,3 +96,38 @@ def test_text_nll_matches_per_text_sums(lm):
     parts = [G.text_nll(model, tok, [t], batch_size=1) for t in texts]
     assert joint[1] == sum(n for _, n in parts)
     assert joint[0] == pytest.approx(sum(s for s, _ in parts), rel=1e-5)
+
+
+def _best_only_agrees(model, tok, prompts, labels) -> int:
+    """best_only's predictions are the full scores' and its scores the full ones; returns how many it skipped."""
+    preds, full = G.score_labels(model, tok, prompts, labels, batch_size=4)
+    best, part = G.score_labels(model, tok, prompts, labels, batch_size=4, best_only=True)
+    assert best == preds
+    assert all(p[labels.index(w)] is not None for p, w in zip(part, best))
+    for f, p in zip(full, part):
+        for a, b in zip(f, p):
+            assert b is None or b == pytest.approx(a, rel=1e-6, abs=1e-5)
+    return sum(b is None for p in part for b in p)
+
+
+def test_best_only_label_scoring_finds_the_same_labels_with_fewer_scores(lm, monkeypatch):
+    """Cutting pass 2 short (a label's score is at most its first token's log p) changes no prediction.
+    On the random model every label can still win after the first pass (nothing skipped); once the model
+    prefers one label (its tokens' logits raised, as tuning does), the others are never scored."""
+    from finetrace.decoding.batch import Decoder
+
+    model, tok = lm
+    prompts = [SYSTEM + p for p in PROMPTS] + PROMPTS
+    labels = ["billing", "bill", "technical", "account", "accounting", "refund request", "other"]
+    _best_only_agrees(model, tok, prompts, labels)
+    liked = tok("technical", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    forward = Decoder.forward
+
+    def prefer(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out[..., liked] += 12.0
+        return out
+
+    monkeypatch.setattr(Decoder, "forward", prefer)
+    skipped = _best_only_agrees(model, tok, prompts, labels)
+    assert skipped >= 0.9 * len(prompts) * (len(labels) - 1)  # about one label scored per prompt

@@ -161,3 +161,22 @@ def test_fp16_weights_are_the_models_own_weights_rounded_and_every_path_agrees(t
     with torch.no_grad():  # a changed base weight is repacked, not served stale
         base.lm_head.weight.mul_(1.0)
     assert dec.lean().packed() is not packed
+
+
+def test_label_scores_agree_on_the_lean_and_the_model_forward(two_adapters):
+    """Label scoring runs on the decoder's forward: the lean one for gathered LoRA, the model's own for
+    PEFT's mixed batches (a slab cache either way, the shared prefix repeated into rows, the label
+    tokens cropped off between passes); both give the same scores on mixed-adapter batches."""
+    from finetrace.decoding.labels import score_prompts
+
+    model, tok = two_adapters
+    system = [{"role": "system", "content": "Sort the question into one of the labels, nothing else."}]
+    rows = [encode_chat(tok, system + p) for p in PROMPTS]
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(rows))]
+    labels = ["river", "rivers", "question", "other answer"]
+    lean = score_prompts(model, tok, rows, labels, adapter_selector(model, "gathered", ["alpha", "beta"]), names, 4)
+    mixed = score_prompts(model, tok, rows, labels, PeftMixed(), names, 4)
+    assert mixed == [pytest.approx(r, abs=1e-4) for r in lean]
+    assert len({tuple(round(x, 3) for x in r) for r in lean}) > 3  # adapters and prompts change the scores
+    best = score_prompts(model, tok, rows, labels, PeftMixed(), names, 4, best_only=True)
+    assert all(b is None or b == pytest.approx(a, abs=1e-4) for r, q in zip(lean, best) for a, b in zip(r, q))

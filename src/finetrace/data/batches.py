@@ -55,6 +55,7 @@ class Ctx:
     row_hook: object = None  # a picklable callable(record) -> record | RowError (a format's mapping)
     tools: bool = False  # chat rows with tool calls, tool role and weights (formats.py)
     spill: str | None = None  # a scratch folder: kept rows go to an Arrow file there, not back over a pipe
+    compiled: bool = False  # MinHash by the numba loops when installed (``compiled``): the same numbers
 
 
 @dataclass
@@ -127,9 +128,9 @@ _STATE: dict = {}
 
 
 def _minhasher(ctx: Ctx) -> MinHasher:
-    key = ("mh", ctx.threshold)
+    key = ("mh", ctx.threshold, ctx.compiled)
     if key not in _STATE:
-        _STATE[key] = MinHasher(ctx.threshold, None)
+        _STATE[key] = MinHasher(ctx.threshold, None, compiled=ctx.compiled)
     return _STATE[key]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import compiled as _compiled
 from .arrowtext import pa_strings, prepare_texts, signatures
 
 NUM_PERM = 64
@@ -94,8 +95,10 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 class MinHasher:
     """Signatures and LSH band keys for batches of texts, written to memory-mapped scratch files."""
 
-    def __init__(self, threshold: float, scratch: Path | None, num_perm: int = NUM_PERM):
+    def __init__(self, threshold: float, scratch: Path | None, num_perm: int = NUM_PERM, compiled: bool = False):
         self.threshold = threshold
+        # the numba signature loop (``compiled``), when asked for and installed: the same numbers
+        self.compiled = compiled and _compiled.available()
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         rng = np.random.default_rng(20260101)  # fixed: signatures must not depend on anything else
@@ -123,7 +126,10 @@ class MinHasher:
     def sketch_and_bands(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """(N, num_perm) uint8 sketch and (N, bands) uint64 band keys; ``texts`` a list or Arrow array."""
         arr = texts if not isinstance(texts, list) else pa_strings(texts)
-        sigs = signatures(prepare_texts(arr), self.a32, self.b32)
+        if self.compiled:
+            sigs = _compiled.signatures(_compiled.prepare_texts(arr), self.a32, self.b32)
+        else:
+            sigs = signatures(prepare_texts(arr), self.a32, self.b32)
         with np.errstate(over="ignore"):
             used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sigs), self.bands, self.rows)
             keys = (used * self.band_mix[None, None, :]).sum(axis=2)  # (N, B), wraps mod 2^64

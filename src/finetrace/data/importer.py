@@ -395,6 +395,7 @@ def _validate_all(sources, opts: ImportOptions, fmap, detectors, scratch, minhas
                     formats.mapper(layout.fmt),
                     layout.tools,
                     str(spill),
+                    pool.compiled,
                 )
                 for res in pool.map(
                     workers.chunks(src.path, src.fmt, ReadOptions(opts.max_row_bytes, src.display)), ctx

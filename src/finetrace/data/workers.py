@@ -19,6 +19,9 @@ from .readers import ReadOptions, jsonl_chunks, parquet_tables, read_rows
 
 AUTO_MIN_BYTES = 64 << 20  # smaller inputs: start-up of workers costs more than they save
 AUTO_MAX_WORKERS = 4
+# bytes of input per process above which the compiled MinHash pays for numba's import and loading its
+# cached code in each process (~0.8 s of CPU); below it the numpy loop is faster overall
+COMPILED_MIN_BYTES = 96 << 20
 RECORDS_PER_CHUNK = 4096
 JSONL_CHUNK_BYTES = 4 << 20
 TABLE_ROWS = 8192
@@ -77,6 +80,7 @@ class Pool:
             workers = min(AUTO_MAX_WORKERS, cpus) if input_bytes >= AUTO_MIN_BYTES and cpus > 1 else 1
         builtin = {id(d) for d in pii.BUILTIN}
         self.workers = workers if all(id(d) in builtin for d in detectors) else 1
+        self.compiled = input_bytes >= COMPILED_MIN_BYTES * self.workers and _numba_installed()
         self.procs: list = []
         self.seq = 0  # chunks handed out so far, over every file of the import
 
@@ -143,6 +147,13 @@ class Pool:
                 hint="run the import again with --workers 1 to see the error in this process",
             )
         return value
+
+
+def _numba_installed() -> bool:
+    """Whether numba can be imported (looked up, not imported: only the processes that use it pay)."""
+    from importlib.util import find_spec
+
+    return find_spec("numba") is not None
 
 
 def _src_root() -> str:

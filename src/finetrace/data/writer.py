@@ -16,7 +16,7 @@ from .arrowtext import np_bools
 from .clean import lsh_params
 from .datasheet import build as build_sheet
 from .schemas import OPTIONAL_COLUMNS, SCHEMAS, SPLITS, to_example
-from .split import SPLIT_NAMES
+from .split import SPLIT_NAMES, TRAIN
 
 if TYPE_CHECKING:
     from .importer import _Decisions, _Layout, _Pass1
@@ -53,42 +53,47 @@ def _contiguous(table):
 
 def _write_splits(out: Path, p1: _Pass1, split: np.ndarray, keep_cols: list[str], chunk_rows: int) -> None:
     """Stream the kept rows into one zstd Parquet file per split, ``chunk_rows`` rows per row group.
-    The Parquet encoding runs in one thread (it releases the GIL) while this one reads and filters the
-    next rows; the writes keep their order, so the bytes are those of writing in this thread."""
+    The Parquet encoding runs in two threads (it releases the GIL), one for the train split and one
+    for the others, while this one reads and filters the next rows; each file's writes keep their
+    order, so the bytes are those of writing in this thread."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
     writers: dict[int, pq.ParquetWriter] = {}
-    pending: deque = deque()
+    lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"finetrace-parquet{i}") for i in range(2)]
+    pending: list[deque] = [deque(), deque()]
     offset = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="finetrace-parquet") as pool:
-        try:
-            for table in _kept_rows(p1.spills, chunk_rows):
-                codes = split[offset : offset + table.num_rows]
-                offset += table.num_rows
-                table = table.select(keep_cols)
-                for code, name in SPLIT_NAMES.items():
-                    mask = codes == code
-                    if not mask.any():
-                        continue
-                    if code not in writers:
-                        writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
-                    while len(pending) >= WRITE_AHEAD:
-                        pending.popleft().result()  # re-raises a failed write here
-                    pending.append(pool.submit(writers[code].write_table, table.filter(np_bools(mask))))
-            while pending:
-                pending.popleft().result()
-        finally:
-            for f in pending:
+    try:
+        for table in _kept_rows(p1.spills, chunk_rows):
+            codes = split[offset : offset + table.num_rows]
+            offset += table.num_rows
+            table = table.select(keep_cols)
+            for code, name in SPLIT_NAMES.items():
+                mask = codes == code
+                if not mask.any():
+                    continue
+                if code not in writers:
+                    writers[code] = pq.ParquetWriter(out / f"{name}.parquet", table.schema, compression="zstd")
+                lane = 0 if code == TRAIN else 1  # one thread per file: its row groups stay in order
+                while len(pending[lane]) >= WRITE_AHEAD:
+                    pending[lane].popleft().result()  # re-raises a failed write here
+                pending[lane].append(lanes[lane].submit(writers[code].write_table, table.filter(np_bools(mask))))
+        for q in pending:
+            while q:
+                q.popleft().result()
+    finally:
+        for q in pending:
+            for f in q:
                 f.cancel()
+        for pool in lanes:
             pool.shutdown(wait=True)
-            for w in writers.values():
-                w.close()
+        for w in writers.values():
+            w.close()
 
 
-WRITE_AHEAD = 2  # filtered tables queued for the Parquet thread: memory stays a few row groups
+WRITE_AHEAD = 2  # filtered tables queued per Parquet thread: memory stays a few row groups
 
 
 def _label_counts(p1: _Pass1, split: np.ndarray) -> dict:

@@ -175,13 +175,20 @@ class Decoder:
             self._lean = lean_forward(self.model, self.adapters, self.weights)
         return self._lean
 
-    def forward(self, ids, mask, positions, cache, names: list[str]):
-        """Logits of the last position (B, V), the cache updated in place, each row on its own adapter."""
+    def forward(self, ids, mask, positions, cache, names: list[str], keep=None):
+        """Logits of the last position (B, V), the cache updated in place, each row on its own adapter.
+        ``keep``: an explicit (B, 1, q, t + q) boolean attention mask instead of ``mask`` + causal; then the
+        logits of every position (B, q, V)."""
         kwargs = self.adapters.select(names) if self.adapters is not None else {}
         lean = self.lean()
         if lean is not None and not kwargs:
-            return lean.forward(ids, mask, positions, cache.layers)
+            return lean.forward(ids, mask, positions, cache.layers, keep)
         kwargs[self._cache_kw] = cache
+        if keep is not None:
+            dtype = next(self.model.parameters()).dtype
+            attn = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, **kwargs)
+            return out.logits
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
         )

@@ -80,6 +80,23 @@ class SlabLayer(DynamicLayer):
         self.b = len(idx)
         self._views()
 
+    def repeat_rows(self, idx: list[int]) -> None:
+        """Rows ``idx`` of the live ones, in that order (a row may repeat: a shared prefix for many rows)."""
+        if self.kbuf is None:
+            return
+        sel = torch.tensor(idx, dtype=torch.long, device=self.device)
+        k, v = self.kbuf.index_select(0, sel)[:, :, : self.t], self.vbuf.index_select(0, sel)[:, :, : self.t]
+        self.reserve(len(idx), self.t)
+        self.kbuf[: len(idx), :, : self.t], self.vbuf[: len(idx), :, : self.t] = k, v
+        self.b = len(idx)
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``|tokens_to_remove|`` columns (transformers' convention: a negative count)."""
+        self.t = max(self.t - abs(tokens_to_remove), 0)
+        if self.kbuf is not None:
+            self._views()
+
     def drop_columns(self, n: int) -> None:
         """Forget the first ``n`` columns (unused by every live row)."""
         if self.kbuf is None or n <= 0:

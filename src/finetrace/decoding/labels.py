@@ -11,19 +11,27 @@ of the batch starts with (the chat template's system turn) run once per adapter,
 the rows. Pass 1: the rest of each prompt. Pass 2: every label's tokens but the last (the end token
 predicts nothing that is scored), all labels side by side in one row per prompt on that prompt's cache,
 a 4D attention mask letting each label see the prompt and itself only: B rows of sum(|y|) tokens, no
-copies of the cache and no padding between labels.
+copies of the cache and no padding between labels. Every forward is the decoder's
+(``batch.Decoder.forward``: the lean forward on the packed fp16 weights where it covers the model, the
+model's own forward elsewhere), so labels are scored with the kernels and numbers that generate and serve.
+
+When only the best label matters (evaluation's predictions, the server's label constraint without
+logprobs: ``best_only``), pass 2 is cut short, exactly: every log p is <= 0, so a label's score is at most
+log p(y_1 | x), which pass 1 already gives for every label. Pass 2 first scores each row's label with the
+highest first-token log p; a second pass scores only the labels whose first token alone could still beat
+it (or tie it from an earlier place). The argmax is the one of the full scores; a tuned classifier
+usually needs one label per row instead of all K.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
-from .batch import BASE
-from .chat import pad_id, turn_end_id
-from .packed import decode_weights, round_to_fp16
+from .batch import BASE, Decoder
+from .chat import turn_end_id
+from .kvcache import slab_cache
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:
@@ -41,11 +49,6 @@ def _left_pad(rows: list[list[int]], pad: int):
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _cache_kw(model) -> str:
-    fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else type(model).forward
-    return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
-
-
 MIN_SHARED = 8  # a shorter common prefix is not worth its own forward
 
 
@@ -59,62 +62,86 @@ def _shared_prefix(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def _prompt_pass(model, adapters, prompt_rows, names, pad):
-    """Run the prompts (their shared prefix once per adapter); returns (output, mask over the cache)."""
-    c, cache = (_shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0), None
+def _prompt_pass(dec: Decoder, prompt_rows, names):
+    """Run the prompts (their shared prefix once per adapter) into a fresh cache; returns (logits of each
+    prompt's last position (B, V), the cache, the mask over it (B, P))."""
+    c, cache = (_shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0), slab_cache(dec.n_layers)
     if c >= MIN_SHARED:
         uniq = list(dict.fromkeys(names))
-        kw = adapters.select(uniq) if adapters is not None else {}
-        pre = model(
-            input_ids=torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long),
-            use_cache=True,
-            logits_to_keep=1,
-            **kw,
-        )
-        cache = pre.past_key_values
-        cache.batch_select_indices(torch.tensor([uniq.index(n) for n in names], dtype=torch.long))
+        ones = torch.ones((len(uniq), c), dtype=torch.long)
+        ids = torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long)
+        dec.forward(ids, ones, torch.arange(c).expand(len(uniq), c), cache, uniq)
+        for layer in cache.layers:
+            layer.repeat_rows([uniq.index(n) for n in names])
         prompt_rows = [r[c:] for r in prompt_rows]
     else:
         c = 0
-    ids, mask, pos = _left_pad(prompt_rows, pad)  # (B, P - c)
-    kw = adapters.select(names) if adapters is not None else {}
-    if cache is not None:
-        kw[_cache_kw(model)] = cache
-        mask = torch.cat([torch.ones((len(prompt_rows), c), dtype=torch.long), mask], dim=1)  # (B, P)
-        pos = pos + c
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-    return out, mask
+    ids, mask, pos = _left_pad(prompt_rows, dec.pad)  # (B, P - c)
+    mask = torch.cat([torch.ones((len(prompt_rows), c), dtype=torch.long), mask], dim=1)  # (B, P)
+    return dec.forward(ids, mask, pos + c, cache, names), cache, mask
 
 
-def _score_batch(model, adapters, prompt_rows, names, conts, pad) -> torch.Tensor:
-    """(B, K) summed log p of every continuation after every prompt."""
+def _label_pass(dec: Decoder, cache, mask, names, conts, picks) -> dict[tuple[int, int], float]:
+    """Pass 2 for the labels ``picks[b]`` of each row ``b``: log p of every label token after the first (its
+    c_1..c_{m-1} side by side in one row after the prompt, a 4D mask letting each label see the prompt and
+    itself only; rows with fewer label tokens padded with tokens that see the prompt and are not scored).
+    Returns {(row, label): summed log p}; the prompt cache is left as it was."""
+    B, P = mask.shape
+    seg, off, ids, nxt = [], [], [], []  # per row: label of each token, its place in the label, it, its next
+    for ks in picks:
+        ins = [(k, j) for k in ks for j in range(len(conts[k]) - 1)]
+        seg.append([k for k, _ in ins])
+        off.append([j for _, j in ins])
+        ids.append([conts[k][j] for k, j in ins])
+        nxt.append([conts[k][j + 1] for k, j in ins])
+    T = max(len(r) for r in seg)
+    if T == 0:  # every picked label is the end token alone: nothing after the first
+        return {(b, k): 0.0 for b, ks in enumerate(picks) for k in ks}
+    pad = [T - len(r) for r in seg]
+    segs = torch.tensor([r + [-1] * n for r, n in zip(seg, pad)], dtype=torch.long)  # (B, T); -1: padding
+    offs = torch.tensor([r + [0] * n for r, n in zip(off, pad)], dtype=torch.long)
+    see = (segs[:, :, None] == segs[:, None, :]) & (offs[:, None, :] <= offs[:, :, None]) & (segs[:, None, :] >= 0)
+    keep = torch.cat([mask.bool()[:, None, :].expand(B, T, P), see], dim=-1)[:, None]  # (B, 1, T, P + T)
+    cids = torch.tensor([r + [0] * n for r, n in zip(ids, pad)], dtype=torch.long)
+    cols = torch.ones((B, T), dtype=torch.long)
+    logits = dec.forward(cids, torch.cat([mask, cols], 1), mask.sum(1)[:, None] + offs, cache, names, keep)
+    cache.crop(-T)  # drop the label tokens: the next pass starts from the prompt again
+    targets = torch.tensor([r + [0] * n for r, n in zip(nxt, pad)], dtype=torch.long)
+    step = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, :, None]).squeeze(-1)  # (B, T)
+    col = torch.where(segs >= 0, segs, len(conts))  # padding sums into a column of its own
+    rest = torch.zeros((B, len(conts) + 1), dtype=step.dtype).scatter_add_(1, col, step)
+    return {(b, k): rest[b, k] for b, ks in enumerate(picks) for k in ks}
+
+
+def _score_batch(dec: Decoder, prompt_rows, names, conts, best_only: bool = False) -> list[list[float | None]]:
+    """Every continuation's summed log p after every prompt, (B, K) as lists. ``best_only``: only as many
+    labels as it takes to know each row's best one exactly; the others are None (see ``best_label``)."""
     B, K = len(prompt_rows), len(conts)
-    out, mask = _prompt_pass(model, adapters, prompt_rows, names, pad)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    # pass 2: every label's c_1..c_{m-1} (the end token predicts nothing scored) in ONE row per prompt,
-    # side by side after it: a 4D mask lets each label's tokens see the prompt and their own label only
-    ins = [c[:-1] for c in conts]
-    seg = torch.tensor([k for k, c in enumerate(ins) for _ in c], dtype=torch.long)  # (T,) label of token
-    off = torch.tensor([j for c in ins for j in range(len(c))], dtype=torch.long)  # (T,) place in label
-    heads = torch.tensor([c[0] for c in conts], dtype=torch.long)  # (K,)
-    T = len(seg)
-    if T == 0:
-        return first[:, heads]
-    cids = torch.tensor([t for c in ins for t in c], dtype=torch.long)  # (T,)
-    nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long)  # (T,) c_{j+1}
-    see = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])  # (T, T)
-    allow = torch.cat([mask.bool()[:, None, :].expand(B, T, -1), see.expand(B, T, T)], dim=-1)  # (B, T, P+T)
-    dtype = next(model.parameters()).dtype
-    attn = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
-    cpos = mask.sum(1)[:, None] + off[None, :]  # (B, T)
-    kw = adapters.select(names) if adapters is not None else {}
-    kw[_cache_kw(model)] = out.past_key_values
-    logits = model(
-        input_ids=cids.expand(B, T), attention_mask=attn, position_ids=cpos, use_cache=True, **kw
-    ).logits  # (B, T, V)
-    step = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt.expand(B, T)[:, :, None]).squeeze(-1)
-    rest = torch.zeros((B, K), dtype=step.dtype).index_add_(1, seg, step)  # (B, K)
-    return first[:, heads] + rest
+    last, cache, mask = _prompt_pass(dec, prompt_rows, names)
+    first = torch.log_softmax(last.float(), dim=-1)
+    bound = first[:, torch.tensor([c[0] for c in conts], dtype=torch.long)]  # (B, K): log p(c_1) >= score
+    scores: list[list] = [[None] * K for _ in range(B)]
+
+    def run(picks):
+        for (b, k), rest in _label_pass(dec, cache, mask, names, conts, picks).items():
+            scores[b][k] = float(bound[b, k] + rest)
+
+    if not best_only:
+        run([list(range(K))] * B)
+        return scores
+    # a label's score is its first token's log p plus log ps <= 0: score it first, then only the labels whose
+    # first token alone could still beat (or tie, ahead of it) the best score so far
+    top = bound.argmax(-1).tolist()  # the first maximal bound: ties go to the first label
+    run([[k] for k in top])
+    later = []
+    for b in range(B):
+        s, j = scores[b][top[b]], top[b]
+        later.append(
+            [k for k in range(K) if k != j and (float(bound[b, k]) > s or (float(bound[b, k]) == s and k < j))]
+        )
+    if any(later):
+        run(later)
+    return scores
 
 
 def score_prompts(
@@ -126,12 +153,14 @@ def score_prompts(
     names: Sequence[str] | None = None,
     batch_size: int = 16,
     on_batch=None,
-) -> list[list[float]]:
-    """Summed label log-probabilities for each prompt (token ids), each on its own adapter ``names[i]``."""
+    best_only: bool = False,
+) -> list[list[float | None]]:
+    """Summed label log-probabilities for each prompt (token ids), each on its own adapter ``names[i]``.
+    ``best_only``: score only the labels needed to know each prompt's best one (``best_label`` of the
+    result is exactly that of the full scores); the others are None."""
     if not labels:
         raise ValueError("label scoring needs at least one label")
-    if decode_weights(model) == "fp16":  # the weights generation decodes on (packed.py): one set of numbers
-        round_to_fp16(model)
+    dec = Decoder(model, tok, adapters)  # the decoder's forward and weights: one set of kernels and numbers
     conts = label_continuations(tok, labels, model)
     names = list(names) if names is not None else [BASE] * len(prompt_rows)
     order = sorted(range(len(prompt_rows)), key=lambda i: (-len(prompt_rows[i]), i))
@@ -139,15 +168,14 @@ def score_prompts(
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            out = _score_batch(
-                model, adapters, [prompt_rows[i] for i in chunk], [names[i] for i in chunk], conts, pad_id(tok)
-            )
-            for i, row in zip(chunk, out.tolist()):
+            out = _score_batch(dec, [prompt_rows[i] for i in chunk], [names[i] for i in chunk], conts, best_only)
+            for i, row in zip(chunk, out):
                 scores[i] = row
             if on_batch is not None:
                 on_batch(len(chunk))
     return scores
 
 
-def best_label(labels: Sequence[str], scores: Sequence[float]) -> str:
-    return labels[max(range(len(labels)), key=lambda j: (scores[j], -j))]
+def best_label(labels: Sequence[str], scores: Sequence[float | None]) -> str:
+    """The highest-scoring label (ties: the first); None scores (``best_only``) were not needed to know it."""
+    return labels[max((j for j, s in enumerate(scores) if s is not None), key=lambda j: (scores[j], -j))]

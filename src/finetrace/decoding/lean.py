@@ -168,9 +168,11 @@ class LeanLlama:
             o3[..., c0:c1] += torch.bmm(t.transpose(1, 2), b)  # (B, q, out_j)
         return out
 
-    def forward(self, ids, mask, positions, layers) -> torch.Tensor:
+    def forward(self, ids, mask, positions, layers, keep=None) -> torch.Tensor:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
-        cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer."""
+        cache columns plus the new ones (1 = attend); ``layers``: one ``SlabLayer`` per model layer.
+        ``keep``: an explicit (B, 1, q, t + q) boolean attention mask instead of ``mask`` + causal; then the
+        logits of every position, (B, q, V) (label scoring's labels side by side)."""
         B, q = ids.shape
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
@@ -183,8 +185,10 @@ class LeanLlama:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]  # (B, q, 1, hd)
         cos = cos[:, :, None]
         t = mask.shape[1]
-        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
-        if q > 1:
+        every = keep is not None
+        if keep is None:
+            keep = mask.bool()[:, None, None, :]  # (B, 1, 1, t)
+        if q > 1 and not every:
             cols = torch.arange(t, device=ids.device)
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
@@ -202,7 +206,7 @@ class LeanLlama:
             K, V = cache.update(
                 qk[:, :, H:].transpose(1, 2), qkv[:, (H + KV) * hd :].view(B, q, KV, hd).transpose(1, 2)
             )  # (B, KV, t, hd) views of the slabs
-            if q == 1:  # decode: the query heads of one KV head packed as its "positions"
+            if q == 1 and not every:  # decode: the query heads of one KV head packed as its "positions"
                 o = F.scaled_dot_product_attention(
                     qk[:, 0, :H].view(B, KV, g, hd), K, V, attn_mask=bias, scale=self.scale
                 )
@@ -217,10 +221,9 @@ class LeanLlama:
             gu = self._group(h, p, pk[2], _GROUPS[2], pl[2])
             inter = gu.shape[-1] // 2
             x = x + self._group(F.silu(gu[:, :inter]) * gu[:, inter:], p, pk[3], _GROUPS[3], pl[3])
-        last = F.rms_norm(x.view(B, q, d)[:, -1], (d,), self.norm.weight, self.norm.variance_epsilon)  # (B, d)
-        if packed is not None:
-            return linear16(last, packed.head)
-        return F.linear(last, self.head.weight, self.head.bias)
+        x = x.view(B, q, d) if every else x.view(B, q, d)[:, -1]  # (B, q, d) or (B, d)
+        last = F.rms_norm(x, (d,), self.norm.weight, self.norm.variance_epsilon)
+        return linear16(last, packed.head) if packed is not None else F.linear(last, self.head.weight, self.head.bias)
 
 
 def lean_forward(model, adapters, weights: str = "fp32") -> LeanLlama | None:

@@ -99,15 +99,17 @@ def score_labels(
     description: str = "score labels",
     adapters=None,
     adapter: str | Sequence[str] = BASE,
-) -> tuple[list[str], list[list[float]]]:
+    best_only: bool = False,
+) -> tuple[list[str], list[list[float | None]]]:
     """Constrained classification: each prompt's label with the highest summed log-probability.
-    ``adapter``: one adapter name for all prompts, or one per prompt (a batch may mix them)."""
+    ``adapter``: one adapter name for all prompts, or one per prompt (a batch may mix them); ``best_only``:
+    score only the labels needed to know the best one (``decoding.labels``), the others are None."""
     if not labels:
         raise ValueError("score_labels needs at least one label")
     rows = [encode_chat(tok, p) for p in prompts]
     names = [adapter] * len(rows) if isinstance(adapter, str) else list(adapter)
     with Counter(progress, description, len(rows)) as bar:
-        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, on_batch=bar.advance)
+        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, bar.advance, best_only)
     return [best_label(labels, s) for s in scores], scores
 
 

@@ -88,6 +88,7 @@ class _Answerer:
                 description=description,
                 adapters=self.adapters,
                 adapter=self.adapter,
+                best_only=True,  # the predictions are what is reported
             )
             self.last_tokens = None
             return preds, preds

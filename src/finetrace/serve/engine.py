@@ -463,13 +463,21 @@ class Engine:
     def classify(self, prompt_rows: list[list[int]], labels: list[str], adapter_name: str = BASE) -> list[str]:
         """The best-scoring label for each prompt (``decoding.labels``, as evaluation scores); call from the
         scheduler thread or before ``start``."""
-        return [
-            best_label(labels, s) for s in self.label_scores(prompt_rows, labels, [adapter_name] * len(prompt_rows))
-        ]
+        names = [adapter_name] * len(prompt_rows)
+        return [best_label(labels, s) for s in self.label_scores(prompt_rows, labels, names, best_only=True)]
 
-    def label_scores(self, prompt_rows: list[list[int]], labels: list[str], names: list[str]) -> list[list[float]]:
+    def label_scores(
+        self, prompt_rows: list[list[int]], labels: list[str], names: list[str], best_only: bool = False
+    ) -> list[list[float | None]]:
         return score_prompts(
-            self.model, self.tokenizer, prompt_rows, labels, self.decoder.adapters, names, self.settings.max_batch
+            self.model,
+            self.tokenizer,
+            prompt_rows,
+            labels,
+            self.decoder.adapters,
+            names,
+            self.settings.max_batch,
+            best_only=best_only,
         )
 
     def _classify_requests(self, reqs: list[GenRequest]) -> None:
@@ -479,7 +487,12 @@ class Engine:
             groups.setdefault(tuple(r.labels), []).append(r)
         for labels, rs in groups.items():
             try:
-                scores = self.label_scores([r.prompt_ids for r in rs], list(labels), [r.adapter_name for r in rs])
+                scores = self.label_scores(
+                    [r.prompt_ids for r in rs],
+                    list(labels),
+                    [r.adapter_name for r in rs],
+                    best_only=all(r.logprobs is None for r in rs),  # logprobs report every label's score
+                )
             except Exception as exc:
                 for r in rs:
                     self._fail_request(r, exc, 0)

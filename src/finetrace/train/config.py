@@ -243,6 +243,15 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, ~30% slower)."
     )
+    checkpoint_layers: int | None = Field(
+        None,
+        ge=0,
+        le=BIG,
+        description="With gradient_checkpointing: how many decoder layers recompute their activations "
+        "(the first N); each layer that keeps them is faster and holds one layer's activations more (null: "
+        "all but the last, whose recompute would save nothing). A run that does not fit names the fewest "
+        "that do.",
+    )
     compile: bool = Field(
         True,
         description="Fuse RMSNorm, the SiLU gate and rotary embeddings into compiled "
@@ -316,6 +325,7 @@ class TrainConfig(BaseModel):
         "max_length",
         "micro_batch_tokens",
         "loss_chunk",
+        "checkpoint_layers",
         "threads",
         "seed",
         "eval_every",
@@ -351,6 +361,13 @@ class TrainConfig(BaseModel):
         elif q.bits is not None and method == "full":
             raise ValueError("a quantised base cannot be fine-tuned in full; use method: lora (or qlora)")
         return q
+
+    @field_validator("checkpoint_layers")
+    @classmethod
+    def _checkpoint_layers(cls, v: int | None, info) -> int | None:
+        if v is not None and not info.data.get("gradient_checkpointing"):
+            raise ValueError("checkpoint_layers applies with gradient_checkpointing: true; set that too")
+        return v
 
     @field_validator("output_name")
     @classmethod

@@ -188,10 +188,26 @@ def build_model(cfg: TrainConfig, inp: Inputs, device):
     method["quantization"] = quant
     kernel_counts = fuse_elementwise(model) if cfg.compile else {}
     if cfg.gradient_checkpointing:
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.checkpoint_layers)
     model.train()
     return model, method, kernel_counts
+
+
+def enable_checkpointing(model, layers: int | None = None) -> int:
+    """Gradient checkpointing (non-reentrant) on the first ``layers`` decoder layers (None: all but the last,
+    ``plan.default_checkpoint_layers``); the others keep their activations for backward. Returns how many
+    layers recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .plan import default_checkpoint_layers
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    n = default_checkpoint_layers(len(blocks)) if layers is None else min(layers, len(blocks))
+    for i, m in enumerate(blocks):
+        m.gradient_checkpointing = i < n
+    return n
 
 
 def largest_micro_batch(cfg: TrainConfig, lengths: list[int], steps: list[list[int]]) -> int:

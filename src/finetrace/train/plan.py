@@ -11,9 +11,10 @@ tokenised data (the largest micro-batch the run will make), per process:
     adapter        LoRA A and B (fp32), their gradients and AdamW's two moments: 4 x 4 bytes each
                    (full fine-tuning: every weight, its gradient and two moments)
     activations    saved for backward, per token of the largest micro-batch: per layer ~(k_h H + k_i I)
-                   values (H hidden, I intermediate); with gradient checkpointing only each layer's
-                   input plus one layer's full set while it is recomputed; on a quantised base two
-                   dequantised copies of the largest linear weight
+                   values (H hidden, I intermediate); with gradient checkpointing only each recomputed
+                   layer's input, plus the full set of every layer that is not (``checkpoint_layers``)
+                   or of the one being recomputed; on a quantised base two dequantised copies of the
+                   largest linear weight
     loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place); at
                    most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``),
                    plus two widened blocks of its weight
@@ -22,8 +23,9 @@ tokenised data (the largest micro-batch the run will make), per process:
 Under FSDP weights, adapter and optimiser state are divided by the ranks. The estimate is checked
 against the device's memory (CPU: ``MemAvailable`` plus this process's RSS; CUDA: free + reserved), and
 a run that does not fit is refused with the cheapest change that does: a smaller micro-batch token budget,
-gradient checkpointing, an 8-bit or 4-bit base, or more FSDP ranks. ``finetrace train CONFIG --plan``
-prints the plan; each run records it beside the measured peak (``memory_plan`` in the run's metrics).
+gradient checkpointing (of the fewest layers that fit), an 8-bit or 4-bit base, or more FSDP ranks.
+``finetrace train CONFIG --plan`` prints the plan; each run records it beside the measured peak
+(``memory_plan`` in the run's metrics).
 """
 
 from __future__ import annotations
@@ -165,7 +167,10 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     adapter = trainable * 4.0 * (4 if s["method"] != "full" else 3) / shard
     tokens, h, inter = s["tokens"], shape.hidden, shape.intermediate
     per_layer = (K_H * h + K_I * inter) * compute * tokens
-    acts = (shape.layers * h * compute * tokens + per_layer) if s["checkpointing"] else shape.layers * per_layer
+    # checkpointed layers keep their input; the others their full set; one checkpointed layer is recomputed
+    # only after the kept ones were freed (they run backward first)
+    ck = checkpointed_layers(shape, s)
+    acts = ck * h * compute * tokens + max(shape.layers - ck, 1 if ck else 0) * per_layer
     if spec:  # a quantised layer's weight is dequantised where used (forward and backward: two at a time)
         acts += 2 * shape.largest_linear * compute
     widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
@@ -185,6 +190,20 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     }
 
 
+def checkpointed_layers(shape: ModelShape, s: dict) -> int:
+    """How many decoder layers recompute their activations under settings ``s``."""
+    if not s["checkpointing"]:
+        return 0
+    n = s.get("checkpoint_layers")
+    return default_checkpoint_layers(shape.layers) if n is None else min(n, shape.layers)
+
+
+def default_checkpoint_layers(layers: int) -> int:
+    """``checkpoint_layers: null``: every decoder layer but the last. The last one's backward comes first,
+    right after its forward: recomputing it would hold the same activations at the same time, for nothing."""
+    return max(1, layers - 1)
+
+
 def settings_of(cfg, tokens: int, world: int) -> dict:
     q = cfg.quantization
     dtype = cfg.dtype if q.bits is None or q.compute_dtype == "auto" else q.compute_dtype
@@ -196,6 +215,7 @@ def settings_of(cfg, tokens: int, world: int) -> dict:
         "target_modules": cfg.lora.target_modules,
         "tokens": tokens,
         "checkpointing": cfg.gradient_checkpointing,
+        "checkpoint_layers": cfg.checkpoint_layers,
         "loss_chunk": cfg.loss_chunk,
         "world": world,
         "fsdp": cfg.parallel == "fsdp" and world > 1,
@@ -258,7 +278,10 @@ def make_plan(cfg, folder: Path, tokens: int, device, world: int) -> Plan:
         estimate(shape, s, dev),
         dev,
         avail,
-        {k: s[k] for k in ("method", "bits", "dtype", "tokens", "checkpointing", "world")},
+        {
+            **{k: s[k] for k in ("method", "bits", "dtype", "tokens", "checkpointing", "world")},
+            **({"checkpoint_layers": checkpointed_layers(shape, s)} if s["checkpointing"] else {}),
+        },
     )
     if not plan.fits:
         plan.suggestion = cheapest_fix(shape, s, dev, plan.available_mb)
@@ -276,19 +299,28 @@ def cheapest_fix(shape: ModelShape, s: dict, device: str, avail: float) -> str:
         t //= 2
         if peak(tokens=t) <= avail:
             return f"micro_batch_tokens: {t} (estimated peak {peak(tokens=t):,.0f} MiB; the same update, more passes)"
-    if not s["checkpointing"] and peak(checkpointing=True) <= avail:
-        return f"gradient_checkpointing: true (estimated peak {peak(checkpointing=True):,.0f} MiB; ~30% slower)"
+    most = default_checkpoint_layers(shape.layers)
+    for n in range(checkpointed_layers(shape, s) + 1, most + 1):  # the fewest recomputed layers first
+        ck = {"checkpointing": True, "checkpoint_layers": None if n == most else n}
+        if peak(**ck) <= avail:
+            what = "gradient_checkpointing: true" if n == most else f"checkpoint_layers: {n}"
+            if n < most and not s["checkpointing"]:
+                what = f"gradient_checkpointing: true with {what}"
+            elif n == most and s.get("checkpoint_layers") is not None:
+                what += " with checkpoint_layers: null"
+            return f"{what} (estimated peak {peak(**ck):,.0f} MiB; {n} of {shape.layers} layers recomputed)"
+    full = {"checkpointing": True, "checkpoint_layers": None}
     for bits, what in ((8, "quantization.bits: 8 (an 8-bit base)"), (4, "method: qlora (a 4-bit NF4 base)")):
         if s["method"] != "full" and (s["bits"] or 16) > bits:
-            for ck in (s["checkpointing"], True):
-                if peak(bits=bits, checkpointing=ck) <= avail:
+            for ck in ({}, full):
+                if peak(bits=bits, **ck) <= avail:
                     extra = " with gradient_checkpointing: true" if ck and not s["checkpointing"] else ""
-                    return f"{what}{extra} (estimated peak {peak(bits=bits, checkpointing=ck):,.0f} MiB)"
+                    return f"{what}{extra} (estimated peak {peak(bits=bits, **ck):,.0f} MiB)"
     for n in (2, 4, 8, 16, 32, 64):
-        if n > s["world"] and peak(world=n, fsdp=True, checkpointing=True) <= avail:
+        if n > s["world"] and peak(world=n, fsdp=True, **full) <= avail:
             return (
                 f"parallel: fsdp on {n} processes with gradient_checkpointing: true (torchrun "
-                f"--nproc_per_node={n}; estimated {peak(world=n, fsdp=True, checkpointing=True):,.0f} MiB each)"
+                f"--nproc_per_node={n}; estimated {peak(world=n, fsdp=True, **full):,.0f} MiB each)"
             )
     return (
         "none of micro_batch_tokens, gradient checkpointing, quantisation or up to 64 FSDP ranks fits: use a "
