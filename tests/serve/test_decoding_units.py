@@ -80,3 +80,43 @@ def test_slab_layer_appends_compacts_and_trims_in_place():
     assert a.b == 1 and a.keys[0, 0, :, 0].tolist() == [5] * 6
     a.drop_columns(2)
     assert a.t == 4 and a.keys.shape == (1, 2, 4, 4) and float(a.values[0, 0, 0, 0]) == -5
+
+
+def test_thread_tuner_keeps_the_faster_thread_count_and_rechecks_it():
+    from finetrace.decoding.threads import ThreadTuner
+
+    cost = {1: 0.01, 4: 0.05}  # an oversubscribed machine: 1 thread is faster
+    tuner = ThreadTuner([1, 4], period=10, trial=2, max_period=40)
+    assert tuner.threads() == 1 and tuner.best == 4  # the trial first, interleaved
+    seen = []
+    for _ in range(4):
+        n = tuner.threads()
+        seen.append(n)
+        tuner.record(n, cost[n])
+    assert seen == [1, 4, 1, 4] and tuner.best == 1
+    assert [tuner.threads() for _ in range(1)] == [1]
+    cost = {1: 0.05, 4: 0.01}  # the machine went quiet: the next trial moves to 4
+    used = []
+    for _ in range(40):
+        n = tuner.threads()
+        used.append(n)
+        tuner.record(n, cost[n])
+    assert tuner.best == 4 and used[-1] == 4 and used.count(1) <= 12
+    assert tuner.period > 10  # rechecked less often while the winner holds
+
+
+def test_a_decode_step_leaves_the_callers_thread_count(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetrace.decoding import Decoder, Seq, encode_chat
+    from finetrace.decoding.threads import ThreadTuner
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prev = torch.get_num_threads()
+    dec = Decoder(model, tok, weights="fp32")
+    dec.tuner = ThreadTuner([1, 2], period=4, trial=1)  # both counts used, then rechecked
+    seq = Seq(encode_chat(tok, [{"role": "user", "content": "hi"}]), max_tokens=6)
+    dec.run([seq])
+    assert torch.get_num_threads() == prev and len(seq.ids) >= 1 and dec.tuner.best in (1, 2)

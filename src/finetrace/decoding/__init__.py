@@ -8,6 +8,7 @@
     lean.py     the decode forward for Llama-family models (the model's own forward for anything else)
     packed.py   fp16-stored, fp32-computed weights for lean.py (fbgemm), q/k/v and gate/up fused
     lora.py     gathered LoRA: a mixed-adapter batch at one matmul pair per layer
+    threads.py  the thread count of decode steps, chosen by timing them (shared CPUs)
     labels.py   label scoring (constrained classification), batched across prompts and adapters
 
 So what the gates certify (evaluate) is token for token what is served and what ``generate`` prints.

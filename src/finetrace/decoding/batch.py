@@ -11,11 +11,14 @@ batched call (``sampling.pick_tokens``), appends the new text and finishes rows 
 (``chat.end_ids``), a stop string, or ``max_tokens``. Long prompts are read a chunk per step, so they do
 not stall the running rows. Rows carry their adapter name; ``adapters.select(names)`` sets the LoRA
 slot of each row before a forward (``lora.GatheredLoRA``: one matmul pair when all rows share one).
+Each step runs on the torch thread count ``threads.ThreadTuner`` picked by timing decode steps (and
+restores the caller's count after it).
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +31,7 @@ from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
+from .threads import ThreadTuner
 
 BASE = "__base__"
 
@@ -108,6 +112,7 @@ class Decoder:
         self._lean_key: tuple = ()
         self._lean: LeanLlama | None = None
         self.n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        self.tuner = ThreadTuner()  # the thread count of each step, chosen by timing decode steps
 
     # -- what callers use ----------------------------------------------------------------------
     @property
@@ -125,14 +130,23 @@ class Decoder:
     def step(self) -> list[Seq]:
         """One chunk of prefill and one decode step; returns the sequences that finished in it."""
         finished: list[Seq] = []
-        with torch.inference_mode():
-            if self.waiting:
-                self.groups.append(_Group(self.waiting, self.pad, self.n_layers))
-                self.waiting = []
-            if self.groups:
-                finished += self._prefill(self.groups[0])
-            if self.rows:
-                finished += self._decode()
+        prev = torch.get_num_threads()
+        try:
+            with torch.inference_mode():
+                if self.waiting:
+                    self.groups.append(_Group(self.waiting, self.pad, self.n_layers))
+                    self.waiting = []
+                if self.groups:
+                    _set_threads(self.tuner.best)
+                    finished += self._prefill(self.groups[0])
+                if self.rows:
+                    n = self.tuner.threads()
+                    _set_threads(n)
+                    t0 = time.perf_counter()
+                    finished += self._decode()
+                    self.tuner.record(n, time.perf_counter() - t0)
+        finally:
+            _set_threads(prev)  # the caller's setting outside the step
         return finished
 
     def run(self, seqs: list[Seq], on_done: Callable[[int], None] | None = None) -> list[Seq]:
@@ -276,3 +290,8 @@ class Decoder:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
                 layer.drop_columns(first)
+
+
+def _set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -5,21 +5,23 @@ Why write our own (and only this): on this CPU a decode step of SmolLM2-135M thr
 through modules, hooks, kwargs and the ``Cache`` API, and per forward it builds a causal mask with the
 masking utilities, so that a batch-1 step costs several times what reading the weights once does (see
 ``bench/serve_throughput.py``). This module keeps everything that carries the maths from transformers
-(the same weights, its rotary-embedding module, ``F.scaled_dot_product_attention``, the RMSNorm formula
-as written there) and drops only the dispatch:
+(the same weights, its rotary-embedding module, ``F.scaled_dot_product_attention``, RMSNorm as torch's
+``rms_norm``, bit-identical to the formula written there) and drops only the dispatch:
 
-    x = E[ids]                                                    # (B, q, d)
-    for each layer:  h = rms(x) * w_in
-                     q, k, v = h Wq^T, h Wk^T, h Wv^T   (+ LoRA)  # (B, heads, q, hd) after rope
+    x = E[ids]                                                    # (B*q, d), rows flattened
+    for each layer:  h = rms_norm(x, w_in)                        # torch's fused op: bit-identical here
+                     [q|k|v] = h [Wq; Wk; Wv]^T   (+ LoRA)        # one GEMM for the three
+                     [q|k] = [q|k] cos + roll([q|k]) sin'         # rope on q and k in one pass
                      K, V = cache.update(k, v)                    # preallocated slabs (kvcache.SlabLayer)
-                     x = x + sdpa(q, K, V, mask) Wo^T   (+ LoRA)
-                     h = rms(x) * w_post
-                     x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T   (+ LoRA)
-    logits = rms(x[:, -1]) * w_norm  W_head^T                     # last position only: (B, V)
+                     x = x + sdpa(q, K, V, mask) Wo^T   (+ LoRA)  # one additive mask for all layers
+                     h = rms_norm(x, w_post)
+                     x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T   (+ LoRA, [Wg; Wu] one GEMM)
+    logits = rms_norm(x[last], w_norm) W_head^T                   # last position only: (B, V)
 
-LoRA is the gathered kernel of ``lora.py`` (the same function, so the numbers are the same ones the
-modules compute): the delta is applied only where a row's adapter is not the base, one matmul pair
-when all rows share one adapter, gathered batched matmuls where they differ.
+LoRA: per batch composition (which slot each row is on) ``lora.group_plan`` builds, once, what each
+group of projections needs: one matmul pair over the fused group when every row is on one adapter, the
+rows' own adapters gathered into batched-matmul stacks when they differ (the gather no longer runs
+every step); base rows add nothing. Per layer a decode step is then ~25 kernels instead of ~50.
 
 Covered: ``LlamaForCausalLM`` (bare or inside a ``PeftModel``) whose projections are plain
 ``nn.Linear`` (no bitsandbytes base) with SiLU MLPs, and LoRA through ``lora.GatheredLoRA``. Anything
@@ -31,8 +33,10 @@ model, so what is evaluated is what is served.
 Weights: ``weights="fp32"`` runs on the model's own weights (exactly its forward, up to summation
 order); ``weights="fp16"`` (``packed.py``, the decoder's default on a CPU with fbgemm) runs on fp16
 copies with fp32 compute, q/k/v and gate/up fused into one GEMM each, and, when every row is on one
-adapter, their LoRA terms fused into one matmul pair each. Measured (CPU time per decode step, one
-thread, SmolLM2-135M, LoRA r=8, load ~4-5): batch 1 ~100 -> ~55 ms, batch 16 ~240 -> ~120 ms.
+adapter, their LoRA terms fused into one matmul pair each. Measured (one thread, SmolLM2-135M, LoRA
+r=8, 16 adapters loaded, a shared 2-core machine at load 3-5, CPU time per decode step): batch 16 on 16
+adapters ~235 -> ~150 ms, batch 16 on one ~175 -> ~145 ms, batch 1 ~75 -> ~65-73 ms (there the fp16
+GEMMs, bound by one core's memory bandwidth, are ~2/3 of the step).
 
 Not done: ``torch.compile`` of the step (a cold compile costs minutes on this 2-core machine, longer
 than most evaluation runs); int8 weights (fbgemm's dynamic int8 quantises activations per tensor, so a
@@ -45,10 +49,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lora import GatheredLoRA, lora_delta
-from .packed import Packed, fused_lora, linear16, packed_for
+from .lora import GatheredLoRA, group_plan
+from .packed import Packed, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # projections sharing one input: one GEMM (and one LoRA pair) each
 
 
 def _base_of(model):
@@ -97,7 +102,7 @@ class LeanLlama:
         cfg = base.config
         inner = base.model
         self.adapters = adapters
-        self._fused_cache: dict = {}  # packed.fused_lora's per-slot pairs
+        self._plan_cache: dict = {}  # (adapters.version, batch composition) -> per-layer LoRA plans
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
@@ -105,7 +110,7 @@ class LeanLlama:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.layers = []
+        self.layers: list = []  # (input norm, post-attention norm, [(base Linear, LoRA layer or None)] x 7)
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
@@ -117,50 +122,51 @@ class LeanLlama:
                 )
             )
 
-    def _lin(self, x, proj, packed=None) -> torch.Tensor:
-        lin, lora = proj
-        out = F.linear(x, lin.weight, lin.bias) if packed is None else linear16(x, packed)
-        return self._lora(out, x, lora)
-
-    def _lora(self, out, x, lora) -> torch.Tensor:
-        if lora is not None and self.adapters is not None:
-            d = lora_delta(lora, x, self.adapters)
-            if d is not None:
-                out = out + d.to(out.dtype)
-        return out
-
     def packed(self) -> Packed | None:
         """The fp16 packed weights (``packed.py``) when decoding with ``weights="fp16"``, else None."""
         if self.weights != "fp16":
             return None
         return packed_for(self.base, [[lin for lin, _ in p] for _, _, p in self.layers], self.head, self.embed)
 
-    def _fused(self, out, h, p, group: tuple, key) -> tuple:
-        """``out``, one GEMM over projections ``group`` fused, plus their LoRA terms, split per projection:
-        one fused LoRA pair (``packed.fused_lora``) when every row is on one adapter, else one per projection."""
-        sizes, mods, g = [p[j][0].out_features for j in group], [p[j][1] for j in group], self.adapters
-        if g is not None and g.single and any(m is not None for m in mods):
-            a, b = fused_lora(self._fused_cache, key, mods, sizes, g.single)
-            return (out + F.linear(h, a) @ b).split(sizes, -1)
-        return tuple(self._lora(o, h, m) for o, m in zip(out.split(sizes, -1), mods))
-
-    def _qkv(self, h, p, pk, i):
-        if pk is None:
-            return self._lin(h, p[0]), self._lin(h, p[1]), self._lin(h, p[2])
-        return self._fused(linear16(h, pk[0]), h, p, (0, 1, 2), (i, 0))  # one GEMM over [Wq; Wk; Wv]
-
-    def _mlp(self, h, p, pk, i):
-        if pk is None:
-            return self._lin(F.silu(self._lin(h, p[4])) * self._lin(h, p[5]), p[6])
-        g, u = self._fused(linear16(h, pk[2]), h, p, (4, 5), (i, 1))  # one GEMM over [Wg; Wu]
-        return self._lin(F.silu(g) * u, p[6], pk[3])
+    def _plans(self) -> list | None:
+        """Per layer, the LoRA plan (``lora.group_plan``) of each group (q/k/v, o, gate/up, down) for the
+        batch composition the adapters have selected; made once per composition, not per step."""
+        g = self.adapters
+        if g is None:
+            return None
+        key = (g.version, g.key)
+        hit = self._plan_cache.get(key)
+        if hit is None:
+            if len(self._plan_cache) >= 3:  # compositions change as rows come and go: keep the latest few
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            hit = [
+                [group_plan([p[j][1] for j in grp], [p[j][0].out_features for j in grp], g.key) for grp in _GROUPS]
+                for _, _, p in self.layers
+            ]
+            self._plan_cache[key] = hit
+        return hit
 
     @staticmethod
-    def _rms(norm, x) -> torch.Tensor:  # LlamaRMSNorm.forward, as written there
-        dt = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * x.to(dt)
+    def _group(h, p, pk, grp: tuple, plan) -> torch.Tensor:
+        """One group's base projections of ``h`` (B*q, in) concatenated (one fp16 GEMM when packed), plus
+        their LoRA terms (``plan``: ``lora.group_plan``)."""
+        if pk is not None:
+            out = linear16(h, pk)
+        elif len(grp) == 1:
+            out = F.linear(h, p[grp[0]][0].weight, p[grp[0]][0].bias)
+        else:
+            out = torch.cat([F.linear(h, p[j][0].weight, p[j][0].bias) for j in grp], -1)
+        if plan is None:
+            return out
+        if plan[0] == "one":
+            return out.addmm_(F.linear(h, plan[1]), plan[2])
+        B = plan[1][0][2].shape[0]
+        h3 = h.view(B, -1, h.shape[-1])  # (B, q, in)
+        o3 = out.view(B, -1, out.shape[-1])
+        for c0, c1, a, b in plan[1]:
+            t = torch.bmm(a, h3.transpose(1, 2))  # (B, r, q)
+            o3[..., c0:c1] += torch.bmm(t.transpose(1, 2), b)  # (B, q, out_j)
+        return out
 
     def forward(self, ids, mask, positions, layers, keep=None) -> torch.Tensor:
         """Logits of the last position, (B, V). ``ids``/``positions``: (B, q); ``mask``: (B, t + q) over the
@@ -168,10 +174,16 @@ class LeanLlama:
         ``keep``: an explicit (B, 1, q, t + q) boolean attention mask instead of ``mask`` + causal; then the
         logits of every position, (B, q, V) (label scoring's labels side by side)."""
         B, q = ids.shape
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
+        plans = self._plans()
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
+        d = x.shape[-1]
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
-        cos, sin = cos[:, None], sin[:, None]
+        # rotate_half(x) * sin == roll(x, hd/2) * [-sin_1, sin_2]: one roll instead of slices, neg and cat
+        half = hd // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]  # (B, q, 1, hd)
+        cos = cos[:, :, None]
         t = mask.shape[1]
         every = keep is not None
         if keep is None:
@@ -180,37 +192,38 @@ class LeanLlama:
             cols = torch.arange(t, device=ids.device)
             rows = torch.arange(t - q, t, device=ids.device)
             keep = keep & (cols[None, :] <= rows[:, None])[None, None]  # (B, 1, q, t)
-        g = self.kv_heads and self.heads // self.kv_heads
+        # the additive mask sdpa would build from the bool one, built once for all layers
+        bias = torch.zeros(keep.shape, dtype=x.dtype).masked_fill_(~keep, float("-inf"))
+        g = KV and H // KV
+        x = x.reshape(B * q, d)
         for i, ((n_in, n_post, p), cache) in enumerate(zip(self.layers, layers)):
-            pk = packed.layers[i] if packed is not None else None
-            h = self._rms(n_in, x)
-            qs, ks, vs = self._qkv(h, p, pk, i)
-            qs = qs.reshape(B, q, self.heads, self.head_dim).transpose(1, 2)
-            ks = ks.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            vs = vs.reshape(B, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            qs = qs * cos + _rotate_half(qs) * sin
-            ks = ks * cos + _rotate_half(ks) * sin
-            K, V = cache.update(ks, vs)  # (B, kv, t, hd) views
+            pk = packed.layers[i] if packed is not None else (None, None, None, None)
+            pl = plans[i] if plans is not None else (None, None, None, None)
+            h = F.rms_norm(x, (d,), n_in.weight, n_in.variance_epsilon)  # LlamaRMSNorm (bit-identical on fp32)
+            qkv = self._group(h, p, pk[0], _GROUPS[0], pl[0])  # (B*q, (H + 2 KV) hd)
+            qk = qkv[:, : (H + KV) * hd].view(B, q, H + KV, hd)
+            qk = qk * cos + qk.roll(half, -1) * sin  # rope on q and k at once: (B, q, H + KV, hd)
+            K, V = cache.update(
+                qk[:, :, H:].transpose(1, 2), qkv[:, (H + KV) * hd :].view(B, q, KV, hd).transpose(1, 2)
+            )  # (B, KV, t, hd) views of the slabs
             if q == 1 and not every:  # decode: the query heads of one KV head packed as its "positions"
                 o = F.scaled_dot_product_attention(
-                    qs.reshape(B, self.kv_heads, g, self.head_dim), K, V, attn_mask=keep, scale=self.scale
-                )  # (B, kv, g, hd)
-                o = o.reshape(B, 1, -1)
+                    qk[:, 0, :H].view(B, KV, g, hd), K, V, attn_mask=bias, scale=self.scale
+                )
+                o = o.reshape(B, H * hd)
             else:
+                qs = qk[:, :, :H].transpose(1, 2)  # (B, H, q, hd)
                 K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
-                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=keep, scale=self.scale)
-                o = o.transpose(1, 2).reshape(B, q, -1)
-            x = x + self._lin(o, p[3], None if pk is None else pk[1])
-            h = self._rms(n_post, x)
-            x = x + self._mlp(h, p, pk, i)
-        last = self._rms(self.norm, x if every else x[:, -1:])
-        out = linear16(last, packed.head) if packed is not None else F.linear(last, self.head.weight, self.head.bias)
-        return out if every else out[:, -1]
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=bias, scale=self.scale)
+                o = o.transpose(1, 2).reshape(B * q, H * hd)
+            x = x + self._group(o, p, pk[1], _GROUPS[1], pl[1])
+            h = F.rms_norm(x, (d,), n_post.weight, n_post.variance_epsilon)
+            gu = self._group(h, p, pk[2], _GROUPS[2], pl[2])
+            inter = gu.shape[-1] // 2
+            x = x + self._group(F.silu(gu[:, :inter]) * gu[:, inter:], p, pk[3], _GROUPS[3], pl[3])
+        x = x.view(B, q, d) if every else x.view(B, q, d)[:, -1]  # (B, q, d) or (B, d)
+        last = F.rms_norm(x, (d,), self.norm.weight, self.norm.variance_epsilon)
+        return linear16(last, packed.head) if packed is not None else F.linear(last, self.head.weight, self.head.bias)
 
 
 def lean_forward(model, adapters, weights: str = "fp32") -> LeanLlama | None:

@@ -39,6 +39,8 @@ class GatheredLoRA:
         self.slots: dict[str, int] = {}  # peft adapter name -> slot (1..); 0 is the base
         self.rows: torch.Tensor | None = None  # (B,) slot per row for the current forward
         self.single: int | None = None  # the one slot every row uses, if so
+        self.key: tuple = ()  # the batch's composition: ("one", slot) or every row's slot (lean.py's plans)
+        self.version = 0  # bumped by rebuild: plans made from older stacks are stale
         for m in self.modules:
             if not hasattr(m, "_ft_forward"):
                 m._ft_forward = m.forward
@@ -60,6 +62,7 @@ class GatheredLoRA:
     def rebuild(self, names: list[str]) -> None:
         """Restack the weights of adapters ``names`` (slot i+1 for names[i]); call after load/unload."""
         self.slots = {n: i + 1 for i, n in enumerate(names)}
+        self.version += 1
         with torch.no_grad():
             for m in self.modules:
                 present = [n for n in names if n in m.lora_A]
@@ -83,6 +86,7 @@ class GatheredLoRA:
         slots = [self.slots.get(n, 0) for n in names]
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.rows = None if self.single is not None else torch.tensor(slots, dtype=torch.long)
+        self.key = ("one", self.single) if self.single is not None else tuple(slots)
         return {}
 
 
@@ -91,7 +95,7 @@ class ActiveLoRA(GatheredLoRA):
     through the gathered kernel (a decoder given a PeftModel and no selector, e.g. ``generate``)."""
 
     def select(self, names: list[str]) -> dict:
-        self.single, self.rows = 1, None
+        self.single, self.rows, self.key = 1, None, ("one", 1)
         return {}
 
 
@@ -131,6 +135,41 @@ def adapter_selector(model, kernel: str = "gathered", names: list[str] = ()):
         g.rebuild(list(names))
         return g
     return PeftMixed()
+
+
+def group_plan(mods: list, outs: list[int], key: tuple) -> tuple | None:
+    """The LoRA terms of projections that share an input (q/k/v, gate/up; or one projection) for a batch
+    composition ``key`` (``GatheredLoRA.key``), built once per composition instead of once per step.
+
+    Every row on one slot ``s``: ``("one", A, B)``, one matmul pair for the whole group::
+
+        A = [A_1; A_2; ...]                  (R, in)     stacked by rank (R = sum of the ranks)
+        B = diag(s_1 B_1^T, s_2 B_2^T, ...)  (R, sum out) block-diagonal, each scale folded in
+        x A^T B = [s_1 (x A_1^T) B_1^T, s_2 (x A_2^T) B_2^T, ...]
+
+    Rows on different slots: ``("rows", [(c0, c1, A_g, B_g), ...])`` per projection, the row's own
+    adapter gathered once (``A_g[b] = A_stack[s_b]`` (B, r, in), ``B_g[b] = scale[s_b] B_stack[s_b]``
+    (B, r, out)), applied to output columns ``c0:c1`` by two batched matmuls. None when no row has LoRA
+    on these projections."""
+    live = [(m, sum(outs[:k]), o) for k, (m, o) in enumerate(zip(mods, outs)) if m is not None]
+    if not live or (key[0] == "one" and not key[1]) or (key[0] != "one" and not any(key)):
+        return None
+    if key[0] == "one":
+        s = key[1]
+        a = torch.cat([m._ft_A[s] for m, _, _ in live], 0)  # (R, in)
+        b = a.new_zeros((a.shape[0], sum(outs)))
+        r0 = 0
+        for m, c0, o in live:
+            r = m._ft_A.shape[1]
+            b[r0 : r0 + r, c0 : c0 + o] = m._ft_B[s] * m._ft_S[s]
+            r0 += r
+        return "one", a, b
+    rows = torch.tensor(key, dtype=torch.long)
+    per = []
+    for m, c0, o in live:
+        bg = m._ft_B.index_select(0, rows) * m._ft_S.index_select(0, rows).view(-1, 1, 1)
+        per.append((c0, c0 + o, m._ft_A.index_select(0, rows), bg))
+    return "rows", per
 
 
 def lora_delta(m, x: torch.Tensor, g: GatheredLoRA) -> torch.Tensor | None:

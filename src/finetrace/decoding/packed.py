@@ -129,31 +129,3 @@ def packed_for(base, layers: list[list], head, embed) -> Packed:
         cached = Packed(layers, head, embed)
         base._ft_packed = cached
     return cached
-
-
-def fused_lora(cache: dict, key, mods: list, outs: list[int], slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One slot's LoRA of projections that share an input (q/k/v, gate/up) as ONE matmul pair::
-
-        A = [A_1; A_2; ...]                  (R, in)     stacked by rank (R = sum of the ranks)
-        B = diag(s_1 B_1^T, s_2 B_2^T, ...)  (R, sum out) block-diagonal, each scale folded in
-        x A^T B = [s_1 (x A_1^T) B_1^T, s_2 (x A_2^T) B_2^T, ...]
-
-    ``mods``: the projections' LoRA layers (None: no LoRA, its columns stay zero); kept in ``cache``
-    per (key, slot) and rebuilt when the adapter stacks are (``lora.GatheredLoRA.rebuild``)."""
-    src = tuple(t for m in mods if m is not None for t in (m._ft_A, m._ft_B, m._ft_S))
-    hit = cache.get((key, slot))
-    if hit is not None and len(hit[0]) == len(src) and all(x is y for x, y in zip(hit[0], src)):
-        return hit[1]
-    for k in [k for k in cache if k[0] == key]:  # the stacks changed: every slot's copy is stale
-        del cache[k]
-    a = torch.cat([m._ft_A[slot] for m in mods if m is not None], 0)
-    b = a.new_zeros((a.shape[0], sum(outs)))
-    r0 = c0 = 0
-    for m, o in zip(mods, outs):
-        if m is not None:
-            r = m._ft_A.shape[1]
-            b[r0 : r0 + r, c0 : c0 + o] = m._ft_B[slot] * m._ft_S[slot]
-            r0 += r
-        c0 += o
-    cache[(key, slot)] = (src, (a, b))
-    return a, b
