@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from finetrace.errors import ConfigError
-from finetrace.train import data as D
 from finetrace.train.config import load_config
-from finetrace.train.fused import LoraLinearFn
 from finetrace.train.loop import enable_checkpointing
 from finetrace.train.plan import Plan, cheapest_fix, estimate, settings_of
 
-from .test_checkpointing import _loss_and_grads, _model
+from .test_checkpointing import _loss_and_grads, _model, counted_batch
 from .test_plan import llama_1b_shape
 from .train_support import make_config
 
@@ -23,17 +21,7 @@ from .train_support import make_config
 def test_checkpointing_some_layers_gives_the_same_loss_and_gradients(
     learnable_model_dir, monkeypatch, layers, recomputed
 ):
-    from transformers import AutoTokenizer
-
-    calls = []
-    original = LoraLinearFn.forward
-    monkeypatch.setattr(LoraLinearFn, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
-    tok = AutoTokenizer.from_pretrained(learnable_model_dir)
-    examples = [
-        D.encode(tok, [{"role": "user", "content": f"question {i} " * (i + 2)}], f"answer {i} " * (3 + i))
-        for i in range(4)
-    ]
-    batch = D.collate(examples, packing=True, pad_id=tok.pad_token_id)
+    calls, batch = counted_batch(learnable_model_dir, monkeypatch)
     model = _model(learnable_model_dir, quantized=False)
     plain_loss, plain, plain_calls = _loss_and_grads(model, batch, calls)
     assert enable_checkpointing(model, layers) == recomputed

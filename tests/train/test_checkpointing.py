@@ -33,6 +33,21 @@ def _model(model_dir, quantized: bool):
     return model
 
 
+def counted_batch(model_dir, monkeypatch):
+    """A packed batch of 4 examples, and a list that grows by one for every fused LoRA forward."""
+    from transformers import AutoTokenizer
+
+    calls: list[int] = []
+    original = LoraLinearFn.forward
+    monkeypatch.setattr(LoraLinearFn, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = [
+        D.encode(tok, [{"role": "user", "content": f"question {i} " * (i + 2)}], f"answer {i} " * (3 + i))
+        for i in range(4)
+    ]
+    return calls, D.collate(examples, packing=True, pad_id=tok.pad_token_id)
+
+
 def _loss_and_grads(model, batch, counter):
     model.zero_grad(set_to_none=True)
     counter.clear()
@@ -46,17 +61,8 @@ def _loss_and_grads(model, batch, counter):
 def test_checkpointing_gives_the_same_loss_and_gradients(learnable_model_dir, monkeypatch, quantized):
     if quantized:
         pytest.importorskip("bitsandbytes")
-    from transformers import AutoTokenizer
 
-    calls = []
-    original = LoraLinearFn.forward
-    monkeypatch.setattr(LoraLinearFn, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
-    tok = AutoTokenizer.from_pretrained(learnable_model_dir)
-    examples = [
-        D.encode(tok, [{"role": "user", "content": f"question {i} " * (i + 2)}], f"answer {i} " * (3 + i))
-        for i in range(4)
-    ]
-    batch = D.collate(examples, packing=True, pad_id=tok.pad_token_id)
+    calls, batch = counted_batch(learnable_model_dir, monkeypatch)
     assert batch.cu_seqlens is not None and batch.n_targets > 32
     model = _model(learnable_model_dir, quantized)
     plain_loss, plain, plain_calls = _loss_and_grads(model, batch, calls)

@@ -163,14 +163,19 @@ def one_run(ws, ref: str, stderr: str):
     return art, run
 
 
+def assert_same_weights(ws, x, y) -> None:
+    """The two adapters' tensors: the same names, equal within 1e-5."""
+    a, b = tensors(ws, x), tensors(ws, y)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
 def test_two_process_gloo_matches_single_process(launched):
     ws, tmp, err = launched
     ddp, run = one_run(ws, "ddp-lora@1", err)
     one = single(ws, tmp, "ddp", DDP.format(name="single-lora"))
-    a, b = tensors(ws, ddp), tensors(ws, one)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert_same_weights(ws, ddp, one)
     # written by another process (another PYTHONHASHSEED): the PEFT config is still byte-identical
     config = lambda art: (ws.store.materialize(art.digest) / "adapter_config.json").read_bytes()  # noqa: E731
     assert config(ddp) == config(one)
@@ -182,10 +187,7 @@ def test_two_process_dpo_matches_single_process(launched):
     ws, tmp, err = launched
     ddp, _ = one_run(ws, "ddp-dpo@1", err)
     one = single(ws, tmp, "dpo", DPO.format(name="single-dpo"))
-    a, b = tensors(ws, ddp), tensors(ws, one)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert_same_weights(ws, ddp, one)
     # every process saw its share of the pairs; the metrics are those of the whole step, validation included
     for ra, rb in zip(history(ws, ddp), history(ws, one), strict=True):
         assert ra.keys() == rb.keys()
