@@ -153,13 +153,16 @@ def score_prompts(
     batch_size: int = 16,
     on_batch=None,
     best_only: bool = False,
+    decoder: Decoder | None = None,
 ) -> list[list[float | None]]:
     """Summed label log-probabilities for each prompt (token ids), each on its own adapter ``names[i]``.
     ``best_only``: score only the labels needed to know each prompt's best one (``best_label`` of the
-    result is exactly that of the full scores); the others are None."""
+    result is exactly that of the full scores); the others are None. ``decoder``: a ``Decoder`` already
+    made for this model and these adapters (the server's), whose forward is reused."""
     if not labels:
         raise ValueError("label scoring needs at least one label")
-    dec = Decoder(model, tok, adapters)  # the decoder's forward and weights: one set of kernels and numbers
+    # the decoder's forward and weights: one set of kernels and numbers
+    dec = decoder if decoder is not None else Decoder(model, tok, adapters)
     conts = label_continuations(tok, labels, model)
     names = list(names) if names is not None else [BASE] * len(prompt_rows)
     order = sorted(range(len(prompt_rows)), key=lambda i: (-len(prompt_rows[i]), i))

@@ -478,6 +478,7 @@ class Engine:
             names,
             self.settings.max_batch,
             best_only=best_only,
+            decoder=self.decoder,
         )
 
     def _classify_requests(self, reqs: list[GenRequest]) -> None:
