@@ -28,6 +28,11 @@ the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
 model's own forward (an architecture the lean forward does not cover).
 
+Prefix cache (``decoding/prefix.py``, on by default as in a deployed server, ``--prefix-cache-mb 0``
+turns it off): the prompts share SmolLM2's system turn and "Write a detailed paragraph about", so after
+a prompt per adapter has been read, each later one reads only its last few tokens;
+``prefix_cache_hit_tokens`` counts the prompt tokens not read again.
+
 Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
 the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
 layer of the attention and MLP, non-zero B), recorded in a scratch workspace like trained ones.
@@ -308,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument(
+        "--prefix-cache-mb", type=int, default=64, help="the engine's prefix cache (0: off, every prompt read whole)"
+    )
+    ap.add_argument(
         "--engine",
         choices=("native", "llamacpp"),
         default="native",
@@ -375,7 +383,13 @@ def main(argv: list[str] | None = None) -> dict:
             ws,
             base.digest,
             refs,
-            ServeSettings(max_batch=args.clients, max_queue=4 * args.clients, lora_kernel=kernel, log_flush_s=0.5),
+            ServeSettings(
+                max_batch=args.clients,
+                max_queue=4 * args.clients,
+                lora_kernel=kernel,
+                log_flush_s=0.5,
+                prefix_cache_mb=args.prefix_cache_mb,
+            ),
         )
         if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
             storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
@@ -405,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
                 key = f"batched_{k}" if kernel == "gathered" else f"peft_mixed_{k}"
                 results[key] = summarise(parts[k])
                 print(key, results[key], file=sys.stderr)
+            if kernel == "gathered":
+                results["prefix_cache_hit_tokens"] = eng.decoder.prefix_hit_tokens
         finally:
             eng.stop()
 
@@ -431,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     memory = results.pop("memory_per_adapter_bytes")
     forward = results.pop("decode_forward")
     weights = results.pop("decode_weights")
+    prefix_hits = results.pop("prefix_cache_hit_tokens")
     summary = {
         "bench": "serve_throughput",
         "model": base.ref,
@@ -442,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_per_adapter_bytes": memory,
         "decode_forward": forward,
         "decode_weights": weights,
+        "prefix_cache_mb": args.prefix_cache_mb,
+        "prefix_cache_hit_tokens": prefix_hits,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "results": results,

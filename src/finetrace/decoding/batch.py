@@ -29,6 +29,7 @@ from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
+from .prefix import MIN_TOKENS, PrefixCache
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 from .threads import ThreadTuner
@@ -89,7 +90,14 @@ class Decoder:
     """A model + tokenizer and the rows decoding on it; not thread-safe (one scheduler calls it)."""
 
     def __init__(
-        self, model, tok, adapters=None, max_batch: int = 16, prefill_chunk: int = 256, weights: str | None = None
+        self,
+        model,
+        tok,
+        adapters=None,
+        max_batch: int = 16,
+        prefill_chunk: int = 256,
+        weights: str | None = None,
+        prefix_cache_bytes: int = 64 * 2**20,
     ):
         self.model, self.tok, self.adapters = model, tok, adapters
         # the weight precision: packed.decode_weights(model) unless pinned; "fp16" rounds the model's own
@@ -113,6 +121,8 @@ class Decoder:
         self._lean: LeanLlama | None = None
         self.n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         self.tuner = ThreadTuner()  # the thread count of each step, chosen by timing decode steps
+        self.prefixes = PrefixCache(prefix_cache_bytes)  # prompts already read, per adapter (prefix.py)
+        self.prefix_hit_tokens = 0  # prompt tokens not read again, thanks to the prefix cache
 
     # -- what callers use ----------------------------------------------------------------------
     @property
@@ -134,7 +144,9 @@ class Decoder:
         try:
             with torch.inference_mode():
                 if self.waiting:
-                    self.groups.append(_Group(self.waiting, self.pad, self.n_layers))
+                    g = _Group(self.waiting, self.pad, self.n_layers)
+                    self._reuse_prefixes(g)
+                    self.groups.append(g)
                     self.waiting = []
                 if self.groups:
                     _set_threads(self.tuner.best)
@@ -194,6 +206,45 @@ class Decoder:
         )
         return out.logits[:, -1, :]
 
+    def _reuse_prefixes(self, g: _Group) -> None:
+        """Start ``g``'s cache with the cached keys and values of its prompts' known prefixes (``prefix.py``).
+
+        Rows are left-padded to width W; row i (prompt length n_i, cached prefix c_i) needs its last
+        n_i - c_i columns read. All rows then read the last U = max(n_i - c_i) columns together, and the
+        first W - U columns come from the cache (padding, or a prefix of the row's cached tokens)."""
+        self.prefixes.validate((self.model, self.adapters, getattr(self.adapters, "version", 0)))
+        if self.prefixes.max_bytes <= 0 or not self.n_layers:
+            return
+        width = g.ids.shape[1]
+        hits = [self.prefixes.lookup(s.adapter, s.prompt_ids) for s in g.seqs]
+        pre = width - max(len(s.prompt_ids) - c for s, (c, _) in zip(g.seqs, hits))
+        if pre < MIN_TOKENS:
+            return
+        layers = next(e for c, e in hits if e is not None)
+        for li, cache_layer in enumerate(g.cache.layers):
+            k0 = layers[li][0]
+            keys = k0.new_zeros((len(g.seqs), k0.shape[0], pre, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, (s, (_, e)) in enumerate(zip(g.seqs, hits)):
+                start = width - len(s.prompt_ids)
+                if e is not None and pre > start:
+                    keys[i, :, start:pre] = e[li][0][:, : pre - start]
+                    values[i, :, start:pre] = e[li][1][:, : pre - start]
+            cache_layer.update(keys, values)
+        g.done = pre
+        self.prefix_hit_tokens += sum(max(pre - (width - len(s.prompt_ids)), 0) for s in g.seqs)
+
+    def _keep_prefixes(self, g: _Group) -> None:
+        """Store each prompt of ``g`` (read to the end) in the prefix cache."""
+        if self.prefixes.max_bytes <= 0 or not self.n_layers:
+            return
+        width = g.ids.shape[1]
+        for i, s in enumerate(g.seqs):
+            if len(s.prompt_ids) > MIN_TOKENS and (s.adapter, tuple(s.prompt_ids)) not in self.prefixes.entries:
+                start = width - len(s.prompt_ids)
+                kv = [(x.kbuf[i, :, start:width].clone(), x.vbuf[i, :, start:width].clone()) for x in g.cache.layers]
+                self.prefixes.store(s.adapter, s.prompt_ids, kv)
+
     def _prefill(self, g: _Group) -> list[Seq]:
         if any(s.cancelled for s in g.seqs) and all(s.cancelled for s in g.seqs):
             self.groups.pop(0)
@@ -208,6 +259,7 @@ class Decoder:
         if end < g.ids.shape[1]:
             return []
         self.groups.pop(0)
+        self._keep_prefixes(g)
         self._join(g)
         return self._accept(g.seqs, logits)
 
