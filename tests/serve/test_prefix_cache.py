@@ -106,3 +106,27 @@ def test_lookup_finds_the_longest_prefix_per_adapter_within_the_budget():
     assert len(c.entries) == 2 and c.lookup("x", b + [1])[0] == 12 and c.bytes <= c.max_bytes
     c.validate(("model", 1))
     assert not c.entries and c.bytes == 0
+
+
+def test_label_scores_are_the_same_when_prompts_come_from_the_cache(two_adapters):
+    from finetrace.decoding.labels import score_prompts
+
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    rows = [encode_chat(tok, p) for p in PROMPTS]
+    variants = [encode_chat(tok, [p[0], {"role": "user", "content": p[1]["content"] + " and a name"}]) for p in PROMPTS]
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(rows))]
+    labels = ["notice", "termination", "days"]
+    plain = Decoder(model, tok, sel, prefix_cache_bytes=0)
+    want = score_prompts(model, tok, rows + variants, labels, sel, names * 2, batch_size=3, decoder=plain)
+    assert plain.prefix_hit_tokens == 0
+    dec = Decoder(model, tok, sel)
+    got = score_prompts(model, tok, rows, labels, sel, names, batch_size=3, decoder=dec)
+    hits = dec.prefix_hit_tokens
+    got += score_prompts(model, tok, variants, labels, sel, names, batch_size=3, decoder=dec)
+    # each variant starts with its example (read in the first call) up to the end of the example's text
+    common = [next(j for j, (a, b) in enumerate(zip(r, v)) if a != b) for r, v in zip(rows, variants)]
+    system = len(encode_chat(tok, [PROMPTS[0][0]]))
+    assert min(common) > system + 3
+    assert dec.prefix_hit_tokens - hits >= 0.85 * sum(common)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-5)

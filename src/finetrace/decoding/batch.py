@@ -29,7 +29,7 @@ from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
-from .prefix import MIN_TOKENS, PrefixCache
+from .prefix import PrefixCache
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 from .threads import ThreadTuner
@@ -206,44 +206,26 @@ class Decoder:
         )
         return out.logits[:, -1, :]
 
-    def _reuse_prefixes(self, g: _Group) -> None:
-        """Start ``g``'s cache with the cached keys and values of its prompts' known prefixes (``prefix.py``).
-
-        Rows are left-padded to width W; row i (prompt length n_i, cached prefix c_i) needs its last
-        n_i - c_i columns read. All rows then read the last U = max(n_i - c_i) columns together, and the
-        first W - U columns come from the cache (padding, or a prefix of the row's cached tokens)."""
+    def prefix_cache(self) -> PrefixCache:
+        """The prefix cache, emptied first if the model or the adapters changed since its entries were made."""
         self.prefixes.validate((self.model, self.adapters, getattr(self.adapters, "version", 0)))
-        if self.prefixes.max_bytes <= 0 or not self.n_layers:
-            return
-        width = g.ids.shape[1]
-        hits = [self.prefixes.lookup(s.adapter, s.prompt_ids) for s in g.seqs]
-        pre = width - max(len(s.prompt_ids) - c for s, (c, _) in zip(g.seqs, hits))
-        if pre < MIN_TOKENS:
-            return
-        layers = next(e for c, e in hits if e is not None)
-        for li, cache_layer in enumerate(g.cache.layers):
-            k0 = layers[li][0]
-            keys = k0.new_zeros((len(g.seqs), k0.shape[0], pre, k0.shape[2]))
-            values = torch.zeros_like(keys)
-            for i, (s, (_, e)) in enumerate(zip(g.seqs, hits)):
-                start = width - len(s.prompt_ids)
-                if e is not None and pre > start:
-                    keys[i, :, start:pre] = e[li][0][:, : pre - start]
-                    values[i, :, start:pre] = e[li][1][:, : pre - start]
-            cache_layer.update(keys, values)
-        g.done = pre
-        self.prefix_hit_tokens += sum(max(pre - (width - len(s.prompt_ids)), 0) for s in g.seqs)
+        return self.prefixes
+
+    def _reuse_prefixes(self, g: _Group) -> None:
+        """Start ``g``'s cache with the cached keys and values of its prompts' known prefixes."""
+        rows = [s.prompt_ids for s in g.seqs]
+        pre = self.prefix_cache().seed(g.cache.layers, [s.adapter for s in g.seqs], rows)
+        if pre:
+            g.done = pre
+            width = g.ids.shape[1]
+            self.prefix_hit_tokens += sum(max(pre - (width - len(r)), 0) for r in rows)
 
     def _keep_prefixes(self, g: _Group) -> None:
         """Store each prompt of ``g`` (read to the end) in the prefix cache."""
-        if self.prefixes.max_bytes <= 0 or not self.n_layers:
-            return
         width = g.ids.shape[1]
-        for i, s in enumerate(g.seqs):
-            if len(s.prompt_ids) > MIN_TOKENS and (s.adapter, tuple(s.prompt_ids)) not in self.prefixes.entries:
-                start = width - len(s.prompt_ids)
-                kv = [(x.kbuf[i, :, start:width].clone(), x.vbuf[i, :, start:width].clone()) for x in g.cache.layers]
-                self.prefixes.store(s.adapter, s.prompt_ids, kv)
+        rows = [s.prompt_ids for s in g.seqs]
+        cols = [slice(width - len(r), width) for r in rows]
+        self.prefixes.keep(g.cache.layers, [s.adapter for s in g.seqs], rows, cols)
 
     def _prefill(self, g: _Group) -> list[Seq]:
         if any(s.cancelled for s in g.seqs) and all(s.cancelled for s in g.seqs):

@@ -55,22 +55,57 @@ class PrefixCache:
             return 0, None
         best, hit = 0, None
         cap = len(ids) - 1
+        mine = tuple(ids)
         for key in self.entries:
-            if key[0] != adapter:
-                continue
             toks = key[1]
             n = min(cap, len(toks))
-            if n <= best or toks[0] != ids[0]:
+            # an entry beats the best so far only if it agrees on one more token (tuple slices compare in C)
+            if key[0] != adapter or n <= best or toks[: best + 1] != mine[: best + 1]:
                 continue
-            j = 0
-            while j < n and toks[j] == ids[j]:
+            j = best + 1
+            while j < n and toks[j] == mine[j]:
                 j += 1
-            if j > best:
-                best, hit = j, key
+            best, hit = j, key
         if best < MIN_TOKENS or hit is None:
             return 0, None
         self.entries.move_to_end(hit)
         return best, self.entries[hit]
+
+    def seed(self, layers: list, names: list[str], rows: list[list[int]]) -> int:
+        """Fill the first columns of a fresh slab cache (``layers``: its ``SlabLayer``s) for ``rows``
+        left-padded to one width W, from the cached prefixes; returns how many columns were filled.
+
+        Row i (n_i tokens, cached prefix c_i) needs its last n_i - c_i columns read, so all rows read the
+        last U = max(n_i - c_i) columns together and the first W - U come from the cache (padding, or a
+        prefix of the row's cached tokens). 0 (nothing filled) when W - U < ``MIN_TOKENS``."""
+        if self.max_bytes <= 0 or not layers or not self.entries:
+            return 0
+        width = max(len(r) for r in rows)
+        hits = [self.lookup(n, r) for n, r in zip(names, rows)]
+        pre = width - max(len(r) - c for r, (c, _) in zip(rows, hits))
+        if pre < MIN_TOKENS:
+            return 0
+        first = next(e for _, e in hits if e is not None)
+        for li, layer in enumerate(layers):
+            k0 = first[li][0]
+            keys = k0.new_zeros((len(rows), k0.shape[0], pre, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, (r, (_, e)) in enumerate(zip(rows, hits)):
+                start = width - len(r)
+                if e is not None and pre > start:
+                    keys[i, :, start:pre] = e[li][0][:, : pre - start]
+                    values[i, :, start:pre] = e[li][1][:, : pre - start]
+            layer.update(keys, values)
+        return pre
+
+    def keep(self, layers: list, names: list[str], rows: list[list[int]], columns: list) -> None:
+        """Store every row of a slab cache whose prompt was read: row i's tokens ``rows[i]`` are in its
+        columns ``columns[i]`` (a slice, or a LongTensor of column indices)."""
+        if self.max_bytes <= 0 or not layers:
+            return
+        for i, (n, r, cols) in enumerate(zip(names, rows, columns)):
+            if len(r) > MIN_TOKENS and (n, tuple(r)) not in self.entries:
+                self.store(n, r, [(x.kbuf[i][:, cols].clone(), x.vbuf[i][:, cols].clone()) for x in layers])
 
     def store(self, adapter: str, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep ``ids``' per-layer (keys, values), each (kv_heads, len(ids), head_dim), as one entry."""
