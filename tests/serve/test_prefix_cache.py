@@ -4,7 +4,6 @@ sees the old one's prefixes."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from finetrace.decoding import BASE, Decoder, Seq, encode_chat
@@ -16,26 +15,6 @@ PROMPTS = [
     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"clause {i}: {'notice ' * (i % 4)}days {i}"}]
     for i in range(8)
 ]
-
-
-@pytest.fixture(scope="module")
-def two_adapters(tiny_model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0), adapter_name="alpha"
-    )
-    peft.add_adapter("beta", LoraConfig(r=2, lora_alpha=4, target_modules=targets[:4], lora_dropout=0.0))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    return peft.eval(), tok
 
 
 def _run(dec, tok, names, prompts=PROMPTS):
