@@ -4,6 +4,7 @@ sees the old one's prefixes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetrace.decoding import BASE, Decoder, Seq, encode_chat
@@ -23,9 +24,10 @@ def _run(dec, tok, names, prompts=PROMPTS):
     return [s.ids for s in seqs]
 
 
-def test_cached_prefixes_give_the_answers_of_a_decoder_without_them(two_adapters):
+@pytest.mark.parametrize("kernel", ["gathered", "peft"])  # the lean forward, and the model's own (PEFT's batches)
+def test_cached_prefixes_give_the_answers_of_a_decoder_without_them(two_adapters, kernel):
     model, tok = two_adapters
-    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    sel = adapter_selector(model, kernel, ["alpha", "beta"])
     names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
     plain = Decoder(model, tok, sel, max_batch=3, prefill_chunk=5, prefix_cache_bytes=0)
     want = _run(plain, tok, names)
