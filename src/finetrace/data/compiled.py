@@ -66,31 +66,32 @@ def _build():
                 out[r, q] = best
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def prepare(data, offs, is_ws, out, out_offs, fix):  # pragma: no cover - compiled
+    def prepare(data, offs, lower, out, out_offs, fix):  # pragma: no cover - compiled
+        # branch-free per ASCII byte: every byte is written (``lower`` maps whitespace to a space), and
+        # the write position moves on unless it is whitespace after whitespace; a row starts "after
+        # whitespace" (leading runs vanish) and a trailing space is taken back at its end
         n = len(offs) - 1
         w = 0
         for r in range(n):
             start = w
-            space = False
+            prev = True
             plain = True
             for p in range(offs[r], offs[r + 1]):
                 c = data[p]
                 if c >= 0x80:  # non-ASCII: str.lower()/split() decide, in Python
                     plain = False
                     break
-                if is_ws[c]:
-                    space = w > start  # a run inside the text becomes one space; none at the edges
-                    continue
-                if space:
-                    out[w] = 32
-                    w += 1
-                    space = False
-                out[w] = c + 32 if 65 <= c <= 90 else c
-                w += 1
+                v = lower[c]
+                ws = v == 32
+                out[w] = v
+                w += not (ws and prev)
+                prev = ws
             if not plain:
                 fix[r] = True
                 w = start
             else:
+                if prev and w > start:  # the trailing run's one space
+                    w -= 1
                 if w == start:  # `or b" "`
                     out[w] = 32
                     w += 1
@@ -137,7 +138,7 @@ def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .arrowtext import IS_WS, _prepare_one, np_bools, pa_strings, str_buffers
+    from .arrowtext import _LOWER, _prepare_one, np_bools, pa_strings, str_buffers
 
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     data, offs = str_buffers(arr)
@@ -145,7 +146,7 @@ def prepare_texts(arr) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty(int(offs[-1] - offs[0]) + SHINGLE * n, np.uint8)
     out_offs = np.zeros(n + 1, np.int64)
     fix = np.zeros(n, np.bool_)
-    w = _KERNEL[0][1](data, offs, IS_WS, out, out_offs, fix)
+    w = _KERNEL[0][1](data, offs, _LOWER, out, out_offs, fix)
     if not fix.any():
         return out[:w], out_offs
     res = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(out_offs), pa.py_buffer(out[:w])])
