@@ -51,7 +51,7 @@ class ServeSettings:
         if self.max_queue < 1:
             raise ConfigError("must be at least 1", field="--max-queue")
         if self.prefix_cache_mb < 0:
-            raise ConfigError("must be 0 (off) or more", field="prefix_cache_mb")
+            raise ConfigError("must be 0 (off) or more", field="--prefix-cache-mb")
         if self.max_batch < 1:
             raise ConfigError("must be at least 1", field="--max-batch")
         if self.lora_kernel not in ("gathered", "peft"):
