@@ -1,36 +1,57 @@
 """Fixtures for the audit tests: one real pipeline run on the tiny model, copied per test.
 
-``audit_golden`` runs import -> train -> evaluate -> approve -> docs once per session through the
-stages' public entry points; ``audit_env`` gives each test its own copy of that workspace (a folder
-copy), so tests that add entries or tamper with files never see each other's changes.
+``audit_golden`` runs import -> train -> evaluate -> approve -> docs once per test session through the
+stages' public entry points (once for all pytest-xdist workers of the session: the first worker to need
+it builds it in the session's shared temporary folder, under a lock; the others read it); ``audit_env``
+gives each test its own copy of that workspace (a folder copy), so tests that add entries or tamper with
+files never see each other's changes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from .pipeline import build
 
 
-@pytest.fixture(scope="session")
-def audit_golden(tiny_model_dir, tmp_path_factory):
+def _build_golden(root: Path, model_dir: Path) -> dict:
     from finetrace.audit import approve, generate_documents
     from finetrace.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("audit")
     ws = Workspace.init(root / "ws")
-    refs = build(ws, tiny_model_dir, root / "inputs")
+    refs = build(ws, model_dir, root / "inputs")
     approve(ws, refs["adapter"].ref, "Ada Lovelace", "checked accuracy, group and counterfactual results")
     generate_documents(ws, refs["adapter"].ref, intended_use=refs["intended_use"], formats=("md", "html"))
     ws.close()
     return {
-        "root": root,
-        "refs": {k: getattr(v, "ref", v) for k, v in refs.items()},
+        "refs": {k: str(getattr(v, "ref", v)) for k, v in refs.items()},
         "digests": {k: v.digest for k, v in refs.items() if hasattr(v, "digest")},
-        "intended_use": refs["intended_use"],
+        "intended_use": str(refs["intended_use"]),
     }
+
+
+@pytest.fixture(scope="session")
+def audit_golden(tiny_model_dir, tmp_path_factory):
+    """{"root", "refs", "digests", "intended_use"} of the golden pipeline run (read-only: copy it)."""
+    # under xdist, the parent of this worker's base temp folder is the session's, shared by its workers
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root, done = shared / "audit-golden", shared / "audit-golden.json"
+    with open(shared / "audit-golden.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            done.write_text(json.dumps(_build_golden(root, tiny_model_dir)))
+    info = json.loads(done.read_text())
+    info["refs"]["intended_use"] = info["intended_use"] = Path(info["intended_use"])
+    return {"root": root, **info}
 
 
 @pytest.fixture

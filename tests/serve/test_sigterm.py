@@ -5,12 +5,9 @@ another process, and with every ledger write failing. Each exits within its boun
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +19,16 @@ pytestmark = pytest.mark.slow
 DRAIN_S, LEDGER_S = 1.0, 1.0
 # drain + request log close (ledger bound + 1) + deploy close and checkpoint (a ledger bound each) + slack
 EXIT_BOUND_S = DRAIN_S + (LEDGER_S + 1) + 2 * LEDGER_S + 4
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    """One process with the serving stack imported; each test's ``finetrace serve`` is forked from it."""
+    from ..train.train_support import Zygote
+
+    z = Zygote(preload=("finetrace.serve.server", "finetrace.serve.settings"))
+    yield z
+    z.close()
 
 
 @pytest.fixture
@@ -36,33 +43,16 @@ def ws(tmp_path, tiny_model_dir):
 
 
 class Served:
-    """``finetrace serve`` in a child process on a free port, its stderr collected by a thread."""
+    """``finetrace serve`` in a process of its own on a free port: a child forked from a zygote that has
+    imported the serving stack once (tests/train/cli_zygote.py), its stderr written to a file."""
 
-    def __init__(self, ws):
-        cmd = [
-            sys.executable,
-            "-c",
-            "from finetrace.cli import entry; entry()",
-            "--workspace",
-            str(ws.root),
-            "serve",
-            "--base",
-            "tiny",
-            "--port",
-            "0",
-            "--max-batch",
-            "4",
-            "--drain-s",
-            str(DRAIN_S),
-            "--ledger-timeout-s",
-            str(LEDGER_S),
-        ]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+    def __init__(self, ws, zygote, tmp_path):
+        argv = ["--workspace", str(ws.root), "serve", "--base", "tiny", "--port", "0", "--max-batch", "4"]
+        argv += ["--drain-s", str(DRAIN_S), "--ledger-timeout-s", str(LEDGER_S)]
+        self.proc = zygote.start(argv, tmp_path)
         deadline = time.monotonic() + 120
-        while not (m := re.search(r"listening on (http://\S+)", "".join(self.lines))):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+        while not (m := re.search(r"listening on (http://\S+)", self.stderr())):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.stderr()
             time.sleep(0.05)
         self.url = m.group(1)
         while True:
@@ -71,13 +61,12 @@ class Served:
                     break
             except httpx.TransportError:
                 pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.stderr()
             time.sleep(0.05)
         self.deployment = httpx.get(self.url + "/health").json()["deployment"]
 
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
+    def stderr(self) -> str:
+        return self.proc.err.read_text(errors="replace") if self.proc.err.exists() else ""
 
     def post_many(self, n: int, max_tokens: int) -> tuple[list, list[threading.Thread]]:
         out: list = []
@@ -102,11 +91,10 @@ class Served:
         """SIGTERM; the seconds until the process has exited."""
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(EXIT_BOUND_S + 30)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll(EXIT_BOUND_S + 30) is None:
             self.proc.kill()
-            raise AssertionError("did not exit:\n" + "".join(self.lines)) from None
+            self.proc.poll(30)
+            raise AssertionError("did not exit:\n" + self.stderr())
         return time.monotonic() - t0
 
 
@@ -128,8 +116,8 @@ def _spilled(ws, kind: str) -> list[dict]:
     ]
 
 
-def test_sigterm_with_requests_in_flight(ws):
-    srv = Served(ws)
+def test_sigterm_with_requests_in_flight(ws, zygote, tmp_path):
+    srv = Served(ws, zygote, tmp_path)
     out, threads = srv.post_many(10, 450)
     deadline = time.monotonic() + 30
     while httpx.get(srv.url + "/health").json()["active"] < 4:
@@ -137,17 +125,17 @@ def test_sigterm_with_requests_in_flight(ws):
         time.sleep(0.01)
     took = srv.term()
     [t.join(30) for t in threads]
-    assert took < EXIT_BOUND_S, (took, "".join(srv.lines))
+    assert took < EXIT_BOUND_S, (took, srv.stderr())
     _answered(out)
-    assert "Traceback" not in "".join(srv.lines)
+    assert "Traceback" not in srv.stderr()
     ws.ledger.close()
     logged = [e for e in ws.ledger.entries(type="serve.request") if e.data["deployment"] == srv.deployment]
     assert len(logged) == 10
     assert ws.ledger.get_run(srv.deployment).status == "succeeded"
 
 
-def test_sigterm_with_a_locked_ledger(ws):
-    srv = Served(ws)
+def test_sigterm_with_a_locked_ledger(ws, zygote, tmp_path):
+    srv = Served(ws, zygote, tmp_path)
     lock = sqlite3.connect(ws.ledger.path, isolation_level=None, timeout=5)
     lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock until the server is gone
     try:
@@ -157,24 +145,24 @@ def test_sigterm_with_a_locked_ledger(ws):
     finally:
         lock.execute("ROLLBACK")
         lock.close()
-    assert took < EXIT_BOUND_S, (took, "".join(srv.lines))
+    assert took < EXIT_BOUND_S, (took, srv.stderr())
     _answered(out)
     events = _spilled(ws, "serve.request")
     assert {e["deployment"] for e in events} == {srv.deployment} and len(events) == 3
     assert [r["id"] for r in _spilled(ws, "run.finished")] == [srv.deployment]
 
 
-def test_sigterm_with_a_failing_ledger_write(ws):
-    srv = Served(ws)
+def test_sigterm_with_a_failing_ledger_write(ws, zygote, tmp_path):
+    srv = Served(ws, zygote, tmp_path)
     conn = sqlite3.connect(ws.ledger.path, isolation_level=None, timeout=5)
     conn.execute("CREATE TRIGGER broken BEFORE INSERT ON entries BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
     conn.close()
     out, threads = srv.post_many(3, 5)
     [t.join(30) for t in threads]
     took = srv.term()
-    assert took < EXIT_BOUND_S, (took, "".join(srv.lines))
+    assert took < EXIT_BOUND_S, (took, srv.stderr())
     _answered(out)
     assert len(_spilled(ws, "serve.request")) == 3
     finished = _spilled(ws, "run.finished")
     assert [r["id"] for r in finished] == [srv.deployment] and finished[0]["status"] == "succeeded"
-    assert "disk on fire" in "".join(srv.lines)
+    assert "disk on fire" in srv.stderr()

@@ -21,9 +21,10 @@ def make_config(**kw):
 
 
 class Zygote:
-    """``cli_zygote.py`` started once: ``start(argv, tmp)`` forks a ``finetrace`` command from it."""
+    """``cli_zygote.py`` started once: ``start(argv, tmp)`` forks a ``finetrace`` command from it.
+    ``preload``: modules the commands import beyond the training stack (imported once, in the zygote)."""
 
-    def __init__(self):
+    def __init__(self, preload: tuple[str, ...] = ()):
         import os
         import subprocess
         import sys
@@ -31,7 +32,7 @@ class Zygote:
 
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+            [sys.executable, str(Path(__file__).with_name("cli_zygote.py")), *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
