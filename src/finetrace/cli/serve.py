@@ -40,6 +40,11 @@ def register(app: typer.Typer) -> None:
         log_content: bool = typer.Option(False, "--log-content", help="Log full prompt/answer text too."),
         max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before answering 429."),
         max_batch: int = typer.Option(16, "--max-batch", help="Rows decoded together."),
+        prefix_cache_mb: int = typer.Option(
+            64,
+            "--prefix-cache-mb",
+            help="Memory for prompts already read, reused by prompts that start alike (0: off).",
+        ),
         require_eval: bool = typer.Option(False, "--require-eval", help="Refuse adapters that have no eval verdict."),
         drain_s: float = typer.Option(
             30.0, "--drain-s", help="On SIGTERM: seconds for in-flight requests, then 503 shutting_down."
@@ -72,6 +77,7 @@ def register(app: typer.Typer) -> None:
             log_content=log_content,
             max_queue=max_queue,
             max_batch=max_batch,
+            prefix_cache_mb=prefix_cache_mb,
             require_eval=require_eval,
             drain_s=drain_s,
             ledger_timeout_s=ledger_timeout_s,

@@ -29,6 +29,7 @@ from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
+from .prefix import PrefixCache
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 from .threads import ThreadTuner
@@ -89,7 +90,14 @@ class Decoder:
     """A model + tokenizer and the rows decoding on it; not thread-safe (one scheduler calls it)."""
 
     def __init__(
-        self, model, tok, adapters=None, max_batch: int = 16, prefill_chunk: int = 256, weights: str | None = None
+        self,
+        model,
+        tok,
+        adapters=None,
+        max_batch: int = 16,
+        prefill_chunk: int = 256,
+        weights: str | None = None,
+        prefix_cache_bytes: int = 64 * 2**20,
     ):
         self.model, self.tok, self.adapters = model, tok, adapters
         # the weight precision: packed.decode_weights(model) unless pinned; "fp16" rounds the model's own
@@ -113,6 +121,8 @@ class Decoder:
         self._lean: LeanLlama | None = None
         self.n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         self.tuner = ThreadTuner()  # the thread count of each step, chosen by timing decode steps
+        self.prefixes = PrefixCache(prefix_cache_bytes)  # prompts already read, per adapter (prefix.py)
+        self.prefix_hit_tokens = 0  # prompt tokens not read again, thanks to the prefix cache
 
     # -- what callers use ----------------------------------------------------------------------
     @property
@@ -134,7 +144,9 @@ class Decoder:
         try:
             with torch.inference_mode():
                 if self.waiting:
-                    self.groups.append(_Group(self.waiting, self.pad, self.n_layers))
+                    g = _Group(self.waiting, self.pad, self.n_layers)
+                    self._reuse_prefixes(g)
+                    self.groups.append(g)
                     self.waiting = []
                 if self.groups:
                     _set_threads(self.tuner.best)
@@ -194,6 +206,27 @@ class Decoder:
         )
         return out.logits[:, -1, :]
 
+    def prefix_cache(self) -> PrefixCache:
+        """The prefix cache, emptied first if the model or the adapters changed since its entries were made."""
+        self.prefixes.validate((self.model, self.adapters, getattr(self.adapters, "version", 0)))
+        return self.prefixes
+
+    def _reuse_prefixes(self, g: _Group) -> None:
+        """Start ``g``'s cache with the cached keys and values of its prompts' known prefixes."""
+        rows = [s.prompt_ids for s in g.seqs]
+        pre = self.prefix_cache().seed(g.cache.layers, [s.adapter for s in g.seqs], rows)
+        if pre:
+            g.done = pre
+            width = g.ids.shape[1]
+            self.prefix_hit_tokens += sum(max(pre - (width - len(r)), 0) for r in rows)
+
+    def _keep_prefixes(self, g: _Group) -> None:
+        """Store each prompt of ``g`` (read to the end) in the prefix cache."""
+        width = g.ids.shape[1]
+        rows = [s.prompt_ids for s in g.seqs]
+        cols = [slice(width - len(r), width) for r in rows]
+        self.prefixes.keep(g.cache.layers, [s.adapter for s in g.seqs], rows, cols)
+
     def _prefill(self, g: _Group) -> list[Seq]:
         if any(s.cancelled for s in g.seqs) and all(s.cancelled for s in g.seqs):
             self.groups.pop(0)
@@ -208,6 +241,7 @@ class Decoder:
         if end < g.ids.shape[1]:
             return []
         self.groups.pop(0)
+        self._keep_prefixes(g)
         self._join(g)
         return self._accept(g.seqs, logits)
 

@@ -63,21 +63,42 @@ def _shared_prefix(rows: list[list[int]]) -> int:
 
 
 def _prompt_pass(dec: Decoder, prompt_rows, names):
-    """Run the prompts (their shared prefix once per adapter) into a fresh cache; returns (logits of each
-    prompt's last position (B, V), the cache, the mask over it (B, P))."""
-    c, cache = (_shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0), slab_cache(dec.n_layers)
-    if c >= MIN_SHARED:
-        uniq = list(dict.fromkeys(names))
-        ones = torch.ones((len(uniq), c), dtype=torch.long)
-        ids = torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long)
-        dec.forward(ids, ones, torch.arange(c).expand(len(uniq), c), cache, uniq)
-        repeat_rows(cache, [uniq.index(n) for n in names])
-        prompt_rows = [r[c:] for r in prompt_rows]
-    else:
-        c = 0
-    ids, mask, pos = _left_pad(prompt_rows, dec.pad)  # (B, P - c)
-    mask = torch.cat([torch.ones((len(prompt_rows), c), dtype=torch.long), mask], dim=1)  # (B, P)
-    return dec.forward(ids, mask, pos + c, cache, names), cache, mask
+    """Run the prompts into a fresh cache; returns (logits of each prompt's last position (B, V), the cache,
+    the mask over it (B, P)). What the decoder's prefix cache (``prefix.py``) holds of them is not read
+    again; else the tokens every prompt starts with are read once per adapter. Every prompt read is kept
+    in the prefix cache, for the next batch (the same system turn, a bias variant of an earlier prompt)."""
+    cache, prefixes = slab_cache(dec.n_layers), dec.prefix_cache()
+    ids, mask, pos = _left_pad(prompt_rows, dec.pad)  # (B, P)
+    width = ids.shape[1]
+    pre = prefixes.seed(cache.layers, names, prompt_rows)
+    if pre:
+        dec.prefix_hit_tokens += sum(max(pre - (width - len(r)), 0) for r in prompt_rows)
+        logits = dec.forward(ids[:, pre:], mask, pos[:, pre:], cache, names)
+        prefixes.keep(cache.layers, names, prompt_rows, [slice(width - len(r), width) for r in prompt_rows])
+        return logits, cache, mask
+    c = _shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0
+    if c < MIN_SHARED:
+        logits = dec.forward(ids, mask, pos, cache, names)
+        prefixes.keep(cache.layers, names, prompt_rows, [slice(width - len(r), width) for r in prompt_rows])
+        return logits, cache, mask
+    uniq = list(dict.fromkeys(names))
+    ones = torch.ones((len(uniq), c), dtype=torch.long)
+    dec.forward(
+        torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long),
+        ones,
+        torch.arange(c).expand(len(uniq), c),
+        cache,
+        uniq,
+    )
+    repeat_rows(cache, [uniq.index(n) for n in names])
+    rest = [r[c:] for r in prompt_rows]
+    ids, mask, pos = _left_pad(rest, dec.pad)  # (B, P - c)
+    mask = torch.cat([torch.ones((len(rest), c), dtype=torch.long), mask], dim=1)  # (B, P)
+    logits = dec.forward(ids, mask, pos + c, cache, names)
+    head, width = torch.arange(c), mask.shape[1]
+    cols = [torch.cat([head, torch.arange(width - len(r), width)]) for r in rest]  # the prefix, then the rest
+    prefixes.keep(cache.layers, names, prompt_rows, cols)
+    return logits, cache, mask
 
 
 def _label_pass(dec: Decoder, cache, mask, names, conts, picks) -> dict[tuple[int, int], torch.Tensor]:

@@ -59,11 +59,14 @@ def generate_seqs(
     description: str = "generate",
     adapters=None,
     adapter: str = BASE,
+    decoder: Decoder | None = None,
 ) -> list[Seq]:
-    """Greedy generations for ``prompts`` (in input order) through the serving decoder."""
+    """Greedy generations for ``prompts`` (in input order) through the serving decoder (``decoder``: one
+    made already for this model and these adapters, whose prefix cache carries over between calls)."""
     seqs = [Seq(encode_chat(tok, p), adapter, max_new_tokens, stop=list(stop)) for p in prompts]
+    dec = decoder if decoder is not None else Decoder(model, tok, adapters, max_batch=batch_size)
     with Counter(progress, description, len(seqs)) as bar:
-        Decoder(model, tok, adapters, max_batch=batch_size).run(seqs, on_done=bar.advance)
+        dec.run(seqs, on_done=bar.advance)
     return seqs
 
 
@@ -100,6 +103,7 @@ def score_labels(
     adapters=None,
     adapter: str | Sequence[str] = BASE,
     best_only: bool = False,
+    decoder: Decoder | None = None,
 ) -> tuple[list[str], list[list[float | None]]]:
     """Constrained classification: each prompt's label with the highest summed log-probability.
     ``adapter``: one adapter name for all prompts, or one per prompt (a batch may mix them); ``best_only``:
@@ -107,9 +111,10 @@ def score_labels(
     if not labels:
         raise ValueError("score_labels needs at least one label")
     rows = [encode_chat(tok, p) for p in prompts]
+    dec = decoder
     names = [adapter] * len(rows) if isinstance(adapter, str) else list(adapter)
     with Counter(progress, description, len(rows)) as bar:
-        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, bar.advance, best_only)
+        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, bar.advance, best_only, dec)
     return [best_label(labels, s) for s in scores], scores
 
 

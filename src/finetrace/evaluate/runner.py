@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..decoding import BASE
+from ..decoding import BASE, Decoder
 from ..decoding.lora import adapter_selector
 from ..decoding.packed import decode_weights
 from ..errors import InputError
@@ -64,6 +64,9 @@ def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
     return ["accuracy", "macro_f1"] if es.task == "classification" else ["exact_match", "token_f1", "rouge_l"]
 
 
+PREFIX_BYTES = 256 * 2**20  # an evaluation's prefix cache: a test set's prompts, freed when it ends
+
+
 class _Answerer:
     """How one model answers a list of prompts for this task (labels, or free text), through the serving
     decoder with every row on LoRA slot ``adapter`` (``decoding.BASE`` for the base)."""
@@ -74,6 +77,16 @@ class _Answerer:
         self.model, self.tok, self.suite, self.es, self.progress = model, tok, suite, es, progress
         self.adapters, self.adapter = adapters, adapter
         self.last_tokens: list[list[int]] | None = None
+        self._decoder: Decoder | None = None
+
+    def decoder(self) -> Decoder:
+        """One decoder for every call (test set, bias variants): its prefix cache (``decoding/prefix.py``)
+        then holds the suite's shared system turn and each example, which its bias variants start with."""
+        if self._decoder is None:
+            self._decoder = Decoder(
+                self.model, self.tok, self.adapters, max_batch=self.suite.batch_size, prefix_cache_bytes=PREFIX_BYTES
+            )
+        return self._decoder
 
     def __call__(self, prompts: list, description: str) -> tuple[list[str], list[str] | None]:
         s, es = self.suite, self.es
@@ -89,6 +102,7 @@ class _Answerer:
                 adapters=self.adapters,
                 adapter=self.adapter,
                 best_only=True,  # the predictions are what is reported
+                decoder=self.decoder(),
             )
             self.last_tokens = None
             return preds, preds
@@ -103,6 +117,7 @@ class _Answerer:
             description=description,
             adapters=self.adapters,
             adapter=self.adapter,
+            decoder=self.decoder(),
         )
         self.last_tokens = [list(q.ids) for q in seqs]
         return [q.answer for q in seqs], None

@@ -217,13 +217,17 @@ def add_operational_routes(app: FastAPI, engine, require_key) -> None:
     @app.get("/metrics", dependencies=[Depends(require_key)])
     def metrics():
         s = engine.stats()
-        text = engine.metrics.render(
-            {
-                "finetrace_queue_depth": ("Requests waiting for a batch slot.", s["queued"]),
-                "finetrace_active_rows": ("Rows in the running batch.", s["active"]),
-                "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"]),
-            }
-        )
+        gauges = {
+            "finetrace_queue_depth": ("Requests waiting for a batch slot.", s["queued"]),
+            "finetrace_active_rows": ("Rows in the running batch.", s["active"]),
+            "finetrace_adapters_loaded": ("Adapters loaded on the base.", s["adapters"]),
+        }
+        if "prefix_cache_hit_tokens" in s:  # the native engine (a gateway's engine keeps its own)
+            gauges["finetrace_prefix_cache_hit_tokens"] = (
+                "Prompt tokens not read again since start, thanks to the prefix cache.",
+                s["prefix_cache_hit_tokens"],
+            )
+        text = engine.metrics.render(gauges)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 

@@ -154,7 +154,12 @@ class Engine:
         self.deploy_run = None
         self.request_log: RequestLog | None = None
         self.decoder = Decoder(
-            self.model, self.tokenizer, None, self.settings.max_batch, getattr(self.settings, "prefill_chunk", 256)
+            self.model,
+            self.tokenizer,
+            None,
+            self.settings.max_batch,
+            getattr(self.settings, "prefill_chunk", 256),
+            prefix_cache_bytes=self.settings.prefix_cache_mb * 2**20,
         )
         self.eos_ids = set(self.decoder.end)
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
@@ -316,7 +321,12 @@ class Engine:
         return self.deploy_run.id if self.deploy_run is not None else None
 
     def stats(self) -> dict:
-        return {"queued": self._queue.qsize(), "active": len(self.decoder.rows), "adapters": len(self._slots)}
+        return {
+            "queued": self._queue.qsize(),
+            "active": len(self.decoder.rows),
+            "adapters": len(self._slots),
+            "prefix_cache_hit_tokens": self.decoder.prefix_hit_tokens,
+        }
 
     # -- requests -----------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

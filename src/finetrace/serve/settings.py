@@ -32,6 +32,10 @@ class ServeSettings:
     lora_kernel: str = "gathered"
     """How mixed-adapter batches apply LoRA: ``gathered`` (batched matmuls over stacked adapters, cost
     independent of the number of adapters) or ``peft`` (PEFT's per-adapter loop over row groups)."""
+    prefix_cache_mb: int = 64
+    """Memory for the keys and values of prompts already read (``decoding/prefix.py``): a later prompt
+    on the same adapter that starts alike (a system turn, instructions, earlier turns) skips the shared
+    part. 0 turns it off."""
     log_flush_s: float = 0.2
     """How often the background writer appends the batched ``serve.request`` events."""
     drain_s: float = 30.0
@@ -46,6 +50,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.max_queue < 1:
             raise ConfigError("must be at least 1", field="--max-queue")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError("must be 0 (off) or more", field="--prefix-cache-mb")
         if self.max_batch < 1:
             raise ConfigError("must be at least 1", field="--max-batch")
         if self.lora_kernel not in ("gathered", "peft"):

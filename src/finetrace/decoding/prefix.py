@@ -1,0 +1,125 @@
+"""Prefix caching: the keys and values of prompts already read, reused by later prompts that start alike.
+
+Chat prompts repeat their beginnings: the template's system turn, a task's instructions, the earlier
+turns of a conversation. Reading those tokens again costs a forward over every layer for each
+request, which is most of the work when answers are short (a 37-token SmolLM2 chat prompt whose first
+30 tokens every request shares, then 32 answer tokens). vLLM (automatic prefix caching, blocks of 16
+tokens) and SGLang (RadixAttention, a token trie) keep those keys and values and skip the shared part.
+This is the same idea at the size a CPU server needs: a bounded, least-recently-used set of whole
+prompts, per adapter (a LoRA adapter changes every layer's keys and values, so prefixes are never
+shared across adapters), matched token by token.
+
+``lookup(adapter, ids)`` gives the longest cached prefix of ``ids`` (at most ``len(ids) - 1`` tokens: the
+last prompt token is always read, for its logits) and the entry holding it; ``store`` keeps a prompt's
+keys and values once it is read. The cache is emptied whenever what computed its entries may have
+changed (``validate``: the model, the adapter selector or its version), so an adapter swapped under the
+same name never sees the old one's prefixes.
+
+Numbers: a cached token's keys and values are those computed when its prompt was first read; reading a
+prompt in two parts computes the same values as reading it at once up to fp32 summation order, as
+chunked prefill (``Decoder.prefill_chunk``) already does for long prompts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+MIN_TOKENS = 8  # a shorter shared prefix is not worth a lookup
+
+
+class PrefixCache:
+    """Cached prompts' per-layer keys and values, bounded by ``max_bytes`` (least recently used out first)."""
+
+    def __init__(self, max_bytes: int = 64 * 2**20):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[str, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.bytes = 0
+        self.token: tuple = ()
+
+    def validate(self, token: tuple) -> None:
+        """Empty the cache when ``token`` (what computed the entries: model, adapters, their version) changed."""
+        if token != self.token:
+            self.clear()
+            self.token = token
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def lookup(self, adapter: str, ids: list[int]) -> tuple[int, list | None]:
+        """(n, layers): the longest cached prefix of ``ids`` for ``adapter``, n tokens (0 if under
+        ``MIN_TOKENS``), and the entry's per-layer (keys, values), each (kv_heads, >= n, head_dim)."""
+        if self.max_bytes <= 0 or len(ids) <= MIN_TOKENS:
+            return 0, None
+        best, hit = 0, None
+        cap = len(ids) - 1
+        mine = tuple(ids)
+        for key in self.entries:
+            toks = key[1]
+            n = min(cap, len(toks))
+            # an entry beats the best so far only if it agrees on one more token (tuple slices compare in C)
+            if key[0] != adapter or n <= best or toks[: best + 1] != mine[: best + 1]:
+                continue
+            j = best + 1
+            while j < n and toks[j] == mine[j]:
+                j += 1
+            best, hit = j, key
+        if best < MIN_TOKENS or hit is None:
+            return 0, None
+        self.entries.move_to_end(hit)
+        return best, self.entries[hit]
+
+    def seed(self, layers: list, names: list[str], rows: list[list[int]]) -> int:
+        """Fill the first columns of a fresh slab cache (``layers``: its ``SlabLayer``s) for ``rows``
+        left-padded to one width W, from the cached prefixes; returns how many columns were filled.
+
+        Row i (n_i tokens, cached prefix c_i) needs its last n_i - c_i columns read, so all rows read the
+        last U = max(n_i - c_i) columns together and the first W - U come from the cache (padding, or a
+        prefix of the row's cached tokens). 0 (nothing filled) when W - U < ``MIN_TOKENS``."""
+        if self.max_bytes <= 0 or not layers or not self.entries:
+            return 0
+        width = max(len(r) for r in rows)
+        hits = [self.lookup(n, r) for n, r in zip(names, rows)]
+        pre = width - max(len(r) - c for r, (c, _) in zip(rows, hits))
+        if pre < MIN_TOKENS:
+            return 0
+        first = next(e for _, e in hits if e is not None)
+        for li, layer in enumerate(layers):
+            k0 = first[li][0]
+            keys = k0.new_zeros((len(rows), k0.shape[0], pre, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, (r, (_, e)) in enumerate(zip(rows, hits)):
+                start = width - len(r)
+                if e is not None and pre > start:
+                    keys[i, :, start:pre] = e[li][0][:, : pre - start]
+                    values[i, :, start:pre] = e[li][1][:, : pre - start]
+            layer.update(keys, values)
+        return pre
+
+    def keep(self, layers: list, names: list[str], rows: list[list[int]], columns: list) -> None:
+        """Store every row of a slab cache whose prompt was read: row i's tokens ``rows[i]`` are in its
+        columns ``columns[i]`` (a slice, or a LongTensor of column indices)."""
+        if self.max_bytes <= 0 or not layers:
+            return
+        for i, (n, r, cols) in enumerate(zip(names, rows, columns)):
+            if len(r) > MIN_TOKENS and (n, tuple(r)) not in self.entries:
+                self.store(n, r, [(x.kbuf[i][:, cols].clone(), x.vbuf[i][:, cols].clone()) for x in layers])
+
+    def store(self, adapter: str, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep ``ids``' per-layer (keys, values), each (kv_heads, len(ids), head_dim), as one entry."""
+        if self.max_bytes <= 0 or len(ids) <= MIN_TOKENS:
+            return
+        key = (adapter, tuple(ids))
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = layers
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
