@@ -75,3 +75,26 @@ def test_without_numba_the_numpy_loop_is_used(monkeypatch):
     texts = _minhash_rows(50, seed=1, runs=0.1)
     for a, b in zip(m.sketch_and_bands(texts), MinHasher(0.8, None).sketch_and_bands(texts)):
         assert np.array_equal(a, b)
+
+
+@needs_numba
+def test_compiled_pii_gates_equal_the_numpy_gates():
+    from finetrace.data import pii
+    from finetrace.data.arrowtext import str_buffers
+
+    from .test_vector_equivalence import GLUE, PII_BITS, _texts
+
+    edge = ["", "AB12", "AB1", "A", "::", ":", "1.2.3", "@", "Ab12", "AB 12"]  # row ends cut patterns
+    texts = _texts(1500, 4) + [g + b + h for b in PII_BITS for g in GLUE for h in ("", "1", ":")] + edge
+    arr = pa_strings(texts)
+    want = pii._gates(*str_buffers(arr))
+    got = compiled.pii_gates(*str_buffers(arr))
+    assert len(got) == len(want) == len(pii.BUILTIN)
+    for g, w in zip(got, want):
+        assert g.dtype == bool and np.array_equal(g, w)
+    assert all(w.any() and not w.all() for w in want)  # every gate both passes and stops rows here
+    dets = pii.detectors()
+    for g, w in zip(pii.gates(arr, dets, compiled=True), pii.gates(arr, dets)):
+        assert np.array_equal(g, w)
+    empty = pa_strings([])
+    assert [len(g) for g in compiled.pii_gates(*str_buffers(empty))] == [0] * len(pii.BUILTIN)

@@ -339,7 +339,7 @@ def _clean(table: pa.Table, lines: np.ndarray, ctx: Ctx) -> Cleaned:
         np.zeros((0, 0), np.uint64),
         normalized=int(changed.sum()),
     )
-    failed = _pii_columns(cols, fields, lines, ctx.pii, dets, out)
+    failed = _pii_columns(cols, fields, lines, ctx.pii, dets, out, ctx.compiled)
     tbl = pa.table(cols, schema=table.schema)
     if failed is not None and failed.any():
         tbl, out.lines = tbl.filter(np_bools(~failed)), lines[~failed]
@@ -360,12 +360,14 @@ def _clean(table: pa.Table, lines: np.ndarray, ctx: Ctx) -> Cleaned:
     return out
 
 
-def _pii_columns(cols: dict, fields: list, lines, mode: str, dets, out: Cleaned) -> np.ndarray | None:
+def _pii_columns(
+    cols: dict, fields: list, lines, mode: str, dets, out: Cleaned, compiled: bool = False
+) -> np.ndarray | None:
     """Scan candidate rows of each text column (in row, then field order, as the per-row path does):
     the vectorised gates pick the rows, ``pii.windows`` the places in them a match can be, and only
     those places go through the detectors' regular expressions."""
     n = len(lines)
-    gates = {f: piimod.gates(cols[f], dets) for f in fields}  # per field: per detector, rows it may match
+    gates = {f: piimod.gates(cols[f], dets, compiled) for f in fields}  # per field: per detector, rows it may match
     cand = {f: np.logical_or.reduce(gates[f]) for f in fields}
     rows = np.flatnonzero(np.logical_or.reduce([cand[f] for f in fields])) if fields else []
     if not len(rows):
