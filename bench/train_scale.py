@@ -1,7 +1,9 @@
 """Training at billion-parameter scale: QLoRA (HF Trainer + PEFT + bitsandbytes) vs finetrace QLoRA vs
 finetrace LoRA on the fp32 base, side by side, on a random-initialised model of Llama-3.2-1B's shape.
 
-    .venv/bin/python bench/train_scale.py [--steps 4] [--batch 4] [--shape llama-3.2-1b] [--threads 2]
+    .venv/bin/python bench/train_scale.py [--steps 4] [--batch 4] [--shape llama-3.2-1b] [--layers N] [--threads 2]
+
+``--layers N`` keeps the shape's widths and vocabulary with N decoder layers (quick development runs).
 
 The model (~1.24B parameters, bf16 sharded safetensors as on the Hub) is written once by
 ``finetrace.models.random_init`` (seeded; cached under ``--cache``) and added to a fresh workspace with
@@ -254,13 +256,18 @@ def setup(args) -> tuple[Path, int]:
     from transformers import AutoTokenizer
 
     from finetrace.models import add_model, model_path
-    from finetrace.models.random_init import write_random_model
+    from finetrace.models.random_init import SHAPES, write_random_model
     from finetrace.workspace import Workspace
 
-    folder = Path(args.cache) / f"{args.shape}-seed0-bf16"
+    shape: str | dict = args.shape
+    suffix = ""
+    if args.layers is not None:  # a reduced-depth variant of the shape (same widths and vocabulary)
+        shape = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
+        suffix = f"-{args.layers}layers"
+    folder = Path(args.cache) / f"{args.shape}{suffix}-seed0-bf16"
     if not (folder / "model.safetensors.index.json").is_file():
         t = time.perf_counter()
-        write_random_model(folder, args.shape, seed=0, dtype="bfloat16")
+        write_random_model(folder, shape, seed=0, dtype="bfloat16")
         print(f"wrote {folder} in {time.perf_counter() - t:.0f} s")
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-scale-", dir=args.workdir))
     ws = Workspace.init(tmp / "ws")
@@ -288,6 +295,9 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: the shape's own; fewer for quick runs)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: physical cores)")
     ap.add_argument(
         "--cache", default=os.path.expanduser("~/.cache/finetrace/bench"), help="where the random model is written once"
@@ -325,6 +335,7 @@ def main() -> None:
     out = {
         "params": params,
         "shape": args.shape,
+        "layers": args.layers,
         "steps": args.steps,
         "batch": args.batch,
         "threads": threads,
