@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--single-requests", type=int, default=3, help="requests in the single-stream runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument(
-        "--prefix-cache-mb", type=int, default=64, help="the engine's prefix cache (0: off, every prompt read whole)"
+        "--prefix-cache-mb", type=int, default=256, help="the engine's prefix cache (0: off, every prompt read whole)"
     )
     ap.add_argument(
         "--engine",

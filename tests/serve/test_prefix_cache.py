@@ -39,9 +39,8 @@ def test_cached_prefixes_give_the_answers_of_a_decoder_without_them(two_adapters
     shared = len(encode_chat(tok, [{"role": "system", "content": SYSTEM}]))
     hits = dec.prefix_hit_tokens
     assert hits > 0
-    again = _run(dec, tok, names)  # every prompt is now cached: only its last token is read
+    again = _run(dec, tok, names)  # each prompt's system turn now comes from the cache
     assert again == want
-    assert dec.prefix_hit_tokens - hits >= sum(len(encode_chat(tok, p)) - 1 for p in PROMPTS) - 3 * len(PROMPTS)
     assert dec.prefix_hit_tokens - hits >= shared * len(PROMPTS)
     assert len({tuple(x) for x in want}) >= 3  # the adapters change the answers: prefixes did not cross them
 
@@ -89,13 +88,38 @@ def test_lookup_finds_the_longest_prefix_per_adapter_within_the_budget():
     assert not c.entries and c.bytes == 0
 
 
+def test_a_prompt_is_kept_when_it_adds_more_than_it_repeats():
+    def kv(n):
+        return [(torch.zeros(1, n, 2), torch.zeros(1, n, 2))]
+
+    c = PrefixCache()
+    system = list(range(100, 130))  # a 30-token system turn
+    first = system + [1, 2, 3, 4]
+    assert c.admit("x", first)
+    c.store("x", first, kv(len(first)))
+    assert not c.admit("x", system + [5, 6, 7])  # repeats 30 tokens, adds 3: the first entry serves it
+    assert c.admit("y", system + [5, 6, 7])  # another adapter has nothing yet
+    assert c.admit("x", system + list(range(40)))  # adds 40 of its own
+    longer = first + list(range(200, 210))  # the next turn of the first conversation: replaces its entry
+    assert c.admit("x", longer)
+    assert ("x", tuple(first)) not in c.entries and c.bytes == 0
+    c.store("x", longer, kv(len(longer)))
+    assert not c.admit("x", longer)  # already kept
+    assert c.lookup("x", first + [9])[0] == len(first)
+
+
 def test_label_scores_are_the_same_when_prompts_come_from_the_cache(two_adapters):
     from finetrace.decoding.labels import score_prompts
 
     model, tok = two_adapters
     sel = adapter_selector(model, "gathered", ["alpha", "beta"])
-    rows = [encode_chat(tok, p) for p in PROMPTS]
-    variants = [encode_chat(tok, [p[0], {"role": "user", "content": p[1]["content"] + " and a name"}]) for p in PROMPTS]
+    # examples longer than the system turn (as a clause with its instructions is): each gets an entry
+    clause = "the supplier shall deliver the goods within {} days of the order and bear the cost of transport"
+    long = [
+        [p[0], {"role": "user", "content": clause.format(i) + f" ({p[1]['content']})"}] for i, p in enumerate(PROMPTS)
+    ]
+    rows = [encode_chat(tok, p) for p in long]
+    variants = [encode_chat(tok, [p[0], {"role": "user", "content": p[1]["content"] + " and a name"}]) for p in long]
     names = [["alpha", "beta", BASE][i % 3] for i in range(len(rows))]
     labels = ["notice", "termination", "days"]
     plain = Decoder(model, tok, sel, prefix_cache_bytes=0)
@@ -109,5 +133,5 @@ def test_label_scores_are_the_same_when_prompts_come_from_the_cache(two_adapters
     common = [next(j for j, (a, b) in enumerate(zip(r, v)) if a != b) for r, v in zip(rows, variants)]
     system = len(encode_chat(tok, [PROMPTS[0][0]]))
     assert min(common) > system + 3
-    assert dec.prefix_hit_tokens - hits >= 0.85 * sum(common)
+    assert dec.prefix_hit_tokens - hits >= 0.7 * sum(common)  # a batch reads as far back as its least-cached row
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-5)

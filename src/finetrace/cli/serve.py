@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before answering 429."),
         max_batch: int = typer.Option(16, "--max-batch", help="Rows decoded together."),
         prefix_cache_mb: int = typer.Option(
-            64,
+            256,
             "--prefix-cache-mb",
             help="Memory for prompts already read, reused by prompts that start alike (0: off).",
         ),

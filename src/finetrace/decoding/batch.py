@@ -97,7 +97,7 @@ class Decoder:
         max_batch: int = 16,
         prefill_chunk: int = 256,
         weights: str | None = None,
-        prefix_cache_bytes: int = 64 * 2**20,
+        prefix_cache_bytes: int = 256 * 2**20,
     ):
         self.model, self.tok, self.adapters = model, tok, adapters
         # the weight precision: packed.decode_weights(model) unless pinned; "fp16" rounds the model's own

@@ -48,28 +48,50 @@ class PrefixCache:
         self.entries.clear()
         self.bytes = 0
 
+    def _match(self, adapter: str, ids: tuple, cap: int) -> tuple[int, tuple | None]:
+        """(n, key): the entry of ``adapter`` sharing the longest prefix with ``ids`` (at most ``cap`` tokens)."""
+        best, hit = 0, None
+        for key in self.entries:
+            toks = key[1]
+            n = min(cap, len(toks))
+            # an entry beats the best so far only if it agrees on one more token (tuple slices compare in C)
+            if key[0] != adapter or n <= best or toks[: best + 1] != ids[: best + 1]:
+                continue
+            j = best + 1
+            while j < n and toks[j] == ids[j]:
+                j += 1
+            best, hit = j, key
+        return best, hit
+
     def lookup(self, adapter: str, ids: list[int]) -> tuple[int, list | None]:
         """(n, layers): the longest cached prefix of ``ids`` for ``adapter``, n tokens (0 if under
         ``MIN_TOKENS``), and the entry's per-layer (keys, values), each (kv_heads, >= n, head_dim)."""
         if self.max_bytes <= 0 or len(ids) <= MIN_TOKENS:
             return 0, None
-        best, hit = 0, None
-        cap = len(ids) - 1
-        mine = tuple(ids)
-        for key in self.entries:
-            toks = key[1]
-            n = min(cap, len(toks))
-            # an entry beats the best so far only if it agrees on one more token (tuple slices compare in C)
-            if key[0] != adapter or n <= best or toks[: best + 1] != mine[: best + 1]:
-                continue
-            j = best + 1
-            while j < n and toks[j] == mine[j]:
-                j += 1
-            best, hit = j, key
+        best, hit = self._match(adapter, tuple(ids), len(ids) - 1)
         if best < MIN_TOKENS or hit is None:
             return 0, None
         self.entries.move_to_end(hit)
         return best, self.entries[hit]
+
+    def admit(self, adapter: str, ids: list[int]) -> bool:
+        """Whether a prompt just read is worth an entry of its own. Not when it mostly repeats an entry
+        (it shares more tokens with one than it adds: a system turn and a short question, whose shared
+        part that entry serves already), so that many prompts on one adapter do not push out every other
+        adapter's; an entry that is a prefix of it (the earlier turns of a conversation) is replaced."""
+        if self.max_bytes <= 0 or len(ids) <= MIN_TOKENS:
+            return False
+        mine = tuple(ids)
+        if (adapter, mine) in self.entries:
+            self.entries.move_to_end((adapter, mine))
+            return False
+        shared, key = self._match(adapter, mine, len(mine))
+        if key is None or shared < MIN_TOKENS:
+            return True
+        if shared == len(key[1]):  # the entry is a prefix of this prompt: this one serves all it served
+            self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
+            return True
+        return len(mine) - shared >= shared
 
     def seed(self, layers: list, names: list[str], rows: list[list[int]]) -> int:
         """Fill the first columns of a fresh slab cache (``layers``: its ``SlabLayer``s) for ``rows``
@@ -104,7 +126,7 @@ class PrefixCache:
         if self.max_bytes <= 0 or not layers:
             return
         for i, (n, r, cols) in enumerate(zip(names, rows, columns)):
-            if len(r) > MIN_TOKENS and (n, tuple(r)) not in self.entries:
+            if self.admit(n, r):
                 self.store(n, r, [(x.kbuf[i][:, cols].clone(), x.vbuf[i][:, cols].clone()) for x in layers])
 
     def store(self, adapter: str, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -32,7 +32,7 @@ class ServeSettings:
     lora_kernel: str = "gathered"
     """How mixed-adapter batches apply LoRA: ``gathered`` (batched matmuls over stacked adapters, cost
     independent of the number of adapters) or ``peft`` (PEFT's per-adapter loop over row groups)."""
-    prefix_cache_mb: int = 64
+    prefix_cache_mb: int = 256
     """Memory for the keys and values of prompts already read (``decoding/prefix.py``): a later prompt
     on the same adapter that starts alike (a system turn, instructions, earlier turns) skips the shared
     part. 0 turns it off."""
