@@ -29,7 +29,7 @@ from .kvcache import slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
-from .prefix import PrefixCache
+from .prefix import DEFAULT_BYTES, PrefixCache
 from .sampling import constrain_logits, make_generator, pick_tokens, token_logprobs
 from .text import find_stop, holdback, normalise_answer
 from .threads import ThreadTuner
@@ -97,7 +97,7 @@ class Decoder:
         max_batch: int = 16,
         prefill_chunk: int = 256,
         weights: str | None = None,
-        prefix_cache_bytes: int = 256 * 2**20,
+        prefix_cache_bytes: int = DEFAULT_BYTES,
     ):
         self.model, self.tok, self.adapters = model, tok, adapters
         # the weight precision: packed.decode_weights(model) unless pinned; "fp16" rounds the model's own
@@ -122,7 +122,6 @@ class Decoder:
         self.n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         self.tuner = ThreadTuner()  # the thread count of each step, chosen by timing decode steps
         self.prefixes = PrefixCache(prefix_cache_bytes)  # prompts already read, per adapter (prefix.py)
-        self.prefix_hit_tokens = 0  # prompt tokens not read again, thanks to the prefix cache
 
     # -- what callers use ----------------------------------------------------------------------
     @property
@@ -206,6 +205,11 @@ class Decoder:
         )
         return out.logits[:, -1, :]
 
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens not read again, thanks to the prefix cache."""
+        return self.prefixes.hit_tokens
+
     def prefix_cache(self) -> PrefixCache:
         """The prefix cache, emptied first if the model or the adapters changed since its entries were made."""
         self.prefixes.validate((self.model, self.adapters, getattr(self.adapters, "version", 0)))
@@ -213,19 +217,7 @@ class Decoder:
 
     def _reuse_prefixes(self, g: _Group) -> None:
         """Start ``g``'s cache with the cached keys and values of its prompts' known prefixes."""
-        rows = [s.prompt_ids for s in g.seqs]
-        pre = self.prefix_cache().seed(g.cache.layers, [s.adapter for s in g.seqs], rows)
-        if pre:
-            g.done = pre
-            width = g.ids.shape[1]
-            self.prefix_hit_tokens += sum(max(pre - (width - len(r)), 0) for r in rows)
-
-    def _keep_prefixes(self, g: _Group) -> None:
-        """Store each prompt of ``g`` (read to the end) in the prefix cache."""
-        width = g.ids.shape[1]
-        rows = [s.prompt_ids for s in g.seqs]
-        cols = [slice(width - len(r), width) for r in rows]
-        self.prefixes.keep(g.cache.layers, [s.adapter for s in g.seqs], rows, cols)
+        g.done = self.prefix_cache().seed(g.cache.layers, [s.adapter for s in g.seqs], [s.prompt_ids for s in g.seqs])
 
     def _prefill(self, g: _Group) -> list[Seq]:
         if any(s.cancelled for s in g.seqs) and all(s.cancelled for s in g.seqs):
@@ -241,7 +233,7 @@ class Decoder:
         if end < g.ids.shape[1]:
             return []
         self.groups.pop(0)
-        self._keep_prefixes(g)
+        self.prefixes.keep(g.cache.layers, [s.adapter for s in g.seqs], [s.prompt_ids for s in g.seqs])
         self._join(g)
         return self._accept(g.seqs, logits)
 

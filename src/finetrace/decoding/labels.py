@@ -32,6 +32,7 @@ import torch
 from .batch import BASE, Decoder
 from .chat import turn_end_id
 from .kvcache import repeat_rows, slab_cache
+from .prefix import MIN_TOKENS
 
 
 def label_continuations(tok, labels: Sequence[str], model=None) -> list[list[int]]:
@@ -49,7 +50,7 @@ def _left_pad(rows: list[list[int]], pad: int):
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-MIN_SHARED = 8  # a shorter common prefix is not worth its own forward
+MIN_SHARED = MIN_TOKENS  # a shorter common prefix is not worth its own forward (the prefix cache's rule)
 
 
 def _shared_prefix(rows: list[list[int]]) -> int:
@@ -69,34 +70,22 @@ def _prompt_pass(dec: Decoder, prompt_rows, names):
     in the prefix cache, for the next batch (the same system turn, a bias variant of an earlier prompt)."""
     cache, prefixes = slab_cache(dec.n_layers), dec.prefix_cache()
     ids, mask, pos = _left_pad(prompt_rows, dec.pad)  # (B, P)
-    width = ids.shape[1]
     pre = prefixes.seed(cache.layers, names, prompt_rows)
-    if pre:
-        dec.prefix_hit_tokens += sum(max(pre - (width - len(r)), 0) for r in prompt_rows)
+    c = 0 if pre or len(prompt_rows) == 1 else _shared_prefix(prompt_rows)
+    cols = None  # each prompt in its last columns
+    if pre or c < MIN_SHARED:
         logits = dec.forward(ids[:, pre:], mask, pos[:, pre:], cache, names)
-        prefixes.keep(cache.layers, names, prompt_rows, [slice(width - len(r), width) for r in prompt_rows])
-        return logits, cache, mask
-    c = _shared_prefix(prompt_rows) if len(prompt_rows) > 1 else 0
-    if c < MIN_SHARED:
-        logits = dec.forward(ids, mask, pos, cache, names)
-        prefixes.keep(cache.layers, names, prompt_rows, [slice(width - len(r), width) for r in prompt_rows])
-        return logits, cache, mask
-    uniq = list(dict.fromkeys(names))
-    ones = torch.ones((len(uniq), c), dtype=torch.long)
-    dec.forward(
-        torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long),
-        ones,
-        torch.arange(c).expand(len(uniq), c),
-        cache,
-        uniq,
-    )
-    repeat_rows(cache, [uniq.index(n) for n in names])
-    rest = [r[c:] for r in prompt_rows]
-    ids, mask, pos = _left_pad(rest, dec.pad)  # (B, P - c)
-    mask = torch.cat([torch.ones((len(rest), c), dtype=torch.long), mask], dim=1)  # (B, P)
-    logits = dec.forward(ids, mask, pos + c, cache, names)
-    head, width = torch.arange(c), mask.shape[1]
-    cols = [torch.cat([head, torch.arange(width - len(r), width)]) for r in rest]  # the prefix, then the rest
+    else:  # the common beginning once per adapter, repeated into the rows, then the rest left-padded
+        uniq = list(dict.fromkeys(names))
+        head = torch.tensor([prompt_rows[0][:c]] * len(uniq), dtype=torch.long)
+        dec.forward(head, torch.ones_like(head), torch.arange(c).expand(len(uniq), c), cache, uniq)
+        repeat_rows(cache, [uniq.index(n) for n in names])
+        rest = [r[c:] for r in prompt_rows]
+        ids, mask, pos = _left_pad(rest, dec.pad)  # (B, P - c)
+        mask = torch.cat([torch.ones((len(rest), c), dtype=torch.long), mask], dim=1)  # (B, P)
+        logits = dec.forward(ids, mask, pos + c, cache, names)
+        width = mask.shape[1]
+        cols = [torch.cat([torch.arange(c), torch.arange(width - len(r), width)]) for r in rest]
     prefixes.keep(cache.layers, names, prompt_rows, cols)
     return logits, cache, mask
 

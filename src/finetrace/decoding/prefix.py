@@ -27,16 +27,22 @@ from collections import OrderedDict
 import torch
 
 MIN_TOKENS = 8  # a shorter shared prefix is not worth a lookup
+DEFAULT_BYTES = 256 * 2**20
+
+
+def _size(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in layers)
 
 
 class PrefixCache:
     """Cached prompts' per-layer keys and values, bounded by ``max_bytes`` (least recently used out first)."""
 
-    def __init__(self, max_bytes: int = 64 * 2**20):
+    def __init__(self, max_bytes: int = DEFAULT_BYTES):
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.bytes = 0
         self.token: tuple = ()
+        self.hit_tokens = 0  # prompt tokens ``seed`` filled from entries, since start (not reset by ``clear``)
 
     def validate(self, token: tuple) -> None:
         """Empty the cache when ``token`` (what computed the entries: model, adapters, their version) changed."""
@@ -89,7 +95,7 @@ class PrefixCache:
         if key is None or shared < MIN_TOKENS:
             return True
         if shared == len(key[1]):  # the entry is a prefix of this prompt: this one serves all it served
-            self.bytes -= sum(k.nbytes + v.nbytes for k, v in self.entries.pop(key))
+            self.bytes -= _size(self.entries.pop(key))
             return True
         return len(mine) - shared >= shared
 
@@ -118,13 +124,18 @@ class PrefixCache:
                     keys[i, :, start:pre] = e[li][0][:, : pre - start]
                     values[i, :, start:pre] = e[li][1][:, : pre - start]
             layer.update(keys, values)
+        self.hit_tokens += sum(max(pre - (width - len(r)), 0) for r in rows)
         return pre
 
-    def keep(self, layers: list, names: list[str], rows: list[list[int]], columns: list) -> None:
+    def keep(self, layers: list, names: list[str], rows: list[list[int]], columns: list | None = None) -> None:
         """Store every row of a slab cache whose prompt was read: row i's tokens ``rows[i]`` are in its
-        columns ``columns[i]`` (a slice, or a LongTensor of column indices)."""
+        columns ``columns[i]`` (a slice, or a LongTensor of column indices); by default its last
+        ``len(rows[i])`` columns (rows left-padded to the cache's width)."""
         if self.max_bytes <= 0 or not layers:
             return
+        if columns is None:
+            width = layers[0].t
+            columns = [slice(width - len(r), width) for r in rows]
         for i, (n, r, cols) in enumerate(zip(names, rows, columns)):
             if self.admit(n, r):
                 self.store(n, r, [(x.kbuf[i][:, cols].clone(), x.vbuf[i][:, cols].clone()) for x in layers])
@@ -137,11 +148,10 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        size = _size(layers)
         if size > self.max_bytes:
             return
         self.entries[key] = layers
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
+            self.bytes -= _size(self.entries.popitem(last=False)[1])

@@ -111,10 +111,9 @@ def score_labels(
     if not labels:
         raise ValueError("score_labels needs at least one label")
     rows = [encode_chat(tok, p) for p in prompts]
-    dec = decoder
     names = [adapter] * len(rows) if isinstance(adapter, str) else list(adapter)
     with Counter(progress, description, len(rows)) as bar:
-        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, bar.advance, best_only, dec)
+        scores = score_prompts(model, tok, rows, labels, adapters, names, batch_size, bar.advance, best_only, decoder)
     return [best_label(labels, s) for s in scores], scores
 
 

@@ -64,9 +64,6 @@ def _metrics_for(suite: Suite, es: EvalSet) -> list[str]:
     return ["accuracy", "macro_f1"] if es.task == "classification" else ["exact_match", "token_f1", "rouge_l"]
 
 
-PREFIX_BYTES = 256 * 2**20  # an evaluation's prefix cache: a test set's prompts, freed when it ends
-
-
 class _Answerer:
     """How one model answers a list of prompts for this task (labels, or free text), through the serving
     decoder with every row on LoRA slot ``adapter`` (``decoding.BASE`` for the base)."""
@@ -83,9 +80,7 @@ class _Answerer:
         """One decoder for every call (test set, bias variants): its prefix cache (``decoding/prefix.py``)
         then holds the suite's shared system turn and each example, which its bias variants start with."""
         if self._decoder is None:
-            self._decoder = Decoder(
-                self.model, self.tok, self.adapters, max_batch=self.suite.batch_size, prefix_cache_bytes=PREFIX_BYTES
-            )
+            self._decoder = Decoder(self.model, self.tok, self.adapters, max_batch=self.suite.batch_size)
         return self._decoder
 
     def __call__(self, prompts: list, description: str) -> tuple[list[str], list[str] | None]:
