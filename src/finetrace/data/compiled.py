@@ -154,6 +154,19 @@ def available() -> bool:
     return _KERNEL[0] is not None
 
 
+def warm() -> None:
+    """Load every kernel (from numba's cache, or compiled) by running it on a tiny batch, ASCII and not,
+    with the argument types the import passes, so that processes forked afterwards have them loaded."""
+    if not available():
+        return
+    from .arrowtext import pa_strings, str_buffers
+
+    for texts in (["warm up: a@b.example +1 555-123-4567"], ["café ok", "plain"]):
+        arr = pa_strings(texts)
+        signatures(prepare_texts(arr), np.ones(64, np.uint32), np.zeros(64, np.uint32))
+        pii_gates(*str_buffers(arr))
+
+
 def signatures(prepared: tuple[np.ndarray, np.ndarray], a32: np.ndarray, b32: np.ndarray) -> np.ndarray:
     """(n, P) uint32 MinHash signatures of prepared texts (``arrowtext.prepare_texts``), compiled."""
     data, offs = prepared
