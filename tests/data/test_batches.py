@@ -13,6 +13,7 @@ from finetrace.data import import_dataset, open_dataset
 from finetrace.data import workers as W
 from finetrace.data.arrowtext import normalize_array, pa_strings, prepare_texts
 from finetrace.data.clean import MinHasher, normalize_text
+from finetrace.data.compiled import available as compiled_available
 
 
 def _awkward_texts(n: int, seed: int = 0) -> list[str]:
@@ -73,12 +74,28 @@ def _rows(n: int) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("workers,chunk", [(1, 2048), pytest.param(2, 4096, marks=pytest.mark.slow)])
-def test_chunking_and_workers_do_not_change_the_dataset(workspace, tmp_path, monkeypatch, workers, chunk):
+@pytest.mark.parametrize(
+    "workers,chunk,compiled",
+    [
+        (1, 2048, False),
+        pytest.param(2, 4096, False, marks=pytest.mark.slow),
+        # workers forked after loading the numba kernels (skipped where numba is not installed)
+        pytest.param(
+            2,
+            4096,
+            True,
+            marks=[pytest.mark.slow, pytest.mark.skipif(not compiled_available(), reason="numba not installed")],
+        ),
+    ],
+)
+def test_chunking_and_workers_do_not_change_the_dataset(workspace, tmp_path, monkeypatch, workers, chunk, compiled):
     p = tmp_path / "rows.jsonl"
     p.write_text("\n".join(_rows(400)) + "\n", encoding="utf-8")
     ref = import_dataset(workspace, [p], "ref", on_error="skip", workers=1)
     monkeypatch.setattr(W, "JSONL_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(W, "COMPILED_MIN_BYTES", 0 if compiled else 1 << 60)
+    with W.Pool(workers, p.stat().st_size, []) as pool:
+        assert pool.compiled is compiled
     got = import_dataset(workspace, [p], "got", on_error="skip", workers=workers)
     assert got.digest == ref.digest  # same rows, splits, counts, PII, duplicates, examples
     _, info, _ = open_dataset(workspace, got.ref)
@@ -102,3 +119,25 @@ def test_worker_frames_rebuild_only_data_classes():
 
     with pytest.raises(pickle.UnpicklingError, match="may not hold"):
         W._Frames.load(pickle.dumps(Evil()))
+
+
+def test_jsonl_blocks_of_a_plain_file_are_those_jsonl_chunks_reads(tmp_path):
+    """The parent cuts a plain JSONL file into blocks by offset and length (the workers read the bytes):
+    the same first lines, offsets and lengths as reading the blocks, over-long lines (one straddling a
+    block's end, one past the end of the file) reported at the same line, a BOM skipped."""
+    from finetrace.data.readers import ReadOptions, jsonl_chunks
+
+    rng = random.Random(3)
+    p = tmp_path / "f.jsonl"
+    too_long = blocks = 0
+    for case in range(150):
+        lines = [b"x" * rng.choice([0, 1, 5, 50, 1023, 1024, 1025, 3000]) for _ in range(rng.randint(0, 25))]
+        data = (b"\xef\xbb\xbf" if case % 7 == 0 else b"") + b"\n".join(lines) + (b"\n" if case % 2 else b"")
+        p.write_bytes(data)
+        for size in (64, 1024, 4096):
+            opts = ReadOptions(1024, "f.jsonl")
+            want = [(ln, off, len(b) if b is not None else 0, r) for ln, off, b, r in jsonl_chunks(p, opts, size)]
+            assert list(W._jsonl_spans(p, opts, size)) == want
+            too_long += sum(r is not None for *_, r in want)
+            blocks += sum(r is None for *_, r in want)
+    assert too_long > 50 and blocks > 500  # both kinds were compared, many times
