@@ -11,7 +11,7 @@ process and reads that child's peak RSS from ``resource.getrusage(RUSAGE_CHILDRE
              Arrow record batches, with worker processes for inputs over 64 MiB (``--workers`` to choose);
              the workers write the cleaned rows to scratch Arrow files, the main process writes the splits;
              MinHash by the numba loop when the ``fast`` extra is installed and the input is over
-             96 MiB per process (``"minhash"`` in the JSON line says which ran)
+             96 MiB (``"minhash"`` in the JSON line says which ran)
 - datasets   ``load_dataset("json", ...)`` (parse to Arrow only; no validation/cleaning), own cache dir
 - pandas     ``read_json(lines=True)`` (parse into memory only)
 

@@ -1,8 +1,9 @@
 """Chunks of an input file, and the worker processes that clean them in order.
 
 ``chunks(path, fmt, opts)`` cuts a file into ``batches.Chunk`` work items without holding more than a
-block: JSONL as ~4 MiB blocks of whole lines (with their first line number and byte offset), Parquet
-as Arrow tables, every other format as groups of rows from its reader. ``Pool(...).map(chunks, ctx)``
+block: JSONL as ~4 MiB blocks of whole lines (with their first line number and byte offset; a plain
+file's blocks go by offset and length, and the process that cleans one reads it), Parquet as Arrow
+tables, every other format as groups of rows from its reader. ``Pool(...).map(chunks, ctx)``
 yields ``batches.Cleaned`` results in input order, at most ``2 × workers`` chunks in flight, so memory
 stays flat in the file size; with no workers it runs each chunk in this process.
 """
@@ -19,8 +20,8 @@ from .readers import ReadOptions, Row, _check_start, _too_long, jsonl_chunks, pa
 
 AUTO_MIN_BYTES = 64 << 20  # smaller inputs: start-up of workers costs more than they save
 AUTO_MAX_WORKERS = 4
-# bytes of input per process above which the compiled MinHash pays for numba's import and loading its
-# cached code in each process (~0.8 s of CPU); below it the numpy loop is faster overall
+# bytes of input above which the compiled kernels pay for numba's import and loading their cached code
+# (~0.7 s of CPU, once: the workers are forked after it); below it the numpy loops are faster overall
 COMPILED_MIN_BYTES = 96 << 20
 RECORDS_PER_CHUNK = 4096
 JSONL_CHUNK_BYTES = 4 << 20
