@@ -29,6 +29,7 @@ from ..canonical import canonical_json, sha256_bytes
 from ..debris import scratch_prefix
 from ..errors import ConfigError, DependencyError, InputError
 from ..ledger import Artifact
+from ..memory import huge_pages, map_large_blocks
 from ..progress import Progress, callback
 from ..workspace import Workspace
 from . import data as D
@@ -356,6 +357,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
     cfg = config
     world = setup()
     torch.set_num_threads(cfg.threads or default_threads(world.size))
+    memory = {"huge_pages": huge_pages(), "large_blocks_mapped": map_large_blocks()}  # see finetrace.memory
     inp, device, tok, pad_id, data, plan = prepare(ws, cfg, world)
     check_plan(plan)
     obj, train_ex, val_ex, skipped, lengths, steps = data
@@ -415,6 +417,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
                 "device_name": device_name(device),
                 "world_size": world.size,
                 "quantization": method["quantization"],
+                "memory": memory,
             },
         )
         if world.main
