@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes
 from ..debris import scratch_prefix
-from ..errors import ConfigError, DependencyError, InputError
+from ..errors import ConfigError, InputError
 from ..ledger import Artifact
 from ..memory import huge_pages, map_large_blocks
 from ..progress import Progress, callback
@@ -37,7 +37,7 @@ from . import fsdp
 from .adapters import ADAPTER_META, apply_method, load_weights, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
 from .config import TrainConfig
-from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
+from .distributed import all_reduce_grads, all_sum, any_flag, barrier, device_name, resolve_device, setup
 from .kernels import fuse_elementwise
 from .objective import make_objective
 from .plan import check as check_plan
@@ -47,31 +47,6 @@ from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
 CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every", "parallel")
-
-
-def resolve_device(name: str):
-    """The torch device of ``device: auto|cpu|cuda|cuda:N`` (torchrun has set this process's GPU)."""
-    import torch
-
-    from .distributed import gpu_per_process
-
-    if name == "auto":
-        name = "cuda" if gpu_per_process() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DependencyError(
-                f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
-                hint="set device: cpu (or auto), or install a CUDA build of torch",
-            )
-        if name == "cuda":
-            name = f"cuda:{torch.cuda.current_device()}"
-    return torch.device(name)
-
-
-def device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
