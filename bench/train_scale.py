@@ -26,6 +26,8 @@ the baseline's best speed, and the memory ratio against the fp32 run's default c
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; tokens/s counts real
 (non-pad) tokens over the summed optimiser-step times (loading excluded; finetrace's first-step kernel
 compilation included). The finetrace sides also print the memory plan's estimate beside the measured peak.
+finetrace's sides start their process as the ``finetrace`` command does (``finetrace.memory``: huge-page
+tensors, large blocks mapped on their own); the baseline starts as a plain ``python`` does.
 The last line is one JSON object with the figures.
 """
 
@@ -220,14 +222,20 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     return {"tokens": sum(seen[: len(times)]), "step_time_s": sum(times), "losses": losses, **gpu_peak()}
 
 
+OURS = ("qlora", "lora_fp32")
+# finetrace's sides start as `finetrace train` does: huge-page tensors requested before torch loads
+AS_CLI = "from finetrace.memory import prefer_huge_pages; prefer_huge_pages();"
+
+
 def run_child(kind: str, ws_dir: str, steps: int, batch: int, threads: int, device: str = "cpu") -> dict:
     """Run one side in a fresh interpreter; return its figures and its own peak RSS."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
     code = (
-        "import json, resource, sys; sys.path.insert(0, %r); import train_scale as b; "  # noqa: UP031  (a code string, %r quotes it)
+        "import json, resource, sys; sys.path.insert(0, %r); %s import train_scale as b; "  # noqa: UP031  (a code string, %r quotes it)
         "r = b.child_%s(%r, %d, %d); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-        "json.dump(r, open(%r, 'w'))" % (str(Path(__file__).parent), kind, ws_dir, steps, batch, result)
+        "json.dump(r, open(%r, 'w'))"
+        % (str(Path(__file__).parent), AS_CLI if kind in OURS else "", kind, ws_dir, steps, batch, result)
     )
     env = {
         **os.environ,

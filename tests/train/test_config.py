@@ -80,7 +80,7 @@ def test_device_is_validated_and_a_missing_gpu_is_a_clear_error():
     import torch
 
     from finetrace.errors import ConfigError, DependencyError
-    from finetrace.train.loop import resolve_device
+    from finetrace.train.distributed import resolve_device
 
     with pytest.raises(ConfigError) as err:
         load_config(None, ["base_model=b", "dataset=d", "output_name=o", "device=gpu0"])

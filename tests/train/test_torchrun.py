@@ -158,6 +158,9 @@ def one_run(ws, ref: str, stderr: str):
         pytest.fail(f"{ref} was not recorded by the torchrun:\n{failure(stderr)}")
     run = ws.ledger.get_run(art.run_id)
     assert run.environment["world_size"] == 2 and run.status == "succeeded"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():  # each rank started as `finetrace train` does
+        assert run.environment["memory"] == {"huge_pages": True, "large_blocks_mapped": True}
     name = ref.split("@")[0]
     assert [r.id for r in ws.ledger.runs("train") if r.config["output_name"] == name] == [run.id]  # one run
     return art, run

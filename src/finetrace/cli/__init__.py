@@ -14,6 +14,7 @@ import sys
 import typer
 
 from ..errors import FinetraceError
+from ..memory import prefer_huge_pages
 
 COMMAND_MODULES = (
     "workspace",
@@ -67,6 +68,7 @@ _load()
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_huge_pages()  # before any command imports torch (see finetrace.memory)
     try:
         code = app(args=argv, prog_name="finetrace", standalone_mode=False)
         if isinstance(code, int) and code:

@@ -1,4 +1,5 @@
-"""Data parallelism under ``torchrun``: the same command, N processes, one recorded run.
+"""Data parallelism under ``torchrun``: the same command, N processes, one recorded run; and the device
+each process trains on.
 
     torchrun --nproc_per_node=2 -m finetrace.cli train CONFIG.yaml      (gloo on CPU, nccl on GPU)
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from ..errors import DependencyError
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,26 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def resolve_device(name: str):
+    """The torch device of ``device: auto|cpu|cuda|cuda:N`` (torchrun has set this process's GPU)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if gpu_per_process() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DependencyError(
+                f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
+                hint="set device: cpu (or auto), or install a CUDA build of torch",
+            )
+        if name == "cuda":
+            name = f"cuda:{torch.cuda.current_device()}"
+    return torch.device(name)
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from ..canonical import canonical_json, sha256_bytes
 from ..debris import scratch_prefix
-from ..errors import ConfigError, DependencyError, InputError
+from ..errors import ConfigError, InputError
 from ..ledger import Artifact
+from ..memory import huge_pages, map_large_blocks
 from ..progress import Progress, callback
 from ..workspace import Workspace
 from . import data as D
@@ -36,7 +37,7 @@ from . import fsdp
 from .adapters import ADAPTER_META, apply_method, load_weights, quantization_spec, read_adapter_meta, trainable
 from .checkpoint import Checkpointer, checkpoint_folder, restore
 from .config import TrainConfig
-from .distributed import all_reduce_grads, all_sum, any_flag, barrier, setup
+from .distributed import all_reduce_grads, all_sum, any_flag, barrier, device_name, resolve_device, setup
 from .kernels import fuse_elementwise
 from .objective import make_objective
 from .plan import check as check_plan
@@ -46,31 +47,6 @@ from .resume import resume_point
 
 # Keys that do not change the result: a checkpoint may be resumed with them changed.
 CADENCE_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir", "log_every", "parallel")
-
-
-def resolve_device(name: str):
-    """The torch device of ``device: auto|cpu|cuda|cuda:N`` (torchrun has set this process's GPU)."""
-    import torch
-
-    from .distributed import gpu_per_process
-
-    if name == "auto":
-        name = "cuda" if gpu_per_process() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DependencyError(
-                f"device: {name} was asked for, but PyTorch sees no CUDA GPU here",
-                hint="set device: cpu (or auto), or install a CUDA build of torch",
-            )
-        if name == "cuda":
-            name = f"cuda:{torch.cuda.current_device()}"
-    return torch.device(name)
-
-
-def device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -356,6 +332,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
     cfg = config
     world = setup()
     torch.set_num_threads(cfg.threads or default_threads(world.size))
+    memory = {"huge_pages": huge_pages(), "large_blocks_mapped": map_large_blocks()}  # see finetrace.memory
     inp, device, tok, pad_id, data, plan = prepare(ws, cfg, world)
     check_plan(plan)
     obj, train_ex, val_ex, skipped, lengths, steps = data
@@ -415,6 +392,7 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
                 "device_name": device_name(device),
                 "world_size": world.size,
                 "quantization": method["quantization"],
+                "memory": memory,
             },
         )
         if world.main
