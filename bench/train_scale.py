@@ -19,6 +19,8 @@ seeded order):
                    usual recipe (``--qlora-no-checkpointing`` turns it off); the bf16-stored embedding and
                    tied output layer stay bf16, widened to fp32 where used
   lora_fp32        finetrace ``method: lora`` on the base at fp32, without gradient checkpointing
+  qlora_no_checkpointing  (not run unless named in ``--sides``) finetrace QLoRA keeping every layer's
+                   activations: the speed the memory of checkpointing buys back
 
 The baseline runs without gradient checkpointing (its faster setting), so the speed-up is measured against
 the baseline's best speed, and the memory ratio against the fp32 run's default configuration.
@@ -69,7 +71,7 @@ def make_rows(tok, n: int, seed: int, lo: int, hi: int) -> list[dict]:
 
 
 # -- children ------------------------------------------------------------------------------------
-def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: bool = False) -> dict:
+def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: bool = False, name: str = "") -> dict:
     from finetrace.train import TrainConfig, train
     from finetrace.workspace import Workspace
 
@@ -89,7 +91,7 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: 
         seed=0,
         threads=int(os.environ["BENCH_THREADS"]),
         device=os.environ.get("BENCH_DEVICE", "cpu"),
-        output_name=f"scale-{method}",
+        output_name=f"scale-{method}{name}",
         gradient_checkpointing=checkpointing,
     )
     art = train(ws, cfg, progress=None)
@@ -112,6 +114,10 @@ def gpu_peak() -> dict:
 
 def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=os.environ.get("BENCH_QLORA_CKPT", "1") == "1")
+
+
+def child_qlora_no_checkpointing(ws_dir: str, steps: int, batch: int) -> dict:
+    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=False, name="-no-checkpointing")
 
 
 def child_lora_fp32(ws_dir: str, steps: int, batch: int) -> dict:
@@ -222,7 +228,7 @@ def child_baseline_qlora(ws_dir: str, steps: int, batch: int) -> dict:
     return {"tokens": sum(seen[: len(times)]), "step_time_s": sum(times), "losses": losses, **gpu_peak()}
 
 
-OURS = ("qlora", "lora_fp32")
+OURS = ("qlora", "qlora_no_checkpointing", "lora_fp32")
 # finetrace's sides start as `finetrace train` does: huge-page tensors requested before torch loads
 AS_CLI = "from finetrace.memory import prefer_huge_pages; prefer_huge_pages();"
 
@@ -380,6 +386,21 @@ def main() -> None:
             f"finetrace QLoRA vs HF QLoRA: {out['qlora_speedup']:.2f}x tokens/s (target >= 1.5x), memory "
             f"{out['qlora_memory_ratio_vs_baseline']:.2f}x (target <= 1)"
         )
+    nc = res.get("qlora_no_checkpointing")
+    if nc:
+        out.update(
+            qlora_no_checkpointing_tokens_per_s=round(nc["tps"], 2),
+            qlora_no_checkpointing_peak_rss_mb=round(nc["peak_rss_mb"], 1),
+            qlora_no_checkpointing_plan_peak_mb=nc.get("plan_peak_mb"),
+        )
+        if b:
+            out["qlora_no_checkpointing_speedup"] = round(nc["tps"] / b["tps"], 3)
+            print(
+                f"finetrace QLoRA without checkpointing vs HF QLoRA: {out['qlora_no_checkpointing_speedup']:.2f}x "
+                f"tokens/s at {nc['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its memory"
+            )
+        if f:
+            out["qlora_no_checkpointing_memory_ratio_vs_fp32"] = round(nc["peak_rss_mb"] / f["peak_rss_mb"], 3)
     if q and f:
         out["qlora_memory_ratio_vs_fp32"] = round(q["peak_rss_mb"] / f["peak_rss_mb"], 3)
         print(f"finetrace QLoRA vs fp32 LoRA memory: {out['qlora_memory_ratio_vs_fp32']:.2f}x (target <= 0.35x)")

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from finetrace.market.checks import DTYPE_SIZES, Refused, check_file, parse_safetensors
 
+pytestmark = pytest.mark.slow  # hundreds of generated files (~6 s)
+
 WEIGHTS = "adapter/adapter_model.safetensors"
 FUZZ = settings(
     derandomize=True, database=None, deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow]

@@ -17,6 +17,8 @@ from finetrace.market.client import RegistryError
 from finetrace.market.package import adapter_files, sign
 from finetrace.store import ObjectStore
 
+pytestmark = pytest.mark.slow  # builds and signs a package of a trained adapter for the module (~13 s)
+
 WEIGHTS = "adapter/adapter_model.safetensors"
 
 

@@ -16,6 +16,8 @@ from finetrace.market.registry import Conflict
 
 from .test_hostile import WEIGHTS, _altered, _assert_nothing_stored, _lora_weights, good  # noqa: F401
 
+pytestmark = pytest.mark.slow  # a published adapter and a live registry for the module (~12 s)
+
 CFG = "adapter/adapter_config.json"
 
 

@@ -6,9 +6,11 @@ import threading
 
 import pytest
 
+from finetrace.decoding.text import holdback as _holdback
 from finetrace.ledger.clearance import record_override, record_verdict
-from finetrace.serve.engine import Engine, QueueFull, _holdback
+from finetrace.serve.engine import Engine
 from finetrace.serve.registry import DeploymentRefused
+from finetrace.serve.request import QueueFull
 from finetrace.serve.settings import ServeSettings
 
 PROMPTS = [
@@ -175,7 +177,7 @@ def test_refusals(served_ws, tmp_path):
 def test_queue_full_raises(served_ws):
     eng = Engine(served_ws, "tiny", [], ServeSettings(max_queue=1, max_batch=1))
     eng._thread = threading.Thread()  # pretend started, but never consume: the queue must bound memory
-    from finetrace.serve.engine import GenRequest
+    from finetrace.serve.request import GenRequest
 
     eng.submit(GenRequest([1, 2], "tiny", 4))
     with pytest.raises(QueueFull):
@@ -219,7 +221,7 @@ def test_gathered_kernel_equals_peft_mixed_batches(served_ws):
 def test_unloaded_while_queued_is_not_served_by_the_base(served_ws):
     """A request that waited while its adapter was unloaded fails; it is never answered by the base."""
     from finetrace.errors import NotFoundError
-    from finetrace.serve.engine import GenRequest
+    from finetrace.serve.request import GenRequest
 
     eng = Engine(served_ws, "tiny", ["alpha@1"], ServeSettings())
     events = []

@@ -14,7 +14,8 @@ from concurrent.futures import Future
 import httpx
 import pytest
 
-from finetrace.serve.engine import Engine, GenRequest
+from finetrace.serve.engine import Engine
+from finetrace.serve.request import GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
 

@@ -10,7 +10,8 @@ import threading
 import openai
 import pytest
 
-from finetrace.serve.engine import Engine, GenRequest
+from finetrace.serve.engine import Engine
+from finetrace.serve.request import GenRequest
 from finetrace.serve.server import BackgroundServer
 from finetrace.serve.settings import ServeSettings
 

@@ -42,6 +42,7 @@ def _loss_grads(model, batch):
     return float(ls.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # compiles three Inductor kernels (~8 s)
 def test_compiled_kernels_match_eager(tiny_model_dir):
     import transformers.models.llama.modeling_llama as llama
 

@@ -18,9 +18,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import FinetraceError, InputError, NotFoundError
-from .engine import Engine, GenRequest, QueueFull, Result, ShuttingDown
+from .engine import Engine
 from .protocol import ChatRequest, CompletionRequest, error_body
 from .registry import DeploymentRefused
+from .request import GenRequest, QueueFull, Result, ShuttingDown
 from .settings import ServeSettings
 from .structured import assistant_message, forced_call_schema, response_schema, tools_of
 

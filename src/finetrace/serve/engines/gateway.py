@@ -33,9 +33,9 @@ from ...models import model_path
 from ...models.identity import text_identity
 from ...workspace import Workspace
 from ..deploy import close_deploy
-from ..engine import GenRequest, QueueFull, Result, ShuttingDown, bind_request
 from ..metrics import Metrics
 from ..registry import AdapterInfo, check_adapter
+from ..request import GenRequest, QueueFull, Result, ShuttingDown, bind_request
 from ..requestlog import RequestLog, log_request
 from ..settings import ServeSettings
 from .process import EngineUnavailable
