@@ -20,7 +20,8 @@ seeded order):
                    tied output layer stay bf16, widened to fp32 where used
   lora_fp32        finetrace ``method: lora`` on the base at fp32, without gradient checkpointing
   qlora_no_checkpointing  (not run unless named in ``--sides``) finetrace QLoRA keeping every layer's
-                   activations: the speed the memory of checkpointing buys back
+                   activations, in micro-batches of at most ``--no-checkpointing-micro-batch-tokens``
+                   (the same update): no recomputation, activation memory bounded by the token budget
 
 The baseline runs without gradient checkpointing (its faster setting), so the speed-up is measured against
 the baseline's best speed, and the memory ratio against the fp32 run's default configuration.
@@ -71,7 +72,15 @@ def make_rows(tok, n: int, seed: int, lo: int, hi: int) -> list[dict]:
 
 
 # -- children ------------------------------------------------------------------------------------
-def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: bool = False, name: str = "") -> dict:
+def _finetrace(
+    ws_dir: str,
+    steps: int,
+    batch: int,
+    method: str,
+    checkpointing: bool = False,
+    name: str = "",
+    mbt: int | None = None,
+) -> dict:
     from finetrace.train import TrainConfig, train
     from finetrace.workspace import Workspace
 
@@ -93,6 +102,7 @@ def _finetrace(ws_dir: str, steps: int, batch: int, method: str, checkpointing: 
         device=os.environ.get("BENCH_DEVICE", "cpu"),
         output_name=f"scale-{method}{name}",
         gradient_checkpointing=checkpointing,
+        micro_batch_tokens=mbt,
     )
     art = train(ws, cfg, progress=None)
     m = ws.ledger.get_run(art.run_id).metrics
@@ -117,7 +127,8 @@ def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
 
 
 def child_qlora_no_checkpointing(ws_dir: str, steps: int, batch: int) -> dict:
-    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=False, name="-no-checkpointing")
+    mbt = int(os.environ.get("BENCH_NO_CKPT_MBT") or 0) or None
+    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=False, name="-no-checkpointing", mbt=mbt)
 
 
 def child_lora_fp32(ws_dir: str, steps: int, batch: int) -> dict:
@@ -323,6 +334,13 @@ def main() -> None:
         action="store_true",
         help="finetrace QLoRA without gradient checkpointing (faster, more activation memory)",
     )
+    ap.add_argument(
+        "--no-checkpointing-micro-batch-tokens",
+        type=int,
+        default=None,
+        help="qlora_no_checkpointing: split each step into micro-batches of at most this many tokens "
+        "(same update, less activation memory)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every side on the GPU; QLoRA computes in bf16)")
     args = ap.parse_args()
 
@@ -330,6 +348,7 @@ def main() -> None:
 
     threads = args.threads or physical_cores()
     os.environ["BENCH_QLORA_CKPT"] = "0" if args.qlora_no_checkpointing else "1"
+    os.environ["BENCH_NO_CKPT_MBT"] = str(args.no_checkpointing_micro_batch_tokens or "")
     ws_dir, params = setup(args)
     print(
         f"model: {args.shape} random init, {params / 1e9:.2f}B parameters; {args.steps} steps of batch {args.batch} "
@@ -392,6 +411,7 @@ def main() -> None:
             qlora_no_checkpointing_tokens_per_s=round(nc["tps"], 2),
             qlora_no_checkpointing_peak_rss_mb=round(nc["peak_rss_mb"], 1),
             qlora_no_checkpointing_plan_peak_mb=nc.get("plan_peak_mb"),
+            qlora_no_checkpointing_micro_batch_tokens=args.no_checkpointing_micro_batch_tokens,
         )
         if b:
             out["qlora_no_checkpointing_speedup"] = round(nc["tps"] / b["tps"], 3)
