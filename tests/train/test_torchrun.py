@@ -160,7 +160,8 @@ def one_run(ws, ref: str, stderr: str):
     assert run.environment["world_size"] == 2 and run.status == "succeeded"
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.is_file() and "[never]" not in thp.read_text():  # each rank started as `finetrace train` does
-        assert run.environment["memory"] == {"huge_pages": True, "large_blocks_mapped": True}
+        # huge pages always; large blocks mapped only from hidden size 2048 (the tiny model's is far smaller)
+        assert run.environment["memory"] == {"huge_pages": True, "large_blocks_mapped": False}
     name = ref.split("@")[0]
     assert [r.id for r in ws.ledger.runs("train") if r.config["output_name"] == name] == [run.id]  # one run
     return art, run

@@ -29,7 +29,7 @@ from ..canonical import canonical_json, sha256_bytes
 from ..debris import scratch_prefix
 from ..errors import ConfigError, InputError
 from ..ledger import Artifact
-from ..memory import huge_pages, map_large_blocks
+from ..memory import huge_pages, map_large_blocks_for
 from ..progress import Progress, callback
 from ..workspace import Workspace
 from . import data as D
@@ -332,11 +332,12 @@ def train(ws: Workspace, config: TrainConfig, resume: bool = False, progress: Pr
     cfg = config
     world = setup()
     torch.set_num_threads(cfg.threads or default_threads(world.size))
-    memory = {"huge_pages": huge_pages(), "large_blocks_mapped": map_large_blocks()}  # see finetrace.memory
     inp, device, tok, pad_id, data, plan = prepare(ws, cfg, world)
     check_plan(plan)
     obj, train_ex, val_ex, skipped, lengths, steps = data
     model, method, kernel_counts = build_model(cfg, inp, device)
+    hidden = getattr(model.config, "hidden_size", 0) if device.type == "cpu" else 0
+    memory = {"huge_pages": huge_pages(), "large_blocks_mapped": map_large_blocks_for(hidden)}  # finetrace.memory
     sharded = cfg.parallel == "fsdp" and world.size > 1
     if sharded:
         fsdp.shard(model)
