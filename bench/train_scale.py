@@ -16,7 +16,7 @@ seeded order):
                    HF Trainer with padded batches, labels -100 on prompt and padding, full logits
   qlora            finetrace ``method: qlora`` (the same NF4 base; packing, loss at target positions only,
                    fused LoRA on the 4-bit layers, compiled kernels) with gradient checkpointing, QLoRA's
-                   usual recipe (``--qlora-no-checkpointing`` turns it off); the bf16-stored embedding and
+                   usual recipe; the bf16-stored embedding and
                    tied output layer stay bf16, widened to fp32 where used
   lora_fp32        finetrace ``method: lora`` on the base at fp32, without gradient checkpointing
   qlora_no_checkpointing  (not run unless named in ``--sides``) finetrace QLoRA keeping every layer's
@@ -123,7 +123,7 @@ def gpu_peak() -> dict:
 
 
 def child_qlora(ws_dir: str, steps: int, batch: int) -> dict:
-    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=os.environ.get("BENCH_QLORA_CKPT", "1") == "1")
+    return _finetrace(ws_dir, steps, batch, "qlora", checkpointing=True)
 
 
 def child_qlora_no_checkpointing(ws_dir: str, steps: int, batch: int) -> dict:
@@ -330,11 +330,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the workspace goes (default: the temp folder)")
     ap.add_argument("--sides", default="baseline_qlora,qlora,lora_fp32")
     ap.add_argument(
-        "--qlora-no-checkpointing",
-        action="store_true",
-        help="finetrace QLoRA without gradient checkpointing (faster, more activation memory)",
-    )
-    ap.add_argument(
         "--no-checkpointing-micro-batch-tokens",
         type=int,
         default=None,
@@ -347,7 +342,6 @@ def main() -> None:
     from finetrace.train.report import physical_cores
 
     threads = args.threads or physical_cores()
-    os.environ["BENCH_QLORA_CKPT"] = "0" if args.qlora_no_checkpointing else "1"
     os.environ["BENCH_NO_CKPT_MBT"] = str(args.no_checkpointing_micro_batch_tokens or "")
     ws_dir, params = setup(args)
     print(
@@ -373,7 +367,6 @@ def main() -> None:
         "batch": args.batch,
         "threads": threads,
         "device": args.device,
-        "qlora_gradient_checkpointing": not args.qlora_no_checkpointing,
         **{f"{k}_peak_gpu_mb": round(v["peak_gpu_mb"], 1) for k, v in res.items() if "peak_gpu_mb" in v},
     }
     if q:
