@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import GatheredLoRA, group_plan
+from .native import native_step
 from .packed import Packed, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -177,6 +178,11 @@ class LeanLlama:
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
         plans = self._plans()
+        if B == 1 and q == 1 and keep is None and packed is not None:  # one row decoding: one C call
+            step = native_step(self)
+            logits = step(ids, mask, positions, layers, plans) if step is not None else None
+            if logits is not None:
+                return logits
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         d = x.shape[-1]
         cos, sin = self.rotary(x, positions)  # (B, q, hd)
