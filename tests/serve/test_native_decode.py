@@ -12,7 +12,7 @@ import torch
 import finetrace.decoding.lean as lean
 from finetrace.decoding import BASE, Decoder, Seq, encode_chat
 from finetrace.decoding.lora import adapter_selector
-from finetrace.decoding.native import library
+from finetrace.decoding.native import library, panels
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
 
@@ -92,17 +92,28 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
         assert (ka - kb).abs().max() <= 1e-4 * kb.abs().max() and (va - vb).abs().max() <= 1e-4 * vb.abs().max()
 
 
-@pytest.mark.parametrize("out,inp,threads", [(13, 37, 1), (64, 64, 2), (1, 8, 2), (7, 200, 2)])
-def test_the_fp16_gemv_kernel_on_any_shape(out, inp, threads):
+@pytest.mark.parametrize(
+    "rows,out,inp,threads", [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2)]
+)
+def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):
     torch.manual_seed(out)
     w = torch.randn(out, inp).half()
-    x, b = torch.randn(inp), torch.randn(out)
-    y = torch.full((out,), float("nan"))
-    fn = library().ft_gemv16
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn(w.data_ptr(), x.data_ptr(), b.data_ptr(), y.data_ptr(), out, inp, threads)
-    want = w.float() @ x + b
-    assert torch.allclose(y, want, rtol=1e-5, atol=1e-5)
+    x, b = torch.randn(rows, inp), torch.randn(out)
+    wp = panels(w)
+    fn = library().ft_gemm16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [
+        ctypes.c_int64
+    ] * 3
+
+    def run(xs):
+        y = torch.full((xs.shape[0], out), float("nan"))
+        fn(wp.data_ptr(), xs.data_ptr(), xs.shape[0], b.data_ptr(), y.data_ptr(), out, inp, threads)
+        return y
+
+    y = run(x)
+    assert torch.allclose(y, x @ w.float().T + b, rtol=1e-5, atol=1e-5)
+    for r in range(rows):  # the same bits alone as in the batch: a row never depends on its batch-mates
+        assert torch.equal(run(x[r : r + 1].contiguous()), y[r : r + 1])
 
 
 def _probe(monkeypatch, **env) -> bool:

@@ -178,7 +178,7 @@ class LeanLlama:
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
         plans = self._plans()
-        if B == 1 and q == 1 and keep is None and packed is not None:  # one row decoding: one C call
+        if q == 1 and keep is None and packed is not None:  # a decode step: one C call when it can run
             step = native_step(self)
             logits = step(ids, mask, positions, layers, plans) if step is not None else None
             if logits is not None:

@@ -37,13 +37,18 @@ _I = ctypes.c_int64
 _D = ctypes.c_double
 
 
+class _Seg(ctypes.Structure):
+    _fields_ = [("c0", _I), ("n", _I), ("r", _I), ("a", _P), ("bm", _P), ("sa", _I), ("sb", _I)]
+
+
+SEGS, MAX_RANK = 3, 256  # LoRA terms per projection group (q, k, v) and the largest rank, as in the C
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         ("w", _P * 4),
         ("b", _P * 4),
-        ("la", _P * 4),
-        ("lb", _P * 4),
-        ("r", _I * 4),
+        ("lora", (_Seg * SEGS) * 4),
         ("norm_in", _P),
         ("norm_post", _P),
         ("k", _P),
@@ -63,11 +68,12 @@ class _Step(ctypes.Structure):
         ("head_dim", _I),
         ("inter", _I),
         ("vocab", _I),
-        ("token", _I),
+        ("rows", _I),
         ("t", _I),
         ("threads", _I),
         ("scale", _D),
         ("eps_final", _D),
+        ("tokens", _P),
         ("cos", _P),
         ("sin", _P),
         ("mask", _P),
@@ -127,9 +133,22 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"finetrace: native decode step unavailable, decoding through torch ({exc})", stacklevel=2)
         return None
-    lib.ft_decode_one.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer)]
-    lib.ft_decode_one.restype = ctypes.c_int
+    lib.ft_decode.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer)]
+    lib.ft_decode.restype = ctypes.c_int
     return lib
+
+
+PANEL = 16  # outputs per weight panel, as OB in the C
+
+
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (out, in) as the C kernels read it: fp16 panels of 16 outputs, (ceil(out / 16), in, 16), the
+    last one zero-padded."""
+    out, inp = w.shape
+    blocks = -(-out // PANEL)
+    padded = torch.zeros((blocks * PANEL, inp), dtype=torch.float16)
+    padded[:out] = w.detach()
+    return padded.view(blocks, PANEL, inp).transpose(1, 2).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -143,7 +162,8 @@ def _cat_bias(lins: list) -> torch.Tensor | None:
 
 
 class NativeStep:
-    """The C step over one model's fp16 weights (plain row-major copies, made once per packed base)."""
+    """The C step over one model's fp16 weights (copies in panels, made once per packed base: about the
+    size of the packed fp16 weights again)."""
 
     def __init__(self, lean, lib: ctypes.CDLL):
         self.lib, self.lean = lib, lean
@@ -155,15 +175,13 @@ class NativeStep:
             for _, _, p in lean.layers:
                 lins = [lin for lin, _ in p]
                 groups = [lins[0:3], lins[3:4], lins[4:6], lins[6:7]]
-                ws = [torch.cat([m.weight for m in g]).detach().half().contiguous() for g in groups]
+                ws = [panels(torch.cat([m.weight for m in g])) for g in groups]
                 bs = [_cat_bias(g) for g in groups]
                 self.w16.append((ws, bs))
                 self.keep += ws + [b for b in bs if b is not None]
-            embed = lean.embed.weight
-            self.embed16 = embed.detach().half().contiguous()
+            self.embed16 = lean.embed.weight.detach().half().contiguous()  # rows looked up
             head = lean.head.weight
-            tied = head.data_ptr() == embed.data_ptr()
-            self.head16 = self.embed16 if tied else head.detach().half().contiguous()
+            self.head16 = panels(head)
             self.head_bias = None if lean.head.bias is None else lean.head.bias.detach().float().contiguous()
         self.step = _Step(
             n_layers=len(lean.layers),
@@ -182,7 +200,9 @@ class NativeStep:
         )
         self._layers_for: tuple = ((), None)  # (the plans it was made for, the ctypes array)
 
-    def _layers(self, plans) -> ctypes.Array:
+    def _layers(self, plans) -> ctypes.Array | None:
+        """The C layers for one batch composition's LoRA plans (``lean.LeanLlama._plans``), made once per
+        composition; None when a plan has a term the C step does not take (the torch path then)."""
         if self._layers_for[0] is plans:
             return self._layers_for[1]
         arr = (_Layer * len(self.lean.layers))()
@@ -191,41 +211,69 @@ class NativeStep:
             for g in range(4):
                 L.w[g] = ws[g].data_ptr()
                 L.b[g] = _ptr(bs[g])
-                plan = plans[i][g] if plans is not None else None
-                if plan is not None:
-                    L.la[g], L.lb[g], L.r[g] = plan[1].data_ptr(), plan[2].data_ptr(), plan[1].shape[0]
+                segs = _segments(plans[i][g] if plans is not None else None)
+                if segs is None:
+                    return None
+                for q, seg in enumerate(segs):
+                    L.lora[g][q] = seg
             L.norm_in, L.norm_post = n_in.weight.data_ptr(), n_post.weight.data_ptr()
             L.eps_in, L.eps_post = float(n_in.variance_epsilon), float(n_post.variance_epsilon)
         self._layers_for = (plans, arr)
         return arr
 
     def __call__(self, ids, mask, positions, layers, plans) -> torch.Tensor | None:
-        """Logits (1, V) of the one row's next token, its slabs updated; None: take the torch path."""
-        if plans is not None and any(p is not None and p[0] != "one" for lp in plans for p in lp):
-            return None
+        """Logits (B, V) of every row's next token, the slabs updated; None: take the torch path."""
+        B = ids.shape[0]
         t = layers[0].t
-        if mask.shape[1] != t + 1 or mask.dtype != torch.long or not mask.is_contiguous():
+        if mask.shape != (B, t + 1) or mask.dtype != torch.long or not mask.is_contiguous():
             return None
         for c in layers:
-            if c.kbuf is None or c.b != 1 or c.t != t or c.kbuf.dtype != torch.float32:
+            if c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32:
                 return None
-            c.reserve(1, t + 1)
         arr = self._layers(plans)
+        if arr is None:
+            return None
+        for c in layers:
+            c.reserve(B, t + 1)
         for L, c in zip(arr, layers):
             L.k, L.v, L.T = c.kbuf.data_ptr(), c.vbuf.data_ptr(), c.kbuf.shape[2]
-        cos, sin = self.lean.rotary(self.embed16[:1].float()[None], positions)  # (1, 1, hd) each
-        cos, sin = cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
-        logits = torch.empty((1, self.step.vocab))
+        cos, sin = self.lean.rotary(self.embed16[:1].float()[None], positions)  # (B, 1, hd) each
+        cos, sin = cos.reshape(B, -1).float().contiguous(), sin.reshape(B, -1).float().contiguous()
+        tokens = ids.reshape(B).to(torch.int64).contiguous()
+        logits = torch.empty((B, self.step.vocab))
         s = self.step
-        s.token, s.t, s.threads = int(ids[0, 0]), t, torch.get_num_threads()
-        s.cos, s.sin, s.mask, s.logits = cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), logits.data_ptr()
-        rc = self.lib.ft_decode_one(ctypes.byref(s), arr)
+        s.rows, s.t, s.threads = B, t, torch.get_num_threads()
+        s.tokens, s.cos, s.sin = tokens.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
+        rc = self.lib.ft_decode(ctypes.byref(s), arr)
         if rc != 0:
             raise RuntimeError(f"native decode step failed (code {rc})")
         for c in layers:
             c.t = t + 1
             c._views()
         return logits
+
+
+def _segments(plan) -> list[_Seg] | None:
+    """A group's LoRA plan (``lora.group_plan``) as the C step's terms; None when it cannot take them."""
+    if plan is None:
+        return []
+    if plan[0] == "one":  # every row on one adapter: one term over the group's columns, the same for all rows
+        a, b = plan[1], plan[2]
+        terms = [(0, b.shape[1], a, b, 0, 0)]
+    else:  # each row its own adapter, per projection: A (B, r, in), B (B, r, out_j)
+        terms = [(c0, c1 - c0, a, b, a.shape[1] * a.shape[2], b.shape[1] * b.shape[2]) for c0, c1, a, b in plan[1]]
+    if len(terms) > SEGS:
+        return None
+    out = []
+    for c0, n, a, b, sa, sb in terms:
+        if not (a.is_contiguous() and b.is_contiguous()) or a.dtype != torch.float32 or b.dtype != torch.float32:
+            return None
+        r = a.shape[-2]
+        if r > MAX_RANK:
+            return None
+        out.append(_Seg(c0=c0, n=n, r=r, a=a.data_ptr(), bm=b.data_ptr(), sa=sa, sb=sb))
+    return out
 
 
 def native_step(lean) -> NativeStep | None:

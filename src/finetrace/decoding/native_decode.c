@@ -1,21 +1,23 @@
-/* One decode step of one row through a Llama decoder: fp16 weights, fp32 compute, in one call.
+/* One decode step of B rows through a Llama decoder: fp16 weights, fp32 compute, in one call.
  *
  * Built and loaded by native.py (cc -O3 -mavx2 -mfma -mf16c -fopenmp); see its docstring for why.
- * The arithmetic is lean.py's, step for step:
+ * The arithmetic is lean.py's, step for step, for each row b:
  *
- *   x = E16[token]
+ *   x = E16[token_b]
  *   per layer:  h = rms_norm(x) w_in
- *               qkv = h Wqkv16^T + b + (h A^T) B            (LoRA "one" plan: A (R, in), B (R, out))
- *               rope on the q and k heads; k and v written to column t of the layer's slab
- *               x += attention(q, K[0..t], V[0..t]) Wo16^T (+ LoRA)
+ *               qkv = h Wqkv16^T + b + sum over LoRA segments (h A_b^T) B_b   (the row's own adapter)
+ *               rope on the q and k heads; k and v written to column t of row b's slabs
+ *               x += attention(q, K_b[0..t], V_b[0..t], mask_b) Wo16^T (+ LoRA)
  *               h = rms_norm(x) w_post
  *               gu = h Wgu16^T (+ LoRA);  x += (silu(g) * u) Wd16^T (+ LoRA)
- *   logits = rms_norm(x) w_final  W_head16^T
+ *   logits_b = rms_norm(x) w_final  W_head16^T
  *
- * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Only the order of the
- * fp32 sums differs from the torch path (as it does between batch sizes there). The weight GEMVs are
- * split over output rows between `threads` OpenMP threads (the runtime torch itself uses: the same
- * libgomp.so.1 is loaded once per process).
+ * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
+ * is summed in the same order whatever the batch (one 8-lane accumulator per output along the input,
+ * then the lanes, then the tail), so a row's answer does not depend on the rows decoded with it nor on
+ * which adapters they use. Against the torch path only the order of fp32 sums differs. Weight GEMMs,
+ * attention and the LoRA terms are split between `threads` OpenMP threads (the runtime torch itself
+ * uses: the same libgomp.so.1 is loaded once per process).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,30 +25,39 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* one LoRA term of a projection group: output columns [c0, c0 + n), rank r; row b's A is a + b * sa
+ * (r, in) and its B is bm + b * sb (r, n), the scale folded in (stride 0: the same adapter for all rows) */
 typedef struct {
-    const uint16_t *w[4];  /* qkv (Nqkv, d), o (d, H hd), gate_up (2 I, d), down (d, I): fp16, row-major */
-    const float *b[4];     /* biases or NULL */
-    const float *la[4];    /* LoRA A (r, in) or NULL */
-    const float *lb[4];    /* LoRA B (r, out), the scale folded in */
-    int64_t r[4];
+    int64_t c0, n, r;
+    const float *a, *bm;
+    int64_t sa, sb;
+} Seg;
+
+#define SEGS 3 /* LoRA terms per projection group at most (q, k and v) */
+
+typedef struct {
+    const uint16_t *w[4]; /* qkv (Nqkv, d), o (d, H hd), gate_up (2 I, d), down (d, I): fp16 panels */
+    const float *b[4];    /* biases or NULL */
+    Seg lora[4][SEGS];    /* r = 0: none */
     const float *norm_in, *norm_post;
-    float *k, *v; /* row 0 of the layer's slabs: (kv_heads, T, head_dim) */
+    float *k, *v;  /* row 0 of the layer's slabs: (rows, kv_heads, T, head_dim) */
     int64_t T;     /* the slabs' time capacity */
     double eps_in, eps_post;
 } Layer;
 
 typedef struct {
     int64_t n_layers, d, heads, kv_heads, head_dim, inter, vocab;
-    int64_t token, t; /* the token read; the column written (the cache held t columns before) */
+    int64_t rows, t;        /* rows decoded; the column written (the cache held t columns before) */
     int64_t threads;
     double scale, eps_final;
-    const float *cos, *sin;   /* (head_dim) for this position */
-    const int64_t *mask;      /* (t + 1): 0 = not attended */
-    const uint16_t *embed;    /* (vocab, d) fp16 */
-    const uint16_t *head;     /* (vocab, d) fp16 */
-    const float *head_bias;   /* or NULL */
+    const int64_t *tokens;  /* (rows) */
+    const float *cos, *sin; /* (rows, head_dim) for each row's position */
+    const int64_t *mask;    /* (rows, t + 1): 0 = not attended */
+    const uint16_t *embed;  /* (vocab, d) fp16 */
+    const uint16_t *head;   /* (vocab, d) fp16 panels */
+    const float *head_bias; /* or NULL */
     const float *norm_final;
-    float *logits;            /* (vocab) */
+    float *logits;          /* (rows, vocab) */
 } Step;
 
 static inline float hsum(__m256 v) {
@@ -57,18 +68,6 @@ static inline float hsum(__m256 v) {
 }
 
 static inline __m256 h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-
-static float dot16(const uint16_t *w, const float *x, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(h8(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(h8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    float s = hsum(_mm256_add_ps(a0, a1));
-    for (; i < n; i++) s += _cvtsh_ss(w[i]) * x[i];
-    return s;
-}
 
 static float dot32(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -82,54 +81,127 @@ static float dot32(const float *w, const float *x, int64_t n) {
     return s;
 }
 
-/* y = W x (+ b): W (out, in) fp16. Four rows at a time share each load of x, and the next four rows are
- * prefetched as these are read (a GEMV streams its weights once: memory bandwidth is the bound); rows
- * are split over the threads in contiguous blocks. */
-static void gemv16(const uint16_t *W, const float *x, const float *b, float *y, int64_t out, int64_t in,
-                   int64_t threads) {
-    int64_t quads = out / 4;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t p = 0; p < quads; p++) {
-        const uint16_t *w0 = W + 4 * p * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            __m256 xi = _mm256_loadu_ps(x + i);
-            _mm_prefetch((const char *)(w0 + i + 4 * in), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w2 + i + 4 * in), _MM_HINT_T0);
-            a0 = _mm256_fmadd_ps(h8(w0 + i), xi, a0);
-            a1 = _mm256_fmadd_ps(h8(w1 + i), xi, a1);
-            a2 = _mm256_fmadd_ps(h8(w2 + i), xi, a2);
-            a3 = _mm256_fmadd_ps(h8(w3 + i), xi, a3);
+/* Weights are stored in panels of 16 outputs: panel j is (in, 16) fp16, outputs 16 j .. 16 j + 15 side by
+ * side (the last panel zero-padded). Every output is summed in one order, whatever the batch: along the
+ * input, acc = fma(w[k], x[k], acc) for k = 0, 1, ..., in - 1, from 0. So a row's results are the same
+ * bits alone as in any batch. */
+#define OB 16
+
+/* nb rows of X (nb <= 6) against one panel: 2 x 6 accumulators in registers */
+static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, const float *X, int64_t in,
+                                                            float *acc_out, int nb) {
+    __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int r = 0; r < nb; r++) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        __m256 w0 = h8(P + k * OB), w1 = h8(P + k * OB + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < nb; r++) {
+            __m256 xb = _mm256_broadcast_ss(X + r * in + k);
+            c0[r] = _mm256_fmadd_ps(w0, xb, c0[r]);
+            c1[r] = _mm256_fmadd_ps(w1, xb, c1[r]);
         }
-        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (; i < in; i++) {
-            s0 += _cvtsh_ss(w0[i]) * x[i];
-            s1 += _cvtsh_ss(w1[i]) * x[i];
-            s2 += _cvtsh_ss(w2[i]) * x[i];
-            s3 += _cvtsh_ss(w3[i]) * x[i];
-        }
-        y[4 * p] = s0;
-        y[4 * p + 1] = s1;
-        y[4 * p + 2] = s2;
-        y[4 * p + 3] = s3;
     }
-    for (int64_t o = 4 * quads; o < out; o++) y[o] = dot16(W + o * in, x, in);
-    if (b)
-        for (int64_t o = 0; o < out; o++) y[o] += b[o];
+    for (int r = 0; r < nb; r++) {
+        _mm256_storeu_ps(acc_out + r * OB, c0[r]);
+        _mm256_storeu_ps(acc_out + r * OB + 8, c1[r]);
+    }
 }
 
-/* one projection group: y = W16 x + b + (x A^T) B */
-static void project(const Layer *L, int g, const float *x, float *y, int64_t out, int64_t in, float *tmp,
-                    int64_t threads) {
-    gemv16(L->w[g], x, L->b[g], y, out, in, threads);
-    int64_t r = L->r[g];
-    if (!L->la[g] || r <= 0) return;
-    for (int64_t j = 0; j < r; j++) tmp[j] = dot32(L->la[g] + j * in, x, in);
-    for (int64_t j = 0; j < r; j++) {
-        const float *bj = L->lb[g] + j * out;
-        float t = tmp[j];
-        for (int64_t o = 0; o < out; o++) y[o] += t * bj[o];
+/* one row of X against nbk <= 6 consecutive panels (a GEMV: 6 weight streams, 12 independent sums) */
+static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P, const float *x, int64_t in,
+                                                              float *acc_out, int nbk) {
+    __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int j = 0; j < nbk; j++) c0[j] = c1[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        __m256 xb = _mm256_broadcast_ss(x + k);
+#pragma GCC unroll 6
+        for (int j = 0; j < nbk; j++) {
+            const uint16_t *p = P + j * in * OB + k * OB;
+            c0[j] = _mm256_fmadd_ps(h8(p), xb, c0[j]);
+            c1[j] = _mm256_fmadd_ps(h8(p + 8), xb, c1[j]);
+        }
+    }
+    for (int j = 0; j < nbk; j++) {
+        _mm256_storeu_ps(acc_out + j * OB, c0[j]);
+        _mm256_storeu_ps(acc_out + j * OB + 8, c1[j]);
+    }
+}
+
+static inline void put(float *y, const float *acc, int64_t n) { memcpy(y, acc, sizeof(float) * n); }
+
+/* Y = X W^T (+ b): X (B, in), Y (B, out), W in panels; panels (and their rows) split over the threads */
+static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b, float *Y, int64_t out,
+                   int64_t in, int64_t threads) {
+    int64_t blocks = (out + OB - 1) / OB;
+    if (B == 1) {
+        int64_t groups = (blocks + 5) / 6;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t g = 0; g < groups; g++) {
+            float acc[6 * OB];
+            int64_t j0 = 6 * g, nbk = blocks - j0 < 6 ? blocks - j0 : 6;
+            const uint16_t *P = W + j0 * in * OB;
+            switch (nbk) {
+                case 6: panels_tile(P, X, in, acc, 6); break;
+                case 5: panels_tile(P, X, in, acc, 5); break;
+                case 4: panels_tile(P, X, in, acc, 4); break;
+                case 3: panels_tile(P, X, in, acc, 3); break;
+                case 2: panels_tile(P, X, in, acc, 2); break;
+                default: panels_tile(P, X, in, acc, 1); break;
+            }
+            int64_t o0 = j0 * OB, n = out - o0 < 6 * OB ? out - o0 : 6 * OB;
+            put(Y + o0, acc, n);
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t j = 0; j < blocks; j++) {
+            float acc[6 * OB];
+            const uint16_t *P = W + j * in * OB;
+            int64_t o0 = j * OB, n = out - o0 < OB ? out - o0 : OB;
+            for (int64_t r0 = 0; r0 < B; r0 += 6) {
+                int64_t nb = B - r0 < 6 ? B - r0 : 6;
+                const float *x0 = X + r0 * in;
+                switch (nb) {
+                    case 6: rows_tile(P, x0, in, acc, 6); break;
+                    case 5: rows_tile(P, x0, in, acc, 5); break;
+                    case 4: rows_tile(P, x0, in, acc, 4); break;
+                    case 3: rows_tile(P, x0, in, acc, 3); break;
+                    case 2: rows_tile(P, x0, in, acc, 2); break;
+                    default: rows_tile(P, x0, in, acc, 1); break;
+                }
+                for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
+            }
+        }
+    }
+    if (b)
+        for (int64_t r = 0; r < B; r++)
+            for (int64_t o = 0; o < out; o++) Y[r * out + o] += b[o];
+}
+
+/* one projection group for every row: Y = X W16^T + b + the rows' LoRA terms */
+static void project(const Step *s, const Layer *L, int g, const float *X, float *Y, int64_t out, int64_t in) {
+    int64_t B = s->rows;
+    gemm16(L->w[g], X, B, L->b[g], Y, out, in, s->threads);
+    const Seg *seg = L->lora[g];
+    if (seg[0].r <= 0) return;
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B > 1)
+    for (int64_t r = 0; r < B; r++) {
+        const float *x = X + r * in;
+        float *y = Y + r * out;
+        float t[256];
+        for (int q = 0; q < SEGS && seg[q].r > 0; q++) {
+            const Seg *e = &seg[q];
+            const float *a = e->a + r * e->sa, *bm = e->bm + r * e->sb;
+            int64_t rank = e->r < 256 ? e->r : 256;
+            for (int64_t j = 0; j < rank; j++) t[j] = dot32(a + j * in, x, in);
+            for (int64_t j = 0; j < rank; j++) {
+                const float *bj = bm + j * e->n;
+                float tj = t[j];
+                float *yo = y + e->c0;
+                for (int64_t o = 0; o < e->n; o++) yo[o] += tj * bj[o];
+            }
+        }
     }
 }
 
@@ -150,30 +222,37 @@ static void rope(float *x, const float *cos, const float *sin, int64_t hd) {
     }
 }
 
-static void attend(const Step *s, const Layer *L, const float *q, float *out, float *scores) {
-    int64_t H = s->heads, KV = s->kv_heads, hd = s->head_dim, n = s->t + 1, g = H / KV;
-    for (int64_t h = 0; h < H; h++) {
-        const float *qh = q + h * hd;
-        const float *K = L->k + (h / g) * L->T * hd, *V = L->v + (h / g) * L->T * hd;
+/* attention of every row's query heads over its own cache columns [0, t] */
+static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv, float *out, float *scores) {
+    int64_t H = s->heads, KV = s->kv_heads, hd = s->head_dim, n = s->t + 1, g = H / KV, B = s->rows;
+    int64_t row_stride = KV * L->T * hd;
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B * H > 1)
+    for (int64_t task = 0; task < B * H; task++) {
+        int64_t r = task / H, h = task % H;
+        const float *qh = QKV + r * nqkv + h * hd;
+        const float *K = L->k + r * row_stride + (h / g) * L->T * hd;
+        const float *V = L->v + r * row_stride + (h / g) * L->T * hd;
+        const int64_t *mask = s->mask + r * n;
+        float *sc = scores + task * n;
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
-            if (s->mask && !s->mask[j]) {
-                scores[j] = -INFINITY;
+            if (!mask[j]) {
+                sc[j] = -INFINITY;
                 continue;
             }
-            scores[j] = dot32(K + j * hd, qh, hd) * (float)s->scale;
-            if (scores[j] > mx) mx = scores[j];
+            sc[j] = dot32(K + j * hd, qh, hd) * (float)s->scale;
+            if (sc[j] > mx) mx = sc[j];
         }
         float sum = 0.f;
         for (int64_t j = 0; j < n; j++) {
-            float e = scores[j] == -INFINITY ? 0.f : expf(scores[j] - mx);
-            scores[j] = e;
+            float e = sc[j] == -INFINITY ? 0.f : expf(sc[j] - mx);
+            sc[j] = e;
             sum += e;
         }
-        float *oh = out + h * hd;
+        float *oh = out + r * H * hd + h * hd;
         memset(oh, 0, sizeof(float) * hd);
         for (int64_t j = 0; j < n; j++) {
-            float p = scores[j] / sum;
+            float p = sc[j] / sum;
             if (p == 0.f) continue;
             const float *vj = V + j * hd;
             for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
@@ -181,54 +260,56 @@ static void attend(const Step *s, const Layer *L, const float *q, float *out, fl
     }
 }
 
-int ft_decode_one(const Step *s, const Layer *layers) {
-    int64_t d = s->d, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inter;
+int ft_decode(const Step *s, const Layer *layers) {
+    int64_t d = s->d, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inter, B = s->rows;
     int64_t nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, n = s->t + 1;
-    int64_t rmax = 0;
-    for (int64_t l = 0; l < s->n_layers; l++)
-        for (int g = 0; g < 4; g++)
-            if (layers[l].r[g] > rmax) rmax = layers[l].r[g];
     int64_t wide = nqkv > 2 * I ? nqkv : 2 * I;
-    float *buf = malloc(sizeof(float) * (3 * d + nq + wide + I + rmax + n + 16));
+    float *buf = malloc(sizeof(float) * (B * (3 * d + nq + wide + I) + B * H * n + 16));
     if (!buf) return 1;
-    float *x = buf, *h = x + d, *y = h + d, *att = y + d, *w = att + nq, *act = w + wide, *tmp = act + I;
-    float *scores = tmp + rmax;
-    const uint16_t *e = s->embed + s->token * d;
-    for (int64_t i = 0; i < d; i++) x[i] = _cvtsh_ss(e[i]);
+    float *x = buf, *h = x + B * d, *y = h + B * d, *att = y + B * d, *w = att + B * nq, *act = w + B * wide;
+    float *scores = act + B * I;
+    for (int64_t r = 0; r < B; r++) {
+        const uint16_t *e = s->embed + s->tokens[r] * d;
+        for (int64_t i = 0; i < d; i++) x[r * d + i] = _cvtsh_ss(e[i]);
+    }
     for (int64_t l = 0; l < s->n_layers; l++) {
         const Layer *L = &layers[l];
         if (L->T <= s->t) {
             free(buf);
             return 2;
         }
-        rms_norm(x, L->norm_in, L->eps_in, h, d);
-        project(L, 0, h, w, nqkv, d, tmp, s->threads);
-        for (int64_t k = 0; k < H + KV; k++) rope(w + k * hd, s->cos, s->sin, hd);
-        for (int64_t k = 0; k < KV; k++) {
-            memcpy(L->k + (k * L->T + s->t) * hd, w + nq + k * hd, sizeof(float) * hd);
-            memcpy(L->v + (k * L->T + s->t) * hd, w + nq + nkv + k * hd, sizeof(float) * hd);
+        int64_t row_stride = KV * L->T * hd;
+        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_in, L->eps_in, h + r * d, d);
+        project(s, L, 0, h, w, nqkv, d);
+        for (int64_t r = 0; r < B; r++) {
+            float *q = w + r * nqkv;
+            for (int64_t k = 0; k < H + KV; k++) rope(q + k * hd, s->cos + r * hd, s->sin + r * hd, hd);
+            for (int64_t k = 0; k < KV; k++) {
+                memcpy(L->k + r * row_stride + (k * L->T + s->t) * hd, q + nq + k * hd, sizeof(float) * hd);
+                memcpy(L->v + r * row_stride + (k * L->T + s->t) * hd, q + nq + nkv + k * hd, sizeof(float) * hd);
+            }
         }
-        attend(s, L, w, att, scores);
-        project(L, 1, att, y, d, nq, tmp, s->threads);
-        for (int64_t i = 0; i < d; i++) x[i] += y[i];
-        rms_norm(x, L->norm_post, L->eps_post, h, d);
-        project(L, 2, h, w, 2 * I, d, tmp, s->threads);
-        for (int64_t i = 0; i < I; i++) {
-            float g = w[i];
-            act[i] = g / (1.f + expf(-g)) * w[I + i];
-        }
-        project(L, 3, act, y, d, I, tmp, s->threads);
-        for (int64_t i = 0; i < d; i++) x[i] += y[i];
+        attend(s, L, w, nqkv, att, scores);
+        project(s, L, 1, att, y, d, nq);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_post, L->eps_post, h + r * d, d);
+        project(s, L, 2, h, w, 2 * I, d);
+        for (int64_t r = 0; r < B; r++)
+            for (int64_t i = 0; i < I; i++) {
+                float g = w[r * 2 * I + i];
+                act[r * I + i] = g / (1.f + expf(-g)) * w[r * 2 * I + I + i];
+            }
+        project(s, L, 3, act, y, d, I);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
     }
-    rms_norm(x, s->norm_final, s->eps_final, h, d);
-    gemv16(s->head, h, s->head_bias, s->logits, s->vocab, d, s->threads);
-    (void)n;
+    for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, s->norm_final, s->eps_final, h + r * d, d);
+    gemm16(s->head, h, B, s->head_bias, s->logits, s->vocab, d, s->threads);
     free(buf);
     return 0;
 }
 
-/* y = W x + b for a test of the kernel alone (tails of any size) */
-void ft_gemv16(const uint16_t *W, const float *x, const float *b, float *y, int64_t out, int64_t in,
+/* Y = X W^T + b for a test of the kernels alone (W in panels: native.py's panels) */
+void ft_gemm16(const uint16_t *W, const float *X, int64_t B, const float *b, float *Y, int64_t out, int64_t in,
                int64_t threads) {
-    gemv16(W, x, b, y, out, in, threads);
+    gemm16(W, X, B, b, Y, out, in, threads);
 }
