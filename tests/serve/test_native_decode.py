@@ -137,3 +137,63 @@ def test_the_library_is_built_once_atomically_and_can_be_turned_off(tmp_path, mo
     assert not _probe(monkeypatch, FINETRACE_NATIVE_DECODE="0")
     assert not _probe(monkeypatch, CC="no-such-compiler", FINETRACE_CACHE_DIR=str(tmp_path / "fresh"), PATH="")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_rows_logits_are_the_same_bits_alone_and_batched_with_other_adapters(two_adapters, monkeypatch):
+    from finetrace.decoding.kvcache import slab_cache
+    from finetrace.decoding.native import NativeStep
+
+    native_rows = []
+    real_call = NativeStep.__call__
+
+    def counted(self, ids, *a):
+        out = real_call(self, ids, *a)
+        native_rows.append(ids.shape[0] if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(NativeStep, "__call__", counted)
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    fwd = Decoder(model, tok, sel, max_batch=3).lean()
+    names = ["alpha", "beta", BASE]
+    prompts = [torch.tensor([encode_chat(tok, PROMPTS[i])]) for i in (1, 4, 7)]
+    with torch.inference_mode():
+
+        def prefill(i):
+            sel.select([names[i]])
+            cache = slab_cache(len(fwd.layers))
+            n = prompts[i].shape[1]
+            logits = fwd.forward(prompts[i], torch.ones((1, n), dtype=torch.long), torch.arange(n)[None], cache.layers)
+            return cache, logits.argmax(-1)
+
+        def decode(cache, mask, tokens, pos, rows, steps=6):
+            out = []
+            for _ in range(steps):
+                sel.select(rows)
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+                logits = fwd.forward(tokens[:, None], mask, pos[:, None], cache.layers)
+                out.append(logits.clone())
+                tokens, pos = logits.argmax(-1), pos + 1
+            return out
+
+        alone = []
+        for i in range(3):
+            cache, first = prefill(i)
+            n = prompts[i].shape[1]
+            alone.append(decode(cache, torch.ones((1, n), dtype=torch.long), first, torch.tensor([n]), [names[i]]))
+        caches, firsts = zip(*[prefill(i) for i in range(3)])
+        joined = caches[0]
+        for c in caches[1:]:
+            for mine, theirs in zip(joined.layers, c.layers):
+                mine.append(theirs)  # right-aligned in time, as the decoder joins a new group
+        t = joined.layers[0].t
+        lens = [p.shape[1] for p in prompts]
+        mask = torch.stack(
+            [torch.cat([torch.zeros(t - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]) for n in lens]
+        )
+        together = decode(joined, mask, torch.cat(firsts), torch.tensor(lens), names)
+    assert native_rows == [1] * 18 + [3] * 6  # every decode step in C, alone and batched
+    for step, both in enumerate(together):
+        for i in range(3):
+            assert torch.equal(both[i : i + 1], alone[i][step]), (step, names[i])
+    assert not torch.equal(together[0][0], together[0][2])  # the rows (and their adapters) differ

@@ -1,19 +1,22 @@
-"""A native decode step for a single row: the whole Llama forward of one token in one C call.
+"""A native decode step: every row's next token through the whole Llama forward in one C call.
 
-Why our own code: decoding one row of SmolLM2-135M through the lean forward (``lean.py``) takes about
-65 torch kernels a layer, some 2,000 a token, and on this CPU their dispatch cost as much as reading the
-weights (about 20 ms of a 41 ms step, measured with ``bench/serve_throughput.py``'s single stream). A
-single stream is the latency a user of a deployed adapter sees, so for batch 1 the step runs in C
-(``native_decode.c``): the same fp16 weights, fp32 arithmetic, the same formulas as ``lean.py`` (RMSNorm,
-rotary embedding, grouped-query attention over the slab cache, SiLU MLP, the LoRA "one" plan), with the
-weight GEMVs split over the torch threads (the same OpenMP runtime). Results equal the torch path up to
-the order of fp32 sums, as batch sizes already differ there (tested to 1e-4 relative, tokens equal).
+Why our own code: a decode step of SmolLM2-135M through the lean forward (``lean.py``) is about 65 torch
+kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much as reading the weights
+(about 20 ms of a 41 ms single-stream step); fbgemm's fp16 GEMM also sums a row differently at
+different batch sizes. Here a step runs in C (``native_decode.c``): the same fp16 weights, fp32
+arithmetic and the formulas of ``lean.py`` (RMSNorm, rotary embedding, grouped-query attention over the
+slab cache with each row's mask, SiLU MLP), each row's own LoRA terms (the "one" plan or the gathered
+"rows" plan of ``lora.group_plan``), weight GEMMs, attention and LoRA split over the torch threads (the
+same OpenMP runtime). Every weight output is summed in one fixed order, so a row's logits are the same
+bits alone as in any batch with any adapters (tested), and equal the torch path up to the order of fp32
+sums (tested to 1e-4 relative, greedy tokens equal). Prefill, label scoring (explicit masks) and
+anything else the lean forward does stay on torch.
 
-The source is compiled once per machine with the system C compiler (``cc``, AVX2/FMA/F16C) into
-``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR`` moves it), named by the digest of the source and
-flags, written atomically. Without a compiler or those instructions, or with ``FINETRACE_NATIVE_DECODE=0``,
-``library()`` is None and the torch path runs (the same answers). Everything else (batches, prefill,
-label scoring, other adapter compositions) stays on the torch path.
+The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
+packed fp16 weights again. The source is compiled once per machine with the system C compiler (``cc``,
+AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR`` moves it), named by the
+digest of the source and flags, written atomically. Without a compiler or those instructions, or with
+``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the torch path runs.
 """
 
 from __future__ import annotations
