@@ -233,9 +233,10 @@ class NativeStep:
         for c in layers:
             if c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32:
                 return None
-        arr = self._layers(plans)
-        if arr is None:
+        made = self._layers(plans)
+        if made is None:
             return None
+        arr = type(made).from_buffer_copy(made)  # this call's own copies: decoders on one base may run in threads
         for c in layers:
             c.reserve(B, t + 1)
         for L, c in zip(arr, layers):
@@ -244,7 +245,7 @@ class NativeStep:
         cos, sin = cos.reshape(B, -1).float().contiguous(), sin.reshape(B, -1).float().contiguous()
         tokens = ids.reshape(B).to(torch.int64).contiguous()
         logits = torch.empty((B, self.step.vocab))
-        s = self.step
+        s = _Step.from_buffer_copy(self.step)
         s.rows, s.t, s.threads = B, t, torch.get_num_threads()
         s.tokens, s.cos, s.sin = tokens.data_ptr(), cos.data_ptr(), sin.data_ptr()
         s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
