@@ -75,7 +75,7 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
                 mask = torch.cat([mask, torch.ones((1, 1), dtype=torch.long)], 1)
                 pos = torch.tensor([[n + s]])
                 if native:
-                    logits = step(token, mask, pos, cache.layers, fwd._plans())
+                    logits = step(token, mask, pos, cache.layers, fwd.adapters)
                 else:
                     with pytest.MonkeyPatch.context() as mp:
                         mp.setattr(lean, "native_step", lambda _: None)
@@ -197,3 +197,41 @@ def test_a_rows_logits_are_the_same_bits_alone_and_batched_with_other_adapters(t
         for i in range(3):
             assert torch.equal(both[i : i + 1], alone[i][step]), (step, names[i])
     assert not torch.equal(together[0][0], together[0][2])  # the rows (and their adapters) differ
+
+
+def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
+    """head_dim 40: the attention's 32-wide vector part and its tail (the tiny model's 16 has no vector part)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetrace.decoding.kvcache import slab_cache
+    from finetrace.decoding.native import native_step
+    from finetrace.models.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "wide", hidden_size=160)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    fwd = Decoder(model, tok, None, max_batch=2).lean()
+    assert fwd is not None and fwd.head_dim == 40 and native_step(fwd) is not None
+    ids = torch.tensor([encode_chat(tok, PROMPTS[2]), encode_chat(tok, PROMPTS[2])])
+    ids[1, :3] = ids[1, 3]  # two different rows
+    n = ids.shape[1]
+    runs = []
+    with torch.inference_mode():
+        for native in (True, False):
+            cache = slab_cache(len(fwd.layers))
+            mask = torch.ones((2, n), dtype=torch.long)
+            logits = fwd.forward(ids, mask, torch.arange(n).repeat(2, 1), cache.layers)
+            out = []
+            for s in range(8):
+                token = logits.argmax(-1)
+                mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1)
+                pos = torch.full((2, 1), n + s)
+                with pytest.MonkeyPatch.context() as mp:
+                    if not native:
+                        mp.setattr(lean, "native_step", lambda _: None)
+                    logits = fwd.forward(token[:, None], mask, pos, cache.layers)
+                out.append(logits.clone())
+            runs.append(out)
+    for a, b in zip(*runs):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))

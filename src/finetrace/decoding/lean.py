@@ -180,12 +180,12 @@ class LeanLlama:
         B, q = ids.shape
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
-        plans = self._plans()
         if q == 1 and keep is None and packed is not None:  # a decode step: one C call when it can run
             step = native_step(self)
-            logits = step(ids, mask, positions, layers, plans) if step is not None else None
+            logits = step(ids, mask, positions, layers, self.adapters) if step is not None else None
             if logits is not None:
                 return logits
+        plans = self._plans()
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         d = x.shape[-1]
         cos, sin = self.rotary(x, positions)  # (B, q, hd)

@@ -41,7 +41,7 @@ _D = ctypes.c_double
 
 
 class _Seg(ctypes.Structure):
-    _fields_ = [("c0", _I), ("n", _I), ("r", _I), ("a", _P), ("bm", _P), ("sa", _I), ("sb", _I)]
+    _fields_ = [("c0", _I), ("n", _I), ("r", _I), ("a", _P), ("bm", _P), ("scale", _P), ("sa", _I), ("sb", _I)]
 
 
 SEGS, MAX_RANK = 3, 256  # LoRA terms per projection group (q, k, v) and the largest rank, as in the C
@@ -77,6 +77,7 @@ class _Step(ctypes.Structure):
         ("scale", _D),
         ("eps_final", _D),
         ("tokens", _P),
+        ("slots", _P),
         ("cos", _P),
         ("sin", _P),
         ("mask", _P),
@@ -177,7 +178,7 @@ class NativeStep:
         with torch.no_grad():
             for _, _, p in lean.layers:
                 lins = [lin for lin, _ in p]
-                groups = [lins[0:3], lins[3:4], lins[4:6], lins[6:7]]
+                groups = [[lins[j] for j in members] for members in GROUPS]
                 ws = [panels(torch.cat([m.weight for m in g])) for g in groups]
                 bs = [_cat_bias(g) for g in groups]
                 self.w16.append((ws, bs))
@@ -201,31 +202,38 @@ class NativeStep:
             head_bias=_ptr(self.head_bias),
             norm_final=lean.norm.weight.data_ptr(),
         )
-        self._layers_for: tuple = ((), None)  # (the plans it was made for, the ctypes array)
+        self._layers_for: tuple = ((), None, None)  # (adapters key, the ctypes array, the adapters)
 
-    def _layers(self, plans) -> ctypes.Array | None:
-        """The C layers for one batch composition's LoRA plans (``lean.LeanLlama._plans``), made once per
-        composition; None when a plan has a term the C step does not take (the torch path then)."""
-        if self._layers_for[0] is plans:
+    def _layers(self, adapters) -> ctypes.Array | None:
+        """The C layers with the LoRA stacks of ``adapters`` (``lora.GatheredLoRA``, or None), made once per
+        stacking (its version); None when a stack is one the C step does not take (the torch path then)."""
+        key = (id(adapters), getattr(adapters, "version", None))
+        if self._layers_for[0] == key:
             return self._layers_for[1]
         arr = (_Layer * len(self.lean.layers))()
-        for i, ((n_in, n_post, _), (ws, bs)) in enumerate(zip(self.lean.layers, self.w16)):
+        for i, ((n_in, n_post, p), (ws, bs)) in enumerate(zip(self.lean.layers, self.w16)):
             L = arr[i]
-            for g in range(4):
+            for g, members in enumerate(GROUPS):
                 L.w[g] = ws[g].data_ptr()
                 L.b[g] = _ptr(bs[g])
-                segs = _segments(plans[i][g] if plans is not None else None)
-                if segs is None:
-                    return None
-                for q, seg in enumerate(segs):
-                    L.lora[g][q] = seg
+                c0, q = 0, 0
+                for j in members:
+                    lin, m = p[j]
+                    if adapters is not None and m is not None:
+                        seg = _segment(m, c0)
+                        if seg is None:
+                            return None
+                        L.lora[g][q] = seg
+                        q += 1
+                    c0 += lin.out_features
             L.norm_in, L.norm_post = n_in.weight.data_ptr(), n_post.weight.data_ptr()
             L.eps_in, L.eps_post = float(n_in.variance_epsilon), float(n_post.variance_epsilon)
-        self._layers_for = (plans, arr)
+        self._layers_for = (key, arr, adapters)  # the adapters (their stacks) live as long as the pointers
         return arr
 
-    def __call__(self, ids, mask, positions, layers, plans) -> torch.Tensor | None:
-        """Logits (B, V) of every row's next token, the slabs updated; None: take the torch path."""
+    def __call__(self, ids, mask, positions, layers, adapters) -> torch.Tensor | None:
+        """Logits (B, V) of every row's next token, the slabs updated; None: take the torch path.
+        ``adapters``: the ``GatheredLoRA`` whose ``select`` chose the rows' slots, or None."""
         B = ids.shape[0]
         t = layers[0].t
         if mask.shape != (B, t + 1) or mask.dtype != torch.long or not mask.is_contiguous():
@@ -233,7 +241,15 @@ class NativeStep:
         for c in layers:
             if c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32:
                 return None
-        made = self._layers(plans)
+        slots = None
+        if adapters is not None:
+            if adapters.single is not None:
+                slots = torch.full((B,), int(adapters.single), dtype=torch.int64)
+            elif adapters.rows is not None and adapters.rows.numel() == B:
+                slots = adapters.rows.to(torch.int64).contiguous()
+            else:
+                return None
+        made = self._layers(adapters)
         if made is None:
             return None
         arr = type(made).from_buffer_copy(made)  # this call's own copies: decoders on one base may run in threads
@@ -247,7 +263,7 @@ class NativeStep:
         logits = torch.empty((B, self.step.vocab))
         s = _Step.from_buffer_copy(self.step)
         s.rows, s.t, s.threads = B, t, torch.get_num_threads()
-        s.tokens, s.cos, s.sin = tokens.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        s.tokens, s.slots, s.cos, s.sin = tokens.data_ptr(), _ptr(slots), cos.data_ptr(), sin.data_ptr()
         s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
         rc = self.lib.ft_decode(ctypes.byref(s), arr)
         if rc != 0:
@@ -258,26 +274,27 @@ class NativeStep:
         return logits
 
 
-def _segments(plan) -> list[_Seg] | None:
-    """A group's LoRA plan (``lora.group_plan``) as the C step's terms; None when it cannot take them."""
-    if plan is None:
-        return []
-    if plan[0] == "one":  # every row on one adapter: one term over the group's columns, the same for all rows
-        a, b = plan[1], plan[2]
-        terms = [(0, b.shape[1], a, b, 0, 0)]
-    else:  # each row its own adapter, per projection: A (B, r, in), B (B, r, out_j)
-        terms = [(c0, c1 - c0, a, b, a.shape[1] * a.shape[2], b.shape[1] * b.shape[2]) for c0, c1, a, b in plan[1]]
-    if len(terms) > SEGS:
+GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # projections in one weight GEMM: q/k/v, o, gate/up, down
+
+
+def _segment(m, c0: int) -> _Seg | None:
+    """A LoRA layer's stacks (``_ft_A`` (slots, r, in), ``_ft_B`` (slots, r, out), ``_ft_S``) as a C term."""
+    a, b, scale = m._ft_A, m._ft_B, m._ft_S
+    if any(x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" for x in (a, b, scale)):
         return None
-    out = []
-    for c0, n, a, b, sa, sb in terms:
-        if not (a.is_contiguous() and b.is_contiguous()) or a.dtype != torch.float32 or b.dtype != torch.float32:
-            return None
-        r = a.shape[-2]
-        if r > MAX_RANK:
-            return None
-        out.append(_Seg(c0=c0, n=n, r=r, a=a.data_ptr(), bm=b.data_ptr(), sa=sa, sb=sb))
-    return out
+    r = a.shape[1]
+    if r > MAX_RANK:
+        return None
+    return _Seg(
+        c0=c0,
+        n=b.shape[2],
+        r=r,
+        a=a.data_ptr(),
+        bm=b.data_ptr(),
+        scale=scale.data_ptr(),
+        sa=r * a.shape[2],
+        sb=r * b.shape[2],
+    )
 
 
 def native_step(lean) -> NativeStep | None:

@@ -5,7 +5,7 @@
  *
  *   x = E16[token_b]
  *   per layer:  h = rms_norm(x) w_in
- *               qkv = h Wqkv16^T + b + sum over LoRA segments (h A_b^T) B_b   (the row's own adapter)
+ *               qkv = h Wqkv16^T + b + s_b (h A_b^T) B_b     (the row's own adapter, per projection)
  *               rope on the q and k heads; k and v written to column t of row b's slabs
  *               x += attention(q, K_b[0..t], V_b[0..t], mask_b) Wo16^T (+ LoRA)
  *               h = rms_norm(x) w_post
@@ -25,11 +25,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* one LoRA term of a projection group: output columns [c0, c0 + n), rank r; row b's A is a + b * sa
- * (r, in) and its B is bm + b * sb (r, n), the scale folded in (stride 0: the same adapter for all rows) */
+/* one projection's LoRA inside its group: output columns [c0, c0 + n), rank r, the adapters' stacks
+ * (lora.GatheredLoRA: slot s has A = a + s * sa (r, in), B = bm + s * sb (r, n), scale[s]; slot 0 is
+ * the base: no term) */
 typedef struct {
     int64_t c0, n, r;
-    const float *a, *bm;
+    const float *a, *bm, *scale;
     int64_t sa, sb;
 } Seg;
 
@@ -51,6 +52,7 @@ typedef struct {
     int64_t threads;
     double scale, eps_final;
     const int64_t *tokens;  /* (rows) */
+    const int64_t *slots;   /* (rows): each row's adapter slot, or NULL (every row on the base) */
     const float *cos, *sin; /* (rows, head_dim) for each row's position */
     const int64_t *mask;    /* (rows, t + 1): 0 = not attended */
     const uint16_t *embed;  /* (vocab, d) fp16 */
@@ -179,27 +181,37 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             for (int64_t o = 0; o < out; o++) Y[r * out + o] += b[o];
 }
 
-/* one projection group for every row: Y = X W16^T + b + the rows' LoRA terms */
+/* one projection group for every row: Y = X W16^T + b + each row's own LoRA terms */
 static void project(const Step *s, const Layer *L, int g, const float *X, float *Y, int64_t out, int64_t in) {
     int64_t B = s->rows;
     gemm16(L->w[g], X, B, L->b[g], Y, out, in, s->threads);
     const Seg *seg = L->lora[g];
-    if (seg[0].r <= 0) return;
+    if (seg[0].r <= 0 || !s->slots) return;
 #pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B > 1)
     for (int64_t r = 0; r < B; r++) {
+        int64_t slot = s->slots[r];
+        if (slot <= 0) continue;
         const float *x = X + r * in;
         float *y = Y + r * out;
         float t[256];
         for (int q = 0; q < SEGS && seg[q].r > 0; q++) {
             const Seg *e = &seg[q];
-            const float *a = e->a + r * e->sa, *bm = e->bm + r * e->sb;
+            const float *a = e->a + slot * e->sa, *bm = e->bm + slot * e->sb;
+            float scale = e->scale[slot];
             int64_t rank = e->r < 256 ? e->r : 256;
-            for (int64_t j = 0; j < rank; j++) t[j] = dot32(a + j * in, x, in);
-            for (int64_t j = 0; j < rank; j++) {
-                const float *bj = bm + j * e->n;
-                float tj = t[j];
-                float *yo = y + e->c0;
-                for (int64_t o = 0; o < e->n; o++) yo[o] += tj * bj[o];
+            for (int64_t j = 0; j < rank; j++) t[j] = dot32(a + j * in, x, in) * scale;
+            float *yo = y + e->c0;
+            int64_t o = 0;
+            for (; o + 8 <= e->n; o += 8) { /* y += sum_j t_j B[j]: j in order, eight outputs in a register */
+                __m256 acc = _mm256_loadu_ps(yo + o);
+                for (int64_t j = 0; j < rank; j++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(t[j]), _mm256_loadu_ps(bm + j * e->n + o), acc);
+                _mm256_storeu_ps(yo + o, acc);
+            }
+            for (; o < e->n; o++) {
+                float acc = yo[o];
+                for (int64_t j = 0; j < rank; j++) acc = fmaf(t[j], bm[j * e->n + o], acc);
+                yo[o] = acc;
             }
         }
     }
@@ -250,12 +262,29 @@ static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv
             sum += e;
         }
         float *oh = out + r * H * hd + h * hd;
-        memset(oh, 0, sizeof(float) * hd);
-        for (int64_t j = 0; j < n; j++) {
-            float p = sc[j] / sum;
-            if (p == 0.f) continue;
-            const float *vj = V + j * hd;
-            for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
+        float inv = 1.f / sum;
+        int64_t i0 = 0;
+        for (; i0 + 32 <= hd; i0 += 32) { /* o = sum_j p_j V[j]: j in order, 32 dims in registers */
+            __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            for (int64_t j = 0; j < n; j++) {
+                if (sc[j] == 0.f) continue;
+                __m256 p = _mm256_set1_ps(sc[j] * inv);
+                const float *vj = V + j * hd + i0;
+                o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), o0);
+                o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), o1);
+                o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), o2);
+                o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), o3);
+            }
+            _mm256_storeu_ps(oh + i0, o0);
+            _mm256_storeu_ps(oh + i0 + 8, o1);
+            _mm256_storeu_ps(oh + i0 + 16, o2);
+            _mm256_storeu_ps(oh + i0 + 24, o3);
+        }
+        for (; i0 < hd; i0++) {
+            float o = 0.f;
+            for (int64_t j = 0; j < n; j++)
+                if (sc[j] != 0.f) o = fmaf(sc[j] * inv, V[j * hd + i0], o);
+            oh[i0] = o;
         }
     }
 }
