@@ -192,7 +192,7 @@ def test_a_rows_logits_are_the_same_bits_alone_and_batched_with_other_adapters(t
             [torch.cat([torch.zeros(t - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]) for n in lens]
         )
         together = decode(joined, mask, torch.cat(firsts), torch.tensor(lens), names)
-    assert native_rows == [1] * 18 + [3] * 6  # every decode step in C, alone and batched
+    assert native_rows == [1] * 24 + [3] * 6  # every prefill and decode step in C, alone and batched
     for step, both in enumerate(together):
         for i in range(3):
             assert torch.equal(both[i : i + 1], alone[i][step]), (step, names[i])
@@ -200,7 +200,8 @@ def test_a_rows_logits_are_the_same_bits_alone_and_batched_with_other_adapters(t
 
 
 def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
-    """head_dim 40: the attention's 32-wide vector part and its tail (the tiny model's 16 has no vector part)."""
+    """head_dim 40: the attention's 32-wide vector part and its tail (the tiny model's 16 has no vector part);
+    prefill with a left-padded row and decode steps, against the torch path throughout."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetrace.decoding.kvcache import slab_cache
@@ -218,19 +219,21 @@ def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
     runs = []
     with torch.inference_mode():
         for native in (True, False):
-            cache = slab_cache(len(fwd.layers))
-            mask = torch.ones((2, n), dtype=torch.long)
-            logits = fwd.forward(ids, mask, torch.arange(n).repeat(2, 1), cache.layers)
-            out = []
-            for s in range(8):
-                token = logits.argmax(-1)
-                mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1)
-                pos = torch.full((2, 1), n + s)
-                with pytest.MonkeyPatch.context() as mp:
-                    if not native:
-                        mp.setattr(lean, "native_step", lambda _: None)
+            with pytest.MonkeyPatch.context() as mp:
+                if not native:  # prefill (with a left-padded row) and decode steps all through torch
+                    mp.setattr(lean, "native_step", lambda _: None)
+                cache = slab_cache(len(fwd.layers))
+                mask = torch.ones((2, n), dtype=torch.long)
+                mask[1, :2] = 0
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = fwd.forward(ids, mask, pos, cache.layers)
+                out = [logits.clone()]
+                for _ in range(8):
+                    token = logits.argmax(-1)
+                    mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1)
+                    pos = pos[:, -1:] + 1
                     logits = fwd.forward(token[:, None], mask, pos, cache.layers)
-                out.append(logits.clone())
+                    out.append(logits.clone())
             runs.append(out)
     for a, b in zip(*runs):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()

@@ -63,6 +63,20 @@ class SlabLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
+    def open_columns(self, rows: int, heads: int, q: int, head_dim: int, dtype) -> None:
+        """Make columns ``t .. t + q`` of ``rows`` rows writable in place (allocating on first use), for a
+        writer that fills them itself (``native.py``) and then calls ``close_columns(q)``."""
+        if self.kbuf is None:
+            self.device = torch.device("cpu")
+            self._alloc(max(rows, 1), heads, max(2 * q, 64), head_dim, dtype)
+            self.b, self.t, self.is_initialized = rows, 0, True
+        self.reserve(self.b, self.t + q)
+
+    def close_columns(self, q: int) -> None:
+        """The ``q`` columns opened by ``open_columns`` are written: they join the live region."""
+        self.t += q
+        self._views()
+
     def get_seq_length(self) -> int:
         return self.t
 

@@ -180,7 +180,7 @@ class LeanLlama:
         B, q = ids.shape
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
-        if q == 1 and keep is None and packed is not None:  # a decode step: one C call when it can run
+        if keep is None and packed is not None:  # a decode step or a prefill chunk: one C call when it can run
             step = native_step(self)
             logits = step(ids, mask, positions, layers, self.adapters) if step is not None else None
             if logits is not None:

@@ -72,6 +72,7 @@ class _Step(ctypes.Structure):
         ("inter", _I),
         ("vocab", _I),
         ("rows", _I),
+        ("q", _I),
         ("t", _I),
         ("threads", _I),
         ("scale", _D),
@@ -232,14 +233,16 @@ class NativeStep:
         return arr
 
     def __call__(self, ids, mask, positions, layers, adapters) -> torch.Tensor | None:
-        """Logits (B, V) of every row's next token, the slabs updated; None: take the torch path.
+        """Logits (B, V) of every row's last new token, the slabs updated; None: take the torch path.
+        ``ids``/``positions``: (B, q) (q = 1: a decode step; more: a prefill chunk); ``mask``: (B, t + q);
         ``adapters``: the ``GatheredLoRA`` whose ``select`` chose the rows' slots, or None."""
-        B = ids.shape[0]
-        t = layers[0].t
-        if mask.shape != (B, t + 1) or mask.dtype != torch.long or not mask.is_contiguous():
+        B, q = ids.shape
+        t = layers[0].t if layers[0].kbuf is not None else 0
+        if mask.shape != (B, t + q) or mask.dtype != torch.long or not mask.is_contiguous():
             return None
         for c in layers:
-            if c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32:
+            fresh = c.kbuf is None and c.t == 0
+            if not fresh and (c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32):
                 return None
         slots = None
         if adapters is not None:
@@ -253,24 +256,23 @@ class NativeStep:
         if made is None:
             return None
         arr = type(made).from_buffer_copy(made)  # this call's own copies: decoders on one base may run in threads
-        for c in layers:
-            c.reserve(B, t + 1)
+        lean = self.lean
         for L, c in zip(arr, layers):
+            c.open_columns(B, lean.kv_heads, q, lean.head_dim, torch.float32)
             L.k, L.v, L.T = c.kbuf.data_ptr(), c.vbuf.data_ptr(), c.kbuf.shape[2]
-        cos, sin = self.lean.rotary(self.embed16[:1].float()[None], positions)  # (B, 1, hd) each
-        cos, sin = cos.reshape(B, -1).float().contiguous(), sin.reshape(B, -1).float().contiguous()
-        tokens = ids.reshape(B).to(torch.int64).contiguous()
+        cos, sin = lean.rotary(self.embed16[:1].float()[None], positions)  # (B, q, hd) each
+        cos, sin = cos.reshape(B * q, -1).float().contiguous(), sin.reshape(B * q, -1).float().contiguous()
+        tokens = ids.reshape(B * q).to(torch.int64).contiguous()
         logits = torch.empty((B, self.step.vocab))
         s = _Step.from_buffer_copy(self.step)
-        s.rows, s.t, s.threads = B, t, torch.get_num_threads()
+        s.rows, s.q, s.t, s.threads = B, q, t, torch.get_num_threads()
         s.tokens, s.slots, s.cos, s.sin = tokens.data_ptr(), _ptr(slots), cos.data_ptr(), sin.data_ptr()
         s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
         rc = self.lib.ft_decode(ctypes.byref(s), arr)
         if rc != 0:
             raise RuntimeError(f"native decode step failed (code {rc})")
         for c in layers:
-            c.t = t + 1
-            c._views()
+            c.close_columns(q)
         return logits
 
 

@@ -1,4 +1,5 @@
-/* One decode step of B rows through a Llama decoder: fp16 weights, fp32 compute, in one call.
+/* One forward of B rows through a Llama decoder (q new tokens each: a decode step or a prefill chunk):
+ * fp16 weights, fp32 compute, in one call.
  *
  * Built and loaded by native.py (cc -O3 -mavx2 -mfma -mf16c -fopenmp); see its docstring for why.
  * The arithmetic is lean.py's, step for step, for each row b:
@@ -10,7 +11,7 @@
  *               x += attention(q, K_b[0..t], V_b[0..t], mask_b) Wo16^T (+ LoRA)
  *               h = rms_norm(x) w_post
  *               gu = h Wgu16^T (+ LoRA);  x += (silu(g) * u) Wd16^T (+ LoRA)
- *   logits_b = rms_norm(x) w_final  W_head16^T
+ *   logits_b = rms_norm(x of row b's last token) w_final  W_head16^T
  *
  * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
  * is summed in the same order whatever the batch (one 8-lane accumulator per output along the input,
@@ -48,18 +49,18 @@ typedef struct {
 
 typedef struct {
     int64_t n_layers, d, heads, kv_heads, head_dim, inter, vocab;
-    int64_t rows, t;        /* rows decoded; the column written (the cache held t columns before) */
+    int64_t rows, q, t;     /* rows; new tokens per row (1: a decode step, more: prefill); columns held before */
     int64_t threads;
     double scale, eps_final;
-    const int64_t *tokens;  /* (rows) */
+    const int64_t *tokens;  /* (rows, q) */
     const int64_t *slots;   /* (rows): each row's adapter slot, or NULL (every row on the base) */
-    const float *cos, *sin; /* (rows, head_dim) for each row's position */
-    const int64_t *mask;    /* (rows, t + 1): 0 = not attended */
+    const float *cos, *sin; /* (rows, q, head_dim) for each token's position */
+    const int64_t *mask;    /* (rows, t + q): 0 = not attended (new token i also sees columns < t + i + 1 only) */
     const uint16_t *embed;  /* (vocab, d) fp16 */
     const uint16_t *head;   /* (vocab, d) fp16 panels */
     const float *head_bias; /* or NULL */
     const float *norm_final;
-    float *logits;          /* (rows, vocab) */
+    float *logits;          /* (rows, vocab): each row's last token */
 } Step;
 
 static inline float hsum(__m256 v) {
@@ -183,13 +184,13 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
 
 /* one projection group for every row: Y = X W16^T + b + each row's own LoRA terms */
 static void project(const Step *s, const Layer *L, int g, const float *X, float *Y, int64_t out, int64_t in) {
-    int64_t B = s->rows;
-    gemm16(L->w[g], X, B, L->b[g], Y, out, in, s->threads);
+    int64_t M = s->rows * s->q;
+    gemm16(L->w[g], X, M, L->b[g], Y, out, in, s->threads);
     const Seg *seg = L->lora[g];
     if (seg[0].r <= 0 || !s->slots) return;
-#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B > 1)
-    for (int64_t r = 0; r < B; r++) {
-        int64_t slot = s->slots[r];
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && M > 1)
+    for (int64_t r = 0; r < M; r++) {
+        int64_t slot = s->slots[r / s->q];
         if (slot <= 0) continue;
         const float *x = X + r * in;
         float *y = Y + r * out;
@@ -234,18 +235,18 @@ static void rope(float *x, const float *cos, const float *sin, int64_t hd) {
     }
 }
 
-/* attention of every row's query heads over its own cache columns [0, t] */
+/* attention of every new token's query heads over its row's cache columns [0, t + i] (token i of q) */
 static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv, float *out, float *scores) {
-    int64_t H = s->heads, KV = s->kv_heads, hd = s->head_dim, n = s->t + 1, g = H / KV, B = s->rows;
-    int64_t row_stride = KV * L->T * hd;
-#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B * H > 1)
-    for (int64_t task = 0; task < B * H; task++) {
-        int64_t r = task / H, h = task % H;
-        const float *qh = QKV + r * nqkv + h * hd;
+    int64_t H = s->heads, KV = s->kv_heads, hd = s->head_dim, g = H / KV, M = s->rows * s->q;
+    int64_t cols = s->t + s->q, row_stride = KV * L->T * hd;
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && M * H > 1)
+    for (int64_t task = 0; task < M * H; task++) {
+        int64_t m = task / H, h = task % H, r = m / s->q, n = s->t + m % s->q + 1;
+        const float *qh = QKV + m * nqkv + h * hd;
         const float *K = L->k + r * row_stride + (h / g) * L->T * hd;
         const float *V = L->v + r * row_stride + (h / g) * L->T * hd;
-        const int64_t *mask = s->mask + r * n;
-        float *sc = scores + task * n;
+        const int64_t *mask = s->mask + r * cols;
+        float *sc = scores + task * cols;
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             if (!mask[j]) {
@@ -261,8 +262,8 @@ static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv
             sc[j] = e;
             sum += e;
         }
-        float *oh = out + r * H * hd + h * hd;
-        float inv = 1.f / sum;
+        float *oh = out + m * H * hd + h * hd;
+        float inv = sum > 0.f ? 1.f / sum : 0.f; /* a padding token that sees nothing: zeros, never NaN */
         int64_t i0 = 0;
         for (; i0 + 32 <= hd; i0 += 32) { /* o = sum_j p_j V[j]: j in order, 32 dims in registers */
             __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
@@ -290,49 +291,50 @@ static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv
 }
 
 int ft_decode(const Step *s, const Layer *layers) {
-    int64_t d = s->d, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inter, B = s->rows;
-    int64_t nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, n = s->t + 1;
+    int64_t d = s->d, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inter, B = s->rows, q = s->q;
+    int64_t M = B * q, nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, cols = s->t + q;
     int64_t wide = nqkv > 2 * I ? nqkv : 2 * I;
-    float *buf = malloc(sizeof(float) * (B * (3 * d + nq + wide + I) + B * H * n + 16));
+    float *buf = malloc(sizeof(float) * (M * (3 * d + nq + wide + I) + M * H * cols + B * d + 16));
     if (!buf) return 1;
-    float *x = buf, *h = x + B * d, *y = h + B * d, *att = y + B * d, *w = att + B * nq, *act = w + B * wide;
-    float *scores = act + B * I;
-    for (int64_t r = 0; r < B; r++) {
-        const uint16_t *e = s->embed + s->tokens[r] * d;
-        for (int64_t i = 0; i < d; i++) x[r * d + i] = _cvtsh_ss(e[i]);
+    float *x = buf, *h = x + M * d, *y = h + M * d, *att = y + M * d, *w = att + M * nq, *act = w + M * wide;
+    float *scores = act + M * I, *hl = scores + M * H * cols; /* hl: each row's last token, normed */
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *e = s->embed + s->tokens[m] * d;
+        for (int64_t i = 0; i < d; i++) x[m * d + i] = _cvtsh_ss(e[i]);
     }
     for (int64_t l = 0; l < s->n_layers; l++) {
         const Layer *L = &layers[l];
-        if (L->T <= s->t) {
+        if (L->T < cols) {
             free(buf);
             return 2;
         }
         int64_t row_stride = KV * L->T * hd;
-        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_in, L->eps_in, h + r * d, d);
+        for (int64_t m = 0; m < M; m++) rms_norm(x + m * d, L->norm_in, L->eps_in, h + m * d, d);
         project(s, L, 0, h, w, nqkv, d);
-        for (int64_t r = 0; r < B; r++) {
-            float *q = w + r * nqkv;
-            for (int64_t k = 0; k < H + KV; k++) rope(q + k * hd, s->cos + r * hd, s->sin + r * hd, hd);
+        for (int64_t m = 0; m < M; m++) {
+            float *qm = w + m * nqkv;
+            int64_t r = m / q, col = s->t + m % q;
+            for (int64_t k = 0; k < H + KV; k++) rope(qm + k * hd, s->cos + m * hd, s->sin + m * hd, hd);
             for (int64_t k = 0; k < KV; k++) {
-                memcpy(L->k + r * row_stride + (k * L->T + s->t) * hd, q + nq + k * hd, sizeof(float) * hd);
-                memcpy(L->v + r * row_stride + (k * L->T + s->t) * hd, q + nq + nkv + k * hd, sizeof(float) * hd);
+                memcpy(L->k + r * row_stride + (k * L->T + col) * hd, qm + nq + k * hd, sizeof(float) * hd);
+                memcpy(L->v + r * row_stride + (k * L->T + col) * hd, qm + nq + nkv + k * hd, sizeof(float) * hd);
             }
         }
         attend(s, L, w, nqkv, att, scores);
         project(s, L, 1, att, y, d, nq);
-        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
-        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_post, L->eps_post, h + r * d, d);
+        for (int64_t i = 0; i < M * d; i++) x[i] += y[i];
+        for (int64_t m = 0; m < M; m++) rms_norm(x + m * d, L->norm_post, L->eps_post, h + m * d, d);
         project(s, L, 2, h, w, 2 * I, d);
-        for (int64_t r = 0; r < B; r++)
+        for (int64_t m = 0; m < M; m++)
             for (int64_t i = 0; i < I; i++) {
-                float g = w[r * 2 * I + i];
-                act[r * I + i] = g / (1.f + expf(-g)) * w[r * 2 * I + I + i];
+                float g = w[m * 2 * I + i];
+                act[m * I + i] = g / (1.f + expf(-g)) * w[m * 2 * I + I + i];
             }
         project(s, L, 3, act, y, d, I);
-        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+        for (int64_t i = 0; i < M * d; i++) x[i] += y[i];
     }
-    for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, s->norm_final, s->eps_final, h + r * d, d);
-    gemm16(s->head, h, B, s->head_bias, s->logits, s->vocab, d, s->threads);
+    for (int64_t r = 0; r < B; r++) rms_norm(x + (r * q + q - 1) * d, s->norm_final, s->eps_final, hl + r * d, d);
+    gemm16(s->head, hl, B, s->head_bias, s->logits, s->vocab, d, s->threads);
     free(buf);
     return 0;
 }
