@@ -35,6 +35,41 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.slow)
 
 
+# The files that take longest (seconds on this machine, whole suite), started first. Under `-n 2 --dist
+# loadfile` a file is one unit that one worker runs; xdist hands the files out in collection order (we turn
+# off its own reordering, which puts the files with the most tests first and so left the few long
+# multi-process files, ~90 s each, for the end while the other worker sat idle). Longest first, the short
+# files fill in behind, and both workers end within seconds of each other. Order within a file is kept.
+LONGEST_FIRST = (
+    "tests/train/test_torchrun.py",  # ~85: two torchruns of 2 ranks
+    "tests/train/test_plan.py",  # ~65: six measured training runs
+    "tests/core/test_chaos_kill.py",  # ~55: 20 SIGKILLs and resumes
+    "tests/train/test_quant.py",
+    "tests/train/test_resume.py",
+    "tests/core/test_memory.py",
+    "tests/serve/test_sigterm.py",
+    "tests/web/test_screenshots.py",
+    "tests/train/test_dpo.py",
+    "tests/audit/test_render.py",
+    "tests/market/test_chaos_kill.py",
+    "tests/train/test_train.py",
+    "tests/models/test_quant_load.py",
+    "tests/market/test_web.py",
+    "tests/market/test_hostile.py",
+    "tests/serve/test_reliability.py",  # the longest of the quick set (~15)
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest as collected
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A folder with a tiny LlamaForCausalLM (safetensors), a BPE tokenizer and a ChatML template."""
