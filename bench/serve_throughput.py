@@ -26,7 +26,9 @@ the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``
 
 ``decode_weights``: the lean forward's weight precision (``fp16``: fp16 storage, fp32 compute).
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
-model's own forward (an architecture the lean forward does not cover).
+model's own forward (an architecture the lean forward does not cover). ``decode_step``: ``native`` when
+its decode steps run in one C call (decoding/native.py; ``FINETRACE_NATIVE_DECODE=0`` turns it off, for
+the torch path side by side), else ``torch``.
 
 Prompts: "Write a detailed paragraph about TOPIC (request N)." in SmolLM2's chat template; N numbers every
 request of the process, so no prompt repeats and two prompts share the template's system turn and the
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from finetrace.decoding.native import library as native_library
     from finetrace.models import add_folder
     from finetrace.serve.engine import Engine
     from finetrace.serve.settings import ServeSettings
@@ -473,6 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_per_adapter_bytes": memory,
         "decode_forward": forward,
         "decode_weights": weights,
+        "decode_step": "native"
+        if forward == "lean" and weights == "fp16" and native_library() is not None
+        else "torch",
         "prefix_cache_mb": args.prefix_cache_mb,
         "prefix_cache_hit_tokens": prefix_hits,
         "torch_threads": torch.get_num_threads(),

@@ -38,6 +38,9 @@ r=8, 16 adapters loaded, a shared 2-core machine at load 3-5, CPU time per decod
 adapters ~235 -> ~150 ms, batch 16 on one ~175 -> ~145 ms, batch 1 ~75 -> ~65-73 ms (there the fp16
 GEMMs, bound by one core's memory bandwidth, are ~2/3 of the step).
 
+Decode steps (one new token per row, no explicit mask) go to ``native.py`` when it can run here: the
+same formulas in one C call, without the per-kernel dispatch.
+
 Not done: ``torch.compile`` of the step (a cold compile costs minutes on this 2-core machine, longer
 than most evaluation runs); int8 weights (fbgemm's dynamic int8 quantises activations per tensor, so a
 row's answer would depend on the rows batched with it; ``torch._int_mm`` and ``_weight_int8pack_mm``
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import GatheredLoRA, group_plan
+from .native import native_step
 from .packed import Packed, linear16, packed_for
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -177,6 +181,11 @@ class LeanLlama:
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
         plans = self._plans()
+        if q == 1 and keep is None and packed is not None:  # a decode step: one C call when it can run
+            step = native_step(self)
+            logits = step(ids, mask, positions, layers, plans) if step is not None else None
+            if logits is not None:
+                return logits
         x = self.embed(ids) if packed is None else F.embedding(ids, packed.embed).float()  # (B, q, d)
         d = x.shape[-1]
         cos, sin = self.rotary(x, positions)  # (B, q, hd)

@@ -1,0 +1,295 @@
+"""A native decode step: every row's next token through the whole Llama forward in one C call.
+
+Why our own code: a decode step of SmolLM2-135M through the lean forward (``lean.py``) is about 65 torch
+kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much as reading the weights
+(about 20 ms of a 41 ms single-stream step); fbgemm's fp16 GEMM also sums a row differently at
+different batch sizes. Here a step runs in C (``native_decode.c``): the same fp16 weights, fp32
+arithmetic and the formulas of ``lean.py`` (RMSNorm, rotary embedding, grouped-query attention over the
+slab cache with each row's mask, SiLU MLP), each row's own LoRA terms (the "one" plan or the gathered
+"rows" plan of ``lora.group_plan``), weight GEMMs, attention and LoRA split over the torch threads (the
+same OpenMP runtime). Every weight output is summed in one fixed order, so a row's logits are the same
+bits alone as in any batch with any adapters (tested), and equal the torch path up to the order of fp32
+sums (tested to 1e-4 relative, greedy tokens equal). Prefill, label scoring (explicit masks) and
+anything else the lean forward does stay on torch.
+
+The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
+packed fp16 weights again. The source is compiled once per machine with the system C compiler (``cc``,
+AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR`` moves it), named by the
+digest of the source and flags, written atomically. Without a compiler or those instructions, or with
+``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_decode.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_D = ctypes.c_double
+
+
+class _Seg(ctypes.Structure):
+    _fields_ = [("c0", _I), ("n", _I), ("r", _I), ("a", _P), ("bm", _P), ("sa", _I), ("sb", _I)]
+
+
+SEGS, MAX_RANK = 3, 256  # LoRA terms per projection group (q, k, v) and the largest rank, as in the C
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("w", _P * 4),
+        ("b", _P * 4),
+        ("lora", (_Seg * SEGS) * 4),
+        ("norm_in", _P),
+        ("norm_post", _P),
+        ("k", _P),
+        ("v", _P),
+        ("T", _I),
+        ("eps_in", _D),
+        ("eps_post", _D),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", _I),
+        ("d", _I),
+        ("heads", _I),
+        ("kv_heads", _I),
+        ("head_dim", _I),
+        ("inter", _I),
+        ("vocab", _I),
+        ("rows", _I),
+        ("t", _I),
+        ("threads", _I),
+        ("scale", _D),
+        ("eps_final", _D),
+        ("tokens", _P),
+        ("cos", _P),
+        ("sin", _P),
+        ("mask", _P),
+        ("embed", _P),
+        ("head", _P),
+        ("head_bias", _P),
+        ("norm_final", _P),
+        ("logits", _P),
+    ]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FINETRACE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "finetrace")
+    return Path(root) / "native"
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    have = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have.update(line.split(":", 1)[1].split())
+            break
+    return all(f in have for f in flags)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled decode step, built on first use; None where it cannot run here (torch path then)."""
+    if os.environ.get("FINETRACE_NATIVE_DECODE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None or not _cpu_has("avx2", "fma", "f16c"):
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"decode-{key}.so"
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+            os.close(fd)
+            try:
+                subprocess.run(
+                    [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120
+                )
+                os.replace(tmp, out)  # never a half-written library under the final name
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        import torch  # noqa: F401 - torch's libgomp is loaded first, so the library shares its OpenMP runtime
+
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"finetrace: native decode step unavailable, decoding through torch ({exc})", stacklevel=2)
+        return None
+    lib.ft_decode.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer)]
+    lib.ft_decode.restype = ctypes.c_int
+    return lib
+
+
+PANEL = 16  # outputs per weight panel, as OB in the C
+
+
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (out, in) as the C kernels read it: fp16 panels of 16 outputs, (ceil(out / 16), in, 16), the
+    last one zero-padded."""
+    out, inp = w.shape
+    blocks = -(-out // PANEL)
+    padded = torch.zeros((blocks * PANEL, inp), dtype=torch.float16)
+    padded[:out] = w.detach()
+    return padded.view(blocks, PANEL, inp).transpose(1, 2).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _cat_bias(lins: list) -> torch.Tensor | None:
+    if all(m.bias is None for m in lins):
+        return None
+    return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in lins]).detach().float()
+
+
+class NativeStep:
+    """The C step over one model's fp16 weights (copies in panels, made once per packed base: about the
+    size of the packed fp16 weights again)."""
+
+    def __init__(self, lean, lib: ctypes.CDLL):
+        self.lib, self.lean = lib, lean
+        base = lean.base
+        cfg = base.config
+        self.keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
+        self.w16 = []
+        with torch.no_grad():
+            for _, _, p in lean.layers:
+                lins = [lin for lin, _ in p]
+                groups = [lins[0:3], lins[3:4], lins[4:6], lins[6:7]]
+                ws = [panels(torch.cat([m.weight for m in g])) for g in groups]
+                bs = [_cat_bias(g) for g in groups]
+                self.w16.append((ws, bs))
+                self.keep += ws + [b for b in bs if b is not None]
+            self.embed16 = lean.embed.weight.detach().half().contiguous()  # rows looked up
+            head = lean.head.weight
+            self.head16 = panels(head)
+            self.head_bias = None if lean.head.bias is None else lean.head.bias.detach().float().contiguous()
+        self.step = _Step(
+            n_layers=len(lean.layers),
+            d=cfg.hidden_size,
+            heads=lean.heads,
+            kv_heads=lean.kv_heads,
+            head_dim=lean.head_dim,
+            inter=cfg.intermediate_size,
+            vocab=head.shape[0],
+            scale=lean.scale,
+            eps_final=float(lean.norm.variance_epsilon),
+            embed=self.embed16.data_ptr(),
+            head=self.head16.data_ptr(),
+            head_bias=_ptr(self.head_bias),
+            norm_final=lean.norm.weight.data_ptr(),
+        )
+        self._layers_for: tuple = ((), None)  # (the plans it was made for, the ctypes array)
+
+    def _layers(self, plans) -> ctypes.Array | None:
+        """The C layers for one batch composition's LoRA plans (``lean.LeanLlama._plans``), made once per
+        composition; None when a plan has a term the C step does not take (the torch path then)."""
+        if self._layers_for[0] is plans:
+            return self._layers_for[1]
+        arr = (_Layer * len(self.lean.layers))()
+        for i, ((n_in, n_post, _), (ws, bs)) in enumerate(zip(self.lean.layers, self.w16)):
+            L = arr[i]
+            for g in range(4):
+                L.w[g] = ws[g].data_ptr()
+                L.b[g] = _ptr(bs[g])
+                segs = _segments(plans[i][g] if plans is not None else None)
+                if segs is None:
+                    return None
+                for q, seg in enumerate(segs):
+                    L.lora[g][q] = seg
+            L.norm_in, L.norm_post = n_in.weight.data_ptr(), n_post.weight.data_ptr()
+            L.eps_in, L.eps_post = float(n_in.variance_epsilon), float(n_post.variance_epsilon)
+        self._layers_for = (plans, arr)
+        return arr
+
+    def __call__(self, ids, mask, positions, layers, plans) -> torch.Tensor | None:
+        """Logits (B, V) of every row's next token, the slabs updated; None: take the torch path."""
+        B = ids.shape[0]
+        t = layers[0].t
+        if mask.shape != (B, t + 1) or mask.dtype != torch.long or not mask.is_contiguous():
+            return None
+        for c in layers:
+            if c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32:
+                return None
+        made = self._layers(plans)
+        if made is None:
+            return None
+        arr = type(made).from_buffer_copy(made)  # this call's own copies: decoders on one base may run in threads
+        for c in layers:
+            c.reserve(B, t + 1)
+        for L, c in zip(arr, layers):
+            L.k, L.v, L.T = c.kbuf.data_ptr(), c.vbuf.data_ptr(), c.kbuf.shape[2]
+        cos, sin = self.lean.rotary(self.embed16[:1].float()[None], positions)  # (B, 1, hd) each
+        cos, sin = cos.reshape(B, -1).float().contiguous(), sin.reshape(B, -1).float().contiguous()
+        tokens = ids.reshape(B).to(torch.int64).contiguous()
+        logits = torch.empty((B, self.step.vocab))
+        s = _Step.from_buffer_copy(self.step)
+        s.rows, s.t, s.threads = B, t, torch.get_num_threads()
+        s.tokens, s.cos, s.sin = tokens.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
+        rc = self.lib.ft_decode(ctypes.byref(s), arr)
+        if rc != 0:
+            raise RuntimeError(f"native decode step failed (code {rc})")
+        for c in layers:
+            c.t = t + 1
+            c._views()
+        return logits
+
+
+def _segments(plan) -> list[_Seg] | None:
+    """A group's LoRA plan (``lora.group_plan``) as the C step's terms; None when it cannot take them."""
+    if plan is None:
+        return []
+    if plan[0] == "one":  # every row on one adapter: one term over the group's columns, the same for all rows
+        a, b = plan[1], plan[2]
+        terms = [(0, b.shape[1], a, b, 0, 0)]
+    else:  # each row its own adapter, per projection: A (B, r, in), B (B, r, out_j)
+        terms = [(c0, c1 - c0, a, b, a.shape[1] * a.shape[2], b.shape[1] * b.shape[2]) for c0, c1, a, b in plan[1]]
+    if len(terms) > SEGS:
+        return None
+    out = []
+    for c0, n, a, b, sa, sb in terms:
+        if not (a.is_contiguous() and b.is_contiguous()) or a.dtype != torch.float32 or b.dtype != torch.float32:
+            return None
+        r = a.shape[-2]
+        if r > MAX_RANK:
+            return None
+        out.append(_Seg(c0=c0, n=n, r=r, a=a.data_ptr(), bm=b.data_ptr(), sa=sa, sb=sb))
+    return out
+
+
+def native_step(lean) -> NativeStep | None:
+    """The native step for ``lean`` (a ``LeanLlama`` on fp16 weights), cached on its packed weights."""
+    packed = lean.packed()
+    if packed is None:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    step = getattr(packed, "_ft_native", None)
+    if step is None:  # the copies depend on the base only: one per packed base, whichever adapters
+        step = NativeStep(lean, lib)
+        packed._ft_native = step
+    return step

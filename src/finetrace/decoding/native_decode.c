@@ -1,0 +1,315 @@
+/* One decode step of B rows through a Llama decoder: fp16 weights, fp32 compute, in one call.
+ *
+ * Built and loaded by native.py (cc -O3 -mavx2 -mfma -mf16c -fopenmp); see its docstring for why.
+ * The arithmetic is lean.py's, step for step, for each row b:
+ *
+ *   x = E16[token_b]
+ *   per layer:  h = rms_norm(x) w_in
+ *               qkv = h Wqkv16^T + b + sum over LoRA segments (h A_b^T) B_b   (the row's own adapter)
+ *               rope on the q and k heads; k and v written to column t of row b's slabs
+ *               x += attention(q, K_b[0..t], V_b[0..t], mask_b) Wo16^T (+ LoRA)
+ *               h = rms_norm(x) w_post
+ *               gu = h Wgu16^T (+ LoRA);  x += (silu(g) * u) Wd16^T (+ LoRA)
+ *   logits_b = rms_norm(x) w_final  W_head16^T
+ *
+ * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
+ * is summed in the same order whatever the batch (one 8-lane accumulator per output along the input,
+ * then the lanes, then the tail), so a row's answer does not depend on the rows decoded with it nor on
+ * which adapters they use. Against the torch path only the order of fp32 sums differs. Weight GEMMs,
+ * attention and the LoRA terms are split between `threads` OpenMP threads (the runtime torch itself
+ * uses: the same libgomp.so.1 is loaded once per process).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* one LoRA term of a projection group: output columns [c0, c0 + n), rank r; row b's A is a + b * sa
+ * (r, in) and its B is bm + b * sb (r, n), the scale folded in (stride 0: the same adapter for all rows) */
+typedef struct {
+    int64_t c0, n, r;
+    const float *a, *bm;
+    int64_t sa, sb;
+} Seg;
+
+#define SEGS 3 /* LoRA terms per projection group at most (q, k and v) */
+
+typedef struct {
+    const uint16_t *w[4]; /* qkv (Nqkv, d), o (d, H hd), gate_up (2 I, d), down (d, I): fp16 panels */
+    const float *b[4];    /* biases or NULL */
+    Seg lora[4][SEGS];    /* r = 0: none */
+    const float *norm_in, *norm_post;
+    float *k, *v;  /* row 0 of the layer's slabs: (rows, kv_heads, T, head_dim) */
+    int64_t T;     /* the slabs' time capacity */
+    double eps_in, eps_post;
+} Layer;
+
+typedef struct {
+    int64_t n_layers, d, heads, kv_heads, head_dim, inter, vocab;
+    int64_t rows, t;        /* rows decoded; the column written (the cache held t columns before) */
+    int64_t threads;
+    double scale, eps_final;
+    const int64_t *tokens;  /* (rows) */
+    const float *cos, *sin; /* (rows, head_dim) for each row's position */
+    const int64_t *mask;    /* (rows, t + 1): 0 = not attended */
+    const uint16_t *embed;  /* (vocab, d) fp16 */
+    const uint16_t *head;   /* (vocab, d) fp16 panels */
+    const float *head_bias; /* or NULL */
+    const float *norm_final;
+    float *logits;          /* (rows, vocab) */
+} Step;
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+static inline __m256 h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static float dot32(const float *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* Weights are stored in panels of 16 outputs: panel j is (in, 16) fp16, outputs 16 j .. 16 j + 15 side by
+ * side (the last panel zero-padded). Every output is summed in one order, whatever the batch: along the
+ * input, acc = fma(w[k], x[k], acc) for k = 0, 1, ..., in - 1, from 0. So a row's results are the same
+ * bits alone as in any batch. */
+#define OB 16
+
+/* nb rows of X (nb <= 6) against one panel: 2 x 6 accumulators in registers */
+static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, const float *X, int64_t in,
+                                                            float *acc_out, int nb) {
+    __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int r = 0; r < nb; r++) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        __m256 w0 = h8(P + k * OB), w1 = h8(P + k * OB + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < nb; r++) {
+            __m256 xb = _mm256_broadcast_ss(X + r * in + k);
+            c0[r] = _mm256_fmadd_ps(w0, xb, c0[r]);
+            c1[r] = _mm256_fmadd_ps(w1, xb, c1[r]);
+        }
+    }
+    for (int r = 0; r < nb; r++) {
+        _mm256_storeu_ps(acc_out + r * OB, c0[r]);
+        _mm256_storeu_ps(acc_out + r * OB + 8, c1[r]);
+    }
+}
+
+/* one row of X against nbk <= 6 consecutive panels (a GEMV: 6 weight streams, 12 independent sums) */
+static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P, const float *x, int64_t in,
+                                                              float *acc_out, int nbk) {
+    __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int j = 0; j < nbk; j++) c0[j] = c1[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        __m256 xb = _mm256_broadcast_ss(x + k);
+#pragma GCC unroll 6
+        for (int j = 0; j < nbk; j++) {
+            const uint16_t *p = P + j * in * OB + k * OB;
+            c0[j] = _mm256_fmadd_ps(h8(p), xb, c0[j]);
+            c1[j] = _mm256_fmadd_ps(h8(p + 8), xb, c1[j]);
+        }
+    }
+    for (int j = 0; j < nbk; j++) {
+        _mm256_storeu_ps(acc_out + j * OB, c0[j]);
+        _mm256_storeu_ps(acc_out + j * OB + 8, c1[j]);
+    }
+}
+
+static inline void put(float *y, const float *acc, int64_t n) { memcpy(y, acc, sizeof(float) * n); }
+
+/* Y = X W^T (+ b): X (B, in), Y (B, out), W in panels; panels (and their rows) split over the threads */
+static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b, float *Y, int64_t out,
+                   int64_t in, int64_t threads) {
+    int64_t blocks = (out + OB - 1) / OB;
+    if (B == 1) {
+        int64_t groups = (blocks + 5) / 6;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t g = 0; g < groups; g++) {
+            float acc[6 * OB];
+            int64_t j0 = 6 * g, nbk = blocks - j0 < 6 ? blocks - j0 : 6;
+            const uint16_t *P = W + j0 * in * OB;
+            switch (nbk) {
+                case 6: panels_tile(P, X, in, acc, 6); break;
+                case 5: panels_tile(P, X, in, acc, 5); break;
+                case 4: panels_tile(P, X, in, acc, 4); break;
+                case 3: panels_tile(P, X, in, acc, 3); break;
+                case 2: panels_tile(P, X, in, acc, 2); break;
+                default: panels_tile(P, X, in, acc, 1); break;
+            }
+            int64_t o0 = j0 * OB, n = out - o0 < 6 * OB ? out - o0 : 6 * OB;
+            put(Y + o0, acc, n);
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t j = 0; j < blocks; j++) {
+            float acc[6 * OB];
+            const uint16_t *P = W + j * in * OB;
+            int64_t o0 = j * OB, n = out - o0 < OB ? out - o0 : OB;
+            for (int64_t r0 = 0; r0 < B; r0 += 6) {
+                int64_t nb = B - r0 < 6 ? B - r0 : 6;
+                const float *x0 = X + r0 * in;
+                switch (nb) {
+                    case 6: rows_tile(P, x0, in, acc, 6); break;
+                    case 5: rows_tile(P, x0, in, acc, 5); break;
+                    case 4: rows_tile(P, x0, in, acc, 4); break;
+                    case 3: rows_tile(P, x0, in, acc, 3); break;
+                    case 2: rows_tile(P, x0, in, acc, 2); break;
+                    default: rows_tile(P, x0, in, acc, 1); break;
+                }
+                for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
+            }
+        }
+    }
+    if (b)
+        for (int64_t r = 0; r < B; r++)
+            for (int64_t o = 0; o < out; o++) Y[r * out + o] += b[o];
+}
+
+/* one projection group for every row: Y = X W16^T + b + the rows' LoRA terms */
+static void project(const Step *s, const Layer *L, int g, const float *X, float *Y, int64_t out, int64_t in) {
+    int64_t B = s->rows;
+    gemm16(L->w[g], X, B, L->b[g], Y, out, in, s->threads);
+    const Seg *seg = L->lora[g];
+    if (seg[0].r <= 0) return;
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B > 1)
+    for (int64_t r = 0; r < B; r++) {
+        const float *x = X + r * in;
+        float *y = Y + r * out;
+        float t[256];
+        for (int q = 0; q < SEGS && seg[q].r > 0; q++) {
+            const Seg *e = &seg[q];
+            const float *a = e->a + r * e->sa, *bm = e->bm + r * e->sb;
+            int64_t rank = e->r < 256 ? e->r : 256;
+            for (int64_t j = 0; j < rank; j++) t[j] = dot32(a + j * in, x, in);
+            for (int64_t j = 0; j < rank; j++) {
+                const float *bj = bm + j * e->n;
+                float tj = t[j];
+                float *yo = y + e->c0;
+                for (int64_t o = 0; o < e->n; o++) yo[o] += tj * bj[o];
+            }
+        }
+    }
+}
+
+static void rms_norm(const float *x, const float *w, double eps, float *y, int64_t d) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; i++) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / d + eps));
+    for (int64_t i = 0; i < d; i++) y[i] = w[i] * (x[i] * inv);
+}
+
+/* rotate one head in place: x cos + rotate_half(x) sin */
+static void rope(float *x, const float *cos, const float *sin, int64_t hd) {
+    int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* attention of every row's query heads over its own cache columns [0, t] */
+static void attend(const Step *s, const Layer *L, const float *QKV, int64_t nqkv, float *out, float *scores) {
+    int64_t H = s->heads, KV = s->kv_heads, hd = s->head_dim, n = s->t + 1, g = H / KV, B = s->rows;
+    int64_t row_stride = KV * L->T * hd;
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && B * H > 1)
+    for (int64_t task = 0; task < B * H; task++) {
+        int64_t r = task / H, h = task % H;
+        const float *qh = QKV + r * nqkv + h * hd;
+        const float *K = L->k + r * row_stride + (h / g) * L->T * hd;
+        const float *V = L->v + r * row_stride + (h / g) * L->T * hd;
+        const int64_t *mask = s->mask + r * n;
+        float *sc = scores + task * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            if (!mask[j]) {
+                sc[j] = -INFINITY;
+                continue;
+            }
+            sc[j] = dot32(K + j * hd, qh, hd) * (float)s->scale;
+            if (sc[j] > mx) mx = sc[j];
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            float e = sc[j] == -INFINITY ? 0.f : expf(sc[j] - mx);
+            sc[j] = e;
+            sum += e;
+        }
+        float *oh = out + r * H * hd + h * hd;
+        memset(oh, 0, sizeof(float) * hd);
+        for (int64_t j = 0; j < n; j++) {
+            float p = sc[j] / sum;
+            if (p == 0.f) continue;
+            const float *vj = V + j * hd;
+            for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
+        }
+    }
+}
+
+int ft_decode(const Step *s, const Layer *layers) {
+    int64_t d = s->d, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inter, B = s->rows;
+    int64_t nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, n = s->t + 1;
+    int64_t wide = nqkv > 2 * I ? nqkv : 2 * I;
+    float *buf = malloc(sizeof(float) * (B * (3 * d + nq + wide + I) + B * H * n + 16));
+    if (!buf) return 1;
+    float *x = buf, *h = x + B * d, *y = h + B * d, *att = y + B * d, *w = att + B * nq, *act = w + B * wide;
+    float *scores = act + B * I;
+    for (int64_t r = 0; r < B; r++) {
+        const uint16_t *e = s->embed + s->tokens[r] * d;
+        for (int64_t i = 0; i < d; i++) x[r * d + i] = _cvtsh_ss(e[i]);
+    }
+    for (int64_t l = 0; l < s->n_layers; l++) {
+        const Layer *L = &layers[l];
+        if (L->T <= s->t) {
+            free(buf);
+            return 2;
+        }
+        int64_t row_stride = KV * L->T * hd;
+        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_in, L->eps_in, h + r * d, d);
+        project(s, L, 0, h, w, nqkv, d);
+        for (int64_t r = 0; r < B; r++) {
+            float *q = w + r * nqkv;
+            for (int64_t k = 0; k < H + KV; k++) rope(q + k * hd, s->cos + r * hd, s->sin + r * hd, hd);
+            for (int64_t k = 0; k < KV; k++) {
+                memcpy(L->k + r * row_stride + (k * L->T + s->t) * hd, q + nq + k * hd, sizeof(float) * hd);
+                memcpy(L->v + r * row_stride + (k * L->T + s->t) * hd, q + nq + nkv + k * hd, sizeof(float) * hd);
+            }
+        }
+        attend(s, L, w, nqkv, att, scores);
+        project(s, L, 1, att, y, d, nq);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+        for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, L->norm_post, L->eps_post, h + r * d, d);
+        project(s, L, 2, h, w, 2 * I, d);
+        for (int64_t r = 0; r < B; r++)
+            for (int64_t i = 0; i < I; i++) {
+                float g = w[r * 2 * I + i];
+                act[r * I + i] = g / (1.f + expf(-g)) * w[r * 2 * I + I + i];
+            }
+        project(s, L, 3, act, y, d, I);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+    }
+    for (int64_t r = 0; r < B; r++) rms_norm(x + r * d, s->norm_final, s->eps_final, h + r * d, d);
+    gemm16(s->head, h, B, s->head_bias, s->logits, s->vocab, d, s->threads);
+    free(buf);
+    return 0;
+}
+
+/* Y = X W^T + b for a test of the kernels alone (W in panels: native.py's panels) */
+void ft_gemm16(const uint16_t *W, const float *X, int64_t B, const float *b, float *Y, int64_t out, int64_t in,
+               int64_t threads) {
+    gemm16(W, X, B, b, Y, out, in, threads);
+}

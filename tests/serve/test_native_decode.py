@@ -1,0 +1,199 @@
+"""The native decode step (decoding/native.py): one row's token in one C call computes what the torch lean
+forward computes (logits to fp32 summation order, the same tokens, the same cache), on the base and on
+adapters; where it cannot run, the torch path answers the same."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import finetrace.decoding.lean as lean
+from finetrace.decoding import BASE, Decoder, Seq, encode_chat
+from finetrace.decoding.lora import adapter_selector
+from finetrace.decoding.native import library, panels
+
+pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
+
+PROMPTS = [[{"role": "user", "content": f"clause {i}: {'notice ' * (i % 5)}within {i + 3} days"}] for i in range(9)]
+
+
+def _answers(model, tok, names, native: bool, monkeypatch, max_batch=1):
+    calls = []
+    real = lean.native_step
+
+    def counted(lean_model):
+        step = real(lean_model) if native else None
+        if step is not None:
+            calls.append(1)
+        return step
+
+    monkeypatch.setattr(lean, "native_step", counted)
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel, max_batch=max_batch, prefix_cache_bytes=0)
+    seqs = [Seq(encode_chat(tok, p), n, max_tokens=12) for p, n in zip(PROMPTS, names)]
+    dec.run(seqs)
+    monkeypatch.setattr(lean, "native_step", real)
+    return [s.ids for s in seqs], len(calls)
+
+
+def test_single_rows_decode_natively_to_the_tokens_of_the_torch_path(two_adapters, monkeypatch):
+    model, tok = two_adapters
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(PROMPTS))]
+    want, none = _answers(model, tok, names, False, monkeypatch)
+    got, calls = _answers(model, tok, names, True, monkeypatch)
+    assert none == 0 and calls >= len(PROMPTS) * 5  # most tokens of every row came from the C step
+    assert got == want
+    assert len({tuple(a) for a in got}) > 3  # the adapters (and the prompts) change the answers
+    batched, _ = _answers(model, tok, names, True, monkeypatch, max_batch=4)  # batches keep the torch path
+    assert batched == want
+
+
+def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
+    from finetrace.decoding.kvcache import slab_cache
+    from finetrace.decoding.native import native_step
+
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel, max_batch=1)
+    sel.select(["alpha"])
+    fwd = dec.lean()
+    step = native_step(fwd)
+    assert fwd is not None and step is not None
+    ids = torch.tensor([encode_chat(tok, PROMPTS[3])])
+    n = ids.shape[1]
+    runs = []
+    with torch.inference_mode():
+        for native in (True, False):
+            cache = slab_cache(len(fwd.layers))
+            mask = torch.ones((1, n), dtype=torch.long)
+            logits = fwd.forward(ids, mask, torch.arange(n)[None], cache.layers)
+            out = []
+            for s in range(10):
+                token = logits.argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones((1, 1), dtype=torch.long)], 1)
+                pos = torch.tensor([[n + s]])
+                if native:
+                    logits = step(token, mask, pos, cache.layers, fwd._plans())
+                else:
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(lean, "native_step", lambda _: None)
+                        logits = fwd.forward(token, mask, pos, cache.layers)
+                out.append(logits.clone())
+            runs.append((out, [(c.keys.clone(), c.values.clone()) for c in cache.layers]))
+    (nat, nat_kv), (ref, ref_kv) = runs
+    for a, b in zip(nat, ref):
+        assert a.shape == b.shape == (1, model.config.vocab_size)
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        assert a.argmax() == b.argmax()
+    for (ka, va), (kb, vb) in zip(nat_kv, ref_kv):
+        assert ka.shape == kb.shape and ka.shape[2] == n + 10
+        assert (ka - kb).abs().max() <= 1e-4 * kb.abs().max() and (va - vb).abs().max() <= 1e-4 * vb.abs().max()
+
+
+@pytest.mark.parametrize(
+    "rows,out,inp,threads", [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2)]
+)
+def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):
+    torch.manual_seed(out)
+    w = torch.randn(out, inp).half()
+    x, b = torch.randn(rows, inp), torch.randn(out)
+    wp = panels(w)
+    fn = library().ft_gemm16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [
+        ctypes.c_int64
+    ] * 3
+
+    def run(xs):
+        y = torch.full((xs.shape[0], out), float("nan"))
+        fn(wp.data_ptr(), xs.data_ptr(), xs.shape[0], b.data_ptr(), y.data_ptr(), out, inp, threads)
+        return y
+
+    y = run(x)
+    assert torch.allclose(y, x @ w.float().T + b, rtol=1e-5, atol=1e-5)
+    for r in range(rows):  # the same bits alone as in the batch: a row never depends on its batch-mates
+        assert torch.equal(run(x[r : r + 1].contiguous()), y[r : r + 1])
+
+
+def _probe(monkeypatch, **env) -> bool:
+    with monkeypatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        library.cache_clear()
+        try:
+            return library() is not None
+        finally:
+            library.cache_clear()
+
+
+def test_the_library_is_built_once_atomically_and_can_be_turned_off(tmp_path, monkeypatch):
+    assert _probe(monkeypatch, FINETRACE_CACHE_DIR=str(tmp_path))
+    built = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].startswith("decode-") and built[0].endswith(".so")  # no temp file left
+    stamp = (tmp_path / "native" / built[0]).stat().st_mtime_ns
+    assert _probe(monkeypatch, FINETRACE_CACHE_DIR=str(tmp_path))
+    assert (tmp_path / "native" / built[0]).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not _probe(monkeypatch, FINETRACE_NATIVE_DECODE="0")
+    assert not _probe(monkeypatch, CC="no-such-compiler", FINETRACE_CACHE_DIR=str(tmp_path / "fresh"), PATH="")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_rows_logits_are_the_same_bits_alone_and_batched_with_other_adapters(two_adapters, monkeypatch):
+    from finetrace.decoding.kvcache import slab_cache
+    from finetrace.decoding.native import NativeStep
+
+    native_rows = []
+    real_call = NativeStep.__call__
+
+    def counted(self, ids, *a):
+        out = real_call(self, ids, *a)
+        native_rows.append(ids.shape[0] if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(NativeStep, "__call__", counted)
+    model, tok = two_adapters
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    fwd = Decoder(model, tok, sel, max_batch=3).lean()
+    names = ["alpha", "beta", BASE]
+    prompts = [torch.tensor([encode_chat(tok, PROMPTS[i])]) for i in (1, 4, 7)]
+    with torch.inference_mode():
+
+        def prefill(i):
+            sel.select([names[i]])
+            cache = slab_cache(len(fwd.layers))
+            n = prompts[i].shape[1]
+            logits = fwd.forward(prompts[i], torch.ones((1, n), dtype=torch.long), torch.arange(n)[None], cache.layers)
+            return cache, logits.argmax(-1)
+
+        def decode(cache, mask, tokens, pos, rows, steps=6):
+            out = []
+            for _ in range(steps):
+                sel.select(rows)
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+                logits = fwd.forward(tokens[:, None], mask, pos[:, None], cache.layers)
+                out.append(logits.clone())
+                tokens, pos = logits.argmax(-1), pos + 1
+            return out
+
+        alone = []
+        for i in range(3):
+            cache, first = prefill(i)
+            n = prompts[i].shape[1]
+            alone.append(decode(cache, torch.ones((1, n), dtype=torch.long), first, torch.tensor([n]), [names[i]]))
+        caches, firsts = zip(*[prefill(i) for i in range(3)])
+        joined = caches[0]
+        for c in caches[1:]:
+            for mine, theirs in zip(joined.layers, c.layers):
+                mine.append(theirs)  # right-aligned in time, as the decoder joins a new group
+        t = joined.layers[0].t
+        lens = [p.shape[1] for p in prompts]
+        mask = torch.stack(
+            [torch.cat([torch.zeros(t - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]) for n in lens]
+        )
+        together = decode(joined, mask, torch.cat(firsts), torch.tensor(lens), names)
+    assert native_rows == [1] * 18 + [3] * 6  # every decode step in C, alone and batched
+    for step, both in enumerate(together):
+        for i in range(3):
+            assert torch.equal(both[i : i + 1], alone[i][step]), (step, names[i])
+    assert not torch.equal(together[0][0], together[0][2])  # the rows (and their adapters) differ
