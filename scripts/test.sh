@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Bytecode caches on, whatever the shell says: without them every worker recompiles (and pytest re-rewrites)
+# each test module and finetrace module it imports, and so does every child process a test starts (about
+# 6 s of each worker's collection on this machine). They go to the ignored __pycache__/ folders.
+unset PYTHONDONTWRITEBYTECODE
 if [ -z "${FINETRACE_TEST_PG_URL:-}" ] && [ "${FINETRACE_NO_POSTGRES:-0}" != 1 ]; then
   PGDIR=$(mktemp -d /tmp/finetrace-pg.XXXXXX)
   if url=$(bash scripts/start_postgres.sh "$PGDIR" | tail -n 1) && [ -n "$url" ]; then

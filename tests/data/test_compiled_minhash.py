@@ -17,7 +17,12 @@ from . import minhash_reference as ref
 from .test_batches import _awkward_texts, _reference_signatures, _rows
 from .test_minhash_equivalence import _rows as _minhash_rows
 
-needs_numba = pytest.mark.skipif(not compiled.available(), reason="numba is not installed (the `fast` extra)")
+_numba = pytest.mark.skipif(not compiled.available(), reason="numba is not installed (the `fast` extra)")
+
+
+def needs_numba(test):
+    """Skipped without numba; slow with it (the first call JIT-compiles the loops, ~3 s)."""
+    return pytest.mark.slow(_numba(test))
 
 
 @needs_numba

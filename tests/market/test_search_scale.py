@@ -28,7 +28,7 @@ def _bench():
     return mod
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def catalog(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"catalog-{request.param}")
     if request.param == "postgresql":

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 # checked, not imported, at collection (importing bitsandbytes takes seconds): the tests import it
-pytestmark = pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs the quant extra (bitsandbytes)")
+# slow: the first call loads bitsandbytes and its CPU kernels (~6 s), which no quick test needs otherwise
+pytestmark = [
+    pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs the quant extra (bitsandbytes)"),
+    pytest.mark.slow,
+]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -18,6 +18,7 @@ from finetrace.serve.settings import ServeSettings
 
 from .serve_support import logged_events, make_adapter
 
+pytestmark = pytest.mark.slow  # llama.cpp loads and serves a GGUF per module (~4 s)
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'finetrace[llamacpp]'")
 
 HELLO = [{"role": "user", "content": "hello world, the contract"}]

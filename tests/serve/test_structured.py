@@ -111,6 +111,7 @@ def test_json_schema_answers_parse_and_validate_for_100_random_prompts(api):
     assert len(texts) > 20  # the constraint shapes the answer, the model still chooses it
 
 
+@pytest.mark.slow  # the openai client and llguidance's grammar compiler: ~4 s
 def test_response_format_over_the_openai_client(api):
     _, client = api
     r = client.chat.completions.create(

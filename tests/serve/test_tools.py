@@ -100,6 +100,7 @@ def test_tools_are_rendered_by_the_chat_template(hermes):
     assert "<tools>" not in engine.tokenizer.decode(engine.encode_chat(ASK))
 
 
+@pytest.mark.slow  # constrained decoding (llguidance), 8 answers of up to 80 tokens: ~5 s
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_forced_tool_call_has_valid_arguments(hermes, choice):
     client, _, _ = hermes

@@ -35,7 +35,7 @@ def measure(ws_dir: str, method: str, base: str) -> None:
         dataset="long",
         output_name=f"p-{base}-{method}",
         method=method,
-        batch_size=8,
+        batch_size=4,
         max_steps=2,
         checkpoint_every=None,
         validation_split=None,
@@ -58,12 +58,18 @@ def measure(ws_dir: str, method: str, base: str) -> None:
 
 
 def main(ws_dir: str, methods: str, *bases: str) -> None:
-    # what every run imports anyway (importing starts no threads, so forking afterwards is safe)
+    # what every run imports anyway (importing starts no threads, so forking afterwards is safe): the
+    # training stack, bitsandbytes (qlora) and the compiler the fused kernels go through
     import peft  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401
 
     import finetrace.train  # noqa: F401
     import finetrace.workspace  # noqa: F401
+
+    if "qlora" in methods.split(","):
+        import bitsandbytes  # noqa: F401
 
     for method in methods.split(","):
         for base in bases:

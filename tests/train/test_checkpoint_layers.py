@@ -17,6 +17,7 @@ from .test_plan import llama_1b_shape
 from .train_support import make_config
 
 
+@pytest.mark.slow  # compiles the fused element-wise kernels (~7 s the first time in a process)
 @pytest.mark.parametrize("layers,recomputed", [(None, 1), (2, 2), (1, 1), (0, 0)])
 def test_checkpointing_some_layers_gives_the_same_loss_and_gradients(
     learnable_model_dir, monkeypatch, layers, recomputed

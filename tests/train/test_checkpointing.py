@@ -57,6 +57,7 @@ def _loss_and_grads(model, batch, counter):
     return float(ls), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(counter)
 
 
+@pytest.mark.slow  # compiles the fused element-wise kernels (~7 s the first time in a process)
 @pytest.mark.parametrize("quantized", [False, True])
 def test_checkpointing_gives_the_same_loss_and_gradients(learnable_model_dir, monkeypatch, quantized):
     if quantized:
