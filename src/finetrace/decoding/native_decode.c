@@ -162,8 +162,9 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             float acc[6 * OB];
             const uint16_t *P = W + j * in * OB;
             int64_t o0 = j * OB, n = out - o0 < OB ? out - o0 : OB;
-            for (int64_t r0 = 0; r0 < B; r0 += 6) {
-                int64_t nb = B - r0 < 6 ? B - r0 : 6;
+            int64_t tiles = (B + 5) / 6, base = B / tiles, extra = B % tiles; /* even tiles: 16 = 6 + 5 + 5 */
+            for (int64_t r0 = 0, k = 0; r0 < B; k++) {
+                int64_t nb = base + (k < extra);
                 const float *x0 = X + r0 * in;
                 switch (nb) {
                     case 6: rows_tile(P, x0, in, acc, 6); break;
@@ -174,6 +175,7 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
                     default: rows_tile(P, x0, in, acc, 1); break;
                 }
                 for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
+                r0 += nb;
             }
         }
     }
