@@ -311,8 +311,11 @@ int ft_decode(const Step *s, const Layer *layers) {
             return 2;
         }
         int64_t row_stride = KV * L->T * hd;
+        int par = s->threads > 1 && M > 1; /* the element-wise work of many rows is split too */
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (par)
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * d, L->norm_in, L->eps_in, h + m * d, d);
         project(s, L, 0, h, w, nqkv, d);
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (par)
         for (int64_t m = 0; m < M; m++) {
             float *qm = w + m * nqkv;
             int64_t r = m / q, col = s->t + m % q;
@@ -325,8 +328,10 @@ int ft_decode(const Step *s, const Layer *layers) {
         attend(s, L, w, nqkv, att, scores);
         project(s, L, 1, att, y, d, nq);
         for (int64_t i = 0; i < M * d; i++) x[i] += y[i];
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (par)
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * d, L->norm_post, L->eps_post, h + m * d, d);
         project(s, L, 2, h, w, 2 * I, d);
+#pragma omp parallel for schedule(static) num_threads(s->threads) if (par)
         for (int64_t m = 0; m < M; m++)
             for (int64_t i = 0; i < I; i++) {
                 float g = w[m * 2 * I + i];
