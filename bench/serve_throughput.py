@@ -22,7 +22,8 @@ What is compared (all in one process, greedy decoding, the same prompts and ``ma
   same model as GGUF (SmolLM2's Q4_1 file), the same prompts and ``max_tokens``, one client: the anchor.
 
 Roofline: ``roofline_fraction_K`` = tokens/s x FLOPs per token (2 x parameters, output layer included) /
-the fp32 matmul ceiling measured at the start of this run (a 1024^3 ``torch.mm``).
+the fp32 matmul ceiling (a 1024^3 ``torch.mm``), measured at the start and again at the end of this run,
+the higher of the two (a machine that was busy or slow once does not flatter the fractions).
 
 ``decode_weights``: the lean forward's weight precision (``fp16``: fp16 storage, fp32 compute).
 ``decode_forward``: ``lean`` when the engine decodes through decoding/lean.py, ``model`` when through the
@@ -484,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "results": results,
-        **figures(ws, base, results, ceiling, bandwidth, weights),
+        "matmul_ceiling_start_gflops": round(ceiling / 1e9, 1),
+        **figures(ws, base, results, max(ceiling, matmul_ceiling_flops()), bandwidth, weights),
     }
     print(json.dumps(summary))
     return summary
