@@ -190,6 +190,10 @@ class RequestLog:
                 if self._abandoned:
                     return  # close() has spilled this batch already
                 if time.monotonic() - first_failure >= self._retry_s:
+                    with self._cond:  # claim the batch: close() spills only what the writer still holds
+                        if self._abandoned:
+                            return
+                        self._writing = []
                     self._spill(batch, f"ledger write failed for {self._retry_s:g} s: {exc}")
                     break
                 log.warning("could not write %d serve.request events (%s); retrying", len(batch), exc)
