@@ -145,6 +145,7 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             float acc[6 * OB];
             int64_t j0 = 6 * g, nbk = blocks - j0 < 6 ? blocks - j0 : 6;
             const uint16_t *P = W + j0 * in * OB;
+            /* duplicates: alike the rows' switch below on purpose (one constant size per unrolled tile) */
             switch (nbk) {
                 case 6: panels_tile(P, X, in, acc, 6); break;
                 case 5: panels_tile(P, X, in, acc, 5); break;
