@@ -144,6 +144,31 @@ def test_failing_ledger_write_is_spilled_not_retried_forever(workspace):
     assert all("disk on fire" in r["reason"] for r in rows) and workspace.ledger.size() == size
 
 
+def test_a_batch_spilled_by_the_writer_as_close_gives_up_is_spilled_once(workspace, monkeypatch):
+    """The writer's retries run out at the moment close() stops waiting: the batch lands in one spill file."""
+    conn = sqlite3.connect(workspace.ledger.path, isolation_level=None)
+    conn.execute("CREATE TRIGGER broken BEFORE INSERT ON entries BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    conn.close()
+    log = RequestLog(workspace.ledger.path, flush_s=0.01, retry_s=0.05)
+    entered, release = threading.Event(), threading.Event()
+    real_spill = RequestLog._spill
+
+    def slow_spill(self, batch, reason):
+        if threading.current_thread() is self._thread:  # the writer, holding the batch it failed to write
+            entered.set()
+            release.wait(10)
+        real_spill(self, batch, reason)
+
+    monkeypatch.setattr(RequestLog, "_spill", slow_spill)
+    for i in range(3):
+        log.add({"provenance_id": f"ftp-{i}", "deployment": "d"})
+    assert entered.wait(10)
+    log.close(timeout=0.1)  # gives up on the writer, which is still inside its spill
+    release.set()
+    log._thread.join(10)
+    assert sorted(r["data"]["provenance_id"] for r in _spilled(workspace)) == ["ftp-0", "ftp-1", "ftp-2"]
+
+
 def test_failed_bind_is_a_failed_deploy(served_ws, capsys):
     from finetrace.cli import main
 
