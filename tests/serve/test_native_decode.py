@@ -127,6 +127,7 @@ def _probe(monkeypatch, **env) -> bool:
             library.cache_clear()
 
 
+@pytest.mark.slow  # compiles the C source afresh (about 1.5 s)
 def test_the_library_is_built_once_atomically_and_can_be_turned_off(tmp_path, monkeypatch):
     assert _probe(monkeypatch, FINETRACE_CACHE_DIR=str(tmp_path))
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
