@@ -38,8 +38,8 @@ r=8, 16 adapters loaded, a shared 2-core machine at load 3-5, CPU time per decod
 adapters ~235 -> ~150 ms, batch 16 on one ~175 -> ~145 ms, batch 1 ~75 -> ~65-73 ms (there the fp16
 GEMMs, bound by one core's memory bandwidth, are ~2/3 of the step).
 
-Decode steps (one new token per row, no explicit mask) go to ``native.py`` when it can run here: the
-same formulas in one C call, without the per-kernel dispatch.
+Forwards without an explicit mask (decode steps, prefill chunks, label scoring's prompt pass) go to
+``native.py`` when it can run here: the same formulas in one C call, without the per-kernel dispatch.
 
 Not done: ``torch.compile`` of the step (a cold compile costs minutes on this 2-core machine, longer
 than most evaluation runs); int8 weights (fbgemm's dynamic int8 quantises activations per tensor, so a

@@ -1,4 +1,5 @@
-"""A native decode step: every row's next token through the whole Llama forward in one C call.
+"""A native forward step: every row's new tokens (a decode step or a prefill chunk) through the whole Llama
+forward in one C call.
 
 Why our own code: a decode step of SmolLM2-135M through the lean forward (``lean.py``) is about 65 torch
 kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much as reading the weights
@@ -9,8 +10,8 @@ slab cache with each row's mask, SiLU MLP), each row's own LoRA terms (the "one"
 "rows" plan of ``lora.group_plan``), weight GEMMs, attention and LoRA split over the torch threads (the
 same OpenMP runtime). Every weight output is summed in one fixed order, so a row's logits are the same
 bits alone as in any batch with any adapters (tested), and equal the torch path up to the order of fp32
-sums (tested to 1e-4 relative, greedy tokens equal). Prefill, label scoring (explicit masks) and
-anything else the lean forward does stay on torch.
+sums (tested to 1e-4 relative, greedy tokens equal). Forwards with an explicit attention mask (label
+scoring's label pass) stay on torch, as does everything the lean forward does not cover.
 
 The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
 packed fp16 weights again. The source is compiled once per machine with the system C compiler (``cc``,
