@@ -23,8 +23,8 @@ def _answers(model, tok, names, native: bool, monkeypatch, max_batch=1):
     calls = []
     real = lean.native_step
 
-    def counted(lean_model):
-        step = real(lean_model) if native else None
+    def counted(lean_model, packed):
+        step = real(lean_model, packed) if native else None
         if step is not None:
             calls.append(1)
         return step
@@ -59,7 +59,7 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
     dec = Decoder(model, tok, sel, max_batch=1)
     sel.select(["alpha"])
     fwd = dec.lean()
-    step = native_step(fwd)
+    step = native_step(fwd, fwd.packed())
     assert fwd is not None and step is not None
     ids = torch.tensor([encode_chat(tok, PROMPTS[3])])
     n = ids.shape[1]
@@ -78,7 +78,7 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
                     logits = step(token, mask, pos, cache.layers, fwd.adapters)
                 else:
                     with pytest.MonkeyPatch.context() as mp:
-                        mp.setattr(lean, "native_step", lambda _: None)
+                        mp.setattr(lean, "native_step", lambda *_: None)
                         logits = fwd.forward(token, mask, pos, cache.layers)
                 out.append(logits.clone())
             runs.append((out, [(c.keys.clone(), c.values.clone()) for c in cache.layers]))
@@ -213,7 +213,7 @@ def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     fwd = Decoder(model, tok, None, max_batch=2).lean()
-    assert fwd is not None and fwd.head_dim == 40 and native_step(fwd) is not None
+    assert fwd is not None and fwd.head_dim == 40 and native_step(fwd, fwd.packed()) is not None
     ids = torch.tensor([encode_chat(tok, PROMPTS[2]), encode_chat(tok, PROMPTS[2])])
     ids[1, :3] = ids[1, 3]  # two different rows
     n = ids.shape[1]
@@ -222,7 +222,7 @@ def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
         for native in (True, False):
             with pytest.MonkeyPatch.context() as mp:
                 if not native:  # prefill (with a left-padded row) and decode steps all through torch
-                    mp.setattr(lean, "native_step", lambda _: None)
+                    mp.setattr(lean, "native_step", lambda *_: None)
                 cache = slab_cache(len(fwd.layers))
                 mask = torch.ones((2, n), dtype=torch.long)
                 mask[1, :2] = 0

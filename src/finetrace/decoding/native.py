@@ -6,9 +6,9 @@ kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much 
 (about 20 ms of a 41 ms single-stream step); fbgemm's fp16 GEMM also sums a row differently at
 different batch sizes. Here a step runs in C (``native_decode.c``): the same fp16 weights, fp32
 arithmetic and the formulas of ``lean.py`` (RMSNorm, rotary embedding, grouped-query attention over the
-slab cache with each row's mask, SiLU MLP), each row's own LoRA terms (the "one" plan or the gathered
-"rows" plan of ``lora.group_plan``), weight GEMMs, attention and LoRA split over the torch threads (the
-same OpenMP runtime). Every weight output is summed in one fixed order, so a row's logits are the same
+slab cache with each row's mask, SiLU MLP), each row's own LoRA terms read by slot from the adapters'
+stacks (``lora.GatheredLoRA``), weight GEMMs, attention and LoRA split over the torch threads (the
+same OpenMP runtime: torch, imported first, has loaded the ``libgomp.so.1`` the library links). Every weight output is summed in one fixed order, so a row's logits are the same
 bits alone as in any batch with any adapters (tested), and equal the torch path up to the order of fp32
 sums (tested to 1e-4 relative, greedy tokens equal). Forwards with an explicit attention mask (label
 scoring's label pass) stay on torch, as does everything the lean forward does not cover.
@@ -133,8 +133,6 @@ def library() -> ctypes.CDLL | None:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        import torch  # noqa: F401 - torch's libgomp is loaded first, so the library shares its OpenMP runtime
-
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"finetrace: native decode step unavailable, decoding through torch ({exc})", stacklevel=2)
@@ -175,8 +173,7 @@ class NativeStep:
         self.lib, self.lean = lib, lean
         base = lean.base
         cfg = base.config
-        self.keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
-        self.w16 = []
+        self.w16 = []  # per layer (weights, biases) of the four groups: the tensors the C pointers refer to
         with torch.no_grad():
             for _, _, p in lean.layers:
                 lins = [lin for lin, _ in p]
@@ -184,7 +181,6 @@ class NativeStep:
                 ws = [panels(torch.cat([m.weight for m in g])) for g in groups]
                 bs = [_cat_bias(g) for g in groups]
                 self.w16.append((ws, bs))
-                self.keep += ws + [b for b in bs if b is not None]
             self.embed16 = lean.embed.weight.detach().half().contiguous()  # rows looked up
             head = lean.head.weight
             self.head16 = panels(head)
@@ -300,11 +296,8 @@ def _segment(m, c0: int) -> _Seg | None:
     )
 
 
-def native_step(lean) -> NativeStep | None:
-    """The native step for ``lean`` (a ``LeanLlama`` on fp16 weights), cached on its packed weights."""
-    packed = lean.packed()
-    if packed is None:
-        return None
+def native_step(lean, packed) -> NativeStep | None:
+    """The native step for ``lean`` (a ``LeanLlama`` on fp16 weights), cached on its ``packed`` weights."""
     lib = library()
     if lib is None:
         return None

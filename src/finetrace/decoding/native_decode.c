@@ -111,7 +111,8 @@ static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, c
     }
 }
 
-/* one row of X against nbk <= 6 consecutive panels (a GEMV: 6 weight streams, 12 independent sums) */
+/* one row of X against nbk <= 6 consecutive panels (a GEMV: 6 weight streams, 12 independent sums).
+ * duplicates: alike rows_tile on purpose: the same per-output sum, tiled over panels instead of rows */
 static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P, const float *x, int64_t in,
                                                               float *acc_out, int nbk) {
     __m256 c0[6], c1[6];
@@ -134,6 +135,17 @@ static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P,
 
 static inline void put(float *y, const float *acc, int64_t n) { memcpy(y, acc, sizeof(float) * n); }
 
+/* fn(args..., n) with n a constant 1..6, so that each tile size compiles to its own unrolled loop */
+#define BY_SIZE(n, fn, ...)                      \
+    switch (n) {                                 \
+        case 6: fn(__VA_ARGS__, 6); break;       \
+        case 5: fn(__VA_ARGS__, 5); break;       \
+        case 4: fn(__VA_ARGS__, 4); break;       \
+        case 3: fn(__VA_ARGS__, 3); break;       \
+        case 2: fn(__VA_ARGS__, 2); break;       \
+        default: fn(__VA_ARGS__, 1); break;      \
+    }
+
 /* Y = X W^T (+ b): X (B, in), Y (B, out), W in panels; panels (and their rows) split over the threads */
 static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b, float *Y, int64_t out,
                    int64_t in, int64_t threads) {
@@ -145,36 +157,21 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             float acc[6 * OB];
             int64_t j0 = 6 * g, nbk = blocks - j0 < 6 ? blocks - j0 : 6;
             const uint16_t *P = W + j0 * in * OB;
-            /* duplicates: alike the rows' switch below on purpose (one constant size per unrolled tile) */
-            switch (nbk) {
-                case 6: panels_tile(P, X, in, acc, 6); break;
-                case 5: panels_tile(P, X, in, acc, 5); break;
-                case 4: panels_tile(P, X, in, acc, 4); break;
-                case 3: panels_tile(P, X, in, acc, 3); break;
-                case 2: panels_tile(P, X, in, acc, 2); break;
-                default: panels_tile(P, X, in, acc, 1); break;
-            }
+            BY_SIZE(nbk, panels_tile, P, X, in, acc)
             int64_t o0 = j0 * OB, n = out - o0 < 6 * OB ? out - o0 : 6 * OB;
             put(Y + o0, acc, n);
         }
     } else {
+        int64_t tiles = (B + 5) / 6, base = B / tiles, extra = B % tiles; /* even tiles: 16 = 6 + 5 + 5 */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t j = 0; j < blocks; j++) {
             float acc[6 * OB];
             const uint16_t *P = W + j * in * OB;
             int64_t o0 = j * OB, n = out - o0 < OB ? out - o0 : OB;
-            int64_t tiles = (B + 5) / 6, base = B / tiles, extra = B % tiles; /* even tiles: 16 = 6 + 5 + 5 */
             for (int64_t r0 = 0, k = 0; r0 < B; k++) {
                 int64_t nb = base + (k < extra);
                 const float *x0 = X + r0 * in;
-                switch (nb) {
-                    case 6: rows_tile(P, x0, in, acc, 6); break;
-                    case 5: rows_tile(P, x0, in, acc, 5); break;
-                    case 4: rows_tile(P, x0, in, acc, 4); break;
-                    case 3: rows_tile(P, x0, in, acc, 3); break;
-                    case 2: rows_tile(P, x0, in, acc, 2); break;
-                    default: rows_tile(P, x0, in, acc, 1); break;
-                }
+                BY_SIZE(nb, rows_tile, P, x0, in, acc)
                 for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
                 r0 += nb;
             }
