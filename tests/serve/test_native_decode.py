@@ -93,7 +93,8 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
 
 
 @pytest.mark.parametrize(
-    "rows,out,inp,threads", [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2)]
+    "rows,out,inp,threads",
+    [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2), (37, 70, 50, 2)],
 )
 def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):
     torch.manual_seed(out)
@@ -114,6 +115,13 @@ def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, 
     assert torch.allclose(y, x @ w.float().T + b, rtol=1e-5, atol=1e-5)
     for r in range(rows):  # the same bits alone as in the batch: a row never depends on its batch-mates
         assert torch.equal(run(x[r : r + 1].contiguous()), y[r : r + 1])
+    wide = library().ft_wide
+    if wide(-1):  # this CPU has the 16-row AVX-512 tile: the 8-lane tiles give the same bits
+        try:
+            assert wide(0) == 0
+            assert torch.equal(run(x), y)
+        finally:
+            wide(1)
 
 
 def _probe(monkeypatch, **env) -> bool:

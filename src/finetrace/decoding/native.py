@@ -14,7 +14,8 @@ sums (tested to 1e-4 relative, greedy tokens equal). Forwards with an explicit a
 scoring's label pass) stay on torch, as does everything the lean forward does not cover.
 
 The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
-packed fp16 weights again. The source is compiled once per machine with the system C compiler (``cc``,
+packed fp16 weights again. A batch runs against each panel in row tiles of up to 16 with AVX-512 (up to 6
+without), prefetching the next panel while it computes (``native_decode.c``). The source is compiled once per machine with the system C compiler (``cc``,
 AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR`` moves it), named by the
 digest of the source and flags, written atomically. Without a compiler or those instructions, or with
 ``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the torch path runs.

@@ -16,7 +16,11 @@
  * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
  * is summed in the same order whatever the batch (one 8-lane accumulator per output along the input,
  * then the lanes, then the tail), so a row's answer does not depend on the rows decoded with it nor on
- * which adapters they use. Against the torch path only the order of fp32 sums differs. Weight GEMMs,
+ * which adapters they use. Against the torch path only the order of fp32 sums differs. Where the CPU
+ * has AVX-512, a batch's rows run against each weight panel in tiles of up to 16 (one 16-lane register a
+ * row; ft_wide), else of up to 6 (two 8-lane registers a row): the same sums, the same bits. Either tile
+ * prefetches the next panel into L2 while it computes, so that a batch's weight read from memory overlaps
+ * its arithmetic (measured: a batch-16 step's GEMMs on SmolLM2, 1 thread, 77 -> 52 ms). Weight GEMMs,
  * attention and the LoRA terms are split between `threads` OpenMP threads (the runtime torch itself
  * uses: the same libgomp.so.1 is loaded once per process).
  */
@@ -97,6 +101,7 @@ static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, c
 #pragma GCC unroll 6
     for (int r = 0; r < nb; r++) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < in; k++) {
+        if (!(k & 1)) _mm_prefetch((const char *)(P + (in + k) * OB), _MM_HINT_T1); /* the next panel, to L2 */
         __m256 w0 = h8(P + k * OB), w1 = h8(P + k * OB + 8);
 #pragma GCC unroll 6
         for (int r = 0; r < nb; r++) {
@@ -135,6 +140,47 @@ static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P,
 
 static inline void put(float *y, const float *acc, int64_t n) { memcpy(y, acc, sizeof(float) * n); }
 
+/* With AVX-512 (32 registers, 16 lanes): up to 16 rows against one panel in one pass, one 16-lane
+ * accumulator per row, so a batch of 16 reads each panel once (the 8-lane tile reads it 3 times: tiles of
+ * 6 + 5 + 5 rows, the first from memory, and cannot overlap that read with the other two). The lanes
+ * compute the 8-lane tile's sums exactly (the same fma along the input, from 0): the same bits. */
+#define WIDE_ROWS 16
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void wide_tile(
+    const uint16_t *P, const float *X, int64_t in, float *acc_out, int nb) {
+    __m512 c[WIDE_ROWS];
+#pragma GCC unroll 16
+    for (int r = 0; r < nb; r++) c[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        if (!(k & 1)) _mm_prefetch((const char *)(P + (in + k) * OB), _MM_HINT_T1); /* the next panel, to L2 */
+        __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + k * OB)));
+#pragma GCC unroll 16
+        for (int r = 0; r < nb; r++) c[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[r * in + k]), c[r]);
+    }
+    for (int r = 0; r < nb; r++) _mm512_storeu_ps(acc_out + r * OB, c[r]);
+}
+
+#define WIDE_CASE(n) \
+    case n: wide_tile(P, X, in, acc, n); break;
+
+/* the rows of X (nb <= 16) against one panel, each tile size its own unrolled loop */
+__attribute__((target("avx512f"))) static void wide_rows(const uint16_t *P, const float *X, int64_t in, float *acc,
+                                                         int64_t nb) {
+    switch (nb) {
+        WIDE_CASE(16) WIDE_CASE(15) WIDE_CASE(14) WIDE_CASE(13) WIDE_CASE(12) WIDE_CASE(11) WIDE_CASE(10)
+        WIDE_CASE(9) WIDE_CASE(8) WIDE_CASE(7) WIDE_CASE(6) WIDE_CASE(5) WIDE_CASE(4) WIDE_CASE(3)
+        WIDE_CASE(2) default: wide_tile(P, X, in, acc, 1); break;
+    }
+}
+
+static int wide_on = -1; /* the 16-row tile in use: -1 until the CPU is asked */
+
+/* on = 1: use the 16-row tile where the CPU has AVX-512, 0: the 8-lane tile only, -1: leave it; returns
+ * whether the 16-row tile is in use (tests compare the two tiles' bits) */
+int ft_wide(int on) {
+    if (on >= 0 || wide_on < 0) wide_on = on != 0 && __builtin_cpu_supports("avx512f");
+    return wide_on;
+}
+
 /* fn(args..., n) with n a constant 1..6, so that each tile size compiles to its own unrolled loop */
 #define BY_SIZE(n, fn, ...)                      \
     switch (n) {                                 \
@@ -162,16 +208,21 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             put(Y + o0, acc, n);
         }
     } else {
-        int64_t tiles = (B + 5) / 6, base = B / tiles, extra = B % tiles; /* even tiles: 16 = 6 + 5 + 5 */
+        int wide = wide_on < 0 ? ft_wide(-1) : wide_on;
+        int64_t most = wide ? WIDE_ROWS : 6; /* rows a tile holds */
+        int64_t tiles = (B + most - 1) / most, base = B / tiles, extra = B % tiles; /* even: 16 = 6 + 5 + 5 */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t j = 0; j < blocks; j++) {
-            float acc[6 * OB];
+            float acc[WIDE_ROWS * OB];
             const uint16_t *P = W + j * in * OB;
             int64_t o0 = j * OB, n = out - o0 < OB ? out - o0 : OB;
             for (int64_t r0 = 0, k = 0; r0 < B; k++) {
                 int64_t nb = base + (k < extra);
                 const float *x0 = X + r0 * in;
-                BY_SIZE(nb, rows_tile, P, x0, in, acc)
+                if (wide)
+                    wide_rows(P, x0, in, acc, nb);
+                else
+                    BY_SIZE(nb, rows_tile, P, x0, in, acc)
                 for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
                 r0 += nb;
             }
