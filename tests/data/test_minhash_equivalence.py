@@ -81,3 +81,26 @@ def test_near_duplicate_pairs_equal_the_reference(tmp_path):
     active[::11] = False
     pairs = got.pairs(active)
     assert pairs == want.pairs(active) and len(pairs) > 20
+
+
+@pytest.mark.parametrize("perm", [64, 8, 12])
+def test_equal_fraction_is_the_mean_of_equal_slots(perm):
+    """The word-wise count of equal sketch bytes gives the very floats of ``(a == b).mean(axis=1)``:
+    every count from 0 to P equal slots, with P a multiple of 8 (words) or not (the plain formula)."""
+    from finetrace.data.clean import equal_fraction
+
+    rng = np.random.default_rng(perm)
+    base = rng.integers(0, 256, (1, perm), dtype=np.uint8)
+    rows = [base[0].copy()]
+    for k in range(perm + 1):  # a row with exactly k slots changed, at random places and by random amounts
+        r = base[0].copy()
+        at = rng.choice(perm, k, replace=False)
+        r[at] = (r[at].astype(np.int64) + rng.integers(1, 256, k)) % 256
+        rows.append(r)
+    sigs = np.concatenate([np.stack(rows), rng.integers(0, 3, (500, perm), dtype=np.uint8)])
+    a = np.concatenate([np.zeros(len(rows), np.int64), rng.integers(0, len(sigs), 5000)])
+    b = np.concatenate([np.arange(len(rows)), rng.integers(0, len(sigs), 5000)])
+    want = (sigs[a] == sigs[b]).mean(axis=1)
+    got = equal_fraction(sigs, a, b)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert sorted(set(want[: len(rows)].tolist())) == [k / perm for k in range(perm + 1)]

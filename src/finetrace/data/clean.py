@@ -188,7 +188,7 @@ class MinHasher:
             found: dict[tuple[int, int], float] = {}
             for k in range(0, len(lo), 4096):  # estimated Jaccard = fraction of equal signature slots
                 a, b = lo[k : k + 4096], hi[k : k + 4096]
-                est = (sigs[a] == sigs[b]).mean(axis=1)
+                est = equal_fraction(sigs, a, b)
                 ok = est >= self.threshold
                 found.update(zip(zip(a[ok].tolist(), b[ok].tolist()), est[ok].tolist()))
             return found, len(lo)
@@ -207,6 +207,31 @@ class MinHasher:
         out = [(a, b, e) for (a, b), e in confirmed.items()]
         out.sort()
         return out
+
+
+_LOW_BITS = np.uint64(0x0101010101010101)
+
+
+def equal_fraction(sigs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 (k,): the fraction of equal bytes of rows ``a`` and ``b`` of ``sigs`` (uint8 (n, P)),
+    ``(sigs[a] == sigs[b]).mean(axis=1)`` to the bit. With P a multiple of 8 the rows are compared as
+    uint64 words: the bits of each byte of ``x = wa ^ wb`` are or-ed into its lowest bit, and the
+    multiply by 0x0101…01 sums those (at most 8) into the top byte: the unequal bytes of the word. The
+    count over P bytes divided by P is exact in float64, as the mean of the bools is."""
+    n, p = sigs.shape
+    if p % 8 or not sigs.flags.c_contiguous:
+        return (sigs[a] == sigs[b]).mean(axis=1)
+    words = sigs.view(np.uint64)  # (n, P / 8)
+    x = np.take(words, a, axis=0)  # (k, P / 8); take gathers rows several times faster than words[a]
+    x ^= np.take(words, b, axis=0)
+    x |= x >> np.uint64(4)
+    x |= x >> np.uint64(2)
+    x |= x >> np.uint64(1)
+    x &= _LOW_BITS
+    with np.errstate(over="ignore"):
+        x *= _LOW_BITS  # wraps mod 2^64: the sum lands in the top byte
+    unequal = (x >> np.uint64(56)).sum(axis=1)
+    return (p - unequal) / p
 
 
 def union_find_roots(n: int, base: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
