@@ -16,6 +16,7 @@ from finetrace.data import pii
 from finetrace.data.arrowtext import pa_strings
 from finetrace.data.batches import Chunk, Ctx, process
 from finetrace.data.clean import MinHasher, exact_key, normalize_row
+from finetrace.data.compiled import available as compiled_available
 
 PII_BITS = [
     "jane.doe@example.com",
@@ -64,11 +65,18 @@ def _texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def test_windowed_pii_scan_equals_the_whole_text_scan():
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.skipif(not compiled_available(), reason="no numba"))]
+)
+def test_windowed_pii_scan_equals_the_whole_text_scan(compiled):
     texts = _texts(3000, 1) + PII_BITS + [g + b + h for b in PII_BITS for g in GLUE for h in ("", "x", "1", "-")]
+    texts += ["", "@", "1" * 40]
     arr = pa_strings(texts)
     dets = pii.detectors()
-    ascii_, per_det = pii.windows(arr, dets)
+    ascii_, per_det = pii.windows(arr, dets, compiled=compiled)
+    if compiled:  # the compiled runs are the numpy ones, array for array
+        want = pii.windows(arr, dets)[1]
+        assert all(all(np.array_equal(x, y) for x, y in zip(g, w)) for g, w in zip(per_det, want))
     assert ascii_.tolist() == [t.isascii() for t in texts]
     for det, (row, start, end) in zip(dets, per_det):
         wins: dict = {}
@@ -130,12 +138,15 @@ def _reference(rows: list[dict], mode: str, m: MinHasher):
     return kept, errors, counts, examples, npii, normalized, np.asarray(keys, np.uint64), sketch, bands
 
 
-def test_batch_cleaning_equals_the_per_row_path():
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.skipif(not compiled_available(), reason="no numba"))]
+)
+def test_batch_cleaning_equals_the_per_row_path(compiled):
     rows = _corpus(700)
     payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
     m = MinHasher(0.8, None)
     for mode in ("redact", "flag", "fail"):
-        ctx = Ctx("completion", {}, mode, 0.8, 1 << 20)
+        ctx = Ctx("completion", {}, mode, 0.8, 1 << 20, compiled=compiled)
         got = process(Chunk("jsonl", 1, 0, payload), ctx)
         kept, errors, counts, examples, npii, normalized, keys, sketch, bands = _reference(rows, mode, m)
         table = got.arrow()

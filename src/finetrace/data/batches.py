@@ -372,7 +372,7 @@ def _pii_columns(
     rows = np.flatnonzero(np.logical_or.reduce([cand[f] for f in fields])) if fields else []
     if not len(rows):
         return None
-    finders = {f: _finder(cols[f], cand[f], gates[f], dets) for f in fields}
+    finders = {f: _finder(cols[f], cand[f], gates[f], dets, compiled) for f in fields}
     failed = np.zeros(n, bool)
     new = {f: {} for f in fields}
     for r in rows.tolist():
@@ -407,13 +407,13 @@ def _pii_columns(
     return failed
 
 
-def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets):
+def _finder(col: pa.Array, cand: np.ndarray, gates: list, dets, compiled: bool = False):
     """``finder(row) -> (text, spans)`` for the candidate rows of one column, equal to
     ``pii.scan(text, detectors whose gate passed)``: ASCII rows are searched only in their windows."""
     idx = np.flatnonzero(cand)
     sub = col.take(np_ints(idx))
     vals = sub.to_pylist()
-    win = piimod.windows(sub, dets, [bool(g[idx].any()) for g in gates])
+    win = piimod.windows(sub, dets, [bool(g[idx].any()) for g in gates], compiled)
     pos = {r: k for k, r in enumerate(idx.tolist())}
     cuts = None
     if win is not None:

@@ -239,14 +239,15 @@ _RUNS = [
 _RUN_TABLES: list = []
 
 
-def windows(arr, dets: list[Detector], need: list | None = None) -> tuple | None:
+def windows(arr, dets: list[Detector], need: list | None = None, compiled: bool = False) -> tuple | None:
     """Where each detector's matches can be, in the ASCII rows of an Arrow string array (no nulls):
     ``(ascii, per detector [(row, start, endpos)] arrays)``, char offsets within each row; ``endpos``
     keeps one character after the run, so a lookahead or ``\\b`` sees what it sees in the whole text,
     and a lookbehind sees the real text before ``start`` (``Pattern.finditer(text, start, endpos)``).
     Runs too short of the characters an accepted match needs are left out. None when a detector is not
     a built-in one (it has to read whole texts). ``need`` (per detector, a bool): detectors marked
-    False get no windows (no row of ``arr`` passes their gate), which saves their passes over the bytes."""
+    False get no windows (no row of ``arr`` passes their gate), which saves their passes over the bytes.
+    ``compiled``: each detector's runs from one numba pass (``compiled.pii_runs``), when installed."""
     import numpy as np
 
     from .arrowtext import rows_with, str_buffers
@@ -267,6 +268,9 @@ def windows(arr, dets: list[Detector], need: list | None = None) -> tuple | None
             out.append((none, none, none))
             continue
         cls, counted, least = _RUN_TABLES[ids.index(id(d))]
+        if compiled and _compiled.available():
+            out.append(_compiled.pii_runs(data, offs, cls, counted, least))
+            continue
         f = cls[data]
         prev = np.empty_like(f)
         prev[:1] = False
