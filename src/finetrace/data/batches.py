@@ -215,17 +215,18 @@ def _jsonl(chunk: Chunk, ctx: Ctx, validator: RowValidator):
 
             if (arr >= 0x80).any():
                 buf.decode("utf-8")  # Arrow's JSON reader does not check the bytes inside strings
-            table = pj.read_json(
-                io.BytesIO(buf), read_options=pj.ReadOptions(use_threads=False, block_size=max(len(buf) + 1, 1 << 16))
+            table = pj.read_json(  # from the bytes themselves (a BytesIO is read through Python, copied)
+                pa.BufferReader(buf),
+                read_options=pj.ReadOptions(use_threads=False, block_size=max(len(buf) + 1, 1 << 16)),
             )
         except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
             table = None
         if table is not None and table.num_rows == int(keep.sum()):
             lines = chunk.first_line + np.flatnonzero(keep).astype(np.int64)
-            pos = dict(zip(lines.tolist(), zip(starts[keep].tolist(), ends[keep].tolist())))
+            kept_starts, kept_ends = starts[keep], ends[keep]
 
-            def record(i: int):
-                a, b = pos[int(lines[i])]
+            def record(i: int):  # the i-th parsed row, read again by the per-row reader
+                a, b = int(kept_starts[i]), int(kept_ends[i])
                 items = list(
                     jsonl_rows(
                         io.BufferedReader(io.BytesIO(buf[a:b])),
