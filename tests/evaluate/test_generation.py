@@ -98,6 +98,23 @@ def test_text_nll_matches_per_text_sums(lm):
     assert joint[0] == pytest.approx(sum(s for s, _ in parts), rel=1e-5)
 
 
+def test_text_nll_is_the_models_own_next_token_nll(lm):
+    import torch
+
+    model, tok = lm
+    texts = ["The quick brown fox jumps over the lazy dog.", "Notice.", "A contract is an agreement between parties."]
+    total, n = G.text_nll(model, tok, texts, batch_size=3)  # left-padded together, through the decoder
+    want, count = 0.0, 0
+    for t in texts:  # each text alone through the model's own forward (on the weights the decoder rounded)
+        ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        want -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    assert n == count
+    assert total == pytest.approx(want, rel=1e-4)
+
+
 def _best_only_agrees(model, tok, prompts, labels) -> int:
     """best_only's predictions are the full scores' and its scores the full ones; returns how many it skipped."""
     preds, full = G.score_labels(model, tok, prompts, labels, batch_size=4)

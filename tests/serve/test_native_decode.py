@@ -94,7 +94,7 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
 
 @pytest.mark.parametrize(
     "rows,out,inp,threads",
-    [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2), (37, 70, 50, 2)],
+    [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2), (37, 70, 50, 2), (70, 20, 40, 2)],
 )
 def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):
     torch.manual_seed(out)
@@ -247,3 +247,40 @@ def test_a_wider_head_decodes_as_the_torch_path(tmp_path):
     for a, b in zip(*runs):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_label_scoring_runs_its_label_pass_natively_with_the_scores_of_the_torch_path(two_adapters, monkeypatch):
+    from finetrace.decoding.labels import score_prompts
+    from finetrace.decoding.native import NativeStep
+
+    model, tok = two_adapters
+    labels = ["notice period", "payment", "liability cap", "termination for cause"]
+    rows = [encode_chat(tok, p) for p in PROMPTS]
+    names = [["alpha", "beta", BASE][i % 3] for i in range(len(rows))]
+    explicit = []  # label passes (an explicit mask) the C step answered
+    real_call = NativeStep.__call__
+
+    def counted(self, ids, mask, positions, layers, adapters, keep=None):
+        out = real_call(self, ids, mask, positions, layers, adapters, keep)
+        if keep is not None and out is not None:
+            explicit.append(tuple(out.shape))
+        return out
+
+    def scores(native: bool):
+        with monkeypatch.context() as mp:
+            mp.setattr(NativeStep, "__call__", counted)
+            if not native:
+                mp.setattr(lean, "native_step", lambda *_: None)
+            sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+            dec = Decoder(model, tok, sel, max_batch=4, prefix_cache_bytes=0)
+            return score_prompts(model, tok, rows, labels, names=names, batch_size=4, decoder=dec)
+
+    ref = scores(False)
+    assert not explicit
+    got = scores(True)
+    assert explicit and all(len(s) == 3 and s[1] > 1 for s in explicit)  # (B, label tokens, vocab)
+    flat_ref = torch.tensor([x for r in ref for x in r])
+    flat_got = torch.tensor([x for r in got for x in r])
+    assert (flat_got - flat_ref).abs().max() <= 1e-4 * flat_ref.abs().max()
+    assert [max(range(4), key=r.__getitem__) for r in got] == [max(range(4), key=r.__getitem__) for r in ref]
+    assert len({tuple(r) for r in ref}) == len(rows)  # every prompt and adapter scores the labels its own way

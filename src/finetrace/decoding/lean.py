@@ -180,9 +180,9 @@ class LeanLlama:
         B, q = ids.shape
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
-        if keep is None and packed is not None:  # a decode step or a prefill chunk: one C call when it can run
+        if packed is not None:  # a decode step, a prefill chunk or a label pass: one C call when it can run
             step = native_step(self, packed)
-            logits = step(ids, mask, positions, layers, self.adapters) if step is not None else None
+            logits = step(ids, mask, positions, layers, self.adapters, keep) if step is not None else None
             if logits is not None:
                 return logits
         plans = self._plans()

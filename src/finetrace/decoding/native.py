@@ -11,7 +11,8 @@ stacks (``lora.GatheredLoRA``), weight GEMMs, attention and LoRA split over the 
 same OpenMP runtime: torch, imported first, has loaded the ``libgomp.so.1`` the library links). Every weight output is summed in one fixed order, so a row's logits are the same
 bits alone as in any batch with any adapters (tested), and equal the torch path up to the order of fp32
 sums (tested to 1e-4 relative, greedy tokens equal). Forwards with an explicit attention mask (label
-scoring's label pass) stay on torch, as does everything the lean forward does not cover.
+scoring's label pass: its labels side by side after each prompt) run here too, returning the logits of
+every new token; what the lean forward does not cover stays on torch.
 
 The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
 packed fp16 weights again. A batch runs against each panel in row tiles of up to 16 with AVX-512 (up to 6
@@ -89,6 +90,7 @@ class _Step(ctypes.Structure):
         ("head_bias", _P),
         ("norm_final", _P),
         ("logits", _P),
+        ("keep", _P),
     ]
 
 
@@ -230,14 +232,20 @@ class NativeStep:
         self._layers_for = (key, arr, adapters)  # the adapters (their stacks) live as long as the pointers
         return arr
 
-    def __call__(self, ids, mask, positions, layers, adapters) -> torch.Tensor | None:
+    def __call__(self, ids, mask, positions, layers, adapters, keep=None) -> torch.Tensor | None:
         """Logits (B, V) of every row's last new token, the slabs updated; None: take the torch path.
         ``ids``/``positions``: (B, q) (q = 1: a decode step; more: a prefill chunk); ``mask``: (B, t + q);
-        ``adapters``: the ``GatheredLoRA`` whose ``select`` chose the rows' slots, or None."""
+        ``adapters``: the ``GatheredLoRA`` whose ``select`` chose the rows' slots, or None. ``keep``: an
+        explicit (B, 1, q, t + q) boolean attention mask in place of ``mask`` + causal; then the logits of
+        every new token, (B, q, V) (label scoring's label pass)."""
         B, q = ids.shape
         t = layers[0].t if layers[0].kbuf is not None else 0
         if mask.shape != (B, t + q) or mask.dtype != torch.long or not mask.is_contiguous():
             return None
+        if keep is not None:
+            if keep.shape != (B, 1, q, t + q) or keep.dtype != torch.bool:
+                return None
+            keep = keep.reshape(B, q, t + q).contiguous()  # bools are bytes: the C reads them as uint8
         for c in layers:
             fresh = c.kbuf is None and c.t == 0
             if not fresh and (c.kbuf is None or c.b != B or c.t != t or c.kbuf.dtype != torch.float32):
@@ -261,11 +269,11 @@ class NativeStep:
         cos, sin = lean.rotary(self.embed16[:1].float()[None], positions)  # (B, q, hd) each
         cos, sin = cos.reshape(B * q, -1).float().contiguous(), sin.reshape(B * q, -1).float().contiguous()
         tokens = ids.reshape(B * q).to(torch.int64).contiguous()
-        logits = torch.empty((B, self.step.vocab))
+        logits = torch.empty((B, q, self.step.vocab) if keep is not None else (B, self.step.vocab))
         s = _Step.from_buffer_copy(self.step)
         s.rows, s.q, s.t, s.threads = B, q, t, torch.get_num_threads()
         s.tokens, s.slots, s.cos, s.sin = tokens.data_ptr(), _ptr(slots), cos.data_ptr(), sin.data_ptr()
-        s.mask, s.logits = mask.data_ptr(), logits.data_ptr()
+        s.mask, s.logits, s.keep = mask.data_ptr(), logits.data_ptr(), _ptr(keep)
         rc = self.lib.ft_decode(ctypes.byref(s), arr)
         if rc != 0:
             raise RuntimeError(f"native decode step failed (code {rc})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..decoding import BASE
 from .generation import text_nll
 from .metrics import perplexity
 
@@ -26,8 +27,9 @@ def general_text(path: str | Path | None = None) -> list[str]:
     return [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def text_perplexity(model, tok, texts: list[str], batch_size: int = 8) -> dict:
-    nll, n = text_nll(model, tok, texts, batch_size)
+def text_perplexity(model, tok, texts: list[str], batch_size: int = 8, decoder=None, adapter: str = BASE) -> dict:
+    """Perplexity of ``texts`` with every row on LoRA slot ``adapter`` of ``decoder`` (``text_nll``)."""
+    nll, n = text_nll(model, tok, texts, batch_size, decoder, adapter)
     return {"perplexity": perplexity(nll, n), "tokens": n, "passages": len(texts)}
 
 

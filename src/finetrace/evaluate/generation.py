@@ -117,20 +117,31 @@ def score_labels(
     return [best_label(labels, s) for s in scores], scores
 
 
-def text_nll(model, tok, texts: Sequence[str], batch_size: int = 8) -> tuple[float, int]:
-    """Summed next-token NLL over ``texts`` (plain text, no template) and the number of scored tokens."""
+def text_nll(
+    model, tok, texts: Sequence[str], batch_size: int = 8, decoder: Decoder | None = None, adapter: str = BASE
+) -> tuple[float, int]:
+    """Summed next-token NLL over ``texts`` (plain text, no template) and the number of scored tokens,
+    through the decoder's forward (``decoder``, or one made for ``model``) with every row on ``adapter``:
+    the kernels and weights that score labels, generate and serve. Each text's tokens see only their own
+    earlier tokens (an explicit causal mask; a left-padding token sees itself only and is not scored)."""
     import torch
 
+    from ..decoding.kvcache import slab_cache
+
+    dec = decoder if decoder is not None else Decoder(model, tok)
     rows = [r for r in _encode(tok, list(texts)) if len(r) >= 2]
     total, count = 0.0, 0
     with torch.inference_mode():
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             ids, mask, pos = _left_pad(chunk, pad_id(tok))
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            tgt_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            B, T = ids.shape
+            seen = mask.bool()[:, None, :] & torch.ones((T, T), dtype=torch.bool).tril()[None]  # (B, T, T)
+            keep = (seen | torch.eye(T, dtype=torch.bool)[None])[:, None]  # (B, 1, T, T)
+            logits = dec.forward(ids, mask, pos, slab_cache(dec.n_layers), [adapter] * B, keep)  # (B, T, V)
             valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-            total += float(-(tgt_lp * valid).sum())
+            for b in range(B):  # a row at a time: (T, V) log-probs, not (B, T, V)
+                lp = torch.log_softmax(logits[b, :-1].float(), dim=-1).gather(-1, ids[b, 1:, None]).squeeze(-1)
+                total += float(-(lp * valid[b]).sum())
             count += int(valid.sum())
     return total, count

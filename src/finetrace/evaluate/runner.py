@@ -12,7 +12,7 @@ and its gates are recorded as a ``gate.verdict`` ledger event that serving and p
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -210,12 +210,6 @@ def _load_adapters(model, ws: Workspace, adapters: list[Artifact]):
     return peft
 
 
-def _select(sel, name: str) -> None:
-    """Point plain forwards (perplexity) at one adapter slot, as the decoder does per row."""
-    if sel is not None:
-        sel.select([name])
-
-
 def _check_bases(base_art: Artifact, ad_arts: list[Artifact]) -> None:
     """InputError unless every adapter was trained on ``base_art`` (or does not say)."""
     for a in ad_arts:
@@ -334,9 +328,8 @@ def compare(
         base_res, base_scored = _evaluate_subject(
             "base", answer, es, suite, metrics, None, categories if not ad_arts else None
         )
-        with peft.disable_adapter() if peft is not None else contextlib.nullcontext():
-            _select(sel, BASE)
-            base_ppl = text_perplexity(model, tok, fg_texts, suite.batch_size) if fg_texts else None
+        ppl = functools.partial(text_perplexity, lm, tok, fg_texts, suite.batch_size, answer.decoder())
+        base_ppl = ppl(BASE) if fg_texts else None  # every row on slot 0: the base
         base_res.update(model=base_art.digest, adapter=None, ref=base_art.ref)
         subjects.append(base_res)
         for i, art in enumerate(ad_arts):
@@ -350,9 +343,8 @@ def compare(
                 base_scored,
                 categories,
             )
-            _select(sel, f"a{i}")
             if fg_texts:
-                res["forgetting"] = forgetting(base_ppl, text_perplexity(peft, tok, fg_texts, suite.batch_size))
+                res["forgetting"] = forgetting(base_ppl, ppl(f"a{i}"))
             res.update(model=base_art.digest, adapter=art.digest, ref=art.ref)
             subjects.append(res)
         for res in subjects[1:] if ad_arts else subjects:
