@@ -94,7 +94,15 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
 
 @pytest.mark.parametrize(
     "rows,out,inp,threads",
-    [(1, 13, 37, 1), (1, 200, 64, 2), (3, 7, 200, 2), (16, 9, 24, 2), (7, 100, 33, 2), (37, 70, 50, 2), (70, 20, 40, 2)],
+    [
+        (1, 13, 37, 1),
+        (1, 200, 64, 2),
+        (3, 7, 200, 2),
+        (16, 9, 24, 2),
+        (7, 100, 33, 2),
+        (37, 70, 50, 2),
+        (70, 20, 40, 2),
+    ],
 )
 def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):
     torch.manual_seed(out)
