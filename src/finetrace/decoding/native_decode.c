@@ -99,12 +99,12 @@ static float dot32(const float *w, const float *x, int64_t n) {
 
 /* nb rows of X (nb <= 6) against one panel: 2 x 6 accumulators in registers */
 static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, const float *X, int64_t in,
-                                                            float *acc_out, int nb) {
+                                                            float *acc_out, const uint16_t *pf, int nb) {
     __m256 c0[6], c1[6];
 #pragma GCC unroll 6
     for (int r = 0; r < nb; r++) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < in; k++) {
-        if (!(k & 1)) _mm_prefetch((const char *)(P + (in + k) * OB), _MM_HINT_T1); /* the next panel, to L2 */
+        if (pf && !(k & 1)) _mm_prefetch((const char *)(pf + k * OB), _MM_HINT_T1); /* the next panel, to L2 */
         __m256 w0 = h8(P + k * OB), w1 = h8(P + k * OB + 8);
 #pragma GCC unroll 6
         for (int r = 0; r < nb; r++) {
@@ -150,12 +150,12 @@ static inline void put(float *y, const float *acc, int64_t n) { memcpy(y, acc, s
 #define WIDE_ROWS 16
 #define WIDE_MAX_BATCH 64
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void wide_tile(
-    const uint16_t *P, const float *X, int64_t in, float *acc_out, int nb) {
+    const uint16_t *P, const float *X, int64_t in, float *acc_out, const uint16_t *pf, int nb) {
     __m512 c[WIDE_ROWS];
 #pragma GCC unroll 16
     for (int r = 0; r < nb; r++) c[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < in; k++) {
-        if (!(k & 1)) _mm_prefetch((const char *)(P + (in + k) * OB), _MM_HINT_T1); /* the next panel, to L2 */
+        if (pf && !(k & 1)) _mm_prefetch((const char *)(pf + k * OB), _MM_HINT_T1); /* the next panel, to L2 */
         __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + k * OB)));
 #pragma GCC unroll 16
         for (int r = 0; r < nb; r++) c[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[r * in + k]), c[r]);
@@ -164,15 +164,15 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
 }
 
 #define WIDE_CASE(n) \
-    case n: wide_tile(P, X, in, acc, n); break;
+    case n: wide_tile(P, X, in, acc, pf, n); break;
 
 /* the rows of X (nb <= 16) against one panel, each tile size its own unrolled loop */
 __attribute__((target("avx512f"))) static void wide_rows(const uint16_t *P, const float *X, int64_t in, float *acc,
-                                                         int64_t nb) {
+                                                         const uint16_t *pf, int64_t nb) {
     switch (nb) {
         WIDE_CASE(16) WIDE_CASE(15) WIDE_CASE(14) WIDE_CASE(13) WIDE_CASE(12) WIDE_CASE(11) WIDE_CASE(10)
         WIDE_CASE(9) WIDE_CASE(8) WIDE_CASE(7) WIDE_CASE(6) WIDE_CASE(5) WIDE_CASE(4) WIDE_CASE(3)
-        WIDE_CASE(2) default: wide_tile(P, X, in, acc, 1); break;
+        WIDE_CASE(2) default: wide_tile(P, X, in, acc, pf, 1); break;
     }
 }
 
@@ -225,10 +225,12 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             for (int64_t r0 = 0, k = 0; r0 < B; k++) {
                 int64_t nb = base + (k < extra);
                 const float *x0 = X + r0 * in;
+                /* a small batch's first tile fetches the next panel (a large one reuses each panel long enough) */
+                const uint16_t *pf = k == 0 && B <= WIDE_MAX_BATCH ? P + in * OB : NULL;
                 if (wide)
-                    wide_rows(P, x0, in, acc, nb);
+                    wide_rows(P, x0, in, acc, pf, nb);
                 else
-                    BY_SIZE(nb, rows_tile, P, x0, in, acc)
+                    BY_SIZE(nb, rows_tile, P, x0, in, acc, pf)
                 for (int64_t r = 0; r < nb; r++) put(Y + (r0 + r) * out + o0, acc + r * OB, n);
                 r0 += nb;
             }
