@@ -1,4 +1,4 @@
-"""One workspace for every console and tracker test: the pipeline test's own pipeline, run once.
+"""One workspace for every console and tracker test: the pipeline test's own pipeline, run once per session.
 
 ``console_env`` runs ``tests/pipeline/test_pipeline.py``'s ``make_pipeline`` on the tiny model (import,
 train with ``tracking:`` set to a local MLflow file store and a TensorBoard folder, evaluate, docs,
@@ -9,7 +9,11 @@ a named person overrides, so every section of "needs a person" has something in 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,15 +30,14 @@ def _pipeline_helpers():
     return mod
 
 
-@pytest.fixture(scope="package")
-def console_env(tiny_model_dir, tmp_path_factory):
+def _build(tmp: Path, tiny_model_dir: Path) -> dict:
+    """Run the pipeline and the extra runs in ``tmp``; the digests and ids the tests look up (JSON)."""
     from finetrace.evaluate import Suite, evaluate
     from finetrace.ledger.clearance import record_override
     from finetrace.pipeline import run_pipeline
     from finetrace.train import TrainConfig, train
     from finetrace.workspace import Workspace
 
-    tmp = tmp_path_factory.mktemp("console")
     path = _pipeline_helpers().make_pipeline(tmp, tiny_model_dir)
     (tmp / "datasheet.yaml").write_text(
         yaml.safe_dump(
@@ -91,14 +94,38 @@ def console_env(tiny_model_dir, tmp_path_factory):
     record_override(ws.ledger, adapter.digest, "Grace Hopper", "accuracy 1.01 cannot be met; reviewed by hand")
     ws.checkpoint()
     info = {
-        "root": ws.root,
-        "tmp": tmp,
-        "result": res,
-        "adapter": adapter,
-        "dataset": dataset,
-        "strict": other,
+        "adapter": adapter.digest,
+        "dataset": dataset.digest,
+        "strict": other.digest,
         "provenance_id": res.state["deploy"]["provenance_id"],
         "train_run": adapter.run_id,
     }
     ws.close()
     return info
+
+
+@pytest.fixture(scope="package")
+def console_env(tiny_model_dir, tmp_path_factory):
+    """{"root", "tmp", "adapter", "dataset", "strict", "provenance_id", "train_run"}: this worker's copy.
+
+    The pipeline runs once per test session (under pytest-xdist, the first worker to need it builds it in
+    the session's shared temporary folder, under a lock, as ``audit_golden`` does); each worker copies the
+    whole folder (workspace, MLflow store, TensorBoard events), so no worker sees another's writes.
+    """
+    from finetrace.workspace import Workspace
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    built, done = shared / "console-env", shared / "console-env.json"
+    with open(shared / "console-env.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(built, ignore_errors=True)  # a build that failed half-way
+            built.mkdir()
+            done.write_text(json.dumps(_build(built, tiny_model_dir)))
+    info = json.loads(done.read_text())
+    tmp = tmp_path_factory.mktemp("console")
+    shutil.copytree(built, tmp, symlinks=True, dirs_exist_ok=True)
+    with Workspace.open(tmp / "ws") as ws:
+        arts = {k: ws.ledger.artifact(info[k]) for k in ("adapter", "dataset", "strict")}
+    return {**info, **arts, "root": (tmp / "ws").resolve(), "tmp": tmp}
