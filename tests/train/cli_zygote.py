@@ -72,6 +72,9 @@ def main(preload: list[str]) -> None:
         rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         sys.stdout.write(f"rc {rc}\n")
         sys.stdout.flush()
+    # stdin closed, every child waited for: the zygote itself has nothing left to run at exit, and tearing
+    # down an interpreter with torch, transformers and peft loaded takes ~3 s the test would wait for
+    os._exit(0)
 
 
 if __name__ == "__main__":
