@@ -48,10 +48,12 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import os
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr
     )
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its workspace (about 1 GB: the base and 16 adapters) goes with it
     ws = Workspace.init(tmp / "ws")
     note = ""
     base = None
