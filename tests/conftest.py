@@ -8,7 +8,12 @@ made training tests 3-4x slower. A test that needs more threads sets them itself
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +76,22 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     rank = {f: i for i, f in enumerate(LONGEST_FIRST)} | {f: len(LONGEST_FIRST) + 1 for f in LAST}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(LONGEST_FIRST)))  # stable
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """(folder, ``build(folder)``'s JSON-able result), built once per test session: under pytest-xdist the
+    first worker that asks builds it in the session's shared temporary folder, under a lock, and every
+    other worker reads it (copy the folder before writing to it)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by workers
+    root, done = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            done.write_text(json.dumps(build(root)))
+    return root, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")

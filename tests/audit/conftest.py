@@ -9,14 +9,12 @@ files never see each other's changes.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from ..conftest import built_once
 from .pipeline import build
 
 
@@ -39,17 +37,7 @@ def _build_golden(root: Path, model_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def audit_golden(tiny_model_dir, tmp_path_factory):
     """{"root", "refs", "digests", "intended_use"} of the golden pipeline run (read-only: copy it)."""
-    # under xdist, the parent of this worker's base temp folder is the session's, shared by its workers
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    root, done = shared / "audit-golden", shared / "audit-golden.json"
-    with open(shared / "audit-golden.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
-            root.mkdir()
-            done.write_text(json.dumps(_build_golden(root, tiny_model_dir)))
-    info = json.loads(done.read_text())
+    root, info = built_once(tmp_path_factory, "audit-golden", lambda root: _build_golden(root, tiny_model_dir))
     info["refs"]["intended_use"] = info["intended_use"] = Path(info["intended_use"])
     return {"root": root, **info}
 

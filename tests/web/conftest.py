@@ -9,15 +9,14 @@ a named person overrides, so every section of "needs a person" has something in 
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ..conftest import built_once
 
 PIPELINE_TEST = Path(__file__).resolve().parents[1] / "pipeline" / "test_pipeline.py"
 SCRIPT = "<script>alert('pwned')</script>"
@@ -114,16 +113,7 @@ def console_env(tiny_model_dir, tmp_path_factory):
     """
     from finetrace.workspace import Workspace
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    built, done = shared / "console-env", shared / "console-env.json"
-    with open(shared / "console-env.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            shutil.rmtree(built, ignore_errors=True)  # a build that failed half-way
-            built.mkdir()
-            done.write_text(json.dumps(_build(built, tiny_model_dir)))
-    info = json.loads(done.read_text())
+    built, info = built_once(tmp_path_factory, "console-env", lambda root: _build(root, tiny_model_dir))
     tmp = tmp_path_factory.mktemp("console")
     shutil.copytree(built, tmp, symlinks=True, dirs_exist_ok=True)
     with Workspace.open(tmp / "ws") as ws:
