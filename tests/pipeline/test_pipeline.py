@@ -243,6 +243,22 @@ def test_config_errors_name_file_line_and_key(tmp_path, tiny_model_dir):
     assert "train.max_step" in str(err.value) and "train.max_steps" in str(err.value)
 
 
+@pytest.mark.slow  # trains the tiny model (about 15 s)
+def test_cli_run_json_shows_training_progress_on_stderr(workspace, tiny_model_dir, tmp_path, capsys):
+    import json
+    import re
+
+    from finetrace.cli import main
+
+    path = make_pipeline(tmp_path, tiny_model_dir)
+    assert main(["--workspace", str(workspace.root), "run", str(path), "--until", "train", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["stages"][2]["status"] == "ran"  # stdout: only the JSON
+    # off a terminal, plain progress lines (the last update at least): step/total, loss and tokens/s
+    lines = [ln for ln in out.err.splitlines() if re.match(r"train: \d+/\d+  loss \d+\.\d+.* tok/s", ln)]
+    assert lines and lines[-1].split()[1].split("/")[0] == lines[-1].split()[1].split("/")[1]
+
+
 def test_cli_run_json_and_errors(workspace, tiny_model_dir, tmp_path, capsys):
     import json
 

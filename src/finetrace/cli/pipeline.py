@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         ws = open_workspace()
         echo = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
         try:
-            with Bars(not json_out) as bars:
+            with Bars() as bars:  # on stderr: with --json too, stdout holds only the JSON
                 result = run_pipeline(ws, pipeline, force=force, until=until, progress=bars, echo=echo)
         except (FinetraceError, KeyboardInterrupt) as exc:
             partial = getattr(exc, "pipeline_result", None)
