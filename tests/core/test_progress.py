@@ -60,3 +60,13 @@ def test_off_a_terminal_bars_write_plain_lines_throttled_and_the_last_one(capsys
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["train: 1/10  loss 1", "data: 7  rows/s 12", "train: 5/10  loss 5"]
     assert bars._prog is None  # rich never started: nothing live is drawn into a log
+
+
+def test_a_repeated_final_update_is_one_plain_line(capsys):
+    import finetrace.cli.progress as progress
+
+    with progress.Bars(plain=True) as bars:
+        bars("train", 0, 4)
+        bars("train", 4, 4, "loss 0.02")  # the last step
+        bars("train", 4, 4, "loss 0.02")  # the same, reported again when the run ends
+    assert capsys.readouterr().err.splitlines() == ["train: 0/4", "train: 4/4  loss 0.02"]

@@ -62,8 +62,10 @@ class Bars:
 
     def _line(self, task: str, done: int, total: int | None, note: str) -> None:
         now = time.monotonic()
-        printed, _, _, last_note, _ = self._last.get(task, (None, 0, None, "", False))
+        printed, last_done, last_total, last_note, _ = self._last.get(task, (None, 0, None, "", False))
         note = note or last_note
+        if printed is not None and (done, total, note) == (last_done, last_total, last_note):
+            return  # nothing new (a final update repeated): not a second line
         due = printed is None or now - printed >= PLAIN_EVERY_S or (total is not None and done >= total)
         if due:
             self._emit(task, done, total, note)
