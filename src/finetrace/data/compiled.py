@@ -27,8 +27,13 @@ _KERNEL: list = []  # [(signature kernel, preparation kernel)] once loaded, [Non
 
 
 def _build():
+    """Every kernel, compiled or loaded from numba's cache: (MinHash pair, preparation, PII gates, PII runs)."""
     import numba
 
+    return _minhash_kernels(numba), _prepare_kernel(numba), *_pii_kernels(numba)
+
+
+def _minhash_kernels(numba):
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def window_hashes(data, out):  # pragma: no cover - compiled
         # every 5-byte window of the whole buffer, rows ignored: one flat loop LLVM vectorises (windows
@@ -72,6 +77,10 @@ def _build():
                     best = min(best, np.uint32(a * buf[t] + b))  # wraps mod 2^32
                 out[r, q] = best
 
+    return window_hashes, kernel
+
+
+def _prepare_kernel(numba):
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def prepare(data, offs, lower, out, out_offs, fix):  # pragma: no cover - compiled
         # branch-free per ASCII byte: every byte is written (``lower`` maps whitespace to a space), and
@@ -108,6 +117,10 @@ def _build():
             out_offs[r + 1] = w
         return w
 
+    return prepare
+
+
+def _pii_kernels(numba):
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def gate_counts(data, offs, cls, out):  # pragma: no cover - compiled
         # per row: digits, '@', ':', '.', whether "::" starts in it, whether two capitals before two
@@ -173,7 +186,7 @@ def _build():
                     m += 1
         return rows[:m], starts[:m], ends[:m]
 
-    return (window_hashes, kernel), prepare, gate_counts, runs
+    return gate_counts, runs
 
 
 def available() -> bool:

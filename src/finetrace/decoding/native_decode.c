@@ -19,9 +19,9 @@
  * which adapters they use. Against the torch path only the order of fp32 sums differs. Where the CPU
  * has AVX-512, a batch of up to 64 rows runs against each weight panel in tiles of up to 16 (one 16-lane
  * register a row; ft_wide), else in tiles of up to 6 (two 8-lane registers a row): the same sums, the
- * same bits. Either tile
- * prefetches the next panel into L2 while it computes, so that a batch's weight read from memory overlaps
- * its arithmetic (measured: a batch-16 step's GEMMs on SmolLM2, 1 thread, 77 -> 52 ms). Weight GEMMs,
+ * same bits. In such a batch the first tile prefetches the next panel into L2 while it computes, so that
+ * the weight read from memory overlaps the arithmetic (measured: a batch-16 step's GEMMs on SmolLM2,
+ * 1 thread, 77 -> 52 ms). Weight GEMMs,
  * attention and the LoRA terms are split between `threads` OpenMP threads (the runtime torch itself
  * uses: the same libgomp.so.1 is loaded once per process).
  */
