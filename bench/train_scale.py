@@ -37,9 +37,11 @@ The last line is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -295,6 +297,7 @@ def setup(args) -> tuple[Path, int]:
         write_random_model(folder, shape, seed=0, dtype="bfloat16")
         print(f"wrote {folder} in {time.perf_counter() - t:.0f} s")
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-scale-", dir=args.workdir))
+    atexit.register(shutil.rmtree, tmp, True)  # its workspace (the 1B model, stored, and the adapters) goes with it
     ws = Workspace.init(tmp / "ws")
     t = time.perf_counter()
     art = add_model(ws, folder, name=BASE)

@@ -20,9 +20,11 @@ fp32 matmul ceiling. The last line is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -346,6 +348,7 @@ def main() -> None:
 
     threads = args.threads or physical_cores()
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-train-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its workspace (the base model and the adapters) goes with it
     ws = Workspace.init(tmp / "ws")
     if args.random_init:
         add_folder(ws, random_model(args.random_init, tmp / "random-model"), "smollm2-135m-instruct")
