@@ -330,7 +330,9 @@ def main() -> None:
     ap.add_argument(
         "--cache", default=os.path.expanduser("~/.cache/finetrace/bench"), help="where the random model is written once"
     )
-    ap.add_argument("--workdir", default=None, help="where the workspace goes (default: the temp folder)")
+    ap.add_argument(
+        "--workdir", default=None, help="where the scratch workspace goes, removed at exit (default: the temp folder)"
+    )
     ap.add_argument("--sides", default="baseline_qlora,qlora,lora_fp32")
     ap.add_argument(
         "--no-checkpointing-micro-batch-tokens",
