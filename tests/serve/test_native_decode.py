@@ -102,6 +102,9 @@ def test_the_native_step_equals_the_lean_forward_logits_and_cache(two_adapters):
         (7, 100, 33, 2),
         (37, 70, 50, 2),
         (70, 20, 40, 2),
+        (17, 64, 256, 2),  # past 16 rows the widened-block kernel: panels split between the threads
+        (130, 150, 300, 2),  # rows split between the threads, three input blocks, a masked last panel
+        (250, 33, 129, 1),
     ],
 )
 def test_the_fp16_kernels_on_any_shape_and_each_row_as_if_alone(rows, out, inp, threads):

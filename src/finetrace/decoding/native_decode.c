@@ -26,6 +26,9 @@
  * uses: the same libgomp.so.1 is loaded once per process).
  */
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -176,6 +179,103 @@ __attribute__((target("avx512f"))) static void wide_rows(const uint16_t *P, cons
     }
 }
 
+/* Past BIG_MIN_BATCH rows (prefill chunks, label scoring's prompt pass, wide decode batches) the GEMM
+ * is bound by arithmetic more than by the weight read, and the tiles above leave most of it unused:
+ * their rows of X no longer stay in L1 beside the panel, and half the issue slots go to widening fp16.
+ * Here, per group of BIG_PANELS panels and block of BIG_K inputs, the weights are widened once into an
+ * fp32 block in L1; tiles of BIG_ROWS rows x 64 outputs then run 24 16-lane accumulators against it
+ * (24 FMAs to 10 loads an input: the FMA units stay busy). Threads split the rows when there are many
+ * (B >= 48 per thread), the panel groups otherwise. A block's partial sums go to Y and come back for
+ * the next block, unrounded: each output is still acc = fma(w[k], x[k], acc) for k = 0, 1, ..., from
+ * 0, so a row's results are the same bits as from the tiles above, alone or in any batch (tested). */
+#define BIG_ROWS 6
+#define BIG_PANELS 4
+#define BIG_K 128
+#define BIG_CHUNK 120 /* rows of X a thread runs against one weight block before the next: ~2 x L2 / in */
+
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void big_tile(
+    const float *Wf, const float *X, int64_t in, int64_t kb, float *Y, int64_t out, const __mmask16 *mask,
+    int first, int nr, int np) {
+    __m512 c[BIG_ROWS][BIG_PANELS];
+#pragma GCC unroll 6
+    for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < np; p++)
+            c[r][p] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[p], Y + r * out + p * OB);
+    for (int64_t k = 0; k < kb; k++) {
+        __m512 w[BIG_PANELS];
+#pragma GCC unroll 4
+        for (int p = 0; p < np; p++) w[p] = _mm512_load_ps(Wf + (k * np + p) * OB);
+#pragma GCC unroll 6
+        for (int r = 0; r < nr; r++) {
+            __m512 xb = _mm512_set1_ps(X[r * in + k]);
+#pragma GCC unroll 4
+            for (int p = 0; p < np; p++) c[r][p] = _mm512_fmadd_ps(w[p], xb, c[r][p]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < np; p++) _mm512_mask_storeu_ps(Y + r * out + p * OB, mask[p], c[r][p]);
+}
+
+#define BIG_CASE(r, p) \
+    case (r) * 8 + (p): big_tile(Wf, X, in, kb, Y, out, mask, first, r, p); break;
+#define BIG_ROW(r) BIG_CASE(r, 4) BIG_CASE(r, 3) BIG_CASE(r, 2) BIG_CASE(r, 1)
+
+/* one tile, its sizes as constants (each its own unrolled loop) */
+__attribute__((target("avx512f"))) static void big_rows(const float *Wf, const float *X, int64_t in, int64_t kb,
+                                                        float *Y, int64_t out, const __mmask16 *mask, int first,
+                                                        int nr, int np) {
+    switch (nr * 8 + np) {
+        BIG_ROW(6) BIG_ROW(5) BIG_ROW(4) BIG_ROW(3) BIG_ROW(2) BIG_ROW(1) default: break;
+    }
+}
+
+/* Y = X W^T with AVX-512 for B > BIG_MIN_BATCH rows (no bias: gemm16 adds it). A large batch splits its
+ * rows between the threads (each widens every weight block once per chunk of rows); a small one splits
+ * the panels, so that each weight is read from memory by one thread only. */
+#define BIG_MIN_BATCH 16
+__attribute__((target("avx512f"))) static void gemm_big(const uint16_t *W, const float *X, int64_t B, float *Y,
+                                                        int64_t out, int64_t in, int64_t threads) {
+    int64_t blocks = (out + OB - 1) / OB;
+    int by_rows = B >= 48 * threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads(), t = omp_get_thread_num();
+#endif
+        int64_t lo = by_rows ? B * t / nt : 0, hi = by_rows ? B * (t + 1) / nt : B;   /* this thread's rows */
+        int64_t b0 = by_rows ? 0 : blocks * t / nt, b1 = by_rows ? blocks : blocks * (t + 1) / nt; /* panels */
+        float *Wf = aligned_alloc(64, sizeof(float) * BIG_K * BIG_PANELS * OB);
+        for (int64_t c0 = lo; c0 < hi; c0 += BIG_CHUNK) {
+            int64_t c1 = c0 + BIG_CHUNK < hi ? c0 + BIG_CHUNK : hi;
+            for (int64_t j0 = b0; j0 < b1; j0 += BIG_PANELS) {
+                int np = b1 - j0 < BIG_PANELS ? (int)(b1 - j0) : BIG_PANELS;
+                __mmask16 mask[BIG_PANELS];
+                for (int p = 0; p < np; p++) {
+                    int64_t n = out - (j0 + p) * OB;
+                    mask[p] = n >= OB ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+                }
+                for (int64_t k0 = 0; k0 < in; k0 += BIG_K) {
+                    int64_t kb = in - k0 < BIG_K ? in - k0 : BIG_K;
+                    for (int64_t k = 0; k < kb; k++) /* widen the block: (kb, np panels, 16) */
+                        for (int p = 0; p < np; p++)
+                            _mm512_store_ps(Wf + (k * np + p) * OB,
+                                            _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                (const __m256i *)(W + (j0 + p) * in * OB + (k0 + k) * OB))));
+                    for (int64_t r0 = c0; r0 < c1; r0 += BIG_ROWS) {
+                        int nr = c1 - r0 < BIG_ROWS ? (int)(c1 - r0) : BIG_ROWS;
+                        big_rows(Wf, X + r0 * in + k0, in, kb, Y + r0 * out + j0 * OB, out, mask, k0 == 0, nr, np);
+                    }
+                }
+            }
+        }
+        free(Wf);
+    }
+}
+
 static int wide_on = -1; /* the 16-row tile in use: -1 until the CPU is asked */
 
 /* on = 1: use the 16-row tile where the CPU has AVX-512, 0: the 8-lane tile only, -1: leave it; returns
@@ -211,6 +311,8 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             int64_t o0 = j0 * OB, n = out - o0 < 6 * OB ? out - o0 : 6 * OB;
             put(Y + o0, acc, n);
         }
+    } else if (B > BIG_MIN_BATCH && (wide_on < 0 ? ft_wide(-1) : wide_on)) {
+        gemm_big(W, X, B, Y, out, in, threads);
     } else {
         /* the 16-row tile up to 64 rows; past that its 16 rows of X no longer stay in L1 beside the panel,
          * and the 8-lane tiles of 6 rows measure faster (prefill chunks: 880 rows 99 vs 88 GFLOP/s) */
