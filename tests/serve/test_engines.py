@@ -84,6 +84,23 @@ def test_gguf_lora_matches_peft_through_llama_cpp(served_ws, tmp_path):
     llama_cpp.llama_adapter_lora_free(ad)
 
 
+def test_a_q8_0_gguf_decodes_a_multi_token_prompt_in_the_worker(served_ws, tmp_path):
+    """On a CPU with AMX, ggml's AMX buffers crashed the process (SIGSEGV) on any prompt of 2+ tokens of a
+    quantised GGUF; the worker opens models without them there. Greedy ids equal the f32 file's mostly."""
+    from finetrace.serve.engines.llamacpp_worker import Worker
+    from finetrace.serve.gguf_export import write_gguf
+
+    prompt = list(range(5, 45))  # 40 tokens: one multi-token batch
+    out = {}
+    for qtype in ("q8_0", "f32"):
+        path = write_gguf(served_ws.ctx["model_dir"], tmp_path / f"{qtype}.gguf", qtype=qtype)
+        worker = Worker(str(path), n_ctx=128, threads=2, served_name="tiny")
+        out[qtype] = worker.token_ids({"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        worker.close()
+    assert len(out["q8_0"]) == len(out["f32"]) > 0
+    assert out["q8_0"][:3] == out["f32"][:3]  # 8-bit weights: the same first greedy tokens
+
+
 def test_gguf_lora_layout_is_llama_cpp_converters(served_ws, tmp_path):
     """Names, shapes and alpha as llama.cpp's convert_lora_to_gguf.py writes them (checked against it, see
     docs/serve.md): lora_a (r, in), lora_b (out, r) with Q/K rows rope-permuted, alpha in adapter.lora.alpha."""

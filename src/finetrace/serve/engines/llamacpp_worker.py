@@ -25,12 +25,52 @@ from typing import Any
 BASE = "__base__"
 
 
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def open_llama(model: str, **kwargs):
+    """``llama_cpp.Llama(model, **kwargs)``, without ggml's extra weight buffers on a CPU with AMX.
+
+    llama-cpp-python 0.3.36, built by pip for such a CPU (``-march=native``), repacks Q8_0 and Q4_x weights
+    into AMX buffers and then dies with SIGSEGV on the first prompt of more than one token: SmolLM2's
+    Q4_1 GGUF and a tiny Q8_0 one alike, measured here (test_engines.py keeps the tiny case). The
+    Python API has no switch for those buffers, so the default model parameters are changed for this one
+    load. What it costs: the extra buffers also hold ggml's CPU repack of Q4_0/IQ4_NL/Q4_K, which is then
+    not used on AMX machines; elsewhere nothing changes."""
+    import llama_cpp
+
+    if not cpu_has_amx():
+        return llama_cpp.Llama(model, **kwargs)
+    lib = llama_cpp.llama_cpp
+    default = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with _LOAD_LOCK:
+        lib.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(model, **kwargs)
+        finally:
+            lib.llama_model_default_params = default
+
+
+_LOAD_LOCK = threading.Lock()
+
+
 class Worker:
     def __init__(self, model: str, n_ctx: int, threads: int, served_name: str):
         import llama_cpp
 
         self.lc = llama_cpp
-        self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = open_llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.served_name = served_name
         self.adapters: dict[str, Any] = {}  # name -> llama_adapter_lora_p
         self.paths: dict[str, str] = {}
