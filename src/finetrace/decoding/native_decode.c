@@ -81,11 +81,14 @@ static inline float hsum(__m256 v) {
 }
 
 /* e^x for eight floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5 polynomial,
- * 2^n put into the exponent; within 2 ulp of expf). The SiLU gate and the softmax called libm's expf
- * one value at a time: about 10% of a prompt pass. Element-wise, so a row's bits still do not depend
- * on its batch. */
+ * 2^n put into the exponent). The SiLU gate and the softmax called libm's expf one value at a time:
+ * about 10% of a prompt pass. Below -87.33 (where expf's result is subnormal) the answer is 0, so no
+ * subnormal reaches the attention's weighted sum, which skips zero weights. Element-wise, so a row's
+ * bits still do not depend on its batch. */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+    const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+    __m256 normal = _mm256_cmp_ps(x, lo, _CMP_GE_OQ); /* false for NaN and below lo */
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), lo);
     __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -98,7 +101,7 @@ static inline __m256 exp8(__m256 x) {
     y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
     __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(n)), normal);
 }
 
 /* act = silu(g) * u over n values (n % 8 == 0 in Llama shapes; a tail takes the same exp8) */
