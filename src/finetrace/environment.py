@@ -49,6 +49,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (``amx_bf16``, ``avx512_bf16``...); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16): there a bf16 GEMM
+    runs 3-4x faster than fp32 (measured on a 2-core Xeon with AMX: 500-590 against 140-160 GFLOP/s for
+    ``F.linear`` at 640 tokens); without it bf16 is emulated and many times slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
 def git_commit(path: str | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)

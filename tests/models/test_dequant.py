@@ -15,24 +15,29 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("shape", [(512, 256), (96, 80), (7, 322), (3, 64 * 300)])
-def test_into_a_buffer_equals_dequantize_4bit_bit_for_bit(quant_type, nested, shape):
+def test_into_a_buffer_equals_dequantize_4bit_bit_for_bit(dtype, quant_type, nested, shape):
     import bitsandbytes.functional as bf
 
+    from finetrace.models import dequant
     from finetrace.models.dequant import dequantize_4bit_into
 
     torch.manual_seed(0)
     w = torch.randn(*shape) * 0.02
     w[0, :5] = torch.tensor([0.0, 1e-8, -3.0, 5.0, float(2**-20)])  # zeros, tiny values, a large absmax
-    packed, state = bf.quantize_4bit(w, quant_type=quant_type, compress_statistics=nested)
+    packed, state = bf.quantize_4bit(w.to(dtype), quant_type=quant_type, compress_statistics=nested)
     want = bf.dequantize_4bit(packed, state)
-    out = torch.full(shape, float("nan"))
+    assert want.dtype == dtype
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert dequant._fast(dequant._bnb_cpu_lib(), packed, state, out)  # the reused-buffer kernels, not a copy
     got = dequantize_4bit_into(packed, state, out)
     assert got is out
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-    assert (got - w).abs().max() < 0.2 * w.abs().max()  # and it is the weight (4 bits of it)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert (got.float() - w).abs().max() < 0.2 * w.abs().max()  # and it is the weight (4 bits of it)
 
 
 def test_a_case_the_cpu_kernels_do_not_cover_goes_through_bitsandbytes():

@@ -34,7 +34,7 @@ def _transformers_nf4(folder, spec):
 def test_bf16_embedding_is_kept_and_the_logits_equal_an_fp32_copy(bf16_dir):
     from finetrace.models.quant import load_causal_lm, make_spec
 
-    spec = make_spec(4)
+    spec = make_spec(4, compute_dtype="float32")  # fp32 compute: the embedding is narrower than it
     ours, ref = load_causal_lm(bf16_dir, quantization=spec), _transformers_nf4(bf16_dir, spec)
     emb = ours.get_input_embeddings().weight
     assert emb.dtype == torch.bfloat16 and emb is ours.get_output_embeddings().weight  # tied, stored once
@@ -54,7 +54,7 @@ def test_an_fp32_stored_embedding_stays_fp32(tmp_path):
     from finetrace.models.quant import load_causal_lm, make_spec
 
     folder = write_random_model(tmp_path / "f32", "llama-8m", dtype="float32")
-    assert load_causal_lm(folder, quantization=make_spec(4)).get_input_embeddings().weight.dtype == torch.float32
+    assert load_causal_lm(folder, quantization=make_spec(4, compute_dtype="float32")).get_input_embeddings().weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("fn", ["sft", "dpo"])

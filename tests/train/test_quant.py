@@ -40,7 +40,9 @@ def test_qlora_loss_falls_and_the_quantisation_is_recorded(tiny_setup):
     )
     losses = _losses(ws, art)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses
-    want = {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    native_bf16 = bool({"amx_bf16", "avx512_bf16"} & set(open("/proc/cpuinfo").read().split()))
+    compute = "bfloat16" if native_bf16 else "float32"  # auto, on a CPU
+    want = {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": compute}
     facts = json.loads((ws.store.materialize(art.digest) / "finetrace_adapter.json").read_text())
     for where in (
         facts["quantization"],
@@ -90,7 +92,8 @@ def test_eight_bit_base_trains(tiny_setup):
 
 
 @pytest.mark.slow
-def test_fused_nf4_layer_equals_peft_forward_and_gradients(learnable_model_dir):
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_fused_nf4_layer_equals_peft_forward_and_gradients(learnable_model_dir, compute):
     from peft import LoraConfig, get_peft_model
 
     from finetrace.models.quant import load_causal_lm, make_spec
@@ -98,7 +101,7 @@ def test_fused_nf4_layer_equals_peft_forward_and_gradients(learnable_model_dir):
 
     def run(fused: bool):
         torch.manual_seed(0)
-        m = load_causal_lm(learnable_model_dir, quantization=make_spec(4))
+        m = load_causal_lm(learnable_model_dir, quantization=make_spec(4, compute_dtype=compute))
         pm = get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
         with torch.no_grad():
             for n, p in pm.named_parameters():
@@ -113,10 +116,13 @@ def test_fused_nf4_layer_equals_peft_forward_and_gradients(learnable_model_dir):
 
     la, ga = run(False)
     lb, gb = run(True)
-    assert abs(la - lb) < 1e-5
+    # the fused layer sums in another order: the reordering error scales with the tensor, not a fixed 1e-6;
+    # in bf16 (8 bits of mantissa) it is ~2^-8 of it where fp32's is ~2^-20
+    tol = 1e-4 if compute == "float32" else 3e-2
+    assert abs(la - lb) < 0.1 * tol * abs(la)
     for k in ga:
-        # the fused layer sums in another order: fp32 reordering error scales with the tensor, not a fixed 1e-6
-        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-4 * float(ga[k].abs().max()))
+        assert ga[k].dtype == torch.float32  # the adapter trains in fp32 in either compute dtype
+        torch.testing.assert_close(ga[k], gb[k], rtol=tol, atol=tol * float(ga[k].abs().max()))
 
 
 def test_qlora_without_bitsandbytes_names_the_extra(tiny_setup, monkeypatch):

@@ -62,6 +62,16 @@ class Scratch:
 SCRATCH = Scratch()
 
 
+_4BIT = ("nf4", "fp4")
+_OUT = ("fp32", "bf16")  # the output dtypes written here: torch.float32 and torch.bfloat16
+
+
+def _out_suffix(dtype) -> str | None:
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+
+
 def _bnb_cpu_lib():
     """bitsandbytes' CPU library when it has the blockwise dequantisation entry points, else None."""
     try:
@@ -69,11 +79,7 @@ def _bnb_cpu_lib():
     except ImportError:
         return None
     lib = getattr(ops, "lib", None)
-    names = (
-        "cdequantize_blockwise_cpu_nf4_fp32",
-        "cdequantize_blockwise_cpu_fp4_fp32",
-        "cdequantize_blockwise_cpu_fp32",
-    )
+    names = ("cdequantize_blockwise_cpu_fp32", *(f"cdequantize_blockwise_cpu_{q}_{d}" for q in _4BIT for d in _OUT))
     return lib if lib is not None and all(hasattr(lib, n) for n in names) else None
 
 
@@ -86,11 +92,11 @@ def _fast(lib, packed, state, out) -> bool:
         and packed.device.type == "cpu"
         and packed.dtype == torch.uint8
         and packed.is_contiguous()
-        and out.dtype == torch.float32
+        and _out_suffix(out.dtype) is not None
         and out.is_contiguous()
         and tuple(out.shape) == shape
-        and state.dtype == torch.float32
-        and state.quant_type in ("nf4", "fp4")
+        and state.dtype == out.dtype
+        and state.quant_type in _4BIT
         and state.blocksize < 2048  # bitsandbytes routes 2048 and more to its generic path on some CPUs
         and len(shape) == 2
         and shape[-1] % 2 == 0
@@ -99,12 +105,14 @@ def _fast(lib, packed, state, out) -> bool:
 
 
 def dequantize_4bit_into(packed, state, out):
-    """``bitsandbytes.functional.dequantize_4bit(packed, state)`` written into ``out`` (fp32, CPU), by the
+    """``bitsandbytes.functional.dequantize_4bit(packed, state)`` written into ``out`` (fp32 or bf16, the
+    state's dtype, on a CPU), by the
     same bitsandbytes kernels, with the double-quantised absmax decoded into a reused buffer. Returns ``out``.
     Anything the CPU kernels do not cover (CUDA, another dtype or block size) goes through
     ``dequantize_4bit`` and is copied into ``out``."""
     import ctypes
 
+    import torch
     from bitsandbytes.functional import dequantize_4bit, get_ptr
 
     lib = _bnb_cpu_lib()
@@ -113,7 +121,7 @@ def dequantize_4bit_into(packed, state, out):
     absmax, buf = state.absmax, None
     if state.nested:  # what dequantize_blockwise(absmax, state2) + offset computes
         s2 = state.state2
-        buf = SCRATCH.take((absmax.numel(),), out.dtype, "cpu")
+        buf = SCRATCH.take((absmax.numel(),), torch.float32, "cpu")  # absmax is fp32 for every output dtype
         lib.cdequantize_blockwise_cpu_fp32(
             get_ptr(s2.code.contiguous()),
             get_ptr(absmax.contiguous()),
@@ -125,9 +133,7 @@ def dequantize_4bit_into(packed, state, out):
         absmax = buf.add_(state.offset)
     else:
         absmax = absmax.float().contiguous()
-    kernel = (
-        lib.cdequantize_blockwise_cpu_nf4_fp32 if state.quant_type == "nf4" else lib.cdequantize_blockwise_cpu_fp4_fp32
-    )
+    kernel = getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_out_suffix(out.dtype)}")
     m, n = state.shape
     kernel(
         get_ptr(packed),

@@ -6,8 +6,11 @@ documents, and turned into transformers' ``BitsAndBytesConfig`` only here:
     {"backend": "bitsandbytes", "version": "0.50.2", "bits": 4, "quant_type": "nf4",
      "double_quant": true, "compute_dtype": "float32"}
 
-The compute dtype is chosen from the device when not given: float32 on a CPU (bf16 is many times slower
-on CPUs without native support), bfloat16 on CUDA. ``bitsandbytes`` is the optional extra
+The compute dtype is chosen from the device when not given (``auto``): bfloat16 on CUDA, and on a CPU
+bfloat16 for a 4-bit base when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16: 3-4x fp32's GEMM
+speed, and bitsandbytes dequantises NF4 straight to bf16), float32 otherwise (bf16 is emulated and many
+times slower on CPUs without it; 8-bit bases keep float32 on a CPU, where bitsandbytes' int8 matmul was
+measured only in fp32). The resolved dtype is what the spec records. ``bitsandbytes`` is the optional extra
 ``finetrace[quant]``; without it asking for a quantised base is a ``DependencyError`` saying how to
 install it. The adapter trained on a quantised base is a plain PEFT adapter: it loads on the unquantised
 base as well (``load_causal_lm(path, quantization=None)``).
@@ -41,11 +44,20 @@ def make_spec(
     """The recorded description of a bitsandbytes quantisation (compute dtype resolved for the device)."""
     version = require_bitsandbytes(f"a {bits}-bit base")
     if compute_dtype == "auto":
-        compute_dtype = "bfloat16" if device_type == "cuda" else "float32"
+        compute_dtype = auto_compute_dtype(bits, device_type)
     spec = {"backend": "bitsandbytes", "version": version, "bits": int(bits), "compute_dtype": compute_dtype}
     if bits == 4:
         spec.update(quant_type=quant_type, double_quant=bool(double_quant))
     return spec
+
+
+def auto_compute_dtype(bits: int, device_type: str = "cpu") -> str:
+    """The compute dtype ``auto`` resolves to for a ``bits``-bit base on a device type (see the module doc)."""
+    from ..environment import cpu_has_native_bf16
+
+    if device_type == "cuda" or (bits == 4 and cpu_has_native_bf16()):
+        return "bfloat16"
+    return "float32"
 
 
 def bnb_config(spec: dict):

@@ -129,7 +129,8 @@ class QuantParams(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Dtype the quantised layers compute in (and the unquantised weights are kept in): "
-        "auto is float32 on a CPU, bfloat16 on CUDA; recorded with the run.",
+        "auto is bfloat16 on CUDA, and on a CPU bfloat16 for 4 bits where it multiplies bf16 in hardware "
+        "(AMX, AVX512-BF16), else float32; recorded with the run.",
     )
 
 

@@ -68,6 +68,9 @@ class LoraLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+_SCRATCH_DTYPES = (torch.float32, torch.bfloat16)  # what models.dequant writes into a reused CPU buffer
+
+
 class _Dequantizer:
     """For a bitsandbytes 4-bit layer: ``self(packed)`` is W in ``dtype`` (out, in), written into a reused
     buffer (``models.dequant.SCRATCH``) that ``release`` gives back once the GEMMs that read it are done."""
@@ -78,7 +81,7 @@ class _Dequantizer:
     def __call__(self, packed):
         from ..models.dequant import SCRATCH, dequantize_4bit_into
 
-        if packed.device.type != "cpu" or self.dtype != torch.float32:  # CUDA: its caching allocator reuses
+        if packed.device.type != "cpu" or self.dtype not in _SCRATCH_DTYPES:  # CUDA: its caching allocator reuses
             from bitsandbytes.functional import dequantize_4bit
 
             return dequantize_4bit(packed, self.state).to(self.dtype)
@@ -88,7 +91,7 @@ class _Dequantizer:
     def release(w) -> None:
         from ..models.dequant import SCRATCH
 
-        if w.device.type == "cpu" and w.dtype == torch.float32:
+        if w.device.type == "cpu" and w.dtype in _SCRATCH_DTYPES:
             SCRATCH.give(w)
 
 

@@ -204,9 +204,13 @@ def default_checkpoint_layers(layers: int) -> int:
     return max(1, layers - 1)
 
 
-def settings_of(cfg, tokens: int, world: int) -> dict:
+def settings_of(cfg, tokens: int, world: int, device: str = "cpu") -> dict:
     q = cfg.quantization
-    dtype = cfg.dtype if q.bits is None or q.compute_dtype == "auto" else q.compute_dtype
+    dtype = cfg.dtype if q.bits is None else q.compute_dtype
+    if dtype == "auto":
+        from ..models.quant import auto_compute_dtype
+
+        dtype = auto_compute_dtype(q.bits, device)
     return {
         "method": cfg.method,
         "bits": q.bits,
@@ -270,7 +274,7 @@ def make_plan(cfg, folder: Path, tokens: int, device, world: int) -> Plan:
     """The plan of ``cfg`` on the model in ``folder`` with micro-batches of at most ``tokens`` tokens."""
     shape = read_shape(folder)
     dev = getattr(device, "type", str(device))
-    s = settings_of(cfg, tokens, world)
+    s = settings_of(cfg, tokens, world, dev)
     avail = available_mb(device)
     if env_limit_mb() is not None:
         avail = env_limit_mb() if avail is None else min(avail, env_limit_mb())

@@ -22,15 +22,9 @@ import threading
 import time
 from typing import Any
 
+from ...environment import cpu_flags
+
 BASE = "__base__"
-
-
-def cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " amx_int8" in f.read(1 << 16)
-    except OSError:
-        return False
 
 
 def open_llama(model: str, **kwargs):
@@ -44,7 +38,7 @@ def open_llama(model: str, **kwargs):
     not used on AMX machines; elsewhere nothing changes."""
     import llama_cpp
 
-    if not cpu_has_amx():
+    if "amx_int8" not in cpu_flags():
         return llama_cpp.Llama(model, **kwargs)
     lib = llama_cpp.llama_cpp
     default = lib.llama_model_default_params
