@@ -54,7 +54,10 @@ def test_an_fp32_stored_embedding_stays_fp32(tmp_path):
     from finetrace.models.quant import load_causal_lm, make_spec
 
     folder = write_random_model(tmp_path / "f32", "llama-8m", dtype="float32")
-    assert load_causal_lm(folder, quantization=make_spec(4, compute_dtype="float32")).get_input_embeddings().weight.dtype == torch.float32
+    assert (
+        load_causal_lm(folder, quantization=make_spec(4, compute_dtype="float32")).get_input_embeddings().weight.dtype
+        == torch.float32
+    )
 
 
 @pytest.mark.parametrize("fn", ["sft", "dpo"])
@@ -124,3 +127,18 @@ def test_a_quantised_load_holds_no_mapped_shard(tmp_path):
     assert r["bytes"] < 0.5 * size  # NF4 layers, bf16 embedding
     assert r["peak"] - r["before"] < 1.2 * size, (r, size)
     assert r["after"] - r["before"] < 0.8 * size, (r, size)
+
+
+def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
+    from finetrace import environment
+    from finetrace.models.quant import auto_compute_dtype
+
+    assert "fpu" in environment.cpu_flags() or not environment.cpu_flags()  # the real /proc/cpuinfo, when present
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"}))
+    assert (auto_compute_dtype(4), auto_compute_dtype(8), auto_compute_dtype(8, "cuda")) == (
+        "bfloat16",
+        "float32",
+        "bfloat16",
+    )
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # no native bf16
+    assert auto_compute_dtype(4) == "float32" and auto_compute_dtype(4, "cuda") == "bfloat16"
