@@ -67,6 +67,11 @@ def _import_command(data: typer.Typer) -> None:
         split_unit: str = typer.Option(
             "row", "--split-unit", help="row | group (rows sharing a group value share a split)."
         ),
+        prompt_format: str = typer.Option(
+            "labels-first",
+            "--prompt-format",
+            help="classification prompts: labels-first (instruction, then text) | text-first.",
+        ),
         workers: int = typer.Option(
             0, "--workers", help="Worker processes (0: automatic from the file size and CPUs)."
         ),
@@ -110,6 +115,7 @@ def _import_command(data: typer.Typer) -> None:
             near_dup_threshold=near_dup_threshold,
             near_dup=near_dup,
             split_unit=split_unit,
+            prompt_format=prompt_format,
             workers=workers,
         )
         ws = open_workspace()

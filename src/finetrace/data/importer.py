@@ -140,6 +140,7 @@ def import_dataset(
                 ws,
                 opts.tokenizer,
                 CHUNK_ROWS,
+                opts.prompt_format,
             )
             run.metrics.update(
                 {
@@ -220,6 +221,7 @@ def _config(name: str, opts: ImportOptions, schema, fmap, fractions, transforms,
         "near_dup_threshold": opts.near_dup_threshold,
         "near_dup": opts.near_dup,
         "split_unit": opts.split_unit,
+        **({"prompt_format": opts.prompt_format} if schema == "classification" else {}),
         "max_row_bytes": opts.max_row_bytes,
         "transforms": transforms,
         "finetrace_version": FINETRACE_VERSION,

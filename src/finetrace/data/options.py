@@ -72,6 +72,12 @@ class ImportOptions(BaseModel):
         le=1,
         description="MinHash Jaccard similarity above which two rows are near-duplicates (1.0: exact duplicates only).",
     )
+    prompt_format: Literal["labels-first", "text-first"] = Field(
+        "labels-first",
+        description="classification: how a row becomes a prompt. labels-first: 'Answer with one of: ...', a "
+        "blank line, the text (every prompt starts alike, so the decoder reads that beginning once); "
+        "text-first: the text, then the instruction (the format of datasets imported before this key).",
+    )
     tokenizer: str | None = Field(
         None, description="A base model ref or tokenizer folder: the datasheet then holds a token-length histogram."
     )

@@ -2,7 +2,7 @@
 
 A ``dataset`` artifact is a folder::
 
-    dataset.json        {"schema", "columns", "labels" (classification), "counts": {split: n}, ...}
+    dataset.json        {"schema", "columns", "labels" and "prompt_format" (classification), "counts": {split: n}, ...}
     train.parquet       one Parquet file per split (train, validation, test; absent splits omitted)
     validation.parquet
     test.parquet
@@ -43,12 +43,42 @@ class Example:
     id: str | None = None
 
 
-def classification_prompt(text: str, labels: list[str]) -> str:
-    return f"{text}\n\nAnswer with one of: {', '.join(labels)}."
+# How a classification row becomes a prompt (``dataset.json`` key ``prompt_format``). labels-first puts the
+# instruction, the same for every row, before the text, so that every prompt of a dataset starts with the
+# same system turn and instruction: the decoder reads that beginning once (label scoring's shared prefix,
+# the prefix cache of a server) and only the text after it. text-first is the format of datasets imported
+# before the key existed (no key: text-first), kept so that their adapters are evaluated and served on the
+# prompts they were trained on.
+PROMPT_FORMATS = ("labels-first", "text-first")
+LEGACY_PROMPT_FORMAT = "text-first"
 
 
-def to_example(row: dict, schema: str, labels: list[str] | None = None) -> Example:
-    """Render one dataset row as prompt messages and a target answer."""
+CHOICES = "Answer with one of: "
+
+
+def classification_prompt(text: str, labels: list[str], prompt_format: str | None = None) -> str:
+    choices = f"{CHOICES}{', '.join(labels)}."
+    fmt = prompt_format or LEGACY_PROMPT_FORMAT
+    if fmt == "labels-first":
+        return f"{choices}\n\n{text}"
+    if fmt == "text-first":
+        return f"{text}\n\n{choices}"
+    raise ValueError(f"unknown prompt_format {prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
+
+
+def split_instruction(content: str) -> tuple[str, str]:
+    """(instruction, text) of a labels-first classification prompt; ("", content) for any other prompt.
+    What a counterfactual template wraps is the text, not the instruction before it."""
+    if content.startswith(CHOICES):
+        head, sep, text = content.partition("\n\n")
+        if sep:
+            return head + sep, text
+    return "", content
+
+
+def to_example(row: dict, schema: str, labels: list[str] | None = None, prompt_format: str | None = None) -> Example:
+    """Render one dataset row as prompt messages and a target answer (``prompt_format``: a classification
+    dataset's, from its ``dataset.json``; None: text-first, as before the key existed)."""
     group, rid = row.get("group"), row.get("id")
     rid = None if rid is None else str(rid)
     if schema == "completion":
@@ -57,7 +87,7 @@ def to_example(row: dict, schema: str, labels: list[str] | None = None) -> Examp
         if not labels:
             raise ValueError("classification rows need the dataset's label set")
         return Example(
-            [{"role": "user", "content": classification_prompt(row["text"], labels)}],
+            [{"role": "user", "content": classification_prompt(row["text"], labels, prompt_format)}],
             str(row["label"]),
             None,
             group,

@@ -75,7 +75,7 @@ def iter_examples(ws: Workspace, ref: str, split: str = "train") -> Iterator[Exa
         return
     for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
-            yield to_example(row, info["schema"], info.get("labels"))
+            yield to_example(row, info["schema"], info.get("labels"), info.get("prompt_format"))
 
 
 def head(ws: Workspace, ref: str, split: str = "train", n: int = 5) -> list[dict]:

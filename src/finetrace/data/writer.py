@@ -124,6 +124,7 @@ def write_dataset(
     ws,
     tokenizer,
     chunk_rows: int,
+    prompt_format: str | None = None,
 ) -> dict:
     """Write the dataset folder ``out`` (split Parquet files, dataset.json, datasheet.json); return dataset.json."""
     out.mkdir(parents=True)
@@ -152,7 +153,8 @@ def write_dataset(
         "rows": p1.pii_rows,
         "examples": p1.pii_examples,
     }
-    token_lengths = _token_lengths(ws, tokenizer, out, schema, labels) if tokenizer else None
+    prompt_format = prompt_format if schema == "classification" else None
+    token_lengths = _token_lengths(ws, tokenizer, out, schema, labels, prompt_format) if tokenizer else None
     measured = {
         "schema": schema,
         "rows_in": rows_in,
@@ -173,6 +175,7 @@ def write_dataset(
         "schema": schema,
         "columns": keep_cols,
         "labels": labels,
+        **({"prompt_format": prompt_format} if prompt_format else {}),
         "counts": counts,
         "label_counts": label_counts,
         "rows_in": rows_in,
@@ -211,7 +214,7 @@ def write_dataset(
     return info
 
 
-def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dict:
+def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels, prompt_format: str | None) -> dict:
     """Histogram of prompt+target token counts (text only; chat-template tokens excluded)."""
     import pyarrow.parquet as pq
 
@@ -243,7 +246,7 @@ def _token_lengths(ws, tokenizer: str, folder: Path, schema: str, labels) -> dic
         for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
             texts = []
             for row in batch.to_pylist():
-                ex = to_example(row, schema, labels)
+                ex = to_example(row, schema, labels, prompt_format)
                 texts.append("\n".join(m["content"] for m in ex.messages) + "\n" + ex.target)
             lengths.extend(len(ids) for ids in encode(texts))
     arr = np.asarray(lengths)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from ..data.schemas import Example
+from ..data.schemas import Example, split_instruction
 from ..errors import InputError
 
 Predict = Callable[[list[list[dict]]], list[str]]
@@ -150,8 +150,9 @@ def variants(
     for g, terms in category.groups.items():
         term = terms[position % len(terms)]
         msgs = [dict(m) for m in ex.messages]
-        wrapped = category.template.format(term=term, text=msgs[last_user]["content"])
-        msgs[last_user]["content"] = wrapped[:1].upper() + wrapped[1:]
+        head, text = split_instruction(msgs[last_user]["content"])  # a classification instruction stays first
+        wrapped = category.template.format(term=term, text=text)
+        msgs[last_user]["content"] = head + wrapped[:1].upper() + wrapped[1:]
         out[g] = replace(ex, messages=msgs)
     return "template", out
 

@@ -77,7 +77,7 @@ def load_eval_set(ws: Workspace, ref: str, split: str | None = None, limit: int 
     examples = []
     for i, row in enumerate(rows):
         try:
-            examples.append(to_example(row, schema, labels))
+            examples.append(to_example(row, schema, labels, meta.get("prompt_format")))
         except (KeyError, ValueError) as exc:
             raise InputError(f"row {i} cannot be rendered: {exc}", file=f"{split}.parquet", line=i + 1) from None
     if not examples:

@@ -129,7 +129,8 @@ def text_nll(
     from ..decoding.kvcache import slab_cache
 
     dec = decoder if decoder is not None else Decoder(model, tok)
-    rows = [r for r in _encode(tok, list(texts)) if len(r) >= 2]
+    # longest first, so that each batch's rows are of about one length (left padding is computed too)
+    rows = sorted((r for r in _encode(tok, list(texts)) if len(r) >= 2), key=len, reverse=True)
     total, count = 0.0, 0
     with torch.inference_mode():
         for s in range(0, len(rows), batch_size):

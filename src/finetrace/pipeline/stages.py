@@ -363,7 +363,7 @@ def question_messages(ctx: Context) -> list[dict]:
                 return list(ex.messages)
         raise NotFoundError(f"dataset {art.ref} has no example to ask", hint="set deploy.ask in the pipeline")
     if schema == "classification" and labels:
-        return list(to_example({"text": ask, "label": labels[0]}, schema, labels).messages)
+        return list(to_example({"text": ask, "label": labels[0]}, schema, labels, info.get("prompt_format")).messages)
     return [{"role": "user", "content": ask}]
 
 

@@ -105,7 +105,13 @@ def encode(tokenizer, messages: list[dict], target: str) -> Encoded:
 
 
 def encode_rows(
-    tokenizer, rows: list[dict], schema: str, labels: list[str] | None, max_length: int, turns: str = "auto"
+    tokenizer,
+    rows: list[dict],
+    schema: str,
+    labels: list[str] | None,
+    max_length: int,
+    turns: str = "auto",
+    prompt_format: str | None = None,
 ) -> tuple[list[Encoded], int]:
     """Encode rows; returns (examples, number skipped for being longer than ``max_length``).
 
@@ -133,7 +139,7 @@ def encode_rows(
                     raise ValueError("no assistant turn carries loss")
                 enc = encode_conversation(tokenizer, msgs, tools, trainable)
             else:
-                ex = to_example(row, schema, labels)
+                ex = to_example(row, schema, labels, prompt_format)
                 enc = encode(tokenizer, ex.messages, ex.target)
         except (KeyError, ValueError) as exc:
             raise InputError(f"row {i} cannot be rendered as a {schema} example: {exc}") from None

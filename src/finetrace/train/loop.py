@@ -216,7 +216,7 @@ def prepare(ws: Workspace, cfg: TrainConfig, world):
 def build_data(cfg: TrainConfig, tok, ds_dir: Path, pad_id: int):
     """(objective, train examples, validation examples, skipped, lengths, the plan of steps)."""
     meta, rows = D.read_dataset(ds_dir, cfg.split)
-    obj = make_objective(cfg, tok, meta.get("schema"), meta.get("labels"), pad_id)
+    obj = make_objective(cfg, tok, meta, pad_id)
     train_ex, skipped = obj.encode(rows)
     val_ex: list = []
     if cfg.validation_split and (ds_dir / f"{cfg.validation_split}.parquet").is_file():

@@ -5,7 +5,7 @@ forward and backward compute, how a step's sums become the logged loss, validati
 metrics. The loop owns everything else (data order, accumulation, gradient reduction, clipping, the
 optimiser, checkpoints, signals, recording).
 
-    obj = make_objective(cfg, tok, schema, labels, pad_id)
+    obj = make_objective(cfg, tok, dataset, pad_id)     # dataset: its dataset.json
     train_ex, skipped = obj.encode(rows)
     obj.prepare(model, train_ex, val_ex, used_indices, world)     # DPO: the reference pass
     step = obj.start_step(indices)                                # counts of the whole step
@@ -59,13 +59,17 @@ class SFT:
     name = "sft"
     loss_label = "loss (nats / target token)"
 
-    def __init__(self, cfg, tok, schema: str | None, labels, pad_id: int):
-        self.cfg, self.tok, self.schema, self.labels, self.pad_id = cfg, tok, schema, labels, pad_id
+    def __init__(self, cfg, tok, dataset: dict, pad_id: int):
+        self.cfg, self.tok, self.pad_id = cfg, tok, pad_id
+        self.schema, self.labels = dataset.get("schema"), dataset.get("labels")
+        self.prompt_format = dataset.get("prompt_format")
         self.train_ex: list = []
         self.val_ex: list = []
 
     def encode(self, rows: list[dict]):
-        return D.encode_rows(self.tok, rows, self.schema, self.labels, self.cfg.max_length, self.cfg.loss_turns)
+        return D.encode_rows(
+            self.tok, rows, self.schema, self.labels, self.cfg.max_length, self.cfg.loss_turns, self.prompt_format
+        )
 
     @staticmethod
     def length(ex) -> int:
@@ -109,8 +113,8 @@ class DPO(SFT):
 
     name = "dpo"
 
-    def __init__(self, cfg, tok, schema, labels, pad_id):
-        super().__init__(cfg, tok, schema, labels, pad_id)
+    def __init__(self, cfg, tok, dataset: dict, pad_id: int):
+        super().__init__(cfg, tok, dataset, pad_id)
         self.loss_label = f"DPO loss ({cfg.dpo.loss_type}, per pair)"
         self.train_ref = self.val_ref = None
         self.ref_seconds: float | None = None
@@ -188,7 +192,8 @@ class DPO(SFT):
 OBJECTIVES = {"sft": SFT, "dpo": DPO}
 
 
-def make_objective(cfg, tok, schema: str | None, labels, pad_id: int) -> SFT:
-    """The objective of ``cfg.objective`` for a dataset of ``schema`` (ConfigError when they do not fit)."""
-    P.check_objective(cfg.objective, schema)
-    return OBJECTIVES[cfg.objective](cfg, tok, schema, labels, pad_id)
+def make_objective(cfg, tok, dataset: dict, pad_id: int) -> SFT:
+    """The objective of ``cfg.objective`` for a dataset (its ``dataset.json``: schema, labels, prompt format;
+    ConfigError when objective and schema do not fit)."""
+    P.check_objective(cfg.objective, dataset.get("schema"))
+    return OBJECTIVES[cfg.objective](cfg, tok, dataset, pad_id)
