@@ -118,7 +118,10 @@ def test_each_schema_detected_and_rendered(workspace, tmp_path, schema):
     assert len(examples) == 20 and all(ex.target and ex.messages[-1]["role"] == "user" for ex in examples)
     if schema == "classification":
         assert info["labels"] == ["billing", "tech"]
-        assert "Answer with one of: billing, tech." in examples[0].messages[0]["content"]
+        assert info["prompt_format"] == "labels-first"  # the default, recorded with the dataset
+        assert examples[0].messages[0]["content"].startswith("Answer with one of: billing, tech.\n\nticket ")
+    else:
+        assert "prompt_format" not in info  # only classification prompts are rendered from a format
     if schema == "preference":
         assert all(ex.rejected for ex in examples)
 
@@ -166,3 +169,27 @@ def test_round_trip_with_datasets_and_pandas(workspace, tmp_path):
     pd_rows = [{"messages": [dict(m) for m in r["messages"]], "id": r["id"]} for r in pdf.to_dict("records")]
     assert ours == hf == pd_rows
     assert sorted(ours, key=lambda r: r["id"]) == sorted(rows, key=lambda r: r["id"])
+
+
+def test_classification_prompt_formats_and_datasets_from_before_the_key(workspace, tmp_path):
+    from finetrace.data.schemas import to_example
+
+    rows = [SCHEMA_ROWS["classification"](i) for i in range(12)]
+    import_dataset(
+        workspace, [write_jsonl(tmp_path / "c.jsonl", rows)], "tf", prompt_format="text-first", splits=(1, 0, 0)
+    )
+    _, info, _ = open_dataset(workspace, "tf")
+    assert info["prompt_format"] == "text-first"
+    for ex in iter_examples(workspace, "tf", "train"):
+        text = ex.messages[0]["content"].split("\n\n")[0]
+        assert (
+            text.startswith("ticket ") and ex.messages[0]["content"] == f"{text}\n\nAnswer with one of: billing, tech."
+        )
+    row, labels = rows[0], ["billing", "tech"]
+    # a dataset.json without the key (imported before it existed) keeps the prompts its adapters learnt
+    legacy = to_example(row, "classification", labels).messages[0]["content"]
+    assert legacy == f"{row['text']}\n\nAnswer with one of: billing, tech."
+    first = to_example(row, "classification", labels, "labels-first").messages[0]["content"]
+    assert first == f"Answer with one of: billing, tech.\n\n{row['text']}"
+    with pytest.raises(ValueError, match="prompt_format"):
+        to_example(row, "classification", labels, "sideways")

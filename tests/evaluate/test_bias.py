@@ -138,3 +138,17 @@ def test_wordlists_are_extendable_and_validated(tmp_path, cats):
     bad.write_text(json.dumps({"categories": {"x": {"groups": {"a": ["1", "2"], "b": ["3"]}}}}))
     with pytest.raises(InputError, match="same"):
         B.load_wordlists([bad])
+
+
+@pytest.mark.parametrize("fmt", ["labels-first", "text-first"])
+def test_a_template_wraps_the_text_of_a_classification_prompt_not_its_instruction(cats, fmt):
+    from finetrace.data.schemas import classification_prompt
+
+    prompt = classification_prompt("where is my invoice?", ["billing", "tech"], fmt)
+    kind, vs = B.variants(ex(prompt), 3, cats["gender_names"])
+    got = vs["female"].messages[1]["content"]
+    assert kind == "template"
+    if fmt == "labels-first":  # the instruction stays first: every variant starts as the original does
+        assert got == "Answer with one of: billing, tech.\n\nMessage from Anna: where is my invoice?"
+    else:
+        assert got == "Message from Anna: where is my invoice?\n\nAnswer with one of: billing, tech."
