@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from ..decoding import BASE, Decoder, Seq, best_label, encode_chat, encode_text, score_prompts
 from ..decoding.lora import adapter_selector
+from ..decoding.threads import release_openmp_team
 from ..errors import InputError, NotFoundError
 from ..models import load_model
 from ..models.identity import text_identity
@@ -236,6 +237,7 @@ class Engine:
             )
         self.request_log = RequestLog(self.ws.ledger.path, self.settings.log_flush_s, self.settings.ledger_timeout_s)
         self._stopping, self._drain_deadline = False, None
+        release_openmp_team()  # this thread's OpenMP workers (from loading) would slow the scheduler's steps
         self._thread = threading.Thread(target=self._loop, name="finetrace-scheduler", daemon=True)
         self._thread.start()
 
