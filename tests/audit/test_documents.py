@@ -95,6 +95,14 @@ def test_model_card_has_hub_metadata_and_mitchell_sections(audit_env):
         "Caveats and recommendations",
     ):
         assert f"\n## {section}\n" in card, section
+    from .pipeline import ROUTES
+
+    labels = ", ".join(sorted(ROUTES))
+    # how to prompt it: the training dataset's prompt format, as the adapter learnt it
+    assert (
+        f"Prompt format (labels-first, from `dataset.json`): each example was the user turn `Answer with one of: {labels}.\\n\\n<text>`"
+        in card
+    )
     from huggingface_hub import ModelCard  # the Hub's own parser reads the metadata and the eval results
 
     data = ModelCard(card).data

@@ -138,6 +138,12 @@ def _dataset(ws: Workspace, digest: str) -> dict:
     d["given"] = sheet.get("given") or {}
     d["measured"] = sheet.get("measured") or {}
     d["gaps"] = sheet.get("gaps") if d["datasheet"] else ["datasheet.json (the whole datasheet)"]
+    info = d["info"]
+    if info.get("schema") == "classification" and info.get("labels"):  # what a prompt to the adapter must be
+        from ..data.schemas import LEGACY_PROMPT_FORMAT, classification_prompt
+
+        fmt = info.get("prompt_format") or LEGACY_PROMPT_FORMAT
+        d["prompt_format"] = {"name": fmt, "template": classification_prompt("<text>", info["labels"], fmt)}
     return d
 
 
