@@ -130,7 +130,10 @@ def llama_1b_shape() -> ModelShape:
         (1024, 2200, "parallel: fsdp"),  # only sharding across processes
     ],
 )
-def test_cheapest_change_that_fits(tiny_setup, tokens, avail, want):
+def test_cheapest_change_that_fits(tiny_setup, tokens, avail, want, monkeypatch):
+    from finetrace import environment
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2"}))  # qlora computes in fp32 here
     shape = llama_1b_shape()
     s = settings_of(make_config(), tokens, 1)
     assert Plan(estimate(shape, s, "cpu"), "cpu", avail).fits is False
@@ -154,3 +157,18 @@ def test_cli_plan_prints_the_plan_and_records_nothing(tiny_setup, tmp_path, caps
     assert (
         memory_plan(ws, make_config(method="qlora")).parts["weights"] < memory_plan(ws, make_config()).parts["weights"]
     )
+
+
+def test_a_qlora_suggestion_is_estimated_at_the_compute_dtype_auto_picks(tiny_setup, monkeypatch):
+    from finetrace import environment
+
+    shape, s = llama_1b_shape(), settings_of(make_config(), 1024, 1)
+
+    def suggested(flags) -> float:
+        monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset(flags))
+        fix = cheapest_fix(shape, s, "cpu", 2450)
+        assert fix.startswith("method: qlora"), fix
+        return float(fix.split("estimated peak ")[1].split(" MiB")[0].replace(",", ""))
+
+    # bf16 activations and dequantised weights on a CPU with AMX: a smaller estimate than in fp32
+    assert suggested({"avx2", "amx_bf16"}) < 0.9 * suggested({"avx2"})

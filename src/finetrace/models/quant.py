@@ -203,11 +203,20 @@ VOCAB_BLOCK = 8192  # rows of a narrow-stored output weight widened at a time (8
 WIDENED_LOGITS_BYTES = 64 << 20  # the chunked losses' (rows x vocab) fp32 block when the head is widened
 
 
-def loss_rows(chunk: int, vocab: int, widened: bool) -> int:
-    """Rows per chunk of the chunked losses: ``loss_chunk``, and with a widened (narrow-stored) output
-    layer at most a 64 MiB logits block: a base quantised to save memory should not spend it on logits
-    (the weight is widened once more per chunk, a few hundred ms per micro-batch at 1B)."""
-    return max(16, min(chunk, WIDENED_LOGITS_BYTES // (4 * vocab))) if widened else chunk
+def loss_rows(chunk: int, vocab: int, capped: bool) -> int:
+    """Rows per chunk of the chunked losses: ``loss_chunk``, and at most a 64 MiB fp32 logits block when
+    ``capped``: with a widened (narrow-stored) output layer, or hidden states narrower than fp32 (a bf16
+    QLoRA run), where memory was saved on the base and should not be spent on logits (measured at
+    Llama-3.2-1B's shape, bf16 QLoRA: 642 MiB of logits at 1024 rows). A widened weight is widened once
+    more per chunk (a few hundred ms per micro-batch at 1B); a bf16 one costs only smaller GEMMs."""
+    return max(16, min(chunk, WIDENED_LOGITS_BYTES // (4 * vocab))) if capped else chunk
+
+
+def logits_capped(h, weight) -> bool:
+    """Whether the chunked losses cap their logits block for these hidden states and output weight."""
+    import torch
+
+    return weight.dtype != h.dtype or h.dtype != torch.float32
 
 
 def widened_linear(x, weight, bias=None, out=None):

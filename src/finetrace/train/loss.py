@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.quant import loss_rows, widened_linear, widened_matmul
+from ..models.quant import logits_capped, loss_rows, widened_linear, widened_matmul
 from .attention import segments
 
 
@@ -33,7 +33,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
-        chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
+        chunk = loss_rows(chunk, weight.shape[0], logits_capped(h, weight))
         # one (chunk, V) logits buffer for every chunk: a fresh one per chunk faults in page by page
         block = h.new_empty((min(chunk, h.shape[0]), weight.shape[0]))
         for s in range(0, h.shape[0], chunk):

@@ -16,7 +16,8 @@ tokenised data (the largest micro-batch the run will make), per process:
                    or of the one being recomputed; on a quantised base two dequantised copies of the
                    largest linear weight
     loss           one (loss_chunk x vocab) block of logits in fp32 (its gradient is formed in place); at
-                   most 64 MiB when a bf16-stored output layer is widened (``models.quant.loss_rows``),
+                   most 64 MiB when a bf16-stored output layer is widened or the compute dtype is bf16
+                   (``models.quant.loss_rows``),
                    plus two widened blocks of its weight
     runtime        the Python, torch and transformers process itself (measured, ``RUNTIME_MB``)
 
@@ -174,8 +175,9 @@ def estimate(shape: ModelShape, s: dict, device: str) -> dict[str, float]:
     if spec:  # a quantised layer's weight is dequantised where used (forward and backward: two at a time)
         acts += 2 * shape.largest_linear * compute
     widened = spec is not None and shape.stored_bytes < compute  # a bf16-stored head widened chunk by chunk
+    capped = widened or compute < 4  # models.quant.logits_capped: bf16 hidden states cap the block too
     loss = (
-        1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, widened), tokens) * shape.vocab * 4.0
+        1.25 * min(loss_rows(s["loss_chunk"], shape.vocab, capped), tokens) * shape.vocab * 4.0
         + 2 * tokens * h * 4.0
         + (2 * VOCAB_BLOCK * h * 4.0 if widened else 0.0)
     )
@@ -316,10 +318,13 @@ def cheapest_fix(shape: ModelShape, s: dict, device: str, avail: float) -> str:
     full = {"checkpointing": True, "checkpoint_layers": None}
     for bits, what in ((8, "quantization.bits: 8 (an 8-bit base)"), (4, "method: qlora (a 4-bit NF4 base)")):
         if s["method"] != "full" and (s["bits"] or 16) > bits:
+            from ..models.quant import auto_compute_dtype
+
+            q = {"bits": bits, "dtype": auto_compute_dtype(bits, device)}  # what compute_dtype: auto would run
             for ck in ({}, full):
-                if peak(bits=bits, **ck) <= avail:
+                if peak(**q, **ck) <= avail:
                     extra = " with gradient_checkpointing: true" if ck and not s["checkpointing"] else ""
-                    return f"{what}{extra} (estimated peak {peak(bits=bits, **ck):,.0f} MiB)"
+                    return f"{what}{extra} (estimated peak {peak(**q, **ck):,.0f} MiB)"
     for n in (2, 4, 8, 16, 32, 64):
         if n > s["world"] and peak(world=n, fsdp=True, **full) <= avail:
             return (

@@ -37,7 +37,7 @@ import torch
 
 from ..data.schemas import to_example
 from ..errors import ConfigError, InputError
-from ..models.quant import loss_rows, widened_linear, widened_matmul
+from ..models.quant import logits_capped, loss_rows, widened_linear, widened_matmul
 from . import data as D
 from .attention import segments
 from .loss import parts
@@ -119,7 +119,7 @@ class TokenLogProbs(torch.autograd.Function):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        chunk = loss_rows(chunk, weight.shape[0], weight.dtype != h.dtype)
+        chunk = loss_rows(chunk, weight.shape[0], logits_capped(h, weight))
         for s in range(0, n, chunk):
             z = widened_linear(h[s : s + chunk], weight, bias).float()  # (c, V)
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
