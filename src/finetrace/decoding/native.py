@@ -102,16 +102,9 @@ def _cache_dir() -> Path:
 
 
 def _cpu_has(*flags: str) -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    have = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have.update(line.split(":", 1)[1].split())
-            break
-    return all(f in have for f in flags)
+    from ..environment import cpu_flags
+
+    return set(flags) <= cpu_flags()
 
 
 @functools.cache
