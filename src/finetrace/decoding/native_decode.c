@@ -173,6 +173,8 @@ static inline __attribute__((always_inline)) void rows_tile(const uint16_t *P, c
     }
 }
 
+#define GEMV_AHEAD (32 * OB) /* fp16 values a GEMV stream prefetches ahead, into L2: 1 KiB, 16 lines */
+
 /* one row of X against nbk <= 6 consecutive panels (a GEMV: 6 weight streams, 12 independent sums).
  * duplicates: alike rows_tile on purpose: the same per-output sum, tiled over panels instead of rows */
 static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P, const float *x, int64_t in,
@@ -185,6 +187,7 @@ static inline __attribute__((always_inline)) void panels_tile(const uint16_t *P,
 #pragma GCC unroll 6
         for (int j = 0; j < nbk; j++) {
             const uint16_t *p = P + j * in * OB + k * OB;
+            if (!(k & 1)) _mm_prefetch((const char *)(p + GEMV_AHEAD), _MM_HINT_T1);
             c0[j] = _mm256_fmadd_ps(h8(p), xb, c0[j]);
             c1[j] = _mm256_fmadd_ps(h8(p + 8), xb, c1[j]);
         }
