@@ -120,3 +120,25 @@ def test_a_decode_step_leaves_the_callers_thread_count(tiny_model_dir):
     seq = Seq(encode_chat(tok, [{"role": "user", "content": "hi"}]), max_tokens=6)
     dec.run([seq])
     assert torch.get_num_threads() == prev and len(seq.ids) >= 1 and dec.tuner.best in (1, 2)
+
+
+def test_releasing_the_openmp_team_leaves_torch_and_its_threads_working():
+    import threading
+
+    import torch
+
+    from finetrace.decoding.threads import release_openmp_team
+
+    a = torch.randn(256, 256)
+    want = a @ a
+    # torch's CPU build on Linux runs libgomp (OpenMP 5): the call is taken; elsewhere it does nothing
+    released = release_openmp_team()
+    assert released or not any("libgomp" in line for line in open("/proc/self/maps"))
+    assert torch.allclose(a @ a, want, rtol=1e-5, atol=1e-4)  # the next parallel region starts a new team
+    got = []
+    t = threading.Thread(
+        target=lambda: got.append(torch.allclose(a @ a, want, rtol=1e-5, atol=1e-4))
+    )  # and on another thread
+    t.start()
+    t.join()
+    assert got == [True] and release_openmp_team() == released  # idempotent
