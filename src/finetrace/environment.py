@@ -6,6 +6,7 @@ Package versions are read from installed metadata, without importing the package
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -49,6 +50,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (``amx_bf16``, ``avx512_bf16``...); empty elsewhere."""
     try:

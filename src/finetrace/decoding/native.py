@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from ..environment import cpu_flags
+
 SOURCE = Path(__file__).with_name("native_decode.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 _P = ctypes.c_void_p
@@ -101,19 +103,13 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _cpu_has(*flags: str) -> bool:
-    from ..environment import cpu_flags
-
-    return set(flags) <= cpu_flags()
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled decode step, built on first use; None where it cannot run here (torch path then)."""
     if os.environ.get("FINETRACE_NATIVE_DECODE", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None or not _cpu_has("avx2", "fma", "f16c"):
+    if cc is None or not {"avx2", "fma", "f16c"} <= cpu_flags():
         return None
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]

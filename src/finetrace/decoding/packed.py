@@ -107,7 +107,7 @@ class Packed:
     panels) they never are, which saved ~1.5 s of packing per process on SmolLM2."""
 
     def __init__(self, layers: list[list], head, embed):
-        self._lins, self._head = layers, head
+        self._per_layer, self._head = layers, head
         self.lins = [lin for p in layers for lin in p] + [head, embed]
         self.signature = _signature(self.lins)
         self.embed = embed.weight.detach().half()  # (V, d), looked up then widened to fp32
@@ -122,7 +122,7 @@ class Packed:
                     _pack([g.weight, u.weight], [g.bias, u.bias]),
                     _pack([d.weight], [d.bias]),
                 )
-                for q, k, v, o, g, u, d in self._lins
+                for q, k, v, o, g, u, d in self._per_layer
             ]
 
     @functools.cached_property

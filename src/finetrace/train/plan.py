@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.folder import read_safetensors_header
-from ..models.quant import VOCAB_BLOCK, loss_rows, weight_bytes
+from ..models.quant import VOCAB_BLOCK, auto_compute_dtype, loss_rows, weight_bytes
 
 MB = 2**20
 RUNTIME_MB = {"cpu": 520.0, "cuda": 0.0}  # import torch + transformers + peft, tokenizer, allocator slack
@@ -210,8 +210,6 @@ def settings_of(cfg, tokens: int, world: int, device: str = "cpu") -> dict:
     q = cfg.quantization
     dtype = cfg.dtype if q.bits is None else q.compute_dtype
     if dtype == "auto":
-        from ..models.quant import auto_compute_dtype
-
         dtype = auto_compute_dtype(q.bits, device)
     return {
         "method": cfg.method,
@@ -318,8 +316,6 @@ def cheapest_fix(shape: ModelShape, s: dict, device: str, avail: float) -> str:
     full = {"checkpointing": True, "checkpoint_layers": None}
     for bits, what in ((8, "quantization.bits: 8 (an 8-bit base)"), (4, "method: qlora (a 4-bit NF4 base)")):
         if s["method"] != "full" and (s["bits"] or 16) > bits:
-            from ..models.quant import auto_compute_dtype
-
             q = {"bits": bits, "dtype": auto_compute_dtype(bits, device)}  # what compute_dtype: auto would run
             for ck in ({}, full):
                 if peak(**q, **ck) <= avail:
