@@ -183,6 +183,8 @@ class Decoder:
             self._lean_key = (self.model, self.adapters)
             if self.weights == "fp16":  # every path (lean or the model's own forward) on the same weights
                 round_to_fp16(self.model)
+                if hasattr(self.adapters, "use_fp16"):
+                    self.adapters.use_fp16()  # the adapters' stacks too
             self._lean = lean_forward(self.model, self.adapters, self.weights)
         return self._lean
 
@@ -212,6 +214,7 @@ class Decoder:
 
     def prefix_cache(self) -> PrefixCache:
         """The prefix cache, emptied first if the model or the adapters changed since its entries were made."""
+        self.lean()  # the weights settled first: rounding the adapters to fp16 restacks them (a new version)
         self.prefixes.validate((self.model, self.adapters, getattr(self.adapters, "version", 0)))
         return self.prefixes
 

@@ -41,6 +41,7 @@ class GatheredLoRA:
         self.single: int | None = None  # the one slot every row uses, if so
         self.key: tuple = ()  # the batch's composition: ("one", slot) or every row's slot (lean.py's plans)
         self.version = 0  # bumped by rebuild: plans made from older stacks are stale
+        self.half = False  # stacks rounded to fp16 values, with fp16 copies for the native step (use_fp16)
         for m in self.modules:
             if not hasattr(m, "_ft_forward"):
                 m._ft_forward = m.forward
@@ -80,6 +81,26 @@ class GatheredLoRA:
                     if wa.dtype == wb.dtype == w.dtype:  # PEFT's copies become views of the stacks: no 2nd copy
                         wa.data, wb.data = a[s, :r, :], b[s, :r, :].T
                 m._ft_A, m._ft_B, m._ft_S = a, b, scale
+        if self.half:
+            self._halve()
+
+    def use_fp16(self) -> None:
+        """Round the stacks to fp16 values, now and after every rebuild, and keep fp16 copies
+        (``_ft_A16``, ``_ft_B16``) for the native step: the decoder's fp16 weights (``packed.py``) for the
+        adapters too, so that every path computes on the same numbers, and the rows of 16 adapters read
+        half the bytes a step."""
+        if not self.half:
+            self.half = True
+            self.version += 1  # plans and native layers made from the unrounded stacks are stale
+            self._halve()
+
+    def _halve(self) -> None:
+        with torch.no_grad():
+            for m in self.modules:
+                if m._ft_A.dtype == torch.float32:
+                    m._ft_A16, m._ft_B16 = m._ft_A.half(), m._ft_B.half()
+                    m._ft_A.copy_(m._ft_A16)  # PEFT's LoRA weights, views of the stacks, are rounded with them
+                    m._ft_B.copy_(m._ft_B16)
 
     def select(self, names: list[str]) -> dict:
         """Set the slot of each row (``"__base__"`` or unknown -> 0) for the next forward; no extra kwargs."""

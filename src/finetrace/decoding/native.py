@@ -277,9 +277,13 @@ GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # projections in one weight GEMM: q/k/
 
 
 def _segment(m, c0: int) -> _Seg | None:
-    """A LoRA layer's stacks (``_ft_A`` (slots, r, in), ``_ft_B`` (slots, r, out), ``_ft_S``) as a C term."""
-    a, b, scale = m._ft_A, m._ft_B, m._ft_S
-    if any(x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" for x in (a, b, scale)):
+    """A LoRA layer's fp16 stacks (``_ft_A16`` (slots, r, in), ``_ft_B16`` (slots, r, out); ``_ft_S`` fp32)
+    as a C term; None without them (stacks not rounded: ``GatheredLoRA.use_fp16``)."""
+    a, b, scale = getattr(m, "_ft_A16", None), getattr(m, "_ft_B16", None), m._ft_S
+    if a is None or b is None or a.shape != m._ft_A.shape or b.shape != m._ft_B.shape:
+        return None
+    dtypes = (torch.float16, torch.float16, torch.float32)
+    if any(x.dtype != dt or not x.is_contiguous() or x.device.type != "cpu" for x, dt in zip((a, b, scale), dtypes)):
         return None
     r = a.shape[1]
     if r > MAX_RANK:

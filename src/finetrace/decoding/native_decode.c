@@ -34,12 +34,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* one projection's LoRA inside its group: output columns [c0, c0 + n), rank r, the adapters' stacks
- * (lora.GatheredLoRA: slot s has A = a + s * sa (r, in), B = bm + s * sb (r, n), scale[s]; slot 0 is
- * the base: no term) */
+/* one projection's LoRA inside its group: output columns [c0, c0 + n), rank r, the adapters' stacks in
+ * fp16 (lora.GatheredLoRA: slot s has A = a + s * sa (r, in), B = bm + s * sb (r, n), scale[s]; slot 0
+ * is the base: no term) */
 typedef struct {
     int64_t c0, n, r;
-    const float *a, *bm, *scale;
+    const uint16_t *a, *bm;
+    const float *scale;
     int64_t sa, sb;
 } Seg;
 
@@ -132,6 +133,19 @@ static void silu_mul(const float *g, const float *u, float *act, int64_t n) {
 }
 
 static inline __m256 h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* duplicates: dot32's sum (the same order), its weights fp16 */
+static float dot16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(h8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(h8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) s += _cvtsh_ss(w[i]) * x[i];
+    return s;
+}
 
 static float dot32(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -397,6 +411,31 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
             for (int64_t o = 0; o < out; o++) Y[r * out + o] += b[o];
 }
 
+#define MAX_RANK 256
+
+/* y += scale_b (A_b x) B_b for each LoRA term of one row (its adapter's slot; A and B fp16, as the base
+ * weights). B is read row by row (one stream, whole lines) with y in L1: each output is still
+ * acc = fma(t_j, B[j][o], acc) for j in order, from y. */
+static void lora_row(const Seg *seg, int64_t slot, const float *x, float *y, int64_t in) {
+    float t[MAX_RANK];
+    for (int q = 0; q < SEGS && seg[q].r > 0; q++) {
+        const Seg *e = &seg[q];
+        const uint16_t *a = e->a + slot * e->sa, *bm = e->bm + slot * e->sb;
+        int64_t rank = e->r < MAX_RANK ? e->r : MAX_RANK;
+        float scale = e->scale[slot];
+        for (int64_t j = 0; j < rank; j++) t[j] = dot16(a + j * in, x, in) * scale;
+        float *yo = y + e->c0;
+        int64_t n = e->n, n8 = n - n % 8;
+        for (int64_t j = 0; j < rank; j++) {
+            __m256 tj = _mm256_set1_ps(t[j]);
+            const uint16_t *bj = bm + j * n;
+            for (int64_t o = 0; o < n8; o += 8)
+                _mm256_storeu_ps(yo + o, _mm256_fmadd_ps(tj, h8(bj + o), _mm256_loadu_ps(yo + o)));
+            for (int64_t o = n8; o < n; o++) yo[o] = fmaf(t[j], _cvtsh_ss(bj[o]), yo[o]);
+        }
+    }
+}
+
 /* one projection group for every row: Y = X W16^T + b + each row's own LoRA terms */
 static void project(const Step *s, const Layer *L, int g, const float *X, float *Y, int64_t out, int64_t in) {
     int64_t M = s->rows * s->q;
@@ -406,30 +445,7 @@ static void project(const Step *s, const Layer *L, int g, const float *X, float 
 #pragma omp parallel for schedule(static) num_threads(s->threads) if (s->threads > 1 && M > 1)
     for (int64_t r = 0; r < M; r++) {
         int64_t slot = s->slots[r / s->q];
-        if (slot <= 0) continue;
-        const float *x = X + r * in;
-        float *y = Y + r * out;
-        float t[256];
-        for (int q = 0; q < SEGS && seg[q].r > 0; q++) {
-            const Seg *e = &seg[q];
-            const float *a = e->a + slot * e->sa, *bm = e->bm + slot * e->sb;
-            float scale = e->scale[slot];
-            int64_t rank = e->r < 256 ? e->r : 256;
-            for (int64_t j = 0; j < rank; j++) t[j] = dot32(a + j * in, x, in) * scale;
-            float *yo = y + e->c0;
-            int64_t o = 0;
-            for (; o + 8 <= e->n; o += 8) { /* y += sum_j t_j B[j]: j in order, eight outputs in a register */
-                __m256 acc = _mm256_loadu_ps(yo + o);
-                for (int64_t j = 0; j < rank; j++)
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(t[j]), _mm256_loadu_ps(bm + j * e->n + o), acc);
-                _mm256_storeu_ps(yo + o, acc);
-            }
-            for (; o < e->n; o++) {
-                float acc = yo[o];
-                for (int64_t j = 0; j < rank; j++) acc = fmaf(t[j], bm[j * e->n + o], acc);
-                yo[o] = acc;
-            }
-        }
+        if (slot > 0) lora_row(seg, slot, X + r * in, Y + r * out, in);
     }
 }
 

@@ -18,7 +18,7 @@ quantised. Measured here (CPU time, one thread, weights streamed from memory): a
 The packed copies are built once per base model (about half the fp32 size) and rebuilt only when a
 weight changes (its storage or version counter); q/k/v and gate/up are concatenated into one GEMM
 each at packing time, so fusing costs no per-request copy. LoRA deltas stay fp32 and are added to the
-fused output's slices. Only CPU tensors with fbgemm's fp16 kernels available are packed;
+fused output's slices (their matrices rounded to fp16 values as well). Only CPU tensors with fbgemm's fp16 kernels available are packed;
 ``decode_weights`` says which precision a model decodes with, the same answer for evaluation, serving
 and ``generate``.
 """
@@ -52,28 +52,33 @@ def decode_weights(model) -> str:
 
 
 def round_to_fp16(model) -> None:
-    """Round ``model``'s base Linear weights and embeddings to fp16 values (still fp32 tensors, the same
-    parameters: their data is replaced).
+    """Round ``model``'s Linear weights and embeddings to fp16 values (still fp32 tensors, the same
+    parameters), its LoRA matrices included.
 
     So that every path that decodes on this model computes on the same numbers as the packed fp16
     copies: the lean forward, the model's own forward (PEFT's mixed batches, DoRA, an architecture the
-    lean forward does not cover) and label scoring. Rounding is idempotent; it is skipped when nothing
-    changed since the last call. LoRA weights and norms are not touched."""
+    lean forward does not cover), the native step (fp16 LoRA stacks: ``lora.GatheredLoRA.use_fp16``) and
+    label scoring. Rounding is idempotent; only weights that changed since the last call (an adapter
+    loaded since) are rounded again. Norms (and DoRA's magnitudes) are not touched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ws = [
-        m.weight
-        for name, m in base.named_modules()
-        if type(m) in (torch.nn.Linear, torch.nn.Embedding) and "lora_" not in name and m.weight is not None
-    ]
-    if getattr(base, "_ft_rounded", None) == _signature_of(ws):
-        return
-    for w in {id(w): w for w in ws}.values():  # a tied matrix once
-        with torch.inference_mode(w.is_inference()), torch.no_grad():
-            # a new tensor, not a copy into the old one: weights loaded from safetensors are often a private
-            # mapping of the file, where writing in place copies every 4 KiB page on its first write
-            # (measured on SmolLM2: 1.87 s in place, 0.19 s into fresh memory)
-            w.data = w.half().float()
-    base._ft_rounded = _signature_of(ws)
+    ws, loras = [], []
+    for name, m in base.named_modules():
+        if type(m) in (torch.nn.Linear, torch.nn.Embedding) and m.weight is not None:
+            (loras if "lora_" in name else ws).append(m.weight)
+    done = getattr(base, "_ft_rounded", frozenset())
+    with torch.no_grad():
+        for w in {id(w): w for w in ws}.values():  # a tied matrix once
+            if (w.data_ptr(), w._version) in done:
+                continue
+            with torch.inference_mode(w.is_inference()):
+                # a new tensor, not a copy into the old one: weights loaded from safetensors are often a private
+                # mapping of the file, where writing in place copies every 4 KiB page on its first write
+                # (measured on SmolLM2: 1.87 s in place, 0.19 s into fresh memory)
+                w.data = w.half().float()
+        for w in loras:  # in place: gathered LoRA's stacks share their storage (lora.py)
+            if (w.data_ptr(), w._version) not in done and w.dtype == torch.float32:
+                w.data.copy_(w.data.half())
+    base._ft_rounded = frozenset(_signature_of(ws + loras))
 
 
 def _pack(weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
