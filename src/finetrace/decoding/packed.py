@@ -61,11 +61,12 @@ def round_to_fp16(model) -> None:
     label scoring. Rounding is idempotent; only weights that changed since the last call (an adapter
     loaded since) are rounded again. Norms (and DoRA's magnitudes) are not touched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ws, loras = [], []
+    ws: list[torch.Tensor] = []
+    loras: list[torch.Tensor] = []
     for name, m in base.named_modules():
         if type(m) in (torch.nn.Linear, torch.nn.Embedding) and m.weight is not None:
             (loras if "lora_" in name else ws).append(m.weight)
-    done = getattr(base, "_ft_rounded", frozenset())
+    done: frozenset = getattr(base, "_ft_rounded", frozenset())
     with torch.no_grad():
         for w in {id(w): w for w in ws}.values():  # a tied matrix once
             if (w.data_ptr(), w._version) in done:
