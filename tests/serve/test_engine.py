@@ -248,6 +248,9 @@ def test_extra_adapter_costs_about_its_size(served_ws):
     stack_bytes = sum(m._ft_A.nbytes + m._ft_B.nbytes for m in eng.decoder.adapters.modules)
     assert sum(storages.values()) == stack_bytes  # the PEFT weights add nothing
     assert stack_bytes == lora_bytes * 3 // 2  # 2 adapters of equal rank + the zero slot for the base
+    eng.decoder.lean()  # the first forward settles the weights: the adapters' fp16 copies too
+    half = sum(m._ft_A16.nbytes + m._ft_B16.nbytes for m in eng.decoder.adapters.modules)
+    assert half == stack_bytes // 2
 
 
 def test_log_content_keeps_full_text_only_when_asked(served_ws):

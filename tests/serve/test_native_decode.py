@@ -295,3 +295,50 @@ def test_label_scoring_runs_its_label_pass_natively_with_the_scores_of_the_torch
     assert (flat_got - flat_ref).abs().max() <= 1e-4 * flat_ref.abs().max()
     assert [max(range(4), key=r.__getitem__) for r in got] == [max(range(4), key=r.__getitem__) for r in ref]
     assert len({tuple(r) for r in ref}) == len(rows)  # every prompt and adapter scores the labels its own way
+
+
+def test_adapters_decode_on_fp16_values_in_every_copy(tiny_model_dir):
+    """With fp16 decode weights the LoRA matrices are rounded to fp16 values too: PEFT's own weights (still
+    views of the stacks), the stacks and the native step's fp16 copies hold the same numbers; adapters
+    restacked later (a hot load) are rounded as well, and the native step reads the fp16 copies."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetrace.decoding.native import native_step
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
+        adapter_name="alpha",
+    )
+    model.add_adapter("beta", LoraConfig(r=2, lora_alpha=4, target_modules=targets[:4], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.eval()
+    peft_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert any(not torch.equal(w, w.half().float()) for w in peft_weights.values())  # not fp16 values yet
+    sel = adapter_selector(model, "gathered", ["alpha", "beta"])
+    dec = Decoder(model, tok, sel, max_batch=2)
+    assert dec.weights == "fp16"
+    version = sel.version
+    dec.run([Seq(encode_chat(tok, PROMPTS[0]), "alpha", max_tokens=3)])
+    assert sel.half and sel.version == version + 1  # plans made from the unrounded stacks are stale
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p.detach(), peft_weights[n].half().float()), n  # rounded to nearest, in place
+    for m in sel.modules:
+        assert m._ft_A16.dtype == torch.float16 and torch.equal(m._ft_A16.float(), m._ft_A)
+        assert torch.equal(m._ft_B16.float(), m._ft_B)
+        wa = m.lora_A["alpha"].weight
+        assert wa.untyped_storage().data_ptr() == m._ft_A.untyped_storage().data_ptr()  # still one copy
+    step = native_step(dec.lean(), dec.lean().packed())
+    layers = step._layers(sel)
+    seg = layers[0].lora[0][0]
+    assert seg.r > 0 and seg.a == sel.modules[0]._ft_A16.data_ptr()  # the C reads the fp16 copies
+    sel.rebuild(["beta", "alpha"])  # restacked (as after loading an adapter): rounded again, new copies
+    assert all(torch.equal(m._ft_A16.float(), m._ft_A) for m in sel.modules)

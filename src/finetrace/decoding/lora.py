@@ -19,7 +19,8 @@ than ``x A^T`` for decode shapes).
 When all rows use the same adapter, it is one plain matmul pair (as a single-adapter server would do).
 Used only for plain LoRA ``Linear`` layers; DoRA or other variants fall back to PEFT's mixed batches.
 PEFT's own LoRA weights are re-pointed to views of the stacks, so an extra adapter costs about its own
-size in memory (plus zero padding where ranks differ), not twice.
+size in memory (plus zero padding where ranks differ), not twice; with fp16 decode weights
+(``use_fp16``) half as much again, for the fp16 copies the native step reads.
 """
 
 from __future__ import annotations
