@@ -98,10 +98,6 @@ def linear16(x: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
 
-def _signature(lins: list) -> tuple:
-    return _signature_of([m.weight for m in lins])
-
-
 def _signature_of(ws: list) -> tuple:
     return tuple((w.data_ptr(), w._version) for w in ws)
 
@@ -115,7 +111,8 @@ class Packed:
     def __init__(self, layers: list[list], head, embed):
         self._per_layer, self._head = layers, head
         self.lins = [lin for p in layers for lin in p] + [head, embed]
-        self.signature = _signature(self.lins)
+        self._weights = [m.weight for m in self.lins]  # the parameters read, kept: no Module lookup a step
+        self.signature = _signature_of(self._weights)
         self.embed = embed.weight.detach().half()  # (V, d), looked up then widened to fp32
 
     @functools.cached_property
@@ -137,7 +134,10 @@ class Packed:
             return _pack([self._head.weight], [self._head.bias])
 
     def fresh(self) -> bool:
-        return _signature(self.lins) == self.signature
+        """True while every packed weight is the same parameter with the same storage and version (asked
+        every step: 212 Module attribute lookups took 1.2 ms of a 36 ms SmolLM2 step)."""
+        same = all(m._parameters.get("weight") is w for m, w in zip(self.lins, self._weights))
+        return same and _signature_of(self._weights) == self.signature
 
 
 def packed_for(base, layers: list[list], head, embed) -> Packed:
