@@ -82,6 +82,25 @@ def test_slab_layer_appends_compacts_and_trims_in_place():
     assert a.t == 4 and a.keys.shape == (1, 2, 4, 4) and float(a.values[0, 0, 0, 0]) == -5
 
 
+def test_a_finished_row_is_replaced_by_the_last_one_and_nothing_else_moves():
+    from finetrace.decoding.kvcache import compaction
+
+    assert compaction([1, 2, 3, 4]) == [4, 1, 2, 3]  # row 0 finished: the last row takes its place
+    assert compaction([0, 2, 4, 5]) == [0, 4, 2, 5]  # rows 1 and 3 finished
+    assert compaction([0, 1, 2]) == [0, 1, 2] and compaction([]) == []
+    layer = SlabLayer()
+    rows = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 2, 3, 4).contiguous()
+    layer.update(rows, -rows)
+    before = layer.kbuf.clone()
+    copied = []
+    real = layer.kbuf.index_select
+    layer.kbuf.index_select = lambda dim, idx: copied.append(idx.tolist()) or real(dim, idx)  # type: ignore[method-assign]
+    layer.keep_rows(compaction([1, 2, 3, 4, 5]))
+    assert copied == [[5]]  # one row copied, not five
+    assert layer.keys[:, 0, 0, 0].tolist() == [5, 1, 2, 3, 4] and torch.equal(layer.kbuf[1:5], before[1:5])
+    assert layer.values[:, 1, 2, 3].tolist() == [-5, -1, -2, -3, -4]
+
+
 def test_thread_tuner_keeps_the_faster_thread_count_and_rechecks_it():
     from finetrace.decoding.threads import ThreadTuner
 

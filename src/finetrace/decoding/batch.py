@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chat import end_ids, pad_id
-from .kvcache import slab_cache
+from .kvcache import compaction, slab_cache
 from .lean import LeanLlama, lean_forward
 from .lora import active_adapter
 from .packed import decode_weights, round_to_fp16
@@ -306,6 +306,7 @@ class Decoder:
         keep = [i for i, r in enumerate(self.rows) if not r.finish]
         if len(keep) == len(self.rows):
             return
+        keep = compaction(keep)  # few rows move: the finished ones' places are taken by the last rows
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None
