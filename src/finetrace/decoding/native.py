@@ -7,7 +7,7 @@ kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much 
 different batch sizes. Here a step runs in C (``native_decode.c``): the same fp16 weights, fp32
 arithmetic and the formulas of ``lean.py`` (RMSNorm, rotary embedding, grouped-query attention over the
 slab cache with each row's mask, SiLU MLP), each row's own LoRA terms read by slot from the adapters'
-stacks (``lora.GatheredLoRA``), weight GEMMs, attention and LoRA split over the torch threads (the
+stacks (``lora.GatheredLoRA``, their fp16 copies: the adapters decode on fp16 values as the base does), weight GEMMs, attention and LoRA split over the torch threads (the
 same OpenMP runtime: torch, imported first, has loaded the ``libgomp.so.1`` the library links). Every
 weight output is summed in one fixed order, so a row's logits are the same bits alone as in any batch
 with any adapters (tested), and equal the torch path up to the order of fp32 sums (tested to 1e-4

@@ -13,7 +13,7 @@
  *               gu = h Wgu16^T (+ LoRA);  x += (silu(g) * u) Wd16^T (+ LoRA)
  *   logits_b = rms_norm(x of row b's last token) w_final  W_head16^T
  *
- * Weights are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
+ * Weights, LoRA matrices included, are fp16 (IEEE half, widened exactly with F16C), everything else fp32. Every output of a row
  * is summed in the same order whatever the batch (one 8-lane accumulator per output along the input,
  * then the lanes, then the tail), so a row's answer does not depend on the rows decoded with it nor on
  * which adapters they use. Against the torch path only the order of fp32 sums differs. Where the CPU
