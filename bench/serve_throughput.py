@@ -15,9 +15,13 @@ What is compared (all in one process, greedy decoding, the same prompts and ``ma
 
 - ``single_stream``: one client, one adapter, on the same engine (decode reads every weight once per
   token, so it is bound by memory bandwidth: ``bandwidth_bound_single_tokens_per_s`` = measured read
-  bandwidth (``read_bandwidth``: a buffer twice the last-level cache) / the bytes the decode path reads a token, ``decode_weight_bytes``: fp16 storage when
-  ``decode_weights`` is ``fp16`` (decoding/packed.py; evaluation decodes on the same weights), and
-  ``bandwidth_bound_fp32_tokens_per_s`` for the fp32 weights beside it).
+  bandwidth (``read_bandwidth``: a buffer twice the last-level cache) / the bytes the decode path reads
+  a token, ``decode_weight_bytes``: fp16 storage when ``decode_weights`` is ``fp16`` (decoding/packed.py;
+  evaluation decodes on the same weights), and ``bandwidth_bound_fp32_tokens_per_s`` for the fp32
+  weights beside it). For 16 clients on 16 adapters, ``bandwidth_bound_16_tokens_per_s`` = 16 x the read
+  bandwidth / (the decode weights + 16 adapters' fp16 LoRA matrices, ``decode_lora_bytes`` each): what a
+  step must read at least (the keys and values besides), and ``bandwidth_fraction_16`` the share of it
+  reached.
 - ``llamacpp_single_stream``: llama.cpp (llama-cpp-python, ``pip install 'finetrace[llamacpp]'``) on the
   same model as GGUF (SmolLM2's Q4_1 file), the same prompts and ``max_tokens``, one client: the anchor.
 
@@ -299,8 +303,12 @@ def _half_copies(m) -> list:
     return [getattr(m, k) for k in ("_ft_A16", "_ft_B16") if hasattr(m, k)]
 
 
-def figures(ws, base, results: dict, ceiling: float, bandwidth: float, decode_weights: str = "fp32") -> dict:
-    """Tokens/s per configuration, their roofline fractions and the single-stream bounds."""
+def figures(
+    ws, base, results: dict, ceiling: float, bandwidth: float, decode_weights: str = "fp32", lora_bytes: int = 0
+) -> dict:
+    """Tokens/s per configuration, their roofline fractions and the bandwidth bounds (one row: the decode
+    weights a token; 16 rows on 16 adapters: the decode weights and 16 adapters' LoRA matrices a step, the
+    keys and values left out)."""
     from finetrace.models import load_model
 
     tps = {k: v["tokens_per_s"] for k, v in results.items()}
@@ -320,6 +328,9 @@ def figures(ws, base, results: dict, ceiling: float, bandwidth: float, decode_we
         "decode_weight_bytes": decode_bytes,
         "bandwidth_bound_single_tokens_per_s": round(bandwidth / decode_bytes, 1),
         "bandwidth_bound_fp32_tokens_per_s": round(bandwidth / weight_bytes, 1),
+        "decode_lora_bytes": lora_bytes,
+        "bandwidth_bound_16_tokens_per_s": round(16 * bandwidth / (decode_bytes + 16 * lora_bytes), 1),
+        "bandwidth_fraction_16": round(tps["batched_16"] * (decode_bytes + 16 * lora_bytes) / (16 * bandwidth), 4),
         "single_stream_tokens_per_s": tps["single_stream"],
         "llamacpp_single_stream_tokens_per_s": lc,
         "single_vs_llamacpp": round(tps["single_stream"] / lc, 3) if lc else None,
@@ -448,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
                     st = t.untyped_storage()
                     storages[st.data_ptr()] = st.nbytes()
                 results["memory_per_adapter_bytes"] = sum(storages.values()) // len(refs)
+                halves = [x.nbytes for m in eng.decoder.adapters.modules for x in _half_copies(m)]
+                results["decode_lora_bytes"] = sum(halves) // (len(refs) + 1)  # a slot's fp16 A and B
                 results["decode_forward"] = "lean" if eng.decoder.lean() is not None else "model"
                 results["decode_weights"] = eng.decoder.weights if eng.decoder.lean() is not None else "fp32"
             if kernel == "gathered":
@@ -489,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("llamacpp_single_stream", lc, file=sys.stderr)
 
     memory = results.pop("memory_per_adapter_bytes")
+    lora_bytes = results.pop("decode_lora_bytes")
     forward = results.pop("decode_forward")
     weights = results.pop("decode_weights")
     prefix_hits = results.pop("prefix_cache_hit_tokens")
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "results": results,
         "matmul_ceiling_start_gflops": round(ceiling / 1e9, 1),
-        **figures(ws, base, results, max(ceiling, matmul_ceiling_flops()), bandwidth, weights),
+        **figures(ws, base, results, max(ceiling, matmul_ceiling_flops()), bandwidth, weights, lora_bytes),
     }
     print(json.dumps(summary))
     return summary
