@@ -18,9 +18,9 @@ every new token; what the lean forward does not cover stays on torch.
 The weights are copied once per base into fp16 panels of 16 outputs (``panels``), about the size of the
 packed fp16 weights again. A batch of up to 64 rows runs against each panel in row tiles of up to 16
 with AVX-512 (of up to 6 without, and for larger batches), prefetching the next panel while it computes
-(``native_decode.c``). The source is compiled once per machine with the system C compiler (``cc``,
-AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR`` moves it), named by the
-digest of the source and flags, written atomically. Without a compiler or those instructions, or with
+(``native_gemm.h``, included by ``native_decode.c``). The source is compiled once per machine with the
+system C compiler (``cc``, AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR``
+moves it), named by the digest of the source, its header and the flags, written atomically. Without a compiler or those instructions, or with
 ``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the torch path runs.
 """
 
@@ -41,6 +41,7 @@ import torch
 from ..environment import cpu_flags
 
 SOURCE = Path(__file__).with_name("native_decode.c")
+HEADERS = (Path(__file__).with_name("native_gemm.h"),)  # included by SOURCE: part of the build's digest
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -111,7 +112,7 @@ def library() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None or not {"avx2", "fma", "f16c"} <= cpu_flags():
         return None
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"decode-{key}.so"
     try:
