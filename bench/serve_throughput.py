@@ -449,9 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
             # warm-up: one request per adapter, as a server in steady state has seen each (its kernels,
             # plans and, with the prefix cache, the shared beginning of its prompts)
             drive(call, len(refs), 1, refs)
-            if (
-                kernel == "gathered"
-            ):  # memory that each extra adapter costs the server (PEFT copy + stacked copy + fp16 copy)
+            if kernel == "gathered":
+                # memory that each extra adapter costs the server (PEFT copy + stacked copy + fp16 copy)
                 storages = {}  # distinct storages of every LoRA tensor (PEFT weights are views of the stacks)
                 for t in [p for n, p in eng.model.named_parameters() if "lora_" in n] + [
                     x for m in eng.decoder.adapters.modules for x in (m._ft_A, m._ft_B, m._ft_S, *_half_copies(m))
@@ -463,7 +462,6 @@ def main(argv: list[str] | None = None) -> dict:
                 results["decode_lora_bytes"] = sum(halves) // (len(refs) + 1)  # a slot's fp16 A and B
                 results["decode_forward"] = "lean" if eng.decoder.lean() is not None else "model"
                 results["decode_weights"] = eng.decoder.weights if eng.decoder.lean() is not None else "fp32"
-            if kernel == "gathered":
                 results["single_stream"] = summarise([drive(call, 1, args.single_requests, refs[:1])])
                 print("single_stream", results["single_stream"], file=sys.stderr)
             parts: dict[int, list] = {k: [] for k in spreads}

@@ -7,8 +7,8 @@ kernels a layer, some 2,000 a step, and on this CPU their dispatch cost as much 
 different batch sizes. Here a step runs in C (``native_decode.c``): the same fp16 weights, fp32
 arithmetic and the formulas of ``lean.py`` (RMSNorm, rotary embedding, grouped-query attention over the
 slab cache with each row's mask, SiLU MLP), each row's own LoRA terms read by slot from the adapters'
-stacks (``lora.GatheredLoRA``, their fp16 copies: the adapters decode on fp16 values as the base does), weight GEMMs, attention and LoRA split over the torch threads (the
-same OpenMP runtime: torch, imported first, has loaded the ``libgomp.so.1`` the library links). Every
+stacks (``lora.GatheredLoRA``, their fp16 copies: the adapters decode on fp16 values as the base does),
+weight GEMMs, attention and LoRA split over the torch threads (the same OpenMP runtime: torch, imported first, has loaded the ``libgomp.so.1`` the library links). Every
 weight output is summed in one fixed order, so a row's logits are the same bits alone as in any batch
 with any adapters (tested), and equal the torch path up to the order of fp32 sums (tested to 1e-4
 relative, greedy tokens equal). Forwards with an explicit attention mask (label
@@ -20,8 +20,9 @@ packed fp16 weights again. A batch of up to 64 rows runs against each panel in r
 with AVX-512 (of up to 6 without, and for larger batches), prefetching the next panel while it computes
 (``native_gemm.h``, included by ``native_decode.c``). The source is compiled once per machine with the
 system C compiler (``cc``, AVX2/FMA/F16C) into ``~/.cache/finetrace/native`` (``FINETRACE_CACHE_DIR``
-moves it), named by the digest of the source, its header and the flags, written atomically. Without a compiler or those instructions, or with
-``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the torch path runs.
+moves it), named by the digest of the source, its header and the flags, written atomically. Without a
+compiler or those instructions, or with ``FINETRACE_NATIVE_DECODE=0``, ``library()`` is None and the
+torch path runs.
 """
 
 from __future__ import annotations

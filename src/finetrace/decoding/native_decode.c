@@ -149,8 +149,9 @@ static float dot32(const float *w, const float *x, int64_t n) {
 
 #define MAX_RANK 256
 
-/* lines of memory to fetch into L2 a few at a time, while other work runs: the next LoRA term's A, then
- * its B (a burst of prefetches would stall on the line fill buffers instead) */
+/* two ranges of memory to fetch into L2 a line at a time, the first then the second, while other work
+ * runs (the next LoRA term's A and B; the next key/value head's keys and values): a burst of prefetches
+ * would stall on the line fill buffers instead */
 typedef struct {
     const char *p[2], *end[2];
 } Cursor;

@@ -253,17 +253,17 @@ static void gemm16(const uint16_t *W, const float *X, int64_t B, const float *b,
         /* the 16-row tile up to 64 rows; past that its 16 rows of X no longer stay in L1 beside the panel,
          * and the 8-lane tiles of 6 rows measure faster (prefill chunks: 880 rows 99 vs 88 GFLOP/s) */
         int wide = (wide_on < 0 ? ft_wide(-1) : wide_on) && B <= WIDE_MAX_BATCH;
+        float *Xt = wide ? malloc(sizeof(float) * B * in) : NULL; /* each tile's rows transposed (wide_tile) */
+        wide = Xt != NULL;                   /* (no memory for them: the 8-lane tiles) */
         int64_t most = wide ? WIDE_ROWS : 6; /* rows a tile holds */
         int64_t tiles = (B + most - 1) / most, base = B / tiles, extra = B % tiles; /* even: 16 = 6 + 5 + 5 */
-        float *Xt = wide ? malloc(sizeof(float) * B * in) : NULL; /* each tile's rows transposed (wide_tile) */
-        if (wide && !Xt) wide = 0, most = 6, tiles = (B + 5) / 6, base = B / tiles, extra = B % tiles;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             int64_t nt = 1, t = 0;
 #ifdef _OPENMP
             nt = omp_get_num_threads(), t = omp_get_thread_num();
 #endif
-            for (int64_t r0 = 0, k = 0; Xt && r0 < B; k++) { /* this thread's share of the inputs */
+            for (int64_t r0 = 0, k = 0; wide && r0 < B; k++) { /* this thread's share of the inputs */
                 int64_t nb = base + (k < extra);
                 for (int64_t i = in * t / nt; i < in * (t + 1) / nt; i++)
                     for (int64_t r = 0; r < nb; r++) Xt[r0 * in + i * nb + r] = X[(r0 + r) * in + i];

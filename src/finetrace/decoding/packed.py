@@ -17,9 +17,9 @@ quantised. Measured here (CPU time, one thread, weights streamed from memory): a
 
 The packed copies are built once per base model (about half the fp32 size) and rebuilt only when a
 weight changes (its storage or version counter); q/k/v and gate/up are concatenated into one GEMM
-each at packing time, so fusing costs no per-request copy. LoRA deltas stay fp32 and are added to the
-fused output's slices (their matrices rounded to fp16 values as well). Only CPU tensors with fbgemm's fp16 kernels available are packed;
-``decode_weights`` says which precision a model decodes with, the same answer for evaluation, serving
+each at packing time, so fusing costs no per-request copy. LoRA deltas are computed in fp32 (their
+matrices rounded to fp16 values as well) and added to the fused output's slices. Only CPU tensors with
+fbgemm's fp16 kernels available are packed; ``decode_weights`` says which precision a model decodes with, the same answer for evaluation, serving
 and ``generate``.
 """
 
